@@ -1,0 +1,2 @@
+"""Inter-process communication: framing over Unix sockets, descriptor passing,
+and (built on them) Connection/Pipe and the queues."""

@@ -1,0 +1,165 @@
+"""Length-prefixed messages over a Unix stream socket, with descriptors beside them.
+
+Frame layout: an 8-byte little-endian header (payload length in the low 48
+bits, number of descriptors in the high 16), then the payload.  Descriptors
+attached to a message travel as ``SCM_RIGHTS`` ancillary data on the frame's
+first bytes; the count in the header lets the reader hand each frame exactly
+its own descriptors, even when several frames arrive in one read.
+
+:class:`Channel` is the building block for the pool engine's per-worker links
+and for :class:`shoal.Connection`.  It is not thread-safe by itself; callers
+serialize access (the engine has one scheduler thread per channel end;
+connections take a lock).
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+
+_HEADER = struct.Struct("<Q")
+_SIZE_MASK = (1 << 48) - 1
+_MAX_FDS = 253  # SCM_MAX_FD in Linux
+_FD_ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * 4)
+
+
+def _cmsg_fds(ancdata) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    return fds
+
+
+class Channel:
+    """One end of a framed, descriptor-carrying socket connection."""
+
+    __slots__ = ("_buf", "_pending_fds", "_pos", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+        self._pos = 0
+        self._pending_fds: list[int] = []
+
+    @classmethod
+    def pair(cls) -> tuple[Channel, Channel]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        return cls(a), cls(b)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in self._pending_fds:
+            os.close(fd)
+        self._pending_fds.clear()
+
+    # -- sending ----------------------------------------------------------
+    def send(self, payload, fds=()) -> None:
+        """Send one frame (blocking)."""
+        header = _HEADER.pack(len(payload) | (len(fds) << 48))
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            sent = self.sock.sendmsg([header, payload], anc)
+        else:
+            sent = self.sock.sendmsg([header, payload])
+        total = len(header) + len(payload)
+        if sent < total:
+            self._send_rest(header, payload, sent)
+
+    def _send_rest(self, header: bytes, payload, sent: int) -> None:
+        if sent < len(header):
+            self.sock.sendall(header[sent:])
+            sent = len(header)
+        self.sock.sendall(memoryview(payload)[sent - len(header):])
+
+
+    # -- receiving --------------------------------------------------------
+    def _fill(self, want: int) -> bool:
+        """Read until the buffer holds *want* unread bytes; False on EOF."""
+        buf = self._buf
+        while len(buf) - self._pos < want:
+            if self._pos:
+                del buf[: self._pos]
+                self._pos = 0
+            need = max(want - len(buf), 65536)
+            data, anc, _flags, _addr = self.sock.recvmsg(need, _FD_ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+            if anc:
+                self._pending_fds.extend(_cmsg_fds(anc))
+            if not data:
+                return False
+            buf += data
+        return True
+
+    def recv(self) -> tuple[memoryview, list[int]] | None:
+        """Receive one frame: ``(payload, fds)``, or ``None`` at end of stream.
+
+        The caller owns the returned descriptors.
+        """
+        if not self._fill(8):
+            if len(self._buf) - self._pos:
+                raise EOFError("the connection closed in the middle of a message")
+            return None
+        (size,) = _HEADER.unpack_from(self._buf, self._pos)
+        nfds = size >> 48
+        size &= _SIZE_MASK
+        if not self._fill(8 + size):
+            raise EOFError("the connection closed in the middle of a message")
+        start = self._pos + 8
+        payload = bytes(self._buf[start : start + size])
+        self._pos = start + size
+        fds = self._pending_fds[:nfds]
+        del self._pending_fds[:nfds]
+        return memoryview(payload), fds
+
+    def recv_available(self) -> tuple[list[tuple[bytes, list[int]]], bool]:
+        """Non-blocking: read what the socket has and return the complete frames
+        buffered so far, each with its descriptors, and whether the peer
+        closed.  For a selector-driven reader."""
+        eof = False
+        try:
+            while True:
+                data, anc, _flags, _addr = self.sock.recvmsg(
+                    1 << 18, _FD_ANC_SIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+                )
+                if anc:
+                    self._pending_fds.extend(_cmsg_fds(anc))
+                if not data:
+                    eof = True
+                    break
+                if self._pos:
+                    del self._buf[: self._pos]
+                    self._pos = 0
+                self._buf += data
+                if len(data) < (1 << 18):
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            eof = True
+        frames: list[tuple[bytes, list[int]]] = []
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        pending = self._pending_fds
+        while end - pos >= 8:
+            (size,) = _HEADER.unpack_from(buf, pos)
+            nfds = size >> 48
+            size &= _SIZE_MASK
+            if end - pos - 8 < size:
+                break
+            fds = pending[:nfds]
+            del pending[:nfds]
+            frames.append((bytes(buf[pos + 8 : pos + 8 + size]), fds))
+            pos += 8 + size
+        self._pos = pos
+        if pos == end:
+            buf.clear()
+            self._pos = 0
+        return frames, eof

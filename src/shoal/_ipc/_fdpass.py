@@ -1,0 +1,78 @@
+"""Passing file descriptors inside pickled objects.
+
+An object that owns a descriptor (a shared-memory segment, a connection)
+reduces it with :func:`reduce_fd`.  Where the descriptor goes depends on who is
+pickling:
+
+* a shoal channel is sending (inside :func:`collecting_fds`): the descriptor
+  is appended to the message's list and travels beside the bytes as
+  ``SCM_RIGHTS`` ancillary data; the pickle holds only its index.  The
+  receiver unpickles inside :func:`providing_fds` and each object takes a
+  ``dup`` of its descriptor; the channel closes the originals afterwards.
+* ``multiprocessing`` is starting a process (spawn, forkserver) or sending
+  through its own pipes: :class:`multiprocessing.reduction.DupFd` hands the
+  descriptor to the child at spawn, or through the resource sharer.
+
+Under ``fork`` nothing is pickled: the child inherits the descriptor.
+
+Because descriptors, never names, are passed, the kernel frees the memory or
+socket behind them when the last process holding one exits, however it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from multiprocessing import reduction
+
+_state = threading.local()
+
+
+@contextmanager
+def collecting_fds() -> Iterator[list[int]]:
+    """While active, :func:`reduce_fd` appends descriptors to the yielded list."""
+    previous = getattr(_state, "send", None)
+    fds: list[int] = []
+    _state.send = fds
+    try:
+        yield fds
+    finally:
+        _state.send = previous
+
+
+@contextmanager
+def providing_fds(fds: Sequence[int]) -> Iterator[None]:
+    """While active, objects unpickled in this thread find their descriptors in *fds*."""
+    previous = getattr(_state, "recv", None)
+    _state.recv = fds
+    try:
+        yield
+    finally:
+        _state.recv = previous
+
+
+def reduce_fd(fd: int) -> tuple:
+    """Return a ``(callable, args)`` pair that rebuilds a *new* descriptor for
+    the same open file in the process that unpickles it."""
+    fds = getattr(_state, "send", None)
+    if fds is not None:
+        fds.append(fd)
+        return _fd_from_message, (len(fds) - 1,)
+    return _fd_from_dupfd, (reduction.DupFd(fd),)
+
+
+def _fd_from_message(index: int) -> int:
+    fds = getattr(_state, "recv", None)
+    if fds is None or index >= len(fds):
+        raise RuntimeError(
+            "a file descriptor was expected beside this message but none arrived; "
+            "objects holding shared memory or connections must travel through shoal "
+            "channels, Process arguments or multiprocessing queues"
+        )
+    return os.dup(fds[index])
+
+
+def _fd_from_dupfd(dupfd) -> int:
+    return dupfd.detach()

@@ -1,0 +1,203 @@
+"""How objects cross process boundaries.
+
+* Functions (and anything plain pickle refuses: lambdas, closures, classes
+  defined in ``__main__`` or a notebook) are pickled with cloudpickle; data is
+  pickled with the standard pickler first because it is faster.
+* Pickle protocol 5: buffers of at least :data:`OOB_THRESHOLD` bytes (numpy
+  arrays, ``bytes``, ``bytearray``, ``memoryview`` wrapped in
+  ``PickleBuffer``) are taken out of band and copied once into an anonymous
+  shared-memory segment whose descriptor travels beside the message.  The
+  receiver maps the segment and the unpickled object uses that memory
+  directly.  The memory is freed when the receiver drops the object.
+* Failures name the object that could not be pickled and say what to do.
+
+``dumps`` must run inside :func:`shoal._ipc._fdpass.collecting_fds` when
+out-of-band buffers are allowed, and ``loads`` inside ``providing_fds``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from ._ipc._fdpass import reduce_fd
+from ._shm._segment import fd_from_buffer, map_readonly_fd
+from .exceptions import RemoteTraceback, SerializationError
+
+#: Buffers at least this large go through shared memory instead of the pipe.
+#: Below it, the cost of a memfd (~10 µs) exceeds the cost of copying.
+OOB_THRESHOLD = 256 * 1024
+
+_PROTOCOL = 5
+
+
+class _OutOfBand:
+    """A large buffer, carried as a shared-memory descriptor."""
+
+    __slots__ = ("fd", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+
+    def __reduce__(self):
+        rebuild, args = reduce_fd(self.fd)
+        return _rebuild_oob, (rebuild, args, self.size)
+
+
+def _rebuild_oob(rebuild, args, size):
+    return map_readonly_fd(rebuild(*args), size)
+
+
+def dumps(obj: Any, *, oob: bool = False, what: str = "object") -> bytes:
+    """Pickle *obj*.  With *oob*, large buffers go out of band (see module doc).
+
+    Raises:
+        SerializationError: *obj* (or something inside it) cannot be pickled.
+    """
+    buffers: list[memoryview] = []
+    callback = None
+    if oob:
+
+        def callback(pb: pickle.PickleBuffer) -> bool:
+            view = pb.raw()
+            if view.nbytes >= OOB_THRESHOLD:
+                buffers.append(view)
+                return False
+            return True
+
+    try:
+        try:
+            data = pickle.dumps(obj, _PROTOCOL, buffer_callback=callback)
+        except Exception:
+            buffers.clear()
+            data = cloudpickle.dumps(obj, _PROTOCOL, buffer_callback=callback)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot pickle {what}: {_describe_failure(obj, exc)}. Objects sent between "
+            "processes must be picklable: pass plain data, module-level functions, or "
+            "objects that define __reduce__; open files, locks, sockets and generators cannot be sent"
+        ) from exc
+    if not buffers:
+        return data
+    fds = []
+    try:
+        for view in buffers:
+            fds.append(_OutOfBand(fd_from_buffer(view), view.nbytes))
+        return pickle.dumps((_OOB_MARK, data, fds), _PROTOCOL)
+    finally:
+        # The descriptors were collected by reduce_fd (or dup'ed by DupFd);
+        # ours can go.
+        for f in fds:
+            os.close(f.fd)
+
+
+_OOB_MARK = "shoal.oob.v1"
+
+
+def loads(data) -> Any:
+    """Unpickle what :func:`dumps` produced."""
+    obj = pickle.loads(data)
+    if type(obj) is tuple and len(obj) == 3 and obj[0] == _OOB_MARK:
+        _, inner, views = obj
+        return pickle.loads(inner, buffers=views)
+    return obj
+
+
+def _describe_failure(obj: Any, exc: BaseException) -> str:
+    """Name the innermost unpicklable thing, when it can be found cheaply."""
+    culprit = _find_unpicklable(obj, depth=0)
+    base = f"{type(exc).__name__}: {exc}"
+    if culprit is not None and culprit is not obj:
+        return f"{base} (the unpicklable part is {_short_repr(culprit)} of type {type(culprit).__qualname__})"
+    return f"{base} ({_short_repr(obj)} of type {type(obj).__qualname__})"
+
+
+def _find_unpicklable(obj: Any, depth: int) -> Any:
+    if depth > 4:
+        return None
+    items: list[Any]
+    if isinstance(obj, dict):
+        items = list(obj.keys()) + list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    else:
+        return None
+    for item in items[:1000]:
+        try:
+            cloudpickle.dumps(item, _PROTOCOL)
+        except Exception:
+            return _find_unpicklable(item, depth + 1) or item
+    return None
+
+
+def _short_repr(obj: Any) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<{type(obj).__qualname__} object>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# -- exceptions across processes -------------------------------------------
+
+
+class _ExceptionWithTraceback:
+    """Carries a worker's exception and its formatted traceback to the parent,
+    where it is rebuilt as the original type with ``__cause__`` set."""
+
+    def __init__(self, exc: BaseException) -> None:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.exc = exc
+        self.tb = f'\n"""\n{tb}"""'
+
+    def __reduce__(self):
+        return _rebuild_exception, (self.exc, self.tb)
+
+
+def _rebuild_exception(exc: BaseException, tb: str) -> BaseException:
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def pack_exception(exc: BaseException) -> bytes:
+    """Pickle a worker's exception for the parent; never fails.
+
+    If the exception itself cannot be pickled, a :class:`SerializationError`
+    carrying its type, message and traceback text is sent instead.
+    """
+    wrapped = _ExceptionWithTraceback(exc)
+    try:
+        return cloudpickle.dumps(wrapped, _PROTOCOL)
+    except Exception as pickling_error:
+        substitute = SerializationError(
+            f"the task raised {type(exc).__qualname__}: {exc}, and that exception could not be "
+            f"pickled to send it back ({type(pickling_error).__name__}: {pickling_error})"
+        )
+        substitute.__cause__ = RemoteTraceback(wrapped.tb)
+        return pickle.dumps(_PlainRemoteError(substitute, wrapped.tb), _PROTOCOL)
+
+
+class _PlainRemoteError:
+    """Like _ExceptionWithTraceback, for a substitute that is known to pickle."""
+
+    def __init__(self, exc: BaseException, tb: str) -> None:
+        self.exc = exc
+        self.tb = tb
+
+    def __reduce__(self):
+        return _rebuild_exception, (self.exc, self.tb)
+
+
+def unpack_exception(data) -> BaseException:
+    try:
+        return loads(data)
+    except Exception as exc:
+        return SerializationError(
+            f"the task raised an exception that could not be unpickled in the parent: "
+            f"{type(exc).__name__}: {exc}"
+        )
