@@ -24,7 +24,7 @@ from typing import Any
 
 import cloudpickle
 
-from ._ipc._fdpass import reduce_fd
+from ._ipc._fdpass import collecting, reduce_fd
 from ._shm._segment import fd_from_buffer, map_readonly_fd
 from .exceptions import RemoteTraceback, SerializationError
 
@@ -54,14 +54,21 @@ def _rebuild_oob(rebuild, args, size):
 
 
 def dumps(obj: Any, *, oob: bool = False, what: str = "object") -> bytes:
-    """Pickle *obj*.  With *oob*, large buffers go out of band (see module doc).
+    """Pickle *obj*.
+
+    With *oob* and inside :func:`shoal._ipc._fdpass.collecting_fds`, buffers
+    of at least :data:`OOB_THRESHOLD` bytes are copied into new memfd segments
+    whose descriptors are appended to the collecting list: **the caller owns
+    them** and closes them once the frame carrying them has been sent (the
+    kernel keeps its own reference while they are in flight).  Outside a
+    collecting context everything is pickled in band.
 
     Raises:
         SerializationError: *obj* (or something inside it) cannot be pickled.
     """
     buffers: list[memoryview] = []
     callback = None
-    if oob:
+    if oob and collecting():
 
         def callback(pb: pickle.PickleBuffer) -> bool:
             view = pb.raw()
@@ -84,16 +91,17 @@ def dumps(obj: Any, *, oob: bool = False, what: str = "object") -> bytes:
         ) from exc
     if not buffers:
         return data
-    fds = []
+    refs = []
     try:
         for view in buffers:
-            fds.append(_OutOfBand(fd_from_buffer(view), view.nbytes))
-        return pickle.dumps((_OOB_MARK, data, fds), _PROTOCOL)
-    finally:
-        # The descriptors were collected by reduce_fd (or dup'ed by DupFd);
-        # ours can go.
-        for f in fds:
-            os.close(f.fd)
+            refs.append(_OutOfBand(fd_from_buffer(view), view.nbytes))
+        # reduce_fd appends each descriptor to the collecting list, which
+        # now owns it.
+        return pickle.dumps((_OOB_MARK, data, refs), _PROTOCOL)
+    except BaseException:
+        for ref in refs:
+            os.close(ref.fd)
+        raise
 
 
 _OOB_MARK = "shoal.oob.v1"

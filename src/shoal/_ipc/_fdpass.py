@@ -53,6 +53,11 @@ def providing_fds(fds: Sequence[int]) -> Iterator[None]:
         _state.recv = previous
 
 
+def collecting() -> bool:
+    """True inside :func:`collecting_fds` in this thread."""
+    return getattr(_state, "send", None) is not None
+
+
 def reduce_fd(fd: int) -> tuple:
     """Return a ``(callable, args)`` pair that rebuilds a *new* descriptor for
     the same open file in the process that unpickles it."""
