@@ -18,6 +18,7 @@ import array
 import os
 import socket
 import struct
+from collections import deque
 
 _HEADER = struct.Struct("<Q")
 _SIZE_MASK = (1 << 48) - 1
@@ -38,13 +39,16 @@ def _cmsg_fds(ancdata) -> list[int]:
 class Channel:
     """One end of a framed, descriptor-carrying socket connection."""
 
-    __slots__ = ("_buf", "_pending_fds", "_pos", "sock")
+    __slots__ = ("_buf", "_outq", "_pending_fds", "_pos", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buf = bytearray()
         self._pos = 0
         self._pending_fds: list[int] = []
+        # Frames waiting to be written by a non-blocking sender:
+        # [view of the unsent bytes, descriptors or None once sent]
+        self._outq: deque[list] = deque()
 
     @classmethod
     def pair(cls) -> tuple[Channel, Channel]:
@@ -59,6 +63,10 @@ class Channel:
         for fd in self._pending_fds:
             os.close(fd)
         self._pending_fds.clear()
+        for entry in self._outq:
+            for fd in entry[1] or ():
+                os.close(fd)
+        self._outq.clear()
 
     # -- sending ----------------------------------------------------------
     def send(self, payload, fds=()) -> None:
@@ -79,6 +87,46 @@ class Channel:
             sent = len(header)
         self.sock.sendall(memoryview(payload)[sent - len(header):])
 
+
+    # -- non-blocking sending (for a selector-driven writer) ----------------
+    def queue(self, payload, fds=()) -> None:
+        """Append one frame to the outgoing queue; :meth:`flush` writes it.
+        The channel takes ownership of *fds* and closes them once sent."""
+        header = _HEADER.pack(len(payload) | (len(fds) << 48))
+        self._outq.append([memoryview(header + payload), list(fds) if fds else None])
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._outq)
+
+    def flush(self) -> bool:
+        """Write as much queued output as the socket takes without blocking.
+
+        Returns True when everything queued has been written.  Raises OSError
+        (BrokenPipeError...) when the peer is gone.
+        """
+        outq = self._outq
+        sock = self.sock
+        while outq:
+            entry = outq[0]
+            view, fds = entry
+            try:
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                    sent = sock.sendmsg([view], anc, socket.MSG_DONTWAIT)
+                    # The kernel holds its own references now.
+                    for fd in fds:
+                        os.close(fd)
+                    entry[1] = None
+                else:
+                    sent = sock.send(view, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if sent < len(view):
+                entry[0] = view[sent:]
+                return False
+            outq.popleft()
+        return True
 
     # -- receiving --------------------------------------------------------
     def _fill(self, want: int) -> bool:
