@@ -11,13 +11,13 @@ The tree::
     ShoalError(Exception)                   base for shoal's own failures
     ├── WorkerDiedError                     a worker died while running a task
     │                                       (.pid, .exitcode, .signal_name)
-    ├── WorkerStartError                    a worker could not start
-    │                                       (its initializer raised)
+    ├── WorkerStartError(…, BrokenProcessPool)  workers cannot start
+    │                                       (the initializer raised)
     ├── TaskTimeoutError(…, TimeoutError)   a task ran past its time limit and
     │                                       its worker was killed
     ├── SerializationError(…, TypeError)    an argument or result could not be
     │                                       pickled or unpickled
-    ├── PoolClosedError(…, ValueError)      the pool was closed or terminated
+    ├── PoolClosedError(…, ValueError, RuntimeError)  the pool was closed
     └── BrokenResourceError                 the other end of a pipe, queue or
                                             shared structure died
 
@@ -28,6 +28,7 @@ between processes.
 from __future__ import annotations
 
 import signal
+from concurrent.futures.process import BrokenProcessPool
 
 __all__ = (
     "BrokenResourceError",
@@ -116,8 +117,11 @@ class WorkerDiedError(ShoalError):
         return (type(self), (self.pid, self.exitcode, self.detail))
 
 
-class WorkerStartError(ShoalError):
-    """A worker failed to start: its initializer raised, or it died while starting."""
+class WorkerStartError(ShoalError, BrokenProcessPool):
+    """Workers cannot start: the initializer raised, or they die while starting.
+
+    The pool then refuses work.  It is a ``BrokenProcessPool``, as in
+    ``concurrent.futures``."""
 
 
 class TaskTimeoutError(ShoalError, TimeoutError):
@@ -128,9 +132,12 @@ class SerializationError(ShoalError, TypeError):
     """An object could not be pickled or unpickled on its way between processes."""
 
 
-class PoolClosedError(ShoalError, ValueError):
-    """The pool is closed or terminated and takes no more work (a ``ValueError``,
-    like the standard library's "Pool not running")."""
+class PoolClosedError(ShoalError, ValueError, RuntimeError):
+    """The pool is closed or terminated and takes no more work.
+
+    A ``ValueError`` like ``multiprocessing.Pool``'s "Pool not running", and a
+    ``RuntimeError`` like ``concurrent.futures``' "cannot schedule new futures
+    after shutdown"."""
 
 
 class BrokenResourceError(ShoalError, OSError):

@@ -1,0 +1,414 @@
+"""The result objects the pool hands out, and the lazy feeder behind imap.
+
+Each result object is a *sink*: the engine's scheduler thread calls
+``_deliver(task, ok, value)`` once per task (a call, or a chunk of a map) and
+``_skip(task)`` before sending a task, to drop work nobody wants any more.
+Sinks never block the scheduler: user callbacks are handed to the engine's
+callback thread, and readiness is published under the engine's
+``results_cond`` so waiters wake.
+
+As in the standard library, a result with a callback becomes ready only after
+the callback has run, so ``get()`` and ``join()`` observe its effects.
+
+imap / imap_unordered (lazy input)::
+
+    caller                 feeder thread (one per imap call)      scheduler
+    ------                 ---------------------------------      ---------
+    next() waits on        pulls items from the input, pickles     runs chunks,
+    results_cond     ◄──   chunks, submits while fewer than        delivers to
+    consumes a result      `bound` chunks are unconsumed;          _IMapState
+    (frees one slot) ──►   stops at the end of the input, on an
+                           error from it, or when the iterator
+                           is dropped (a weakref finalizer)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Any
+
+from .exceptions import PoolClosedError
+
+
+class AsyncResult:
+    """The result of ``apply_async`` (the standard library's ``AsyncResult``)."""
+
+    def __init__(self, engine, callback=None, error_callback=None) -> None:
+        self._engine = engine
+        self._callback = callback
+        self._error_callback = error_callback
+        self._ready = False
+        self._delivered = False
+        self._success: bool | None = None
+        self._value: Any = None
+        self._task = None
+
+    # -- sink protocol (scheduler thread) ---------------------------------
+    def _skip(self, task) -> bool:
+        return self._delivered
+
+    def _deliver(self, task, ok: bool, value) -> None:
+        if self._delivered:
+            return
+        self._finish(ok, value)
+
+    def _finish(self, ok: bool, value) -> None:
+        self._delivered = True
+        self._success = ok
+        self._value = value
+        cb = self._callback if ok else self._error_callback
+        if cb is None:
+            self._ready = True
+        else:
+            self._engine.callbacks.call(self._run_callback, cb, value)
+
+    def _run_callback(self, cb, value) -> None:
+        try:
+            cb(value)
+        finally:
+            self._ready = True
+            with self._engine.results_cond:
+                self._engine.results_cond.notify_all()
+
+    # -- public API ---------------------------------------------------------
+    def ready(self) -> bool:
+        """True once the task finished (and its callback, if any, ran)."""
+        return self._ready
+
+    def successful(self) -> bool:
+        """Whether the task returned without raising; ValueError if not ready."""
+        if not self._ready:
+            raise ValueError(f"{self!r} not ready")
+        return bool(self._success)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until the result is ready or *timeout* seconds pass."""
+        if self._ready:
+            return
+        _wait_for(self._engine, lambda: self._ready, timeout)
+
+    def get(self, timeout: float | None = None):
+        """Return the result, or raise the task's exception.
+
+        Raises:
+            multiprocessing.TimeoutError: not ready within *timeout* seconds.
+        """
+        self.wait(timeout)
+        if not self._ready:
+            raise multiprocessing.TimeoutError(f"the result was not ready within {timeout} seconds")
+        if self._success:
+            return self._value
+        raise self._value
+
+    def cancel(self) -> bool:
+        """Cancel the task: drop it if queued, kill its worker if running.
+
+        The result then raises :class:`concurrent.futures.CancelledError`.
+        Returns False if the task had already finished.
+        """
+        if self._delivered or self._task is None:
+            return False
+        self._engine.cancel(self._task, concurrent.futures.CancelledError("the task was cancelled"))
+        return True
+
+    def __repr__(self) -> str:
+        state = "ready" if self._ready else "pending"
+        return f"<{type(self).__name__} {state}>"
+
+
+ApplyResult = AsyncResult
+
+
+class MapResult(AsyncResult):
+    """The result of ``map_async`` / ``starmap_async``: a list once every chunk is in."""
+
+    def __init__(self, engine, nchunks: int, callback=None, error_callback=None) -> None:
+        super().__init__(engine, callback, error_callback)
+        self._chunks: list[Any] = [None] * nchunks
+        self._left = nchunks
+        self._tasks: list = []
+        if nchunks == 0:
+            # As in the standard library: ready at once, no callback.
+            self._delivered = True
+            self._success = True
+            self._value = []
+            self._ready = True
+
+    def _deliver(self, task, ok: bool, value) -> None:
+        if self._delivered:
+            return
+        if not ok:
+            # The first failure decides; chunks not yet sent are dropped.
+            self._finish(False, value)
+            self._engine.cancel_sink(self)
+            return
+        self._chunks[task.index] = value
+        self._left -= 1
+        if self._left == 0:
+            out = []
+            for chunk in self._chunks:
+                out.extend(chunk)
+            self._chunks = []
+            self._finish(True, out)
+
+    def cancel(self) -> bool:
+        if self._delivered:
+            return False
+        self._engine.cancel_sink(self)
+        self._finish(False, concurrent.futures.CancelledError("the map was cancelled"))
+        with self._engine.results_cond:
+            self._engine.results_cond.notify_all()
+        return True
+
+
+def _wait_for(engine, predicate, timeout: float | None) -> bool:
+    """Wait on the engine's results condition until predicate() is true."""
+    cond = engine.results_cond
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with cond:
+        engine.waiters += 1
+        try:
+            while not predicate():
+                if deadline is None:
+                    # A bounded wait keeps us responsive even if a wake-up is
+                    # ever missed; Ctrl-C interrupts it at once.
+                    cond.wait(1.0)
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    cond.wait(remaining)
+        finally:
+            engine.waiters -= 1
+    return True
+
+
+class _IMapState:
+    """Shared by an imap iterator, its feeder thread and the scheduler."""
+
+    def __init__(self, engine, ordered: bool) -> None:
+        self.engine = engine
+        self.ordered = ordered
+        self.results: dict[int, tuple[bool, Any]] = {}
+        self.unordered: deque[tuple[bool, Any]] = deque()
+        self.next_index = 0
+        self.submitted = 0  # chunks submitted
+        self.consumed = 0  # chunks consumed by the iterator
+        self.total: int | None = None  # chunks in all, once the input is exhausted
+        self.input_error: BaseException | None = None
+        self.abandoned = False
+
+    # sink protocol
+    def _skip(self, task) -> bool:
+        return self.abandoned
+
+    def _deliver(self, task, ok: bool, value) -> None:
+        if self.ordered:
+            self.results[task.index] = (ok, value)
+        else:
+            self.unordered.append((ok, value))
+
+
+class IMapIterator:
+    """The iterator returned by ``imap`` / ``imap_unordered``.
+
+    Items (or, with ``chunksize > 1``, chunks) come back in input order
+    (``imap``) or as they finish (``imap_unordered``).  An item whose task
+    raised raises from ``next()``; iteration can go on after it.
+    """
+
+    def __init__(self, engine, fn, iterable, chunksize: int, mode: int, ordered: bool,
+                 task_timeout: float | None, bound: int | None, progress=None) -> None:
+        self._state = _IMapState(engine, ordered)
+        self._engine = engine
+        self._pending_items: deque = deque()
+        self._progress = progress
+        state = self._state
+        feeder = threading.Thread(
+            target=_feed,
+            args=(state, fn, iter(iterable), chunksize, mode, task_timeout, bound),
+            name="shoal-imap-feeder",
+            daemon=True,
+        )
+        engine.feeder_started()
+        weakref.finalize(self, _abandon, state)
+        feeder.start()
+
+    def __iter__(self) -> IMapIterator:
+        return self
+
+    def __next__(self):
+        return self.next()
+
+    def next(self, timeout: float | None = None):
+        """The next result; raises ``multiprocessing.TimeoutError`` after *timeout*."""
+        if self._pending_items:
+            return self._take_item()
+        state = self._state
+        engine = self._engine
+        if state.ordered:
+            def ready() -> bool:
+                return state.next_index in state.results or _input_done(state) or engine.state == "terminated"
+        else:
+            def ready() -> bool:
+                return bool(state.unordered) or _input_done(state) or engine.state == "terminated"
+        try:
+            if not ready() and not _wait_for(engine, ready, timeout):
+                raise multiprocessing.TimeoutError(f"no result within {timeout} seconds")
+        except KeyboardInterrupt:
+            _abandon(state)
+            self._close_progress()
+            raise
+        if state.ordered and state.next_index in state.results:
+            ok, value = state.results.pop(state.next_index)
+            state.next_index += 1
+        elif not state.ordered and state.unordered:
+            ok, value = state.unordered.popleft()
+        else:
+            # Everything submitted has been consumed.
+            if state.input_error is not None:
+                self._close_progress()
+                err, state.input_error = state.input_error, None
+                state.total = state.consumed  # raise it once, then stop
+                raise err
+            self._close_progress()
+            if engine.state == "terminated" and state.total is None:
+                raise PoolClosedError("the pool was terminated while this imap was running")
+            raise StopIteration
+        with engine.results_cond:
+            state.consumed += 1
+            engine.results_cond.notify_all()
+        if self._progress is not None:
+            self._progress.update(len(value) if ok and isinstance(value, _Chunk) else 1)
+        if not ok:
+            raise value
+        if isinstance(value, _Chunk):
+            self._pending_items.extend(value)
+            return self._take_item()
+        return value
+
+    def _take_item(self):
+        return self._pending_items.popleft()
+
+    def _close_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+    def close(self) -> None:
+        """Stop reading the input and drop chunks not yet sent."""
+        _abandon(self._state)
+        self._close_progress()
+
+
+class _Chunk(list):
+    """Results of a chunk of several items (a list with a marker type)."""
+
+
+def _input_done(state: _IMapState) -> bool:
+    return state.total is not None and state.consumed >= state.total
+
+
+def _abandon(state: _IMapState) -> None:
+    engine = state.engine
+    state.abandoned = True
+    try:
+        with engine.results_cond:
+            engine.results_cond.notify_all()
+    except Exception:  # noqa: BLE001 - at interpreter shutdown
+        pass
+
+
+def _feed(state: _IMapState, fn, iterator, chunksize: int, mode: int, task_timeout, bound) -> None:
+    engine = state.engine
+    cond = engine.results_cond
+    index = 0
+    fn_ref = None
+    sink = _Unwrap(state) if chunksize == 1 else _Chunked(state)
+    try:
+        while not state.abandoned:
+            limit = bound or engine.inflight_bound()
+            with cond:
+                while state.submitted - state.consumed >= limit and not state.abandoned and engine.state != "terminated":
+                    engine.waiters += 1
+                    try:
+                        cond.wait(1.0)
+                    finally:
+                        engine.waiters -= 1
+                    limit = bound or engine.inflight_bound()
+            if state.abandoned or engine.state == "terminated":
+                break
+            room = limit - (state.submitted - state.consumed)
+            tasks = []
+            try:
+                for _ in range(max(1, min(room, 256))):
+                    if chunksize == 1:
+                        payload = [next(iterator)]
+                    else:
+                        payload = []
+                        for _ in range(chunksize):
+                            try:
+                                payload.append(next(iterator))
+                            except StopIteration:
+                                break
+                        if not payload:
+                            raise StopIteration
+                    if fn_ref is None:
+                        fn_ref = engine.function_ref(fn)
+                    tasks.append(engine.make_task(fn, mode, payload, sink, index, task_timeout, fn_ref))
+                    index += 1
+            except StopIteration:
+                _submit(engine, state, tasks)
+                break
+            except BaseException as exc:  # noqa: BLE001 - the input (or pickling) failed: report in order
+                _submit(engine, state, tasks)
+                state.input_error = exc
+                break
+            _submit(engine, state, tasks)
+    finally:
+        with cond:
+            state.total = state.submitted
+            cond.notify_all()
+        engine.feeder_finished()
+
+
+def _submit(engine, state: _IMapState, tasks: list) -> None:
+    if not tasks:
+        return
+    with engine.results_cond:
+        state.submitted += len(tasks)
+    engine.submit_tasks(tasks, from_feeder=True)
+
+
+class _Unwrap:
+    """Sink for one-item tasks: the worker returns [value]; deliver the value."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: _IMapState) -> None:
+        self.state = state
+
+    def _skip(self, task) -> bool:
+        return self.state.abandoned
+
+    def _deliver(self, task, ok, value) -> None:
+        if ok:
+            value = value[0]
+        self.state._deliver(task, ok, value)
+
+
+class _Chunked(_Unwrap):
+    """Sink for chunks of several items: deliver them as one _Chunk."""
+
+    __slots__ = ()
+
+    def _deliver(self, task, ok, value) -> None:
+        self.state._deliver(task, ok, _Chunk(value) if ok else value)
+
+
+__all__ = ("ApplyResult", "AsyncResult", "IMapIterator", "MapResult")

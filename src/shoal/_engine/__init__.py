@@ -1,0 +1,1 @@
+"""The pool engine: scheduler thread, worker loop, batching, crash detection."""

@@ -1,0 +1,1058 @@
+"""The pool engine: one scheduler thread that owns every worker.
+
+Data flow::
+
+    caller threads            scheduler thread                     workers
+    --------------            ----------------                     -------
+    submit(): pickle args ─┐
+      (errors raise here)  │  pending (deque of _Task)
+      append, wake if      └──────────► dispatch: a batch to each     run tasks,
+      the scheduler sleeps              worker holding < 2 batches ─► write status
+                                        (non-blocking writes)         block, send
+                             select() on: worker sockets,             results
+                               worker sentinels, wake-up pipe  ◄────  (batched)
+                             results → sink._deliver() ───────► result objects
+                                                                (AsyncResult,
+                             sentinel → reap: the task that was   Future, map/imap)
+                               running fails with                       │
+                               WorkerDiedError, tasks not yet           ▼
+                               started go back to pending,      callback thread
+                               a replacement worker starts      runs user callbacks
+
+Ownership: the scheduler thread alone reads and writes worker channels,
+starts replacement workers, and mutates per-worker state.  Callers touch only
+the ``pending`` deque (thread-safe), the control queue and the wake-up pipe.
+Nothing the scheduler does waits on user code: callbacks run on their own
+thread, and sockets are written without blocking, so a worker that stops
+reading can never wedge the scheduler.
+
+Batching: the scheduler keeps an estimate of the task duration (an EWMA of
+what workers report) and sends each worker about BATCH_SECONDS of work per
+message, never more than a fair share of what is pending, and lets a worker
+hold at most two batches, so an idle worker always pulls the next one and a
+slow task strands at most one batch behind it.  A lone task goes at once.
+
+Crash attribution: each worker writes the id of the task it is running (and
+when it started) into its slot of a shared *status block* before running it.
+When a worker's sentinel fires the scheduler drains its socket, then reads
+the slot: the running task fails (WorkerDiedError, or TaskTimeoutError /
+CancelledError when the scheduler killed it on purpose), tasks finished whose
+results were lost fail too, and tasks the worker never started are sent to
+other workers.  The same slot gives per-task time limits their start time.
+
+Shutdown: close() lets pending work finish, then the scheduler sends STOP to
+each worker and exits when all have exited; terminate() fails what is
+unfinished, sends SIGTERM, then SIGKILL after TERMINATE_GRACE seconds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import mmap
+import multiprocessing
+import multiprocessing.util  # its atexit handler joins children; ours must run first
+import os
+import pickle
+import selectors
+import signal
+import sys
+import threading
+import time
+import traceback
+import types
+import weakref
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from .._ipc._channel import Channel
+from .._ipc._fdpass import _state as _fd_state
+from .._ipc._fdpass import providing_fds
+from .._serialization import dumps, loads, unpack_exception
+from .._shm._segment import create_fd
+from ..exceptions import (
+    PoolClosedError,
+    SerializationError,
+    ShoalError,
+    TaskTimeoutError,
+    WorkerDiedError,
+    WorkerStartError,
+)
+from . import _worker
+from ._worker import CALL, STATUS, STATUS_SLOT, WorkerConfig
+
+#: Work per message when tasks are short: large enough that per-message costs
+#: (~50 µs) vanish, small enough that the tail of a job stays balanced.
+BATCH_SECONDS = 0.004
+#: Upper bound on tasks per message whatever the estimate says.
+MAX_BATCH = 2048
+#: How many batches a worker may hold (one running, one ready to start).
+CREDIT = 2
+#: Functions a worker keeps unpickled; older ones are forgotten.
+FN_CACHE = 128
+#: A task is given to a new worker at most this many times when the workers
+#: that held it died before starting it (a message that kills its reader).
+MAX_REQUEUES = 2
+#: Seconds between SIGTERM and SIGKILL in terminate().
+TERMINATE_GRACE = 1.0
+#: Workers that die before becoming ready this many times in a row mean the
+#: pool cannot start (a broken __main__, an import error under spawn).
+MAX_START_FAILURES = 3
+#: How often time limits are checked while a timed task runs.
+TIMEOUT_TICK = 0.02
+
+_RUN, _CLOSE, _TERMINATE, _BROKEN = "running", "closed", "terminated", "broken"
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    """A snapshot of a pool's counters (``pool.statistics()``)."""
+
+    workers: int
+    tasks_submitted: int
+    tasks_pending: int
+    tasks_running: int
+    tasks_completed: int
+    tasks_failed: int
+    tasks_cancelled: int
+    workers_started: int
+    workers_replaced: int
+    #: why workers were replaced: {"died": n, "timeout": n, "maxtasksperchild": n, ...}
+    replaced_because: dict[str, int] = field(default_factory=dict)
+    #: the scheduler's current estimate of one task's duration, seconds
+    task_seconds_estimate: float | None = None
+
+
+class _Task:
+    """One unit of work: a call, or a chunk of a map."""
+
+    __slots__ = ("data", "fds", "fn_id", "fn_ref", "id", "index", "kill_reason", "mode", "requeues", "sink", "timeout")
+
+    def __init__(self, tid, fn_id, fn_ref, mode, data, fds, sink, index, timeout):
+        self.id = tid
+        self.fn_id = fn_id
+        self.fn_ref = fn_ref  # (fn, fn_bytes) for the first send to a worker
+        self.mode = mode
+        self.data = data
+        self.fds = fds
+        self.sink = sink
+        self.index = index
+        self.timeout = timeout
+        self.kill_reason: str | None = None
+        self.requeues = 0
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = ()
+
+
+class _Worker:
+    """The scheduler's view of one worker process."""
+
+    __slots__ = (
+        "channel", "eof", "fns", "inflight", "kill_reason", "pid", "proc", "ready",
+        "retire_reason", "sent", "sentinel", "slot", "writing",
+    )
+
+    def __init__(self, proc, channel, slot):
+        self.proc = proc
+        self.pid = proc.pid
+        self.channel = channel
+        self.sentinel = proc.sentinel
+        self.slot = slot
+        self.inflight: deque[_Task] = deque()
+        self.fns: OrderedDict[int, None] = OrderedDict()
+        self.ready = False
+        self.eof = False
+        self.writing = False
+        self.sent = 0
+        self.retire_reason: str | None = None
+        self.kill_reason: str | None = None
+
+    @property
+    def accepting(self) -> bool:
+        return self.retire_reason is None and self.kill_reason is None and not self.eof
+
+
+class _CallbackThread:
+    """Runs user callbacks in the parent, one at a time, off the scheduler."""
+
+    def __init__(self) -> None:
+        self._queue: deque = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._busy = False
+
+    def call(self, fn, *args) -> None:
+        with self._cond:
+            self._queue.append((fn, args))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="shoal-callbacks", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    self._busy = False
+                    self._cond.notify_all()
+                    return
+                fn, args = self._queue.popleft()
+                self._busy = True
+            try:
+                fn(*args)
+            except BaseException:  # noqa: BLE001 - a callback never kills the pool
+                print("shoal: exception in a result callback (the pool goes on):", file=sys.stderr)
+                traceback.print_exc()
+            with self._cond:
+                self._busy = False
+                if not self._queue:
+                    self._cond.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every queued callback has run."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                if self._thread is not None and threading.current_thread() is self._thread:
+                    return False  # called from a callback: cannot wait for ourselves
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
+_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _terminate_all_at_exit() -> None:
+    for engine in list(_live_engines):
+        try:
+            engine.at_exit()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
+
+
+class Engine:
+    """A set of worker processes and the scheduler thread that drives them."""
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer=None,
+        initargs=(),
+        maxtasksperchild: int | None = None,
+        context=None,
+        *,
+        max_memory: int | None = None,
+        task_timeout: float | None = None,
+        graceful_exit: bool = False,
+    ) -> None:
+        if processes is None:
+            processes = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
+            processes = processes or 1
+        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+            raise ValueError(f"Number of processes must be at least 1, got {processes!r}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be a callable, got {type(initializer).__name__}")
+        if maxtasksperchild is not None and (
+            not isinstance(maxtasksperchild, int) or isinstance(maxtasksperchild, bool) or maxtasksperchild < 1
+        ):
+            raise ValueError(f"maxtasksperchild must be a positive int or None, got {maxtasksperchild!r}")
+        if max_memory is not None and (not isinstance(max_memory, int) or max_memory <= 0):
+            raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
+        _check_timeout(task_timeout)
+        if context is None:
+            context = multiprocessing.get_context()
+        elif isinstance(context, str):
+            context = multiprocessing.get_context(context)
+        self._ctx = context
+        self._processes = processes
+        self._maxtasks = maxtasksperchild
+        self._max_memory = max_memory
+        self.task_timeout = task_timeout
+        self._graceful_exit = graceful_exit
+        try:
+            self._config_args = (
+                cloudpickle.dumps((initializer, tuple(initargs))) if initializer is not None else None
+            )
+        except Exception as exc:
+            raise SerializationError(f"cannot pickle the initializer or its initargs: {exc}") from exc
+
+        self._state = _RUN
+        self._broken_error: BaseException | None = None
+        self._pending: deque[_Task] = deque()
+        self._control: deque = deque()
+        self._ids = itertools.count(1)
+        self._fn_ids = itertools.count(1)
+        self._fn_cache: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
+        self._fn_lock = threading.Lock()
+        self._workers: dict[int, _Worker] = {}  # by sentinel fd... keyed by slot
+        self._free_slots = list(range(processes * 2 - 1, -1, -1))
+        self._estimate: float | None = None
+        self._timed = 0
+        self._feeders = 0
+        self._start_failures = 0
+        self.callbacks = _CallbackThread()
+        self.results_cond = threading.Condition(threading.Lock())
+        self.waiters = 0
+        # counters (written by the scheduler thread only, except submitted)
+        self._submitted_n = 0
+        self._completed = 0
+        self._failed = 0
+        self._cancelled = 0
+        self._started = 0
+        self._replaced: dict[str, int] = {}
+
+        # Status block: one cache line per worker slot (replacements reuse
+        # slots; twice the pool size leaves room while one is being reaped).
+        self._status_fd = create_fd(STATUS_SLOT * processes * 2, "shoal-status")
+        self._status = mmap.mmap(self._status_fd, 0)
+
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sleeping = False
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._finished = threading.Event()
+        self._owner_pid = os.getpid()
+
+        # Initial workers start from the caller's thread, before the
+        # scheduler thread exists: with fork, a single-threaded parent is the
+        # safe case (and Python 3.12+ warns about forking with threads).
+        try:
+            for _ in range(processes):
+                self._start_worker()
+        except BaseException:
+            self._abort_start()
+            raise
+        self._thread = threading.Thread(target=self._run, name="shoal-scheduler", daemon=True)
+        self._thread.start()
+        _live_engines.add(self)
+
+    # ------------------------------------------------------------------
+    # caller side
+    # ------------------------------------------------------------------
+    @property
+    def processes(self) -> int:
+        return self._processes
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def _check_running(self) -> None:
+        if self._state == _RUN:
+            return
+        if self._state == _BROKEN and self._broken_error is not None:
+            raise WorkerStartError(f"the pool cannot run tasks: {self._broken_error}") from self._broken_error
+        raise PoolClosedError("Pool not running: it was closed or terminated; create a new pool to submit work")
+
+    def function_ref(self, fn) -> tuple[int, Any]:
+        """An id for *fn* that workers cache, and the pickled function for
+        workers that have not seen it yet.  Only plain functions are cached:
+        partials, bound methods and callable objects carry state that may
+        change between calls, so they travel inside each task."""
+        if type(fn) is not types.FunctionType and type(fn) is not types.BuiltinFunctionType:
+            return 0, None
+        key = id(fn)
+        with self._fn_lock:
+            entry = self._fn_cache.get(key)
+            if entry is not None and entry[0] is fn:
+                return entry[1], entry
+        try:
+            fn_bytes = cloudpickle.dumps(fn, 5)
+        except Exception as exc:
+            raise SerializationError(f"cannot pickle the function {fn!r}: {type(exc).__name__}: {exc}") from exc
+        with self._fn_lock:
+            entry = (fn, next(self._fn_ids), fn_bytes)
+            self._fn_cache[key] = entry
+            if len(self._fn_cache) > 4 * FN_CACHE:
+                self._fn_cache.popitem(last=False)
+        return entry[1], entry
+
+    def make_task(self, fn, mode: int, payload, sink, index: int = 0, timeout: float | None = None, fn_ref=None) -> _Task:
+        """Serialize one task in the caller's thread (errors surface here)."""
+        if fn_ref is None:
+            fn_ref = self.function_ref(fn)
+        fn_id, entry = fn_ref
+        if fn_id == 0:
+            payload = (fn, payload)
+        fds: list[int] = []
+        previous = getattr(_fd_state, "send", None)
+        _fd_state.send = fds
+        try:
+            data = dumps(payload, oob=True, what="the task's arguments")
+        finally:
+            _fd_state.send = previous
+        return _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout)
+
+    def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:
+        """Queue serialized tasks for the workers.
+
+        An imap feeder that started before close() may go on submitting.
+        """
+        if self._state != _RUN and not (from_feeder and self._state == _CLOSE):
+            for t in tasks:
+                t.close_fds()
+            self._check_running()
+        for t in tasks:
+            if t.timeout is None and self.task_timeout is not None:
+                t.timeout = self.task_timeout
+        self._pending.extend(tasks)
+        self._submitted_n += len(tasks)
+        self._wake()
+
+    def feeder_started(self) -> None:
+        with self.results_cond:
+            self._feeders += 1
+
+    def feeder_finished(self) -> None:
+        with self.results_cond:
+            self._feeders -= 1
+        self._wake()
+
+    def map_chunksize(self, n: int) -> int:
+        """Chunk size for a map of *n* items when the caller gave none."""
+        chunksize, extra = divmod(n, self._processes * 4)
+        return max(1, chunksize + (1 if extra else 0))
+
+    def inflight_bound(self) -> int:
+        """How many tasks an imap keeps submitted but unconsumed: enough for
+        two full batches per worker, so batching is never starved."""
+        per_batch = self._batch_size(1 << 30, self._processes)
+        return max(4 * self._processes, min(CREDIT * 2 * per_batch * self._processes, 1 << 16))
+
+    def _wake(self) -> None:
+        if self._sleeping:
+            self._sleeping = False
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass
+
+    def cancel(self, task: _Task, exc: BaseException) -> None:
+        """Fail *task* with *exc*: drop it if queued, kill its worker if running."""
+        self._control.append(("cancel", task, exc))
+        self._wake()
+
+    def cancel_sink(self, sink) -> None:
+        """Drop every queued task that delivers to *sink* (a failed map)."""
+        self._control.append(("drop", sink, None))
+        self._wake()
+
+    def cancel_pending_futures(self) -> None:
+        """Cancel every Future whose task has not been sent to a worker."""
+        self._control.append(("cancel_futures", None, None))
+        self._wake()
+
+    def close(self) -> None:
+        if self._state == _RUN:
+            self._state = _CLOSE
+        self._wake()
+
+    def terminate(self) -> None:
+        if self._state in (_RUN, _CLOSE, _BROKEN):
+            self._state = _TERMINATE
+        self._wake()
+        if threading.current_thread() is self._thread:
+            return
+        self._finished.wait()
+        self._thread.join()
+        self.callbacks.stop()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("cannot join the pool from its own scheduler thread")
+        if not self._finished.wait(timeout):
+            return False
+        self._thread.join()
+        self.callbacks.drain()
+        self.callbacks.stop()
+        return True
+
+    def at_exit(self) -> None:
+        """The interpreter is exiting with this pool open."""
+        if os.getpid() != self._owner_pid:
+            return
+        if self._graceful_exit and self._state in (_RUN, _CLOSE):
+            self.close()
+            self.join()
+        else:
+            self.terminate()
+
+    def statistics(self) -> PoolStatistics:
+        running = sum(len(w.inflight) for w in list(self._workers.values()))
+        return PoolStatistics(
+            workers=len(self._workers),
+            tasks_submitted=self._submitted_n,
+            tasks_pending=len(self._pending),
+            tasks_running=running,
+            tasks_completed=self._completed,
+            tasks_failed=self._failed,
+            tasks_cancelled=self._cancelled,
+            workers_started=self._started,
+            workers_replaced=sum(self._replaced.values()),
+            replaced_because=dict(self._replaced),
+            task_seconds_estimate=self._estimate,
+        )
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in list(self._workers.values())]
+
+    # ------------------------------------------------------------------
+    # workers
+    # ------------------------------------------------------------------
+    def _start_worker(self) -> _Worker:
+        slot = self._free_slots.pop()
+        STATUS.pack_into(self._status, slot * STATUS_SLOT, 0, 0.0, 0)
+        parent_ch, child_ch = Channel.pair()
+        # PR_SET_PDEATHSIG fires when the *thread* that started the worker
+        # exits, so ask for it only from threads that live as long as the
+        # pool, and only when we are the worker's parent (not a forkserver).
+        pdeathsig = self._ctx.get_start_method() != "forkserver" and (
+            threading.current_thread() is threading.main_thread()
+            or threading.current_thread() is getattr(self, "_thread", None)
+        )
+        config = WorkerConfig(None, (), self._maxtasks, self._max_memory, os.getpid(), pdeathsig, slot)
+        if self._config_args is not None:
+            config.initializer, config.initargs = cloudpickle.loads(self._config_args)
+        config_bytes = cloudpickle.dumps(config)
+        try:
+            proc = self._ctx.Process(
+                target=_worker.worker_main, args=(child_ch.sock,), name=f"shoal-worker-{slot}", daemon=False
+            )
+            proc.start()
+        except BaseException:
+            parent_ch.close()
+            child_ch.close()
+            self._free_slots.append(slot)
+            raise
+        child_ch.close()
+        parent_ch.sock.setblocking(False)
+        worker = _Worker(proc, parent_ch, slot)
+        parent_ch.queue(config_bytes, [os.dup(self._status_fd)])
+        self._workers[slot] = worker
+        self._started += 1
+        self._selector.register(parent_ch.fileno(), selectors.EVENT_READ, ("chan", worker))
+        self._selector.register(worker.sentinel, selectors.EVENT_READ, ("dead", worker))
+        self._flush(worker)
+        return worker
+
+    def _abort_start(self) -> None:
+        for w in list(self._workers.values()):
+            try:
+                w.proc.kill()
+                w.proc.join(5)
+            except Exception:  # noqa: BLE001
+                pass
+            w.channel.close()
+        self._workers.clear()
+        self._close_resources()
+
+    def _close_resources(self) -> None:
+        try:
+            self._selector.close()
+        except Exception:  # noqa: BLE001
+            pass
+        for fd in (self._wake_r, self._wake_w, self._status_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            self._status.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _flush(self, w: _Worker) -> None:
+        try:
+            done = w.channel.flush()
+        except OSError:
+            # The worker is gone; its sentinel will tell us how.
+            done = True
+            w.channel._outq.clear()
+        want = not done
+        if want != w.writing:
+            w.writing = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            if w.eof:
+                events &= ~selectors.EVENT_READ
+            if events:
+                self._selector.modify(w.channel.fileno(), events, ("chan", w))
+
+    # ------------------------------------------------------------------
+    # the scheduler thread
+    # ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - never leave callers waiting
+            self._broken_error = exc
+            traceback.print_exc()
+            self._fail_everything(ShoalError(f"the pool's scheduler failed: {exc!r}; this is a bug in shoal"))
+            self._kill_workers(graceful=False)
+        finally:
+            self._close_resources()
+            self._finished.set()
+            with self.results_cond:
+                self.results_cond.notify_all()
+
+    def _loop(self) -> None:
+        select = self._selector.select
+        while True:
+            timeout = None
+            if self._timed:
+                timeout = TIMEOUT_TICK
+            self._sleeping = True
+            if self._pending or self._control:
+                timeout = 0
+            events = select(timeout)
+            self._sleeping = False
+            for key, mask in events:
+                kind, w = key.data
+                if kind == "chan":
+                    if mask & selectors.EVENT_READ:
+                        self._read(w)
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush(w)
+                elif kind == "dead":
+                    self._reap(w)
+                else:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+            while self._control:
+                self._handle_control(*self._control.popleft())
+            state = self._state
+            if state == _TERMINATE:
+                self._terminate_now()
+                return
+            if self._pending:
+                self._dispatch()
+            if self._timed:
+                self._check_time_limits()
+            if (
+                state in (_CLOSE, _BROKEN)
+                and not self._pending
+                and not self._feeders
+                and not any(w.inflight for w in self._workers.values())
+            ):
+                if not self._workers:
+                    return
+                for w in self._workers.values():
+                    if w.accepting:
+                        w.retire_reason = "shutdown"
+                        w.channel.queue(pickle.dumps((_worker.STOP, (), ())))
+                        self._flush(w)
+
+    # -- dispatch ---------------------------------------------------------
+    def _batch_size(self, pending: int, workers: int) -> int:
+        est = self._estimate
+        if est is None:
+            size = 1
+        else:
+            size = int(BATCH_SECONDS / max(est, 1e-7))
+            size = max(1, min(size, MAX_BATCH))
+        fair = -(-pending // max(workers, 1))
+        return max(1, min(size, fair))
+
+    def _dispatch(self) -> None:
+        pending = self._pending
+        ready = [w for w in self._workers.values() if w.accepting]
+        if not ready:
+            return
+        size = self._batch_size(len(pending), len(ready))
+        for w in ready:
+            room = CREDIT * size - len(w.inflight)
+            if self._maxtasks:
+                room = min(room, self._maxtasks - w.sent)
+            while room > 0 and pending:
+                batch = []
+                take = min(room, size)
+                while pending and len(batch) < take:
+                    task = pending.popleft()
+                    if task.sink._skip(task):
+                        task.close_fds()
+                        self._cancelled += 1
+                        continue
+                    batch.append(task)
+                if batch:
+                    self._send_batch(w, batch)
+                    room -= len(batch)
+            if not pending:
+                break
+
+    def _send_batch(self, w: _Worker, batch: list[_Task]) -> None:
+        fn_defs = []
+        forget = []
+        fds: list[int] = []
+        wire = []
+        for task in batch:
+            fid = task.fn_id
+            if fid:
+                if fid in w.fns:
+                    w.fns.move_to_end(fid)
+                else:
+                    fn_defs.append((fid, task.fn_ref[2]))
+                    w.fns[fid] = None
+                    if len(w.fns) > FN_CACHE:
+                        forget.append(w.fns.popitem(last=False)[0])
+            wire.append((task.id, fid, task.mode, task.data, len(task.fds)))
+            if task.fds:
+                fds.extend(task.fds)
+                task.fds = ()
+            if task.timeout is not None:
+                self._timed += 1
+            w.inflight.append(task)
+        w.sent += len(batch)
+        if forget:
+            fn_defs.append((-1, forget))
+        w.channel.queue(pickle.dumps((_worker.BATCH, fn_defs, wire), 5), fds)
+        self._flush(w)
+
+    # -- results ----------------------------------------------------------
+    def _read(self, w: _Worker) -> None:
+        frames, eof = w.channel.recv_available()
+        for payload, fds in frames:
+            self._on_message(w, payload, fds)
+        if eof and not w.eof:
+            w.eof = True
+            try:
+                if w.writing:
+                    self._selector.modify(w.channel.fileno(), selectors.EVENT_WRITE, ("chan", w))
+                else:
+                    self._selector.unregister(w.channel.fileno())
+            except (KeyError, ValueError):
+                pass
+
+    def _on_message(self, w: _Worker, payload: bytes, fds: list[int]) -> None:
+        kind, body = pickle.loads(payload)
+        if kind == _worker.RESULTS:
+            self._on_results(w, body, fds)
+        elif kind == _worker.READY:
+            w.ready = True
+            self._start_failures = 0
+        elif kind == _worker.RETIRE:
+            w.retire_reason = body[0]
+        elif kind == _worker.INIT_FAILED:
+            exc = unpack_exception(body)
+            w.retire_reason = "initializer"
+            self._break(exc)
+
+    def _on_results(self, w: _Worker, results, fds: list[int]) -> None:
+        pos = 0
+        inflight = w.inflight
+        est = self._estimate
+        waiters = self.waiters
+        try:
+            for tid, ok, data, nfds, elapsed in results:
+                task = inflight.popleft()
+                if task.timeout is not None:
+                    self._timed -= 1
+                est = elapsed if est is None else est * 0.7 + elapsed * 0.3
+                if nfds:
+                    task_fds = fds[pos : pos + nfds]
+                    pos += nfds
+                else:
+                    task_fds = ()
+                if task.kill_reason == "cancelled":
+                    continue  # already failed with CancelledError; drop the late result
+                if ok:
+                    try:
+                        if task_fds:
+                            with providing_fds(task_fds):
+                                value = loads(data)
+                        else:
+                            value = loads(data)
+                    except BaseException as exc:  # noqa: BLE001
+                        ok = False
+                        value = SerializationError(
+                            f"the task's result could not be unpickled in the parent: {type(exc).__name__}: {exc}"
+                        )
+                else:
+                    value = unpack_exception(data)
+                if ok:
+                    self._completed += 1
+                else:
+                    self._failed += 1
+                task.sink._deliver(task, ok, value)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._estimate = est
+        if waiters or self.waiters:
+            with self.results_cond:
+                self.results_cond.notify_all()
+
+    def _fail(self, task: _Task, exc: BaseException, *, cancelled: bool = False) -> None:
+        task.close_fds()
+        if cancelled:
+            self._cancelled += 1
+        else:
+            self._failed += 1
+        task.sink._deliver(task, False, exc)
+
+    def _notify(self) -> None:
+        with self.results_cond:
+            self.results_cond.notify_all()
+
+    # -- control requests from callers -----------------------------------
+    def _handle_control(self, what: str, obj, exc) -> None:
+        if what == "cancel":
+            task: _Task = obj
+            if task in self._pending:
+                self._pending.remove(task)
+                self._fail(task, exc, cancelled=True)
+                self._notify()
+                return
+            for w in self._workers.values():
+                if task in w.inflight:
+                    running = self._running_task(w)
+                    task.kill_reason = "cancelled"
+                    self._fail(task, exc, cancelled=True)
+                    if running is task:
+                        self._kill(w, "cancelled")
+                    self._notify()
+                    return
+        elif what == "cancel_futures":
+            keep = deque()
+            for t in self._pending:
+                future = getattr(t.sink, "future", None)
+                if future is not None and future.cancel():
+                    t.close_fds()
+                    self._cancelled += 1
+                else:
+                    keep.append(t)
+            self._pending = keep
+        elif what == "drop":
+            sink = obj
+            keep = deque(t for t in self._pending if t.sink is not sink)
+            for t in self._pending:
+                if t.sink is sink:
+                    t.close_fds()
+                    self._cancelled += 1
+            self._pending = keep
+
+    # -- time limits -------------------------------------------------------
+    def _running_task(self, w: _Worker) -> _Task | None:
+        tid, _started, _last = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
+        if not tid:
+            return None
+        for task in w.inflight:
+            if task.id == tid:
+                return task
+        return None
+
+    def _check_time_limits(self) -> None:
+        now = time.monotonic()
+        for w in list(self._workers.values()):
+            if not w.inflight or w.kill_reason is not None:
+                continue
+            tid, started, _last = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
+            if not tid:
+                continue
+            for task in w.inflight:
+                if task.id == tid:
+                    if task.timeout is not None and now - started > task.timeout:
+                        task.kill_reason = "timeout"
+                        self._kill(w, "timeout")
+                    break
+
+    def _kill(self, w: _Worker, reason: str) -> None:
+        if w.kill_reason is None:
+            w.kill_reason = reason
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    # -- worker exit -------------------------------------------------------
+    def _reap(self, w: _Worker) -> None:
+        if not w.eof:
+            # Results the worker sent before it died are still in the socket.
+            while True:
+                frames, eof = w.channel.recv_available()
+                for payload, fds in frames:
+                    self._on_message(w, payload, fds)
+                if eof or not frames:
+                    break
+        w.proc.join(1)
+        exitcode = w.proc.exitcode
+        running, _started, last_done = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
+        try:
+            self._selector.unregister(w.sentinel)
+        except (KeyError, ValueError):
+            pass
+        if not w.eof:
+            try:
+                self._selector.unregister(w.channel.fileno())
+            except (KeyError, ValueError):
+                pass
+        w.channel.close()
+        del self._workers[w.slot]
+        self._free_slots.append(w.slot)
+        try:
+            w.proc.close()
+        except ValueError:
+            pass
+
+        # Attribute the tasks it held.
+        tasks = list(w.inflight)
+        w.inflight.clear()
+        cut = -1
+        for i, task in enumerate(tasks):
+            if task.id in (running, last_done):
+                cut = i
+        failed_any = False
+        requeue = []
+        for i, task in enumerate(tasks):
+            if task.timeout is not None:
+                self._timed -= 1
+            if task.kill_reason == "cancelled":
+                continue  # already delivered
+            if i <= cut:
+                failed_any = True
+                if task.kill_reason == "timeout":
+                    exc: BaseException = TaskTimeoutError(
+                        f"the task ran longer than its time limit of {task.timeout} s; worker process "
+                        f"{w.pid} was killed and replaced"
+                    )
+                else:
+                    exc = WorkerDiedError(w.pid, exitcode)
+                self._fail(task, exc)
+            elif w.retire_reason == "initializer" or self._state == _BROKEN:
+                self._fail(task, WorkerStartError(f"the pool cannot run tasks: {self._broken_error}"))
+            else:
+                task.requeues += 1
+                if task.requeues > MAX_REQUEUES:
+                    self._fail(task, WorkerDiedError(w.pid, exitcode, "The worker died before starting it, "
+                                                     f"{task.requeues} times in a row."))
+                else:
+                    requeue.append(task)
+        if requeue:
+            self._pending.extendleft(reversed(requeue))
+        if failed_any:
+            self._notify()
+
+        # Why did it go, and does it need a replacement?
+        if w.kill_reason is not None:
+            reason = w.kill_reason
+        elif w.retire_reason is not None:
+            reason = w.retire_reason
+        else:
+            reason = "died"
+        if not w.ready and reason == "died":
+            self._start_failures += 1
+            if self._start_failures >= MAX_START_FAILURES and self._state == _RUN:
+                self._break(
+                    WorkerStartError(
+                        f"worker processes keep exiting before they are ready ({_describe(exitcode)}). "
+                        "Under spawn or forkserver the main module is imported again in each worker: "
+                        "protect the code that starts the pool with `if __name__ == '__main__':`, and make "
+                        "sure the main module imports without errors."
+                    )
+                )
+        if reason in ("shutdown", "initializer") or self._state in (_TERMINATE, _BROKEN):
+            return
+        if self._state == _CLOSE and not self._pending and not any(x.inflight for x in self._workers.values()):
+            return
+        self._replaced[reason] = self._replaced.get(reason, 0) + 1
+        try:
+            self._start_worker()
+        except Exception as exc:  # noqa: BLE001
+            self._break(WorkerStartError(f"could not start a replacement worker: {exc!r}"))
+
+    def _break(self, exc: BaseException) -> None:
+        """The pool cannot run tasks: fail what is queued and refuse new work."""
+        if self._state in (_TERMINATE,):
+            return
+        if self._broken_error is None:
+            self._broken_error = exc
+        self._state = _BROKEN
+        err = WorkerStartError(f"the pool cannot run tasks: {exc}")
+        err.__cause__ = exc
+        while self._pending:
+            self._fail(self._pending.popleft(), err)
+        for w in self._workers.values():
+            for task in w.inflight:
+                if task.timeout is not None:
+                    self._timed -= 1
+                self._fail(task, err)
+            w.inflight.clear()
+        self._notify()
+
+    # -- termination -------------------------------------------------------
+    def _fail_everything(self, exc: BaseException) -> None:
+        while self._pending:
+            self._fail(self._pending.popleft(), exc)
+        for w in self._workers.values():
+            for task in w.inflight:
+                if task.kill_reason != "cancelled":
+                    self._fail(task, exc)
+            w.inflight.clear()
+        self._notify()
+
+    def _terminate_now(self) -> None:
+        self._fail_everything(PoolClosedError("the pool was terminated before this task finished"))
+        self._kill_workers(graceful=True)
+
+    def _kill_workers(self, graceful: bool) -> None:
+        workers = list(self._workers.values())
+        for w in workers:
+            try:
+                os.kill(w.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + TERMINATE_GRACE
+        for w in workers:
+            w.proc.join(max(0.0, deadline - time.monotonic()))
+            if w.proc.exitcode is None:
+                try:
+                    os.kill(w.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                w.proc.join()
+            w.channel.close()
+            try:
+                w.proc.close()
+            except ValueError:
+                pass
+        self._workers.clear()
+
+
+def _describe(exitcode) -> str:
+    from ..exceptions import describe_exitcode
+
+    return describe_exitcode(exitcode)
+
+
+def _check_timeout(value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"a task timeout must be a positive number of seconds or None, got {value!r}")
+
+
+import atexit  # noqa: E402 - registered after multiprocessing.util's own handler, so it runs first
+
+atexit.register(_terminate_all_at_exit)

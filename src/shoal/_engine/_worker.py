@@ -1,0 +1,240 @@
+"""The worker process: receive batches of tasks, run them, send results back.
+
+One worker owns one end of one socket (its *channel*); the parent's scheduler
+thread owns the other end.  Nothing else is shared except the *status block*,
+a few words of shared memory per worker that the worker writes before and
+after each task so the parent knows, even after a SIGKILL, exactly which task
+was running and since when::
+
+    parent scheduler                       worker (this module)
+    ----------------                       --------------------
+    _Hello(config, status fd)    ──────►   initializer(*initargs)
+                                 ◄──────   READY | INIT_FAILED(exception)
+    batch [(tid, fn, mode, args)] ─────►   status.running = tid, started = now
+                                           value = fn(*args)
+                                           status.last_done = tid, running = 0
+                                 ◄──────   results [(tid, ok, payload, ...)]
+                                           (flushed when the batch ends or
+                                           every FLUSH_SECONDS)
+    STOP or end of stream        ──────►   exit 0
+                                 ◄──────   RETIRE(reason), exit 0
+                                           (maxtasksperchild, memory ceiling)
+
+The worker ignores SIGINT: Ctrl-C is the parent's to handle, and a worker
+printing a KeyboardInterrupt traceback for every task is noise.  It exits as
+soon as its parent goes away (end of stream on the channel; PR_SET_PDEATHSIG
+when the parent started it directly).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import pickle
+import signal
+import struct
+import sys
+import time
+
+import cloudpickle
+
+from .._ipc._channel import Channel
+from .._ipc._fdpass import collecting_fds, providing_fds
+from .._serialization import dumps, loads, pack_exception
+
+# Message kinds, parent -> worker
+BATCH = 0
+STOP = 1
+# Message kinds, worker -> parent
+READY = 0
+RESULTS = 1
+INIT_FAILED = 2
+RETIRE = 3
+
+# Task modes
+CALL = 0  # fn(*args, **kwargs); payload is (args, kwargs)
+MAP = 1  # [fn(x) for x in payload]
+STARMAP = 2  # [fn(*x) for x in payload]
+
+#: A worker sends the results it has so far when a batch runs longer than
+#: this, so results of quick tasks are not held back by a slow one.
+FLUSH_SECONDS = 0.005
+
+#: Status block layout, one slot per worker: running task id, its start time
+#: (time.monotonic), id of the last finished task.
+STATUS = struct.Struct("qdq")
+STATUS_SLOT = 64  # one cache line per worker, so workers do not false-share
+
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerConfig:
+    """Everything a worker needs, pickled once with cloudpickle."""
+
+    __slots__ = ("initargs", "initializer", "max_memory", "maxtasks", "owner_pid", "pdeathsig", "slot")
+
+    def __init__(self, initializer, initargs, maxtasks, max_memory, owner_pid, pdeathsig, slot):
+        self.initializer = initializer
+        self.initargs = initargs
+        self.maxtasks = maxtasks
+        self.max_memory = max_memory
+        self.owner_pid = owner_pid
+        self.pdeathsig = pdeathsig
+        self.slot = slot
+
+
+def _set_pdeathsig(owner_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the process that started us dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != owner_pid:  # it died before prctl took effect
+        os._exit(0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE
+
+
+def worker_main(sock) -> None:
+    """Entry point of a worker process (the ``target`` of its ``Process``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = Channel(sock)
+    try:
+        _serve(channel)
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        pass  # the parent went away: nobody is waiting for our results
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _serve(channel: Channel) -> None:
+    # The first message carries the configuration (pickled with cloudpickle,
+    # so initializers may be lambdas under spawn) and the status block's fd.
+    first = channel.recv()
+    if first is None:
+        return
+    config: WorkerConfig = cloudpickle.loads(first[0])
+    if config.pdeathsig:
+        _set_pdeathsig(config.owner_pid)
+    status_fd = first[1][0]
+    status = mmap.mmap(status_fd, 0)
+    os.close(status_fd)
+    offset = config.slot * STATUS_SLOT
+    pack_status = STATUS.pack_into
+
+    if config.initializer is not None:
+        try:
+            config.initializer(*config.initargs)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            channel.send(pickle.dumps((INIT_FAILED, pack_exception(exc))))
+            return
+    channel.send(pickle.dumps((READY, os.getpid())))
+
+    functions: dict[int, object] = {}
+    done = 0
+    maxtasks = config.maxtasks
+    max_memory = config.max_memory
+    monotonic = time.monotonic
+    perf = time.perf_counter
+    retire = None
+    while retire is None:
+        message = channel.recv()
+        if message is None:
+            break
+        payload, fds = message
+        kind, fn_defs, tasks = pickle.loads(payload)
+        if kind == STOP:
+            break
+        for fn_id, fn_bytes in fn_defs:
+            if fn_id == -1:  # the parent's cache evicted these
+                for old in fn_bytes:
+                    functions.pop(old, None)
+                continue
+            try:
+                functions[fn_id] = cloudpickle.loads(fn_bytes)
+            except BaseException as exc:  # noqa: BLE001 - fails the tasks that use it
+                functions[fn_id] = _Unloadable(exc)
+        results = []
+        result_fds: list[int] = []
+        fd_pos = 0
+        flushed_at = perf()
+        for tid, fn_id, mode, data, nfds in tasks:
+            task_fds = fds[fd_pos : fd_pos + nfds]
+            fd_pos += nfds
+            started = perf()
+            pack_status(status, offset, tid, monotonic(), done)
+            try:
+                if task_fds:
+                    with providing_fds(task_fds):
+                        args = loads(data)
+                else:
+                    args = loads(data)
+                if fn_id:
+                    fn = functions[fn_id]
+                    if type(fn) is _Unloadable:
+                        raise fn.error
+                else:
+                    fn, args = args
+                if mode == CALL:
+                    value = fn(*args[0], **args[1])
+                elif mode == MAP:
+                    value = [fn(x) for x in args]
+                else:
+                    value = [fn(*x) for x in args]
+                ok = True
+            except BaseException as exc:  # noqa: BLE001 - a task error is a result
+                value = exc
+                ok = False
+            elapsed = perf() - started
+            pack_status(status, offset, 0, 0.0, tid)
+            if ok:
+                try:
+                    with collecting_fds() as out_fds:
+                        out = dumps(value, oob=True, what="the task's result")
+                except Exception as exc:  # noqa: BLE001 - an unpicklable result fails only this task
+                    ok = False
+                    out = pack_exception(exc)
+                    out_fds = []
+            else:
+                out = pack_exception(value)
+                out_fds = []
+            del value
+            results.append((tid, ok, out, len(out_fds), elapsed))
+            result_fds.extend(out_fds)
+            done += 1
+            if perf() - flushed_at > FLUSH_SECONDS and len(results) < len(tasks):
+                _send_results(channel, results, result_fds)
+                results = []
+                result_fds = []
+                flushed_at = perf()
+        for fd in fds:
+            os.close(fd)
+        if maxtasks and done >= maxtasks:
+            retire = ("maxtasksperchild", done)
+        elif max_memory and _rss_bytes() > max_memory:
+            retire = ("max_memory", _rss_bytes())
+        if results:
+            _send_results(channel, results, result_fds)
+    if retire is not None:
+        channel.send(pickle.dumps((RETIRE, retire)))
+
+
+def _send_results(channel: Channel, results: list, fds: list[int]) -> None:
+    channel.send(pickle.dumps((RESULTS, results), 5), fds)
+    for fd in fds:
+        os.close(fd)
+
+
+class _Unloadable:
+    """Stands in for a function that could not be unpickled in the worker."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error

@@ -1,0 +1,249 @@
+"""``shoal.Pool``: the standard library's ``multiprocessing.Pool`` on shoal's engine.
+
+Same signature and documented behaviour, so ``import shoal as
+multiprocessing`` works, plus what the standard library lacks: a task whose
+worker dies fails with :class:`~shoal.WorkerDiedError` instead of hanging the
+pool; lambdas and closures work under every start method; per-task time
+limits (``task_timeout``); a memory ceiling per worker (``max_memory``);
+progress bars (``progress=True``); ``submit()`` returning a
+``concurrent.futures.Future``; ``statistics()``.
+
+The pool is a thin face: every method turns its arguments into serialized
+tasks (in the caller's thread, so pickling errors surface here) and hands them
+to :class:`shoal._engine.Engine`, which owns the workers.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ._asyncresult import AsyncResult, IMapIterator, MapResult
+from ._engine._engine import Engine, PoolStatistics, _check_timeout
+from ._engine._worker import CALL, MAP, STARMAP
+from ._progress import progress_bar
+
+__all__ = ("AsyncResult", "Pool", "PoolStatistics")
+
+
+class Pool:
+    """A pool of worker processes (``multiprocessing.Pool``, made robust).
+
+    Args:
+        processes: number of workers (default: the CPUs this process may use).
+        initializer: called as ``initializer(*initargs)`` when each worker starts.
+            If it raises, the pool stops with :class:`~shoal.WorkerStartError`
+            instead of restarting workers forever.
+        maxtasksperchild: tasks a worker runs before it is replaced.
+        context: a ``multiprocessing`` context or a start method name
+            (``"fork"``, ``"spawn"``, ``"forkserver"``).
+        max_memory: bytes of resident memory after which a worker is replaced
+            between tasks.
+        task_timeout: seconds a task may run; a late task's worker is killed
+            and the task fails with :class:`~shoal.TaskTimeoutError` (a
+            ``TimeoutError``).  Each call can set its own.
+    """
+
+    _engine: Engine
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        context=None,
+        *,
+        max_memory: int | None = None,
+        task_timeout: float | None = None,
+    ) -> None:
+        self._engine = Engine(
+            processes,
+            initializer,
+            initargs,
+            maxtasksperchild,
+            context,
+            max_memory=max_memory,
+            task_timeout=task_timeout,
+        )
+        self._closed = False
+        # A pool dropped or left open at exit is terminated, never joined
+        # forever (the standard library's pool can hang there).
+        self._finalizer = weakref.finalize(self, self._engine.terminate)
+
+    # -- the standard library's API -------------------------------------------
+    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict | None = None, *,
+              task_timeout: float | None = None):
+        """Call ``func(*args, **kwds)`` in a worker and return its result."""
+        return self.apply_async(func, args, kwds, task_timeout=task_timeout).get()
+
+    def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict | None = None,
+                    callback=None, error_callback=None, *, task_timeout: float | None = None) -> AsyncResult:
+        """Run ``func(*args, **kwds)`` in a worker; return an :class:`AsyncResult`.
+
+        *callback* / *error_callback* run in this (the parent) process with the
+        result / the exception.
+        """
+        engine = self._engine
+        engine._check_running()
+        _check_callable(func)
+        _check_callbacks(callback, error_callback)
+        _check_timeout(task_timeout)
+        if kwds is None:
+            kwds = {}
+        elif not isinstance(kwds, dict):
+            raise TypeError(f"kwds must be a dict, got {type(kwds).__name__}")
+        result = AsyncResult(engine, callback, error_callback)
+        task = engine.make_task(func, CALL, (tuple(args), kwds), result, 0, task_timeout)
+        result._task = task
+        engine.submit_tasks([task])
+        return result
+
+    def submit(self, fn: Callable[..., Any], /, *args, **kwargs) -> concurrent.futures.Future:
+        """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``."""
+        from ._executor import _submit_future
+
+        return _submit_future(self._engine, fn, args, kwargs)
+
+    def map(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None, *,
+            task_timeout: float | None = None, progress: bool = False) -> list:
+        """``[func(x) for x in iterable]``, computed by the workers, in order."""
+        return self._map_blocking(func, iterable, chunksize, MAP, task_timeout, progress)
+
+    def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]], chunksize: int | None = None, *,
+                task_timeout: float | None = None, progress: bool = False) -> list:
+        """``[func(*args) for args in iterable]``, computed by the workers, in order."""
+        return self._map_blocking(func, iterable, chunksize, STARMAP, task_timeout, progress)
+
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
+                  task_timeout: float | None = None) -> MapResult:
+        """Like :meth:`map`, returning a result object."""
+        return self._map_async(func, iterable, chunksize, MAP, callback, error_callback, task_timeout)
+
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
+                      task_timeout: float | None = None) -> MapResult:
+        """Like :meth:`starmap`, returning a result object."""
+        return self._map_async(func, iterable, chunksize, STARMAP, callback, error_callback, task_timeout)
+
+    def imap(self, func, iterable, chunksize: int = 1, *, task_timeout: float | None = None,
+             progress: bool = False, buffersize: int | None = None) -> IMapIterator:
+        """Lazy, ordered ``map``: reads *iterable* as results are consumed.
+
+        At most *buffersize* tasks (default: enough to keep every worker
+        busy) are submitted and not yet consumed, so an endless generator
+        works and memory stays flat.
+        """
+        return self._imap(func, iterable, chunksize, True, task_timeout, progress, buffersize)
+
+    def imap_unordered(self, func, iterable, chunksize: int = 1, *, task_timeout: float | None = None,
+                       progress: bool = False, buffersize: int | None = None) -> IMapIterator:
+        """Like :meth:`imap`, yielding results as they finish."""
+        return self._imap(func, iterable, chunksize, False, task_timeout, progress, buffersize)
+
+    def close(self) -> None:
+        """Accept no more tasks; workers exit once the queued ones are done."""
+        self._closed = True
+        self._engine.close()
+
+    def terminate(self) -> None:
+        """Stop the workers now; unfinished tasks fail with PoolClosedError."""
+        self._closed = True
+        self._engine.terminate()
+
+    def join(self) -> None:
+        """Wait for the workers to exit (after :meth:`close` or :meth:`terminate`)."""
+        if self._engine.state == "running":
+            raise ValueError("Pool is still running: call close() or terminate() before join()")
+        self._engine.join()
+
+    def __enter__(self) -> Pool:
+        self._engine._check_running()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.terminate()
+
+    def __reduce__(self):
+        raise NotImplementedError(
+            "pool objects cannot be passed between processes or pickled; "
+            "create the pool in the process that uses it"
+        )
+
+    def __repr__(self) -> str:
+        return f"<shoal.Pool state={self._engine.state} pool_size={self._engine.processes}>"
+
+    # -- shoal's additions ---------------------------------------------------
+    def statistics(self) -> PoolStatistics:
+        """Counters: tasks submitted / done / failed, workers replaced and why."""
+        return self._engine.statistics()
+
+    @property
+    def processes(self) -> int:
+        """The number of worker processes."""
+        return self._engine.processes
+
+    # -- internals -----------------------------------------------------------
+    def _map_async(self, func, iterable, chunksize, mode, callback, error_callback, task_timeout) -> MapResult:
+        engine = self._engine
+        engine._check_running()
+        _check_callable(func)
+        _check_callbacks(callback, error_callback)
+        _check_timeout(task_timeout)
+        items = iterable if hasattr(iterable, "__len__") and hasattr(iterable, "__getitem__") else list(iterable)
+        n = len(items)
+        if chunksize is None:
+            chunksize = engine.map_chunksize(n)
+        elif not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive int, got {chunksize!r}")
+        nchunks = -(-n // chunksize)
+        result = MapResult(engine, nchunks, callback, error_callback)
+        if nchunks:
+            fn_ref = engine.function_ref(func)
+            tasks = [
+                engine.make_task(func, mode, list(items[i * chunksize:(i + 1) * chunksize]), result, i,
+                                 task_timeout, fn_ref)
+                for i in range(nchunks)
+            ]
+            result._tasks = tasks
+            engine.submit_tasks(tasks)
+        return result
+
+    def _map_blocking(self, func, iterable, chunksize, mode, task_timeout, progress) -> list:
+        if progress:
+            if chunksize is None:
+                n = len(iterable) if hasattr(iterable, "__len__") else None
+                chunksize = self._engine.map_chunksize(n) if n else 1
+            return list(self._imap(func, iterable, chunksize, True, task_timeout, progress, None, mode=mode))
+        result = self._map_async(func, iterable, chunksize, mode, None, None, task_timeout)
+        try:
+            return result.get()
+        except KeyboardInterrupt:
+            result.cancel()
+            raise
+
+    def _imap(self, func, iterable, chunksize, ordered, task_timeout, progress, buffersize, mode=MAP):
+        engine = self._engine
+        engine._check_running()
+        _check_callable(func)
+        _check_timeout(task_timeout)
+        if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive int, got {chunksize!r}")
+        if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
+            raise ValueError(f"buffersize must be a positive int or None, got {buffersize!r}")
+        bar = progress_bar(progress, iterable)
+        return IMapIterator(engine, func, iterable, chunksize, mode, ordered, task_timeout, buffersize, bar)
+
+
+def _check_callable(func) -> None:
+    if not callable(func):
+        raise TypeError(f"the function to run must be callable, got {type(func).__name__} {func!r:.60}")
+
+
+def _check_callbacks(callback, error_callback) -> None:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    if error_callback is not None and not callable(error_callback):
+        raise TypeError(f"error_callback must be callable, got {type(error_callback).__name__}")
+
