@@ -159,7 +159,8 @@ class Pool:
         self._engine.join()
 
     def __enter__(self) -> Pool:
-        self._engine._check_running()
+        if self._engine.state in ("closed", "terminated"):
+            self._engine._check_running()
         return self
 
     def __exit__(self, *exc_info) -> None:

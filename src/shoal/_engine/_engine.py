@@ -93,9 +93,9 @@ MAX_BATCH = 2048
 CREDIT = 2
 #: Functions a worker keeps unpickled; older ones are forgotten.
 FN_CACHE = 128
-#: A task is given to a new worker at most this many times when the workers
-#: that held it died before starting it (a message that kills its reader).
-MAX_REQUEUES = 2
+#: A task held by a worker that died while running *another* task is given to
+#: a new worker, at most this many times.
+MAX_REQUEUES = 3
 #: Seconds between SIGTERM and SIGKILL in terminate().
 TERMINATE_GRACE = 1.0
 #: Workers that die before becoming ready this many times in a row mean the
@@ -898,7 +898,7 @@ class Engine:
                     break
         w.proc.join(1)
         exitcode = w.proc.exitcode
-        running, _started, last_done = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
+        running = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)[0]
         try:
             self._selector.unregister(w.sentinel)
         except (KeyError, ValueError):
@@ -916,21 +916,21 @@ class Engine:
         except ValueError:
             pass
 
-        # Attribute the tasks it held.
+        # Attribute the tasks it held.  Only the task it was running fails;
+        # the others either finished with their results unsent or never
+        # started, and go to another worker.  A task that keeps coming back
+        # from dying workers (its results kill the worker while being sent,
+        # say) fails after MAX_REQUEUES tries.
         tasks = list(w.inflight)
         w.inflight.clear()
-        cut = -1
-        for i, task in enumerate(tasks):
-            if task.id in (running, last_done):
-                cut = i
         failed_any = False
         requeue = []
-        for i, task in enumerate(tasks):
+        for task in tasks:
             if task.timeout is not None:
                 self._timed -= 1
             if task.kill_reason == "cancelled":
                 continue  # already delivered
-            if i <= cut:
+            if task.id == running:
                 failed_any = True
                 if task.kill_reason == "timeout":
                     exc: BaseException = TaskTimeoutError(
@@ -941,12 +941,19 @@ class Engine:
                     exc = WorkerDiedError(w.pid, exitcode)
                 self._fail(task, exc)
             elif w.retire_reason == "initializer" or self._state == _BROKEN:
+                failed_any = True
                 self._fail(task, WorkerStartError(f"the pool cannot run tasks: {self._broken_error}"))
             else:
                 task.requeues += 1
                 if task.requeues > MAX_REQUEUES:
-                    self._fail(task, WorkerDiedError(w.pid, exitcode, "The worker died before starting it, "
-                                                     f"{task.requeues} times in a row."))
+                    failed_any = True
+                    self._fail(
+                        task,
+                        WorkerDiedError(
+                            w.pid, exitcode,
+                            f"Each of the {task.requeues} workers that held this task died; it was not retried again.",
+                        ),
+                    )
                 else:
                     requeue.append(task)
         if requeue:

@@ -1,0 +1,100 @@
+"""The crash matrix: every way a task can go wrong, under fork and spawn.
+
+Each row: the function, its argument, the error the caller must see, and a
+fragment of its message.  After each crash the pool must still run every
+other task, and nothing may hang.
+"""
+
+from __future__ import annotations
+
+import pytest
+import workers
+
+import shoal
+
+CRASHES = [
+    pytest.param(workers.kill_self, None, shoal.WorkerDiedError, "SIGKILL", id="sigkill"),
+    pytest.param(workers.segfault, None, shoal.WorkerDiedError, "SIGSEGV", id="segfault"),
+    pytest.param(workers.exit_now, 3, shoal.WorkerDiedError, "exit code 3", id="os._exit"),
+    pytest.param(workers.return_lock, None, shoal.SerializationError, "cannot pickle the task's result", id="unpicklable-result"),
+    pytest.param(workers.raise_unpicklable_error, None, shoal.SerializationError, "UnpicklableError", id="unpicklable-exception"),
+    pytest.param(workers.raise_value_error, 7, ValueError, "bad value 7", id="exception"),
+]
+
+
+@pytest.mark.parametrize(("func", "arg", "expected", "match"), CRASHES)
+def test_crash_fails_only_its_task(fork_or_spawn, func, arg, expected, match):
+    with shoal.Pool(2, context=fork_or_spawn) as pool:
+        before = [pool.apply_async(workers.sleep_then, (i, 0.05)) for i in range(4)]
+        bad = pool.apply_async(func, (arg,))
+        after = [pool.apply_async(workers.square, (i,)) for i in range(20)]
+        with pytest.raises(expected, match=match):
+            bad.get(timeout=30)
+        assert [r.get(timeout=30) for r in before] == [0, 1, 2, 3]
+        assert [r.get(timeout=30) for r in after] == [i * i for i in range(20)]
+        # The pool is whole again.
+        assert pool.map(workers.square, range(10)) == [i * i for i in range(10)]
+        assert pool.statistics().workers == 2
+
+
+def test_worker_died_error_carries_pid_and_signal():
+    with shoal.Pool(1) as pool:
+        pid = pool.apply(workers.getpid)
+        with pytest.raises(shoal.WorkerDiedError) as info:
+            pool.apply(workers.kill_self)
+    err = info.value
+    assert err.pid == pid
+    assert err.exitcode == -9
+    assert err.signal_name == "SIGKILL"
+    assert "OOM" in str(err)
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(err))
+    assert (clone.pid, clone.exitcode, clone.signal_name) == (err.pid, err.exitcode, err.signal_name)
+
+
+@pytest.mark.parametrize("method", ["map", "imap", "imap_unordered"])
+def test_map_family_raises_instead_of_hanging(fork_or_spawn, method):
+    with shoal.Pool(2, context=fork_or_spawn) as pool:
+        if method == "map":
+            with pytest.raises(shoal.WorkerDiedError):
+                pool.map(workers.crash_on, range(10), chunksize=1)
+            assert pool.map(workers.square, range(5)) == [0, 1, 4, 9, 16]
+        else:
+            results, errors = [], []
+            it = getattr(pool, method)(workers.crash_on, range(10))
+            while True:
+                try:
+                    results.append(next(it))
+                except StopIteration:
+                    break
+                except shoal.WorkerDiedError as exc:
+                    errors.append(exc)
+            # Every other item completes.
+            assert len(errors) == 1
+            assert sorted(results) == [x * x for x in range(10) if x != 3]
+
+
+def test_unpicklable_argument_raises_at_submit(fork_or_spawn):
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        with pytest.raises(shoal.SerializationError, match="Unpicklable") as info:
+            pool.apply_async(workers.identity, (workers.Unpicklable(),))
+        assert isinstance(info.value, TypeError)
+        with pytest.raises(TypeError, match="cannot pickle"):
+            pool.map(workers.identity, [1, 2, workers.Unpicklable()])
+        import threading
+
+        with pytest.raises(TypeError, match="lock"):
+            pool.apply(workers.identity, ({"key": threading.Lock()},))
+        assert pool.apply(workers.square, (4,)) == 16
+
+
+def test_failing_initializer_is_a_clear_error(fork_or_spawn):
+    with shoal.Pool(2, initializer=workers.failing_initializer, context=fork_or_spawn) as pool:
+        with pytest.raises(shoal.WorkerStartError, match="initializer exploded"):
+            pool.apply(workers.square, (2,))
+        stats = pool.statistics()
+        # No endless respawning.
+        assert stats.workers_started <= 2
+        with pytest.raises(shoal.WorkerStartError):
+            pool.apply_async(workers.square, (2,))

@@ -1,0 +1,262 @@
+"""shoal.Pool behaves like multiprocessing.Pool (and better where it says so)."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import workers
+
+import shoal
+
+
+
+def test_results_match_the_standard_library(start_method):
+    data = list(range(57))
+    with shoal.Pool(2, context=start_method) as pool:
+        assert pool.apply(workers.add, (2, 3)) == 5
+        assert pool.apply(workers.add, (), {"a": 1, "b": 2}) == 3
+        assert pool.apply_async(workers.square, (7,)).get(timeout=30) == 49
+        assert pool.map(workers.square, data) == [x * x for x in data]
+        assert pool.map(workers.square, data, chunksize=5) == [x * x for x in data]
+        assert pool.map(workers.square, iter(data)) == [x * x for x in data]
+        assert pool.starmap(workers.add, [(i, i) for i in data]) == [2 * i for i in data]
+        assert list(pool.imap(workers.square, data)) == [x * x for x in data]
+        assert list(pool.imap(workers.square, data, chunksize=4)) == [x * x for x in data]
+        assert sorted(pool.imap_unordered(workers.square, data)) == sorted(x * x for x in data)
+        assert sorted(pool.imap_unordered(workers.square, data, 3)) == sorted(x * x for x in data)
+        assert pool.map_async(workers.square, data).get(timeout=30) == [x * x for x in data]
+        assert pool.starmap_async(workers.add, [(1, 2)]).get(timeout=30) == [3]
+        assert pool.map(workers.square, []) == []
+        assert list(pool.imap(workers.square, [])) == []
+
+
+def test_lambdas_and_closures_work_under_spawn():
+    offset = 10
+
+    def local(x):
+        return x + offset
+
+    with shoal.Pool(2, context="spawn") as pool:
+        assert pool.map(lambda x: x * 3, range(5)) == [0, 3, 6, 9, 12]
+        assert pool.apply(local, (1,)) == 11
+        assert list(pool.imap(local, range(3))) == [10, 11, 12]
+
+
+def test_callbacks_run_in_the_parent():
+    got = []
+    errors = []
+    done = threading.Event()
+    with shoal.Pool(2) as pool:
+        r = pool.apply_async(workers.getpid, callback=lambda v: got.append((v, os.getpid())))
+        r.get(timeout=30)
+        # As in the standard library, get() returns after the callback ran.
+        assert got and got[0][1] == os.getpid() and got[0][0] != os.getpid()
+        r2 = pool.apply_async(workers.raise_value_error, (1,), error_callback=lambda e: (errors.append(e), done.set()))
+        with pytest.raises(ValueError):
+            r2.get(timeout=30)
+        assert isinstance(errors[0], ValueError)
+        m = pool.map_async(workers.square, range(4), callback=got.append)
+        m.get(timeout=30)
+        assert got[-1] == [0, 1, 4, 9]
+
+
+def test_exception_in_callback_does_not_kill_the_pool(capfd):
+    def bad_callback(_):
+        raise RuntimeError("callback failure")
+
+    with shoal.Pool(1) as pool:
+        r = pool.apply_async(workers.square, (2,), callback=bad_callback)
+        r.wait(timeout=30)
+        assert r.ready()
+        assert pool.apply(workers.square, (3,)) == 9
+    assert "callback failure" in capfd.readouterr().err
+
+
+def test_remote_exception_keeps_type_and_traceback():
+    with shoal.Pool(1) as pool:
+        with pytest.raises(ValueError, match="bad value 5") as info:
+            pool.apply(workers.raise_value_error, (5,))
+        cause = info.value.__cause__
+        assert type(cause).__name__ == "RemoteTraceback"
+        assert "raise_value_error" in str(cause)
+        with pytest.raises(ValueError):
+            pool.map(workers.raise_value_error, range(3))
+        # The pool still works after task errors.
+        assert pool.map(workers.square, range(3)) == [0, 1, 4]
+
+
+def test_imap_continues_after_an_item_raises():
+    with shoal.Pool(2) as pool:
+        it = pool.imap(workers.raise_value_error, range(3))
+        for _ in range(3):
+            with pytest.raises(ValueError):
+                next(it)
+        with pytest.raises(StopIteration):
+            next(it)
+
+
+def test_async_result_api():
+    with shoal.Pool(1) as pool:
+        r = pool.apply_async(workers.sleep_for, (0.5,))
+        assert not r.ready()
+        with pytest.raises(ValueError):
+            r.successful()
+        with pytest.raises(multiprocessing.TimeoutError):
+            r.get(timeout=0.01)
+        r.wait(timeout=0.01)
+        assert r.get(timeout=30) == 0.5
+        assert r.ready() and r.successful()
+        bad = pool.apply_async(workers.raise_value_error, (1,))
+        bad.wait(30)
+        assert bad.ready() and not bad.successful()
+
+
+def test_close_join_terminate_semantics():
+    pool = shoal.Pool(2)
+    r = pool.apply_async(workers.sleep_then, (1, 0.2))
+    with pytest.raises(ValueError, match="still running"):
+        pool.join()
+    pool.close()
+    with pytest.raises(ValueError):
+        pool.apply_async(workers.square, (1,))
+    with pytest.raises(ValueError):
+        pool.map(workers.square, [1])
+    pool.join()
+    # close() lets queued work finish.
+    assert r.get(timeout=1) == 1
+
+    pool = shoal.Pool(2)
+    slow = pool.apply_async(workers.sleep_for, (30,))
+    time.sleep(0.1)
+    pool.terminate()
+    pool.join()
+    with pytest.raises(ValueError):
+        pool.apply(workers.square, (1,))
+    # terminate() fails unfinished tasks instead of leaving get() hanging.
+    with pytest.raises(shoal.PoolClosedError):
+        slow.get(timeout=5)
+
+
+def test_context_manager_terminates_workers():
+    with shoal.Pool(2) as pool:
+        pids = pool._engine.worker_pids
+        assert len(pids) == 2
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_garbage_collected_pool_shuts_down():
+    pool = shoal.Pool(2)
+    pids = pool._engine.worker_pids
+    assert pool.apply(workers.square, (2,)) == 4
+    del pool
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
+        time.sleep(0.05)
+        multiprocessing.active_children()
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_task_can_start_its_own_pool():
+    with shoal.Pool(2) as pool:
+        assert pool.apply(workers.nested_pool, (4,)) == [0, 1, 4, 9]
+
+
+def test_initializer_runs_in_each_worker(start_method):
+    with shoal.Pool(2, initializer=workers.set_state, initargs=("ready",), context=start_method) as pool:
+        assert set(pool.map(workers.get_state, range(8), chunksize=1)) == {"ready"}
+
+
+def test_bad_arguments_get_clear_errors():
+    with pytest.raises(ValueError, match="at least 1"):
+        shoal.Pool(0)
+    with pytest.raises(TypeError, match="initializer"):
+        shoal.Pool(1, initializer=5)
+    with pytest.raises(ValueError, match="maxtasksperchild"):
+        shoal.Pool(1, maxtasksperchild=0)
+    with shoal.Pool(1) as pool:
+        with pytest.raises(TypeError, match="callable"):
+            pool.apply_async(42)
+        with pytest.raises(ValueError, match="chunksize"):
+            pool.map(workers.square, range(3), chunksize=0)
+        with pytest.raises(TypeError, match="callback"):
+            pool.apply_async(workers.square, (1,), callback=3)
+        with pytest.raises(NotImplementedError, match="cannot be passed between processes"):
+            import pickle
+
+            pickle.dumps(pool)
+
+
+def test_submit_returns_a_future():
+    import concurrent.futures
+
+    with shoal.Pool(2) as pool:
+        fut = pool.submit(workers.add, 1, b=2)
+        assert isinstance(fut, concurrent.futures.Future)
+        assert fut.result(timeout=30) == 3
+        futs = [pool.submit(workers.square, i) for i in range(10)]
+        assert sorted(f.result() for f in concurrent.futures.as_completed(futs, timeout=30)) == [
+            i * i for i in range(10)
+        ]
+
+
+def test_map_accepts_a_generator_and_imap_is_lazy():
+    consumed = []
+
+    def gen():
+        for i in range(10_000_000):
+            consumed.append(i)
+            yield i
+
+    with shoal.Pool(2) as pool:
+        it = pool.imap(workers.square, gen())
+        first = [next(it) for _ in range(5)]
+        assert first == [0, 1, 4, 9, 16]
+        time.sleep(0.2)
+        # Only a bounded window of an endless input has been read.
+        assert len(consumed) < 100_000
+        it.close()
+
+
+def test_pool_statistics_counts_tasks():
+    with shoal.Pool(2) as pool:
+        pool.map(workers.square, range(10), chunksize=1)
+        with pytest.raises(ValueError):
+            pool.apply(workers.raise_value_error, (1,))
+        stats = pool.statistics()
+    assert stats.tasks_submitted == 11
+    assert stats.tasks_completed == 10
+    assert stats.tasks_failed == 1
+    assert stats.workers == 2
+
+
+def test_pool_left_open_at_exit_does_not_hang(tmp_path):
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import shoal, time\n"
+        "def f(x):\n"
+        "    time.sleep(x)\n"
+        "    return x\n"
+        "if __name__ == '__main__':\n"
+        "    p = shoal.Pool(2)\n"
+        "    print(p.apply(f, (0,)), flush=True)\n"
+        "    p.apply_async(f, (60,))\n"
+        "    print(' '.join(map(str, p._engine.worker_pids)), flush=True)\n"
+    )
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[0] == "0"
+    for pid in map(int, lines[1].split()):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert out.stderr == ""

@@ -1,0 +1,110 @@
+"""Module-level task functions for the tests (importable under spawn)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b):
+    return a + b
+
+
+def identity(x):
+    return x
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def sleep_then(x, seconds=0.05):
+    time.sleep(seconds)
+    return x
+
+
+def sleep_for(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def raise_value_error(x):
+    raise ValueError(f"bad value {x}")
+
+
+def kill_self(_=None):
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)
+
+
+def segfault(_=None):
+    ctypes.string_at(0)
+
+
+def exit_now(code=3):
+    os._exit(code)
+
+
+def return_lock(_=None):
+    return threading.Lock()
+
+
+def crash_on(x, bad=3):
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10)
+    return x * x
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("Unpicklable objects refuse to be pickled")
+
+
+class UnpicklableError(Exception):
+    """An exception whose constructor needs two arguments: it does not unpickle
+    by default (a classic way to hang the standard library's pool)."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}-{b}")
+
+
+def raise_unpicklable_error(_=None):
+    raise UnpicklableError(1, 2)
+
+
+def failing_initializer():
+    raise RuntimeError("initializer exploded")
+
+
+_state = {}
+
+
+def set_state(value):
+    _state["value"] = value
+
+
+def get_state(_=None):
+    return _state.get("value")
+
+
+def nested_pool(n):
+    import shoal
+
+    with shoal.Pool(2) as inner:
+        return inner.map(square, range(n))
+
+
+def allocate(mb):
+    data = bytearray(mb * 1024 * 1024)
+    for i in range(0, len(data), 4096):
+        data[i] = 1
+    _state.setdefault("hold", []).append(data)
+    return os.getpid()
