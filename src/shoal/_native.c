@@ -1,10 +1,1929 @@
-/* shoal._native: what Python cannot reach (atomics, robust process-shared
- * mutexes, futex wait/wake).  Filled in by the shared-data work. */
+/* shoal._native: what Python cannot reach.
+ *
+ * 1. Atomics on 64-bit words at an offset in any writable buffer (mmap,
+ *    bytearray, a shoal Segment's mmap): load, store, fetch_add,
+ *    compare_exchange.  All sequentially consistent: these are for shared
+ *    memory between processes, where being wrong is worse than 2 ns.
+ * 2. A process-shared *robust* pthread mutex living in a shared buffer.  When
+ *    its holder dies, the next locker is told (owner_died=True) so it can
+ *    repair what the dead holder was doing, then mark it consistent.
+ *    Waiters spin briefly, then block without the GIL in short slices so
+ *    Ctrl-C is still seen.
+ * 3. futex wait / wake on a 32-bit word in shared memory (no GIL while
+ *    waiting).
+ * 4. xxh64, a stable 64-bit hash: hash() differs between processes started
+ *    with spawn, so nothing shared may depend on it.
+ * 5. The hot paths of shoal.SharedDict (the layout is described in
+ *    shoal/_shm/_dict.py and again above the dict section below): a
+ *    lock-free get, and put / delete / incr / rebuild under the dict's robust
+ *    mutex.  They are in C because each is one call here versus a dozen
+ *    calls and struct unpackings from Python, and because lock-free readers
+ *    need real memory-ordering guarantees that pure Python cannot give.
+ *
+ * Linux only (memfd, futex, robust mutexes).  No global state besides a fork
+ * counter and a cached reference to pickle.loads.
+ */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-static struct PyModuleDef native_module = {
-    PyModuleDef_HEAD_INIT, "shoal._native", "Native core of shoal.", -1, NULL,
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+/* ------------------------------------------------------------------------
+ * Buffer access with bounds and alignment checks
+ * ---------------------------------------------------------------------- */
+
+/* Borrow a writable buffer and return the address of `width` bytes at
+ * `offset`, aligned to `align`.  The caller releases `view`. */
+static char *
+buffer_at(PyObject *obj, PyObject *offset_obj, Py_ssize_t width, Py_ssize_t align, Py_buffer *view)
+{
+    Py_ssize_t offset = PyLong_AsSsize_t(offset_obj);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (offset < 0 || width > view->len || offset > view->len - width) {
+        PyErr_Format(PyExc_IndexError,
+                     "offset %zd out of range for a %zd-byte access in a buffer of %zd bytes",
+                     offset, width, view->len);
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    char *p = (char *)view->buf + offset;
+    if ((uintptr_t)p % (uintptr_t)align) {
+        PyErr_Format(PyExc_ValueError,
+                     "offset %zd is not %zd-byte aligned (atomic access needs natural alignment)",
+                     offset, align);
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    return p;
+}
+
+static int
+check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi)
+{
+    if (nargs < lo || nargs > hi) {
+        if (lo == hi)
+            PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, lo, nargs);
+        else
+            PyErr_Format(PyExc_TypeError, "%s() takes %zd to %zd arguments (%zd given)", name, lo, hi, nargs);
+        return -1;
+    }
+    return 0;
+}
+
+/* None or a number of seconds >= 0; -1.0 means "no timeout". */
+static int
+parse_timeout(PyObject *obj, double *out)
+{
+    if (obj == NULL || obj == Py_None) {
+        *out = -1.0;
+        return 0;
+    }
+    double t = PyFloat_AsDouble(obj);
+    if (t == -1.0 && PyErr_Occurred())
+        return -1;
+    if (t < 0 || t != t) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be a number >= 0 or None");
+        return -1;
+    }
+    *out = t;
+    return 0;
+}
+
+static double
+monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ------------------------------------------------------------------------
+ * 1. Atomics
+ * ---------------------------------------------------------------------- */
+
+static PyObject *
+atomic_load(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (check_nargs("load", nargs, 2, 2) < 0)
+        return NULL;
+    int64_t *p = (int64_t *)buffer_at(args[0], args[1], 8, 8, &view);
+    if (p == NULL)
+        return NULL;
+    int64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    PyBuffer_Release(&view);
+    return PyLong_FromLongLong(v);
+}
+
+static PyObject *
+atomic_store(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (check_nargs("store", nargs, 3, 3) < 0)
+        return NULL;
+    long long v = PyLong_AsLongLong(args[2]);
+    if (v == -1 && PyErr_Occurred())
+        return NULL;
+    int64_t *p = (int64_t *)buffer_at(args[0], args[1], 8, 8, &view);
+    if (p == NULL)
+        return NULL;
+    __atomic_store_n(p, (int64_t)v, __ATOMIC_SEQ_CST);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+/* fetch_add(buf, offset, delta) -> the previous value (wraps like C int64). */
+static PyObject *
+atomic_fetch_add(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (check_nargs("fetch_add", nargs, 3, 3) < 0)
+        return NULL;
+    long long d = PyLong_AsLongLong(args[2]);
+    if (d == -1 && PyErr_Occurred())
+        return NULL;
+    int64_t *p = (int64_t *)buffer_at(args[0], args[1], 8, 8, &view);
+    if (p == NULL)
+        return NULL;
+    /* Unsigned addition: wrapping is defined, signed overflow is not. */
+    uint64_t old = __atomic_fetch_add((uint64_t *)p, (uint64_t)d, __ATOMIC_SEQ_CST);
+    PyBuffer_Release(&view);
+    return PyLong_FromLongLong((int64_t)old);
+}
+
+/* compare_exchange(buf, offset, expected, desired) -> the value found.
+ * It was replaced by `desired` exactly when the result == expected. */
+static PyObject *
+atomic_compare_exchange(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (check_nargs("compare_exchange", nargs, 4, 4) < 0)
+        return NULL;
+    long long expected = PyLong_AsLongLong(args[2]);
+    if (expected == -1 && PyErr_Occurred())
+        return NULL;
+    long long desired = PyLong_AsLongLong(args[3]);
+    if (desired == -1 && PyErr_Occurred())
+        return NULL;
+    int64_t *p = (int64_t *)buffer_at(args[0], args[1], 8, 8, &view);
+    if (p == NULL)
+        return NULL;
+    int64_t e = expected;
+    __atomic_compare_exchange_n(p, &e, (int64_t)desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    PyBuffer_Release(&view);
+    return PyLong_FromLongLong(e);
+}
+
+/* ------------------------------------------------------------------------
+ * 2. Robust process-shared mutex
+ * ---------------------------------------------------------------------- */
+
+/* Spins before sleeping: a cross-core handoff on a VM costs ~0.25 us, a
+ * futex sleep + wake 80-100 us, so a few microseconds of spinning pays. */
+#define SPIN_TRIES 200
+/* Blocking waits sleep in slices of this many seconds so that signals
+ * (KeyboardInterrupt) are handled while waiting. */
+#define WAIT_SLICE 0.05
+
+static int
+init_robust_mutex(pthread_mutex_t *mu)
+{
+    pthread_mutexattr_t attr;
+    int r = pthread_mutexattr_init(&attr);
+    if (r == 0)
+        r = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (r == 0)
+        r = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    /* ERRORCHECK: relocking from the holding thread reports EDEADLK
+     * instead of hanging forever. */
+    if (r == 0)
+        r = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
+    if (r == 0)
+        r = pthread_mutex_init(mu, &attr);
+    pthread_mutexattr_destroy(&attr);
+    if (r != 0) {
+        errno = r;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static void
+set_lock_error(int r)
+{
+    if (r == EDEADLK)
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this thread already holds the lock (it is not re-entrant at this level)");
+    else if (r == ENOTRECOVERABLE)
+        PyErr_SetString(PyExc_OSError,
+                        "the lock is unusable: a previous holder died and it was released "
+                        "without being marked consistent");
+    else {
+        errno = r;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+}
+
+/* Lock `mu`, with the GIL held on entry and exit.  Returns 0 (locked),
+ * EOWNERDEAD (locked; the previous holder died holding it), ETIMEDOUT, or
+ * -1 with an exception set. */
+static int
+lock_robust(pthread_mutex_t *mu, double timeout)
+{
+    int r = pthread_mutex_trylock(mu);
+    if (r == 0 || r == EOWNERDEAD)
+        return r;
+    if (r != EBUSY)
+        goto fail;
+    for (int i = 0; i < SPIN_TRIES; i++) {
+        for (int j = 0; j < 16; j++)
+            CPU_RELAX();
+        r = pthread_mutex_trylock(mu);
+        if (r == 0 || r == EOWNERDEAD)
+            return r;
+        if (r != EBUSY)
+            goto fail;
+    }
+    if (timeout == 0)
+        return ETIMEDOUT;
+    double deadline = timeout < 0 ? 0 : monotonic_now() + timeout;
+    for (;;) {
+        double slice = WAIT_SLICE;
+        if (timeout >= 0) {
+            double left = deadline - monotonic_now();
+            if (left <= 0)
+                return ETIMEDOUT;
+            if (left < slice)
+                slice = left;
+        }
+        /* timedlock takes CLOCK_REALTIME; the slices are short, so a clock
+         * step only shortens or lengthens one slice. */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        long long ns = ts.tv_nsec + (long long)(slice * 1e9);
+        ts.tv_sec += ns / 1000000000LL;
+        ts.tv_nsec = ns % 1000000000LL;
+        Py_BEGIN_ALLOW_THREADS
+        r = pthread_mutex_timedlock(mu, &ts);
+        Py_END_ALLOW_THREADS
+        if (r == 0 || r == EOWNERDEAD)
+            return r;
+        if (r != ETIMEDOUT)
+            goto fail;
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    }
+fail:
+    set_lock_error(r);
+    return -1;
+}
+
+static PyObject *
+mutex_init(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (check_nargs("mutex_init", nargs, 2, 2) < 0)
+        return NULL;
+    pthread_mutex_t *mu = (pthread_mutex_t *)buffer_at(args[0], args[1], sizeof(pthread_mutex_t), 8, &view);
+    if (mu == NULL)
+        return NULL;
+    int r = init_robust_mutex(mu);
+    PyBuffer_Release(&view);
+    if (r < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* mutex_acquire(buf, offset, timeout=None) -> owner_died: bool.
+ * Raises TimeoutError when the timeout passes.  When owner_died is True the
+ * caller holds the lock, must repair the data it protects and then call
+ * mutex_consistent(); releasing it without doing so makes it unusable. */
+static PyObject *
+mutex_acquire(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    double timeout;
+    if (check_nargs("mutex_acquire", nargs, 2, 3) < 0)
+        return NULL;
+    if (parse_timeout(nargs > 2 ? args[2] : NULL, &timeout) < 0)
+        return NULL;
+    pthread_mutex_t *mu = (pthread_mutex_t *)buffer_at(args[0], args[1], sizeof(pthread_mutex_t), 8, &view);
+    if (mu == NULL)
+        return NULL;
+    int r = lock_robust(mu, timeout);
+    PyBuffer_Release(&view);
+    if (r < 0)
+        return NULL;
+    if (r == ETIMEDOUT) {
+        PyErr_SetString(PyExc_TimeoutError, "timed out waiting for the lock");
+        return NULL;
+    }
+    return PyBool_FromLong(r == EOWNERDEAD);
+}
+
+static PyObject *
+mutex_release(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (check_nargs("mutex_release", nargs, 2, 2) < 0)
+        return NULL;
+    pthread_mutex_t *mu = (pthread_mutex_t *)buffer_at(args[0], args[1], sizeof(pthread_mutex_t), 8, &view);
+    if (mu == NULL)
+        return NULL;
+    int r = pthread_mutex_unlock(mu);
+    PyBuffer_Release(&view);
+    if (r == EPERM) {
+        PyErr_SetString(PyExc_RuntimeError, "release of a lock this thread does not hold");
+        return NULL;
+    }
+    if (r != 0) {
+        set_lock_error(r);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mutex_consistent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (check_nargs("mutex_consistent", nargs, 2, 2) < 0)
+        return NULL;
+    pthread_mutex_t *mu = (pthread_mutex_t *)buffer_at(args[0], args[1], sizeof(pthread_mutex_t), 8, &view);
+    if (mu == NULL)
+        return NULL;
+    int r = pthread_mutex_consistent(mu);
+    PyBuffer_Release(&view);
+    if (r != 0) {
+        set_lock_error(r);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------
+ * 3. futex wait / wake (shared, not FUTEX_PRIVATE: the word is in memory
+ *    mapped by several processes)
+ * ---------------------------------------------------------------------- */
+
+/* futex_wait(buf, offset, expected, timeout=None) -> bool.
+ * Sleeps while the 32-bit word at offset equals `expected`.  Returns False
+ * on timeout, True otherwise (woken, the value differed, or a spurious
+ * wake-up: callers re-check their condition). */
+static PyObject *
+futex_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    double timeout;
+    if (check_nargs("futex_wait", nargs, 3, 4) < 0)
+        return NULL;
+    long expected = PyLong_AsLong(args[2]);
+    if (expected == -1 && PyErr_Occurred())
+        return NULL;
+    if (parse_timeout(nargs > 3 ? args[3] : NULL, &timeout) < 0)
+        return NULL;
+    uint32_t *p = (uint32_t *)buffer_at(args[0], args[1], 4, 4, &view);
+    if (p == NULL)
+        return NULL;
+    struct timespec ts, *tsp = NULL;
+    if (timeout >= 0) {
+        ts.tv_sec = (time_t)timeout;
+        ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
+        tsp = &ts;
+    }
+    long r;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    r = syscall(SYS_futex, p, FUTEX_WAIT, (uint32_t)expected, tsp, NULL, 0);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (r == 0 || err == EAGAIN)
+        Py_RETURN_TRUE;
+    if (err == ETIMEDOUT)
+        Py_RETURN_FALSE;
+    if (err == EINTR) {
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+        Py_RETURN_TRUE;
+    }
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* futex_wake(buf, offset, count=1) -> number of waiters woken. */
+static PyObject *
+futex_wake(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (check_nargs("futex_wake", nargs, 2, 3) < 0)
+        return NULL;
+    long count = 1;
+    if (nargs > 2) {
+        count = PyLong_AsLong(args[2]);
+        if (count == -1 && PyErr_Occurred())
+            return NULL;
+        if (count < 0 || count > INT32_MAX)
+            count = INT32_MAX;
+    }
+    uint32_t *p = (uint32_t *)buffer_at(args[0], args[1], 4, 4, &view);
+    if (p == NULL)
+        return NULL;
+    long r = syscall(SYS_futex, p, FUTEX_WAKE, (int)count, NULL, NULL, 0);
+    int err = errno;
+    PyBuffer_Release(&view);
+    if (r < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(r);
+}
+
+/* ------------------------------------------------------------------------
+ * 4. xxh64 (Yann Collet's XXH64, written from its specification)
+ * ---------------------------------------------------------------------- */
+
+#define P1 0x9E3779B185EBCA87ULL
+#define P2 0xC2B2AE3D27D4EB4FULL
+#define P3 0x165667B19E3779F9ULL
+#define P4 0x85EBCA77C2B2AE63ULL
+#define P5 0x27D4EB2F165667C5ULL
+
+static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+static inline uint64_t rd64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }  /* little-endian hosts */
+static inline uint32_t rd32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t xround(uint64_t acc, uint64_t in) { acc += in * P2; acc = rotl64(acc, 31); return acc * P1; }
+static inline uint64_t xmerge(uint64_t acc, uint64_t v) { acc ^= xround(0, v); return acc * P1 + P4; }
+
+static uint64_t
+xxh64(const void *data, size_t len, uint64_t seed)
+{
+    const unsigned char *p = (const unsigned char *)data, *end = p + len;
+    uint64_t h;
+    if (len >= 32) {
+        uint64_t v1 = seed + P1 + P2, v2 = seed + P2, v3 = seed, v4 = seed - P1;
+        const unsigned char *limit = end - 32;
+        do {
+            v1 = xround(v1, rd64(p));
+            v2 = xround(v2, rd64(p + 8));
+            v3 = xround(v3, rd64(p + 16));
+            v4 = xround(v4, rd64(p + 24));
+            p += 32;
+        } while (p <= limit);
+        h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
+        h = xmerge(h, v1);
+        h = xmerge(h, v2);
+        h = xmerge(h, v3);
+        h = xmerge(h, v4);
+    } else {
+        h = seed + P5;
+    }
+    h += (uint64_t)len;
+    while (p + 8 <= end) {
+        h ^= xround(0, rd64(p));
+        h = rotl64(h, 27) * P1 + P4;
+        p += 8;
+    }
+    if (p + 4 <= end) {
+        h ^= (uint64_t)rd32(p) * P1;
+        h = rotl64(h, 23) * P2 + P3;
+        p += 4;
+    }
+    while (p < end) {
+        h ^= (*p) * P5;
+        h = rotl64(h, 11) * P1;
+        p++;
+    }
+    h ^= h >> 33;
+    h *= P2;
+    h ^= h >> 29;
+    h *= P3;
+    h ^= h >> 32;
+    return h;
+}
+
+/* hash64(data, seed=0) -> int in [0, 2**64). */
+static PyObject *
+hash64(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("hash64", nargs, 1, 2) < 0)
+        return NULL;
+    unsigned long long seed = 0;
+    if (nargs > 1) {
+        seed = PyLong_AsUnsignedLongLong(args[1]);
+        if (seed == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    uint64_t h = xxh64(view.buf, (size_t)view.len, seed);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+/* ------------------------------------------------------------------------
+ * 5. SharedDict core
+ *
+ * One memfd, mapped by every process at the same length (the dict's
+ * max_size; pages beyond the file's size are never touched).  All offsets
+ * are from the start of the file, so they mean the same in every process.
+ *
+ *   header (256 B)      magic, file_size, desc, gen, max_size, robust mutex
+ *   region (current)    region header: size, log2(cap), nentries, count, heap_top
+ *                       index:   cap x u64    (entry number + 1, 0 = empty)
+ *                       entries: cap/2 x {hash, key_ref, value}
+ *                       heap:    blocks {u64 len, bytes, pad to 8}, append-only
+ *   other bytes         the previous region (garbage, holes punched) and
+ *                       the space the next region will use
+ *
+ * value word: 0 = no value (deleted), odd = an inline int (word >> 1),
+ * even = offset of a block holding a tag byte and the encoded value.
+ * Entries are in insertion order; a key is written once per entry.
+ *
+ * Publication: every mutation writes into space no reader can reach yet
+ * and then makes it visible with one atomic release store (an index slot,
+ * a value word, or `desc` for a whole new region).  Heap blocks are never
+ * rewritten while their region is current.  So a lock-free reader needs
+ * only to notice one thing: that the region it read from was replaced and
+ * maybe reused.  It reads `gen` before and after (a seqlock on the layout)
+ * and retries when it moved.  A writer killed at any point leaves the last
+ * published state plus garbage; the next locker (EOWNERDEAD) recomputes
+ * nentries, count and heap_top from the published words (dict_repair).
+ * ---------------------------------------------------------------------- */
+
+#define DICT_MAGIC 0x3163696453414f48ULL /* "HOASdic1" little-endian */
+#define H_MAGIC 0
+#define H_FILE_SIZE 8
+#define H_DESC 16
+#define H_GEN 24
+#define H_MAX_SIZE 32
+#define H_MUTEX 64
+#define HEADER_SIZE 256
+
+#define R_SIZE 0
+#define R_LGCAP 8
+#define R_NENTRIES 16
+#define R_COUNT 24
+#define R_HEAP_TOP 32
+#define REGION_HEADER 64
+#define ENTRY 24
+
+#define INLINE_MIN (-(1LL << 62))
+#define INLINE_MAX ((1LL << 62) - 1)
+#define READ_RETRIES 200
+
+_Static_assert(sizeof(pthread_mutex_t) <= HEADER_SIZE - H_MUTEX, "mutex does not fit the header");
+
+/* Incremented in the child after fork(): a lock "held by this thread" in
+ * the parent is not held by the child's copy of that thread. */
+static unsigned long fork_generation;
+static void after_fork_child(void) { fork_generation++; }
+
+typedef struct {
+    PyObject_HEAD
+    char *addr;
+    Py_ssize_t len;
+    Py_ssize_t busy;             /* calls in progress that dropped the GIL */
+    int closed;
+    /* Ownership of the dict lock by a thread of this process, for
+     * re-entrancy (with d.locked(): d[k] += 1). */
+    int depth;
+    pthread_t owner;
+    unsigned long owner_fork;
+} MappingObject;
+
+static PyTypeObject Mapping_Type;
+static PyObject *pickle_loads;  /* cached pickle.loads */
+
+static inline uint64_t *W(MappingObject *m, uint64_t off) { return (uint64_t *)(m->addr + off); }
+static inline uint64_t ld_acq(MappingObject *m, uint64_t off) { return __atomic_load_n(W(m, off), __ATOMIC_ACQUIRE); }
+static inline uint64_t ld_rlx(MappingObject *m, uint64_t off) { return __atomic_load_n(W(m, off), __ATOMIC_RELAXED); }
+static inline void st_rel(MappingObject *m, uint64_t off, uint64_t v) { __atomic_store_n(W(m, off), v, __ATOMIC_RELEASE); }
+static inline void st_rlx(MappingObject *m, uint64_t off, uint64_t v) { __atomic_store_n(W(m, off), v, __ATOMIC_RELAXED); }
+static inline uint64_t pad8(uint64_t n) { return (n + 7) & ~7ULL; }
+/* [off, off+len) lies within the first `limit` bytes. */
+static inline int inb(uint64_t off, uint64_t len, uint64_t limit) { return off <= limit && len <= limit - off; }
+
+static int
+held_by_me(MappingObject *m)
+{
+    return m->depth > 0 && m->owner_fork == fork_generation && pthread_equal(m->owner, pthread_self());
+}
+
+/* --- the Mapping object: an mmap of length max_size over the memfd ------ */
+
+static PyObject *
+Mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    int fd;
+    Py_ssize_t length;
+    static char *kwlist[] = {"fd", "length", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "in:Mapping", kwlist, &fd, &length))
+        return NULL;
+    if (length < HEADER_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "mapping length too small");
+        return NULL;
+    }
+    /* MAP_NORESERVE: this reserves address space only; pages exist only
+     * where the file has them, and the code never touches beyond the
+     * published file size (that would be SIGBUS). */
+    void *addr = mmap(NULL, (size_t)length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (addr == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    MappingObject *m = (MappingObject *)type->tp_alloc(type, 0);
+    if (m == NULL) {
+        munmap(addr, (size_t)length);
+        return NULL;
+    }
+    m->addr = addr;
+    m->len = length;
+    return (PyObject *)m;
+}
+
+static void
+Mapping_unmap(MappingObject *m)
+{
+    if (m->addr != NULL) {
+        munmap(m->addr, (size_t)m->len);
+        m->addr = NULL;
+    }
+}
+
+static void
+Mapping_dealloc(MappingObject *m)
+{
+    Mapping_unmap(m);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static PyObject *
+Mapping_close(MappingObject *m, PyObject *unused)
+{
+    m->closed = 1;
+    /* A thread blocked on the lock still uses the mapping; it is unmapped
+     * when the object is freed instead. */
+    if (m->busy == 0)
+        Mapping_unmap(m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Mapping_get_closed(MappingObject *m, void *unused)
+{
+    return PyBool_FromLong(m->closed);
+}
+
+static PyObject *
+Mapping_get_length(MappingObject *m, void *unused)
+{
+    return PyLong_FromSsize_t(m->len);
+}
+
+static PyMethodDef Mapping_methods[] = {
+    {"close", (PyCFunction)Mapping_close, METH_NOARGS, "Unmap (idempotent)."},
+    {NULL},
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }
+static PyGetSetDef Mapping_getset[] = {
+    {"closed", (getter)Mapping_get_closed, NULL, NULL, NULL},
+    {"length", (getter)Mapping_get_length, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject Mapping_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shoal._native.Mapping",
+    .tp_basicsize = sizeof(MappingObject),
+    .tp_dealloc = (destructor)Mapping_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Mapping(fd, length): a shared mapping of a SharedDict's memfd.",
+    .tp_methods = Mapping_methods,
+    .tp_getset = Mapping_getset,
+    .tp_new = Mapping_new,
+};
+
+static MappingObject *
+as_mapping(PyObject *obj)
+{
+    if (!PyObject_TypeCheck(obj, &Mapping_Type)) {
+        PyErr_SetString(PyExc_TypeError, "expected a shoal._native.Mapping");
+        return NULL;
+    }
+    MappingObject *m = (MappingObject *)obj;
+    if (m->closed || m->addr == NULL) {
+        PyErr_SetString(PyExc_ValueError, "operation on a closed SharedDict");
+        return NULL;
+    }
+    return m;
+}
+
+static PyObject *
+corrupt(const char *what)
+{
+    PyErr_Format(PyExc_RuntimeError, "SharedDict memory is inconsistent (%s); this is a bug in shoal", what);
+    return NULL;
+}
+
+/* --- regions ----------------------------------------------------------- */
+
+typedef struct {
+    uint64_t off, size, cap, ecap, idx, ent, heap;
+} Region;
+
+static inline uint64_t file_size(MappingObject *m)
+{
+    uint64_t fs = ld_acq(m, H_FILE_SIZE);
+    return fs > (uint64_t)m->len ? (uint64_t)m->len : fs;
+}
+
+static void
+region_geometry(Region *r, uint64_t off, unsigned lg, uint64_t size)
+{
+    r->off = off;
+    r->size = size;
+    r->cap = 1ULL << lg;
+    r->ecap = r->cap / 2;
+    r->idx = off + REGION_HEADER;
+    r->ent = r->idx + r->cap * 8;
+    r->heap = r->ent + r->ecap * ENTRY;
+}
+
+/* Read the current region's geometry.  -1: the words read make no sense
+ * (only possible for a lock-free reader racing a region switch). */
+static int
+region_load(MappingObject *m, uint64_t fs, Region *r)
+{
+    uint64_t desc = ld_acq(m, H_DESC);
+    uint64_t off = desc & ~63ULL;
+    unsigned lg = (unsigned)(desc & 63);
+    if (lg < 2 || lg > 40 || off < HEADER_SIZE || !inb(off, REGION_HEADER, fs))
+        return -1;
+    region_geometry(r, off, lg, ld_rlx(m, off + R_SIZE));
+    if (!inb(off, r->size, fs) || r->heap > off + r->size)
+        return -1;
+    return 0;
+}
+
+/* Probe the index for `key`.  Returns 1 (found: *pos = index slot, *ent =
+ * entry number), 0 (absent: *pos = the empty slot where it would go), or
+ * -1 (inconsistent words, or no empty slot).  Entries found may be dead
+ * (value 0); the key stays so that a re-insert finds its slot. */
+static int
+probe(MappingObject *m, const Region *r, uint64_t fs, uint64_t h, const char *key, uint64_t klen,
+      uint64_t *pos, uint64_t *ent)
+{
+    uint64_t mask = r->cap - 1, i = h & mask;
+    for (uint64_t n = 0; n < r->cap; n++, i = (i + 1) & mask) {
+        uint64_t e = ld_acq(m, r->idx + i * 8);
+        if (e == 0) {
+            *pos = i;
+            return 0;
+        }
+        e -= 1;
+        if (e >= r->ecap)
+            return -1;
+        uint64_t eo = r->ent + e * ENTRY;
+        if (ld_rlx(m, eo) != h)
+            continue;
+        uint64_t kr = ld_rlx(m, eo + 8);
+        if (!inb(kr, 8, fs))
+            return -1;
+        uint64_t kl = ld_rlx(m, kr);
+        if (kl != klen)
+            continue;
+        if (!inb(kr + 8, kl, fs))
+            return -1;
+        if (memcmp(m->addr + kr + 8, key, (size_t)klen) == 0) {
+            *pos = i;
+            *ent = e;
+            return 1;
+        }
+    }
+    return -1;
+}
+
+/* --- values -------------------------------------------------------------- */
+
+/* Encoded values: inline ints in the word; otherwise a block whose first
+ * byte is a tag: 's' str (UTF-8, surrogatepass), 'b' bytes, 'f' float
+ * (8 bytes LE), 'n' None, 'T' True, 'F' False, 'p' pickle. */
+static PyObject *
+decode_value(const char *p, uint64_t n)
+{
+    if (n == 0)
+        return corrupt("empty value");
+    const char *d = p + 1;
+    Py_ssize_t dn = (Py_ssize_t)(n - 1);
+    switch (p[0]) {
+    case 's':
+        return PyUnicode_DecodeUTF8(d, dn, "surrogatepass");
+    case 'b':
+        return PyBytes_FromStringAndSize(d, dn);
+    case 'f': {
+        double x;
+        if (dn != 8)
+            return corrupt("float size");
+        memcpy(&x, d, 8);
+        return PyFloat_FromDouble(x);
+    }
+    case 'n':
+        Py_RETURN_NONE;
+    case 'T':
+        Py_RETURN_TRUE;
+    case 'F':
+        Py_RETURN_FALSE;
+    case 'p': {
+        if (pickle_loads == NULL) {
+            PyObject *pickle = PyImport_ImportModule("pickle");
+            if (pickle == NULL)
+                return NULL;
+            pickle_loads = PyObject_GetAttrString(pickle, "loads");
+            Py_DECREF(pickle);
+            if (pickle_loads == NULL)
+                return NULL;
+        }
+        /* A private copy: unpickling runs arbitrary code, which must never
+         * see shared memory that can change under it. */
+        PyObject *data = PyBytes_FromStringAndSize(d, dn);
+        if (data == NULL)
+            return NULL;
+        PyObject *res = PyObject_CallOneArg(pickle_loads, data);
+        Py_DECREF(data);
+        return res;
+    }
+    default:
+        return corrupt("unknown value tag");
+    }
+}
+
+static inline PyObject *
+inline_int(uint64_t w)
+{
+    return PyLong_FromLongLong((int64_t)w >> 1);
+}
+
+/* A value copied out of shared memory: small ones on the stack. */
+typedef struct {
+    char small[256];
+    char *p;
+    uint64_t n;
+} Copy;
+
+static void copy_free(Copy *c) { if (c->p != c->small) PyMem_Free(c->p); c->p = NULL; }
+
+/* --- the lock ------------------------------------------------------------ */
+
+static PyObject *dict_repair_impl(MappingObject *m);
+
+static void
+dict_exit(MappingObject *m, int took)
+{
+    if (!took)
+        return;
+    m->depth = 0;
+    pthread_mutex_unlock((pthread_mutex_t *)(m->addr + H_MUTEX));
+}
+
+/* Take the dict lock unless this thread holds it.  *took tells the caller
+ * whether to release it.  A dead holder's leftovers are repaired here. */
+static int
+dict_enter(MappingObject *m, double timeout, int *took, int *owner_died)
+{
+    *took = 0;
+    if (owner_died)
+        *owner_died = 0;
+    if (held_by_me(m))
+        return 0;
+    pthread_mutex_t *mu = (pthread_mutex_t *)(m->addr + H_MUTEX);
+    m->busy++;
+    int r = lock_robust(mu, timeout);
+    m->busy--;
+    if (r < 0)
+        return -1;
+    if (r == ETIMEDOUT) {
+        PyErr_SetString(PyExc_TimeoutError, "timed out waiting for the SharedDict lock");
+        return -1;
+    }
+    m->depth = 1;
+    m->owner = pthread_self();
+    m->owner_fork = fork_generation;
+    *took = 1;
+    if (r == EOWNERDEAD) {
+        PyObject *res = dict_repair_impl(m);
+        if (res == NULL) {
+            /* Leave it locked and inconsistent: releasing would make it
+             * unrecoverable for everyone.  This cannot happen unless the
+             * memory is corrupt. */
+            return -1;
+        }
+        Py_DECREF(res);
+        pthread_mutex_consistent(mu);
+        if (owner_died)
+            *owner_died = 1;
+    }
+    if (m->closed) {  /* closed by another thread while we waited */
+        dict_exit(m, 1);
+        *took = 0;
+        PyErr_SetString(PyExc_ValueError, "operation on a closed SharedDict");
+        return -1;
+    }
+    return 0;
+}
+
+/* dict_lock(m, timeout=None) -> owner_died.  Re-entrant per thread. */
+static PyObject *
+dict_lock(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    double timeout;
+    int took, died;
+    if (check_nargs("dict_lock", nargs, 1, 2) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL || parse_timeout(nargs > 1 ? args[1] : NULL, &timeout) < 0)
+        return NULL;
+    if (held_by_me(m)) {
+        m->depth++;
+        Py_RETURN_FALSE;
+    }
+    if (dict_enter(m, timeout, &took, &died) < 0)
+        return NULL;
+    return PyBool_FromLong(died);
+}
+
+static PyObject *
+dict_unlock(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("dict_unlock", nargs, 1, 1) < 0)
+        return NULL;
+    MappingObject *m = (MappingObject *)args[0];
+    if (!PyObject_TypeCheck(args[0], &Mapping_Type) || m->addr == NULL) {
+        PyErr_SetString(PyExc_ValueError, "operation on a closed SharedDict");
+        return NULL;
+    }
+    if (!held_by_me(m)) {
+        PyErr_SetString(PyExc_RuntimeError, "release of a SharedDict lock this thread does not hold");
+        return NULL;
+    }
+    if (--m->depth == 0)
+        pthread_mutex_unlock((pthread_mutex_t *)(m->addr + H_MUTEX));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+dict_held(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("dict_held", nargs, 1, 1) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL)
+        return NULL;
+    return PyBool_FromLong(held_by_me(m));
+}
+
+/* --- init, repair, check --------------------------------------------------- */
+
+static void
+region_format(MappingObject *m, const Region *r)
+{
+    memset(m->addr + r->off, 0, (size_t)(r->heap - r->off));
+    st_rlx(m, r->off + R_SIZE, r->size);
+    st_rlx(m, r->off + R_LGCAP, (uint64_t)__builtin_ctzll(r->cap));
+    st_rlx(m, r->off + R_HEAP_TOP, r->heap);
+}
+
+/* dict_init(m, file_size): format a new, empty dict (the file already has
+ * file_size bytes; the mapping's length is its max_size). */
+static PyObject *
+dict_init(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("dict_init", nargs, 2, 2) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL)
+        return NULL;
+    unsigned long long fs = PyLong_AsUnsignedLongLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    Region r;
+    region_geometry(&r, HEADER_SIZE, 3, fs - HEADER_SIZE);
+    if (fs > (uint64_t)m->len || fs < HEADER_SIZE || r.heap > fs)
+        return PyErr_Format(PyExc_ValueError, "file size %llu too small or beyond the mapping", fs);
+    memset(m->addr, 0, HEADER_SIZE);
+    if (init_robust_mutex((pthread_mutex_t *)(m->addr + H_MUTEX)) < 0)
+        return NULL;
+    region_format(m, &r);
+    st_rlx(m, H_FILE_SIZE, fs);
+    st_rlx(m, H_MAX_SIZE, (uint64_t)m->len);
+    st_rlx(m, H_DESC, r.off | 3);
+    st_rel(m, H_MAGIC, DICT_MAGIC);
+    Py_RETURN_NONE;
+}
+
+/* After a holder died: recompute the derived words of the current region
+ * from what was published (see the section comment).  Lock held. */
+static PyObject *
+dict_repair_impl(MappingObject *m)
+{
+    uint64_t fs = file_size(m);
+    Region r;
+    if (region_load(m, fs, &r) < 0)
+        return corrupt("current region");
+    uint64_t nent = ld_rlx(m, r.off + R_NENTRIES);
+    if (nent > r.ecap)
+        nent = r.ecap;
+    /* An entry is published in the index before nentries counts it. */
+    for (uint64_t i = 0; i < r.cap; i++) {
+        uint64_t e = ld_rlx(m, r.idx + i * 8);
+        if (e > nent && e <= r.ecap)
+            nent = e;
+    }
+    uint64_t count = 0, top = r.heap, end = r.off + r.size;
+    for (uint64_t e = 0; e < nent; e++) {
+        uint64_t eo = r.ent + e * ENTRY;
+        uint64_t refs[2] = {ld_rlx(m, eo + 8), ld_rlx(m, eo + 16)};
+        if (refs[1] != 0)
+            count++;
+        for (int k = 0; k < 2; k++) {
+            uint64_t ref = refs[k];
+            if (ref == 0 || (ref & 1) || ref < r.heap || ref >= end)
+                continue;
+            uint64_t bend = ref + 8 + pad8(ld_rlx(m, ref));
+            if (bend > top && bend <= end)
+                top = bend;
+        }
+    }
+    st_rel(m, r.off + R_NENTRIES, nent);
+    st_rel(m, r.off + R_COUNT, count);
+    st_rlx(m, r.off + R_HEAP_TOP, top);
+    Py_RETURN_NONE;
+}
+
+/* dict_check(m) -> count.  Verifies every invariant under the lock and
+ * raises RuntimeError naming the first violation (used by tests). */
+static PyObject *
+dict_check(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    int took;
+    if (check_nargs("dict_check", nargs, 1, 1) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL || dict_enter(m, -1, &took, NULL) < 0)
+        return NULL;
+    PyObject *res = NULL;
+    uint64_t fs = file_size(m);
+    Region r;
+    if (ld_rlx(m, H_MAGIC) != DICT_MAGIC) {
+        corrupt("magic");
+        goto done;
+    }
+    if (region_load(m, fs, &r) < 0) {
+        corrupt("region descriptor");
+        goto done;
+    }
+    uint64_t nent = ld_rlx(m, r.off + R_NENTRIES), top = ld_rlx(m, r.off + R_HEAP_TOP);
+    uint64_t end = r.off + r.size, live = 0;
+    if (nent > r.ecap || top < r.heap || top > end) {
+        corrupt("region counters");
+        goto done;
+    }
+    for (uint64_t i = 0; i < r.cap; i++) {
+        uint64_t e = ld_rlx(m, r.idx + i * 8);
+        if (e > nent) {
+            corrupt("index slot beyond nentries");
+            goto done;
+        }
+    }
+    for (uint64_t e = 0; e < nent; e++) {
+        uint64_t eo = r.ent + e * ENTRY;
+        uint64_t h = ld_rlx(m, eo), kr = ld_rlx(m, eo + 8), v = ld_rlx(m, eo + 16);
+        if (kr < r.heap || kr & 7 || !inb(kr, 8, top) || !inb(kr + 8, ld_rlx(m, kr), top)) {
+            corrupt("key block out of the heap");
+            goto done;
+        }
+        uint64_t klen = ld_rlx(m, kr);
+        if (xxh64(m->addr + kr + 8, (size_t)klen, 0) != h) {
+            corrupt("stored hash differs from the key's");
+            goto done;
+        }
+        if (v == 0)
+            continue;
+        live++;
+        if (!(v & 1) && (v < r.heap || v & 7 || !inb(v, 8, top) || !inb(v + 8, ld_rlx(m, v), top) ||
+                         ld_rlx(m, v) == 0)) {
+            corrupt("value block out of the heap");
+            goto done;
+        }
+        /* A live entry must be the one its key's probe reaches. */
+        uint64_t pos, found;
+        if (probe(m, &r, fs, h, m->addr + kr + 8, klen, &pos, &found) != 1 || found != e) {
+            corrupt("live entry not reachable through the index");
+            goto done;
+        }
+    }
+    if (live != ld_rlx(m, r.off + R_COUNT)) {
+        corrupt("count differs from the live entries");
+        goto done;
+    }
+    res = PyLong_FromUnsignedLongLong(live);
+done:
+    dict_exit(m, took);
+    return res;
+}
+
+/* --- lock-free reads ------------------------------------------------------ */
+
+/* Read the value of `key` without the lock.  Returns a new reference, or
+ * `missing` (borrowed, increfed) when absent. */
+static PyObject *
+read_value(MappingObject *m, const char *key, uint64_t klen, uint64_t h, PyObject *missing, int locked)
+{
+    for (int attempt = 0;; attempt++) {
+        if (locked && attempt > 0)
+            return corrupt("index");
+        if (attempt == READ_RETRIES) {
+            /* Writers keep replacing the region under us: read under the
+             * lock instead, where nothing moves. */
+            int took;
+            if (dict_enter(m, -1, &took, NULL) < 0)
+                return NULL;
+            PyObject *res = read_value(m, key, klen, h, missing, 1);
+            dict_exit(m, took);
+            return res;
+        }
+        if (attempt > 10)
+            sched_yield();
+        uint64_t g1 = ld_acq(m, H_GEN);
+        uint64_t fs = file_size(m);
+        Region r;
+        uint64_t pos, e, v = 0, n = 0;
+        if (region_load(m, fs, &r) < 0)
+            continue;
+        int st = probe(m, &r, fs, h, key, klen, &pos, &e);
+        if (st < 0)
+            continue;
+        if (st == 1) {
+            v = ld_acq(m, r.ent + e * ENTRY + 16);
+            if (v != 0 && !(v & 1)) {
+                if (!inb(v, 8, fs))
+                    continue;
+                n = ld_rlx(m, v);
+                if (!inb(v + 8, n, fs))
+                    continue;
+            }
+        }
+        /* Everything above was read from one layout iff gen did not move. */
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (ld_rlx(m, H_GEN) != g1)
+            continue;
+        if (st == 0 || v == 0) {
+            Py_INCREF(missing);
+            return missing;
+        }
+        if (v & 1)
+            return inline_int(v);
+        Copy c;
+        c.n = n;
+        c.p = n <= sizeof(c.small) ? c.small : PyMem_Malloc((size_t)n);
+        if (c.p == NULL)
+            return PyErr_NoMemory();
+        memcpy(c.p, m->addr + v + 8, (size_t)n);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (ld_rlx(m, H_GEN) != g1) {
+            copy_free(&c);
+            continue;
+        }
+        PyObject *res = decode_value(c.p, c.n);
+        copy_free(&c);
+        return res;
+    }
+}
+
+static int
+key_arg(PyObject *obj, const char **key, Py_ssize_t *klen)
+{
+    if (!PyBytes_CheckExact(obj)) {
+        PyErr_SetString(PyExc_TypeError, "encoded key must be bytes");
+        return -1;
+    }
+    *key = PyBytes_AS_STRING(obj);
+    *klen = PyBytes_GET_SIZE(obj);
+    return 0;
+}
+
+/* dict_get(m, key, missing) -> value or missing. */
+static PyObject *
+dict_get(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *key;
+    Py_ssize_t klen;
+    if (check_nargs("dict_get", nargs, 3, 3) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL || key_arg(args[1], &key, &klen) < 0)
+        return NULL;
+    return read_value(m, key, (uint64_t)klen, xxh64(key, (size_t)klen, 0), args[2], held_by_me(m));
+}
+
+static PyObject *
+dict_len(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("dict_len", nargs, 1, 1) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL)
+        return NULL;
+    for (int attempt = 0;; attempt++) {
+        if (attempt == READ_RETRIES)
+            return corrupt("region descriptor");
+        uint64_t g1 = ld_acq(m, H_GEN);
+        Region r;
+        if (region_load(m, file_size(m), &r) < 0)
+            continue;
+        uint64_t n = ld_acq(m, r.off + R_COUNT);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (ld_rlx(m, H_GEN) == g1)
+            return PyLong_FromUnsignedLongLong(n);
+    }
+}
+
+/* Copy a block's bytes into a new bytes object (or NULL with *bad set). */
+static PyObject *
+block_bytes(MappingObject *m, uint64_t ref, uint64_t fs, int *bad)
+{
+    if (!inb(ref, 8, fs) || !inb(ref + 8, ld_rlx(m, ref), fs)) {
+        *bad = 1;
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize(m->addr + ref + 8, (Py_ssize_t)ld_rlx(m, ref));
+}
+
+/* dict_items(m, what) -> list in insertion order: what=0 encoded keys,
+ * 1 values, 2 (encoded key, value) pairs.  Lock-free; each entry is read
+ * whole, and the list is retried if the layout changed while reading. */
+static PyObject *
+dict_items(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("dict_items", nargs, 2, 2) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL)
+        return NULL;
+    long what = PyLong_AsLong(args[1]);
+    if (what == -1 && PyErr_Occurred())
+        return NULL;
+    for (int attempt = 0;; attempt++) {
+        int took = 0;
+        if (attempt == READ_RETRIES && dict_enter(m, -1, &took, NULL) < 0)
+            return NULL;
+        if (attempt > 10 && !took)
+            sched_yield();
+        uint64_t g1 = ld_acq(m, H_GEN), fs = file_size(m);
+        Region r;
+        PyObject *out = PyList_New(0);
+        if (out == NULL) {
+            dict_exit(m, took);
+            return NULL;
+        }
+        int bad = region_load(m, fs, &r) < 0;
+        uint64_t nent = bad ? 0 : ld_acq(m, r.off + R_NENTRIES);
+        if (!bad && nent > r.ecap)
+            bad = 1;
+        for (uint64_t e = 0; !bad && e < nent; e++) {
+            uint64_t eo = r.ent + e * ENTRY;
+            uint64_t v = ld_acq(m, eo + 16);
+            if (v == 0)
+                continue;
+            PyObject *k = NULL, *raw = NULL, *item;
+            if (what != 1 && (k = block_bytes(m, ld_rlx(m, eo + 8), fs, &bad)) == NULL)
+                goto item_failed;
+            if (what != 0) {
+                raw = (v & 1) ? PyLong_FromUnsignedLongLong(v) : block_bytes(m, v, fs, &bad);
+                if (raw == NULL)
+                    goto item_failed;
+            }
+            item = what == 0 ? k : what == 1 ? raw : PyTuple_Pack(2, k, raw);
+            if (item == NULL)
+                goto item_failed;
+            int appended = PyList_Append(out, item);
+            if (what == 2)
+                Py_DECREF(item);
+            if (appended < 0)
+                goto item_failed;
+            Py_XDECREF(k);
+            Py_XDECREF(raw);
+            continue;
+        item_failed:
+            Py_XDECREF(k);
+            Py_XDECREF(raw);
+            if (!bad) {  /* a real error (memory) */
+                Py_DECREF(out);
+                dict_exit(m, took);
+                return NULL;
+            }
+        }
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        dict_exit(m, took);
+        if (bad || ld_rlx(m, H_GEN) != g1) {
+            Py_DECREF(out);
+            if (took)
+                return corrupt("entries");
+            continue;
+        }
+        /* Consistent copies: decode the values now. */
+        if (what != 0) {
+            Py_ssize_t n = PyList_GET_SIZE(out);
+            for (Py_ssize_t i = 0; i < n; i++) {
+                PyObject *item = PyList_GET_ITEM(out, i);
+                PyObject *raw = what == 1 ? item : PyTuple_GET_ITEM(item, 1);
+                PyObject *val;
+                if (PyLong_CheckExact(raw))
+                    val = inline_int(PyLong_AsUnsignedLongLong(raw));
+                else
+                    val = decode_value(PyBytes_AS_STRING(raw), (uint64_t)PyBytes_GET_SIZE(raw));
+                if (val == NULL) {
+                    Py_DECREF(out);
+                    return NULL;
+                }
+                if (what == 1) {
+                    PyList_SET_ITEM(out, i, val);
+                    Py_DECREF(raw);
+                } else {
+                    PyObject *pair = PyTuple_Pack(2, PyTuple_GET_ITEM(item, 0), val);
+                    Py_DECREF(val);
+                    if (pair == NULL) {
+                        Py_DECREF(out);
+                        return NULL;
+                    }
+                    PyList_SET_ITEM(out, i, pair);
+                    Py_DECREF(item);
+                }
+            }
+        }
+        return out;
+    }
+}
+
+/* --- writes (under the lock) ---------------------------------------------- */
+
+/* A value to store: an inline word, or a tagged encoding to copy. */
+typedef struct {
+    uint64_t word;      /* nonzero when inline */
+    const char *data;
+    uint64_t len;
+} NewValue;
+
+static int
+value_arg(PyObject *obj, NewValue *nv)
+{
+    nv->word = 0;
+    if (PyLong_CheckExact(obj)) {
+        long long x = PyLong_AsLongLong(obj);
+        if (x == -1 && PyErr_Occurred())
+            return -1;
+        if (x < INLINE_MIN || x > INLINE_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "int too large to store inline");
+            return -1;
+        }
+        nv->word = ((uint64_t)x << 1) | 1;
+        return 0;
+    }
+    if (!PyBytes_CheckExact(obj) || PyBytes_GET_SIZE(obj) == 0) {
+        PyErr_SetString(PyExc_TypeError, "encoded value must be an int or non-empty bytes");
+        return -1;
+    }
+    nv->data = PyBytes_AS_STRING(obj);
+    nv->len = (uint64_t)PyBytes_GET_SIZE(obj);
+    return 0;
+}
+
+static inline uint64_t block_size(uint64_t n) { return 8 + pad8(n); }
+
+/* Write a block at *top (space already checked) and return its offset. */
+static uint64_t
+put_block(MappingObject *m, uint64_t *top, const char *data, uint64_t n)
+{
+    uint64_t off = *top;
+    st_rlx(m, off, n);
+    memcpy(m->addr + off + 8, data, (size_t)n);
+    *top += block_size(n);
+    return off;
+}
+
+enum { PUT_OK = 0, PUT_NOSPACE = 1 };
+
+/* Store key -> value.  Lock held.  Returns PUT_OK, PUT_NOSPACE (nothing
+ * changed; the caller grows the dict and retries) or -1. */
+static int
+put_locked(MappingObject *m, const char *key, uint64_t klen, uint64_t h, const NewValue *nv, int *inserted)
+{
+    uint64_t fs = file_size(m);
+    Region r;
+    uint64_t pos, e;
+    if (region_load(m, fs, &r) < 0) {
+        corrupt("current region");
+        return -1;
+    }
+    int st = probe(m, &r, fs, h, key, klen, &pos, &e);
+    if (st < 0) {
+        corrupt("index");
+        return -1;
+    }
+    uint64_t top = ld_rlx(m, r.off + R_HEAP_TOP), end = r.off + r.size;
+    uint64_t nent = ld_rlx(m, r.off + R_NENTRIES);
+    uint64_t old = st == 1 ? ld_rlx(m, r.ent + e * ENTRY + 16) : 0;
+    uint64_t need = nv->word ? 0 : block_size(nv->len);
+    if (st == 0)
+        need += block_size(klen);
+    if (top > end || need > end - top)
+        return PUT_NOSPACE;
+    if (old == 0 && nent >= r.ecap)
+        return PUT_NOSPACE;
+    uint64_t word = nv->word ? nv->word : put_block(m, &top, nv->data, nv->len);
+    *inserted = old == 0;
+    if (old != 0) {
+        /* Live key: replace the value with one atomic store. */
+        st_rlx(m, r.off + R_HEAP_TOP, top);
+        st_rel(m, r.ent + e * ENTRY + 16, word);
+        return PUT_OK;
+    }
+    /* New or deleted key: append an entry (insertion order, as dict), then
+     * publish it through the index slot, then count it. */
+    uint64_t kref = st == 1 ? ld_rlx(m, r.ent + e * ENTRY + 8) : put_block(m, &top, key, klen);
+    uint64_t eo = r.ent + nent * ENTRY;
+    st_rlx(m, r.off + R_HEAP_TOP, top);
+    st_rlx(m, eo, h);
+    st_rlx(m, eo + 8, kref);
+    st_rlx(m, eo + 16, word);
+    st_rel(m, r.idx + pos * 8, nent + 1);
+    st_rel(m, r.off + R_NENTRIES, nent + 1);
+    st_rel(m, r.off + R_COUNT, ld_rlx(m, r.off + R_COUNT) + 1);
+    return PUT_OK;
+}
+
+/* dict_put(m, key, value, only_if_absent=False) -> bool.
+ * False: not enough room (grow and retry).  With only_if_absent, an
+ * existing value is left alone (True is returned). */
+static PyObject *
+dict_put(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *key;
+    Py_ssize_t klen;
+    NewValue nv;
+    int took, inserted = 0;
+    if (check_nargs("dict_put", nargs, 3, 3) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL || key_arg(args[1], &key, &klen) < 0 || value_arg(args[2], &nv) < 0)
+        return NULL;
+    uint64_t h = xxh64(key, (size_t)klen, 0);
+    if (dict_enter(m, -1, &took, NULL) < 0)
+        return NULL;
+    int st = put_locked(m, key, (uint64_t)klen, h, &nv, &inserted);
+    dict_exit(m, took);
+    if (st < 0)
+        return NULL;
+    return PyBool_FromLong(st == PUT_OK);
+}
+
+/* dict_incr(m, key, n, default) -> the new value, or None when the fast
+ * path does not apply (the value is not an inline int, the result would
+ * not fit, or the dict must grow); the caller then does it the slow way. */
+static PyObject *
+dict_incr(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *key;
+    Py_ssize_t klen;
+    int took, inserted;
+    if (check_nargs("dict_incr", nargs, 4, 4) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL || key_arg(args[1], &key, &klen) < 0)
+        return NULL;
+    if (!PyLong_CheckExact(args[2]) || !PyLong_CheckExact(args[3]))
+        Py_RETURN_NONE;
+    int ovf;
+    long long n = PyLong_AsLongLongAndOverflow(args[2], &ovf);
+    if (ovf || (n == -1 && PyErr_Occurred()) || n < INLINE_MIN || n > INLINE_MAX) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    long long dflt = PyLong_AsLongLongAndOverflow(args[3], &ovf);
+    if (ovf || (dflt == -1 && PyErr_Occurred()) || dflt < INLINE_MIN || dflt > INLINE_MAX) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    uint64_t h = xxh64(key, (size_t)klen, 0);
+    if (dict_enter(m, -1, &took, NULL) < 0)
+        return NULL;
+    PyObject *res = NULL;
+    uint64_t fs = file_size(m);
+    Region r;
+    uint64_t pos, e;
+    if (region_load(m, fs, &r) < 0) {
+        corrupt("current region");
+        goto done;
+    }
+    int st = probe(m, &r, fs, h, key, (uint64_t)klen, &pos, &e);
+    if (st < 0) {
+        corrupt("index");
+        goto done;
+    }
+    uint64_t vo = r.ent + e * ENTRY + 16;
+    uint64_t old = st == 1 ? ld_rlx(m, vo) : 0;
+    long long base;
+    if (old == 0)
+        base = dflt;
+    else if (old & 1)
+        base = (int64_t)old >> 1;
+    else {  /* a float, a big int, anything else: the slow path */
+        res = Py_None;
+        Py_INCREF(res);
+        goto done;
+    }
+    long long nv = base + n;  /* both within +-2**62: no C overflow */
+    if (nv < INLINE_MIN || nv > INLINE_MAX) {
+        res = Py_None;
+        Py_INCREF(res);
+        goto done;
+    }
+    uint64_t word = ((uint64_t)nv << 1) | 1;
+    if (old != 0) {
+        st_rel(m, vo, word);
+    } else {
+        NewValue v = {word, NULL, 0};
+        int rc = put_locked(m, key, (uint64_t)klen, h, &v, &inserted);
+        if (rc < 0)
+            goto done;
+        if (rc == PUT_NOSPACE) {
+            res = Py_None;
+            Py_INCREF(res);
+            goto done;
+        }
+    }
+    res = PyLong_FromLongLong(nv);
+done:
+    dict_exit(m, took);
+    return res;
+}
+
+/* Read an entry's value while holding the lock (no validation needed). */
+static PyObject *
+value_locked(MappingObject *m, uint64_t v, uint64_t fs)
+{
+    if (v & 1)
+        return inline_int(v);
+    if (!inb(v, 8, fs) || !inb(v + 8, ld_rlx(m, v), fs))
+        return corrupt("value block");
+    return decode_value(m->addr + v + 8, ld_rlx(m, v));
+}
+
+/* dict_delete(m, key, missing, want=True) -> the removed value (True when
+ * not `want`: it is not decoded), or missing. */
+static PyObject *
+dict_delete(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *key;
+    Py_ssize_t klen;
+    int took;
+    if (check_nargs("dict_delete", nargs, 3, 4) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL || key_arg(args[1], &key, &klen) < 0)
+        return NULL;
+    uint64_t h = xxh64(key, (size_t)klen, 0);
+    if (dict_enter(m, -1, &took, NULL) < 0)
+        return NULL;
+    PyObject *res = NULL;
+    uint64_t fs = file_size(m);
+    Region r;
+    uint64_t pos, e;
+    if (region_load(m, fs, &r) < 0) {
+        corrupt("current region");
+        goto done;
+    }
+    int st = probe(m, &r, fs, h, key, (uint64_t)klen, &pos, &e);
+    if (st < 0) {
+        corrupt("index");
+        goto done;
+    }
+    uint64_t vo = r.ent + e * ENTRY + 16;
+    uint64_t old = st == 1 ? ld_rlx(m, vo) : 0;
+    if (old == 0) {
+        res = args[2];
+        Py_INCREF(res);
+        goto done;
+    }
+    /* Decode first: if that fails, nothing is deleted. */
+    if (nargs > 3 && !PyObject_IsTrue(args[3])) {
+        res = Py_True;
+        Py_INCREF(res);
+    } else {
+        res = value_locked(m, old, fs);
+    }
+    if (res == NULL)
+        goto done;
+    st_rel(m, vo, 0);
+    st_rel(m, r.off + R_COUNT, ld_rlx(m, r.off + R_COUNT) - 1);
+done:
+    dict_exit(m, took);
+    return res;
+}
+
+/* dict_popitem(m) -> (encoded key, value) of the last inserted live entry,
+ * removed; or None when empty. */
+static PyObject *
+dict_popitem(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    int took;
+    if (check_nargs("dict_popitem", nargs, 1, 1) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL || dict_enter(m, -1, &took, NULL) < 0)
+        return NULL;
+    PyObject *res = NULL;
+    uint64_t fs = file_size(m);
+    Region r;
+    if (region_load(m, fs, &r) < 0) {
+        corrupt("current region");
+        goto done;
+    }
+    uint64_t nent = ld_rlx(m, r.off + R_NENTRIES);
+    for (uint64_t e = nent; e-- > 0;) {
+        uint64_t eo = r.ent + e * ENTRY, v = ld_rlx(m, eo + 16);
+        if (v == 0)
+            continue;
+        int bad = 0;
+        PyObject *k = block_bytes(m, ld_rlx(m, eo + 8), fs, &bad);
+        if (k == NULL) {
+            if (bad)
+                corrupt("key block");
+            goto done;
+        }
+        PyObject *val = value_locked(m, v, fs);
+        if (val == NULL) {
+            Py_DECREF(k);
+            goto done;
+        }
+        res = PyTuple_Pack(2, k, val);
+        Py_DECREF(k);
+        Py_DECREF(val);
+        if (res != NULL) {
+            st_rel(m, eo + 16, 0);
+            st_rel(m, r.off + R_COUNT, ld_rlx(m, r.off + R_COUNT) - 1);
+        }
+        goto done;
+    }
+    res = Py_None;
+    Py_INCREF(res);
+done:
+    dict_exit(m, took);
+    return res;
+}
+
+/* --- growth and compaction ------------------------------------------------ */
+
+/* dict_stats(m) -> (file_size, region_off, region_size, live, live_bytes).
+ * Lock held. live_bytes: heap bytes the live keys and values need. */
+static PyObject *
+dict_stats(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("dict_stats", nargs, 1, 1) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL)
+        return NULL;
+    if (!held_by_me(m)) {
+        PyErr_SetString(PyExc_RuntimeError, "dict_stats needs the lock");
+        return NULL;
+    }
+    uint64_t fs = file_size(m);
+    Region r;
+    if (region_load(m, fs, &r) < 0)
+        return corrupt("current region");
+    uint64_t nent = ld_rlx(m, r.off + R_NENTRIES), live = 0, bytes = 0;
+    for (uint64_t e = 0; e < nent; e++) {
+        uint64_t eo = r.ent + e * ENTRY, v = ld_rlx(m, eo + 16);
+        if (v == 0)
+            continue;
+        live++;
+        bytes += block_size(ld_rlx(m, ld_rlx(m, eo + 8)));
+        if (!(v & 1))
+            bytes += block_size(ld_rlx(m, v));
+    }
+    return Py_BuildValue("(KKKKK)", (unsigned long long)fs, (unsigned long long)r.off,
+                         (unsigned long long)r.size, (unsigned long long)live, (unsigned long long)bytes);
+}
+
+/* dict_set_file_size(m, n): publish a larger file size (after ftruncate
+ * and fallocate).  Lock held.  Never shrinks. */
+static PyObject *
+dict_set_file_size(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("dict_set_file_size", nargs, 2, 2) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL)
+        return NULL;
+    unsigned long long n = PyLong_AsUnsignedLongLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!held_by_me(m) || n > (uint64_t)m->len)
+        return PyErr_Format(PyExc_ValueError, "bad file size %llu", n);
+    if (n > ld_rlx(m, H_FILE_SIZE))
+        st_rel(m, H_FILE_SIZE, n);
+    Py_RETURN_NONE;
+}
+
+/* dict_rebuild(m, off, lgcap, size, empty=False) -> (old_off, old_size) or None.
+ * Copies the live entries (none when `empty`: that is clear()), in order,
+ * into a new region at [off, off+size)
+ * (inside the file, disjoint from the current region) and publishes it.
+ * None: they do not fit (nothing was published).  Lock held. */
+static PyObject *
+dict_rebuild(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("dict_rebuild", nargs, 4, 5) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL)
+        return NULL;
+    unsigned long long off = PyLong_AsUnsignedLongLong(args[1]);
+    long lg = PyLong_AsLong(args[2]);
+    unsigned long long size = PyLong_AsUnsignedLongLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!held_by_me(m)) {
+        PyErr_SetString(PyExc_RuntimeError, "dict_rebuild needs the lock");
+        return NULL;
+    }
+    uint64_t fs = file_size(m);
+    Region cur, nr;
+    if (region_load(m, fs, &cur) < 0)
+        return corrupt("current region");
+    if (lg < 2 || lg > 40 || off % 64 || off < HEADER_SIZE)
+        return PyErr_Format(PyExc_ValueError, "bad region parameters");
+    region_geometry(&nr, off, (unsigned)lg, size);
+    if (!inb(off, size, fs) || nr.heap > off + size ||
+        !(off + size <= cur.off || off >= cur.off + cur.size))
+        return PyErr_Format(PyExc_ValueError, "new region [%llu, +%llu) must lie in the file and not overlap the current one",
+                            off, size);
+    region_format(m, &nr);
+    uint64_t top = nr.heap, end = off + size, ne = 0, mask = nr.cap - 1;
+    int empty = nargs > 4 && PyObject_IsTrue(args[4]);
+    uint64_t nent = empty ? 0 : ld_rlx(m, cur.off + R_NENTRIES);
+    for (uint64_t e = 0; e < nent; e++) {
+        uint64_t eo = cur.ent + e * ENTRY, v = ld_rlx(m, eo + 16);
+        if (v == 0)
+            continue;
+        uint64_t h = ld_rlx(m, eo), kr = ld_rlx(m, eo + 8);
+        uint64_t kl = ld_rlx(m, kr);
+        uint64_t need = block_size(kl) + ((v & 1) ? 0 : block_size(ld_rlx(m, v)));
+        if (ne >= nr.ecap || need > end - top)
+            Py_RETURN_NONE;  /* too small: the current region is untouched */
+        uint64_t nk = put_block(m, &top, m->addr + kr + 8, kl);
+        uint64_t nv = (v & 1) ? v : put_block(m, &top, m->addr + v + 8, ld_rlx(m, v));
+        uint64_t neo = nr.ent + ne * ENTRY;
+        st_rlx(m, neo, h);
+        st_rlx(m, neo + 8, nk);
+        st_rlx(m, neo + 16, nv);
+        uint64_t i = h & mask;
+        while (ld_rlx(m, nr.idx + i * 8) != 0)
+            i = (i + 1) & mask;
+        st_rlx(m, nr.idx + i * 8, ne + 1);
+        ne++;
+    }
+    st_rlx(m, off + R_NENTRIES, ne);
+    st_rlx(m, off + R_COUNT, ne);
+    st_rlx(m, off + R_HEAP_TOP, top);
+    /* Publish: one store switches every reader to the new region; then
+     * gen moves so readers still in the old one retry.  The full fence
+     * orders the gen bump before anything later written into the old
+     * region's space (by the next rebuild). */
+    st_rel(m, H_DESC, off | (uint64_t)lg);
+    __atomic_fetch_add(W(m, H_GEN), 1, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return Py_BuildValue("(KK)", (unsigned long long)cur.off, (unsigned long long)cur.size);
+}
+
+/* punch_hole(fd, offset, length): give a range of a memfd back to the
+ * kernel (it reads as zeros afterwards; the file size is unchanged). */
+static PyObject *
+punch_hole(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("punch_hole", nargs, 3, 3) < 0)
+        return NULL;
+    int fd = PyLong_AsLong(args[0]);
+    long long off = PyLong_AsLongLong(args[1]), len = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+dict_repair(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("dict_repair", nargs, 1, 1) < 0)
+        return NULL;
+    MappingObject *m = as_mapping(args[0]);
+    if (m == NULL)
+        return NULL;
+    if (!held_by_me(m)) {
+        PyErr_SetString(PyExc_RuntimeError, "dict_repair needs the lock");
+        return NULL;
+    }
+    return dict_repair_impl(m);
+}
+
+/* ------------------------------------------------------------------------ */
+
+#define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))name, METH_FASTCALL, doc}
+
+static PyMethodDef native_methods[] = {
+    FAST(hash64, "hash64(data, seed=0) -> xxh64 of a bytes-like object."),
+    {"load", (PyCFunction)(void (*)(void))atomic_load, METH_FASTCALL, "load(buf, offset) -> int64, atomically."},
+    {"store", (PyCFunction)(void (*)(void))atomic_store, METH_FASTCALL, "store(buf, offset, value), atomically."},
+    {"fetch_add", (PyCFunction)(void (*)(void))atomic_fetch_add, METH_FASTCALL,
+     "fetch_add(buf, offset, delta) -> previous value, atomically (wraps at 64 bits)."},
+    {"compare_exchange", (PyCFunction)(void (*)(void))atomic_compare_exchange, METH_FASTCALL,
+     "compare_exchange(buf, offset, expected, desired) -> value found (stored iff it == expected)."},
+    FAST(mutex_init, "mutex_init(buf, offset): make a robust process-shared mutex there."),
+    FAST(mutex_acquire, "mutex_acquire(buf, offset, timeout=None) -> owner_died."),
+    FAST(mutex_release, "mutex_release(buf, offset)."),
+    FAST(mutex_consistent, "mutex_consistent(buf, offset): after repairing an owner-died lock."),
+    FAST(futex_wait, "futex_wait(buf, offset, expected, timeout=None) -> False on timeout."),
+    FAST(futex_wake, "futex_wake(buf, offset, count=1) -> number woken."),
+    FAST(punch_hole, "punch_hole(fd, offset, length)."),
+    FAST(dict_init, NULL),
+    FAST(dict_get, NULL),
+    FAST(dict_len, NULL),
+    FAST(dict_items, NULL),
+    FAST(dict_put, NULL),
+    FAST(dict_incr, NULL),
+    FAST(dict_delete, NULL),
+    FAST(dict_popitem, NULL),
+    FAST(dict_stats, NULL),
+    FAST(dict_set_file_size, NULL),
+    FAST(dict_rebuild, NULL),
+    FAST(dict_repair, NULL),
+    FAST(dict_check, NULL),
+    FAST(dict_lock, NULL),
+    FAST(dict_unlock, NULL),
+    FAST(dict_held, NULL),
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "shoal._native", "Native core of shoal (see _native.c).", -1, native_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    if (PyType_Ready(&Mapping_Type) < 0)
+        return NULL;
+    PyObject *mod = PyModule_Create(&native_module);
+    if (mod == NULL)
+        return NULL;
+    static int atfork_done;
+    if (!atfork_done) {
+        pthread_atfork(NULL, NULL, after_fork_child);
+        atfork_done = 1;
+    }
+    Py_INCREF(&Mapping_Type);
+    if (PyModule_AddObject(mod, "Mapping", (PyObject *)&Mapping_Type) < 0 ||
+        PyModule_AddIntConstant(mod, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0 ||
+        PyModule_AddIntConstant(mod, "DICT_HEADER_SIZE", HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(mod, "DICT_REGION_HEADER", REGION_HEADER) < 0 ||
+        PyModule_AddIntConstant(mod, "DICT_ENTRY_SIZE", ENTRY) < 0 ||
+        PyModule_AddObject(mod, "DICT_MAGIC", PyLong_FromUnsignedLongLong(DICT_MAGIC)) < 0 ||
+        PyModule_AddObject(mod, "INLINE_MIN", PyLong_FromLongLong(INLINE_MIN)) < 0 ||
+        PyModule_AddObject(mod, "INLINE_MAX", PyLong_FromLongLong(INLINE_MAX)) < 0) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}

@@ -1,0 +1,513 @@
+"""SharedDict: a dict in shared memory, safe for many processes at once.
+
+Data flow and ownership::
+
+    process A                         memfd (one per dict)               process B
+    SharedDict ── Mapping (mmap of ──▶ ┌──────────────────────────────┐ ◀── Mapping ── SharedDict
+       │          max_size bytes)      │ header: magic, file_size,    │
+       │                               │   desc ─┐, gen, max_size,    │
+       │  pickled as its descriptor    │   robust mutex               │
+       └──────── (SCM_RIGHTS / DupFd) ─▶ region ◀┘ (current)          │
+                                       │   index  cap x u64           │
+                                       │   entries {hash,key,value}   │
+                                       │   heap: immutable blocks     │
+                                       │ old region: zeros (punched)  │
+                                       └──────────────────────────────┘
+
+* The memory is a memfd: no name anywhere, so the kernel frees it when the
+  last process holding its descriptor or a mapping is gone, however the
+  processes end.  Each process maps the file at the dict's ``max_size``
+  (address space only), so growing is ``ftruncate`` + ``fallocate`` and a
+  store of the new ``file_size``: nobody remaps, offsets never move.
+* Keys are encoded canonically (a type tag and bytes; ``1``, ``1.0`` and
+  ``True`` encode alike, as they are equal dict keys) and hashed with xxh64,
+  never ``hash()``, which differs between spawned processes.  Values are
+  ints inline in the entry's value word (so ``incr`` is one store) or tagged
+  blocks: str, bytes, float, None, bools directly, anything else pickled.
+* Reads take no lock.  The native core probes the index and copies the
+  value between two reads of ``gen``; every mutation is made visible by one
+  atomic store (an index slot, a value word, or ``desc`` for a whole new
+  region), and visible bytes are never rewritten while their region is
+  current, so a reader sees the state before or after a write, never a mix.
+* Writes hold the robust mutex in the header.  ``with d.locked():`` holds it
+  across several operations (re-entrant for the thread holding it).  When a
+  write does not fit, the writer builds a compacted copy of the live entries
+  in a new region (placed at the start of the file if the space before the
+  current region is big enough, else after it) and publishes it with one
+  store of ``desc``; then it punches the old region out of the file.
+* A writer killed at any instant (SIGKILL mid-update) leaves the last
+  published state plus unreachable garbage.  The kernel releases its robust
+  mutex; the next locker is told the owner died and recomputes the few
+  derived counters (entry count, live count, heap top) from the published
+  words before marking the mutex consistent.  An unfinished rebuild is an
+  unpublished region, i.e. garbage.  What a dead process had done inside
+  ``with d.locked():`` stays as far as it got: each operation is whole,
+  the block as a whole is not rolled back.
+* Errors: an unpicklable key or value raises ``TypeError``
+  (:class:`shoal.SerializationError`) before anything is locked or stored;
+  a write that would take the file past ``max_size`` (default: physical
+  memory), or that the kernel cannot back with memory, raises
+  ``MemoryError`` with the dict unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import threading
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, MutableMapping, ValuesView
+from contextlib import contextmanager
+from typing import Any
+
+from .. import _native
+from .._ipc._fdpass import reduce_fd
+from .._serialization import dumps
+from ..exceptions import SerializationError
+from ._segment import create_fd
+
+__all__ = ("SharedDict",)
+
+_HEADER = _native.DICT_HEADER_SIZE
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_INITIAL_SIZE = 4 * _PAGE
+_MIN_LGCAP = 3
+_INLINE_MIN = _native.INLINE_MIN
+_INLINE_MAX = _native.INLINE_MAX
+_MISSING: Any = object()
+_FLOAT = struct.Struct("<cd")
+_LEN = struct.Struct("<I")
+
+_get = _native.dict_get
+_put = _native.dict_put
+_incr = _native.dict_incr
+_delete = _native.dict_delete
+
+
+def _default_max_size() -> int:
+    try:
+        phys = os.sysconf("SC_PHYS_PAGES") * _PAGE
+    except (ValueError, OSError):
+        phys = 1 << 34
+    return max(phys, 1 << 30)
+
+
+# -- encodings -----------------------------------------------------------------
+
+
+def _encode_key(key: Any) -> bytes:
+    """Canonical bytes for a key: equal keys (as dict sees them) encode alike."""
+    t = type(key)
+    if t is str:
+        return b"s" + key.encode("utf-8", "surrogatepass")
+    if t is int or t is bool:
+        return b"i%d" % key
+    if t is bytes:
+        return b"b" + key
+    if t is float:
+        if key.is_integer():
+            return b"i%d" % int(key)
+        if key != key:
+            raise TypeError("NaN cannot be a SharedDict key: it is not equal to itself")
+        return _FLOAT.pack(b"f", key)
+    if key is None:
+        return b"n"
+    if t is tuple:
+        parts = [_encode_key(k) for k in key]
+        return b"t" + b"".join(_LEN.pack(len(p)) + p for p in parts)
+    if t is frozenset:
+        parts = sorted(_encode_key(k) for k in key)
+        return b"z" + b"".join(_LEN.pack(len(p)) + p for p in parts)
+    hash(key)  # unhashable keys fail like they do for dict: TypeError
+    return b"p" + dumps(key, what=f"SharedDict key {_short(key)}")
+
+
+def _decode_key(data: bytes) -> Any:
+    tag = data[:1]
+    if tag == b"s":
+        return data[1:].decode("utf-8", "surrogatepass")
+    if tag == b"i":
+        return int(data[1:])
+    if tag == b"b":
+        return data[1:]
+    if tag == b"f":
+        return _FLOAT.unpack(data)[1]
+    if tag == b"n":
+        return None
+    if tag == b"t" or tag == b"z":
+        items = []
+        pos = 1
+        while pos < len(data):
+            (n,) = _LEN.unpack_from(data, pos)
+            items.append(_decode_key(data[pos + 4 : pos + 4 + n]))
+            pos += 4 + n
+        return tuple(items) if tag == b"t" else frozenset(items)
+    if tag == b"p":
+        import pickle
+
+        return pickle.loads(data[1:])
+    raise RuntimeError(f"unknown SharedDict key encoding {tag!r}")
+
+
+def _encode_value(value: Any) -> int | bytes:
+    """An int the native core stores inline, or tagged bytes (see _native.c)."""
+    t = type(value)
+    if t is int:
+        if _INLINE_MIN <= value <= _INLINE_MAX:
+            return value
+    elif t is str:
+        return b"s" + value.encode("utf-8", "surrogatepass")
+    elif t is bytes:
+        return b"b" + value
+    elif t is float:
+        return _FLOAT.pack(b"f", value)
+    elif value is None:
+        return b"n"
+    elif value is True:
+        return b"T"
+    elif value is False:
+        return b"F"
+    return b"p" + dumps(value, what=f"SharedDict value {_short(value)}")
+
+
+def _short(obj: Any) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<{type(obj).__qualname__} object>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- the dict ------------------------------------------------------------------
+
+
+class SharedDict(MutableMapping):
+    """A dict in shared memory: pass it to processes and pool tasks; every
+    process sees the same contents.
+
+    ``SharedDict(initial=None, *, max_size=None)``: *initial* is a mapping
+    or an iterable of pairs.  *max_size* caps the memory the dict may use
+    (default: the machine's physical memory); it grows on demand up to it.
+
+    Single operations are atomic.  ``d[k] += 1`` is two operations (a read
+    and a write): use ``d.incr(k)``, ``d.update_with(k, fn)``, or do it
+    inside ``with d.locked():``.
+    """
+
+    __slots__ = ("__weakref__", "_fd", "_map", "_max_size", "_pid")
+
+    def __init__(self, initial: Any = None, /, *, max_size: int | None = None) -> None:
+        max_size = _default_max_size() if max_size is None else int(max_size)
+        max_size = -(-max_size // _PAGE) * _PAGE
+        if max_size < _INITIAL_SIZE:
+            raise ValueError(f"max_size must be at least {_INITIAL_SIZE} bytes, got {max_size}")
+        fd = create_fd(0, "shoal-dict")
+        try:
+            _grow_file(fd, 0, _INITIAL_SIZE)
+            mapping = _native.Mapping(fd, max_size)
+            _native.dict_init(mapping, _INITIAL_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._attach(fd, mapping, max_size)
+        if initial is not None:
+            self.update(initial)
+
+    def _attach(self, fd: int, mapping: Any, max_size: int) -> None:
+        self._fd = fd
+        self._map = mapping
+        self._max_size = max_size
+        self._pid = os.getpid()
+
+    @classmethod
+    def _from_fd(cls, fd: int) -> SharedDict:
+        try:
+            magic, max_size = struct.unpack("<Q24xQ", os.pread(fd, 40, 0))
+            if magic != _native.DICT_MAGIC:
+                raise ValueError("the descriptor does not hold a SharedDict")
+            mapping = _native.Mapping(fd, max_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self = cls.__new__(cls)
+        self._attach(fd, mapping, max_size)
+        return self
+
+    def __reduce__(self):
+        self._check_open()
+        rebuild, args = reduce_fd(self._fd)
+        return _rebuild_shared_dict, (rebuild, args)
+
+    # -- lifetime --
+
+    def close(self) -> None:
+        """Release this process's handle (descriptor and mapping).  The
+        memory lives on while any other process still holds the dict."""
+        if self._fd >= 0:
+            self._map.close()
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def __enter__(self) -> SharedDict:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+        except Exception:  # interpreter shutdown, or a failed __init__
+            pass
+
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise ValueError("operation on a closed SharedDict")
+
+    # -- reads (no lock) --
+
+    def __getitem__(self, key: Any) -> Any:
+        value = _get(self._map, _encode_key(key), _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        value = _get(self._map, _encode_key(key), _MISSING)
+        return default if value is _MISSING else value
+
+    def __contains__(self, key: Any) -> bool:
+        try:
+            enc = _encode_key(key)
+        except SerializationError:
+            return False  # it could never have been stored
+        return _get(self._map, enc, _MISSING) is not _MISSING
+
+    def __len__(self) -> int:
+        return _native.dict_len(self._map)
+
+    def __iter__(self) -> Iterator[Any]:
+        # A snapshot: mutating the dict while iterating is allowed (other
+        # processes do it all the time) and does not affect this loop.
+        return iter([_decode_key(k) for k in _native.dict_items(self._map, 0)])
+
+    def keys(self):  # noqa: D102 - the Mapping views work; these are snapshots
+        return _SnapshotKeys(self)
+
+    def values(self):
+        return _SnapshotValues(self)
+
+    def items(self):
+        return _SnapshotItems(self)
+
+    def copy(self) -> dict:
+        """A plain dict with the current contents."""
+        return {_decode_key(k): v for k, v in _native.dict_items(self._map, 2)}
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SharedDict):
+            other = other.copy()
+        if isinstance(other, Mapping):
+            return self.copy() == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SharedDict({self.copy()!r})" if self._fd >= 0 else "<SharedDict closed>"
+
+    def __str__(self) -> str:
+        # Like the standard library's Manager().dict() proxy, whose str()
+        # is the referent's repr: print(d) shows {'count': 0}.
+        return repr(self.copy()) if self._fd >= 0 else "<SharedDict closed>"
+
+    # -- writes --
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        enc = _encode_key(key)
+        val = _encode_value(value)
+        if not _put(self._map, enc, val):
+            self._put_growing(enc, val)
+
+    def _put_growing(self, enc: bytes, val: int | bytes) -> None:
+        with self.locked():
+            for _ in range(3):
+                if _put(self._map, enc, val):
+                    return
+                self._grow(len(enc) + (0 if type(val) is int else len(val)))
+            raise RuntimeError("SharedDict could not make room for a write; this is a bug in shoal")
+
+    def __delitem__(self, key: Any) -> None:
+        if _delete(self._map, _encode_key(key), _MISSING, False) is _MISSING:
+            raise KeyError(key)
+
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        value = _delete(self._map, _encode_key(key), _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        return value
+
+    def popitem(self) -> tuple[Any, Any]:
+        """Remove and return the most recently inserted (key, value) pair."""
+        pair = _native.dict_popitem(self._map)
+        if pair is None:
+            raise KeyError("popitem(): SharedDict is empty")
+        return _decode_key(pair[0]), pair[1]
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        enc = _encode_key(key)
+        value = _get(self._map, enc, _MISSING)
+        if value is not _MISSING:
+            return value
+        val = _encode_value(default)
+        with self.locked():
+            value = _get(self._map, enc, _MISSING)
+            if value is not _MISSING:
+                return value
+            if not _put(self._map, enc, val):
+                self._put_growing(enc, val)
+            return default
+
+    def clear(self) -> None:
+        with self.locked():
+            self._rebuild(live=0, live_bytes=0, empty=True)
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        # Encode everything first: an unpicklable item stores nothing.
+        if isinstance(other, Mapping):
+            pairs = list(other.items())
+        elif hasattr(other, "keys"):
+            pairs = [(k, other[k]) for k in other.keys()]
+        else:
+            pairs = list(other)
+        pairs.extend(kwargs.items())
+        encoded = [(_encode_key(k), _encode_value(v)) for k, v in pairs]
+        with self.locked():
+            for enc, val in encoded:
+                if not _put(self._map, enc, val):
+                    self._put_growing(enc, val)
+
+    # -- race-free operations --
+
+    def incr(self, key: Any, n: int | float = 1, default: int | float = 0) -> Any:
+        """Atomically add *n* to ``d[key]`` (``default`` when missing) and
+        return the new value."""
+        enc = _encode_key(key)
+        value = _incr(self._map, enc, n, default)
+        if value is None:  # not an inline int, or the dict must grow
+            value = self.update_with(key, lambda v: v + n, default=default)
+        return value
+
+    def update_with(self, key: Any, fn: Callable[[Any], Any], default: Any = None) -> Any:
+        """Atomically store ``fn(d[key])`` (``fn(default)`` when the key is
+        missing) and return it.  *fn* runs while the dict is locked: keep it
+        short.  If it raises, nothing changes."""
+        enc = _encode_key(key)
+        with self.locked():
+            value = _get(self._map, enc, _MISSING)
+            new = fn(default if value is _MISSING else value)
+            val = _encode_value(new)
+            if not _put(self._map, enc, val):
+                self._put_growing(enc, val)
+            return new
+
+    @contextmanager
+    def locked(self, timeout: float | None = None) -> Iterator[SharedDict]:
+        """Hold the dict's lock: the operations inside are one transaction for
+        every other process and thread.  Re-entrant for the holding thread.
+
+        Raises TimeoutError when *timeout* seconds pass without the lock.
+        """
+        self._check_open()
+        mapping = self._map
+        _native.dict_lock(mapping, timeout)
+        try:
+            yield self
+        finally:
+            _native.dict_unlock(mapping)
+
+    # -- growth --
+
+    def _grow(self, extra: int) -> None:
+        """Make room for *extra* more heap bytes and one more entry: rebuild
+        the live entries into a bigger (or just compacted) region.  Lock held."""
+        _, _, _, live, live_bytes = _native.dict_stats(self._map)
+        self._rebuild(live + 1, live_bytes + extra + 16)
+
+    def _rebuild(self, live: int, live_bytes: int, empty: bool = False) -> None:
+        file_size, cur_off, cur_size, _, _ = _native.dict_stats(self._map)
+        # Room for twice the live data, so rebuilds are amortized O(1) per write.
+        lgcap = max(_MIN_LGCAP, math.ceil(math.log2(max(4 * live, 1))))
+        table = _native.DICT_REGION_HEADER + (8 << lgcap) + _native.DICT_ENTRY_SIZE * (1 << lgcap) // 2
+        size = table + max(2 * live_bytes, _PAGE)
+        size = -(-size // _PAGE) * _PAGE
+        # Place it before the current region when there is room (that space
+        # is the previous region, now garbage), else after it.
+        if _HEADER + size <= cur_off:
+            off = _HEADER
+        else:
+            off = -(-(cur_off + cur_size) // _PAGE) * _PAGE
+        end = off + size
+        if end > self._max_size:
+            raise MemoryError(
+                f"SharedDict is full: it needs {end} bytes and its max_size is {self._max_size}; "
+                "create it with a larger max_size"
+            )
+        _grow_file(self._fd, off, end)
+        if end > file_size:
+            _native.dict_set_file_size(self._map, end)
+        old = _native.dict_rebuild(self._map, off, lgcap, size, empty)
+        if old is None:  # cannot happen: the size was computed from the stats
+            raise RuntimeError("SharedDict rebuild did not fit")
+        old_off, old_size = old
+        try:
+            _native.punch_hole(self._fd, old_off, old_size)
+        except OSError:
+            pass  # only memory is lost, until the next rebuild reuses it
+
+
+def _grow_file(fd: int, start: int, end: int) -> None:
+    """Make [start, end) of the file exist and be backed by memory, so that
+    writing it cannot SIGBUS; MemoryError when the kernel has no memory."""
+    try:
+        if os.fstat(fd).st_size < end:
+            os.ftruncate(fd, end)
+        os.posix_fallocate(fd, start, end - start)
+    except OSError as exc:
+        raise MemoryError(f"SharedDict cannot get {end - start} more bytes of shared memory: {exc}") from exc
+
+
+def _rebuild_shared_dict(rebuild, args) -> SharedDict:
+    return SharedDict._from_fd(rebuild(*args))
+
+
+class _SnapshotKeys(KeysView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return iter(self._mapping)
+
+
+class _SnapshotValues(ValuesView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return iter(_native.dict_items(self._mapping._map, 1))
+
+
+class _SnapshotItems(ItemsView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return iter([(_decode_key(k), v) for k, v in _native.dict_items(self._mapping._map, 2)])
+
+
+SharedDict.__module__ = "shoal"
