@@ -332,7 +332,7 @@ def _feed(state: _IMapState, fn, iterator, chunksize: int, mode: int, task_timeo
     sink = _Unwrap(state) if chunksize == 1 else _Chunked(state)
     try:
         while not state.abandoned:
-            limit = bound or engine.inflight_bound()
+            limit = bound or engine.inflight_bound(fn, chunksize)
             with cond:
                 while state.submitted - state.consumed >= limit and not state.abandoned and engine.state != "terminated":
                     engine.waiters += 1
@@ -340,7 +340,7 @@ def _feed(state: _IMapState, fn, iterator, chunksize: int, mode: int, task_timeo
                         cond.wait(1.0)
                     finally:
                         engine.waiters -= 1
-                    limit = bound or engine.inflight_bound()
+                    limit = bound or engine.inflight_bound(fn, chunksize)
             if state.abandoned or engine.state == "terminated":
                 break
             room = limit - (state.submitted - state.consumed)

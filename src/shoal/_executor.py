@@ -173,7 +173,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             except TypeError:
                 pass
             else:
-                chunksize = engine.map_chunksize(n)
+                chunksize = engine.map_chunksize(n, fn)
         it = IMapIterator(engine, fn, args, chunksize, STARMAP, True, None, buffersize, None)
         deadline = None if timeout is None else time.monotonic() + timeout
         return _results(it, deadline)

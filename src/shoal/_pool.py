@@ -195,7 +195,7 @@ class Pool:
         items = iterable if hasattr(iterable, "__len__") and hasattr(iterable, "__getitem__") else list(iterable)
         n = len(items)
         if chunksize is None:
-            chunksize = engine.map_chunksize(n)
+            chunksize = engine.map_chunksize(n, func)
         elif not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive int, got {chunksize!r}")
         nchunks = -(-n // chunksize)
@@ -215,7 +215,7 @@ class Pool:
         if progress:
             if chunksize is None:
                 n = len(iterable) if hasattr(iterable, "__len__") else None
-                chunksize = self._engine.map_chunksize(n) if n else 1
+                chunksize = self._engine.map_chunksize(n, func) if n else 1
             return list(self._imap(func, iterable, chunksize, True, task_timeout, progress, None, mode=mode))
         result = self._map_async(func, iterable, chunksize, mode, None, None, task_timeout)
         try:

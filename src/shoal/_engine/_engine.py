@@ -89,6 +89,8 @@ from ._worker import CALL, STATUS, STATUS_SLOT, WorkerConfig
 BATCH_SECONDS = 0.004
 #: Upper bound on tasks per message whatever the estimate says.
 MAX_BATCH = 2048
+#: Target duration of one map chunk once the function's speed is known.
+CHUNK_SECONDS = 0.05
 #: How many batches a worker may hold (one running, one ready to start).
 CREDIT = 2
 #: Functions a worker keeps unpickled; older ones are forgotten.
@@ -129,10 +131,13 @@ class PoolStatistics:
 class _Task:
     """One unit of work: a call, or a chunk of a map."""
 
-    __slots__ = ("data", "fds", "fn_id", "fn_ref", "id", "index", "kill_reason", "mode", "requeues", "sink", "timeout")
+    __slots__ = (
+        "data", "fds", "fn_id", "fn_ref", "id", "index", "kill_reason", "mode", "n", "requeues", "sink", "timeout",
+    )
 
-    def __init__(self, tid, fn_id, fn_ref, mode, data, fds, sink, index, timeout):
+    def __init__(self, tid, fn_id, fn_ref, mode, data, fds, sink, index, timeout, n):
         self.id = tid
+        self.n = n  # items: 1 for a call, the chunk's length for a map chunk
         self.fn_id = fn_id
         self.fn_ref = fn_ref  # (fn, fn_bytes) for the first send to a worker
         self.mode = mode
@@ -154,7 +159,7 @@ class _Worker:
     """The scheduler's view of one worker process."""
 
     __slots__ = (
-        "channel", "eof", "fns", "inflight", "kill_reason", "pid", "proc", "ready",
+        "batches", "channel", "eof", "fns", "inflight", "kill_reason", "pid", "proc", "ready",
         "retire_reason", "sent", "sentinel", "slot", "writing",
     )
 
@@ -165,6 +170,8 @@ class _Worker:
         self.sentinel = proc.sentinel
         self.slot = slot
         self.inflight: deque[_Task] = deque()
+        # id of the last task of each batch sent and not yet answered in full
+        self.batches: deque[int] = deque()
         self.fns: OrderedDict[int, None] = OrderedDict()
         self.ready = False
         self.eof = False
@@ -306,7 +313,10 @@ class Engine:
         self._fn_lock = threading.Lock()
         self._workers: dict[int, _Worker] = {}  # by sentinel fd... keyed by slot
         self._free_slots = list(range(processes * 2 - 1, -1, -1))
-        self._estimate: float | None = None
+        # Seconds per item, by function id (0: functions sent with each task),
+        # as measured by the workers: an exponentially weighted average.
+        self._estimates: dict[int, float] = {}
+        self._rotate = 0
         self._timed = 0
         self._feeders = 0
         self._start_failures = 0
@@ -401,7 +411,8 @@ class Engine:
             data = dumps(payload, oob=True, what="the task's arguments")
         finally:
             _fd_state.send = previous
-        return _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout)
+        n = 1 if mode == CALL else len(payload[1] if fn_id == 0 else payload)
+        return _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout, n)
 
     def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:
         """Queue serialized tasks for the workers.
@@ -428,16 +439,31 @@ class Engine:
             self._feeders -= 1
         self._wake()
 
-    def map_chunksize(self, n: int) -> int:
-        """Chunk size for a map of *n* items when the caller gave none."""
-        chunksize, extra = divmod(n, self._processes * 4)
-        return max(1, chunksize + (1 if extra else 0))
+    def map_chunksize(self, n: int, fn=None) -> int:
+        """Chunk size for a map of *n* items when the caller gave none.
 
-    def inflight_bound(self) -> int:
+        Never larger than the standard library's (n / 4 per worker), and
+        smaller when this function's measured duration says chunks of that
+        size would take longer than CHUNK_SECONDS: smaller chunks balance the
+        tail of uneven work across workers.
+        """
+        chunksize, extra = divmod(n, self._processes * 4)
+        chunksize = max(1, chunksize + (1 if extra else 0))
+        est = self._estimates.get(self._fn_key(fn)) if fn is not None else None
+        if est is not None and est > 0:
+            chunksize = max(1, min(chunksize, int(CHUNK_SECONDS / est)))
+        return chunksize
+
+    def _fn_key(self, fn) -> int:
+        entry = self._fn_cache.get(id(fn))
+        return entry[1] if entry is not None and entry[0] is fn else 0
+
+    def inflight_bound(self, fn=None, chunksize: int = 1) -> int:
         """How many tasks an imap keeps submitted but unconsumed: enough for
-        two full batches per worker, so batching is never starved."""
-        per_batch = self._batch_size(1 << 30, self._processes)
-        return max(4 * self._processes, min(CREDIT * 2 * per_batch * self._processes, 1 << 16))
+        every worker to hold CREDIT full batches, so batching never starves."""
+        est = self._estimates.get(self._fn_key(fn)) if fn is not None else None
+        per_batch = 1 if est is None else max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * chunksize, 1e-7))))
+        return max(4 * self._processes, min(2 * CREDIT * per_batch * self._processes, 1 << 16))
 
     def _wake(self) -> None:
         if self._sleeping:
@@ -510,7 +536,7 @@ class Engine:
             workers_started=self._started,
             workers_replaced=sum(self._replaced.values()),
             replaced_because=dict(self._replaced),
-            task_seconds_estimate=self._estimate,
+            task_seconds_estimate=min(self._estimates.values()) if self._estimates else None,
         )
 
     @property
@@ -618,11 +644,13 @@ class Engine:
     def _loop(self) -> None:
         select = self._selector.select
         while True:
-            timeout = None
-            if self._timed:
-                timeout = TIMEOUT_TICK
+            # Callers that queue work or requests while we sleep write to the
+            # wake-up pipe (they see _sleeping).  Work queued before we set it
+            # was seen by the dispatch at the end of the previous turn, or
+            # waits for a worker to have room, which a socket event signals.
+            timeout = TIMEOUT_TICK if self._timed else None
             self._sleeping = True
-            if self._pending or self._control:
+            if self._control:
                 timeout = 0
             events = select(timeout)
             self._sleeping = False
@@ -666,29 +694,39 @@ class Engine:
                         self._flush(w)
 
     # -- dispatch ---------------------------------------------------------
-    def _batch_size(self, pending: int, workers: int) -> int:
-        est = self._estimate
-        if est is None:
-            size = 1
-        else:
-            size = int(BATCH_SECONDS / max(est, 1e-7))
-            size = max(1, min(size, MAX_BATCH))
-        fair = -(-pending // max(workers, 1))
-        return max(1, min(size, fair))
-
     def _dispatch(self) -> None:
+        """Give each worker with room a batch from the head of the queue.
+
+        A worker may hold CREDIT batches.  A batch is about BATCH_SECONDS of
+        work by the head task's measured duration (one task while the
+        function is new), and never more than a fair share of what is
+        pending, so work spreads over every worker.  Idle workers are served
+        first, and the starting point rotates so no worker is favoured.
+        """
         pending = self._pending
-        ready = [w for w in self._workers.values() if w.accepting]
-        if not ready:
+        workers = [w for w in self._workers.values() if w.accepting and len(w.batches) < CREDIT]
+        if not workers:
             return
-        size = self._batch_size(len(pending), len(ready))
-        for w in ready:
-            room = CREDIT * size - len(w.inflight)
-            if self._maxtasks:
-                room = min(room, self._maxtasks - w.sent)
-            while room > 0 and pending:
+        workers.sort(key=lambda w: len(w.batches))
+        self._rotate += 1
+        estimates = self._estimates
+        maxtasks = self._maxtasks
+        while pending and workers:
+            progressed = False
+            for w in list(workers):
+                if not pending:
+                    break
+                head = pending[0]
+                est = estimates.get(head.fn_id)
+                if est is None:
+                    size = 1
+                else:
+                    size = max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * head.n, 1e-7))))
+                fair = -(-len(pending) // len(workers))
+                take = min(size, fair)
+                if maxtasks:
+                    take = min(take, maxtasks - w.sent)
                 batch = []
-                take = min(room, size)
                 while pending and len(batch) < take:
                     task = pending.popleft()
                     if task.sink._skip(task):
@@ -698,8 +736,10 @@ class Engine:
                     batch.append(task)
                 if batch:
                     self._send_batch(w, batch)
-                    room -= len(batch)
-            if not pending:
+                    progressed = True
+                if len(w.batches) >= CREDIT or (maxtasks and w.sent >= maxtasks):
+                    workers.remove(w)
+            if not progressed:
                 break
 
     def _send_batch(self, w: _Worker, batch: list[_Task]) -> None:
@@ -725,6 +765,7 @@ class Engine:
                 self._timed += 1
             w.inflight.append(task)
         w.sent += len(batch)
+        w.batches.append(batch[-1].id)
         if forget:
             fn_defs.append((-1, forget))
         w.channel.queue(pickle.dumps((_worker.BATCH, fn_defs, wire), 5), fds)
@@ -762,14 +803,19 @@ class Engine:
     def _on_results(self, w: _Worker, results, fds: list[int]) -> None:
         pos = 0
         inflight = w.inflight
-        est = self._estimate
+        batches = w.batches
+        estimates = self._estimates
         waiters = self.waiters
         try:
             for tid, ok, data, nfds, elapsed in results:
                 task = inflight.popleft()
+                if batches and batches[0] == tid:
+                    batches.popleft()
                 if task.timeout is not None:
                     self._timed -= 1
-                est = elapsed if est is None else est * 0.7 + elapsed * 0.3
+                per_item = elapsed / task.n if task.n > 1 else elapsed
+                est = estimates.get(task.fn_id)
+                estimates[task.fn_id] = per_item if est is None else est * 0.7 + per_item * 0.3
                 if nfds:
                     task_fds = fds[pos : pos + nfds]
                     pos += nfds
@@ -799,7 +845,6 @@ class Engine:
         finally:
             for fd in fds:
                 os.close(fd)
-        self._estimate = est
         if waiters or self.waiters:
             with self.results_cond:
                 self.results_cond.notify_all()

@@ -1,0 +1,14 @@
+"""shoal's benchmark suite: shoal against the standard library (and loky,
+mpire, joblib when installed), measured in the same run.
+
+Installed as ``shoal.benchmarks``; run with ``shoal bench`` (``--quick`` for a
+run under a minute, ``-k WORD`` to select scenarios).
+
+Each ``bench_*.py`` module defines ``SCENARIOS``: a list of
+:class:`~shoal.benchmarks._framework.Scenario`.  A scenario has one callable
+per contender; each callable takes ``quick: bool`` and returns the measured
+figure (in the scenario's unit).  The runner prints every figure and its ratio
+to the standard library's.
+"""
+
+MODULES = ("bench_pool", "bench_ipc", "bench_shared")

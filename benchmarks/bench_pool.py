@@ -1,0 +1,380 @@
+"""Pool scenarios, 2 workers each, default start method of the platform.
+
+Each contender builds its pool outside the timed region (except in the
+start-up scenario), runs the work, and shuts the pool down.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+from ._framework import Scenario, optional
+
+WORKERS = 2
+
+
+def _noop(x):
+    return x
+
+
+def _sleep5ms(x):
+    time.sleep(0.005)
+    return x
+
+
+def _array_sum(a):
+    return float(a.sum())
+
+
+# -- pool start + first result ---------------------------------------------------
+
+
+def _start_stdlib(quick: bool) -> float:
+    t0 = time.perf_counter()
+    with multiprocessing.Pool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        dt = time.perf_counter() - t0
+    return dt * 1e3
+
+
+def _start_shoal(quick: bool) -> float:
+    import shoal
+
+    t0 = time.perf_counter()
+    with shoal.Pool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        dt = time.perf_counter() - t0
+    return dt * 1e3
+
+
+def _start_loky(quick: bool) -> float:
+    from loky import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    ex = ProcessPoolExecutor(WORKERS)
+    ex.submit(_noop, 1).result()
+    dt = time.perf_counter() - t0
+    ex.shutdown()
+    return dt * 1e3
+
+
+def _start_mpire(quick: bool) -> float:
+    from mpire import WorkerPool
+
+    t0 = time.perf_counter()
+    with WorkerPool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        dt = time.perf_counter() - t0
+    return dt * 1e3
+
+
+# -- map of trivial tasks ---------------------------------------------------------
+
+
+def _n_map(quick: bool) -> int:
+    return 200_000
+
+
+def _map_stdlib(quick: bool) -> float:
+    n = _n_map(quick)
+    with multiprocessing.Pool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        t0 = time.perf_counter()
+        pool.map(_noop, range(n))
+        return n / (time.perf_counter() - t0)
+
+
+def _map_shoal(quick: bool) -> float:
+    import shoal
+
+    n = _n_map(quick)
+    with shoal.Pool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        t0 = time.perf_counter()
+        pool.map(_noop, range(n))
+        return n / (time.perf_counter() - t0)
+
+
+def _map_loky(quick: bool) -> float:
+    from loky import ProcessPoolExecutor
+
+    n = _n_map(quick)
+    ex = ProcessPoolExecutor(WORKERS)
+    ex.submit(_noop, 1).result()
+    t0 = time.perf_counter()
+    list(ex.map(_noop, range(n), chunksize=n // (4 * WORKERS)))
+    rate = n / (time.perf_counter() - t0)
+    ex.shutdown()
+    return rate
+
+
+def _map_mpire(quick: bool) -> float:
+    from mpire import WorkerPool
+
+    n = _n_map(quick)
+    with WorkerPool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        t0 = time.perf_counter()
+        pool.map(_noop, range(n))
+        return n / (time.perf_counter() - t0)
+
+
+def _map_joblib(quick: bool) -> float:
+    from joblib import Parallel, delayed
+
+    n = _n_map(quick)
+    with Parallel(n_jobs=WORKERS) as parallel:
+        parallel(delayed(_noop)(i) for i in range(10))
+        t0 = time.perf_counter()
+        parallel(delayed(_noop)(i) for i in range(n))
+        return n / (time.perf_counter() - t0)
+
+
+# -- many apply_async --------------------------------------------------------------
+
+
+N_APPLY = 20_000
+
+
+def _apply_stdlib(quick: bool) -> float:
+    with multiprocessing.Pool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        t0 = time.perf_counter()
+        results = [pool.apply_async(_noop, (i,)) for i in range(N_APPLY)]
+        for r in results:
+            r.get()
+        return N_APPLY / (time.perf_counter() - t0)
+
+
+def _apply_shoal(quick: bool) -> float:
+    import shoal
+
+    with shoal.Pool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        t0 = time.perf_counter()
+        results = [pool.apply_async(_noop, (i,)) for i in range(N_APPLY)]
+        for r in results:
+            r.get()
+        return N_APPLY / (time.perf_counter() - t0)
+
+
+def _submit_stdlib_ppe(quick: bool) -> float:
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(WORKERS) as ex:
+        ex.submit(_noop, 1).result()
+        t0 = time.perf_counter()
+        futures = [ex.submit(_noop, i) for i in range(N_APPLY)]
+        for f in futures:
+            f.result()
+        return N_APPLY / (time.perf_counter() - t0)
+
+
+def _submit_shoal(quick: bool) -> float:
+    import shoal
+
+    with shoal.ProcessPoolExecutor(WORKERS) as ex:
+        ex.submit(_noop, 1).result()
+        t0 = time.perf_counter()
+        futures = [ex.submit(_noop, i) for i in range(N_APPLY)]
+        for f in futures:
+            f.result()
+        return N_APPLY / (time.perf_counter() - t0)
+
+
+def _submit_loky(quick: bool) -> float:
+    from loky import ProcessPoolExecutor
+
+    ex = ProcessPoolExecutor(WORKERS)
+    ex.submit(_noop, 1).result()
+    t0 = time.perf_counter()
+    futures = [ex.submit(_noop, i) for i in range(N_APPLY)]
+    for f in futures:
+        f.result()
+    rate = N_APPLY / (time.perf_counter() - t0)
+    ex.shutdown()
+    return rate
+
+
+def _apply_mpire(quick: bool) -> float:
+    from mpire import WorkerPool
+
+    with WorkerPool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        t0 = time.perf_counter()
+        results = [pool.apply_async(_noop, (i,)) for i in range(N_APPLY)]
+        for r in results:
+            r.get()
+        return N_APPLY / (time.perf_counter() - t0)
+
+
+# -- imap_unordered of 5 ms tasks: efficiency ---------------------------------------
+
+
+def _n_sleep(quick: bool) -> int:
+    return 200 if quick else 400
+
+
+def _efficiency(elapsed: float, n: int) -> float:
+    return (n * 0.005 / WORKERS) / elapsed
+
+
+def _imap_stdlib(quick: bool) -> float:
+    n = _n_sleep(quick)
+    with multiprocessing.Pool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        t0 = time.perf_counter()
+        for _ in pool.imap_unordered(_sleep5ms, range(n)):
+            pass
+        return _efficiency(time.perf_counter() - t0, n)
+
+
+def _imap_shoal(quick: bool) -> float:
+    import shoal
+
+    n = _n_sleep(quick)
+    with shoal.Pool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        t0 = time.perf_counter()
+        for _ in pool.imap_unordered(_sleep5ms, range(n)):
+            pass
+        return _efficiency(time.perf_counter() - t0, n)
+
+
+def _imap_mpire(quick: bool) -> float:
+    from mpire import WorkerPool
+
+    n = _n_sleep(quick)
+    with WorkerPool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        t0 = time.perf_counter()
+        for _ in pool.imap_unordered(_sleep5ms, range(n)):
+            pass
+        return _efficiency(time.perf_counter() - t0, n)
+
+
+def _imap_loky(quick: bool) -> float:
+    from concurrent.futures import as_completed
+
+    from loky import ProcessPoolExecutor
+
+    n = _n_sleep(quick)
+    ex = ProcessPoolExecutor(WORKERS)
+    ex.submit(_noop, 1).result()
+    t0 = time.perf_counter()
+    for _ in as_completed([ex.submit(_sleep5ms, i) for i in range(n)]):
+        pass
+    eff = _efficiency(time.perf_counter() - t0, n)
+    ex.shutdown()
+    return eff
+
+
+# -- large numpy arrays to workers ---------------------------------------------------
+
+
+def _arrays(quick: bool):
+    import numpy as np
+
+    n = 4 if quick else 8
+    return [np.full(50_000_000 // 8, float(i)) for i in range(n)]
+
+
+def _gbps(arrays, elapsed: float) -> float:
+    return sum(a.nbytes for a in arrays) / elapsed / 1e9
+
+
+def _numpy_stdlib(quick: bool) -> float:
+    arrays = _arrays(quick)
+    with multiprocessing.Pool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        t0 = time.perf_counter()
+        pool.map(_array_sum, arrays, chunksize=1)
+        return _gbps(arrays, time.perf_counter() - t0)
+
+
+def _numpy_shoal(quick: bool) -> float:
+    import shoal
+
+    arrays = _arrays(quick)
+    with shoal.Pool(WORKERS) as pool:
+        pool.apply(_noop, (1,))
+        t0 = time.perf_counter()
+        pool.map(_array_sum, arrays, chunksize=1)
+        return _gbps(arrays, time.perf_counter() - t0)
+
+
+def _numpy_loky(quick: bool) -> float:
+    from loky import ProcessPoolExecutor
+
+    arrays = _arrays(quick)
+    ex = ProcessPoolExecutor(WORKERS)
+    ex.submit(_noop, 1).result()
+    t0 = time.perf_counter()
+    list(ex.map(_array_sum, arrays))
+    rate = _gbps(arrays, time.perf_counter() - t0)
+    ex.shutdown()
+    return rate
+
+
+def _with_peers(runners: dict, peers: dict) -> dict:
+    out = dict(runners)
+    for name, fn in peers.items():
+        if optional(name):
+            out[name] = fn
+    return out
+
+
+SCENARIOS = [
+    Scenario(
+        "pool start + first result",
+        "ms",
+        False,
+        _with_peers({"stdlib": _start_stdlib, "shoal": _start_shoal}, {"loky": _start_loky, "mpire": _start_mpire}),
+        target="<= 1.5x time (ratio >= 0.67x)",
+        repeat=5,
+    ),
+    Scenario(
+        "Pool.map 200k trivial tasks",
+        "tasks/s",
+        True,
+        _with_peers(
+            {"stdlib": _map_stdlib, "shoal": _map_shoal},
+            {"loky": _map_loky, "mpire": _map_mpire, "joblib": _map_joblib},
+        ),
+        target=">= 1.0x",
+    ),
+    Scenario(
+        "apply_async x20k trivial, then get all",
+        "tasks/s",
+        True,
+        _with_peers({"stdlib": _apply_stdlib, "shoal": _apply_shoal}, {"mpire": _apply_mpire}),
+        target=">= 12x",
+    ),
+    Scenario(
+        "executor.submit x20k trivial, then result all",
+        "tasks/s",
+        True,
+        _with_peers({"stdlib": _submit_stdlib_ppe, "shoal": _submit_shoal}, {"loky": _submit_loky}),
+        target=">= 12x",
+    ),
+    Scenario(
+        "imap_unordered 400 x 5 ms sleep",
+        "efficiency",
+        True,
+        _with_peers({"stdlib": _imap_stdlib, "shoal": _imap_shoal}, {"loky": _imap_loky, "mpire": _imap_mpire}),
+        target="efficiency >= 0.97",
+    ),
+]
+
+if optional("numpy"):
+    SCENARIOS.append(
+        Scenario(
+            "8 numpy arrays of 50 MB to workers, sum",
+            "GB/s",
+            True,
+            _with_peers({"stdlib": _numpy_stdlib, "shoal": _numpy_shoal}, {"loky": _numpy_loky}),
+            target=">= 10x",
+            repeat=2,
+        )
+    )
