@@ -1,0 +1,88 @@
+"""shoal.ProcessPoolExecutor behaves like concurrent.futures.ProcessPoolExecutor."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+
+import pytest
+import workers
+
+import shoal
+
+
+def test_submit_map_shutdown(start_method):
+    with shoal.ProcessPoolExecutor(2, mp_context=shoal.get_context(start_method)) as ex:
+        assert ex.submit(workers.add, 2, b=3).result(timeout=30) == 5
+        assert list(ex.map(workers.square, range(20))) == [x * x for x in range(20)]
+        assert list(ex.map(workers.add, range(5), range(5), chunksize=2)) == [0, 2, 4, 6, 8]
+        assert list(ex.map(workers.square, iter(range(7)))) == [x * x for x in range(7)]
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(workers.square, 1)
+
+
+def test_is_an_executor_and_works_with_asyncio():
+    async def main(ex):
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(loop.run_in_executor(ex, workers.square, i) for i in range(10)))
+        return results
+
+    with shoal.ProcessPoolExecutor(2) as ex:
+        assert isinstance(ex, concurrent.futures.Executor)
+        assert asyncio.run(main(ex)) == [i * i for i in range(10)]
+
+
+def test_future_callbacks_and_exceptions():
+    seen = []
+    with shoal.ProcessPoolExecutor(1) as ex:
+        fut = ex.submit(workers.raise_value_error, 3)
+        fut.add_done_callback(lambda f: seen.append(type(f.exception())))
+        with pytest.raises(ValueError, match="bad value 3"):
+            fut.result(timeout=30)
+        assert isinstance(fut.exception(), ValueError)
+    assert seen == [ValueError]
+
+
+def test_map_raises_first_error_and_timeout():
+    with shoal.ProcessPoolExecutor(2) as ex:
+        with pytest.raises(ValueError):
+            list(ex.map(workers.raise_value_error, range(3)))
+        with pytest.raises(TimeoutError):
+            list(ex.map(workers.sleep_for, [5, 5], timeout=0.2))
+
+
+def test_shutdown_cancel_futures():
+    ex = shoal.ProcessPoolExecutor(1)
+    first = ex.submit(workers.sleep_for, 0.5)
+    queued = [ex.submit(workers.square, i) for i in range(50)]
+    time.sleep(0.1)
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert first.result() == 0.5
+    assert any(f.cancelled() for f in queued)
+    for f in queued:
+        assert f.cancelled() or f.result() is not None
+
+
+def test_worker_death_fails_one_future_only(fork_or_spawn):
+    with shoal.ProcessPoolExecutor(2, mp_context=shoal.get_context(fork_or_spawn)) as ex:
+        bad = ex.submit(workers.kill_self)
+        good = [ex.submit(workers.square, i) for i in range(10)]
+        with pytest.raises(shoal.WorkerDiedError):
+            bad.result(timeout=30)
+        assert [f.result(timeout=30) for f in good] == [i * i for i in range(10)]
+        # Unlike concurrent.futures, the executor is not broken.
+        assert ex.submit(workers.square, 5).result(timeout=30) == 25
+
+
+def test_failing_initializer_is_broken_process_pool():
+    from concurrent.futures.process import BrokenProcessPool
+
+    with shoal.ProcessPoolExecutor(1, initializer=workers.failing_initializer) as ex:
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(workers.square, 2).result(timeout=30)
+
+
+def test_max_workers_must_be_positive():
+    with pytest.raises(ValueError, match="max_workers"):
+        shoal.ProcessPoolExecutor(0)
