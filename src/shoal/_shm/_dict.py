@@ -61,7 +61,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from .. import _native
-from .._ipc._fdpass import reduce_fd
+from .._ipc._fdpass import collecting, reduce_fd
 from .._serialization import dumps
 from ..exceptions import SerializationError
 from ._segment import create_fd
@@ -235,7 +235,11 @@ class SharedDict(MutableMapping):
 
     def __reduce__(self):
         self._check_open()
-        rebuild, args = reduce_fd(self._fd)
+        # A shoal channel owns (and closes after sending) the descriptors it
+        # collects, so it gets a duplicate; multiprocessing's DupFd makes
+        # its own.
+        fd = os.dup(self._fd) if collecting() else self._fd
+        rebuild, args = reduce_fd(fd)
         return _rebuild_shared_dict, (rebuild, args)
 
     # -- lifetime --

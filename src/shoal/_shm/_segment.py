@@ -12,7 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 
-from .._ipc._fdpass import reduce_fd
+from .._ipc._fdpass import collecting, reduce_fd
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -72,7 +72,10 @@ class Segment:
         return cls(view.nbytes, fd=fd_from_buffer(view))
 
     def __reduce__(self):
-        rebuild, args = reduce_fd(self.fd)
+        # A shoal channel owns (and closes after sending) the descriptors it
+        # collects: give it a duplicate so this segment stays usable.
+        fd = os.dup(self.fd) if collecting() else self.fd
+        rebuild, args = reduce_fd(fd)
         return _rebuild_segment, (rebuild, args, self.size)
 
     def close(self) -> None:
