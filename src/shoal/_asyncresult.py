@@ -32,7 +32,7 @@ import weakref
 from collections import deque
 from typing import Any
 
-from .exceptions import PoolClosedError
+from .exceptions import PoolClosedError, ShoalError
 
 
 class AsyncResult:
@@ -370,6 +370,10 @@ def _feed(state: _IMapState, fn, iterator, chunksize: int, mode: int, task_timeo
                 state.input_error = exc
                 break
             _submit(engine, state, tasks)
+    except ShoalError as exc:
+        # The pool was terminated or broke under us: the items not submitted
+        # will never run, and next() says so after the ones that did.
+        state.input_error = exc
     finally:
         with cond:
             state.total = state.submitted
