@@ -46,6 +46,7 @@ from . import exceptions as exceptions
 from ._executor import ProcessPoolExecutor as ProcessPoolExecutor
 from ._pool import AsyncResult as AsyncResult
 from ._pool import Pool as Pool
+from ._shm._dict import SharedDict as SharedDict
 from .exceptions import (
     BrokenResourceError as BrokenResourceError,
     PoolClosedError as PoolClosedError,
@@ -74,6 +75,7 @@ __all__ = (
     "RLock",
     "Semaphore",
     "SerializationError",
+    "SharedDict",
     "ShoalError",
     "TaskTimeoutError",
     "TimeoutError",

@@ -1,0 +1,267 @@
+"""The native core, exercised from Python: atomics, the robust mutex, futex
+wait/wake and the stable hash, within one process and across processes."""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shoal import _native
+from shoal._shm._segment import Segment
+
+# -- atomics -------------------------------------------------------------------
+
+
+def test_load_store_fetch_add_compare_exchange():
+    buf = bytearray(64)
+    _native.store(buf, 8, -5)
+    assert _native.load(buf, 8) == -5
+    assert struct.unpack_from("<q", buf, 8)[0] == -5
+    assert _native.fetch_add(buf, 8, 7) == -5
+    assert _native.load(buf, 8) == 2
+    assert _native.compare_exchange(buf, 8, 3, 100) == 2  # expected wrong: unchanged
+    assert _native.load(buf, 8) == 2
+    assert _native.compare_exchange(buf, 8, 2, 100) == 2  # swapped
+    assert _native.load(buf, 8) == 100
+
+
+def test_fetch_add_wraps_like_int64():
+    buf = bytearray(8)
+    _native.store(buf, 0, 2**63 - 1)
+    assert _native.fetch_add(buf, 0, 1) == 2**63 - 1
+    assert _native.load(buf, 0) == -(2**63)
+
+
+@pytest.mark.parametrize(
+    ("offset", "error", "message"),
+    [
+        (64, IndexError, "out of range"),
+        (60, IndexError, "out of range"),
+        (-8, IndexError, "out of range"),
+        (4, ValueError, "aligned"),
+    ],
+)
+def test_bad_offsets_raise_clear_errors(offset, error, message):
+    buf = bytearray(64)
+    with pytest.raises(error, match=message):
+        _native.load(buf, offset)
+
+
+def test_read_only_buffer_is_refused():
+    with pytest.raises((TypeError, BufferError)):
+        _native.store(b"\0" * 16, 0, 1)
+
+
+def _add_many(segment: Segment, n: int) -> None:
+    for _ in range(n):
+        _native.fetch_add(segment.mmap, 0, 1)
+
+
+def test_fetch_add_is_atomic_across_processes(start_method):
+    ctx = multiprocessing.get_context(start_method)
+    with Segment(4096) as seg:
+        procs = [ctx.Process(target=_add_many, args=(seg, 20_000)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+        assert _native.load(seg.mmap, 0) == 60_000
+
+
+# -- robust mutex --------------------------------------------------------------
+
+
+def test_mutex_acquire_release_and_timeout():
+    buf = mmap.mmap(-1, 4096)
+    try:
+        _native.mutex_init(buf, 64)
+        assert _native.mutex_acquire(buf, 64) is False
+        # Same thread again: an error, not a hang.
+        with pytest.raises(RuntimeError, match="already holds"):
+            _native.mutex_acquire(buf, 64, 0.05)
+        _native.mutex_release(buf, 64)
+        with pytest.raises(RuntimeError, match="does not hold"):
+            _native.mutex_release(buf, 64)
+    finally:
+        buf.close()
+
+
+def _hold_and_report(seg: Segment, ready, release) -> None:
+    _native.mutex_acquire(seg.mmap, 64)
+    ready.set()
+    release.wait(30)
+    _native.mutex_release(seg.mmap, 64)
+
+
+def test_mutex_timeout_while_another_process_holds_it(start_method):
+    ctx = multiprocessing.get_context(start_method)
+    ready, release = ctx.Event(), ctx.Event()
+    with Segment(4096) as seg:
+        _native.mutex_init(seg.mmap, 64)
+        p = ctx.Process(target=_hold_and_report, args=(seg, ready, release))
+        p.start()
+        try:
+            assert ready.wait(30)
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                _native.mutex_acquire(seg.mmap, 64, 0.2)
+            assert time.monotonic() - t0 >= 0.19
+        finally:
+            release.set()
+            p.join(30)
+        assert p.exitcode == 0
+        assert _native.mutex_acquire(seg.mmap, 64, 10) is False
+        _native.mutex_release(seg.mmap, 64)
+
+
+def _lock_and_die(seg: Segment) -> None:
+    _native.mutex_acquire(seg.mmap, 64)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_mutex_owner_death_is_reported_and_recoverable(start_method):
+    ctx = multiprocessing.get_context(start_method)
+    with Segment(4096) as seg:
+        _native.mutex_init(seg.mmap, 64)
+        p = ctx.Process(target=_lock_and_die, args=(seg,))
+        p.start()
+        p.join(30)
+        assert p.exitcode == -signal.SIGKILL
+        assert _native.mutex_acquire(seg.mmap, 64, 10) is True  # owner died
+        _native.mutex_consistent(seg.mmap, 64)
+        _native.mutex_release(seg.mmap, 64)
+        assert _native.mutex_acquire(seg.mmap, 64, 10) is False  # healthy again
+        _native.mutex_release(seg.mmap, 64)
+
+
+def test_mutex_released_without_repair_becomes_unusable():
+    ctx = multiprocessing.get_context("fork")
+    with Segment(4096) as seg:
+        _native.mutex_init(seg.mmap, 64)
+        p = ctx.Process(target=_lock_and_die, args=(seg,))
+        p.start()
+        p.join(30)
+        assert _native.mutex_acquire(seg.mmap, 64, 10) is True
+        _native.mutex_release(seg.mmap, 64)  # without mutex_consistent
+        with pytest.raises(OSError, match="unusable"):
+            _native.mutex_acquire(seg.mmap, 64, 1)
+
+
+def _locked_increments(seg: Segment, n: int) -> None:
+    for _ in range(n):
+        _native.mutex_acquire(seg.mmap, 64)
+        # A plain (non-atomic) read-modify-write: only the mutex makes it safe.
+        (v,) = struct.unpack_from("<q", seg.mmap, 0)
+        struct.pack_into("<q", seg.mmap, 0, v + 1)
+        _native.mutex_release(seg.mmap, 64)
+
+
+def test_mutex_gives_mutual_exclusion_across_processes(fork_or_spawn):
+    ctx = multiprocessing.get_context(fork_or_spawn)
+    with Segment(4096) as seg:
+        _native.mutex_init(seg.mmap, 64)
+        procs = [ctx.Process(target=_locked_increments, args=(seg, 5_000)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+        assert struct.unpack_from("<q", seg.mmap, 0)[0] == 15_000
+
+
+def test_mutex_checks_bounds():
+    with pytest.raises(IndexError):
+        _native.mutex_init(bytearray(16), 0)
+
+
+# -- futex ---------------------------------------------------------------------
+
+
+def test_futex_wait_times_out_or_returns_when_value_differs():
+    buf = mmap.mmap(-1, 4096)
+    try:
+        t0 = time.monotonic()
+        assert _native.futex_wait(buf, 0, 0, 0.05) is False
+        assert time.monotonic() - t0 >= 0.04
+        assert _native.futex_wait(buf, 0, 1, 5) is True  # value is 0, not 1: no sleep
+        assert _native.futex_wake(buf, 0) == 0
+        with pytest.raises(ValueError, match="aligned"):
+            _native.futex_wait(buf, 2, 0, 0)
+    finally:
+        buf.close()
+
+
+def _futex_waiter(seg: Segment) -> None:
+    _native.store(seg.mmap, 8, 1)  # "I am about to wait"
+    while struct.unpack_from("<I", seg.mmap, 0)[0] == 0:
+        _native.futex_wait(seg.mmap, 0, 0, 10)
+    _native.store(seg.mmap, 8, 2)
+
+
+def test_futex_wake_wakes_a_waiter_in_another_process(start_method):
+    ctx = multiprocessing.get_context(start_method)
+    with Segment(4096) as seg:
+        p = ctx.Process(target=_futex_waiter, args=(seg,))
+        p.start()
+        deadline = time.monotonic() + 30
+        while _native.load(seg.mmap, 8) != 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)  # let it go to sleep in the kernel
+        struct.pack_into("<I", seg.mmap, 0, 1)
+        _native.futex_wake(seg.mmap, 0, 1)
+        p.join(30)
+        assert p.exitcode == 0
+        assert _native.load(seg.mmap, 8) == 2
+
+
+# -- stable hash ---------------------------------------------------------------
+
+
+def test_hash64_matches_xxh64_reference_values():
+    assert _native.hash64(b"") == 0xEF46DB3751D8E999
+    assert _native.hash64(b"abc") == 0x44BC2CF5AD770999
+    data = bytes(range(256)) * 3
+    # Every length through all code paths, and any bytes-like object.
+    assert len({_native.hash64(data[:n]) for n in range(len(data))}) == len(data)
+    assert _native.hash64(memoryview(data)) == _native.hash64(bytearray(data))
+    assert _native.hash64(b"abc", 1) != _native.hash64(b"abc")
+
+
+def test_hash64_is_the_same_in_processes_with_different_hash_seeds():
+    code = "from shoal import _native; print(_native.hash64(b'shoal' * 11), hash('shoal'))"
+    outputs = []
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        outputs.append(out.stdout.split())
+    assert outputs[0][0] == outputs[1][0] == str(_native.hash64(b"shoal" * 11))
+    assert outputs[0][1] != outputs[1][1]  # while hash() does differ
+
+
+# -- the dict mapping object ---------------------------------------------------
+
+
+def test_dict_functions_refuse_other_objects_and_closed_mappings():
+    with pytest.raises(TypeError, match="Mapping"):
+        _native.dict_get(bytearray(4096), b"k", None)
+    fd = os.memfd_create("t", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 8192)
+        m = _native.Mapping(fd, 1 << 20)
+        _native.dict_init(m, 8192)
+        assert _native.dict_put(m, b"sk", 5)
+        assert _native.dict_get(m, b"sk", None) == 5
+        m.close()
+        with pytest.raises(ValueError, match="closed"):
+            _native.dict_get(m, b"sk", None)
+    finally:
+        os.close(fd)

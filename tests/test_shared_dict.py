@@ -1,0 +1,421 @@
+"""SharedDict: the MutableMapping API against a plain dict, race-free
+operations from several processes under every start method and hash seed,
+growth while others read and write, bad input, and lifetime."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import threading
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import shoal
+from shoal import SharedDict, _native
+
+
+@pytest.fixture
+def d():
+    with SharedDict() as sd:
+        yield sd
+
+
+def check(sd: SharedDict) -> int:
+    """Every structural invariant holds (raises otherwise); returns len."""
+    return _native.dict_check(sd._map)
+
+
+# -- the mapping API -------------------------------------------------------------
+
+
+def test_basic_mapping_api(d):
+    d["a"] = 1
+    d["b"] = "two"
+    d[3] = [3.0]
+    assert d["a"] == 1 and d["b"] == "two" and d[3] == [3.0]
+    assert len(d) == 3 and "a" in d and "zz" not in d
+    assert list(d) == ["a", "b", 3]  # insertion order, like dict
+    assert list(d.keys()) == ["a", "b", 3]
+    assert list(d.values()) == [1, "two", [3.0]]
+    assert list(d.items()) == [("a", 1), ("b", "two"), (3, [3.0])]
+    assert d.get("zz") is None and d.get("zz", 5) == 5
+    assert d == {"a": 1, "b": "two", 3: [3.0]} and d != {"a": 1}
+    assert d.copy() == {"a": 1, "b": "two", 3: [3.0]} and type(d.copy()) is dict
+    with pytest.raises(KeyError):
+        d["zz"]
+    with pytest.raises(KeyError):
+        del d["zz"]
+    del d["a"]
+    assert "a" not in d and len(d) == 2
+    d["a"] = 9  # re-inserted at the end, like dict
+    assert list(d) == ["b", 3, "a"]
+    assert d.pop("b") == "two" and d.pop("b", None) is None
+    with pytest.raises(KeyError):
+        d.pop("b")
+    assert d.setdefault("a", 0) == 9 and d.setdefault("n", 0) == 0
+    assert d.popitem() == ("n", 0)
+    d.update({"x": 1}, y=2)
+    d.update([("z", 3)])
+    assert d == {3: [3.0], "a": 9, "x": 1, "y": 2, "z": 3}
+    d.clear()
+    assert len(d) == 0 and d == {} and list(d) == []
+    with pytest.raises(KeyError):
+        d.popitem()
+    check(d)
+
+
+def test_values_of_every_kind_round_trip(d):
+    values = [
+        0, -1, 2**62 - 1, -(2**62), 2**62, -(2**62) - 1, 10**40, 1.5, float("inf"), -0.0,
+        "", "é\U0001f600", "\udc80", b"", b"\0\xff", None, True, False,
+        [1, [2]], {"n": {1, 2}}, (1, "a"), bytearray(b"xy"), complex(1, 2),
+    ]  # fmt: skip
+    for i, v in enumerate(values):
+        d[i] = v
+    for i, v in enumerate(values):
+        got = d[i]
+        assert got == v and type(got) is type(v), (v, got)
+    check(d)
+
+
+def test_keys_are_canonical_like_dict_keys(d):
+    d[1] = "one"
+    assert d[1.0] == "one" and d[True] == "one"
+    d[1.0] = "uno"
+    assert len(d) == 1 and d[1] == "uno"
+    key = ("a" * 3, ("b", 2), frozenset({1, 2}), None, b"x", 2.5)
+    twin = ("".join(["a", "aa"]), ("b", 2), frozenset([2, 1]), None, b"x", 2.5)
+    d[key] = 1
+    assert d[twin] == 1 and list(d)[-1] == key
+    with pytest.raises(TypeError, match="unhashable"):
+        d[[1, 2]] = 3
+    with pytest.raises(TypeError):
+        d[float("nan")] = 1
+    assert len(d) == 2
+
+
+def test_incr_and_update_with(d):
+    assert d.incr("n") == 1
+    assert d.incr("n", 5) == 6
+    assert d.incr("m", 2, default=10) == 12
+    assert d.incr("n", -7) == -1
+    d["f"] = 0.5
+    assert d.incr("f", 1) == 1.5  # not an inline int: the locked slow path
+    d["big"] = 2**62 - 1
+    assert d.incr("big") == 2**62  # crosses out of the inline range
+    assert d.incr("big", -1) == 2**62 - 1
+    assert d.update_with("s", lambda v: v + "x", default="") == "x"
+    assert d.update_with("s", lambda v: v * 3) == "xxx"
+    with pytest.raises(ZeroDivisionError):
+        d.update_with("s", lambda v: 1 / 0)
+    assert d["s"] == "xxx"  # nothing changed
+    d["t"] = "text"
+    with pytest.raises(TypeError):
+        d.incr("t")
+    assert d["t"] == "text"
+    check(d)
+
+
+def test_locked_is_a_reentrant_transaction(d):
+    d["count"] = 0
+    with d.locked():
+        d["count"] += 1
+        with d.locked():
+            d.incr("count")
+            d["other"] = d.get("other", 0) + 1
+    assert d["count"] == 2 and d["other"] == 1
+
+
+def _hold_lock(sd, ready, release):
+    with sd.locked():
+        ready.set()
+        release.wait(30)
+
+
+def test_locked_timeout_and_other_threads_wait(d):
+    ready, release = threading.Event(), threading.Event()
+    t = threading.Thread(target=_hold_lock, args=(d, ready, release))
+    t.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(TimeoutError):
+            with d.locked(timeout=0.1):
+                pass
+        assert d.get("x") is None  # reads never wait for the lock
+    finally:
+        release.set()
+        t.join(10)
+    with d.locked(timeout=5):
+        d["x"] = 1
+
+
+def test_str_is_a_plain_dict_repr_like_the_manager_proxy(d):
+    d["count"] = 0
+    assert str(d) == "{'count': 0}"
+    assert repr(d) == "SharedDict({'count': 0})"
+    assert SharedDict.__module__ == "shoal" and shoal.SharedDict is SharedDict
+
+
+# -- bad input -------------------------------------------------------------------
+
+
+def test_unpicklable_value_or_key_raises_typeerror_and_stores_nothing(d):
+    d["keep"] = 1
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="lock"):
+        d["x"] = lock
+    with pytest.raises(TypeError, match="lock"):
+        d["x"] = {"inner": [1, lock]}
+    with pytest.raises(TypeError, match="lock"):
+        d[("k", lock)] = 1
+    with pytest.raises(TypeError, match="lock"):
+        d.update({"a": 1, "b": lock})
+    with pytest.raises(TypeError, match="lock"):
+        d.update_with("keep", lambda v: lock)
+    assert d == {"keep": 1}
+    assert isinstance(pytest.raises(TypeError, d.__setitem__, "x", lock).value, shoal.SerializationError)
+    check(d)
+
+
+def test_too_large_raises_memoryerror_and_keeps_the_dict():
+    with SharedDict({"a": 1}, max_size=1 << 20) as d:
+        for i in range(100):
+            d[i] = "v" * 100
+        with pytest.raises(MemoryError, match="max_size"):
+            d["huge"] = b"x" * (2 << 20)
+        assert "huge" not in d and d["a"] == 1 and len(d) == 101
+        d["small"] = 2  # still usable
+        assert check(d) == 102
+
+
+# -- hypothesis: the MutableMapping API against a plain dict ---------------------
+
+keys = st.one_of(st.integers(-3, 40), st.text(max_size=4), st.tuples(st.integers(0, 3), st.text(max_size=2)))
+values = st.one_of(
+    st.integers(), st.text(max_size=30), st.binary(max_size=30), st.floats(allow_nan=False), st.none(),
+    st.lists(st.integers(), max_size=4),
+)  # fmt: skip
+
+
+class DictMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sd = SharedDict()
+        self.model: dict = {}
+
+    @rule(k=keys, v=values)
+    def set(self, k, v):
+        self.sd[k] = v
+        self.model[k] = v
+
+    @rule(k=keys)
+    def delete(self, k):
+        if k in self.model:
+            del self.sd[k]
+            del self.model[k]
+        else:
+            with pytest.raises(KeyError):
+                del self.sd[k]
+
+    @rule(k=keys, v=values)
+    def pop_or_setdefault(self, k, v):
+        assert self.sd.pop(k, "d") == self.model.pop(k, "d")
+        assert self.sd.setdefault(k, v) == self.model.setdefault(k, v)
+
+    @precondition(lambda self: self.model)
+    @rule()
+    def popitem(self):
+        assert self.sd.popitem() == self.model.popitem()
+
+    @rule(k=keys, n=st.integers(-5, 5))
+    def incr(self, k, n):
+        current = self.model.get(k, 0)
+        if type(current) is not int:
+            return
+        self.model[k] = current + n
+        assert self.sd.incr(k, n) == current + n
+
+    @rule(items=st.dictionaries(keys, values, max_size=20))
+    def update(self, items):
+        self.sd.update(items)
+        self.model.update(items)
+
+    @rule()
+    def clear_sometimes(self):
+        if len(self.model) > 30:
+            self.sd.clear()
+            self.model.clear()
+
+    @invariant()
+    def same_contents(self):
+        assert len(self.sd) == len(self.model)
+        assert list(self.sd.items()) == list(self.model.items())
+
+    def teardown(self):
+        check(self.sd)
+        self.sd.close()
+
+
+TestDictMachine = DictMachine.TestCase
+TestDictMachine.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+
+
+# -- several processes -----------------------------------------------------------
+
+
+def _hammer(sd: SharedDict, worker: int, n: int) -> int:
+    for i in range(n):
+        sd.incr("incr")
+        sd.update_with("upd", lambda v: v + 1, default=0)
+        sd.update_with(("tuple", "key"), lambda v: v + [worker] if len(v) < 50 else v[1:] + [worker], default=[])
+        if i % 10 == 0:
+            with sd.locked():
+                sd["txn"] = sd.get("txn", 0) + 1
+        sd[f"w{worker}-{i % 64}"] = "v" * (i % 200)
+    return hash("probe")
+
+
+def _run_workers(ctx, target, args_list):
+    procs = [ctx.Process(target=target, args=args) for args in args_list]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    return [p.exitcode for p in procs]
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_exact_totals_from_several_processes(start_method, workers):
+    ctx = multiprocessing.get_context(start_method)
+    n = 2000
+    with SharedDict() as sd:
+        assert _run_workers(ctx, _hammer, [(sd, w, n) for w in range(workers)]) == [0] * workers
+        assert sd["incr"] == workers * n
+        assert sd["upd"] == workers * n
+        assert sd["txn"] == workers * (n // 10)
+        assert len(sd[("tuple", "key")]) == 50
+        assert check(sd) == len(sd) == 4 + workers * 64
+
+
+def _report_seed_and_work(sd: SharedDict, worker: int, n: int) -> None:
+    sd[("seed", worker)] = hash("probe")
+    for i in range(n):
+        sd.incr(("counter", "shared"))
+        sd.update_with(frozenset({"a", worker % 2}), lambda v: v + 1, default=0)
+    # Keys written by the parent are found although hash() differs here.
+    sd[("seen", worker)] = sd[("from", "parent")]
+
+
+def test_processes_with_different_hash_seeds_agree(monkeypatch):
+    ctx = multiprocessing.get_context("spawn")
+    n = 1000
+    with SharedDict() as sd:
+        sd[("from", "parent")] = "hello"
+        procs = []
+        for worker, seed in enumerate(["1", "2", "3"]):
+            monkeypatch.setenv("PYTHONHASHSEED", seed)
+            p = ctx.Process(target=_report_seed_and_work, args=(sd, worker, n))
+            p.start()
+            procs.append(p)
+        monkeypatch.delenv("PYTHONHASHSEED")
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+        assert len({sd[("seed", w)] for w in range(3)}) == 3  # hash() really differed
+        assert sd[("counter", "shared")] == 3 * n
+        assert sd[frozenset({"a", 0})] + sd[frozenset({"a", 1})] == 3 * n
+        assert all(sd[("seen", w)] == "hello" for w in range(3))
+        check(sd)
+
+
+def _grow(sd: SharedDict, n: int, done) -> None:
+    for i in range(n):
+        sd[f"k{i}"] = (i, "x" * (i % 300))
+        if i % 3 == 0:
+            del sd[f"k{i // 2}"]
+    done.set()
+
+
+def _read_while_growing(sd: SharedDict, done, errors) -> None:
+    reads = 0
+    while not done.is_set() or reads < 100:
+        stable = sd["stable"]
+        if stable != ("s", 12345, "y" * 1000):
+            errors.put(f"torn stable value {stable!r:.80}")
+            return
+        for k, v in list(sd.items())[:50]:
+            if k.startswith("k") and (v[0] != int(k[1:]) or v[1] != "x" * (v[0] % 300)):
+                errors.put(f"torn value for {k}: {v!r:.80}")
+                return
+        sd.incr("reads")
+        reads += 1
+
+
+def test_growth_while_others_read_and_write(start_method):
+    ctx = multiprocessing.get_context(start_method)
+    done = ctx.Event()
+    errors = ctx.Queue()
+    with SharedDict() as sd:
+        sd["stable"] = ("s", 12345, "y" * 1000)
+        writer = ctx.Process(target=_grow, args=(sd, 3000, done))
+        readers = [ctx.Process(target=_read_while_growing, args=(sd, done, errors)) for _ in range(2)]
+        for p in [*readers, writer]:
+            p.start()
+        for p in [writer, *readers]:
+            p.join(60)
+        assert [p.exitcode for p in [writer, *readers]] == [0, 0, 0]
+        assert errors.empty()
+        errors.close()
+        errors.join_thread()
+        assert sd["reads"] >= 200
+        assert check(sd) == len(sd)
+        expected = {f"k{i}" for i in range(3000)} - {f"k{i // 2}" for i in range(0, 3000, 3)}
+        assert {k for k in sd if k.startswith("k")} == expected
+
+
+def _pool_task(sd: SharedDict, i: int) -> int:
+    sd[i] = i * i
+    return sd.incr("tasks")
+
+
+def test_works_as_a_pool_task_argument(fork_or_spawn):
+    with SharedDict() as sd:
+        with shoal.Pool(2, context=fork_or_spawn) as pool:
+            results = pool.starmap(_pool_task, [(sd, i) for i in range(50)])
+        assert sorted(results) == list(range(1, 51))
+        assert sd["tasks"] == 50 and all(sd[i] == i * i for i in range(50))
+
+
+def test_pickle_outside_processes_and_close():
+    sd = SharedDict({"a": 1})
+    # A second handle on the same descriptor's memory (what unpickling builds).
+    twin = SharedDict._from_fd(os.dup(sd._fd))
+    twin["b"] = 2
+    assert sd == {"a": 1, "b": 2}
+    twin.close()
+    sd.close()
+    sd.close()  # idempotent
+    assert sd.closed
+    with pytest.raises(ValueError, match="closed"):
+        sd["a"]
+    with pytest.raises(ValueError, match="closed"):
+        pickle.dumps(sd)
+    assert str(sd) == "<SharedDict closed>"
+
+
+def _mapped_dicts() -> int:
+    with open("/proc/self/maps") as f:
+        return f.read().count("shoal-dict")
+
+
+def test_memory_is_released_when_the_last_handle_goes():
+    before = _mapped_dicts()
+    sd = SharedDict({"a": "x" * 10000})
+    assert _mapped_dicts() == before + 1
+    sd.close()
+    assert _mapped_dicts() == before
+    assert not any(n.startswith("shoal") for n in os.listdir("/dev/shm"))
