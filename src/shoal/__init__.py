@@ -44,6 +44,7 @@ from multiprocessing import (
 
 from . import exceptions as exceptions
 from ._executor import ProcessPoolExecutor as ProcessPoolExecutor
+from ._manager import Manager as Manager
 from ._pool import AsyncResult as AsyncResult
 from ._pool import Pool as Pool
 from ._shm._dict import SharedDict as SharedDict
@@ -68,6 +69,7 @@ __all__ = (
     "Condition",
     "Event",
     "Lock",
+    "Manager",
     "Pool",
     "PoolClosedError",
     "Process",

@@ -1,0 +1,182 @@
+"""shoal.Manager: the standard library's Manager API, with dict() in shared
+memory; the seed's Manager example runs with only its import changed."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import shoal
+from shoal import Manager, SharedDict
+
+SEED_EXAMPLE = textwrap.dedent(
+    """\
+    from shoal import Manager,Process,Lock
+    def work(d,lock):
+        with lock: #不加锁而操作共享的数据,肯定会出现数据错乱
+            d['count']-=1
+
+    if __name__ == '__main__':
+        lock=Lock()
+        with Manager() as m:
+            dic=m.dict({'count':100})
+            p_l=[]
+            for i in range(100):
+                p=Process(target=work,args=(dic,lock))
+                p_l.append(p)
+                p.start()
+            for p in p_l:
+                p.join()
+            print(dic)
+    """
+)
+
+
+def _run_script(tmp_path, text: str) -> str:
+    script = tmp_path / "example.py"
+    script.write_text(text, encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_seed_manager_example_prints_count_zero(tmp_path):
+    assert _run_script(tmp_path, SEED_EXAMPLE) == "{'count': 0}\n"
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_seed_manager_example_under_other_start_methods(tmp_path, method):
+    # The same program with fewer processes (spawning 100 interpreters is slow).
+    text = SEED_EXAMPLE.replace("range(100)", "range(12)").replace("'count':100", "'count':12")
+    text = text.replace(
+        "if __name__ == '__main__':\n",
+        f"if __name__ == '__main__':\n    import multiprocessing; multiprocessing.set_start_method({method!r})\n",
+    )
+    assert _run_script(tmp_path, text) == "{'count': 0}\n"
+
+
+def test_dict_is_shared_memory_and_starts_no_server():
+    with Manager() as m:
+        d = m.dict({"a": 1}, b=2)
+        assert isinstance(d, SharedDict) and d == {"a": 1, "b": 2}
+        assert str(d) == "{'a': 1, 'b': 2}"
+        assert multiprocessing.active_children() == []
+        assert "no server" in repr(m)
+    assert d.closed  # the manager's handles close with it, like stdlib proxies
+
+
+def _decrement(d, lock, n):
+    for _ in range(n):
+        with lock:
+            d["count"] -= 1
+
+
+def test_read_modify_write_under_a_manager_lock(fork_or_spawn):
+    ctx = multiprocessing.get_context(fork_or_spawn)
+    with Manager(ctx=ctx) as m:
+        d = m.dict(count=300)
+        lock = m.Lock()
+        procs = [ctx.Process(target=_decrement, args=(d, lock, 100)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+        assert d["count"] == 0
+
+
+def _use_proxies(lst, ns, value, array, queue, event, sem, rlock, cond, barrier):
+    lst.append("child")
+    ns.x += 1
+    with rlock:  # a manager Value proxy has no lock of its own
+        value.value += 1
+    array[0] = 42
+    queue.put("from child")
+    with sem, rlock, cond:
+        cond.notify_all()
+    event.set()
+    barrier.wait(30)
+
+
+def test_delegated_types_work_across_processes():
+    ctx = multiprocessing.get_context("fork")
+    with Manager() as m:
+        lst = m.list([1])
+        ns = m.Namespace(x=1)
+        value = m.Value("i", 5)
+        array = m.Array("i", [0, 0])
+        queue = m.Queue()
+        event = m.Event()
+        sem = m.Semaphore(2)
+        bsem = m.BoundedSemaphore(1)
+        rlock = m.RLock()
+        cond = m.Condition()
+        barrier = m.Barrier(2)
+        jq = m.JoinableQueue()
+        p = ctx.Process(target=_use_proxies, args=(lst, ns, value, array, queue, event, sem, rlock, cond, barrier))
+        p.start()
+        barrier.wait(30)
+        p.join(30)
+        assert p.exitcode == 0
+        assert list(lst) == [1, "child"] and ns.x == 2 and value.value == 6 and list(array) == [42, 0]
+        assert queue.get(timeout=10) == "from child" and event.is_set()
+        with bsem:
+            pass
+        jq.put(1)
+        jq.get()
+        jq.task_done()
+        jq.join()
+        assert m.address is not None and "server running" in repr(m)
+
+
+class Counter:
+    def __init__(self, start=0):
+        self.n = start
+
+    def add(self, k):
+        self.n += k
+        return self.n
+
+
+class CountingManager(Manager):
+    pass
+
+
+CountingManager.register("Counter", Counter)
+
+
+def test_register_custom_type():
+    with CountingManager() as m:
+        c = m.Counter(10)
+        assert c.add(5) == 15
+        assert c.add(1) == 16
+
+
+def test_start_shutdown_and_errors():
+    m = Manager()
+    m.start()
+    with pytest.raises(multiprocessing.ProcessError, match="Already started"):
+        m.start()
+    lst = m.list([1, 2])
+    assert len(lst) == 2
+    m.shutdown()
+    m.shutdown()  # idempotent
+    m.join(5)
+    with pytest.raises(multiprocessing.ProcessError, match="shut down"):
+        m.dict()
+    with pytest.raises(multiprocessing.ProcessError, match="shut down"):
+        m.list()
+    assert shoal.Manager is Manager and Manager.__module__ == "shoal"
+
+
+def test_all_standard_library_manager_methods_exist():
+    stdlib = {"dict", "list", "Namespace", "Value", "Array", "Lock", "RLock", "Semaphore",
+              "BoundedSemaphore", "Event", "Condition", "Barrier", "Queue", "JoinableQueue",
+              "Pool", "register", "start", "shutdown", "join", "address"}  # fmt: skip
+    assert all(hasattr(Manager, name) for name in stdlib)
