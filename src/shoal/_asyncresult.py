@@ -38,6 +38,10 @@ from .exceptions import PoolClosedError, ShoalError
 class AsyncResult:
     """The result of ``apply_async`` (the standard library's ``AsyncResult``)."""
 
+    __slots__ = (
+        "__weakref__", "_callback", "_delivered", "_engine", "_error_callback", "_ready", "_success", "_task", "_value",
+    )
+
     def __init__(self, engine, callback=None, error_callback=None) -> None:
         self._engine = engine
         self._callback = callback
@@ -54,6 +58,13 @@ class AsyncResult:
 
     def _deliver(self, task, ok: bool, value) -> None:
         if self._delivered:
+            return
+        if self._callback is None and self._error_callback is None:
+            # The common case, inline: no callback to wait for.
+            self._delivered = True
+            self._success = ok
+            self._value = value
+            self._ready = True
             return
         self._finish(ok, value)
 
@@ -126,6 +137,8 @@ ApplyResult = AsyncResult
 
 class MapResult(AsyncResult):
     """The result of ``map_async`` / ``starmap_async``: a list once every chunk is in."""
+
+    __slots__ = ("_chunks", "_left", "_tasks")
 
     def __init__(self, engine, nchunks: int, callback=None, error_callback=None) -> None:
         super().__init__(engine, callback, error_callback)

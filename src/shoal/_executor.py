@@ -21,7 +21,7 @@ from typing import Any
 
 from ._asyncresult import IMapIterator
 from ._engine._engine import Engine, PoolStatistics, _check_timeout
-from ._engine._worker import CALL, STARMAP
+from ._engine._worker import STARMAP
 
 __all__ = ("Future", "ProcessPoolExecutor")
 
@@ -93,10 +93,8 @@ def _submit_future(engine: Engine, fn, args, kwargs, task_timeout=None) -> Futur
     if not callable(fn):
         raise TypeError(f"the function to run must be callable, got {type(fn).__name__}")
     future = Future()
-    task = engine.make_task(fn, CALL, (args, kwargs), _FutureSink(future, engine.callbacks), 0, task_timeout)
     future._shoal_engine = engine
-    future._shoal_task = task
-    engine.submit_tasks([task])
+    future._shoal_task = engine.submit_call(fn, args, kwargs, _FutureSink(future, engine.callbacks), task_timeout)
     return future
 
 

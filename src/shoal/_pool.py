@@ -27,6 +27,8 @@ from ._progress import progress_bar
 
 __all__ = ("AsyncResult", "Pool", "PoolStatistics")
 
+_NO_KWARGS: dict = {}  # shared, never mutated: saves a dict per apply_async
+
 
 class Pool:
     """A pool of worker processes (``multiprocessing.Pool``, made robust).
@@ -87,18 +89,20 @@ class Pool:
         result / the exception.
         """
         engine = self._engine
-        engine._check_running()
-        _check_callable(func)
-        _check_callbacks(callback, error_callback)
-        _check_timeout(task_timeout)
+        if callback is not None or error_callback is not None:
+            _check_callbacks(callback, error_callback)
+        if task_timeout is not None:
+            _check_timeout(task_timeout)
         if kwds is None:
-            kwds = {}
-        elif not isinstance(kwds, dict):
+            kwds = _NO_KWARGS
+        elif type(kwds) is not dict:
             raise TypeError(f"kwds must be a dict, got {type(kwds).__name__}")
+        if type(args) is not tuple:
+            args = tuple(args)
+        if not callable(func):
+            _check_callable(func)
         result = AsyncResult(engine, callback, error_callback)
-        task = engine.make_task(func, CALL, (tuple(args), kwds), result, 0, task_timeout)
-        result._task = task
-        engine.submit_tasks([task])
+        result._task = engine.submit_call(func, args, kwds, result, task_timeout)
         return result
 
     def submit(self, fn: Callable[..., Any], /, *args, **kwargs) -> concurrent.futures.Future:

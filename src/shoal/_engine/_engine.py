@@ -82,7 +82,7 @@ from ..exceptions import (
     WorkerStartError,
 )
 from . import _worker
-from ._worker import CALL, STATUS, STATUS_SLOT, WorkerConfig
+from ._worker import CALL, CALL_KW, STATUS, STATUS_SLOT, WorkerConfig
 
 #: Work per message when tasks are short: large enough that per-message costs
 #: (~50 µs) vanish, small enough that the tail of a job stays balanced.
@@ -382,10 +382,9 @@ class Engine:
         if type(fn) is not types.FunctionType and type(fn) is not types.BuiltinFunctionType:
             return 0, None
         key = id(fn)
-        with self._fn_lock:
-            entry = self._fn_cache.get(key)
-            if entry is not None and entry[0] is fn:
-                return entry[1], entry
+        entry = self._fn_cache.get(key)  # a dict read is atomic: no lock needed
+        if entry is not None and entry[0] is fn:
+            return entry[1], entry
         try:
             fn_bytes = cloudpickle.dumps(fn, 5)
         except Exception as exc:
@@ -405,14 +404,45 @@ class Engine:
         if fn_id == 0:
             payload = (fn, payload)
         fds: list[int] = []
-        previous = getattr(_fd_state, "send", None)
+        previous = _fd_state.send
         _fd_state.send = fds
         try:
             data = dumps(payload, oob=True, what="the task's arguments")
         finally:
             _fd_state.send = previous
-        n = 1 if mode == CALL else len(payload[1] if fn_id == 0 else payload)
+        n = 1 if mode in (CALL, CALL_KW) else len(payload[1] if fn_id == 0 else payload)
         return _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout, n)
+
+    def submit_call(self, fn, args: tuple, kwargs: dict, sink, timeout: float | None = None) -> _Task:
+        """Serialize and queue ``fn(*args, **kwargs)``: the hot path of
+        apply_async and submit, kept short on purpose."""
+        if self._state != _RUN:
+            self._check_running()
+        # Without keyword arguments only the args tuple is pickled: one
+        # object fewer per task, which the garbage collector notices.
+        mode, payload = (CALL_KW, (args, kwargs)) if kwargs else (CALL, args)
+        entry = self._fn_cache.get(id(fn))
+        if entry is not None and entry[0] is fn:
+            fn_id = entry[1]
+        else:
+            fn_id, entry = self.function_ref(fn)
+            if fn_id == 0:
+                payload = (fn, payload)
+        fds: list[int] = []
+        previous = _fd_state.send
+        _fd_state.send = fds
+        try:
+            data = dumps(payload, oob=True, what="the task's arguments")
+        finally:
+            _fd_state.send = previous
+        if timeout is None:
+            timeout = self.task_timeout
+        task = _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, 0, timeout, 1)
+        self._pending.append(task)
+        self._submitted_n += 1
+        if self._sleeping:
+            self._wake()
+        return task
 
     def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:
         """Queue serialized tasks for the workers.
@@ -747,9 +777,12 @@ class Engine:
         forget = []
         fds: list[int] = []
         wire = []
+        last_fid = -1
+        timed = 0
         for task in batch:
             fid = task.fn_id
-            if fid:
+            if fid != last_fid and fid:
+                last_fid = fid
                 if fid in w.fns:
                     w.fns.move_to_end(fid)
                 else:
@@ -762,8 +795,9 @@ class Engine:
                 fds.extend(task.fds)
                 task.fds = ()
             if task.timeout is not None:
-                self._timed += 1
-            w.inflight.append(task)
+                timed += 1
+        w.inflight.extend(batch)
+        self._timed += timed
         w.sent += len(batch)
         w.batches.append(batch[-1].id)
         if forget:
@@ -804,47 +838,58 @@ class Engine:
         pos = 0
         inflight = w.inflight
         batches = w.batches
-        estimates = self._estimates
         waiters = self.waiters
+        plain_loads = pickle.loads
+        completed = failed = timed = 0
+        # Duration estimates are updated once per message, per function.
+        seconds: dict[int, list[float]] = {}
         try:
             for tid, ok, data, nfds, elapsed in results:
                 task = inflight.popleft()
                 if batches and batches[0] == tid:
                     batches.popleft()
                 if task.timeout is not None:
-                    self._timed -= 1
-                per_item = elapsed / task.n if task.n > 1 else elapsed
-                est = estimates.get(task.fn_id)
-                estimates[task.fn_id] = per_item if est is None else est * 0.7 + per_item * 0.3
-                if nfds:
-                    task_fds = fds[pos : pos + nfds]
-                    pos += nfds
+                    timed += 1
+                acc = seconds.get(task.fn_id)
+                if acc is None:
+                    seconds[task.fn_id] = [elapsed, task.n]
                 else:
-                    task_fds = ()
+                    acc[0] += elapsed
+                    acc[1] += task.n
                 if task.kill_reason == "cancelled":
+                    pos += nfds
                     continue  # already failed with CancelledError; drop the late result
-                if ok:
+                if not ok:
+                    value = unpack_exception(data)
+                    failed += 1
+                else:
                     try:
-                        if task_fds:
-                            with providing_fds(task_fds):
+                        if nfds:
+                            # Out-of-band buffers: shared memory beside the message.
+                            with providing_fds(fds[pos : pos + nfds]):
                                 value = loads(data)
+                            pos += nfds
                         else:
-                            value = loads(data)
+                            value = plain_loads(data)
+                        completed += 1
                     except BaseException as exc:  # noqa: BLE001
                         ok = False
+                        failed += 1
                         value = SerializationError(
                             f"the task's result could not be unpickled in the parent: {type(exc).__name__}: {exc}"
                         )
-                else:
-                    value = unpack_exception(data)
-                if ok:
-                    self._completed += 1
-                else:
-                    self._failed += 1
                 task.sink._deliver(task, ok, value)
         finally:
             for fd in fds:
                 os.close(fd)
+            self._completed += completed
+            self._failed += failed
+            self._timed -= timed
+            estimates = self._estimates
+            for fid, (total, n) in seconds.items():
+                per_item = total / n
+                est = estimates.get(fid)
+                estimates[fid] = per_item if est is None else est * 0.7 + per_item * 0.3
         if waiters or self.waiters:
             with self.results_cond:
                 self.results_cond.notify_all()

@@ -40,7 +40,8 @@ import time
 import cloudpickle
 
 from .._ipc._channel import Channel
-from .._ipc._fdpass import collecting_fds, providing_fds
+from .._ipc._fdpass import _state as fd_state
+from .._ipc._fdpass import providing_fds
 from .._serialization import dumps, loads, pack_exception
 
 # Message kinds, parent -> worker
@@ -53,7 +54,8 @@ INIT_FAILED = 2
 RETIRE = 3
 
 # Task modes
-CALL = 0  # fn(*args, **kwargs); payload is (args, kwargs)
+CALL = 0  # fn(*args); payload is args
+CALL_KW = 3  # fn(*args, **kwargs); payload is (args, kwargs)
 MAP = 1  # [fn(x) for x in payload]
 STARMAP = 2  # [fn(*x) for x in payload]
 
@@ -182,6 +184,8 @@ def _serve(channel: Channel) -> None:
                 else:
                     fn, args = args
                 if mode == CALL:
+                    value = fn(*args)
+                elif mode == CALL_KW:
                     value = fn(*args[0], **args[1])
                 elif mode == MAP:
                     value = [fn(x) for x in args]
@@ -194,13 +198,16 @@ def _serve(channel: Channel) -> None:
             elapsed = perf() - started
             pack_status(status, offset, 0, 0.0, tid)
             if ok:
+                out_fds = []
+                fd_state.send = out_fds
                 try:
-                    with collecting_fds() as out_fds:
-                        out = dumps(value, oob=True, what="the task's result")
+                    out = dumps(value, oob=True, what="the task's result")
                 except Exception as exc:  # noqa: BLE001 - an unpicklable result fails only this task
                     ok = False
                     out = pack_exception(exc)
                     out_fds = []
+                finally:
+                    fd_state.send = None
             else:
                 out = pack_exception(value)
                 out_fds = []
