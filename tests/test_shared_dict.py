@@ -419,3 +419,25 @@ def test_memory_is_released_when_the_last_handle_goes():
     sd.close()
     assert _mapped_dicts() == before
     assert not any(n.startswith("shoal") for n in os.listdir("/dev/shm"))
+
+
+def test_dict_operators_and_reversed(d):
+    d.update(a=1, b=2)
+    assert d | {"c": 3} == {"a": 1, "b": 2, "c": 3}
+    assert {"a": 0, "z": 9} | d == {"a": 1, "z": 9, "b": 2}
+    d |= {"c": 3}
+    assert list(reversed(d)) == ["c", "b", "a"]
+
+
+def test_a_shared_dict_cannot_be_stored_inside_one(d):
+    with SharedDict() as inner:
+        with pytest.raises(TypeError, match="cannot be stored inside a SharedDict"):
+            d["inner"] = inner
+        with pytest.raises(TypeError, match="cannot be stored inside a SharedDict"):
+            d["inner"] = [inner]
+    assert "inner" not in d
+
+
+def test_initial_by_keyword_and_from_pairs():
+    with SharedDict(initial={"a": 1}) as a, SharedDict([("b", 2)]) as b:
+        assert a == {"a": 1} and b == {"b": 2}

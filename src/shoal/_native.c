@@ -198,9 +198,11 @@ atomic_compare_exchange(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
  * 2. Robust process-shared mutex
  * ---------------------------------------------------------------------- */
 
-/* Spins before sleeping: a cross-core handoff on a VM costs ~0.25 us, a
- * futex sleep + wake 80-100 us, so a few microseconds of spinning pays. */
-#define SPIN_TRIES 200
+/* Spin before sleeping: a cross-core handoff on a VM costs ~0.25 us, a
+ * futex sleep + wake 80-100 us, so a few microseconds of spinning pays.
+ * Bounded by time, because PAUSE costs 10 to 140 cycles depending on the
+ * CPU. */
+#define SPIN_SECONDS 20e-6
 /* Blocking waits sleep in slices of this many seconds so that signals
  * (KeyboardInterrupt) are handled while waiting. */
 #define WAIT_SLICE 0.05
@@ -249,21 +251,24 @@ set_lock_error(int r)
  * EOWNERDEAD (locked; the previous holder died holding it), ETIMEDOUT, or
  * -1 with an exception set. */
 static int
-lock_robust(pthread_mutex_t *mu, double timeout)
+lock_robust(pthread_mutex_t *mu, double timeout, int spin)
 {
     int r = pthread_mutex_trylock(mu);
     if (r == 0 || r == EOWNERDEAD)
         return r;
     if (r != EBUSY)
         goto fail;
-    for (int i = 0; i < SPIN_TRIES; i++) {
-        for (int j = 0; j < 16; j++)
+    double spin_until = spin ? monotonic_now() + SPIN_SECONDS : 0;
+    while (spin) {
+        for (int j = 0; j < 8; j++)
             CPU_RELAX();
         r = pthread_mutex_trylock(mu);
         if (r == 0 || r == EOWNERDEAD)
             return r;
         if (r != EBUSY)
             goto fail;
+        if (monotonic_now() > spin_until)
+            break;
     }
     if (timeout == 0)
         return ETIMEDOUT;
@@ -331,7 +336,7 @@ mutex_acquire(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     pthread_mutex_t *mu = (pthread_mutex_t *)buffer_at(args[0], args[1], sizeof(pthread_mutex_t), 8, &view);
     if (mu == NULL)
         return NULL;
-    int r = lock_robust(mu, timeout);
+    int r = lock_robust(mu, timeout, 1);
     PyBuffer_Release(&view);
     if (r < 0)
         return NULL;
@@ -917,8 +922,11 @@ dict_enter(MappingObject *m, double timeout, int *took, int *owner_died)
     if (held_by_me(m))
         return 0;
     pthread_mutex_t *mu = (pthread_mutex_t *)(m->addr + H_MUTEX);
+    /* No spinning with the GIL held when the holder is another thread of
+     * this process: it needs the GIL to finish. */
+    int spin = !(m->depth > 0 && m->owner_fork == fork_generation);
     m->busy++;
-    int r = lock_robust(mu, timeout);
+    int r = lock_robust(mu, timeout, spin);
     m->busy--;
     if (r < 0)
         return -1;

@@ -95,6 +95,19 @@ def _default_max_size() -> int:
 # -- encodings -----------------------------------------------------------------
 
 
+# Set while pickling a key or value for storage, where a handle to shared
+# memory (a SharedDict inside a SharedDict) would not survive.
+_storing = threading.local()
+
+
+def _dumps_for_storage(obj: Any, what: str) -> bytes:
+    _storing.active = True
+    try:
+        return dumps(obj, what=what)
+    finally:
+        _storing.active = False
+
+
 def _encode_key(key: Any) -> bytes:
     """Canonical bytes for a key: equal keys (as dict sees them) encode alike."""
     t = type(key)
@@ -119,7 +132,7 @@ def _encode_key(key: Any) -> bytes:
         parts = sorted(_encode_key(k) for k in key)
         return b"z" + b"".join(_LEN.pack(len(p)) + p for p in parts)
     hash(key)  # unhashable keys fail like they do for dict: TypeError
-    return b"p" + dumps(key, what=f"SharedDict key {_short(key)}")
+    return b"p" + _dumps_for_storage(key, f"SharedDict key {_short(key)}")
 
 
 def _decode_key(data: bytes) -> Any:
@@ -167,7 +180,7 @@ def _encode_value(value: Any) -> int | bytes:
         return b"T"
     elif value is False:
         return b"F"
-    return b"p" + dumps(value, what=f"SharedDict value {_short(value)}")
+    return b"p" + _dumps_for_storage(value, f"SharedDict value {_short(value)}")
 
 
 def _short(obj: Any) -> str:
@@ -186,8 +199,9 @@ class SharedDict(MutableMapping):
     process sees the same contents.
 
     ``SharedDict(initial=None, *, max_size=None)``: *initial* is a mapping
-    or an iterable of pairs.  *max_size* caps the memory the dict may use
-    (default: the machine's physical memory); it grows on demand up to it.
+    or an iterable of pairs.  *max_size* caps the size of the shared file
+    (default: the machine's physical memory); the dict grows on demand, and
+    since a rebuild copies it, it holds up to about a third of that.
 
     Single operations are atomic.  ``d[k] += 1`` is two operations (a read
     and a write): use ``d.incr(k)``, ``d.update_with(k, fn)``, or do it
@@ -196,7 +210,7 @@ class SharedDict(MutableMapping):
 
     __slots__ = ("__weakref__", "_fd", "_map", "_max_size", "_pid")
 
-    def __init__(self, initial: Any = None, /, *, max_size: int | None = None) -> None:
+    def __init__(self, initial: Any = None, *, max_size: int | None = None) -> None:
         max_size = _default_max_size() if max_size is None else int(max_size)
         max_size = -(-max_size // _PAGE) * _PAGE
         if max_size < _INITIAL_SIZE:
@@ -235,6 +249,11 @@ class SharedDict(MutableMapping):
 
     def __reduce__(self):
         self._check_open()
+        if getattr(_storing, "active", False):
+            raise TypeError(
+                "a SharedDict cannot be stored inside a SharedDict (it is a handle to "
+                "shared memory, not data); store d.copy() or pass the dicts separately"
+            )
         # A shoal channel owns (and closes after sending) the descriptors it
         # collects, so it gets a duplicate; multiprocessing's DupFd makes
         # its own.
@@ -322,6 +341,23 @@ class SharedDict(MutableMapping):
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
+
+    def __or__(self, other: Any) -> dict:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return self.copy() | dict(other.items())
+
+    def __ror__(self, other: Any) -> dict:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return dict(other.items()) | self.copy()
+
+    def __ior__(self, other: Any) -> SharedDict:
+        self.update(other)
+        return self
+
+    def __reversed__(self) -> Iterator[Any]:
+        return reversed(list(self))
 
     def __repr__(self) -> str:
         return f"SharedDict({self.copy()!r})" if self._fd >= 0 else "<SharedDict closed>"
