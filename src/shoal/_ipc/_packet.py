@@ -1,0 +1,272 @@
+"""Atomic messages over a ``SOCK_SEQPACKET`` socket pair, for pipes and queues.
+
+Every message is one datagram: the kernel delivers it whole to exactly one
+reader, with its descriptors (``SCM_RIGHTS``) attached, or not at all.  That
+is what makes :class:`shoal.Connection` and :class:`shoal.Queue` safe with
+any number of threads and processes at either end without a lock: two
+senders cannot interleave, two readers cannot split a message, and a process
+killed in the middle of ``sendmsg``/``recvmsg`` leaves no half message behind
+(the kernel closes whatever descriptors were in flight to it).
+
+Datagram layout::
+
+    kind (1 byte) | body
+
+    kind & MEMFD == 0   body is the payload itself (at most INBAND_MAX bytes)
+    kind & MEMFD        body is the payload size (8 bytes, little endian); the
+                        payload is in a memfd, the *last* descriptor attached
+    kind & BATCH        the payload is one pickled list of items (put_many)
+    kind & BYTES        informational: sent by send_bytes (not pickled)
+
+Payloads larger than :data:`INBAND_MAX` are written once into a memfd whose
+descriptor travels with a small datagram: a message of any size is still
+atomic, and a socket buffer of a few hundred KiB never has to hold it.  The
+memfd starts with an 8-byte state word that the reader sets to READ once it
+has copied the payload out.  A sender with a :class:`Spool` keeps a few such
+memfds and reuses one whose word says READ: allocating fresh pages costs
+more than copying into them, so reuse roughly triples large-message
+throughput.  A memfd whose reader died before reading is simply never
+reused; it is closed when the spool is, and the kernel frees it once the
+last descriptor is gone, whoever dies first.
+
+EOF: a datagram is never empty (it has at least the kind byte), so a read of
+zero bytes means every copy of the other end is closed.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import threading
+
+from .._shm._segment import create_fd
+
+MEMFD = 0x01
+BATCH = 0x02
+BYTES = 0x04
+
+#: Payloads up to this size travel inside the datagram.  Above it, a memfd
+#: (~10 µs to set up) is cheaper than a socket buffer large enough for them.
+INBAND_MAX = 64 * 1024
+
+_MAX_FDS = 253  # SCM_MAX_FD in Linux
+_ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * 4)
+_RECV_SIZE = INBAND_MAX + 16
+_KINDS = [bytes([k]) for k in range(8)]
+_SOL_SOCKET = socket.SOL_SOCKET
+_SCM_RIGHTS = socket.SCM_RIGHTS
+_CLOEXEC = socket.MSG_CMSG_CLOEXEC
+_TRUNCATED = socket.MSG_TRUNC | socket.MSG_CTRUNC
+
+#: Send-buffer size asked for: enough for thousands of small messages in
+#: flight before a sender waits (the kernel caps it at net.core.wmem_max).
+SNDBUF = 4 << 20
+
+
+def socketpair(sndbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if sndbuf:
+        for s in (a, b):
+            try:
+                s.setsockopt(_SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            except OSError:  # pragma: no cover - capped silently on Linux
+                pass
+    return a, b
+
+
+def close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+_UNREAD = bytes(8)
+_READ = (1).to_bytes(8, "little")
+_HDR = 8
+
+
+class Spool:
+    """memfds this process sent large payloads in, reusable once read.
+
+    Owned by one Connection or Queue object in one process (a forked child
+    starts with an empty spool); closed with it.
+    """
+
+    __slots__ = ("_entries", "_lock", "_pid")
+
+    #: Payloads above this size use a fresh memfd that is not kept.
+    MAX_SIZE = 8 << 20
+    #: memfds kept per spool, read or not.
+    KEEP = 3
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._entries: list[list[int]] = []  # [fd, capacity]
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> int:
+        """A memfd with room for *size* payload bytes, owned by the spool."""
+        with self._lock:
+            if self._pid != os.getpid():
+                # Inherited through fork: the parent still uses these.
+                close_fds([e[0] for e in self._entries])
+                self._entries = []
+                self._pid = os.getpid()
+            entries = self._entries
+            for i, entry in enumerate(entries):
+                fd, cap = entry
+                if os.pread(fd, _HDR, 0) == _READ:
+                    del entries[i]
+                    if cap < size + _HDR:
+                        os.ftruncate(fd, size + _HDR)
+                        entry[1] = size + _HDR
+                    entries.append(entry)
+                    return fd
+            fd = create_fd(size + _HDR, "shoal-message")
+            entries.append([fd, size + _HDR])
+            if len(entries) > self.KEEP:
+                # The oldest one is still unread (its reader is slow or dead):
+                # let the kernel free it when the reader is done with it.
+                os.close(entries.pop(0)[0])
+            return fd
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                close_fds([e[0] for e in self._entries])
+            self._entries = []
+
+
+def send_packet(sock: socket.socket, kind: int, payload, fds=(), flags: int = 0, spool: Spool | None = None) -> None:
+    """Send one message.  The caller keeps ownership of *fds*.
+
+    Raises ``BlockingIOError`` (only with ``MSG_DONTWAIT`` in *flags*) when
+    the socket buffer is full; nothing was sent then.
+    """
+    size = payload.nbytes if type(payload) is memoryview else len(payload)
+    if len(fds) >= _MAX_FDS:
+        raise ValueError(
+            f"a message can carry at most {_MAX_FDS - 1} shared-memory buffers or descriptors, "
+            f"this one has {len(fds)}: send them in several messages"
+        )
+    if size <= INBAND_MAX:
+        if fds:
+            anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
+            sock.sendmsg([_KINDS[kind], payload], anc, flags)
+        else:
+            sock.sendmsg([_KINDS[kind], payload], (), flags)
+        return
+    if spool is not None and size <= Spool.MAX_SIZE:
+        mfd = spool.take(size)
+        _pwrite_all(mfd, payload, size)
+        owned = False
+    else:
+        mfd = create_fd(size + _HDR, "shoal-message")
+        owned = True
+    try:
+        if owned:
+            _pwrite_all(mfd, payload, size)
+        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", [*fds, mfd]).tobytes())]
+        sock.sendmsg([_KINDS[kind | MEMFD], size.to_bytes(8, "little")], anc, flags)
+    finally:
+        if owned:
+            os.close(mfd)
+
+
+def _pwrite_all(fd: int, payload, size: int) -> None:
+    view = memoryview(payload).cast("B")
+    written = os.pwritev(fd, [_UNREAD, view], 0) - _HDR
+    while written < size:
+        written += os.pwrite(fd, view[written:], _HDR + written)
+
+
+def recv_packet(sock: socket.socket, flags: int = 0, limit: int | None = None):
+    """Receive one message: ``(kind, payload, fds)``, or ``None`` at EOF.
+
+    *payload* is ``bytes`` (in band: the datagram minus its kind byte) or
+    ``bytes`` read from the memfd.  The caller owns *fds* (the memfd, if any,
+    is already read and closed).  Raises ``BlockingIOError`` with
+    ``MSG_DONTWAIT`` when nothing is waiting, and :class:`MessageTooLarge`
+    (the message is consumed and dropped) when it is larger than *limit*.
+    """
+    data, anc, mflags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC | flags)
+    kind, payload, fds = finish_packet(data, anc, mflags, limit)
+    if kind is None:
+        return None
+    return kind, payload, fds
+
+
+def finish_packet(data: bytes, anc, mflags: int, limit: int | None):
+    """Decode what one ``recvmsg`` returned: ``(kind, payload, fds)``, with
+    kind ``None`` at EOF."""
+    fds = _cmsg_fds(anc) if anc else []
+    if not data:
+        close_fds(fds)
+        return None, None, None
+    if mflags & _TRUNCATED:
+        close_fds(fds)
+        raise OSError("a message arrived truncated (its sender is not a shoal connection of this version)")
+    kind = data[0]
+    if not kind & MEMFD:
+        if limit is not None and len(data) - 1 > limit:
+            close_fds(fds)
+            raise MessageTooLarge(len(data) - 1, limit)
+        return kind, data[1:], fds
+    try:
+        size = int.from_bytes(data[1:9], "little")
+        if limit is not None and size > limit:
+            raise MessageTooLarge(size, limit)
+        if not fds:
+            raise OSError("a large message arrived without its shared-memory descriptor")
+        mfd = fds.pop()
+        try:
+            payload = _read_fd(mfd, size)
+        finally:
+            os.close(mfd)
+    except BaseException:
+        close_fds(fds)
+        raise
+    return kind, payload, fds
+
+
+class MessageTooLarge(OSError):
+    """A received message exceeded the reader's size limit (it was dropped)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"bad message length: received a message of {size} bytes, larger than the limit of "
+            f"{limit} bytes (max_message_size or maxlength); the message was discarded"
+        )
+        self.size = size
+        self.limit = limit
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    data = os.pread(fd, size, _HDR)
+    if len(data) != size:
+        # A short read of a memfd does not happen in practice; be exact anyway.
+        parts = [data]
+        got = len(data)
+        while got < size:
+            chunk = os.pread(fd, size - got, _HDR + got)
+            if not chunk:
+                raise OSError(f"a shared-memory message was shorter than announced ({got} of {size} bytes)")
+            parts.append(chunk)
+            got += len(chunk)
+        data = b"".join(parts)
+    # Tell the sender it may reuse this memfd.
+    os.pwrite(fd, _READ, 0)
+    return data
+
+
+def _cmsg_fds(anc) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    return fds
