@@ -138,13 +138,12 @@ ApplyResult = AsyncResult
 class MapResult(AsyncResult):
     """The result of ``map_async`` / ``starmap_async``: a list once every chunk is in."""
 
-    __slots__ = ("_chunks", "_left", "_tasks")
+    __slots__ = ("_chunks", "_left")
 
     def __init__(self, engine, nchunks: int, callback=None, error_callback=None) -> None:
         super().__init__(engine, callback, error_callback)
         self._chunks: list[Any] = [None] * nchunks
         self._left = nchunks
-        self._tasks: list = []
         if nchunks == 0:
             # As in the standard library: ready at once, no callback.
             self._delivered = True

@@ -27,6 +27,10 @@ from ._progress import progress_bar
 
 __all__ = ("AsyncResult", "Pool", "PoolStatistics")
 
+#: map_async hands tasks to the engine in groups of about this many
+#: serialized bytes, so big inputs start running while the rest is pickled.
+SUBMIT_EARLY_BYTES = 1 << 20
+
 _NO_KWARGS: dict = {}  # shared, never mutated: saves a dict per apply_async
 
 
@@ -206,13 +210,22 @@ class Pool:
         result = MapResult(engine, nchunks, callback, error_callback)
         if nchunks:
             fn_ref = engine.function_ref(func)
-            tasks = [
-                engine.make_task(func, mode, list(items[i * chunksize:(i + 1) * chunksize]), result, i,
-                                 task_timeout, fn_ref)
-                for i in range(nchunks)
-            ]
-            result._tasks = tasks
-            engine.submit_tasks(tasks)
+            tasks: list = []
+            queued_bytes = 0
+            for i in range(nchunks):
+                task = engine.make_task(
+                    func, mode, list(items[i * chunksize:(i + 1) * chunksize]), result, i, task_timeout, fn_ref
+                )
+                tasks.append(task)
+                queued_bytes += len(task.data) + (SUBMIT_EARLY_BYTES if task.fds else 0)
+                # Large chunks go to the workers as soon as they are
+                # serialized, so copying the next one overlaps their work.
+                if queued_bytes >= SUBMIT_EARLY_BYTES:
+                    engine.submit_tasks(tasks)
+                    tasks = []
+                    queued_bytes = 0
+            if tasks:
+                engine.submit_tasks(tasks)
         return result
 
     def _map_blocking(self, func, iterable, chunksize, mode, task_timeout, progress) -> list:
