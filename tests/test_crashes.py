@@ -98,3 +98,24 @@ def test_failing_initializer_is_a_clear_error(fork_or_spawn):
         assert stats.workers_started <= 2
         with pytest.raises(shoal.WorkerStartError):
             pool.apply_async(workers.square, (2,))
+
+
+def test_large_arguments_survive_a_requeue(fork_or_spawn):
+    np = pytest.importorskip("numpy")
+    big = np.arange(1_000_000, dtype=np.float64)  # 8 MB: travels through shared memory
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        doomed = pool.apply_async(workers.kill_self)
+        queued = pool.apply_async(workers.array_sum, (big,))
+        with pytest.raises(shoal.WorkerDiedError):
+            doomed.get(timeout=30)
+        assert queued.get(timeout=30) == float(big.sum())
+
+
+def test_large_arrays_travel_both_ways(fork_or_spawn):
+    np = pytest.importorskip("numpy")
+    big = np.arange(2_000_000, dtype=np.float64)
+    with shoal.Pool(2, context=fork_or_spawn) as pool:
+        doubled = pool.apply(workers.array_double, (big,))
+        assert isinstance(doubled, np.ndarray)
+        assert np.array_equal(doubled, big * 2)
+        assert pool.map(workers.array_sum, [big, big[:10]]) == [float(big.sum()), float(big[:10].sum())]

@@ -108,3 +108,11 @@ def allocate(mb):
         data[i] = 1
     _state.setdefault("hold", []).append(data)
     return os.getpid()
+
+
+def array_sum(a):
+    return float(a.sum())
+
+
+def array_double(a):
+    return a * 2

@@ -792,8 +792,9 @@ class Engine:
                         forget.append(w.fns.popitem(last=False)[0])
             wire.append((task.id, fid, task.mode, task.data, len(task.fds)))
             if task.fds:
-                fds.extend(task.fds)
-                task.fds = ()
+                # The channel closes what it sends; the task keeps its own
+                # descriptors so it can be sent again if this worker dies.
+                fds.extend(os.dup(fd) for fd in task.fds)
             if task.timeout is not None:
                 timed += 1
         w.inflight.extend(batch)
@@ -848,6 +849,8 @@ class Engine:
                 task = inflight.popleft()
                 if batches and batches[0] == tid:
                     batches.popleft()
+                if task.fds:
+                    task.close_fds()
                 if task.timeout is not None:
                     timed += 1
                 acc = seconds.get(task.fn_id)
