@@ -56,8 +56,8 @@ _RECV_SIZE = INBAND_MAX + 16
 _KINDS = [bytes([k]) for k in range(8)]
 _SOL_SOCKET = socket.SOL_SOCKET
 _SCM_RIGHTS = socket.SCM_RIGHTS
-_CLOEXEC = socket.MSG_CMSG_CLOEXEC
-_TRUNCATED = socket.MSG_TRUNC | socket.MSG_CTRUNC
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)  # plain ints: IntFlag arithmetic costs microseconds
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 #: Send-buffer size asked for: enough for thousands of small messages in
 #: flight before a sender waits (the kernel caps it at net.core.wmem_max).
