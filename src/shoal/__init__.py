@@ -44,6 +44,11 @@ from multiprocessing import (
 
 from . import exceptions as exceptions
 from ._executor import ProcessPoolExecutor as ProcessPoolExecutor
+from ._ipc._connection import Connection as Connection
+from ._ipc._connection import Pipe as Pipe
+from ._ipc._queue import JoinableQueue as JoinableQueue
+from ._ipc._queue import Queue as Queue
+from ._ipc._queue import SimpleQueue as SimpleQueue
 from ._manager import Manager as Manager
 from ._pool import AsyncResult as AsyncResult
 from ._pool import Pool as Pool
@@ -67,18 +72,23 @@ __all__ = (
     "BoundedSemaphore",
     "BrokenResourceError",
     "Condition",
+    "Connection",
     "Event",
+    "JoinableQueue",
     "Lock",
     "Manager",
+    "Pipe",
     "Pool",
     "PoolClosedError",
     "Process",
     "ProcessPoolExecutor",
+    "Queue",
     "RLock",
     "Semaphore",
     "SerializationError",
     "SharedDict",
     "ShoalError",
+    "SimpleQueue",
     "TaskTimeoutError",
     "TimeoutError",
     "Value",
