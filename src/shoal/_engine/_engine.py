@@ -338,6 +338,7 @@ class Engine:
 
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sleeping = False
+        self._dirty = False
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._finished = threading.Event()
@@ -440,8 +441,7 @@ class Engine:
         task = _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, 0, timeout, 1)
         self._pending.append(task)
         self._submitted_n += 1
-        if self._sleeping:
-            self._wake()
+        self._wake()
         return task
 
     def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:
@@ -496,6 +496,8 @@ class Engine:
         return max(4 * self._processes, min(2 * CREDIT * per_batch * self._processes, 1 << 16))
 
     def _wake(self) -> None:
+        """Tell the scheduler that something changed (see _loop)."""
+        self._dirty = True
         if self._sleeping:
             self._sleeping = False
             try:
@@ -674,16 +676,19 @@ class Engine:
     def _loop(self) -> None:
         select = self._selector.select
         while True:
-            # Callers that queue work or requests while we sleep write to the
-            # wake-up pipe (they see _sleeping).  Work queued before we set it
-            # was seen by the dispatch at the end of the previous turn, or
-            # waits for a worker to have room, which a socket event signals.
+            # The wake-up protocol.  A caller changes state (queues a task, a
+            # request, close/terminate), then sets _dirty, then writes to the
+            # wake-up pipe if it sees _sleeping.  We set _sleeping, then look
+            # at _dirty: a change made before we set _sleeping is seen here,
+            # one made after finds _sleeping set and writes.  No wake-up is
+            # lost, and we never spin on work that waits for a free worker.
             timeout = TIMEOUT_TICK if self._timed else None
             self._sleeping = True
-            if self._control:
+            if self._dirty:
                 timeout = 0
             events = select(timeout)
             self._sleeping = False
+            self._dirty = False
             for key, mask in events:
                 kind, w = key.data
                 if kind == "chan":
