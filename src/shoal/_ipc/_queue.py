@@ -3,79 +3,81 @@ many producers and consumers, nothing lost or duplicated.
 
 Data flow::
 
-    producer (any process, any thread)             consumer (any process, any thread)
-    put(obj)                                        get()
-      dumps(obj) here: errors name the object         stash non-empty? pop from it
-      take a slot (bounded) / count +1                recvmsg(): one whole datagram
-      sendmsg(MSG_DONTWAIT) on the shared socket      count -n / give n slots back
-        socket full? -> this process's buffer,        loads(); a batch (put_many):
-           flushed in order by a feeder thread          first item returned, the rest
-                                                        stashed in this process
+    producer (any process, any thread)           consumer (any process, any thread)
+    put(obj)                                      get()
+      dumps(obj) here: errors name the object       lock the ring
+      small, no descriptors:                        take the oldest record
+        lock the ring, copy the pickle in           SOCKET record: take its datagram
+      large or with descriptors (arrays):           move head, unlock, wake producers
+        lock the ring, send a tagged datagram     loads() outside the lock; large
+        on the queue's socket, write a SOCKET       buffers are mappings of memfds
+        record                                      (no copy)
+      move tail, unlock, wake consumers
+      ring full? (unbounded Queue) -> this
+        process's buffer, written in order by
+        a feeder thread
 
-One ``SOCK_SEQPACKET`` socket pair is shared by every process that holds the
-queue: producers send on one end, consumers receive on the other.  Each item
-(or each ``put_many`` batch) is one datagram, and the kernel hands each
-datagram whole to exactly one reader, so no lock is needed and a process
-killed in the middle of ``put`` or ``get`` cannot leave a half message for
-the others.  Items above 64 KiB, and pickle-5 buffers above 256 KiB, travel
-in memfds attached to the datagram (see :mod:`shoal._ipc._packet`).
+The items live in a ring buffer in shared memory (:mod:`shoal._ipc._ring`):
+one memfd, a robust process-shared mutex, futex waits.  Taking an item is a
+copy out of shared memory, not a system call, so one consumer can take items
+one by one as fast as a producer batches them, and ``get`` takes exactly one
+item: several consumers share the work fairly.  Items with descriptors
+(pickle-5 buffers of 256 KiB and more go out of band into memfds) and items
+above 64 KiB travel as datagrams on a ``SOCK_SEQPACKET`` pair that every
+holder shares, in ring order.
 
-Counting, for ``qsize``/``full``/``maxsize``: a bounded queue takes a slot
-from an ``eventfd`` semaphore before sending and gives it back when the item
-is received; an unbounded one keeps an item count in shared memory (atomic
-add via ``shoal._native`` when available, otherwise two eventfd counters).
-These are descriptors, not names: nothing outlives the processes.
+Who owns what: every process holding the queue maps the ring and holds the
+socket pair; the kernel frees them when the last holder closes them or
+dies.  A process's feeder thread and its buffer are its own (a forked child
+starts with none).
 
-Blocking and waking: a blocked ``get`` sleeps in ``recvmsg`` or ``poll`` on
-the socket; a blocked bounded ``put`` sleeps in ``poll`` on the semaphore.
-An unbounded ``put`` never blocks: when the socket buffer (a few MiB) is full
-the item waits in this process's buffer, and a feeder thread sends it in
-order; at exit the process waits for its feeder unless
+Blocking: ``get`` sleeps on the ring's not-empty futex; a bounded ``put``
+(and ``SimpleQueue.put`` when the ring is full) on its not-full futex, both
+in slices, so a waker that died costs at most half a second.  An unbounded
+``put`` never blocks; at exit a process waits for its feeder unless
 :meth:`Queue.cancel_join_thread` was called, as in the standard library.
 
-How it ends: ``close()`` releases this process's descriptors (after its
-feeder has flushed); the kernel frees everything when the last process
-holding the queue closes it or dies.  What a killed process loses: the item
-it was sending or had just received (never a neighbour's), items in its own
-feeder buffer, and items of a batch it had received but not yet returned.
-Killed between taking and sending (or receiving and releasing), it can leave
-``qsize`` off by one, or one slot of a bounded queue taken.
+How it ends, on every error: a process killed while holding the ring's lock
+leaves either the old or the new state (see the ring's docstring); the next
+locker recounts and goes on.  A killed ``get`` that had not yet moved
+``head`` never returned its item, which the next consumer gets; one that had
+loses only that item.  A killed ``put`` loses only its own item and its own
+buffered items.  ``close()`` releases this process's descriptors after its
+feeder has flushed.
 """
 
 from __future__ import annotations
 
+import array
 import collections
-import mmap
 import os
+import pickle
 import queue as _stdqueue
-import select
 import socket
 import threading
 import time
 import weakref
 from multiprocessing import util as _mputil
 
-from .._serialization import dumps, loads
+from .._serialization import OOB_THRESHOLD, dumps, loads
 from .._shm._segment import create_fd
-from ..exceptions import BrokenResourceError, SerializationError
+from ..exceptions import SerializationError
 from ._fdpass import _state as _fd_state
 from ._fdpass import collecting, providing_fds, reduce_fd
-from ._packet import BATCH, INBAND_MAX, SNDBUF, Spool, close_fds, recv_packet, send_packet, socketpair
-
-try:  # atomics for the item count; optional
-    from .. import _native
-except ImportError:  # pragma: no cover - the extension is normally built
-    _native = None
+from ._packet import INBAND_MAX, MEMFD, SNDBUF, Spool, _cmsg_fds, _pwrite_all, _read_fd, close_fds, socketpair
+from ._ring import DEFAULT_CAPACITY, Ring
 
 __all__ = ("JoinableQueue", "Queue", "SimpleQueue")
 
 Empty = _stdqueue.Empty
 Full = _stdqueue.Full
 
-_DONTWAIT = int(socket.MSG_DONTWAIT)
-_EFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
-_POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
-_BATCH_BYTES = 48 * 1024  # a put_many batch is split into datagrams about this large
+_SOL_SOCKET = socket.SOL_SOCKET
+_SCM_RIGHTS = socket.SCM_RIGHTS
+_INLINE_KIND = b"\x00"
+_MEMFD_KIND = bytes([MEMFD])
+_pickle_dumps = pickle.dumps
+_pickle_loads = pickle.loads
 
 _live: weakref.WeakSet = weakref.WeakSet()
 
@@ -104,77 +106,58 @@ def _deadline(block: bool, timeout: float | None) -> float | None:
     return time.monotonic() + timeout
 
 
-def _wait_fd(fd: int, deadline: float | None) -> bool:
-    """Wait until *fd* is readable or *deadline* passes; False on timeout."""
-    poller = select.poll()
-    poller.register(fd, _POLLIN)
-    if deadline is None:
-        return bool(poller.poll(-1))
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        return bool(poller.poll(0))
-    return bool(poller.poll(max(1, int(remaining * 1000 + 0.999))))
+class _LargeBuffer(Exception):
+    pass
 
 
-def _eventfd_count(fd: int) -> int:
-    """The current value of an eventfd, read without changing it."""
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("eventfd-count:"):
-                return int(line.split(":", 1)[1], 16)
-    raise NotImplementedError("cannot read an eventfd's count on this system")
+def _small_buffers_only(pb: pickle.PickleBuffer) -> bool:
+    if pb.raw().nbytes >= OOB_THRESHOLD:
+        raise _LargeBuffer
+    return True
 
 
-class _Counter:
-    """A process-shared signed item count."""
+def _close_entries(entries) -> None:
+    for _payload, _datagram, fds in entries:
+        if fds:
+            close_fds(fds)
 
-    __slots__ = ("_buf", "_fds")
 
-    def __init__(self, fds: list[int] | None = None) -> None:
-        if fds is None:
-            if _native is not None:
-                fds = [create_fd(64, "shoal-queue-count")]
-            else:
-                fds = [os.eventfd(0, _EFD_FLAGS), os.eventfd(0, _EFD_FLAGS)]
-        self._fds = fds
-        self._buf = mmap.mmap(fds[0], 64) if len(fds) == 1 else None
-
-    def add(self, n: int) -> None:
-        if self._buf is not None:
-            _native.fetch_add(self._buf, 0, n)
-        elif n > 0:
-            os.eventfd_write(self._fds[0], n)
-        elif n < 0:
-            os.eventfd_write(self._fds[1], -n)
-
-    def value(self) -> int:
-        if self._buf is not None:
-            return max(0, _native.load(self._buf, 0))
-        return max(0, _eventfd_count(self._fds[0]) - _eventfd_count(self._fds[1]))
-
-    def close(self) -> None:
-        if self._buf is not None:
-            self._buf.close()
-            self._buf = None
-        close_fds(self._fds)
-        self._fds = []
+def _join_thread(ref) -> None:
+    t = ref()
+    if t is not None and t.is_alive():
+        t.join()
 
 
 class _Base:
-    """The socket pair, encoding, and the receive side shared by all three queues."""
+    """The ring, the socket pair, encoding, and the feeder shared by all
+    three queues."""
 
-    _feeds = False  # unbounded put never blocks (Queue); SimpleQueue blocks
+    #: An unbounded put never blocks: when the ring is full the item waits
+    #: in this process's buffer for the feeder thread (Queue).  SimpleQueue
+    #: blocks instead, as the standard library's does.
+    _feeds = False
+    _joinable = False
 
-    def __init__(self, *, ctx=None) -> None:
+    def __init__(self, maxsize: int = 0, *, ctx=None, capacity: int = DEFAULT_CAPACITY) -> None:
         # *ctx* is accepted for the standard library's signature; shoal's
         # queues work the same under every start method.
-        self._reader, self._writer = socketpair(SNDBUF)
+        if maxsize < 0:
+            raise ValueError(f"maxsize must be >= 0, got {maxsize}")
+        self._maxsize = maxsize
+        self._ring = Ring(capacity)
+        try:
+            self._reader, self._writer = socketpair(SNDBUF)
+        except BaseException:
+            self._ring.close()
+            raise
         self._init_local()
         _live.add(self)
 
     def _init_local(self) -> None:
         """State private to this process (reset in a forked child)."""
         self._closed = False
+        # Items this process took in a get_many that raised before
+        # returning them (an item that would not unpickle).
         self._stash: collections.deque = collections.deque()
         self._buffer: collections.deque = collections.deque()
         self._lock = threading.Lock()
@@ -182,68 +165,125 @@ class _Base:
         self._join_cancelled = False
         self._finalizer = None
         self._spool = Spool()
+        self._inline_max = min(INBAND_MAX, self._ring.capacity // 4)
 
     def _after_fork(self) -> None:
-        # The parent's buffered items and stash are the parent's; a child
-        # that re-sent them would duplicate them.
+        # The parent's buffered items are the parent's: a child that sent
+        # them too would duplicate them.
         self._init_local()
 
     # -- pickling (Process args under spawn/forkserver, pool tasks, pipes) --
-    def _fds(self) -> list[int]:
-        return [self._reader.fileno(), self._writer.fileno()]
-
     def __reduce__(self):
         if self._closed:
             raise OSError(f"{type(self).__name__} is closed and cannot be sent to another process")
-        fds = [reduce_fd(_dup_if_collecting(fd)) for fd in self._fds()]
-        return _rebuild_queue, (type(self), fds, self._extra_state())
-
-    def _extra_state(self):
-        return None
-
-    def _set_extra_state(self, fds: list[int], state) -> None:
-        pass
-
-    # -- encoding -----------------------------------------------------------
-    @staticmethod
-    def _encode(obj, what: str) -> tuple[bytes, list[int]]:
-        fds: list[int] = []
-        previous = getattr(_fd_state, "send", None)
-        _fd_state.send = fds
-        try:
-            return dumps(obj, oob=True, what=what), fds
-        except BaseException:
-            close_fds(fds)
-            raise
-        finally:
-            _fd_state.send = previous
+        fds = [
+            reduce_fd(_dup_if_collecting(fd))
+            for fd in (self._ring.fd, self._reader.fileno(), self._writer.fileno())
+        ]
+        return _rebuild_queue, (type(self), fds, self._maxsize)
 
     def _check_closed(self) -> None:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
 
-    # -- sending ------------------------------------------------------------
-    def _send(self, kind: int, payload: bytes, fds: list[int]) -> None:
-        """Send one datagram in order with this process's earlier ones."""
-        if not self._feeds:
+    # -- encoding -------------------------------------------------------------
+    def _entry(self, obj, what: str):
+        """``(payload, datagram, fds)`` for Ring.put, pickled here."""
+        fds: list[int] = []
+        previous = getattr(_fd_state, "send", None)
+        _fd_state.send = fds
+        try:
             try:
-                send_packet(self._writer, kind, payload, fds, 0, self._spool)
-            finally:
+                payload = _pickle_dumps(obj, 5, buffer_callback=_small_buffers_only)
+            except Exception:
                 close_fds(fds)
-            return
-        if not self._buffer:
-            # Nothing of ours is waiting, so sending now keeps our order.
+                fds.clear()
+                payload = dumps(obj, oob=True, what=what)
+        except BaseException:
+            close_fds(fds)
+            raise
+        finally:
+            _fd_state.send = previous
+        if not fds and len(payload) <= self._inline_max:
+            return payload, None, None
+        return self._datagram(payload, fds)
+
+    def _datagram(self, payload: bytes, fds: list[int]):
+        """An entry sent as a datagram.  *fds* (closed once it is sent) are
+        the descriptors the pickle collected, plus a memfd of our own for a
+        large payload; a memfd from the spool is the spool's."""
+        size = len(payload)
+        if size <= INBAND_MAX:
+            anc_fds = fds
+            kind, body = _INLINE_KIND, payload
+        else:
             try:
-                send_packet(self._writer, kind, payload, fds, _DONTWAIT, self._spool)
-            except BlockingIOError:
-                pass
+                if size <= Spool.MAX_SIZE:
+                    mfd = self._spool.take(size)
+                    anc_fds = [*fds, mfd]
+                else:
+                    mfd = create_fd(size + 8, "shoal-message")
+                    fds.append(mfd)
+                    anc_fds = fds
+                _pwrite_all(mfd, payload, size)
+            except BaseException:
+                close_fds(fds)
+                raise
+            kind, body = _MEMFD_KIND, size.to_bytes(8, "little")
+        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", anc_fds).tobytes())] if anc_fds else []
+        return None, (kind, body, anc), fds
+
+    def _decode(self, raw):
+        """An item from what Ring.get returned."""
+        if type(raw) is bytes:
+            try:
+                return _pickle_loads(raw)
+            except Exception as exc:
+                raise _unpickle_error(exc) from exc
+        data, anc = raw
+        fds = _cmsg_fds(anc) if anc else []
+        try:
+            if data[0] & MEMFD:
+                size = int.from_bytes(data[9:17], "little")
+                mfd = fds.pop()
+                try:
+                    payload = _read_fd(mfd, size)
+                finally:
+                    os.close(mfd)
             else:
+                payload = memoryview(data)[9:]
+            try:
+                if fds:
+                    with providing_fds(fds):
+                        return loads(payload)
+                return loads(payload)
+            except Exception as exc:
+                raise _unpickle_error(exc) from exc
+        finally:
+            if fds:
                 close_fds(fds)
-                return
-        with self._lock:
-            self._buffer.append((kind, payload, fds))
-            if self._feeder is None:
-                self._start_feeder()
+
+    # -- sending --------------------------------------------------------------
+    def _put_entries(self, entries: list, block: bool, timeout: float | None) -> None:
+        ring = self._ring
+        if self._feeds and not self._maxsize:
+            # Unbounded: never block.  Write directly only if nothing of
+            # ours is waiting in the buffer, which keeps our order.
+            if not self._buffer:
+                n = ring.put(entries, self._writer, 0, 0.0, self._joinable)
+                _close_entries(entries[:n])
+                if n == len(entries):
+                    return
+                entries = entries[n:]
+            with self._lock:
+                self._buffer.extend(entries)
+                if self._feeder is None:
+                    self._start_feeder()
+            return
+        n = ring.put(entries, self._writer, self._maxsize, _deadline(block, timeout), self._joinable)
+        _close_entries(entries)
+        if n < len(entries):
+            raise Full
 
     def _start_feeder(self) -> None:
         t = threading.Thread(target=self._feed, name="shoal.Queue feeder", daemon=True)
@@ -255,113 +295,62 @@ class _Base:
             self._finalizer = _mputil.Finalize(t, _join_thread, [weakref.ref(t)], exitpriority=-5)
 
     def _feed(self) -> None:
-        """Feeder thread: send the buffered datagrams in order, then exit."""
+        """Feeder thread: write the buffered items in order, then exit."""
         buffer = self._buffer
-        writer = self._writer
         while True:
             with self._lock:
                 if not buffer:
                     self._feeder = None
                     return
-                kind, payload, fds = buffer[0]
+                entries = list(buffer)
             try:
-                send_packet(writer, kind, payload, fds, 0, None)
-            except OSError:
-                # Our own end was closed under us (close() with
-                # cancel_join_thread): what is left cannot be sent.
-                with self._lock:
-                    for _k, _p, f in buffer:
-                        close_fds(f)
-                    buffer.clear()
-                    self._feeder = None
-                return
+                n = self._ring.put(entries, self._writer, 0, None, self._joinable)
+            except Exception:  # the queue was closed under us
+                n = len(entries)
             with self._lock:
-                buffer.popleft()
-            close_fds(fds)
+                for _ in range(n):
+                    buffer.popleft()
+            _close_entries(entries[:n])
 
-    # -- receiving ----------------------------------------------------------
-    def _recv_items(self, deadline: float | None) -> list | None:
-        """Receive one datagram's items; None when the deadline passed."""
-        reader = self._reader
-        while True:
-            try:
-                if deadline is None:
-                    packet = recv_packet(reader)
-                else:
-                    packet = recv_packet(reader, _DONTWAIT)
-            except BlockingIOError:
-                if deadline == 0.0 or not _wait_fd(reader.fileno(), deadline):
-                    return None
-                continue
-            break
-        if packet is None:
-            raise BrokenResourceError(
-                "every process holding this queue closed it, so nothing can ever arrive"
-            )
-        kind, payload, fds = packet
-        try:
-            if fds:
-                with providing_fds(fds):
-                    obj = loads(payload)
-            else:
-                obj = loads(payload)
-        except Exception as exc:
-            self._received(1)
-            raise SerializationError(
-                f"an item taken from the queue could not be unpickled ({type(exc).__name__}: {exc}); "
-                "is the class or function it refers to importable in this process?"
-            ) from exc
-        finally:
-            if fds:
-                close_fds(fds)
-        items = obj if kind & BATCH else [obj]
-        self._received(len(items))
-        return items
-
-    def _received(self, n: int) -> None:
-        pass
-
+    # -- receiving ------------------------------------------------------------
     def _get(self, block: bool, timeout: float | None):
         self._check_closed()
-        stash = self._stash
-        if stash:
+        if self._stash:
             try:
-                return stash.popleft()
-            except IndexError:  # another thread took the last one
+                return self._decode(self._stash.popleft())
+            except IndexError:
                 pass
-        items = self._recv_items(_deadline(block, timeout))
-        if items is None:
+        got = self._ring.get(1, self._reader, _deadline(block, timeout))
+        if not got:
             raise Empty
-        if len(items) > 1:
-            stash.extend(items[1:])
-        return items[0]
+        return self._decode(got[0])
 
     def _empty(self) -> bool:
-        if self._stash:
-            return False
-        poller = select.poll()
-        poller.register(self._reader.fileno(), select.POLLIN)
-        return not poller.poll(0)
+        return not self._stash and self._ring.count() == 0
 
-    # -- closing ------------------------------------------------------------
+    # -- closing --------------------------------------------------------------
     def _close_fds(self) -> None:
-        for sock in (self._reader, self._writer):
-            sock.close()
+        self._ring.close()
+        self._reader.close()
+        self._writer.close()
         self._spool.close()
 
     def close(self) -> None:
         """No more puts or gets from this process; its buffered items are
-        still flushed (see :meth:`join_thread`).  Idempotent."""
+        still written (see :meth:`Queue.join_thread`).  Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._stash.clear()
             feeder = self._feeder
+        for raw in self._stash:
+            if type(raw) is tuple and raw[1]:
+                close_fds(_cmsg_fds(raw[1]))
+        self._stash.clear()
         if feeder is None:
             self._close_fds()
         else:
-            # The feeder closes the descriptors once it has sent everything.
+            # The feeder's items still go in; then the descriptors close.
             threading.Thread(target=self._close_after_feeder, args=(feeder,), daemon=True).start()
 
     def _close_after_feeder(self, feeder: threading.Thread) -> None:
@@ -373,27 +362,29 @@ class _Base:
             if not self._closed and self._feeder is None:
                 self._closed = True
                 self._close_fds()
-        except Exception:  # pragma: no cover - interpreter shutdown
+        except Exception:  # pragma: no cover - interpreter shutdown, half-built object
             pass
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"fd={self._reader.fileno()}"
+        state = "closed" if self._closed else f"maxsize={self._maxsize}"
         return f"<shoal.{type(self).__name__} {state}>"
 
 
-def _join_thread(ref) -> None:
-    t = ref()
-    if t is not None and t.is_alive():
-        t.join()
+def _unpickle_error(exc: BaseException) -> SerializationError:
+    return SerializationError(
+        f"an item taken from the queue could not be unpickled ({type(exc).__name__}: {exc}); "
+        "is the class or function it refers to importable in this process?"
+    )
 
 
-def _rebuild_queue(cls, fd_reducers, state):
-    fds = [rebuild(*args) for rebuild, args in fd_reducers]
+def _rebuild_queue(cls, fd_reducers, maxsize: int):
+    ring_fd, reader_fd, writer_fd = (rebuild(*args) for rebuild, args in fd_reducers)
     q = cls.__new__(cls)
-    q._reader = socket.socket(fileno=fds[0])
-    q._writer = socket.socket(fileno=fds[1])
+    q._maxsize = maxsize
+    q._ring = Ring(fd=ring_fd)
+    q._reader = socket.socket(fileno=reader_fd)
+    q._writer = socket.socket(fileno=writer_fd)
     q._init_local()
-    q._set_extra_state(fds[2:], state)
     _live.add(q)
     return q
 
@@ -402,14 +393,16 @@ class SimpleQueue(_Base):
     """``multiprocessing.SimpleQueue``: ``put``, ``get``, ``empty``, ``close``.
 
     ``put`` pickles in the caller (so an unpicklable object raises there) and
-    blocks only while the socket buffer is full.
+    waits only while the shared ring is full.
     """
+
+    def __init__(self, *, ctx=None) -> None:
+        super().__init__(0, ctx=ctx)
 
     def put(self, obj) -> None:
         """Put *obj* on the queue."""
         self._check_closed()
-        payload, fds = self._encode(obj, "the object put on the queue")
-        self._send(0, payload, fds)
+        self._put_entries([self._entry(obj, "the object put on the queue")], True, None)
 
     def get(self):
         """Remove and return an item, waiting for one."""
@@ -426,97 +419,25 @@ class Queue(_Base):
 
     Differences from the standard library, all in your favour: ``put``
     pickles in the caller, so an unpicklable object raises there, naming it;
-    an item put is in the queue when ``put`` returns (``empty()`` and
-    ``qsize()`` see it); and ``put_many`` / ``get_many`` move many items per
-    system call.
+    an item put is in the queue when ``put`` returns, unless the shared ring
+    is full (``empty()`` and ``qsize()`` see it); ``put_many`` and
+    ``get_many`` move many items under one lock; a process killed in the
+    middle of any of these does not break the queue for the others.
     """
 
     _feeds = True
 
-    def __init__(self, maxsize: int = 0, *, ctx=None) -> None:
-        if maxsize < 0:
-            raise ValueError(f"maxsize must be >= 0, got {maxsize}")
-        super().__init__(ctx=ctx)
-        self._maxsize = maxsize
-        if maxsize > 0:
-            self._slots = os.eventfd(maxsize, _EFD_FLAGS | os.EFD_SEMAPHORE)
-            self._count = None
-        else:
-            self._slots = -1
-            self._count = _Counter()
+    def __init__(self, maxsize: int = 0, *, ctx=None, capacity: int = DEFAULT_CAPACITY) -> None:
+        super().__init__(maxsize, ctx=ctx, capacity=capacity)
 
-    # -- pickling -----------------------------------------------------------
-    def _fds(self) -> list[int]:
-        fds = super()._fds()
-        if self._count is not None:
-            fds += self._count._fds
-        else:
-            fds.append(self._slots)
-        return fds
-
-    def _extra_state(self):
-        return (self._maxsize, self._count is not None and self._count._buf is not None)
-
-    def _set_extra_state(self, fds: list[int], state) -> None:
-        self._maxsize, _native_count = state
-        if self._maxsize > 0:
-            self._slots = fds[0]
-            self._count = None
-            fds = fds[1:]
-        else:
-            self._slots = -1
-            n = 1 if _native_count else 2
-            self._count = _Counter(fds[:n])
-            fds = fds[n:]
-        self._set_more_state(fds)
-
-    def _set_more_state(self, fds: list[int]) -> None:
-        pass
-
-    # -- counting -----------------------------------------------------------
-    def _take_slots(self, n: int, block: bool, timeout: float | None) -> None:
-        """Take *n* slots of a bounded queue, all or none; Full on timeout."""
-        deadline = _deadline(block, timeout)
-        taken = 0
-        try:
-            while taken < n:
-                try:
-                    os.eventfd_read(self._slots)
-                    taken += 1
-                except BlockingIOError:
-                    if deadline == 0.0 or not _wait_fd(self._slots, deadline):
-                        raise Full from None
-        except BaseException:
-            if taken:
-                os.eventfd_write(self._slots, taken)
-            raise
-
-    def _count_put(self, n: int, block: bool, timeout: float | None) -> None:
-        if self._maxsize > 0:
-            self._take_slots(n, block, timeout)
-        else:
-            self._count.add(n)
-
-    def _received(self, n: int) -> None:
-        if self._maxsize > 0:
-            os.eventfd_write(self._slots, n)
-        else:
-            self._count.add(-n)
-
-    # -- the standard library's API ------------------------------------------
     def put(self, obj, block: bool = True, timeout: float | None = None) -> None:
         """Put *obj* on the queue.  With a *maxsize*, wait up to *timeout*
         seconds for room (``queue.Full`` if there is none)."""
         self._check_closed()
-        payload, fds = self._encode(obj, "the object put on the queue")
-        try:
-            self._count_put(1, block, timeout)
-        except BaseException:
-            close_fds(fds)
-            raise
-        self._send(0, payload, fds)
+        self._put_entries([self._entry(obj, "the object put on the queue")], block, timeout)
 
     def put_nowait(self, obj) -> None:
+        """``put(obj, False)``."""
         self.put(obj, False)
 
     def get(self, block: bool = True, timeout: float | None = None):
@@ -525,15 +446,14 @@ class Queue(_Base):
         return self._get(block, timeout)
 
     def get_nowait(self):
+        """``get(False)``."""
         return self._get(False, None)
 
     def qsize(self) -> int:
-        """Approximate number of items in the queue (not counting items of
-        a ``put_many`` batch already taken by a consumer)."""
+        """The number of items in the queue (a snapshot; items still in a
+        producer's feeder buffer are not counted)."""
         self._check_closed()
-        if self._maxsize > 0:
-            return self._maxsize - _eventfd_count(self._slots)
-        return self._count.value()
+        return self._ring.count() + len(self._stash)
 
     def empty(self) -> bool:
         """True if the queue is empty (a snapshot)."""
@@ -543,7 +463,7 @@ class Queue(_Base):
     def full(self) -> bool:
         """True if a bounded queue has no room (a snapshot)."""
         self._check_closed()
-        return self._maxsize > 0 and _eventfd_count(self._slots) == 0
+        return bool(self._maxsize) and self._ring.count() >= self._maxsize
 
     def join_thread(self) -> None:
         """Wait until this process's buffered items are in the queue.  Call
@@ -556,7 +476,7 @@ class Queue(_Base):
 
     def cancel_join_thread(self) -> None:
         """Let this process exit without waiting for its buffered items to be
-        sent (they are lost)."""
+        written (they are lost)."""
         self._join_cancelled = True
         finalizer = self._finalizer
         if finalizer is not None:
@@ -565,113 +485,66 @@ class Queue(_Base):
 
     # -- batches --------------------------------------------------------------
     def put_many(self, items, block: bool = True, timeout: float | None = None) -> None:
-        """Put every item of *items*, in order, in a few messages.
+        """Put every item of *items*, in order, taking the ring's lock once
+        per ring-full rather than once per item.
 
-        Items of one message are taken by the same consumer, so several
-        consumers see batches, not single items, interleaved.  With a
-        *maxsize*, batches hold at most *maxsize* items and each waits for
-        room; on timeout ``queue.Full`` is raised and the items not yet put
-        are not put.
+        Each item is still its own entry: consumers take them one by one.
+        With a *maxsize*, waits up to *timeout* for room; on timeout
+        ``queue.Full`` is raised and the items before the one that did not
+        fit were put.
         """
         self._check_closed()
-        items = list(items)
-        if not items:
-            return
-        for chunk in self._chunks(items):
-            payload, fds = self._encode(chunk, "an item passed to put_many")
-            try:
-                self._count_put(len(chunk), block, timeout)
-            except BaseException:
-                close_fds(fds)
-                raise
-            self._send(BATCH, payload, fds)
-
-    def _chunks(self, items: list):
-        """Split *items* into batches of about _BATCH_BYTES pickled, so
-        several consumers share the work and batches stay in band."""
-        n = len(items)
-        limit = self._maxsize if self._maxsize > 0 else n
-        sample = items[:16]
-        try:
-            per_item = max(1, len(dumps(sample)) // len(sample))
-        except SerializationError:
-            per_item = 1
-        step = max(1, min(limit, _BATCH_BYTES // per_item))
-        for i in range(0, n, step):
-            yield items[i : i + step]
+        entry = self._entry
+        entries = [entry(item, "an item passed to put_many") for item in items]
+        if entries:
+            self._put_entries(entries, block, timeout)
 
     def get_many(self, max_items: int, timeout: float | None = None, *, block: bool = True) -> list:
-        """Remove and return between 1 and *max_items* items: wait up to
-        *timeout* seconds for the first (``queue.Empty`` if none arrives),
-        then take whatever else is already there."""
+        """Remove and return between 1 and *max_items* items, in order: wait
+        up to *timeout* seconds for the first (``queue.Empty`` if none
+        arrives), then take whatever else is already there."""
         self._check_closed()
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
+        raws: list = []
         stash = self._stash
-        out: list = []
-        while stash and len(out) < max_items:
+        while stash and len(raws) < max_items:
+            raws.append(stash.popleft())
+        if len(raws) < max_items:
+            deadline = 0.0 if raws else _deadline(block, timeout)
+            raws += self._ring.get(max_items - len(raws), self._reader, deadline)
+        if not raws:
+            raise Empty
+        out = []
+        decode = self._decode
+        for i, raw in enumerate(raws):
             try:
-                out.append(stash.popleft())
-            except IndexError:
-                break
-        if not out:
-            items = self._recv_items(_deadline(block, timeout))
-            if items is None:
-                raise Empty
-            out = items
-        while len(out) < max_items:
-            items = self._recv_items(0.0)
-            if items is None:
-                break
-            out.extend(items)
-        if len(out) > max_items:
-            stash.extendleft(reversed(out[max_items:]))
-            del out[max_items:]
+                out.append(decode(raw))
+            except BaseException:
+                # Keep the rest for the next get; the bad item is dropped.
+                stash.extendleft(reversed(raws[i + 1 :]))
+                if out:
+                    # Return what decoded; the error comes with the next call.
+                    stash.appendleft(raw)
+                    return out
+                raise
         return out
-
-    def _close_fds(self) -> None:
-        super()._close_fds()
-        if self._count is not None:
-            self._count.close()
-        elif self._slots >= 0:
-            os.close(self._slots)
-            self._slots = -1
 
 
 class JoinableQueue(Queue):
     """``multiprocessing.JoinableQueue``: a :class:`Queue` with ``task_done``
     and ``join``."""
 
-    def __init__(self, maxsize: int = 0, *, ctx=None) -> None:
-        super().__init__(maxsize, ctx=ctx)
-        self._unfinished = os.eventfd(0, _EFD_FLAGS | os.EFD_SEMAPHORE)
-
-    def _fds(self) -> list[int]:
-        return super()._fds() + [self._unfinished]
-
-    def _set_more_state(self, fds: list[int]) -> None:
-        self._unfinished = fds[0]
-
-    def _count_put(self, n: int, block: bool, timeout: float | None) -> None:
-        super()._count_put(n, block, timeout)
-        os.eventfd_write(self._unfinished, n)
+    _joinable = True
 
     def task_done(self) -> None:
         """Mark one item taken with ``get`` as processed."""
-        try:
-            os.eventfd_read(self._unfinished)
-        except BlockingIOError:
-            raise ValueError("task_done() called too many times") from None
+        self._check_closed()
+        self._ring.task_done()
 
     def join(self) -> None:
         """Wait until every item put has been marked with ``task_done``."""
-        delay = 0.0005
-        while _eventfd_count(self._unfinished) > 0:
-            time.sleep(delay)
-            delay = min(delay * 2, 0.01)
+        self._check_closed()
+        self._ring.join()
 
-    def _close_fds(self) -> None:
-        super()._close_fds()
-        if self._unfinished >= 0:
-            os.close(self._unfinished)
-            self._unfinished = -1
+

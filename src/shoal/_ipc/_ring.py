@@ -1,0 +1,389 @@
+"""A ring of records in shared memory, for the queues.
+
+One memfd, mapped by every process holding the queue.  Producers and
+consumers each have their own robust process-shared mutex (from
+``shoal._native``), so with one producer and one consumer nobody ever waits
+for a lock, and each side's fields live on their own cache line::
+
+    0    producers' mutex          64   consumers' mutex
+    128  tail, puts, seq, producers waiting        (written by producers)
+    192  head, gets, consumers waiting             (written by consumers)
+    256  not_empty futex word      320  not_full futex word
+    384  unfinished tasks, joiners waiting, all_done futex word (JoinableQueue)
+    448  capacity
+    512  data: records, 8-byte aligned, wrapping at capacity
+
+    record = length (u32) | kind (u32) | payload, padded to 8 bytes
+             kind INLINE: the payload is the pickled item
+             kind SOCKET: the payload is a sequence number; the item is the
+                          datagram with that number on the queue's socket
+
+A put copies its records in beyond ``tail`` and then publishes them by
+storing the new ``tail`` (an atomic, sequentially consistent 8-byte store);
+a get reads the records between ``head`` and the ``tail`` it loaded, then
+stores the new ``head``.  So a process killed at any instant leaves either
+the old or the new state: records beyond ``tail`` were never visible, and a
+get killed before it stored ``head`` never returned its items, which stay
+for the next consumer.  Nothing is lost or duplicated.  What can go stale
+is a counter (``puts``/``gets``, for ``qsize`` and ``maxsize``): the next
+locker is told that the owner died and recounts the records.
+
+Items that carry descriptors (out-of-band buffers, connections) or are too
+large to copy through the ring travel as ``SOCK_SEQPACKET`` datagrams, which
+alone can carry descriptors.  A producer sends the datagram, tagged with the
+next sequence number, and writes a SOCKET record, both under the producers'
+mutex; a consumer takes the record and then the datagram under the
+consumers' mutex, so datagrams come off the socket in record order.  The
+tags make this survive deaths: a datagram whose producer died before
+publishing its record has a smaller tag than the record being taken and is
+discarded (its descriptors closed); a record whose datagram a dying
+consumer had already taken finds a larger tag (or nothing) and is skipped.
+
+Waiting: with the mutex released, first spinning for a few tens of
+microseconds (a futex sleep and wake-up cost far more, and the other side
+usually acts sooner), then on a futex word read before re-checking the
+condition, in slices, so that a waker that died costs at most a slice.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+import socket
+import struct
+import time
+
+from .. import _native
+from .._shm._segment import create_fd
+from ._packet import _ANC_SIZE, _CLOEXEC, _RECV_SIZE, _cmsg_fds, close_fds
+
+_PMUTEX = 0
+_CMUTEX = 64
+_TAIL = 128
+_PUTS = 136
+_SEQ = 144
+_PWAIT = 152
+_HEAD = 192
+_GETS = 200
+_CWAIT = 208
+_NOT_EMPTY = 256
+_NOT_FULL = 320
+_UNFINISHED = 384
+_JWAIT = 392
+_ALL_DONE = 400
+_CAPACITY = 448
+_DATA = 512
+
+INLINE = 0
+SOCKET = 1
+
+_PAIR = struct.Struct("<qq")
+_REC = struct.Struct("<II")
+_Q = struct.Struct("<q")
+
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_PEEK = int(socket.MSG_PEEK) | _DONTWAIT
+_SLICE = 0.5  # longest single sleep; a waker that died costs at most this
+_SPINS = 300  # ~30 µs of looking before sleeping
+
+_load = _native.load
+_store = _native.store
+_fetch_add = _native.fetch_add
+_cas = _native.compare_exchange
+_acquire = _native.mutex_acquire
+_release = _native.mutex_release
+_futex_wait = _native.futex_wait
+_futex_wake = _native.futex_wake
+
+DEFAULT_CAPACITY = 1 << 20
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return _SLICE
+    left = deadline - time.monotonic()
+    return None if left <= 0 else min(left, _SLICE)
+
+
+class Ring:
+    """The shared ring of one queue, mapped into this process."""
+
+    __slots__ = ("_cap", "_peek", "fd", "mm")
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, fd: int | None = None) -> None:
+        if fd is None:
+            capacity = max(4096, (capacity + 7) & ~7)
+            fd = create_fd(_DATA + capacity, "shoal-queue")
+            try:
+                self.mm = mmap.mmap(fd, _DATA + capacity)
+                _native.mutex_init(self.mm, _PMUTEX)
+                _native.mutex_init(self.mm, _CMUTEX)
+                _Q.pack_into(self.mm, _CAPACITY, capacity)
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            with mmap.mmap(fd, _DATA) as header:
+                (capacity,) = _Q.unpack_from(header, _CAPACITY)
+            self.mm = mmap.mmap(fd, _DATA + capacity)
+        self.fd = fd
+        self._cap = capacity
+        self._peek = bytearray(9)
+
+    @property
+    def capacity(self) -> int:
+        return self._cap
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                self.mm.close()
+            except BufferError:  # pragma: no cover - a view still exported
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- locks ----------------------------------------------------------------
+    def _lock(self, which: int) -> None:
+        if _acquire(self.mm, which):
+            # The previous holder died holding it: its counter may be stale.
+            self._recount()
+            _native.mutex_consistent(self.mm, which)
+
+    def _recount(self) -> None:
+        """Make ``puts - gets`` the number of records between head and tail
+        (best effort: the other side may be moving)."""
+        mm, cap = self.mm, self._cap
+        head = _load(mm, _HEAD)
+        tail = _load(mm, _TAIL)
+        pos, n = head, 0
+        while pos < tail:
+            length, kind = _REC.unpack_from(mm, _DATA + pos % cap)
+            need = 8 + ((length + 7) & ~7)
+            if kind not in (INLINE, SOCKET) or need > tail - pos:
+                break
+            pos += need
+            n += 1
+        _store(mm, _PUTS, _load(mm, _GETS) + n)
+
+    def _wait(self, lock: int, watch: int, seen: int, word: int, waiters: int, deadline: float | None) -> bool:
+        """With *lock* held: release it, wait until the value at *watch* is
+        no longer *seen*, take *lock* again.  False when the deadline has
+        passed (the lock is held either way)."""
+        mm = self.mm
+        slice_ = _remaining(deadline)
+        if slice_ is None:
+            return False
+        _release(mm, lock)
+        try:
+            for _ in range(_SPINS):
+                if _load(mm, watch) != seen:
+                    return True
+            _fetch_add(mm, waiters, 1)
+            try:
+                expected = _load(mm, word) & 0xFFFFFFFF
+                # Re-check after announcing ourselves: the other side loads
+                # the waiter count after its store (both sequentially
+                # consistent), so one of us sees the other.
+                if _load(mm, watch) == seen:
+                    _futex_wait(mm, word, expected, slice_)
+            finally:
+                _fetch_add(mm, waiters, -1)
+            return True
+        finally:
+            self._lock(lock)
+
+    def _wake(self, word: int, waiters: int, n: int) -> None:
+        mm = self.mm
+        if _load(mm, waiters) > 0:
+            _fetch_add(mm, word, 1)
+            _futex_wake(mm, word, n)
+
+    # -- put ------------------------------------------------------------------
+    def put(self, entries: list, sock: socket.socket, maxsize: int, deadline: float | None, joinable: bool) -> int:
+        """Append *entries* in order; return how many were appended before
+        *deadline* (``None``: wait as long as it takes, ``0.0``: no waiting).
+
+        An entry is ``(payload, datagram, fds)``: *payload* (bytes) is copied
+        into the ring, or *datagram* = ``(kind_byte, body, anc)`` is sent on
+        *sock*; the caller closes *fds* afterwards.
+        """
+        mm, cap = self.mm, self._cap
+        done = 0
+        total = len(entries)
+        self._lock(_PMUTEX)
+        try:
+            while True:
+                tail, puts = _PAIR.unpack_from(mm, _TAIL)
+                head = _load(mm, _HEAD)
+                room = cap - (tail - head)
+                slots = maxsize - (puts - _load(mm, _GETS)) if maxsize else total
+                wrote = 0
+                blocked_on_socket = False
+                while done < total and wrote < slots:
+                    payload, datagram, _fds = entries[done]
+                    if datagram is None:
+                        length = len(payload)
+                        need = 8 + ((length + 7) & ~7)
+                        if room < need:
+                            break
+                        self._write(tail, _REC.pack(length, INLINE), payload, length)
+                    else:
+                        need = 16
+                        if room < need:
+                            break
+                        (seq,) = _Q.unpack_from(mm, _SEQ)
+                        tag = _Q.pack(seq)
+                        kind_byte, body, anc = datagram
+                        try:
+                            sock.sendmsg([kind_byte, tag, body], anc, _DONTWAIT)
+                        except BlockingIOError:
+                            blocked_on_socket = True
+                            break
+                        _Q.pack_into(mm, _SEQ, seq + 1)
+                        self._write(tail, _REC.pack(8, SOCKET), tag, 8)
+                    tail += need
+                    room -= need
+                    done += 1
+                    wrote += 1
+                if wrote:
+                    if joinable:
+                        # Before publishing: a consumer may call task_done()
+                        # as soon as it sees the item.
+                        _fetch_add(mm, _UNFINISHED, wrote)
+                    _store(mm, _PUTS, puts + wrote)
+                    _store(mm, _TAIL, tail)  # publishes the records
+                    self._wake(_NOT_EMPTY, _CWAIT, wrote)
+                if done == total:
+                    return done
+                if blocked_on_socket:
+                    _release(mm, _PMUTEX)
+                    try:
+                        left = _remaining(deadline)
+                        if left is None:
+                            return done
+                        poller = select.poll()
+                        poller.register(sock.fileno(), select.POLLOUT)
+                        poller.poll(int(left * 1000) + 1)
+                    finally:
+                        self._lock(_PMUTEX)
+                elif not self._wait(_PMUTEX, _HEAD, head, _NOT_FULL, _PWAIT, deadline):
+                    return done
+        finally:
+            _release(mm, _PMUTEX)
+
+    def _write(self, pos: int, header: bytes, payload, length: int) -> None:
+        mm, cap = self.mm, self._cap
+        off = pos % cap
+        # The header never wraps: positions and capacity are multiples of 8.
+        if off + 8 + length <= cap:
+            mm[_DATA + off : _DATA + off + 8 + length] = header + payload
+            return
+        mm[_DATA + off : _DATA + off + 8] = header
+        off += 8
+        if off == cap:
+            off = 0
+        first = cap - off
+        if length <= first:
+            mm[_DATA + off : _DATA + off + length] = payload
+        else:
+            view = memoryview(payload)
+            mm[_DATA + off : _DATA + cap] = view[:first]
+            mm[_DATA : _DATA + length - first] = view[first:]
+
+    def _read(self, pos: int, length: int) -> bytes:
+        mm, cap = self.mm, self._cap
+        off = pos % cap
+        first = cap - off
+        if length <= first:
+            return mm[_DATA + off : _DATA + off + length]
+        return mm[_DATA + off : _DATA + cap] + mm[_DATA : _DATA + length - first]
+
+    # -- get ------------------------------------------------------------------
+    def get(self, max_n: int, sock: socket.socket, deadline: float | None) -> list:
+        """Take up to *max_n* records, waiting until *deadline* for the first.
+
+        Returns a list of ``bytes`` (an inline item) or ``(data, anc)``
+        tuples (a datagram as ``recvmsg`` returned it); empty on timeout.
+        """
+        mm, cap = self.mm, self._cap
+        out: list = []
+        self._lock(_CMUTEX)
+        try:
+            while True:
+                head, gets = _PAIR.unpack_from(mm, _HEAD)
+                tail = _load(mm, _TAIL)
+                if head == tail:
+                    if not self._wait(_CMUTEX, _TAIL, tail, _NOT_EMPTY, _CWAIT, deadline):
+                        return out
+                    continue
+                taken = 0
+                while head != tail and len(out) < max_n:
+                    length, kind = _REC.unpack_from(mm, _DATA + head % cap)
+                    if kind == INLINE:
+                        out.append(self._read(head + 8, length))
+                    else:
+                        (seq,) = _Q.unpack_from(self._read(head + 8, 8))
+                        datagram = self._take_datagram(sock, seq)
+                        if datagram is not None:
+                            out.append(datagram)
+                    head += 8 + ((length + 7) & ~7)
+                    taken += 1
+                _store(mm, _GETS, gets + taken)
+                _store(mm, _HEAD, head)  # frees the space
+                self._wake(_NOT_FULL, _PWAIT, 1 << 30)
+                if out:
+                    return out
+                # Only records whose datagrams died with a consumer: go on.
+        finally:
+            _release(mm, _CMUTEX)
+
+    def _take_datagram(self, sock: socket.socket, seq: int):
+        peek = self._peek
+        while True:
+            try:
+                n = sock.recv_into(peek, 9, _PEEK)
+            except BlockingIOError:
+                return None  # taken by a consumer that died: the item is lost
+            if n < 9:
+                return None
+            (tag,) = _Q.unpack_from(peek, 1)
+            if tag > seq:
+                return None
+            data, anc, _flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC | _DONTWAIT)
+            if tag == seq:
+                return data, anc
+            # Sent by a producer that died before publishing its record.
+            close_fds(_cmsg_fds(anc))
+
+    # -- counting -------------------------------------------------------------
+    def count(self) -> int:
+        mm = self.mm
+        gets = _load(mm, _GETS)
+        return max(0, _load(mm, _PUTS) - gets)
+
+    def task_done(self) -> None:
+        mm = self.mm
+        while True:
+            left = _load(mm, _UNFINISHED)
+            if left <= 0:
+                raise ValueError("task_done() called too many times")
+            if _cas(mm, _UNFINISHED, left, left - 1) == left:
+                break
+        if left == 1:
+            self._wake(_ALL_DONE, _JWAIT, 1 << 30)
+
+    def join(self) -> None:
+        mm = self.mm
+        while True:
+            left = _load(mm, _UNFINISHED)
+            if left <= 0:
+                return
+            _fetch_add(mm, _JWAIT, 1)
+            try:
+                expected = _load(mm, _ALL_DONE) & 0xFFFFFFFF
+                if _load(mm, _UNFINISHED) > 0:
+                    _futex_wait(mm, _ALL_DONE, expected, _SLICE)
+            finally:
+                _fetch_add(mm, _JWAIT, -1)
