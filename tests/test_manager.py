@@ -39,9 +39,7 @@ SEED_EXAMPLE = textwrap.dedent(
 def _run_script(tmp_path, text: str) -> str:
     script = tmp_path / "example.py"
     script.write_text(text, encoding="utf-8")
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
-    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     return out.stdout
 

@@ -303,7 +303,7 @@ def test_exact_totals_from_several_processes(start_method, workers):
 
 def _report_seed_and_work(sd: SharedDict, worker: int, n: int) -> None:
     sd[("seed", worker)] = hash("probe")
-    for i in range(n):
+    for _ in range(n):
         sd.incr(("counter", "shared"))
         sd.update_with(frozenset({"a", worker % 2}), lambda v: v + 1, default=0)
     # Keys written by the parent are found although hash() differs here.
