@@ -7,6 +7,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -441,3 +443,50 @@ def test_a_shared_dict_cannot_be_stored_inside_one(d):
 def test_initial_by_keyword_and_from_pairs():
     with SharedDict(initial={"a": 1}) as a, SharedDict([("b", 2)]) as b:
         assert a == {"a": 1} and b == {"b": 2}
+
+
+SEED_SCRIPT = """
+import multiprocessing, os, sys
+from shoal import SharedDict
+
+def work(d, w, n):
+    d[("seed", w)] = hash("probe")
+    for _ in range(n):
+        d.incr(("count", "x"))
+        d.update_with(frozenset({"k", w % 2}), lambda v: v + 1, default=0)
+    d[("seen", w)] = d[("from", "parent")]
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context(sys.argv[1])
+    with SharedDict() as d:
+        d[("from", "parent")] = "hi"
+        procs = []
+        for w in range(3):
+            # Spawned children, and the forkserver (started with the first
+            # child), take their hash seed from the environment.
+            os.environ["PYTHONHASHSEED"] = str(10 + w)
+            procs.append(ctx.Process(target=work, args=(d, w, 2000)))
+            procs[-1].start()
+        for p in procs:
+            p.join()
+        seeds = {d[("seed", w)] for w in range(3)}
+        print(d[("count", "x")], d[frozenset({"k", 0})] + d[frozenset({"k", 1})],
+              all(d[("seen", w)] == "hi" for w in range(3)), hash("probe") in seeds, len(seeds))
+"""
+
+
+def test_exact_totals_with_other_hash_seeds_under_every_start_method(tmp_path, start_method):
+    script = tmp_path / "seeds.py"
+    script.write_text(SEED_SCRIPT)
+    env = dict(os.environ, PYTHONHASHSEED="1")
+    out = subprocess.run(
+        [sys.executable, str(script), start_method], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    count, updates, seen, parent_seed_among_children, n_seeds = out.stdout.split()
+    assert (count, updates, seen) == ("6000", "6000", "True")
+    if start_method == "fork":
+        assert (parent_seed_among_children, n_seeds) == ("True", "1")
+    else:  # the children really hashed differently from the parent
+        assert parent_seed_among_children == "False"
+        assert n_seeds == ("3" if start_method == "spawn" else "1")
