@@ -46,7 +46,7 @@ Data flow and ownership::
 * Errors: an unpicklable key or value raises ``TypeError``
   (:class:`shoal.SerializationError`) before anything is locked or stored;
   a write that would take the file past ``max_size`` (default: physical
-  memory), or that the kernel cannot back with memory, raises
+  memory, at most 64 GiB), or that the kernel cannot back with memory, raises
   ``MemoryError`` with the dict unchanged.
 """
 
@@ -85,11 +85,13 @@ _delete = _native.dict_delete
 
 
 def _default_max_size() -> int:
+    """Physical memory, capped at 64 GiB: every process reserves this much
+    address space per dict (no memory), and 128 TiB is all there is."""
     try:
         phys = os.sysconf("SC_PHYS_PAGES") * _PAGE
     except (ValueError, OSError):
         phys = 1 << 34
-    return max(phys, 1 << 30)
+    return min(max(phys, 1 << 30), 1 << 36)
 
 
 # -- encodings -----------------------------------------------------------------
@@ -200,7 +202,8 @@ class SharedDict(MutableMapping):
 
     ``SharedDict(initial=None, *, max_size=None)``: *initial* is a mapping
     or an iterable of pairs.  *max_size* caps the size of the shared file
-    (default: the machine's physical memory); the dict grows on demand, and
+    (default: the machine's physical memory, at most 64 GiB); the dict grows
+    on demand, and
     since a rebuild copies it, it holds up to about a third of that.
 
     Single operations are atomic.  ``d[k] += 1`` is two operations (a read
