@@ -260,3 +260,24 @@ def test_pool_left_open_at_exit_does_not_hang(tmp_path):
     for pid in map(int, lines[1].split()):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert out.stderr == ""
+
+
+def test_forked_child_exits_cleanly_while_a_pool_is_open(tmp_path):
+    script = tmp_path / "fork_child.py"
+    script.write_text(
+        "import os, sys, shoal\n"
+        "pool = shoal.Pool(1)\n"
+        "assert pool.apply(abs, (-3,)) == 3\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    sys.exit(0)  # runs atexit and finalizers in the child\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print(os.waitstatus_to_exitcode(status))\n"
+        "pool.terminate()\n"
+    )
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", str(script)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"

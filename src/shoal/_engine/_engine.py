@@ -526,6 +526,10 @@ class Engine:
         self._wake()
 
     def terminate(self) -> None:
+        if os.getpid() != self._owner_pid:
+            # A forked child inherited this object but not its threads or
+            # workers: nothing here is its to stop.
+            return
         if self._state in (_RUN, _CLOSE, _BROKEN):
             self._state = _TERMINATE
         self._wake()
