@@ -31,6 +31,7 @@ shuts down the unused direction of each end, so misuse fails loudly.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import pickle
@@ -249,7 +250,10 @@ class Connection:
         finally:
             _fd_state.send = previous
         if not fds and self._max is None and len(payload) <= INBAND_MAX:
-            sock.sendmsg([b"\x00", payload])
+            try:
+                sock.sendmsg([b"\x00", payload])
+            except ConnectionResetError as exc:
+                raise _broken_pipe() from exc
             return
         try:
             if self._max is not None:
@@ -258,6 +262,8 @@ class Connection:
             if spool is None and len(payload) > INBAND_MAX:
                 spool = self._spool = Spool()
             send_packet(sock, 0, payload, fds, 0, spool)
+        except ConnectionResetError as exc:
+            raise _broken_pipe() from exc
         finally:
             if fds:
                 close_fds(fds)
@@ -286,7 +292,10 @@ class Connection:
         spool = self._spool
         if spool is None and size > INBAND_MAX:
             spool = self._spool = Spool()
-        send_packet(sock, BYTES, m, (), 0, spool)
+        try:
+            send_packet(sock, BYTES, m, (), 0, spool)
+        except ConnectionResetError as exc:
+            raise _broken_pipe() from exc
 
     # -- receiving ----------------------------------------------------------
     def _recv(self, limit: int | None):
@@ -384,6 +393,12 @@ def _rebuild_connection(rebuild, args, readable: bool, writable: bool, max_messa
     fd = rebuild(*args)
     sock = socket.socket(fileno=fd)
     return Connection(sock, readable, writable, max_message_size=max_message_size)
+
+
+def _broken_pipe() -> BrokenPipeError:
+    # A datagram socket reports ECONNRESET when the reader closed with
+    # messages unread; a pipe says EPIPE.  Say the same thing either way.
+    return BrokenPipeError(errno.EPIPE, "the other end of the pipe was closed (or every process holding it exited)")
 
 
 def _loads(payload):
