@@ -203,15 +203,15 @@ class SharedDict(MutableMapping):
     ``SharedDict(initial=None, *, max_size=None)``: *initial* is a mapping
     or an iterable of pairs.  *max_size* caps the size of the shared file
     (default: the machine's physical memory, at most 64 GiB); the dict grows
-    on demand, and
-    since a rebuild copies it, it holds up to about a third of that.
+    on demand, and since a rebuild copies it, it holds up to about a third
+    of that.
 
     Single operations are atomic.  ``d[k] += 1`` is two operations (a read
     and a write): use ``d.incr(k)``, ``d.update_with(k, fn)``, or do it
     inside ``with d.locked():``.
     """
 
-    __slots__ = ("__weakref__", "_fd", "_map", "_max_size", "_pid")
+    __slots__ = ("__weakref__", "_fd", "_map", "_max_size")
 
     def __init__(self, initial: Any = None, *, max_size: int | None = None) -> None:
         max_size = _default_max_size() if max_size is None else int(max_size)
@@ -234,7 +234,6 @@ class SharedDict(MutableMapping):
         self._fd = fd
         self._map = mapping
         self._max_size = max_size
-        self._pid = os.getpid()
 
     @classmethod
     def _from_fd(cls, fd: int) -> SharedDict:
