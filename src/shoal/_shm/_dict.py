@@ -20,8 +20,10 @@ Data flow and ownership::
   (address space only), so growing is ``ftruncate`` + ``fallocate`` and a
   store of the new ``file_size``: nobody remaps, offsets never move.
 * Keys are encoded canonically (a type tag and bytes; ``1``, ``1.0`` and
-  ``True`` encode alike, as they are equal dict keys) and hashed with xxh64,
-  never ``hash()``, which differs between spawned processes.  Values are
+  ``True`` encode alike, as they are equal dict keys; instances of str or
+  int *subclasses*, such as enums, are pickled, so they keep their type and
+  do not match the equal plain str or int) and hashed with xxh64, never
+  ``hash()``, which differs between spawned processes.  Values are
   ints inline in the entry's value word (so ``incr`` is one store) or tagged
   blocks: str, bytes, float, None, bools directly, anything else pickled.
 * Reads take no lock.  The native core probes the index and copies the
