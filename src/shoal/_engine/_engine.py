@@ -402,16 +402,10 @@ class Engine:
         if fn_ref is None:
             fn_ref = self.function_ref(fn)
         fn_id, entry = fn_ref
+        n = 1 if mode in (CALL, CALL_KW) else len(payload)
         if fn_id == 0:
             payload = (fn, payload)
-        fds: list[int] = []
-        previous = _fd_state.send
-        _fd_state.send = fds
-        try:
-            data = dumps(payload, oob=True, what="the task's arguments")
-        finally:
-            _fd_state.send = previous
-        n = 1 if mode in (CALL, CALL_KW) else len(payload[1] if fn_id == 0 else payload)
+        data, fds = _serialize(payload)
         return _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout, n)
 
     def submit_call(self, fn, args: tuple, kwargs: dict, sink, timeout: float | None = None) -> _Task:
@@ -422,20 +416,10 @@ class Engine:
         # Without keyword arguments only the args tuple is pickled: one
         # object fewer per task, which the garbage collector notices.
         mode, payload = (CALL_KW, (args, kwargs)) if kwargs else (CALL, args)
-        entry = self._fn_cache.get(id(fn))
-        if entry is not None and entry[0] is fn:
-            fn_id = entry[1]
-        else:
-            fn_id, entry = self.function_ref(fn)
-            if fn_id == 0:
-                payload = (fn, payload)
-        fds: list[int] = []
-        previous = _fd_state.send
-        _fd_state.send = fds
-        try:
-            data = dumps(payload, oob=True, what="the task's arguments")
-        finally:
-            _fd_state.send = previous
+        fn_id, entry = self.function_ref(fn)
+        if fn_id == 0:
+            payload = (fn, payload)
+        data, fds = _serialize(payload)
         if timeout is None:
             timeout = self.task_timeout
         task = _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, 0, timeout, 1)
@@ -1147,6 +1131,18 @@ class Engine:
             except ValueError:
                 pass
         self._workers.clear()
+
+
+def _serialize(payload) -> tuple[bytes, list[int]]:
+    """Pickle a task's payload; large buffers go to shared memory, and the
+    descriptors to pass beside the message are returned with the bytes."""
+    fds: list[int] = []
+    previous = _fd_state.send
+    _fd_state.send = fds
+    try:
+        return dumps(payload, oob=True, what="the task's arguments"), fds
+    finally:
+        _fd_state.send = previous
 
 
 def _describe(exitcode) -> str:
