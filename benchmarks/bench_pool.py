@@ -27,25 +27,28 @@ def _array_sum(a):
     return float(a.sum())
 
 
+def _stdlib_pool():
+    return multiprocessing.Pool(WORKERS)
+
+
+def _shoal_pool():
+    import shoal
+
+    return shoal.Pool(WORKERS)
+
+
+def _warm(pool) -> None:
+    pool.apply(_noop, (1,))
+
+
 # -- pool start + first result ---------------------------------------------------
 
 
-def _start_stdlib(quick: bool) -> float:
+def _start_ms(make_pool) -> float:
     t0 = time.perf_counter()
-    with multiprocessing.Pool(WORKERS) as pool:
+    with make_pool() as pool:
         pool.apply(_noop, (1,))
-        dt = time.perf_counter() - t0
-    return dt * 1e3
-
-
-def _start_shoal(quick: bool) -> float:
-    import shoal
-
-    t0 = time.perf_counter()
-    with shoal.Pool(WORKERS) as pool:
-        pool.apply(_noop, (1,))
-        dt = time.perf_counter() - t0
-    return dt * 1e3
+        return (time.perf_counter() - t0) * 1e3
 
 
 def _start_loky(quick: bool) -> float:
@@ -62,49 +65,30 @@ def _start_loky(quick: bool) -> float:
 def _start_mpire(quick: bool) -> float:
     from mpire import WorkerPool
 
-    t0 = time.perf_counter()
-    with WorkerPool(WORKERS) as pool:
-        pool.apply(_noop, (1,))
-        dt = time.perf_counter() - t0
-    return dt * 1e3
+    return _start_ms(lambda: WorkerPool(WORKERS))
 
 
 # -- map of trivial tasks ---------------------------------------------------------
 
-
-def _n_map(quick: bool) -> int:
-    return 200_000
+N_MAP = 200_000
 
 
-def _map_stdlib(quick: bool) -> float:
-    n = _n_map(quick)
-    with multiprocessing.Pool(WORKERS) as pool:
-        pool.apply(_noop, (1,))
+def _map_rate(make_pool, warm=_warm) -> float:
+    with make_pool() as pool:
+        warm(pool)
         t0 = time.perf_counter()
-        pool.map(_noop, range(n))
-        return n / (time.perf_counter() - t0)
-
-
-def _map_shoal(quick: bool) -> float:
-    import shoal
-
-    n = _n_map(quick)
-    with shoal.Pool(WORKERS) as pool:
-        pool.apply(_noop, (1,))
-        t0 = time.perf_counter()
-        pool.map(_noop, range(n))
-        return n / (time.perf_counter() - t0)
+        pool.map(_noop, range(N_MAP))
+        return N_MAP / (time.perf_counter() - t0)
 
 
 def _map_loky(quick: bool) -> float:
     from loky import ProcessPoolExecutor
 
-    n = _n_map(quick)
     ex = ProcessPoolExecutor(WORKERS)
     ex.submit(_noop, 1).result()
     t0 = time.perf_counter()
-    list(ex.map(_noop, range(n), chunksize=n // (4 * WORKERS)))
-    rate = n / (time.perf_counter() - t0)
+    list(ex.map(_noop, range(N_MAP), chunksize=N_MAP // (4 * WORKERS)))
+    rate = N_MAP / (time.perf_counter() - t0)
     ex.shutdown()
     return rate
 
@@ -112,23 +96,18 @@ def _map_loky(quick: bool) -> float:
 def _map_mpire(quick: bool) -> float:
     from mpire import WorkerPool
 
-    n = _n_map(quick)
-    with WorkerPool(WORKERS) as pool:
-        pool.map(_noop, range(10))  # warm up (an apply() first breaks mpire's map)
-        t0 = time.perf_counter()
-        pool.map(_noop, range(n))
-        return n / (time.perf_counter() - t0)
+    # Warm up with a map: an apply() first breaks mpire's map.
+    return _map_rate(lambda: WorkerPool(WORKERS), warm=lambda pool: pool.map(_noop, range(10)))
 
 
 def _map_joblib(quick: bool) -> float:
     from joblib import Parallel, delayed
 
-    n = _n_map(quick)
     with Parallel(n_jobs=WORKERS) as parallel:
         parallel(delayed(_noop)(i) for i in range(10))
         t0 = time.perf_counter()
-        parallel(delayed(_noop)(i) for i in range(n))
-        return n / (time.perf_counter() - t0)
+        parallel(delayed(_noop)(i) for i in range(N_MAP))
+        return N_MAP / (time.perf_counter() - t0)
 
 
 # -- many apply_async --------------------------------------------------------------
@@ -137,9 +116,9 @@ def _map_joblib(quick: bool) -> float:
 N_APPLY = 20_000
 
 
-def _apply_stdlib(quick: bool) -> float:
-    with multiprocessing.Pool(WORKERS) as pool:
-        pool.apply(_noop, (1,))
+def _apply_rate(make_pool) -> float:
+    with make_pool() as pool:
+        _warm(pool)
         t0 = time.perf_counter()
         results = [pool.apply_async(_noop, (i,)) for i in range(N_APPLY)]
         for r in results:
@@ -147,66 +126,38 @@ def _apply_stdlib(quick: bool) -> float:
         return N_APPLY / (time.perf_counter() - t0)
 
 
-def _apply_shoal(quick: bool) -> float:
-    import shoal
-
-    with shoal.Pool(WORKERS) as pool:
-        pool.apply(_noop, (1,))
+def _submit_rate(executor) -> float:
+    with executor:
+        executor.submit(_noop, 1).result()
         t0 = time.perf_counter()
-        results = [pool.apply_async(_noop, (i,)) for i in range(N_APPLY)]
-        for r in results:
-            r.get()
+        futures = [executor.submit(_noop, i) for i in range(N_APPLY)]
+        for f in futures:
+            f.result()
         return N_APPLY / (time.perf_counter() - t0)
 
 
 def _submit_stdlib_ppe(quick: bool) -> float:
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(WORKERS) as ex:
-        ex.submit(_noop, 1).result()
-        t0 = time.perf_counter()
-        futures = [ex.submit(_noop, i) for i in range(N_APPLY)]
-        for f in futures:
-            f.result()
-        return N_APPLY / (time.perf_counter() - t0)
+    return _submit_rate(ProcessPoolExecutor(WORKERS))
 
 
 def _submit_shoal(quick: bool) -> float:
     import shoal
 
-    with shoal.ProcessPoolExecutor(WORKERS) as ex:
-        ex.submit(_noop, 1).result()
-        t0 = time.perf_counter()
-        futures = [ex.submit(_noop, i) for i in range(N_APPLY)]
-        for f in futures:
-            f.result()
-        return N_APPLY / (time.perf_counter() - t0)
+    return _submit_rate(shoal.ProcessPoolExecutor(WORKERS))
 
 
 def _submit_loky(quick: bool) -> float:
     from loky import ProcessPoolExecutor
 
-    ex = ProcessPoolExecutor(WORKERS)
-    ex.submit(_noop, 1).result()
-    t0 = time.perf_counter()
-    futures = [ex.submit(_noop, i) for i in range(N_APPLY)]
-    for f in futures:
-        f.result()
-    rate = N_APPLY / (time.perf_counter() - t0)
-    ex.shutdown()
-    return rate
+    return _submit_rate(ProcessPoolExecutor(WORKERS))
 
 
 def _apply_mpire(quick: bool) -> float:
     from mpire import WorkerPool
 
-    with WorkerPool(WORKERS) as pool:
-        pool.apply(_noop, (1,))
-        t0 = time.perf_counter()
-        results = [pool.apply_async(_noop, (i,)) for i in range(N_APPLY)]
-        for r in results:
-            r.get()
-        return N_APPLY / (time.perf_counter() - t0)
+    return _apply_rate(lambda: WorkerPool(WORKERS))
 
 
 # -- imap_unordered of 5 ms tasks: efficiency ---------------------------------------
@@ -220,22 +171,10 @@ def _efficiency(elapsed: float, n: int) -> float:
     return (n * 0.005 / WORKERS) / elapsed
 
 
-def _imap_stdlib(quick: bool) -> float:
+def _imap_efficiency(make_pool, quick: bool) -> float:
     n = _n_sleep(quick)
-    with multiprocessing.Pool(WORKERS) as pool:
-        pool.apply(_noop, (1,))
-        t0 = time.perf_counter()
-        for _ in pool.imap_unordered(_sleep5ms, range(n)):
-            pass
-        return _efficiency(time.perf_counter() - t0, n)
-
-
-def _imap_shoal(quick: bool) -> float:
-    import shoal
-
-    n = _n_sleep(quick)
-    with shoal.Pool(WORKERS) as pool:
-        pool.apply(_noop, (1,))
+    with make_pool() as pool:
+        _warm(pool)
         t0 = time.perf_counter()
         for _ in pool.imap_unordered(_sleep5ms, range(n)):
             pass
@@ -263,13 +202,7 @@ def _imap_ceiling(quick: bool) -> float:
 def _imap_mpire(quick: bool) -> float:
     from mpire import WorkerPool
 
-    n = _n_sleep(quick)
-    with WorkerPool(WORKERS) as pool:
-        pool.apply(_noop, (1,))
-        t0 = time.perf_counter()
-        for _ in pool.imap_unordered(_sleep5ms, range(n)):
-            pass
-        return _efficiency(time.perf_counter() - t0, n)
+    return _imap_efficiency(lambda: WorkerPool(WORKERS), quick)
 
 
 def _imap_loky(quick: bool) -> float:
@@ -302,21 +235,10 @@ def _gbps(arrays, elapsed: float) -> float:
     return sum(a.nbytes for a in arrays) / elapsed / 1e9
 
 
-def _numpy_stdlib(quick: bool) -> float:
+def _numpy_rate(make_pool, quick: bool) -> float:
     arrays = _arrays(quick)
-    with multiprocessing.Pool(WORKERS) as pool:
-        pool.apply(_noop, (1,))
-        t0 = time.perf_counter()
-        pool.map(_array_sum, arrays, chunksize=1)
-        return _gbps(arrays, time.perf_counter() - t0)
-
-
-def _numpy_shoal(quick: bool) -> float:
-    import shoal
-
-    arrays = _arrays(quick)
-    with shoal.Pool(WORKERS) as pool:
-        pool.apply(_noop, (1,))
+    with make_pool() as pool:
+        _warm(pool)
         t0 = time.perf_counter()
         pool.map(_array_sum, arrays, chunksize=1)
         return _gbps(arrays, time.perf_counter() - t0)
@@ -348,7 +270,7 @@ SCENARIOS = [
         "pool start + first result",
         "ms",
         False,
-        _with_peers({"stdlib": _start_stdlib, "shoal": _start_shoal}, {"loky": _start_loky, "mpire": _start_mpire}),
+        _with_peers({"stdlib": lambda q: _start_ms(_stdlib_pool), "shoal": lambda q: _start_ms(_shoal_pool)}, {"loky": _start_loky, "mpire": _start_mpire}),
         target="<= 1.5x time (ratio >= 0.67x)",
         repeat=5,
     ),
@@ -357,7 +279,7 @@ SCENARIOS = [
         "tasks/s",
         True,
         _with_peers(
-            {"stdlib": _map_stdlib, "shoal": _map_shoal},
+            {"stdlib": lambda q: _map_rate(_stdlib_pool), "shoal": lambda q: _map_rate(_shoal_pool)},
             {"loky": _map_loky, "mpire": _map_mpire, "joblib": _map_joblib},
         ),
         target=">= 1.0x",
@@ -366,7 +288,7 @@ SCENARIOS = [
         "apply_async x20k trivial, then get all",
         "tasks/s",
         True,
-        _with_peers({"stdlib": _apply_stdlib, "shoal": _apply_shoal}, {"mpire": _apply_mpire}),
+        _with_peers({"stdlib": lambda q: _apply_rate(_stdlib_pool), "shoal": lambda q: _apply_rate(_shoal_pool)}, {"mpire": _apply_mpire}),
         target=">= 12x",
     ),
     Scenario(
@@ -381,7 +303,11 @@ SCENARIOS = [
         "efficiency",
         True,
         _with_peers(
-            {"stdlib": _imap_stdlib, "shoal": _imap_shoal, "no pool": _imap_ceiling},
+            {
+                "stdlib": lambda q: _imap_efficiency(_stdlib_pool, q),
+                "shoal": lambda q: _imap_efficiency(_shoal_pool, q),
+                "no pool": _imap_ceiling,
+            },
             {"loky": _imap_loky, "mpire": _imap_mpire},
         ),
         target="efficiency >= 0.97 ('no pool' = this machine's ceiling)",
@@ -394,7 +320,7 @@ if optional("numpy"):
             "8 numpy arrays of 50 MB to workers, sum",
             "GB/s",
             True,
-            _with_peers({"stdlib": _numpy_stdlib, "shoal": _numpy_shoal}, {"loky": _numpy_loky}),
+            _with_peers({"stdlib": lambda q: _numpy_rate(_stdlib_pool, q), "shoal": lambda q: _numpy_rate(_shoal_pool, q)}, {"loky": _numpy_loky}),
             target=">= 10x",
             repeat=2,
         )
