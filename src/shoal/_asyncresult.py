@@ -59,6 +59,7 @@ class AsyncResult:
     def _deliver(self, task, ok: bool, value) -> None:
         if self._delivered:
             return
+        self._task = None  # break the task <-> result cycle; nothing left to cancel
         if self._callback is None and self._error_callback is None:
             # The common case, inline: no callback to wait for.
             self._delivered = True

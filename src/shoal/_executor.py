@@ -68,6 +68,7 @@ class _FutureSink:
 
     def _deliver(self, task, ok: bool, value) -> None:
         future = self.future
+        future._shoal_task = None  # break the task <-> future cycle
         if future.done():
             return
         if future._done_callbacks:  # user callbacks must not run on the scheduler

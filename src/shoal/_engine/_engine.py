@@ -405,7 +405,8 @@ class Engine:
         n = 1 if mode in (CALL, CALL_KW) else len(payload)
         if fn_id == 0:
             payload = (fn, payload)
-        data, fds = _serialize(payload)
+        fds: list[int] = []
+        data = _serialize(payload, fds)
         return _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout, n)
 
     def submit_call(self, fn, args: tuple, kwargs: dict, sink, timeout: float | None = None) -> _Task:
@@ -415,11 +416,23 @@ class Engine:
             self._check_running()
         # Without keyword arguments only the args tuple is pickled: one
         # object fewer per task, which the garbage collector notices.
-        mode, payload = (CALL_KW, (args, kwargs)) if kwargs else (CALL, args)
-        fn_id, entry = self.function_ref(fn)
-        if fn_id == 0:
-            payload = (fn, payload)
-        data, fds = _serialize(payload)
+        # (Every container allocated here counts towards a garbage-collector
+        # pass, so this path avoids the small tuples of the general one.)
+        if kwargs:
+            mode = CALL_KW
+            payload = (args, kwargs)
+        else:
+            mode = CALL
+            payload = args
+        entry = self._fn_cache.get(id(fn))
+        if entry is not None and entry[0] is fn:
+            fn_id = entry[1]
+        else:
+            fn_id, entry = self.function_ref(fn)
+            if fn_id == 0:
+                payload = (fn, payload)
+        fds: list[int] = []
+        data = _serialize(payload, fds)
         if timeout is None:
             timeout = self.task_timeout
         task = _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, 0, timeout, 1)
@@ -1133,14 +1146,13 @@ class Engine:
         self._workers.clear()
 
 
-def _serialize(payload) -> tuple[bytes, list[int]]:
+def _serialize(payload, fds: list[int]) -> bytes:
     """Pickle a task's payload; large buffers go to shared memory, and the
-    descriptors to pass beside the message are returned with the bytes."""
-    fds: list[int] = []
+    descriptors to pass beside the message are appended to *fds*."""
     previous = _fd_state.send
     _fd_state.send = fds
     try:
-        return dumps(payload, oob=True, what="the task's arguments"), fds
+        return dumps(payload, oob=True, what="the task's arguments")
     finally:
         _fd_state.send = previous
 
