@@ -281,3 +281,18 @@ def test_forked_child_exits_cleanly_while_a_pool_is_open(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+def test_get_context_gives_shoals_factories():
+    ctx = shoal.get_context("spawn")
+    assert ctx.get_start_method() == "spawn"
+    with ctx.Pool(1) as pool:
+        assert isinstance(pool, shoal.Pool)
+        assert pool.apply(workers.square, (3,)) == 9
+    with shoal.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+        assert ex.submit(workers.square, 4).result(timeout=30) == 16
+    assert ctx.Process is multiprocessing.get_context("spawn").Process
+    a, b = ctx.Pipe()
+    with a, b:
+        a.send("x")
+        assert b.recv() == "x"

@@ -36,13 +36,14 @@ from multiprocessing import (
     current_process as current_process,
     freeze_support as freeze_support,
     get_all_start_methods as get_all_start_methods,
-    get_context as get_context,
     get_start_method as get_start_method,
     parent_process as parent_process,
     set_start_method as set_start_method,
 )
 
 from . import exceptions as exceptions
+from ._context import Context as Context
+from ._context import get_context as get_context
 from ._executor import ProcessPoolExecutor as ProcessPoolExecutor
 from ._ipc._connection import Connection as Connection
 from ._ipc._connection import Pipe as Pipe
@@ -73,6 +74,7 @@ __all__ = (
     "BrokenResourceError",
     "Condition",
     "Connection",
+    "Context",
     "Event",
     "JoinableQueue",
     "Lock",

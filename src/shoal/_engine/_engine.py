@@ -290,6 +290,8 @@ class Engine:
             context = multiprocessing.get_context()
         elif isinstance(context, str):
             context = multiprocessing.get_context(context)
+        else:
+            context = getattr(context, "_ctx", context)  # a shoal.Context
         self._ctx = context
         self._processes = processes
         self._maxtasks = maxtasksperchild
