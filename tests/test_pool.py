@@ -34,6 +34,9 @@ def test_results_match_the_standard_library(start_method):
         assert pool.map_async(workers.square, data).get(timeout=30) == [x * x for x in data]
         assert pool.starmap_async(workers.add, [(1, 2)]).get(timeout=30) == [3]
         assert pool.map(workers.square, []) == []
+        assert sorted(pool.map(workers.square, {3: "a", 4: "b"})) == [9, 16]
+        assert sorted(pool.map(workers.square, {5, 6})) == [25, 36]
+        assert pool.map(workers.identity, "abc") == ["a", "b", "c"]
         assert list(pool.imap(workers.square, [])) == []
 
 
@@ -165,8 +168,8 @@ def test_garbage_collected_pool_shuts_down():
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
 
 
-def test_task_can_start_its_own_pool():
-    with shoal.Pool(2) as pool:
+def test_task_can_start_its_own_pool(start_method):
+    with shoal.Pool(2, context=start_method) as pool:
         assert pool.apply(workers.nested_pool, (4,)) == [0, 1, 4, 9]
 
 

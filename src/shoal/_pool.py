@@ -200,7 +200,8 @@ class Pool:
         _check_callable(func)
         _check_callbacks(callback, error_callback)
         _check_timeout(task_timeout)
-        items = iterable if hasattr(iterable, "__len__") and hasattr(iterable, "__getitem__") else list(iterable)
+        # Slicing is only safe on real sequences (a dict has __getitem__ too).
+        items = iterable if isinstance(iterable, (list, tuple, range)) else list(iterable)
         n = len(items)
         if chunksize is None:
             chunksize = engine.map_chunksize(n, func)
