@@ -53,7 +53,7 @@ class Context:
     def Manager(self):  # noqa: N802
         from ._manager import Manager
 
-        return Manager()
+        return Manager(ctx=self._ctx)
 
     def get_context(self, method: str | None = None) -> Context:
         return get_context(method)
