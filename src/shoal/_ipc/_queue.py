@@ -396,8 +396,8 @@ class SimpleQueue(_Base):
     waits only while the shared ring is full.
     """
 
-    def __init__(self, *, ctx=None) -> None:
-        super().__init__(0, ctx=ctx)
+    def __init__(self, *, ctx=None, capacity: int = DEFAULT_CAPACITY) -> None:
+        super().__init__(0, ctx=ctx, capacity=capacity)
 
     def put(self, obj) -> None:
         """Put *obj* on the queue."""

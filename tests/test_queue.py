@@ -1,0 +1,616 @@
+"""shoal.Queue / JoinableQueue / SimpleQueue: the standard library's documented
+behaviour, batches, many producers and consumers, crashes, large data."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shoal
+from shoal import JoinableQueue, Pipe, Queue, SerializationError, SimpleQueue
+from shoal._ipc import _ring
+
+# -- helpers run in child processes ---------------------------------------------
+
+
+def _produce(q, ident, n, many=False):
+    if many:
+        for start in range(0, n, 97):
+            q.put_many([(ident, i) for i in range(start, min(n, start + 97))])
+    else:
+        for i in range(n):
+            q.put((ident, i))
+
+
+def _consume(q, results, done):
+    got = []
+    while True:
+        try:
+            got.append(q.get(timeout=0.1))
+        except queue.Empty:
+            if done.is_set():  # every item was put before done was set
+                _drain(q, got)
+                break
+    results.send(got)
+    results.close()
+
+
+def _consume_many(q, results, done):
+    got = []
+    while True:
+        try:
+            got.extend(q.get_many(50, timeout=0.1))
+        except queue.Empty:
+            if done.is_set():
+                _drain(q, got)
+                break
+    results.send(got)
+    results.close()
+
+
+def _drain(q, got):
+    while True:
+        try:
+            got.extend(q.get_many(50, block=False))
+        except queue.Empty:
+            return
+
+
+def _get_forever(q, ready):
+    ready.put("ready")
+    while True:
+        q.get()
+
+
+def _put_forever(q, ident, progress):
+    i = 0
+    while True:
+        q.put((ident, i))
+        i += 1
+        if i == 50:
+            progress.put("started")
+
+
+def _hold_lock_and_die(q, which):
+    q._ring._lock(which)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _put_and_exit(q, n):
+    for i in range(n):
+        q.put(i)
+    # Exiting waits for the feeder thread to write what the full ring could
+    # not take, as the standard library does.
+
+
+def _get_one_and_report(q, out):
+    out.put(q.get(timeout=30))
+
+
+def _task_worker(q):
+    while True:
+        item = q.get()
+        if item is None:
+            q.task_done()
+            break
+        q.task_done()
+
+
+def _make(start_method):
+    return multiprocessing.get_context(start_method)
+
+
+# -- documented behaviour -----------------------------------------------------------
+
+
+def test_fifo_qsize_empty_full():
+    q = Queue()
+    try:
+        assert q.empty() and q.qsize() == 0 and not q.full()
+        for i in range(5):
+            q.put(i)
+        assert not q.empty() and q.qsize() == 5
+        assert [q.get() for _ in range(5)] == list(range(5))
+        assert q.empty()
+    finally:
+        q.close()
+
+
+def test_nowait_and_timeouts():
+    q = Queue(maxsize=2)
+    try:
+        with pytest.raises(queue.Empty):
+            q.get_nowait()
+        with pytest.raises(queue.Empty):
+            q.get(timeout=0.05)
+        with pytest.raises(queue.Empty):
+            q.get(False)
+        q.put_nowait(1)
+        q.put(2)
+        assert q.full() and q.qsize() == 2
+        with pytest.raises(queue.Full):
+            q.put_nowait(3)
+        with pytest.raises(queue.Full):
+            q.put(3, timeout=0.05)
+        with pytest.raises(queue.Full):
+            q.put(3, False)
+        assert q.get_nowait() == 1
+        q.put(3)
+        assert [q.get(), q.get()] == [2, 3]
+        with pytest.raises(ValueError):
+            q.get(timeout=-1)
+    finally:
+        q.close()
+    with pytest.raises(ValueError):
+        Queue(maxsize=-1)
+
+
+def test_bounded_put_blocks_until_a_get():
+    q = Queue(maxsize=1)
+    try:
+        q.put("first")
+        threading.Timer(0.1, q.get).start()
+        q.put("second", timeout=30)  # waits for the timer's get
+        assert q.get(timeout=30) == "second"
+    finally:
+        q.close()
+
+
+def test_blocking_get_wakes_on_put_from_another_thread():
+    q = Queue()
+    try:
+        threading.Timer(0.1, q.put, args=("late",)).start()
+        assert q.get(timeout=30) == "late"
+    finally:
+        q.close()
+
+
+def test_put_pickles_in_caller_and_names_the_culprit():
+    q = Queue()
+    try:
+        with pytest.raises(SerializationError, match="lock") as info:
+            q.put({"ok": 1, "bad": threading.Lock()})
+        assert isinstance(info.value, TypeError)
+        assert q.empty()
+        with pytest.raises(SerializationError):
+            q.put_many([1, threading.Lock(), 3])
+        assert q.empty()  # nothing of a failed put_many went in
+        q.put(lambda x: x + 1)  # cloudpickle handles what pickle cannot
+        assert q.get(timeout=30)(1) == 2
+    finally:
+        q.close()
+
+
+def test_put_many_get_many():
+    q = Queue()
+    try:
+        q.put_many(range(10))
+        q.put_many([])
+        assert q.qsize() == 10
+        assert q.get_many(3) == [0, 1, 2]
+        assert q.get() == 3
+        assert q.get_many(100) == [4, 5, 6, 7, 8, 9]
+        with pytest.raises(queue.Empty):
+            q.get_many(5, timeout=0.05)
+        with pytest.raises(queue.Empty):
+            q.get_many(5, block=False)
+        with pytest.raises(ValueError):
+            q.get_many(0)
+        q.put_many(iter(["a", "b"]))
+        assert q.get_many(10, timeout=30) == ["a", "b"]
+    finally:
+        q.close()
+
+
+def test_put_many_with_maxsize_waits_for_room():
+    q = Queue(maxsize=3)
+    try:
+        done = threading.Event()
+
+        def drain():
+            got = []
+            while len(got) < 10:
+                got.extend(q.get_many(2, timeout=30))
+            assert got == list(range(10))
+            done.set()
+
+        t = threading.Thread(target=drain)
+        t.start()
+        q.put_many(range(10), timeout=30)
+        t.join(60)
+        assert done.is_set()
+        q.put_many([1, 2, 3])
+        with pytest.raises(queue.Full):
+            q.put_many([4], timeout=0.05)
+    finally:
+        q.close()
+
+
+def test_close_join_thread_cancel_join_thread():
+    q = Queue()
+    q.put(1)
+    with pytest.raises(ValueError, match="not closed"):
+        q.join_thread()
+    q.cancel_join_thread()
+    q.close()
+    q.close()  # idempotent
+    q.join_thread()
+    with pytest.raises(ValueError, match="closed"):
+        q.put(2)
+    with pytest.raises(ValueError, match="closed"):
+        q.get()
+
+
+def test_joinable_queue_task_done_and_join():
+    q = JoinableQueue()
+    try:
+        q.join()  # nothing put: returns at once
+        for i in range(3):
+            q.put(i)
+        finished = threading.Event()
+
+        def joiner():
+            q.join()
+            finished.set()
+
+        t = threading.Thread(target=joiner)
+        t.start()
+        for _ in range(3):
+            q.get()
+            assert not finished.is_set()
+            q.task_done()
+        t.join(30)
+        assert finished.is_set()
+        with pytest.raises(ValueError, match="too many times"):
+            q.task_done()
+    finally:
+        q.close()
+
+
+def test_joinable_queue_across_processes(fork_or_spawn):
+    ctx = _make(fork_or_spawn)
+    q = JoinableQueue()
+    workers = [ctx.Process(target=_task_worker, args=(q,)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    q.put_many(range(200))
+    q.put_many([None, None])
+    q.join()
+    for w in workers:
+        w.join(30)
+        assert w.exitcode == 0
+    q.close()
+
+
+def test_simple_queue():
+    q = SimpleQueue()
+    try:
+        assert q.empty()
+        q.put([1, 2])
+        assert not q.empty()
+        assert q.get() == [1, 2]
+        assert q.empty()
+        with pytest.raises(SerializationError):
+            q.put(threading.Lock())
+    finally:
+        q.close()
+    with pytest.raises(ValueError):
+        q.get()
+
+
+def test_public_names():
+    assert shoal.Queue is Queue and shoal.JoinableQueue is JoinableQueue and shoal.SimpleQueue is SimpleQueue
+    q = shoal.Queue(ctx=multiprocessing.get_context("spawn"))  # the stdlib's keyword is accepted
+    q.close()
+
+
+# -- large items, descriptors, and order across both paths -------------------------------
+
+
+def test_large_and_small_items_keep_their_order():
+    q = Queue()
+    try:
+        arr = np.arange(500_000, dtype=np.int64)  # out of band: a memfd
+        big = os.urandom(200_000)  # above the inline limit: a datagram + memfd
+        mid = os.urandom(30_000)  # within a datagram
+        items = [1, arr, 2, big, 3, mid, 4]
+        for item in items:
+            q.put(item)
+        got = [q.get(timeout=30) for _ in items]
+        assert got[0::2] == [1, 2, 3, 4]
+        assert np.array_equal(got[1], arr) and got[3] == big and got[5] == mid
+        q.put_many(items)
+        got = q.get_many(len(items), timeout=30)
+        while len(got) < len(items):
+            got += q.get_many(len(items), timeout=30)
+        assert got[0::2] == [1, 2, 3, 4] and np.array_equal(got[1], arr)
+    finally:
+        q.close()
+
+
+def test_a_connection_travels_through_a_queue(fork_or_spawn):
+    ctx = _make(fork_or_spawn)
+    q = Queue()
+    out = Queue()
+    a, b = Pipe()
+    p = ctx.Process(target=_get_one_and_report, args=(q, out))
+    p.start()
+    q.put(b)  # the descriptor travels beside the item
+    b.close()
+    got = out.get(timeout=30)
+    assert got is not None  # the child received a Connection and pickled it back
+    with a, got:
+        a.send("hello through a queue")
+        assert got.recv() == "hello through a queue"
+    p.join(30)
+    q.close()
+    out.close()
+
+
+def test_large_array_to_spawned_child_through_queue():
+    ctx = _make("spawn")
+    q = Queue()
+    out = Queue()
+    p = ctx.Process(target=_get_one_and_report, args=(q, out))
+    p.start()
+    arr = np.random.default_rng(0).random(1_000_000)
+    q.put(arr)
+    assert np.array_equal(out.get(timeout=60), arr)
+    p.join(30)
+    assert p.exitcode == 0
+    q.close()
+    out.close()
+
+
+# -- the ring fills -------------------------------------------------------------------
+
+
+def test_unbounded_put_never_blocks_when_the_ring_is_full():
+    q = Queue(capacity=4096)
+    try:
+        n = 3000  # far more than 4 KiB of ring
+        for i in range(n):
+            q.put(i)  # returns at once: the rest waits in the feeder
+        got = []
+        while len(got) < n:
+            got.extend(q.get_many(500, timeout=30))
+        assert got == list(range(n))
+    finally:
+        q.close()
+
+
+def test_simple_queue_put_waits_for_room():
+    q = SimpleQueue(capacity=4096)
+    try:
+        got = []
+        t = threading.Thread(target=lambda: got.extend(q.get() for _ in range(2000)))
+        t.start()
+        for i in range(2000):
+            q.put(i)  # blocks whenever the 4 KiB ring is full
+        t.join(60)
+        assert got == list(range(2000))
+    finally:
+        q.close()
+
+
+def test_exiting_producer_flushes_its_buffer(fork_or_spawn):
+    ctx = _make(fork_or_spawn)
+    q = Queue(capacity=4096)
+    p = ctx.Process(target=_put_and_exit, args=(q, 2000))
+    p.start()
+    got = []
+    while len(got) < 2000:
+        got.extend(q.get_many(100, timeout=30))
+    p.join(30)
+    assert p.exitcode == 0
+    assert got == list(range(2000))
+    q.close()
+
+
+def test_forked_child_does_not_resend_parents_buffer():
+    ctx = _make("fork")
+    q = Queue(capacity=4096)
+    for i in range(1000):
+        q.put(i)
+    p = ctx.Process(target=time.sleep, args=(0,))
+    p.start()
+    p.join(30)
+    got = []
+    while len(got) < 1000:
+        got.extend(q.get_many(100, timeout=30))
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.2)
+    assert got == list(range(1000))
+    q.close()
+
+
+# -- many producers and consumers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["put-get", "put_many-get_many"])
+def test_many_producers_many_consumers(fork_or_spawn, many):
+    ctx = _make(fork_or_spawn)
+    producers, consumers, n = 4, 3, 1500
+    total = producers * n
+    q = Queue(maxsize=0 if many else 500)
+    pipes = [Pipe(duplex=False) for _ in range(consumers)]
+    target = _consume_many if many else _consume
+    done = ctx.Event()
+    procs = [ctx.Process(target=_produce, args=(q, k, n, many)) for k in range(producers)]
+    procs += [ctx.Process(target=target, args=(q, w, done)) for _r, w in pipes]
+    for p in procs:
+        p.start()
+    for p in procs[:producers]:
+        p.join(60)
+        assert p.exitcode == 0
+    done.set()  # consumers stop once the queue is empty
+    got = []
+    for r, w in pipes:
+        w.close()
+        part = r.recv()
+        r.close()
+        for k in range(producers):
+            seq = [i for ident, i in part if ident == k]
+            assert seq == sorted(seq), "a producer's order was not kept"
+        got.extend(part)
+    for p in procs[producers:]:
+        p.join(60)
+    assert len(got) == total, "lost or duplicated items"
+    assert set(got) == {(k, i) for k in range(producers) for i in range(n)}
+    q.close()
+
+
+def test_threads_as_producers_and_consumers():
+    q = Queue(maxsize=64)
+    n_threads, n = 4, 2000
+    got: list = []
+    lock = threading.Lock()
+
+    def consume():
+        mine = []
+        while True:
+            item = q.get(timeout=30)
+            if item is None:
+                break
+            mine.append(item)
+        with lock:
+            got.extend(mine)
+
+    producers = [threading.Thread(target=lambda k=k: [q.put((k, i)) for i in range(n)]) for k in range(n_threads)]
+    consumers = [threading.Thread(target=consume) for _ in range(3)]
+    for t in producers + consumers:
+        t.start()
+    for t in producers:
+        t.join(60)
+    for _ in consumers:
+        q.put(None)
+    for t in consumers:
+        t.join(60)
+    q.close()
+    assert sorted(got) == sorted((k, i) for k in range(n_threads) for i in range(n))
+
+
+# -- crashes -----------------------------------------------------------------------------
+
+
+def test_consumer_killed_while_blocked_in_get(fork_or_spawn):
+    ctx = _make(fork_or_spawn)
+    q = Queue()
+    ready = Queue()
+    p = ctx.Process(target=_get_forever, args=(q, ready))
+    p.start()
+    assert ready.get(timeout=30) == "ready"
+    time.sleep(0.1)  # let it block in get
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(30)
+    q.put_many(range(100))
+    assert q.get_many(100, timeout=30) == list(range(100))
+    q.close()
+    ready.close()
+
+
+def test_producer_killed_mid_stream_leaves_a_consistent_queue(fork_or_spawn):
+    ctx = _make(fork_or_spawn)
+    q = Queue()
+    progress = Queue()
+    p = ctx.Process(target=_put_forever, args=(q, 7, progress))
+    p.start()
+    assert progress.get(timeout=30) == "started"
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(30)
+    got = []
+    try:
+        while True:
+            got.extend(q.get_many(1000, timeout=0.2))
+    except queue.Empty:
+        pass
+    # What arrived is exactly the producer's first items, in order.
+    assert [i for _k, i in got] == list(range(len(got)))
+    q.put("after")
+    assert q.get(timeout=30) == "after"
+    assert q.qsize() == 0
+    q.close()
+    progress.close()
+
+
+@pytest.mark.parametrize("which", ["producers", "consumers"])
+def test_process_killed_holding_the_lock(fork_or_spawn, which):
+    ctx = _make(fork_or_spawn)
+    q = Queue()
+    q.put("before")
+    offset = _ring._PMUTEX if which == "producers" else _ring._CMUTEX
+    p = ctx.Process(target=_hold_lock_and_die, args=(q, offset))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    q.put("after")  # the robust mutex tells us its owner died; we go on
+    assert q.get(timeout=30) == "before"
+    assert q.get(timeout=30) == "after"
+    assert q.qsize() == 0
+    q.close()
+
+
+def test_consumers_killed_while_items_flow(fork_or_spawn):
+    """Consumers die at arbitrary moments; the survivors and the parent
+    still get whole items, each at most once, in each producer's order."""
+    ctx = _make(fork_or_spawn)
+    q = Queue()
+    for k in range(2):
+        q.put_many([(k, i) for i in range(3000)])
+    ready = Queue()
+    victims = [ctx.Process(target=_get_forever, args=(q, ready)) for _ in range(2)]
+    for v in victims:
+        v.start()
+    for _ in victims:
+        assert ready.get(timeout=30) == "ready"
+    for v in victims:
+        os.kill(v.pid, signal.SIGKILL)
+        v.join(30)
+    got = []
+    try:
+        while True:
+            got.extend(q.get_many(1000, timeout=0.2))
+    except queue.Empty:
+        pass
+    assert len(set(got)) == len(got)
+    for k in range(2):
+        seq = [i for ident, i in got if ident == k]
+        assert seq == sorted(seq)
+    q.close()
+    ready.close()
+
+
+# -- passing the queue ---------------------------------------------------------------------
+
+
+def test_queue_to_process_all_start_methods(start_method):
+    ctx = _make(start_method)
+    q = Queue()
+    out = Queue()
+    p = ctx.Process(target=_get_one_and_report, args=(q, out))
+    p.start()
+    q.put({"hello": start_method})
+    assert out.get(timeout=60) == {"hello": start_method}
+    p.join(30)
+    assert p.exitcode == 0
+    q.close()
+    out.close()
+
+
+def test_queue_through_a_pipe():
+    a, b = Pipe()
+    q = Queue()
+    with a, b:
+        a.send(q)
+        q2 = b.recv()
+    q.put("shared")
+    assert q2.get(timeout=30) == "shared"
+    q2.close()
+    q.close()
