@@ -322,10 +322,15 @@ class Connection:
         if poller is None:
             poller = self._poller = select.poll()
             poller.register(sock.fileno(), _POLLIN)
-        if not poller.poll(0):
-            for _ in range(_SPINS):
-                if poller.poll(0):
-                    return
+        try:
+            if not poller.poll(0):
+                for _ in range(_SPINS):
+                    if poller.poll(0):
+                        return
+        except RuntimeError:
+            # Another thread of this process is looking already (a poll
+            # object serves one thread at a time); just block.
+            pass
 
     def recv(self):
         """Receive an object sent with :meth:`send`; block until one arrives.
