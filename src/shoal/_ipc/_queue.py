@@ -314,12 +314,19 @@ class _Base:
 
     # -- receiving ------------------------------------------------------------
     def _get(self, block: bool, timeout: float | None):
-        self._check_closed()
+        if self._closed:
+            self._check_closed()
         if self._stash:
             try:
                 return self._decode(self._stash.popleft())
             except IndexError:
                 pass
+        data = self._ring.get_inline()
+        if data is not None:
+            try:
+                return _pickle_loads(data)
+            except Exception as exc:
+                raise _unpickle_error(exc) from exc
         got = self._ring.get(1, self._reader, _deadline(block, timeout))
         if not got:
             raise Empty
@@ -433,8 +440,18 @@ class Queue(_Base):
     def put(self, obj, block: bool = True, timeout: float | None = None) -> None:
         """Put *obj* on the queue.  With a *maxsize*, wait up to *timeout*
         seconds for room (``queue.Full`` if there is none)."""
-        self._check_closed()
-        self._put_entries([self._entry(obj, "the object put on the queue")], block, timeout)
+        if self._closed:
+            self._check_closed()
+        entry = self._entry(obj, "the object put on the queue")
+        if (
+            entry[1] is None
+            and not self._maxsize
+            and not self._buffer
+            and not self._joinable
+            and self._ring.put_inline(entry[0])
+        ):
+            return
+        self._put_entries([entry], block, timeout)
 
     def put_nowait(self, obj) -> None:
         """``put(obj, False)``."""

@@ -201,6 +201,33 @@ class Ring:
             _futex_wake(mm, word, n)
 
     # -- put ------------------------------------------------------------------
+    def put_inline(self, payload: bytes) -> bool:
+        """The fast path of an unbounded put of one small item: copy it in
+        if there is room right now (False if not: take the general path)."""
+        mm, cap = self.mm, self._cap
+        if _acquire(mm, _PMUTEX):
+            self._recount()
+            _native.mutex_consistent(mm, _PMUTEX)
+        try:
+            tail, puts = _PAIR.unpack_from(mm, _TAIL)
+            length = len(payload)
+            need = 8 + ((length + 7) & ~7)
+            if cap - (tail - _load(mm, _HEAD)) < need:
+                return False
+            off = tail % cap
+            if off + need <= cap:
+                mm[_DATA + off : _DATA + off + 8 + length] = _REC.pack(length, INLINE) + payload
+            else:
+                self._write(tail, _REC.pack(length, INLINE), payload, length)
+            _store(mm, _PUTS, puts + 1)
+            _store(mm, _TAIL, tail + need)  # publishes the record
+            if _load(mm, _CWAIT) > 0:
+                _fetch_add(mm, _NOT_EMPTY, 1)
+                _futex_wake(mm, _NOT_EMPTY, 1)
+            return True
+        finally:
+            _release(mm, _PMUTEX)
+
     def put(self, entries: list, sock: socket.socket, maxsize: int, deadline: float | None, joinable: bool) -> int:
         """Append *entries* in order; return how many were appended before
         *deadline* (``None``: wait as long as it takes, ``0.0``: no waiting).
@@ -301,6 +328,35 @@ class Ring:
         return mm[_DATA + off : _DATA + cap] + mm[_DATA : _DATA + length - first]
 
     # -- get ------------------------------------------------------------------
+    def get_inline(self):
+        """The fast path of a get: the oldest record if it is inline and
+        there right now, else None (take the general path)."""
+        mm, cap = self.mm, self._cap
+        if _acquire(mm, _CMUTEX):
+            self._recount()
+            _native.mutex_consistent(mm, _CMUTEX)
+        try:
+            head, gets = _PAIR.unpack_from(mm, _HEAD)
+            if head == _load(mm, _TAIL):
+                return None
+            off = head % cap
+            length, kind = _REC.unpack_from(mm, _DATA + off)
+            if kind != INLINE:
+                return None
+            need = 8 + ((length + 7) & ~7)
+            if off + need <= cap:
+                data = mm[_DATA + off + 8 : _DATA + off + 8 + length]
+            else:
+                data = self._read(head + 8, length)
+            _store(mm, _GETS, gets + 1)
+            _store(mm, _HEAD, head + need)  # frees the space
+            if _load(mm, _PWAIT) > 0:
+                _fetch_add(mm, _NOT_FULL, 1)
+                _futex_wake(mm, _NOT_FULL, 1 << 30)
+            return data
+        finally:
+            _release(mm, _CMUTEX)
+
     def get(self, max_n: int, sock: socket.socket, deadline: float | None) -> list:
         """Take up to *max_n* records, waiting until *deadline* for the first.
 
