@@ -437,6 +437,21 @@ def _send_through_receiver(conn):
     conn.close()
 
 
+def _send_from_task(conn):
+    conn.send("from a pool task")
+    return "sent"
+
+
+def test_connection_to_a_pool_task(fork_or_spawn):
+    ctx = _make(fork_or_spawn)
+    a, b = Pipe()
+    with shoal.Pool(1, context=ctx) as pool:
+        assert pool.apply(_send_from_task, (b,)) == "sent"
+        assert a.recv() == "from a pool task"
+    a.close()
+    b.close()
+
+
 def test_connection_through_a_multiprocessing_queue():
     ctx = _make("spawn")
     q = ctx.Queue()

@@ -604,6 +604,20 @@ def test_queue_to_process_all_start_methods(start_method):
     out.close()
 
 
+def _put_from_task(q):
+    q.put("from a pool task")
+    return q.qsize()
+
+
+def test_queue_to_a_pool_task(fork_or_spawn):
+    ctx = _make(fork_or_spawn)
+    q = Queue()
+    with shoal.Pool(1, context=ctx) as pool:
+        assert pool.apply(_put_from_task, (q,)) == 1
+    assert q.get(timeout=30) == "from a pool task"
+    q.close()
+
+
 def test_queue_through_a_pipe():
     a, b = Pipe()
     q = Queue()

@@ -134,9 +134,10 @@ class Spool:
             return fd
 
     def close(self) -> None:
+        # Our copies, inherited or not: closing them never affects another
+        # process.
         with self._lock:
-            if self._pid == os.getpid():
-                close_fds([e[0] for e in self._entries])
+            close_fds([e[0] for e in self._entries])
             self._entries = []
 
 

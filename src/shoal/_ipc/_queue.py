@@ -169,8 +169,11 @@ class _Base:
 
     def _after_fork(self) -> None:
         # The parent's buffered items are the parent's: a child that sent
-        # them too would duplicate them.
+        # them too would duplicate them.  The spool stays: it notices the
+        # fork and drops (closes) its inherited descriptors itself.
+        spool = self._spool
         self._init_local()
+        self._spool = spool
 
     # -- pickling (Process args under spawn/forkserver, pool tasks, pipes) --
     def __reduce__(self):
