@@ -49,7 +49,7 @@ def test_map_raises_first_error_and_timeout():
         with pytest.raises(ValueError):
             list(ex.map(workers.raise_value_error, range(3)))
         with pytest.raises(TimeoutError):
-            list(ex.map(workers.sleep_for, [5, 5], timeout=0.2))
+            list(ex.map(workers.sleep_for, [1, 1], timeout=0.2))
 
 
 def test_shutdown_cancel_futures():
