@@ -628,3 +628,32 @@ def test_queue_through_a_pipe():
     assert q2.get(timeout=30) == "shared"
     q2.close()
     q.close()
+
+
+class _Unloadable:
+    """Pickles fine, fails to unpickle."""
+
+    def __reduce__(self):
+        return (_fail_to_load, ())
+
+
+def _fail_to_load():
+    raise RuntimeError("cannot rebuild")
+
+
+def test_item_that_fails_to_unpickle_raises_in_get_and_the_rest_survive():
+    q = Queue()
+    try:
+        q.put_many([1, _Unloadable(), np.arange(400_000), 3])
+        assert q.get_many(10, timeout=30) == [1]
+        with pytest.raises(SerializationError, match="cannot rebuild"):
+            q.get_many(10, timeout=30)
+        rest = q.get_many(10, timeout=30)
+        assert np.array_equal(rest[0], np.arange(400_000)) and rest[1] == 3
+        q.put(_Unloadable())
+        with pytest.raises(SerializationError):
+            q.get(timeout=30)
+        q.put("fine")
+        assert q.get(timeout=30) == "fine"
+    finally:
+        q.close()

@@ -23,6 +23,10 @@ Descriptors in flight belong to the kernel.  A received message's
 descriptors belong to the receiver, which closes them once the objects built
 on them hold their own mappings.
 
+Waiting: ``recv`` polls the socket for a few tens of microseconds before
+it blocks in ``recvmsg``; a reply that comes that soon is then taken without
+the sleep and wake-up, which on a virtual machine cost more than the reply.
+
 How it ends: when every copy of the other end is closed (including by the
 death of the processes holding them), a blocked or later ``recv`` raises
 ``EOFError`` and ``send`` raises ``BrokenPipeError``.  ``duplex=False``
@@ -419,6 +423,10 @@ def _rebuild_connection(rebuild, args, readable: bool, writable: bool, max_messa
     fd = rebuild(*args)
     sock = socket.socket(fileno=fd)
     return Connection(sock, readable, writable, max_message_size=max_message_size)
+
+
+Connection.__module__ = "shoal"
+Pipe.__module__ = "shoal"
 
 
 def _broken_pipe() -> BrokenPipeError:

@@ -116,6 +116,15 @@ def _small_buffers_only(pb: pickle.PickleBuffer) -> bool:
     return True
 
 
+class _Raise:
+    """Stands in the stash for an item that failed to unpickle."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
 def _close_entries(entries) -> None:
     for _payload, _datagram, fds in entries:
         if fds:
@@ -238,6 +247,8 @@ class _Base:
 
     def _decode(self, raw):
         """An item from what Ring.get returned."""
+        if type(raw) is _Raise:
+            raise raw.exc
         if type(raw) is bytes:
             try:
                 return _pickle_loads(raw)
@@ -354,7 +365,7 @@ class _Base:
             self._closed = True
             feeder = self._feeder
         for raw in self._stash:
-            if type(raw) is tuple and raw[1]:
+            if type(raw) is tuple and raw[1]:  # a datagram never decoded
                 close_fds(_cmsg_fds(raw[1]))
         self._stash.clear()
         if feeder is None:
@@ -540,12 +551,12 @@ class Queue(_Base):
         for i, raw in enumerate(raws):
             try:
                 out.append(decode(raw))
-            except BaseException:
-                # Keep the rest for the next get; the bad item is dropped.
+            except Exception as exc:
+                # Keep the rest for the next get.  Return what decoded before
+                # the bad item; its error comes with the next call.
                 stash.extendleft(reversed(raws[i + 1 :]))
                 if out:
-                    # Return what decoded; the error comes with the next call.
-                    stash.appendleft(raw)
+                    stash.appendleft(_Raise(exc))
                     return out
                 raise
         return out
@@ -568,3 +579,6 @@ class JoinableQueue(Queue):
         self._ring.join()
 
 
+for _cls in (Queue, JoinableQueue, SimpleQueue):
+    _cls.__module__ = "shoal"
+del _cls
