@@ -99,6 +99,16 @@ _futex_wake = _native.futex_wake
 DEFAULT_CAPACITY = 1 << 20
 
 
+def _release_if_held(mm, offset: int) -> None:
+    # After a wait, re-taking the lock can be interrupted (Ctrl-C while it
+    # is contended): then it is not ours to release, and the interruption,
+    # not a release error, is what the caller must see.
+    try:
+        _release(mm, offset)
+    except RuntimeError:
+        pass
+
+
 def _remaining(deadline: float | None) -> float | None:
     if deadline is None:
         return _SLICE
@@ -261,6 +271,9 @@ class Ring:
                         if room < need:
                             break
                         (seq,) = _Q.unpack_from(mm, _SEQ)
+                        # Taken before sending: a producer that dies after
+                        # sending must not leave its tag to the next one.
+                        _Q.pack_into(mm, _SEQ, seq + 1)
                         tag = _Q.pack(seq)
                         kind_byte, body, anc = datagram
                         try:
@@ -268,7 +281,6 @@ class Ring:
                         except BlockingIOError:
                             blocked_on_socket = True
                             break
-                        _Q.pack_into(mm, _SEQ, seq + 1)
                         self._write(tail, _REC.pack(8, SOCKET), tag, 8)
                     tail += need
                     room -= need
@@ -298,7 +310,7 @@ class Ring:
                 elif not self._wait(_PMUTEX, _HEAD, head, _NOT_FULL, _PWAIT, deadline):
                     return done
         finally:
-            _release(mm, _PMUTEX)
+            _release_if_held(mm, _PMUTEX)
 
     def _write(self, pos: int, header: bytes, payload, length: int) -> None:
         mm, cap = self.mm, self._cap
@@ -393,7 +405,7 @@ class Ring:
                     return out
                 # Only records whose datagrams died with a consumer: go on.
         finally:
-            _release(mm, _CMUTEX)
+            _release_if_held(mm, _CMUTEX)
 
     def _take_datagram(self, sock: socket.socket, seq: int):
         peek = self._peek
