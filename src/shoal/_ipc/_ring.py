@@ -177,18 +177,30 @@ class Ring:
             n += 1
         _store(mm, _PUTS, _load(mm, _GETS) + n)
 
-    def _wait(self, lock: int, watch: int, seen: int, word: int, waiters: int, deadline: float | None) -> bool:
+    def _wait(
+        self,
+        lock: int,
+        watch: int,
+        seen: int,
+        word: int,
+        waiters: int,
+        deadline: float | None,
+        target: int | None = None,
+    ) -> bool:
         """With *lock* held: release it, wait until the value at *watch* is
-        no longer *seen*, take *lock* again.  False when the deadline has
-        passed (the lock is held either way)."""
+        no longer *seen* (or, given a *target*, has reached it), take *lock*
+        again.  False when the deadline has passed (the lock is held either
+        way)."""
         mm = self.mm
         slice_ = _remaining(deadline)
         if slice_ is None:
             return False
+        if target is None:
+            target = seen + 1  # positions and counters only grow
         _release(mm, lock)
         try:
             for _ in range(_SPINS):
-                if _load(mm, watch) != seen:
+                if _load(mm, watch) >= target:
                     return True
             _fetch_add(mm, waiters, 1)
             try:
@@ -196,7 +208,7 @@ class Ring:
                 # Re-check after announcing ourselves: the other side loads
                 # the waiter count after its store (both sequentially
                 # consistent), so one of us sees the other.
-                if _load(mm, watch) == seen:
+                if _load(mm, watch) < target:
                     _futex_wait(mm, word, expected, slice_)
             finally:
                 _fetch_add(mm, waiters, -1)
@@ -258,17 +270,20 @@ class Ring:
                 slots = maxsize - (puts - _load(mm, _GETS)) if maxsize else total
                 wrote = 0
                 blocked_on_socket = False
+                short = 0  # bytes of room the next entry needs, if that stopped us
                 while done < total and wrote < slots:
                     payload, datagram, _fds = entries[done]
                     if datagram is None:
                         length = len(payload)
                         need = 8 + ((length + 7) & ~7)
                         if room < need:
+                            short = need
                             break
                         self._write(tail, _REC.pack(length, INLINE), payload, length)
                     else:
                         need = 16
                         if room < need:
+                            short = need
                             break
                         (seq,) = _Q.unpack_from(mm, _SEQ)
                         # Taken before sending: a producer that dies after
@@ -307,6 +322,13 @@ class Ring:
                         poller.poll(int(left * 1000) + 1)
                     finally:
                         self._lock(_PMUTEX)
+                elif short:
+                    # Wait for a quarter of the ring, not for the next free
+                    # byte: a full ring then costs one wake-up per quarter,
+                    # not a lock hand-off per item.
+                    want = min(cap, max(short, cap // 4))
+                    if not self._wait(_PMUTEX, _HEAD, head, _NOT_FULL, _PWAIT, deadline, tail + want - cap):
+                        return done
                 elif not self._wait(_PMUTEX, _HEAD, head, _NOT_FULL, _PWAIT, deadline):
                     return done
         finally:
@@ -349,7 +371,8 @@ class Ring:
             _native.mutex_consistent(mm, _CMUTEX)
         try:
             head, gets = _PAIR.unpack_from(mm, _HEAD)
-            if head == _load(mm, _TAIL):
+            tail = _load(mm, _TAIL)
+            if head == tail:
                 return None
             off = head % cap
             length, kind = _REC.unpack_from(mm, _DATA + off)
@@ -362,7 +385,7 @@ class Ring:
                 data = self._read(head + 8, length)
             _store(mm, _GETS, gets + 1)
             _store(mm, _HEAD, head + need)  # frees the space
-            if _load(mm, _PWAIT) > 0:
+            if _load(mm, _PWAIT) > 0 and cap - (tail - head - need) >= cap // 4:
                 _fetch_add(mm, _NOT_FULL, 1)
                 _futex_wake(mm, _NOT_FULL, 1 << 30)
             return data
@@ -400,7 +423,8 @@ class Ring:
                     taken += 1
                 _store(mm, _GETS, gets + taken)
                 _store(mm, _HEAD, head)  # frees the space
-                self._wake(_NOT_FULL, _PWAIT, 1 << 30)
+                if cap - (tail - head) >= cap // 4:  # what waiting producers wait for
+                    self._wake(_NOT_FULL, _PWAIT, 1 << 30)
                 if out:
                     return out
                 # Only records whose datagrams died with a consumer: go on.
