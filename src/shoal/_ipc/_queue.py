@@ -525,8 +525,30 @@ class Queue(_Base):
         fit were put.
         """
         self._check_closed()
-        entry = self._entry
-        entries = [entry(item, "an item passed to put_many") for item in items]
+        entries: list = []
+        inline_max = self._inline_max
+        fds: list[int] = []
+        previous = getattr(_fd_state, "send", None)
+        _fd_state.send = fds
+        try:
+            for item in items:
+                # The common case inline; anything else (descriptors, large
+                # or unpicklable by plain pickle) through _entry.
+                try:
+                    payload = _pickle_dumps(item, 5, buffer_callback=_small_buffers_only)
+                except Exception:
+                    payload = None
+                if payload is None or fds or len(payload) > inline_max:
+                    close_fds(fds)
+                    fds.clear()
+                    entries.append(self._entry(item, "an item passed to put_many"))
+                else:
+                    entries.append((payload, None, None))
+        except BaseException:
+            _close_entries(entries)
+            raise
+        finally:
+            _fd_state.send = previous
         if entries:
             self._put_entries(entries, block, timeout)
 
@@ -550,15 +572,19 @@ class Queue(_Base):
         decode = self._decode
         for i, raw in enumerate(raws):
             try:
-                out.append(decode(raw))
+                out.append(_pickle_loads(raw) if type(raw) is bytes else decode(raw))
             except Exception as exc:
+                if not isinstance(exc, SerializationError):
+                    error = _unpickle_error(exc)
+                    error.__cause__ = exc
+                    exc = error
                 # Keep the rest for the next get.  Return what decoded before
                 # the bad item; its error comes with the next call.
                 stash.extendleft(reversed(raws[i + 1 :]))
                 if out:
                     stash.appendleft(_Raise(exc))
                     return out
-                raise
+                raise exc from exc.__cause__
         return out
 
 
