@@ -657,3 +657,58 @@ def test_item_that_fails_to_unpickle_raises_in_get_and_the_rest_survive():
         assert q.get(timeout=30) == "fine"
     finally:
         q.close()
+
+
+def _take_a_datagram_and_die(q):
+    """A consumer that dies holding the consumers' lock, after taking the
+    datagram of the oldest record but before moving head."""
+    q._ring._lock(_ring._CMUTEX)
+    data, anc, _flags, _ = q._reader.recvmsg(1 << 17, 4096)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _send_an_orphan_and_die(q):
+    """A producer that dies holding the producers' lock, after sending a
+    datagram but before publishing its record."""
+    import struct
+
+    ring = q._ring
+    ring._lock(_ring._PMUTEX)
+    (seq,) = struct.unpack_from("<q", ring.mm, _ring._SEQ)
+    struct.pack_into("<q", ring.mm, _ring._SEQ, seq + 1)
+    _payload, (kind, body, anc), fds = q._entry(os.urandom(100_000), "orphan")
+    q._writer.sendmsg([kind, struct.pack("<q", seq), body], anc)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_consumer_killed_after_taking_a_datagram(fork_or_spawn):
+    ctx = _make(fork_or_spawn)
+    q = Queue()
+    q.put(os.urandom(100_000))  # a SOCKET record: its datagram is the item
+    q.put(2)
+    p = ctx.Process(target=_take_a_datagram_and_die, args=(q,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    # The first item died with that consumer; the record is skipped.
+    assert q.get(timeout=30) == 2
+    assert q.qsize() == 0 and q.empty()
+    q.put("after")
+    assert q.get(timeout=30) == "after"
+    q.close()
+
+
+def test_producer_killed_after_sending_an_orphan_datagram(fork_or_spawn):
+    ctx = _make(fork_or_spawn)
+    q = Queue()
+    p = ctx.Process(target=_send_an_orphan_and_die, args=(q,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    big = os.urandom(200_000)
+    q.put(big)  # the next tag: the orphan (an earlier tag) is discarded
+    q.put("small")
+    assert q.get(timeout=30) == big
+    assert q.get(timeout=30) == "small"
+    assert q.qsize() == 0
+    q.close()

@@ -444,6 +444,10 @@ class Queue(_Base):
     is full (``empty()`` and ``qsize()`` see it); ``put_many`` and
     ``get_many`` move many items under one lock; a process killed in the
     middle of any of these does not break the queue for the others.
+
+    *capacity* (bytes, default 1 MiB) sizes the shared ring that holds small
+    items; when it is full, an unbounded ``put`` leaves the item to this
+    process's feeder thread instead of blocking.
     """
 
     _feeds = True
