@@ -15,8 +15,10 @@ Datagram layout::
     kind & MEMFD == 0   body is the payload itself (at most INBAND_MAX bytes)
     kind & MEMFD        body is the payload size (8 bytes, little endian); the
                         payload is in a memfd, the *last* descriptor attached
-    kind & BATCH        the payload is one pickled list of items (put_many)
     kind & BYTES        informational: sent by send_bytes (not pickled)
+
+(The queues' datagrams carry an 8-byte sequence tag between the kind byte
+and the body; see :mod:`shoal._ipc._ring`.)
 
 Payloads larger than :data:`INBAND_MAX` are written once into a memfd whose
 descriptor travels with a small datagram: a message of any size is still
@@ -43,7 +45,6 @@ import threading
 from .._shm._segment import create_fd
 
 MEMFD = 0x01
-BATCH = 0x02
 BYTES = 0x04
 
 #: Payloads up to this size travel inside the datagram.  Above it, a memfd
