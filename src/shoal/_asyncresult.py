@@ -156,9 +156,9 @@ class MapResult(AsyncResult):
         if self._delivered:
             return
         if not ok:
-            # The first failure decides; chunks not yet sent are dropped.
+            # The first failure decides; chunks not yet sent are dropped
+            # (_skip), and results of the others are ignored.
             self._finish(False, value)
-            self._engine.cancel_sink(self)
             return
         self._chunks[task.index] = value
         self._left -= 1
@@ -170,12 +170,13 @@ class MapResult(AsyncResult):
             self._finish(True, out)
 
     def cancel(self) -> bool:
+        """Fail the map with CancelledError; chunks not yet sent are dropped.
+
+        Chunks already running finish and are ignored.  Returns False if the
+        map had already finished."""
         if self._delivered:
             return False
-        self._engine.cancel_sink(self)
-        self._finish(False, concurrent.futures.CancelledError("the map was cancelled"))
-        with self._engine.results_cond:
-            self._engine.results_cond.notify_all()
+        self._engine.fail_sink(self, concurrent.futures.CancelledError("the map was cancelled"))
         return True
 
 

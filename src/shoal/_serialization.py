@@ -26,7 +26,7 @@ import cloudpickle
 
 from ._ipc._fdpass import _state as _fd_state
 from ._ipc._fdpass import reduce_fd
-from ._shm._segment import fd_from_buffer, map_readonly_fd
+from ._shm._segment import create_fd, map_private_fd
 from .exceptions import RemoteTraceback, SerializationError
 
 #: Buffers at least this large go through shared memory instead of the pipe.
@@ -37,21 +37,52 @@ _PROTOCOL = 5
 
 
 class _OutOfBand:
-    """A large buffer, carried as a shared-memory descriptor."""
+    """The large buffers of one message, carried in one memfd.
 
-    __slots__ = ("fd", "size")
+    One descriptor per message however many buffers it holds: the kernel
+    passes at most 253 descriptors with one message, and each costs a
+    syscall or two.  Buffers start on page boundaries.
+    """
 
-    def __init__(self, fd: int, size: int) -> None:
+    __slots__ = ("fd", "size", "spans")
+
+    def __init__(self, fd: int, size: int, spans: list[tuple[int, int]]) -> None:
         self.fd = fd
         self.size = size
+        self.spans = spans
 
     def __reduce__(self):
         rebuild, args = reduce_fd(self.fd)
-        return _rebuild_oob, (rebuild, args, self.size)
+        return _rebuild_oob, (rebuild, args, self.size, self.spans)
 
 
-def _rebuild_oob(rebuild, args, size):
-    return map_readonly_fd(rebuild(*args), size)
+def _rebuild_oob(rebuild, args, size: int, spans: list[tuple[int, int]]) -> list[memoryview]:
+    # A private (copy-on-write) mapping: the receiver may write to the arrays
+    # it gets, as with in-band pickles, without changing what the sender
+    # (or a second receiver of a re-sent task) sees.
+    view = map_private_fd(rebuild(*args), size)
+    return [view[offset : offset + n] for offset, n in spans]
+
+
+_PAGE = 4096
+
+
+def _pack_buffers(buffers: list[memoryview]) -> _OutOfBand:
+    spans = []
+    offset = 0
+    for view in buffers:
+        spans.append((offset, view.nbytes))
+        offset += -(-view.nbytes // _PAGE) * _PAGE
+    fd = create_fd(offset)
+    try:
+        for view, (start, n) in zip(buffers, spans):  # PickleBuffer.raw(): flat bytes
+            written = 0
+            while written < n:
+                written += os.pwrite(fd, view[written:], start + written)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _OutOfBand(fd, offset, spans)
 
 
 def _take_large_buffer(pb: pickle.PickleBuffer) -> bool:
@@ -84,6 +115,7 @@ def dumps(obj: Any, *, oob: bool = False, what: str = "object") -> bytes:
         SerializationError: *obj* (or something inside it) cannot be pickled.
     """
     callback = _take_large_buffer if oob and _fd_state.send is not None else None
+    _fd_state.oob = None
     try:
         try:
             data = pickle.dumps(obj, _PROTOCOL, buffer_callback=callback)
@@ -91,6 +123,7 @@ def dumps(obj: Any, *, oob: bool = False, what: str = "object") -> bytes:
             _fd_state.oob = None
             data = cloudpickle.dumps(obj, _PROTOCOL, buffer_callback=callback)
     except Exception as exc:
+        _fd_state.oob = None  # what the failed attempts collected must not leak into the next call
         raise SerializationError(
             f"cannot pickle {what}: {_describe_failure(obj, exc)}. Objects sent between "
             "processes must be picklable: pass plain data, module-level functions, or "
@@ -99,16 +132,13 @@ def dumps(obj: Any, *, oob: bool = False, what: str = "object") -> bytes:
     if callback is None or _fd_state.oob is None:
         return data
     buffers, _fd_state.oob = _fd_state.oob, None
-    refs = []
+    packed = _pack_buffers(buffers)
     try:
-        for view in buffers:
-            refs.append(_OutOfBand(fd_from_buffer(view), view.nbytes))
-        # reduce_fd appends each descriptor to the collecting list, which
-        # now owns it.
-        return pickle.dumps((_OOB_MARK, data, refs), _PROTOCOL)
+        # reduce_fd appends the descriptor to the collecting list, which now
+        # owns it.
+        return pickle.dumps((_OOB_MARK, data, packed), _PROTOCOL)
     except BaseException:
-        for ref in refs:
-            os.close(ref.fd)
+        os.close(packed.fd)
         raise
 
 
@@ -186,16 +216,29 @@ def pack_exception(exc: BaseException) -> bytes:
     If the exception itself cannot be pickled, a :class:`SerializationError`
     carrying its type, message and traceback text is sent instead.
     """
-    wrapped = _ExceptionWithTraceback(exc)
     try:
-        return cloudpickle.dumps(wrapped, _PROTOCOL)
-    except Exception as pickling_error:
+        wrapped = _ExceptionWithTraceback(exc)
+        tb = wrapped.tb
+    except BaseException:  # noqa: BLE001 - an exception that cannot even be formatted
+        wrapped = None
+        tb = f"<the traceback of a {type(exc).__qualname__} could not be formatted>"
+    try:
+        if wrapped is not None:
+            return cloudpickle.dumps(wrapped, _PROTOCOL)
+        raise TypeError("not formattable")
+    except BaseException as pickling_error:  # noqa: BLE001 - this function never fails
         substitute = SerializationError(
-            f"the task raised {type(exc).__qualname__}: {exc}, and that exception could not be "
-            f"pickled to send it back ({type(pickling_error).__name__}: {pickling_error})"
+            f"the task raised {type(exc).__qualname__}: {_safe_str(exc)}, and that exception could not be "
+            f"pickled to send it back ({type(pickling_error).__name__}: {_safe_str(pickling_error)})"
         )
-        substitute.__cause__ = RemoteTraceback(wrapped.tb)
-        return pickle.dumps(_PlainRemoteError(substitute, wrapped.tb), _PROTOCOL)
+        return pickle.dumps(_PlainRemoteError(substitute, tb), _PROTOCOL)
+
+
+def _safe_str(obj: Any) -> str:
+    try:
+        return str(obj)
+    except BaseException:  # noqa: BLE001
+        return f"<unprintable {type(obj).__qualname__}>"
 
 
 class _PlainRemoteError:

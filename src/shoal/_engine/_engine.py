@@ -108,6 +108,10 @@ TIMEOUT_TICK = 0.02
 
 _RUN, _CLOSE, _TERMINATE, _BROKEN = "running", "closed", "terminated", "broken"
 
+#: kill_reason values of tasks whose caller already got an error: a result
+#: that still arrives for them is dropped.
+_ALREADY_FAILED = ("cancelled", "abandoned")
+
 
 @dataclass(frozen=True)
 class PoolStatistics:
@@ -249,6 +253,14 @@ class _CallbackThread:
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
+def _engine_descriptors() -> list[int]:
+    """Every live engine's private descriptors (for a worker started by fork)."""
+    fds: list[int] = []
+    for engine in list(_live_engines):
+        fds.extend(engine._descriptors())
+    return fds
+
+
 def _terminate_all_at_exit() -> None:
     for engine in list(_live_engines):
         try:
@@ -319,7 +331,8 @@ class Engine:
         # as measured by the workers: an exponentially weighted average.
         self._estimates: dict[int, float] = {}
         self._rotate = 0
-        self._timed = 0
+        self._timed = 0  # tasks with a time limit held by workers
+        self._doomed = 0  # cancelled tasks held by workers, to kill when they start
         self._feeders = 0
         self._start_failures = 0
         self.callbacks = _CallbackThread()
@@ -509,9 +522,11 @@ class Engine:
         self._control.append(("cancel", task, exc))
         self._wake()
 
-    def cancel_sink(self, sink) -> None:
-        """Drop every queued task that delivers to *sink* (a failed map)."""
-        self._control.append(("drop", sink, None))
+    def fail_sink(self, sink, exc: BaseException) -> None:
+        """Fail a result object (a cancelled map) from the scheduler thread,
+        so it cannot race a result being delivered.  Its tasks not yet sent
+        are dropped at dispatch (``sink._skip``)."""
+        self._control.append(("fail_sink", sink, exc))
         self._wake()
 
     def cancel_pending_futures(self) -> None:
@@ -596,9 +611,20 @@ class Engine:
         if self._config_args is not None:
             config.initializer, config.initargs = cloudpickle.loads(self._config_args)
         config_bytes = cloudpickle.dumps(config)
+        # Under fork the worker inherits every descriptor of this process.
+        # The engines' own (other workers' sockets, wake-up pipes, the shared
+        # memory of queued tasks, and the parent's end of this worker's own
+        # channel) it closes at once: it must not keep that memory alive,
+        # and holding its own channel's other end would hide our death.
+        inherited: tuple[int, ...] = ()
+        if self._ctx.get_start_method() == "fork":
+            inherited = (parent_ch.fileno(), *_engine_descriptors())
         try:
             proc = self._ctx.Process(
-                target=_worker.worker_main, args=(child_ch.sock,), name=f"shoal-worker-{slot}", daemon=False
+                target=_worker.worker_main,
+                args=(child_ch.sock, inherited),
+                name=f"shoal-worker-{slot}",
+                daemon=False,
             )
             proc.start()
         except BaseException:
@@ -607,15 +633,42 @@ class Engine:
             self._free_slots.append(slot)
             raise
         child_ch.close()
-        parent_ch.sock.setblocking(False)
         worker = _Worker(proc, parent_ch, slot)
-        parent_ch.queue(config_bytes, [os.dup(self._status_fd)])
+        try:
+            parent_ch.sock.setblocking(False)
+            parent_ch.queue(config_bytes, [os.dup(self._status_fd)])
+            self._selector.register(parent_ch.fileno(), selectors.EVENT_READ, ("chan", worker))
+            self._selector.register(worker.sentinel, selectors.EVENT_READ, ("dead", worker))
+        except BaseException:
+            for fileobj in (parent_ch.fileno(), worker.sentinel):
+                try:
+                    self._selector.unregister(fileobj)
+                except (KeyError, ValueError):
+                    pass
+            proc.kill()
+            proc.join()
+            parent_ch.close()
+            self._free_slots.append(slot)
+            raise
         self._workers[slot] = worker
         self._started += 1
-        self._selector.register(parent_ch.fileno(), selectors.EVENT_READ, ("chan", worker))
-        self._selector.register(worker.sentinel, selectors.EVENT_READ, ("dead", worker))
         self._flush(worker)
         return worker
+
+    def _descriptors(self) -> list[int]:
+        """Descriptors this engine holds that no child process should keep."""
+        fds = [self._wake_r, self._wake_w, self._status_fd]
+        try:
+            fds.append(self._selector.fileno())
+        except (AttributeError, ValueError, OSError):
+            pass
+        for w in list(self._workers.values()):
+            fds.append(w.channel.fileno())
+            for task in list(w.inflight):
+                fds.extend(task.fds)
+        for task in list(self._pending):
+            fds.extend(task.fds)
+        return fds
 
     def _abort_start(self) -> None:
         for w in list(self._workers.values()):
@@ -646,10 +699,11 @@ class Engine:
     def _flush(self, w: _Worker) -> None:
         try:
             done = w.channel.flush()
-        except OSError:
-            # The worker is gone; its sentinel will tell us how.
+        except (BrokenPipeError, ConnectionResetError):
+            # The worker is gone; its sentinel will tell us how, and the
+            # tasks it held go elsewhere.
             done = True
-            w.channel._outq.clear()
+            w.channel.discard_output()
         want = not done
         if want != w.writing:
             w.writing = want
@@ -667,6 +721,7 @@ class Engine:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - never leave callers waiting
             self._broken_error = exc
+            self._state = _BROKEN
             traceback.print_exc()
             self._fail_everything(ShoalError(f"the pool's scheduler failed: {exc!r}; this is a bug in shoal"))
             self._kill_workers(graceful=False)
@@ -685,7 +740,7 @@ class Engine:
             # at _dirty: a change made before we set _sleeping is seen here,
             # one made after finds _sleeping set and writes.  No wake-up is
             # lost, and we never spin on work that waits for a free worker.
-            timeout = TIMEOUT_TICK if self._timed else None
+            timeout = TIMEOUT_TICK if self._timed or self._doomed else None
             self._sleeping = True
             if self._dirty:
                 timeout = 0
@@ -715,7 +770,7 @@ class Engine:
                 return
             if self._pending:
                 self._dispatch()
-            if self._timed:
+            if self._timed or self._doomed:
                 self._check_time_limits()
             if (
                 state in (_CLOSE, _BROKEN)
@@ -849,7 +904,7 @@ class Engine:
         batches = w.batches
         waiters = self.waiters
         plain_loads = pickle.loads
-        completed = failed = timed = 0
+        completed = failed = timed = doomed = 0
         # Duration estimates are updated once per message, per function.
         seconds: dict[int, list[float]] = {}
         try:
@@ -867,19 +922,21 @@ class Engine:
                 else:
                     acc[0] += elapsed
                     acc[1] += task.n
-                if task.kill_reason == "cancelled":
-                    pos += nfds
-                    continue  # already failed with CancelledError; drop the late result
+                task_fds = fds[pos : pos + nfds] if nfds else None
+                pos += nfds
+                if task.kill_reason in _ALREADY_FAILED:
+                    if task.kill_reason == "cancelled":
+                        doomed += 1
+                    continue  # its caller already has an error; drop the late result
                 if not ok:
                     value = unpack_exception(data)
                     failed += 1
                 else:
                     try:
-                        if nfds:
+                        if task_fds:
                             # Out-of-band buffers: shared memory beside the message.
-                            with providing_fds(fds[pos : pos + nfds]):
+                            with providing_fds(task_fds):
                                 value = loads(data)
-                            pos += nfds
                         else:
                             value = plain_loads(data)
                         completed += 1
@@ -896,6 +953,7 @@ class Engine:
             self._completed += completed
             self._failed += failed
             self._timed -= timed
+            self._doomed -= doomed
             estimates = self._estimates
             for fid, (total, n) in seconds.items():
                 per_item = total / n
@@ -928,58 +986,53 @@ class Engine:
                 return
             for w in self._workers.values():
                 if task in w.inflight:
-                    running = self._running_task(w)
+                    # Its caller learns at once.  The worker is killed when
+                    # it runs the task: now if it is running, or as soon as
+                    # it starts it (see _check_time_limits).
                     task.kill_reason = "cancelled"
                     self._fail(task, exc, cancelled=True)
-                    if running is task:
-                        self._kill(w, "cancelled")
+                    self._doomed += 1
+                    self._check_time_limits()
                     self._notify()
                     return
         elif what == "cancel_futures":
-            keep = deque()
-            for t in self._pending:
+            # Callers append to _pending concurrently: never iterate it live
+            # or rebind it.  Cancelled futures are skipped at dispatch.
+            for t in list(self._pending):
                 future = getattr(t.sink, "future", None)
-                if future is not None and future.cancel():
-                    t.close_fds()
-                    self._cancelled += 1
-                else:
-                    keep.append(t)
-            self._pending = keep
-        elif what == "drop":
+                if future is not None:
+                    future.cancel()
+        elif what == "fail_sink":
             sink = obj
-            keep = deque(t for t in self._pending if t.sink is not sink)
-            for t in self._pending:
-                if t.sink is sink:
-                    t.close_fds()
-                    self._cancelled += 1
-            self._pending = keep
+            if not sink._delivered:
+                sink._deliver(None, False, exc)
+                self._notify()
 
     # -- time limits -------------------------------------------------------
-    def _running_task(self, w: _Worker) -> _Task | None:
-        tid, _started, _last = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
-        if not tid:
-            return None
-        for task in w.inflight:
-            if task.id == tid:
-                return task
-        return None
-
     def _check_time_limits(self) -> None:
+        """Kill workers running a task past its time limit, or a task that
+        was cancelled while the worker held it."""
         now = time.monotonic()
         for w in list(self._workers.values()):
             if not w.inflight or w.kill_reason is not None:
                 continue
             tid, started, _last = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
-            if not tid:
-                continue
+            if not tid or not started:
+                continue  # idle, or a task id written before its start time
             for task in w.inflight:
                 if task.id == tid:
-                    if task.timeout is not None and now - started > task.timeout:
+                    if task.kill_reason == "cancelled":
+                        self._kill(w, "cancelled", tid)
+                    elif task.timeout is not None and now - started > task.timeout:
                         task.kill_reason = "timeout"
-                        self._kill(w, "timeout")
+                        self._kill(w, "timeout", tid)
                     break
 
-    def _kill(self, w: _Worker, reason: str) -> None:
+    def _kill(self, w: _Worker, reason: str, tid: int) -> None:
+        # The task may have finished since the status was read: kill only if
+        # the worker is still on it, so the next task is not hit instead.
+        if STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)[0] != tid:
+            return
         if w.kill_reason is None:
             w.kill_reason = reason
         try:
@@ -999,14 +1052,10 @@ class Engine:
                     break
         w.proc.join(1)
         exitcode = w.proc.exitcode
-        running = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)[0]
-        try:
-            self._selector.unregister(w.sentinel)
-        except (KeyError, ValueError):
-            pass
-        if not w.eof:
+        running, _started, last_done = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
+        for fileobj in (w.sentinel, w.channel.fileno()):
             try:
-                self._selector.unregister(w.channel.fileno())
+                self._selector.unregister(fileobj)
             except (KeyError, ValueError):
                 pass
         w.channel.close()
@@ -1017,21 +1066,31 @@ class Engine:
         except ValueError:
             pass
 
-        # Attribute the tasks it held.  Only the task it was running fails;
-        # the others either finished with their results unsent or never
-        # started, and go to another worker.  A task that keeps coming back
-        # from dying workers (its results kill the worker while being sent,
-        # say) fails after MAX_REQUEUES tries.
+        # Attribute the tasks it held, which it runs in order.  The status
+        # slot names the task it was running and the last one it finished.
+        # The running task fails.  Tasks after it never started and go to
+        # another worker as they are.  Tasks before it finished but their
+        # results were still in the worker (it sends them at least every
+        # FLUSH_SECONDS of work, so these are short tasks): they run again,
+        # and a task that keeps coming back from dying workers (its result
+        # kills the worker while being sent, say) fails after MAX_REQUEUES.
         tasks = list(w.inflight)
         w.inflight.clear()
+        run_index = finished_upto = -1
+        for i, task in enumerate(tasks):
+            if task.id == running:
+                run_index = i
+            elif task.id == last_done:
+                finished_upto = i
+        if run_index >= 0:
+            finished_upto = run_index - 1
         failed_any = False
         requeue = []
-        for task in tasks:
-            if task.timeout is not None:
-                self._timed -= 1
-            if task.kill_reason == "cancelled":
-                continue  # already delivered
-            if task.id == running:
+        for i, task in enumerate(tasks):
+            self._leaving(task)
+            if task.kill_reason in _ALREADY_FAILED:
+                continue
+            if i == run_index:
                 failed_any = True
                 if task.kill_reason == "timeout":
                     exc: BaseException = TaskTimeoutError(
@@ -1044,19 +1103,20 @@ class Engine:
             elif w.retire_reason == "initializer" or self._state == _BROKEN:
                 failed_any = True
                 self._fail(task, WorkerStartError(f"the pool cannot run tasks: {self._broken_error}"))
+            elif i <= finished_upto and task.requeues >= MAX_REQUEUES:
+                failed_any = True
+                self._fail(
+                    task,
+                    WorkerDiedError(
+                        w.pid, exitcode,
+                        f"It finished, but each of the {task.requeues + 1} workers that ran it died before "
+                        "sending its result; it was not run again.",
+                    ),
+                )
             else:
-                task.requeues += 1
-                if task.requeues > MAX_REQUEUES:
-                    failed_any = True
-                    self._fail(
-                        task,
-                        WorkerDiedError(
-                            w.pid, exitcode,
-                            f"Each of the {task.requeues} workers that held this task died; it was not retried again.",
-                        ),
-                    )
-                else:
-                    requeue.append(task)
+                if i <= finished_upto:
+                    task.requeues += 1
+                requeue.append(task)
         if requeue:
             self._pending.extendleft(reversed(requeue))
         if failed_any:
@@ -1090,8 +1150,19 @@ class Engine:
         except Exception as exc:  # noqa: BLE001
             self._break(WorkerStartError(f"could not start a replacement worker: {exc!r}"))
 
+    def _leaving(self, task: _Task) -> None:
+        """Bookkeeping for a task that leaves a worker's hands for good."""
+        if task.timeout is not None:
+            self._timed -= 1
+        if task.kill_reason == "cancelled":
+            self._doomed -= 1
+
     def _break(self, exc: BaseException) -> None:
-        """The pool cannot run tasks: fail what is queued and refuse new work."""
+        """The pool cannot start workers: fail what is queued, refuse new work.
+
+        Tasks that live workers already hold still run and deliver their
+        results; then the workers are told to stop.
+        """
         if self._state in (_TERMINATE,):
             return
         if self._broken_error is None:
@@ -1101,12 +1172,6 @@ class Engine:
         err.__cause__ = exc
         while self._pending:
             self._fail(self._pending.popleft(), err)
-        for w in self._workers.values():
-            for task in w.inflight:
-                if task.timeout is not None:
-                    self._timed -= 1
-                self._fail(task, err)
-            w.inflight.clear()
         self._notify()
 
     # -- termination -------------------------------------------------------
@@ -1115,9 +1180,9 @@ class Engine:
             self._fail(self._pending.popleft(), exc)
         for w in self._workers.values():
             for task in w.inflight:
-                if task.kill_reason != "cancelled":
+                if task.kill_reason not in _ALREADY_FAILED:
                     self._fail(task, exc)
-            w.inflight.clear()
+                    task.kill_reason = "abandoned"
         self._notify()
 
     def _terminate_now(self) -> None:

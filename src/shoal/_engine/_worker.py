@@ -102,9 +102,20 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * mmap.PAGESIZE
 
 
-def worker_main(sock) -> None:
-    """Entry point of a worker process (the ``target`` of its ``Process``)."""
+def worker_main(sock, inherited: tuple[int, ...] = ()) -> None:
+    """Entry point of a worker process (the ``target`` of its ``Process``).
+
+    *inherited* lists descriptors a fork-started worker got from its parent's
+    pool engines and must not keep (see Engine._start_worker).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep = sock.fileno()
+    for fd in inherited:
+        if fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
     channel = Channel(sock)
     try:
         _serve(channel)

@@ -63,37 +63,53 @@ class Channel:
         for fd in self._pending_fds:
             os.close(fd)
         self._pending_fds.clear()
-        for entry in self._outq:
-            for fd in entry[1] or ():
-                os.close(fd)
-        self._outq.clear()
+        self.discard_output()
 
     # -- sending ----------------------------------------------------------
     def send(self, payload, fds=()) -> None:
         """Send one frame (blocking)."""
         header = _HEADER.pack(len(payload) | (len(fds) << 48))
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-            sent = self.sock.sendmsg([header, payload], anc)
-        else:
+        if not fds:
             sent = self.sock.sendmsg([header, payload])
-        total = len(header) + len(payload)
-        if sent < total:
-            self._send_rest(header, payload, sent)
+            if sent < len(header) + len(payload):
+                self.sock.sendall(memoryview(header + payload)[sent:])
+            return
+        entry = [memoryview(header + bytes(payload)), list(fds)]
+        while entry[1]:
+            self._send_piece(entry, 0)
+        if len(entry[0]):
+            self.sock.sendall(entry[0])
 
-    def _send_rest(self, header: bytes, payload, sent: int) -> None:
-        if sent < len(header):
-            self.sock.sendall(header[sent:])
-            sent = len(header)
-        self.sock.sendall(memoryview(payload)[sent - len(header):])
+    def _send_piece(self, entry: list, flags: int) -> None:
+        """Send the start of a frame with up to _MAX_FDS of its descriptors.
 
+        The kernel takes at most _MAX_FDS (253) descriptors per sendmsg, and
+        each group must ride on at least one byte, so a frame with more goes
+        out in several pieces; the reader collects them in order.
+        """
+        view, fds = entry
+        group = fds[:_MAX_FDS]
+        rest = fds[_MAX_FDS:]
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", group).tobytes())]
+        sent = self.sock.sendmsg([view[:1] if rest else view], anc, flags)
+        entry[0] = view[sent:]
+        entry[1] = rest or None
 
     # -- non-blocking sending (for a selector-driven writer) ----------------
     def queue(self, payload, fds=()) -> None:
         """Append one frame to the outgoing queue; :meth:`flush` writes it.
         The channel takes ownership of *fds* and closes them once sent."""
+        if len(fds) > _MAX_FDS * (8 + len(payload)):
+            raise ValueError(f"too many descriptors ({len(fds)}) for a frame of {len(payload)} bytes")
         header = _HEADER.pack(len(payload) | (len(fds) << 48))
         self._outq.append([memoryview(header + payload), list(fds) if fds else None])
+
+    def discard_output(self) -> None:
+        """Drop queued frames (the peer is gone), closing their descriptors."""
+        for entry in self._outq:
+            for fd in entry[1] or ():
+                os.close(fd)
+        self._outq.clear()
 
     @property
     def has_output(self) -> bool:
@@ -109,17 +125,15 @@ class Channel:
         sock = self.sock
         while outq:
             entry = outq[0]
-            view, fds = entry
             try:
-                if fds:
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                    sent = sock.sendmsg([view], anc, socket.MSG_DONTWAIT)
-                    # The kernel holds its own references now.
-                    for fd in fds:
+                while entry[1]:
+                    fds = entry[1]
+                    self._send_piece(entry, socket.MSG_DONTWAIT)
+                    # The kernel holds its own references to those it took.
+                    for fd in fds[: len(fds) - len(entry[1] or ())]:
                         os.close(fd)
-                    entry[1] = None
-                else:
-                    sent = sock.send(view, socket.MSG_DONTWAIT)
+                view = entry[0]
+                sent = sock.send(view, socket.MSG_DONTWAIT) if len(view) else 0
             except (BlockingIOError, InterruptedError):
                 return False
             if sent < len(view):

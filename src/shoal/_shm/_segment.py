@@ -116,13 +116,14 @@ def _rebuild_segment(rebuild, args, size: int) -> Segment:
     return Segment(size, fd=rebuild(*args))
 
 
-def map_readonly_fd(fd: int, size: int) -> memoryview:
-    """Map *fd* and close it: the returned view keeps the memory alive, and
-    dropping the last reference to it frees this process's share."""
+def map_private_fd(fd: int, size: int) -> memoryview:
+    """Map *fd* copy-on-write and close it: the view reads the shared pages,
+    and writes through it stay in this process.  Dropping the last reference
+    to the view frees this process's share."""
     try:
         if size == 0:
-            return memoryview(b"")
-        m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            return memoryview(bytearray())
+        m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     return memoryview(m)
