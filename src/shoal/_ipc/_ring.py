@@ -410,10 +410,15 @@ class Ring:
                         return out
                     continue
                 taken = 0
-                while head != tail and len(out) < max_n:
-                    length, kind = _REC.unpack_from(mm, _DATA + head % cap)
+                append = out.append
+                while head != tail and taken < max_n:
+                    off = head % cap
+                    length, kind = _REC.unpack_from(mm, _DATA + off)
                     if kind == INLINE:
-                        out.append(self._read(head + 8, length))
+                        if off + 8 + length <= cap:
+                            append(mm[_DATA + off + 8 : _DATA + off + 8 + length])
+                        else:
+                            append(self._read(head + 8, length))
                     else:
                         (seq,) = _Q.unpack_from(self._read(head + 8, 8))
                         datagram = self._take_datagram(sock, seq)
