@@ -86,8 +86,10 @@ _DONTWAIT = int(socket.MSG_DONTWAIT)
 _PEEK = int(socket.MSG_PEEK) | _DONTWAIT
 _SLICE = 0.5  # longest single sleep; a waker that died costs at most this
 _SPINS = 300  # ~30 µs of looking before sleeping
+_YIELD_EVERY = 16
 
 _load = _native.load
+_yield = os.sched_yield
 _store = _native.store
 _fetch_add = _native.fetch_add
 _cas = _native.compare_exchange
@@ -199,9 +201,13 @@ class Ring:
             target = seen + 1  # positions and counters only grow
         _release(mm, lock)
         try:
-            for _ in range(_SPINS):
+            for i in range(_SPINS):
                 if _load(mm, watch) >= target:
                     return True
+                if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                    # Sharing a CPU with the other side, looking only keeps
+                    # it from running: let it.
+                    _yield()
             _fetch_add(mm, waiters, 1)
             try:
                 expected = _load(mm, word) & 0xFFFFFFFF
