@@ -156,3 +156,61 @@ def test_statistics_reports_replacements():
     assert stats.replaced_because == {"died": 1}
     assert stats.workers_started == 2
     assert os.getpid()
+
+
+def test_cancelled_running_future_is_cancelled_and_callbacks_run_off_the_scheduler():
+    import threading
+
+    seen = []
+    with shoal.ProcessPoolExecutor(1) as ex:
+        fut = ex.submit(workers.sleep_for, 30)
+        fut.add_done_callback(lambda f: seen.append((f.cancelled(), threading.current_thread().name)))
+        time.sleep(0.2)
+        assert fut.cancel(running=True)
+        assert fut.cancelled()
+        with pytest.raises(concurrent.futures.CancelledError):
+            fut.result(timeout=10)
+        done = ex.submit(workers.square, 3)
+        done.add_done_callback(lambda f: seen.append((f.result(), threading.current_thread().name)))
+        assert done.result(timeout=30) == 9
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert seen[0][0] is True
+    assert seen[1][0] == 9
+    assert all(name != "shoal-scheduler" for _, name in seen)
+
+
+def test_cancel_of_a_task_held_but_not_started_kills_it_when_it_starts():
+    with shoal.Pool(1) as pool:
+        first = pool.submit(workers.sleep_for, 0.5)
+        held = pool.submit(workers.sleep_for, 3600)  # sent to the worker behind `first`
+        time.sleep(0.1)
+        assert held.cancel(running=True)
+        assert first.result(timeout=30) == 0.5
+        assert held.cancelled()
+        # The worker was replaced instead of sleeping for an hour.
+        assert pool.apply(workers.square, (2,), task_timeout=30) == 4
+        pool.close()
+        pool.join()
+
+
+def test_results_keep_an_unreferenced_pool_alive():
+    result = shoal.Pool(2).apply_async(workers.square, (7,))
+    import gc
+
+    gc.collect()
+    assert result.get(timeout=30) == 49
+    it = shoal.Pool(2).imap(workers.square, range(5))
+    gc.collect()
+    assert list(it) == [0, 1, 4, 9, 16]
+    del result, it
+    gc.collect()
+
+
+def test_close_join_finishes_an_unconsumed_imap():
+    pool = shoal.Pool(2)
+    it = pool.imap(workers.square, range(2000))
+    pool.close()
+    pool.join()
+    assert sum(1 for _ in it) == 2000

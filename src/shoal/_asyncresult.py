@@ -39,7 +39,8 @@ class AsyncResult:
     """The result of ``apply_async`` (the standard library's ``AsyncResult``)."""
 
     __slots__ = (
-        "__weakref__", "_callback", "_delivered", "_engine", "_error_callback", "_ready", "_success", "_task", "_value",
+        "__weakref__", "_callback", "_delivered", "_engine", "_error_callback", "_pool", "_ready", "_success",
+        "_task", "_value",
     )
 
     def __init__(self, engine, callback=None, error_callback=None) -> None:
@@ -51,6 +52,7 @@ class AsyncResult:
         self._success: bool | None = None
         self._value: Any = None
         self._task = None
+        self._pool = None
 
     # -- sink protocol (scheduler thread) ---------------------------------
     def _skip(self, task) -> bool:
@@ -240,6 +242,7 @@ class IMapIterator:
                  task_timeout: float | None, bound: int | None, progress=None) -> None:
         self._state = _IMapState(engine, ordered)
         self._engine = engine
+        self._pool = None  # set by the pool: the iterator keeps it alive
         self._pending_items: deque = deque()
         self._progress = progress
         state = self._state
@@ -346,7 +349,7 @@ def _feed(state: _IMapState, fn, iterator, chunksize: int, mode: int, task_timeo
     sink = _Unwrap(state) if chunksize == 1 else _Chunked(state)
     try:
         while not state.abandoned:
-            limit = bound or engine.inflight_bound(fn, chunksize)
+            limit = _limit(engine, bound, fn, chunksize)
             with cond:
                 while state.submitted - state.consumed >= limit and not state.abandoned and engine.state != "terminated":
                     engine.waiters += 1
@@ -354,7 +357,7 @@ def _feed(state: _IMapState, fn, iterator, chunksize: int, mode: int, task_timeo
                         cond.wait(1.0)
                     finally:
                         engine.waiters -= 1
-                    limit = bound or engine.inflight_bound(fn, chunksize)
+                    limit = _limit(engine, bound, fn, chunksize)
             if state.abandoned or engine.state == "terminated":
                 break
             room = limit - (state.submitted - state.consumed)
@@ -393,6 +396,15 @@ def _feed(state: _IMapState, fn, iterator, chunksize: int, mode: int, task_timeo
             state.total = state.submitted
             cond.notify_all()
         engine.feeder_finished()
+
+
+def _limit(engine, bound, fn, chunksize: int) -> int:
+    """How many tasks may be submitted and not yet consumed.  Once the pool
+    is closed, no limit: close() + join() must finish the whole input even
+    if nobody reads the results, as with the standard library."""
+    if engine.state != "running":
+        return 1 << 62
+    return bound or engine.inflight_bound(fn, chunksize)
 
 
 def _submit(engine, state: _IMapState, tasks: list) -> None:

@@ -12,6 +12,7 @@ cancelled with ``future.cancel(running=True)``.
 from __future__ import annotations
 
 import concurrent.futures
+from concurrent.futures import _base
 import itertools
 import multiprocessing
 import time
@@ -42,22 +43,39 @@ class Future(concurrent.futures.Future):
         """
         if super().cancel():
             return True
-        if not running or self.done() or self._shoal_task is None:
+        task = self._shoal_task
+        if not running or task is None:
             return False
-        self._shoal_engine.cancel(
-            self._shoal_task, concurrent.futures.CancelledError("the running task was cancelled")
-        )
+        # Move a RUNNING future to CANCELLED, as cancel() does for a pending
+        # one (the same steps as Future.set_running_or_notify_cancel).
+        with self._condition:
+            if self._state != _base.RUNNING:
+                return self._state in (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
+            self._state = _base.CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()
+        self._shoal_engine.cancel(task, concurrent.futures.CancelledError("the running task was cancelled"))
         return True
+
+    def _invoke_callbacks(self) -> None:
+        # Done-callbacks are user code: never on the scheduler thread, where
+        # a slow or blocking one would stall every task.
+        engine = self._shoal_engine
+        if engine is not None and engine.is_scheduler_thread():
+            engine.callbacks.call(super()._invoke_callbacks)
+        else:
+            super()._invoke_callbacks()
 
 
 class _FutureSink:
     """Delivers a task's outcome to a Future (the engine's sink protocol)."""
 
-    __slots__ = ("callbacks", "future")
+    __slots__ = ("future",)
 
-    def __init__(self, future: Future, callbacks) -> None:
+    def __init__(self, future: Future) -> None:
         self.future = future
-        self.callbacks = callbacks
 
     def _skip(self, task) -> bool:
         future = self.future
@@ -69,12 +87,8 @@ class _FutureSink:
     def _deliver(self, task, ok: bool, value) -> None:
         future = self.future
         future._shoal_task = None  # break the task <-> future cycle
-        if future.done():
-            return
-        if future._done_callbacks:  # user callbacks must not run on the scheduler
-            self.callbacks.call(_settle, future, ok, value)
-        else:
-            _settle(future, ok, value)
+        # Future._invoke_callbacks hands user callbacks to the callback thread.
+        _settle(future, ok, value)
 
 
 def _settle(future: Future, ok: bool, value) -> None:
@@ -95,7 +109,7 @@ def _submit_future(engine: Engine, fn, args, kwargs, task_timeout=None) -> Futur
         raise TypeError(f"the function to run must be callable, got {type(fn).__name__}")
     future = Future()
     future._shoal_engine = engine
-    future._shoal_task = engine.submit_call(fn, args, kwargs, _FutureSink(future, engine.callbacks), task_timeout)
+    future._shoal_task = engine.submit_call(fn, args, kwargs, _FutureSink(future), task_timeout)
     return future
 
 

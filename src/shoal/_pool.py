@@ -77,7 +77,7 @@ class Pool:
         self._closed = False
         # A pool dropped or left open at exit is terminated, never joined
         # forever (the standard library's pool can hang there).
-        self._finalizer = weakref.finalize(self, self._engine.terminate)
+        self._finalizer = weakref.finalize(self, self._engine.terminate, False)
 
     # -- the standard library's API -------------------------------------------
     def apply(self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict | None = None, *,
@@ -106,6 +106,7 @@ class Pool:
         if not callable(func):
             _check_callable(func)
         result = AsyncResult(engine, callback, error_callback)
+        result._pool = self  # as in the standard library: a result keeps its pool alive
         result._task = engine.submit_call(func, args, kwds, result, task_timeout)
         return result
 
@@ -209,6 +210,7 @@ class Pool:
             raise ValueError(f"chunksize must be a positive int, got {chunksize!r}")
         nchunks = -(-n // chunksize)
         result = MapResult(engine, nchunks, callback, error_callback)
+        result._pool = self
         if nchunks:
             fn_ref = engine.function_ref(func)
             tasks: list = []
@@ -252,7 +254,9 @@ class Pool:
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
             raise ValueError(f"buffersize must be a positive int or None, got {buffersize!r}")
         bar = progress_bar(progress, iterable)
-        return IMapIterator(engine, func, iterable, chunksize, mode, ordered, task_timeout, buffersize, bar)
+        it = IMapIterator(engine, func, iterable, chunksize, mode, ordered, task_timeout, buffersize, bar)
+        it._pool = self
+        return it
 
 
 def _check_callable(func) -> None:

@@ -331,6 +331,8 @@ class Engine:
         # as measured by the workers: an exponentially weighted average.
         self._estimates: dict[int, float] = {}
         self._rotate = 0
+        # ids of functions whose tasks have killed a worker (0: uncached ones)
+        self._crashed: set[int] = set()
         self._timed = 0  # tasks with a time limit held by workers
         self._doomed = 0  # cancelled tasks held by workers, to kill when they start
         self._feeders = 0
@@ -384,6 +386,11 @@ class Engine:
         return self._state
 
     def _check_running(self) -> None:
+        if os.getpid() != self._owner_pid:
+            raise PoolClosedError(
+                f"this pool belongs to process {self._owner_pid}; a process started by fork inherits the "
+                "object but not its workers: create a new pool in this process"
+            )
         if self._state == _RUN:
             return
         if self._state == _BROKEN and self._broken_error is not None:
@@ -391,20 +398,32 @@ class Engine:
         raise PoolClosedError("Pool not running: it was closed or terminated; create a new pool to submit work")
 
     def function_ref(self, fn) -> tuple[int, Any]:
-        """An id for *fn* that workers cache, and the pickled function for
-        workers that have not seen it yet.  Only plain functions are cached:
-        partials, bound methods and callable objects carry state that may
-        change between calls, so they travel inside each task."""
+        """An id for *fn* that workers cache, with its pickled form for the
+        workers that have not seen it yet; ``(0, None)`` when *fn* must
+        travel inside each task instead.
+
+        Only functions that pickle by reference (module-level functions,
+        including those of ``__main__``, and builtins) are cached: a worker
+        looks them up by name in its own copy of the module, as with the
+        standard library.  Lambdas, closures and nested functions are pickled
+        by value with cloudpickle, capturing the values they refer to, so
+        they are pickled again for every task and always carry the current
+        values.  So are partials, bound methods and callable objects.
+        """
         if type(fn) is not types.FunctionType and type(fn) is not types.BuiltinFunctionType:
             return 0, None
         key = id(fn)
         entry = self._fn_cache.get(key)  # a dict read is atomic: no lock needed
         if entry is not None and entry[0] is fn:
             return entry[1], entry
+        if fn.__module__ == "__main__" and self._ctx.get_start_method() != "fork" and not getattr(
+            sys.modules.get("__main__"), "__file__", None
+        ):
+            return 0, None  # an interactive __main__: a spawned worker cannot import it
         try:
-            fn_bytes = cloudpickle.dumps(fn, 5)
-        except Exception as exc:
-            raise SerializationError(f"cannot pickle the function {fn!r}: {type(exc).__name__}: {exc}") from exc
+            fn_bytes = pickle.dumps(fn, 5)  # by reference, or it raises
+        except Exception:  # noqa: BLE001 - not importable by name: pickle by value per task
+            return 0, None
         with self._fn_lock:
             entry = (fn, next(self._fn_ids), fn_bytes)
             self._fn_cache[key] = entry
@@ -427,7 +446,7 @@ class Engine:
     def submit_call(self, fn, args: tuple, kwargs: dict, sink, timeout: float | None = None) -> _Task:
         """Serialize and queue ``fn(*args, **kwargs)``: the hot path of
         apply_async and submit, kept short on purpose."""
-        if self._state != _RUN:
+        if self._state != _RUN or os.getpid() != self._owner_pid:
             self._check_running()
         # Without keyword arguments only the args tuple is pickled: one
         # object fewer per task, which the garbage collector notices.
@@ -454,6 +473,8 @@ class Engine:
         self._pending.append(task)
         self._submitted_n += 1
         self._wake()
+        if self._finished.is_set():
+            self._reject((task,))
         return task
 
     def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:
@@ -471,6 +492,20 @@ class Engine:
         self._pending.extend(tasks)
         self._submitted_n += len(tasks)
         self._wake()
+        if self._finished.is_set():
+            self._reject(tasks)
+
+    def _reject(self, tasks) -> None:
+        """The scheduler ended (terminate() in another thread) while these were
+        being queued: take them back, or they would wait forever."""
+        for t in tasks:
+            try:
+                self._pending.remove(t)
+            except ValueError:
+                continue  # the scheduler's last sweep failed it already
+            t.close_fds()
+        self._check_running()
+        raise PoolClosedError("the pool was terminated while this task was being submitted")
 
     def feeder_started(self) -> None:
         with self.results_cond:
@@ -538,8 +573,15 @@ class Engine:
         if self._state == _RUN:
             self._state = _CLOSE
         self._wake()
+        # imap feeders waiting for room go on: after close() the input is
+        # read to the end, as the standard library does.
+        with self.results_cond:
+            self.results_cond.notify_all()
 
-    def terminate(self) -> None:
+    def terminate(self, wait: bool = True) -> None:
+        """Stop the workers and fail unfinished tasks; with *wait*, return
+        once all is done (a garbage-collection finalizer must not wait: it
+        may run while its thread holds a lock the scheduler needs)."""
         if os.getpid() != self._owner_pid:
             # A forked child inherited this object but not its threads or
             # workers: nothing here is its to stop.
@@ -547,7 +589,7 @@ class Engine:
         if self._state in (_RUN, _CLOSE, _BROKEN):
             self._state = _TERMINATE
         self._wake()
-        if threading.current_thread() is self._thread:
+        if not wait or threading.current_thread() is self._thread:
             return
         self._finished.wait()
         self._thread.join()
@@ -588,6 +630,9 @@ class Engine:
             replaced_because=dict(self._replaced),
             task_seconds_estimate=min(self._estimates.values()) if self._estimates else None,
         )
+
+    def is_scheduler_thread(self) -> bool:
+        return threading.current_thread() is self._thread
 
     @property
     def worker_pids(self) -> list[int]:
@@ -728,6 +773,10 @@ class Engine:
         finally:
             self._close_resources()
             self._finished.set()
+            # A caller that queued a task before seeing _finished set gets it
+            # failed here; one that queues after sees _finished (_reject).
+            while self._pending:
+                self._fail(self._pending.popleft(), PoolClosedError("the pool was terminated before this task ran"))
             with self.results_cond:
                 self.results_cond.notify_all()
 
@@ -783,7 +832,7 @@ class Engine:
                 for w in self._workers.values():
                     if w.accepting:
                         w.retire_reason = "shutdown"
-                        w.channel.queue(pickle.dumps((_worker.STOP, (), ())))
+                        w.channel.queue(pickle.dumps((_worker.STOP, (), (), False)))
                         self._flush(w)
 
     # -- dispatch ---------------------------------------------------------
@@ -842,17 +891,18 @@ class Engine:
         wire = []
         last_fid = -1
         timed = 0
+        used: set[int] = set()
         for task in batch:
             fid = task.fn_id
-            if fid != last_fid and fid:
+            if fid != last_fid:
                 last_fid = fid
-                if fid in w.fns:
-                    w.fns.move_to_end(fid)
-                else:
-                    fn_defs.append((fid, task.fn_ref[2]))
-                    w.fns[fid] = None
-                    if len(w.fns) > FN_CACHE:
-                        forget.append(w.fns.popitem(last=False)[0])
+                used.add(fid)
+                if fid:
+                    if fid in w.fns:
+                        w.fns.move_to_end(fid)
+                    else:
+                        fn_defs.append((fid, task.fn_ref[2]))
+                        w.fns[fid] = None
             wire.append((task.id, fid, task.mode, task.data, len(task.fds)))
             if task.fds:
                 # The channel closes what it sends; the task keeps its own
@@ -864,9 +914,21 @@ class Engine:
         self._timed += timed
         w.sent += len(batch)
         w.batches.append(batch[-1].id)
+        # Evict the least recently used functions this batch does not need;
+        # the worker forgets them before it loads the new ones.
+        for fid in list(w.fns) if len(w.fns) > FN_CACHE else ():
+            if len(w.fns) - len(forget) <= FN_CACHE:
+                break
+            if fid not in used:
+                forget.append(fid)
+        for fid in forget:
+            del w.fns[fid]
         if forget:
-            fn_defs.append((-1, forget))
-        w.channel.queue(pickle.dumps((_worker.BATCH, fn_defs, wire), 5), fds)
+            fn_defs.insert(0, (-1, forget))
+        # Functions that have killed a worker get their results sent after
+        # every task, so another crash makes no finished task run again.
+        flush_each = bool(self._crashed) and not used.isdisjoint(self._crashed)
+        w.channel.queue(pickle.dumps((_worker.BATCH, fn_defs, wire, flush_each), 5), fds)
         self._flush(w)
 
     # -- results ----------------------------------------------------------
@@ -1071,9 +1133,8 @@ class Engine:
         # The running task fails.  Tasks after it never started and go to
         # another worker as they are.  Tasks before it finished but their
         # results were still in the worker (it sends them at least every
-        # FLUSH_SECONDS of work, so these are short tasks): they run again,
-        # and a task that keeps coming back from dying workers (its result
-        # kills the worker while being sent, say) fails after MAX_REQUEUES.
+        # FLUSH_SECONDS of work, and after every task once a function has
+        # killed a worker): they run again.
         tasks = list(w.inflight)
         w.inflight.clear()
         run_index = finished_upto = -1
@@ -1084,6 +1145,10 @@ class Engine:
                 finished_upto = i
         if run_index >= 0:
             finished_upto = run_index - 1
+        # A worker that died between tasks (no task running) most likely
+        # died sending the last finished task's result: that one task is
+        # counted, and fails if it keeps killing workers.
+        suspect = run_index < 0 and finished_upto >= 0
         failed_any = False
         requeue = []
         for i, task in enumerate(tasks):
@@ -1091,6 +1156,8 @@ class Engine:
             if task.kill_reason in _ALREADY_FAILED:
                 continue
             if i == run_index:
+                if task.kill_reason is None:
+                    self._crashed.add(task.fn_id)
                 failed_any = True
                 if task.kill_reason == "timeout":
                     exc: BaseException = TaskTimeoutError(
@@ -1103,7 +1170,7 @@ class Engine:
             elif w.retire_reason == "initializer" or self._state == _BROKEN:
                 failed_any = True
                 self._fail(task, WorkerStartError(f"the pool cannot run tasks: {self._broken_error}"))
-            elif i <= finished_upto and task.requeues >= MAX_REQUEUES:
+            elif suspect and task.id == last_done and task.requeues >= MAX_REQUEUES:
                 failed_any = True
                 self._fail(
                     task,
@@ -1114,8 +1181,9 @@ class Engine:
                     ),
                 )
             else:
-                if i <= finished_upto:
+                if suspect and task.id == last_done:
                     task.requeues += 1
+                    self._crashed.add(task.fn_id)
                 requeue.append(task)
         if requeue:
             self._pending.extendleft(reversed(requeue))

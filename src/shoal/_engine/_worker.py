@@ -59,9 +59,10 @@ CALL_KW = 3  # fn(*args, **kwargs); payload is (args, kwargs)
 MAP = 1  # [fn(x) for x in payload]
 STARMAP = 2  # [fn(*x) for x in payload]
 
-#: A worker sends the results it has so far when a batch runs longer than
-#: this, so results of quick tasks are not held back by a slow one.
-FLUSH_SECONDS = 0.005
+#: A worker sends the results it has so far when a batch has run this long,
+#: so results of quick tasks are not held back by a slow one, and if the
+#: worker dies, at most this much finished work has to run again.
+FLUSH_SECONDS = 0.001
 
 #: Status block layout, one slot per worker: running task id, its start time
 #: (time.monotonic), id of the last finished task.
@@ -161,9 +162,10 @@ def _serve(channel: Channel) -> None:
         if message is None:
             break
         payload, fds = message
-        kind, fn_defs, tasks = pickle.loads(payload)
+        kind, fn_defs, tasks, flush_each = pickle.loads(payload)
         if kind == STOP:
             break
+        flush_after = 0.0 if flush_each else FLUSH_SECONDS
         for fn_id, fn_bytes in fn_defs:
             if fn_id == -1:  # the parent's cache evicted these
                 for old in fn_bytes:
@@ -226,7 +228,7 @@ def _serve(channel: Channel) -> None:
             results.append((tid, ok, out, len(out_fds), elapsed))
             result_fds.extend(out_fds)
             done += 1
-            if perf() - flushed_at > FLUSH_SECONDS and len(results) < len(tasks):
+            if perf() - flushed_at >= flush_after and len(results) < len(tasks):
                 _send_results(channel, results, result_fds)
                 results = []
                 result_fds = []
