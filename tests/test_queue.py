@@ -712,3 +712,37 @@ def test_producer_killed_after_sending_an_orphan_datagram(fork_or_spawn):
     assert q.get(timeout=30) == "small"
     assert q.qsize() == 0
     q.close()
+
+
+def test_join_waits_for_items_still_in_the_feeder_buffer():
+    q = JoinableQueue(capacity=4096)
+    try:
+        n = 2000
+        for i in range(n):
+            q.put(i)  # most of them wait in this process's feeder buffer
+        joined = threading.Event()
+        t = threading.Thread(target=lambda: (q.join(), joined.set()))
+        t.start()
+        for _ in range(n - 1):
+            q.get(timeout=30)
+            q.task_done()
+        assert not joined.is_set()
+        q.get(timeout=30)
+        q.task_done()
+        t.join(30)
+        assert joined.is_set()
+    finally:
+        q.close()
+
+
+def test_bounded_joinable_put_that_times_out_is_not_counted():
+    q = JoinableQueue(maxsize=1)
+    try:
+        q.put(1)
+        with pytest.raises(queue.Full):
+            q.put(2, timeout=0.05)
+        q.get(timeout=30)
+        q.task_done()
+        q.join()  # returns: the item that did not fit is not waited for
+    finally:
+        q.close()

@@ -280,11 +280,15 @@ class _Base:
     # -- sending --------------------------------------------------------------
     def _put_entries(self, entries: list, block: bool, timeout: float | None) -> None:
         ring = self._ring
+        if self._joinable:
+            # Counted when put, as in the standard library, even if the
+            # items still wait in our buffer: join() waits for them too.
+            ring.add_unfinished(len(entries))
         if self._feeds and not self._maxsize:
             # Unbounded: never block.  Write directly only if nothing of
             # ours is waiting in the buffer, which keeps our order.
             if not self._buffer:
-                n = ring.put(entries, self._writer, 0, 0.0, self._joinable)
+                n = ring.put(entries, self._writer, 0, 0.0)
                 _close_entries(entries[:n])
                 if n == len(entries):
                     return
@@ -294,9 +298,11 @@ class _Base:
                 if self._feeder is None:
                     self._start_feeder()
             return
-        n = ring.put(entries, self._writer, self._maxsize, _deadline(block, timeout), self._joinable)
+        n = ring.put(entries, self._writer, self._maxsize, _deadline(block, timeout))
         _close_entries(entries)
         if n < len(entries):
+            if self._joinable:
+                ring.add_unfinished(n - len(entries))
             raise Full
 
     def _start_feeder(self) -> None:
@@ -318,7 +324,7 @@ class _Base:
                     return
                 entries = list(buffer)
             try:
-                n = self._ring.put(entries, self._writer, 0, None, self._joinable)
+                n = self._ring.put(entries, self._writer, 0, None)
             except Exception:  # the queue was closed under us
                 n = len(entries)
             with self._lock:

@@ -256,7 +256,7 @@ class Ring:
         finally:
             _release(mm, _PMUTEX)
 
-    def put(self, entries: list, sock: socket.socket, maxsize: int, deadline: float | None, joinable: bool) -> int:
+    def put(self, entries: list, sock: socket.socket, maxsize: int, deadline: float | None) -> int:
         """Append *entries* in order; return how many were appended before
         *deadline* (``None``: wait as long as it takes, ``0.0``: no waiting).
 
@@ -308,10 +308,6 @@ class Ring:
                     done += 1
                     wrote += 1
                 if wrote:
-                    if joinable:
-                        # Before publishing: a consumer may call task_done()
-                        # as soon as it sees the item.
-                        _fetch_add(mm, _UNFINISHED, wrote)
                     _store(mm, _PUTS, puts + wrote)
                     _store(mm, _TAIL, tail)  # publishes the records
                     self._wake(_NOT_EMPTY, _CWAIT, wrote)
@@ -465,6 +461,14 @@ class Ring:
         mm = self.mm
         gets = _load(mm, _GETS)
         return max(0, _load(mm, _PUTS) - gets)
+
+    def add_unfinished(self, n: int) -> None:
+        """Count *n* more (or, negative, fewer) unfinished tasks; a
+        JoinableQueue counts items before publishing them, so that a
+        consumer's task_done() never finds the count short."""
+        _fetch_add(self.mm, _UNFINISHED, n)
+        if n < 0 and _load(self.mm, _UNFINISHED) <= 0:
+            self._wake(_ALL_DONE, _JWAIT, 1 << 30)
 
     def task_done(self) -> None:
         mm = self.mm
