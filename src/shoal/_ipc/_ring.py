@@ -43,6 +43,9 @@ Waiting: with the mutex released, first spinning for a few tens of
 microseconds (a futex sleep and wake-up cost far more, and the other side
 usually acts sooner), then on a futex word read before re-checking the
 condition, in slices, so that a waker that died costs at most a slice.
+Producers facing a full ring wait for a quarter of it to be free, and
+consumers wake them only then: one wake-up per quarter, not a lock
+hand-off per item.
 """
 
 from __future__ import annotations
