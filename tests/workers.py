@@ -116,3 +116,64 @@ def array_sum(a):
 
 def array_double(a):
     return a * 2
+
+
+import multiprocessing as _mp
+
+
+def _fail_in_parent():
+    if _mp.parent_process() is None:
+        raise ValueError("this object cannot be rebuilt in the parent")
+
+
+class FailsInParent:
+    """Unpickles in a worker, refuses to unpickle in the parent."""
+
+    def __reduce__(self):
+        return (_fail_in_parent, ())
+
+
+def big_result(tag):
+    import numpy as np
+
+    if tag == "bad":
+        return (np.full(300 * 1024, ord("A"), dtype=np.uint8), FailsInParent())
+    if tag == "warm":
+        return 0
+    return np.full(300 * 1024, ord(tag), dtype=np.uint8)
+
+
+def many_arrays(n):
+    import numpy as np
+
+    return [np.full(256 * 1024, i % 250, dtype=np.uint8) for i in range(n)]
+
+
+def count_arrays(arrays):
+    return len(arrays)
+
+
+class UnprintableError(Exception):
+    """Cannot be pickled (holds a lock) nor turned into a string."""
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def __str__(self):
+        raise RuntimeError("__str__ is broken")
+
+
+def raise_unprintable(_=None):
+    raise UnprintableError()
+
+
+def exit_if_one(buf):
+    if int(buf[0]) == 1:
+        os._exit(7)
+    return len(buf)
+
+
+def fail_if_marked():
+    if os.path.exists(os.environ.get("SHOAL_TEST_MARK", "/nonexistent")):
+        raise RuntimeError("initializer failed in a replacement worker")

@@ -364,15 +364,16 @@ class Engine:
         # Initial workers start from the caller's thread, before the
         # scheduler thread exists: with fork, a single-threaded parent is the
         # safe case (and Python 3.12+ warns about forking with threads).
+        _live_engines.add(self)  # before any worker starts: see _descriptors
         try:
             for _ in range(processes):
                 self._start_worker()
         except BaseException:
+            _live_engines.discard(self)
             self._abort_start()
             raise
         self._thread = threading.Thread(target=self._run, name="shoal-scheduler", daemon=True)
         self._thread.start()
-        _live_engines.add(self)
 
     # ------------------------------------------------------------------
     # caller side
