@@ -127,3 +127,39 @@ def test_bench_prints_ratios(workdir):
     assert {"stdlib", "shoal"} <= set(contenders)
     assert contenders["stdlib"] == 1.0
     assert contenders["shoal"] > 0
+
+
+def test_map_streams_results_before_the_input_ends(workdir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "map", "tasks:double", "-j", "2"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=workdir,
+    )
+    try:
+        first = []
+        for i in range(20):
+            proc.stdin.write(f"{i}\n")
+            proc.stdin.flush()
+            import time
+
+            time.sleep(0.05)
+        # The input is still open, and results are already out.
+        import select
+
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, "no output before the end of the input"
+        first.append(proc.stdout.readline().strip())
+        assert first == ["0"]
+        proc.stdin.close()
+        rest = proc.stdout.read().split()
+        assert rest == [str(2 * i) for i in range(1, 20)]
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

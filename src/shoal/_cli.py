@@ -29,7 +29,11 @@ import json
 import os
 import platform
 import sys
+import time
 from collections import deque
+
+#: Results are flushed to stdout at least this often while input is read.
+FLUSH_SECONDS = 0.2
 
 EXIT_ITEM_FAILED = 1
 EXIT_USAGE = 2
@@ -107,6 +111,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     failures = 0
     window: deque[tuple[int, concurrent.futures.Future]] = deque()
     limit = max(64, 256 * (args.jobs or os.cpu_count() or 1))
+    flushed_at = time.monotonic()
 
     def emit(lineno: int, future: concurrent.futures.Future) -> None:
         nonlocal failures
@@ -150,6 +155,13 @@ def cmd_map(args: argparse.Namespace) -> int:
                         continue
                     while len(window) >= limit:
                         _drain(window, emit, args.unordered)
+                    # Stream: write what is ready now, and flush now and
+                    # then, so a slow input (tail -f) shows results early.
+                    _emit_ready(window, emit, args.unordered)
+                    now = time.monotonic()
+                    if now - flushed_at > FLUSH_SECONDS:
+                        out.flush()
+                        flushed_at = now
             except OSError as exc:
                 _die(f"cannot read the input: {exc}")
             except UnicodeDecodeError as exc:
@@ -172,6 +184,24 @@ def cmd_map(args: argparse.Namespace) -> int:
         print(f"shoal: {failures} item(s) failed", file=sys.stderr)
         return EXIT_ITEM_FAILED
     return 0
+
+
+def _emit_ready(window: deque, emit, unordered: bool) -> None:
+    """Emit the results that are ready without waiting (in order unless
+    *unordered*)."""
+    if not unordered:
+        while window and window[0][1].done():
+            lineno, future = window.popleft()
+            emit(lineno, future)
+    elif any(f.done() for _, f in window):
+        keep = deque()
+        for lineno, future in window:
+            if future.done():
+                emit(lineno, future)
+            else:
+                keep.append((lineno, future))
+        window.clear()
+        window.extend(keep)
 
 
 def _drain(window: deque, emit, unordered: bool) -> None:
