@@ -7,7 +7,7 @@ import collections
 import os
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from shoal import Pipe, Queue
@@ -46,8 +46,9 @@ _ops = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_ops)
+@example([("put_many", [65_515] * 4)])  # more memfd payloads in one batch than the spool keeps
 def test_queue_is_fifo_for_any_mix(ops):
     q = Queue(capacity=4096)
     model: collections.deque = collections.deque()

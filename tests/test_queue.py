@@ -746,3 +746,16 @@ def test_bounded_joinable_put_that_times_out_is_not_counted():
         q.join()  # returns: the item that did not fit is not waited for
     finally:
         q.close()
+
+
+def test_put_many_of_large_items_keeps_every_payload():
+    q = Queue()
+    try:
+        items = [os.urandom(70_000 + i) for i in range(8)]  # each in its own memfd
+        q.put_many(items)
+        got = []
+        while len(got) < len(items):
+            got.extend(q.get_many(8, timeout=30))
+        assert got == items
+    finally:
+        q.close()

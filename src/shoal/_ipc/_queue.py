@@ -222,27 +222,28 @@ class _Base:
 
     def _datagram(self, payload: bytes, fds: list[int]):
         """An entry sent as a datagram.  *fds* (closed once it is sent) are
-        the descriptors the pickle collected, plus a memfd of our own for a
-        large payload; a memfd from the spool is the spool's."""
+        the descriptors the pickle collected, plus, for a large payload, a
+        memfd holding it (last)."""
         size = len(payload)
         if size <= INBAND_MAX:
-            anc_fds = fds
             kind, body = _INLINE_KIND, payload
         else:
             try:
                 if size <= Spool.MAX_SIZE:
-                    mfd = self._spool.take(size)
-                    anc_fds = [*fds, mfd]
+                    spooled = self._spool.take(size)
+                    _pwrite_all(spooled, payload, size)
+                    # Our own copy: entries of a put_many are all prepared
+                    # before any is sent, and the spool may close its copy
+                    # of an older one in the meantime.
+                    fds.append(os.dup(spooled))
                 else:
-                    mfd = create_fd(size + 8, "shoal-message")
-                    fds.append(mfd)
-                    anc_fds = fds
-                _pwrite_all(mfd, payload, size)
+                    fds.append(create_fd(size + 8, "shoal-message"))
+                    _pwrite_all(fds[-1], payload, size)
             except BaseException:
                 close_fds(fds)
                 raise
             kind, body = _MEMFD_KIND, size.to_bytes(8, "little")
-        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", anc_fds).tobytes())] if anc_fds else []
+        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         return None, (kind, body, anc), fds
 
     def _decode(self, raw):
