@@ -596,3 +596,28 @@ def test_receiver_killed_while_sender_blocked_gets_broken_pipe(fork_or_spawn):
                 a.send_bytes(b"z" * 60_000)
         killer.join()
     p.join(30)
+
+
+def test_threads_sending_large_messages_on_one_end():
+    """Many large messages in flight at once from several threads: each
+    arrives whole and exact (memfds are recycled only once read)."""
+    a, b = Pipe()
+    n_threads, n = 5, 12
+    payloads = {(k, i): os.urandom(100_000 + 1000 * k + i) for k in range(n_threads) for i in range(n)}
+
+    def send(k):
+        for i in range(n):
+            a.send_bytes(bytes([k, i]) + payloads[k, i])
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    got = {}
+    for _ in range(n_threads * n):
+        msg = b.recv_bytes()
+        got[msg[0], msg[1]] = msg[2:]
+    for t in threads:
+        t.join(30)
+    a.close()
+    b.close()
+    assert got == payloads

@@ -109,7 +109,9 @@ class Spool:
         self._lock = threading.Lock()
 
     def take(self, size: int) -> int:
-        """A memfd with room for *size* payload bytes, owned by the spool."""
+        """A new descriptor (the caller's, to close once sent) for a memfd
+        with room for *size* payload bytes.  The spool keeps its own: it may
+        close that one (evicting it) while the caller's is still in use."""
         with self._lock:
             if self._pid != os.getpid():
                 # Inherited through fork: the parent still uses these.
@@ -124,15 +126,17 @@ class Spool:
                     if cap < size + _HDR:
                         os.ftruncate(fd, size + _HDR)
                         entry[1] = size + _HDR
+                    # Claimed: unread until the new payload is read.
+                    os.pwrite(fd, _UNREAD, 0)
                     entries.append(entry)
-                    return fd
+                    return os.dup(fd)
             fd = create_fd(size + _HDR, "shoal-message")
             entries.append([fd, size + _HDR])
             if len(entries) > self.KEEP:
                 # The oldest one is still unread (its reader is slow or dead):
                 # let the kernel free it when the reader is done with it.
                 os.close(entries.pop(0)[0])
-            return fd
+            return os.dup(fd)
 
     def close(self) -> None:
         # Our copies, inherited or not: closing them never affects another
@@ -163,19 +167,14 @@ def send_packet(sock: socket.socket, kind: int, payload, fds=(), flags: int = 0,
         return
     if spool is not None and size <= Spool.MAX_SIZE:
         mfd = spool.take(size)
-        _pwrite_all(mfd, payload, size)
-        owned = False
     else:
         mfd = create_fd(size + _HDR, "shoal-message")
-        owned = True
     try:
-        if owned:
-            _pwrite_all(mfd, payload, size)
+        _pwrite_all(mfd, payload, size)
         anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", [*fds, mfd]).tobytes())]
         sock.sendmsg([_KINDS[kind | MEMFD], size.to_bytes(8, "little")], anc, flags)
     finally:
-        if owned:
-            os.close(mfd)
+        os.close(mfd)
 
 
 def _pwrite_all(fd: int, payload, size: int) -> None:

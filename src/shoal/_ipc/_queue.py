@@ -229,16 +229,14 @@ class _Base:
             kind, body = _INLINE_KIND, payload
         else:
             try:
+                # The entry owns this descriptor (a spool keeps its own
+                # copy): entries of a put_many are all prepared before any
+                # is sent.
                 if size <= Spool.MAX_SIZE:
-                    spooled = self._spool.take(size)
-                    _pwrite_all(spooled, payload, size)
-                    # Our own copy: entries of a put_many are all prepared
-                    # before any is sent, and the spool may close its copy
-                    # of an older one in the meantime.
-                    fds.append(os.dup(spooled))
+                    fds.append(self._spool.take(size))
                 else:
                     fds.append(create_fd(size + 8, "shoal-message"))
-                    _pwrite_all(fds[-1], payload, size)
+                _pwrite_all(fds[-1], payload, size)
             except BaseException:
                 close_fds(fds)
                 raise
