@@ -772,6 +772,7 @@ class Engine:
             self._fail_everything(ShoalError(f"the pool's scheduler failed: {exc!r}; this is a bug in shoal"))
             self._kill_workers(graceful=False)
         finally:
+            _live_engines.discard(self)  # its descriptors are about to close
             self._close_resources()
             self._finished.set()
             # A caller that queued a task before seeing _finished set gets it
