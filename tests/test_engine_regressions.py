@@ -115,7 +115,7 @@ def test_fork_workers_do_not_keep_the_engines_descriptors():
                 continue
             if link.startswith(("socket:", "pipe:")):  # unique inode numbers
                 private.add(link)
-        assert len(private) >= 4  # the wake-up pipe's two ends and a channel per worker
+        assert len(private) >= 3  # the wake-up pipe and a channel per worker
         for pid in engine.worker_pids:
             assert not (private & _links(pid)), "a worker holds the engine's own descriptors"
 
