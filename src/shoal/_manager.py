@@ -19,7 +19,9 @@ Data flow::
   a manager used only for dicts never starts a process.
 * ``shutdown()`` (or leaving the ``with`` block) stops the server, if any,
   and closes this process's handles on the dicts it made, as the standard
-  library's proxies stop working then.  Processes that received a dict
+  library's proxies stop working then (a thread inside ``d.locked()`` at
+  that moment gets ``ValueError`` from its next operation on ``d``; the
+  lock is released when its block ends).  Processes that received a dict
   keep their own handles; the memory goes when the last handle does.
 """
 

@@ -610,7 +610,13 @@ typedef struct {
     PyObject_HEAD
     char *addr;
     Py_ssize_t len;
-    Py_ssize_t busy;             /* calls in progress that dropped the GIL */
+    /* Native operations in progress on this mapping in this process
+     * (any of them may run Python code or drop the GIL midway, and another
+     * thread or a finalizer may close the dict then).  Counted per fork
+     * generation: the threads counted in the parent do not exist in a
+     * child. */
+    Py_ssize_t busy;
+    unsigned long busy_fork;
     int closed;
     /* Ownership of the dict lock by a thread of this process, for
      * re-entrancy (with d.locked(): d[k] += 1). */
@@ -635,6 +641,13 @@ static int
 held_by_me(MappingObject *m)
 {
     return m->depth > 0 && m->owner_fork == fork_generation && pthread_equal(m->owner, pthread_self());
+}
+
+/* Some thread of this process holds the lock through this mapping. */
+static int
+held_here(MappingObject *m)
+{
+    return m->depth > 0 && m->owner_fork == fork_generation;
 }
 
 /* --- the Mapping object: an mmap of length max_size over the memfd ------ */
@@ -676,21 +689,43 @@ Mapping_unmap(MappingObject *m)
     }
 }
 
+/* Unmap a closed mapping once nothing of this process uses it: no native
+ * operation in progress (they read through addr after calls that can run
+ * Python code: allocations, unpickling, waiting for the lock) and the lock
+ * not held by a thread of this process.  A held robust mutex must stay
+ * mapped: glibc links the mutexes a thread holds into a list through the
+ * mutexes themselves, and the next lock or unlock by that thread (or the
+ * kernel at its exit) walks that list. */
+static void
+Mapping_maybe_unmap(MappingObject *m)
+{
+    if (m->busy_fork != fork_generation) {
+        m->busy = 0;
+        m->busy_fork = fork_generation;
+    }
+    if (m->closed && m->busy == 0 && !held_here(m))
+        Mapping_unmap(m);
+}
+
 static void
 Mapping_dealloc(MappingObject *m)
 {
-    Mapping_unmap(m);
+    /* Freed while one of our threads holds the lock (its release was
+     * never called): leak the address space rather than unmap a mutex
+     * on that thread's robust list. */
+    if (!held_here(m))
+        Mapping_unmap(m);
     Py_TYPE(m)->tp_free((PyObject *)m);
 }
 
+/* close(): mark closed (every later operation raises ValueError) and unmap
+ * now, or when the last operation in progress ends, or when the thread
+ * holding the lock releases it (dict_unlock). */
 static PyObject *
 Mapping_close(MappingObject *m, PyObject *unused)
 {
     m->closed = 1;
-    /* A thread blocked on the lock still uses the mapping; it is unmapped
-     * when the object is freed instead. */
-    if (m->busy == 0)
-        Mapping_unmap(m);
+    Mapping_maybe_unmap(m);
     Py_RETURN_NONE;
 }
 
@@ -743,6 +778,43 @@ as_mapping(PyObject *obj)
     }
     return m;
 }
+
+/* Every dict_* operation on a mapping runs inside op_begin/op_end, so that
+ * close() (from another thread, or from Python code the operation itself
+ * runs: a finalizer, an unpickler) never unmaps memory it is reading. */
+static MappingObject *
+op_begin(PyObject *obj, int need_magic)
+{
+    MappingObject *m = as_mapping(obj);
+    if (m == NULL)
+        return NULL;
+    if (m->busy_fork != fork_generation) {
+        m->busy = 0;
+        m->busy_fork = fork_generation;
+    }
+    m->busy++;
+    return m;
+}
+
+static void
+op_end(MappingObject *m)
+{
+    m->busy--;
+    Mapping_maybe_unmap(m);
+}
+
+#define OP_WRAPPER(name, need_magic)                                              \
+    static PyObject *name(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) \
+    {                                                                             \
+        if (nargs < 1)                                                            \
+            return name##_body(mod, args, nargs);                                 \
+        MappingObject *m = op_begin(args[0], need_magic);                         \
+        if (m == NULL)                                                            \
+            return NULL;                                                          \
+        PyObject *res = name##_body(mod, args, nargs);                            \
+        op_end(m);                                                                \
+        return res;                                                               \
+    }
 
 static PyObject *
 corrupt(const char *what)
@@ -924,10 +996,8 @@ dict_enter(MappingObject *m, double timeout, int *took, int *owner_died)
     pthread_mutex_t *mu = (pthread_mutex_t *)(m->addr + H_MUTEX);
     /* No spinning with the GIL held when the holder is another thread of
      * this process: it needs the GIL to finish. */
-    int spin = !(m->depth > 0 && m->owner_fork == fork_generation);
-    m->busy++;
+    int spin = !held_here(m);
     int r = lock_robust(mu, timeout, spin);
-    m->busy--;
     if (r < 0)
         return -1;
     if (r == ETIMEDOUT) {
@@ -962,7 +1032,7 @@ dict_enter(MappingObject *m, double timeout, int *took, int *owner_died)
 
 /* dict_lock(m, timeout=None) -> owner_died.  Re-entrant per thread. */
 static PyObject *
-dict_lock(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_lock_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     double timeout;
     int took, died;
@@ -979,6 +1049,7 @@ dict_lock(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     return PyBool_FromLong(died);
 }
+OP_WRAPPER(dict_lock, 1)
 
 static PyObject *
 dict_unlock(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
@@ -994,13 +1065,15 @@ dict_unlock(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_RuntimeError, "release of a SharedDict lock this thread does not hold");
         return NULL;
     }
-    if (--m->depth == 0)
+    if (--m->depth == 0) {
         pthread_mutex_unlock((pthread_mutex_t *)(m->addr + H_MUTEX));
+        Mapping_maybe_unmap(m);  /* closed while locked: unmapped now */
+    }
     Py_RETURN_NONE;
 }
 
 static PyObject *
-dict_held(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_held_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs("dict_held", nargs, 1, 1) < 0)
         return NULL;
@@ -1009,6 +1082,7 @@ dict_held(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     return PyBool_FromLong(held_by_me(m));
 }
+OP_WRAPPER(dict_held, 1)
 
 /* --- init, repair, check --------------------------------------------------- */
 
@@ -1024,7 +1098,7 @@ region_format(MappingObject *m, const Region *r)
 /* dict_init(m, file_size): format a new, empty dict (the file already has
  * file_size bytes; the mapping's length is its max_size). */
 static PyObject *
-dict_init(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_init_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs("dict_init", nargs, 2, 2) < 0)
         return NULL;
@@ -1048,6 +1122,7 @@ dict_init(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     st_rel(m, H_MAGIC, DICT_MAGIC);
     Py_RETURN_NONE;
 }
+OP_WRAPPER(dict_init, 0)
 
 /* After a holder died: recompute the derived words of the current region
  * from what was published (see the section comment).  Lock held. */
@@ -1091,7 +1166,7 @@ dict_repair_impl(MappingObject *m)
 /* dict_check(m) -> count.  Verifies every invariant under the lock and
  * raises RuntimeError naming the first violation (used by tests). */
 static PyObject *
-dict_check(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_check_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     int took;
     if (check_nargs("dict_check", nargs, 1, 1) < 0)
@@ -1159,6 +1234,7 @@ done:
     dict_exit(m, took);
     return res;
 }
+OP_WRAPPER(dict_check, 1)
 
 /* --- lock-free reads ------------------------------------------------------ */
 
@@ -1242,7 +1318,7 @@ key_arg(PyObject *obj, const char **key, Py_ssize_t *klen)
 
 /* dict_get(m, key, missing) -> value or missing. */
 static PyObject *
-dict_get(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_get_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     const char *key;
     Py_ssize_t klen;
@@ -1253,9 +1329,10 @@ dict_get(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     return read_value(m, key, (uint64_t)klen, xxh64(key, (size_t)klen, 0), args[2], held_by_me(m));
 }
+OP_WRAPPER(dict_get, 1)
 
 static PyObject *
-dict_len(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_len_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs("dict_len", nargs, 1, 1) < 0)
         return NULL;
@@ -1275,6 +1352,7 @@ dict_len(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             return PyLong_FromUnsignedLongLong(n);
     }
 }
+OP_WRAPPER(dict_len, 1)
 
 /* Copy a block's bytes into a new bytes object (or NULL with *bad set). */
 static PyObject *
@@ -1291,7 +1369,7 @@ block_bytes(MappingObject *m, uint64_t ref, uint64_t fs, int *bad)
  * 1 values, 2 (encoded key, value) pairs.  Lock-free; each entry is read
  * whole, and the list is retried if the layout changed while reading. */
 static PyObject *
-dict_items(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_items_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs("dict_items", nargs, 2, 2) < 0)
         return NULL;
@@ -1392,6 +1470,7 @@ dict_items(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return out;
     }
 }
+OP_WRAPPER(dict_items, 1)
 
 /* --- writes (under the lock) ---------------------------------------------- */
 
@@ -1494,7 +1573,7 @@ put_locked(MappingObject *m, const char *key, uint64_t klen, uint64_t h, const N
  * False: not enough room (grow and retry).  With only_if_absent, an
  * existing value is left alone (True is returned). */
 static PyObject *
-dict_put(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_put_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     const char *key;
     Py_ssize_t klen;
@@ -1514,12 +1593,13 @@ dict_put(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     return PyBool_FromLong(st == PUT_OK);
 }
+OP_WRAPPER(dict_put, 1)
 
 /* dict_incr(m, key, n, default) -> the new value, or None when the fast
  * path does not apply (the value is not an inline int, the result would
  * not fit, or the dict must grow); the caller then does it the slow way. */
 static PyObject *
-dict_incr(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_incr_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     const char *key;
     Py_ssize_t klen;
@@ -1595,6 +1675,7 @@ done:
     dict_exit(m, took);
     return res;
 }
+OP_WRAPPER(dict_incr, 1)
 
 /* Read an entry's value while holding the lock (no validation needed). */
 static PyObject *
@@ -1610,7 +1691,7 @@ value_locked(MappingObject *m, uint64_t v, uint64_t fs)
 /* dict_delete(m, key, missing, want=True) -> the removed value (True when
  * not `want`: it is not decoded), or missing. */
 static PyObject *
-dict_delete(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_delete_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     const char *key;
     Py_ssize_t klen;
@@ -1658,11 +1739,12 @@ done:
     dict_exit(m, took);
     return res;
 }
+OP_WRAPPER(dict_delete, 1)
 
 /* dict_popitem(m) -> (encoded key, value) of the last inserted live entry,
  * removed; or None when empty. */
 static PyObject *
-dict_popitem(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_popitem_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     int took;
     if (check_nargs("dict_popitem", nargs, 1, 1) < 0)
@@ -1709,13 +1791,14 @@ done:
     dict_exit(m, took);
     return res;
 }
+OP_WRAPPER(dict_popitem, 1)
 
 /* --- growth and compaction ------------------------------------------------ */
 
 /* dict_stats(m) -> (file_size, region_off, region_size, live, live_bytes).
  * Lock held. live_bytes: heap bytes the live keys and values need. */
 static PyObject *
-dict_stats(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_stats_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs("dict_stats", nargs, 1, 1) < 0)
         return NULL;
@@ -1743,11 +1826,12 @@ dict_stats(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(KKKKK)", (unsigned long long)fs, (unsigned long long)r.off,
                          (unsigned long long)r.size, (unsigned long long)live, (unsigned long long)bytes);
 }
+OP_WRAPPER(dict_stats, 1)
 
 /* dict_set_file_size(m, n): publish a larger file size (after ftruncate
  * and fallocate).  Lock held.  Never shrinks. */
 static PyObject *
-dict_set_file_size(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_set_file_size_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs("dict_set_file_size", nargs, 2, 2) < 0)
         return NULL;
@@ -1763,6 +1847,7 @@ dict_set_file_size(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         st_rel(m, H_FILE_SIZE, n);
     Py_RETURN_NONE;
 }
+OP_WRAPPER(dict_set_file_size, 1)
 
 /* dict_rebuild(m, off, lgcap, size, empty=False) -> (old_off, old_size) or None.
  * Copies the live entries (none when `empty`: that is clear()), in order,
@@ -1770,7 +1855,7 @@ dict_set_file_size(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
  * (inside the file, disjoint from the current region) and publishes it.
  * None: they do not fit (nothing was published).  Lock held. */
 static PyObject *
-dict_rebuild(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_rebuild_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs("dict_rebuild", nargs, 4, 5) < 0)
         return NULL;
@@ -1834,6 +1919,7 @@ dict_rebuild(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return Py_BuildValue("(KK)", (unsigned long long)cur.off, (unsigned long long)cur.size);
 }
+OP_WRAPPER(dict_rebuild, 1)
 
 /* punch_hole(fd, offset, length): give a range of a memfd back to the
  * kernel (it reads as zeros afterwards; the file size is unchanged). */
@@ -1852,7 +1938,7 @@ punch_hole(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-dict_repair(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dict_repair_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs("dict_repair", nargs, 1, 1) < 0)
         return NULL;
@@ -1865,6 +1951,7 @@ dict_repair(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     }
     return dict_repair_impl(m);
 }
+OP_WRAPPER(dict_repair, 1)
 
 /* ------------------------------------------------------------------------ */
 

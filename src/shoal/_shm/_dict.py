@@ -45,6 +45,13 @@ Data flow and ownership::
   unpublished region, i.e. garbage.  What a dead process had done inside
   ``with d.locked():`` stays as far as it got: each operation is whole,
   the block as a whole is not rolled back.
+* Closing (``close()``, ``Manager.shutdown()``) may come from any thread,
+  or from a finalizer run in the middle of an operation: the handle is
+  marked closed at once, and its mapping is unmapped only when no native
+  operation of this process is using it and no thread of this process
+  holds the lock (a held robust mutex must stay mapped for glibc); a
+  ``with d.locked():`` block that outlives the close gets ``ValueError``
+  from its next operation and releases the lock when it ends.
 * Errors: an unpicklable key or value raises ``TypeError``
   (:class:`shoal.SerializationError`) before anything is locked or stored;
   a write that would take the file past ``max_size`` (default: physical
@@ -269,7 +276,12 @@ class SharedDict(MutableMapping):
 
     def close(self) -> None:
         """Release this process's handle (descriptor and mapping).  The
-        memory lives on while any other process still holds the dict."""
+        memory lives on while any other process still holds the dict.
+
+        Safe from any thread at any time: every later operation on this
+        handle raises ``ValueError``; an operation already running finishes
+        first, and if a thread of this process holds ``locked()`` the
+        mapping goes (and the lock is released) when its block ends."""
         if self._fd >= 0:
             self._map.close()
             os.close(self._fd)

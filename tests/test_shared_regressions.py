@@ -1,0 +1,189 @@
+"""Regression tests for the second SharedDict review (each names its bug).
+
+Scenarios that crashed the interpreter before their fix run in a child
+interpreter (``run``), so that a regression fails one test instead of
+killing the session.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from shoal import SharedDict, _native
+
+
+def run(code: str) -> str:
+    """Run *code* in a fresh interpreter; it must exit 0.  Returns stdout."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def _lock_briefly(d: SharedDict, q) -> None:
+    try:
+        with d.locked(timeout=10):
+            q.put("locked")
+    except BaseException as exc:  # reported to the test
+        q.put(repr(exc))
+
+
+def other_process_can_lock(d: SharedDict) -> bool:
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_lock_briefly, args=(d, q))
+    p.start()
+    try:
+        return q.get(timeout=30) == "locked"
+    finally:
+        p.join()
+        q.close()
+        q.join_thread()
+
+
+# -- bug 1: close() while the lock is held --------------------------------------
+
+
+def test_close_inside_locked_releases_the_lock_when_the_block_ends():
+    d = SharedDict({"a": 1})
+    keep = SharedDict._from_fd(os.dup(d._fd))
+    try:
+        with d.locked():
+            d.close()
+            with pytest.raises(ValueError, match="closed"):
+                d["a"]
+        assert d.closed
+        assert other_process_can_lock(keep)
+        # This thread's robust-mutex list is intact: locking another dict works.
+        with SharedDict() as d2:
+            d2["c"] = 3
+            with d2.locked():
+                d2["c"] += 1
+            assert d2["c"] == 4
+    finally:
+        keep.close()
+
+
+def test_close_from_another_thread_while_a_thread_holds_the_lock():
+    out = run(
+        """
+        import os, threading
+        from shoal import SharedDict
+        import multiprocessing as mp
+
+        def lock_it(d, q):
+            with d.locked(timeout=10):
+                q.put("locked")
+
+        d = SharedDict({"n": 0})
+        keep = SharedDict._from_fd(os.dup(d._fd))
+        other = SharedDict()
+        inside, closed = threading.Event(), threading.Event()
+        seen = []
+        def worker():
+            with d.locked():
+                inside.set()
+                closed.wait(10)
+                try:
+                    d.incr("n")
+                except ValueError as e:
+                    seen.append(str(e))
+            other["x"] = 1               # the thread's robust list is intact
+            with other.locked():
+                other["x"] += 1
+            seen.append(other["x"])
+        t = threading.Thread(target=worker)
+        t.start()
+        inside.wait(10)
+        d.close()
+        closed.set()
+        t.join()
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=lock_it, args=(keep, q))
+        p.start()
+        print(seen, q.get(timeout=30))
+        p.join()
+        keep.close()
+        """
+    )
+    assert out.strip() == "['operation on a closed SharedDict', 2] locked"
+
+
+def test_manager_shutdown_while_a_thread_is_inside_locked():
+    out = run(
+        """
+        import threading
+        import shoal
+        m = shoal.Manager()
+        d = m.dict(count=0)
+        other = shoal.SharedDict()   # mapped before d is unmapped, as in real programs
+        inside, done = threading.Event(), threading.Event()
+        res = []
+        def worker():
+            try:
+                with d.locked():
+                    inside.set()
+                    done.wait(10)
+                    d.incr("count")
+            except ValueError as e:
+                res.append("ValueError")
+            other["x"] = 1
+            res.append(other["x"])
+        t = threading.Thread(target=worker)
+        t.start()
+        inside.wait(10)
+        m.shutdown()
+        done.set()
+        t.join()
+        print(res)
+        """
+    )
+    assert out.strip() == "['ValueError', 1]"
+
+
+# -- bug 3: close() while a native operation is reading ---------------------------
+
+
+def test_finalizer_closing_the_dict_during_items_does_not_crash():
+    out = run(
+        """
+        import gc
+        from shoal import SharedDict, _native
+        d = SharedDict({i: i for i in range(5000)})
+        class Closer:
+            def __del__(self):
+                d.close()
+        gc.collect()
+        a = Closer(); a.self = a; del a   # collected by a GC run inside dict_items
+        items = _native.dict_items(d._map, 2)
+        print(len(items), d.closed)
+        """
+    )
+    assert out.strip() == "5000 True"
+
+
+def test_unpickling_that_closes_the_dict_during_pop_does_not_crash():
+    out = run(
+        """
+        from shoal import SharedDict
+        D = None
+        def close_on_load(tag):
+            D.close()
+            return tag
+        class Closes:
+            def __init__(self, tag): self.tag = tag
+            def __reduce__(self): return (close_on_load, (self.tag,))
+        D = SharedDict({"a": 1, "victim": Closes("v"), "b": 2})
+        print(D.pop("victim"), D.closed)
+        """
+    )
+    assert out.strip() == "v True"
