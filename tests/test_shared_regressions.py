@@ -187,3 +187,52 @@ def test_unpickling_that_closes_the_dict_during_pop_does_not_crash():
         """
     )
     assert out.strip() == "v True"
+
+
+# -- bug 2: a signal while locked() waits ------------------------------------------
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _hold_then_signal(d: SharedDict, started, go) -> None:
+    with d.locked():
+        started.set()
+        go.wait(30)
+        # The parent is waiting for the lock by now: make its signal pending,
+        # then let it have the lock.  It handles the signal only after
+        # acquiring, when dict_lock has returned.
+        import time
+
+        time.sleep(0.2)
+        os.kill(os.getppid(), __import__("signal").SIGUSR1)
+
+
+def test_signal_delivered_as_locked_acquires_does_not_leak_the_lock():
+    import signal
+
+    def handler(signum, frame):
+        raise _Interrupted
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    ctx = multiprocessing.get_context("fork")
+    try:
+        with SharedDict({"a": 1}) as d:
+            for _ in range(3):
+                started, go = ctx.Event(), ctx.Event()
+                p = ctx.Process(target=_hold_then_signal, args=(d, started, go))
+                p.start()
+                assert started.wait(30)
+                go.set()
+                with pytest.raises(_Interrupted):
+                    with d.locked():
+                        # the interrupt lands here (or while waiting), never
+                        # between the acquisition and the block
+                        for _ in range(1000):
+                            pass
+                p.join()
+                assert not _native.dict_held(d._map)
+            assert other_process_can_lock(d)
+    finally:
+        signal.signal(signal.SIGUSR1, old)

@@ -1084,6 +1084,121 @@ dict_held_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 }
 OP_WRAPPER(dict_held, 1)
 
+/* DictLock(mapping, timeout, result): what SharedDict.locked() returns.
+ * It is in C so that __enter__ *is* the acquisition: Python runs a pending
+ * signal handler (KeyboardInterrupt) only between bytecodes, so a signal
+ * that arrives while waiting and is handled after the lock is taken lands
+ * inside the with block, whose __exit__ then releases it.  A Python-level
+ * __enter__ (or @contextmanager) would raise it before the block started,
+ * and the lock would never be released. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *mapping, *timeout, *result;
+} DictLockObject;
+
+static PyObject *
+DictLock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *mapping, *timeout = Py_None, *result = Py_None;
+    static char *kwlist[] = {"mapping", "timeout", "result", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO:DictLock", kwlist, &mapping, &timeout, &result))
+        return NULL;
+    if (!PyObject_TypeCheck(mapping, &Mapping_Type)) {
+        PyErr_SetString(PyExc_TypeError, "expected a shoal._native.Mapping");
+        return NULL;
+    }
+    double t;
+    if (parse_timeout(timeout, &t) < 0)
+        return NULL;
+    DictLockObject *self = (DictLockObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(mapping);
+    Py_INCREF(timeout);
+    Py_INCREF(result);
+    self->mapping = mapping;
+    self->timeout = timeout;
+    self->result = result;
+    return (PyObject *)self;
+}
+
+static int
+DictLock_traverse(DictLockObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->mapping);
+    Py_VISIT(self->timeout);
+    Py_VISIT(self->result);
+    return 0;
+}
+
+static int
+DictLock_clear(DictLockObject *self)
+{
+    Py_CLEAR(self->mapping);
+    Py_CLEAR(self->timeout);
+    Py_CLEAR(self->result);
+    return 0;
+}
+
+static void
+DictLock_dealloc(DictLockObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    DictLock_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *dict_unlock(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+
+static PyObject *
+DictLock_enter(DictLockObject *self, PyObject *unused)
+{
+    if (self->mapping == NULL) {
+        PyErr_SetString(PyExc_ValueError, "DictLock was cleared");
+        return NULL;
+    }
+    PyObject *args[2] = {self->mapping, self->timeout};
+    PyObject *died = dict_lock(NULL, args, 2);
+    if (died == NULL)
+        return NULL;
+    Py_DECREF(died);
+    Py_INCREF(self->result);
+    return self->result;
+}
+
+static PyObject *
+DictLock_exit(DictLockObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (self->mapping == NULL) {
+        PyErr_SetString(PyExc_ValueError, "DictLock was cleared");
+        return NULL;
+    }
+    PyObject *res = dict_unlock(NULL, &self->mapping, 1);
+    if (res == NULL)
+        return NULL;
+    Py_DECREF(res);
+    Py_RETURN_FALSE;
+}
+
+static PyMethodDef DictLock_methods[] = {
+    {"__enter__", (PyCFunction)DictLock_enter, METH_NOARGS, "Take the lock (re-entrant); return the dict."},
+    {"__exit__", (PyCFunction)(void (*)(void))DictLock_exit, METH_FASTCALL, "Release the lock."},
+    {NULL},
+};
+
+static PyTypeObject DictLock_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shoal._native.DictLock",
+    .tp_basicsize = sizeof(DictLockObject),
+    .tp_dealloc = (destructor)DictLock_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "DictLock(mapping, timeout=None, result=None): a context manager holding a SharedDict's lock.",
+    .tp_traverse = (traverseproc)DictLock_traverse,
+    .tp_clear = (inquiry)DictLock_clear,
+    .tp_methods = DictLock_methods,
+    .tp_new = DictLock_new,
+};
+
 /* --- init, repair, check --------------------------------------------------- */
 
 static void
@@ -1998,7 +2113,7 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    if (PyType_Ready(&Mapping_Type) < 0)
+    if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&DictLock_Type) < 0)
         return NULL;
     PyObject *mod = PyModule_Create(&native_module);
     if (mod == NULL)
@@ -2009,7 +2124,9 @@ PyInit__native(void)
         atfork_done = 1;
     }
     Py_INCREF(&Mapping_Type);
+    Py_INCREF(&DictLock_Type);
     if (PyModule_AddObject(mod, "Mapping", (PyObject *)&Mapping_Type) < 0 ||
+        PyModule_AddObject(mod, "DictLock", (PyObject *)&DictLock_Type) < 0 ||
         PyModule_AddIntConstant(mod, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0 ||
         PyModule_AddIntConstant(mod, "DICT_HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(mod, "DICT_REGION_HEADER", REGION_HEADER) < 0 ||

@@ -66,7 +66,6 @@ import os
 import struct
 import threading
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, MutableMapping, ValuesView
-from contextlib import contextmanager
 from typing import Any
 
 from .. import _native
@@ -475,20 +474,19 @@ class SharedDict(MutableMapping):
                 self._put_growing(enc, val)
             return new
 
-    @contextmanager
-    def locked(self, timeout: float | None = None) -> Iterator[SharedDict]:
-        """Hold the dict's lock: the operations inside are one transaction for
-        every other process and thread.  Re-entrant for the holding thread.
+    def locked(self, timeout: float | None = None) -> _native.DictLock:
+        """Hold the dict's lock: ``with d.locked(): ...``.  Every other
+        *writer* (process or thread) waits until the block ends, so the
+        operations inside are one transaction for them.  Re-entrant for the
+        holding thread.
 
         Raises TimeoutError when *timeout* seconds pass without the lock.
+        The lock is taken by ``__enter__`` itself (in C), so a
+        KeyboardInterrupt that arrives while waiting either prevents the
+        acquisition or is raised inside the block, whose exit releases it.
         """
         self._check_open()
-        mapping = self._map
-        _native.dict_lock(mapping, timeout)
-        try:
-            yield self
-        finally:
-            _native.dict_unlock(mapping)
+        return _native.DictLock(self._map, timeout, self)
 
     # -- growth --
 
