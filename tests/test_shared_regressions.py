@@ -236,3 +236,39 @@ def test_signal_delivered_as_locked_acquires_does_not_leak_the_lock():
             assert other_process_can_lock(d)
     finally:
         signal.signal(signal.SIGUSR1, old)
+
+
+# -- bug 4: repair after a dead holder must not reclaim heap space -----------------
+
+
+def _region_words(d: SharedDict) -> tuple[int, int]:
+    """(heap_top of the current region, gen), read from the file."""
+    import struct
+
+    header = os.pread(d._fd, 32, 0)
+    desc, gen = struct.unpack_from("<QQ", header, 16)
+    (top,) = struct.unpack("<Q", os.pread(d._fd, 8, (desc & ~63) + 32))
+    return top, gen
+
+
+def _die_holding(d: SharedDict) -> None:
+    d.locked().__enter__()
+    os._exit(0)
+
+
+def test_repair_after_a_dead_holder_never_lowers_the_heap_top_and_moves_gen():
+    with SharedDict() as d:
+        d["k"] = 0
+        d["k"] = b"A" * 10000  # a block at the top of the heap...
+        d["k"] = 5  # ...no longer referenced, but a reader may be copying it
+        top, gen = _region_words(d)
+        ctx = multiprocessing.get_context("fork")
+        p = ctx.Process(target=_die_holding, args=(d,))
+        p.start()
+        p.join()
+        with d.locked():  # owner died: repaired here
+            pass
+        new_top, new_gen = _region_words(d)
+        assert new_top >= top, "repair reclaimed a block a reader may be copying"
+        assert new_gen > gen
+        assert _native.dict_check(d._map) == 1 and d["k"] == 5

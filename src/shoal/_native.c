@@ -575,7 +575,9 @@ hash64(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
  * maybe reused.  It reads `gen` before and after (a seqlock on the layout)
  * and retries when it moved.  A writer killed at any point leaves the last
  * published state plus garbage; the next locker (EOWNERDEAD) recomputes
- * nentries, count and heap_top from the published words (dict_repair).
+ * nentries and count from the published words, raises heap_top to cover
+ * every block referenced (never lowers it: a reader may still be copying a
+ * block whose value was replaced) and moves gen (dict_repair).
  * ---------------------------------------------------------------------- */
 
 #define DICT_MAGIC 0x3163696453414f48ULL /* "HOASdic1" little-endian */
@@ -1272,9 +1274,21 @@ dict_repair_impl(MappingObject *m)
                 top = bend;
         }
     }
+    /* Never lower the heap top: the blocks above the highest one still
+     * referenced were referenced a moment ago (a value since replaced), and
+     * a lock-free reader may be copying one now; handing that space to the
+     * next write would change bytes under it without moving gen. */
+    uint64_t old_top = ld_rlx(m, r.off + R_HEAP_TOP);
+    if (old_top > top && old_top <= end)
+        top = old_top;
     st_rel(m, r.off + R_NENTRIES, nent);
     st_rel(m, r.off + R_COUNT, count);
     st_rlx(m, r.off + R_HEAP_TOP, top);
+    /* And move gen, so that a reader that started before the holder died
+     * retries: the holder may have died between publishing a new region
+     * (desc) and moving gen itself (dict_rebuild). */
+    __atomic_fetch_add(W(m, H_GEN), 1, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
     Py_RETURN_NONE;
 }
 

@@ -40,8 +40,10 @@ Data flow and ownership::
 * A writer killed at any instant (SIGKILL mid-update) leaves the last
   published state plus unreachable garbage.  The kernel releases its robust
   mutex; the next locker is told the owner died and recomputes the few
-  derived counters (entry count, live count, heap top) from the published
-  words before marking the mutex consistent.  An unfinished rebuild is an
+  derived counters (entry count, live count) from the published words,
+  raises the heap top over every referenced block (never lowers it: a
+  lock-free reader may still be copying a block whose value was just
+  replaced) and moves ``gen`` before marking the mutex consistent.  An unfinished rebuild is an
   unpublished region, i.e. garbage.  What a dead process had done inside
   ``with d.locked():`` stays as far as it got: each operation is whole,
   the block as a whole is not rolled back.
