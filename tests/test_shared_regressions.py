@@ -272,3 +272,52 @@ def test_repair_after_a_dead_holder_never_lowers_the_heap_top_and_moves_gen():
         assert new_top >= top, "repair reclaimed a block a reader may be copying"
         assert new_gen > gen
         assert _native.dict_check(d._map) == 1 and d["k"] == 5
+
+
+# -- bug 7: pop / popitem whose unpickling writes to the dict ----------------------
+
+_REENTRANT: SharedDict | None = None
+
+
+def _grow_on_load(tag):
+    assert _REENTRANT is not None
+    _REENTRANT["filler"] = "y" * 200_000  # forces a rebuild into a new region
+    return tag
+
+
+class _GrowsOnLoad:
+    def __init__(self, tag):
+        self.tag = tag
+
+    def __reduce__(self):
+        return (_grow_on_load, (self.tag,))
+
+
+class _FailsOnLoad:
+    def __reduce__(self):
+        return (_fail_on_load, ())
+
+
+def _fail_on_load():
+    raise LookupError("cannot rebuild this value here")
+
+
+@pytest.mark.parametrize("how", ["popitem", "pop"])
+def test_pop_whose_unpickling_rebuilds_the_dict_removes_the_item(how):
+    global _REENTRANT
+    with SharedDict({"victim": _GrowsOnLoad("v")}) as d:
+        _REENTRANT = d
+        try:
+            got = d.popitem() if how == "popitem" else ("victim", d.pop("victim"))
+        finally:
+            _REENTRANT = None
+        assert got == ("victim", "v")
+        assert "victim" not in d and list(d) == ["filler"] and len(d) == 1
+        assert _native.dict_check(d._map) == 1
+
+
+def test_pop_of_a_value_that_cannot_be_unpickled_removes_it_and_raises():
+    with SharedDict({"a": 1, "bad": _FailsOnLoad()}) as d:
+        with pytest.raises(LookupError):
+            d.pop("bad")
+        assert "bad" not in d and d.popitem() == ("a", 1)

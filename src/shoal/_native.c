@@ -1806,19 +1806,34 @@ done:
 }
 OP_WRAPPER(dict_incr, 1)
 
-/* Read an entry's value while holding the lock (no validation needed). */
+/* The removed value, copied out of shared memory under the lock: an inline
+ * word, or the block's encoded bytes.  It is decoded only after the entry
+ * is removed (and the lock released, when the call took it): decoding can
+ * run user code (unpickling), which may write to this dict and replace the
+ * region the removal would have been stored into. */
 static PyObject *
-value_locked(MappingObject *m, uint64_t v, uint64_t fs)
+raw_value_locked(MappingObject *m, uint64_t v, uint64_t fs)
 {
     if (v & 1)
-        return inline_int(v);
-    if (!inb(v, 8, fs) || !inb(v + 8, ld_rlx(m, v), fs))
-        return corrupt("value block");
-    return decode_value(m->addr + v + 8, ld_rlx(m, v));
+        return PyLong_FromUnsignedLongLong(v);
+    int bad = 0;
+    PyObject *raw = block_bytes(m, v, fs, &bad);
+    if (raw == NULL && bad)
+        corrupt("value block");
+    return raw;
+}
+
+static PyObject *
+decode_raw(PyObject *raw)
+{
+    if (PyLong_CheckExact(raw))
+        return inline_int(PyLong_AsUnsignedLongLong(raw));
+    return decode_value(PyBytes_AS_STRING(raw), (uint64_t)PyBytes_GET_SIZE(raw));
 }
 
 /* dict_delete(m, key, missing, want=True) -> the removed value (True when
- * not `want`: it is not decoded), or missing. */
+ * not `want`: it is not decoded), or missing.  The entry is removed before
+ * its value is decoded: if decoding raises, the entry is gone. */
 static PyObject *
 dict_delete_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1830,10 +1845,13 @@ dict_delete_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     MappingObject *m = as_mapping(args[0]);
     if (m == NULL || key_arg(args[1], &key, &klen) < 0)
         return NULL;
+    int want = 1;
+    if (nargs > 3 && (want = PyObject_IsTrue(args[3])) < 0)
+        return NULL;
     uint64_t h = xxh64(key, (size_t)klen, 0);
     if (dict_enter(m, -1, &took, NULL) < 0)
         return NULL;
-    PyObject *res = NULL;
+    PyObject *res = NULL, *raw = NULL;
     uint64_t fs = file_size(m);
     Region r;
     uint64_t pos, e;
@@ -1853,25 +1871,27 @@ dict_delete_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(res);
         goto done;
     }
-    /* Decode first: if that fails, nothing is deleted. */
-    if (nargs > 3 && !PyObject_IsTrue(args[3])) {
-        res = Py_True;
-        Py_INCREF(res);
-    } else {
-        res = value_locked(m, old, fs);
-    }
-    if (res == NULL)
+    if (want && (raw = raw_value_locked(m, old, fs)) == NULL)
         goto done;
     st_rel(m, vo, 0);
     st_rel(m, r.off + R_COUNT, ld_rlx(m, r.off + R_COUNT) - 1);
+    if (!want) {
+        res = Py_True;
+        Py_INCREF(res);
+    }
 done:
     dict_exit(m, took);
+    if (raw != NULL) {
+        res = decode_raw(raw);
+        Py_DECREF(raw);
+    }
     return res;
 }
 OP_WRAPPER(dict_delete, 1)
 
 /* dict_popitem(m) -> (encoded key, value) of the last inserted live entry,
- * removed; or None when empty. */
+ * removed (before its value is decoded, as dict_delete); or None when
+ * empty. */
 static PyObject *
 dict_popitem_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1881,7 +1901,7 @@ dict_popitem_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     MappingObject *m = as_mapping(args[0]);
     if (m == NULL || dict_enter(m, -1, &took, NULL) < 0)
         return NULL;
-    PyObject *res = NULL;
+    PyObject *res = NULL, *k = NULL, *raw = NULL;
     uint64_t fs = file_size(m);
     Region r;
     if (region_load(m, fs, &r) < 0) {
@@ -1894,30 +1914,31 @@ dict_popitem_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         if (v == 0)
             continue;
         int bad = 0;
-        PyObject *k = block_bytes(m, ld_rlx(m, eo + 8), fs, &bad);
+        k = block_bytes(m, ld_rlx(m, eo + 8), fs, &bad);
         if (k == NULL) {
             if (bad)
                 corrupt("key block");
             goto done;
         }
-        PyObject *val = value_locked(m, v, fs);
-        if (val == NULL) {
-            Py_DECREF(k);
+        if ((raw = raw_value_locked(m, v, fs)) == NULL)
             goto done;
-        }
-        res = PyTuple_Pack(2, k, val);
-        Py_DECREF(k);
-        Py_DECREF(val);
-        if (res != NULL) {
-            st_rel(m, eo + 16, 0);
-            st_rel(m, r.off + R_COUNT, ld_rlx(m, r.off + R_COUNT) - 1);
-        }
+        st_rel(m, eo + 16, 0);
+        st_rel(m, r.off + R_COUNT, ld_rlx(m, r.off + R_COUNT) - 1);
         goto done;
     }
     res = Py_None;
     Py_INCREF(res);
 done:
     dict_exit(m, took);
+    if (k != NULL && raw != NULL) {
+        PyObject *val = decode_raw(raw);
+        if (val != NULL) {
+            res = PyTuple_Pack(2, k, val);
+            Py_DECREF(val);
+        }
+    }
+    Py_XDECREF(k);
+    Py_XDECREF(raw);
     return res;
 }
 OP_WRAPPER(dict_popitem, 1)

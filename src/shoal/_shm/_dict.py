@@ -58,7 +58,10 @@ Data flow and ownership::
   (:class:`shoal.SerializationError`) before anything is locked or stored;
   a write that would take the file past ``max_size`` (default: physical
   memory, at most 64 GiB), or that the kernel cannot back with memory, raises
-  ``MemoryError`` with the dict unchanged.
+  ``MemoryError`` with the dict unchanged.  ``pop`` and ``popitem`` copy the
+  encoded value out and remove the entry under the lock, then decode it
+  (unpickling runs user code, which may write to the dict): a value that
+  fails to unpickle is removed and its error raised.
 """
 
 from __future__ import annotations
@@ -405,6 +408,10 @@ class SharedDict(MutableMapping):
             raise KeyError(key)
 
     def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        """Remove *key* and return its value (*default*, or KeyError, when
+        missing).  The entry is removed first and its value decoded after:
+        if decoding raises (say the value's class cannot be imported in
+        this process), the entry is gone and the error propagates."""
         value = _delete(self._map, _encode_key(key), _MISSING)
         if value is _MISSING:
             if default is _MISSING:
@@ -413,7 +420,8 @@ class SharedDict(MutableMapping):
         return value
 
     def popitem(self) -> tuple[Any, Any]:
-        """Remove and return the most recently inserted (key, value) pair."""
+        """Remove and return the most recently inserted (key, value) pair
+        (removed before its value is decoded, as :meth:`pop`)."""
         pair = _native.dict_popitem(self._map)
         if pair is None:
             raise KeyError("popitem(): SharedDict is empty")
