@@ -321,3 +321,34 @@ def test_pop_of_a_value_that_cannot_be_unpickled_removes_it_and_raises():
         with pytest.raises(LookupError):
             d.pop("bad")
         assert "bad" not in d and d.popitem() == ("a", 1)
+
+
+# -- bug 8: the private native API raises instead of SIGBUS --------------------------
+
+
+def test_native_mapping_checks_the_file_instead_of_faulting():
+    out = run(
+        """
+        import os
+        from shoal import _native as n
+        from shoal import SharedDict
+        def attempt(f):
+            try:
+                f()
+                return "no error"
+            except Exception as e:
+                return type(e).__name__
+        empty = os.memfd_create("x")
+        page = os.memfd_create("y")
+        os.ftruncate(page, 4096)
+        print(attempt(lambda: n.Mapping(empty, 4096)))
+        print(attempt(lambda: n.dict_len(n.Mapping(page, 4096))))
+        print(attempt(lambda: n.dict_init(n.Mapping(page, 1 << 20), 1 << 20)))
+        print(attempt(lambda: SharedDict._from_fd(os.dup(empty))))
+        print(attempt(lambda: SharedDict._from_fd(os.dup(page))))
+        m = n.Mapping(page, 1 << 20)
+        n.dict_init(m, 4096)                  # what fits: writes that do not fit say so
+        print(n.dict_put(m, b"sk", b"b" + b"x" * 100000), n.dict_len(m))
+        """
+    )
+    assert out.split("\n")[:6] == ["ValueError"] * 5 + ["False 0"]

@@ -33,6 +33,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -563,6 +564,10 @@ hash64(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
  *   other bytes         the previous region (garbage, holes punched) and
  *                       the space the next region will use
  *
+ * Misuse raises instead of faulting: Mapping() refuses a file smaller than
+ * the header, every operation but dict_init checks the magic number, and
+ * dict_init refuses a file size beyond what the file had when mapped.
+ *
  * value word: 0 = no value (deleted), odd = an inline int (word >> 1),
  * even = offset of a block holding a tag byte and the encoded value.
  * Entries are in insertion order; a key is written once per entry.
@@ -612,6 +617,7 @@ typedef struct {
     PyObject_HEAD
     char *addr;
     Py_ssize_t len;
+    uint64_t file_len;           /* the file's size when it was mapped */
     /* Native operations in progress on this mapping in this process
      * (any of them may run Python code or drop the GIL midway, and another
      * thread or a finalizer may close the dict then).  Counted per fork
@@ -666,6 +672,14 @@ Mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "mapping length too small");
         return NULL;
     }
+    /* Touching a page beyond the end of the file is SIGBUS, not an error:
+     * the header at least must exist. */
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (st.st_size < HEADER_SIZE)
+        return PyErr_Format(PyExc_ValueError, "descriptor %d does not hold a SharedDict (a file of %lld bytes)", fd,
+                            (long long)st.st_size);
     /* MAP_NORESERVE: this reserves address space only; pages exist only
      * where the file has them, and the code never touches beyond the
      * published file size (that would be SIGBUS). */
@@ -679,6 +693,7 @@ Mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     m->addr = addr;
     m->len = length;
+    m->file_len = (uint64_t)st.st_size;
     return (PyObject *)m;
 }
 
@@ -790,6 +805,10 @@ op_begin(PyObject *obj, int need_magic)
     MappingObject *m = as_mapping(obj);
     if (m == NULL)
         return NULL;
+    if (need_magic && ld_acq(m, H_MAGIC) != DICT_MAGIC) {
+        PyErr_SetString(PyExc_ValueError, "the mapped memory does not hold a SharedDict (no magic number)");
+        return NULL;
+    }
     if (m->busy_fork != fork_generation) {
         m->busy = 0;
         m->busy_fork = fork_generation;
@@ -1212,8 +1231,9 @@ region_format(MappingObject *m, const Region *r)
     st_rlx(m, r->off + R_HEAP_TOP, r->heap);
 }
 
-/* dict_init(m, file_size): format a new, empty dict (the file already has
- * file_size bytes; the mapping's length is its max_size). */
+/* dict_init(m, file_size): format a new, empty dict (the file had at least
+ * file_size bytes when it was mapped; the mapping's length is its
+ * max_size). */
 static PyObject *
 dict_init_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1227,8 +1247,8 @@ dict_init_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     Region r;
     region_geometry(&r, HEADER_SIZE, 3, fs - HEADER_SIZE);
-    if (fs > (uint64_t)m->len || fs < HEADER_SIZE || r.heap > fs)
-        return PyErr_Format(PyExc_ValueError, "file size %llu too small or beyond the mapping", fs);
+    if (fs > (uint64_t)m->len || fs > m->file_len || fs < HEADER_SIZE || r.heap > fs)
+        return PyErr_Format(PyExc_ValueError, "file size %llu too small, or beyond the mapping or the file", fs);
     memset(m->addr, 0, HEADER_SIZE);
     if (init_robust_mutex((pthread_mutex_t *)(m->addr + H_MUTEX)) < 0)
         return NULL;

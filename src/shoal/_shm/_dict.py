@@ -251,7 +251,8 @@ class SharedDict(MutableMapping):
     @classmethod
     def _from_fd(cls, fd: int) -> SharedDict:
         try:
-            magic, max_size = struct.unpack("<Q24xQ", os.pread(fd, 40, 0))
+            header = os.pread(fd, 40, 0)
+            magic, max_size = struct.unpack("<Q24xQ", header) if len(header) == 40 else (0, 0)
             if magic != _native.DICT_MAGIC:
                 raise ValueError("the descriptor does not hold a SharedDict")
             mapping = _native.Mapping(fd, max_size)
