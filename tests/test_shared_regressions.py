@@ -352,3 +352,50 @@ def test_native_mapping_checks_the_file_instead_of_faulting():
         """
     )
     assert out.split("\n")[:6] == ["ValueError"] * 5 + ["False 0"]
+
+
+# -- bug 10: NaN lookups, futex arguments, two handles in one process ---------------
+
+
+def test_nan_lookups_miss_like_a_dict(d_nan=float("nan")):
+    with SharedDict({1: "one"}) as d:
+        for key in (d_nan, (1, d_nan)):
+            assert key not in d
+            assert d.get(key) is None and d.get(key, 5) == 5
+            assert d.pop(key, None) is None
+            with pytest.raises(KeyError):
+                d[key]
+            with pytest.raises(KeyError):
+                del d[key]
+            with pytest.raises(KeyError):
+                d.pop(key)
+            with pytest.raises(TypeError, match="NaN"):
+                d[key] = 1
+        assert d == {1: "one"}
+    with pytest.raises(ValueError, match="closed"):
+        d.get(d_nan)
+
+
+def test_futex_wait_infinite_timeout_and_out_of_range_expected():
+    buf = bytearray(8)  # the word is 0
+    assert _native.futex_wait(buf, 0, 1, float("inf")) is True  # differs: returns at once
+    assert _native.futex_wait(buf, 0, 1, 1e20) is True
+    assert _native.futex_wait(buf, 0, -1, 5) is True  # 0xffffffff != 0
+    for bad in (2**32, -(2**31) - 1, 2**64):
+        with pytest.raises(OverflowError):
+            _native.futex_wait(buf, 0, bad, 0)
+    assert _native.futex_wait(buf, 0, 2**32 - 1, 5) is True
+
+
+def test_two_handles_to_one_dict_in_one_thread_share_the_lock():
+    with SharedDict({"n": 0}) as d, SharedDict._from_fd(os.dup(d._fd)) as d2:
+        with d.locked():
+            d2.incr("n")  # the thread holds the lock through d: no deadlock, no error
+            d2["big"] = "x" * 100_000  # a write that grows the dict under d's lock
+            with d2.locked():
+                d2["n"] += 1
+            assert not _native.dict_held(d2._map)
+            assert _native.dict_held(d._map)
+        assert d["n"] == 2 and len(d2["big"]) == 100_000
+        assert not _native.dict_held(d._map)
+        assert other_process_can_lock(d2)

@@ -91,7 +91,7 @@ check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi)
     return 0;
 }
 
-/* None or a number of seconds >= 0; -1.0 means "no timeout". */
+/* None or a number of seconds >= 0 (inf: none); -1.0 means "no timeout". */
 static int
 parse_timeout(PyObject *obj, double *out)
 {
@@ -106,7 +106,9 @@ parse_timeout(PyObject *obj, double *out)
         PyErr_SetString(PyExc_ValueError, "timeout must be a number >= 0 or None");
         return -1;
     }
-    *out = t;
+    /* inf, and anything beyond ~31 years (which would overflow a time_t
+     * deadline), means no timeout. */
+    *out = t >= 1e9 ? -1.0 : t;
     return 0;
 }
 
@@ -249,8 +251,8 @@ set_lock_error(int r)
 }
 
 /* Lock `mu`, with the GIL held on entry and exit.  Returns 0 (locked),
- * EOWNERDEAD (locked; the previous holder died holding it), ETIMEDOUT, or
- * -1 with an exception set. */
+ * EOWNERDEAD (locked; the previous holder died holding it), ETIMEDOUT,
+ * EDEADLK (this thread holds it already), or -1 with an exception set. */
 static int
 lock_robust(pthread_mutex_t *mu, double timeout, int spin)
 {
@@ -301,6 +303,8 @@ lock_robust(pthread_mutex_t *mu, double timeout, int spin)
             return -1;
     }
 fail:
+    if (r == EDEADLK)
+        return r;
     set_lock_error(r);
     return -1;
 }
@@ -341,6 +345,10 @@ mutex_acquire(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     PyBuffer_Release(&view);
     if (r < 0)
         return NULL;
+    if (r == EDEADLK) {
+        set_lock_error(r);
+        return NULL;
+    }
     if (r == ETIMEDOUT) {
         PyErr_SetString(PyExc_TimeoutError, "timed out waiting for the lock");
         return NULL;
@@ -404,9 +412,13 @@ futex_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     double timeout;
     if (check_nargs("futex_wait", nargs, 3, 4) < 0)
         return NULL;
-    long expected = PyLong_AsLong(args[2]);
+    long long expected = PyLong_AsLongLong(args[2]);
     if (expected == -1 && PyErr_Occurred())
         return NULL;
+    if (expected < INT32_MIN || expected > (long long)UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "futex_wait: expected must fit in 32 bits");
+        return NULL;
+    }
     if (parse_timeout(nargs > 3 ? args[3] : NULL, &timeout) < 0)
         return NULL;
     uint32_t *p = (uint32_t *)buffer_at(args[0], args[1], 4, 4, &view);
@@ -631,6 +643,10 @@ typedef struct {
     int depth;
     pthread_t owner;
     unsigned long owner_fork;
+    /* The holding thread took the lock through another Mapping of the same
+     * dict in this process (two handles: one from a pool initializer, one
+     * from a task's arguments); releasing this one must not unlock. */
+    int borrowed;
 } MappingObject;
 
 static PyTypeObject Mapping_Type;
@@ -1004,8 +1020,10 @@ dict_exit(MappingObject *m, int took)
     pthread_mutex_unlock((pthread_mutex_t *)(m->addr + H_MUTEX));
 }
 
-/* Take the dict lock unless this thread holds it.  *took tells the caller
- * whether to release it.  A dead holder's leftovers are repaired here. */
+/* Take the dict lock unless this thread holds it (through this handle, or
+ * through another handle of the same dict: the mutex reports EDEADLK).
+ * *took tells the caller whether to release it.  A dead holder's leftovers
+ * are repaired here. */
 static int
 dict_enter(MappingObject *m, double timeout, int *took, int *owner_died)
 {
@@ -1021,6 +1039,8 @@ dict_enter(MappingObject *m, double timeout, int *took, int *owner_died)
     int r = lock_robust(mu, timeout, spin);
     if (r < 0)
         return -1;
+    if (r == EDEADLK)  /* held by this thread through another handle */
+        return 0;
     if (r == ETIMEDOUT) {
         PyErr_SetString(PyExc_TimeoutError, "timed out waiting for the SharedDict lock");
         return -1;
@@ -1028,6 +1048,7 @@ dict_enter(MappingObject *m, double timeout, int *took, int *owner_died)
     m->depth = 1;
     m->owner = pthread_self();
     m->owner_fork = fork_generation;
+    m->borrowed = 0;
     *took = 1;
     if (r == EOWNERDEAD) {
         PyObject *res = dict_repair_impl(m);
@@ -1068,6 +1089,12 @@ dict_lock_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     }
     if (dict_enter(m, timeout, &took, &died) < 0)
         return NULL;
+    if (!took) {  /* this thread holds it through another handle */
+        m->depth = 1;
+        m->owner = pthread_self();
+        m->owner_fork = fork_generation;
+        m->borrowed = 1;
+    }
     return PyBool_FromLong(died);
 }
 OP_WRAPPER(dict_lock, 1)
@@ -1087,7 +1114,9 @@ dict_unlock(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (--m->depth == 0) {
-        pthread_mutex_unlock((pthread_mutex_t *)(m->addr + H_MUTEX));
+        if (!m->borrowed)
+            pthread_mutex_unlock((pthread_mutex_t *)(m->addr + H_MUTEX));
+        m->borrowed = 0;
         Mapping_maybe_unmap(m);  /* closed while locked: unmapped now */
     }
     Py_RETURN_NONE;

@@ -22,7 +22,9 @@ Data flow and ownership::
 * Keys are encoded canonically (a type tag and bytes; ``1``, ``1.0`` and
   ``True`` encode alike, as they are equal dict keys; instances of str or
   int *subclasses*, such as enums, are pickled, so they keep their type and
-  do not match the equal plain str or int) and hashed with xxh64, never
+  do not match the equal plain str or int; a key holding NaN cannot be
+  stored, ``TypeError``, and looking one up misses, as in a dict) and
+  hashed with xxh64, never
   ``hash()``, which differs between spawned processes.  Values are
   ints inline in the entry's value word (so ``incr`` is one store) or tagged
   blocks: str, bytes, float, None, bools directly, anything else pickled.
@@ -32,7 +34,8 @@ Data flow and ownership::
   region), and visible bytes are never rewritten while their region is
   current, so a reader sees the state before or after a write, never a mix.
 * Writes hold the robust mutex in the header.  ``with d.locked():`` holds it
-  across several operations (re-entrant for the thread holding it).  When a
+  across several operations (re-entrant for the thread holding it, also
+  through a second handle of the same dict in that process).  When a
   write does not fit, the writer builds a compacted copy of the live entries
   in a new region (placed at the start of the file if the space before the
   current region is big enough, else after it) and publishes it with one
@@ -123,6 +126,10 @@ def _dumps_for_storage(obj: Any, what: str) -> bytes:
         _storing.active = False
 
 
+class _NaNKey(TypeError):
+    """A key containing NaN: it cannot be stored, so lookups miss."""
+
+
 def _encode_key(key: Any) -> bytes:
     """Canonical bytes for a key: equal keys (as dict sees them) encode alike."""
     t = type(key)
@@ -136,7 +143,7 @@ def _encode_key(key: Any) -> bytes:
         if key.is_integer():
             return b"i%d" % int(key)
         if key != key:
-            raise TypeError("NaN cannot be a SharedDict key: it is not equal to itself")
+            raise _NaNKey("NaN cannot be a SharedDict key: it is not equal to itself")
         return _FLOAT.pack(b"f", key)
     if key is None:
         return b"n"
@@ -316,22 +323,38 @@ class SharedDict(MutableMapping):
 
     # -- reads (no lock) --
 
+    def _lookup(self, key: Any) -> Any:
+        """The value of *key*, or _MISSING (also for a key that can never
+        have been stored: one holding NaN)."""
+        try:
+            enc = _encode_key(key)
+        except _NaNKey:
+            self._check_open()
+            return _MISSING
+        return _get(self._map, enc, _MISSING)
+
+    # __getitem__ and get inline _lookup: they are the hot path.
     def __getitem__(self, key: Any) -> Any:
-        value = _get(self._map, _encode_key(key), _MISSING)
+        try:
+            value = _get(self._map, _encode_key(key), _MISSING)
+        except _NaNKey:
+            value = self._lookup(key)
         if value is _MISSING:
             raise KeyError(key)
         return value
 
     def get(self, key: Any, default: Any = None) -> Any:
-        value = _get(self._map, _encode_key(key), _MISSING)
+        try:
+            value = _get(self._map, _encode_key(key), _MISSING)
+        except _NaNKey:
+            value = self._lookup(key)
         return default if value is _MISSING else value
 
     def __contains__(self, key: Any) -> bool:
         try:
-            enc = _encode_key(key)
+            return self._lookup(key) is not _MISSING
         except SerializationError:
             return False  # it could never have been stored
-        return _get(self._map, enc, _MISSING) is not _MISSING
 
     def __len__(self) -> int:
         return _native.dict_len(self._map)
@@ -405,15 +428,23 @@ class SharedDict(MutableMapping):
             raise RuntimeError("SharedDict could not make room for a write; this is a bug in shoal")
 
     def __delitem__(self, key: Any) -> None:
-        if _delete(self._map, _encode_key(key), _MISSING, False) is _MISSING:
+        if self._remove(key, False) is _MISSING:
             raise KeyError(key)
+
+    def _remove(self, key: Any, want: bool) -> Any:
+        try:
+            enc = _encode_key(key)
+        except _NaNKey:
+            self._check_open()
+            return _MISSING
+        return _delete(self._map, enc, _MISSING, want)
 
     def pop(self, key: Any, default: Any = _MISSING) -> Any:
         """Remove *key* and return its value (*default*, or KeyError, when
         missing).  The entry is removed first and its value decoded after:
         if decoding raises (say the value's class cannot be imported in
         this process), the entry is gone and the error propagates."""
-        value = _delete(self._map, _encode_key(key), _MISSING)
+        value = self._remove(key, True)
         if value is _MISSING:
             if default is _MISSING:
                 raise KeyError(key)
@@ -489,7 +520,7 @@ class SharedDict(MutableMapping):
         """Hold the dict's lock: ``with d.locked(): ...``.  Every other
         *writer* (process or thread) waits until the block ends, so the
         operations inside are one transaction for them.  Re-entrant for the
-        holding thread.
+        holding thread, also through another handle of the same dict.
 
         Raises TimeoutError when *timeout* seconds pass without the lock.
         The lock is taken by ``__enter__`` itself (in C), so a
