@@ -399,3 +399,87 @@ def test_two_handles_to_one_dict_in_one_thread_share_the_lock():
         assert d["n"] == 2 and len(d2["big"]) == 100_000
         assert not _native.dict_held(d._map)
         assert other_process_can_lock(d2)
+
+
+# -- bug 6: keys Python treats as equal are one key ----------------------------------
+
+
+def _key_bytes_under_hash_seed(seed: str) -> str:
+    code = """
+        from dataclasses import dataclass
+        from shoal._shm._dict import _encode_key
+        @dataclass(frozen=True)
+        class Tagged:
+            name: object
+            tags: object
+        print(_encode_key(Tagged("x", frozenset({"alpha", "beta", "gamma", "delta", "eps"}))).hex())
+        print(_encode_key(Tagged("x", {"k": frozenset({"a", "b", "c", "d"})}.items().__iter__().__next__())).hex())
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONHASHSEED": seed},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_pickled_keys_encode_alike_under_every_hash_seed():
+    # Spawned processes have different hash seeds; a key holding a set must
+    # be found by all of them.
+    outs = {_key_bytes_under_hash_seed(seed) for seed in ("1", "2", "3", "4", "5")}
+    assert len(outs) == 1
+
+
+@__import__("dataclasses").dataclass(frozen=True)
+class _Pt:
+    x: object
+    y: object
+
+
+def test_equal_keys_are_one_key():
+    from collections import namedtuple
+
+    Pt = _Pt
+    Tagged = namedtuple("Tagged", "a b")
+
+    class Name(str):
+        pass
+
+    s1, s2 = "".join(["ab", "cd"]), "".join(["ab", "cd"])
+    with SharedDict() as d:
+        d[Pt(s1, s1)] = 1  # pickle's memo would record the shared sub-object
+        assert d[Pt(s1, s2)] == 1
+        d[Pt(s1, s2)] = 2
+        assert len(d) == 1
+        d[Tagged(1, 2)] = "nt"
+        assert d[(1, 2)] == "nt" and (1, 2) in d
+        d[Name("k")] = "str subclass"
+        assert d["k"] == "str subclass"
+        assert len(d) == 3
+        assert _native.dict_check(d._map) == 3
+
+
+def test_numpy_scalars_are_the_equal_python_numbers():
+    np = pytest.importorskip("numpy")
+    with SharedDict({1: "one", 2.5: "two and a half"}) as d:
+        assert np.int64(1) in d and d[np.float64(2.5)] == "two and a half"
+        assert d[np.float32(2.5)] == "two and a half"
+        d[np.int64(1)] = "numpy one"
+        assert len(d) == 2 and d[1] == "numpy one"
+        assert np.float64("nan") not in d
+        with pytest.raises(TypeError, match="NaN"):
+            d[np.float64("nan")] = 1
+
+
+def test_enum_keys_keep_their_type():
+    import enum
+
+    with SharedDict() as d:
+        d[_Color.RED] = "red"
+        assert d[_Color.RED] == "red" and list(d) == [_Color.RED]
+        assert type(list(d)[0]) is _Color
+        assert isinstance(_Color.RED, enum.Enum)
+
+
+class _Color(__import__("enum").IntEnum):
+    RED = 1

@@ -19,12 +19,22 @@ Data flow and ownership::
   processes end.  Each process maps the file at the dict's ``max_size``
   (address space only), so growing is ``ftruncate`` + ``fallocate`` and a
   store of the new ``file_size``: nobody remaps, offsets never move.
-* Keys are encoded canonically (a type tag and bytes; ``1``, ``1.0`` and
-  ``True`` encode alike, as they are equal dict keys; instances of str or
-  int *subclasses*, such as enums, are pickled, so they keep their type and
-  do not match the equal plain str or int; a key holding NaN cannot be
-  stored, ``TypeError``, and looking one up misses, as in a dict) and
-  hashed with xxh64, never
+* Keys are encoded canonically, so that keys a dict treats as one (equal,
+  same hash) encode alike in every process: a type tag and bytes for str,
+  bytes, int, float, None, tuple and frozenset (``1``, ``1.0`` and ``True``
+  encode alike; frozenset members are sorted by their encoding).  A key of
+  another type that equals one of those with the same hash is stored as
+  that value and comes back as it: numpy scalars as int or float,
+  namedtuples as tuples, str subclasses as str.  Enum members (even
+  IntEnum) keep their type and do not match the equal int or str.  Any
+  other key is pickled by a pickler without a memo (a shared sub-object
+  and two equal ones pickle alike) that writes sets and dicts in sorted
+  order (a set's order follows the hash seed, which differs between
+  spawned processes); its class must be importable (not defined inside a
+  function), else ``SerializationError``.  Within such an object, numbers
+  are not canonicalised (``P(np.int64(1))`` and ``P(1)`` are two keys).  A
+  key holding NaN cannot be stored (``TypeError``) and looking one up
+  misses, as in a dict.  The encodings are hashed with xxh64, never
   ``hash()``, which differs between spawned processes.  Values are
   ints inline in the entry's value word (so ``incr`` is one store) or tagged
   blocks: str, bytes, float, None, bools directly, anything else pickled.
@@ -69,8 +79,13 @@ Data flow and ownership::
 
 from __future__ import annotations
 
+import enum
+import io
 import math
+import numbers
+import operator
 import os
+import pickle
 import struct
 import threading
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, MutableMapping, ValuesView
@@ -153,8 +168,104 @@ def _encode_key(key: Any) -> bytes:
     if t is frozenset:
         parts = sorted(_encode_key(k) for k in key)
         return b"z" + b"".join(_LEN.pack(len(p)) + p for p in parts)
+    return _encode_other_key(key)
+
+
+def _encode_other_key(key: Any) -> bytes:
+    """A key of any other type: the builtin value it equals (as a dict sees
+    it: equal, same hash), or else its canonical pickle."""
     hash(key)  # unhashable keys fail like they do for dict: TypeError
-    return b"p" + _dumps_for_storage(key, f"SharedDict key {_short(key)}")
+    if isinstance(key, enum.Enum):  # enum members keep their type
+        if type(key._value_) in _SIMPLE:
+            # A class reference and one scalar: the C pickler's bytes are
+            # canonical here, and 10x faster than _KeyPickler's.
+            try:
+                return b"p" + pickle.dumps(key, 5)
+            except Exception:
+                pass  # reported below
+    else:
+        canon = _builtin_equal(key)
+        if canon is not _MISSING:
+            return _encode_key(canon)
+    _storing.active = True
+    try:
+        buf = io.BytesIO()
+        _KeyPickler(buf).dump(key)
+        return b"p" + buf.getvalue()
+    except _NaNKey:
+        raise
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot use {_short(key)} as a SharedDict key: {type(exc).__name__}: {exc}. Keys of "
+            "other types than str, bytes, numbers, None, tuples and frozensets are pickled "
+            "(without references to shared sub-objects) and must be picklable and not recursive"
+        ) from exc
+    finally:
+        _storing.active = False
+
+
+_SIMPLE = frozenset((int, str, bytes, float, bool, type(None)))
+
+
+def _builtin_equal(key: Any) -> Any:
+    """The str, bytes, int, float, tuple or frozenset equal to *key* with
+    the same hash (a numpy scalar, a namedtuple, a str subclass...), or
+    _MISSING.  Raises _NaNKey for a NaN-like number."""
+    try:
+        if isinstance(key, str):
+            canon: Any = str.__str__(key)
+        elif isinstance(key, bytes):
+            canon = bytes.__getitem__(key, slice(None))
+        elif isinstance(key, tuple):
+            canon = tuple.__getitem__(key, slice(None))
+        elif isinstance(key, frozenset):
+            canon = frozenset(frozenset.__iter__(key))
+        elif isinstance(key, numbers.Number):
+            if hasattr(type(key), "__index__"):
+                canon = operator.index(key)
+            else:
+                canon = float(key)
+                if canon != canon:
+                    raise _NaNKey("NaN cannot be a SharedDict key: it is not equal to itself")
+        else:
+            return _MISSING
+        if type(canon) is not tuple and canon == key and hash(canon) == hash(key):
+            return canon
+        if type(canon) is tuple and tuple.__eq__(canon, key) and hash(canon) == hash(key):
+            return canon
+    except _NaNKey:
+        raise
+    except Exception:
+        pass
+    return _MISSING
+
+
+def _key_order(obj: Any) -> bytes:
+    return _encode_key(obj)
+
+
+class _KeyPickler(pickle._Pickler):  # the Python pickler: it asks reducer_override about every object
+    """Pickles equal keys to equal bytes: no memo (a shared sub-object and
+    two equal ones pickle alike; a recursive key fails), and set and dict
+    contents in a fixed order (a set's order follows the hash seed, which
+    differs between spawned processes)."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, 5)
+        self.fast = True
+
+    def reducer_override(self, obj: Any) -> Any:
+        t = type(obj)
+        try:
+            if t is frozenset or t is set:
+                return t, (sorted(obj, key=_key_order),)
+            if t is dict:
+                return t, (sorted(obj.items(), key=lambda kv: _key_order(kv[0])),)
+        except _NaNKey:
+            raise
+        except Exception:
+            pass
+        return NotImplemented
 
 
 def _decode_key(data: bytes) -> Any:
