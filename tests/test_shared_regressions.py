@@ -483,3 +483,26 @@ def test_enum_keys_keep_their_type():
 
 class _Color(__import__("enum").IntEnum):
     RED = 1
+
+
+# -- bug 9: out of address space -------------------------------------------------------
+
+
+def test_no_address_space_for_another_dict_is_a_memoryerror_that_says_what_to_do():
+    out = run(
+        """
+        import resource
+        from shoal import SharedDict
+        keep = SharedDict(max_size=1 << 20)
+        with open("/proc/self/status") as f:
+            vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.RLIM_INFINITY))
+        try:
+            SharedDict(max_size=1 << 36)
+        except MemoryError as e:
+            print("MemoryError", "max_size" in str(e) and "close" in str(e))
+        keep["still"] = "works"
+        print(keep["still"])
+        """
+    )
+    assert out.split() == ["MemoryError", "True", "works"]

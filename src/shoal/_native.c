@@ -21,7 +21,8 @@
  *    need real memory-ordering guarantees that pure Python cannot give.
  *
  * Linux only (memfd, futex, robust mutexes).  No global state besides a fork
- * counter and a cached reference to pickle.loads.
+ * counter, a cached reference to pickle.loads and the count of SharedDict
+ * mappings (for the error message when address space runs out).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -651,6 +652,8 @@ typedef struct {
 
 static PyTypeObject Mapping_Type;
 static PyObject *pickle_loads;  /* cached pickle.loads */
+static Py_ssize_t mapping_count; /* Mappings mapped in this process */
+static size_t mapping_bytes;     /* and the address space they reserve */
 
 static inline uint64_t *W(MappingObject *m, uint64_t off) { return (uint64_t *)(m->addr + off); }
 static inline uint64_t ld_acq(MappingObject *m, uint64_t off) { return __atomic_load_n(W(m, off), __ATOMIC_ACQUIRE); }
@@ -700,6 +703,13 @@ Mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
      * where the file has them, and the code never touches beyond the
      * published file size (that would be SIGBUS). */
     void *addr = mmap(NULL, (size_t)length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (addr == MAP_FAILED && errno == ENOMEM)
+        return PyErr_Format(PyExc_MemoryError,
+                            "cannot reserve %zd bytes of address space for a SharedDict: every handle "
+                            "reserves its dict's max_size, and this process holds %zd others reserving "
+                            "%zd MiB (or has hit the kernel's limit on mappings, vm.max_map_count); "
+                            "close the SharedDicts you no longer use, or create them with a smaller max_size",
+                            length, mapping_count, (Py_ssize_t)(mapping_bytes >> 20));
     if (addr == MAP_FAILED)
         return PyErr_SetFromErrno(PyExc_OSError);
     MappingObject *m = (MappingObject *)type->tp_alloc(type, 0);
@@ -710,6 +720,8 @@ Mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     m->addr = addr;
     m->len = length;
     m->file_len = (uint64_t)st.st_size;
+    mapping_count++;
+    mapping_bytes += (size_t)length;
     return (PyObject *)m;
 }
 
@@ -719,6 +731,8 @@ Mapping_unmap(MappingObject *m)
     if (m->addr != NULL) {
         munmap(m->addr, (size_t)m->len);
         m->addr = NULL;
+        mapping_count--;
+        mapping_bytes -= (size_t)m->len;
     }
 }
 

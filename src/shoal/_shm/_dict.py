@@ -71,7 +71,10 @@ Data flow and ownership::
   (:class:`shoal.SerializationError`) before anything is locked or stored;
   a write that would take the file past ``max_size`` (default: physical
   memory, at most 64 GiB), or that the kernel cannot back with memory, raises
-  ``MemoryError`` with the dict unchanged.  ``pop`` and ``popitem`` copy the
+  ``MemoryError`` with the dict unchanged.  So does creating or receiving a
+  dict when this process has no address space left to reserve its
+  ``max_size`` (thousands of open dicts): the message says to close unused
+  dicts or pass a smaller ``max_size``.  ``pop`` and ``popitem`` copy the
   encoded value out and remove the entry under the lock, then decode it
   (unpickling runs user code, which may write to the dict): a value that
   fails to unpickle is removed and its error raised.
