@@ -506,3 +506,37 @@ def test_no_address_space_for_another_dict_is_a_memoryerror_that_says_what_to_do
         """
     )
     assert out.split() == ["MemoryError", "True", "works"]
+
+
+# -- bug 5 (documented, not changed): readers do not see transactions -----------------
+
+
+def _mover(d: SharedDict, stop) -> None:
+    while not stop.is_set():
+        with d.locked():
+            d.incr("a", -10)
+            d.incr("b", 10)
+        with d.locked():
+            d.incr("b", -10)
+            d.incr("a", 10)
+
+
+def test_copy_inside_locked_is_a_snapshot_of_other_processes_transactions():
+    # What the docs promise since review 2: lock-free reads may see half a
+    # transaction; a copy taken inside locked() never does.
+    ctx = multiprocessing.get_context("fork")
+    with SharedDict({"a": 1000, "b": 1000}) as d:
+        stop = ctx.Event()
+        p = ctx.Process(target=_mover, args=(d, stop))
+        p.start()
+        try:
+            totals = set()
+            for _ in range(300):
+                with d.locked():
+                    totals.add(sum(d.copy().values()))
+        finally:
+            stop.set()
+            p.join()
+        assert totals == {2000}
+    assert "not one snapshot" in SharedDict.copy.__doc__
+    assert "Lock-free *readers*" in SharedDict.locked.__doc__

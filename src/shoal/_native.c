@@ -1559,7 +1559,9 @@ block_bytes(MappingObject *m, uint64_t ref, uint64_t fs, int *bad)
 
 /* dict_items(m, what) -> list in insertion order: what=0 encoded keys,
  * 1 values, 2 (encoded key, value) pairs.  Lock-free; each entry is read
- * whole, and the list is retried if the layout changed while reading. */
+ * whole, and the list is retried if the layout changed while reading.  Not
+ * one snapshot when others write meanwhile (entries are read at different
+ * instants); under the lock it is one. */
 static PyObject *
 dict_items_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {

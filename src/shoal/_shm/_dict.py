@@ -43,6 +43,12 @@ Data flow and ownership::
   atomic store (an index slot, a value word, or ``desc`` for a whole new
   region), and visible bytes are never rewritten while their region is
   current, so a reader sees the state before or after a write, never a mix.
+  That is per operation: ``gen`` moves only when a region is replaced, so a
+  lock-free reader sees the operations of another's ``with d.locked():``
+  block one by one, and a whole-dict read (``items()``, ``copy()``) taken
+  while others write is not one snapshot.  Readers never wait for a
+  transaction (a reader waiting on a writer that waits on it would hang);
+  reading under ``locked()`` gives the consistent view.
 * Writes hold the robust mutex in the header.  ``with d.locked():`` holds it
   across several operations (re-entrant for the thread holding it, also
   through a second handle of the same dict in that process).  When a
@@ -343,6 +349,15 @@ class SharedDict(MutableMapping):
     Single operations are atomic.  ``d[k] += 1`` is two operations (a read
     and a write): use ``d.incr(k)``, ``d.update_with(k, fn)``, or do it
     inside ``with d.locked():``.
+
+    Reads take no lock and never wait, so they do not see transactions:
+    ``locked()`` excludes other *writers* only, and a read from another
+    process or thread can observe a ``locked()`` block half done.  Whole-dict
+    reads (iteration, ``keys()``, ``values()``, ``items()``, ``copy()``,
+    ``==``) see every entry in a state it had while they ran, but not all
+    entries at one instant when others write meanwhile.  For a consistent
+    view of several keys, read them inside ``with d.locked():`` (there,
+    ``d.copy()`` is a snapshot).
     """
 
     __slots__ = ("__weakref__", "_fd", "_map", "_max_size")
@@ -488,7 +503,8 @@ class SharedDict(MutableMapping):
         return _SnapshotItems(self)
 
     def copy(self) -> dict:
-        """A plain dict with the current contents."""
+        """A plain dict with the current contents.  Lock-free: while others
+        write, not one snapshot; inside ``with d.locked():`` it is one."""
         return {_decode_key(k): v for k, v in _native.dict_items(self._map, 2)}
 
     def __eq__(self, other: object) -> bool:
@@ -633,8 +649,12 @@ class SharedDict(MutableMapping):
     def locked(self, timeout: float | None = None) -> _native.DictLock:
         """Hold the dict's lock: ``with d.locked(): ...``.  Every other
         *writer* (process or thread) waits until the block ends, so the
-        operations inside are one transaction for them.  Re-entrant for the
-        holding thread, also through another handle of the same dict.
+        operations inside are one transaction for them, and reads inside
+        the block see no other writer's changes.  Lock-free *readers*
+        elsewhere do not wait: they can see the block's operations one at a
+        time (read inside ``locked()`` too when that matters).  Re-entrant
+        for the holding thread, also through another handle of the same
+        dict.
 
         Raises TimeoutError when *timeout* seconds pass without the lock.
         The lock is taken by ``__enter__`` itself (in C), so a
