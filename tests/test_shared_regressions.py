@@ -540,3 +540,27 @@ def test_copy_inside_locked_is_a_snapshot_of_other_processes_transactions():
         assert totals == {2000}
     assert "not one snapshot" in SharedDict.copy.__doc__
     assert "Lock-free *readers*" in SharedDict.locked.__doc__
+
+
+# -- suspected in review 2: a thread that ends holding the lock ------------------------
+
+
+def test_a_thread_that_ends_holding_the_lock_does_not_make_the_next_thread_an_owner():
+    with SharedDict({"n": 0}) as d:
+        t = threading.Thread(target=lambda: d.locked().__enter__())  # misuse: never released
+        t.start()
+        t.join()
+        seen = {}
+
+        def later():  # glibc gives this thread the dead one's pthread_t
+            seen["before"] = _native.dict_held(d._map)
+            with d.locked():  # owner died: this thread takes the lock and repairs
+                d["x"] = 1
+            seen["after"] = _native.dict_held(d._map)
+
+        t = threading.Thread(target=later)
+        t.start()
+        t.join()
+        assert seen == {"before": False, "after": False}
+        assert other_process_can_lock(d)
+        assert _native.dict_check(d._map) == 2

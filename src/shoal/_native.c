@@ -642,7 +642,7 @@ typedef struct {
     /* Ownership of the dict lock by a thread of this process, for
      * re-entrancy (with d.locked(): d[k] += 1). */
     int depth;
-    pthread_t owner;
+    pid_t owner;                 /* kernel thread id of the holder */
     unsigned long owner_fork;
     /* The holding thread took the lock through another Mapping of the same
      * dict in this process (two handles: one from a pool initializer, one
@@ -664,10 +664,29 @@ static inline uint64_t pad8(uint64_t n) { return (n + 7) & ~7ULL; }
 /* [off, off+len) lies within the first `limit` bytes. */
 static inline int inb(uint64_t off, uint64_t len, uint64_t limit) { return off <= limit && len <= limit - off; }
 
+/* This thread's kernel id (cached; recomputed in a child after fork).
+ * Not pthread_self(): a thread that ends while holding the lock (misuse,
+ * the kernel then marks the mutex owner-died) leaves its pthread_t in
+ * `owner`, and glibc hands the same pthread_t to the next thread it
+ * starts, which would then believe it holds the lock.  Kernel ids are
+ * not reused until pid_max ids later. */
+static __thread pid_t tid_cache;
+static __thread unsigned long tid_cache_fork;
+
+static pid_t
+my_tid(void)
+{
+    if (tid_cache == 0 || tid_cache_fork != fork_generation) {
+        tid_cache = (pid_t)syscall(SYS_gettid);
+        tid_cache_fork = fork_generation;
+    }
+    return tid_cache;
+}
+
 static int
 held_by_me(MappingObject *m)
 {
-    return m->depth > 0 && m->owner_fork == fork_generation && pthread_equal(m->owner, pthread_self());
+    return m->depth > 0 && m->owner_fork == fork_generation && m->owner == my_tid();
 }
 
 /* Some thread of this process holds the lock through this mapping. */
@@ -850,7 +869,8 @@ op_begin(PyObject *obj, int need_magic)
 static void
 op_end(MappingObject *m)
 {
-    m->busy--;
+    if (m->busy_fork == fork_generation && m->busy > 0)  /* else it began before a fork */
+        m->busy--;
     Mapping_maybe_unmap(m);
 }
 
@@ -1060,7 +1080,7 @@ dict_enter(MappingObject *m, double timeout, int *took, int *owner_died)
         return -1;
     }
     m->depth = 1;
-    m->owner = pthread_self();
+    m->owner = my_tid();
     m->owner_fork = fork_generation;
     m->borrowed = 0;
     *took = 1;
@@ -1105,7 +1125,7 @@ dict_lock_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (!took) {  /* this thread holds it through another handle */
         m->depth = 1;
-        m->owner = pthread_self();
+        m->owner = my_tid();
         m->owner_fork = fork_generation;
         m->borrowed = 1;
     }
