@@ -238,9 +238,7 @@ def _builtin_equal(key: Any) -> Any:
                     raise _NaNKey("NaN cannot be a SharedDict key: it is not equal to itself")
         else:
             return _MISSING
-        if type(canon) is not tuple and canon == key and hash(canon) == hash(key):
-            return canon
-        if type(canon) is tuple and tuple.__eq__(canon, key) and hash(canon) == hash(key):
+        if hash(canon) == hash(key) and canon == key:  # what a dict checks
             return canon
     except _NaNKey:
         raise
