@@ -413,7 +413,7 @@ def _key_bytes_under_hash_seed(seed: str) -> str:
             name: object
             tags: object
         print(_encode_key(Tagged("x", frozenset({"alpha", "beta", "gamma", "delta", "eps"}))).hex())
-        print(_encode_key(Tagged("x", {"k": frozenset({"a", "b", "c", "d"})}.items().__iter__().__next__())).hex())
+        print(_encode_key(Tagged("x", ("k", frozenset({"a", "b", "c", "d"})))).hex())
     """
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],

@@ -62,8 +62,8 @@ Data flow and ownership::
   derived counters (entry count, live count) from the published words,
   raises the heap top over every referenced block (never lowers it: a
   lock-free reader may still be copying a block whose value was just
-  replaced) and moves ``gen`` before marking the mutex consistent.  An unfinished rebuild is an
-  unpublished region, i.e. garbage.  What a dead process had done inside
+  replaced) and moves ``gen`` before marking the mutex consistent.  An
+  unfinished rebuild is an unpublished region, i.e. garbage.  What a dead process had done inside
   ``with d.locked():`` stays as far as it got: each operation is whole,
   the block as a whole is not rolled back.
 * Closing (``close()``, ``Manager.shutdown()``) may come from any thread,
