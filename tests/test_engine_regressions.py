@@ -105,8 +105,15 @@ def test_fork_workers_do_not_keep_the_engines_descriptors():
     with shoal.Pool(2, context="fork") as pool:
         with pytest.raises(shoal.WorkerDiedError):
             pool.apply(workers.kill_self)
-        pool.apply(workers.square, (1,))  # a replacement, started by the scheduler thread
         engine = pool._engine
+        # Wait until every worker, the replacement started by the scheduler
+        # thread among them, has started up (it closes what it inherited
+        # before it says it is ready).
+        deadline = time.monotonic() + 30
+        while not (len(engine._workers) == 2 and all(w.ready for w in list(engine._workers.values()))):
+            assert time.monotonic() < deadline
+            pool.apply(workers.square, (1,))
+            time.sleep(0.01)
         private = set()
         for fd in engine._descriptors():
             try:
