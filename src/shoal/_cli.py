@@ -205,23 +205,11 @@ def _emit_ready(window: deque, emit, unordered: bool) -> None:
 
 
 def _drain(window: deque, emit, unordered: bool) -> None:
-    """Emit at least one result: the oldest (ordered) or any finished."""
-    if not unordered:
-        lineno, future = window.popleft()
-        emit(lineno, future)
-        while window and window[0][1].done():
-            lineno, future = window.popleft()
-            emit(lineno, future)
-        return
-    concurrent.futures.wait([f for _, f in window], return_when=concurrent.futures.FIRST_COMPLETED)
-    keep = deque()
-    for lineno, future in window:
-        if future.done():
-            emit(lineno, future)
-        else:
-            keep.append((lineno, future))
-    window.clear()
-    window.extend(keep)
+    """Wait for a result (the oldest, or with *unordered* any), then emit
+    every one that is ready."""
+    waiting = [window[0][1]] if not unordered else [f for _, f in window]
+    concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
+    _emit_ready(window, emit, unordered)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

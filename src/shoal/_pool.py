@@ -22,7 +22,7 @@ from typing import Any
 
 from ._asyncresult import AsyncResult, IMapIterator, MapResult
 from ._engine._engine import Engine, PoolStatistics, _check_timeout
-from ._engine._worker import CALL, MAP, STARMAP
+from ._engine._worker import MAP, STARMAP
 from ._progress import progress_bar
 
 __all__ = ("AsyncResult", "Pool", "PoolStatistics")

@@ -25,7 +25,7 @@ from typing import Any
 import cloudpickle
 
 from ._ipc._fdpass import _state as _fd_state
-from ._ipc._fdpass import reduce_fd
+from ._ipc._fdpass import providing_fds, reduce_fd
 from ._shm._segment import create_fd, map_private_fd
 from .exceptions import RemoteTraceback, SerializationError
 
@@ -143,6 +143,14 @@ def dumps(obj: Any, *, oob: bool = False, what: str = "object") -> bytes:
 
 
 _OOB_MARK = "shoal.oob.v1"
+
+
+def loads_with(data, fds) -> Any:
+    """:func:`loads` a message whose out-of-band buffers came as *fds*."""
+    if not fds:
+        return loads(data)
+    with providing_fds(fds):
+        return loads(data)
 
 
 def loads(data) -> Any:

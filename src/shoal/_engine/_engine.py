@@ -47,7 +47,6 @@ unfinished, sends SIGTERM, then SIGKILL after TERMINATE_GRACE seconds.
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import mmap
 import multiprocessing
@@ -70,8 +69,7 @@ import cloudpickle
 
 from .._ipc._channel import Channel
 from .._ipc._fdpass import _state as _fd_state
-from .._ipc._fdpass import providing_fds
-from .._serialization import dumps, loads, unpack_exception
+from .._serialization import dumps, loads_with, unpack_exception
 from .._shm._segment import create_fd
 from ..exceptions import (
     PoolClosedError,
@@ -997,12 +995,8 @@ class Engine:
                     failed += 1
                 else:
                     try:
-                        if task_fds:
-                            # Out-of-band buffers: shared memory beside the message.
-                            with providing_fds(task_fds):
-                                value = loads(data)
-                        else:
-                            value = plain_loads(data)
+                        # Out-of-band buffers come as shared memory beside the message.
+                        value = loads_with(data, task_fds) if task_fds else plain_loads(data)
                         completed += 1
                     except BaseException as exc:  # noqa: BLE001
                         ok = False

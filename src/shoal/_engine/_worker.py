@@ -41,8 +41,7 @@ import cloudpickle
 
 from .._ipc._channel import Channel
 from .._ipc._fdpass import _state as fd_state
-from .._ipc._fdpass import providing_fds
-from .._serialization import dumps, loads, pack_exception
+from .._serialization import dumps, loads_with, pack_exception
 
 # Message kinds, parent -> worker
 BATCH = 0
@@ -185,11 +184,7 @@ def _serve(channel: Channel) -> None:
             started = perf()
             pack_status(status, offset, tid, monotonic(), done)
             try:
-                if task_fds:
-                    with providing_fds(task_fds):
-                        args = loads(data)
-                else:
-                    args = loads(data)
+                args = loads_with(data, task_fds)
                 if fn_id:
                     fn = functions[fn_id]
                     if type(fn) is _Unloadable:
