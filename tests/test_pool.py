@@ -278,12 +278,24 @@ def test_forked_child_exits_cleanly_while_a_pool_is_open(tmp_path):
         "print(os.waitstatus_to_exitcode(status))\n"
         "pool.terminate()\n"
     )
+    import signal
     import subprocess
 
-    out = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", str(script)],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "0"
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "ignore::DeprecationWarning", str(script)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        # If the forked child hung, it must not outlive the test.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0, stderr
+    assert stdout.strip() == "0"
 
 
 def test_get_context_gives_shoals_factories():
