@@ -340,13 +340,14 @@ class _Base:
                 return self._decode(self._stash.popleft())
             except IndexError:
                 pass
-        data = self._ring.get_inline()
+        deadline = _deadline(block, timeout)
+        data = self._ring.get_inline(deadline)
         if data is not None:
             try:
                 return _pickle_loads(data)
             except Exception as exc:
                 raise _unpickle_error(exc) from exc
-        got = self._ring.get(1, self._reader, _deadline(block, timeout))
+        got = self._ring.get(1, self._reader, deadline)
         if not got:
             raise Empty
         return self._decode(got[0])

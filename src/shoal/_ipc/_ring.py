@@ -26,7 +26,10 @@ the old or the new state: records beyond ``tail`` were never visible, and a
 get killed before it stored ``head`` never returned its items, which stay
 for the next consumer.  Nothing is lost or duplicated.  What can go stale
 is a counter (``puts``/``gets``, for ``qsize`` and ``maxsize``): the next
-locker is told that the owner died and recounts the records.
+locker is told that the owner died and recounts the records.  A live
+thread interrupted by an exception (a signal handler's, anywhere) publishes
+the records it wrote and releases the mutex, consistent, on its way out;
+a ``get`` or ``put`` with a timeout waits for the mutex no longer than that.
 
 Items that carry descriptors (out-of-band buffers, connections) or are too
 large to copy through the ring travel as ``SOCK_SEQPACKET`` datagrams, which
@@ -104,14 +107,21 @@ _futex_wake = _native.futex_wake
 DEFAULT_CAPACITY = 1 << 20
 
 
-def _release_if_held(mm, offset: int) -> None:
-    # After a wait, re-taking the lock can be interrupted (Ctrl-C while it
-    # is contended): then it is not ours to release, and the interruption,
-    # not a release error, is what the caller must see.
-    try:
-        _release(mm, offset)
-    except RuntimeError:
-        pass
+def _timeout(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+class SendFailed(Exception):
+    """Ring.put could not send an entry's datagram: ``done`` entries before
+    it were put (published); the one at index ``done`` was not, nor any
+    after it.  ``error`` is the ``OSError`` from ``sendmsg``."""
+
+    def __init__(self, done: int, error: OSError) -> None:
+        super().__init__(done, error)
+        self.done = done
+        self.error = error
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -160,11 +170,53 @@ class Ring:
             self.fd = -1
 
     # -- locks ----------------------------------------------------------------
-    def _lock(self, which: int) -> None:
-        if _acquire(self.mm, which):
-            # The previous holder died holding it: its counter may be stale.
+    # Every method that locks follows one pattern: the lock is taken and
+    # released inside ``try``, and ``except BaseException`` calls _abandon.
+    # An exception can come from a signal handler (Ctrl-C, a SIGALRM
+    # timeout) between any two calls: right after the lock was taken, after
+    # it was released, between an owner-died acquire and mutex_consistent.
+    # No local flag can say for sure whether we hold the lock then; the
+    # mutex itself can, and _abandon asks it.
+    def _lock(self, which: int, deadline: float | None = None) -> bool:
+        """Take *which*; False if *deadline* passed first."""
+        try:
+            died = _acquire(self.mm, which, _timeout(deadline))
+        except TimeoutError:
+            return False
+        if died:
+            self._repair(which)
+        return True
+
+    def _repair(self, which: int) -> None:
+        # The previous holder died holding it: its counter may be stale.
+        try:
             self._recount()
+        finally:
             _native.mutex_consistent(self.mm, which)
+
+    def _abandon(self, which: int) -> None:
+        """After an exception: make sure this thread does not hold *which*
+        (consistent, so that it stays usable), whatever the exception
+        interrupted."""
+        mm = self.mm
+        try:
+            died = _acquire(mm, which, 0.0)
+        except RuntimeError:  # EDEADLK: this thread holds it
+            try:
+                _native.mutex_consistent(mm, which)
+            except OSError:  # EINVAL: it is consistent (the usual case)
+                pass
+            else:  # taken from a dead owner, interrupted before the repair
+                try:
+                    self._recount()
+                except Exception:  # pragma: no cover - best effort
+                    pass
+        except (TimeoutError, OSError, ValueError):
+            return  # held by another thread or process (or the ring is closed)
+        else:
+            if died:
+                self._repair(which)
+        _release(mm, which)
 
     def _recount(self) -> None:
         """Make ``puts - gets`` the number of records between head and tail
@@ -194,36 +246,33 @@ class Ring:
     ) -> bool:
         """With *lock* held: release it, wait until the value at *watch* is
         no longer *seen* (or, given a *target*, has reached it), take *lock*
-        again.  False when the deadline has passed (the lock is held either
-        way)."""
+        again.  False when the deadline has passed: the lock is *not* held
+        then."""
         mm = self.mm
+        _release(mm, lock)
         slice_ = _remaining(deadline)
         if slice_ is None:
             return False
         if target is None:
             target = seen + 1  # positions and counters only grow
-        _release(mm, lock)
+        for i in range(_SPINS):
+            if _load(mm, watch) >= target:
+                return self._lock(lock, deadline)
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                # Sharing a CPU with the other side, looking only keeps
+                # it from running: let it.
+                _yield()
+        _fetch_add(mm, waiters, 1)
         try:
-            for i in range(_SPINS):
-                if _load(mm, watch) >= target:
-                    return True
-                if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-                    # Sharing a CPU with the other side, looking only keeps
-                    # it from running: let it.
-                    _yield()
-            _fetch_add(mm, waiters, 1)
-            try:
-                expected = _load(mm, word) & 0xFFFFFFFF
-                # Re-check after announcing ourselves: the other side loads
-                # the waiter count after its store (both sequentially
-                # consistent), so one of us sees the other.
-                if _load(mm, watch) < target:
-                    _futex_wait(mm, word, expected, slice_)
-            finally:
-                _fetch_add(mm, waiters, -1)
-            return True
+            expected = _load(mm, word) & 0xFFFFFFFF
+            # Re-check after announcing ourselves: the other side loads
+            # the waiter count after its store (both sequentially
+            # consistent), so one of us sees the other.
+            if _load(mm, watch) < target:
+                _futex_wait(mm, word, expected, slice_)
         finally:
-            self._lock(lock)
+            _fetch_add(mm, waiters, -1)
+        return self._lock(lock, deadline)
 
     def _wake(self, word: int, waiters: int, n: int) -> None:
         mm = self.mm
@@ -236,14 +285,14 @@ class Ring:
         """The fast path of an unbounded put of one small item: copy it in
         if there is room right now (False if not: take the general path)."""
         mm, cap = self.mm, self._cap
-        if _acquire(mm, _PMUTEX):
-            self._recount()
-            _native.mutex_consistent(mm, _PMUTEX)
         try:
+            if _acquire(mm, _PMUTEX):
+                self._repair(_PMUTEX)
             tail, puts = _PAIR.unpack_from(mm, _TAIL)
             length = len(payload)
             need = 8 + ((length + 7) & ~7)
             if cap - (tail - _load(mm, _HEAD)) < need:
+                _release(mm, _PMUTEX)
                 return False
             off = tail % cap
             if off + need <= cap:
@@ -255,23 +304,39 @@ class Ring:
             if _load(mm, _CWAIT) > 0:
                 _fetch_add(mm, _NOT_EMPTY, 1)
                 _futex_wake(mm, _NOT_EMPTY, 1)
-            return True
-        finally:
             _release(mm, _PMUTEX)
+            return True
+        except BaseException:
+            self._abandon(_PMUTEX)
+            raise
 
-    def put(self, entries: list, sock: socket.socket, maxsize: int, deadline: float | None) -> int:
+    def put(
+        self,
+        entries: list,
+        sock: socket.socket,
+        maxsize: int,
+        deadline: float | None,
+        count_unfinished: bool = False,
+    ) -> int:
         """Append *entries* in order; return how many were appended before
         *deadline* (``None``: wait as long as it takes, ``0.0``: no waiting).
 
         An entry is ``(payload, datagram, fds)``: *payload* (bytes) is copied
         into the ring, or *datagram* = ``(kind_byte, body, anc)`` is sent on
-        *sock*; the caller closes *fds* afterwards.
+        *sock*; the caller closes *fds* afterwards.  With *count_unfinished*
+        (JoinableQueue), the entries are counted as unfinished tasks just
+        before they are published.
+
+        Raises :class:`SendFailed` when a datagram cannot be sent (the
+        entries before it are put).  Whatever is raised, the records
+        written before it are published: none is half put.
         """
         mm, cap = self.mm, self._cap
         done = 0
         total = len(entries)
-        self._lock(_PMUTEX)
         try:
+            if not self._lock(_PMUTEX, deadline):
+                return 0
             while True:
                 tail, puts = _PAIR.unpack_from(mm, _TAIL)
                 head = _load(mm, _HEAD)
@@ -279,54 +344,64 @@ class Ring:
                 slots = maxsize - (puts - _load(mm, _GETS)) if maxsize else total
                 wrote = 0
                 blocked_on_socket = False
+                failed = None
                 short = 0  # bytes of room the next entry needs, if that stopped us
-                while done < total and wrote < slots:
-                    payload, datagram, _fds = entries[done]
-                    if datagram is None:
-                        length = len(payload)
-                        need = 8 + ((length + 7) & ~7)
-                        if room < need:
-                            short = need
-                            break
-                        self._write(tail, _REC.pack(length, INLINE), payload, length)
-                    else:
-                        need = 16
-                        if room < need:
-                            short = need
-                            break
-                        (seq,) = _Q.unpack_from(mm, _SEQ)
-                        # Taken before sending: a producer that dies after
-                        # sending must not leave its tag to the next one.
-                        _Q.pack_into(mm, _SEQ, seq + 1)
-                        tag = _Q.pack(seq)
-                        kind_byte, body, anc = datagram
-                        try:
-                            sock.sendmsg([kind_byte, tag, body], anc, _DONTWAIT)
-                        except BlockingIOError:
-                            blocked_on_socket = True
-                            break
-                        self._write(tail, _REC.pack(8, SOCKET), tag, 8)
-                    tail += need
-                    room -= need
-                    done += 1
-                    wrote += 1
-                if wrote:
-                    _store(mm, _PUTS, puts + wrote)
-                    _store(mm, _TAIL, tail)  # publishes the records
-                    self._wake(_NOT_EMPTY, _CWAIT, wrote)
+                try:
+                    while done < total and wrote < slots:
+                        payload, datagram, _fds = entries[done]
+                        if datagram is None:
+                            length = len(payload)
+                            need = 8 + ((length + 7) & ~7)
+                            if room < need:
+                                short = need
+                                break
+                            self._write(tail, _REC.pack(length, INLINE), payload, length)
+                        else:
+                            need = 16
+                            if room < need:
+                                short = need
+                                break
+                            (seq,) = _Q.unpack_from(mm, _SEQ)
+                            # Taken before sending: a producer that dies after
+                            # sending must not leave its tag to the next one.
+                            _Q.pack_into(mm, _SEQ, seq + 1)
+                            tag = _Q.pack(seq)
+                            kind_byte, body, anc = datagram
+                            try:
+                                sock.sendmsg([kind_byte, tag, body], anc, _DONTWAIT)
+                            except BlockingIOError:
+                                blocked_on_socket = True
+                                break
+                            except OSError as exc:
+                                failed = exc
+                                break
+                            self._write(tail, _REC.pack(8, SOCKET), tag, 8)
+                        # One statement, no call: a signal handler cannot
+                        # run between these updates.
+                        tail, room, done, wrote = tail + need, room - need, done + 1, wrote + 1
+                finally:
+                    if wrote:
+                        if count_unfinished:
+                            _fetch_add(mm, _UNFINISHED, wrote)
+                        _store(mm, _PUTS, puts + wrote)
+                        _store(mm, _TAIL, tail)  # publishes the records
+                        self._wake(_NOT_EMPTY, _CWAIT, wrote)
+                if failed is not None:
+                    _release(mm, _PMUTEX)
+                    raise SendFailed(done, failed) from failed
                 if done == total:
+                    _release(mm, _PMUTEX)
                     return done
                 if blocked_on_socket:
                     _release(mm, _PMUTEX)
-                    try:
-                        left = _remaining(deadline)
-                        if left is None:
-                            return done
-                        poller = select.poll()
-                        poller.register(sock.fileno(), select.POLLOUT)
-                        poller.poll(int(left * 1000) + 1)
-                    finally:
-                        self._lock(_PMUTEX)
+                    left = _remaining(deadline)
+                    if left is None:
+                        return done
+                    poller = select.poll()
+                    poller.register(sock.fileno(), select.POLLOUT)
+                    poller.poll(int(left * 1000) + 1)
+                    if not self._lock(_PMUTEX, deadline):
+                        return done
                 elif short:
                     # Wait for a quarter of the ring, not for the next free
                     # byte: a full ring then costs one wake-up per quarter,
@@ -336,8 +411,9 @@ class Ring:
                         return done
                 elif not self._wait(_PMUTEX, _HEAD, head, _NOT_FULL, _PWAIT, deadline):
                     return done
-        finally:
-            _release_if_held(mm, _PMUTEX)
+        except BaseException:
+            self._abandon(_PMUTEX)
+            raise
 
     def _write(self, pos: int, header: bytes, payload, length: int) -> None:
         mm, cap = self.mm, self._cap
@@ -367,21 +443,22 @@ class Ring:
         return mm[_DATA + off : _DATA + cap] + mm[_DATA : _DATA + length - first]
 
     # -- get ------------------------------------------------------------------
-    def get_inline(self):
+    def get_inline(self, deadline: float | None = None):
         """The fast path of a get: the oldest record if it is inline and
         there right now, else None (take the general path)."""
         mm, cap = self.mm, self._cap
-        if _acquire(mm, _CMUTEX):
-            self._recount()
-            _native.mutex_consistent(mm, _CMUTEX)
         try:
+            if not self._lock(_CMUTEX, deadline):
+                return None
             head, gets = _PAIR.unpack_from(mm, _HEAD)
             tail = _load(mm, _TAIL)
             if head == tail:
+                _release(mm, _CMUTEX)
                 return None
             off = head % cap
             length, kind = _REC.unpack_from(mm, _DATA + off)
             if kind != INLINE:
+                _release(mm, _CMUTEX)
                 return None
             need = 8 + ((length + 7) & ~7)
             if off + need <= cap:
@@ -393,9 +470,11 @@ class Ring:
             if _load(mm, _PWAIT) > 0 and cap - (tail - head - need) >= cap // 4:
                 _fetch_add(mm, _NOT_FULL, 1)
                 _futex_wake(mm, _NOT_FULL, 1 << 30)
-            return data
-        finally:
             _release(mm, _CMUTEX)
+            return data
+        except BaseException:
+            self._abandon(_CMUTEX)
+            raise
 
     def get(self, max_n: int, sock: socket.socket, deadline: float | None) -> list:
         """Take up to *max_n* records, waiting until *deadline* for the first.
@@ -405,8 +484,9 @@ class Ring:
         """
         mm, cap = self.mm, self._cap
         out: list = []
-        self._lock(_CMUTEX)
         try:
+            if not self._lock(_CMUTEX, deadline):
+                return out
             while True:
                 head, gets = _PAIR.unpack_from(mm, _HEAD)
                 tail = _load(mm, _TAIL)
@@ -429,17 +509,24 @@ class Ring:
                         datagram = self._take_datagram(sock, seq)
                         if datagram is not None:
                             out.append(datagram)
-                    head += 8 + ((length + 7) & ~7)
-                    taken += 1
+                    head, taken = head + 8 + ((length + 7) & ~7), taken + 1
                 _store(mm, _GETS, gets + taken)
                 _store(mm, _HEAD, head)  # frees the space
                 if cap - (tail - head) >= cap // 4:  # what waiting producers wait for
                     self._wake(_NOT_FULL, _PWAIT, 1 << 30)
                 if out:
+                    _release(mm, _CMUTEX)
                     return out
                 # Only records whose datagrams died with a consumer: go on.
-        finally:
-            _release_if_held(mm, _CMUTEX)
+        except BaseException:
+            # Interrupted before head moved: the inline items stay for the
+            # next get; a datagram already taken is lost (its record will
+            # be skipped), so close its descriptors.
+            for raw in out:
+                if type(raw) is tuple and raw[1]:
+                    close_fds(_cmsg_fds(raw[1]))
+            self._abandon(_CMUTEX)
+            raise
 
     def _take_datagram(self, sock: socket.socket, seq: int):
         peek = self._peek
