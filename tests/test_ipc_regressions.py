@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import threading
+import time
 
 import pytest
 
-from shoal import Queue
+from shoal import Pipe, Queue
 from shoal import _native
 from shoal._ipc import _ring
 
@@ -137,4 +139,59 @@ def test_get_nowait_does_not_wait_for_a_lock_held_elsewhere():
         release.set()
         if holder.is_alive():
             holder.join()
+        q.close()
+
+
+# -- bug 2: a fork in the middle of a Spool.take must not deadlock the child --
+
+
+def _wait_child(pid) -> int:
+    """The child's exit status; kill it if it is still running after a
+    long while (a hang guard, not a timing test)."""
+    for _ in range(3000):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -signal.SIGKILL
+
+
+def test_fork_while_a_thread_holds_the_pipe_spool_lock():
+    a, b = Pipe()
+    try:
+        a.send_bytes(b"x" * 100_000)  # makes the spool
+        assert b.recv_bytes() == b"x" * 100_000
+        with a._spool._lock:  # a thread in the middle of a large send
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    a.send_bytes(b"y" * 100_000)
+                    a.close()
+                finally:
+                    os._exit(0)
+        assert _wait_child(pid) == 0
+        assert b.recv_bytes() == b"y" * 100_000
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fork_while_a_thread_holds_the_queue_spool_lock():
+    q = Queue()
+    try:
+        q.put(b"x" * 100_000)
+        assert q.get(timeout=10) == b"x" * 100_000
+        with q._spool._lock:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    q.put(b"y" * 100_000)
+                    q.close()
+                finally:
+                    os._exit(0)
+        assert _wait_child(pid) == 0
+        assert q.get(timeout=10) == b"y" * 100_000
+    finally:
         q.close()

@@ -89,11 +89,25 @@ _READ = (1).to_bytes(8, "little")
 _HDR = 8
 
 
+#: Serializes the first use of spools after a fork (re-created in the child,
+#: whose copy a parent thread may have held).
+_fork_lock = threading.Lock()
+
+
+def _new_fork_lock() -> None:
+    global _fork_lock
+    _fork_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_fork_lock)
+
+
 class Spool:
     """memfds this process sent large payloads in, reusable once read.
 
     Owned by one Connection or Queue object in one process (a forked child
-    starts with an empty spool); closed with it.
+    starts with an empty spool and a fresh lock, even if the fork happened
+    in the middle of a take); closed with it.
     """
 
     __slots__ = ("_entries", "_lock", "_pid")
@@ -108,16 +122,24 @@ class Spool:
         self._entries: list[list[int]] = []  # [fd, capacity]
         self._lock = threading.Lock()
 
+    def _after_fork(self) -> None:
+        # Inherited through fork: the parent still uses these memfds, and
+        # our copy of the lock may be held by a parent thread that does not
+        # exist here (it forked in the middle of a take): replace both.
+        with _fork_lock:
+            if self._pid != os.getpid():
+                close_fds([e[0] for e in self._entries])
+                self._entries = []
+                self._lock = threading.Lock()
+                self._pid = os.getpid()
+
     def take(self, size: int) -> int:
         """A new descriptor (the caller's, to close once sent) for a memfd
         with room for *size* payload bytes.  The spool keeps its own: it may
         close that one (evicting it) while the caller's is still in use."""
+        if self._pid != os.getpid():
+            self._after_fork()
         with self._lock:
-            if self._pid != os.getpid():
-                # Inherited through fork: the parent still uses these.
-                close_fds([e[0] for e in self._entries])
-                self._entries = []
-                self._pid = os.getpid()
             entries = self._entries
             for i, entry in enumerate(entries):
                 fd, cap = entry
@@ -141,6 +163,8 @@ class Spool:
     def close(self) -> None:
         # Our copies, inherited or not: closing them never affects another
         # process.
+        if self._pid != os.getpid():
+            self._after_fork()
         with self._lock:
             close_fds([e[0] for e in self._entries])
             self._entries = []
