@@ -4,6 +4,7 @@ test failed before its fix."""
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import signal
 import threading
@@ -11,9 +12,9 @@ import time
 
 import pytest
 
-from shoal import Pipe, Queue
+from shoal import JoinableQueue, Pipe, Queue
 from shoal import _native
-from shoal._ipc import _ring
+from shoal._ipc import _queue, _ring
 
 # -- bug 3: an exception from a signal handler must not leave the ring locked --
 
@@ -195,3 +196,99 @@ def test_fork_while_a_thread_holds_the_queue_spool_lock():
         assert q.get(timeout=10) == b"y" * 100_000
     finally:
         q.close()
+
+
+# -- bug 4: an item whose datagram cannot be sent ------------------------------
+
+
+def _connections(n_pairs):
+    pairs = [Pipe() for _ in range(n_pairs)]
+    return [c for pair in pairs for c in pair]
+
+
+def _close_all(conns):
+    for c in conns:
+        c.close()
+
+
+def _fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_queue_refuses_an_item_with_too_many_descriptors_clearly():
+    ends = _connections(150)
+    q = Queue()
+    try:
+        before = _fds()
+        with pytest.raises(ValueError, match="at most 252"):
+            q.put(ends)
+        with pytest.raises(ValueError, match="at most 252"):
+            q.put_many([1, ends, 2])
+        assert _fds() == before
+        q.put(1)
+        assert q.get(timeout=10) == 1
+        assert q.empty()
+    finally:
+        q.close()
+        _close_all(ends)
+
+
+def _let_the_kernel_refuse(monkeypatch):
+    # Skip the early check: the kernel's sendmsg then fails (EINVAL), as any
+    # send failure would.
+    monkeypatch.setattr(_queue, "_MAX_FDS", 10_000, raising=False)
+
+
+@pytest.mark.parametrize("cls", [Queue, JoinableQueue])
+def test_a_failed_send_in_put_loses_nothing_else_and_leaks_nothing(monkeypatch, cls):
+    ends = _connections(150)
+    q = cls()
+    try:
+        _let_the_kernel_refuse(monkeypatch)
+        before = _fds()
+        q.put("first")
+        with pytest.raises(OSError, match="not put"):
+            q.put(ends)
+        with pytest.raises(OSError, match="not put"):
+            q.put_many(["second", ends, "never"])
+        assert _fds() == before
+        q.put("third")
+        assert [q.get(timeout=10) for _ in range(3)] == ["first", "second", "third"]
+        assert q.empty()
+        if cls is JoinableQueue:
+            for _ in range(3):
+                q.task_done()
+            assert _native.load(q._ring.mm, _ring._UNFINISHED) == 0
+            q.join()
+    finally:
+        q.close()
+        _close_all(ends)
+
+
+@pytest.mark.parametrize("cls", [Queue, JoinableQueue])
+def test_the_feeder_drops_only_the_item_it_cannot_send(monkeypatch, cls):
+    ends = _connections(150)
+    q = cls(capacity=4096)
+    try:
+        _let_the_kernel_refuse(monkeypatch)
+        n_fill = 0
+        while q._ring.put_inline(pickle.dumps(("fill", n_fill), 5)):
+            n_fill += 1
+        if cls is JoinableQueue:
+            q._ring.add_unfinished(n_fill)
+        with pytest.warns(RuntimeWarning, match="dropped"):
+            q.put(("before", 0))  # the ring is full: these wait for the feeder
+            q.put(ends)
+            for i in range(5):
+                q.put(("after", i))
+            got = [q.get(timeout=10) for _ in range(n_fill + 6)]
+        assert got == [("fill", i) for i in range(n_fill)] + [("before", 0)] + [("after", i) for i in range(5)]
+        assert q.empty()
+        if cls is JoinableQueue:
+            for _ in got:
+                q.task_done()
+            assert _native.load(q._ring.mm, _ring._UNFINISHED) == 0
+            q.join()
+    finally:
+        q.close()
+        _close_all(ends)

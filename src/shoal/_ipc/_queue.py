@@ -42,7 +42,10 @@ leaves either the old or the new state (see the ring's docstring); the next
 locker recounts and goes on.  A killed ``get`` that had not yet moved
 ``head`` never returned its item, which the next consumer gets; one that had
 loses only that item.  A killed ``put`` loses only its own item and its own
-buffered items.  ``close()`` releases this process's descriptors after its
+buffered items.  An item whose datagram the kernel refuses (an item with
+more than 252 descriptors is refused before that, with ``ValueError``)
+raises ``OSError`` in ``put``; in the feeder it is dropped with a
+``RuntimeWarning``, the items around it still go in.  ``close()`` releases this process's descriptors after its
 feeder has flushed.
 """
 
@@ -56,6 +59,7 @@ import queue as _stdqueue
 import socket
 import threading
 import time
+import warnings
 import weakref
 from multiprocessing import util as _mputil
 
@@ -64,8 +68,19 @@ from .._shm._segment import create_fd
 from ..exceptions import SerializationError
 from ._fdpass import _state as _fd_state
 from ._fdpass import collecting, providing_fds, reduce_fd
-from ._packet import INBAND_MAX, MEMFD, SNDBUF, Spool, _cmsg_fds, _pwrite_all, _read_fd, close_fds, socketpair
-from ._ring import DEFAULT_CAPACITY, Ring
+from ._packet import (
+    _MAX_FDS,
+    INBAND_MAX,
+    MEMFD,
+    SNDBUF,
+    Spool,
+    _cmsg_fds,
+    _pwrite_all,
+    _read_fd,
+    close_fds,
+    socketpair,
+)
+from ._ring import DEFAULT_CAPACITY, Ring, SendFailed
 
 __all__ = ("JoinableQueue", "Queue", "SimpleQueue")
 
@@ -218,6 +233,12 @@ class _Base:
             _fd_state.send = previous
         if not fds and len(payload) <= self._inline_max:
             return payload, None, None
+        if len(fds) >= _MAX_FDS:
+            close_fds(fds)
+            raise ValueError(
+                f"an item can carry at most {_MAX_FDS - 1} shared-memory buffers or descriptors, "
+                f"{what} has {len(fds)}: put them in several items; nothing was put"
+            )
         return self._datagram(payload, fds)
 
     def _datagram(self, payload: bytes, fds: list[int]):
@@ -278,30 +299,42 @@ class _Base:
 
     # -- sending --------------------------------------------------------------
     def _put_entries(self, entries: list, block: bool, timeout: float | None) -> None:
+        """Put *entries* (which this call owns: their descriptors are closed
+        whatever happens)."""
         ring = self._ring
-        if self._joinable:
-            # Counted when put, as in the standard library, even if the
-            # items still wait in our buffer: join() waits for them too.
-            ring.add_unfinished(len(entries))
+        # A JoinableQueue counts items when they are published (Ring.put
+        # does, under the lock), or when they go to our buffer: counted
+        # when put, as in the standard library, so join() waits for them.
+        joinable = self._joinable
         if self._feeds and not self._maxsize:
             # Unbounded: never block.  Write directly only if nothing of
             # ours is waiting in the buffer, which keeps our order.
             if not self._buffer:
-                n = ring.put(entries, self._writer, 0, 0.0)
+                try:
+                    n = ring.put(entries, self._writer, 0, 0.0, joinable)
+                except BaseException as exc:
+                    _close_entries(entries)
+                    if type(exc) is SendFailed:
+                        raise _send_error(exc) from exc.error
+                    raise
                 _close_entries(entries[:n])
                 if n == len(entries):
                     return
                 entries = entries[n:]
+            if joinable:
+                ring.add_unfinished(len(entries))
             with self._lock:
                 self._buffer.extend(entries)
                 if self._feeder is None:
                     self._start_feeder()
             return
-        n = ring.put(entries, self._writer, self._maxsize, _deadline(block, timeout))
-        _close_entries(entries)
+        try:
+            n = ring.put(entries, self._writer, self._maxsize, _deadline(block, timeout), joinable)
+        except SendFailed as exc:
+            raise _send_error(exc) from exc.error
+        finally:
+            _close_entries(entries)
         if n < len(entries):
-            if self._joinable:
-                ring.add_unfinished(n - len(entries))
             raise Full
 
     def _start_feeder(self) -> None:
@@ -314,7 +347,11 @@ class _Base:
             self._finalizer = _mputil.Finalize(t, _join_thread, [weakref.ref(t)], exitpriority=-5)
 
     def _feed(self) -> None:
-        """Feeder thread: write the buffered items in order, then exit."""
+        """Feeder thread: write the buffered items in order, then exit.
+
+        An item that cannot be sent is dropped with a warning (its
+        descriptors closed, and for a JoinableQueue no longer counted);
+        the items around it still go in, in order."""
         buffer = self._buffer
         while True:
             with self._lock:
@@ -322,14 +359,32 @@ class _Base:
                     self._feeder = None
                     return
                 entries = list(buffer)
+            dropped = 0
             try:
+                # Already counted as unfinished when they were buffered.
                 n = self._ring.put(entries, self._writer, 0, None)
-            except Exception:  # the queue was closed under us
-                n = len(entries)
+            except SendFailed as exc:
+                n, dropped = exc.done, 1
+                error: BaseException = _send_error(exc)
+            except Exception as exc:  # pragma: no cover - the ring is unusable
+                n, dropped = 0, len(entries)
+                error = exc
             with self._lock:
-                for _ in range(n):
+                for _ in range(n + dropped):
                     buffer.popleft()
-            _close_entries(entries[:n])
+            _close_entries(entries[: n + dropped])
+            if dropped:
+                if self._joinable:
+                    try:
+                        self._ring.add_unfinished(-dropped)
+                    except Exception:  # pragma: no cover - the ring is unusable
+                        pass
+                warnings.warn(
+                    f"shoal.{type(self).__name__}: {dropped} item(s) put earlier could not be "
+                    f"written to the queue by its feeder thread and were dropped: {error}",
+                    RuntimeWarning,
+                    stacklevel=1,
+                )
 
     # -- receiving ------------------------------------------------------------
     def _get(self, block: bool, timeout: float | None):
@@ -395,6 +450,15 @@ class _Base:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"maxsize={self._maxsize}"
         return f"<shoal.{type(self).__name__} {state}>"
+
+
+def _send_error(exc: SendFailed) -> OSError:
+    err = exc.error
+    return OSError(
+        err.errno,
+        f"the item could not be sent on the queue's socket ({err.strerror or err}); it was not put "
+        "(nor any after it in the same put_many)",
+    )
 
 
 def _unpickle_error(exc: BaseException) -> SerializationError:
