@@ -10,11 +10,13 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from shoal import JoinableQueue, Pipe, Queue
 from shoal import _native
 from shoal._ipc import _queue, _ring
+from shoal._ipc._packet import close_fds
 
 # -- bug 3: an exception from a signal handler must not leave the ring locked --
 
@@ -292,3 +294,79 @@ def test_the_feeder_drops_only_the_item_it_cannot_send(monkeypatch, cls):
     finally:
         q.close()
         _close_all(ends)
+
+
+# -- bug 6: the receiver is at its descriptor limit ---------------------------
+
+
+def _at_fd_limit_child(recv, report_fd):
+    """In a forked child: use every descriptor the limit allows, then call
+    *recv*; report what it raised and what the next receive gives."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(64, _fds() + 16), hard))
+    hog = []
+    try:
+        while True:
+            hog.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        recv()
+        first = "no error"
+    except Exception as exc:
+        first = f"{type(exc).__name__} {getattr(exc, 'errno', None)} {exc}"
+    close_fds(hog)
+    try:
+        second = repr(recv())
+    except Exception as exc:
+        second = f"{type(exc).__name__} {exc}"
+    os.write(report_fd, f"{first}\n{second}".encode())
+
+
+def _run_at_fd_limit(recv):
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _at_fd_limit_child(recv, w)
+            finally:
+                os._exit(0)
+        os.close(w)
+        w = -1
+        assert _wait_child(pid) == 0
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode().split("\n")
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_pipe_recv_at_the_descriptor_limit_says_so():
+    a, b = Pipe()
+    try:
+        a.send(np.arange(100_000))  # out of band: carries a memfd
+        a.send("after")
+        first, second = _run_at_fd_limit(b.recv)
+        assert first.startswith("OSError 24 ") and "too many open files" in first and "lost" in first
+        assert second == "'after'"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_queue_get_at_the_descriptor_limit_says_so():
+    q = Queue()
+    try:
+        q.put(np.arange(100_000))
+        q.put("after")
+        first, second = _run_at_fd_limit(lambda: q.get(timeout=10))
+        assert first.startswith("OSError 24 ") and "too many open files" in first and "lost" in first
+        assert second == "'after'"
+    finally:
+        q.close()

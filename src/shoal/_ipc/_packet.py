@@ -38,6 +38,7 @@ zero bytes means every copy of the other end is closed.
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import threading
@@ -59,6 +60,7 @@ _SOL_SOCKET = socket.SOL_SOCKET
 _SCM_RIGHTS = socket.SCM_RIGHTS
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)  # plain ints: IntFlag arithmetic costs microseconds
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_CTRUNC = int(socket.MSG_CTRUNC)
 
 #: Send-buffer size asked for: enough for thousands of small messages in
 #: flight before a sender waits (the kernel caps it at net.core.wmem_max).
@@ -233,6 +235,8 @@ def finish_packet(data: bytes, anc, mflags: int, limit: int | None):
         return None, None, None
     if mflags & _TRUNCATED:
         close_fds(fds)
+        if mflags & _CTRUNC:
+            raise fd_limit_error()
         raise OSError("a message arrived truncated (its sender is not a shoal connection of this version)")
     kind = data[0]
     if not kind & MEMFD:
@@ -255,6 +259,16 @@ def finish_packet(data: bytes, anc, mflags: int, limit: int | None):
         close_fds(fds)
         raise
     return kind, payload, fds
+
+
+def fd_limit_error() -> OSError:
+    """What a receive whose descriptors the kernel could not install (it
+    sets ``MSG_CTRUNC``) raises: the message is consumed, hence lost."""
+    return OSError(
+        errno.EMFILE,
+        "a message arrived with descriptors (shared memory or connections) that this process could not "
+        "receive: it has too many open files (RLIMIT_NOFILE, see `ulimit -n`); the message was lost",
+    )
 
 
 class MessageTooLarge(OSError):

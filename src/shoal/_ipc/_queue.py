@@ -279,6 +279,8 @@ class _Base:
         try:
             if data[0] & MEMFD:
                 size = int.from_bytes(data[9:17], "little")
+                if not fds:
+                    raise OSError("a large item arrived without its shared-memory descriptor")
                 mfd = fds.pop()
                 try:
                     payload = _read_fd(mfd, size)

@@ -62,7 +62,7 @@ import time
 
 from .. import _native
 from .._shm._segment import create_fd
-from ._packet import _ANC_SIZE, _CLOEXEC, _RECV_SIZE, _cmsg_fds, close_fds
+from ._packet import _ANC_SIZE, _CLOEXEC, _CTRUNC, _RECV_SIZE, _cmsg_fds, close_fds, fd_limit_error
 
 _PMUTEX = 0
 _CMUTEX = 64
@@ -540,8 +540,13 @@ class Ring:
             (tag,) = _Q.unpack_from(peek, 1)
             if tag > seq:
                 return None
-            data, anc, _flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC | _DONTWAIT)
+            data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC | _DONTWAIT)
             if tag == seq:
+                if flags & _CTRUNC:
+                    # Our descriptor limit: the kernel dropped (some of) its
+                    # descriptors.  The item is lost; its record is skipped.
+                    close_fds(_cmsg_fds(anc))
+                    raise fd_limit_error()
                 return data, anc
             # Sent by a producer that died before publishing its record.
             close_fds(_cmsg_fds(anc))
