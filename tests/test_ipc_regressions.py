@@ -370,3 +370,38 @@ def test_queue_get_at_the_descriptor_limit_says_so():
         assert second == "'after'"
     finally:
         q.close()
+
+
+# -- bug 1: max_message_size counts out-of-band buffers ------------------------
+
+
+def test_max_message_size_counts_out_of_band_buffers_when_sending():
+    a, b = Pipe(max_message_size=100_000)
+    try:
+        before = _fds()
+        with pytest.raises(ValueError, match="max_message_size"):
+            a.send(np.ones(1_000_000, dtype=np.uint8))
+        with pytest.raises(ValueError, match="max_message_size"):
+            a.send([np.ones(300_000, dtype=np.uint8), a])  # with a descriptor too
+        assert _fds() == before
+        assert not b.poll(0)
+        a.send(np.ones(50_000, dtype=np.uint8))
+        assert b.recv().nbytes == 50_000
+    finally:
+        a.close()
+        b.close()
+
+
+def test_max_message_size_counts_out_of_band_buffers_when_receiving():
+    a, b = Pipe(max_message_size=100_000)
+    try:
+        a._max = None  # a sender that does not check (another version, say)
+        a.send(np.ones(1_000_000, dtype=np.uint8))
+        a.send("after")
+        with pytest.raises(OSError, match="bad message length") as info:
+            b.recv()
+        assert info.value.size > 1_000_000
+        assert b.recv() == "after"
+    finally:
+        a.close()
+        b.close()

@@ -101,7 +101,16 @@ def _take_large_buffer(pb: pickle.PickleBuffer) -> bool:
     return False
 
 
-def dumps(obj: Any, *, oob: bool = False, what: str = "object") -> bytes:
+class TooLarge(Exception):
+    """Raised by :func:`dumps` and :func:`loads` given a *limit*: the
+    message (its pickle plus its out-of-band buffers) has ``size`` bytes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def dumps(obj: Any, *, oob: bool = False, what: str = "object", limit: int | None = None) -> bytes:
     """Pickle *obj*.
 
     With *oob* and inside :func:`shoal._ipc._fdpass.collecting_fds`, buffers
@@ -113,6 +122,9 @@ def dumps(obj: Any, *, oob: bool = False, what: str = "object") -> bytes:
 
     Raises:
         SerializationError: *obj* (or something inside it) cannot be pickled.
+        TooLarge: given a *limit*, the pickle and its out-of-band buffers
+            together are larger (checked before the buffers are copied; the
+            caller checks an in-band pickle's own length).
     """
     callback = _take_large_buffer if oob and _fd_state.send is not None else None
     _fd_state.oob = None
@@ -132,6 +144,10 @@ def dumps(obj: Any, *, oob: bool = False, what: str = "object") -> bytes:
     if callback is None or _fd_state.oob is None:
         return data
     buffers, _fd_state.oob = _fd_state.oob, None
+    if limit is not None:
+        size = len(data) + sum(view.nbytes for view in buffers)
+        if size > limit:
+            raise TooLarge(size)
     packed = _pack_buffers(buffers)
     try:
         # reduce_fd appends the descriptor to the collecting list, which now
@@ -153,11 +169,17 @@ def loads_with(data, fds) -> Any:
         return loads(data)
 
 
-def loads(data) -> Any:
-    """Unpickle what :func:`dumps` produced."""
+def loads(data, *, limit: int | None = None) -> Any:
+    """Unpickle what :func:`dumps` produced; given a *limit*, raise
+    :class:`TooLarge` if the pickle and its out-of-band buffers together
+    are larger (the buffers are mapped, not read, before that check)."""
     obj = pickle.loads(data)
     if type(obj) is tuple and len(obj) == 3 and obj[0] == _OOB_MARK:
         _, inner, views = obj
+        if limit is not None:
+            size = len(inner) + sum(view.nbytes for view in views)
+            if size > limit:
+                raise TooLarge(size)
         return pickle.loads(inner, buffers=views)
     return obj
 

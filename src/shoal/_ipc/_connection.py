@@ -43,7 +43,7 @@ import select
 import socket
 from multiprocessing import BufferTooShort
 
-from .._serialization import OOB_THRESHOLD, dumps, loads
+from .._serialization import OOB_THRESHOLD, TooLarge, dumps, loads
 from ..exceptions import SerializationError
 from ._fdpass import _state as _fd_state
 from ._fdpass import collecting, providing_fds, reduce_fd
@@ -55,6 +55,7 @@ from ._packet import (
     INBAND_MAX,
     MEMFD,
     SNDBUF,
+    MessageTooLarge,
     Spool,
     close_fds,
     finish_packet,
@@ -88,7 +89,8 @@ def Pipe(duplex: bool = True, *, max_message_size: int | None = None) -> tuple[C
     With *duplex* (the default) both ends can send and receive; otherwise
     ``conn1`` only receives and ``conn2`` only sends, as in the standard
     library.  *max_message_size* (bytes, optional) makes both ends refuse
-    larger messages with a clear error.
+    larger messages with a clear error; a message's size counts its pickle
+    and the large buffers that travel beside it in shared memory.
     """
     if max_message_size is not None and max_message_size < 0:
         raise ValueError(f"max_message_size must be >= 0 or None, got {max_message_size}")
@@ -218,10 +220,13 @@ class Connection:
 
     def _check_size(self, size: int) -> None:
         if self._max is not None and size > self._max:
-            raise ValueError(
-                f"message of {size} bytes is larger than this connection's max_message_size "
-                f"of {self._max} bytes; nothing was sent"
-            )
+            raise self._too_large(size)
+
+    def _too_large(self, size: int) -> ValueError:
+        return ValueError(
+            f"message of {size} bytes is larger than this connection's max_message_size "
+            f"of {self._max} bytes; nothing was sent"
+        )
 
     # -- sending ------------------------------------------------------------
     def send(self, obj) -> None:
@@ -249,7 +254,11 @@ class Connection:
             except Exception:
                 close_fds(fds)
                 fds.clear()
-                payload = dumps(obj, oob=True, what="the object sent through the Connection")
+                payload = dumps(obj, oob=True, what="the object sent through the Connection", limit=self._max)
+        except TooLarge as exc:
+            # Counting the out-of-band buffers, before copying them.
+            close_fds(fds)
+            raise self._too_large(exc.size) from None
         except BaseException:
             close_fds(fds)
             raise
@@ -363,7 +372,7 @@ class Connection:
             return _loads(payload)
         try:
             with providing_fds(fds):
-                return _loads(payload)
+                return _loads(payload, self._max)
         finally:
             close_fds(fds)
 
@@ -435,9 +444,11 @@ def _broken_pipe() -> BrokenPipeError:
     return BrokenPipeError(errno.EPIPE, "the other end of the pipe was closed (or every process holding it exited)")
 
 
-def _loads(payload):
+def _loads(payload, limit: int | None = None):
     try:
-        return loads(payload)
+        return loads(payload, limit=limit)
+    except TooLarge as exc:
+        raise MessageTooLarge(exc.size, limit) from None
     except SerializationError:
         raise
     except Exception as exc:
