@@ -33,12 +33,16 @@ hold at most two batches, so an idle worker always pulls the next one and a
 slow task strands at most one batch behind it.  A lone task goes at once.
 
 Crash attribution: each worker writes the id of the task it is running (and
-when it started) into its slot of a shared *status block* before running it.
-When a worker's sentinel fires the scheduler drains its socket, then reads
-the slot: the running task fails (WorkerDiedError, or TaskTimeoutError /
-CancelledError when the scheduler killed it on purpose), tasks finished whose
-results were lost fail too, and tasks the worker never started are sent to
-other workers.  The same slot gives per-task time limits their start time.
+when it started, and the last task it finished) into its slot of a shared
+*status block* before running it.  When a worker's sentinel fires the
+scheduler drains its socket, then reads the slot: the running task fails
+(WorkerDiedError, or TaskTimeoutError / CancelledError when the scheduler
+killed it on purpose); tasks the worker never started go to other workers;
+tasks it finished whose results were still inside it run again (results are
+sent at least every 1 ms of work, and after every task once a function has
+killed a worker, so this is short work, once).  The same slot gives per-task
+time limits their start time.  Under fork, a new worker first closes the
+descriptors of every engine in this process that it inherited.
 
 Shutdown: close() lets pending work finish, then the scheduler sends STOP to
 each worker and exits when all have exited; terminate() fails what is
@@ -93,8 +97,8 @@ CHUNK_SECONDS = 0.05
 CREDIT = 2
 #: Functions a worker keeps unpickled; older ones are forgotten.
 FN_CACHE = 128
-#: A task held by a worker that died while running *another* task is given to
-#: a new worker, at most this many times.
+#: A finished task whose worker died outside any task (while sending its
+#: result, most likely) runs again at most this many times, then fails.
 MAX_REQUEUES = 3
 #: Seconds between SIGTERM and SIGKILL in terminate().
 TERMINATE_GRACE = 1.0
