@@ -203,11 +203,24 @@ class _CallbackThread:
 
     def call(self, fn, *args) -> None:
         with self._cond:
-            self._queue.append((fn, args))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="shoal-callbacks", daemon=True)
-                self._thread.start()
-            self._cond.notify()
+            if not self._stopping:
+                self._queue.append((fn, args))
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="shoal-callbacks", daemon=True)
+                    self._thread.start()
+                self._cond.notify()
+                return
+        # The pool has shut down (a task failed in the scheduler's last
+        # sweep): run it here rather than never.
+        self._invoke(fn, args)
+
+    @staticmethod
+    def _invoke(fn, args) -> None:
+        try:
+            fn(*args)
+        except BaseException:  # noqa: BLE001 - a callback never kills the pool
+            print("shoal: exception in a result callback (the pool goes on):", file=sys.stderr)
+            traceback.print_exc()
 
     def _run(self) -> None:
         while True:
@@ -220,11 +233,7 @@ class _CallbackThread:
                     return
                 fn, args = self._queue.popleft()
                 self._busy = True
-            try:
-                fn(*args)
-            except BaseException:  # noqa: BLE001 - a callback never kills the pool
-                print("shoal: exception in a result callback (the pool goes on):", file=sys.stderr)
-                traceback.print_exc()
+            self._invoke(fn, args)
             with self._cond:
                 self._busy = False
                 if not self._queue:
