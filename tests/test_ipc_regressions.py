@@ -405,3 +405,70 @@ def test_max_message_size_counts_out_of_band_buffers_when_receiving():
     finally:
         a.close()
         b.close()
+
+
+# -- bug 8: a queue closed before a fork is closed in the child -------------
+
+
+def _child_reports(fn):
+    """Run *fn* in a forked child; return the text it returned."""
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(w, fn().encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        w = -1
+        assert _wait_child(pid) == 0
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def _use_closed(q):
+    out = []
+    for op in (lambda: q.put(1), lambda: q.get(timeout=1), q.qsize):
+        try:
+            op()
+            out.append("ok")
+        except Exception as exc:
+            out.append(f"{type(exc).__name__}: {exc}")
+    out.append(f"ring fd {q._ring.fd}")
+    return "\n".join(out)
+
+
+def test_a_queue_closed_before_fork_is_closed_in_the_child():
+    q = Queue()
+    q.close()
+    report = _child_reports(lambda: _use_closed(q)).split("\n")
+    assert all(line.startswith("ValueError") and "is closed" in line for line in report[:3]), report
+    assert report[3] == "ring fd -1"
+
+
+def test_a_queue_closed_while_its_feeder_runs_is_closed_in_the_child():
+    q = Queue(capacity=4096)
+    n_fill = 0
+    while q._ring.put_inline(pickle.dumps(n_fill, 5)):
+        n_fill += 1
+    q.put("buffered")  # the ring is full: the feeder waits for room
+    q.close()
+    report = _child_reports(lambda: _use_closed(q)).split("\n")
+    assert all(line.startswith("ValueError") and "is closed" in line for line in report[:3]), report
+    assert report[3] == "ring fd -1"
+    # Let the feeder finish; then the parent's descriptors close.
+    for _ in range(n_fill):  # the parent's feeder then writes its item
+        assert len(q._ring.get(1, q._reader, None)) == 1
+    q.join_thread()
+    for _ in range(1000):  # the closing thread runs right after the feeder
+        if q._ring.fd < 0:
+            break
+        time.sleep(0.01)
+    assert q._ring.fd < 0

@@ -29,7 +29,7 @@ holder shares, in ring order.
 Who owns what: every process holding the queue maps the ring and holds the
 socket pair; the kernel frees them when the last holder closes them or
 dies.  A process's feeder thread and its buffer are its own (a forked child
-starts with none).
+starts with none); a queue closed before a fork is closed in the child too.
 
 Blocking: ``get`` sleeps on the ring's not-empty futex; a bounded ``put``
 (and ``SimpleQueue.put`` when the ring is full) on its not-full futex, both
@@ -195,9 +195,17 @@ class _Base:
         # The parent's buffered items are the parent's: a child that sent
         # them too would duplicate them.  The spool stays: it notices the
         # fork and drops (closes) its inherited descriptors itself.
-        spool = self._spool
+        # A queue closed here stays closed there (with the same clear error).
+        spool, closed, feeder = self._spool, self._closed, self._feeder
         self._init_local()
         self._spool = spool
+        if closed:
+            self._closed = True
+            if feeder is not None:
+                # Closed while the parent's feeder was still writing: the
+                # parent closes its descriptors once it is done; ours are
+                # not needed here.
+                self._close_fds()
 
     # -- pickling (Process args under spawn/forkserver, pool tasks, pipes) --
     def __reduce__(self):
