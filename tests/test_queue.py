@@ -148,8 +148,14 @@ def test_nowait_and_timeouts():
             q.get(timeout=-1)
     finally:
         q.close()
-    with pytest.raises(ValueError):
-        Queue(maxsize=-1)
+    for cls in (Queue, JoinableQueue):  # unbounded, as in the standard library
+        q = cls(maxsize=-1)
+        try:
+            q.put_many(range(10))
+            assert not q.full()
+            assert q.get_many(10, timeout=10) == list(range(10))
+        finally:
+            q.close()
 
 
 def test_bounded_put_blocks_until_a_get():

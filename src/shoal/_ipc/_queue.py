@@ -165,9 +165,8 @@ class _Base:
     def __init__(self, maxsize: int = 0, *, ctx=None, capacity: int = DEFAULT_CAPACITY) -> None:
         # *ctx* is accepted for the standard library's signature; shoal's
         # queues work the same under every start method.
-        if maxsize < 0:
-            raise ValueError(f"maxsize must be >= 0, got {maxsize}")
-        self._maxsize = maxsize
+        # As in the standard library, maxsize <= 0 means unbounded.
+        self._maxsize = max(0, maxsize)
         self._ring = Ring(capacity)
         try:
             self._reader, self._writer = socketpair(SNDBUF)
