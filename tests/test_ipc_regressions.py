@@ -472,3 +472,80 @@ def test_a_queue_closed_while_its_feeder_runs_is_closed_in_the_child():
             break
         time.sleep(0.01)
     assert q._ring.fd < 0
+
+
+# -- bug 5: more descriptors in flight than RLIMIT_NOFILE (ETOOMANYREFS) ------
+
+
+def _limit_descriptors_in_flight():
+    """In a forked child: make the kernel count descriptors in flight
+    against a small RLIMIT_NOFILE (it does not for root)."""
+    import resource
+
+    if os.getuid() == 0:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    limit = 2 * _fds() + 256
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    # Messages, each with a memfd, to send before taking any (a queue's
+    # feeder holds the memfds of those it could not send yet).
+    return limit, limit + 100
+
+
+def _queue_over_the_inflight_limit(q):
+    _limit, n = _limit_descriptors_in_flight()
+    try:
+        for i in range(n):
+            q.put((i, b"x" * 100_000))
+        got = [q.get(timeout=30)[0] for _ in range(n)]
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ok" if got == list(range(n)) else f"wrong order {got[:10]}"
+
+
+def _pipe_over_the_inflight_limit(a, b):
+    limit, n = _limit_descriptors_in_flight()
+    errors = []
+    sent = [0]
+
+    def send():
+        try:
+            for i in range(n):
+                a.send((i, b"x" * 100_000))
+                sent[0] += 1
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+            a.send((-1, b""))  # no descriptor: this one goes; stop the receiver
+
+    t = threading.Thread(target=send)
+    t.start()
+    # Receive only once the sender is at the limit (it waits there; before
+    # the fix it failed there).
+    while sent[0] < limit - 5 and t.is_alive():
+        time.sleep(0.01)
+    time.sleep(0.2)
+    got = []
+    while len(got) < n and (i := b.recv()[0]) >= 0:
+        got.append(i)
+    t.join()
+    if errors:
+        return errors[0]
+    return "ok" if got == list(range(n)) else f"wrong order {got and got[:10]}"
+
+
+def test_queue_waits_while_too_many_descriptors_are_in_flight():
+    q = Queue()
+    try:
+        assert _child_reports(lambda: _queue_over_the_inflight_limit(q)) == "ok"
+    finally:
+        q.close()
+
+
+def test_pipe_waits_while_too_many_descriptors_are_in_flight():
+    a, b = Pipe()
+    try:
+        assert _child_reports(lambda: _pipe_over_the_inflight_limit(a, b)) == "ok"
+    finally:
+        a.close()
+        b.close()

@@ -42,6 +42,7 @@ import errno
 import os
 import socket
 import threading
+import time
 
 from .._shm._segment import create_fd
 
@@ -61,6 +62,7 @@ _SCM_RIGHTS = socket.SCM_RIGHTS
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)  # plain ints: IntFlag arithmetic costs microseconds
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _CTRUNC = int(socket.MSG_CTRUNC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
 
 #: Send-buffer size asked for: enough for thousands of small messages in
 #: flight before a sender waits (the kernel caps it at net.core.wmem_max).
@@ -176,7 +178,10 @@ def send_packet(sock: socket.socket, kind: int, payload, fds=(), flags: int = 0,
     """Send one message.  The caller keeps ownership of *fds*.
 
     Raises ``BlockingIOError`` (only with ``MSG_DONTWAIT`` in *flags*) when
-    the socket buffer is full; nothing was sent then.
+    the socket buffer is full; nothing was sent then.  Without it, waits
+    both for room in the buffer and, when the kernel refuses more
+    descriptors in flight (see :func:`send_fds_msg`), for receivers to take
+    some.
     """
     size = payload.nbytes if type(payload) is memoryview else len(payload)
     if len(fds) >= _MAX_FDS:
@@ -187,7 +192,7 @@ def send_packet(sock: socket.socket, kind: int, payload, fds=(), flags: int = 0,
     if size <= INBAND_MAX:
         if fds:
             anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
-            sock.sendmsg([_KINDS[kind], payload], anc, flags)
+            send_fds_msg(sock, [_KINDS[kind], payload], anc, flags)
         else:
             sock.sendmsg([_KINDS[kind], payload], (), flags)
         return
@@ -198,9 +203,38 @@ def send_packet(sock: socket.socket, kind: int, payload, fds=(), flags: int = 0,
     try:
         _pwrite_all(mfd, payload, size)
         anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", [*fds, mfd]).tobytes())]
-        sock.sendmsg([_KINDS[kind | MEMFD], size.to_bytes(8, "little")], anc, flags)
+        send_fds_msg(sock, [_KINDS[kind | MEMFD], size.to_bytes(8, "little")], anc, flags)
     finally:
         os.close(mfd)
+
+
+#: Longest sleep between attempts while too many descriptors are in flight.
+INFLIGHT_BACKOFF_MAX = 0.05
+
+
+def send_fds_msg(sock: socket.socket, buffers, anc, flags: int) -> None:
+    """``sendmsg`` of a datagram carrying descriptors.
+
+    The kernel refuses (``ETOOMANYREFS``) to let a user have more
+    descriptors in flight, sent but not yet received, than the sender's
+    ``RLIMIT_NOFILE``: a full buffer of another kind, which empties as
+    receivers take messages.  Without ``MSG_DONTWAIT`` wait for that, as
+    for room in the socket buffer; with it, raise ``BlockingIOError``.
+    """
+    backoff = 0.0005
+    while True:
+        try:
+            sock.sendmsg(buffers, anc, flags)
+            return
+        except OSError as exc:
+            if exc.errno != errno.ETOOMANYREFS:
+                raise
+            if flags & _DONTWAIT:
+                raise BlockingIOError(
+                    errno.EAGAIN, "too many descriptors in flight (RLIMIT_NOFILE): wait for receivers"
+                ) from exc
+        time.sleep(backoff)
+        backoff = min(backoff * 2, INFLIGHT_BACKOFF_MAX)
 
 
 def _pwrite_all(fd: int, payload, size: int) -> None:

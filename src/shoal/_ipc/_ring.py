@@ -48,11 +48,16 @@ usually acts sooner), then on a futex word read before re-checking the
 condition, in slices, so that a waker that died costs at most a slice.
 Producers facing a full ring wait for a quarter of it to be free, and
 consumers wake them only then: one wake-up per quarter, not a lock
-hand-off per item.
+hand-off per item.  A producer whose datagram does not fit in the socket
+buffer polls for room; one that the kernel refuses more descriptors in
+flight (``ETOOMANYREFS``: more than its ``RLIMIT_NOFILE`` sent and not yet
+received) waits the same way, sleeping in growing steps up to 50 ms, since
+``poll`` cannot wait for that.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import select
@@ -62,7 +67,16 @@ import time
 
 from .. import _native
 from .._shm._segment import create_fd
-from ._packet import _ANC_SIZE, _CLOEXEC, _CTRUNC, _RECV_SIZE, _cmsg_fds, close_fds, fd_limit_error
+from ._packet import (
+    _ANC_SIZE,
+    _CLOEXEC,
+    _CTRUNC,
+    _RECV_SIZE,
+    INFLIGHT_BACKOFF_MAX,
+    _cmsg_fds,
+    close_fds,
+    fd_limit_error,
+)
 
 _PMUTEX = 0
 _CMUTEX = 64
@@ -334,6 +348,7 @@ class Ring:
         mm, cap = self.mm, self._cap
         done = 0
         total = len(entries)
+        backoff = 0.0005
         try:
             if not self._lock(_PMUTEX, deadline):
                 return 0
@@ -343,7 +358,7 @@ class Ring:
                 room = cap - (tail - head)
                 slots = maxsize - (puts - _load(mm, _GETS)) if maxsize else total
                 wrote = 0
-                blocked_on_socket = False
+                blocked_on_socket = inflight = False
                 failed = None
                 short = 0  # bytes of room the next entry needs, if that stopped us
                 try:
@@ -373,7 +388,14 @@ class Ring:
                                 blocked_on_socket = True
                                 break
                             except OSError as exc:
-                                failed = exc
+                                if exc.errno == errno.ETOOMANYREFS:
+                                    # Too many descriptors in flight (more
+                                    # than RLIMIT_NOFILE): a full buffer too,
+                                    # which consumers empty; but poll() does
+                                    # not wait for it.
+                                    blocked_on_socket = inflight = True
+                                else:
+                                    failed = exc
                                 break
                             self._write(tail, _REC.pack(8, SOCKET), tag, 8)
                         # One statement, no call: a signal handler cannot
@@ -397,9 +419,13 @@ class Ring:
                     left = _remaining(deadline)
                     if left is None:
                         return done
-                    poller = select.poll()
-                    poller.register(sock.fileno(), select.POLLOUT)
-                    poller.poll(int(left * 1000) + 1)
+                    if inflight:
+                        time.sleep(min(left, backoff))
+                        backoff = min(backoff * 2, INFLIGHT_BACKOFF_MAX)
+                    else:
+                        poller = select.poll()
+                        poller.register(sock.fileno(), select.POLLOUT)
+                        poller.poll(int(left * 1000) + 1)
                     if not self._lock(_PMUTEX, deadline):
                         return done
                 elif short:
