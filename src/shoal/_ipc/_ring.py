@@ -474,7 +474,10 @@ class Ring:
         there right now, else None (take the general path)."""
         mm, cap = self.mm, self._cap
         try:
-            if not self._lock(_CMUTEX, deadline):
+            if deadline is None:
+                if _acquire(mm, _CMUTEX):
+                    self._repair(_CMUTEX)
+            elif not self._lock(_CMUTEX, deadline):
                 return None
             head, gets = _PAIR.unpack_from(mm, _HEAD)
             tail = _load(mm, _TAIL)
