@@ -41,7 +41,9 @@ How it ends, on every error: a process killed while holding the ring's lock
 leaves either the old or the new state (see the ring's docstring); the next
 locker recounts and goes on.  A killed ``get`` that had not yet moved
 ``head`` never returned its item, which the next consumer gets; one that had
-loses only that item.  A killed ``put`` loses only its own item and its own
+loses only that item.  A ``get`` interrupted by an exception (Ctrl-C, a
+signal handler's) after taking its item keeps it for this process's next
+``get`` (only an interruption while unpickling it still loses it).  A killed ``put`` loses only its own item and its own
 buffered items.  An item whose datagram the kernel refuses (an item with
 more than 252 descriptors is refused before that, with ``ValueError``)
 raises ``OSError`` in ``put``; in the feeder it is dropped with a
@@ -411,7 +413,9 @@ class _Base:
                 return _pickle_loads(data)
             except Exception as exc:
                 raise _unpickle_error(exc) from exc
-        got = self._ring.get(1, self._reader, deadline)
+        # Interrupted (Ctrl-C) after taking an item, the ring leaves it in
+        # our stash for the next get.
+        got = self._ring.get(1, self._reader, deadline, self._stash)
         if not got:
             raise Empty
         return self._decode(got[0])
@@ -648,7 +652,11 @@ class Queue(_Base):
             raws.append(stash.popleft())
         if len(raws) < max_items:
             deadline = 0.0 if raws else _deadline(block, timeout)
-            raws += self._ring.get(max_items - len(raws), self._reader, deadline)
+            try:
+                raws += self._ring.get(max_items - len(raws), self._reader, deadline, stash)
+            except BaseException:
+                stash.extendleft(reversed(raws))  # before what the ring stashed
+                raise
         if not raws:
             raise Empty
         out = []

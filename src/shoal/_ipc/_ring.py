@@ -505,14 +505,20 @@ class Ring:
             self._abandon(_CMUTEX)
             raise
 
-    def get(self, max_n: int, sock: socket.socket, deadline: float | None) -> list:
+    def get(self, max_n: int, sock: socket.socket, deadline: float | None, stash=None) -> list:
         """Take up to *max_n* records, waiting until *deadline* for the first.
 
         Returns a list of ``bytes`` (an inline item) or ``(data, anc)``
         tuples (a datagram as ``recvmsg`` returned it); empty on timeout.
+
+        Interrupted by an exception (a signal handler's) after taking items,
+        it appends them to *stash* (a deque, for this process's next get)
+        before re-raising; an inline item whose record it had not yet passed
+        stays in the ring instead.
         """
         mm, cap = self.mm, self._cap
         out: list = []
+        taking = False
         try:
             if not self._lock(_CMUTEX, deadline):
                 return out
@@ -523,24 +529,30 @@ class Ring:
                     if not self._wait(_CMUTEX, _TAIL, tail, _NOT_EMPTY, _CWAIT, deadline):
                         return out
                     continue
-                taken = 0
+                # Until head is stored: out[:kept] are the items of the
+                # records before head; out[kept:], at most one, is that of
+                # the record at head.  Each update is one statement with no
+                # call, which a signal handler cannot split.
+                taken = kept = 0
+                taking = True
                 append = out.append
                 while head != tail and taken < max_n:
                     off = head % cap
                     length, kind = _REC.unpack_from(mm, _DATA + off)
                     if kind == INLINE:
                         if off + 8 + length <= cap:
-                            append(mm[_DATA + off + 8 : _DATA + off + 8 + length])
+                            item = mm[_DATA + off + 8 : _DATA + off + 8 + length]
                         else:
-                            append(self._read(head + 8, length))
+                            item = self._read(head + 8, length)
                     else:
                         (seq,) = _Q.unpack_from(self._read(head + 8, 8))
-                        datagram = self._take_datagram(sock, seq)
-                        if datagram is not None:
-                            out.append(datagram)
-                    head, taken = head + 8 + ((length + 7) & ~7), taken + 1
+                        item = self._take_datagram(sock, seq)
+                    if item is not None:
+                        append(item)
+                    head, taken, kept = head + 8 + ((length + 7) & ~7), taken + 1, kept + (item is not None)
                 _store(mm, _GETS, gets + taken)
                 _store(mm, _HEAD, head)  # frees the space
+                taking = False
                 if cap - (tail - head) >= cap // 4:  # what waiting producers wait for
                     self._wake(_NOT_FULL, _PWAIT, 1 << 30)
                 if out:
@@ -548,14 +560,32 @@ class Ring:
                     return out
                 # Only records whose datagrams died with a consumer: go on.
         except BaseException:
-            # Interrupted before head moved: the inline items stay for the
-            # next get; a datagram already taken is lost (its record will
-            # be skipped), so close its descriptors.
-            for raw in out:
-                if type(raw) is tuple and raw[1]:
-                    close_fds(_cmsg_fds(raw[1]))
-            self._abandon(_CMUTEX)
+            self._interrupted_get(out, taking and (gets, head, taken, kept), stash)
             raise
+
+    def _interrupted_get(self, out: list, state, stash) -> None:
+        mm = self.mm
+        try:
+            if state:
+                # Still holding the lock, before head was stored.
+                gets, head, taken, kept = state
+                if len(out) > kept and type(out[-1]) is not tuple:
+                    # An inline item whose record is still at head: it stays
+                    # there.  (A datagram's record is skipped once its
+                    # datagram is gone from the socket: keep the datagram.)
+                    del out[kept:]
+                if taken:
+                    _store(mm, _GETS, gets + taken)
+                    _store(mm, _HEAD, head)
+            if out:
+                if stash is not None:
+                    stash.extend(out)
+                else:
+                    for raw in out:
+                        if type(raw) is tuple and raw[1]:
+                            close_fds(_cmsg_fds(raw[1]))
+        finally:
+            self._abandon(_CMUTEX)
 
     def _take_datagram(self, sock: socket.socket, seq: int):
         peek = self._peek
