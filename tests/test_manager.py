@@ -6,34 +6,15 @@ from __future__ import annotations
 import multiprocessing
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 
 import shoal
 from shoal import Manager, SharedDict
 
-SEED_EXAMPLE = textwrap.dedent(
-    """\
-    from shoal import Manager,Process,Lock
-    def work(d,lock):
-        with lock: #不加锁而操作共享的数据,肯定会出现数据错乱
-            d['count']-=1
-
-    if __name__ == '__main__':
-        lock=Lock()
-        with Manager() as m:
-            dic=m.dict({'count':100})
-            p_l=[]
-            for i in range(100):
-                p=Process(target=work,args=(dic,lock))
-                p_l.append(p)
-                p.start()
-            for p in p_l:
-                p.join()
-            print(dic)
-    """
-)
+# The seed's example, exactly as examples/seed_manager.py has it.
+SEED_EXAMPLE = (Path(__file__).resolve().parent.parent / "examples" / "seed_manager.py").read_text(encoding="utf-8")
 
 
 def _run_script(tmp_path, text: str) -> str:

@@ -43,9 +43,8 @@ import select
 import socket
 from multiprocessing import BufferTooShort
 
-from .._serialization import OOB_THRESHOLD, TooLarge, dumps, loads
+from .._serialization import TooLarge, loads
 from ..exceptions import SerializationError
-from ._fdpass import _state as _fd_state
 from ._fdpass import collecting, providing_fds, reduce_fd
 from ._packet import (
     _ANC_SIZE,
@@ -58,6 +57,7 @@ from ._packet import (
     MessageTooLarge,
     Spool,
     close_fds,
+    encode,
     finish_packet,
     recv_packet,
     send_packet,
@@ -69,18 +69,7 @@ __all__ = ("Connection", "Pipe")
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 _SPINS = 40  # polls before a blocking receive, ~20-40 µs
 _EOF_MESSAGE = "the other end of the pipe was closed (or every process holding it exited)"
-_pickle_dumps = pickle.dumps
 _pickle_loads = pickle.loads
-
-
-class _LargeBuffer(Exception):
-    pass
-
-
-def _small_buffers_only(pb: pickle.PickleBuffer) -> bool:
-    if pb.raw().nbytes >= OOB_THRESHOLD:
-        raise _LargeBuffer
-    return True
 
 
 def Pipe(duplex: bool = True, *, max_message_size: int | None = None) -> tuple[Connection, Connection]:
@@ -239,31 +228,11 @@ class Connection:
         sock = self._sock
         if sock is None or not self._writable:
             sock = self._check_writable()
-        fds: list[int] = []
-        # collecting_fds() without the context-manager cost (this is the
-        # small-message fast path): objects holding descriptors (a
-        # Connection, a shared segment) hand them to us to send beside the
-        # bytes.
-        previous = getattr(_fd_state, "send", None)
-        _fd_state.send = fds
         try:
-            try:
-                # Plain pickle first, refusing (by raising) any buffer large
-                # enough to go out of band.
-                payload = _pickle_dumps(obj, 5, buffer_callback=_small_buffers_only)
-            except Exception:
-                close_fds(fds)
-                fds.clear()
-                payload = dumps(obj, oob=True, what="the object sent through the Connection", limit=self._max)
+            payload, fds = encode(obj, "the object sent through the Connection", self._max)
         except TooLarge as exc:
             # Counting the out-of-band buffers, before copying them.
-            close_fds(fds)
             raise self._too_large(exc.size) from None
-        except BaseException:
-            close_fds(fds)
-            raise
-        finally:
-            _fd_state.send = previous
         if not fds and self._max is None and len(payload) <= INBAND_MAX:
             try:
                 sock.sendmsg([b"\x00", payload])

@@ -40,11 +40,14 @@ from __future__ import annotations
 import array
 import errno
 import os
+import pickle
 import socket
 import threading
 import time
 
+from .._serialization import OOB_THRESHOLD, dumps
 from .._shm._segment import create_fd
+from ._fdpass import _state as _fd_state
 
 MEMFD = 0x01
 BYTES = 0x04
@@ -80,12 +83,56 @@ def socketpair(sndbuf: int | None = None) -> tuple[socket.socket, socket.socket]
     return a, b
 
 
+_pickle_dumps = pickle.dumps
+
+
 def close_fds(fds) -> None:
     for fd in fds:
         try:
             os.close(fd)
         except OSError:
             pass
+
+
+class _LargeBuffer(Exception):
+    pass
+
+
+def small_buffers_only(pb: pickle.PickleBuffer) -> bool:
+    """pickle's buffer_callback for the fast path: keep small buffers in
+    band, and give up (raise) at the first one large enough to go out of band."""
+    if pb.raw().nbytes >= OOB_THRESHOLD:
+        raise _LargeBuffer
+    return True
+
+
+def encode(obj, what: str, limit: int | None = None) -> tuple[bytes, list[int]]:
+    """Pickle *obj* for a Connection or a Queue: ``(payload, fds)``.
+
+    Plain pickle first (the small-message fast path); anything it refuses
+    (large buffers, lambdas, ...) goes through :func:`shoal._serialization.dumps`
+    with out-of-band buffers.  Objects holding descriptors (a Connection, a
+    shared segment) hand them to the returned list, which the caller owns.
+    On any error the descriptors are closed and the error raised
+    (SerializationError naming the culprit, or TooLarge past *limit*).
+    """
+    fds: list[int] = []
+    # collecting_fds() without the context-manager cost.
+    previous = _fd_state.send
+    _fd_state.send = fds
+    try:
+        try:
+            payload = _pickle_dumps(obj, 5, buffer_callback=small_buffers_only)
+        except Exception:
+            close_fds(fds)
+            fds.clear()
+            payload = dumps(obj, oob=True, what=what, limit=limit)
+    except BaseException:
+        close_fds(fds)
+        raise
+    finally:
+        _fd_state.send = previous
+    return payload, fds
 
 
 _UNREAD = bytes(8)

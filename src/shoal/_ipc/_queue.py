@@ -65,7 +65,7 @@ import warnings
 import weakref
 from multiprocessing import util as _mputil
 
-from .._serialization import OOB_THRESHOLD, dumps, loads
+from .._serialization import loads
 from .._shm._segment import create_fd
 from ..exceptions import SerializationError
 from ._fdpass import _state as _fd_state
@@ -80,6 +80,8 @@ from ._packet import (
     _pwrite_all,
     _read_fd,
     close_fds,
+    encode,
+    small_buffers_only,
     socketpair,
 )
 from ._ring import DEFAULT_CAPACITY, Ring, SendFailed
@@ -121,16 +123,6 @@ def _deadline(block: bool, timeout: float | None) -> float | None:
     if timeout < 0:
         raise ValueError("'timeout' must be a non-negative number")
     return time.monotonic() + timeout
-
-
-class _LargeBuffer(Exception):
-    pass
-
-
-def _small_buffers_only(pb: pickle.PickleBuffer) -> bool:
-    if pb.raw().nbytes >= OOB_THRESHOLD:
-        raise _LargeBuffer
-    return True
 
 
 class _Raise:
@@ -225,21 +217,7 @@ class _Base:
     # -- encoding -------------------------------------------------------------
     def _entry(self, obj, what: str):
         """``(payload, datagram, fds)`` for Ring.put, pickled here."""
-        fds: list[int] = []
-        previous = getattr(_fd_state, "send", None)
-        _fd_state.send = fds
-        try:
-            try:
-                payload = _pickle_dumps(obj, 5, buffer_callback=_small_buffers_only)
-            except Exception:
-                close_fds(fds)
-                fds.clear()
-                payload = dumps(obj, oob=True, what=what)
-        except BaseException:
-            close_fds(fds)
-            raise
-        finally:
-            _fd_state.send = previous
+        payload, fds = encode(obj, what)
         if not fds and len(payload) <= self._inline_max:
             return payload, None, None
         if len(fds) >= _MAX_FDS:
@@ -622,7 +600,7 @@ class Queue(_Base):
                 # The common case inline; anything else (descriptors, large
                 # or unpicklable by plain pickle) through _entry.
                 try:
-                    payload = _pickle_dumps(item, 5, buffer_callback=_small_buffers_only)
+                    payload = _pickle_dumps(item, 5, buffer_callback=small_buffers_only)
                 except Exception:
                     payload = None
                 if payload is None or fds or len(payload) > inline_max:
