@@ -135,6 +135,18 @@ def encode(obj, what: str, limit: int | None = None) -> tuple[bytes, list[int]]:
     return payload, fds
 
 
+def take_memfd_payload(fds: list[int], size: int, what: str) -> bytes:
+    """Read the *size*-byte payload from the memfd that travelled last in
+    *fds*, and close that descriptor."""
+    if not fds:
+        raise OSError(f"a large {what} arrived without its shared-memory descriptor")
+    mfd = fds.pop()
+    try:
+        return _read_fd(mfd, size)
+    finally:
+        os.close(mfd)
+
+
 _UNREAD = bytes(8)
 _READ = (1).to_bytes(8, "little")
 _HDR = 8
@@ -329,13 +341,7 @@ def finish_packet(data: bytes, anc, mflags: int, limit: int | None):
         size = int.from_bytes(data[1:9], "little")
         if limit is not None and size > limit:
             raise MessageTooLarge(size, limit)
-        if not fds:
-            raise OSError("a large message arrived without its shared-memory descriptor")
-        mfd = fds.pop()
-        try:
-            payload = _read_fd(mfd, size)
-        finally:
-            os.close(mfd)
+        payload = take_memfd_payload(fds, size, "message")
     except BaseException:
         close_fds(fds)
         raise

@@ -78,11 +78,11 @@ from ._packet import (
     Spool,
     _cmsg_fds,
     _pwrite_all,
-    _read_fd,
     close_fds,
     encode,
     small_buffers_only,
     socketpair,
+    take_memfd_payload,
 )
 from ._ring import DEFAULT_CAPACITY, Ring, SendFailed
 
@@ -265,14 +265,7 @@ class _Base:
         fds = _cmsg_fds(anc) if anc else []
         try:
             if data[0] & MEMFD:
-                size = int.from_bytes(data[9:17], "little")
-                if not fds:
-                    raise OSError("a large item arrived without its shared-memory descriptor")
-                mfd = fds.pop()
-                try:
-                    payload = _read_fd(mfd, size)
-                finally:
-                    os.close(mfd)
+                payload = take_memfd_payload(fds, int.from_bytes(data[9:17], "little"), "item")
             else:
                 payload = memoryview(data)[9:]
             try:
