@@ -155,7 +155,10 @@ class _Task:
         self.kill_reason: str | None = None
         self.requeues = 0
 
-    def close_fds(self) -> None:
+    def close_fds(self, registry: set[int]) -> None:
+        """Close the task's shared-memory descriptors and drop them from the
+        engine's *registry* of task descriptors."""
+        registry.difference_update(self.fds)
         for fd in self.fds:
             os.close(fd)
         self.fds = ()
@@ -346,6 +349,9 @@ class Engine:
         self._crashed: set[int] = set()
         self._timed = 0  # tasks with a time limit held by workers
         self._doomed = 0  # cancelled tasks held by workers, to kill when they start
+        # Shared-memory descriptors held by tasks not yet finished, so that
+        # workers started by fork can close them (see _descriptors).
+        self._task_fds: set[int] = set()
         self._feeders = 0
         self._start_failures = 0
         self.callbacks = _CallbackThread()
@@ -453,6 +459,8 @@ class Engine:
             payload = (fn, payload)
         fds: list[int] = []
         data = _serialize(payload, fds)
+        if fds:
+            self._task_fds.update(fds)
         return _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout, n)
 
     def submit_call(self, fn, args: tuple, kwargs: dict, sink, timeout: float | None = None) -> _Task:
@@ -479,6 +487,8 @@ class Engine:
                 payload = (fn, payload)
         fds: list[int] = []
         data = _serialize(payload, fds)
+        if fds:
+            self._task_fds.update(fds)
         if timeout is None:
             timeout = self.task_timeout
         task = _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, 0, timeout, 1)
@@ -496,7 +506,7 @@ class Engine:
         """
         if self._state != _RUN and not (from_feeder and self._state == _CLOSE):
             for t in tasks:
-                t.close_fds()
+                t.close_fds(self._task_fds)
             self._check_running()
         for t in tasks:
             if t.timeout is None and self.task_timeout is not None:
@@ -515,7 +525,7 @@ class Engine:
                 self._pending.remove(t)
             except ValueError:
                 continue  # the scheduler's last sweep failed it already
-            t.close_fds()
+            t.close_fds(self._task_fds)
         self._check_running()
         raise PoolClosedError("the pool was terminated while this task was being submitted")
 
@@ -721,10 +731,9 @@ class Engine:
             pass
         for w in list(self._workers.values()):
             fds.append(w.channel.fileno())
-            for task in list(w.inflight):
-                fds.extend(task.fds)
-        for task in list(self._pending):
-            fds.extend(task.fds)
+        # Not a scan of the queue: with a long queue and maxtasksperchild=1
+        # that would cost O(queue) per worker started.
+        fds.extend(list(self._task_fds))
         return fds
 
     def _abort_start(self) -> None:
@@ -885,7 +894,7 @@ class Engine:
                 while pending and len(batch) < take:
                     task = pending.popleft()
                     if task.sink._skip(task):
-                        task.close_fds()
+                        task.close_fds(self._task_fds)
                         self._cancelled += 1
                         continue
                     batch.append(task)
@@ -988,7 +997,7 @@ class Engine:
                 if batches and batches[0] == tid:
                     batches.popleft()
                 if task.fds:
-                    task.close_fds()
+                    task.close_fds(self._task_fds)
                 if task.timeout is not None:
                     timed += 1
                 acc = seconds.get(task.fn_id)
@@ -1035,7 +1044,7 @@ class Engine:
                 self.results_cond.notify_all()
 
     def _fail(self, task: _Task, exc: BaseException, *, cancelled: bool = False) -> None:
-        task.close_fds()
+        task.close_fds(self._task_fds)
         if cancelled:
             self._cancelled += 1
         else:
