@@ -1,9 +1,10 @@
-"""The scenario record, timing helpers, and the table printer."""
+"""The scenario record, timing helpers, target checks, and the table printer."""
 
 from __future__ import annotations
 
 import gc
 import importlib
+import re
 import statistics
 import sys
 import time
@@ -23,8 +24,10 @@ class Scenario:
         higher_is_better: True for rates, False for times.
         runners: contender name -> callable(quick) -> figure.  "stdlib" is the
             baseline every ratio is computed against.
-        target: the ratio shoal must reach (for the table's last column), as
-            text, e.g. ">= 12x".
+        target: what shoal's row must reach, as text: "OP Nx" is a ratio to
+            the standard library's figure (">= 12x"), "WORD OP N" the figure
+            itself ("efficiency >= 0.97"); any text after it is a comment.
+            The table marks shoal's row met or MISSED (see target_met).
         repeat: how many times each contender runs; the best figure counts.
     """
 
@@ -83,38 +86,124 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+# A target reads "OP NUMBERx ..." (a ratio to the standard library's figure)
+# or "WORD OP NUMBER ..." (the figure itself, e.g. "efficiency >= 0.97");
+# the rest of the text is a comment for the reader.
+_TARGET = re.compile(r"^\s*(?:[A-Za-z][\w ]*?\s+)?(>=|<=)\s*(\d+(?:\.\d*)?)\s*(x?)")
+
+TARGET_LEGEND = (
+    "vs stdlib: how many times better than the standard library (speed, or 1/time).\n"
+    "target: what shoal's row must reach; 'Nx' is a ratio vs stdlib, a bare number the figure itself;\n"
+    "met / MISSED: whether this run reached it."
+)
+
+
+def target_met(target: str, value: float, ratio: float | None) -> bool | None:
+    """Whether shoal's *value* (and its *ratio* to the standard library)
+    reached *target*; None when the target cannot be checked (no target, an
+    unrecognised one, or a failed measurement)."""
+    m = _TARGET.match(target)
+    if not m:
+        return None
+    op, number, is_ratio = m.group(1), float(m.group(2)), bool(m.group(3))
+    actual = ratio if is_ratio else value
+    if actual is None or actual != actual:
+        return None
+    return actual >= number if op == ">=" else actual <= number
+
+
+def ratio_to(value: float, base: float | None, higher_is_better: bool) -> float | None:
+    """How many times better than *base* (speed, or 1/time); None if either failed."""
+    if not base or base != base or not value or value != value:
+        return None
+    return value / base if higher_is_better else base / value
+
+
+def scenario_record(sc: Scenario, figures: dict[str, float]) -> dict:
+    """The machine-readable result of one scenario (what ``--json`` writes)."""
+    base = figures.get("stdlib")
+    results = []
+    met = None
+    for contender, value in figures.items():
+        ratio = ratio_to(value, base, sc.higher_is_better)
+        results.append({"contender": contender, "value": value if value == value else None, "ratio": ratio})
+        if contender == "shoal":
+            met = target_met(sc.target, value, ratio)
+    return {
+        "name": sc.name,
+        "unit": sc.unit,
+        "higher_is_better": sc.higher_is_better,
+        "target": sc.target,
+        "met": met,
+        "notes": sc.notes,
+        "results": results,
+    }
+
+
+HEADER = f"{'scenario':44} {'contender':10} {'figure':>14} {'unit':12} {'vs stdlib':>10}  target"
+
+
+def print_header(out=sys.stdout) -> None:
+    print(TARGET_LEGEND, file=out)
+    print(HEADER, file=out)
+    print("-" * len(HEADER), file=out)
+
+
+def print_record(record: dict, out=sys.stdout) -> None:
+    """One table row per contender; shoal's row carries the target and its verdict."""
+    for row in record["results"]:
+        value = float("nan") if row["value"] is None else row["value"]
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+        target = ""
+        if row["contender"] == "shoal" and record["target"]:
+            verdict = {True: "met", False: "MISSED", None: "?"}[record["met"]]
+            target = f"{verdict:6} {record['target']}"
+        print(f"{record['name']:44} {row['contender']:10} {_fmt(value):>14} {record['unit']:12} {ratio:>10}  {target}",
+              file=out)
+    out.flush()
+
+
+def print_summary(records: list[dict], out=sys.stdout) -> None:
+    checked = [r for r in records if r["met"] is not None]
+    missed = [r["name"] for r in checked if not r["met"]]
+    print(f"\ntargets met: {len(checked) - len(missed)} of {len(checked)}", file=out)
+    for name in missed:
+        print(f"  missed: {name}", file=out)
+
+
 def run(selector: str | None = None, quick: bool = False, out=sys.stdout) -> list[dict]:
-    """Run the scenarios and print one row per contender; return the rows."""
-    rows: list[dict] = []
-    scenarios = load_scenarios(selector)
-    header = f"{'scenario':44} {'contender':10} {'figure':>14} {'unit':12} {'vs stdlib':>10}  target"
-    print(header, file=out)
-    print("-" * len(header), file=out)
-    for sc in scenarios:
-        results: dict[str, float] = {}
+    """Run the scenarios, print one row per contender, and return one
+    :func:`scenario_record` per scenario."""
+    records: list[dict] = []
+    print_header(out)
+    for sc in load_scenarios(selector):
+        figures: dict[str, float] = {}
         for contender, fn in sc.runners.items():
-            figures = []
+            measured = []
             for _ in range(1 if quick else sc.repeat):
                 try:
-                    figures.append(float(fn(quick)))
+                    measured.append(float(fn(quick)))
                 except Exception as exc:  # a failing contender is shown, not fatal
                     print(f"  {sc.name} / {contender} failed: {type(exc).__name__}: {exc}", file=out)
                     break
-            results[contender] = best_of(figures, sc.higher_is_better) if figures else float("nan")
-        base = results.get("stdlib")
-        for contender, value in results.items():
-            ratio = ""
-            if base and value == value and base == base and value:
-                r = value / base if sc.higher_is_better else base / value
-                ratio = f"{r:.2f}x"
-            target = sc.target if contender == "shoal" else ""
-            print(f"{sc.name:44} {contender:10} {_fmt(value):>14} {sc.unit:12} {ratio:>10}  {target}", file=out)
-            rows.append({"scenario": sc.name, "contender": contender, "value": value, "unit": sc.unit, "ratio": ratio})
-        out.flush()
-    if not quick:
-        print("\nratio = how many times better than the standard library (speed, or 1/time).", file=out)
-    return rows
+            figures[contender] = best_of(measured, sc.higher_is_better) if measured else float("nan")
+        record = scenario_record(sc, figures)
+        print_record(record, out)
+        records.append(record)
+    print_summary(records, out)
+    return records
 
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def describe(saved: dict) -> str:
+    """One line saying where and how results (as ``shoal bench --json``
+    writes them) were measured."""
+    return (
+        f"shoal {saved.get('shoal', '?')}, Python {saved.get('python', '?')} on {saved.get('machine', '?')}, "
+        f"{saved.get('cpus', '?')} CPUs, start method {saved.get('start_method', '?')}, "
+        f"{'quick' if saved.get('quick') else 'full'} run"
+        + (f", {saved['date']}" if saved.get("date") else "")
+    )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -117,16 +119,209 @@ def test_usage_errors_are_one_line_and_exit_2(workdir, args, message):
     assert "Traceback" not in out.stderr
 
 
-def test_bench_prints_ratios(workdir):
+def test_bench_prints_ratios_and_marks_the_target_met_or_missed(workdir):
     out = shoal(workdir, "bench", "--quick", "-k", "pool start", timeout=120)
     assert out.returncode == 0, out.stderr
-    import re
-
-    rows = re.findall(r"^pool start \+ first result\s+(\w+)\s+([\d.,]+)\s+ms\s+([\d.]+)x", out.stdout, re.M)
-    contenders = {name: float(ratio) for name, _figure, ratio in rows}
+    rows = re.findall(r"^pool start \+ first result\s+(\w+)\s+([\d.,]+)\s+ms\s+([\d.]+)x(.*)$", out.stdout, re.M)
+    contenders = {name: float(ratio) for name, _figure, ratio, _target in rows}
     assert {"stdlib", "shoal"} <= set(contenders)
     assert contenders["stdlib"] == 1.0
     assert contenders["shoal"] > 0
+    verdicts = {name: target.split()[0] if target.strip() else "" for name, _f, _r, target in rows}
+    # The row's verdict agrees with its ratio (target: >= 0.67x).
+    assert verdicts["shoal"] == ("met" if contenders["shoal"] >= 0.67 else "MISSED")
+    assert verdicts["stdlib"] == ""
+    assert "target: what shoal's row must reach" in out.stdout  # the column is explained
+    assert re.search(r"^targets met: [01] of 1$", out.stdout, re.M)
+
+
+@pytest.mark.parametrize(
+    ("target", "value", "ratio", "met"),
+    [
+        (">= 12x", 100.0, 12.5, True),
+        (">= 12x", 100.0, 5.0, False),
+        (">= 0.67x (time <= 1.5x the standard library's)", 9.0, 0.7, True),
+        ("efficiency >= 0.97 ('no pool' = this machine's ceiling)", 0.98, 1.01, True),
+        ("efficiency >= 0.97 ('no pool' = this machine's ceiling)", 0.95, 1.01, False),
+        ("<= 2x", 1.0, 3.0, False),
+        (">= 3x", float("nan"), None, None),  # a failed measurement is not judged
+        ("faster", 1.0, 2.0, None),  # a target the table cannot read is not judged
+    ],
+)
+def test_bench_target_verdict(target, value, ratio, met):
+    from shoal.benchmarks._framework import target_met
+
+    assert target_met(target, value, ratio) is met
+
+
+def _results_file(path, *, shoal_ratio: float):
+    saved = {
+        "shoal": "0.1.0", "python": "3.11.7", "machine": "x86_64", "cpus": 2, "start_method": "fork",
+        "quick": True, "date": "2026-01-01T00:00:00Z",
+        "scenarios": [
+            {
+                "name": "queue 100 B 1p/1c put/get", "unit": "msgs/s", "higher_is_better": True,
+                "target": ">= 3x", "met": shoal_ratio >= 3, "notes": "",
+                "results": [
+                    {"contender": "stdlib", "value": 100.0, "ratio": 1.0},
+                    {"contender": "shoal", "value": 100.0 * shoal_ratio, "ratio": shoal_ratio},
+                ],
+            }
+        ],
+    }
+    path.write_text(json.dumps(saved))
+    return saved
+
+
+def test_bench_json_to_stdout_is_machine_readable_and_the_table_goes_to_stderr(workdir):
+    out = shoal(workdir, "bench", "--quick", "-k", "pool start", "--json", "-", timeout=120)
+    assert out.returncode == 0, out.stderr
+    saved = json.loads(out.stdout)
+    assert saved["quick"] is True and saved["cpus"] >= 1
+    [scenario] = saved["scenarios"]
+    assert scenario["name"] == "pool start + first result" and scenario["unit"] == "ms"
+    results = {r["contender"]: r for r in scenario["results"]}
+    assert results["stdlib"]["ratio"] == 1.0
+    shoal_row = results["shoal"]
+    assert shoal_row["ratio"] == pytest.approx(results["stdlib"]["value"] / shoal_row["value"])
+    assert scenario["met"] is (shoal_row["ratio"] >= 0.67)
+    assert "pool start + first result" in out.stderr
+
+
+def test_bench_load_reprints_saved_results_and_json_file_round_trips(workdir):
+    saved = _results_file(workdir / "saved.json", shoal_ratio=2.0)
+    out = shoal(workdir, "bench", "--load", "saved.json", "--json", "copy.json")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^queue 100 B 1p/1c put/get\s+shoal\s+200\s+msgs/s\s+2.00x\s+MISSED >= 3x$",
+                     out.stdout, re.M)
+    assert "targets met: 0 of 1" in out.stdout
+    assert "  missed: queue 100 B 1p/1c put/get" in out.stdout
+    assert json.loads((workdir / "copy.json").read_text()) == saved
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "cannot read nothing.json"), ("{not json", "is not JSON"), ('{"a": 1}', "not a results file")],
+)
+def test_bench_load_of_a_bad_file_is_a_usage_error(workdir, content, message):
+    if content is not None:
+        (workdir / "nothing.json").write_text(content)
+    out = shoal(workdir, "bench", "--load", "nothing.json")
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_plot_draws_the_ratios(workdir):
+    _results_file(workdir / "saved.json", shoal_ratio=4.0)
+    out = shoal(workdir, "bench", "--load", "saved.json", "--plot", "ratios.png")
+    assert out.returncode == 0, out.stderr
+    assert (workdir / "ratios.png").read_bytes().startswith(b"\x89PNG")
+    out = shoal(workdir, "bench", "--load", "saved.json", "--plot", "ratios.svg")
+    assert out.returncode == 0, out.stderr
+    svg = (workdir / "ratios.svg").read_text()
+    assert "<svg" in svg and "queue 100 B 1p/1c put/get" in svg
+
+
+def test_bench_plot_without_matplotlib_says_how_to_install_it(workdir):
+    # A module that fails to import stands in for a missing matplotlib.
+    blocker = workdir / "block"
+    blocker.mkdir()
+    (blocker / "matplotlib.py").write_text("raise ImportError('No module named matplotlib')\n")
+    _results_file(workdir / "saved.json", shoal_ratio=4.0)
+    out = subprocess.run(
+        [sys.executable, "-m", "shoal", "bench", "--load", "saved.json", "--plot", "ratios.png"],
+        capture_output=True, text=True, timeout=60, cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(blocker)},
+    )
+    assert out.returncode == 2
+    assert "pip install 'shoal[plot]'" in out.stderr and "Traceback" not in out.stderr
+    assert not (workdir / "ratios.png").exists()
+
+
+def test_version(workdir):
+    import shoal as package
+
+    out = shoal(workdir, "--version")
+    assert out.returncode == 0
+    assert out.stdout.startswith(f"shoal {package.__version__} (Python ")
+
+
+def test_map_help_explains_module_function_with_an_example(workdir):
+    out = shoal(workdir, "map", "--help")
+    assert out.returncode == 0
+    assert "MODULE:FUNCTION names the function" in out.stdout
+    example = out.stdout.split("example:", 1)[1]
+    assert "def square(line)" in example and "shoal map mytasks:square" in example
+
+
+@pytest.mark.parametrize(
+    ("mode", "raised", "died"),
+    [
+        ("blank", r"^$", r"^$"),
+        ("error", r"^ValueError: three is not allowed$", r"^WorkerDiedError: .*SIGKILL"),
+    ],
+)
+def test_on_error_keeps_output_lines_aligned_with_input_lines(workdir, mode, raised, died):
+    out = shoal(workdir, "map", "tasks:fragile", "--on-error", mode, "-j", "2", stdin="0\n1\n2\n3\n4\n5\n6\n")
+    assert out.returncode == 1
+    lines = out.stdout.split("\n")[:-1]
+    assert len(lines) == 7
+    assert lines[:3] == ["0", "10", "20"] and lines[4] == "40" and lines[6] == "60"
+    assert re.search(raised, lines[3])  # item 3 raised
+    assert re.search(died, lines[5])  # item 5 killed its worker
+    assert "line 4: ValueError: three is not allowed" in out.stderr  # still reported
+
+
+def test_on_error_with_json_writes_json_placeholders_and_mirrors_blank_lines(workdir):
+    items = '{"name": "ab"}\n\nnot json\n{"nope": 1}\n{"name": "c"}\n'
+    out = shoal(workdir, "map", "tasks:as_record", "--json", "--on-error", "error", stdin=items)
+    assert out.returncode == 1
+    lines = out.stdout.split("\n")[:-1]
+    assert len(lines) == 5
+    assert json.loads(lines[0]) == {"name": "AB", "size": 2}
+    assert lines[1] == ""
+    assert json.loads(lines[2])["error"].startswith("invalid JSON")
+    assert json.loads(lines[3]) == {"error": "KeyError: 'name'"}
+    assert json.loads(lines[4]) == {"name": "C", "size": 1}
+    blank = shoal(workdir, "map", "tasks:as_record", "--json", "--on-error", "blank", stdin=items)
+    assert blank.stdout.split("\n")[:-1][2:4] == ["null", "null"]
+
+
+def _map_into_closed_pipe(workdir, lines: list[str]) -> subprocess.CompletedProcess:
+    """Run `shoal map tasks:double` with a reader that takes one line and
+    leaves, as `| head -1` does."""
+    (workdir / "in.txt").write_text("".join(f"{line}\n" for line in lines))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "map", "tasks:double", "in.txt", "-j", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir,
+    )
+    try:
+        first = proc.stdout.readline()
+        proc.stdout.close()  # the reader leaves; more output than a pipe holds is still to come
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, first, err)
+
+
+def test_map_exits_1_when_an_item_failed_before_the_reader_left(workdir):
+    out = _map_into_closed_pipe(workdir, ["1", "x", *map(str, range(100_000))])
+    assert out.stdout == "2\n"
+    assert out.returncode == 1, out.stderr
+    assert "line 2: ValueError" in out.stderr
+    assert "1 item(s) failed" in out.stderr
+    assert "Traceback" not in out.stderr and "Broken pipe" not in out.stderr
+
+
+def test_map_exits_0_when_the_reader_left_and_nothing_failed(workdir):
+    out = _map_into_closed_pipe(workdir, [str(i) for i in range(100_000)])
+    assert out.stdout == "0\n"
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
 
 
 def test_map_streams_results_before_the_input_ends(workdir):

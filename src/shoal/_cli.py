@@ -12,12 +12,18 @@
 
     An item that raises, times out (``--timeout``) or kills its worker is
     reported on stderr with its line number; the others are unaffected and the
-    exit status is 1 at the end.  A module, function or file that cannot be
-    found is a one-line error and exit status 2.
+    exit status is 1 at the end.  ``--on-error blank|error`` writes a
+    placeholder in the failed item's place, so output line N belongs to input
+    line N.  A reader that leaves early (``| head``) stops the run; the exit
+    status still says whether an item had failed by then.  A module, function
+    or file that cannot be found is a one-line error and exit status 2.
 
-``shoal bench [--quick] [-k WORD]``
+``shoal bench [--quick] [-k WORD] [--json FILE] [--plot FILE] [--load FILE]``
     Run the benchmark suite: shoal against the standard library (and loky,
-    mpire, joblib when installed) in one run, with ratios.
+    mpire, joblib when installed) in one run, with ratios, each shoal row
+    marked met or MISSED against its target.  ``--json`` saves the results,
+    ``--plot`` draws the ratios (matplotlib), ``--load`` prints and plots
+    saved results instead of measuring.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ def _open_input(path: str | None):
 
 
 def _format_error(exc: BaseException) -> str:
+    if isinstance(exc, _InvalidJSON):
+        return str(exc)
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -108,51 +116,73 @@ def cmd_map(args: argparse.Namespace) -> int:
 
     out = sys.stdout
     encode = json.dumps if args.json else str
+    placeholder = _placeholder(args.on_error, args.json)
     failures = 0
     window: deque[tuple[int, concurrent.futures.Future]] = deque()
     limit = max(64, 256 * (args.jobs or os.cpu_count() or 1))
     flushed_at = time.monotonic()
 
-    def emit(lineno: int, future: concurrent.futures.Future) -> None:
+    def fail(lineno: int, message: str) -> None:
         nonlocal failures
+        failures += 1
+        report(lineno, message)
+        if placeholder is not None:
+            out.write(placeholder(message) + "\n")
+
+    def emit(lineno: int, future: concurrent.futures.Future) -> None:
         try:
             value = future.result()
         except BaseException as exc:  # noqa: BLE001 - every item error is reported, not raised
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            failures += 1
-            report(lineno, _format_error(exc))
+            fail(lineno, _format_error(exc))
         else:
+            if value is _BLANK:
+                out.write("\n")
+                return
             try:
-                out.write(encode(value) + "\n")
+                text = encode(value)
             except (TypeError, ValueError) as exc:
-                failures += 1
-                report(lineno, f"result is not JSON-serializable: {exc}")
+                fail(lineno, f"result is not JSON-serializable: {exc}")
+            else:
+                out.write(text + "\n")
         if bar is not None:
             bar.update(1)
+
+    def settled(value=None, error: BaseException | None = None) -> concurrent.futures.Future:
+        """A finished future, so a line that never reached the pool keeps its
+        place in the window (and in the output)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+        return future
 
     try:
         with shoal.Pool(args.jobs, task_timeout=args.timeout) as pool:
             try:
                 for lineno, line in enumerate(source, 1):
                     line = line.rstrip("\n")
+                    future = None
                     if args.json:
                         if not line.strip():
-                            continue
-                        try:
-                            item = json.loads(line)
-                        except json.JSONDecodeError as exc:
-                            failures += 1
-                            report(lineno, f"invalid JSON: {exc}")
-                            continue
+                            if placeholder is None:
+                                continue
+                            future = settled(_BLANK)  # mirrored, to keep lines aligned
+                        else:
+                            try:
+                                item = json.loads(line)
+                            except json.JSONDecodeError as exc:
+                                future = settled(error=_InvalidJSON(exc))
                     else:
                         item = line
-                    try:
-                        window.append((lineno, pool.submit(fn, item)))
-                    except TypeError as exc:  # unpicklable item
-                        failures += 1
-                        report(lineno, _format_error(exc))
-                        continue
+                    if future is None:
+                        try:
+                            future = pool.submit(fn, item)
+                        except TypeError as exc:  # unpicklable item
+                            future = settled(error=exc)
+                    window.append((lineno, future))
                     while len(window) >= limit:
                         _drain(window, emit, args.unordered)
                     # Stream: write what is ready now, and flush now and
@@ -162,6 +192,8 @@ def cmd_map(args: argparse.Namespace) -> int:
                     if now - flushed_at > FLUSH_SECONDS:
                         out.flush()
                         flushed_at = now
+            except BrokenPipeError:
+                raise  # our output, not the input: handled below
             except OSError as exc:
                 _die(f"cannot read the input: {exc}")
             except UnicodeDecodeError as exc:
@@ -171,6 +203,10 @@ def cmd_map(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("shoal: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`shoal map ... | head`): stop, but still say
+        # whether an item had failed by then.
+        _reader_left()
     finally:
         if bar is not None:
             bar.close()
@@ -179,11 +215,40 @@ def cmd_map(args: argparse.Namespace) -> int:
         try:
             out.flush()
         except BrokenPipeError:
-            pass
+            _reader_left()
     if failures:
         print(f"shoal: {failures} item(s) failed", file=sys.stderr)
         return EXIT_ITEM_FAILED
     return 0
+
+
+#: The result written for a blank --json input line kept for alignment.
+_BLANK = object()
+
+
+class _InvalidJSON(ValueError):
+    def __str__(self) -> str:
+        return f"invalid JSON: {self.args[0]}"
+
+
+def _placeholder(on_error: str, as_json: bool):
+    """What ``--on-error`` writes in place of a failed item's result
+    (a function of the error text), or None to write nothing."""
+    if on_error == "skip":
+        return None
+    if on_error == "blank":
+        return lambda message: "null" if as_json else ""
+    if as_json:
+        return lambda message: json.dumps({"error": message})
+    return lambda message: message
+
+
+def _reader_left() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not
+    fail again on the pipe nobody reads."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _emit_ready(window: deque, emit, unordered: bool) -> None:
@@ -215,36 +280,152 @@ def _drain(window: deque, emit, unordered: bool) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import multiprocessing
 
-    from shoal.benchmarks._framework import run
+    from shoal import __version__
+    from shoal.benchmarks import _framework
 
-    print(
-        f"shoal bench: Python {platform.python_version()} on {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, start method {multiprocessing.get_start_method()}, "
-        f"{'quick' if args.quick else 'full'} run"
-    )
-    run(args.select, quick=args.quick)
+    if args.plot:
+        _need_matplotlib()
+    # With --json -, stdout carries the JSON and the table goes to stderr.
+    table = sys.stderr if args.json == "-" else sys.stdout
+    if args.load:
+        saved = _read_results(args.load)
+        print(f"shoal bench: results saved from {_framework.describe(saved)}", file=table)
+        _framework.print_header(table)
+        for record in saved["scenarios"]:
+            _framework.print_record(record, table)
+        _framework.print_summary(saved["scenarios"], table)
+    else:
+        saved = {
+            "shoal": __version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "start_method": multiprocessing.get_start_method(),
+            "quick": args.quick,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        print(f"shoal bench: {_framework.describe(saved)}", file=table)
+        saved["scenarios"] = _framework.run(args.select, quick=args.quick, out=table)
+    if args.json:
+        text = json.dumps(saved, indent=1) + "\n"
+        if args.json == "-":
+            sys.stdout.write(text)
+        else:
+            _write(args.json, text)
+    if args.plot:
+        _plot(saved, args.plot)
     return 0
 
 
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        _die(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def _read_results(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except OSError as exc:
+        _die(f"cannot read {path}: {exc.strerror or exc}")
+    except ValueError as exc:
+        _die(f"{path} is not JSON: {exc}")
+    if not isinstance(saved, dict) or not isinstance(saved.get("scenarios"), list):
+        _die(f"{path} is not a results file written by `shoal bench --json`")
+    return saved
+
+
+def _need_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        _die("--plot needs matplotlib: pip install 'shoal[plot]' (or pip install matplotlib)")
+
+
+def _plot(saved: dict, path: str) -> None:
+    from shoal.benchmarks._plot import draw_ratios
+
+    try:
+        draw_ratios(saved, path)
+    except (OSError, ValueError) as exc:
+        _die(f"cannot write {path}: {exc}")
+
+
+MAP_DESCRIPTION = """\
+Apply a function to every line of FILE (or standard input) in parallel and
+write one result per line to standard output, in input order.
+
+MODULE:FUNCTION names the function: MODULE is imported from the current
+directory or PYTHONPATH (a file mytasks.py is the module mytasks, a file
+pkg/tasks.py the module pkg.tasks) and FUNCTION is a name in it (dots reach
+further: mytasks:Resizer.run).  The function takes one argument, the line
+without its newline (with --json: the decoded JSON value), and its return
+value is written with str() (with --json: as JSON).
+"""
+
+MAP_EPILOG = """\
+example:
+  $ cat mytasks.py
+  def square(line):
+      return int(line) ** 2
+  $ seq 4 | shoal map mytasks:square -j 2
+  1
+  4
+  9
+  16
+
+An item that raises, times out or kills its worker is reported on stderr as
+"line N: Type: message"; the other items are unaffected.  Exit status: 0 when
+every item succeeded, 1 when any item failed (also when the reader left early,
+as with | head), 2 for a usage error, 130 on Ctrl-C.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from shoal import __version__
+
     parser = argparse.ArgumentParser(prog="shoal", description="Process parallelism that never hangs.")
+    parser.add_argument("--version", action="version",
+                        version=f"shoal {__version__} (Python {platform.python_version()})")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p_map = sub.add_parser("map", help="apply MODULE:FUNCTION to each line of FILE in parallel")
-    p_map.add_argument("function", metavar="MODULE:FUNCTION")
+    p_map = sub.add_parser("map", help="apply MODULE:FUNCTION to each line of FILE in parallel",
+                           description=MAP_DESCRIPTION, epilog=MAP_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_map.add_argument("function", metavar="MODULE:FUNCTION", help="the function to apply, e.g. mytasks:square")
     p_map.add_argument("file", metavar="FILE", nargs="?", help="input file (default: standard input)")
     p_map.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: CPU count)")
     p_map.add_argument("--json", action="store_true", help="items and results are JSON, one per line")
     p_map.add_argument("--unordered", action="store_true", help="write results as they finish")
     p_map.add_argument("--timeout", type=float, default=None, help="seconds each item may take")
+    p_map.add_argument("--on-error", choices=("skip", "blank", "error"), default="skip",
+                       help="what to write in place of a failed item's result: nothing (skip, the default), "
+                            "an empty line (blank; null with --json) or the error text (error; "
+                            '{"error": "..."} with --json); blank and error keep output line N aligned '
+                            "with input line N")
     p_map.add_argument("--progress", dest="progress", action="store_true", default=None,
                        help="show a progress bar (default: when stderr is a terminal)")
     p_map.add_argument("--no-progress", dest="progress", action="store_false")
     p_map.set_defaults(handler=cmd_map)
 
-    p_bench = sub.add_parser("bench", help="run the benchmark suite against the standard library")
+    p_bench = sub.add_parser(
+        "bench", help="run the benchmark suite against the standard library",
+        description="Measure shoal and the standard library (and loky, mpire, joblib when installed) "
+                    "in the same run and print each figure with its ratio to the standard library's. "
+                    "Each shoal row is marked met or MISSED against its target.")
     p_bench.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
-    p_bench.add_argument("-k", dest="select", default=None, help="only scenarios whose name contains WORD")
+    p_bench.add_argument("-k", dest="select", metavar="WORD", default=None,
+                         help="only scenarios whose name contains WORD")
+    p_bench.add_argument("--json", metavar="FILE", default=None,
+                         help="also write the results as JSON to FILE ('-': to stdout, the table to stderr)")
+    p_bench.add_argument("--plot", metavar="FILE", default=None,
+                         help="draw the ratios to FILE (.png, .svg, .pdf); needs matplotlib: "
+                              "pip install 'shoal[plot]'")
+    p_bench.add_argument("--load", metavar="FILE", default=None,
+                         help="print (and --plot) results saved with --json instead of measuring")
     p_bench.set_defaults(handler=cmd_bench)
     return parser
 
@@ -254,9 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except BrokenPipeError:
-        # `shoal map ... | head`: the reader left; that is not an error.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # `shoal bench | head`: the reader left; that is not an error.
+        _reader_left()
         return 0
 
 
