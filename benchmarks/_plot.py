@@ -24,24 +24,32 @@ def draw_ratios(saved: dict, target: str | IO[bytes], fmt: str | None = None) ->
     contenders = sorted({r["contender"] for sc in scenarios for r in sc["results"]} - {"stdlib"},
                         key=lambda c: (c != "shoal", c))
     colors = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(contenders)}
-    height = 0.8 / max(1, len(contenders))
-    fig = Figure(figsize=(10, 1.2 + 0.22 * len(scenarios) * max(2, len(contenders))), layout="constrained")
+    # One row per bar, top to bottom; a scenario's bars sit together, and
+    # only the contenders it measured take room.
+    groups = []
+    for sc in scenarios:
+        ratios = {r["contender"]: r["ratio"] for r in sc["results"] if r["ratio"] and r["contender"] != "stdlib"}
+        groups.append((sc, [(c, ratios[c]) for c in contenders if c in ratios]))
+    rows = sum(len(bars) for _, bars in groups) + 0.6 * len(groups)
+    fig = Figure(figsize=(10, 1.0 + 0.2 * rows), layout="constrained")
     ax = fig.add_subplot()
     labelled: set[str] = set()
     ticks = []
-    for i, sc in enumerate(scenarios):
-        y = len(scenarios) - 1 - i
-        ticks.append((y, f"{sc['name']} [{sc['unit']}]"))
-        for j, contender in enumerate(contenders):
-            ratio = next((r["ratio"] for r in sc["results"] if r["contender"] == contender), None)
-            if ratio:
-                # From 1 (the standard library) to the ratio: left of it is worse.
-                ax.barh(y + 0.4 - (j + 0.5) * height, ratio - 1, height, left=1, color=colors[contender],
-                        label=None if contender in labelled else contender)
-                labelled.add(contender)
+    y = 0.0
+    for sc, bars in groups:
+        top = y
+        for contender, ratio in bars:
+            # From 1 (the standard library) to the ratio: left of it is worse.
+            ax.barh(-y, ratio - 1, 0.8, left=1, color=colors[contender],
+                    label=None if contender in labelled else contender)
+            labelled.add(contender)
+            y += 1
+        ticks.append((-(top + y - 1) / 2, f"{sc['name']} [{sc['unit']}]"))
         m = _TARGET.match(sc.get("target") or "")
         if m and m.group(3):  # a ratio target: where shoal's bar must reach
-            ax.plot([float(m.group(2))] * 2, [y - 0.45, y + 0.45], color="#d62728", linewidth=2)
+            ax.plot([float(m.group(2))] * 2, [-top + 0.5, -(y - 0.5)], color="#d62728", linewidth=2)
+        y += 0.6
+    ax.set_ylim(-(y - 0.1), 1.0)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yticks([y for y, _ in ticks], [text for _, text in ticks], fontsize=8)
@@ -53,4 +61,4 @@ def draw_ratios(saved: dict, target: str | IO[bytes], fmt: str | None = None) ->
         fmt = target.rsplit(".", 1)[-1].lower() if "." in target else "png"
     # No date in SVG/PDF metadata, so the same results draw the same file.
     metadata = {"Date": None} if fmt in ("svg", "pdf") else None
-    fig.savefig(target, format=fmt, metadata=metadata)
+    fig.savefig(target, format=fmt, metadata=metadata, bbox_inches="tight")

@@ -1,0 +1,53 @@
+"""The documentation site builds with warnings as errors, and shows what the
+repository holds (API reference, benchmark results, README's differences)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    out = tmp_path_factory.mktemp("site")
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    return out
+
+
+def test_docs_build_strict_with_api_reference(site):
+    reference = (site / "reference" / "index.html").read_text()
+    for name in ("shoal.Pool", "shoal.ProcessPoolExecutor", "shoal.SharedDict", "shoal.WorkerDiedError"):
+        assert f'id="{name}"' in reference, name
+
+
+def test_benchmark_page_shows_the_committed_results_as_table_and_chart(site):
+    saved = json.loads((ROOT / "docs" / "benchmarks" / "results.json").read_text())
+    page = (site / "benchmarks" / "index.html").read_text()
+    for scenario in saved["scenarios"]:
+        assert scenario["name"].replace("&", "&amp;") in page
+    assert 'src="ratios.svg"' in page  # the chart drawn at build time
+    chart = (site / "benchmarks" / "ratios.svg").read_text()
+    assert "<svg" in chart and saved["scenarios"][0]["name"].replace("&", "&amp;") in chart
+
+
+def test_differences_page_mirrors_the_readme_section(site):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Differences from the standard library", 1)[1].split("\n## ", 1)[0]
+    first_bullet = next(line for line in section.splitlines() if line.startswith("- **"))
+    title = first_bullet.split("**")[1]
+    assert title in (site / "guide" / "differences" / "index.html").read_text()
