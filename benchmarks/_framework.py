@@ -149,17 +149,27 @@ def print_header(out=sys.stdout) -> None:
     print("-" * len(HEADER), file=out)
 
 
-def print_record(record: dict, out=sys.stdout) -> None:
-    """One table row per contender; shoal's row carries the target and its verdict."""
+def table_rows(record: dict) -> list[tuple[str, str, str, str, str | None]]:
+    """A scenario record as table cells, one row per contender: contender,
+    figure, ratio, target (shoal's row only) and its verdict ("met",
+    "MISSED", "?"; None on other rows)."""
+    rows = []
     for row in record["results"]:
-        value = float("nan") if row["value"] is None else row["value"]
+        figure = _fmt(float("nan") if row["value"] is None else row["value"])
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}x"
-        target = ""
         if row["contender"] == "shoal" and record["target"]:
             verdict = {True: "met", False: "MISSED", None: "?"}[record["met"]]
-            target = f"{verdict:6} {record['target']}"
-        print(f"{record['name']:44} {row['contender']:10} {_fmt(value):>14} {record['unit']:12} {ratio:>10}  {target}",
-              file=out)
+            rows.append((row["contender"], figure, ratio, record["target"], verdict))
+        else:
+            rows.append((row["contender"], figure, ratio, "", None))
+    return rows
+
+
+def print_record(record: dict, out=sys.stdout) -> None:
+    """One table row per contender; shoal's row carries the target and its verdict."""
+    for contender, figure, ratio, target, verdict in table_rows(record):
+        mark = f"{verdict:6} {target}" if verdict else ""
+        print(f"{record['name']:44} {contender:10} {figure:>14} {record['unit']:12} {ratio:>10}  {mark}", file=out)
     out.flush()
 
 

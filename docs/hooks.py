@@ -53,7 +53,7 @@ def _results() -> dict:
 
 
 def _bench_table(saved: dict) -> str:
-    from shoal.benchmarks._framework import _fmt, describe
+    from shoal.benchmarks._framework import describe, table_rows
 
     lines = [
         f"Measured with `shoal bench --json`: {describe(saved)}.",
@@ -62,16 +62,11 @@ def _bench_table(saved: dict) -> str:
         "|---|---|--:|---|--:|---|",
     ]
     for sc in saved["scenarios"]:
-        for row in sc["results"]:
-            value = float("nan") if row["value"] is None else row["value"]
-            ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}x"
-            target = ""
-            if row["contender"] == "shoal" and sc["target"]:
-                verdict = {True: "met", False: "**missed**", None: "not judged"}[sc["met"]]
-                target = f"{verdict}: {sc['target']}"
-            name = sc["name"] if row is sc["results"][0] else ""
-            contender = f"**{row['contender']}**" if row["contender"] == "shoal" else row["contender"]
-            cells = [name, contender, _fmt(value), sc["unit"], ratio, target]
+        for i, (contender, figure, ratio, target, verdict) in enumerate(table_rows(sc)):
+            if verdict:
+                contender = f"**{contender}**"
+                target = f"{'**missed**' if verdict == 'MISSED' else verdict}: {target}"
+            cells = [sc["name"] if i == 0 else "", contender, figure, sc["unit"], ratio, target]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
