@@ -211,6 +211,14 @@ def test_bench_load_of_a_bad_file_is_a_usage_error(workdir, content, message):
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_bench_output_into_a_missing_directory_fails_before_measuring(workdir, option):
+    out = shoal(workdir, "bench", option, "no/such/dir/out.svg")
+    assert out.returncode == 2
+    assert "cannot write no/such/dir/out.svg: no such directory" in out.stderr
+    assert out.stdout == ""  # nothing was measured
+
+
 def test_bench_plot_draws_the_ratios(workdir):
     _results_file(workdir / "saved.json", shoal_ratio=4.0)
     out = shoal(workdir, "bench", "--load", "saved.json", "--plot", "ratios.png")

@@ -285,6 +285,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.plot:
         _need_matplotlib()
+    # Say so now, not after minutes of measuring.
+    for path in (args.json, args.plot):
+        if path and path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            _die(f"cannot write {path}: no such directory")
     # With --json -, stdout carries the JSON and the table goes to stderr.
     table = sys.stderr if args.json == "-" else sys.stdout
     if args.load:
