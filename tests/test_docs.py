@@ -33,6 +33,9 @@ def test_docs_build_strict_with_api_reference(site):
     reference = (site / "reference" / "index.html").read_text()
     for name in ("shoal.Pool", "shoal.ProcessPoolExecutor", "shoal.SharedDict", "shoal.WorkerDiedError"):
         assert f'id="{name}"' in reference, name
+    # Sphinx roles in docstrings become links or code, not literal text.
+    assert ":class:" not in reference and "The tree::" not in reference
+    assert 'href="#shoal.WorkerStartError"' in reference
 
 
 def test_benchmark_page_shows_the_committed_results_as_table_and_chart(site):
