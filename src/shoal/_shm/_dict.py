@@ -303,7 +303,7 @@ def _decode_key(data: bytes) -> Any:
 
 
 def _encode_value(value: Any) -> int | bytes:
-    """An int the native core stores inline, or tagged bytes (see _native.c)."""
+    """An int the native core stores inline, or tagged bytes (see src/native/dict.c)."""
     t = type(value)
     if t is int:
         if _INLINE_MIN <= value <= _INLINE_MAX:

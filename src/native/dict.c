@@ -1,566 +1,5 @@
-/* shoal._native: what Python cannot reach.
- *
- * 1. Atomics on 64-bit words at an offset in any writable buffer (mmap,
- *    bytearray, a shoal Segment's mmap): load, store, fetch_add,
- *    compare_exchange.  All sequentially consistent: these are for shared
- *    memory between processes, where being wrong is worse than 2 ns.
- * 2. A process-shared *robust* pthread mutex living in a shared buffer.  When
- *    its holder dies, the next locker is told (owner_died=True) so it can
- *    repair what the dead holder was doing, then mark it consistent.
- *    Waiters spin briefly, then block without the GIL in short slices so
- *    Ctrl-C is still seen.
- * 3. futex wait / wake on a 32-bit word in shared memory (no GIL while
- *    waiting).
- * 4. xxh64, a stable 64-bit hash: hash() differs between processes started
- *    with spawn, so nothing shared may depend on it.
- * 5. The hot paths of shoal.SharedDict (the layout is described in
- *    shoal/_shm/_dict.py and again above the dict section below): a
- *    lock-free get, and put / delete / incr / rebuild under the dict's robust
- *    mutex.  They are in C because each is one call here versus a dozen
- *    calls and struct unpackings from Python, and because lock-free readers
- *    need real memory-ordering guarantees that pure Python cannot give.
- *
- * Linux only (memfd, futex, robust mutexes).  No global state besides a fork
- * counter, a cached reference to pickle.loads and the count of SharedDict
- * mappings (for the error message when address space runs out).
- */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
-#include <errno.h>
-#include <fcntl.h>
-#include <linux/futex.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
-
-#if defined(__x86_64__) || defined(__i386__)
-#define CPU_RELAX() __builtin_ia32_pause()
-#elif defined(__aarch64__)
-#define CPU_RELAX() __asm__ __volatile__("yield")
-#else
-#define CPU_RELAX() ((void)0)
-#endif
-
-/* ------------------------------------------------------------------------
- * Buffer access with bounds and alignment checks
- * ---------------------------------------------------------------------- */
-
-/* Borrow a writable buffer and return the address of `width` bytes at
- * `offset`, aligned to `align`.  The caller releases `view`. */
-static char *
-buffer_at(PyObject *obj, PyObject *offset_obj, Py_ssize_t width, Py_ssize_t align, Py_buffer *view)
-{
-    Py_ssize_t offset = PyLong_AsSsize_t(offset_obj);
-    if (offset == -1 && PyErr_Occurred())
-        return NULL;
-    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) < 0)
-        return NULL;
-    if (offset < 0 || width > view->len || offset > view->len - width) {
-        PyErr_Format(PyExc_IndexError,
-                     "offset %zd out of range for a %zd-byte access in a buffer of %zd bytes",
-                     offset, width, view->len);
-        PyBuffer_Release(view);
-        return NULL;
-    }
-    char *p = (char *)view->buf + offset;
-    if ((uintptr_t)p % (uintptr_t)align) {
-        PyErr_Format(PyExc_ValueError,
-                     "offset %zd is not %zd-byte aligned (atomic access needs natural alignment)",
-                     offset, align);
-        PyBuffer_Release(view);
-        return NULL;
-    }
-    return p;
-}
-
-static int
-check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi)
-{
-    if (nargs < lo || nargs > hi) {
-        if (lo == hi)
-            PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, lo, nargs);
-        else
-            PyErr_Format(PyExc_TypeError, "%s() takes %zd to %zd arguments (%zd given)", name, lo, hi, nargs);
-        return -1;
-    }
-    return 0;
-}
-
-/* None or a number of seconds >= 0 (inf: none); -1.0 means "no timeout". */
-static int
-parse_timeout(PyObject *obj, double *out)
-{
-    if (obj == NULL || obj == Py_None) {
-        *out = -1.0;
-        return 0;
-    }
-    double t = PyFloat_AsDouble(obj);
-    if (t == -1.0 && PyErr_Occurred())
-        return -1;
-    if (t < 0 || t != t) {
-        PyErr_SetString(PyExc_ValueError, "timeout must be a number >= 0 or None");
-        return -1;
-    }
-    /* inf, and anything beyond ~31 years (which would overflow a time_t
-     * deadline), means no timeout. */
-    *out = t >= 1e9 ? -1.0 : t;
-    return 0;
-}
-
-static double
-monotonic_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-/* ------------------------------------------------------------------------
- * 1. Atomics
- * ---------------------------------------------------------------------- */
-
-static PyObject *
-atomic_load(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    if (check_nargs("load", nargs, 2, 2) < 0)
-        return NULL;
-    int64_t *p = (int64_t *)buffer_at(args[0], args[1], 8, 8, &view);
-    if (p == NULL)
-        return NULL;
-    int64_t v = __atomic_load_n(p, __ATOMIC_SEQ_CST);
-    PyBuffer_Release(&view);
-    return PyLong_FromLongLong(v);
-}
-
-static PyObject *
-atomic_store(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    if (check_nargs("store", nargs, 3, 3) < 0)
-        return NULL;
-    long long v = PyLong_AsLongLong(args[2]);
-    if (v == -1 && PyErr_Occurred())
-        return NULL;
-    int64_t *p = (int64_t *)buffer_at(args[0], args[1], 8, 8, &view);
-    if (p == NULL)
-        return NULL;
-    __atomic_store_n(p, (int64_t)v, __ATOMIC_SEQ_CST);
-    PyBuffer_Release(&view);
-    Py_RETURN_NONE;
-}
-
-/* fetch_add(buf, offset, delta) -> the previous value (wraps like C int64). */
-static PyObject *
-atomic_fetch_add(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    if (check_nargs("fetch_add", nargs, 3, 3) < 0)
-        return NULL;
-    long long d = PyLong_AsLongLong(args[2]);
-    if (d == -1 && PyErr_Occurred())
-        return NULL;
-    int64_t *p = (int64_t *)buffer_at(args[0], args[1], 8, 8, &view);
-    if (p == NULL)
-        return NULL;
-    /* Unsigned addition: wrapping is defined, signed overflow is not. */
-    uint64_t old = __atomic_fetch_add((uint64_t *)p, (uint64_t)d, __ATOMIC_SEQ_CST);
-    PyBuffer_Release(&view);
-    return PyLong_FromLongLong((int64_t)old);
-}
-
-/* compare_exchange(buf, offset, expected, desired) -> the value found.
- * It was replaced by `desired` exactly when the result == expected. */
-static PyObject *
-atomic_compare_exchange(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    if (check_nargs("compare_exchange", nargs, 4, 4) < 0)
-        return NULL;
-    long long expected = PyLong_AsLongLong(args[2]);
-    if (expected == -1 && PyErr_Occurred())
-        return NULL;
-    long long desired = PyLong_AsLongLong(args[3]);
-    if (desired == -1 && PyErr_Occurred())
-        return NULL;
-    int64_t *p = (int64_t *)buffer_at(args[0], args[1], 8, 8, &view);
-    if (p == NULL)
-        return NULL;
-    int64_t e = expected;
-    __atomic_compare_exchange_n(p, &e, (int64_t)desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-    PyBuffer_Release(&view);
-    return PyLong_FromLongLong(e);
-}
-
-/* ------------------------------------------------------------------------
- * 2. Robust process-shared mutex
- * ---------------------------------------------------------------------- */
-
-/* Spin before sleeping: a cross-core handoff on a VM costs ~0.25 us, a
- * futex sleep + wake 80-100 us, so a few microseconds of spinning pays.
- * Bounded by time, because PAUSE costs 10 to 140 cycles depending on the
- * CPU. */
-#define SPIN_SECONDS 20e-6
-/* Blocking waits sleep in slices of this many seconds so that signals
- * (KeyboardInterrupt) are handled while waiting. */
-#define WAIT_SLICE 0.05
-
-static int
-init_robust_mutex(pthread_mutex_t *mu)
-{
-    pthread_mutexattr_t attr;
-    int r = pthread_mutexattr_init(&attr);
-    if (r == 0)
-        r = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-    if (r == 0)
-        r = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-    /* ERRORCHECK: relocking from the holding thread reports EDEADLK
-     * instead of hanging forever. */
-    if (r == 0)
-        r = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
-    if (r == 0)
-        r = pthread_mutex_init(mu, &attr);
-    pthread_mutexattr_destroy(&attr);
-    if (r != 0) {
-        errno = r;
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    return 0;
-}
-
-static void
-set_lock_error(int r)
-{
-    if (r == EDEADLK)
-        PyErr_SetString(PyExc_RuntimeError,
-                        "this thread already holds the lock (it is not re-entrant at this level)");
-    else if (r == ENOTRECOVERABLE)
-        PyErr_SetString(PyExc_OSError,
-                        "the lock is unusable: a previous holder died and it was released "
-                        "without being marked consistent");
-    else {
-        errno = r;
-        PyErr_SetFromErrno(PyExc_OSError);
-    }
-}
-
-/* Lock `mu`, with the GIL held on entry and exit.  Returns 0 (locked),
- * EOWNERDEAD (locked; the previous holder died holding it), ETIMEDOUT,
- * EDEADLK (this thread holds it already), or -1 with an exception set. */
-static int
-lock_robust(pthread_mutex_t *mu, double timeout, int spin)
-{
-    int r = pthread_mutex_trylock(mu);
-    if (r == 0 || r == EOWNERDEAD)
-        return r;
-    if (r != EBUSY)
-        goto fail;
-    double spin_until = spin ? monotonic_now() + SPIN_SECONDS : 0;
-    while (spin) {
-        for (int j = 0; j < 8; j++)
-            CPU_RELAX();
-        r = pthread_mutex_trylock(mu);
-        if (r == 0 || r == EOWNERDEAD)
-            return r;
-        if (r != EBUSY)
-            goto fail;
-        if (monotonic_now() > spin_until)
-            break;
-    }
-    if (timeout == 0)
-        return ETIMEDOUT;
-    double deadline = timeout < 0 ? 0 : monotonic_now() + timeout;
-    for (;;) {
-        double slice = WAIT_SLICE;
-        if (timeout >= 0) {
-            double left = deadline - monotonic_now();
-            if (left <= 0)
-                return ETIMEDOUT;
-            if (left < slice)
-                slice = left;
-        }
-        /* timedlock takes CLOCK_REALTIME; the slices are short, so a clock
-         * step only shortens or lengthens one slice. */
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        long long ns = ts.tv_nsec + (long long)(slice * 1e9);
-        ts.tv_sec += ns / 1000000000LL;
-        ts.tv_nsec = ns % 1000000000LL;
-        Py_BEGIN_ALLOW_THREADS
-        r = pthread_mutex_timedlock(mu, &ts);
-        Py_END_ALLOW_THREADS
-        if (r == 0 || r == EOWNERDEAD)
-            return r;
-        if (r != ETIMEDOUT)
-            goto fail;
-        if (PyErr_CheckSignals() < 0)
-            return -1;
-    }
-fail:
-    if (r == EDEADLK)
-        return r;
-    set_lock_error(r);
-    return -1;
-}
-
-static PyObject *
-mutex_init(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    if (check_nargs("mutex_init", nargs, 2, 2) < 0)
-        return NULL;
-    pthread_mutex_t *mu = (pthread_mutex_t *)buffer_at(args[0], args[1], sizeof(pthread_mutex_t), 8, &view);
-    if (mu == NULL)
-        return NULL;
-    int r = init_robust_mutex(mu);
-    PyBuffer_Release(&view);
-    if (r < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-/* mutex_acquire(buf, offset, timeout=None) -> owner_died: bool.
- * Raises TimeoutError when the timeout passes.  When owner_died is True the
- * caller holds the lock, must repair the data it protects and then call
- * mutex_consistent(); releasing it without doing so makes it unusable. */
-static PyObject *
-mutex_acquire(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    double timeout;
-    if (check_nargs("mutex_acquire", nargs, 2, 3) < 0)
-        return NULL;
-    if (parse_timeout(nargs > 2 ? args[2] : NULL, &timeout) < 0)
-        return NULL;
-    pthread_mutex_t *mu = (pthread_mutex_t *)buffer_at(args[0], args[1], sizeof(pthread_mutex_t), 8, &view);
-    if (mu == NULL)
-        return NULL;
-    int r = lock_robust(mu, timeout, 1);
-    PyBuffer_Release(&view);
-    if (r < 0)
-        return NULL;
-    if (r == EDEADLK) {
-        set_lock_error(r);
-        return NULL;
-    }
-    if (r == ETIMEDOUT) {
-        PyErr_SetString(PyExc_TimeoutError, "timed out waiting for the lock");
-        return NULL;
-    }
-    return PyBool_FromLong(r == EOWNERDEAD);
-}
-
-static PyObject *
-mutex_release(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    if (check_nargs("mutex_release", nargs, 2, 2) < 0)
-        return NULL;
-    pthread_mutex_t *mu = (pthread_mutex_t *)buffer_at(args[0], args[1], sizeof(pthread_mutex_t), 8, &view);
-    if (mu == NULL)
-        return NULL;
-    int r = pthread_mutex_unlock(mu);
-    PyBuffer_Release(&view);
-    if (r == EPERM) {
-        PyErr_SetString(PyExc_RuntimeError, "release of a lock this thread does not hold");
-        return NULL;
-    }
-    if (r != 0) {
-        set_lock_error(r);
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-mutex_consistent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    if (check_nargs("mutex_consistent", nargs, 2, 2) < 0)
-        return NULL;
-    pthread_mutex_t *mu = (pthread_mutex_t *)buffer_at(args[0], args[1], sizeof(pthread_mutex_t), 8, &view);
-    if (mu == NULL)
-        return NULL;
-    int r = pthread_mutex_consistent(mu);
-    PyBuffer_Release(&view);
-    if (r != 0) {
-        set_lock_error(r);
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
-/* ------------------------------------------------------------------------
- * 3. futex wait / wake (shared, not FUTEX_PRIVATE: the word is in memory
- *    mapped by several processes)
- * ---------------------------------------------------------------------- */
-
-/* futex_wait(buf, offset, expected, timeout=None) -> bool.
- * Sleeps while the 32-bit word at offset equals `expected`.  Returns False
- * on timeout, True otherwise (woken, the value differed, or a spurious
- * wake-up: callers re-check their condition). */
-static PyObject *
-futex_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    double timeout;
-    if (check_nargs("futex_wait", nargs, 3, 4) < 0)
-        return NULL;
-    long long expected = PyLong_AsLongLong(args[2]);
-    if (expected == -1 && PyErr_Occurred())
-        return NULL;
-    if (expected < INT32_MIN || expected > (long long)UINT32_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "futex_wait: expected must fit in 32 bits");
-        return NULL;
-    }
-    if (parse_timeout(nargs > 3 ? args[3] : NULL, &timeout) < 0)
-        return NULL;
-    uint32_t *p = (uint32_t *)buffer_at(args[0], args[1], 4, 4, &view);
-    if (p == NULL)
-        return NULL;
-    struct timespec ts, *tsp = NULL;
-    if (timeout >= 0) {
-        ts.tv_sec = (time_t)timeout;
-        ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
-        tsp = &ts;
-    }
-    long r;
-    int err;
-    Py_BEGIN_ALLOW_THREADS
-    r = syscall(SYS_futex, p, FUTEX_WAIT, (uint32_t)expected, tsp, NULL, 0);
-    err = errno;
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&view);
-    if (r == 0 || err == EAGAIN)
-        Py_RETURN_TRUE;
-    if (err == ETIMEDOUT)
-        Py_RETURN_FALSE;
-    if (err == EINTR) {
-        if (PyErr_CheckSignals() < 0)
-            return NULL;
-        Py_RETURN_TRUE;
-    }
-    errno = err;
-    return PyErr_SetFromErrno(PyExc_OSError);
-}
-
-/* futex_wake(buf, offset, count=1) -> number of waiters woken. */
-static PyObject *
-futex_wake(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    if (check_nargs("futex_wake", nargs, 2, 3) < 0)
-        return NULL;
-    long count = 1;
-    if (nargs > 2) {
-        count = PyLong_AsLong(args[2]);
-        if (count == -1 && PyErr_Occurred())
-            return NULL;
-        if (count < 0 || count > INT32_MAX)
-            count = INT32_MAX;
-    }
-    uint32_t *p = (uint32_t *)buffer_at(args[0], args[1], 4, 4, &view);
-    if (p == NULL)
-        return NULL;
-    long r = syscall(SYS_futex, p, FUTEX_WAKE, (int)count, NULL, NULL, 0);
-    int err = errno;
-    PyBuffer_Release(&view);
-    if (r < 0) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromLong(r);
-}
-
-/* ------------------------------------------------------------------------
- * 4. xxh64 (Yann Collet's XXH64, written from its specification)
- * ---------------------------------------------------------------------- */
-
-#define P1 0x9E3779B185EBCA87ULL
-#define P2 0xC2B2AE3D27D4EB4FULL
-#define P3 0x165667B19E3779F9ULL
-#define P4 0x85EBCA77C2B2AE63ULL
-#define P5 0x27D4EB2F165667C5ULL
-
-static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
-static inline uint64_t rd64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }  /* little-endian hosts */
-static inline uint32_t rd32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-static inline uint64_t xround(uint64_t acc, uint64_t in) { acc += in * P2; acc = rotl64(acc, 31); return acc * P1; }
-static inline uint64_t xmerge(uint64_t acc, uint64_t v) { acc ^= xround(0, v); return acc * P1 + P4; }
-
-static uint64_t
-xxh64(const void *data, size_t len, uint64_t seed)
-{
-    const unsigned char *p = (const unsigned char *)data, *end = p + len;
-    uint64_t h;
-    if (len >= 32) {
-        uint64_t v1 = seed + P1 + P2, v2 = seed + P2, v3 = seed, v4 = seed - P1;
-        const unsigned char *limit = end - 32;
-        do {
-            v1 = xround(v1, rd64(p));
-            v2 = xround(v2, rd64(p + 8));
-            v3 = xround(v3, rd64(p + 16));
-            v4 = xround(v4, rd64(p + 24));
-            p += 32;
-        } while (p <= limit);
-        h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
-        h = xmerge(h, v1);
-        h = xmerge(h, v2);
-        h = xmerge(h, v3);
-        h = xmerge(h, v4);
-    } else {
-        h = seed + P5;
-    }
-    h += (uint64_t)len;
-    while (p + 8 <= end) {
-        h ^= xround(0, rd64(p));
-        h = rotl64(h, 27) * P1 + P4;
-        p += 8;
-    }
-    if (p + 4 <= end) {
-        h ^= (uint64_t)rd32(p) * P1;
-        h = rotl64(h, 23) * P2 + P3;
-        p += 4;
-    }
-    while (p < end) {
-        h ^= (*p) * P5;
-        h = rotl64(h, 11) * P1;
-        p++;
-    }
-    h ^= h >> 33;
-    h *= P2;
-    h ^= h >> 29;
-    h *= P3;
-    h ^= h >> 32;
-    return h;
-}
-
-/* hash64(data, seed=0) -> int in [0, 2**64). */
-static PyObject *
-hash64(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (check_nargs("hash64", nargs, 1, 2) < 0)
-        return NULL;
-    unsigned long long seed = 0;
-    if (nargs > 1) {
-        seed = PyLong_AsUnsignedLongLong(args[1]);
-        if (seed == (unsigned long long)-1 && PyErr_Occurred())
-            return NULL;
-    }
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    uint64_t h = xxh64(view.buf, (size_t)view.len, seed);
-    PyBuffer_Release(&view);
-    return PyLong_FromUnsignedLongLong(h);
-}
+/* dict.c: the SharedDict core (see src/shoal/_shm/_dict.py for the Python side). */
+#include "shoal_native.h"
 
 /* ------------------------------------------------------------------------
  * 5. SharedDict core
@@ -598,25 +37,19 @@ hash64(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
  * block whose value was replaced) and moves gen (dict_repair).
  * ---------------------------------------------------------------------- */
 
-#define DICT_MAGIC 0x3163696453414f48ULL /* "HOASdic1" little-endian */
 #define H_MAGIC 0
 #define H_FILE_SIZE 8
 #define H_DESC 16
 #define H_GEN 24
 #define H_MAX_SIZE 32
 #define H_MUTEX 64
-#define HEADER_SIZE 256
 
 #define R_SIZE 0
 #define R_LGCAP 8
 #define R_NENTRIES 16
 #define R_COUNT 24
 #define R_HEAP_TOP 32
-#define REGION_HEADER 64
-#define ENTRY 24
 
-#define INLINE_MIN (-(1LL << 62))
-#define INLINE_MAX ((1LL << 62) - 1)
 #define READ_RETRIES 200
 
 _Static_assert(sizeof(pthread_mutex_t) <= HEADER_SIZE - H_MUTEX, "mutex does not fit the header");
@@ -624,7 +57,7 @@ _Static_assert(sizeof(pthread_mutex_t) <= HEADER_SIZE - H_MUTEX, "mutex does not
 /* Incremented in the child after fork(): a lock "held by this thread" in
  * the parent is not held by the child's copy of that thread. */
 static unsigned long fork_generation;
-static void after_fork_child(void) { fork_generation++; }
+void after_fork_child(void) { fork_generation++; }
 
 typedef struct {
     PyObject_HEAD
@@ -650,7 +83,7 @@ typedef struct {
     int borrowed;
 } MappingObject;
 
-static PyTypeObject Mapping_Type;
+
 static PyObject *pickle_loads;  /* cached pickle.loads */
 static Py_ssize_t mapping_count; /* Mappings mapped in this process */
 static size_t mapping_bytes;     /* and the address space they reserve */
@@ -818,7 +251,7 @@ static PyGetSetDef Mapping_getset[] = {
     {NULL},
 };
 
-static PyTypeObject Mapping_Type = {
+PyTypeObject Mapping_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shoal._native.Mapping",
     .tp_basicsize = sizeof(MappingObject),
@@ -875,7 +308,7 @@ op_end(MappingObject *m)
 }
 
 #define OP_WRAPPER(name, need_magic)                                              \
-    static PyObject *name(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) \
+    PyObject *name(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) \
     {                                                                             \
         if (nargs < 1)                                                            \
             return name##_body(mod, args, nargs);                                 \
@@ -1133,7 +566,7 @@ dict_lock_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 }
 OP_WRAPPER(dict_lock, 1)
 
-static PyObject *
+PyObject *
 dict_unlock(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs("dict_unlock", nargs, 1, 1) < 0)
@@ -1232,7 +665,6 @@ DictLock_dealloc(DictLockObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *dict_unlock(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 
 static PyObject *
 DictLock_enter(DictLockObject *self, PyObject *unused)
@@ -1270,7 +702,7 @@ static PyMethodDef DictLock_methods[] = {
     {NULL},
 };
 
-static PyTypeObject DictLock_Type = {
+PyTypeObject DictLock_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shoal._native.DictLock",
     .tp_basicsize = sizeof(DictLockObject),
@@ -1783,9 +1215,8 @@ put_locked(MappingObject *m, const char *key, uint64_t klen, uint64_t h, const N
     return PUT_OK;
 }
 
-/* dict_put(m, key, value, only_if_absent=False) -> bool.
- * False: not enough room (grow and retry).  With only_if_absent, an
- * existing value is left alone (True is returned). */
+/* dict_put(m, key, value) -> bool.
+ * False: not enough room (grow and retry). */
 static PyObject *
 dict_put_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2156,21 +1587,6 @@ dict_rebuild_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 }
 OP_WRAPPER(dict_rebuild, 1)
 
-/* punch_hole(fd, offset, length): give a range of a memfd back to the
- * kernel (it reads as zeros afterwards; the file size is unchanged). */
-static PyObject *
-punch_hole(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (check_nargs("punch_hole", nargs, 3, 3) < 0)
-        return NULL;
-    int fd = PyLong_AsLong(args[0]);
-    long long off = PyLong_AsLongLong(args[1]), len = PyLong_AsLongLong(args[2]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    Py_RETURN_NONE;
-}
 
 static PyObject *
 dict_repair_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
@@ -2187,75 +1603,3 @@ dict_repair_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return dict_repair_impl(m);
 }
 OP_WRAPPER(dict_repair, 1)
-
-/* ------------------------------------------------------------------------ */
-
-#define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))name, METH_FASTCALL, doc}
-
-static PyMethodDef native_methods[] = {
-    FAST(hash64, "hash64(data, seed=0) -> xxh64 of a bytes-like object."),
-    {"load", (PyCFunction)(void (*)(void))atomic_load, METH_FASTCALL, "load(buf, offset) -> int64, atomically."},
-    {"store", (PyCFunction)(void (*)(void))atomic_store, METH_FASTCALL, "store(buf, offset, value), atomically."},
-    {"fetch_add", (PyCFunction)(void (*)(void))atomic_fetch_add, METH_FASTCALL,
-     "fetch_add(buf, offset, delta) -> previous value, atomically (wraps at 64 bits)."},
-    {"compare_exchange", (PyCFunction)(void (*)(void))atomic_compare_exchange, METH_FASTCALL,
-     "compare_exchange(buf, offset, expected, desired) -> value found (stored iff it == expected)."},
-    FAST(mutex_init, "mutex_init(buf, offset): make a robust process-shared mutex there."),
-    FAST(mutex_acquire, "mutex_acquire(buf, offset, timeout=None) -> owner_died."),
-    FAST(mutex_release, "mutex_release(buf, offset)."),
-    FAST(mutex_consistent, "mutex_consistent(buf, offset): after repairing an owner-died lock."),
-    FAST(futex_wait, "futex_wait(buf, offset, expected, timeout=None) -> False on timeout."),
-    FAST(futex_wake, "futex_wake(buf, offset, count=1) -> number woken."),
-    FAST(punch_hole, "punch_hole(fd, offset, length)."),
-    FAST(dict_init, NULL),
-    FAST(dict_get, NULL),
-    FAST(dict_len, NULL),
-    FAST(dict_items, NULL),
-    FAST(dict_put, NULL),
-    FAST(dict_incr, NULL),
-    FAST(dict_delete, NULL),
-    FAST(dict_popitem, NULL),
-    FAST(dict_stats, NULL),
-    FAST(dict_set_file_size, NULL),
-    FAST(dict_rebuild, NULL),
-    FAST(dict_repair, NULL),
-    FAST(dict_check, NULL),
-    FAST(dict_lock, NULL),
-    FAST(dict_unlock, NULL),
-    FAST(dict_held, NULL),
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef native_module = {
-    PyModuleDef_HEAD_INIT, "shoal._native", "Native core of shoal (see _native.c).", -1, native_methods,
-};
-
-PyMODINIT_FUNC
-PyInit__native(void)
-{
-    if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&DictLock_Type) < 0)
-        return NULL;
-    PyObject *mod = PyModule_Create(&native_module);
-    if (mod == NULL)
-        return NULL;
-    static int atfork_done;
-    if (!atfork_done) {
-        pthread_atfork(NULL, NULL, after_fork_child);
-        atfork_done = 1;
-    }
-    Py_INCREF(&Mapping_Type);
-    Py_INCREF(&DictLock_Type);
-    if (PyModule_AddObject(mod, "Mapping", (PyObject *)&Mapping_Type) < 0 ||
-        PyModule_AddObject(mod, "DictLock", (PyObject *)&DictLock_Type) < 0 ||
-        PyModule_AddIntConstant(mod, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0 ||
-        PyModule_AddIntConstant(mod, "DICT_HEADER_SIZE", HEADER_SIZE) < 0 ||
-        PyModule_AddIntConstant(mod, "DICT_REGION_HEADER", REGION_HEADER) < 0 ||
-        PyModule_AddIntConstant(mod, "DICT_ENTRY_SIZE", ENTRY) < 0 ||
-        PyModule_AddObject(mod, "DICT_MAGIC", PyLong_FromUnsignedLongLong(DICT_MAGIC)) < 0 ||
-        PyModule_AddObject(mod, "INLINE_MIN", PyLong_FromLongLong(INLINE_MIN)) < 0 ||
-        PyModule_AddObject(mod, "INLINE_MAX", PyLong_FromLongLong(INLINE_MAX)) < 0) {
-        Py_DECREF(mod);
-        return NULL;
-    }
-    return mod;
-}
