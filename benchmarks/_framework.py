@@ -25,6 +25,8 @@ class Scenario:
             baseline every ratio is computed against.
         target: the ratio shoal must reach (for the table's last column), as
             text, e.g. ">= 12x".
+        baseline: the contender the ratios are computed against ("stdlib"
+            unless the scenario's name says otherwise).
         repeat: how many times each contender runs; the best figure counts.
     """
 
@@ -35,6 +37,9 @@ class Scenario:
     target: str = ""
     repeat: int = 3
     notes: str = field(default="")
+    #: the contender every ratio is computed against (joblib's backends are
+    #: compared with joblib's default, loky)
+    baseline: str = "stdlib"
 
 
 def best_of(figures: list[float], higher_is_better: bool) -> float:
@@ -101,7 +106,7 @@ def run(selector: str | None = None, quick: bool = False, out=sys.stdout) -> lis
                     print(f"  {sc.name} / {contender} failed: {type(exc).__name__}: {exc}", file=out)
                     break
             results[contender] = best_of(figures, sc.higher_is_better) if figures else float("nan")
-        base = results.get("stdlib")
+        base = results.get(sc.baseline)
         for contender, value in results.items():
             ratio = ""
             if base and value == value and base == base and value:
