@@ -356,3 +356,33 @@ def test_shoal_managers_is_the_standard_library_module():
         assert getattr(ours, name) is getattr(std, name)
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         ours.Nope  # noqa: B018
+
+
+def _fill_nested(d, i):
+    d["inner"][i] = i * i
+    d["list"].append(i)
+
+
+def test_nested_proxies_from_pool_workers(fork_or_spawn):
+    with Manager() as m:
+        d = m.dict(inner=m.dict(), list=m.list())
+        with shoal.get_context(fork_or_spawn).Pool(2) as pool:
+            pool.starmap(_fill_nested, [(d, i) for i in range(20)])
+        assert d["inner"] == {i: i * i for i in range(20)}
+        assert sorted(d["list"]) == list(range(20))
+
+
+def _move_nested(d):
+    d["inner"]["k"] = "child"
+    d["moved"] = d["spare"]
+
+
+def test_custom_authkey_reaches_spawned_processes():
+    ctx = multiprocessing.get_context("spawn")
+    with Manager(authkey=b"not the default", ctx=ctx) as m:
+        d = m.dict(inner=m.dict(k=0), spare=m.dict(a=1))
+        p = ctx.Process(target=_move_nested, args=(d,))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0
+        assert d["inner"] == {"k": "child"} and d["moved"] == {"a": 1}

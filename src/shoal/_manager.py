@@ -171,9 +171,10 @@ class _Refs:
     reaches the keeper by the server's address (fixed before the server
     starts, so a process given a dict before then finds it once it runs)."""
 
-    def __init__(self, address: Any, manager: Manager | None = None) -> None:
+    def __init__(self, address: Any, manager: Manager | None = None, authkey: bytes | None = None) -> None:
         self.address = address
         self._manager = manager
+        self._authkey = authkey  # None: this process's authkey
         self._pid = os.getpid()
         self._proxy: _KeeperProxy | None = None
         self._lock = threading.Lock()
@@ -187,11 +188,14 @@ class _Refs:
                 if self._manager is not None and self._pid == os.getpid():
                     self._proxy = self._manager._keeper()  # starts the server if needed
                 else:
-                    self._proxy = _connect_keeper(self.address)
+                    self._proxy = _connect_keeper(self.address, self._authkey)
             return self._proxy
 
     def __reduce__(self):
-        return _refs_for, (self.address,)
+        # A custom authkey travels only to a process being started, as a
+        # proxy's does.
+        authkey = self._authkey if get_spawning_popen() is not None else None
+        return _refs_for, (self.address, authkey)
 
     # StorageRefs
     def dumps(self, obj: Any, what: str) -> bytes:
@@ -220,7 +224,7 @@ class _Refs:
             self._manager._adopt(d)
 
 
-def _connect_keeper(address: Any) -> _KeeperProxy:
+def _connect_keeper(address: Any, authkey: bytes | None) -> _KeeperProxy:
     """A proxy to the keeper of the server at *address*, from a process
     other than the manager's."""
     if address is None:
@@ -229,7 +233,7 @@ def _connect_keeper(address: Any) -> _KeeperProxy:
             "address chosen when its server starts, and it had not started when this process "
             "got the dict; call manager.start() before handing the dict to other processes"
         )
-    authkey = current_process().authkey
+    authkey = authkey or current_process().authkey
     try:
         conn = listener_client["pickle"][1](address, authkey=authkey)
     except OSError as exc:
@@ -250,11 +254,11 @@ _REFS: dict[Any, _Refs] = {}
 _REFS_LOCK = threading.Lock()
 
 
-def _refs_for(address: Any) -> _Refs:
+def _refs_for(address: Any, authkey: bytes | None = None) -> _Refs:
     with _REFS_LOCK:
         refs = _REFS.get(address)
         if refs is None:
-            refs = _Refs(address)
+            refs = _Refs(address, authkey=authkey)
             if address is not None:
                 _REFS[address] = refs
         return refs
@@ -433,7 +437,7 @@ class Manager:
         self._shut_down = False
         if address is None:  # fixed now: processes given a dict find the server by it
             self._options["address"] = arbitrary_address(default_family)
-        refs = self._refs = _Refs(self._fixed_address(), self)
+        refs = self._refs = _Refs(self._fixed_address(), self, None if authkey is None else bytes(authkey))
         with _REFS_LOCK:
             _REFS.setdefault(refs.address, refs)
         self._keeper_proxy: _KeeperProxy | None = None
