@@ -249,8 +249,8 @@ def _connect_keeper(address: Any, authkey: bytes | None) -> _KeeperProxy:
     return _KeeperProxy(Token("_shoal_keeper", address, ident), "pickle", authkey=authkey, incref=False)
 
 
-# The _Refs of each server address known in this process.
-_REFS: dict[Any, _Refs] = {}
+# The _Refs of each server address known in this process, while a dict uses it.
+_REFS: weakref.WeakValueDictionary[Any, _Refs] = weakref.WeakValueDictionary()
 _REFS_LOCK = threading.Lock()
 
 
@@ -438,8 +438,9 @@ class Manager:
         if address is None:  # fixed now: processes given a dict find the server by it
             self._options["address"] = arbitrary_address(default_family)
         refs = self._refs = _Refs(self._fixed_address(), self, None if authkey is None else bytes(authkey))
-        with _REFS_LOCK:
-            _REFS.setdefault(refs.address, refs)
+        if refs.address is not None:
+            with _REFS_LOCK:
+                _REFS.setdefault(refs.address, refs)
         self._keeper_proxy: _KeeperProxy | None = None
 
     # -- dict: shared memory --
@@ -514,7 +515,7 @@ class Manager:
             self._shut_down = True
             server, self._server = self._server, None
             dicts, self._dicts = self._dicts, []
-            self._keeper_proxy = None
+            self._keeper_proxy = self._refs._proxy = None
         for ref in dicts:
             d = ref()
             if d is not None:
