@@ -79,3 +79,15 @@ def test_unknown_option_says_which_options_exist():
     with pytest.raises(TypeError, match="unknown option.*'processes'.*max_tasks_per_child"):
         with joblib.parallel_config(backend="shoal", n_jobs=2, processes=3):
             Parallel()(delayed(workers.square)(1) for _ in range(2))
+
+
+def test_executor_options_pass_through_parallel_config():
+    with joblib.parallel_config(backend="shoal", n_jobs=2, task_timeout=0.5):
+        with pytest.raises(shoal.TaskTimeoutError):
+            Parallel()(delayed(workers.sleep_for)(s) for s in (0, 30))
+
+
+def test_without_joblib_the_module_says_what_to_install():
+    code = "import sys; sys.modules['joblib'] = None\ntry:\n import shoal.joblib\nexcept ImportError as e:\n print(e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "pip install 'shoal[joblib]'" in out.stdout, out.stderr

@@ -49,7 +49,7 @@ from typing import Any
 try:
     import joblib
     from joblib._parallel_backends import AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, SequentialBackend
-except ImportError as exc:  # pragma: no cover - exercised without joblib installed
+except ImportError as exc:
     raise ImportError("shoal.joblib needs joblib: pip install 'shoal[joblib]'") from exc
 
 from ._engine._engine import Engine
