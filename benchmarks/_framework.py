@@ -28,6 +28,8 @@ class Scenario:
             the standard library's figure (">= 12x"), "WORD OP N" the figure
             itself ("efficiency >= 0.97"); any text after it is a comment.
             The table marks shoal's row met or MISSED (see target_met).
+        baseline: the contender the ratios are computed against ("stdlib"
+            unless the scenario's name says otherwise).
         repeat: how many times each contender runs; the best figure counts.
     """
 
@@ -38,6 +40,9 @@ class Scenario:
     target: str = ""
     repeat: int = 3
     notes: str = field(default="")
+    #: the contender every ratio is computed against (joblib's backends are
+    #: compared with joblib's default, loky)
+    baseline: str = "stdlib"
 
 
 def best_of(figures: list[float], higher_is_better: bool) -> float:
@@ -92,7 +97,8 @@ def _fmt(value: float) -> str:
 _TARGET = re.compile(r"^\s*(?:[A-Za-z][\w ]*?\s+)?(>=|<=)\s*(\d+(?:\.\d*)?)\s*(x?)")
 
 TARGET_LEGEND = (
-    "vs stdlib: how many times better than the standard library (speed, or 1/time).\n"
+    "vs stdlib: how many times better than the standard library (speed, or 1/time);\n"
+    "  a scenario named '(vs X)' is compared with X instead.\n"
     "target: what shoal's row must reach; 'Nx' is a ratio vs stdlib, a bare number the figure itself;\n"
     "met / MISSED: whether this run reached it."
 )
@@ -121,7 +127,7 @@ def ratio_to(value: float, base: float | None, higher_is_better: bool) -> float 
 
 def scenario_record(sc: Scenario, figures: dict[str, float]) -> dict:
     """The machine-readable result of one scenario (what ``--json`` writes)."""
-    base = figures.get("stdlib")
+    base = figures.get(sc.baseline)
     results = []
     met = None
     for contender, value in figures.items():
@@ -134,6 +140,7 @@ def scenario_record(sc: Scenario, figures: dict[str, float]) -> dict:
         "unit": sc.unit,
         "higher_is_better": sc.higher_is_better,
         "target": sc.target,
+        "baseline": sc.baseline,
         "met": met,
         "notes": sc.notes,
         "results": results,

@@ -12,6 +12,7 @@ import pytest
 
 import shoal
 from shoal import Manager, SharedDict
+from shoal.managers import BaseManager
 
 # The seed's example, exactly as examples/seed_manager.py has it.
 SEED_EXAMPLE = (Path(__file__).resolve().parent.parent / "examples" / "seed_manager.py").read_text(encoding="utf-8")
@@ -159,3 +160,229 @@ def test_all_standard_library_manager_methods_exist():
               "BoundedSemaphore", "Event", "Condition", "Barrier", "Queue", "JoinableQueue",
               "Pool", "register", "start", "shutdown", "join", "address"}  # fmt: skip
     assert all(hasattr(Manager, name) for name in stdlib)
+
+
+# -- nested shared objects (issue 8): the standard library's nested proxies --
+
+
+def test_nested_dict_writes_through_and_outlives_its_variable():
+    with Manager() as m:
+        d = m.dict()
+        inner = m.dict()
+        d["inner"] = inner
+        d["inner"]["k"] = 1
+        assert inner["k"] == 1
+        del inner
+        import gc
+
+        gc.collect()
+        d["inner"]["k2"] = 2  # the server holds it, not the variable
+        assert d["inner"] == {"k": 1, "k2": 2}
+        d["deep"] = {"list": [m.dict(a=1)]}  # inside plain containers too
+        d["deep"]["list"][0]["b"] = 2
+        assert d["deep"]["list"][0] == {"a": 1, "b": 2}
+
+
+def test_dict_inside_a_manager_list_writes_through():
+    with Manager() as m:
+        lst = m.list([m.dict()])
+        lst[0]["x"] = 1
+        assert lst[0]["x"] == 1 and lst[0] == {"x": 1}
+        lst.append(m.dict(y=2))
+        assert lst[1]["y"] == 2
+
+
+def _use_nested(d):
+    d["inner"]["k"] = "child"
+    d["list"].append(3)
+    d["queue"].put("from child")
+    d["moved"] = d["spare"]  # a child stores a shared object too
+    d["moved"]["by"] = "child"
+
+
+def test_nested_proxies_from_another_process(fork_or_spawn):
+    ctx = multiprocessing.get_context(fork_or_spawn)
+    with Manager(ctx=ctx) as m:
+        d = m.dict()
+        d["inner"] = m.dict(k=0)
+        d["list"] = m.list([1])
+        d["queue"] = m.Queue()
+        spare = m.dict()
+        d["spare"] = spare
+        p = ctx.Process(target=_use_nested, args=(d,))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0
+        assert d["inner"] == {"k": "child"}
+        assert list(d["list"]) == [1, 3]
+        assert d["queue"].get(timeout=10) == "from child"
+        assert spare["by"] == "child" and d["moved"]["by"] == "child"
+
+
+def _store_nested(d, out):
+    try:
+        d["x"] = SharedDict()
+    except multiprocessing.ProcessError as exc:
+        out.put(str(exc))
+    else:
+        out.put("stored")
+
+
+def test_storing_a_shared_object_where_the_server_never_started_says_what_to_do():
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.SimpleQueue()
+    with Manager() as m:
+        d = m.dict()
+        p = ctx.Process(target=_store_nested, args=(d, out))
+        p.start()
+        message = out.get()
+        p.join(60)
+        assert p.exitcode == 0
+        assert "manager.start()" in message
+        assert "x" not in d
+    out.close()
+
+
+def test_a_started_manager_lets_any_process_store_shared_objects():
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.SimpleQueue()
+    with Manager() as m:
+        m.start()
+        d = m.dict()
+        p = ctx.Process(target=_store_nested, args=(d, out))
+        p.start()
+        assert out.get() == "stored"
+        p.join(60)
+        d["x"]["after"] = 1
+        assert d["x"] == {"after": 1}
+    out.close()
+
+
+def test_iterating_a_dict_that_changes_size_raises_like_a_dict():
+    with Manager() as m:
+        d = m.dict(a=1, b=2)
+        for view in (lambda: d, d.keys, d.values, d.items):
+            it = iter(view())
+            d["new"] = 0
+            with pytest.raises(RuntimeError, match="changed size during iteration"):
+                next(it)
+            del d["new"]
+        with pytest.raises(RuntimeError, match="changed size during iteration"):
+            for k in d:
+                d[k + "!"] = 0
+        for k in d:  # changing values only is fine, as with a dict
+            d[k] = 5
+        assert len(d) == 3 and set(d.values()) == {5}
+
+
+def test_a_plain_value_that_cannot_be_pickled_still_fails_clearly():
+    import threading
+
+    with Manager() as m:
+        d = m.dict()
+        with pytest.raises(TypeError, match="cannot pickle"):
+            d["lock"] = threading.Lock()
+        assert "lock" not in d
+
+
+# -- register, and shoal.managers (issue 12) --
+
+
+class Adder:
+    def __init__(self):
+        self.n = 0
+
+    def add(self, k):
+        self.n += k
+        return self.n
+
+    def total(self):
+        return self.n
+
+
+class OtherManager(Manager):
+    pass
+
+
+OtherManager.register("Adder", Adder)
+
+
+def test_register_is_per_class():
+    assert hasattr(OtherManager, "Adder") and hasattr(CountingManager, "Counter")
+    assert not hasattr(Manager, "Adder") and not hasattr(Manager, "Counter")
+    assert not hasattr(OtherManager, "Counter")
+    with Manager() as m, pytest.raises(AttributeError):
+        m.Adder()
+
+
+def _add_through_proxy(adder, k):
+    return adder.add(k)
+
+
+def test_manager_types_used_from_pool_workers(fork_or_spawn):
+    ctx = shoal.get_context(fork_or_spawn)
+    with OtherManager() as m:
+        adder = m.Adder()
+        with ctx.Pool(2) as pool:
+            pool.starmap(_add_through_proxy, [(adder, 1)] * 20)
+        assert adder.total() == 20
+
+
+# The seed's "sharing class objects" pattern, with only the import changed.
+class MyManager(BaseManager):
+    pass
+
+
+MyManager.register("Adder", Adder)
+
+
+def test_base_manager_subclass_from_shoal_managers_in_pool_workers(fork_or_spawn):
+    ctx = shoal.get_context(fork_or_spawn)
+    with MyManager(ctx=multiprocessing.get_context(fork_or_spawn)) as m:
+        adder = m.Adder()
+        with ctx.Pool(2) as pool:
+            results = [pool.apply_async(_add_through_proxy, (adder, k)) for k in range(10)]
+            assert sorted(r.get(60) for r in results)[-1] == 45
+        assert adder.total() == 45
+
+
+def test_shoal_managers_is_the_standard_library_module():
+    import multiprocessing.managers as std
+
+    import shoal.managers as ours
+
+    assert set(ours.__all__) == set(std.__all__)
+    for name in (*std.__all__, "DictProxy", "ListProxy", "NamespaceProxy", "AutoProxy", "MakeProxyType"):
+        assert getattr(ours, name) is getattr(std, name)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        ours.Nope  # noqa: B018
+
+
+def _fill_nested(d, i):
+    d["inner"][i] = i * i
+    d["list"].append(i)
+
+
+def test_nested_proxies_from_pool_workers(fork_or_spawn):
+    with Manager() as m:
+        d = m.dict(inner=m.dict(), list=m.list())
+        with shoal.get_context(fork_or_spawn).Pool(2) as pool:
+            pool.starmap(_fill_nested, [(d, i) for i in range(20)])
+        assert d["inner"] == {i: i * i for i in range(20)}
+        assert sorted(d["list"]) == list(range(20))
+
+
+def _move_nested(d):
+    d["inner"]["k"] = "child"
+    d["moved"] = d["spare"]
+
+
+def test_custom_authkey_reaches_spawned_processes():
+    ctx = multiprocessing.get_context("spawn")
+    with Manager(authkey=b"not the default", ctx=ctx) as m:
+        d = m.dict(inner=m.dict(k=0), spare=m.dict(a=1))
+        p = ctx.Process(target=_move_nested, args=(d,))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0
+        assert d["inner"] == {"k": "child"} and d["moved"] == {"a": 1}

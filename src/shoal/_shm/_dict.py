@@ -98,7 +98,7 @@ import pickle
 import struct
 import threading
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, MutableMapping, ValuesView
-from typing import Any
+from typing import Any, Protocol
 
 from .. import _native
 from .._ipc._fdpass import collecting, reduce_fd
@@ -142,9 +142,20 @@ def _default_max_size() -> int:
 _storing = threading.local()
 
 
-def _dumps_for_storage(obj: Any, what: str) -> bytes:
+class StorageRefs(Protocol):
+    """What a dict that can hold references to shared objects supplies (the
+    Manager's dict does): it pickles values for storage, replacing each
+    shared object inside (a SharedDict, a manager proxy) by a reference that
+    stays valid in every process, and raises as :func:`dumps` does."""
+
+    def dumps(self, obj: Any, what: str) -> bytes: ...
+
+
+def _dumps_for_storage(obj: Any, what: str, refs: StorageRefs | None = None) -> bytes:
     _storing.active = True
     try:
+        if refs is not None:
+            return refs.dumps(obj, what)
         return dumps(obj, what=what)
     finally:
         _storing.active = False
@@ -302,7 +313,7 @@ def _decode_key(data: bytes) -> Any:
     raise RuntimeError(f"unknown SharedDict key encoding {tag!r}")
 
 
-def _encode_value(value: Any) -> int | bytes:
+def _encode_value(value: Any, refs: StorageRefs | None = None) -> int | bytes:
     """An int the native core stores inline, or tagged bytes (see src/native/dict.c)."""
     t = type(value)
     if t is int:
@@ -320,7 +331,7 @@ def _encode_value(value: Any) -> int | bytes:
         return b"T"
     elif value is False:
         return b"F"
-    return b"p" + _dumps_for_storage(value, f"SharedDict value {_short(value)}")
+    return b"p" + _dumps_for_storage(value, f"SharedDict value {_short(value)}", refs)
 
 
 def _short(obj: Any) -> str:
@@ -359,6 +370,10 @@ class SharedDict(MutableMapping):
     """
 
     __slots__ = ("__weakref__", "_fd", "_map", "_max_size")
+
+    # A plain SharedDict holds data only; the Manager's dict sets this (see
+    # StorageRefs) to hold shared objects by reference.
+    _refs: StorageRefs | None = None
 
     def __init__(self, initial: Any = None, *, max_size: int | None = None) -> None:
         max_size = _default_max_size() if max_size is None else int(max_size)
@@ -402,7 +417,8 @@ class SharedDict(MutableMapping):
         if getattr(_storing, "active", False):
             raise TypeError(
                 "a SharedDict cannot be stored inside a SharedDict (it is a handle to "
-                "shared memory, not data); store d.copy() or pass the dicts separately"
+                "shared memory, not data); store d.copy(), pass the dicts separately, or "
+                "use a Manager().dict(), which holds shared objects by reference"
             )
         # A shoal channel owns (and closes after sending) the descriptors it
         # collects, so it gets a duplicate; multiprocessing's DupFd makes
@@ -543,7 +559,7 @@ class SharedDict(MutableMapping):
 
     def __setitem__(self, key: Any, value: Any) -> None:
         enc = _encode_key(key)
-        val = _encode_value(value)
+        val = _encode_value(value, self._refs)
         if not _put(self._map, enc, val):
             self._put_growing(enc, val)
 
@@ -592,7 +608,7 @@ class SharedDict(MutableMapping):
         value = _get(self._map, enc, _MISSING)
         if value is not _MISSING:
             return value
-        val = _encode_value(default)
+        val = _encode_value(default, self._refs)
         with self.locked():
             value = _get(self._map, enc, _MISSING)
             if value is not _MISSING:
@@ -614,7 +630,8 @@ class SharedDict(MutableMapping):
         else:
             pairs = list(other)
         pairs.extend(kwargs.items())
-        encoded = [(_encode_key(k), _encode_value(v)) for k, v in pairs]
+        refs = self._refs
+        encoded = [(_encode_key(k), _encode_value(v, refs)) for k, v in pairs]
         with self.locked():
             for enc, val in encoded:
                 if not _put(self._map, enc, val):
@@ -639,7 +656,7 @@ class SharedDict(MutableMapping):
         with self.locked():
             value = _get(self._map, enc, _MISSING)
             new = fn(default if value is _MISSING else value)
-            val = _encode_value(new)
+            val = _encode_value(new, self._refs)
             if not _put(self._map, enc, val):
                 self._put_growing(enc, val)
             return new
