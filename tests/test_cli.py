@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import run_python
 
 TASKS = textwrap.dedent(
     """
@@ -44,14 +45,7 @@ def workdir(tmp_path):
 
 
 def shoal(workdir, *args, stdin: str | None = None, timeout: float = 60):
-    return subprocess.run(
-        [sys.executable, "-m", "shoal", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=workdir,
-    )
+    return run_python("-m", "shoal", *args, input=stdin, timeout=timeout, cwd=workdir)
 
 
 def test_map_writes_results_in_input_order(workdir):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import workers
+from helpers import wait_until
 
 import shoal
 
@@ -173,9 +174,7 @@ def test_cancelled_running_future_is_cancelled_and_callbacks_run_off_the_schedul
         done = ex.submit(workers.square, 3)
         done.add_done_callback(lambda f: seen.append((f.result(), threading.current_thread().name)))
         assert done.result(timeout=30) == 9
-        deadline = time.monotonic() + 10
-        while len(seen) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(seen) >= 2, timeout=10)
     assert seen[0][0] is True
     assert seen[1][0] == 9
     assert all(name != "shoal-scheduler" for _, name in seen)

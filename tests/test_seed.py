@@ -9,21 +9,15 @@ run, so those are checked for shape, not value).
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from helpers import run_ok, run_python
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def run_example(name: str, timeout: float = 60) -> tuple[str, str]:
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=EXAMPLES,
-    )
+    proc = run_python(str(EXAMPLES / name), timeout=timeout, cwd=EXAMPLES)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc.stdout, proc.stderr
@@ -80,7 +74,7 @@ def test_seed_callback_output_matches_the_standard_library(tmp_path):
     stdlib_script = tmp_path / name
     stdlib_script.write_text(source, encoding="utf-8")
     ours, _ = run_example(name)
-    theirs = subprocess.run([sys.executable, str(stdlib_script)], capture_output=True, text=True, timeout=60).stdout
+    theirs = run_ok(str(stdlib_script), timeout=60)
 
     def shape(text: str) -> list[str]:
         return [re.sub(r"\d{3,}", "PID", line) for line in text.splitlines()]

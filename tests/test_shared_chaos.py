@@ -12,6 +12,7 @@ import signal
 import time
 
 import pytest
+from helpers import wait_until
 
 from shoal import SharedDict, _native
 
@@ -53,10 +54,7 @@ def _writer(sd: SharedDict, seed: int) -> None:
 
 
 def _wait_started(sd: SharedDict, target: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while sd.get("started", 0) < target:
-        assert time.monotonic() < deadline, "writers did not start"
-        time.sleep(0.002)
+    assert wait_until(lambda: sd.get("started", 0) >= target, timeout, interval=0.002), "writers did not start"
 
 
 def _chaos(start_method: str, rounds: int, writers: int = 2) -> None:
