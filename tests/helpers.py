@@ -84,6 +84,23 @@ def run_processes(ctx, target, args_list, timeout: float = 60) -> list[int | Non
     return [p.exitcode for p in procs]
 
 
+def gather_in_order(result_pipes, producers: int) -> list:
+    """Receive each consumer's list of (producer, i) items from the read end
+    of its ``(read, write)`` pipe (closing both ends); assert that each
+    consumer saw each producer's items in the order it sent them.  All the
+    items."""
+    got = []
+    for r, w in result_pipes:
+        w.close()
+        part = r.recv()
+        r.close()
+        for k in range(producers):
+            seq = [i for ident, i in part if ident == k]
+            assert seq == sorted(seq), "a producer's order was not kept"
+        got.extend(part)
+    return got
+
+
 def wait_child(pid: int, timeout: float = 30) -> int:
     """The exit status of the ``os.fork()`` child *pid*; SIGKILL it if it is
     still running after *timeout* seconds."""

@@ -15,6 +15,7 @@ import pytest
 from helpers import (
     at_fd_limit,
     child_reports,
+    gather_in_order,
     limit_descriptors_in_flight,
     open_fds,
     run_python,
@@ -514,16 +515,7 @@ def test_processes_sharing_both_ends(fork_or_spawn, big):
         p.start()
     a.close()
     b.close()
-    got = []
-    for r, w in result_pipes:
-        w.close()
-        part = r.recv()
-        r.close()
-        # Each consumer sees each producer's messages in order.
-        for k in range(producers):
-            seq = [i for ident, i in part if ident == k]
-            assert seq == sorted(seq)
-        got.extend(part)
+    got = gather_in_order(result_pipes, producers)
     for p in procs:
         p.join(60)
         assert p.exitcode == 0

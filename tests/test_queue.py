@@ -18,6 +18,7 @@ from helpers import (
     child_reports,
     close_all,
     connections,
+    gather_in_order,
     limit_descriptors_in_flight,
     open_fds,
 )
@@ -462,15 +463,7 @@ def test_many_producers_many_consumers(fork_or_spawn, many):
         p.join(60)
         assert p.exitcode == 0
     done.set()  # consumers stop once the queue is empty
-    got = []
-    for r, w in pipes:
-        w.close()
-        part = r.recv()
-        r.close()
-        for k in range(producers):
-            seq = [i for ident, i in part if ident == k]
-            assert seq == sorted(seq), "a producer's order was not kept"
-        got.extend(part)
+    got = gather_in_order(pipes, producers)
     for p in procs[producers:]:
         p.join(60)
     assert len(got) == total, "lost or duplicated items"
