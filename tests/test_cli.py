@@ -61,6 +61,7 @@ def test_map_reads_stdin(workdir):
     assert out.stdout == "2\n4\n6\n"
 
 
+@pytest.mark.slow
 def test_failing_and_crashing_lines_are_reported_and_others_complete(workdir):
     (workdir / "in.txt").write_text("".join(f"{i}\n" for i in range(10)))
     out = shoal(workdir, "map", "tasks:fragile", "in.txt", "-j", "2", "--timeout", "2")
@@ -111,6 +112,7 @@ def test_usage_errors_are_one_line_and_exit_2(workdir, args, message):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_bench_prints_ratios(workdir):
     out = shoal(workdir, "bench", "--quick", "-k", "pool start", timeout=120)
     assert out.returncode == 0, out.stderr

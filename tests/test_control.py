@@ -75,6 +75,7 @@ def test_cancel_running_task_replaces_its_worker():
             async_result.get(timeout=10)
 
 
+@pytest.mark.slow
 def test_maxtasksperchild_recycles_workers(start_method):
     with shoal.Pool(2, maxtasksperchild=3, context=start_method) as pool:
         pids = pool.map(workers.getpid, range(24), chunksize=1)

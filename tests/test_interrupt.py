@@ -46,6 +46,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["map", "imap", "get", "with"])
 def test_ctrl_c_interrupts_promptly_and_cleanly(tmp_path, how, fork_or_spawn):
     script = tmp_path / "long_map.py"

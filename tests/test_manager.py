@@ -26,6 +26,7 @@ def test_seed_manager_example_prints_count_zero(tmp_path):
     assert _run_script(tmp_path, SEED_EXAMPLE) == "{'count': 0}\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_seed_manager_example_under_other_start_methods(tmp_path, method):
     # The same program with fewer processes (spawning 100 interpreters is slow).
@@ -53,6 +54,7 @@ def _decrement(d, lock, n):
             d["count"] -= 1
 
 
+@pytest.mark.slow
 def test_read_modify_write_under_a_manager_lock(fork_or_spawn):
     ctx = multiprocessing.get_context(fork_or_spawn)
     with Manager(ctx=ctx) as m:

@@ -499,6 +499,7 @@ def test_threads_sharing_both_ends():
     assert sorted(got) == sorted((k, i) for k in range(n_threads) for i in range(n))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("big", [False, True], ids=["small", "large"])
 def test_processes_sharing_both_ends(fork_or_spawn, big):
     """Several producer processes on one end, several consumers on the other:

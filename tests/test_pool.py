@@ -171,6 +171,7 @@ def test_garbage_collected_pool_shuts_down():
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
 
 
+@pytest.mark.slow
 def test_task_can_start_its_own_pool(start_method):
     with shoal.Pool(2, context=start_method) as pool:
         assert pool.apply(workers.nested_pool, (4,)) == [0, 1, 4, 9]

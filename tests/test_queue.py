@@ -446,6 +446,7 @@ def test_forked_child_does_not_resend_parents_buffer():
 # -- many producers and consumers ----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("many", [False, True], ids=["put-get", "put_many-get_many"])
 def test_many_producers_many_consumers(fork_or_spawn, many):
     ctx = multiprocessing.get_context(fork_or_spawn)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from helpers import run_ok, run_python
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -30,6 +31,7 @@ def test_seed_uses_only_the_changed_import():
         assert re.search(r"^from shoal import ", text, re.M), path.name
 
 
+@pytest.mark.slow
 def test_seed_apply():
     out, _ = run_example("seed_pool_apply.py")
     lines = out.splitlines()
@@ -40,6 +42,7 @@ def test_seed_apply():
     assert lines[10] == str([i**2 for i in range(10)])
 
 
+@pytest.mark.slow
 def test_seed_apply_async():
     out, _ = run_example("seed_pool_apply_async.py")
     # Workers print concurrently, so only the results' order is fixed.

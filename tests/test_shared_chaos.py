@@ -16,6 +16,8 @@ from helpers import wait_until
 
 from shoal import SharedDict, _native
 
+pytestmark = pytest.mark.slow  # stress: many rounds of processes killed at random
+
 
 def _valid(key, value) -> bool:
     if isinstance(key, str) and key.startswith("obj"):

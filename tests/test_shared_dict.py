@@ -263,6 +263,7 @@ class DictMachine(RuleBasedStateMachine):
 
 TestDictMachine = DictMachine.TestCase
 TestDictMachine.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+pytest.mark.slow(TestDictMachine)
 
 
 # -- several processes -----------------------------------------------------------
@@ -302,6 +303,7 @@ def _report_seed_and_work(sd: SharedDict, worker: int, n: int) -> None:
     sd[("seen", worker)] = sd[("from", "parent")]
 
 
+@pytest.mark.slow
 def test_processes_with_different_hash_seeds_agree(monkeypatch):
     ctx = multiprocessing.get_context("spawn")
     n = 1000
@@ -347,6 +349,7 @@ def _read_while_growing(sd: SharedDict, done, errors) -> None:
         reads += 1
 
 
+@pytest.mark.slow
 def test_growth_while_others_read_and_write(start_method):
     ctx = multiprocessing.get_context(start_method)
     done = ctx.Event()
