@@ -7,7 +7,6 @@ import collections
 import os
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -47,7 +46,6 @@ _ops = st.lists(
 )
 
 
-@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_ops)
 @example([("put_many", [65_515] * 4)])  # more memfd payloads in one batch than the spool keeps
@@ -81,7 +79,6 @@ def test_queue_is_fifo_for_any_mix(ops):
         q.close()
 
 
-@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(st.lists(_sizes, max_size=12))
 def test_pipe_delivers_any_mix_in_order(sizes):

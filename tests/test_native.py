@@ -159,6 +159,7 @@ def _locked_increments(seg: Segment, n: int) -> None:
         _native.mutex_release(seg.mmap, 64)
 
 
+@pytest.mark.slow
 def test_mutex_gives_mutual_exclusion_across_processes(fork_or_spawn):
     ctx = multiprocessing.get_context(fork_or_spawn)
     with Segment(4096) as seg:

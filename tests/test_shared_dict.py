@@ -281,6 +281,7 @@ def _hammer(sd: SharedDict, worker: int, n: int) -> int:
     return hash("probe")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [2, 4])
 def test_exact_totals_from_several_processes(start_method, workers):
     ctx = multiprocessing.get_context(start_method)
@@ -468,6 +469,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_exact_totals_with_other_hash_seeds_under_every_start_method(tmp_path, start_method):
     script = tmp_path / "seeds.py"
     script.write_text(SEED_SCRIPT)
