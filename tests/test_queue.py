@@ -955,6 +955,15 @@ def test_queue_refuses_an_item_with_too_many_descriptors_clearly():
         close_all(ends)
 
 
+def _finish_all(q, n):
+    """Mark the *n* items taken from JoinableQueue *q* done: nothing is left
+    counted as unfinished, and join() returns."""
+    for _ in range(n):
+        q.task_done()
+    assert _native.load(q._ring.mm, _ring._UNFINISHED) == 0
+    q.join()
+
+
 def _let_the_kernel_refuse(monkeypatch):
     # Skip the early check: the kernel's sendmsg then fails (EINVAL), as any
     # send failure would.
@@ -978,10 +987,7 @@ def test_a_failed_send_in_put_loses_nothing_else_and_leaks_nothing(monkeypatch, 
         assert [q.get(timeout=10) for _ in range(3)] == ["first", "second", "third"]
         assert q.empty()
         if cls is JoinableQueue:
-            for _ in range(3):
-                q.task_done()
-            assert _native.load(q._ring.mm, _ring._UNFINISHED) == 0
-            q.join()
+            _finish_all(q, 3)
     finally:
         q.close()
         close_all(ends)
@@ -1007,10 +1013,7 @@ def test_the_feeder_drops_only_the_item_it_cannot_send(monkeypatch, cls):
         assert got == [("fill", i) for i in range(n_fill)] + [("before", 0)] + [("after", i) for i in range(5)]
         assert q.empty()
         if cls is JoinableQueue:
-            for _ in got:
-                q.task_done()
-            assert _native.load(q._ring.mm, _ring._UNFINISHED) == 0
-            q.join()
+            _finish_all(q, len(got))
     finally:
         q.close()
         close_all(ends)
