@@ -14,6 +14,7 @@ import time
 
 import psutil
 import pytest
+from helpers import open_fds
 
 START_METHODS = ["fork", "spawn", "forkserver"]
 
@@ -42,7 +43,7 @@ def _session_helpers() -> set[int]:
     return pids
 
 
-def _session_fds() -> set[str]:
+def _sessionopen_fds() -> set[str]:
     fds = set()
     from multiprocessing import forkserver, resource_tracker
 
@@ -53,10 +54,6 @@ def _session_fds() -> set[str]:
         if fd is not None:
             fds.add(str(fd))
     return fds
-
-
-def _fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 def _children() -> list[psutil.Process]:
@@ -77,14 +74,14 @@ def _shm() -> set[str]:
 
 @pytest.fixture(autouse=True)
 def no_leaks(request):
-    fds_before = _fds()
+    fds_before = open_fds()
     shm_before = _shm()
     yield
     deadline = time.monotonic() + 10
     while True:
         gc.collect()
         kids = _children()
-        new_fds = _fds() - fds_before - _session_fds()
+        new_fds = open_fds() - fds_before - _sessionopen_fds()
         new_shm = _shm() - shm_before
         if not (kids or new_fds or new_shm) or time.monotonic() > deadline:
             break

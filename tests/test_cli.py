@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import run_python
 
 TASKS = textwrap.dedent(
     """
@@ -46,14 +47,7 @@ def workdir(tmp_path):
 
 
 def shoal(workdir, *args, stdin: str | None = None, timeout: float = 60):
-    return subprocess.run(
-        [sys.executable, "-m", "shoal", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=workdir,
-    )
+    return run_python("-m", "shoal", *args, input=stdin, timeout=timeout, cwd=workdir)
 
 
 def test_map_writes_results_in_input_order(workdir):
@@ -69,6 +63,7 @@ def test_map_reads_stdin(workdir):
     assert out.stdout == "2\n4\n6\n"
 
 
+@pytest.mark.slow
 def test_failing_and_crashing_lines_are_reported_and_others_complete(workdir):
     (workdir / "in.txt").write_text("".join(f"{i}\n" for i in range(10)))
     out = shoal(workdir, "map", "tasks:fragile", "in.txt", "-j", "2", "--timeout", "2")
@@ -119,6 +114,7 @@ def test_usage_errors_are_one_line_and_exit_2(workdir, args, message):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_bench_prints_ratios_and_marks_the_target_met_or_missed(workdir):
     out = shoal(workdir, "bench", "--quick", "-k", "pool start", timeout=120)
     assert out.returncode == 0, out.stderr

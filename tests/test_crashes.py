@@ -7,6 +7,10 @@ other task, and nothing may hang.
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
+import psutil
 import pytest
 import workers
 
@@ -101,7 +105,6 @@ def test_failing_initializer_is_a_clear_error(fork_or_spawn):
 
 
 def test_large_arguments_survive_a_requeue(fork_or_spawn):
-    np = pytest.importorskip("numpy")
     big = np.arange(1_000_000, dtype=np.float64)  # 8 MB: travels through shared memory
     with shoal.Pool(1, context=fork_or_spawn) as pool:
         doomed = pool.apply_async(workers.kill_self)
@@ -112,10 +115,82 @@ def test_large_arguments_survive_a_requeue(fork_or_spawn):
 
 
 def test_large_arrays_travel_both_ways(fork_or_spawn):
-    np = pytest.importorskip("numpy")
     big = np.arange(2_000_000, dtype=np.float64)
     with shoal.Pool(2, context=fork_or_spawn) as pool:
         doubled = pool.apply(workers.array_double, (big,))
         assert isinstance(doubled, np.ndarray)
         assert np.array_equal(doubled, big * 2)
         assert pool.map(workers.array_sum, [big, big[:10]]) == [float(big.sum()), float(big[:10].sum())]
+
+
+# -- a failure stays with its own task (regressions from review) ----------------
+
+
+# Before: a result that failed to unpickle left its out-of-band buffers
+# behind, and the results after it in the batch got the wrong ones.
+def test_a_result_that_fails_to_unpickle_does_not_shift_the_next_ones():
+    with shoal.Pool(1) as pool:
+        for _ in range(20):
+            pool.apply(workers.big_result, ("warm",))  # short: the next ones share a batch
+        it = pool.imap(workers.big_result, ["bad", "B", "C"])
+        with pytest.raises(shoal.SerializationError, match="could not be unpickled in the parent"):
+            next(it)
+        assert bytes(next(it)[:1]) == b"B"
+        assert bytes(next(it)[:1]) == b"C"
+
+
+# Before: the buffers of an argument that failed to pickle were sent with
+# the next task.
+def test_a_pickling_failure_leaves_no_stale_buffers_for_the_next_task():
+    import threading
+
+    big = np.full(400_000, 7, dtype=np.uint8)
+    zeros = np.zeros(400_000, dtype=np.uint8)
+    with shoal.Pool(1) as pool:
+        with pytest.raises(TypeError):
+            pool.apply_async(workers.identity, ((big, threading.Lock()),))
+        assert int(pool.apply(workers.identity, (zeros,))[0]) == 0
+
+
+# Before: an exception that could be neither pickled nor printed was not
+# reported as its task's failure.
+def test_unprintable_unpicklable_exception_fails_only_its_task():
+    with shoal.Pool(1) as pool:
+        with pytest.raises(shoal.SerializationError, match="UnprintableError"):
+            pool.apply(workers.raise_unprintable)
+        assert pool.statistics().workers_replaced == 0
+
+
+# Before: a worker's death was blamed on tasks it held besides the one it ran.
+def test_innocent_tasks_survive_workers_dying_around_them():
+    payloads = [bytes([1 if i % 50 == 7 else 0]) * 10 for i in range(1000)]
+    with shoal.Pool(2) as pool:
+        results = [pool.apply_async(workers.exit_if_one, (p,)) for p in payloads]
+        died = ok = 0
+        for r in results:
+            try:
+                assert r.get(timeout=60) == 10
+                ok += 1
+            except shoal.WorkerDiedError:
+                died += 1
+    assert died == 20  # exactly the tasks that exit
+    assert ok == 980
+
+
+# Before: when a replacement's initializer failed and the pool broke, the
+# tasks the healthy workers were running failed with it.
+def test_broken_initializer_in_a_replacement_lets_running_tasks_finish(tmp_path, monkeypatch):
+    mark = tmp_path / "mark"
+    monkeypatch.setenv("SHOAL_TEST_MARK", str(mark))
+    with shoal.Pool(2, initializer=workers.fail_if_marked) as pool:
+        healthy = pool.apply_async(workers.sleep_for, (1.0,))
+        victim = pool.apply_async(workers.sleep_for, (30,))
+        time.sleep(0.3)
+        mark.write_text("")
+        victim_pid = next(w.pid for w in pool._engine._workers.values() if victim._task in w.inflight)
+        psutil.Process(victim_pid).kill()
+        with pytest.raises(shoal.WorkerDiedError):
+            victim.get(timeout=30)
+        assert healthy.get(timeout=30) == 1.0
+        with pytest.raises(shoal.WorkerStartError):
+            pool.apply(workers.square, (2,))

@@ -16,6 +16,7 @@ import time
 
 import psutil
 import pytest
+from helpers import kill_group, wait_until
 
 SCRIPT = textwrap.dedent(
     """
@@ -45,6 +46,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["map", "imap", "get", "with"])
 def test_ctrl_c_interrupts_promptly_and_cleanly(tmp_path, how, fork_or_spawn):
     script = tmp_path / "long_map.py"
@@ -67,14 +69,15 @@ def test_ctrl_c_interrupts_promptly_and_cleanly(tmp_path, how, fork_or_spawn):
         elapsed = time.monotonic() - sent
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_group(proc)
     assert elapsed < 2.5, f"Ctrl-C took {elapsed:.2f} s"
     assert proc.returncode != 0
     assert err.count("KeyboardInterrupt") == 1, err
     assert err.count("Traceback") == 1, err
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family):
-        time.sleep(0.05)
-    left = [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    def running():
+        return [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    wait_until(lambda: not running(), timeout=5, interval=0.05)
+    left = running()
     assert not left, f"processes left behind: {left}"

@@ -4,11 +4,10 @@ memory; the seed's Manager example runs with only its import changed."""
 from __future__ import annotations
 
 import multiprocessing
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_code, run_ok, run_processes
 
 import shoal
 from shoal import Manager, SharedDict
@@ -21,15 +20,14 @@ SEED_EXAMPLE = (Path(__file__).resolve().parent.parent / "examples" / "seed_mana
 def _run_script(tmp_path, text: str) -> str:
     script = tmp_path / "example.py"
     script.write_text(text, encoding="utf-8")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
+    return run_ok(str(script), cwd=tmp_path)
 
 
 def test_seed_manager_example_prints_count_zero(tmp_path):
     assert _run_script(tmp_path, SEED_EXAMPLE) == "{'count': 0}\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_seed_manager_example_under_other_start_methods(tmp_path, method):
     # The same program with fewer processes (spawning 100 interpreters is slow).
@@ -57,17 +55,13 @@ def _decrement(d, lock, n):
             d["count"] -= 1
 
 
+@pytest.mark.slow
 def test_read_modify_write_under_a_manager_lock(fork_or_spawn):
     ctx = multiprocessing.get_context(fork_or_spawn)
     with Manager(ctx=ctx) as m:
         d = m.dict(count=300)
         lock = m.Lock()
-        procs = [ctx.Process(target=_decrement, args=(d, lock, 100)) for _ in range(3)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(60)
-        assert [p.exitcode for p in procs] == [0, 0, 0]
+        assert run_processes(ctx, _decrement, [(d, lock, 100)] * 3) == [0, 0, 0]
         assert d["count"] == 0
 
 
@@ -386,3 +380,39 @@ def test_custom_authkey_reaches_spawned_processes():
         p.join(60)
         assert p.exitcode == 0
         assert d["inner"] == {"k": "child"} and d["moved"] == {"a": 1}
+
+# -- shutdown while in use ------------------------------------------------------
+
+
+# Review 2, bug 1. Before: shutdown() unmapped a dict a thread was using inside
+# locked(): the lock leaked and the thread's robust-mutex list was corrupted.
+def test_manager_shutdown_while_a_thread_is_inside_locked():
+    out = run_code(
+        """
+        import threading
+        import shoal
+        m = shoal.Manager()
+        d = m.dict(count=0)
+        other = shoal.SharedDict()   # mapped before d is unmapped, as in real programs
+        inside, done = threading.Event(), threading.Event()
+        res = []
+        def worker():
+            try:
+                with d.locked():
+                    inside.set()
+                    done.wait(10)
+                    d.incr("count")
+            except ValueError as e:
+                res.append("ValueError")
+            other["x"] = 1
+            res.append(other["x"])
+        t = threading.Thread(target=worker)
+        t.start()
+        inside.wait(10)
+        m.shutdown()
+        done.set()
+        t.join()
+        print(res)
+        """
+    )
+    assert out.strip() == "['ValueError', 1]"

@@ -8,11 +8,10 @@ import multiprocessing
 import os
 import signal
 import struct
-import subprocess
-import sys
 import time
 
 import pytest
+from helpers import run_code, run_ok, run_processes, wait_until
 
 from shoal import _native
 from shoal._shm._segment import Segment
@@ -68,12 +67,7 @@ def _add_many(segment: Segment, n: int) -> None:
 def test_fetch_add_is_atomic_across_processes(start_method):
     ctx = multiprocessing.get_context(start_method)
     with Segment(4096) as seg:
-        procs = [ctx.Process(target=_add_many, args=(seg, 20_000)) for _ in range(3)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(30)
-        assert [p.exitcode for p in procs] == [0, 0, 0]
+        assert run_processes(ctx, _add_many, [(seg, 20_000)] * 3, timeout=30) == [0, 0, 0]
         assert _native.load(seg.mmap, 0) == 60_000
 
 
@@ -165,16 +159,12 @@ def _locked_increments(seg: Segment, n: int) -> None:
         _native.mutex_release(seg.mmap, 64)
 
 
+@pytest.mark.slow
 def test_mutex_gives_mutual_exclusion_across_processes(fork_or_spawn):
     ctx = multiprocessing.get_context(fork_or_spawn)
     with Segment(4096) as seg:
         _native.mutex_init(seg.mmap, 64)
-        procs = [ctx.Process(target=_locked_increments, args=(seg, 5_000)) for _ in range(3)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(60)
-        assert [p.exitcode for p in procs] == [0, 0, 0]
+        assert run_processes(ctx, _locked_increments, [(seg, 5_000)] * 3) == [0, 0, 0]
         assert struct.unpack_from("<q", seg.mmap, 0)[0] == 15_000
 
 
@@ -212,9 +202,7 @@ def test_futex_wake_wakes_a_waiter_in_another_process(start_method):
     with Segment(4096) as seg:
         p = ctx.Process(target=_futex_waiter, args=(seg,))
         p.start()
-        deadline = time.monotonic() + 30
-        while _native.load(seg.mmap, 8) != 1 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        assert wait_until(lambda: _native.load(seg.mmap, 8) == 1, interval=0.005)
         time.sleep(0.05)  # let it go to sleep in the kernel
         struct.pack_into("<I", seg.mmap, 0, 1)
         _native.futex_wake(seg.mmap, 0, 1)
@@ -240,9 +228,7 @@ def test_hash64_is_the_same_in_processes_with_different_hash_seeds():
     code = "from shoal import _native; print(_native.hash64(b'shoal' * 11), hash('shoal'))"
     outputs = []
     for seed in ("1", "2"):
-        env = dict(os.environ, PYTHONHASHSEED=seed)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        outputs.append(out.stdout.split())
+        outputs.append(run_ok("-c", code, env={"PYTHONHASHSEED": seed}).split())
     assert outputs[0][0] == outputs[1][0] == str(_native.hash64(b"shoal" * 11))
     assert outputs[0][1] != outputs[1][1]  # while hash() does differ
 
@@ -265,3 +251,50 @@ def test_dict_functions_refuse_other_objects_and_closed_mappings():
             _native.dict_get(m, b"sk", None)
     finally:
         os.close(fd)
+
+
+# -- misuse of the private API (regressions from review 2) ----------------------
+
+
+# Bug 8. Before: a mapping of a short or foreign file faulted (SIGBUS).
+def test_native_mapping_checks_the_file_instead_of_faulting():
+    out = run_code(
+        """
+        import os
+        from shoal import _native as n
+        from shoal import SharedDict
+        def attempt(f):
+            try:
+                f()
+                return "no error"
+            except Exception as e:
+                return type(e).__name__
+        empty = os.memfd_create("x")
+        page = os.memfd_create("y")
+        os.ftruncate(page, 4096)
+        print(attempt(lambda: n.Mapping(empty, 4096)))
+        print(attempt(lambda: n.dict_len(n.Mapping(page, 4096))))
+        print(attempt(lambda: n.dict_init(n.Mapping(page, 1 << 20), 1 << 20)))
+        print(attempt(lambda: SharedDict._from_fd(os.dup(empty))))
+        print(attempt(lambda: SharedDict._from_fd(os.dup(page))))
+        m = n.Mapping(page, 1 << 20)
+        n.dict_init(m, 4096)                  # what fits: writes that do not fit say so
+        print(n.dict_put(m, b"sk", b"b" + b"x" * 100000), n.dict_len(m))
+        """
+    )
+    assert out.split("\n")[:6] == ["ValueError"] * 5 + ["False 0"]
+
+
+
+
+# Review 2, bug 10. Before: timeout=inf was refused and an expected value
+# beyond 32 bits was accepted.
+def test_futex_wait_infinite_timeout_and_out_of_range_expected():
+    buf = bytearray(8)  # the word is 0
+    assert _native.futex_wait(buf, 0, 1, float("inf")) is True  # differs: returns at once
+    assert _native.futex_wait(buf, 0, 1, 1e20) is True
+    assert _native.futex_wait(buf, 0, -1, 5) is True  # 0xffffffff != 0
+    for bad in (2**32, -(2**31) - 1, 2**64):
+        with pytest.raises(OverflowError):
+            _native.futex_wait(buf, 0, bad, 0)
+    assert _native.futex_wait(buf, 0, 2**32 - 1, 5) is True

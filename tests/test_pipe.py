@@ -6,14 +6,20 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
 
 import numpy as np
 import pytest
+from helpers import (
+    at_fd_limit,
+    child_reports,
+    gather_in_order,
+    limit_descriptors_in_flight,
+    open_fds,
+    run_python,
+)
 
 import shoal
 from shoal import Pipe, SerializationError
@@ -78,10 +84,6 @@ def _send_through(conn, inner):
     conn.close()
 
 
-def _make(start_method):
-    return multiprocessing.get_context(start_method)
-
-
 # -- the seed's example ------------------------------------------------------
 
 SEED = textwrap.dedent(
@@ -108,10 +110,7 @@ def test_seed_pipe_example(tmp_path, start_method):
     setup = f"import multiprocessing; multiprocessing.set_start_method({start_method!r})" if start_method else "pass"
     script = tmp_path / "seed_pipe.py"
     script.write_text(SEED.format(setup=setup), encoding="utf-8")
-    env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env, encoding="utf-8"
-    )
+    out = run_python(str(script), timeout=60, env={"PYTHONIOENCODING": "utf-8"})
     assert out.returncode == 0, out.stderr
     assert out.stdout == "Hello 妹妹\n"
 
@@ -384,7 +383,7 @@ def test_large_send_bytes_many_times_reuses_memory_correctly():
 
 
 def test_large_array_to_child_process(fork_or_spawn):
-    ctx = _make(fork_or_spawn)
+    ctx = multiprocessing.get_context(fork_or_spawn)
     a, b = Pipe()
     p = ctx.Process(target=_recv_array_sum, args=(b,))
     p.start()
@@ -401,7 +400,7 @@ def test_large_array_to_child_process(fork_or_spawn):
 
 
 def test_connection_to_process_all_start_methods(start_method):
-    ctx = _make(start_method)
+    ctx = multiprocessing.get_context(start_method)
     parent, child = Pipe()
     p = ctx.Process(target=_send_hello, args=(child,))
     p.start()
@@ -415,7 +414,7 @@ def test_connection_to_process_all_start_methods(start_method):
 
 
 def test_connection_sent_through_a_connection(fork_or_spawn):
-    ctx = _make(fork_or_spawn)
+    ctx = multiprocessing.get_context(fork_or_spawn)
     a, b = Pipe()
     inner_r, inner_w = Pipe(duplex=False)
     p = ctx.Process(target=_send_through_receiver, args=(b,))
@@ -443,7 +442,7 @@ def _send_from_task(conn):
 
 
 def test_connection_to_a_pool_task(fork_or_spawn):
-    ctx = _make(fork_or_spawn)
+    ctx = multiprocessing.get_context(fork_or_spawn)
     a, b = Pipe()
     with shoal.Pool(1, context=ctx) as pool:
         assert pool.apply(_send_from_task, (b,)) == "sent"
@@ -453,7 +452,7 @@ def test_connection_to_a_pool_task(fork_or_spawn):
 
 
 def test_connection_through_a_multiprocessing_queue():
-    ctx = _make("spawn")
+    ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     a, b = Pipe()
     q.put(b)
@@ -500,11 +499,12 @@ def test_threads_sharing_both_ends():
     assert sorted(got) == sorted((k, i) for k in range(n_threads) for i in range(n))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("big", [False, True], ids=["small", "large"])
 def test_processes_sharing_both_ends(fork_or_spawn, big):
     """Several producer processes on one end, several consumers on the other:
     nothing lost, nothing duplicated, each producer's order kept."""
-    ctx = _make(fork_or_spawn)
+    ctx = multiprocessing.get_context(fork_or_spawn)
     producers, consumers, n = 3, 2, 300 if big else 2000
     total = producers * n
     a, b = Pipe()
@@ -516,16 +516,7 @@ def test_processes_sharing_both_ends(fork_or_spawn, big):
         p.start()
     a.close()
     b.close()
-    got = []
-    for r, w in result_pipes:
-        w.close()
-        part = r.recv()
-        r.close()
-        # Each consumer sees each producer's messages in order.
-        for k in range(producers):
-            seq = [i for ident, i in part if ident == k]
-            assert seq == sorted(seq)
-        got.extend(part)
+    got = gather_in_order(result_pipes, producers)
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
@@ -537,7 +528,7 @@ def test_processes_sharing_both_ends(fork_or_spawn, big):
 
 
 def test_peer_killed_while_other_side_blocked_in_recv(fork_or_spawn):
-    ctx = _make(fork_or_spawn)
+    ctx = multiprocessing.get_context(fork_or_spawn)
     a, b = Pipe()
     ready_r, ready_w = Pipe(duplex=False)
     p = ctx.Process(target=_block_in_recv, args=(a, ready_w))
@@ -555,7 +546,7 @@ def test_peer_killed_while_other_side_blocked_in_recv(fork_or_spawn):
 
 
 def test_sender_killed_mid_stream_leaves_whole_messages_and_no_leak(fork_or_spawn):
-    ctx = _make(fork_or_spawn)
+    ctx = multiprocessing.get_context(fork_or_spawn)
     a, b = Pipe()
     p = ctx.Process(target=_send_forever, args=(a,))
     p.start()
@@ -577,7 +568,7 @@ def test_sender_killed_mid_stream_leaves_whole_messages_and_no_leak(fork_or_spaw
 
 
 def test_receiver_killed_while_sender_blocked_gets_broken_pipe(fork_or_spawn):
-    ctx = _make(fork_or_spawn)
+    ctx = multiprocessing.get_context(fork_or_spawn)
     a, b = Pipe()
     ready_r, ready_w = Pipe(duplex=False)
     p = ctx.Process(target=_block_in_recv, args=(b, ready_w))
@@ -621,3 +612,97 @@ def test_threads_sending_large_messages_on_one_end():
     a.close()
     b.close()
     assert got == payloads
+
+
+# -- max_message_size counts out-of-band buffers (review 3, bug 1) -----------------
+# Before: a large numpy array (pickled out of band) passed any limit.
+
+
+def test_max_message_size_counts_out_of_band_buffers_when_sending():
+    a, b = Pipe(max_message_size=100_000)
+    try:
+        before = open_fds()
+        with pytest.raises(ValueError, match="max_message_size"):
+            a.send(np.ones(1_000_000, dtype=np.uint8))
+        with pytest.raises(ValueError, match="max_message_size"):
+            a.send([np.ones(300_000, dtype=np.uint8), a])  # with a descriptor too
+        assert open_fds() == before
+        assert not b.poll(0)
+        a.send(np.ones(50_000, dtype=np.uint8))
+        assert b.recv().nbytes == 50_000
+    finally:
+        a.close()
+        b.close()
+
+
+def test_max_message_size_counts_out_of_band_buffers_when_receiving():
+    a, b = Pipe(max_message_size=100_000)
+    try:
+        a._max = None  # a sender that does not check (another version, say)
+        a.send(np.ones(1_000_000, dtype=np.uint8))
+        a.send("after")
+        with pytest.raises(OSError, match="bad message length") as info:
+            b.recv()
+        assert info.value.size > 1_000_000
+        assert b.recv() == "after"
+    finally:
+        a.close()
+        b.close()
+
+
+# -- descriptor limits (review 3, bugs 5 and 6) --------------------------------------
+
+
+# Before: a receiver at RLIMIT_NOFILE blamed the sender or the unpickling.
+def test_pipe_recv_at_the_descriptor_limit_says_so():
+    a, b = Pipe()
+    try:
+        a.send(np.arange(100_000))  # out of band: carries a memfd
+        a.send("after")
+        first, second = at_fd_limit(b.recv)
+        assert first.startswith("OSError 24 ") and "too many open files" in first and "lost" in first
+        assert second == "'after'"
+    finally:
+        a.close()
+        b.close()
+
+
+def _pipe_over_the_inflight_limit(a, b):
+    limit, n = limit_descriptors_in_flight()
+    errors = []
+    sent = [0]
+
+    def send():
+        try:
+            for i in range(n):
+                a.send((i, b"x" * 100_000))
+                sent[0] += 1
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+            a.send((-1, b""))  # no descriptor: this one goes; stop the receiver
+
+    t = threading.Thread(target=send)
+    t.start()
+    # Receive only once the sender is at the limit (it waits there; before
+    # the fix it failed there).
+    while sent[0] < limit - 5 and t.is_alive():
+        time.sleep(0.01)
+    time.sleep(0.2)
+    got = []
+    while len(got) < n and (i := b.recv()[0]) >= 0:
+        got.append(i)
+    t.join()
+    if errors:
+        return errors[0]
+    return "ok" if got == list(range(n)) else f"wrong order {got and got[:10]}"
+
+
+# Before: more descriptors in flight than RLIMIT_NOFILE (ETOOMANYREFS) was a
+# cryptic error instead of a full buffer to wait for.
+def test_pipe_waits_while_too_many_descriptors_are_in_flight():
+    a, b = Pipe()
+    try:
+        assert child_reports(lambda: _pipe_over_the_inflight_limit(a, b)) == "ok"
+    finally:
+        a.close()
+        b.close()

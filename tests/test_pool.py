@@ -12,6 +12,7 @@ import time
 import psutil
 import pytest
 import workers
+from helpers import kill_group, run_python, wait_until
 
 import shoal
 
@@ -161,13 +162,16 @@ def test_garbage_collected_pool_shuts_down():
     assert pool.apply(workers.square, (2,)) == 4
     del pool
     gc.collect()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
-        time.sleep(0.05)
+
+    def gone():
         multiprocessing.active_children()
+        return not any(psutil.pid_exists(p) for p in pids)
+
+    wait_until(gone, timeout=10, interval=0.05)
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
 
 
+@pytest.mark.slow
 def test_task_can_start_its_own_pool(start_method):
     with shoal.Pool(2, context=start_method) as pool:
         assert pool.apply(workers.nested_pool, (4,)) == [0, 1, 4, 9]
@@ -254,9 +258,7 @@ def test_pool_left_open_at_exit_does_not_hang(tmp_path):
         "    p.apply_async(f, (60,))\n"
         "    print(' '.join(map(str, p._engine.worker_pids)), flush=True)\n"
     )
-    import subprocess
-
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    out = run_python(str(script), timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split("\n")
     assert lines[0] == "0"
@@ -278,7 +280,6 @@ def test_forked_child_exits_cleanly_while_a_pool_is_open(tmp_path):
         "print(os.waitstatus_to_exitcode(status))\n"
         "pool.terminate()\n"
     )
-    import signal
     import subprocess
 
     proc = subprocess.Popen(
@@ -288,12 +289,7 @@ def test_forked_child_exits_cleanly_while_a_pool_is_open(tmp_path):
     try:
         stdout, stderr = proc.communicate(timeout=60)
     finally:
-        # If the forked child hung, it must not outlive the test.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_group(proc)  # if the forked child hung, it must not outlive the test
     assert proc.returncode == 0, stderr
     assert stdout.strip() == "0"
 
@@ -311,3 +307,42 @@ def test_get_context_gives_shoals_factories():
     with a, b:
         a.send("x")
         assert b.recv() == "x"
+
+
+# -- what a task carries (regressions from review) ----------------------------
+
+
+# Before: a message with more than 253 descriptors (SCM_RIGHTS' limit) failed.
+def test_more_than_253_out_of_band_arrays_in_one_task_both_ways():
+    arrays = workers.many_arrays(300)
+    with shoal.Pool(1) as pool:
+        assert len(pool.apply(workers.many_arrays, (300,))) == 300
+        assert pool.apply(workers.count_arrays, (arrays,)) == 300
+
+
+# Before: workers cached closures by name and kept the values of the first call.
+def test_closures_carry_their_current_values():
+    scale = {"k": 1}
+
+    def scaled(x):
+        return x * scale["k"]
+
+    with shoal.Pool(1) as pool:
+        assert pool.map(scaled, [1, 2]) == [1, 2]
+        scale["k"] = 10
+        assert pool.map(scaled, [1, 2]) == [10, 20]
+
+
+# Before: the worker's function cache evicted a function the batch still needed.
+def test_a_batch_with_more_functions_than_the_worker_caches(monkeypatch):
+    from shoal._engine import _engine
+
+    monkeypatch.setattr(_engine, "FN_CACHE", 4)
+    fns = [workers.square, workers.identity, workers.getpid, workers.add, workers.sleep_for, workers.array_sum]
+    with shoal.Pool(1) as pool:
+        pool.apply(workers.square, (1,))
+        results = []
+        for i in range(60):
+            fn = fns[i % 3]
+            results.append(pool.apply_async(fn, (i,)))
+        assert len([r.get(timeout=30) for r in results]) == 60

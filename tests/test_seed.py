@@ -9,21 +9,16 @@ run, so those are checked for shape, not value).
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+import pytest
+from helpers import run_ok, run_python
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def run_example(name: str, timeout: float = 60) -> tuple[str, str]:
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=EXAMPLES,
-    )
+    proc = run_python(str(EXAMPLES / name), timeout=timeout, cwd=EXAMPLES)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc.stdout, proc.stderr
@@ -36,6 +31,7 @@ def test_seed_uses_only_the_changed_import():
         assert re.search(r"^from shoal import ", text, re.M), path.name
 
 
+@pytest.mark.slow
 def test_seed_apply():
     out, _ = run_example("seed_pool_apply.py")
     lines = out.splitlines()
@@ -46,6 +42,7 @@ def test_seed_apply():
     assert lines[10] == str([i**2 for i in range(10)])
 
 
+@pytest.mark.slow
 def test_seed_apply_async():
     out, _ = run_example("seed_pool_apply_async.py")
     # Workers print concurrently, so only the results' order is fixed.
@@ -80,7 +77,7 @@ def test_seed_callback_output_matches_the_standard_library(tmp_path):
     stdlib_script = tmp_path / name
     stdlib_script.write_text(source, encoding="utf-8")
     ours, _ = run_example(name)
-    theirs = subprocess.run([sys.executable, str(stdlib_script)], capture_output=True, text=True, timeout=60).stdout
+    theirs = run_ok(str(stdlib_script), timeout=60)
 
     def shape(text: str) -> list[str]:
         return [re.sub(r"\d{3,}", "PID", line) for line in text.splitlines()]

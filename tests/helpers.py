@@ -1,0 +1,217 @@
+"""Plain helper functions shared by the test files (fixtures live in
+conftest.py; functions that run as a child's target live in workers.py or
+next to their test).  Every wait here has a bound: a regression fails a test
+instead of hanging the session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+# -- running Python in a fresh interpreter ----------------------------------------
+
+
+def run_python(
+    *args: str, cwd=None, env: dict | None = None, input: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python *args`` (a script and its arguments, ``-c code`` or
+    ``-m module``) with its output captured as UTF-8 text.  *env* adds to
+    this process's environment."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**os.environ, **env} if env else None,
+        input=input,
+        capture_output=True,
+        encoding="utf-8",
+        timeout=timeout,
+    )
+
+
+def run_ok(*args: str, **kwargs) -> str:
+    """run_python() that must exit 0; returns its stdout."""
+    proc = run_python(*args, **kwargs)
+    assert proc.returncode == 0, f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def run_code(code: str, **kwargs) -> str:
+    """Run the (indented) *code* in a fresh interpreter; it must exit 0.
+    Scenarios that could crash the interpreter run this way, so that a
+    regression fails one test instead of killing the session."""
+    return run_ok("-c", textwrap.dedent(code), **kwargs)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of *proc* (started with
+    ``start_new_session=True``) if anything of it is left, and reap *proc*."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+# -- waiting ------------------------------------------------------------------------
+
+
+def wait_until(condition, timeout: float = 30, interval: float = 0.01) -> bool:
+    """Poll *condition* until it is true or *timeout* seconds have passed;
+    whether it became true (a hang guard, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+# -- child processes ----------------------------------------------------------------
+
+
+def run_processes(ctx, target, args_list, timeout: float = 60) -> list[int | None]:
+    """Start one ``ctx.Process(target=target, args=args)`` per *args_list*
+    entry, join them all; their exit codes."""
+    procs = [ctx.Process(target=target, args=args) for args in args_list]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    return [p.exitcode for p in procs]
+
+
+def gather_in_order(result_pipes, producers: int) -> list:
+    """Receive each consumer's list of (producer, i) items from the read end
+    of its ``(read, write)`` pipe (closing both ends); assert that each
+    consumer saw each producer's items in the order it sent them.  All the
+    items."""
+    got = []
+    for r, w in result_pipes:
+        w.close()
+        part = r.recv()
+        r.close()
+        for k in range(producers):
+            seq = [i for ident, i in part if ident == k]
+            assert seq == sorted(seq), "a producer's order was not kept"
+        got.extend(part)
+    return got
+
+
+def wait_child(pid: int, timeout: float = 30) -> int:
+    """The exit status of the ``os.fork()`` child *pid*; SIGKILL it if it is
+    still running after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -signal.SIGKILL
+
+
+def child_reports(fn) -> str:
+    """Run *fn* in an ``os.fork()`` child; the text it returned."""
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(w, fn().encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        w = -1
+        assert wait_child(pid) == 0
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+# -- descriptors --------------------------------------------------------------------
+
+
+def open_fds(pid: int | str = "self") -> set[str]:
+    """The descriptor numbers process *pid* has open."""
+    return set(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_links(pid: int | str = "self") -> set[str]:
+    """What process *pid*'s descriptors point at ("pipe:[123]", a path...)."""
+    out = set()
+    for fd in open_fds(pid):
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:  # closed meanwhile
+            pass
+    return out
+
+
+def connections(n_pairs: int) -> list:
+    """2 * *n_pairs* connected shoal Connections (each holds a descriptor)."""
+    from shoal import Pipe
+
+    return [c for _ in range(n_pairs) for c in Pipe()]
+
+
+def close_all(conns) -> None:
+    for c in conns:
+        c.close()
+
+
+def at_fd_limit(recv) -> list[str]:
+    """In an ``os.fork()`` child: use every descriptor RLIMIT_NOFILE allows,
+    call *recv*, then free them and call it again.  [what the first call
+    raised, repr of what the second returned]."""
+
+    def child():
+        import resource
+
+        from shoal._ipc._packet import close_fds
+
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(64, len(open_fds()) + 16), hard))
+        hog = []
+        try:
+            while True:
+                hog.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        try:
+            recv()
+            first = "no error"
+        except Exception as exc:
+            first = f"{type(exc).__name__} {getattr(exc, 'errno', None)} {exc}"
+        close_fds(hog)
+        try:
+            second = repr(recv())
+        except Exception as exc:
+            second = f"{type(exc).__name__} {exc}"
+        return f"{first}\n{second}"
+
+    return child_reports(child).split("\n")
+
+
+def limit_descriptors_in_flight() -> tuple[int, int]:
+    """In an ``os.fork()`` child: make the kernel count descriptors in flight
+    against a small RLIMIT_NOFILE (it does not for root).  (the limit, a
+    number of messages with a memfd each that is more than it)."""
+    import resource
+
+    if os.getuid() == 0:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    limit = 2 * len(open_fds()) + 256
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return limit, limit + 100
