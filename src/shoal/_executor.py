@@ -164,8 +164,10 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             chunksize: int | None = None, buffersize: int | None = None) -> Iterator[Any]:
         """``map(fn, *iterables)`` in the workers, results in order.
 
-        The input is read lazily.  Without *chunksize*, items are grouped by
-        measured task time.  Raises the first task error, and
+        The input is read lazily.  Without *chunksize*, items go one at a
+        time until the function's duration has been measured, then in
+        chunks of about 50 ms of work (never more than ``len / (4 *
+        max_workers)`` items when the input has a length).  Raises the first task error, and
         ``TimeoutError`` if a result is not ready *timeout* seconds after the
         call.
         """
@@ -179,17 +181,29 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         if not callable(fn):
             raise TypeError(f"the function to run must be callable, got {type(fn).__name__}")
         args = zip(*iterables)
+        cap = None
         if chunksize is None:
-            chunksize = 1
+            # Chunks grow with the measured task time, never beyond the
+            # standard library's Pool.map size when the length is known.
             try:
                 n = min(len(it) for it in iterables)  # type: ignore[arg-type]
             except TypeError:
                 pass
             else:
-                chunksize = engine.map_chunksize(n, fn)
-        it = IMapIterator(engine, fn, args, chunksize, STARMAP, True, None, buffersize, None)
+                cap = engine.map_chunksize(n, fn)
+        it = IMapIterator(engine, fn, args, chunksize, STARMAP, True, None, buffersize, None, cap)
         deadline = None if timeout is None else time.monotonic() + timeout
         return _results(it, deadline)
+
+    def __exit__(self, exc_type, exc_val, exc_tb) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C in the block: queued futures are cancelled and running
+            # ones stop now (their workers are killed), instead of the block
+            # waiting for all the work it was interrupted out of.
+            self._engine.interrupt(concurrent.futures.CancelledError("interrupted by KeyboardInterrupt"))
+            self.shutdown(wait=True, cancel_futures=True)
+        else:
+            self.shutdown(wait=True)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; with *cancel_futures*, cancel what has not started."""

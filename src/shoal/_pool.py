@@ -241,7 +241,9 @@ class Pool:
         try:
             return result.get()
         except KeyboardInterrupt:
-            result.cancel()
+            # Ctrl-C: chunks not yet sent are dropped, running ones killed.
+            self._engine.interrupt(concurrent.futures.CancelledError("the map was interrupted"),
+                                   lambda sink: sink is result)
             raise
 
     def _imap(self, func, iterable, chunksize, ordered, task_timeout, progress, buffersize, mode=MAP):

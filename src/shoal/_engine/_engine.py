@@ -553,6 +553,20 @@ class Engine:
             chunksize = max(1, min(chunksize, int(CHUNK_SECONDS / est)))
         return chunksize
 
+    def auto_chunksize(self, fn, cap: int | None = None) -> int:
+        """Size of the next chunk of a lazily chunked map (``chunksize=None``).
+
+        One item until this function's duration has been measured, then
+        about CHUNK_SECONDS of work, at most *cap* items: a first guess
+        never strands seconds of work in one chunk, where it would spoil
+        the balance of the tail and make an interrupt wait for it.
+        """
+        est = self._estimates.get(self._fn_key(fn))
+        if est is None:
+            return 1
+        size = max(1, min(MAX_BATCH, int(CHUNK_SECONDS / max(est, 1e-9))))
+        return size if cap is None else max(1, min(size, cap))
+
     def _fn_key(self, fn) -> int:
         entry = self._fn_cache.get(id(fn))
         return entry[1] if entry is not None and entry[0] is fn else 0
@@ -584,6 +598,14 @@ class Engine:
         so it cannot race a result being delivered.  Its tasks not yet sent
         are dropped at dispatch (``sink._skip``)."""
         self._control.append(("fail_sink", sink, exc))
+        self._wake()
+
+    def interrupt(self, exc: BaseException, match=None) -> None:
+        """Stop work at once (Ctrl-C): every task whose sink satisfies
+        *match* (every task, without it) fails with *exc*; queued ones are
+        dropped and the workers running the others are killed and replaced.
+        Futures among them are cancelled."""
+        self._control.append(("interrupt", match, exc))
         self._wake()
 
     def cancel_pending_futures(self) -> None:
@@ -631,7 +653,9 @@ class Engine:
         """The interpreter is exiting with this pool open."""
         if os.getpid() != self._owner_pid:
             return
-        if self._graceful_exit and self._state in (_RUN, _CLOSE):
+        # An uncaught Ctrl-C ends the program: nobody waits for queued work.
+        interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+        if self._graceful_exit and self._state in (_RUN, _CLOSE) and not interrupted:
             self.close()
             self.join()
         else:
@@ -1082,11 +1106,39 @@ class Engine:
                 future = getattr(t.sink, "future", None)
                 if future is not None:
                     future.cancel()
+        elif what == "interrupt":
+            match = obj
+            for t in list(self._pending):
+                if match is None or match(t.sink):
+                    try:
+                        self._pending.remove(t)
+                    except ValueError:
+                        continue
+                    self._interrupt_task(t, exc)
+                    self._fail(t, exc, cancelled=True)
+            for w in self._workers.values():
+                for t in w.inflight:
+                    if t.kill_reason is None and (match is None or match(t.sink)):
+                        # As for "cancel": the worker is killed when it runs it.
+                        t.kill_reason = "cancelled"
+                        self._interrupt_task(t, exc)
+                        self._fail(t, exc, cancelled=True)
+                        self._doomed += 1
+            self._check_time_limits()
+            self._notify()
         elif what == "fail_sink":
             sink = obj
             if not sink._delivered:
                 sink._deliver(None, False, exc)
                 self._notify()
+
+    @staticmethod
+    def _interrupt_task(task: _Task, exc: BaseException) -> None:
+        # A future not yet running is cancelled as such; a running one gets
+        # *exc* (a CancelledError) as its outcome, through _fail.
+        future = getattr(task.sink, "future", None)
+        if future is not None:
+            future.cancel()
 
     # -- time limits -------------------------------------------------------
     def _check_time_limits(self) -> None:
