@@ -17,7 +17,9 @@ CRASHES = [
     pytest.param(workers.segfault, None, shoal.WorkerDiedError, "SIGSEGV", id="segfault"),
     pytest.param(workers.exit_now, 3, shoal.WorkerDiedError, "exit code 3", id="os._exit"),
     pytest.param(workers.return_lock, None, shoal.SerializationError, "cannot pickle the task's result", id="unpicklable-result"),
-    pytest.param(workers.raise_unpicklable_error, None, shoal.SerializationError, "UnpicklableError", id="unpicklable-exception"),
+    pytest.param(workers.raise_error_holding_lock, None, shoal.SerializationError, "ErrorHoldingLock", id="unpicklable-exception"),
+    # Its __init__ takes two arguments, so plain unpickling fails: rebuilt without __init__.
+    pytest.param(workers.raise_bad_record, 7, workers.BadRecord, "record 7: no such field", id="exception-init-two-args"),
     pytest.param(workers.raise_value_error, 7, ValueError, "bad value 7", id="exception"),
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import pickle
 import sys
 import threading
 import time
@@ -93,6 +94,32 @@ def test_remote_exception_keeps_type_and_traceback():
             pool.map(workers.raise_value_error, range(3))
         # The pool still works after task errors.
         assert pool.map(workers.square, range(3)) == [0, 1, 4]
+
+
+def test_an_exception_whose_init_takes_two_arguments_arrives_as_itself(fork_or_spawn):
+    # It used to arrive as SerializationError: unpickling it calls
+    # BadRecord("record 7: ...") and __init__ wants two arguments.
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        with pytest.raises(workers.BadRecord) as info:
+            pool.apply(workers.raise_bad_record, (7,))
+        assert info.value.args == ("record 7: no such field",)
+        assert (info.value.record_id, info.value.reason) == (7, "no such field")
+        assert "raise_bad_record" in str(info.value.__cause__)
+        with pytest.raises(workers.BadRecord, match="record 2"):
+            pool.map(workers.raise_bad_record, [2, 3])
+
+
+def test_an_exception_whose_class_the_parent_lacks_arrives_as_remote_error(fork_or_spawn):
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        with pytest.raises(shoal.RemoteError) as info:
+            pool.apply(workers.raise_ghost_error)
+    err = info.value
+    assert err.type_name == "shoal_test_ghost.GhostError"
+    assert err.message == "only the worker knows this class"
+    assert "raise_ghost_error" in err.tb and "raise_ghost_error" in str(err.__cause__)
+    assert "shoal_test_ghost.GhostError: only the worker knows this class" in str(err)
+    copy = pickle.loads(pickle.dumps(err))
+    assert (type(copy), copy.type_name, copy.message, copy.tb) == (shoal.RemoteError, err.type_name, err.message, err.tb)
 
 
 def test_imap_continues_after_an_item_raises():

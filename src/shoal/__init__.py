@@ -57,6 +57,7 @@ from ._shm._dict import SharedDict as SharedDict
 from .exceptions import (
     BrokenResourceError as BrokenResourceError,
     PoolClosedError as PoolClosedError,
+    RemoteError as RemoteError,
     SerializationError as SerializationError,
     ShoalError as ShoalError,
     TaskTimeoutError as TaskTimeoutError,
@@ -86,6 +87,7 @@ __all__ = (
     "ProcessPoolExecutor",
     "Queue",
     "RLock",
+    "RemoteError",
     "Semaphore",
     "SerializationError",
     "SharedDict",

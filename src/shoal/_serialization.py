@@ -27,7 +27,7 @@ import cloudpickle
 from ._ipc._fdpass import _state as _fd_state
 from ._ipc._fdpass import providing_fds, reduce_fd
 from ._shm._segment import create_fd, map_private_fd
-from .exceptions import RemoteTraceback, SerializationError
+from .exceptions import RemoteError, RemoteTraceback, SerializationError
 
 #: Buffers at least this large go through shared memory instead of the pipe.
 #: Below it, the cost of a memfd (~10 µs) exceeds the cost of copying.
@@ -232,12 +232,73 @@ class _ExceptionWithTraceback:
         self.tb = f'\n"""\n{tb}"""'
 
     def __reduce__(self):
-        return _rebuild_exception, (self.exc, self.tb)
+        return _rebuild_exception, (_PortableException(self.exc, self.tb), self.tb)
 
 
 def _rebuild_exception(exc: BaseException, tb: str) -> BaseException:
     exc.__cause__ = RemoteTraceback(tb)
     return exc
+
+
+class _PortableException:
+    """Pickles an exception so that the parent gets it back even when its
+    class cannot be rebuilt the normal way.
+
+    Unpickling an exception calls ``cls(*exc.args)``, which fails for the
+    common ``__init__(self, record_id, reason)`` that passes one message to
+    ``super().__init__``.  So the exception travels twice: as its ordinary
+    pickle (classes by reference first, so ``except MyError`` matches the
+    parent's class) and as its parts (class by reference, ``args``,
+    ``__dict__``, qualified name, message).  The parent tries the first,
+    then rebuilds from the parts without calling ``__init__``, and when the
+    class is not importable there raises :class:`shoal.exceptions.RemoteError`
+    instead (see _load_exception).
+    """
+
+    __slots__ = ("exc", "tb")
+
+    def __init__(self, exc: BaseException, tb: str) -> None:
+        self.exc = exc
+        self.tb = tb
+
+    def __reduce__(self):
+        exc = self.exc
+        try:
+            data = pickle.dumps(exc, _PROTOCOL)
+        except Exception:  # noqa: BLE001 - a lambda or a local class inside: by value
+            data = cloudpickle.dumps(exc, _PROTOCOL)  # if this raises, pack_exception substitutes
+        cls = type(exc)
+        parts = []
+        for part in (cls, exc.args, getattr(exc, "__dict__", None) or None):
+            try:
+                parts.append(pickle.dumps(part, _PROTOCOL))
+            except Exception:  # noqa: BLE001 - that part stays behind
+                parts.append(None)
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        return _load_exception, (data, name, _safe_str(exc), self.tb, *parts)
+
+
+def _load_exception(data, name, message, tb, cls_data, args_data, state_data) -> BaseException:
+    try:
+        return pickle.loads(data)
+    except Exception:  # noqa: BLE001 - rebuilt from its parts below
+        pass
+    try:
+        cls = pickle.loads(cls_data)
+        args = pickle.loads(args_data)
+        state = pickle.loads(state_data) if state_data is not None else None
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError(f"{cls!r} is not an exception class")
+        try:
+            exc = cls.__new__(cls, *args)
+        except Exception:  # noqa: BLE001 - a __new__ with its own signature
+            exc = cls.__new__(cls)
+        exc.args = args
+        if state:
+            exc.__dict__.update(state)
+        return exc
+    except Exception:  # noqa: BLE001 - the class is not importable here
+        return RemoteError(name, message, tb)
 
 
 def pack_exception(exc: BaseException) -> bytes:
