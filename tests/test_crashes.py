@@ -91,6 +91,39 @@ def test_unpicklable_argument_raises_at_submit(fork_or_spawn):
         assert pool.apply(workers.square, (4,)) == 16
 
 
+@pytest.mark.parametrize("method", ["map", "imap", "starmap", "imap_unordered", "executor.map"])
+def test_an_unpicklable_item_among_many_is_named_by_its_index(fork_or_spawn, method):
+    import threading
+
+    items = list(range(50))
+    items[37] = threading.Lock()
+    with pytest.raises(TypeError, match=r"item 37 of the input .*cannot pickle.*lock"):
+        if method == "executor.map":
+            with shoal.ProcessPoolExecutor(1, mp_context=fork_or_spawn) as ex:
+                list(ex.map(workers.identity, items))
+            return
+        with shoal.Pool(1, context=fork_or_spawn) as pool:
+            if method == "starmap":
+                pool.starmap(workers.add, [(i, x) for i, x in enumerate(items)])
+            elif method == "map":
+                pool.map(workers.identity, items, chunksize=4)
+            else:
+                list(getattr(pool, method)(workers.identity, items, chunksize=3))
+
+
+def test_an_open_file_is_refused_at_submit(fork_or_spawn, tmp_path):
+    # It used to reach the worker as a StringIO copy of the file's contents
+    # (cloudpickle's fallback), while the error text said files cannot be sent.
+    path = tmp_path / "data.txt"
+    path.write_text("contents")
+    with shoal.Pool(1, context=fork_or_spawn) as pool, open(path) as f:
+        with pytest.raises(TypeError, match="open file .*data.txt.* cannot be sent to another process"):
+            pool.apply_async(workers.identity, (f,))
+        with pytest.raises(TypeError, match="open file"):
+            pool.map(workers.identity, [f])
+        assert pool.apply(workers.square, (4,)) == 16
+
+
 def test_failing_initializer_is_a_clear_error(fork_or_spawn):
     with shoal.Pool(2, initializer=workers.failing_initializer, context=fork_or_spawn) as pool:
         with pytest.raises(shoal.WorkerStartError, match="initializer exploded"):

@@ -86,3 +86,14 @@ def test_failing_initializer_is_broken_process_pool():
 def test_max_workers_must_be_positive():
     with pytest.raises(ValueError, match="max_workers"):
         shoal.ProcessPoolExecutor(0)
+
+
+def test_wrong_types_get_type_errors_that_say_so():
+    with pytest.raises(TypeError, match="max_workers must be an int, got str '2'"):
+        shoal.ProcessPoolExecutor("2")
+    with pytest.raises(TypeError, match="max_tasks_per_child must be an int"):
+        shoal.ProcessPoolExecutor(1, max_tasks_per_child="3")
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        shoal.ProcessPoolExecutor(0)
+    with pytest.raises(ValueError, match="unknown start method 'spwan': use one of"):
+        shoal.ProcessPoolExecutor(1, mp_context="spwan")

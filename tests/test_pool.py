@@ -225,6 +225,29 @@ def test_bad_arguments_get_clear_errors():
             pickle.dumps(pool)
 
 
+def test_wrong_types_and_names_get_errors_that_say_what_is_wrong():
+    # "must be at least 1, got '2'" used to hide that the type was wrong.
+    with pytest.raises(TypeError, match="processes must be an int, got str '2'"):
+        shoal.Pool("2")
+    with pytest.raises(TypeError, match="processes must be an int, got bool"):
+        shoal.Pool(True)
+    with pytest.raises(TypeError, match="max_memory must be a number of bytes, got str"):
+        shoal.Pool(1, max_memory="1GB")
+    with pytest.raises(TypeError, match="timeout must be a number of seconds or None, got str '5'"):
+        shoal.Pool(1, task_timeout="5")
+    with pytest.raises(ValueError, match="unknown start method 'spwan': use one of .*'spawn'"):
+        shoal.Pool(1, context="spwan")
+    with pytest.raises(ValueError, match="unknown start method 'spwan': use one of .*'fork'"):
+        shoal.get_context("spwan")
+    with shoal.Pool(1) as pool:
+        # "'int' object is not iterable" used to say nothing about args.
+        with pytest.raises(TypeError, match=r"args must be a tuple .* got int 3; .* args=\(3,\)"):
+            pool.apply(workers.square, 3)
+        with pytest.raises(TypeError, match="args must be a tuple"):
+            pool.apply_async(workers.square, 3)
+        assert pool.apply(workers.square, [3]) == 9  # any iterable, as in the standard library
+
+
 def test_submit_returns_a_future():
     import concurrent.futures
 

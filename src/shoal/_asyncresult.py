@@ -32,6 +32,7 @@ import weakref
 from collections import deque
 from typing import Any
 
+from ._serialization import name_unpicklable_item
 from .exceptions import PoolClosedError, ShoalError
 
 
@@ -349,7 +350,8 @@ def _feed(state: _IMapState, fn, iterator, chunksize: int | None, mode: int, tas
     function's measured duration (Engine.auto_chunksize)."""
     engine = state.engine
     cond = engine.results_cond
-    index = 0
+    index = 0  # chunks made
+    items = 0  # input items in them
     fn_ref = None
     auto = chunksize is None
     sink = _Unwrap(state) if chunksize == 1 else _Chunked(state)
@@ -385,8 +387,13 @@ def _feed(state: _IMapState, fn, iterator, chunksize: int | None, mode: int, tas
                             raise StopIteration
                     if fn_ref is None:
                         fn_ref = engine.function_ref(fn)
-                    tasks.append(engine.make_task(fn, mode, payload, sink, index, task_timeout, fn_ref))
+                    try:
+                        tasks.append(engine.make_task(fn, mode, payload, sink, index, task_timeout, fn_ref))
+                    except Exception as exc:
+                        name_unpicklable_item(exc, payload, items)
+                        raise
                     index += 1
+                    items += len(payload)
             except StopIteration:
                 _submit(engine, state, tasks)
                 break

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._asyncresult import IMapIterator
-from ._engine._engine import Engine, PoolStatistics, _check_timeout
+from ._engine._engine import Engine, PoolStatistics, _check_int, _check_timeout
 from ._engine._worker import STARMAP
 
 __all__ = ("Future", "ProcessPoolExecutor")
@@ -138,8 +138,14 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         max_memory: int | None = None,
         task_timeout: float | None = None,
     ) -> None:
-        if max_workers is not None and (not isinstance(max_workers, int) or max_workers <= 0):
-            raise ValueError("max_workers must be greater than 0")
+        if max_workers is not None:
+            _check_int("max_workers", max_workers)
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None:
+            _check_int("max_tasks_per_child", max_tasks_per_child)
+            if max_tasks_per_child < 1:
+                raise ValueError("max_tasks_per_child must be >= 1")
         self._engine = Engine(
             max_workers,
             initializer,

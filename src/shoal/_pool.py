@@ -24,6 +24,7 @@ from ._asyncresult import AsyncResult, IMapIterator, MapResult
 from ._engine._engine import Engine, PoolStatistics, _check_timeout
 from ._engine._worker import MAP, STARMAP
 from ._progress import progress_bar
+from ._serialization import name_unpicklable_item
 
 __all__ = ("AsyncResult", "Pool", "PoolStatistics")
 
@@ -102,7 +103,7 @@ class Pool:
         elif type(kwds) is not dict:
             raise TypeError(f"kwds must be a dict, got {type(kwds).__name__}")
         if type(args) is not tuple:
-            args = tuple(args)
+            args = _args_tuple(args)
         if not callable(func):
             _check_callable(func)
         result = AsyncResult(engine, callback, error_callback)
@@ -216,9 +217,12 @@ class Pool:
             tasks: list = []
             queued_bytes = 0
             for i in range(nchunks):
-                task = engine.make_task(
-                    func, mode, list(items[i * chunksize:(i + 1) * chunksize]), result, i, task_timeout, fn_ref
-                )
+                chunk = list(items[i * chunksize:(i + 1) * chunksize])
+                try:
+                    task = engine.make_task(func, mode, chunk, result, i, task_timeout, fn_ref)
+                except Exception as exc:
+                    name_unpicklable_item(exc, chunk, i * chunksize)
+                    raise
                 tasks.append(task)
                 queued_bytes += len(task.data) + (SUBMIT_EARLY_BYTES if task.fds else 0)
                 # Large chunks go to the workers as soon as they are
@@ -259,6 +263,16 @@ class Pool:
         it = IMapIterator(engine, func, iterable, chunksize, mode, ordered, task_timeout, buffersize, bar)
         it._pool = self
         return it
+
+
+def _args_tuple(args) -> tuple:
+    try:
+        return tuple(args)
+    except TypeError:
+        raise TypeError(
+            f"args must be a tuple (or another iterable) of the function's arguments, got "
+            f"{type(args).__name__} {args!r:.40}; for a single argument write args=({args!r:.40},)"
+        ) from None
 
 
 def _check_callable(func) -> None:

@@ -17,9 +17,11 @@ out-of-band buffers are allowed, and ``loads`` inside ``providing_fds``.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import traceback
+from collections import ChainMap
 from typing import Any
 
 import cloudpickle
@@ -110,6 +112,27 @@ class TooLarge(Exception):
         self.size = size
 
 
+def _refuse_open_file(obj: Any):
+    name = getattr(obj, "name", None)
+    raise TypeError(
+        f"cannot pickle {type(obj).__name__!r} object (the open file {name!r}): an open file cannot be sent "
+        "to another process; send its name (and open it there) or its contents"
+    )
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, except that open text files are refused: cloudpickle
+    would send a copy of their contents as a StringIO, silently."""
+
+    dispatch_table = ChainMap({io.TextIOWrapper: _refuse_open_file}, cloudpickle.Pickler.dispatch_table)
+
+
+def _cloudpickle_dumps(obj: Any, buffer_callback=None) -> bytes:
+    with io.BytesIO() as file:
+        _Pickler(file, protocol=_PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
+
+
 def dumps(obj: Any, *, oob: bool = False, what: str = "object", limit: int | None = None) -> bytes:
     """Pickle *obj*.
 
@@ -133,7 +156,7 @@ def dumps(obj: Any, *, oob: bool = False, what: str = "object", limit: int | Non
             data = pickle.dumps(obj, _PROTOCOL, buffer_callback=callback)
         except Exception:
             _fd_state.oob = None
-            data = cloudpickle.dumps(obj, _PROTOCOL, buffer_callback=callback)
+            data = _cloudpickle_dumps(obj, buffer_callback=callback)
     except Exception as exc:
         _fd_state.oob = None  # what the failed attempts collected must not leak into the next call
         raise SerializationError(
@@ -205,10 +228,28 @@ def _find_unpicklable(obj: Any, depth: int) -> Any:
         return None
     for item in items[:1000]:
         try:
-            cloudpickle.dumps(item, _PROTOCOL)
+            _cloudpickle_dumps(item)
         except Exception:
             return _find_unpicklable(item, depth + 1) or item
     return None
+
+
+def name_unpicklable_item(exc: BaseException, items, start: int) -> None:
+    """Say in *exc* (a pickling failure of a chunk of a map's *items*, the
+    first of which is item *start* of the input) which item failed."""
+    for i, item in enumerate(items):
+        try:
+            pickle.dumps(item, _PROTOCOL)
+            continue
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            _cloudpickle_dumps(item)
+        except Exception:  # noqa: BLE001 - this is the one
+            if exc.args and isinstance(exc.args[0], str):
+                # The same exception object, so its type is what dumps chose.
+                exc.args = (f"item {start + i} of the input (counting from 0): {exc.args[0]}", *exc.args[1:])
+            return
 
 
 def _short_repr(obj: Any) -> str:

@@ -301,21 +301,25 @@ class Engine:
         if processes is None:
             processes = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
             processes = processes or 1
-        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        _check_int("processes", processes)
+        if processes < 1:
             raise ValueError(f"Number of processes must be at least 1, got {processes!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be a callable, got {type(initializer).__name__}")
         if maxtasksperchild is not None and (
             not isinstance(maxtasksperchild, int) or isinstance(maxtasksperchild, bool) or maxtasksperchild < 1
         ):
+            # A ValueError whatever is wrong, as multiprocessing.Pool raises.
             raise ValueError(f"maxtasksperchild must be a positive int or None, got {maxtasksperchild!r}")
-        if max_memory is not None and (not isinstance(max_memory, int) or max_memory <= 0):
-            raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
+        if max_memory is not None:
+            _check_int("max_memory", max_memory, "a number of bytes")
+            if max_memory <= 0:
+                raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
         _check_timeout(task_timeout)
         if context is None:
             context = multiprocessing.get_context()
         elif isinstance(context, str):
-            context = multiprocessing.get_context(context)
+            context = mp_context(context)
         else:
             context = getattr(context, "_ctx", context)  # a shoal.Context
         self._ctx = context
@@ -1371,8 +1375,28 @@ def _describe(exitcode) -> str:
 def _check_timeout(value) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"a timeout must be a number of seconds or None, got {type(value).__name__} {value!r:.40}"
+        )
+    if value <= 0:
         raise ValueError(f"a task timeout must be a positive number of seconds or None, got {value!r}")
+
+
+def _check_int(name: str, value, what: str = "an int") -> None:
+    """TypeError naming *name* unless *value* is an int (bool is not)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r:.40}")
+
+
+def mp_context(method: str):
+    """``multiprocessing.get_context(method)``, with an error that lists the
+    start methods this platform has."""
+    try:
+        return multiprocessing.get_context(method)
+    except ValueError:
+        valid = ", ".join(repr(m) for m in multiprocessing.get_all_start_methods())
+        raise ValueError(f"unknown start method {method!r}: use one of {valid}") from None
 
 
 import atexit  # noqa: E402 - registered after multiprocessing.util's own handler, so it runs first
