@@ -125,6 +125,12 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         max_memory: resident bytes after which a worker is replaced between tasks.
         task_timeout: seconds a task may run before its worker is killed
             and the task fails with :class:`~shoal.TaskTimeoutError`.
+
+    Leaving a ``with`` block waits for every submitted task, as the standard
+    library does.  Left by Ctrl-C (KeyboardInterrupt), it does not: queued
+    futures are cancelled, running tasks stop at once (their workers are
+    killed) and their futures raise ``CancelledError``.  An interrupted
+    ``map`` stops its own running chunks the same way.
     """
 
     def __init__(
@@ -202,6 +208,8 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         return _results(it, deadline)
 
     def __exit__(self, exc_type, exc_val, exc_tb) -> None:
+        """``shutdown(wait=True)``: wait for the pending work, as the standard
+        library does; left by Ctrl-C, cancel it and stop running tasks."""
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             # Ctrl-C in the block: queued futures are cancelled and running
             # ones stop now (their workers are killed), instead of the block

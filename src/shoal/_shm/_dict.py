@@ -472,8 +472,8 @@ class SharedDict(MutableMapping):
             return _MISSING
         return _get(self._map, enc, _MISSING)
 
-    # __getitem__ and get inline _lookup: they are the hot path.
     def __getitem__(self, key: Any) -> Any:
+        # __getitem__ and get inline _lookup: they are the hot path.
         try:
             value = _get(self._map, _encode_key(key), _MISSING)
         except _NaNKey:
