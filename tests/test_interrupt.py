@@ -101,3 +101,31 @@ def test_ctrl_c_interrupts_promptly_and_cleanly(tmp_path, how, fork_or_spawn):
         time.sleep(0.05)
     left = [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"processes left behind: {left}"
+
+
+def _interrupt_after(seconds: float) -> None:
+    """Raise KeyboardInterrupt in the main thread, as Ctrl-C does, soon."""
+    import _thread
+    import threading
+
+    threading.Timer(seconds, _thread.interrupt_main).start()
+
+
+@pytest.mark.parametrize("how", ["map", "imap"])
+def test_an_interrupted_map_kills_its_running_chunks_and_the_pool_goes_on(how):
+    import shoal
+    import workers
+
+    with shoal.Pool(2) as pool:
+        _interrupt_after(0.5)
+        with pytest.raises(KeyboardInterrupt):
+            if how == "map":
+                pool.map(workers.sleep_for, [600, 600, 600])
+            else:
+                list(pool.imap(workers.sleep_for, [600, 600, 600]))
+        assert pool.apply(workers.square, (7,)) == 49
+        # Both workers were running a 600 s task: both are replaced (the
+        # second perhaps just after the first answers; pytest-timeout bounds it).
+        while pool.statistics().replaced_because.get("cancelled", 0) < 2:
+            time.sleep(0.01)
+        assert pool.statistics().tasks_running == 0

@@ -281,7 +281,7 @@ class IMapIterator:
         except KeyboardInterrupt:
             # Ctrl-C: chunks not yet sent are dropped, running ones killed.
             _abandon(state)
-            engine.interrupt(concurrent.futures.CancelledError("interrupted"), lambda sink: sink.state is state)
+            engine.interrupt(concurrent.futures.CancelledError("interrupted"), lambda sink: getattr(sink, "state", None) is state)
             self._close_progress()
             raise
         if state.ordered and state.next_index in state.results:

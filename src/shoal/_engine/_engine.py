@@ -1112,14 +1112,17 @@ class Engine:
                     future.cancel()
         elif what == "interrupt":
             match = obj
-            for t in list(self._pending):
+            # Callers append to _pending concurrently (at the right): take
+            # what is there from the left, put back what stays, in order.
+            keep = []
+            for _ in range(len(self._pending)):
+                t = self._pending.popleft()
                 if match is None or match(t.sink):
-                    try:
-                        self._pending.remove(t)
-                    except ValueError:
-                        continue
                     self._interrupt_task(t, exc)
                     self._fail(t, exc, cancelled=True)
+                else:
+                    keep.append(t)
+            self._pending.extendleft(reversed(keep))
             for w in self._workers.values():
                 for t in w.inflight:
                     if t.kill_reason is None and (match is None or match(t.sink)):
