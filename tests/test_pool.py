@@ -109,6 +109,38 @@ def test_an_exception_whose_init_takes_two_arguments_arrives_as_itself(fork_or_s
             pool.map(workers.raise_bad_record, [2, 3])
 
 
+MAIN_EXCEPTION_SCRIPT = """
+import sys
+import shoal
+
+class BadRecord(Exception):
+    def __init__(self, record_id, reason):
+        super().__init__(f"record {record_id}: {reason}")
+        self.record_id = record_id
+
+def check(record_id):
+    raise BadRecord(record_id, "no such field")
+
+if __name__ == "__main__":
+    with shoal.Pool(1, context=sys.argv[1]) as pool:
+        try:
+            pool.apply(check, (7,))
+        except BadRecord as exc:
+            print("caught", exc.record_id, exc)
+"""
+
+
+def test_an_exception_class_of_the_main_script_is_caught_by_its_own_except(fork_or_spawn, tmp_path):
+    # Under fork it used to be pickled by value: an identical but different
+    # class that `except BadRecord` did not catch.
+    import subprocess
+
+    script = tmp_path / "main_exception.py"
+    script.write_text(MAIN_EXCEPTION_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), fork_or_spawn], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "caught 7 record 7: no such field", out.stderr
+
+
 def test_an_exception_whose_class_the_parent_lacks_arrives_as_remote_error(fork_or_spawn):
     with shoal.Pool(1, context=fork_or_spawn) as pool:
         with pytest.raises(shoal.RemoteError) as info:
