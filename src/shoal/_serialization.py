@@ -124,7 +124,7 @@ class _Pickler(cloudpickle.Pickler):
     """cloudpickle, except that open text files are refused: cloudpickle
     would send a copy of their contents as a StringIO, silently."""
 
-    dispatch_table = ChainMap({io.TextIOWrapper: _refuse_open_file}, cloudpickle.Pickler.dispatch_table)
+    dispatch_table = ChainMap({io.TextIOWrapper: _refuse_open_file}, *cloudpickle.Pickler.dispatch_table.maps)
 
 
 def _cloudpickle_dumps(obj: Any, buffer_callback=None) -> bytes:
