@@ -47,6 +47,14 @@ descriptors of every engine in this process that it inherited.
 Shutdown: close() lets pending work finish, then the scheduler sends STOP to
 each worker and exits when all have exited; terminate() fails what is
 unfinished, sends SIGTERM, then SIGKILL after TERMINATE_GRACE seconds.
+
+Interrupts: workers ignore SIGINT, so Ctrl-C is the caller's.  A face that
+catches KeyboardInterrupt asks for interrupt(): the scheduler fails the
+matching tasks (a map's, or all) with CancelledError, drops the queued ones
+and kills the workers running the others, as for a cancelled task; a with
+block or the exit of an interrupted program then has nothing to wait for.
+A lazily chunked map (auto_chunksize) sends one item per chunk until the
+function has been timed, so no chunk holds seconds of unmeasured work.
 """
 
 from __future__ import annotations
