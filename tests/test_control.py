@@ -138,6 +138,17 @@ def test_progress_bar_on_stderr(capfd):
     assert "30/30" in err
 
 
+def test_progress_takes_a_dict_of_tqdm_options(capfd):
+    # As the docstrings promise: the dict goes to tqdm as keyword arguments.
+    with shoal.Pool(2) as pool:
+        assert pool.map(workers.square, range(12), progress={"desc": "squaring", "unit": "sq"}) == [
+            i * i for i in range(12)
+        ]
+    err = capfd.readouterr().err
+    assert "squaring" in err
+    assert "12/12" in err and "sq/s" in err
+
+
 def test_map_chunksize_follows_measured_duration():
     with shoal.Pool(2) as pool:
         n = 4000

@@ -21,7 +21,9 @@ CRASHES = [
     pytest.param(workers.segfault, None, shoal.WorkerDiedError, "SIGSEGV", id="segfault"),
     pytest.param(workers.exit_now, 3, shoal.WorkerDiedError, "exit code 3", id="os._exit"),
     pytest.param(workers.return_lock, None, shoal.SerializationError, "cannot pickle the task's result", id="unpicklable-result"),
-    pytest.param(workers.raise_unpicklable_error, None, shoal.SerializationError, "UnpicklableError", id="unpicklable-exception"),
+    pytest.param(workers.raise_error_holding_lock, None, shoal.SerializationError, "ErrorHoldingLock", id="unpicklable-exception"),
+    # Its __init__ takes two arguments, so plain unpickling fails: rebuilt without __init__.
+    pytest.param(workers.raise_bad_record, 7, workers.BadRecord, "record 7: no such field", id="exception-init-two-args"),
     pytest.param(workers.raise_value_error, 7, ValueError, "bad value 7", id="exception"),
 ]
 
@@ -90,6 +92,39 @@ def test_unpicklable_argument_raises_at_submit(fork_or_spawn):
 
         with pytest.raises(TypeError, match="lock"):
             pool.apply(workers.identity, ({"key": threading.Lock()},))
+        assert pool.apply(workers.square, (4,)) == 16
+
+
+@pytest.mark.parametrize("method", ["map", "imap", "starmap", "imap_unordered", "executor.map"])
+def test_an_unpicklable_item_among_many_is_named_by_its_index(fork_or_spawn, method):
+    import threading
+
+    items = list(range(50))
+    items[37] = threading.Lock()
+    with pytest.raises(TypeError, match=r"item 37 of the input .*cannot pickle.*lock"):
+        if method == "executor.map":
+            with shoal.ProcessPoolExecutor(1, mp_context=fork_or_spawn) as ex:
+                list(ex.map(workers.identity, items))
+            return
+        with shoal.Pool(1, context=fork_or_spawn) as pool:
+            if method == "starmap":
+                pool.starmap(workers.add, [(i, x) for i, x in enumerate(items)])
+            elif method == "map":
+                pool.map(workers.identity, items, chunksize=4)
+            else:
+                list(getattr(pool, method)(workers.identity, items, chunksize=3))
+
+
+def test_an_open_file_is_refused_at_submit(fork_or_spawn, tmp_path):
+    # It used to reach the worker as a StringIO copy of the file's contents
+    # (cloudpickle's fallback), while the error text said files cannot be sent.
+    path = tmp_path / "data.txt"
+    path.write_text("contents")
+    with shoal.Pool(1, context=fork_or_spawn) as pool, open(path) as f:
+        with pytest.raises(TypeError, match="open file .*data.txt.* cannot be sent to another process"):
+            pool.apply_async(workers.identity, (f,))
+        with pytest.raises(TypeError, match="open file"):
+            pool.map(workers.identity, [f])
         assert pool.apply(workers.square, (4,)) == 16
 
 

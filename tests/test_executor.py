@@ -86,3 +86,42 @@ def test_failing_initializer_is_broken_process_pool():
 def test_max_workers_must_be_positive():
     with pytest.raises(ValueError, match="max_workers"):
         shoal.ProcessPoolExecutor(0)
+
+
+def test_wrong_types_get_type_errors_that_say_so():
+    with pytest.raises(TypeError, match="max_workers must be an int, got str '2'"):
+        shoal.ProcessPoolExecutor("2")
+    with pytest.raises(TypeError, match="max_tasks_per_child must be an int"):
+        shoal.ProcessPoolExecutor(1, max_tasks_per_child="3")
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        shoal.ProcessPoolExecutor(0)
+    with pytest.raises(ValueError, match="unknown start method 'spwan': use one of"):
+        shoal.ProcessPoolExecutor(1, mp_context="spwan")
+
+
+def test_map_without_chunksize_starts_with_single_items_and_grows_with_measured_time():
+    # The first guess used to be len / (4 * workers) items per chunk: 25
+    # tasks of 0.2 s made 5 s chunks that Ctrl-C and the tail waited for.
+    with shoal.ProcessPoolExecutor(2) as ex:
+        assert list(ex.map(workers.sleep_then, range(16))) == list(range(16))
+        assert ex.statistics().tasks_submitted == 16  # 50 ms tasks: one per chunk
+        before = ex.statistics().tasks_submitted
+        assert list(ex.map(workers.square, range(20_000))) == [i * i for i in range(20_000)]
+        # Trivial tasks, once measured, travel many to a chunk.
+        assert ex.statistics().tasks_submitted - before < 2_000
+
+
+def test_a_with_block_left_by_keyboard_interrupt_stops_its_work():
+    with pytest.raises(KeyboardInterrupt):
+        with shoal.ProcessPoolExecutor(1) as ex:
+            running = ex.submit(workers.sleep_for, 600)
+            queued = [ex.submit(workers.square, i) for i in range(5)]
+            while not running.running():
+                time.sleep(0.01)
+            raise KeyboardInterrupt
+    # The block did not wait for the 600 s task (pytest-timeout would say so).
+    # Queued ones are cancelled (those already handed to the worker behind
+    # the running task fail the same way).
+    for future in [running, *queued]:
+        with pytest.raises(concurrent.futures.CancelledError):
+            future.result(timeout=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import pickle
 import sys
 import threading
 import time
@@ -94,6 +95,64 @@ def test_remote_exception_keeps_type_and_traceback():
             pool.map(workers.raise_value_error, range(3))
         # The pool still works after task errors.
         assert pool.map(workers.square, range(3)) == [0, 1, 4]
+
+
+def test_an_exception_whose_init_takes_two_arguments_arrives_as_itself(fork_or_spawn):
+    # It used to arrive as SerializationError: unpickling it calls
+    # BadRecord("record 7: ...") and __init__ wants two arguments.
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        with pytest.raises(workers.BadRecord) as info:
+            pool.apply(workers.raise_bad_record, (7,))
+        assert info.value.args == ("record 7: no such field",)
+        assert (info.value.record_id, info.value.reason) == (7, "no such field")
+        assert "raise_bad_record" in str(info.value.__cause__)
+        with pytest.raises(workers.BadRecord, match="record 2"):
+            pool.map(workers.raise_bad_record, [2, 3])
+
+
+MAIN_EXCEPTION_SCRIPT = """
+import sys
+import shoal
+
+class BadRecord(Exception):
+    def __init__(self, record_id, reason):
+        super().__init__(f"record {record_id}: {reason}")
+        self.record_id = record_id
+
+def check(record_id):
+    raise BadRecord(record_id, "no such field")
+
+if __name__ == "__main__":
+    with shoal.Pool(1, context=sys.argv[1]) as pool:
+        try:
+            pool.apply(check, (7,))
+        except BadRecord as exc:
+            print("caught", exc.record_id, exc)
+"""
+
+
+def test_an_exception_class_of_the_main_script_is_caught_by_its_own_except(fork_or_spawn, tmp_path):
+    # Under fork it used to be pickled by value: an identical but different
+    # class that `except BadRecord` did not catch.
+    import subprocess
+
+    script = tmp_path / "main_exception.py"
+    script.write_text(MAIN_EXCEPTION_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), fork_or_spawn], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "caught 7 record 7: no such field", out.stderr
+
+
+def test_an_exception_whose_class_the_parent_lacks_arrives_as_remote_error(fork_or_spawn):
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        with pytest.raises(shoal.RemoteError) as info:
+            pool.apply(workers.raise_ghost_error)
+    err = info.value
+    assert err.type_name == "shoal_test_ghost.GhostError"
+    assert err.message == "only the worker knows this class"
+    assert "raise_ghost_error" in err.tb and "raise_ghost_error" in str(err.__cause__)
+    assert "shoal_test_ghost.GhostError: only the worker knows this class" in str(err)
+    copy = pickle.loads(pickle.dumps(err))
+    assert (type(copy), copy.type_name, copy.message, copy.tb) == (shoal.RemoteError, err.type_name, err.message, err.tb)
 
 
 def test_imap_continues_after_an_item_raises():
@@ -200,6 +259,29 @@ def test_bad_arguments_get_clear_errors():
             import pickle
 
             pickle.dumps(pool)
+
+
+def test_wrong_types_and_names_get_errors_that_say_what_is_wrong():
+    # "must be at least 1, got '2'" used to hide that the type was wrong.
+    with pytest.raises(TypeError, match="processes must be an int, got str '2'"):
+        shoal.Pool("2")
+    with pytest.raises(TypeError, match="processes must be an int, got bool"):
+        shoal.Pool(True)
+    with pytest.raises(TypeError, match="max_memory must be a number of bytes, got str"):
+        shoal.Pool(1, max_memory="1GB")
+    with pytest.raises(TypeError, match="timeout must be a number of seconds or None, got str '5'"):
+        shoal.Pool(1, task_timeout="5")
+    with pytest.raises(ValueError, match="unknown start method 'spwan': use one of .*'spawn'"):
+        shoal.Pool(1, context="spwan")
+    with pytest.raises(ValueError, match="unknown start method 'spwan': use one of .*'fork'"):
+        shoal.get_context("spwan")
+    with shoal.Pool(1) as pool:
+        # "'int' object is not iterable" used to say nothing about args.
+        with pytest.raises(TypeError, match=r"args must be a tuple .* got int 3; .* args=\(3,\)"):
+            pool.apply(workers.square, 3)
+        with pytest.raises(TypeError, match="args must be a tuple"):
+            pool.apply_async(workers.square, 3)
+        assert pool.apply(workers.square, [3]) == 9  # any iterable, as in the standard library
 
 
 def test_submit_returns_a_future():

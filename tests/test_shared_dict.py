@@ -115,9 +115,14 @@ def test_incr_and_update_with(d):
         d.update_with("s", lambda v: 1 / 0)
     assert d["s"] == "xxx"  # nothing changed
     d["t"] = "text"
-    with pytest.raises(TypeError):
+    # The error names the key and what is stored there, not just "can only
+    # concatenate str".
+    with pytest.raises(TypeError, match=r"SharedDict.incr\('t', 1\).*of type str \('text'\)"):
         d.incr("t")
+    with pytest.raises(TypeError, match=r"incr\('n', 'x'\): cannot add str .* of type int"):
+        d.incr("n", "x")
     assert d["t"] == "text"
+    assert d["n"] == -1
     check(d)
 
 

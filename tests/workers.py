@@ -68,16 +68,16 @@ class Unpicklable:
         raise TypeError("Unpicklable objects refuse to be pickled")
 
 
-class UnpicklableError(Exception):
-    """An exception whose constructor needs two arguments: it does not unpickle
-    by default (a classic way to hang the standard library's pool)."""
+class ErrorHoldingLock(Exception):
+    """An exception that cannot be pickled: it holds a lock."""
 
-    def __init__(self, a, b):
-        super().__init__(f"{a}-{b}")
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
 
 
-def raise_unpicklable_error(_=None):
-    raise UnpicklableError(1, 2)
+def raise_error_holding_lock(_=None):
+    raise ErrorHoldingLock("with a lock inside")
 
 
 def failing_initializer():
@@ -177,3 +177,27 @@ def exit_if_one(buf):
 def fail_if_marked():
     if os.path.exists(os.environ.get("SHOAL_TEST_MARK", "/nonexistent")):
         raise RuntimeError("initializer failed in a replacement worker")
+
+
+class BadRecord(Exception):
+    """An exception whose __init__ does not take its own args back."""
+
+    def __init__(self, record_id, reason):
+        super().__init__(f"record {record_id}: {reason}")
+        self.record_id = record_id
+        self.reason = reason
+
+
+def raise_bad_record(record_id):
+    raise BadRecord(record_id, "no such field")
+
+
+def raise_ghost_error(_=None):
+    """Raise an exception whose class lives in a module only this process has."""
+    import sys
+    import types
+
+    module = sys.modules.setdefault("shoal_test_ghost", types.ModuleType("shoal_test_ghost"))
+    ghost = type("GhostError", (Exception,), {"__module__": "shoal_test_ghost"})
+    module.GhostError = ghost
+    raise ghost("only the worker knows this class")

@@ -1,8 +1,8 @@
 """shoal: process parallelism that never hangs.
 
 A drop-in for the standard library's ``multiprocessing`` process pools, pipes,
-queues and managers, plus fast race-free shared data, zero-copy shared memory
-and actors.  ``import shoal as multiprocessing`` works for code written
+queues and managers, plus a fast race-free shared dict (``SharedDict``) and
+zero-copy transfer of large buffers through shared memory.  ``import shoal as multiprocessing`` works for code written
 against the standard library.
 
 Layers (lower never imports higher)::
@@ -12,7 +12,7 @@ Layers (lower never imports higher)::
     _pool.py, _executor.py       faces of one engine
     _engine/                     scheduler thread, worker loop, crash detection
     _ipc/                        framing, descriptor passing, Connection, queues
-    _shm/                        memfd segments, shared arrays, shared dict
+    _shm/                        memfd segments, the shared dict
     _native                      atomics, robust mutex, futex (C)
 """
 
@@ -57,6 +57,7 @@ from ._shm._dict import SharedDict as SharedDict
 from .exceptions import (
     BrokenResourceError as BrokenResourceError,
     PoolClosedError as PoolClosedError,
+    RemoteError as RemoteError,
     SerializationError as SerializationError,
     ShoalError as ShoalError,
     TaskTimeoutError as TaskTimeoutError,
@@ -86,6 +87,7 @@ __all__ = (
     "ProcessPoolExecutor",
     "Queue",
     "RLock",
+    "RemoteError",
     "Semaphore",
     "SerializationError",
     "SharedDict",

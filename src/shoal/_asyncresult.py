@@ -32,6 +32,7 @@ import weakref
 from collections import deque
 from typing import Any
 
+from ._serialization import name_unpicklable_item
 from .exceptions import PoolClosedError, ShoalError
 
 
@@ -238,8 +239,8 @@ class IMapIterator:
     raised raises from ``next()``; iteration can go on after it.
     """
 
-    def __init__(self, engine, fn, iterable, chunksize: int, mode: int, ordered: bool,
-                 task_timeout: float | None, bound: int | None, progress=None) -> None:
+    def __init__(self, engine, fn, iterable, chunksize: int | None, mode: int, ordered: bool,
+                 task_timeout: float | None, bound: int | None, progress=None, max_chunksize: int | None = None) -> None:
         self._state = _IMapState(engine, ordered)
         self._engine = engine
         self._pool = None  # set by the pool: the iterator keeps it alive
@@ -248,7 +249,7 @@ class IMapIterator:
         state = self._state
         feeder = threading.Thread(
             target=_feed,
-            args=(state, fn, iter(iterable), chunksize, mode, task_timeout, bound),
+            args=(state, fn, iter(iterable), chunksize, mode, task_timeout, bound, max_chunksize),
             name="shoal-imap-feeder",
             daemon=True,
         )
@@ -278,7 +279,9 @@ class IMapIterator:
             if not ready() and not _wait_for(engine, ready, timeout):
                 raise multiprocessing.TimeoutError(f"no result within {timeout} seconds")
         except KeyboardInterrupt:
+            # Ctrl-C: chunks not yet sent are dropped, running ones killed.
             _abandon(state)
+            engine.interrupt(concurrent.futures.CancelledError("interrupted"), lambda sink: getattr(sink, "state", None) is state)
             self._close_progress()
             raise
         if state.ordered and state.next_index in state.results:
@@ -341,14 +344,21 @@ def _abandon(state: _IMapState) -> None:
         pass
 
 
-def _feed(state: _IMapState, fn, iterator, chunksize: int, mode: int, task_timeout, bound) -> None:
+def _feed(state: _IMapState, fn, iterator, chunksize: int | None, mode: int, task_timeout, bound,
+          max_chunksize: int | None) -> None:
+    """Submit the input in chunks; *chunksize* None sizes each chunk by the
+    function's measured duration (Engine.auto_chunksize)."""
     engine = state.engine
     cond = engine.results_cond
-    index = 0
+    index = 0  # chunks made
+    items = 0  # input items in them
     fn_ref = None
+    auto = chunksize is None
     sink = _Unwrap(state) if chunksize == 1 else _Chunked(state)
     try:
         while not state.abandoned:
+            if auto:
+                chunksize = engine.auto_chunksize(fn, max_chunksize)
             limit = _limit(engine, bound, fn, chunksize)
             with cond:
                 while state.submitted - state.consumed >= limit and not state.abandoned and engine.state != "terminated":
@@ -377,8 +387,13 @@ def _feed(state: _IMapState, fn, iterator, chunksize: int, mode: int, task_timeo
                             raise StopIteration
                     if fn_ref is None:
                         fn_ref = engine.function_ref(fn)
-                    tasks.append(engine.make_task(fn, mode, payload, sink, index, task_timeout, fn_ref))
+                    try:
+                        tasks.append(engine.make_task(fn, mode, payload, sink, index, task_timeout, fn_ref))
+                    except Exception as exc:
+                        name_unpicklable_item(exc, payload, items)
+                        raise
                     index += 1
+                    items += len(payload)
             except StopIteration:
                 _submit(engine, state, tasks)
                 break

@@ -13,6 +13,8 @@ from __future__ import annotations
 import multiprocessing
 from typing import Any
 
+from ._engine._engine import mp_context
+
 __all__ = ("Context", "get_context")
 
 
@@ -65,4 +67,4 @@ class Context:
 def get_context(method: str | None = None) -> Context:
     """The context for *method* (``"fork"``, ``"spawn"``, ``"forkserver"``;
     ``None`` for the current default), with shoal's factories."""
-    return Context(multiprocessing.get_context(method))
+    return Context(multiprocessing.get_context() if method is None else mp_context(method))

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._asyncresult import IMapIterator
-from ._engine._engine import Engine, PoolStatistics, _check_timeout
+from ._engine._engine import Engine, PoolStatistics, _check_int, _check_timeout
 from ._engine._worker import STARMAP
 
 __all__ = ("Future", "ProcessPoolExecutor")
@@ -125,6 +125,12 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         max_memory: resident bytes after which a worker is replaced between tasks.
         task_timeout: seconds a task may run before its worker is killed
             and the task fails with :class:`~shoal.TaskTimeoutError`.
+
+    Leaving a ``with`` block waits for every submitted task, as the standard
+    library does.  Left by Ctrl-C (KeyboardInterrupt), it does not: queued
+    futures are cancelled, running tasks stop at once (their workers are
+    killed) and their futures raise ``CancelledError``.  An interrupted
+    ``map`` stops its own running chunks the same way.
     """
 
     def __init__(
@@ -138,8 +144,14 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         max_memory: int | None = None,
         task_timeout: float | None = None,
     ) -> None:
-        if max_workers is not None and (not isinstance(max_workers, int) or max_workers <= 0):
-            raise ValueError("max_workers must be greater than 0")
+        if max_workers is not None:
+            _check_int("max_workers", max_workers)
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None:
+            _check_int("max_tasks_per_child", max_tasks_per_child)
+            if max_tasks_per_child < 1:
+                raise ValueError("max_tasks_per_child must be >= 1")
         self._engine = Engine(
             max_workers,
             initializer,
@@ -164,8 +176,10 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             chunksize: int | None = None, buffersize: int | None = None) -> Iterator[Any]:
         """``map(fn, *iterables)`` in the workers, results in order.
 
-        The input is read lazily.  Without *chunksize*, items are grouped by
-        measured task time.  Raises the first task error, and
+        The input is read lazily.  Without *chunksize*, items go one at a
+        time until the function's duration has been measured, then in
+        chunks of about 50 ms of work (never more than ``len / (4 *
+        max_workers)`` items when the input has a length).  Raises the first task error, and
         ``TimeoutError`` if a result is not ready *timeout* seconds after the
         call.
         """
@@ -179,17 +193,31 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         if not callable(fn):
             raise TypeError(f"the function to run must be callable, got {type(fn).__name__}")
         args = zip(*iterables)
+        cap = None
         if chunksize is None:
-            chunksize = 1
+            # Chunks grow with the measured task time, never beyond the
+            # standard library's Pool.map size when the length is known.
             try:
                 n = min(len(it) for it in iterables)  # type: ignore[arg-type]
             except TypeError:
                 pass
             else:
-                chunksize = engine.map_chunksize(n, fn)
-        it = IMapIterator(engine, fn, args, chunksize, STARMAP, True, None, buffersize, None)
+                cap = engine.map_chunksize(n, fn)
+        it = IMapIterator(engine, fn, args, chunksize, STARMAP, True, None, buffersize, None, cap)
         deadline = None if timeout is None else time.monotonic() + timeout
         return _results(it, deadline)
+
+    def __exit__(self, exc_type, exc_val, exc_tb) -> None:
+        """``shutdown(wait=True)``: wait for the pending work, as the standard
+        library does; left by Ctrl-C, cancel it and stop running tasks."""
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C in the block: queued futures are cancelled and running
+            # ones stop now (their workers are killed), instead of the block
+            # waiting for all the work it was interrupted out of.
+            self._engine.interrupt(concurrent.futures.CancelledError("interrupted by KeyboardInterrupt"))
+            self.shutdown(wait=True, cancel_futures=True)
+        else:
+            self.shutdown(wait=True)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; with *cancel_futures*, cancel what has not started."""

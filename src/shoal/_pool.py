@@ -24,6 +24,7 @@ from ._asyncresult import AsyncResult, IMapIterator, MapResult
 from ._engine._engine import Engine, PoolStatistics, _check_timeout
 from ._engine._worker import MAP, STARMAP
 from ._progress import progress_bar
+from ._serialization import name_unpicklable_item
 
 __all__ = ("AsyncResult", "Pool", "PoolStatistics")
 
@@ -50,9 +51,19 @@ class Pool:
         task_timeout: seconds a task may run; a late task's worker is killed
             and the task fails with :class:`~shoal.TaskTimeoutError` (a
             ``TimeoutError``).  Each call can set its own.
-    """
 
-    _engine: Engine
+    ``with Pool(...) as pool:`` calls :meth:`terminate` when the block ends,
+    as the standard library does: work still queued or running is stopped,
+    and its results raise :class:`~shoal.PoolClosedError` (where the
+    standard library's would never become ready).  To wait for pending work,
+    collect its results inside the block, or call ``pool.close()`` and
+    ``pool.join()`` before leaving it.
+
+    ``map``, ``starmap``, ``imap`` and ``imap_unordered`` take
+    ``progress=``: ``True`` draws a tqdm progress bar on stderr as results
+    arrive, and a dict is passed to ``tqdm`` as keyword arguments
+    (``progress={"desc": "resizing", "unit": "img"}``).
+    """
 
     def __init__(
         self,
@@ -102,7 +113,7 @@ class Pool:
         elif type(kwds) is not dict:
             raise TypeError(f"kwds must be a dict, got {type(kwds).__name__}")
         if type(args) is not tuple:
-            args = tuple(args)
+            args = _args_tuple(args)
         if not callable(func):
             _check_callable(func)
         result = AsyncResult(engine, callback, error_callback)
@@ -117,13 +128,21 @@ class Pool:
         return _submit_future(self._engine, fn, args, kwargs)
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None, *,
-            task_timeout: float | None = None, progress: bool = False) -> list:
-        """``[func(x) for x in iterable]``, computed by the workers, in order."""
+            task_timeout: float | None = None, progress: bool | dict = False) -> list:
+        """``[func(x) for x in iterable]``, computed by the workers, in order.
+
+        *progress*: ``True`` or a dict of tqdm options for a progress bar.
+        Ctrl-C (KeyboardInterrupt) stops the map's running chunks at once:
+        their workers are killed and replaced.
+        """
         return self._map_blocking(func, iterable, chunksize, MAP, task_timeout, progress)
 
     def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]], chunksize: int | None = None, *,
-                task_timeout: float | None = None, progress: bool = False) -> list:
-        """``[func(*args) for args in iterable]``, computed by the workers, in order."""
+                task_timeout: float | None = None, progress: bool | dict = False) -> list:
+        """``[func(*args) for args in iterable]``, computed by the workers, in order.
+
+        *progress*: ``True`` or a dict of tqdm options for a progress bar.
+        """
         return self._map_blocking(func, iterable, chunksize, STARMAP, task_timeout, progress)
 
     def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
@@ -137,17 +156,19 @@ class Pool:
         return self._map_async(func, iterable, chunksize, STARMAP, callback, error_callback, task_timeout)
 
     def imap(self, func, iterable, chunksize: int = 1, *, task_timeout: float | None = None,
-             progress: bool = False, buffersize: int | None = None) -> IMapIterator:
+             progress: bool | dict = False, buffersize: int | None = None) -> IMapIterator:
         """Lazy, ordered ``map``: reads *iterable* as results are consumed.
 
         At most *buffersize* tasks (default: enough to keep every worker
         busy) are submitted and not yet consumed, so an endless generator
-        works and memory stays flat.
+        works and memory stays flat.  *progress*: ``True`` or a dict of tqdm
+        options for a progress bar.  Ctrl-C while waiting for a result stops
+        the iterator's running chunks at once.
         """
         return self._imap(func, iterable, chunksize, True, task_timeout, progress, buffersize)
 
     def imap_unordered(self, func, iterable, chunksize: int = 1, *, task_timeout: float | None = None,
-                       progress: bool = False, buffersize: int | None = None) -> IMapIterator:
+                       progress: bool | dict = False, buffersize: int | None = None) -> IMapIterator:
         """Like :meth:`imap`, yielding results as they finish."""
         return self._imap(func, iterable, chunksize, False, task_timeout, progress, buffersize)
 
@@ -168,11 +189,13 @@ class Pool:
         self._engine.join()
 
     def __enter__(self) -> Pool:
+        """Use the pool in a ``with`` block, which terminates it at the end."""
         if self._engine.state in ("closed", "terminated"):
             self._engine._check_running()
         return self
 
     def __exit__(self, *exc_info) -> None:
+        """:meth:`terminate`: unfinished tasks fail with PoolClosedError."""
         self.terminate()
 
     def __reduce__(self):
@@ -216,9 +239,12 @@ class Pool:
             tasks: list = []
             queued_bytes = 0
             for i in range(nchunks):
-                task = engine.make_task(
-                    func, mode, list(items[i * chunksize:(i + 1) * chunksize]), result, i, task_timeout, fn_ref
-                )
+                chunk = list(items[i * chunksize:(i + 1) * chunksize])
+                try:
+                    task = engine.make_task(func, mode, chunk, result, i, task_timeout, fn_ref)
+                except Exception as exc:
+                    name_unpicklable_item(exc, chunk, i * chunksize)
+                    raise
                 tasks.append(task)
                 queued_bytes += len(task.data) + (SUBMIT_EARLY_BYTES if task.fds else 0)
                 # Large chunks go to the workers as soon as they are
@@ -241,7 +267,9 @@ class Pool:
         try:
             return result.get()
         except KeyboardInterrupt:
-            result.cancel()
+            # Ctrl-C: chunks not yet sent are dropped, running ones killed.
+            self._engine.interrupt(concurrent.futures.CancelledError("the map was interrupted"),
+                                   lambda sink: sink is result)
             raise
 
     def _imap(self, func, iterable, chunksize, ordered, task_timeout, progress, buffersize, mode=MAP):
@@ -257,6 +285,16 @@ class Pool:
         it = IMapIterator(engine, func, iterable, chunksize, mode, ordered, task_timeout, buffersize, bar)
         it._pool = self
         return it
+
+
+def _args_tuple(args) -> tuple:
+    try:
+        return tuple(args)
+    except TypeError:
+        raise TypeError(
+            f"args must be a tuple (or another iterable) of the function's arguments, got "
+            f"{type(args).__name__} {args!r:.40}; for a single argument write args=({args!r:.40},)"
+        ) from None
 
 
 def _check_callable(func) -> None:

@@ -17,9 +17,11 @@ out-of-band buffers are allowed, and ``loads`` inside ``providing_fds``.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import traceback
+from collections import ChainMap
 from typing import Any
 
 import cloudpickle
@@ -27,7 +29,7 @@ import cloudpickle
 from ._ipc._fdpass import _state as _fd_state
 from ._ipc._fdpass import providing_fds, reduce_fd
 from ._shm._segment import create_fd, map_private_fd
-from .exceptions import RemoteTraceback, SerializationError
+from .exceptions import RemoteError, RemoteTraceback, SerializationError
 
 #: Buffers at least this large go through shared memory instead of the pipe.
 #: Below it, the cost of a memfd (~10 µs) exceeds the cost of copying.
@@ -110,6 +112,27 @@ class TooLarge(Exception):
         self.size = size
 
 
+def _refuse_open_file(obj: Any):
+    name = getattr(obj, "name", None)
+    raise TypeError(
+        f"cannot pickle {type(obj).__name__!r} object (the open file {name!r}): an open file cannot be sent "
+        "to another process; send its name (and open it there) or its contents"
+    )
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, except that open text files are refused: cloudpickle
+    would send a copy of their contents as a StringIO, silently."""
+
+    dispatch_table = ChainMap({io.TextIOWrapper: _refuse_open_file}, *cloudpickle.Pickler.dispatch_table.maps)
+
+
+def _cloudpickle_dumps(obj: Any, buffer_callback=None) -> bytes:
+    with io.BytesIO() as file:
+        _Pickler(file, protocol=_PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
+
+
 def dumps(obj: Any, *, oob: bool = False, what: str = "object", limit: int | None = None) -> bytes:
     """Pickle *obj*.
 
@@ -133,7 +156,7 @@ def dumps(obj: Any, *, oob: bool = False, what: str = "object", limit: int | Non
             data = pickle.dumps(obj, _PROTOCOL, buffer_callback=callback)
         except Exception:
             _fd_state.oob = None
-            data = cloudpickle.dumps(obj, _PROTOCOL, buffer_callback=callback)
+            data = _cloudpickle_dumps(obj, buffer_callback=callback)
     except Exception as exc:
         _fd_state.oob = None  # what the failed attempts collected must not leak into the next call
         raise SerializationError(
@@ -205,10 +228,28 @@ def _find_unpicklable(obj: Any, depth: int) -> Any:
         return None
     for item in items[:1000]:
         try:
-            cloudpickle.dumps(item, _PROTOCOL)
+            _cloudpickle_dumps(item)
         except Exception:
             return _find_unpicklable(item, depth + 1) or item
     return None
+
+
+def name_unpicklable_item(exc: BaseException, items, start: int) -> None:
+    """Say in *exc* (a pickling failure of a chunk of a map's *items*, the
+    first of which is item *start* of the input) which item failed."""
+    for i, item in enumerate(items):
+        try:
+            pickle.dumps(item, _PROTOCOL)
+            continue
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            _cloudpickle_dumps(item)
+        except Exception:  # noqa: BLE001 - this is the one
+            if exc.args and isinstance(exc.args[0], str):
+                # The same exception object, so its type is what dumps chose.
+                exc.args = (f"item {start + i} of the input (counting from 0): {exc.args[0]}", *exc.args[1:])
+            return
 
 
 def _short_repr(obj: Any) -> str:
@@ -232,12 +273,73 @@ class _ExceptionWithTraceback:
         self.tb = f'\n"""\n{tb}"""'
 
     def __reduce__(self):
-        return _rebuild_exception, (self.exc, self.tb)
+        return _rebuild_exception, (_PortableException(self.exc, self.tb), self.tb)
 
 
 def _rebuild_exception(exc: BaseException, tb: str) -> BaseException:
     exc.__cause__ = RemoteTraceback(tb)
     return exc
+
+
+class _PortableException:
+    """Pickles an exception so that the parent gets it back even when its
+    class cannot be rebuilt the normal way.
+
+    Unpickling an exception calls ``cls(*exc.args)``, which fails for the
+    common ``__init__(self, record_id, reason)`` that passes one message to
+    ``super().__init__``.  So the exception travels twice: as its ordinary
+    pickle (classes by reference first, so ``except MyError`` matches the
+    parent's class) and as its parts (class by reference, ``args``,
+    ``__dict__``, qualified name, message).  The parent tries the first,
+    then rebuilds from the parts without calling ``__init__``, and when the
+    class is not importable there raises :class:`shoal.exceptions.RemoteError`
+    instead (see _load_exception).
+    """
+
+    __slots__ = ("exc", "tb")
+
+    def __init__(self, exc: BaseException, tb: str) -> None:
+        self.exc = exc
+        self.tb = tb
+
+    def __reduce__(self):
+        exc = self.exc
+        try:
+            data = pickle.dumps(exc, _PROTOCOL)
+        except Exception:  # noqa: BLE001 - a lambda or a local class inside: by value
+            data = cloudpickle.dumps(exc, _PROTOCOL)  # if this raises, pack_exception substitutes
+        cls = type(exc)
+        parts = []
+        for part in (cls, exc.args, getattr(exc, "__dict__", None) or None):
+            try:
+                parts.append(pickle.dumps(part, _PROTOCOL))
+            except Exception:  # noqa: BLE001 - that part stays behind
+                parts.append(None)
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        return _load_exception, (data, name, _safe_str(exc), self.tb, *parts)
+
+
+def _load_exception(data, name, message, tb, cls_data, args_data, state_data) -> BaseException:
+    try:
+        return pickle.loads(data)
+    except Exception:  # noqa: BLE001 - rebuilt from its parts below
+        pass
+    try:
+        cls = pickle.loads(cls_data)
+        args = pickle.loads(args_data)
+        state = pickle.loads(state_data) if state_data is not None else None
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError(f"{cls!r} is not an exception class")
+        try:
+            exc = cls.__new__(cls, *args)
+        except Exception:  # noqa: BLE001 - a __new__ with its own signature
+            exc = cls.__new__(cls)
+        exc.args = args
+        if state:
+            exc.__dict__.update(state)
+        return exc
+    except Exception:  # noqa: BLE001 - the class is not importable here
+        return RemoteError(name, message, tb)
 
 
 def pack_exception(exc: BaseException) -> bytes:

@@ -2,7 +2,10 @@
 
 Exceptions raised by *your* code in a worker are not wrapped: they reach the
 caller as their original type, with the remote traceback attached as
-``__cause__`` (a :class:`RemoteTraceback`).  Timeouts raise the builtin
+``__cause__`` (a :class:`RemoteTraceback`).  An exception whose ``__init__``
+does not take its own ``args`` back is rebuilt without calling ``__init__``
+(same ``args`` and attributes); one whose class cannot be imported in the
+parent arrives as a :class:`RemoteError` naming it.  Timeouts raise the builtin
 :class:`TimeoutError` (``multiprocessing.TimeoutError`` for ``AsyncResult``);
 cancellation raises :class:`concurrent.futures.CancelledError`.
 
@@ -18,6 +21,9 @@ The tree::
     ├── SerializationError(…, TypeError)    an argument or result could not be
     │                                       pickled or unpickled
     ├── PoolClosedError(…, ValueError, RuntimeError)  the pool was closed
+    ├── RemoteError                         a task raised an exception whose
+    │                                       class does not exist in the parent
+    │                                       (.type_name, .message, .tb)
     └── BrokenResourceError                 the other end of a pipe, queue or
                                             shared structure died
 
@@ -33,6 +39,7 @@ from concurrent.futures.process import BrokenProcessPool
 __all__ = (
     "BrokenResourceError",
     "PoolClosedError",
+    "RemoteError",
     "RemoteTraceback",
     "SerializationError",
     "ShoalError",
@@ -138,6 +145,30 @@ class PoolClosedError(ShoalError, ValueError, RuntimeError):
     A ``ValueError`` like ``multiprocessing.Pool``'s "Pool not running", and a
     ``RuntimeError`` like ``concurrent.futures``' "cannot schedule new futures
     after shutdown"."""
+
+
+class RemoteError(ShoalError):
+    """A task raised an exception that cannot be rebuilt in this process
+    (its class is not importable here).
+
+    Attributes:
+        type_name: the qualified name of the original exception's type,
+            with its module (``"mymodule.BadRecord"``).
+        message: ``str()`` of the original exception.
+        tb: the formatted remote traceback (also the ``__cause__``).
+    """
+
+    def __init__(self, type_name: str, message: str, tb: str = "") -> None:
+        self.type_name = type_name
+        self.message = message
+        self.tb = tb
+        super().__init__(
+            f"the task raised {type_name}: {message} (that class cannot be imported in this process, "
+            "so the exception could not be rebuilt; the remote traceback is the __cause__)"
+        )
+
+    def __reduce__(self):  # keyword state must survive pickling
+        return (type(self), (self.type_name, self.message, self.tb))
 
 
 class BrokenResourceError(ShoalError, OSError):

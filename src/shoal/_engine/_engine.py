@@ -47,6 +47,14 @@ descriptors of every engine in this process that it inherited.
 Shutdown: close() lets pending work finish, then the scheduler sends STOP to
 each worker and exits when all have exited; terminate() fails what is
 unfinished, sends SIGTERM, then SIGKILL after TERMINATE_GRACE seconds.
+
+Interrupts: workers ignore SIGINT, so Ctrl-C is the caller's.  A face that
+catches KeyboardInterrupt asks for interrupt(): the scheduler fails the
+matching tasks (a map's, or all) with CancelledError, drops the queued ones
+and kills the workers running the others, as for a cancelled task; a with
+block or the exit of an interrupted program then has nothing to wait for.
+A lazily chunked map (auto_chunksize) sends one item per chunk until the
+function has been timed, so no chunk holds seconds of unmeasured work.
 """
 
 from __future__ import annotations
@@ -301,21 +309,25 @@ class Engine:
         if processes is None:
             processes = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
             processes = processes or 1
-        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        _check_int("processes", processes)
+        if processes < 1:
             raise ValueError(f"Number of processes must be at least 1, got {processes!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be a callable, got {type(initializer).__name__}")
         if maxtasksperchild is not None and (
             not isinstance(maxtasksperchild, int) or isinstance(maxtasksperchild, bool) or maxtasksperchild < 1
         ):
+            # A ValueError whatever is wrong, as multiprocessing.Pool raises.
             raise ValueError(f"maxtasksperchild must be a positive int or None, got {maxtasksperchild!r}")
-        if max_memory is not None and (not isinstance(max_memory, int) or max_memory <= 0):
-            raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
+        if max_memory is not None:
+            _check_int("max_memory", max_memory, "a number of bytes")
+            if max_memory <= 0:
+                raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
         _check_timeout(task_timeout)
         if context is None:
             context = multiprocessing.get_context()
         elif isinstance(context, str):
-            context = multiprocessing.get_context(context)
+            context = mp_context(context)
         else:
             context = getattr(context, "_ctx", context)  # a shoal.Context
         self._ctx = context
@@ -553,6 +565,20 @@ class Engine:
             chunksize = max(1, min(chunksize, int(CHUNK_SECONDS / est)))
         return chunksize
 
+    def auto_chunksize(self, fn, cap: int | None = None) -> int:
+        """Size of the next chunk of a lazily chunked map (``chunksize=None``).
+
+        One item until this function's duration has been measured, then
+        about CHUNK_SECONDS of work, at most *cap* items: a first guess
+        never strands seconds of work in one chunk, where it would spoil
+        the balance of the tail and make an interrupt wait for it.
+        """
+        est = self._estimates.get(self._fn_key(fn))
+        if est is None:
+            return 1
+        size = max(1, min(MAX_BATCH, int(CHUNK_SECONDS / max(est, 1e-9))))
+        return size if cap is None else max(1, min(size, cap))
+
     def _fn_key(self, fn) -> int:
         entry = self._fn_cache.get(id(fn))
         return entry[1] if entry is not None and entry[0] is fn else 0
@@ -584,6 +610,14 @@ class Engine:
         so it cannot race a result being delivered.  Its tasks not yet sent
         are dropped at dispatch (``sink._skip``)."""
         self._control.append(("fail_sink", sink, exc))
+        self._wake()
+
+    def interrupt(self, exc: BaseException, match=None) -> None:
+        """Stop work at once (Ctrl-C): every task whose sink satisfies
+        *match* (every task, without it) fails with *exc*; queued ones are
+        dropped and the workers running the others are killed and replaced.
+        Futures among them are cancelled."""
+        self._control.append(("interrupt", match, exc))
         self._wake()
 
     def cancel_pending_futures(self) -> None:
@@ -631,7 +665,9 @@ class Engine:
         """The interpreter is exiting with this pool open."""
         if os.getpid() != self._owner_pid:
             return
-        if self._graceful_exit and self._state in (_RUN, _CLOSE):
+        # An uncaught Ctrl-C ends the program: nobody waits for queued work.
+        interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+        if self._graceful_exit and self._state in (_RUN, _CLOSE) and not interrupted:
             self.close()
             self.join()
         else:
@@ -1082,11 +1118,42 @@ class Engine:
                 future = getattr(t.sink, "future", None)
                 if future is not None:
                     future.cancel()
+        elif what == "interrupt":
+            match = obj
+            # Callers append to _pending concurrently (at the right): take
+            # what is there from the left, put back what stays, in order.
+            keep = []
+            for _ in range(len(self._pending)):
+                t = self._pending.popleft()
+                if match is None or match(t.sink):
+                    self._interrupt_task(t, exc)
+                    self._fail(t, exc, cancelled=True)
+                else:
+                    keep.append(t)
+            self._pending.extendleft(reversed(keep))
+            for w in self._workers.values():
+                for t in w.inflight:
+                    if t.kill_reason is None and (match is None or match(t.sink)):
+                        # As for "cancel": the worker is killed when it runs it.
+                        t.kill_reason = "cancelled"
+                        self._interrupt_task(t, exc)
+                        self._fail(t, exc, cancelled=True)
+                        self._doomed += 1
+            self._check_time_limits()
+            self._notify()
         elif what == "fail_sink":
             sink = obj
             if not sink._delivered:
                 sink._deliver(None, False, exc)
                 self._notify()
+
+    @staticmethod
+    def _interrupt_task(task: _Task, exc: BaseException) -> None:
+        # A future not yet running is cancelled as such; a running one gets
+        # *exc* (a CancelledError) as its outcome, through _fail.
+        future = getattr(task.sink, "future", None)
+        if future is not None:
+            future.cancel()
 
     # -- time limits -------------------------------------------------------
     def _check_time_limits(self) -> None:
@@ -1319,8 +1386,28 @@ def _describe(exitcode) -> str:
 def _check_timeout(value) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"a timeout must be a number of seconds or None, got {type(value).__name__} {value!r:.40}"
+        )
+    if value <= 0:
         raise ValueError(f"a task timeout must be a positive number of seconds or None, got {value!r}")
+
+
+def _check_int(name: str, value, what: str = "an int") -> None:
+    """TypeError naming *name* unless *value* is an int (bool is not)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r:.40}")
+
+
+def mp_context(method: str):
+    """``multiprocessing.get_context(method)``, with an error that lists the
+    start methods this platform has."""
+    try:
+        return multiprocessing.get_context(method)
+    except ValueError:
+        valid = ", ".join(repr(m) for m in multiprocessing.get_all_start_methods())
+        raise ValueError(f"unknown start method {method!r}: use one of {valid}") from None
 
 
 import atexit  # noqa: E402 - registered after multiprocessing.util's own handler, so it runs first

@@ -1,2 +1,2 @@
-"""Shared memory: anonymous segments passed by descriptor, zero-copy buffers,
-shared arrays and the shared dict."""
+"""Shared memory: anonymous segments passed by descriptor, zero-copy buffers
+and the shared dict."""

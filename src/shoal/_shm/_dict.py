@@ -345,6 +345,18 @@ def _short(obj: Any) -> str:
 # -- the dict ------------------------------------------------------------------
 
 
+def _add(key: Any, value: Any, n: Any) -> Any:
+    """``value + n`` for incr, with an error that names the key."""
+    try:
+        return value + n
+    except TypeError:
+        raise TypeError(
+            f"SharedDict.incr({key!r:.40}, {n!r:.40}): cannot add {type(n).__name__} to the value stored "
+            f"there, of type {type(value).__name__} ({value!r:.40}); incr adds numbers (update_with applies "
+            "any function)"
+        ) from None
+
+
 class SharedDict(MutableMapping):
     """A dict in shared memory: pass it to processes and pool tasks; every
     process sees the same contents.
@@ -476,8 +488,8 @@ class SharedDict(MutableMapping):
             return _MISSING
         return _get(self._map, enc, _MISSING)
 
-    # __getitem__ and get inline _lookup: they are the hot path.
     def __getitem__(self, key: Any) -> Any:
+        # __getitem__ and get inline _lookup: they are the hot path.
         try:
             value = _get(self._map, _encode_key(key), _MISSING)
         except _NaNKey:
@@ -645,7 +657,7 @@ class SharedDict(MutableMapping):
         enc = _encode_key(key)
         value = _incr(self._map, enc, n, default)
         if value is None:  # not an inline int, or the dict must grow
-            value = self.update_with(key, lambda v: v + n, default=default)
+            value = self.update_with(key, lambda v: _add(key, v, n), default=default)
         return value
 
     def update_with(self, key: Any, fn: Callable[[Any], Any], default: Any = None) -> Any:
