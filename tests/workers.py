@@ -177,3 +177,37 @@ def exit_if_one(buf):
 def fail_if_marked():
     if os.path.exists(os.environ.get("SHOAL_TEST_MARK", "/nonexistent")):
         raise RuntimeError("initializer failed in a replacement worker")
+
+
+class Payload:
+    """A plain object: weak references to it show when it is freed."""
+
+    def __init__(self, data=b""):
+        self.data = data
+
+
+class SignalsOnDelete:
+    """Appends its tag to a file when it is freed (in whichever process)."""
+
+    def __init__(self, path, tag):
+        self.path = path
+        self.tag = tag
+
+    def __call__(self, *args):
+        return len(args)
+
+    def __del__(self):
+        with open(self.path, "a") as f:
+            f.write(f"{self.tag}:{os.getpid()}\n")
+
+
+def make_signalling(path, tag):
+    return SignalsOnDelete(path, tag)
+
+
+def read_lines(path):
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []

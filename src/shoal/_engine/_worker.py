@@ -116,6 +116,8 @@ def worker_main(sock, inherited: tuple[int, ...] = ()) -> None:
                 os.close(fd)
             except OSError:
                 pass
+    if inherited:
+        _forget_parents_forkserver(inherited)
     channel = Channel(sock)
     try:
         _serve(channel)
@@ -124,6 +126,19 @@ def worker_main(sock, inherited: tuple[int, ...] = ()) -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _forget_parents_forkserver(closed: tuple[int, ...]) -> None:
+    """After fork: the parent's forkserver is not ours.  Its "alive" pipe
+    was closed with the other inherited descriptors; a pool a task starts
+    under forkserver gets a forkserver of this worker's own."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if getattr(server, "_forkserver_alive_fd", None) in closed:
+        server._forkserver_alive_fd = None
+        server._forkserver_pid = None
+        server._forkserver_address = None
 
 
 def _serve(channel: Channel) -> None:
@@ -203,6 +218,11 @@ def _serve(channel: Channel) -> None:
             except BaseException as exc:  # noqa: BLE001 - a task error is a result
                 value = exc
                 ok = False
+            # Nothing of the task outlives it here: the arguments (and a
+            # function sent with them) are freed now, the result once it
+            # is pickled, so their finalizers run and their memory returns
+            # right after the task, not when the next batch comes.
+            fn = args = None
             elapsed = perf() - started
             pack_status(status, offset, 0, 0.0, tid)
             if ok:
