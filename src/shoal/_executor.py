@@ -7,6 +7,12 @@ task it was running (:class:`~shoal.WorkerDiedError`) instead of breaking the
 whole executor; ``map`` reads its input lazily and, without a ``chunksize``,
 chunks by measured task time; lambdas and closures work; a running task can be
 cancelled with ``future.cancel(running=True)``.
+
+What code written for the standard library reads keeps its meaning:
+``_max_workers``, ``_mp_context`` and ``_processes`` are read-only views of the
+engine's state, a worker's exception has ``_RemoteTraceback`` as its cause,
+and an executor that cannot start (no new thread at interpreter shutdown)
+raises ``BrokenProcessPool`` from submit and map.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Exceptions raised by *your* code in a worker are not wrapped: they reach the
 caller as their original type, with the remote traceback attached as
-``__cause__`` (a :class:`RemoteTraceback`).  Timeouts raise the builtin
+``__cause__`` (``multiprocessing.pool.RemoteTraceback`` from a Pool,
+``concurrent.futures.process._RemoteTraceback`` from an executor, as with the
+standard library; :class:`RemoteTraceback` elsewhere).  Timeouts raise the builtin
 :class:`TimeoutError` (``multiprocessing.TimeoutError`` for ``AsyncResult``);
 cancellation raises :class:`concurrent.futures.CancelledError`.
 
@@ -16,7 +18,9 @@ The tree::
     ├── TaskTimeoutError(…, TimeoutError)   a task ran past its time limit and
     │                                       its worker was killed
     ├── SerializationError(…, TypeError)    an argument or result could not be
-    │                                       pickled or unpickled
+    │                                       pickled or unpickled; when the pickler
+    │                                       raised another type (PicklingError,
+    │                                       AttributeError, ...), also that type
     ├── PoolClosedError(…, ValueError, RuntimeError)  the pool was closed
     └── BrokenResourceError                 the other end of a pipe, queue or
                                             shared structure died

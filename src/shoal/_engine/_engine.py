@@ -46,7 +46,21 @@ descriptors of every engine in this process that it inherited.
 
 Shutdown: close() lets pending work finish, then the scheduler sends STOP to
 each worker and exits when all have exited; terminate() fails what is
-unfinished, sends SIGTERM, then SIGKILL after TERMINATE_GRACE seconds.
+unfinished, sends SIGTERM, then SIGKILL after TERMINATE_GRACE seconds.  When
+the scheduler ends, the callback thread ends once its queue is empty, and
+join() waits for both and for the imap feeders: after it no shoal thread
+and no worker of this pool remains.  The callback thread lets go of each
+callback as soon as it ran (a future it held would keep its traceback's
+frames, and so perhaps a dropped pool, alive).
+
+Start failures: if the first workers or the scheduler thread cannot start
+(Python refuses new threads and fork while the interpreter shuts down), the
+workers already started are killed; a Pool raises the error, an executor
+(``defer_start_errors``) is born broken and every submit raises
+WorkerStartError, a BrokenProcessPool.  A helper thread started later (an
+imap feeder) that cannot start fails only its call, the same way; a
+callback thread that cannot start means callbacks run on the scheduler.
+Nothing then waits for a thread that never ran.
 """
 
 from __future__ import annotations

@@ -20,6 +20,12 @@ was running and since when::
                                  ◄──────   RETIRE(reason), exit 0
                                            (maxtasksperchild, memory ceiling)
 
+A task leaves nothing behind: its function and arguments are dropped as soon
+as it returns and its result once pickled, before the results are sent, so
+finalizers run and memory returns right after each task.  A worker started
+by fork first closes what it inherited and is not its own: the descriptors
+of the parent's pools and the parent's forkserver "alive" pipe.
+
 The worker ignores SIGINT: Ctrl-C is the parent's to handle, and a worker
 printing a KeyboardInterrupt traceback for every task is noise.  It exits as
 soon as its parent goes away (end of stream on the channel; PR_SET_PDEATHSIG
