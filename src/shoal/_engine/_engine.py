@@ -491,10 +491,9 @@ class Engine:
                 raise
             # As concurrent.futures does: the executor exists, and every
             # submit raises BrokenProcessPool (a WorkerStartError) saying why.
-            error = WorkerStartError(_cannot_start(what, exc))
-            error.__cause__ = exc
             self._state = _BROKEN
-            self._broken_error = error
+            self._broken_error = exc
+            self._start_failure = _cannot_start(what, exc)
             self._finished.set()
 
     # ------------------------------------------------------------------
@@ -518,7 +517,7 @@ class Engine:
             return
         if self._state == _BROKEN and self._broken_error is not None:
             if self._thread is None:  # it never started (see __init__)
-                raise self._broken_error
+                raise WorkerStartError(self._start_failure) from self._broken_error
             raise WorkerStartError(f"the pool cannot run tasks: {self._broken_error}") from self._broken_error
         raise PoolClosedError("Pool not running: it was closed or terminated; create a new pool to submit work")
 
