@@ -217,6 +217,21 @@ if __name__ == "__main__":
     assert out.splitlines() == ["workers holding the forkserver's pipe: []", "stopped; 16"]
 
 
+def test_fork_workers_keep_what_the_program_gave_them(tmp_path):
+    # Only the pools' own descriptors and the forkserver's pipe are closed:
+    # a file (a logging handler, a queue) opened before the pool still works
+    # in workers started by fork, as with the standard library.
+    path = tmp_path / "inherited.log"
+    with open(path, "a") as f:
+        workers._state["inherited_file"] = f
+        try:
+            with shoal.Pool(2, context="fork") as pool:
+                assert len(pool.map(workers.write_inherited, ["a", "b", "c"], chunksize=1)) == 3
+        finally:
+            del workers._state["inherited_file"]
+    assert sorted(path.read_text().split()) == ["a", "b", "c"]
+
+
 def test_cleanup_after_many_executors_ends(tmp_path):
     # Executors under every start method, some shut down, some dropped, some
     # whose tasks failed in every way; then multiprocessing cleans up.  What

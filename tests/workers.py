@@ -211,3 +211,11 @@ def read_lines(path):
             return f.read().split()
     except FileNotFoundError:
         return []
+
+
+def write_inherited(text):
+    """Write to the file the parent stored in _state before a fork."""
+    f = _state["inherited_file"]
+    f.write(f"{text}\n")
+    f.flush()
+    return os.getpid()
