@@ -1054,3 +1054,29 @@ def test_queue_waits_while_too_many_descriptors_are_in_flight():
         assert child_reports(lambda: _queue_over_the_inflight_limit(q)) == "ok"
     finally:
         q.close()
+
+
+def test_put_that_cannot_start_its_feeder_raises_and_loses_nothing(monkeypatch):
+    # At interpreter shutdown Python refuses new threads: a put that needs
+    # the feeder (the ring is full) must say so, not buffer the item forever.
+    q = shoal.Queue()
+    try:
+        def refuse(self):
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        put = 0
+        with pytest.raises(RuntimeError, match="can't create new thread") as info:
+            while put < 10_000_000:
+                q.put(put)
+                put += 1
+        assert "could not start its feeder thread; the item was not put" in " ".join(info.value.__notes__)
+        monkeypatch.undo()
+        got = q.get_many(put + 1, timeout=10)
+        while len(got) < put:
+            got += q.get_many(put - len(got), timeout=10)
+        assert got == list(range(put))
+        q.put("after")
+        assert q.get(timeout=10) == "after"
+    finally:
+        q.close()

@@ -201,3 +201,45 @@ def raise_ghost_error(_=None):
     ghost = type("GhostError", (Exception,), {"__module__": "shoal_test_ghost"})
     module.GhostError = ghost
     raise ghost("only the worker knows this class")
+
+
+class Payload:
+    """A plain object: weak references to it show when it is freed."""
+
+    def __init__(self, data=b""):
+        self.data = data
+
+
+class SignalsOnDelete:
+    """Appends its tag to a file when it is freed (in whichever process)."""
+
+    def __init__(self, path, tag):
+        self.path = path
+        self.tag = tag
+
+    def __call__(self, *args):
+        return len(args)
+
+    def __del__(self):
+        with open(self.path, "a") as f:
+            f.write(f"{self.tag}:{os.getpid()}\n")
+
+
+def make_signalling(path, tag):
+    return SignalsOnDelete(path, tag)
+
+
+def read_lines(path):
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
+
+
+def write_inherited(text):
+    """Write to the file the parent stored in _state before a fork."""
+    f = _state["inherited_file"]
+    f.write(f"{text}\n")
+    f.flush()
+    return os.getpid()

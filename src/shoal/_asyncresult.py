@@ -69,6 +69,7 @@ class AsyncResult:
             self._success = ok
             self._value = value
             self._ready = True
+            self._pool = None  # as the standard library does once a result is set
             return
         self._finish(ok, value)
 
@@ -77,8 +78,11 @@ class AsyncResult:
         self._success = ok
         self._value = value
         cb = self._callback if ok else self._error_callback
+        # A finished result keeps only its value, not the callbacks.
+        self._callback = self._error_callback = None
         if cb is None:
             self._ready = True
+            self._pool = None
         else:
             self._engine.callbacks.call(self._run_callback, cb, value)
 
@@ -87,6 +91,7 @@ class AsyncResult:
             cb(value)
         finally:
             self._ready = True
+            self._pool = None
             with self._engine.results_cond:
                 self._engine.results_cond.notify_all()
 
@@ -254,8 +259,12 @@ class IMapIterator:
             daemon=True,
         )
         engine.feeder_started()
+        try:
+            engine.start_thread(feeder, "the thread that feeds this map's input to the workers")
+        except BaseException:
+            engine.feeder_finished()  # or close() + join() would wait for it forever
+            raise
         weakref.finalize(self, _abandon, state)
-        feeder.start()
 
     def __iter__(self) -> IMapIterator:
         return self

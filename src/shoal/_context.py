@@ -27,6 +27,10 @@ class Context:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ctx, name)
 
+    def __dir__(self) -> list[str]:
+        # What the wrapped context offers is this context's too.
+        return sorted(set(super().__dir__()) | set(dir(self._ctx)))
+
     def Pool(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None, **options):  # noqa: N802
         from ._pool import Pool
 

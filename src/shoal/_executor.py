@@ -7,12 +7,19 @@ task it was running (:class:`~shoal.WorkerDiedError`) instead of breaking the
 whole executor; ``map`` reads its input lazily and, without a ``chunksize``,
 chunks by measured task time; lambdas and closures work; a running task can be
 cancelled with ``future.cancel(running=True)``.
+
+What code written for the standard library reads keeps its meaning:
+``_max_workers``, ``_mp_context`` and ``_processes`` are read-only views of the
+engine's state, a worker's exception has ``_RemoteTraceback`` as its cause,
+and an executor that cannot start (no new thread at interpreter shutdown)
+raises ``BrokenProcessPool`` from submit and map.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 from concurrent.futures import _base
+from concurrent.futures.process import _RemoteTraceback
 import itertools
 import multiprocessing
 import time
@@ -21,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._asyncresult import IMapIterator
-from ._engine._engine import Engine, PoolStatistics, _check_int, _check_timeout
+from ._engine._engine import Engine, PoolStatistics, WorkerProcess, _check_int, _check_timeout
 from ._engine._worker import STARMAP
 
 __all__ = ("Future", "ProcessPoolExecutor")
@@ -61,12 +68,20 @@ class Future(concurrent.futures.Future):
 
     def _invoke_callbacks(self) -> None:
         # Done-callbacks are user code: never on the scheduler thread, where
-        # a slow or blocking one would stall every task.
+        # a slow or blocking one would stall every task.  (The future is
+        # done: no callback can be added to the list any more.)
+        if not self._done_callbacks:
+            return
         engine = self._shoal_engine
         if engine is not None and engine.is_scheduler_thread():
-            engine.callbacks.call(super()._invoke_callbacks)
+            engine.callbacks.call(self._run_callbacks)
         else:
-            super()._invoke_callbacks()
+            self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        super()._invoke_callbacks()
+        # Run once: the future keeps only its result, not the callbacks.
+        self._done_callbacks = []
 
 
 class _FutureSink:
@@ -161,7 +176,11 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             max_memory=max_memory,
             task_timeout=task_timeout,
             graceful_exit=True,
+            defer_start_errors=True,
+            remote_traceback=_RemoteTraceback,
         )
+        # What the standard library's executor keeps in _mp_context.
+        self._given_context = mp_context if mp_context is not None and not isinstance(mp_context, str) else None
         self._shutdown = False
         # Dropped without shutdown(): finish the queued work, then stop.
         self._finalizer = weakref.finalize(self, self._engine.close)
@@ -231,6 +250,25 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
     def statistics(self) -> PoolStatistics:
         """Counters: tasks submitted / done / failed, workers replaced and why."""
         return self._engine.statistics()
+
+    # -- what the standard library's executor keeps, read by code in the wild --
+    @property
+    def _max_workers(self) -> int:
+        """The number of worker processes."""
+        return self._engine.processes
+
+    @property
+    def _mp_context(self):
+        """The multiprocessing context the workers are started with."""
+        return self._given_context if self._given_context is not None else self._engine._ctx
+
+    @property
+    def _processes(self) -> dict[int, WorkerProcess] | None:
+        """``{pid: process}`` of the live workers (a snapshot; ``None`` after
+        ``shutdown()``, as in the standard library)."""
+        if self._shutdown:
+            return None
+        return {p.pid: p for p in self._engine.worker_processes()}
 
 
 def _results(it: IMapIterator, deadline: float | None) -> Iterator[Any]:

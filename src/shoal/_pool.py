@@ -16,12 +16,13 @@ to :class:`shoal._engine.Engine`, which owns the workers.
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing.pool
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._asyncresult import AsyncResult, IMapIterator, MapResult
-from ._engine._engine import Engine, PoolStatistics, _check_timeout
+from ._engine._engine import Engine, PoolStatistics, WorkerProcess, _check_timeout
 from ._engine._worker import MAP, STARMAP
 from ._progress import progress_bar
 from ._serialization import name_unpicklable_item
@@ -84,6 +85,7 @@ class Pool:
             context,
             max_memory=max_memory,
             task_timeout=task_timeout,
+            remote_traceback=multiprocessing.pool.RemoteTraceback,
         )
         self._closed = False
         # A pool dropped or left open at exit is terminated, never joined
@@ -216,6 +218,17 @@ class Pool:
     def processes(self) -> int:
         """The number of worker processes."""
         return self._engine.processes
+
+    # -- what the standard library's pool keeps, read by code in the wild ------
+    @property
+    def _processes(self) -> int:
+        """The number of worker processes (``multiprocessing.Pool._processes``)."""
+        return self._engine.processes
+
+    @property
+    def _pool(self) -> list[WorkerProcess]:
+        """The live worker processes (a snapshot of ``multiprocessing.Pool._pool``)."""
+        return self._engine.worker_processes()
 
     # -- internals -----------------------------------------------------------
     def _map_async(self, func, iterable, chunksize, mode, callback, error_callback, task_timeout) -> MapResult:

@@ -29,7 +29,7 @@ import cloudpickle
 from ._ipc._fdpass import _state as _fd_state
 from ._ipc._fdpass import providing_fds, reduce_fd
 from ._shm._segment import create_fd, map_private_fd
-from .exceptions import RemoteError, RemoteTraceback, SerializationError
+from .exceptions import RemoteError, RemoteTraceback, SerializationError, serialization_error
 
 #: Buffers at least this large go through shared memory instead of the pipe.
 #: Below it, the cost of a memfd (~10 µs) exceeds the cost of copying.
@@ -159,10 +159,14 @@ def dumps(obj: Any, *, oob: bool = False, what: str = "object", limit: int | Non
             data = _cloudpickle_dumps(obj, buffer_callback=callback)
     except Exception as exc:
         _fd_state.oob = None  # what the failed attempts collected must not leak into the next call
-        raise SerializationError(
+        # Also an instance of what the pickler raised: `except PicklingError`
+        # (or the RuntimeError of a __reduce__) catches it, as with the
+        # standard library.
+        raise serialization_error(
             f"cannot pickle {what}: {_describe_failure(obj, exc)}. Objects sent between "
             "processes must be picklable: pass plain data, module-level functions, or "
-            "objects that define __reduce__; open files, locks, sockets and generators cannot be sent"
+            "objects that define __reduce__; open files, locks, sockets and generators cannot be sent",
+            exc,
         ) from exc
     if callback is None or _fd_state.oob is None:
         return data

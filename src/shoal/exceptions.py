@@ -2,10 +2,12 @@
 
 Exceptions raised by *your* code in a worker are not wrapped: they reach the
 caller as their original type, with the remote traceback attached as
-``__cause__`` (a :class:`RemoteTraceback`).  An exception whose ``__init__``
-does not take its own ``args`` back is rebuilt without calling ``__init__``
-(same ``args`` and attributes); one whose class cannot be imported in the
-parent arrives as a :class:`RemoteError` naming it.  Timeouts raise the builtin
+``__cause__`` (``multiprocessing.pool.RemoteTraceback`` from a Pool,
+``concurrent.futures.process._RemoteTraceback`` from an executor, as with the
+standard library; :class:`RemoteTraceback` elsewhere).  An exception whose
+``__init__`` does not take its own ``args`` back is rebuilt without calling
+``__init__`` (same ``args`` and attributes); one whose class cannot be
+imported in the parent arrives as a :class:`RemoteError` naming it.  Timeouts raise the builtin
 :class:`TimeoutError` (``multiprocessing.TimeoutError`` for ``AsyncResult``);
 cancellation raises :class:`concurrent.futures.CancelledError`.
 
@@ -19,7 +21,9 @@ The tree::
     ├── TaskTimeoutError(…, TimeoutError)   a task ran past its time limit and
     │                                       its worker was killed
     ├── SerializationError(…, TypeError)    an argument or result could not be
-    │                                       pickled or unpickled
+    │                                       pickled or unpickled; when the pickler
+    │                                       raised another type (PicklingError,
+    │                                       AttributeError, ...), also that type
     ├── PoolClosedError(…, ValueError, RuntimeError)  the pool was closed
     ├── RemoteError                         a task raised an exception whose
     │                                       class does not exist in the parent
@@ -136,7 +140,62 @@ class TaskTimeoutError(ShoalError, TimeoutError):
 
 
 class SerializationError(ShoalError, TypeError):
-    """An object could not be pickled or unpickled on its way between processes."""
+    """An object could not be pickled or unpickled on its way between processes.
+
+    When the pickler raised something else than a ``TypeError`` (a
+    ``PicklingError``, an ``AttributeError``, the ``RuntimeError`` of a
+    ``__reduce__``), the error raised is also an instance of that type, so
+    ``except pickle.PicklingError`` keeps working as with the standard
+    library (see :func:`serialization_error`)."""
+
+
+_COMBINED: dict[type, type] = {}
+
+
+def serialization_error(message: str, cause: BaseException) -> SerializationError:
+    """A :class:`SerializationError` that is also an instance of
+    ``type(cause)`` (the error the pickler raised), with ``__cause__`` set.
+
+    The combined class is made once per type.  Where the two cannot be
+    combined (a final class, a constructor that needs other arguments) it is
+    a plain SerializationError."""
+    combined = _combined_type(type(cause))
+    if combined is not SerializationError:
+        try:
+            error = combined(message)
+            str(error)
+        except Exception:  # noqa: BLE001 - an exotic constructor or __str__
+            error = SerializationError(message)
+    else:
+        error = SerializationError(message)
+    error.__cause__ = cause
+    return error
+
+
+def _combined_type(kind: type) -> type:
+    if issubclass(SerializationError, kind) or not issubclass(kind, Exception):
+        return SerializationError
+    combined = _COMBINED.get(kind)
+    if combined is None:
+        try:
+            combined = type(
+                "SerializationError",
+                (SerializationError, kind),
+                {"__module__": __name__, "__reduce__": _reduce_combined, "_pickler_error": kind},
+            )
+        except TypeError:  # a final class, or incompatible layouts
+            combined = SerializationError
+        _COMBINED[kind] = combined
+    return combined
+
+
+def _reduce_combined(self):
+    # The combined class is not importable by name: rebuild it from its parts.
+    return _rebuild_combined, (type(self)._pickler_error, self.args)
+
+
+def _rebuild_combined(kind: type, args: tuple) -> BaseException:
+    return _combined_type(kind)(*args)
 
 
 class PoolClosedError(ShoalError, ValueError, RuntimeError):

@@ -46,7 +46,21 @@ descriptors of every engine in this process that it inherited.
 
 Shutdown: close() lets pending work finish, then the scheduler sends STOP to
 each worker and exits when all have exited; terminate() fails what is
-unfinished, sends SIGTERM, then SIGKILL after TERMINATE_GRACE seconds.
+unfinished, sends SIGTERM, then SIGKILL after TERMINATE_GRACE seconds.  When
+the scheduler ends, the callback thread ends once its queue is empty, and
+join() waits for both and for the imap feeders: after it no shoal thread
+and no worker of this pool remains.  The callback thread lets go of each
+callback as soon as it ran (a future it held would keep its traceback's
+frames, and so perhaps a dropped pool, alive).
+
+Start failures: if the first workers or the scheduler thread cannot start
+(Python refuses new threads and fork while the interpreter shuts down), the
+workers already started are killed; a Pool raises the error, an executor
+(``defer_start_errors``) is born broken and every submit raises
+WorkerStartError, a BrokenProcessPool.  A helper thread started later (an
+imap feeder) that cannot start fails only its call, the same way; a
+callback thread that cannot start means callbacks run on the scheduler.
+Nothing then waits for a thread that never ran.
 
 Interrupts: workers ignore SIGINT, so Ctrl-C is the caller's.  A face that
 catches KeyboardInterrupt asks for interrupt(): the scheduler fails the
@@ -85,11 +99,13 @@ from .._serialization import dumps, loads_with, unpack_exception
 from .._shm._segment import create_fd
 from ..exceptions import (
     PoolClosedError,
+    RemoteTraceback,
     SerializationError,
     ShoalError,
     TaskTimeoutError,
     WorkerDiedError,
     WorkerStartError,
+    serialization_error,
 )
 from . import _worker
 from ._worker import CALL, CALL_KW, STATUS, STATUS_SLOT, WorkerConfig
@@ -202,6 +218,56 @@ class _Worker:
         return self.retire_reason is None and self.kill_reason is None and not self.eof
 
 
+class WorkerProcess:
+    """A read-only view of one worker process: what code written for the
+    standard library reads from ``executor._processes`` or ``pool._pool``.
+
+    The pool owns the process; a view only looks at it (and can signal it:
+    a worker killed this way fails only the task it was running)."""
+
+    __slots__ = ("_proc", "name", "pid")
+
+    def __init__(self, proc) -> None:
+        self._proc = proc
+        self.pid: int = proc.pid
+        self.name: str = proc.name
+
+    def is_alive(self) -> bool:
+        try:
+            return self._proc.is_alive()
+        except ValueError:  # the pool already reaped and closed it
+            return False
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._proc.join(timeout)
+        except ValueError:
+            pass
+
+    @property
+    def exitcode(self) -> int | None:
+        try:
+            return self._proc.exitcode
+        except ValueError:
+            return None
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        if self.is_alive():
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"<shoal worker process pid={self.pid} {'alive' if self.is_alive() else 'exited'}>"
+
+
 class _CallbackThread:
     """Runs user callbacks in the parent, one at a time, off the scheduler."""
 
@@ -214,16 +280,22 @@ class _CallbackThread:
 
     def call(self, fn, *args) -> None:
         with self._cond:
-            if not self._stopping:
+            if not self._stopping and (self._thread is not None or self._start()):
                 self._queue.append((fn, args))
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="shoal-callbacks", daemon=True)
-                    self._thread.start()
                 self._cond.notify()
                 return
         # The pool has shut down (a task failed in the scheduler's last
-        # sweep): run it here rather than never.
+        # sweep), or no thread can be started: run it here rather than never.
         self._invoke(fn, args)
+
+    def _start(self) -> bool:
+        thread = threading.Thread(target=self._run, name="shoal-callbacks", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            return False
+        self._thread = thread
+        return True
 
     @staticmethod
     def _invoke(fn, args) -> None:
@@ -245,6 +317,9 @@ class _CallbackThread:
                 fn, args = self._queue.popleft()
                 self._busy = True
             self._invoke(fn, args)
+            # Drop them now, not when the next callback comes: they may hold
+            # the last reference to a result, a future or its traceback.
+            fn = args = None
             with self._cond:
                 self._busy = False
                 if not self._queue:
@@ -263,12 +338,13 @@ class _CallbackThread:
                 self._cond.wait(remaining)
         return True
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Run what is queued, then end the thread (with *wait*, wait for it)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
             thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if wait and thread is not None and thread is not threading.current_thread():
             thread.join()
 
 
@@ -281,6 +357,18 @@ def _engine_descriptors() -> list[int]:
     for engine in list(_live_engines):
         fds.extend(engine._descriptors())
     return fds
+
+
+def _foreign_descriptors() -> list[int]:
+    """Descriptors of this process's multiprocessing helpers that a worker
+    started by fork must not keep: the forkserver's "alive" pipe, whose
+    holders keep the forkserver running (a live worker would make
+    ``multiprocessing.util._cleanup_tests()`` wait forever).  The resource
+    tracker's pipe stays: workers register shared memory with it."""
+    from multiprocessing import forkserver
+
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    return [fd] if fd is not None else []
 
 
 def _terminate_all_at_exit() -> None:
@@ -305,6 +393,8 @@ class Engine:
         max_memory: int | None = None,
         task_timeout: float | None = None,
         graceful_exit: bool = False,
+        defer_start_errors: bool = False,
+        remote_traceback: type[BaseException] = RemoteTraceback,
     ) -> None:
         if processes is None:
             processes = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
@@ -331,6 +421,7 @@ class Engine:
         else:
             context = getattr(context, "_ctx", context)  # a shoal.Context
         self._ctx = context
+        self._remote_traceback = remote_traceback
         self._processes = processes
         self._maxtasks = maxtasksperchild
         self._max_memory = max_memory
@@ -341,7 +432,7 @@ class Engine:
                 cloudpickle.dumps((initializer, tuple(initargs))) if initializer is not None else None
             )
         except Exception as exc:
-            raise SerializationError(f"cannot pickle the initializer or its initargs: {exc}") from exc
+            raise serialization_error(f"cannot pickle the initializer or its initargs: {exc}", exc) from exc
 
         self._state = _RUN
         self._broken_error: BaseException | None = None
@@ -365,6 +456,7 @@ class Engine:
         # workers started by fork can close them (see _descriptors).
         self._task_fds: set[int] = set()
         self._feeders = 0
+        self._helpers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._start_failures = 0
         self.callbacks = _CallbackThread()
         self.results_cond = threading.Condition(threading.Lock())
@@ -394,15 +486,27 @@ class Engine:
         # scheduler thread exists: with fork, a single-threaded parent is the
         # safe case (and Python 3.12+ warns about forking with threads).
         _live_engines.add(self)  # before any worker starts: see _descriptors
+        self._thread: threading.Thread | None = None
+        what = "its first worker process"
         try:
             for _ in range(processes):
                 self._start_worker()
-        except BaseException:
+            what = "its scheduler thread"
+            thread = threading.Thread(target=self._run, name="shoal-scheduler", daemon=True)
+            thread.start()
+            self._thread = thread
+        except BaseException as exc:
             _live_engines.discard(self)
             self._abort_start()
-            raise
-        self._thread = threading.Thread(target=self._run, name="shoal-scheduler", daemon=True)
-        self._thread.start()
+            if not defer_start_errors or not isinstance(exc, Exception):
+                exc.add_note(_cannot_start(what, exc))
+                raise
+            # As concurrent.futures does: the executor exists, and every
+            # submit raises BrokenProcessPool (a WorkerStartError) saying why.
+            self._state = _BROKEN
+            self._broken_error = exc
+            self._start_failure = _cannot_start(what, exc)
+            self._finished.set()
 
     # ------------------------------------------------------------------
     # caller side
@@ -424,6 +528,8 @@ class Engine:
         if self._state == _RUN:
             return
         if self._state == _BROKEN and self._broken_error is not None:
+            if self._thread is None:  # it never started (see __init__)
+                raise WorkerStartError(self._start_failure) from self._broken_error
             raise WorkerStartError(f"the pool cannot run tasks: {self._broken_error}") from self._broken_error
         raise PoolClosedError("Pool not running: it was closed or terminated; create a new pool to submit work")
 
@@ -645,7 +751,7 @@ class Engine:
         if self._state in (_RUN, _CLOSE, _BROKEN):
             self._state = _TERMINATE
         self._wake()
-        if not wait or threading.current_thread() is self._thread:
+        if not wait or self._thread is None or threading.current_thread() is self._thread:
             return
         self._finished.wait()
         self._thread.join()
@@ -656,7 +762,12 @@ class Engine:
             raise RuntimeError("cannot join the pool from its own scheduler thread")
         if not self._finished.wait(timeout):
             return False
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
+        # The scheduler ended after every feeder was done: they are exiting.
+        for thread in list(self._helpers):
+            if thread is not threading.current_thread():
+                thread.join()
         self.callbacks.drain()
         self.callbacks.stop()
         return True
@@ -689,8 +800,20 @@ class Engine:
             task_seconds_estimate=min(self._estimates.values()) if self._estimates else None,
         )
 
+    def start_thread(self, thread: threading.Thread, what: str) -> None:
+        """Start a helper thread of this pool (an imap feeder); if Python
+        refuses, raise WorkerStartError (a BrokenProcessPool) saying why."""
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            raise WorkerStartError(_cannot_start(what, exc)) from exc
+        self._helpers.add(thread)  # join() waits for it: no shoal thread outlives shutdown
+
     def is_scheduler_thread(self) -> bool:
         return threading.current_thread() is self._thread
+
+    def worker_processes(self) -> list[WorkerProcess]:
+        return [WorkerProcess(w.proc) for w in list(self._workers.values())]
 
     @property
     def worker_pids(self) -> list[int]:
@@ -721,7 +844,7 @@ class Engine:
         # and holding its own channel's other end would hide our death.
         inherited: tuple[int, ...] = ()
         if self._ctx.get_start_method() == "fork":
-            inherited = (parent_ch.fileno(), *_engine_descriptors())
+            inherited = (parent_ch.fileno(), *_engine_descriptors(), *_foreign_descriptors())
         try:
             proc = self._ctx.Process(
                 target=_worker.worker_main,
@@ -837,6 +960,8 @@ class Engine:
                 self._fail(self._pending.popleft(), PoolClosedError("the pool was terminated before this task ran"))
             with self.results_cond:
                 self.results_cond.notify_all()
+            # No shoal thread outlives its pool, even one never joined.
+            self.callbacks.stop(wait=False)
 
     def _loop(self) -> None:
         select = self._selector.select
@@ -1049,7 +1174,7 @@ class Engine:
                         doomed += 1
                     continue  # its caller already has an error; drop the late result
                 if not ok:
-                    value = unpack_exception(data)
+                    value = self._with_traceback_type(unpack_exception(data))
                     failed += 1
                 else:
                     try:
@@ -1078,6 +1203,15 @@ class Engine:
         if waiters or self.waiters:
             with self.results_cond:
                 self.results_cond.notify_all()
+
+    def _with_traceback_type(self, exc: BaseException) -> BaseException:
+        """Give a worker's exception the face's remote-traceback type as its
+        ``__cause__`` (``multiprocessing.pool.RemoteTraceback`` for Pool, as
+        code written for the standard library checks)."""
+        cause = exc.__cause__
+        if isinstance(cause, RemoteTraceback) and self._remote_traceback is not RemoteTraceback:
+            exc.__cause__ = self._remote_traceback(cause.tb)
+        return exc
 
     def _fail(self, task: _Task, exc: BaseException, *, cancelled: bool = False) -> None:
         task.close_fds(self._task_fds)
@@ -1375,6 +1509,16 @@ def _serialize(payload, fds: list[int]) -> bytes:
         return dumps(payload, oob=True, what="the task's arguments")
     finally:
         _fd_state.send = previous
+
+
+def _cannot_start(what: str, exc: BaseException) -> str:
+    msg = f"shoal could not start {what} ({type(exc).__name__}: {exc})"
+    if isinstance(exc, RuntimeError) and "shutdown" in str(exc):
+        msg += (
+            "; the interpreter is shutting down (the pool was first used from an atexit handler, a "
+            "finalizer or a daemon thread at exit): use the pool before the program ends"
+        )
+    return msg
 
 
 def _describe(exitcode) -> str:

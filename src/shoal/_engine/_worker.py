@@ -20,6 +20,12 @@ was running and since when::
                                  ◄──────   RETIRE(reason), exit 0
                                            (maxtasksperchild, memory ceiling)
 
+A task leaves nothing behind: its function and arguments are dropped as soon
+as it returns and its result once pickled, before the results are sent, so
+finalizers run and memory returns right after each task.  A worker started
+by fork first closes what it inherited and is not its own: the descriptors
+of the parent's pools and the parent's forkserver "alive" pipe.
+
 The worker ignores SIGINT: Ctrl-C is the parent's to handle, and a worker
 printing a KeyboardInterrupt traceback for every task is noise.  It exits as
 soon as its parent goes away (end of stream on the channel; PR_SET_PDEATHSIG
@@ -116,6 +122,8 @@ def worker_main(sock, inherited: tuple[int, ...] = ()) -> None:
                 os.close(fd)
             except OSError:
                 pass
+    if inherited:
+        _forget_parents_forkserver(inherited)
     channel = Channel(sock)
     try:
         _serve(channel)
@@ -124,6 +132,19 @@ def worker_main(sock, inherited: tuple[int, ...] = ()) -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _forget_parents_forkserver(closed: tuple[int, ...]) -> None:
+    """After fork: the parent's forkserver is not ours.  Its "alive" pipe
+    was closed with the other inherited descriptors; a pool a task starts
+    under forkserver gets a forkserver of this worker's own."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if getattr(server, "_forkserver_alive_fd", None) in closed:
+        server._forkserver_alive_fd = None
+        server._forkserver_pid = None
+        server._forkserver_address = None
 
 
 def _serve(channel: Channel) -> None:
@@ -203,6 +224,11 @@ def _serve(channel: Channel) -> None:
             except BaseException as exc:  # noqa: BLE001 - a task error is a result
                 value = exc
                 ok = False
+            # Nothing of the task outlives it here: the arguments (and a
+            # function sent with them) are freed now, the result once it
+            # is pickled, so their finalizers run and their memory returns
+            # right after the task, not when the next batch comes.
+            fn = args = None
             elapsed = perf() - started
             pack_status(status, offset, 0, 0.0, tid)
             if ok:

@@ -321,8 +321,22 @@ class _Base:
 
     def _start_feeder(self) -> None:
         t = threading.Thread(target=self._feed, name="shoal.Queue feeder", daemon=True)
+        try:
+            t.start()
+        except RuntimeError as exc:  # "can't create new thread at interpreter shutdown"
+            # Without a feeder the items would wait forever: take them back
+            # (with no feeder running, the buffer holds only this put's).
+            entries = list(self._buffer)
+            self._buffer.clear()
+            _close_entries(entries)
+            if self._joinable:
+                self._ring.add_unfinished(-len(entries))
+            exc.add_note(
+                f"shoal.{type(self).__name__}.put could not start its feeder thread; the item was not put. "
+                "Put items before the interpreter starts shutting down."
+            )
+            raise
         self._feeder = t
-        t.start()
         if not self._join_cancelled:
             # Like the standard library: at exit, wait until the buffered
             # items are in the queue.
@@ -417,7 +431,10 @@ class _Base:
             self._close_fds()
         else:
             # The feeder's items still go in; then the descriptors close.
-            threading.Thread(target=self._close_after_feeder, args=(feeder,), daemon=True).start()
+            try:
+                threading.Thread(target=self._close_after_feeder, args=(feeder,), daemon=True).start()
+            except RuntimeError:  # at interpreter shutdown: the descriptors close with the process
+                pass
 
     def _close_after_feeder(self, feeder: threading.Thread) -> None:
         feeder.join()
