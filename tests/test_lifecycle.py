@@ -245,7 +245,7 @@ import shoal, workers
 def use(method, how):
     ex = shoal.ProcessPoolExecutor(2, mp_context=method)
     errors = []
-    for fn in (workers.square, workers.kill_self, workers.return_lock, workers.raise_unpicklable_error,
+    for fn in (workers.square, workers.kill_self, workers.return_lock, workers.raise_error_holding_lock,
                workers.raise_value_error):
         try:
             ex.submit(fn, 1).result(timeout=60)  # the traceback refers to this frame, so to `ex`
