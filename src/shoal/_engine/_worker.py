@@ -42,6 +42,7 @@ import cloudpickle
 from .._ipc._channel import Channel
 from .._ipc._fdpass import _state as fd_state
 from .._serialization import dumps, loads_with, pack_exception
+from .._shm._warm import WarmSegments
 
 # Message kinds, parent -> worker
 BATCH = 0
@@ -150,6 +151,9 @@ def _serve(channel: Channel) -> None:
     channel.send(pickle.dumps((READY, os.getpid())))
 
     functions: dict[int, object] = {}
+    # Warm shared memory that large results travel in, reused once the
+    # parent has dropped them.
+    segments = WarmSegments()
     done = 0
     maxtasks = config.maxtasks
     max_memory = config.max_memory
@@ -203,13 +207,16 @@ def _serve(channel: Channel) -> None:
             except BaseException as exc:  # noqa: BLE001 - a task error is a result
                 value = exc
                 ok = False
+            # Drop the arguments now: their shared memory is reused once
+            # every process has let go of it.
+            args = fn = None
             elapsed = perf() - started
             pack_status(status, offset, 0, 0.0, tid)
             if ok:
                 out_fds = []
                 fd_state.send = out_fds
                 try:
-                    out = dumps(value, oob=True, what="the task's result")
+                    out = dumps(value, oob=True, what="the task's result", segments=segments)
                 except Exception as exc:  # noqa: BLE001 - an unpicklable result fails only this task
                     ok = False
                     out = pack_exception(exc)
