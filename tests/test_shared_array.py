@@ -258,7 +258,7 @@ def test_the_parent_killed_with_arrays_in_flight_leaves_nothing(fork_or_spawn):
             pool = shoal.Pool(2, context=sys.argv[1])
             shared = shoal.SharedArray(300_000)
             plain = np.ones(300_000)
-            held = [pool.apply_async(workers.sleep_then, (x, 60)) for x in (shared, plain, shared[::3])]
+            held = [pool.apply_async(workers.sleep_then, (x, 3)) for x in (shared, plain, shared[::3])]
             back = pool.apply(workers.full_array, (300_000, 1.0))
             print("ready", flush=True)
             time.sleep(60)
