@@ -104,9 +104,10 @@ def _pack_buffers(buffers: list[memoryview], segments: WarmSegments | None, writ
         spans.append((offset, view.nbytes))
         offset += -(-view.nbytes // _PAGE) * _PAGE
     leased = False
+    target = None
     if segments is not None:
         try:
-            fd = segments.lease(offset)
+            fd, target = segments.lease_mapped(offset)
             leased = True
         except OSError:  # no /proc: a fresh segment per message
             fd = create_fd(offset)
@@ -114,8 +115,11 @@ def _pack_buffers(buffers: list[memoryview], segments: WarmSegments | None, writ
         fd = create_fd(offset)
     try:
         for view, (start, n) in zip(buffers, spans):  # PickleBuffer.raw(): flat bytes
-            # write() copies into the page cache without a user-space page
-            # fault per 4 KiB page (into a warm segment it is a plain copy).
+            if target is not None:
+                target[start : start + n] = view  # warm pages: a memcpy
+                continue
+            # write() copies into fresh pages without a user-space page
+            # fault per 4 KiB page.
             written = 0
             while written < n:
                 written += os.pwrite(fd, view[written:], start + written)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import operator
 import os
+import weakref
 from typing import Any
 
 from ._segment import Segment, fd_from_buffer
@@ -55,9 +56,15 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test without
 
 
 class _Memory:
-    """One process's mapping of one SharedArray segment, and its address."""
+    """One process's mapping of one SharedArray segment, and its address.
 
-    __slots__ = ("address", "segment", "size")
+    Pickled as the segment's descriptor (once per message however many
+    views of it travel: pickle's memo).  A process receiving a segment it
+    already maps reuses that mapping (found by inode), so page tables
+    filled by earlier tasks are not filled again.
+    """
+
+    __slots__ = ("__weakref__", "address", "segment", "size")
 
     def __init__(self, segment: Segment) -> None:
         self.segment = segment
@@ -66,6 +73,24 @@ class _Memory:
         anchor = ctypes.c_char.from_buffer(segment.mmap)
         self.address = ctypes.addressof(anchor)
         del anchor  # releases its export of the mapping
+        st = os.fstat(segment.fd)
+        _mapped[(st.st_dev, st.st_ino)] = self
+
+    def __reduce__(self):
+        return _rebuild_memory, (self.segment,)
+
+
+#: This process's mappings of SharedArray segments, by (device, inode).
+_mapped: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _rebuild_memory(segment: Segment) -> _Memory:
+    st = os.fstat(segment.fd)
+    known = _mapped.get((st.st_dev, st.st_ino))
+    if known is not None and known.size == segment.size:
+        segment.close()
+        return known
+    return _Memory(segment)
 
 
 def _address(arr) -> int:
@@ -163,7 +188,7 @@ if np is not None:
             if memory is None:
                 return self.view(np.ndarray).__reduce_ex__(protocol)
             offset = _address(self) - memory.address
-            return _rebuild, (memory.segment, offset, self.shape, self.strides, self.dtype)
+            return _rebuild, (memory, offset, self.shape, self.strides, self.dtype)
 
         def __reduce__(self):
             return self.__reduce_ex__(2)
@@ -203,8 +228,8 @@ if np is not None:
         arr._shoal_memory = memory
         return arr
 
-    def _rebuild(segment: Segment, offset: int, shape, strides, dtype) -> SharedArray:
-        return _on_segment(SharedArray, _Memory(segment), offset, shape, dtype, strides)
+    def _rebuild(memory: _Memory, offset: int, shape, strides, dtype) -> SharedArray:
+        return _on_segment(SharedArray, memory, offset, shape, dtype, strides)
 
 else:  # pragma: no cover - see the subprocess test without numpy
 

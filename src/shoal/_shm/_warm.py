@@ -119,7 +119,8 @@ class WarmSegments:
 
     def __init__(self, budget: int = BUDGET) -> None:
         self._budget = budget
-        self._entries: list[list[int]] = []  # [fd, capacity, last use]
+        # [fd, capacity, last use, this process's mapping or None]
+        self._entries: list[list] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._tick = 0
@@ -127,7 +128,15 @@ class WarmSegments:
 
     def lease(self, size: int) -> int:
         """A lease (a new descriptor, the caller's to close) on a segment of
-        at least *size* bytes, whose content is undefined.
+        at least *size* bytes, whose content is undefined."""
+        return self.lease_mapped(size)[0]
+
+    def lease_mapped(self, size: int) -> tuple[int, memoryview | None]:
+        """:meth:`lease`, and a writable view of the segment's first *size*
+        bytes when it is warm (its pages exist: copying into them through
+        this mapping is a plain ``memcpy``); ``None`` for a fresh segment,
+        which is best filled with ``pwrite`` (no page fault per page here).
+        The view is valid until the lease is closed.
 
         Raises ``OSError`` if a lease cannot be taken (no ``/proc``, or
         this object is closed): send a fresh segment then."""
@@ -138,13 +147,20 @@ class WarmSegments:
                 self._forget_inherited()
             self._tick += 1
             entry = self._pick(size)
+            view = None
             if entry is None:
                 fd = create_fd(size, "shoal-buffers")
-                entry = [fd, size, 0]
+                entry = [fd, size, 0, None]
                 self._entries.append(entry)
             elif entry[1] < size:
                 os.ftruncate(entry[0], size)  # grows; the pages it has stay warm
                 entry[1] = size
+                entry[3] = None  # remapped at its next use, once all its pages exist
+            else:
+                if entry[3] is None:
+                    # Written before: its pages exist, map them all at once.
+                    entry[3] = memoryview(mmap.mmap(entry[0], entry[1], flags=mmap.MAP_SHARED | _POPULATE))
+                view = entry[3][:size]
             entry[2] = self._tick
             try:
                 lease = open_lease(entry[0])
@@ -153,7 +169,7 @@ class WarmSegments:
                 os.close(entry[0])
                 raise
             self._trim(entry)
-            return lease
+            return lease, view
 
     def _pick(self, size: int) -> list[int] | None:
         best = grow = None
@@ -184,7 +200,7 @@ class WarmSegments:
             # A leased segment dropped here lives on until its readers let
             # go; the kernel frees it then.
             entries.remove(entry)
-            os.close(entry[0])
+            _drop(entry)
             if not leased:
                 total -= entry[1]
 
@@ -193,11 +209,8 @@ class WarmSegments:
         return [e[0] for e in self._entries]
 
     def _forget_inherited(self) -> None:
-        for fd, _, _ in self._entries:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for entry in self._entries:
+            _drop(entry)
         self._entries = []
         self._pid = os.getpid()
 
@@ -206,7 +219,23 @@ class WarmSegments:
         with self._lock:
             if self._pid != os.getpid():
                 self._forget_inherited()
-            for fd, _, _ in self._entries:
-                os.close(fd)
+            for entry in self._entries:
+                _drop(entry)
             self._entries = []
             self._closed = True
+
+
+def _drop(entry: list) -> None:
+    view = entry[3]
+    entry[3] = None
+    if view is not None:
+        m = view.obj
+        view.release()
+        try:
+            m.close()
+        except BufferError:  # a slice handed out by lease_mapped is still alive
+            pass
+    try:
+        os.close(entry[0])
+    except OSError:
+        pass
