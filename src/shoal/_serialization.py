@@ -36,6 +36,7 @@ import cloudpickle
 
 from ._ipc._fdpass import _state as _fd_state
 from ._ipc._fdpass import providing_fds, reduce_fd
+from ._native import copy_into
 from ._shm._segment import create_fd, map_private_fd
 from ._shm._warm import WarmSegments, map_leased
 from .exceptions import RemoteTraceback, SerializationError
@@ -116,7 +117,9 @@ def _pack_buffers(buffers: list[memoryview], segments: WarmSegments | None, writ
     try:
         for view, (start, n) in zip(buffers, spans):  # PickleBuffer.raw(): flat bytes
             if target is not None:
-                target[start : start + n] = view  # warm pages: a memcpy
+                # Warm pages: a memcpy, without the GIL (a long copy holding
+                # it would keep the pool's scheduler from feeding workers).
+                copy_into(target[start : start + n], view)
                 continue
             # write() copies into fresh pages without a user-space page
             # fault per 4 KiB page.
