@@ -18,12 +18,14 @@
   among the processes mapping them), sampled every 10 ms while
   ``pool.map(sum, [a, a])`` runs, with the workers stopped during each
   sample so that it is one consistent snapshot; interpreters and numpy
-  included.  1 GB = 10**9 bytes.
+  included.  Each contender runs in a fresh interpreter.  1 GB = 10**9 bytes.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
 import threading
 import time
 
@@ -171,6 +173,17 @@ def _tree_pss(root) -> int:
 
 
 def _peak_gb(make_pool, quick: bool, shared: bool) -> float:
+    """Peak PSS of a fresh interpreter and its pool (no leftovers from the
+    contenders measured before it in this process)."""
+    code = (
+        "import sys; from shoal.benchmarks import bench_arrays as b; "
+        f"print(b._peak_in_this_process(b.{make_pool.__name__}, {quick}, {shared}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _peak_in_this_process(make_pool, quick: bool, shared: bool) -> float:
     import numpy as np
     import psutil
 
