@@ -224,6 +224,18 @@ def test_warm_segments_are_reused_and_returned(fork_or_spawn):
     assert _memfd_fds() == [] and workers.shoal_mappings() == []
 
 
+def test_an_argument_a_worker_keeps_is_never_overwritten(fork_or_spawn):
+    # The pool reuses the shared memory of finished tasks' arguments: memory
+    # a worker still maps (it kept the array) must not be reused.
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        assert pool.apply(workers.stash, (np.full(BIG, 1.0),)) == 1
+        for value in (2.0, 3.0, 4.0):
+            assert pool.apply(workers.array_sum, (np.full(BIG, value),)) == BIG * value
+        assert pool.apply(workers.stash, (np.full(BIG, 5.0),)) == 2
+        assert pool.apply(workers.array_sum, (np.full(BIG, 6.0),)) == BIG * 6.0
+        assert pool.apply(workers.stashed_sums) == [BIG * 1.0, BIG * 5.0]
+
+
 # -- crashes ---------------------------------------------------------------------
 
 

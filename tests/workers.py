@@ -220,3 +220,16 @@ def shoal_mappings(_=None):
     ("memfd:shoal") and large buffers ("memfd:shoal-buffers")."""
     with open("/proc/self/maps") as f:
         return [line.strip() for line in f if "memfd:shoal " in line or "memfd:shoal-buffers" in line]
+
+
+_stash = []
+
+
+def stash(array):
+    """Keep a task's argument after the task returns."""
+    _stash.append(array)
+    return len(_stash)
+
+
+def stashed_sums(_=None):
+    return [float(a.sum()) for a in _stash]

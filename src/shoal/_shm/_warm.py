@@ -29,7 +29,7 @@ segment to be overwritten under it nor leak it:
   a segment is free when ``F_OFD_GETLK`` through it finds no lock at all.
 
 Ownership: a :class:`WarmSegments` belongs to the process that made it
-(a forked child starts empty, closing its inherited copies) and is used
+(a forked child starts empty, forgetting its inherited copies) and is used
 from any thread of it (one lock).  ``close()`` drops its descriptors: the
 memory of segments still leased lives until their readers let go, the rest
 is freed at once.  Idle segments are kept while they fit :data:`BUDGET`
@@ -209,8 +209,9 @@ class WarmSegments:
         return [e[0] for e in self._entries]
 
     def _forget_inherited(self) -> None:
-        for entry in self._entries:
-            _drop(entry)
+        # Copies inherited through fork: a pool worker has closed their
+        # descriptors already (their numbers may be reused), so only forget
+        # them; any other child keeps them until it exits.
         self._entries = []
         self._pid = os.getpid()
 
