@@ -23,10 +23,6 @@ def _sleep5ms(x):
     return x
 
 
-def _array_sum(a):
-    return float(a.sum())
-
-
 def _stdlib_pool():
     return multiprocessing.Pool(WORKERS)
 
@@ -221,42 +217,6 @@ def _imap_loky(quick: bool) -> float:
     return eff
 
 
-# -- large numpy arrays to workers ---------------------------------------------------
-
-
-def _arrays(quick: bool):
-    import numpy as np
-
-    n = 4 if quick else 8
-    return [np.full(50_000_000 // 8, float(i)) for i in range(n)]
-
-
-def _gbps(arrays, elapsed: float) -> float:
-    return sum(a.nbytes for a in arrays) / elapsed / 1e9
-
-
-def _numpy_rate(make_pool, quick: bool) -> float:
-    arrays = _arrays(quick)
-    with make_pool() as pool:
-        _warm(pool)
-        t0 = time.perf_counter()
-        pool.map(_array_sum, arrays, chunksize=1)
-        return _gbps(arrays, time.perf_counter() - t0)
-
-
-def _numpy_loky(quick: bool) -> float:
-    from loky import ProcessPoolExecutor
-
-    arrays = _arrays(quick)
-    ex = ProcessPoolExecutor(WORKERS)
-    ex.submit(_noop, 1).result()
-    t0 = time.perf_counter()
-    list(ex.map(_array_sum, arrays))
-    rate = _gbps(arrays, time.perf_counter() - t0)
-    ex.shutdown()
-    return rate
-
-
 def _with_peers(runners: dict, peers: dict) -> dict:
     out = dict(runners)
     for name, fn in peers.items():
@@ -313,15 +273,3 @@ SCENARIOS = [
         target="efficiency >= 0.97 ('no pool' = this machine's ceiling)",
     ),
 ]
-
-if optional("numpy"):
-    SCENARIOS.append(
-        Scenario(
-            "8 numpy arrays of 50 MB to workers, sum",
-            "GB/s",
-            True,
-            _with_peers({"stdlib": lambda q: _numpy_rate(_stdlib_pool, q), "shoal": lambda q: _numpy_rate(_shoal_pool, q)}, {"loky": _numpy_loky}),
-            target=">= 10x",
-            repeat=2,
-        )
-    )

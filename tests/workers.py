@@ -243,3 +243,59 @@ def write_inherited(text):
     f.write(f"{text}\n")
     f.flush()
     return os.getpid()
+
+
+# -- shared arrays (tests/test_shared_array.py) --------------------------------
+
+
+def fill(array, value):
+    """Write *value* into every element of *array* (in the worker)."""
+    array[...] = value
+    return os.getpid()
+
+
+def fill_and_send(conn, array, value):
+    array[...] = value
+    conn.send("filled")
+
+
+def describe_array(array):
+    """What a worker received: type name, writable, dtype, shape, contents."""
+    return (type(array).__name__, bool(array.flags.writeable), array.dtype.str, array.shape, array.tobytes())
+
+
+def kill_self_holding(array):
+    """Die while mapping *array* (a task argument in flight)."""
+    array.sum()
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)
+
+
+def full_array(n, value):
+    import numpy as np
+
+    return np.full(n, value, dtype=np.float64)
+
+
+def bytes_like_info(obj):
+    return (type(obj).__name__, len(obj), bytes(obj[:4]), bytes(obj[-4:]))
+
+
+def shoal_mappings(_=None):
+    """This process's mappings of shared data: SharedArray segments
+    ("memfd:shoal") and large buffers ("memfd:shoal-buffers")."""
+    with open("/proc/self/maps") as f:
+        return [line.strip() for line in f if "memfd:shoal " in line or "memfd:shoal-buffers" in line]
+
+
+_stash = []
+
+
+def stash(array):
+    """Keep a task's argument after the task returns."""
+    _stash.append(array)
+    return len(_stash)
+
+
+def stashed_sums(_=None):
+    return [float(a.sum()) for a in _stash]

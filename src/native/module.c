@@ -33,6 +33,8 @@ static PyMethodDef native_methods[] = {
     /* util.c */
     FAST(punch_hole, "punch_hole(fd, offset, length)\n--\n\n"
                      "Give a range of a memfd back to the kernel; it reads as zeros afterwards."),
+    FAST(copy_into, "copy_into(dst, src)\n--\n\n"
+                    "Copy the bytes of src to the start of dst (at least as large) without holding the GIL."),
     /* sync.c */
     FAST_AS("load", atomic_load, "load(buf, offset)\n--\n\nThe int64 at offset in a writable buffer, read atomically."),
     FAST_AS("store", atomic_store, "store(buf, offset, value)\n--\n\nStore an int64 at offset, atomically."),

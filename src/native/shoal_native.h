@@ -3,7 +3,8 @@
  * The extension is split by concern, as CPython's Modules/_multiprocessing/:
  *
  *   util.c    buffer access with bounds/alignment checks, argument and
- *             timeout parsing, punch_hole (memfd ranges back to the kernel)
+ *             timeout parsing, punch_hole (memfd ranges back to the kernel),
+ *             copy_into (a memcpy without the GIL)
  *   sync.c    1. atomics  2. robust process-shared mutex  3. futex wait/wake
  *   hash.c    4. xxh64, a hash that is the same in every process
  *   dict.c    5. the SharedDict core (Mapping, DictLock, dict_* operations)
@@ -47,6 +48,7 @@ int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi
 int parse_timeout(PyObject *obj, double *out);
 double monotonic_now(void);
 PyObject *punch_hole(FASTCALL_ARGS);
+PyObject *copy_into(FASTCALL_ARGS);
 
 /* sync.c */
 PyObject *atomic_load(FASTCALL_ARGS);

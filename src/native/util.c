@@ -90,3 +90,33 @@ punch_hole(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }
+
+/* copy_into(dst, src): copy the bytes of src (any contiguous buffer) to
+ * the start of dst (a writable buffer at least as large) without holding
+ * the GIL, so a large copy does not stall the process's other threads
+ * (a pool's scheduler waiting to hand work to idle workers). */
+PyObject *
+copy_into(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("copy_into", nargs, 2, 2) < 0)
+        return NULL;
+    Py_buffer dst, src;
+    if (PyObject_GetBuffer(args[0], &dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &src, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&dst);
+        return NULL;
+    }
+    if (src.len > dst.len) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&dst);
+        PyErr_SetString(PyExc_ValueError, "copy_into: the destination is smaller than the source");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    memcpy(dst.buf, src.buf, (size_t)src.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    Py_RETURN_NONE;
+}

@@ -78,6 +78,24 @@ from .exceptions import (
 
 __version__ = "0.1.0"
 
+# numpy is optional: SharedArray and share load it on first use.
+_NUMPY_NAMES = ("SharedArray", "share")
+
+
+def __getattr__(name: str):
+    if name in _NUMPY_NAMES:
+        from ._shm import _array
+
+        value = getattr(_array, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'shoal' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_NUMPY_NAMES))
+
+
 __all__ = (
     "Array",
     "AsyncResult",
@@ -106,6 +124,7 @@ __all__ = (
     "RemoteError",
     "Semaphore",
     "SerializationError",
+    "SharedArray",
     "SharedDict",
     "ShoalError",
     "SimpleQueue",
@@ -130,4 +149,5 @@ __all__ = (
     "set_executable",
     "set_forkserver_preload",
     "set_start_method",
+    "share",
 )

@@ -125,6 +125,8 @@ def _submit_future(engine: Engine, fn, args, kwargs, task_timeout=None) -> Futur
     future = Future()
     future._shoal_engine = engine
     future._shoal_task = engine.submit_call(fn, args, kwargs, _FutureSink(future), task_timeout)
+    if future.done():
+        future._shoal_task = None  # settled before the line above: break the cycle here
     return future
 
 

@@ -121,6 +121,11 @@ class Pool:
         result = AsyncResult(engine, callback, error_callback)
         result._pool = self  # as in the standard library: a result keeps its pool alive
         result._task = engine.submit_call(func, args, kwds, result, task_timeout)
+        if result._delivered:
+            # Delivered before the line above ran: it could not break the
+            # task <-> result cycle, which would keep a large result (its
+            # shared memory) alive until the garbage collector runs.
+            result._task = None
         return result
 
     def submit(self, fn: Callable[..., Any], /, *args, **kwargs) -> concurrent.futures.Future:

@@ -4,11 +4,18 @@
   defined in ``__main__`` or a notebook) are pickled with cloudpickle; data is
   pickled with the standard pickler first because it is faster.
 * Pickle protocol 5: buffers of at least :data:`OOB_THRESHOLD` bytes (numpy
-  arrays, ``bytes``, ``bytearray``, ``memoryview`` wrapped in
-  ``PickleBuffer``) are taken out of band and copied once into an anonymous
-  shared-memory segment whose descriptor travels beside the message.  The
-  receiver maps the segment and the unpickled object uses that memory
-  directly.  The memory is freed when the receiver drops the object.
+  arrays and anything wrapped in ``PickleBuffer``; ``bytes``, ``bytearray``
+  and ``memoryview`` through a persistent id, since pickle copies those in
+  band) are taken out of band and copied once into an anonymous
+  shared-memory segment whose descriptor travels beside the message: a
+  fresh memfd, or a warm reused one (:mod:`shoal._shm._warm`, the pool's
+  path).  The receiver maps the segment and the unpickled object uses that
+  memory directly (``bytes`` and ``bytearray`` own their memory: they are
+  copied out).  The memory is freed when the receiver drops the object.
+  Receivers get private copy-on-write mappings (writable, like in-band
+  pickles) or, with ``writable=False``, shared read-only ones.
+* :class:`shoal.SharedArray` never goes through this: it pickles as its
+  segment's descriptor and the receiver maps the same memory, writable.
 * Failures name the object that could not be pickled and say what to do.
 
 ``dumps`` must run inside :func:`shoal._ipc._fdpass.collecting_fds` when
@@ -17,7 +24,9 @@ out-of-band buffers are allowed, and ``loads`` inside ``providing_fds``.
 
 from __future__ import annotations
 
+import functools
 import io
+import mmap
 import os
 import pickle
 import traceback
@@ -28,7 +37,9 @@ import cloudpickle
 
 from ._ipc._fdpass import _state as _fd_state
 from ._ipc._fdpass import providing_fds, reduce_fd
+from ._native import copy_into
 from ._shm._segment import create_fd, map_private_fd
+from ._shm._warm import WarmSegments, map_leased
 from .exceptions import RemoteError, RemoteTraceback, SerializationError, serialization_error
 
 #: Buffers at least this large go through shared memory instead of the pipe.
@@ -43,48 +54,83 @@ class _OutOfBand:
 
     One descriptor per message however many buffers it holds: the kernel
     passes at most 253 descriptors with one message, and each costs a
-    syscall or two.  Buffers start on page boundaries.
+    syscall or two.  Buffers start on page boundaries.  *leased*: the memfd
+    is a reused segment of a :class:`~shoal._shm._warm.WarmSegments` and
+    the receiver takes its own lease on it.  *writable*: the receiver maps
+    it privately (copy-on-write); otherwise shared and read-only.
     """
 
-    __slots__ = ("fd", "size", "spans")
+    __slots__ = ("fd", "leased", "size", "spans", "writable")
 
-    def __init__(self, fd: int, size: int, spans: list[tuple[int, int]]) -> None:
+    def __init__(self, fd: int, size: int, spans: list[tuple[int, int]], leased: bool, writable: bool) -> None:
         self.fd = fd
         self.size = size
         self.spans = spans
+        self.leased = leased
+        self.writable = writable
 
     def __reduce__(self):
         rebuild, args = reduce_fd(self.fd)
-        return _rebuild_oob, (rebuild, args, self.size, self.spans)
+        return _rebuild_oob, (rebuild, args, self.size, self.spans, self.leased, self.writable)
 
 
-def _rebuild_oob(rebuild, args, size: int, spans: list[tuple[int, int]]) -> list[memoryview]:
-    # A private (copy-on-write) mapping: the receiver may write to the arrays
-    # it gets, as with in-band pickles, without changing what the sender
-    # (or a second receiver of a re-sent task) sees.
-    view = map_private_fd(rebuild(*args), size)
+def _rebuild_oob(
+    rebuild, args, size: int, spans: list[tuple[int, int]], leased: bool = False, writable: bool = True
+) -> list[memoryview]:
+    fd = rebuild(*args)
+    if leased:
+        try:
+            view = memoryview(map_leased(fd, size, writable=writable))
+        finally:
+            os.close(fd)
+    elif writable:
+        # A private (copy-on-write) mapping: the receiver may write to the
+        # arrays it gets, as with in-band pickles, without changing what the
+        # sender (or a second receiver of a re-sent task) sees.
+        view = map_private_fd(fd, size)
+    else:
+        try:
+            view = memoryview(mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ))
+        finally:
+            os.close(fd)
     return [view[offset : offset + n] for offset, n in spans]
 
 
 _PAGE = 4096
 
 
-def _pack_buffers(buffers: list[memoryview]) -> _OutOfBand:
+def _pack_buffers(buffers: list[memoryview], segments: WarmSegments | None, writable: bool) -> _OutOfBand:
     spans = []
     offset = 0
     for view in buffers:
         spans.append((offset, view.nbytes))
         offset += -(-view.nbytes // _PAGE) * _PAGE
-    fd = create_fd(offset)
+    leased = False
+    target = None
+    if segments is not None:
+        try:
+            fd, target = segments.lease_mapped(offset)
+            leased = True
+        except OSError:  # no /proc: a fresh segment per message
+            fd = create_fd(offset)
+    else:
+        fd = create_fd(offset)
     try:
         for view, (start, n) in zip(buffers, spans):  # PickleBuffer.raw(): flat bytes
+            if target is not None:
+                # Warm pages: a memcpy, without the GIL (a long copy holding
+                # it would keep the pool's scheduler from feeding workers).
+                copy_into(target[start : start + n], view)
+                continue
+            # write() copies into fresh pages without a user-space page
+            # fault per 4 KiB page.
             written = 0
             while written < n:
                 written += os.pwrite(fd, view[written:], start + written)
     except BaseException:
         os.close(fd)
         raise
-    return _OutOfBand(fd, offset, spans)
+    return _OutOfBand(fd, offset, spans, leased, writable)
 
 
 def _take_large_buffer(pb: pickle.PickleBuffer) -> bool:
@@ -101,6 +147,57 @@ def _take_large_buffer(pb: pickle.PickleBuffer) -> bool:
         _fd_state.oob = []
     _fd_state.oob.append(view)
     return False
+
+
+_BYTES_LIKE = {bytes: 0, bytearray: 1, memoryview: 2}
+
+
+class _LargeBytesIds:
+    """pickle's persistent_id: large ``bytes``, ``bytearray`` and
+    ``memoryview`` (which pickle always copies in band) go out of band too,
+    into the same list as the pickle-5 buffers; ``indices`` says where."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __call__(self, obj) -> tuple | None:
+        kind = _BYTES_LIKE.get(type(obj))
+        if kind is None:
+            return None
+        view = memoryview(obj)
+        if view.nbytes < OOB_THRESHOLD or not view.c_contiguous:
+            return None
+        flat = view.cast("B")
+        if kind == 2:
+            try:  # the receiver rebuilds the view's format and shape from flat bytes
+                flat.cast(view.format, view.shape)
+            except (TypeError, ValueError):
+                return None
+        oob = _fd_state.oob
+        if oob is None:
+            oob = _fd_state.oob = []
+        oob.append(flat)
+        self.indices.append(len(oob) - 1)
+        shape = (view.format, view.shape) if kind == 2 else None
+        return (_OOB_MARK, len(oob) - 1, kind, shape)
+
+
+def _pickle_with_ids(obj: Any, callback) -> tuple[bytes, tuple[int, ...]]:
+    """Pickle *obj* sending large bytes-likes out of band (see _LargeBytesIds)."""
+    for pickler_class in (pickle.Pickler, _Pickler):
+        out = io.BytesIO()
+        _fd_state.oob = None
+        ids = _LargeBytesIds()
+        pickler = pickler_class(out, _PROTOCOL, buffer_callback=callback)
+        pickler.persistent_id = ids
+        try:
+            pickler.dump(obj)
+        except Exception:
+            if pickler_class is _Pickler:
+                raise
+            continue
+        return out.getvalue(), tuple(ids.indices)
+    raise AssertionError("unreachable")
 
 
 class TooLarge(Exception):
@@ -133,15 +230,35 @@ def _cloudpickle_dumps(obj: Any, buffer_callback=None) -> bytes:
         return file.getvalue()
 
 
-def dumps(obj: Any, *, oob: bool = False, what: str = "object", limit: int | None = None) -> bytes:
+def dumps(
+    obj: Any,
+    *,
+    oob: bool = False,
+    what: str = "object",
+    limit: int | None = None,
+    segments: WarmSegments | None = None,
+    writable: bool = True,
+) -> bytes:
     """Pickle *obj*.
 
     With *oob* and inside :func:`shoal._ipc._fdpass.collecting_fds`, buffers
-    of at least :data:`OOB_THRESHOLD` bytes are copied into new memfd segments
-    whose descriptors are appended to the collecting list: **the caller owns
-    them** and closes them once the frame carrying them has been sent (the
-    kernel keeps its own reference while they are in flight).  Outside a
-    collecting context everything is pickled in band.
+    of at least :data:`OOB_THRESHOLD` bytes (pickle-5 buffers such as
+    contiguous numpy arrays, and ``bytes``, ``bytearray`` and contiguous
+    ``memoryview`` objects found near the top of *obj*) are copied into one
+    memfd segment whose descriptor is appended to the collecting list:
+    **the caller owns it** and closes it once the frame carrying it has been
+    sent (the kernel keeps its own reference while it is in flight).
+    Outside a collecting context everything is pickled in band.
+
+    This is the one path for "large buffers through shared memory":
+
+    * *segments*: reuse warm segments of this :class:`WarmSegments` instead
+      of a fresh memfd per message; the descriptor is then a lease on the
+      segment (see :mod:`shoal._shm._warm`), and the segment is reused only
+      once the caller has closed it and every receiver has dropped what it
+      unpickled.
+    * *writable*: receivers get private, writable copies-on-write (the
+      standard library's semantics); ``False``: shared, read-only memory.
 
     Raises:
         SerializationError: *obj* (or something inside it) cannot be pickled.
@@ -151,12 +268,17 @@ def dumps(obj: Any, *, oob: bool = False, what: str = "object", limit: int | Non
     """
     callback = _take_large_buffer if oob and _fd_state.send is not None else None
     _fd_state.oob = None
+    ids: tuple[int, ...] = ()
     try:
         try:
             data = pickle.dumps(obj, _PROTOCOL, buffer_callback=callback)
         except Exception:
             _fd_state.oob = None
             data = _cloudpickle_dumps(obj, buffer_callback=callback)
+        if callback is not None and len(data) >= OOB_THRESHOLD and _holds_large_bytes(obj, 3):
+            # pickle copies bytes-likes in band whatever their size: again,
+            # with those out of band (rare, so the common path pays nothing).
+            data, ids = _pickle_with_ids(obj, callback)
     except Exception as exc:
         _fd_state.oob = None  # what the failed attempts collected must not leak into the next call
         # Also an instance of what the pickler raised: `except PicklingError`
@@ -175,17 +297,33 @@ def dumps(obj: Any, *, oob: bool = False, what: str = "object", limit: int | Non
         size = len(data) + sum(view.nbytes for view in buffers)
         if size > limit:
             raise TooLarge(size)
-    packed = _pack_buffers(buffers)
+    packed = _pack_buffers(buffers, segments, writable)
     try:
         # reduce_fd appends the descriptor to the collecting list, which now
         # owns it.
-        return pickle.dumps((_OOB_MARK, data, packed), _PROTOCOL)
+        return pickle.dumps((_OOB_MARK, data, packed, ids), _PROTOCOL)
     except BaseException:
         os.close(packed.fd)
         raise
 
 
-_OOB_MARK = "shoal.oob.v1"
+def _holds_large_bytes(obj: Any, depth: int) -> bool:
+    """A large bytes-like in *obj* or its first items, *depth* containers deep."""
+    kind = type(obj)
+    if kind in _BYTES_LIKE:
+        return memoryview(obj).nbytes >= OOB_THRESHOLD
+    if depth == 0:
+        return False
+    if kind is tuple or kind is list:
+        items = obj[:64]
+    elif kind is dict:
+        items = list(obj.values())[:64]
+    else:
+        return False
+    return any(_holds_large_bytes(item, depth - 1) for item in items)
+
+
+_OOB_MARK = "shoal.oob.v2"
 
 
 def loads_with(data, fds) -> Any:
@@ -201,14 +339,32 @@ def loads(data, *, limit: int | None = None) -> Any:
     :class:`TooLarge` if the pickle and its out-of-band buffers together
     are larger (the buffers are mapped, not read, before that check)."""
     obj = pickle.loads(data)
-    if type(obj) is tuple and len(obj) == 3 and obj[0] == _OOB_MARK:
-        _, inner, views = obj
+    if type(obj) is tuple and len(obj) == 4 and obj[0] == _OOB_MARK:
+        _, inner, views, ids = obj
         if limit is not None:
             size = len(inner) + sum(view.nbytes for view in views)
             if size > limit:
                 raise TooLarge(size)
-        return pickle.loads(inner, buffers=views)
+        if not ids:
+            return pickle.loads(inner, buffers=views)
+        taken = set(ids)
+        unpickler = pickle.Unpickler(io.BytesIO(inner), buffers=[v for i, v in enumerate(views) if i not in taken])
+        unpickler.persistent_load = functools.partial(_load_bytes_like, views)
+        return unpickler.load()
     return obj
+
+
+def _load_bytes_like(views: list[memoryview], pid) -> Any:
+    mark, index, kind, shape = pid
+    if mark != _OOB_MARK:
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+    view = views[index]
+    if kind == 0:
+        return bytes(view)
+    if kind == 1:
+        return bytearray(view)
+    fmt, dims = shape
+    return view.cast(fmt, dims)
 
 
 def _describe_failure(obj: Any, exc: BaseException) -> str:

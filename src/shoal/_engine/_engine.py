@@ -97,6 +97,7 @@ from .._ipc._channel import Channel
 from .._ipc._fdpass import _state as _fd_state
 from .._serialization import dumps, loads_with, unpack_exception
 from .._shm._segment import create_fd
+from .._shm._warm import WarmSegments
 from ..exceptions import (
     PoolClosedError,
     RemoteTraceback,
@@ -455,6 +456,9 @@ class Engine:
         # Shared-memory descriptors held by tasks not yet finished, so that
         # workers started by fork can close them (see _descriptors).
         self._task_fds: set[int] = set()
+        # Warm shared memory that large task arguments travel in, reused
+        # once the task is finished and its worker has dropped them.
+        self._segments = WarmSegments()
         self._feeders = 0
         self._helpers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._start_failures = 0
@@ -576,7 +580,7 @@ class Engine:
         if fn_id == 0:
             payload = (fn, payload)
         fds: list[int] = []
-        data = _serialize(payload, fds)
+        data = _serialize(payload, fds, self._segments)
         if fds:
             self._task_fds.update(fds)
         return _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout, n)
@@ -604,7 +608,7 @@ class Engine:
             if fn_id == 0:
                 payload = (fn, payload)
         fds: list[int] = []
-        data = _serialize(payload, fds)
+        data = _serialize(payload, fds, self._segments)
         if fds:
             self._task_fds.update(fds)
         if timeout is None:
@@ -893,6 +897,7 @@ class Engine:
         # Not a scan of the queue: with a long queue and maxtasksperchild=1
         # that would cost O(queue) per worker started.
         fds.extend(list(self._task_fds))
+        fds.extend(self._segments.descriptors())
         return fds
 
     def _abort_start(self) -> None:
@@ -920,6 +925,7 @@ class Engine:
             self._status.close()
         except Exception:  # noqa: BLE001
             pass
+        self._segments.close()
 
     def _flush(self, w: _Worker) -> None:
         try:
@@ -1500,13 +1506,15 @@ class Engine:
         self._workers.clear()
 
 
-def _serialize(payload, fds: list[int]) -> bytes:
-    """Pickle a task's payload; large buffers go to shared memory, and the
-    descriptors to pass beside the message are appended to *fds*."""
+def _serialize(payload, fds: list[int], segments: WarmSegments) -> bytes:
+    """Pickle a task's payload; large buffers go to warm shared memory (read
+    only in the worker, so it cannot silently write into memory the caller
+    thinks private), and the descriptors to pass beside the message are
+    appended to *fds*."""
     previous = _fd_state.send
     _fd_state.send = fds
     try:
-        return dumps(payload, oob=True, what="the task's arguments")
+        return dumps(payload, oob=True, what="the task's arguments", segments=segments, writable=False)
     finally:
         _fd_state.send = previous
 

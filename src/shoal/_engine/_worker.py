@@ -48,6 +48,7 @@ import cloudpickle
 from .._ipc._channel import Channel
 from .._ipc._fdpass import _state as fd_state
 from .._serialization import dumps, loads_with, pack_exception
+from .._shm._warm import WarmSegments
 
 # Message kinds, parent -> worker
 BATCH = 0
@@ -171,6 +172,9 @@ def _serve(channel: Channel) -> None:
     channel.send(pickle.dumps((READY, os.getpid())))
 
     functions: dict[int, object] = {}
+    # Warm shared memory that large results travel in, reused once the
+    # parent has dropped them.
+    segments = WarmSegments()
     done = 0
     maxtasks = config.maxtasks
     max_memory = config.max_memory
@@ -227,7 +231,8 @@ def _serve(channel: Channel) -> None:
             # Nothing of the task outlives it here: the arguments (and a
             # function sent with them) are freed now, the result once it
             # is pickled, so their finalizers run and their memory returns
-            # right after the task, not when the next batch comes.
+            # right after the task, not when the next batch comes (and shared
+            # memory holding arguments is reused once every process let go).
             fn = args = None
             elapsed = perf() - started
             pack_status(status, offset, 0, 0.0, tid)
@@ -235,7 +240,7 @@ def _serve(channel: Channel) -> None:
                 out_fds = []
                 fd_state.send = out_fds
                 try:
-                    out = dumps(value, oob=True, what="the task's result")
+                    out = dumps(value, oob=True, what="the task's result", segments=segments)
                 except Exception as exc:  # noqa: BLE001 - an unpicklable result fails only this task
                     ok = False
                     out = pack_exception(exc)

@@ -1,0 +1,259 @@
+"""Large numpy arrays between a pool and its 2 workers (needs numpy).
+
+* "8 numpy arrays of 50 MB to workers, sum": ``pool.map(sum, arrays)``.
+  Each contender runs the same map once untimed on the same pool, then
+  once timed: the steady state of a program that keeps feeding a pool
+  (shoal's warm segments, joblib's memmap cache and the standard library's
+  buffers are all warm).  Contenders: the standard library, shoal with
+  plain arrays (one copy into shared memory), ``shoal-share`` (``share()``
+  of each array inside the timed region: one copy too), ``shoal-SA``
+  (arrays that already are ``SharedArray``s: no copy), loky, and joblib
+  ``Parallel`` (automatic memmapping).
+* "worker returns a 50 MB array, x8": each worker returns an array it
+  already holds (built once per worker, outside the timed region), so the
+  figure is the transfer, not numpy's allocation; the parent checks one
+  element of each and drops it.
+* "peak memory (PSS), 1 GB array to 2 workers": the proportional set size
+  of the parent and its workers summed (shared pages count once, split
+  among the processes mapping them), sampled every 10 ms while
+  ``pool.map(sum, [a, a])`` runs, with the workers stopped during each
+  sample so that it is one consistent snapshot; interpreters and numpy
+  included.  Each contender runs in a fresh interpreter.  1 GB = 10**9 bytes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import threading
+import time
+
+from ._framework import Scenario, optional
+
+WORKERS = 2
+MB = 1_000_000
+
+
+def _array_sum(a):
+    return float(a.sum())
+
+
+def _noop(x):
+    return x
+
+
+def _arrays(quick: bool, shared: bool = False):
+    import numpy as np
+
+    import shoal
+
+    n = 4 if quick else 8
+    make = shoal.share if shared else (lambda a: a)
+    return [make(np.full(50 * MB // 8, float(i))) for i in range(n)]
+
+
+def _gbps(nbytes: int, elapsed: float) -> float:
+    return nbytes / elapsed / 1e9
+
+
+def _stdlib_pool():
+    return multiprocessing.Pool(WORKERS)
+
+
+def _shoal_pool():
+    import shoal
+
+    return shoal.Pool(WORKERS)
+
+
+def _sum_rate(make_pool, quick: bool, shared: bool = False, share_in_loop: bool = False) -> float:
+    arrays = _arrays(quick, shared)
+    nbytes = sum(a.nbytes for a in arrays)
+    with make_pool() as pool:
+        if share_in_loop:
+            import shoal
+
+            pool.map(_array_sum, [shoal.share(a) for a in arrays], chunksize=1)
+            t0 = time.perf_counter()
+            sums = pool.map(_array_sum, [shoal.share(a) for a in arrays], chunksize=1)
+        else:
+            pool.map(_array_sum, arrays, chunksize=1)
+            t0 = time.perf_counter()
+            sums = pool.map(_array_sum, arrays, chunksize=1)
+        elapsed = time.perf_counter() - t0
+    assert sums == [float(a.sum()) for a in arrays]
+    return _gbps(nbytes, elapsed)
+
+
+def _sum_loky(quick: bool) -> float:
+    from loky import ProcessPoolExecutor
+
+    arrays = _arrays(quick)
+    ex = ProcessPoolExecutor(WORKERS)
+    try:
+        list(ex.map(_array_sum, arrays))
+        t0 = time.perf_counter()
+        list(ex.map(_array_sum, arrays))
+        return _gbps(sum(a.nbytes for a in arrays), time.perf_counter() - t0)
+    finally:
+        ex.shutdown()
+
+
+def _sum_joblib(quick: bool) -> float:
+    from joblib import Parallel, delayed
+
+    arrays = _arrays(quick)
+    with Parallel(n_jobs=WORKERS) as parallel:
+        parallel(delayed(_array_sum)(a) for a in arrays)
+        t0 = time.perf_counter()
+        parallel(delayed(_array_sum)(a) for a in arrays)
+        return _gbps(sum(a.nbytes for a in arrays), time.perf_counter() - t0)
+
+
+# -- results back -----------------------------------------------------------------
+
+_held = None
+
+
+def _return_array(i):
+    global _held
+    if _held is None:
+        import numpy as np
+
+        _held = np.full(50 * MB // 8, 1.0)
+    return _held
+
+
+def _return_rate(make_pool, quick: bool) -> float:
+    n = 4 if quick else 8
+    with make_pool() as pool:
+        for r in pool.imap(_return_array, range(2 * WORKERS), chunksize=1):  # every worker builds its array
+            del r
+        t0 = time.perf_counter()
+        total = 0
+        for r in pool.imap(_return_array, range(n), chunksize=1):
+            assert r[-1] == 1.0
+            total += r.nbytes
+            del r
+        return _gbps(total, time.perf_counter() - t0)
+
+
+# -- peak memory ------------------------------------------------------------------
+
+
+def _tree_pss(root) -> int:
+    """PSS of *root* and its children, read while the children are stopped:
+    pages a worker maps between two reads would otherwise count in full in
+    the process read first and again, in part, in the one read later."""
+    import psutil
+
+    children = root.children(recursive=True)
+    stopped = []
+    try:
+        for c in children:
+            try:
+                c.suspend()
+                stopped.append(c)
+            except psutil.Error:
+                pass
+        total = 0
+        for p in [root, *stopped]:
+            try:
+                total += p.memory_full_info().pss
+            except psutil.Error:
+                pass
+        return total
+    finally:
+        for c in stopped:
+            try:
+                c.resume()
+            except psutil.Error:
+                pass
+
+
+def _peak_gb(make_pool, quick: bool, shared: bool) -> float:
+    """Peak PSS of a fresh interpreter and its pool (no leftovers from the
+    contenders measured before it in this process)."""
+    code = (
+        "import sys; from shoal.benchmarks import bench_arrays as b; "
+        f"print(b._peak_in_this_process(b.{make_pool.__name__}, {quick}, {shared}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _peak_in_this_process(make_pool, quick: bool, shared: bool) -> float:
+    import numpy as np
+    import psutil
+
+    import shoal
+
+    n = (256 if quick else 1000) * MB // 8
+    root = psutil.Process()
+    with make_pool() as pool:
+        pool.map(_noop, range(2 * WORKERS), chunksize=1)
+        a = shoal.SharedArray(n) if shared else np.empty(n)
+        a[:] = 1.0
+        peak = _tree_pss(root)
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _tree_pss(root))
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            assert pool.map(_array_sum, [a, a], chunksize=1) == [float(n)] * 2
+        finally:
+            done.set()
+            sampler.join()
+        del a
+    return peak / 1e9
+
+
+SCENARIOS = []
+
+if optional("numpy"):
+    _sum_runners = {
+        "stdlib": lambda q: _sum_rate(_stdlib_pool, q),
+        "shoal": lambda q: _sum_rate(_shoal_pool, q),
+        "shoal-share": lambda q: _sum_rate(_shoal_pool, q, share_in_loop=True),
+        "shoal-SA": lambda q: _sum_rate(_shoal_pool, q, shared=True),
+    }
+    for _name, _fn in (("loky", _sum_loky), ("joblib", _sum_joblib)):
+        if optional(_name):
+            _sum_runners[_name] = _fn
+    SCENARIOS += [
+        Scenario(
+            "8 numpy arrays of 50 MB to workers, sum",
+            "GB/s",
+            True,
+            _sum_runners,
+            target=">= 10x stdlib, >= 2x joblib",
+            repeat=2,
+        ),
+        Scenario(
+            "worker returns a 50 MB array, x8",
+            "GB/s",
+            True,
+            {"stdlib": lambda q: _return_rate(_stdlib_pool, q), "shoal": lambda q: _return_rate(_shoal_pool, q)},
+            target=">= 5x",
+            repeat=2,
+        ),
+        Scenario(
+            "peak memory (PSS), 1 GB array to 2 workers",
+            "GB",
+            False,
+            {
+                "stdlib": lambda q: _peak_gb(_stdlib_pool, q, shared=False),
+                "shoal": lambda q: _peak_gb(_shoal_pool, q, shared=False),
+                "shoal-SA": lambda q: _peak_gb(_shoal_pool, q, shared=True),
+            },
+            target="shoal-SA <= 1.2 GB",
+            repeat=1,
+        ),
+    ]

@@ -1,0 +1,251 @@
+"""SharedArray: a numpy array whose memory is shared by every process it reaches.
+
+Data flow and ownership::
+
+    process A                                memfd (one per SharedArray)         process B
+    SharedArray ── base: mmap (MAP_SHARED) ──▶ ┌──────────────┐ ◀── mmap ── SharedArray
+      │  _shoal_memory: _Memory                │ the elements │      (same pages: writes
+      │   (Segment: fd + mmap, address)        └──────────────┘       are seen both ways)
+      │  views (a[1:], a.T, a[::2]) share the _Memory
+      └─ pickled as (segment descriptor, byte offset, shape, strides, dtype) ─▶ mapped again
+
+* ``SharedArray(shape, dtype, order)`` makes a zero-filled array in a new
+  memfd; ``share(array)`` makes one holding a copy of *array* (written with
+  ``pwrite``, so this process pays no page fault per 4 KiB page).
+* Handed to another process it travels as its segment's descriptor, never
+  as its bytes: beside a shoal message (pool tasks and results, ``Pipe``,
+  ``Queue``) or through ``multiprocessing``'s descriptor passing (``Process``
+  arguments under spawn and forkserver).  Under fork the child inherits the
+  mapping.  The receiver maps the same memory, writable, at the same byte
+  offset, with the same strides: any view (non-contiguous, Fortran order,
+  reversed) arrives as a view of the same memory.
+* Lifetime: each process's mapping lives while an array in that process
+  refers to it (numpy's ``base`` chain holds the ``mmap``); the descriptor
+  closes with the last :class:`_Memory` reference.  The memfd has no name,
+  so the kernel frees the memory once no process maps it or holds its
+  descriptor, however they end (SIGKILL included).  Nothing for a
+  resource tracker to clean up.
+* Arrays derived from a SharedArray that do not share its memory
+  (``a + 1``, ``a.copy()``, ``a[[0, 2]]``) are plain ``numpy.ndarray``
+  objects, as with ``numpy.memmap``.
+* Concurrent writers are the user's business, as with any numpy array
+  (use a ``Lock``, or give each process its own slice).
+
+numpy is optional for shoal: this module imports it, and ``shoal`` imports
+this module only when ``SharedArray`` or ``share`` is first used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+import os
+import weakref
+from typing import Any
+
+from ._segment import Segment, fd_from_buffer
+
+_MISSING = (
+    "shoal.SharedArray needs numpy, which is not installed: pip install numpy (or 'shoal[numpy]')"
+)
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - exercised by a subprocess test without numpy
+    np = None
+
+
+class _Memory:
+    """One process's mapping of one SharedArray segment, and its address.
+
+    Pickled as the segment's descriptor (once per message however many
+    views of it travel: pickle's memo).  A process receiving a segment it
+    already maps reuses that mapping (found by inode), so page tables
+    filled by earlier tasks are not filled again.
+    """
+
+    __slots__ = ("__weakref__", "address", "segment", "size")
+
+    def __init__(self, segment: Segment) -> None:
+        self.segment = segment
+        self.size = segment.size
+        # The mapping's address, to tell views of it from new arrays.
+        anchor = ctypes.c_char.from_buffer(segment.mmap)
+        self.address = ctypes.addressof(anchor)
+        del anchor  # releases its export of the mapping
+        st = os.fstat(segment.fd)
+        _mapped[(st.st_dev, st.st_ino)] = self
+
+    def __reduce__(self):
+        return _rebuild_memory, (self.segment,)
+
+
+#: This process's mappings of SharedArray segments, by (device, inode).
+_mapped: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _rebuild_memory(segment: Segment) -> _Memory:
+    st = os.fstat(segment.fd)
+    known = _mapped.get((st.st_dev, st.st_ino))
+    if known is not None and known.size == segment.size:
+        segment.close()
+        return known
+    return _Memory(segment)
+
+
+def _address(arr) -> int:
+    return arr.__array_interface__["data"][0]
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+    try:
+        dims = (operator.index(shape),)
+    except TypeError:
+        try:
+            dims = tuple(operator.index(n) for n in shape)
+        except TypeError:
+            raise TypeError(
+                f"SharedArray shape must be an int or a sequence of ints, got {shape!r}"
+            ) from None
+    if any(n < 0 for n in dims):
+        raise ValueError(f"SharedArray shape must not be negative, got {dims!r}: every dimension must be >= 0")
+    return dims
+
+
+def _check_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise TypeError(
+            f"SharedArray cannot hold dtype {dtype!r}: Python objects live in one process's memory "
+            "and cannot be shared; use a numeric, bool, bytes/str or structured dtype without objects "
+            "(or a SharedDict for Python objects)"
+        )
+    return dtype
+
+
+if np is not None:
+
+    class SharedArray(np.ndarray):
+        """A numpy array in shared memory: every process it is handed to (a
+        ``Process``, a pool task, a ``Pipe``, a ``Queue``) sees the same
+        memory, so writes made there are visible here.
+
+        ``SharedArray(shape, dtype=float, order='C')`` is zero-filled; use
+        :func:`shoal.share` to copy an existing array into shared memory.
+        """
+
+        __module__ = "shoal"
+
+        def __new__(cls, shape, dtype: Any = float, order: str = "C"):
+            dims = _check_shape(shape)
+            dtype = _check_dtype(dtype)
+            if order not in ("C", "F"):
+                raise ValueError(f"SharedArray order must be 'C' or 'F', got {order!r}")
+            nbytes = dtype.itemsize
+            for n in dims:
+                nbytes *= n
+            try:
+                # One byte at least: mmap refuses empty mappings.
+                segment = Segment(max(nbytes, 1))
+            except OSError as exc:
+                raise MemoryError(
+                    f"cannot allocate a SharedArray of {nbytes} bytes in shared memory: {exc}"
+                ) from exc
+            return _on_segment(cls, _Memory(segment), 0, dims, dtype, None, order)
+
+        def __array_finalize__(self, obj) -> None:
+            memory = getattr(obj, "_shoal_memory", None)
+            if memory is not None:
+                address = _address(self)
+                if not memory.address <= address <= memory.address + memory.size:
+                    memory = None  # new memory (a copy, a ufunc's output)
+            self._shoal_memory = memory
+
+        def __array_wrap__(self, arr, *args, **kwargs):
+            arr = super().__array_wrap__(arr, *args, **kwargs)
+            if arr is self or type(arr) is not SharedArray or arr._shoal_memory is not None:
+                return arr
+            return arr.view(np.ndarray)
+
+        def __getitem__(self, index):
+            res = super().__getitem__(index)
+            if type(res) is SharedArray and res._shoal_memory is None:
+                return res.view(np.ndarray)
+            return res
+
+        def copy(self, order: str = "C") -> np.ndarray:
+            """A copy in private memory (a plain ``numpy.ndarray``)."""
+            return super().copy(order).view(np.ndarray)
+
+        def __copy__(self) -> np.ndarray:
+            return self.copy("K")
+
+        def __deepcopy__(self, memo) -> np.ndarray:
+            return self.copy("K")
+
+        def __reduce_ex__(self, protocol):
+            memory = self._shoal_memory
+            if memory is None:
+                return self.view(np.ndarray).__reduce_ex__(protocol)
+            offset = _address(self) - memory.address
+            return _rebuild, (memory, offset, self.shape, self.strides, self.dtype)
+
+        def __reduce__(self):
+            return self.__reduce_ex__(2)
+
+        def __repr__(self) -> str:
+            text = repr(self.view(np.ndarray))
+            return "SharedArray" + text[len("array") :] if text.startswith("array") else text
+
+    def share(array) -> SharedArray:
+        """A :class:`SharedArray` holding a copy of *array* (any array-like),
+        with its shape, dtype and memory order; a SharedArray is returned as is."""
+        if isinstance(array, SharedArray) and array._shoal_memory is not None:
+            return array
+        array = np.asarray(array)
+        dtype = _check_dtype(array.dtype)
+        order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+        contiguous = array.T if order == "F" else array
+        if not contiguous.flags.c_contiguous or array.nbytes == 0:
+            out = SharedArray(array.shape, dtype, order)
+            out[...] = array
+            return out
+        try:
+            fd = fd_from_buffer(memoryview(contiguous).cast("B"))
+        except OSError as exc:
+            raise MemoryError(f"cannot allocate {array.nbytes} bytes of shared memory: {exc}") from exc
+        try:
+            segment = Segment(array.nbytes, fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _on_segment(SharedArray, _Memory(segment), 0, array.shape, dtype, None, order)
+
+    def _on_segment(cls, memory: _Memory, offset: int, shape, dtype, strides, order: str = "C") -> SharedArray:
+        arr = np.ndarray.__new__(
+            cls, shape, dtype, buffer=memory.segment.mmap, offset=offset, strides=strides, order=order
+        )
+        arr._shoal_memory = memory
+        return arr
+
+    def _rebuild(memory: _Memory, offset: int, shape, strides, dtype) -> SharedArray:
+        return _on_segment(SharedArray, memory, offset, shape, dtype, strides)
+
+else:  # pragma: no cover - see the subprocess test without numpy
+
+    class SharedArray:  # type: ignore[no-redef]
+        """Needs numpy (not installed)."""
+
+        __module__ = "shoal"
+
+        def __new__(cls, *args, **kwargs):
+            raise ModuleNotFoundError(_MISSING, name="numpy")
+
+    def share(array):  # type: ignore[misc]
+        raise ModuleNotFoundError(_MISSING, name="numpy")
+
+    def _rebuild(*args):
+        raise ModuleNotFoundError(_MISSING, name="numpy")
+
+
+share.__module__ = "shoal"

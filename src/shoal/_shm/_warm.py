@@ -1,0 +1,242 @@
+"""Warm shared-memory segments for large buffers, reused once every reader is done.
+
+A pool sends large buffers (task arguments, results) through memfd segments
+instead of its pipes.  Filling *fresh* shared memory is dominated by the
+kernel allocating and zeroing pages; filling pages that already exist is a
+plain copy, several times faster.  So each sending process (the pool's
+parent for arguments, each worker for results) keeps a few segments
+(:class:`WarmSegments`) and reuses one as soon as nobody reads it any more.
+
+Who still reads a segment is tracked by the kernel, never by messages, so a
+reader that dies, or one that keeps an array for an hour, can never cause a
+segment to be overwritten under it nor leak it:
+
+* A *lease* on a segment is an open file description (a fresh ``open`` of
+  ``/proc/self/fd/N``, not a ``dup``) holding a shared OFD lock
+  (``F_OFD_SETLK``, ``F_RDLCK``) on it.  The lock lives exactly as long as
+  that open file description: until the last descriptor on it is closed,
+  by whichever process holds it, or by the kernel when it dies.
+* The sender takes a lease with :meth:`WarmSegments.lease`, writes the
+  buffers, and passes the lease's descriptor beside its message.  While the
+  message is in flight the kernel holds the descriptor; the receiver takes
+  its *own* lease (:func:`map_leased`) before it closes the one it got, and
+  its mapping keeps that lease (``mmap`` keeps a ``dup`` of its descriptor)
+  until the last array built on it is gone, in this process or in a
+  process forked from it.  The sender closes its lease when it will not
+  send the segment again (the pool: when the task is finished, since a task
+  whose worker died is sent again).
+* :class:`WarmSegments` owns one descriptor per segment that holds no lock;
+  a segment is free when ``F_OFD_GETLK`` through it finds no lock at all.
+
+Ownership: a :class:`WarmSegments` belongs to the process that made it
+(a forked child starts empty, forgetting its inherited copies) and is used
+from any thread of it (one lock).  ``close()`` drops its descriptors: the
+memory of segments still leased lives until their readers let go, the rest
+is freed at once.  Idle segments are kept while they fit :data:`BUDGET`
+bytes; beyond that the least recently used idle ones are dropped.
+
+Where ``/proc`` is missing (no way to open a second description) leases
+are refused and callers fall back to a fresh segment per message.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+import threading
+
+from ._segment import create_fd
+
+#: struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
+_FLOCK = struct.Struct("hhqqi4x")
+_WHOLE_READ = _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
+_WHOLE_WRITE = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_MADV_POPULATE_READ = 22  # Linux >= 5.14; older kernels refuse it (EINVAL), harmlessly
+
+#: Bytes of idle segments one process keeps warm.
+BUDGET = 1 << 30
+#: Segments one process keeps, leased or idle.
+MAX_SEGMENTS = 32
+#: An idle segment is reused for a buffer only if it is at most this many
+#: times larger (a huge segment is not tied up by a small message).
+MAX_SLACK = 4
+
+
+def open_lease(fd: int, flags: int = os.O_RDWR) -> int:
+    """A new open file description of the memfd *fd*, holding a shared
+    lock on it until the description's last descriptor is closed."""
+    lease = os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(lease, fcntl.F_OFD_SETLK, _WHOLE_READ)
+    except BaseException:
+        os.close(lease)
+        raise
+    return lease
+
+
+def is_leased(fd: int) -> bool:
+    """True while any open file description other than *fd*'s holds a lease."""
+    found = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _WHOLE_WRITE)
+    return _FLOCK.unpack(found)[0] != fcntl.F_UNLCK
+
+
+def map_leased(fd: int, size: int, *, writable: bool) -> mmap.mmap:
+    """Map *size* bytes of the leased segment *fd* (received beside a
+    message; the caller still closes it) under a lease of this process's
+    own, which lasts as long as the mapping.
+
+    ``writable=False``: shared and read-only, so arrays built on it are
+    read-only.  ``writable=True``: private (copy-on-write), so this process
+    may write to what it received without the sender, or the next message
+    reusing the segment, seeing it.
+    """
+    lease = open_lease(fd, os.O_RDONLY)
+    try:
+        if writable:
+            m = mmap.mmap(lease, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                # Map the existing pages now, in one call, without breaking
+                # copy-on-write (MAP_POPULATE would copy every page).
+                m.madvise(_MADV_POPULATE_READ)
+            except OSError:
+                pass
+        else:
+            m = mmap.mmap(lease, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+    finally:
+        # The mapping holds its own duplicate of the descriptor, and with
+        # it the open file description and its lock.
+        os.close(lease)
+    return m
+
+
+class WarmSegments:
+    """The reusable segments one process sends large buffers in."""
+
+    __slots__ = ("_budget", "_closed", "_entries", "_lock", "_pid", "_tick")
+
+    def __init__(self, budget: int = BUDGET) -> None:
+        self._budget = budget
+        # [fd, capacity, last use, this process's mapping or None]
+        self._entries: list[list] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._tick = 0
+        self._closed = False
+
+    def lease(self, size: int) -> int:
+        """A lease (a new descriptor, the caller's to close) on a segment of
+        at least *size* bytes, whose content is undefined."""
+        return self.lease_mapped(size)[0]
+
+    def lease_mapped(self, size: int) -> tuple[int, memoryview | None]:
+        """:meth:`lease`, and a writable view of the segment's first *size*
+        bytes when it is warm (its pages exist: copying into them through
+        this mapping is a plain ``memcpy``); ``None`` for a fresh segment,
+        which is best filled with ``pwrite`` (no page fault per page here).
+        The view is valid until the lease is closed.
+
+        Raises ``OSError`` if a lease cannot be taken (no ``/proc``, or
+        this object is closed): send a fresh segment then."""
+        with self._lock:
+            if self._closed:
+                raise OSError("these warm segments are closed")
+            if self._pid != os.getpid():
+                self._forget_inherited()
+            self._tick += 1
+            entry = self._pick(size)
+            view = None
+            if entry is None:
+                fd = create_fd(size, "shoal-buffers")
+                entry = [fd, size, 0, None]
+                self._entries.append(entry)
+            elif entry[1] < size:
+                os.ftruncate(entry[0], size)  # grows; the pages it has stay warm
+                entry[1] = size
+                entry[3] = None  # remapped at its next use, once all its pages exist
+            else:
+                if entry[3] is None:
+                    # Written before: its pages exist, map them all at once.
+                    entry[3] = memoryview(mmap.mmap(entry[0], entry[1], flags=mmap.MAP_SHARED | _POPULATE))
+                view = entry[3][:size]
+            entry[2] = self._tick
+            try:
+                lease = open_lease(entry[0])
+            except BaseException:
+                self._entries.remove(entry)
+                os.close(entry[0])
+                raise
+            self._trim(entry)
+            return lease, view
+
+    def _pick(self, size: int) -> list[int] | None:
+        best = grow = None
+        for entry in self._entries:
+            cap = entry[1]
+            if cap > size * MAX_SLACK + (1 << 20) or is_leased(entry[0]):
+                continue
+            if cap >= size:
+                if best is None or cap < best[1]:
+                    best = entry
+            elif grow is None or cap > grow[1]:
+                grow = entry
+        return best if best is not None else grow
+
+    def _trim(self, keep: list[int]) -> None:
+        entries = self._entries
+        total = sum(e[1] for e in entries)
+        if total <= self._budget and len(entries) <= MAX_SEGMENTS:
+            return
+        for entry in sorted(entries, key=lambda e: e[2]):
+            if total <= self._budget and len(entries) <= MAX_SEGMENTS:
+                break
+            if entry is keep:
+                continue
+            leased = is_leased(entry[0])
+            if leased and len(entries) <= MAX_SEGMENTS:
+                continue  # in use: counted, but its readers need it
+            # A leased segment dropped here lives on until its readers let
+            # go; the kernel frees it then.
+            entries.remove(entry)
+            _drop(entry)
+            if not leased:
+                total -= entry[1]
+
+    def descriptors(self) -> list[int]:
+        """This process's descriptors of the segments (for a forked worker to close)."""
+        return [e[0] for e in self._entries]
+
+    def _forget_inherited(self) -> None:
+        # Copies inherited through fork: a pool worker has closed their
+        # descriptors already (their numbers may be reused), so only forget
+        # them; any other child keeps them until it exits.
+        self._entries = []
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        """Drop every segment (idempotent); leased ones live until released."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._forget_inherited()
+            for entry in self._entries:
+                _drop(entry)
+            self._entries = []
+            self._closed = True
+
+
+def _drop(entry: list) -> None:
+    view = entry[3]
+    entry[3] = None
+    if view is not None:
+        m = view.obj
+        view.release()
+        try:
+            m.close()
+        except BufferError:  # a slice handed out by lease_mapped is still alive
+            pass
+    try:
+        os.close(entry[0])
+    except OSError:
+        pass

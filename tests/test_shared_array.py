@@ -1,0 +1,305 @@
+"""SharedArray / share, and large buffers through pools without copies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+import workers
+
+import shoal
+
+np = pytest.importorskip("numpy")
+
+BIG = 300_000  # float64 elements: 2.4 MB, above the out-of-band threshold
+
+
+def _memfd_fds() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(("/memfd:shoal ", "/memfd:shoal-buffers")):
+            out.append(target)
+    return out
+
+
+# -- the array itself ------------------------------------------------------------
+
+
+def test_behaves_as_a_numpy_array():
+    a = shoal.SharedArray((3, 4), dtype=np.int64)
+    assert isinstance(a, np.ndarray) and isinstance(a, shoal.SharedArray)
+    assert a.shape == (3, 4) and a.dtype == np.int64 and not a.any()
+    a[:] = np.arange(12).reshape(3, 4)
+    assert a[1, 2] == 6 and a.sum() == 66
+    assert isinstance(a[1:], shoal.SharedArray) and isinstance(a.T, shoal.SharedArray)
+    # Results that do not share the memory are plain arrays, as with numpy.memmap.
+    assert type(a + 1) is np.ndarray and type(np.sqrt(a)) is np.ndarray
+    assert type(a.copy()) is np.ndarray and type(a[[0, 2]]) is np.ndarray
+    assert repr(shoal.SharedArray(2)) == "SharedArray([0., 0.])"
+
+
+def test_share_copies_shape_dtype_and_order():
+    src = np.asfortranarray(np.arange(20, dtype=np.float32).reshape(4, 5))
+    a = shoal.share(src)
+    assert isinstance(a, shoal.SharedArray) and a.flags.f_contiguous and a.dtype == np.float32
+    assert np.array_equal(a, src)
+    a[0, 0] = 99
+    assert src[0, 0] == 0  # a copy
+    assert shoal.share(a) is a
+    assert np.array_equal(shoal.share(src[::2, ::-1]), src[::2, ::-1])
+    assert np.array_equal(shoal.share([[1, 2], [3, 4]]), [[1, 2], [3, 4]])
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"),
+    [
+        (((-1, 3),), {}, ValueError, "must not be negative"),
+        ((-5,), {}, ValueError, "must not be negative"),
+        ((2.5,), {}, TypeError, "int or a sequence of ints"),
+        (("abc",), {}, TypeError, "int or a sequence of ints"),
+        ((3,), {"dtype": object}, TypeError, "cannot hold dtype"),
+        ((3,), {"dtype": [("a", "i4"), ("b", "O")]}, TypeError, "cannot hold dtype"),
+        ((3,), {"order": "K"}, ValueError, "order must be 'C' or 'F'"),
+        ((3,), {"dtype": "no such dtype"}, TypeError, "not understood"),
+    ],
+)
+def test_bad_input_is_a_clear_error(args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        shoal.SharedArray(*args, **kwargs)
+
+
+def test_share_refuses_object_arrays():
+    with pytest.raises(TypeError, match="cannot hold dtype"):
+        shoal.share(np.array([None, 1], dtype=object))
+
+
+def test_memory_lives_while_a_view_does():
+    a = shoal.SharedArray(1000)
+    a[:] = 7
+    view = a[10:20]
+    del a
+    assert view.sum() == 70 and _memfd_fds()
+    del view
+    assert not _memfd_fds() and not workers.shoal_mappings()
+
+
+def test_import_shoal_does_not_import_numpy_and_shared_array_says_it_needs_it():
+    code = textwrap.dedent(
+        """
+        import sys
+        import shoal
+        assert "numpy" not in sys.modules, "import shoal imported numpy"
+        sys.modules["numpy"] = None  # as if numpy were not installed
+        try:
+            shoal.SharedArray(3)
+        except ModuleNotFoundError as exc:
+            print(exc)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "needs numpy" in out.stdout and "pip install" in out.stdout
+
+
+# -- handed to other processes ---------------------------------------------------
+
+
+def test_pool_worker_writes_are_visible_in_the_parent(start_method):
+    a = shoal.SharedArray((4, BIG // 4))
+    with shoal.Pool(2, context=start_method) as pool:
+        pids = pool.starmap(workers.fill, [(a[i], i + 1) for i in range(4)], chunksize=1)
+        assert os.getpid() not in pids
+        assert [float(row[0]) for row in a] == [1.0, 2.0, 3.0, 4.0]
+        # A non-contiguous view reaches the same memory too.
+        pool.apply(workers.fill, (a[:, ::7], -1.0))
+        assert (a[:, ::7] == -1.0).all() and (a[:, 1] != -1.0).all()
+    del a, pids
+
+
+def test_process_pipe_and_queue_receivers_share_the_memory(start_method):
+    ctx = shoal.get_context(start_method)
+    a = shoal.SharedArray(BIG, dtype=np.int32)
+    reader, writer = shoal.Pipe()
+    with reader, writer:
+        p = ctx.Process(target=workers.fill_and_send, args=(writer, a[5:], 3))
+        p.start()
+        assert reader.recv() == "filled"
+        p.join()
+        assert a[:5].sum() == 0 and (a[5:] == 3).all()
+        # Through a Pipe and a Queue: the received array is the same memory.
+        writer.send(a[::2])
+        got = reader.recv()
+        got[0] = 11
+        assert a[0] == 11
+        q = shoal.Queue()
+        q.put(a)
+        got2 = q.get(timeout=30)
+        got2[1] = 12
+        assert a[1] == 12
+        q.close()
+        q.join_thread()
+    del a, got, got2
+
+
+LAYOUTS = {
+    "contiguous": lambda: np.arange(BIG, dtype=np.float64),
+    "non-contiguous": lambda: np.arange(4 * BIG, dtype=np.float64)[::4],
+    "reversed 2-d view": lambda: np.arange(BIG, dtype=np.int64).reshape(500, -1)[::-1, 3:],
+    "fortran": lambda: np.asfortranarray(np.arange(BIG, dtype=np.float32).reshape(600, -1)),
+    "structured": lambda: np.array(
+        [(i, float(i) / 3, b"ab") for i in range(BIG // 10)], dtype=[("i", "<i4"), ("f", "<f8"), ("s", "S2")]
+    ),
+    "0-d": lambda: np.array(3.5),
+    "empty": lambda: np.zeros((0, 7), dtype=np.int16),
+    "bool": lambda: np.arange(BIG) % 3 == 0,
+    "complex big-endian": lambda: np.arange(BIG // 2, dtype=">c16"),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_layout_arrives_intact_both_ways(fork_or_spawn, layout):
+    src = LAYOUTS[layout]()
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        kind, writable, dtype, shape, data = pool.apply(workers.describe_array, (src,))
+        assert (kind, dtype, shape, data) == ("ndarray", src.dtype.str, src.shape, src.tobytes())
+        # Large plain arrays arrive read-only (the worker cannot write into
+        # memory the caller thinks private); small ones are ordinary copies.
+        if src.nbytes >= 256 * 1024 and (src.flags.c_contiguous or src.flags.f_contiguous):
+            assert writable is False
+        back = pool.apply(workers.identity, (src,))
+        assert back.dtype == src.dtype and back.shape == src.shape and np.array_equal(back, src)
+        shared = shoal.share(src)
+        kind, writable, dtype, shape, data = pool.apply(workers.describe_array, (shared,))
+        assert (kind, writable, dtype, shape, data) == ("SharedArray", True, src.dtype.str, src.shape, src.tobytes())
+        if shared.ndim:
+            view = shared[::-1] if shared.ndim == 1 else shared[::2, ::-1]
+            assert pool.apply(workers.describe_array, (view,))[4] == view.tobytes()
+    del back, shared
+
+
+def test_large_results_are_writable_private_copies(fork_or_spawn):
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        first = pool.apply(workers.full_array, (BIG, 1.0))
+        first[0] = 5.0  # a private copy-on-write mapping: writable, and ours alone
+        second = pool.apply(workers.full_array, (BIG, 2.0))
+        assert first[0] == 5.0 and (first[1:] == 1.0).all() and (second == 2.0).all()
+        del first, second
+
+
+def test_large_bytes_bytearray_and_memoryview_arguments_and_results(fork_or_spawn):
+    payload = os.urandom(1 << 20)
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        for obj, kind in ((payload, "bytes"), (bytearray(payload), "bytearray"), (memoryview(payload), "memoryview")):
+            assert pool.apply(workers.bytes_like_info, (obj,)) == (kind, len(payload), payload[:4], payload[-4:])
+            assert pool.map(workers.bytes_like_info, [obj])[0][0] == kind
+        back = pool.apply(workers.identity, ({"data": [payload]},))
+        assert back == {"data": [payload]}
+        view = pool.apply(workers.identity, (memoryview(np.arange(BIG, dtype=np.int32)),))
+        assert view.format == "i" and view.tolist() == list(range(BIG))
+        del view
+
+
+def test_warm_segments_are_reused_and_returned(fork_or_spawn):
+    arrays = [np.full(BIG, float(i)) for i in range(6)]
+    with shoal.Pool(2, context=fork_or_spawn) as pool:
+        for _ in range(5):
+            assert pool.map(workers.array_sum, arrays, chunksize=1) == [BIG * float(i) for i in range(6)]
+            results = [pool.apply(workers.full_array, (BIG, 1.0)) for _ in range(3)]
+            del results
+        # The pool keeps a bounded number of warm segments, not one per task.
+        assert len(_memfd_fds()) <= 12
+        # Results received and dropped are unmapped here (what stays mapped
+        # is the pool's own warm segments, shared "s" mappings).
+        received = [m for m in workers.shoal_mappings() if m.split()[1].endswith("p")]
+        assert received == []
+    assert _memfd_fds() == [] and workers.shoal_mappings() == []
+
+
+def test_an_argument_a_worker_keeps_is_never_overwritten(fork_or_spawn):
+    # The pool reuses the shared memory of finished tasks' arguments: memory
+    # a worker still maps (it kept the array) must not be reused.
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        assert pool.apply(workers.stash, (np.full(BIG, 1.0),)) == 1
+        for value in (2.0, 3.0, 4.0):
+            assert pool.apply(workers.array_sum, (np.full(BIG, value),)) == BIG * value
+        assert pool.apply(workers.stash, (np.full(BIG, 5.0),)) == 2
+        assert pool.apply(workers.array_sum, (np.full(BIG, 6.0),)) == BIG * 6.0
+        assert pool.apply(workers.stashed_sums) == [BIG * 1.0, BIG * 5.0]
+
+
+# -- crashes ---------------------------------------------------------------------
+
+
+def test_a_worker_killed_with_arrays_in_flight_leaves_nothing(fork_or_spawn):
+    shared = shoal.SharedArray(BIG)
+    plain = np.ones(BIG)
+    with shoal.Pool(2, context=fork_or_spawn) as pool:
+        doomed = [pool.apply_async(workers.kill_self_holding, (x,)) for x in (shared, plain)]
+        queued = [pool.apply_async(workers.array_sum, (x,)) for x in (shared, plain)]
+        for r in doomed:
+            with pytest.raises(shoal.WorkerDiedError):
+                r.get(timeout=60)
+        assert [r.get(timeout=60) for r in queued] == [0.0, float(BIG)]
+    del shared
+    assert _memfd_fds() == [] and workers.shoal_mappings() == []
+
+
+def _grandchildren(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def test_the_parent_killed_with_arrays_in_flight_leaves_nothing(fork_or_spawn):
+    code = textwrap.dedent(
+        """
+        import sys, time
+        import numpy as np
+        import shoal
+        import workers
+
+        if __name__ == "__main__":
+            pool = shoal.Pool(2, context=sys.argv[1])
+            shared = shoal.SharedArray(300_000)
+            plain = np.ones(300_000)
+            held = [pool.apply_async(workers.sleep_then, (x, 3)) for x in (shared, plain, shared[::3])]
+            back = pool.apply(workers.full_array, (300_000, 1.0))
+            print("ready", flush=True)
+            time.sleep(60)
+        """
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, fork_or_spawn], cwd=here, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        family = _grandchildren(proc.pid)
+        workers_mapping = [p for p in family if _maps_shoal_memory(p)]
+        assert workers_mapping, "the workers should hold the arrays in flight"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, f"processes left after the parent was killed: {alive}"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def _maps_shoal_memory(p: psutil.Process) -> bool:
+    try:
+        with open(f"/proc/{p.pid}/maps") as f:
+            return any("memfd:shoal " in line or "memfd:shoal-buffers" in line for line in f)
+    except OSError:
+        return False
