@@ -76,6 +76,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.util  # its atexit handler joins children; ours must run first
 import os
 import pickle
@@ -235,8 +236,18 @@ class WorkerProcess:
 
     def is_alive(self) -> bool:
         try:
-            return self._proc.is_alive()
+            if not self._proc.is_alive():
+                return False
+            sentinel = self._proc.sentinel
         except ValueError:  # the pool already reaped and closed it
+            return False
+        # The scheduler reaps its workers from its own thread: when it wins
+        # the race for waitpid, Process.is_alive() here sees ECHILD and says
+        # "alive" until the scheduler records the exit code.  The sentinel
+        # is the truth: readable once the process has exited.
+        try:
+            return not multiprocessing.connection.wait([sentinel], 0)
+        except (OSError, ValueError):  # closed by the scheduler meanwhile: reaped
             return False
 
     def join(self, timeout: float | None = None) -> None:
