@@ -44,6 +44,8 @@ from multiprocessing import (
 from . import exceptions as exceptions
 from ._context import Context as Context
 from ._context import get_context as get_context
+from ._engine._local import shared as shared
+from ._engine._local import worker_state as worker_state
 from ._executor import ProcessPoolExecutor as ProcessPoolExecutor
 from ._ipc._connection import Connection as Connection
 from ._ipc._connection import Pipe as Pipe
@@ -106,4 +108,6 @@ __all__ = (
     "get_start_method",
     "parent_process",
     "set_start_method",
+    "shared",
+    "worker_state",
 )

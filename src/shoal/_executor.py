@@ -22,6 +22,7 @@ from typing import Any
 
 from ._asyncresult import IMapIterator
 from ._engine._engine import Engine, PoolStatistics, _check_timeout
+from ._engine._local import NO_SHARED
 from ._engine._worker import STARMAP
 
 __all__ = ("Future", "ProcessPoolExecutor")
@@ -125,6 +126,10 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         max_memory: resident bytes after which a worker is replaced between tasks.
         task_timeout: seconds a task may run before its worker is killed
             and the task fails with :class:`~shoal.TaskTimeoutError`.
+        shared, worker_init, worker_exit: as for :class:`shoal.Pool`; read
+            the shared object with :func:`shoal.shared`, collect what
+            ``worker_exit`` returned with :meth:`worker_exit_results` after
+            ``shutdown(wait=True)``.
     """
 
     def __init__(
@@ -137,6 +142,9 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         max_tasks_per_child: int | None = None,
         max_memory: int | None = None,
         task_timeout: float | None = None,
+        shared: Any = NO_SHARED,
+        worker_init: Callable[[], object] | None = None,
+        worker_exit: Callable[[], Any] | None = None,
     ) -> None:
         if max_workers is not None and (not isinstance(max_workers, int) or max_workers <= 0):
             raise ValueError("max_workers must be greater than 0")
@@ -149,6 +157,9 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             max_memory=max_memory,
             task_timeout=task_timeout,
             graceful_exit=True,
+            shared=shared,
+            worker_init=worker_init,
+            worker_exit=worker_exit,
         )
         self._shutdown = False
         # Dropped without shutdown(): finish the queued work, then stop.
@@ -199,6 +210,11 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         self._engine.close()
         if wait:
             self._engine.join()
+
+    def worker_exit_results(self) -> list:
+        """What ``worker_exit`` returned in each worker that has ended (see
+        :meth:`shoal.Pool.worker_exit_results`)."""
+        return self._engine.worker_exit_results()
 
     def statistics(self) -> PoolStatistics:
         """Counters: tasks submitted / done / failed, workers replaced and why."""
