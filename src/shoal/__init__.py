@@ -42,6 +42,7 @@ from multiprocessing import (
 )
 
 from . import exceptions as exceptions
+from ._actor import Actor as Actor
 from ._context import Context as Context
 from ._context import get_context as get_context
 from ._engine._local import shared as shared
@@ -57,6 +58,7 @@ from ._pool import AsyncResult as AsyncResult
 from ._pool import Pool as Pool
 from ._shm._dict import SharedDict as SharedDict
 from .exceptions import (
+    ActorDiedError as ActorDiedError,
     BrokenResourceError as BrokenResourceError,
     PoolClosedError as PoolClosedError,
     SerializationError as SerializationError,
@@ -69,6 +71,8 @@ from .exceptions import (
 __version__ = "0.1.0"
 
 __all__ = (
+    "Actor",
+    "ActorDiedError",
     "Array",
     "AsyncResult",
     "Barrier",

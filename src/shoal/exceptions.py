@@ -18,6 +18,8 @@ The tree::
     ├── SerializationError(…, TypeError)    an argument or result could not be
     │                                       pickled or unpickled
     ├── PoolClosedError(…, ValueError, RuntimeError)  the pool was closed
+    ├── ActorDiedError                      the actor's process exited (it died,
+    │                                       was closed, or its creator exited)
     └── BrokenResourceError                 the other end of a pipe, queue or
                                             shared structure died
 
@@ -31,6 +33,7 @@ import signal
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = (
+    "ActorDiedError",
     "BrokenResourceError",
     "PoolClosedError",
     "RemoteTraceback",
@@ -138,6 +141,24 @@ class PoolClosedError(ShoalError, ValueError, RuntimeError):
     A ``ValueError`` like ``multiprocessing.Pool``'s "Pool not running", and a
     ``RuntimeError`` like ``concurrent.futures``' "cannot schedule new futures
     after shutdown"."""
+
+
+class ActorDiedError(ShoalError):
+    """The actor's process is gone, so this call cannot run (or its result
+    never came back).  The actor's state is lost; start a new actor.
+
+    Attributes:
+        pid: the actor's process id.
+        exitcode: its exit code when known (negative for a signal), else None.
+    """
+
+    def __init__(self, message: str, pid: int | None = None, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+
+    def __reduce__(self):  # keyword state must survive pickling
+        return (type(self), (self.args[0], self.pid, self.exitcode))
 
 
 class BrokenResourceError(ShoalError, OSError):
