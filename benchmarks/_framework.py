@@ -26,6 +26,9 @@ class Scenario:
         target: the ratio shoal must reach (for the table's last column), as
             text, e.g. ">= 12x".
         repeat: how many times each contender runs; the best figure counts.
+        baseline: the contender ratios are computed against, when it is not
+            the standard library (a shoal-to-shoal comparison such as
+            fire-and-forget calls against waiting ones); say so in the name.
     """
 
     name: str
@@ -35,6 +38,7 @@ class Scenario:
     target: str = ""
     repeat: int = 3
     notes: str = field(default="")
+    baseline: str = "stdlib"
 
 
 def best_of(figures: list[float], higher_is_better: bool) -> float:
@@ -101,7 +105,7 @@ def run(selector: str | None = None, quick: bool = False, out=sys.stdout) -> lis
                     print(f"  {sc.name} / {contender} failed: {type(exc).__name__}: {exc}", file=out)
                     break
             results[contender] = best_of(figures, sc.higher_is_better) if figures else float("nan")
-        base = results.get("stdlib")
+        base = results.get(sc.baseline)
         for contender, value in results.items():
             ratio = ""
             if base and value == value and base == base and value:
