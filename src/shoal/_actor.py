@@ -5,7 +5,7 @@ Data flow::
 
     caller processes (any number)                     actor process (one thread)
     -----------------------------                     --------------------------
-    handle.incr(1)                                    selector over: the listening
+    handle.incr(1)                                    epoll over: the listening
       _Client (one per process and actor):              socket, every caller's
       flush this process's queued send()s,              connection, the creator's pidfd
       then CALL(cid, "incr", args) ────────────────►  accept → a new caller connection
@@ -53,7 +53,7 @@ How it ends:
   behind the creator's earlier calls; the actor answers everything it read
   before it and exits; the creator joins it.  ``terminate()`` kills it.
 * The creator dies without closing: the actor watches it (a pidfd in its
-  selector, and ``PR_SET_PDEATHSIG`` when the creator started it from its
+  epoll set, and ``PR_SET_PDEATHSIG`` when the creator started it from its
   main thread) and exits.
 * A caller process dies: its connection closes and the actor drops it.
 """
@@ -69,7 +69,6 @@ import os
 import pickle
 import secrets
 import select
-import selectors
 import socket
 import struct
 import sys
@@ -100,17 +99,16 @@ SEND_BATCH = 512
 SEND_MAX_FDS = 128
 #: How long the flusher thread lets send() calls pile up.
 FLUSH_DELAY = 0.0005
-#: Messages the actor takes from one connection before looking at the others.
-BURST = 64
-#: Polls before a blocking wait, in the actor and in a waiting caller: a reply
-#: or request that comes within some tens of microseconds is then taken
-#: without the sleep and wake-up, which cost more than the wait on a VM.
-SPINS = 0
+#: Polls the actor makes before it sleeps: a caller's next request that comes
+#: within some tens of microseconds (a loop of synchronous calls) is then
+#: taken without a sleep and wake-up, which on a VM cost more than the wait.
+#: Callers do not spin: on a busy machine two spinning processes slow each
+#: other down.
+SPINS = 40
 #: Seconds a closing creator waits for the actor at interpreter exit (or
 #: after its handle was garbage collected) before killing it.
 EXIT_TIMEOUT = 5.0
 
-_POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _CREDS = struct.Struct("3i")
 
@@ -163,8 +161,7 @@ class _Client:
         self.outbox_fds: list[int] = []
         self.flush_wanted = threading.Event()
         self.flusher: threading.Thread | None = None
-        self.poller = select.poll()
-        self.poller.register(sock.fileno(), _POLLIN)
+        self.waiting = 0  # threads waiting on cond
 
     # -- sending --
     def request(self, name: str, args: tuple, kwargs: dict, future) -> _Call:
@@ -266,7 +263,11 @@ class _Client:
                 if not self.reading:
                     self.reading = True
                     break
-                cond.wait()
+                self.waiting += 1
+                try:
+                    cond.wait()
+                finally:
+                    self.waiting -= 1
             else:
                 return call.result()
         try:
@@ -275,7 +276,8 @@ class _Client:
         finally:
             with cond:
                 self.reading = False
-                cond.notify_all()
+                if self.waiting:
+                    cond.notify_all()
         return call.result()
 
     def _reader_loop(self) -> None:
@@ -285,7 +287,11 @@ class _Client:
         while True:
             with cond:
                 while self.reading and self.futures and self.dead is None:
-                    cond.wait()
+                    self.waiting += 1
+                    try:
+                        cond.wait()
+                    finally:
+                        self.waiting -= 1
                 if not self.futures or self.dead is not None:
                     self.reader = False
                     return
@@ -301,18 +307,9 @@ class _Client:
                     self.reading = False
                     cond.notify_all()
 
-    def _recv(self):
-        if SPINS:
-            poll = self.poller.poll
-            if not poll(0):
-                for _ in range(SPINS):
-                    if poll(0):
-                        break
-        return recv_packet(self.sock)
-
     def _read_one(self) -> None:
         try:
-            packet = self._recv()
+            packet = recv_packet(self.sock)
         except (OSError, ValueError, AttributeError):  # the socket was closed under us
             packet = None
         if packet is None:
@@ -342,7 +339,8 @@ class _Client:
                 call.ok = ok
                 call.value = value
                 call.done = True
-                self.cond.notify_all()
+                if self.waiting:
+                    self.cond.notify_all()
                 return
             self.futures -= 1
         call.done = True
@@ -399,7 +397,11 @@ class _Client:
         cond = self.cond
         with cond:
             while self.reading:
-                cond.wait()
+                self.waiting += 1
+                try:
+                    cond.wait()
+                finally:
+                    self.waiting -= 1
             self.reading = True
         try:
             while self.dead is None and self.sock is not None:
@@ -710,7 +712,8 @@ class Actor:
 
     def _get_client(self) -> _Client:
         client = self._client
-        if client is None or client.pid != os.getpid() or client.sock is None:
+        # (A forked child's inherited clients have no socket: see _forget_clients_after_fork.)
+        if client is None or client.sock is None:
             if self._closed:
                 owner = self._owner
                 if owner is not None and owner.pid == os.getpid():
@@ -851,35 +854,33 @@ class _Server:
         self.listener = listener
         self.watch = watch
         self.name = name
-        self.conns: list[socket.socket] = [conn]
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(listener, selectors.EVENT_READ, None)
-        self.selector.register(conn, selectors.EVENT_READ, conn)
+        self.conns: dict[int, socket.socket] = {conn.fileno(): conn}
+        self.creator_conn = conn
+        self.epoll = select.epoll()
+        self.epoll.register(listener.fileno(), select.EPOLLIN)
+        self.epoll.register(conn.fileno(), select.EPOLLIN)
         if watch is not None:
-            self.selector.register(watch, selectors.EVENT_READ, "creator")
+            self.epoll.register(watch, select.EPOLLIN)
         self.uid = os.getuid()
         # A process a method starts by fork must not hold our sockets (their
         # callers would then never see us die).
         os.register_at_fork(after_in_child=self.close)
 
     def close(self) -> None:
-        for sock in (self.listener, *self.conns):
+        for sock in (self.listener, *self.conns.values()):
             sock.close()
-        self.conns = []
+        self.conns = {}
         if self.watch is not None:
             try:
                 os.close(self.watch)
             except OSError:
                 pass
             self.watch = None
-        try:
-            self.selector.close()
-        except Exception:  # noqa: BLE001
-            pass
+        self.epoll.close()
 
     def run(self, constructor: _Constructor) -> None:
         global _serving_address
-        creator = self.conns[0]
+        creator = self.creator_conn
         try:
             obj = constructor.build()
         except BaseException as exc:  # noqa: BLE001 - reported to the creator
@@ -892,19 +893,30 @@ class _Server:
         if not self.reply(creator, 0, True, _public_methods(obj)):
             return
         self.name = type(obj).__qualname__
-        select_ = self.selector.select
+        poll = self.epoll.poll
+        listener = self.listener.fileno()
+        watch = self.watch
+        conns = self.conns
         while True:
-            events = select_(None)
-            for key, _mask in events:
-                data = key.data
-                if data is None:
+            events = poll(0)
+            spins = SPINS
+            while not events and spins:
+                events = poll(0)
+                spins -= 1
+            if not events:
+                events = poll()
+            for fd, _mask in events:
+                sock = conns.get(fd)
+                if sock is not None:
+                    # One message per wake: every caller's requests take turns.
+                    if not self.serve(sock, obj):
+                        self.drop(sock)
+                        if self.stopping:
+                            return
+                elif fd == listener:
                     self.accept()
-                elif data == "creator":
+                elif fd == watch:
                     return  # the creator exited: nobody may stop us any more
-                elif not self.serve(data, obj):
-                    self.drop(data)
-                    if self.stopping:
-                        return
 
     stopping = False
 
@@ -922,45 +934,43 @@ class _Server:
         if uid != self.uid and self.uid != 0:
             sock.close()  # another user's process: not ours to serve
             return
-        self.conns.append(sock)
-        self.selector.register(sock, selectors.EVENT_READ, sock)
+        self.conns[sock.fileno()] = sock
+        self.epoll.register(sock.fileno(), select.EPOLLIN)
 
     def drop(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
         try:
-            self.selector.unregister(sock)
-        except (KeyError, ValueError):
+            self.epoll.unregister(fd)
+        except (KeyError, ValueError, OSError):
             pass
-        if sock in self.conns:
-            self.conns.remove(sock)
+        self.conns.pop(fd, None)
         sock.close()
 
     def serve(self, sock: socket.socket, obj) -> bool:
-        """Run the requests waiting on *sock*; False when it is finished with."""
-        for _ in range(BURST):
-            try:
-                packet = recv_packet(sock, _DONTWAIT)
-            except BlockingIOError:
+        """Run the next request waiting on *sock*; False when the connection
+        is finished with (closed, broken, or it asked us to stop)."""
+        try:
+            packet = recv_packet(sock, _DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if packet is None:
+            return False
+        _kind, payload, fds = packet
+        try:
+            message = pickle.loads(payload)
+            op = message[0]
+            if op == CALL:
+                return self.call(sock, obj, message[1], message[2], message[3], fds)
+            if op == SEND:
+                self.run_sends(obj, message[1], fds)
                 return True
-            except OSError:
-                return False
-            if packet is None:
-                return False
-            _kind, payload, fds = packet
-            try:
-                message = pickle.loads(payload)
-                op = message[0]
-                if op == CALL:
-                    if not self.call(sock, obj, message[1], message[2], message[3], fds):
-                        return False
-                elif op == SEND:
-                    self.run_sends(obj, message[1], fds)
-                else:
-                    self.stopping = True
-                    return False
-            finally:
-                if fds:
-                    close_fds(fds)
-        return True
+            self.stopping = True
+            return False
+        finally:
+            if fds:
+                close_fds(fds)
 
     def call(self, sock, obj, cid: int, name: str, blob: bytes, fds) -> bool:
         try:
