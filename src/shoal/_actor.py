@@ -81,6 +81,7 @@ from typing import Any
 import cloudpickle
 
 from ._engine._worker import _set_pdeathsig
+from ._executor import _settle
 from ._ipc._packet import SNDBUF, close_fds, encode, recv_packet, send_packet, socketpair
 from ._serialization import loads_with, pack_exception, unpack_exception
 from .exceptions import ActorDiedError, SerializationError, describe_exitcode
@@ -440,16 +441,6 @@ class _Client:
         if sock is not None:
             sock.close()
         self.outbox_fds = []  # the parent's to close
-
-
-def _settle(future: concurrent.futures.Future, ok: bool, value) -> None:
-    try:
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-    except concurrent.futures.InvalidStateError:
-        pass  # cancelled before it was sent
 
 
 # This process's clients by actor address.  Weak: a client lives as long as
