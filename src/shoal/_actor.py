@@ -100,12 +100,6 @@ SEND_BATCH = 512
 SEND_MAX_FDS = 128
 #: How long the flusher thread lets send() calls pile up.
 FLUSH_DELAY = 0.0005
-#: Polls the actor makes before it sleeps: a caller's next request that comes
-#: within some tens of microseconds (a loop of synchronous calls) is then
-#: taken without a sleep and wake-up, which on a VM cost more than the wait.
-#: Callers do not spin: on a busy machine two spinning processes slow each
-#: other down.
-SPINS = 40
 #: Seconds a closing creator waits for the actor at interpreter exit (or
 #: after its handle was garbage collected) before killing it.
 EXIT_TIMEOUT = 5.0
@@ -889,14 +883,10 @@ class _Server:
         watch = self.watch
         conns = self.conns
         while True:
-            events = poll(0)
-            spins = SPINS
-            while not events and spins:
-                events = poll(0)
-                spins -= 1
-            if not events:
-                events = poll()
-            for fd, _mask in events:
+            # No spinning before the wait: measured on a busy 2-core VM, a
+            # process polling for the next message slowed the round trip
+            # as often as it sped it up, and burnt a CPU doing it.
+            for fd, _mask in poll():
                 sock = conns.get(fd)
                 if sock is not None:
                     # One message per wake: every caller's requests take turns.
