@@ -159,10 +159,10 @@ class _Client:
         self.waiting = 0  # threads waiting on cond
 
     # -- sending --
-    def request(self, name: str, args: tuple, kwargs: dict, future) -> _Call:
+    def request(self, name: str, args: tuple, kwargs: dict, future, what: str) -> _Call:
         if self.dead is not None:
             raise self.died()
-        blob, fds = encode((args, kwargs or None), f"the arguments of {self.name}.{name}()")
+        blob, fds = encode((args, kwargs or None), what)
         call = _Call(future)
         start_reader = False
         try:
@@ -190,11 +190,11 @@ class _Client:
             threading.Thread(target=self._reader_loop, name=f"shoal-actor-reader-{self.name}", daemon=True).start()
         return call
 
-    def post(self, name: str, args: tuple, kwargs: dict) -> None:
+    def post(self, name: str, args: tuple, kwargs: dict, what: str) -> None:
         """Queue a call whose result nobody waits for (see the module docstring)."""
         if self.dead is not None:
             raise self.died()
-        blob, fds = encode((args, kwargs or None), f"the arguments of {self.name}.{name}()")
+        blob, fds = encode((args, kwargs or None), what)
         with self.send_lock:
             self.outbox.append((name, blob, len(fds)))
             if fds:
@@ -707,14 +707,14 @@ class Actor:
             client = self._client = _client_for(self._address, self._pid, self._name)
         return client
 
-    def _call(self, name: str, args: tuple, kwargs: dict):
+    def _call(self, name: str, args: tuple, kwargs: dict, what: str):
         if _serving_address == self._address:
             raise RuntimeError(
                 f"the {self._name} actor called one of its own methods through a handle and would wait for "
                 "itself forever: call the method directly (self.method()), or use .send()/.submit()"
             )
         client = self._get_client()
-        return client.wait(client.request(name, args, kwargs, None))
+        return client.wait(client.request(name, args, kwargs, None, what))
 
     # -- life cycle --
     @property
@@ -771,26 +771,27 @@ def _rebuild_handle(address, pid, name, methods) -> Actor:
 class _Method:
     """``handle.name``: call it, ``.submit()`` it or ``.send()`` it."""
 
-    __slots__ = ("_handle", "_name")
+    __slots__ = ("_handle", "_name", "_what")
 
     def __init__(self, handle: Actor, name: str) -> None:
         self._handle = handle
         self._name = name
+        self._what = f"the arguments of {handle._name}.{name}()"  # for errors; made once
 
     def __call__(self, *args, **kwargs):
         """Run the method in the actor and return its result."""
-        return self._handle._call(self._name, args, kwargs)
+        return self._handle._call(self._name, args, kwargs, self._what)
 
     def submit(self, *args, **kwargs) -> concurrent.futures.Future:
         """Run the method in the actor; return a ``concurrent.futures.Future`` at once."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # sent at once: it cannot be cancelled
-        self._handle._get_client().request(self._name, args, kwargs, future)
+        self._handle._get_client().request(self._name, args, kwargs, future, self._what)
         return future
 
     def send(self, *args, **kwargs) -> None:
         """Run the method in the actor without waiting and without a result."""
-        self._handle._get_client().post(self._name, args, kwargs)
+        self._handle._get_client().post(self._name, args, kwargs, self._what)
 
     def __repr__(self) -> str:
         return f"<method {self._name} of {self._handle!r}>"
@@ -985,12 +986,22 @@ class _Server:
 
     def run_sends(self, obj, entries, fds) -> None:
         pos = 0
+        methods: dict[str, Any] = {}  # looked up once per message
+        loads = pickle.loads
         for name, blob, nfds in entries:
-            mine = fds[pos : pos + nfds]
-            pos += nfds
             try:
-                args, kwargs = loads_with(blob, mine)
-                _method(obj, name)(*args, **(kwargs or {}))
+                if nfds:
+                    pos += nfds
+                    args, kwargs = loads_with(blob, fds[pos - nfds : pos])
+                else:
+                    args, kwargs = loads(blob)
+                method = methods.get(name)
+                if method is None:
+                    method = methods[name] = _method(obj, name)
+                if kwargs:
+                    method(*args, **kwargs)
+                else:
+                    method(*args)
             except BaseException:  # noqa: BLE001 - nobody waits for it: say so where it happened
                 print(
                     f"shoal: {self.name}.{name}() called with .send() raised (no caller waits for its result; "

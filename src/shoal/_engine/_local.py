@@ -4,9 +4,9 @@
 ``shoal.worker_state()`` a dict private to the worker.  The worker loop
 (:mod:`shoal._engine._worker`) fills this module's globals once, when the
 worker starts and before the initializer and ``worker_init`` run; tasks only
-read them.  The owning process id is kept beside them, so a process that a
-task starts by fork (which inherits these globals) is told it is not a pool
-worker instead of silently sharing a copy.
+read them.  A process forked from a worker (a task starting a ``Process``)
+has them cleared by an at-fork hook, so it is told it is not a pool worker
+instead of silently using a copy; tasks pay no system call to check that.
 """
 
 from __future__ import annotations
@@ -28,17 +28,27 @@ class _NoShared:
 
 NO_SHARED: Any = _NoShared()
 
-_pid = 0  # the worker process these globals belong to; 0 outside any worker
+_in_worker = False  # True only in a pool worker, once install() ran
 _shared: Any = NO_SHARED
 _state: dict | None = None
 
 
 def install(shared_obj: Any) -> None:
     """Called once by the worker loop, in the worker, before any user code."""
-    global _pid, _shared, _state
+    global _in_worker, _shared, _state
     _shared = shared_obj
     _state = {}
-    _pid = os.getpid()
+    _in_worker = True
+
+
+def _forget_after_fork() -> None:
+    global _in_worker, _shared, _state
+    _in_worker = False
+    _shared = NO_SHARED
+    _state = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def shared() -> Any:
@@ -55,7 +65,7 @@ def shared() -> Any:
         RuntimeError: called outside a pool worker, or the pool was created
             without ``shared=``.
     """
-    if _pid != os.getpid():
+    if not _in_worker:
         raise RuntimeError(
             "shoal.shared() was called outside a pool worker: it returns the object given as "
             "Pool(shared=obj) / ProcessPoolExecutor(shared=obj), and works only inside the tasks, "
@@ -80,7 +90,7 @@ def worker_state() -> dict:
     Raises:
         RuntimeError: called outside a pool worker.
     """
-    if _pid != os.getpid():
+    if not _in_worker:
         raise RuntimeError(
             "shoal.worker_state() was called outside a pool worker: it returns a dict private to the "
             "worker process running the current task, and works only inside tasks and hooks run by a "
