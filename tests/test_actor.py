@@ -67,6 +67,23 @@ def test_many_futures_from_several_threads():
         assert sorted(values + sync_values) == list(range(1, 901))
 
 
+def test_done_callback_may_call_the_actor_again():
+    # The callback runs on the thread that reads replies; its own waiting
+    # call must not wait for that thread (itself).
+    with shoal.Actor(workers.Counter) as counter:
+        seen = []
+        done = threading.Event()
+
+        def callback(future):
+            seen.append((future.result(), counter.get()))
+            done.set()
+
+        counter.incr.submit(5).add_done_callback(callback)
+        assert done.wait(30)
+        assert seen == [(5, 5)]
+        assert counter.incr() == 6
+
+
 def test_counter_from_four_pool_workers_is_exact(fork_or_spawn):
     with shoal.Actor(workers.Counter) as counter:
         with shoal.Pool(4, context=fork_or_spawn) as pool:

@@ -148,6 +148,7 @@ class _Client:
         self.pending: dict[int, _Call] = {}
         self.ids = itertools.count(1)
         self.reading = False  # a thread is receiving replies
+        self.reading_thread = 0  # which one
         self.futures = 0  # pending calls with a Future
         self.reader = False  # the reader thread runs
         self.dead: str | None = None  # why the actor is unreachable
@@ -253,10 +254,17 @@ class _Client:
         """Wait for *call*'s reply, reading replies for every waiter while
         no other thread does."""
         cond = self.cond
+        if self.reading and self.reading_thread == threading.get_ident():
+            # A Future's done-callback, run by this thread while it reads
+            # replies, made a waiting call: read on (nobody else may).
+            while not call.done:
+                self._read_one()
+            return call.result()
         with cond:
             while not call.done:
                 if not self.reading:
                     self.reading = True
+                    self.reading_thread = threading.get_ident()
                     break
                 self.waiting += 1
                 try:
@@ -291,6 +299,7 @@ class _Client:
                     self.reader = False
                     return
                 self.reading = True
+                self.reading_thread = threading.get_ident()
             try:
                 while True:
                     self._read_one()
@@ -398,6 +407,7 @@ class _Client:
                 finally:
                     self.waiting -= 1
             self.reading = True
+            self.reading_thread = threading.get_ident()
         try:
             while self.dead is None and self.sock is not None:
                 self._read_one()  # ends with end-of-stream: the actor is gone
