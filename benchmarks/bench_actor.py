@@ -213,6 +213,7 @@ SCENARIOS = [
         True,
         {"stdlib": _shared_initializer, "shoal": _shared_shoal},
         target=">= 1.0x",
+        repeat=7,  # ~50 ms a run, most of it starting and stopping the pool: noisy
     ),
     Scenario(
         "actor method round trip",
