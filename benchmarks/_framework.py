@@ -28,9 +28,11 @@ class Scenario:
             the standard library's figure (">= 12x"), "WORD OP N" the figure
             itself ("efficiency >= 0.97"); any text after it is a comment.
             The table marks shoal's row met or MISSED (see target_met).
-        baseline: the contender the ratios are computed against ("stdlib"
-            unless the scenario's name says otherwise).
         repeat: how many times each contender runs; the best figure counts.
+        baseline: the contender ratios are computed against, when it is not
+            the standard library (joblib's backends against loky, its
+            default; fire-and-forget actor calls against waiting ones); the
+            scenario's name says so.
     """
 
     name: str

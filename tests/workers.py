@@ -299,3 +299,144 @@ def stash(array):
 
 def stashed_sums(_=None):
     return [float(a.sum()) for a in _stash]
+
+
+# -- shared objects, worker state and hooks (tests/test_worker_state.py) --------
+
+
+class PickleCounter:
+    """Counts, in the process that pickles it, how often it was pickled."""
+
+    pickled = 0
+
+    def __init__(self, value):
+        self.value = value
+
+    def __getstate__(self):
+        type(self).pickled += 1
+        return self.__dict__
+
+
+def shared_value(_=None):
+    import shoal
+
+    return shoal.shared()
+
+
+def shared_array_location(_=None):
+    """(data address, the mapping it lies in per /proc/self/maps, first item)."""
+    import shoal
+
+    arr = shoal.shared()["array"]
+    address = arr.ctypes.data
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= address < hi:
+                return address, parts[5].strip() if len(parts) > 5 else "", int(arr[1])
+    return address, "?", int(arr[1])
+
+
+def call_shared_outside_pool(_=None):
+    import shoal
+
+    try:
+        shoal.shared()
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def count_in_worker_state(_=None):
+    import shoal
+
+    state = shoal.worker_state()
+    state["tasks"] = state.get("tasks", 0) + 1
+    return os.getpid(), state["tasks"], state.get("resource")
+
+
+def open_resource():
+    import shoal
+
+    shoal.worker_state()["resource"] = f"opened by {os.getpid()}"
+
+
+def close_resource():
+    import shoal
+
+    state = shoal.worker_state()
+    return os.getpid(), state.pop("resource"), state.get("tasks", 0)
+
+
+def failing_exit():
+    raise KeyError("worker_exit failed")
+
+
+def failing_init():
+    raise ValueError("worker_init failed")
+
+
+# -- actors (tests/test_actor.py) ---------------------------------------------
+
+
+class Counter:
+    def __init__(self, start=0):
+        self.n = start
+
+    def incr(self, k=1):
+        self.n += k
+        return self.n
+
+    def get(self):
+        return self.n
+
+    def fail(self, message):
+        raise KeyError(message)
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+    def echo(self, value):
+        return value
+
+    def lock(self):
+        return threading.Lock()
+
+    def process_id(self):
+        return os.getpid()
+
+    def call_other(self, other, n):
+        """Use another actor's handle from inside this actor."""
+        for _ in range(n):
+            other.incr()
+        return other.get()
+
+    def call_myself(self, me):
+        return me.get()
+
+
+class BrokenInit:
+    def __init__(self):
+        raise OSError("cannot open the resource")
+
+
+def increment_actor(counter, n):
+    for _ in range(n):
+        counter.incr()
+    return os.getpid()
+
+
+def send_to_actor(counter, n):
+    for _ in range(n):
+        counter.incr.send()
+    counter.get()  # a waiting call: every send() of this process has run
+    return os.getpid()
+
+
+def actor_incr_into(counter, n, queue):
+    """A Process target: increment, then report the count seen."""
+    for _ in range(n):
+        counter.incr()
+    queue.put(counter.get())

@@ -53,8 +53,11 @@ from multiprocessing import (
 )
 
 from . import exceptions as exceptions
+from ._actor import Actor as Actor
 from ._context import Context as Context
 from ._context import get_context as get_context
+from ._engine._local import shared as shared
+from ._engine._local import worker_state as worker_state
 from ._executor import ProcessPoolExecutor as ProcessPoolExecutor
 from ._ipc._connection import Connection as Connection
 from ._ipc._connection import Pipe as Pipe
@@ -66,6 +69,7 @@ from ._pool import AsyncResult as AsyncResult
 from ._pool import Pool as Pool
 from ._shm._dict import SharedDict as SharedDict
 from .exceptions import (
+    ActorDiedError as ActorDiedError,
     BrokenResourceError as BrokenResourceError,
     PoolClosedError as PoolClosedError,
     RemoteError as RemoteError,
@@ -97,6 +101,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = (
+    "Actor",
+    "ActorDiedError",
     "Array",
     "AsyncResult",
     "AuthenticationError",
@@ -150,4 +156,6 @@ __all__ = (
     "set_forkserver_preload",
     "set_start_method",
     "share",
+    "shared",
+    "worker_state",
 )

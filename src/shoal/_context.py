@@ -3,7 +3,7 @@
 ``multiprocessing.get_context("spawn").Pool()`` is the standard library's
 pool; code that does ``import shoal as multiprocessing`` expects shoal's.  A
 :class:`Context` wraps the standard library's context: ``Pool``, ``Pipe``,
-the queues and ``Manager`` are shoal's (the pool starts its workers with this
+the queues, ``Manager`` and ``Actor`` are shoal's (the pool starts its workers with this
 context's start method), and everything else (``Process``, ``Lock``,
 ``Value``, ``get_start_method``, ...) is the wrapped context's own.
 """
@@ -60,6 +60,12 @@ class Context:
         from ._manager import Manager
 
         return Manager(ctx=self._ctx)
+
+    def Actor(self, cls, /, *args, **kwargs):  # noqa: N802
+        """:class:`shoal.Actor`, its process started with this context's start method."""
+        from ._actor import Actor
+
+        return Actor._in_context(self._ctx, cls, args, kwargs)
 
     def get_context(self, method: str | None = None) -> Context:
         return get_context(method)

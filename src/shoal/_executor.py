@@ -29,6 +29,7 @@ from typing import Any
 
 from ._asyncresult import IMapIterator
 from ._engine._engine import Engine, PoolStatistics, WorkerProcess, _check_int, _check_timeout
+from ._engine._local import NO_SHARED
 from ._engine._worker import STARMAP
 
 __all__ = ("Future", "ProcessPoolExecutor")
@@ -142,6 +143,10 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         max_memory: resident bytes after which a worker is replaced between tasks.
         task_timeout: seconds a task may run before its worker is killed
             and the task fails with :class:`~shoal.TaskTimeoutError`.
+        shared, worker_init, worker_exit: as for :class:`shoal.Pool`; read
+            the shared object with :func:`shoal.shared`, collect what
+            ``worker_exit`` returned with :meth:`worker_exit_results` after
+            ``shutdown(wait=True)``.
 
     Leaving a ``with`` block waits for every submitted task, as the standard
     library does.  Left by Ctrl-C (KeyboardInterrupt), it does not: queued
@@ -160,6 +165,9 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         max_tasks_per_child: int | None = None,
         max_memory: int | None = None,
         task_timeout: float | None = None,
+        shared: Any = NO_SHARED,
+        worker_init: Callable[[], object] | None = None,
+        worker_exit: Callable[[], Any] | None = None,
     ) -> None:
         if max_workers is not None:
             _check_int("max_workers", max_workers)
@@ -180,6 +188,9 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             graceful_exit=True,
             defer_start_errors=True,
             remote_traceback=_RemoteTraceback,
+            shared=shared,
+            worker_init=worker_init,
+            worker_exit=worker_exit,
         )
         # What the standard library's executor keeps in _mp_context.
         self._given_context = mp_context if mp_context is not None and not isinstance(mp_context, str) else None
@@ -248,6 +259,11 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         self._engine.close()
         if wait:
             self._engine.join()
+
+    def worker_exit_results(self) -> list:
+        """What ``worker_exit`` returned in each worker that has ended (see
+        :meth:`shoal.Pool.worker_exit_results`)."""
+        return self._engine.worker_exit_results()
 
     def statistics(self) -> PoolStatistics:
         """Counters: tasks submitted / done / failed, workers replaced and why."""

@@ -6,7 +6,10 @@ worker dies fails with :class:`~shoal.WorkerDiedError` instead of hanging the
 pool; lambdas and closures work under every start method; per-task time
 limits (``task_timeout``); a memory ceiling per worker (``max_memory``);
 progress bars (``progress=True``); ``submit()`` returning a
-``concurrent.futures.Future``; ``statistics()``.
+``concurrent.futures.Future``; ``statistics()``; an object shared read-only
+with every worker (``shared=``, read with :func:`shoal.shared`); per-worker
+state (:func:`shoal.worker_state`) with ``worker_init`` / ``worker_exit``
+hooks whose results :meth:`Pool.worker_exit_results` collects.
 
 The pool is a thin face: every method turns its arguments into serialized
 tasks (in the caller's thread, so pickling errors surface here) and hands them
@@ -23,6 +26,7 @@ from typing import Any
 
 from ._asyncresult import AsyncResult, IMapIterator, MapResult
 from ._engine._engine import Engine, PoolStatistics, WorkerProcess, _check_timeout
+from ._engine._local import NO_SHARED
 from ._engine._worker import MAP, STARMAP
 from ._progress import progress_bar
 from ._serialization import name_unpicklable_item
@@ -52,6 +56,19 @@ class Pool:
         task_timeout: seconds a task may run; a late task's worker is killed
             and the task fails with :class:`~shoal.TaskTimeoutError` (a
             ``TimeoutError``).  Each call can set its own.
+        shared: an object every worker gets once, when it starts (not with
+            each task), and tasks read with :func:`shoal.shared`.  Under fork
+            it is inherited without a copy; otherwise it is pickled once and
+            large buffers inside it (numpy arrays) are mapped from shared
+            memory by every worker.  Read-only: a worker's changes stay in it.
+        worker_init: called with no arguments in each worker as it starts,
+            after *initializer*; typically fills :func:`shoal.worker_state`.
+            If it raises, the pool stops as for *initializer*.
+        worker_exit: called with no arguments in each worker when it ends
+            normally (after :meth:`close` / :meth:`join`, or when replaced by
+            *maxtasksperchild* or *max_memory*), not when it is killed
+            (:meth:`terminate`, which the ``with`` block calls, or a crash).
+            What it returns is collected by :meth:`worker_exit_results`.
 
     ``with Pool(...) as pool:`` calls :meth:`terminate` when the block ends,
     as the standard library does: work still queued or running is stopped,
@@ -76,6 +93,9 @@ class Pool:
         *,
         max_memory: int | None = None,
         task_timeout: float | None = None,
+        shared: Any = NO_SHARED,
+        worker_init: Callable[[], object] | None = None,
+        worker_exit: Callable[[], Any] | None = None,
     ) -> None:
         self._engine = Engine(
             processes,
@@ -86,6 +106,9 @@ class Pool:
             max_memory=max_memory,
             task_timeout=task_timeout,
             remote_traceback=multiprocessing.pool.RemoteTraceback,
+            shared=shared,
+            worker_init=worker_init,
+            worker_exit=worker_exit,
         )
         self._closed = False
         # A pool dropped or left open at exit is terminated, never joined
@@ -218,6 +241,16 @@ class Pool:
     def statistics(self) -> PoolStatistics:
         """Counters: tasks submitted / done / failed, workers replaced and why."""
         return self._engine.statistics()
+
+    def worker_exit_results(self) -> list:
+        """What ``worker_exit`` returned in each worker that has ended, in the
+        order they ended: after :meth:`close` and :meth:`join`, one per worker
+        the pool ran (replaced workers included).
+
+        Raises the first exception a ``worker_exit`` raised, with the remote
+        traceback as ``__cause__``.
+        """
+        return self._engine.worker_exit_results()
 
     @property
     def processes(self) -> int:

@@ -28,6 +28,8 @@ The tree::
     ├── RemoteError                         a task raised an exception whose
     │                                       class does not exist in the parent
     │                                       (.type_name, .message, .tb)
+    ├── ActorDiedError                      the actor's process exited (it died,
+    │                                       was closed, or its creator exited)
     └── BrokenResourceError                 the other end of a pipe, queue or
                                             shared structure died
 
@@ -41,6 +43,7 @@ import signal
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = (
+    "ActorDiedError",
     "BrokenResourceError",
     "PoolClosedError",
     "RemoteError",
@@ -228,6 +231,24 @@ class RemoteError(ShoalError):
 
     def __reduce__(self):  # keyword state must survive pickling
         return (type(self), (self.type_name, self.message, self.tb))
+
+
+class ActorDiedError(ShoalError):
+    """The actor's process is gone, so this call cannot run (or its result
+    never came back).  The actor's state is lost; start a new actor.
+
+    Attributes:
+        pid: the actor's process id.
+        exitcode: its exit code when known (negative for a signal), else None.
+    """
+
+    def __init__(self, message: str, pid: int | None = None, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+
+    def __reduce__(self):  # keyword state must survive pickling
+        return (type(self), (self.args[0], self.pid, self.exitcode))
 
 
 class BrokenResourceError(ShoalError, OSError):

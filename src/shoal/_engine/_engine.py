@@ -69,6 +69,13 @@ and kills the workers running the others, as for a cancelled task; a with
 block or the exit of an interrupted program then has nothing to wait for.
 A lazily chunked map (auto_chunksize) sends one item per chunk until the
 function has been timed, so no chunk holds seconds of unmeasured work.
+
+Per-worker hooks and the shared object: the engine pickles the pool's
+``shared=`` object once (not under fork, where each worker inherits it), and
+each worker's hello message carries it, its large buffers as memfds that
+every worker maps.  A worker that ends normally (STOP, maxtasksperchild,
+max_memory) runs ``worker_exit`` and sends what it returned (EXITED); the
+scheduler keeps these for :meth:`Engine.worker_exit_results`.
 """
 
 from __future__ import annotations
@@ -96,6 +103,7 @@ import cloudpickle
 
 from .._ipc._channel import Channel
 from .._ipc._fdpass import _state as _fd_state
+from .._ipc._fdpass import collecting_fds
 from .._serialization import dumps, loads_with, unpack_exception
 from .._shm._segment import create_fd
 from .._shm._warm import WarmSegments
@@ -109,7 +117,7 @@ from ..exceptions import (
     WorkerStartError,
     serialization_error,
 )
-from . import _worker
+from . import _local, _worker
 from ._worker import CALL, CALL_KW, STATUS, STATUS_SLOT, WorkerConfig
 
 #: Work per message when tasks are short: large enough that per-message costs
@@ -407,6 +415,9 @@ class Engine:
         graceful_exit: bool = False,
         defer_start_errors: bool = False,
         remote_traceback: type[BaseException] = RemoteTraceback,
+        shared: Any = _local.NO_SHARED,
+        worker_init=None,
+        worker_exit=None,
     ) -> None:
         if processes is None:
             processes = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
@@ -414,8 +425,10 @@ class Engine:
         _check_int("processes", processes)
         if processes < 1:
             raise ValueError(f"Number of processes must be at least 1, got {processes!r}")
-        if initializer is not None and not callable(initializer):
-            raise TypeError(f"initializer must be a callable, got {type(initializer).__name__}")
+        for hook_name, hook in (("initializer", initializer), ("worker_init", worker_init),
+                                ("worker_exit", worker_exit)):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{hook_name} must be a callable, got {type(hook).__name__}")
         if maxtasksperchild is not None and (
             not isinstance(maxtasksperchild, int) or isinstance(maxtasksperchild, bool) or maxtasksperchild < 1
         ):
@@ -441,10 +454,25 @@ class Engine:
         self._graceful_exit = graceful_exit
         try:
             self._config_args = (
-                cloudpickle.dumps((initializer, tuple(initargs))) if initializer is not None else None
+                cloudpickle.dumps((initializer, tuple(initargs), worker_init, worker_exit))
+                if initializer is not None or worker_init is not None or worker_exit is not None
+                else None
             )
         except Exception as exc:
-            raise serialization_error(f"cannot pickle the initializer or its initargs: {exc}", exc) from exc
+            raise serialization_error(
+                f"cannot pickle the initializer, its initargs or the worker_init/worker_exit hooks: {exc}", exc
+            ) from exc
+        # The shared object: inherited as it is by fork-started workers;
+        # otherwise pickled once here, its large buffers in memfds we keep
+        # and every worker maps.
+        self._shared = shared
+        self._shared_data: bytes | None = None
+        self._shared_fds: list[int] = []
+        if shared is not _local.NO_SHARED and context.get_start_method() != "fork":
+            self._shared = _local.NO_SHARED
+            self._shared_data, self._shared_fds = _serialize_shared(shared)
+        # What workers' worker_exit returned (or raised), in arrival order.
+        self._exit_results: list[tuple[bool, Any]] = []
 
         self._state = _RUN
         self._broken_error: BaseException | None = None
@@ -799,6 +827,16 @@ class Engine:
         else:
             self.terminate()
 
+    def worker_exit_results(self) -> list:
+        """What the workers' ``worker_exit`` hooks returned so far, in the
+        order the workers ended; the first exception a hook raised is raised
+        instead (the others' results are then lost to the caller)."""
+        results = list(self._exit_results)
+        for ok, value in results:
+            if not ok:
+                raise value
+        return [value for _ok, value in results]
+
     def statistics(self) -> PoolStatistics:
         running = sum(len(w.inflight) for w in list(self._workers.values()))
         return PoolStatistics(
@@ -850,7 +888,10 @@ class Engine:
         )
         config = WorkerConfig(None, (), self._maxtasks, self._max_memory, os.getpid(), pdeathsig, slot)
         if self._config_args is not None:
-            config.initializer, config.initargs = cloudpickle.loads(self._config_args)
+            config.initializer, config.initargs, config.worker_init, config.worker_exit = cloudpickle.loads(
+                self._config_args
+            )
+        config.shared_data = self._shared_data
         config_bytes = cloudpickle.dumps(config)
         # Under fork the worker inherits every descriptor of this process.
         # The engines' own (other workers' sockets, wake-up pipes, the shared
@@ -863,7 +904,7 @@ class Engine:
         try:
             proc = self._ctx.Process(
                 target=_worker.worker_main,
-                args=(child_ch.sock, inherited),
+                args=(child_ch.sock, inherited, self._shared),
                 name=f"shoal-worker-{slot}",
                 daemon=False,
             )
@@ -877,7 +918,7 @@ class Engine:
         worker = _Worker(proc, parent_ch, slot)
         try:
             parent_ch.sock.setblocking(False)
-            parent_ch.queue(config_bytes, [os.dup(self._status_fd)])
+            parent_ch.queue(config_bytes, [os.dup(fd) for fd in (self._status_fd, *self._shared_fds)])
             self._selector.register(parent_ch.fileno(), selectors.EVENT_READ, ("chan", worker))
             self._selector.register(worker.sentinel, selectors.EVENT_READ, ("dead", worker))
         except BaseException:
@@ -898,7 +939,7 @@ class Engine:
 
     def _descriptors(self) -> list[int]:
         """Descriptors this engine holds that no child process should keep."""
-        fds = [self._wake_r, self._wake_w, self._status_fd]
+        fds = [self._wake_r, self._wake_w, self._status_fd, *self._shared_fds]
         try:
             fds.append(self._selector.fileno())
         except (AttributeError, ValueError, OSError):
@@ -927,11 +968,12 @@ class Engine:
             self._selector.close()
         except Exception:  # noqa: BLE001
             pass
-        for fd in (self._wake_r, self._wake_w, self._status_fd):
+        for fd in (self._wake_r, self._wake_w, self._status_fd, *self._shared_fds):
             try:
                 os.close(fd)
             except OSError:
                 pass
+        self._shared_fds = []
         try:
             self._status.close()
         except Exception:  # noqa: BLE001
@@ -1155,6 +1197,17 @@ class Engine:
             self._start_failures = 0
         elif kind == _worker.RETIRE:
             w.retire_reason = body[0]
+        elif kind == _worker.EXITED:
+            ok, data = body
+            if ok:
+                try:
+                    self._exit_results.append((True, loads_with(data, fds)))
+                except Exception as exc:  # noqa: BLE001 - reported by worker_exit_results()
+                    self._exit_results.append(
+                        (False, SerializationError(f"the value worker_exit returned could not be unpickled: {exc!r}"))
+                    )
+            else:
+                self._exit_results.append((False, unpack_exception(data)))
         elif kind == _worker.INIT_FAILED:
             exc = unpack_exception(body)
             w.retire_reason = "initializer"
@@ -1538,6 +1591,18 @@ def _cannot_start(what: str, exc: BaseException) -> str:
             "finalizer or a daemon thread at exit): use the pool before the program ends"
         )
     return msg
+
+
+def _serialize_shared(obj) -> tuple[bytes, list[int]]:
+    """Pickle the pool's shared object once: ``(data, fds)``, its large
+    buffers copied into memfds (owned by the caller) that workers map."""
+    with collecting_fds() as fds:
+        try:
+            return dumps(obj, oob=True, what="the pool's shared object"), fds
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
 
 
 def _describe(exitcode) -> str:

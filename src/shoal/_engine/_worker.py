@@ -8,7 +8,8 @@ was running and since when::
 
     parent scheduler                       worker (this module)
     ----------------                       --------------------
-    _Hello(config, status fd)    ──────►   initializer(*initargs)
+    _Hello(config, status fd,    ──────►   shared object installed (see _local)
+      shared object's buffers)             initializer(*initargs), worker_init()
                                  ◄──────   READY | INIT_FAILED(exception)
     batch [(tid, fn, mode, args)] ─────►   status.running = tid, started = now
                                            value = fn(*args)
@@ -16,9 +17,15 @@ was running and since when::
                                  ◄──────   results [(tid, ok, payload, ...)]
                                            (flushed when the batch ends or
                                            every FLUSH_SECONDS)
-    STOP or end of stream        ──────►   exit 0
-                                 ◄──────   RETIRE(reason), exit 0
+    STOP or end of stream        ──────►   worker_exit()
+                                 ◄──────   RETIRE(reason)
                                            (maxtasksperchild, memory ceiling)
+                                 ◄──────   EXITED(what worker_exit returned
+                                           or raised), exit 0
+
+The pool's shared object reaches the worker once: under fork as an argument
+of the worker's ``Process`` (inherited, no copy); otherwise pickled once by
+the engine, its large buffers in memfds that every worker maps.
 
 A task leaves nothing behind: its function and arguments are dropped as soon
 as it returns and its result once pickled, before the results are sent, so
@@ -49,6 +56,7 @@ from .._ipc._channel import Channel
 from .._ipc._fdpass import _state as fd_state
 from .._serialization import dumps, loads_with, pack_exception
 from .._shm._warm import WarmSegments
+from . import _local
 
 # Message kinds, parent -> worker
 BATCH = 0
@@ -58,6 +66,7 @@ READY = 0
 RESULTS = 1
 INIT_FAILED = 2
 RETIRE = 3
+EXITED = 4
 
 # Task modes
 CALL = 0  # fn(*args); payload is args
@@ -81,11 +90,19 @@ _PR_SET_PDEATHSIG = 1
 class WorkerConfig:
     """Everything a worker needs, pickled once with cloudpickle."""
 
-    __slots__ = ("initargs", "initializer", "max_memory", "maxtasks", "owner_pid", "pdeathsig", "slot")
+    __slots__ = (
+        "initargs", "initializer", "max_memory", "maxtasks", "owner_pid", "pdeathsig", "shared_data", "slot",
+        "worker_exit", "worker_init",
+    )
 
     def __init__(self, initializer, initargs, maxtasks, max_memory, owner_pid, pdeathsig, slot):
         self.initializer = initializer
         self.initargs = initargs
+        self.worker_init = None
+        self.worker_exit = None
+        # the pickled shared object (its buffers' memfds follow the status
+        # block's descriptor), or None: passed to worker_main, or no object
+        self.shared_data: bytes | None = None
         self.maxtasks = maxtasks
         self.max_memory = max_memory
         self.owner_pid = owner_pid
@@ -109,11 +126,12 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * mmap.PAGESIZE
 
 
-def worker_main(sock, inherited: tuple[int, ...] = ()) -> None:
+def worker_main(sock, inherited: tuple[int, ...] = (), shared=_local.NO_SHARED) -> None:
     """Entry point of a worker process (the ``target`` of its ``Process``).
 
     *inherited* lists descriptors a fork-started worker got from its parent's
-    pool engines and must not keep (see Engine._start_worker).
+    pool engines and must not keep (see Engine._start_worker).  *shared* is
+    the pool's shared object when the worker was started by fork.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep = sock.fileno()
@@ -127,7 +145,7 @@ def worker_main(sock, inherited: tuple[int, ...] = ()) -> None:
         _forget_parents_forkserver(inherited)
     channel = Channel(sock)
     try:
-        _serve(channel)
+        _serve(channel, shared)
     except (BrokenPipeError, ConnectionResetError, EOFError):
         pass  # the parent went away: nobody is waiting for our results
     finally:
@@ -148,7 +166,7 @@ def _forget_parents_forkserver(closed: tuple[int, ...]) -> None:
         server._forkserver_address = None
 
 
-def _serve(channel: Channel) -> None:
+def _serve(channel: Channel, shared) -> None:
     # The first message carries the configuration (pickled with cloudpickle,
     # so initializers may be lambdas under spawn) and the status block's fd.
     first = channel.recv()
@@ -157,19 +175,50 @@ def _serve(channel: Channel) -> None:
     config: WorkerConfig = cloudpickle.loads(first[0])
     if config.pdeathsig:
         _set_pdeathsig(config.owner_pid)
-    status_fd = first[1][0]
+    status_fd, *shared_fds = first[1]
     status = mmap.mmap(status_fd, 0)
     os.close(status_fd)
     offset = config.slot * STATUS_SLOT
-    pack_status = STATUS.pack_into
 
-    if config.initializer is not None:
-        try:
+    try:
+        if config.shared_data is not None:
+            try:
+                shared = loads_with(config.shared_data, shared_fds)
+            finally:
+                for fd in shared_fds:
+                    os.close(fd)
+        _local.install(shared)
+        if config.initializer is not None:
             config.initializer(*config.initargs)
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            channel.send(pickle.dumps((INIT_FAILED, pack_exception(exc))))
-            return
+        if config.worker_init is not None:
+            config.worker_init()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        channel.send(pickle.dumps((INIT_FAILED, pack_exception(exc))))
+        return
     channel.send(pickle.dumps((READY, os.getpid())))
+    try:
+        _run_tasks(channel, config, status, offset)
+    finally:
+        if config.worker_exit is not None:
+            _run_worker_exit(channel, config.worker_exit)
+
+
+def _run_worker_exit(channel: Channel, worker_exit) -> None:
+    """Run the worker_exit hook and send the parent what it returned (or
+    raised); the parent may be gone already, and the hook runs anyway: it
+    closes what worker_init opened."""
+    try:
+        message = (EXITED, (True, dumps(worker_exit(), what="the value worker_exit returned")))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        message = (EXITED, (False, pack_exception(exc)))
+    try:
+        channel.send(pickle.dumps(message, 5))
+    except OSError:
+        pass  # the parent went away: nobody collects it
+
+
+def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> None:
+    pack_status = STATUS.pack_into
 
     functions: dict[int, object] = {}
     # Warm shared memory that large results travel in, reused once the

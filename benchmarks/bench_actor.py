@@ -1,0 +1,233 @@
+"""Sharing class objects with workers: a read-only shared object, and actors.
+
+* "shared 200MB object, 10k tasks": a dict holding a 200 MB numpy array
+  (50 MB and 2,000 tasks with ``--quick``), read by tiny tasks on 2 workers.
+  The time runs from creating the pool to the last result, because getting
+  the object to the workers is the work being compared.  Figure: tasks/s.
+
+  - "vs per task": the standard library passes the object with every task
+    (``apply_async(fn, (obj, i))``).  That moves 200 MB per task, so it runs
+    only PER_TASK_N tasks; its figure is still tasks per second.
+  - "vs initializer": the standard library's ``Pool(initializer=...,
+    initargs=(obj,))`` setting a global that the tasks read.
+  - shoal: ``Pool(shared=obj)``; tasks read ``shoal.shared()``.
+
+* "actor method round trip": synchronous method calls per second: a class
+  registered on a ``BaseManager`` and called through its proxy (stdlib), a
+  ``shoal.Actor``, and a Ray actor (``method.remote()`` + ``ray.get``) when
+  Ray is installed.
+* "actor send() vs sync call": fire-and-forget calls per second (N sends,
+  then one waiting call, so every send has run) against shoal's own
+  synchronous calls.
+"""
+
+from __future__ import annotations
+
+import time
+from multiprocessing.managers import BaseManager
+
+from ._framework import Scenario, optional
+
+WORKERS = 2
+PER_TASK_N = 6
+
+# -- the shared object ---------------------------------------------------------------
+
+_global = None
+
+
+def _set_global(obj) -> None:
+    global _global
+    _global = obj
+
+
+def _read_global(i: int) -> float:
+    table = _global["table"]
+    return float(table[i % len(table)])
+
+
+def _read_passed(obj, i: int) -> float:
+    table = obj["table"]
+    return float(table[i % len(table)])
+
+
+def _read_shared(i: int) -> float:
+    import shoal
+
+    table = shoal.shared()["table"]
+    return float(table[i % len(table)])
+
+
+def _sizes(quick: bool) -> tuple[int, int]:
+    """(bytes of the object, tasks)."""
+    return (50 << 20, 2000) if quick else (200 << 20, 10_000)
+
+
+def _make_object(nbytes: int) -> dict:
+    import numpy as np
+
+    return {"name": "lookup table", "table": np.arange(nbytes // 8, dtype=np.float64)}
+
+
+def _shared_shoal(quick: bool) -> float:
+    import shoal
+
+    nbytes, n = _sizes(quick)
+    obj = _make_object(nbytes)
+    t0 = time.perf_counter()
+    with shoal.Pool(WORKERS, shared=obj) as pool:
+        out = pool.map(_read_shared, range(n))
+    dt = time.perf_counter() - t0
+    assert out[-1] == float((n - 1) % len(obj["table"]))
+    return n / dt
+
+
+def _shared_per_task(quick: bool) -> float:
+    import multiprocessing
+
+    nbytes, _n = _sizes(quick)
+    n = 2 if quick else PER_TASK_N
+    obj = _make_object(nbytes)
+    t0 = time.perf_counter()
+    with multiprocessing.Pool(WORKERS) as pool:
+        results = [pool.apply_async(_read_passed, (obj, i)) for i in range(n)]
+        out = [r.get() for r in results]
+    dt = time.perf_counter() - t0
+    assert out[-1] == float(n - 1)
+    return n / dt
+
+
+def _shared_initializer(quick: bool) -> float:
+    import multiprocessing
+
+    nbytes, n = _sizes(quick)
+    obj = _make_object(nbytes)
+    t0 = time.perf_counter()
+    with multiprocessing.Pool(WORKERS, initializer=_set_global, initargs=(obj,)) as pool:
+        out = pool.map(_read_global, range(n))
+    dt = time.perf_counter() - t0
+    assert out[-1] == float((n - 1) % len(obj["table"]))
+    return n / dt
+
+
+# -- actors --------------------------------------------------------------------------
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def incr(self, k: int = 1) -> int:
+        self.n += k
+        return self.n
+
+    def get(self) -> int:
+        return self.n
+
+
+class _Manager(BaseManager):
+    pass
+
+
+_Manager.register("Counter", Counter)
+
+
+def _calls(quick: bool) -> int:
+    return 500 if quick else 3000
+
+
+def _rate_of(call, n: int) -> float:
+    call()  # warm
+    t0 = time.perf_counter()
+    for _ in range(n):
+        call()
+    return n / (time.perf_counter() - t0)
+
+
+def _round_trip_manager(quick: bool) -> float:
+    with _Manager() as manager:
+        counter = manager.Counter()
+        return _rate_of(counter.incr, _calls(quick))
+
+
+def _round_trip_shoal(quick: bool) -> float:
+    import shoal
+
+    with shoal.Actor(Counter) as counter:
+        return _rate_of(counter.incr, _calls(quick))
+
+
+_ray_started = False
+
+
+def _round_trip_ray(quick: bool) -> float:
+    import ray
+
+    global _ray_started
+    if not _ray_started:
+        import atexit
+
+        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, logging_level="error")
+        atexit.register(ray.shutdown)
+        _ray_started = True
+    counter = ray.remote(Counter).remote()
+    try:
+        return _rate_of(lambda: ray.get(counter.incr.remote()), _calls(quick) // 5)
+    finally:
+        ray.kill(counter)
+
+
+def _send_shoal(quick: bool) -> float:
+    import shoal
+
+    n = 20_000 if quick else 200_000
+    with shoal.Actor(Counter) as counter:
+        counter.get()
+        send = counter.incr.send
+        t0 = time.perf_counter()
+        for _ in range(n):
+            send()
+        total = counter.get()  # runs after every send of this process
+        dt = time.perf_counter() - t0
+    assert total == n
+    return n / dt
+
+
+_round_trip = {"stdlib": _round_trip_manager, "shoal": _round_trip_shoal}
+if optional("ray"):
+    _round_trip["ray"] = _round_trip_ray
+
+
+SCENARIOS = [
+    Scenario(
+        "shared 200MB object, 10k tasks vs per task",
+        "tasks/s",
+        True,
+        {"stdlib": _shared_per_task, "shoal": _shared_shoal},
+        target=">= 50x",
+        repeat=1,
+    ),
+    Scenario(
+        "shared 200MB object, 10k tasks vs initializer",
+        "tasks/s",
+        True,
+        {"stdlib": _shared_initializer, "shoal": _shared_shoal},
+        target=">= 1.0x",
+        repeat=7,  # ~50 ms a run, most of it starting and stopping the pool: noisy
+    ),
+    Scenario(
+        "actor method round trip",
+        "calls/s",
+        True,
+        _round_trip,
+        target=">= 3x (>= 10x ray)",
+    ),
+    Scenario(
+        "actor send() vs sync call (shoal)",
+        "calls/s",
+        True,
+        {"shoal-sync": _round_trip_shoal, "shoal": _send_shoal},
+        target=">= 10x sync",
+        baseline="shoal-sync",
+    ),
+]

@@ -1,0 +1,1046 @@
+"""``shoal.Actor``: one object living in its own process; calls from any
+number of processes run there one at a time.
+
+Data flow::
+
+    caller processes (any number)                     actor process (one thread)
+    -----------------------------                     --------------------------
+    handle.incr(1)                                    epoll over: the listening
+      _Client (one per process and actor):              socket, every caller's
+      flush this process's queued send()s,              connection, the creator's pidfd
+      then CALL(cid, "incr", args) ────────────────►  accept → a new caller connection
+      one waiting thread reads the replies            CALL → getattr(obj, name)(*args),
+      for all (leader/follower); the others                  one call at a time; each
+      wait on a condition          ◄────────────────         caller's in arrival order
+                                   REPLY(cid, ok, value)     reply on that connection
+    handle.incr.submit(1) -> Future
+      the same request; a reader thread
+      (alive while Futures are pending)
+      sets the Future from the reply
+    handle.incr.send(1) -> None
+      pickled now, queued in the outbox; sent     SEND [calls] → each in order, no
+      as one SEND per SEND_BATCH calls, with        reply; an exception is printed to
+      this process's next waiting call, or by       the actor's stderr (nobody waits)
+      a flusher thread within about a millisecond
+    close() in the creator ── STOP ────────────────►  answers what came before, exits
+
+Connections.  The creator binds a listening ``AF_UNIX`` ``SOCK_SEQPACKET``
+socket at a random abstract address (no file to leak) and makes a socket pair
+for its own connection; the actor process gets both.  A handle pickles as
+the address (with the actor's pid, class name and method names), so the first
+call from another process connects to it: handles work in pool tasks,
+``Process`` targets, queues and other actors, under fork, forkserver and
+spawn.  Each message is one datagram of shoal's packet layer (large payloads
+and numpy buffers travel in memfds).  Arguments and results are pickled
+inside a small outer message naming the call, so a value that cannot be
+unpickled at the other end fails that call alone, never leaves it waiting.
+
+Ownership.  The actor process alone owns the object and the server ends of
+the sockets.  Each caller process owns one ``_Client`` per actor (shared by
+its handles, found by address; a forked child starts without any).  The
+creator's handle also owns the actor's ``Process``.
+
+How it ends:
+
+* A method raises: the caller gets the exception, its original type, with
+  the remote traceback as ``__cause__``; the actor goes on.
+* The actor process dies (SIGKILL, os._exit, a segfault): the kernel closes
+  its sockets, so every caller's pending call, and every later one, raises
+  :class:`~shoal.exceptions.ActorDiedError` (end of stream on the connection,
+  or a refused connect).
+* ``close()`` in the creator (also the ``with`` block, the creator's handle
+  being garbage collected, and the creator exiting normally): STOP is queued
+  behind the creator's earlier calls; the actor answers everything it read
+  before it and exits; the creator joins it.  ``terminate()`` kills it.
+* The creator dies without closing: the actor watches it (a pidfd in its
+  epoll set, and ``PR_SET_PDEATHSIG`` when the creator started it from its
+  main thread) and exits.
+* A caller process dies: its connection closes and the actor drops it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import inspect
+import itertools
+import multiprocessing
+import multiprocessing.util
+import os
+import pickle
+import secrets
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+import weakref
+from typing import Any
+
+import cloudpickle
+
+from ._engine._worker import _set_pdeathsig
+from ._executor import _settle
+from ._ipc._packet import SNDBUF, close_fds, encode, recv_packet, send_packet, socketpair
+from ._serialization import loads_with, pack_exception, unpack_exception
+from .exceptions import ActorDiedError, SerializationError, describe_exitcode
+
+__all__ = ("Actor",)
+
+# Requests (caller -> actor), as outer pickles:
+CALL = 0  # (CALL, cid, name, blob): blob = the pickled (args, kwargs)
+SEND = 1  # (SEND, [(name, blob, number of descriptors), ...]): no replies
+STOP = 2  # (STOP,)
+# Replies (actor -> caller): (cid, ok, blob); cid 0 answers the creation.
+
+#: send() calls queued before they go as one message.
+SEND_BATCH = 512
+#: Descriptors (large buffers) queued send() calls may hold before a flush.
+SEND_MAX_FDS = 128
+#: How long the flusher thread lets send() calls pile up.
+FLUSH_DELAY = 0.0005
+#: Seconds a closing creator waits for the actor at interpreter exit (or
+#: after its handle was garbage collected) before killing it.
+EXIT_TIMEOUT = 5.0
+
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_CREDS = struct.Struct("3i")
+
+#: In an actor process, its own address (to refuse a call that would wait on itself).
+_serving_address: str | None = None
+
+
+# -- the caller's side --------------------------------------------------------
+
+
+class _Call:
+    """One request waiting for its reply."""
+
+    __slots__ = ("done", "future", "ok", "value")
+
+    def __init__(self, future: concurrent.futures.Future | None) -> None:
+        self.future = future
+        self.done = False
+        self.ok = False
+        self.value: Any = None
+
+    def result(self):
+        value = self.value
+        self.value = None
+        if self.ok:
+            return value
+        raise value
+
+
+class _Client:
+    """This process's connection to one actor, shared by its handles."""
+
+    def __init__(self, address: str, sock: socket.socket, actor_pid: int, name: str, proc=None) -> None:
+        self.address = address
+        self.pid = os.getpid()
+        self.sock: socket.socket | None = sock
+        self.actor_pid = actor_pid
+        self.name = name
+        self.proc = proc  # the creator's Process, for the exit code
+        self.cond = threading.Condition(threading.Lock())  # pending, reading, futures, reader, dead
+        self.send_lock = threading.Lock()  # the socket's send side and the outbox
+        self.pending: dict[int, _Call] = {}
+        self.ids = itertools.count(1)
+        self.reading = False  # a thread is receiving replies
+        self.reading_thread = 0  # which one
+        self.futures = 0  # pending calls with a Future
+        self.reader = False  # the reader thread runs
+        self.dead: str | None = None  # why the actor is unreachable
+        self.closing = False  # the creator stopped it on purpose
+        self.outbox: list = []
+        self.outbox_fds: list[int] = []
+        self.flush_wanted = threading.Event()
+        self.flusher: threading.Thread | None = None
+        self.waiting = 0  # threads waiting on cond
+
+    # -- sending --
+    def request(self, name: str, args: tuple, kwargs: dict, future, what: str) -> _Call:
+        if self.dead is not None:
+            raise self.died()
+        blob, fds = encode((args, kwargs or None), what)
+        call = _Call(future)
+        start_reader = False
+        try:
+            with self.send_lock:
+                with self.cond:
+                    if self.dead is not None:
+                        raise self.died()
+                    cid = next(self.ids)
+                    self.pending[cid] = call
+                    if future is not None:
+                        self.futures += 1
+                        if not self.reader:
+                            self.reader = start_reader = True
+                try:
+                    if self.outbox:
+                        self._flush_locked()
+                    send_packet(self.sock, 0, pickle.dumps((CALL, cid, name, blob), 5), fds)
+                except OSError as exc:
+                    self._lost()
+                    raise self.died() from exc
+        finally:
+            if fds:
+                close_fds(fds)
+        if start_reader:
+            threading.Thread(target=self._reader_loop, name=f"shoal-actor-reader-{self.name}", daemon=True).start()
+        return call
+
+    def post(self, name: str, args: tuple, kwargs: dict, what: str) -> None:
+        """Queue a call whose result nobody waits for (see the module docstring)."""
+        if self.dead is not None:
+            raise self.died()
+        blob, fds = encode((args, kwargs or None), what)
+        with self.send_lock:
+            self.outbox.append((name, blob, len(fds)))
+            if fds:
+                self.outbox_fds.extend(fds)
+            if len(self.outbox) >= SEND_BATCH or len(self.outbox_fds) >= SEND_MAX_FDS:
+                try:
+                    self._flush_locked()
+                except OSError as exc:
+                    self._lost()
+                    raise self.died() from exc
+                return
+            first = len(self.outbox) == 1
+        if first:
+            if self.flusher is None:
+                _ensure_exit_hook()
+                self.flusher = threading.Thread(
+                    target=self._flusher_loop, name=f"shoal-actor-flusher-{self.name}", daemon=True
+                )
+                self.flusher.start()
+            self.flush_wanted.set()
+
+    def _flush_locked(self) -> None:
+        """Send the outbox as one message (the caller holds send_lock)."""
+        entries, fds = self.outbox, self.outbox_fds
+        self.outbox, self.outbox_fds = [], []
+        try:
+            send_packet(self.sock, 0, pickle.dumps((SEND, entries), 5), fds)
+        finally:
+            close_fds(fds)
+
+    def flush(self) -> None:
+        with self.send_lock:
+            if self.outbox and self.dead is None and self.sock is not None:
+                try:
+                    self._flush_locked()
+                except OSError:
+                    self._lost()
+
+    def _flusher_loop(self) -> None:
+        while True:
+            self.flush_wanted.wait()
+            if self.sock is None or self.dead is not None:
+                return
+            time.sleep(FLUSH_DELAY)
+            self.flush_wanted.clear()
+            self.flush()
+
+    def send_stop(self) -> None:
+        with self.send_lock:
+            if self.outbox:
+                self._flush_locked()
+            send_packet(self.sock, 0, pickle.dumps((STOP,), 5))
+
+    # -- receiving --
+    def wait(self, call: _Call):
+        """Wait for *call*'s reply, reading replies for every waiter while
+        no other thread does."""
+        cond = self.cond
+        if self.reading and self.reading_thread == threading.get_ident():
+            # A Future's done-callback, run by this thread while it reads
+            # replies, made a waiting call: read on (nobody else may).
+            while not call.done:
+                self._read_one()
+            return call.result()
+        with cond:
+            while not call.done:
+                if not self.reading:
+                    self.reading = True
+                    self.reading_thread = threading.get_ident()
+                    break
+                self.waiting += 1
+                try:
+                    cond.wait()
+                finally:
+                    self.waiting -= 1
+            else:
+                return call.result()
+        try:
+            while not call.done:
+                self._read_one()
+        finally:
+            with cond:
+                self.reading = False
+                if self.waiting:
+                    cond.notify_all()
+        return call.result()
+
+    def _reader_loop(self) -> None:
+        """Receive replies while Futures are pending (a waiting caller may
+        take turns with it)."""
+        cond = self.cond
+        while True:
+            with cond:
+                while self.reading and self.futures and self.dead is None:
+                    self.waiting += 1
+                    try:
+                        cond.wait()
+                    finally:
+                        self.waiting -= 1
+                if not self.futures or self.dead is not None:
+                    self.reader = False
+                    return
+                self.reading = True
+                self.reading_thread = threading.get_ident()
+            try:
+                while True:
+                    self._read_one()
+                    with cond:
+                        if not self.futures or self.dead is not None:
+                            break
+            finally:
+                with cond:
+                    self.reading = False
+                    cond.notify_all()
+
+    def _read_one(self) -> None:
+        try:
+            packet = recv_packet(self.sock)
+        except (OSError, ValueError, AttributeError):  # the socket was closed under us
+            packet = None
+        if packet is None:
+            self._lost()
+            return
+        _kind, payload, fds = packet
+        try:
+            cid, ok, blob = pickle.loads(payload)
+            if ok:
+                try:
+                    value = loads_with(blob, fds)
+                except Exception as exc:  # noqa: BLE001 - fails this call only
+                    ok = False
+                    value = SerializationError(
+                        f"the result of a call to the {self.name} actor could not be unpickled here: {exc!r}"
+                    )
+            else:
+                value = unpack_exception(blob)
+        finally:
+            if fds:
+                close_fds(fds)
+        with self.cond:
+            call = self.pending.pop(cid, None)
+            if call is None:
+                return
+            if call.future is None:
+                call.ok = ok
+                call.value = value
+                call.done = True
+                if self.waiting:
+                    self.cond.notify_all()
+                return
+            self.futures -= 1
+        call.done = True
+        _settle(call.future, ok, value)
+
+    # -- the end --
+    def _lost(self) -> None:
+        """The actor's end closed: fail every pending call."""
+        reason = self._how_it_ended()
+        with self.cond:
+            if self.dead is None:
+                self.dead = reason
+            calls = list(self.pending.values())
+            self.pending.clear()
+            self.futures = 0
+            for call in calls:
+                if call.future is None:
+                    call.ok = False
+                    call.value = self.died()
+                    call.done = True
+            self.cond.notify_all()
+        self.flush_wanted.set()  # lets the flusher thread end
+        for call in calls:
+            if call.future is not None:
+                call.done = True
+                _settle(call.future, False, self.died())
+
+    def _how_it_ended(self) -> str:
+        if self.closing:
+            return "it was closed"
+        proc = self.proc
+        if proc is not None:
+            try:
+                proc.join(1.0)
+                if proc.exitcode is not None:
+                    return f"its process exited with {describe_exitcode(proc.exitcode)}"
+            except (ValueError, AssertionError):
+                pass
+        return "its process exited or was killed"
+
+    def died(self) -> ActorDiedError:
+        """A new exception for one failed call (never one instance shared by
+        several callers: its traceback would collect all their frames)."""
+        return ActorDiedError(
+            f"the {self.name} actor (process {self.actor_pid}) is gone: {self.dead}. Its state is lost and calls "
+            "to it fail; create a new Actor",
+            self.actor_pid,
+            self.proc.exitcode if self.proc is not None and self.dead != "it was closed" else None,
+        )
+
+    def drain_and_close(self) -> None:
+        """The actor has exited: hand out the replies still buffered, then
+        close the connection."""
+        cond = self.cond
+        with cond:
+            while self.reading:
+                self.waiting += 1
+                try:
+                    cond.wait()
+                finally:
+                    self.waiting -= 1
+            self.reading = True
+            self.reading_thread = threading.get_ident()
+        try:
+            while self.dead is None and self.sock is not None:
+                self._read_one()  # ends with end-of-stream: the actor is gone
+        finally:
+            with cond:
+                self.reading = False
+                cond.notify_all()
+        self.close()
+
+    def close(self) -> None:
+        if self.dead is None:
+            self.dead = "this process closed its connection to it"
+            self._lost()
+        with self.send_lock:
+            sock, self.sock = self.sock, None
+            close_fds(self.outbox_fds)
+            self.outbox, self.outbox_fds = [], []
+        if sock is not None:
+            sock.close()
+        self.flush_wanted.set()
+
+    def __del__(self) -> None:
+        sock = getattr(self, "sock", None)
+        if sock is not None:
+            self.sock = None
+            try:
+                sock.close()
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop this process's copy of the parent's connection."""
+        self.dead = "this handle was inherited through fork"
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+        self.outbox_fds = []  # the parent's to close
+
+
+# This process's clients by actor address.  Weak: a client lives as long as
+# a handle uses it, and its connection closes with the last one.
+_clients: weakref.WeakValueDictionary[str, _Client] = weakref.WeakValueDictionary()
+_clients_lock = threading.Lock()
+
+
+def _client_for(address: str, actor_pid: int, name: str) -> _Client:
+    with _clients_lock:
+        client = _clients.get(address)
+        if client is not None and client.pid == os.getpid() and client.sock is not None:
+            return client
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            raise ActorDiedError(
+                f"the {name} actor (process {actor_pid}) is gone: it no longer accepts connections "
+                f"({exc.strerror}). It was closed, it died, or the process that created it exited; "
+                "its state is lost: create a new Actor",
+                actor_pid,
+            ) from None
+        client = _Client(address, sock, actor_pid, name)
+        _clients[address] = client
+        return client
+
+
+def _forget_clients_after_fork() -> None:
+    global _clients_lock
+    _clients_lock = threading.Lock()
+    for client in list(_clients.values()):
+        client.forget_after_fork()
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_forget_clients_after_fork)
+
+
+# -- the creator's side ---------------------------------------------------------
+
+
+class _Owner:
+    """What the creator holds: the actor's process and its own connection."""
+
+    __slots__ = ("__weakref__", "client", "lock", "pid", "proc", "stopped")
+
+    def __init__(self, proc, client: _Client) -> None:
+        self.proc = proc
+        self.client = client
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.stopped = False
+
+
+_owners: set[_Owner] = set()
+
+
+def _stop(owner: _Owner, kill: bool = False, timeout: float | None = None) -> None:
+    """Stop the actor: STOP behind the creator's earlier calls (or SIGKILL),
+    wait for it to exit (killing it after *timeout*), then close."""
+    if owner.pid != os.getpid():
+        return  # a forked child inherited the handle: the actor is not its to stop
+    with owner.lock:
+        if owner.stopped:
+            return
+        owner.stopped = True
+        client = owner.client
+        proc = owner.proc
+        client.closing = True
+        if kill:
+            proc.kill()
+        else:
+            try:
+                client.send_stop()
+            except OSError:
+                pass  # already gone
+        proc.join(timeout)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+        client.drain_and_close()
+        proc.close()
+        _owners.discard(owner)
+
+
+def _stop_in_background(owner: _Owner) -> None:
+    # A garbage-collection finalizer must not wait: it may run while its
+    # thread holds a lock the stopping needs.
+    if owner.pid == os.getpid() and not owner.stopped:
+        threading.Thread(target=_stop, args=(owner, False, EXIT_TIMEOUT), daemon=True).start()
+
+
+_exit_hook_pid = 0
+
+
+def _ensure_exit_hook() -> None:
+    """Register, once per process, what runs at its normal exit: flush the
+    queued send() calls and stop the actors it created.  A multiprocessing
+    finalizer (not atexit) so it also runs in pool workers and Process
+    children, and before multiprocessing joins the child processes."""
+    global _exit_hook_pid
+    if _exit_hook_pid != os.getpid():
+        _exit_hook_pid = os.getpid()
+        multiprocessing.util.Finalize(None, _at_exit, exitpriority=100)
+
+
+def _at_exit() -> None:
+    for client in list(_clients.values()):
+        if client.pid == os.getpid():
+            client.flush()
+    for owner in list(_owners):
+        try:
+            _stop(owner, timeout=EXIT_TIMEOUT)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+class _Constructor:
+    """``cls(*args, **kwargs)`` on its way to the actor process: pickled with
+    cloudpickle (classes defined in ``__main__`` or a notebook work under
+    spawn), inside the standard library's process pickling (so descriptors
+    inside the arguments reach the child)."""
+
+    def __init__(self, cls, args, kwargs) -> None:
+        self.spec = (cls, args, kwargs)
+
+    def __reduce__(self):
+        return _load_constructor, (cloudpickle.dumps(self.spec, 5),)
+
+    def build(self):
+        cls, args, kwargs = self.spec
+        return cls(*args, **kwargs)
+
+
+def _load_constructor(data: bytes) -> _Constructor:
+    return _Constructor(*cloudpickle.loads(data))
+
+
+# -- the handle -------------------------------------------------------------------
+
+
+class Actor:
+    """An object living in its own process; a handle to call its methods.
+
+    ``Actor(cls, *args, **kwargs)`` starts a process, builds
+    ``cls(*args, **kwargs)`` there and returns a handle.  For each public
+    method of the object:
+
+    * ``handle.method(*args, **kwargs)`` runs it in the actor and returns
+      its result (an exception it raises is raised here, its original type,
+      the remote traceback as ``__cause__``);
+    * ``handle.method.submit(*args, **kwargs)`` returns a
+      ``concurrent.futures.Future`` at once;
+    * ``handle.method.send(*args, **kwargs)`` returns ``None`` at once and
+      never reports the result (fire and forget; fastest).  An exception is
+      printed to the actor's stderr.  The calls are queued briefly and sent
+      in batches, in order with this process's other calls to the actor.
+
+    Calls run one at a time, in the order each caller made them, so the
+    object's state never races.  The handle pickles: pass it to pool tasks,
+    ``Process`` targets, queues and other actors (under any start method).
+
+    ``close()`` (or leaving a ``with`` block) in the creating process stops
+    the actor after the calls made before it; ``terminate()`` kills it.  The
+    actor also stops when the creator's handle is garbage collected and when
+    the creating process exits.  Once it is gone, calls raise
+    :class:`~shoal.exceptions.ActorDiedError`.
+    """
+
+    def __init__(self, cls, /, *args, **kwargs) -> None:
+        self._start(multiprocessing.get_context(), cls, args, kwargs)
+
+    @classmethod
+    def _in_context(cls, ctx, target, args, kwargs) -> Actor:
+        """``Context.Actor``: an actor started with *ctx*'s start method."""
+        self = cls.__new__(cls)
+        self._start(ctx, target, args, kwargs)
+        return self
+
+    def _start(self, ctx, target, args, kwargs) -> None:
+        if not callable(target):
+            raise TypeError(f"Actor() takes a class (or a callable returning the object), got {target!r:.60}")
+        name = getattr(target, "__qualname__", type(target).__qualname__)
+        address = f"\0shoal-actor-{os.getpid()}-{secrets.token_hex(8)}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mine, theirs = socketpair(SNDBUF)
+        try:
+            listener.bind(address)
+            listener.listen(128)
+            # PR_SET_PDEATHSIG fires when the *thread* that started the child
+            # exits: only from the main thread, and only when we are its parent.
+            pdeathsig = ctx.get_start_method() != "forkserver" and threading.current_thread() is threading.main_thread()
+            # Under fork the child inherits our descriptors: our end of its
+            # connection and the pool engines' must not stay open in it.
+            inherited = (mine.fileno(), *_inherited_descriptors()) if ctx.get_start_method() == "fork" else ()
+            proc = ctx.Process(
+                target=_actor_main,
+                args=(listener, theirs, _Constructor(target, args, kwargs), os.getpid(), pdeathsig, name, inherited),
+                name=f"shoal-actor-{name}",
+                daemon=False,
+            )
+            try:
+                proc.start()
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                raise SerializationError(
+                    f"cannot send the class or constructor arguments of the {name} actor to its process: {exc}"
+                ) from exc
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            listener.close()
+            theirs.close()
+        client = _Client(address, mine, proc.pid, name, proc)
+        hello = _Call(None)
+        client.pending[0] = hello  # the actor answers its construction with cid 0
+        try:
+            methods = client.wait(hello)
+        except BaseException:
+            proc.join(EXIT_TIMEOUT)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+            client.close()
+            proc.close()
+            raise
+        owner = _Owner(proc, client)
+        _owners.add(owner)
+        _ensure_exit_hook()
+        with _clients_lock:
+            _clients[address] = client
+        self._init(address, proc.pid, name, tuple(methods), client, owner)
+        self._finalizer = weakref.finalize(self, _stop_in_background, owner)
+
+    def _init(self, address, pid, name, methods, client, owner) -> None:
+        self._address = address
+        self._pid = pid
+        self._name = name
+        self._methods = frozenset(methods)
+        self._client = client
+        self._owner = owner
+        self._closed = False
+
+    # -- calls --
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self.__dict__.get("_methods", ()):
+            raise AttributeError(
+                f"the {self.__dict__.get('_name', '?')} actor has no method {name!r}; its methods are: "
+                f"{', '.join(sorted(self.__dict__.get('_methods', ()))) or 'none'} (attributes are not "
+                "reachable through a handle: add a method that returns them)"
+            )
+        method = _Method(self, name)
+        self.__dict__[name] = method
+        return method
+
+    def _get_client(self) -> _Client:
+        client = self._client
+        # (A forked child's inherited clients have no socket: see _forget_clients_after_fork.)
+        if client is None or client.sock is None:
+            if self._closed:
+                owner = self._owner
+                if owner is not None and owner.pid == os.getpid():
+                    raise owner.client.died()  # the creator closed it: the actor is gone
+                raise ValueError(f"this handle to the {self._name} actor was closed")
+            client = self._client = _client_for(self._address, self._pid, self._name)
+        return client
+
+    def _call(self, name: str, args: tuple, kwargs: dict, what: str):
+        if _serving_address == self._address:
+            raise RuntimeError(
+                f"the {self._name} actor called one of its own methods through a handle and would wait for "
+                "itself forever: call the method directly (self.method()), or use .send()/.submit()"
+            )
+        client = self._get_client()
+        return client.wait(client.request(name, args, kwargs, None, what))
+
+    # -- life cycle --
+    @property
+    def pid(self) -> int:
+        """The actor's process id."""
+        return self._pid
+
+    def close(self) -> None:
+        """In the creating process: stop the actor once the calls made before
+        this one have run, and wait for it to exit.  In any other process:
+        send the calls this process queued with ``.send()`` and stop using
+        this handle (the actor goes on).  Idempotent."""
+        owner = self._owner
+        if owner is not None and owner.pid == os.getpid():
+            self._closed = True
+            _stop(owner)
+            return
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None and client.pid == os.getpid():
+            client.flush()
+
+    def terminate(self) -> None:
+        """In the creating process: kill the actor now (SIGKILL).  Pending
+        calls raise :class:`~shoal.exceptions.ActorDiedError`."""
+        owner = self._owner
+        if owner is None or owner.pid != os.getpid():
+            raise ValueError("only the process that created an actor can terminate it")
+        self._closed = True
+        _stop(owner, kill=True)
+
+    def __enter__(self) -> Actor:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __reduce__(self):
+        return _rebuild_handle, (self._address, self._pid, self._name, tuple(sorted(self._methods)))
+
+    def __repr__(self) -> str:
+        return f"<shoal.Actor {self._name} pid={self._pid}>"
+
+
+Actor.__module__ = "shoal"
+
+
+def _rebuild_handle(address, pid, name, methods) -> Actor:
+    handle = Actor.__new__(Actor)
+    handle._init(address, pid, name, methods, None, None)
+    return handle
+
+
+class _Method:
+    """``handle.name``: call it, ``.submit()`` it or ``.send()`` it."""
+
+    __slots__ = ("_handle", "_name", "_what")
+
+    def __init__(self, handle: Actor, name: str) -> None:
+        self._handle = handle
+        self._name = name
+        self._what = f"the arguments of {handle._name}.{name}()"  # for errors; made once
+
+    def __call__(self, *args, **kwargs):
+        """Run the method in the actor and return its result."""
+        return self._handle._call(self._name, args, kwargs, self._what)
+
+    def submit(self, *args, **kwargs) -> concurrent.futures.Future:
+        """Run the method in the actor; return a ``concurrent.futures.Future`` at once."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()  # sent at once: it cannot be cancelled
+        self._handle._get_client().request(self._name, args, kwargs, future, self._what)
+        return future
+
+    def send(self, *args, **kwargs) -> None:
+        """Run the method in the actor without waiting and without a result."""
+        self._handle._get_client().post(self._name, args, kwargs, self._what)
+
+    def __repr__(self) -> str:
+        return f"<method {self._name} of {self._handle!r}>"
+
+
+def _inherited_descriptors() -> list[int]:
+    from ._engine._engine import _engine_descriptors
+
+    return _engine_descriptors()
+
+
+# -- the actor process ------------------------------------------------------------
+
+
+def _actor_main(listener, conn, constructor, creator_pid, pdeathsig, name, inherited) -> None:
+    """Entry point of the actor process."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the creator's to handle
+    for fd in inherited:  # under fork: descriptors that are not ours to keep
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    if pdeathsig:
+        _set_pdeathsig(creator_pid)
+    try:
+        watch: int | None = os.pidfd_open(creator_pid)
+    except ProcessLookupError:
+        return  # the creator is gone already
+    except OSError:  # pragma: no cover - kernels before 5.3
+        watch = None
+    server = _Server(listener, conn, watch, name)
+    try:
+        server.run(constructor)
+    finally:
+        server.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+class _Server:
+    """The actor process's loop: one thread, one call at a time."""
+
+    def __init__(self, listener: socket.socket, conn: socket.socket, watch: int | None, name: str) -> None:
+        self.listener = listener
+        self.watch = watch
+        self.name = name
+        self.conns: dict[int, socket.socket] = {conn.fileno(): conn}
+        self.creator_conn = conn
+        self.epoll = select.epoll()
+        self.epoll.register(listener.fileno(), select.EPOLLIN)
+        self.epoll.register(conn.fileno(), select.EPOLLIN)
+        if watch is not None:
+            self.epoll.register(watch, select.EPOLLIN)
+        self.uid = os.getuid()
+        # A process a method starts by fork must not hold our sockets (their
+        # callers would then never see us die).
+        os.register_at_fork(after_in_child=self.close)
+
+    def close(self) -> None:
+        for sock in (self.listener, *self.conns.values()):
+            sock.close()
+        self.conns = {}
+        if self.watch is not None:
+            try:
+                os.close(self.watch)
+            except OSError:
+                pass
+            self.watch = None
+        self.epoll.close()
+
+    def run(self, constructor: _Constructor) -> None:
+        global _serving_address
+        creator = self.creator_conn
+        try:
+            obj = constructor.build()
+        except BaseException as exc:  # noqa: BLE001 - reported to the creator
+            self.reply(creator, 0, False, exc)
+            return
+        del constructor
+        _serving_address = self.listener.getsockname()
+        if isinstance(_serving_address, bytes):
+            _serving_address = _serving_address.decode()
+        if not self.reply(creator, 0, True, _public_methods(obj)):
+            return
+        self.name = type(obj).__qualname__
+        poll = self.epoll.poll
+        listener = self.listener.fileno()
+        watch = self.watch
+        conns = self.conns
+        while True:
+            # No spinning before the wait: measured on a busy 2-core VM, a
+            # process polling for the next message slowed the round trip
+            # as often as it sped it up, and burnt a CPU doing it.
+            for fd, _mask in poll():
+                sock = conns.get(fd)
+                if sock is not None:
+                    # One message per wake: every caller's requests take turns.
+                    if not self.serve(sock, obj):
+                        self.drop(sock)
+                        if self.stopping:
+                            return
+                elif fd == listener:
+                    self.accept()
+                elif fd == watch:
+                    return  # the creator exited: nobody may stop us any more
+
+    stopping = False
+
+    def accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            pid, uid, gid = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        except OSError:
+            sock.close()
+            return
+        if uid != self.uid and self.uid != 0:
+            sock.close()  # another user's process: not ours to serve
+            return
+        self.conns[sock.fileno()] = sock
+        self.epoll.register(sock.fileno(), select.EPOLLIN)
+
+    def drop(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        try:
+            self.epoll.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        self.conns.pop(fd, None)
+        sock.close()
+
+    def serve(self, sock: socket.socket, obj) -> bool:
+        """Run the next request waiting on *sock*; False when the connection
+        is finished with (closed, broken, or it asked us to stop)."""
+        try:
+            packet = recv_packet(sock, _DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if packet is None:
+            return False
+        _kind, payload, fds = packet
+        try:
+            message = pickle.loads(payload)
+            op = message[0]
+            if op == CALL:
+                return self.call(sock, obj, message[1], message[2], message[3], fds)
+            if op == SEND:
+                self.run_sends(obj, message[1], fds)
+                return True
+            self.stopping = True
+            return False
+        finally:
+            if fds:
+                close_fds(fds)
+
+    def call(self, sock, obj, cid: int, name: str, blob: bytes, fds) -> bool:
+        try:
+            args, kwargs = loads_with(blob, fds)
+            value = _method(obj, name)(*args, **(kwargs or {}))
+            ok = True
+        except BaseException as exc:  # noqa: BLE001 - the caller's to handle
+            value = exc
+            ok = False
+        return self.reply(sock, cid, ok, value)
+
+    def reply(self, sock, cid: int, ok: bool, value) -> bool:
+        fds: list[int] = []
+        if ok:
+            try:
+                blob, fds = encode(value, f"the result of {self.name}")
+            except Exception as exc:  # noqa: BLE001 - an unpicklable result fails this call only
+                ok = False
+                blob = pack_exception(exc)
+        else:
+            blob = pack_exception(value)
+        del value
+        try:
+            send_packet(sock, 0, pickle.dumps((cid, ok, blob), 5), fds)
+        except OSError:
+            return False  # the caller went away
+        finally:
+            if fds:
+                close_fds(fds)
+        return True
+
+    def run_sends(self, obj, entries, fds) -> None:
+        pos = 0
+        methods: dict[str, Any] = {}  # looked up once per message
+        loads = pickle.loads
+        for name, blob, nfds in entries:
+            try:
+                if nfds:
+                    pos += nfds
+                    args, kwargs = loads_with(blob, fds[pos - nfds : pos])
+                else:
+                    args, kwargs = loads(blob)
+                method = methods.get(name)
+                if method is None:
+                    method = methods[name] = _method(obj, name)
+                if kwargs:
+                    method(*args, **kwargs)
+                else:
+                    method(*args)
+            except BaseException:  # noqa: BLE001 - nobody waits for it: say so where it happened
+                print(
+                    f"shoal: {self.name}.{name}() called with .send() raised (no caller waits for its result; "
+                    "the actor goes on):",
+                    file=sys.stderr,
+                )
+                traceback.print_exc()
+
+
+def _method(obj, name: str):
+    if name.startswith("_"):
+        raise AttributeError(f"{type(obj).__qualname__}.{name} is private: actors expose public methods only")
+    method = getattr(obj, name)
+    if not callable(method):
+        raise TypeError(
+            f"{type(obj).__qualname__}.{name} is not a method: add a method that returns or changes it"
+        )
+    return method
+
+
+def _public_methods(obj) -> list[str]:
+    names = []
+    for name in dir(obj):
+        if name.startswith("_"):
+            continue
+        try:
+            attr = inspect.getattr_static(obj, name)
+        except AttributeError:
+            continue
+        if callable(attr) or isinstance(attr, (staticmethod, classmethod)):
+            names.append(name)
+    return names

@@ -1,0 +1,287 @@
+"""shoal.Actor: calls, futures, fire-and-forget, handles in other processes,
+errors, a dead actor, and that no actor outlives its creator."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+import shoal
+from shoal.exceptions import RemoteTraceback
+from tests import workers
+
+
+def _gone(pid: int, timeout: float = 20.0) -> bool:
+    """Wait until *pid* has exited (or is a zombie nobody reaped yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_calls_futures_and_sends_run_in_order(start_method):
+    with shoal.get_context(start_method).Actor(workers.Counter, 10) as counter:
+        assert counter.incr() == 11
+        assert counter.incr(k=4) == 15
+        future = counter.incr.submit(5)
+        assert isinstance(future, concurrent.futures.Future)
+        assert future.result(timeout=30) == 20
+        for _ in range(1000):
+            counter.incr.send()
+        assert counter.get() == 1020  # a waiting call comes after this process's sends
+        assert counter.process_id() == counter.pid != os.getpid()
+
+
+def test_many_futures_from_several_threads():
+    with shoal.Actor(workers.Counter) as counter:
+        futures = []
+
+        def submit():
+            futures.extend(counter.incr.submit() for _ in range(200))
+
+        threads = [threading.Thread(target=submit) for _ in range(4)]
+        for t in threads:
+            t.start()
+        # A synchronous caller takes turns reading replies with the reader thread.
+        sync_values = [counter.incr() for _ in range(100)]
+        for t in threads:
+            t.join()
+        values = [f.result(timeout=30) for f in futures]
+        assert counter.get() == 900
+        assert sorted(values + sync_values) == list(range(1, 901))
+
+
+def test_done_callback_may_call_the_actor_again():
+    # The callback runs on the thread that reads replies; its own waiting
+    # call must not wait for that thread (itself).
+    with shoal.Actor(workers.Counter) as counter:
+        seen = []
+        done = threading.Event()
+
+        def callback(future):
+            seen.append((future.result(), counter.get()))
+            done.set()
+
+        counter.incr.submit(5).add_done_callback(callback)
+        assert done.wait(30)
+        assert seen == [(5, 5)]
+        assert counter.incr() == 6
+
+
+def test_counter_from_four_pool_workers_is_exact(fork_or_spawn):
+    with shoal.Actor(workers.Counter) as counter:
+        with shoal.Pool(4, context=fork_or_spawn) as pool:
+            pids = pool.starmap(workers.increment_actor, [(counter, 2500)] * 4, chunksize=1)
+        assert counter.get() == 10_000
+        assert counter.pid not in pids
+
+
+def test_fire_and_forget_from_pool_workers_is_exact(fork_or_spawn):
+    with shoal.Actor(workers.Counter) as counter:
+        with shoal.Pool(4, context=fork_or_spawn) as pool:
+            pool.starmap(workers.send_to_actor, [(counter, 2500)] * 4, chunksize=1)
+        assert counter.get() == 10_000
+
+
+def test_handle_works_in_spawned_process_and_in_another_actor():
+    ctx = shoal.get_context("spawn")
+    with shoal.Actor(workers.Counter) as counter, ctx.Actor(workers.Counter) as caller:
+        queue = ctx.SimpleQueue()
+        proc = ctx.Process(target=workers.actor_incr_into, args=(counter, 50, queue))
+        proc.start()
+        assert queue.get() >= 50
+        proc.join(30)
+        assert proc.exitcode == 0
+        # An actor (spawned) calls the first actor through a handle it was given.
+        assert caller.call_other(counter, 25) == 75
+        assert counter.get() == 75
+
+
+def test_handle_survives_pickling_in_the_same_process():
+    with shoal.Actor(workers.Counter) as counter:
+        copy = pickle.loads(pickle.dumps(counter))
+        assert copy.incr() == 1
+        assert counter.get() == 1
+        copy.close()  # not the creator's handle: the actor goes on
+        assert counter.incr() == 2
+
+
+def test_method_exception_keeps_type_and_remote_traceback_and_actor_goes_on(start_method):
+    with shoal.get_context(start_method).Actor(workers.Counter) as counter:
+        with pytest.raises(KeyError, match="no such thing") as info:
+            counter.fail("no such thing")
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert "in fail" in str(info.value.__cause__)
+        with pytest.raises(KeyError):
+            counter.fail.submit("again").result(timeout=30)
+        assert counter.incr() == 1
+
+
+def test_exception_in_a_sent_call_is_printed_by_the_actor(capfd):
+    with shoal.get_context("fork").Actor(workers.Counter) as counter:
+        counter.fail.send("nobody waits")
+        assert counter.incr() == 1
+    err = capfd.readouterr().err
+    assert "Counter.fail() called with .send() raised" in err
+    assert "KeyError: 'nobody waits'" in err
+
+
+def test_unpicklable_argument_and_result_fail_only_that_call():
+    with shoal.Actor(workers.Counter) as counter:
+        with pytest.raises(shoal.SerializationError, match="arguments of Counter.echo"):
+            counter.echo(threading.Lock())
+        with pytest.raises(shoal.SerializationError, match="result of Counter"):
+            counter.lock()
+        assert counter.incr() == 1
+
+
+def test_large_arrays_travel_both_ways():
+    array = np.arange(1 << 20, dtype=np.float64)
+    with shoal.Actor(workers.Counter) as counter:
+        back = counter.echo(array)
+        assert np.array_equal(back, array)
+        assert counter.echo.submit(array).result(timeout=30).sum() == array.sum()
+
+
+def test_unknown_or_private_method_raises_attribute_error():
+    with shoal.Actor(workers.Counter) as counter:
+        with pytest.raises(AttributeError, match="has no method 'nope'.*incr"):
+            counter.nope()
+        with pytest.raises(AttributeError):
+            counter._private  # noqa: B018
+        with pytest.raises(AttributeError):
+            counter.n  # noqa: B018 - an attribute, not a method
+
+
+def test_constructor_exception_is_raised_by_actor(fork_or_spawn):
+    with pytest.raises(OSError, match="cannot open the resource") as info:
+        shoal.get_context(fork_or_spawn).Actor(workers.BrokenInit)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+
+
+def test_bad_arguments_get_clear_errors():
+    with pytest.raises(TypeError, match="takes a class"):
+        shoal.Actor(42)
+    with pytest.raises(shoal.SerializationError):
+        shoal.get_context("spawn").Actor(workers.Counter, threading.Lock())
+
+
+def test_actor_waiting_on_its_own_method_raises_instead_of_hanging():
+    with shoal.Actor(workers.Counter) as counter:
+        with pytest.raises(RuntimeError, match="wait for itself"):
+            counter.call_myself(counter)
+        assert counter.incr() == 1
+
+
+def test_actor_killed_with_pending_calls_fails_them_all(fork_or_spawn):
+    counter = shoal.get_context(fork_or_spawn).Actor(workers.Counter)
+    try:
+        futures = [counter.sleep.submit(30) for _ in range(5)]
+        errors = []
+
+        def sync_call():
+            try:
+                counter.sleep(30)
+            except shoal.ActorDiedError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=sync_call)
+        thread.start()
+        time.sleep(0.3)
+        os.kill(counter.pid, signal.SIGKILL)
+        for future in futures:
+            with pytest.raises(shoal.ActorDiedError, match="SIGKILL"):
+                future.result(timeout=30)
+        thread.join(30)
+        assert len(errors) == 1 and errors[0].pid == counter.pid
+        with pytest.raises(shoal.ActorDiedError):
+            counter.get()
+        with pytest.raises(shoal.ActorDiedError):
+            counter.incr.send()
+        # A process that connects afterwards is refused, never left waiting.
+        with shoal.Pool(1, context=fork_or_spawn) as pool:
+            with pytest.raises(shoal.ActorDiedError, match="no longer accepts connections"):
+                pool.apply(workers.increment_actor, (counter, 1))
+    finally:
+        counter.close()
+
+
+def test_actor_died_error_pickles():
+    exc = shoal.ActorDiedError("gone", 123, -9)
+    copy = pickle.loads(pickle.dumps(exc))
+    assert (str(copy), copy.pid, copy.exitcode) == ("gone", 123, -9)
+    assert isinstance(copy, shoal.ShoalError)
+
+
+def test_close_stops_the_process_after_earlier_calls():
+    counter = shoal.Actor(workers.Counter)
+    pid = counter.pid
+    futures = [counter.incr.submit() for _ in range(100)]
+    counter.close()
+    assert [f.result(timeout=30) for f in futures] == list(range(1, 101))
+    assert _gone(pid)
+    with pytest.raises(shoal.ActorDiedError, match="closed"):
+        counter.get()
+    counter.close()  # idempotent
+
+
+def test_terminate_kills_the_actor():
+    counter = shoal.Actor(workers.Counter)
+    future = counter.sleep.submit(30)
+    counter.terminate()
+    with pytest.raises(shoal.ActorDiedError):
+        future.result(timeout=30)
+    assert _gone(counter.pid)
+
+
+def test_garbage_collected_handle_stops_the_actor():
+    counter = shoal.Actor(workers.Counter)
+    pid = counter.pid
+    del counter
+    assert _gone(pid)
+
+
+_CREATOR = textwrap.dedent(
+    """
+    import os, sys, signal
+    sys.path.insert(0, {root!r})
+    import shoal
+    from tests import workers
+    if __name__ == "__main__":
+        counter = shoal.get_context({method!r}).Actor(workers.Counter)
+        counter.incr()
+        print(counter.pid, flush=True)
+        how = {how!r}
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif how == "_exit":
+            os._exit(0)
+        # "return": a normal exit without close()
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["return", "_exit", "kill"])
+def test_actor_does_not_outlive_its_creator(tmp_path, fork_or_spawn, how):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "creator.py"
+    script.write_text(_CREATOR.format(root=root, method=fork_or_spawn, how=how))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout.split()[0])
+    assert _gone(pid), f"actor {pid} still running after its creator exited ({how})"
