@@ -691,8 +691,8 @@ class Actor:
         self._owner = owner
         self._closed = False
 
-    # -- calls --
     def __getattr__(self, name: str):
+        """``handle.method``: a callable that runs that method in the actor."""
         if name.startswith("_"):
             raise AttributeError(name)
         if name not in self.__dict__.get("_methods", ()):
