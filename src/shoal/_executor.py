@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._asyncresult import IMapIterator
+from ._backends import NOT_SHARED, remote_engine
 from ._engine._engine import Engine, PoolStatistics, _check_timeout
 from ._engine._worker import STARMAP
 
@@ -125,6 +126,8 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         max_memory: resident bytes after which a worker is replaced between tasks.
         task_timeout: seconds a task may run before its worker is killed
             and the task fails with :class:`~shoal.TaskTimeoutError`.
+        backend, address, shared: as for :class:`shoal.Pool` (``backend="dask"``
+            runs the calls on a Dask cluster).
     """
 
     def __init__(
@@ -137,19 +140,30 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         max_tasks_per_child: int | None = None,
         max_memory: int | None = None,
         task_timeout: float | None = None,
+        backend: str | None = None,
+        address: str | None = None,
+        shared: Any = NOT_SHARED,
     ) -> None:
         if max_workers is not None and (not isinstance(max_workers, int) or max_workers <= 0):
             raise ValueError("max_workers must be greater than 0")
-        self._engine = Engine(
-            max_workers,
-            initializer,
-            initargs,
-            max_tasks_per_child,
-            mp_context,
-            max_memory=max_memory,
-            task_timeout=task_timeout,
-            graceful_exit=True,
-        )
+        if backend is not None or address is not None:
+            self._engine = remote_engine(
+                backend, address, max_workers, initializer, initargs, max_tasks_per_child, mp_context,
+                max_memory=max_memory, task_timeout=task_timeout, shared=shared, graceful_exit=True,
+            )
+        elif shared is not NOT_SHARED:
+            raise NotImplementedError("shared= is not implemented for the local backend yet")
+        else:
+            self._engine = Engine(
+                max_workers,
+                initializer,
+                initargs,
+                max_tasks_per_child,
+                mp_context,
+                max_memory=max_memory,
+                task_timeout=task_timeout,
+                graceful_exit=True,
+            )
         self._shutdown = False
         # Dropped without shutdown(): finish the queued work, then stop.
         self._finalizer = weakref.finalize(self, self._engine.close)

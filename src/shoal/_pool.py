@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._asyncresult import AsyncResult, IMapIterator, MapResult
+from ._backends import NOT_SHARED, remote_engine
 from ._engine._engine import Engine, PoolStatistics, _check_timeout
 from ._engine._worker import MAP, STARMAP
 from ._progress import progress_bar
@@ -50,6 +51,13 @@ class Pool:
         task_timeout: seconds a task may run; a late task's worker is killed
             and the task fails with :class:`~shoal.TaskTimeoutError` (a
             ``TimeoutError``).  Each call can set its own.
+        backend: ``None`` (worker processes on this machine) or ``"dask"``
+            (a Dask cluster: ``pip install "shoal[dask]"``).
+        address: with ``backend="dask"``, the scheduler to connect to
+            (``"tcp://host:8786"``); ``None`` starts a local cluster of
+            *processes* workers that the pool owns and shuts down.
+        shared: an object sent once to each worker, returned by
+            ``shoal.shared()`` inside tasks.
     """
 
     _engine: Engine
@@ -64,16 +72,27 @@ class Pool:
         *,
         max_memory: int | None = None,
         task_timeout: float | None = None,
+        backend: str | None = None,
+        address: str | None = None,
+        shared: Any = NOT_SHARED,
     ) -> None:
-        self._engine = Engine(
-            processes,
-            initializer,
-            initargs,
-            maxtasksperchild,
-            context,
-            max_memory=max_memory,
-            task_timeout=task_timeout,
-        )
+        if backend is not None or address is not None:
+            self._engine = remote_engine(
+                backend, address, processes, initializer, initargs, maxtasksperchild, context,
+                max_memory=max_memory, task_timeout=task_timeout, shared=shared,
+            )
+        elif shared is not NOT_SHARED:
+            raise NotImplementedError("shared= is not implemented for the local backend yet")
+        else:
+            self._engine = Engine(
+                processes,
+                initializer,
+                initargs,
+                maxtasksperchild,
+                context,
+                max_memory=max_memory,
+                task_timeout=task_timeout,
+            )
         self._closed = False
         # A pool dropped or left open at exit is terminated, never joined
         # forever (the standard library's pool can hang there).
