@@ -67,6 +67,7 @@ interrupted, so ``cancel()`` fails it at once and drops its late result.
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import os
 import pickle
@@ -126,9 +127,11 @@ class _NodeLocal(Exception):
 class _RefuseFds(list):
     """Stands in for the descriptor list of shoal's fd passing: an object that
     would send a descriptor of this machine (shoal._ipc._fdpass.reduce_fd)
-    raises instead."""
+    raises instead.  A collecting list owns what is appended to it (objects
+    hand it a duplicate), so the descriptor is closed here."""
 
-    def append(self, fd) -> None:  # noqa: ARG002
+    def append(self, fd: int) -> None:
+        os.close(fd)
         raise _NodeLocal("a file descriptor of this machine")
 
 
@@ -454,7 +457,14 @@ class DaskEngine:
         self._address = address
         if address is None:
             n = processes or (os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()) or 1
-            with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+            # A worker that dies counts against every task it holds, queued
+            # ones too: with a saturation of 1.0 a worker holds only the one
+            # it runs, so an innocent task is never blamed for its neighbour.
+            settings = {
+                "distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
+                "distributed.scheduler.worker-saturation": 1.0,
+            }
+            with dask.config.set(settings):
                 self._cluster = distributed.LocalCluster(
                     n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
                 )
@@ -802,13 +812,12 @@ class DaskEngine:
         )
         batch.future = future
         self._inflight[batch.id] = batch
-        done = self._done
+        future.add_done_callback(functools.partial(self._batch_done, batch))
 
-        def on_done(_future, batch=batch) -> None:
-            done.append(batch)
-            self._wake()
-
-        future.add_done_callback(on_done)
+    def _batch_done(self, batch: _Batch, _future) -> None:
+        # On Dask's callback thread: hand the batch to the dispatcher.
+        self._done.append(batch)
+        self._wake()
 
     def _collect(self) -> None:
         """Deliver the outcomes of finished batches."""
@@ -816,20 +825,26 @@ class DaskEngine:
         while self._done:
             batch = self._done.popleft()
             if self._inflight.pop(batch.id, None) is not None:
-                batches.append(batch)
-        finished = [b for b in batches if b.future.status == "finished"]
-        outputs: list = []
+                batches.append((batch, batch.future.status))
+        finished = [b for b, status in batches if status == "finished"]
         if finished:
             try:
-                outputs = self._client.gather([b.future for b in finished], errors="skip")
+                outputs = self._client.gather({b.id: b.future for b in finished}, errors="skip")
             except Exception as exc:  # noqa: BLE001 - e.g. the connection to the scheduler is lost
+                outputs = {}
                 for b in finished:
                     self._fail_batch(b, ShoalError(f"the results of Dask tasks could not be fetched: {exc!r}"))
-                finished = []
-        for batch, output in zip(finished, outputs):
-            self._deliver_batch(batch, output)
-        for batch in batches:
-            status = batch.future.status
+                    b.future = None
+            for b in finished:
+                if b.id in outputs:
+                    self._deliver_batch(b, outputs[b.id])
+                    b.future = None
+                elif b.future is not None:
+                    # Its result was lost with a worker that died after it
+                    # finished: Dask computes it again; wait for that.
+                    self._inflight[b.id] = b
+                    b.future.add_done_callback(functools.partial(self._batch_done, b))
+        for batch, status in batches:
             if status == "finished":
                 continue
             if status == "error":
