@@ -11,4 +11,4 @@ figure (in the scenario's unit).  The runner prints every figure and its ratio
 to the standard library's.
 """
 
-MODULES = ("bench_pool", "bench_ipc", "bench_shared")
+MODULES = ("bench_pool", "bench_ipc", "bench_shared", "bench_dask")

@@ -35,7 +35,11 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture
 def cluster():
     """An in-process cluster of two single-thread workers."""
-    c = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    c = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None,
+        # its HTTP server would take port 8787, or warn when it is in use
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+    )
     try:
         yield c
     finally:

@@ -466,7 +466,10 @@ class DaskEngine:
             }
             with dask.config.set(settings):
                 self._cluster = distributed.LocalCluster(
-                    n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+                    n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+                    # The scheduler serves HTTP even without a dashboard, on
+                    # port 8787 unless told otherwise: any free port instead.
+                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 )
             connect_to = self._cluster
         else:
@@ -840,12 +843,12 @@ class DaskEngine:
                     self._deliver_batch(b, outputs[b.id])
                     b.future = None
                 elif b.future is not None:
-                    # Its result was lost with a worker that died after it
-                    # finished: Dask computes it again; wait for that.
-                    self._inflight[b.id] = b
-                    b.future.add_done_callback(functools.partial(self._batch_done, b))
+                    self._wait_again(b)
         for batch, status in batches:
             if status == "finished":
+                continue
+            if status in ("lost", "pending"):
+                self._wait_again(batch)
                 continue
             if status == "error":
                 exc = batch.future.exception()
@@ -857,6 +860,12 @@ class DaskEngine:
                 self._fail_batch(batch, ShoalError(f"the Dask cluster dropped this task (its future is {status})"))
             batch.future = None
         self._notify()
+
+    def _wait_again(self, batch: _Batch) -> None:
+        # Its result was lost with a worker that died after the batch
+        # finished: Dask computes it again; wait for that.
+        self._inflight[batch.id] = batch
+        batch.future.add_done_callback(functools.partial(self._batch_done, batch))
 
     def _deliver_batch(self, batch: _Batch, output) -> None:
         kind, payload = output
