@@ -297,6 +297,10 @@ def test_owned_cluster_starts_the_workers_asked_for_and_stops_them():
         assert len(set(pids)) == 2 and os.getpid() not in pids
         got = set(p.map(worker_pid_and_thread, range(40), chunksize=1))
         assert {pid for pid, _ in got} <= set(pids)
+        # Worker processes map a large shared argument copy-on-write: each
+        # task still gets its own copy.
+        a = np.zeros(1 << 18)  # 2 MB
+        assert p.starmap(total_after_write, [(a, i) for i in range(30)], chunksize=1) == [(1.0, i) for i in range(30)]
     # the no_leaks fixture checks that every worker process has exited
 
 
