@@ -257,6 +257,33 @@ def test_close_join_finishes_queued_work_and_terminate_fails_the_rest(cluster):
         assert client.submit(square, 5).result(30) == 25
 
 
+def test_cancel_a_queued_task(cluster):
+    with shoal.Pool(backend="dask", address=cluster.scheduler_address) as p:
+        results = [p.apply_async(sleep_then, (i, 0.1)) for i in range(12)]
+        assert results[-1].cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            results[-1].get(30)
+        assert [r.get(30) for r in results[:-1]] == list(range(11))
+
+
+def test_pools_left_open_at_exit_shut_down_their_cluster(tmp_path):
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import shoal\n"
+        "def square(x):\n"
+        "    return x * x\n"
+        "if __name__ == '__main__':\n"
+        "    pool = shoal.Pool(2, backend='dask')\n"
+        "    print(pool.map(square, range(5)))\n"
+        "    ex = shoal.ProcessPoolExecutor(2, backend='dask')\n"
+        "    print(ex.submit(square, 3).result(60))\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[0,", "1,", "4,", "9,", "16]", "9"]
+    # no_leaks: the worker processes of both clusters have exited
+
+
 # -- import and install ----------------------------------------------------------
 
 

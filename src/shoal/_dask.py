@@ -21,8 +21,8 @@ Data flow::
       scattered once per call    BATCH_BYTES; sent while fewer than     each task, pickle
       and referenced, not copied CREDIT x worker threads are in flight   each result or
                                   ─── client.submit(_run_batch) ─────►   exception
-                                 done callbacks (Dask's callback   ◄──── (ok, bytes, secs)
-                                  thread) queue the batch; the           per task
+                                 a wait on the client's event   ◄──── (ok, bytes, secs)
+                                  loop queues each done batch; the       per task
                                   dispatcher gathers finished batches
                                   in one call and delivers each
                                   task's outcome to its sink ──────► result objects,
@@ -67,7 +67,6 @@ interrupted, so ``cancel()`` fails it at once and drops its late result.
 from __future__ import annotations
 
 import atexit
-import functools
 import itertools
 import os
 import pickle
@@ -869,12 +868,26 @@ class DaskEngine:
         )
         batch.future = future
         self._inflight[batch.id] = batch
-        future.add_done_callback(functools.partial(self._batch_done, batch))
+        self._watch(batch)
 
-    def _batch_done(self, batch: _Batch, _future) -> None:
-        # On Dask's callback thread: hand the batch to the dispatcher.
-        self._done.append(batch)
-        self._wake()
+    def _watch(self, batch: _Batch) -> None:
+        """Queue *batch* for the dispatcher once its future is done.
+
+        Not Future.add_done_callback: it runs callbacks through a thread pool
+        that the interpreter shuts down before atexit handlers run, so a pool
+        finishing its work at exit would never hear of it.  This is the same
+        wait on the client's event loop, with a callback that only appends
+        and notifies.
+        """
+        future = batch.future
+
+        async def when_done() -> None:
+            while future.status in ("pending", "lost"):  # lost: Dask computes it again
+                await future._state.wait()
+            self._done.append(batch)
+            self._wake()
+
+        self._client.loop.add_callback(when_done)
 
     def _collect(self) -> None:
         """Deliver the outcomes of finished batches."""
@@ -919,7 +932,7 @@ class DaskEngine:
         # Its result was lost with a worker that died after the batch
         # finished: Dask computes it again; wait for that.
         self._inflight[batch.id] = batch
-        batch.future.add_done_callback(functools.partial(self._batch_done, batch))
+        self._watch(batch)
 
     def _deliver_batch(self, batch: _Batch, output) -> None:
         kind, payload = output
