@@ -83,7 +83,7 @@ import cloudpickle
 import dask
 import distributed
 
-from ._engine._engine import PoolStatistics, _CallbackThread
+from ._engine._engine import Engine, PoolStatistics, _CallbackThread
 from ._engine._worker import CALL, CALL_KW, MAP
 from ._ipc._fdpass import _state as _fd_state
 from ._shm._segment import fd_from_buffer, map_private_fd
@@ -445,8 +445,16 @@ def _stop_all_at_exit() -> None:
             pass
 
 
-class DaskEngine:
-    """Tasks batched onto a Dask cluster; the interface of shoal's Engine."""
+class DaskEngine(Engine):
+    """Tasks batched onto a Dask cluster, behind the interface of shoal's Engine.
+
+    It inherits the Engine's caller-side lifecycle (close, terminate, join,
+    cancel, the imap feeder count, the running-state checks), which touches
+    only what both engines have -- ``_state``, ``_control``, ``_wake()``,
+    ``_thread``, ``_finished``, ``callbacks``, ``results_cond`` -- and
+    replaces the rest; ``Engine.__init__`` (which starts local workers) is
+    not called.
+    """
 
     def __init__(
         self,
@@ -559,14 +567,6 @@ class DaskEngine:
     # caller side (the interface of shoal._engine.Engine)
     # ------------------------------------------------------------------
     @property
-    def processes(self) -> int:
-        return self._processes
-
-    @property
-    def state(self) -> str:
-        return self._state
-
-    @property
     def client(self) -> distributed.Client:
         """The Dask client this pool submits through."""
         return self._client
@@ -574,18 +574,6 @@ class DaskEngine:
     @property
     def worker_pids(self) -> list[int]:
         return sorted(self._client.run(os.getpid).values())
-
-    def _check_running(self) -> None:
-        if os.getpid() != self._owner_pid:
-            raise PoolClosedError(
-                f"this pool belongs to process {self._owner_pid}; a process started by fork inherits the "
-                "object but not its Dask client: create a new pool in this process"
-            )
-        if self._state == _RUN:
-            return
-        if self._state == _BROKEN and self._broken_error is not None:
-            raise WorkerStartError(f"the pool cannot run tasks: {self._broken_error}") from self._broken_error
-        raise PoolClosedError("Pool not running: it was closed or terminated; create a new pool to submit work")
 
     def function_ref(self, fn) -> _Scope:
         """A new scope for the tasks of one call of *fn* (see _Scope)."""
@@ -660,15 +648,6 @@ class DaskEngine:
                 raise PoolClosedError("the pool was terminated while this task was being submitted") from exc
             raise
 
-    def feeder_started(self) -> None:
-        with self.results_cond:
-            self._feeders += 1
-
-    def feeder_finished(self) -> None:
-        with self.results_cond:
-            self._feeders -= 1
-        self._wake()
-
     def map_chunksize(self, n: int, fn=None) -> int:
         """The standard library's chunk size (n / 4 per worker), smaller when
         the function's measured speed says chunks would run over CHUNK_SECONDS."""
@@ -696,56 +675,6 @@ class DaskEngine:
             self._dirty = True
             self._cond.notify()
 
-    def cancel(self, task: _Task, exc: BaseException) -> None:
-        self._control.append(("cancel", task, exc))
-        self._wake()
-
-    def fail_sink(self, sink, exc: BaseException) -> None:
-        self._control.append(("fail_sink", sink, exc))
-        self._wake()
-
-    def cancel_pending_futures(self) -> None:
-        self._control.append(("cancel_futures", None, None))
-        self._wake()
-
-    def close(self) -> None:
-        if self._state == _RUN:
-            self._state = _CLOSE
-        self._wake()
-        with self.results_cond:
-            self.results_cond.notify_all()
-
-    def terminate(self, wait: bool = True) -> None:
-        if os.getpid() != self._owner_pid:
-            return
-        if self._state in (_RUN, _CLOSE, _BROKEN):
-            self._state = _TERMINATE
-        self._wake()
-        if not wait or threading.current_thread() is self._thread:
-            return
-        self._finished.wait()
-        self._thread.join()
-        self.callbacks.stop()
-
-    def join(self, timeout: float | None = None) -> bool:
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("cannot join the pool from its own dispatcher thread")
-        if not self._finished.wait(timeout):
-            return False
-        self._thread.join()
-        self.callbacks.drain()
-        self.callbacks.stop()
-        return True
-
-    def at_exit(self) -> None:
-        if os.getpid() != self._owner_pid:
-            return
-        if self._graceful_exit and self._state in (_RUN, _CLOSE):
-            self.close()
-            self.join()
-        else:
-            self.terminate()
-
     def statistics(self) -> PoolStatistics:
         inflight = list(self._inflight.values())
         return PoolStatistics(
@@ -761,9 +690,6 @@ class DaskEngine:
             replaced_because={"died": self._worker_deaths} if self._worker_deaths else {},
             task_seconds_estimate=min(self._estimates.values()) if self._estimates else None,
         )
-
-    def is_scheduler_thread(self) -> bool:
-        return threading.current_thread() is self._thread
 
     # ------------------------------------------------------------------
     # the dispatcher thread
@@ -1053,10 +979,6 @@ class DaskEngine:
         else:
             self._finish(task, False, exc)
 
-    def _notify(self) -> None:
-        with self.results_cond:
-            self.results_cond.notify_all()
-
     def _handle_control(self, what: str, obj, exc) -> None:
         if what == "cancel":
             task: _Task = obj
@@ -1071,16 +993,8 @@ class DaskEngine:
             if batch is not None and batch.future is not None and all(t.kill_reason for t, _, _ in batch.parts):
                 batch.future.cancel()  # nothing in it is wanted; Dask drops it if not started
             self._notify()
-        elif what == "cancel_futures":
-            for t in list(self._pending):
-                future = getattr(t.sink, "future", None)
-                if future is not None:
-                    future.cancel()
-        elif what == "fail_sink":
-            sink = obj
-            if not sink._delivered:
-                sink._deliver(None, False, exc)
-                self._notify()
+        else:  # cancel_futures, fail_sink: as the local engine does them
+            super()._handle_control(what, obj, exc)
 
     def _break(self, exc: BaseException) -> None:
         if self._state == _TERMINATE:
@@ -1088,6 +1002,9 @@ class DaskEngine:
         if self._broken_error is None:
             self._broken_error = exc
         self._state = _BROKEN
+        self._fail_queued(exc)
+
+    def _fail_queued(self, exc: BaseException) -> None:
         while self._pending:
             self._finish(self._pending.popleft(), False, exc)
         while self._isolated:
@@ -1096,12 +1013,7 @@ class DaskEngine:
                 self._finish(task, False, exc)
 
     def _fail_everything(self, exc: BaseException) -> None:
-        while self._pending:
-            self._finish(self._pending.popleft(), False, exc)
-        while self._isolated:
-            task = self._isolated.popleft()[0]
-            if task.kill_reason is None:
-                self._finish(task, False, exc)
+        self._fail_queued(exc)
         futures = []
         for batch in self._inflight.values():
             self._fail_batch(batch, exc)

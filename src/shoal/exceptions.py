@@ -107,8 +107,9 @@ class WorkerDiedError(ShoalError):
             cause = "not known here (a cluster's worker: see its logs)"
         else:
             cause = "an unexpected signal"
+        who = f"worker process {pid}" if pid is not None else "a worker process"
         msg = (
-            f"worker process {pid if pid is not None else '(pid unknown)'} died ({how}) while running this task; likely cause: {cause}. "
+            f"{who} died ({how}) while running this task; likely cause: {cause}. "
             "The worker was replaced and the pool goes on."
         )
         if detail:
