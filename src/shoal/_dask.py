@@ -426,6 +426,11 @@ class _Batch:
         self.future = None
 
 
+def _fn_key(fn) -> str:
+    """What task-duration estimates are kept by."""
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+
 def _keyed(futures) -> list:
     """Scattered buffers as (key, future) pairs: Dask replaces each future
     by its value on the worker, which caches its copy by key."""
@@ -493,6 +498,7 @@ class DaskEngine(Engine):
 
         self._token = uuid.uuid4().hex
         self._owner_pid = os.getpid()
+        self.task_timeout = None
         self._state = _RUN
         self._broken_error: BaseException | None = None
         self._pending: deque[_Task] = deque()
@@ -586,7 +592,7 @@ class DaskEngine(Engine):
             entry = self._fn_blobs.get(id(fn))
             if entry is not None and entry[0] is fn:
                 return _Scope(self, fn, entry[1], entry[2])
-        key = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+        key = _fn_key(fn)
         data, buffers = _pickle(fn, "the function")
         scope = _Scope(self, fn, (data, []), key)
         if buffers:
@@ -600,7 +606,9 @@ class DaskEngine(Engine):
     def make_task(self, fn, mode: int, payload, sink, index: int = 0, timeout=None, fn_ref=None) -> _Task:
         """Serialize one task in the caller's thread (errors surface here)."""
         if timeout is not None:
-            raise ValueError("task_timeout is not supported with backend='dask' (a running Dask task cannot be interrupted)")
+            raise ValueError(
+                "task_timeout is not supported with backend='dask' (a running Dask task cannot be interrupted)"
+            )
         scope = fn_ref if fn_ref is not None else self.function_ref(fn)
         n = 1 if mode in (CALL, CALL_KW) else len(payload)
         data, buffers = _pickle(payload, "the task's arguments")
@@ -668,7 +676,7 @@ class DaskEngine(Engine):
     def _estimate(self, fn) -> float | None:
         if fn is None:
             return None
-        return self._estimates.get(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}")
+        return self._estimates.get(_fn_key(fn))
 
     def _wake(self) -> None:
         with self._cond:
