@@ -209,6 +209,15 @@ def test_unsupported_options_and_bad_backends_raise(cluster):
         shoal.ProcessPoolExecutor(address=address)
 
 
+def test_an_address_where_no_scheduler_listens_raises_connection_error():
+    import dask
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(ConnectionError, match="cannot connect to the Dask scheduler at tcp://127.0.0.1"):
+            shoal.Pool(backend="dask", address=address)
+
+
 def test_unpicklable_argument_raises_at_submit(pool):
     with pytest.raises(shoal.SerializationError, match="lock"):
         pool.apply_async(identity, (threading.Lock(),))

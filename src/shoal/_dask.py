@@ -70,6 +70,7 @@ import atexit
 import itertools
 import os
 import pickle
+import socket
 import threading
 import time
 import traceback
@@ -426,6 +427,19 @@ class _Batch:
         self.future = None
 
 
+def _check_listening(address: str) -> None:
+    """Fail at once, with OSError, when nothing listens at a tcp:// address
+    (Dask's client would retry for its whole connect timeout, then leave its
+    event loop's descriptors open)."""
+    try:
+        scheme, location = distributed.comm.parse_address(address)
+        host, port = distributed.comm.parse_host_port(location)
+    except (ValueError, TypeError):
+        return  # Dask reports a malformed address itself
+    if scheme == "tcp" and port:
+        socket.create_connection((host, port), timeout=10).close()
+
+
 def _fn_key(fn) -> str:
     """What task-duration estimates are kept by."""
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
@@ -541,6 +555,8 @@ class DaskEngine(Engine):
         else:
             connect_to = address
         try:
+            if address is not None:
+                _check_listening(address)
             self._client = distributed.Client(connect_to, set_as_default=False)
         except OSError as exc:
             self._close_cluster()
