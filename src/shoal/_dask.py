@@ -456,7 +456,10 @@ _live_engines: weakref.WeakSet[DaskEngine] = weakref.WeakSet()
 
 @atexit.register
 def _stop_all_at_exit() -> None:
-    # Registered after distributed's own handlers, so it runs before them.
+    # Not the local engine's registry and handler: that one is registered
+    # when shoal is imported, before distributed, so it would run after
+    # distributed's own exit handlers have closed its clients.  This one is
+    # registered after them, so it runs first.
     for engine in list(_live_engines):
         try:
             engine.at_exit()
@@ -718,23 +721,18 @@ class DaskEngine(Engine):
     # ------------------------------------------------------------------
     # the dispatcher thread
     # ------------------------------------------------------------------
-    def _run(self) -> None:
+    # _run (inherited) runs _loop, fails everything if it raises, then
+    # calls _close_resources and fails what was queued meanwhile.
+
+    def _kill_workers(self, graceful: bool) -> None:
+        pass  # Dask's workers are Dask's: _close_resources closes the cluster the pool owns
+
+    def _close_resources(self) -> None:
+        _live_engines.discard(self)
         try:
-            self._loop()
-        except BaseException as exc:  # noqa: BLE001 - never leave callers waiting
-            self._broken_error = exc
-            self._state = _BROKEN
+            self._close_client()
+        except Exception:  # noqa: BLE001 - callers must still be released (_run sets _finished next)
             traceback.print_exc()
-            self._fail_everything(ShoalError(f"the pool's Dask dispatcher failed: {exc!r}; this is a bug in shoal"))
-        finally:
-            _live_engines.discard(self)
-            try:
-                self._close_client()
-            finally:
-                self._finished.set()
-                while self._pending:
-                    self._fail(self._pending.popleft(), PoolClosedError("the pool was terminated before this task ran"))
-                self._notify()
 
     def _loop(self) -> None:
         while True:
