@@ -11,4 +11,4 @@ figure (in the scenario's unit).  The runner prints every figure and its ratio
 to the standard library's.
 """
 
-MODULES = ("bench_pool", "bench_arrays", "bench_ipc", "bench_shared", "bench_actor", "bench_joblib")
+MODULES = ("bench_pool", "bench_arrays", "bench_ipc", "bench_shared", "bench_actor", "bench_joblib", "bench_dask")

@@ -31,7 +31,8 @@ class Scenario:
         repeat: how many times each contender runs; the best figure counts.
         baseline: the contender ratios are computed against, when it is not
             the standard library (joblib's backends against loky, its
-            default; fire-and-forget actor calls against waiting ones); the
+            default; fire-and-forget actor calls against waiting ones; Dask
+            scenarios against the Dask client); the
             scenario's name says so.
     """
 

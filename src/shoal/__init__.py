@@ -10,6 +10,7 @@ Layers (lower never imports higher)::
     shoal/__init__.py            public names only
     _cli.py                      the ``shoal`` command
     _pool.py, _executor.py       faces of one engine
+    _backends.py, _dask.py       the same engine interface on a Dask cluster (optional)
     _engine/                     scheduler thread, worker loop, crash detection
     _ipc/                        framing, descriptor passing, Connection, queues
     _shm/                        memfd segments, the shared dict

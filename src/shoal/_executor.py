@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._asyncresult import IMapIterator
+from ._backends import remote_engine
 from ._engine._engine import Engine, PoolStatistics, WorkerProcess, _check_int, _check_timeout
 from ._engine._local import NO_SHARED
 from ._engine._worker import STARMAP
@@ -143,6 +144,8 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         max_memory: resident bytes after which a worker is replaced between tasks.
         task_timeout: seconds a task may run before its worker is killed
             and the task fails with :class:`~shoal.TaskTimeoutError`.
+        backend, address: as for :class:`shoal.Pool` (``backend="dask"``
+            runs the calls on a Dask cluster).
         shared, worker_init, worker_exit: as for :class:`shoal.Pool`; read
             the shared object with :func:`shoal.shared`, collect what
             ``worker_exit`` returned with :meth:`worker_exit_results` after
@@ -168,6 +171,8 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         shared: Any = NO_SHARED,
         worker_init: Callable[[], object] | None = None,
         worker_exit: Callable[[], Any] | None = None,
+        backend: str | None = None,
+        address: str | None = None,
     ) -> None:
         if max_workers is not None:
             _check_int("max_workers", max_workers)
@@ -177,21 +182,28 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             _check_int("max_tasks_per_child", max_tasks_per_child)
             if max_tasks_per_child < 1:
                 raise ValueError("max_tasks_per_child must be >= 1")
-        self._engine = Engine(
-            max_workers,
-            initializer,
-            initargs,
-            max_tasks_per_child,
-            mp_context,
-            max_memory=max_memory,
-            task_timeout=task_timeout,
-            graceful_exit=True,
-            defer_start_errors=True,
-            remote_traceback=_RemoteTraceback,
-            shared=shared,
-            worker_init=worker_init,
-            worker_exit=worker_exit,
-        )
+        if backend is not None or address is not None:
+            self._engine = remote_engine(
+                backend, address, max_workers, initializer, initargs, max_tasks_per_child, mp_context,
+                max_memory=max_memory, task_timeout=task_timeout, shared=shared, graceful_exit=True,
+                worker_init=worker_init, worker_exit=worker_exit,
+            )
+        else:
+            self._engine = Engine(
+                max_workers,
+                initializer,
+                initargs,
+                max_tasks_per_child,
+                mp_context,
+                max_memory=max_memory,
+                task_timeout=task_timeout,
+                graceful_exit=True,
+                defer_start_errors=True,
+                remote_traceback=_RemoteTraceback,
+                shared=shared,
+                worker_init=worker_init,
+                worker_exit=worker_exit,
+            )
         # What the standard library's executor keeps in _mp_context.
         self._given_context = mp_context if mp_context is not None and not isinstance(mp_context, str) else None
         self._shutdown = False

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._asyncresult import AsyncResult, IMapIterator, MapResult
+from ._backends import remote_engine
 from ._engine._engine import Engine, PoolStatistics, WorkerProcess, _check_timeout
 from ._engine._local import NO_SHARED
 from ._engine._worker import MAP, STARMAP
@@ -69,6 +70,11 @@ class Pool:
             *maxtasksperchild* or *max_memory*), not when it is killed
             (:meth:`terminate`, which the ``with`` block calls, or a crash).
             What it returns is collected by :meth:`worker_exit_results`.
+        backend: ``None`` (worker processes on this machine) or ``"dask"``
+            (a Dask cluster: ``pip install "shoal[dask]"``).
+        address: with ``backend="dask"``, the scheduler to connect to
+            (``"tcp://host:8786"``); ``None`` starts a local cluster of
+            *processes* workers that the pool owns and shuts down.
 
     ``with Pool(...) as pool:`` calls :meth:`terminate` when the block ends,
     as the standard library does: work still queued or running is stopped,
@@ -96,20 +102,29 @@ class Pool:
         shared: Any = NO_SHARED,
         worker_init: Callable[[], object] | None = None,
         worker_exit: Callable[[], Any] | None = None,
+        backend: str | None = None,
+        address: str | None = None,
     ) -> None:
-        self._engine = Engine(
-            processes,
-            initializer,
-            initargs,
-            maxtasksperchild,
-            context,
-            max_memory=max_memory,
-            task_timeout=task_timeout,
-            remote_traceback=multiprocessing.pool.RemoteTraceback,
-            shared=shared,
-            worker_init=worker_init,
-            worker_exit=worker_exit,
-        )
+        if backend is not None or address is not None:
+            self._engine = remote_engine(
+                backend, address, processes, initializer, initargs, maxtasksperchild, context,
+                max_memory=max_memory, task_timeout=task_timeout, shared=shared,
+                worker_init=worker_init, worker_exit=worker_exit,
+            )
+        else:
+            self._engine = Engine(
+                processes,
+                initializer,
+                initargs,
+                maxtasksperchild,
+                context,
+                max_memory=max_memory,
+                task_timeout=task_timeout,
+                remote_traceback=multiprocessing.pool.RemoteTraceback,
+                shared=shared,
+                worker_init=worker_init,
+                worker_exit=worker_exit,
+            )
         self._closed = False
         # A pool dropped or left open at exit is terminated, never joined
         # forever (the standard library's pool can hang there).

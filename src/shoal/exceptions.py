@@ -117,10 +117,13 @@ class WorkerDiedError(ShoalError):
             cause = _LIKELY_CAUSES[self.signal_name]
         elif exitcode is not None and exitcode >= 0:
             cause = "the task or a library it called exited the process (os._exit, sys.exit in a C extension)"
+        elif exitcode is None:
+            cause = "not known here (a cluster's worker: see its logs)"
         else:
             cause = "an unexpected signal"
+        who = f"worker process {pid}" if pid is not None else "a worker process"
         msg = (
-            f"worker process {pid} died ({how}) while running this task; likely cause: {cause}. "
+            f"{who} died ({how}) while running this task; likely cause: {cause}. "
             "The worker was replaced and the pool goes on."
         )
         if detail:

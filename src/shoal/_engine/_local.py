@@ -12,6 +12,7 @@ instead of silently using a copy; tasks pay no system call to check that.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 __all__ = ("install", "shared", "worker_state")
@@ -29,6 +30,9 @@ class _NoShared:
 NO_SHARED: Any = _NoShared()
 
 _in_worker = False  # True only in a pool worker, once install() ran
+# A backend whose workers run tasks in threads of a process it does not own
+# (Dask) sets the shared object per thread, around each batch.
+_thread = threading.local()
 _shared: Any = NO_SHARED
 _state: dict | None = None
 
@@ -51,6 +55,14 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
+def set_thread_shared(obj: Any) -> Any:
+    """Make shared() return *obj* in this thread (NO_SHARED: undo); returns
+    what it returned before.  For backends whose tasks run in threads."""
+    previous = getattr(_thread, "shared", NO_SHARED)
+    _thread.shared = obj
+    return previous
+
+
 def shared() -> Any:
     """The read-only object given to the pool as ``shared=``.
 
@@ -65,6 +77,9 @@ def shared() -> Any:
         RuntimeError: called outside a pool worker, or the pool was created
             without ``shared=``.
     """
+    value = getattr(_thread, "shared", NO_SHARED)
+    if value is not NO_SHARED:
+        return value
     if not _in_worker:
         raise RuntimeError(
             "shoal.shared() was called outside a pool worker: it returns the object given as "

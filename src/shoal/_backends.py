@@ -1,0 +1,44 @@
+"""Where a pool's tasks run: ``backend=None`` is shoal's own engine on this
+machine; ``backend="dask"`` is the same engine's interface on a Dask cluster
+(:mod:`shoal._dask`).  Optional backends are imported only when asked for,
+so ``import shoal`` never imports Dask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._engine._local import NO_SHARED
+
+INSTALL_HINT = 'backend="dask" needs Dask\'s distributed scheduler: pip install "shoal[dask]"'
+
+BACKENDS = (None, "dask")
+
+
+def remote_engine(
+    backend: str | None,
+    address: str | None,
+    *args,
+    shared: Any = NO_SHARED,
+    worker_init=None,
+    worker_exit=None,
+    **options,
+):
+    """The engine for ``backend`` (not None), started or connected to *address*."""
+    if worker_init is not None or worker_exit is not None:
+        raise ValueError(
+            "worker_init and worker_exit need workers the pool owns: they are not available with "
+            "backend='dask' (use initializer= for per-worker set-up there)"
+        )
+    if backend is None:
+        raise ValueError(f"address={address!r} needs backend='dask'")
+    if backend != "dask":
+        raise ValueError(f"unknown backend {backend!r}: use None (worker processes on this machine) or 'dask'")
+    try:
+        from ._dask import DaskEngine
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] in ("dask", "distributed"):
+            raise ImportError(INSTALL_HINT) from exc
+        raise
+    if shared is not NO_SHARED:
+        options["shared"] = shared
+    return DaskEngine(*args, address=address, **options)
