@@ -25,7 +25,6 @@ distributed = pytest.importorskip("distributed", reason="the dask extra is not i
 np = pytest.importorskip("numpy")
 
 import shoal  # noqa: E402
-from shoal import _dask  # noqa: E402
 
 from workers import add, crash_on, identity, raise_value_error, sleep_then, square  # noqa: E402
 

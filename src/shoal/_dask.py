@@ -92,7 +92,7 @@ from ._shm._segment import fd_from_buffer, map_private_fd
 from ._serialization import _find_unpicklable, dumps, loads, pack_exception, unpack_exception
 from .exceptions import PoolClosedError, SerializationError, ShoalError, WorkerDiedError, WorkerStartError
 
-__all__ = ("DaskEngine", "shared")
+__all__ = ("DaskEngine",)
 
 #: Work per Dask task: long enough that Dask's ~1 ms per task vanishes.
 BATCH_SECONDS = 0.05
