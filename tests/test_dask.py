@@ -422,3 +422,14 @@ def test_a_real_scheduler_and_two_workers(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
+
+
+# Before: Ctrl-C in a Dask pool's map sent "interrupt" to a dispatcher that
+# handed it to the local engine's code, which read worker tables Dask has not.
+def test_ctrl_c_in_a_dask_map_fails_its_tasks_and_the_pool_goes_on(pool):
+    import _thread
+
+    threading.Timer(0.5, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        pool.starmap(sleep_then, [(i, 0.2) for i in range(200)], chunksize=1)
+    assert pool.apply(square, (6,)) == 36

@@ -14,7 +14,7 @@ import pytest
 from helpers import run_code, run_ok, run_processes, wait_until
 
 from shoal import _native
-from shoal._shm._segment import Segment
+from shoal._fd import Segment
 
 # -- atomics -------------------------------------------------------------------
 

@@ -57,18 +57,18 @@ from . import exceptions as exceptions
 from ._actor import Actor as Actor
 from ._context import Context as Context
 from ._context import get_context as get_context
-from ._engine._local import shared as shared
-from ._engine._local import worker_state as worker_state
+from ._engine import shared as shared
+from ._engine import worker_state as worker_state
 from ._executor import ProcessPoolExecutor as ProcessPoolExecutor
-from ._ipc._connection import Connection as Connection
-from ._ipc._connection import Pipe as Pipe
-from ._ipc._queue import JoinableQueue as JoinableQueue
-from ._ipc._queue import Queue as Queue
-from ._ipc._queue import SimpleQueue as SimpleQueue
+from ._ipc import Connection as Connection
+from ._ipc import JoinableQueue as JoinableQueue
+from ._ipc import Pipe as Pipe
+from ._ipc import Queue as Queue
+from ._ipc import SimpleQueue as SimpleQueue
 from ._manager import Manager as Manager
 from ._pool import AsyncResult as AsyncResult
 from ._pool import Pool as Pool
-from ._shm._dict import SharedDict as SharedDict
+from ._shm import SharedDict as SharedDict
 from .exceptions import (
     ActorDiedError as ActorDiedError,
     BrokenResourceError as BrokenResourceError,

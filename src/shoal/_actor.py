@@ -80,9 +80,10 @@ from typing import Any
 
 import cloudpickle
 
-from ._engine._worker import _set_pdeathsig
-from ._executor import _settle
-from ._ipc._packet import SNDBUF, close_fds, encode, recv_packet, send_packet, socketpair
+from ._asyncresult import settle_future as _settle
+from ._engine import engine_descriptors
+from ._engine import set_pdeathsig as _set_pdeathsig
+from ._ipc import SNDBUF, close_fds, encode, recv_packet, send_packet, socketpair
 from ._serialization import loads_with, pack_exception, unpack_exception
 from .exceptions import ActorDiedError, SerializationError, describe_exitcode
 
@@ -808,9 +809,7 @@ class _Method:
 
 
 def _inherited_descriptors() -> list[int]:
-    from ._engine._engine import _engine_descriptors
-
-    return _engine_descriptors()
+    return engine_descriptors()
 
 
 # -- the actor process ------------------------------------------------------------

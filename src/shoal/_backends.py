@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._engine._local import NO_SHARED
+from ._engine import NO_SHARED
 
 INSTALL_HINT = 'backend="dask" needs Dask\'s distributed scheduler: pip install "shoal[dask]"'
 

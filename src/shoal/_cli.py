@@ -281,7 +281,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import multiprocessing
 
     from shoal import __version__
-    from shoal.benchmarks import _framework
+    from shoal import benchmarks
 
     if args.plot:
         _need_matplotlib()
@@ -293,11 +293,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table = sys.stderr if args.json == "-" else sys.stdout
     if args.load:
         saved = _read_results(args.load)
-        print(f"shoal bench: results saved from {_framework.describe(saved)}", file=table)
-        _framework.print_header(table)
+        print(f"shoal bench: results saved from {benchmarks.describe(saved)}", file=table)
+        benchmarks.print_header(table)
         for record in saved["scenarios"]:
-            _framework.print_record(record, table)
-        _framework.print_summary(saved["scenarios"], table)
+            benchmarks.print_record(record, table)
+        benchmarks.print_summary(saved["scenarios"], table)
     else:
         saved = {
             "shoal": __version__,
@@ -308,8 +308,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "quick": args.quick,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        print(f"shoal bench: {_framework.describe(saved)}", file=table)
-        saved["scenarios"] = _framework.run(args.select, quick=args.quick, out=table)
+        print(f"shoal bench: {benchmarks.describe(saved)}", file=table)
+        saved["scenarios"] = benchmarks.run(args.select, quick=args.quick, out=table)
     if args.json:
         text = json.dumps(saved, indent=1) + "\n"
         if args.json == "-":
@@ -350,7 +350,7 @@ def _need_matplotlib() -> None:
 
 
 def _plot(saved: dict, path: str) -> None:
-    from shoal.benchmarks._plot import draw_ratios
+    from shoal.benchmarks import draw_ratios
 
     try:
         draw_ratios(saved, path)

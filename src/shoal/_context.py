@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing
 from typing import Any
 
-from ._engine._engine import mp_context
+from ._engine import mp_context
 
 __all__ = ("Context", "get_context")
 
@@ -37,22 +37,22 @@ class Context:
         return Pool(processes, initializer, initargs, maxtasksperchild, context=self._ctx, **options)
 
     def Pipe(self, duplex: bool = True):  # noqa: N802
-        from ._ipc._connection import Pipe
+        from ._ipc import Pipe
 
         return Pipe(duplex)
 
     def Queue(self, maxsize: int = 0):  # noqa: N802
-        from ._ipc._queue import Queue
+        from ._ipc import Queue
 
         return Queue(maxsize)
 
     def JoinableQueue(self, maxsize: int = 0):  # noqa: N802
-        from ._ipc._queue import JoinableQueue
+        from ._ipc import JoinableQueue
 
         return JoinableQueue(maxsize)
 
     def SimpleQueue(self):  # noqa: N802
-        from ._ipc._queue import SimpleQueue
+        from ._ipc import SimpleQueue
 
         return SimpleQueue()
 

@@ -84,12 +84,10 @@ import cloudpickle
 import dask
 import distributed
 
-from ._engine import _local as _engine_local
-from ._engine._engine import Engine, PoolStatistics, _CallbackThread
-from ._engine._worker import CALL, CALL_KW, MAP
-from ._ipc._fdpass import _state as _fd_state
-from ._shm._segment import fd_from_buffer, map_private_fd
-from ._serialization import _find_unpicklable, dumps, loads, pack_exception, unpack_exception
+from ._engine import CALL, CALL_KW, MAP, NO_SHARED, Engine, PoolStatistics, set_thread_shared
+from ._engine import CallbackThread as _CallbackThread
+from ._fd import fd_from_buffer, map_private_fd, sending_fds
+from ._serialization import dumps, find_unpicklable, loads, pack_exception, unpack_exception
 from .exceptions import PoolClosedError, SerializationError, ShoalError, WorkerDiedError, WorkerStartError
 
 __all__ = ("DaskEngine",)
@@ -128,7 +126,7 @@ class _NodeLocal(Exception):
 
 class _RefuseFds(list):
     """Stands in for the descriptor list of shoal's fd passing: an object that
-    would send a descriptor of this machine (shoal._ipc._fdpass.reduce_fd)
+    would send a descriptor of this machine (shoal._fd.reduce_fd)
     raises instead.  A collecting list owns what is appended to it (objects
     hand it a duplicate), so the descriptor is closed here."""
 
@@ -141,7 +139,7 @@ _REFUSE = _RefuseFds()
 
 
 def _node_local_error(obj: Any, what: str) -> SerializationError:
-    culprit = _find_unpicklable(obj, 0)
+    culprit = find_unpicklable(obj, 0)
     name = type(culprit if culprit is not None else obj).__qualname__
     return SerializationError(
         f"cannot send {what} to a Dask worker: {name} holds a file descriptor of this machine "
@@ -162,38 +160,32 @@ def _pickle(obj: Any, what: str) -> tuple[bytes, list[pickle.PickleBuffer]]:
         large.append(pb)
         return False
 
-    previous = _fd_state.send
-    _fd_state.send = _REFUSE
     try:
-        for dump in (pickle.dumps, cloudpickle.dumps):
-            large.clear()
-            try:
-                return dump(obj, 5, buffer_callback=keep_large), large
-            except _NodeLocal:
-                raise _node_local_error(obj, what) from None
-            except Exception:  # noqa: BLE001 - the next pickler, then shoal's message
-                continue
-        dumps(obj, what=what)  # fails again, with shoal's message naming the culprit
-        raise SerializationError(f"cannot pickle {what}")
+        with sending_fds(_REFUSE):
+            for dump in (pickle.dumps, cloudpickle.dumps):
+                large.clear()
+                try:
+                    return dump(obj, 5, buffer_callback=keep_large), large
+                except _NodeLocal:
+                    raise _node_local_error(obj, what) from None
+                except Exception:  # noqa: BLE001 - the next pickler, then shoal's message
+                    continue
+            dumps(obj, what=what)  # fails again, with shoal's message naming the culprit
+            raise SerializationError(f"cannot pickle {what}")
     except SerializationError as exc:
         if isinstance(exc.__cause__, _NodeLocal):
             raise _node_local_error(obj, what) from None
         raise
-    finally:
-        _fd_state.send = previous
 
 
 def _dumps_result(value: Any) -> bytes:
-    previous = _fd_state.send
-    _fd_state.send = _REFUSE
     try:
-        return dumps(value, what="the task's result")
+        with sending_fds(_REFUSE):
+            return dumps(value, what="the task's result")
     except SerializationError as exc:
         if isinstance(exc.__cause__, _NodeLocal):
             raise _node_local_error(value, "the task's result") from None
         raise
-    finally:
-        _fd_state.send = previous
 
 
 # -- the worker side -------------------------------------------------------------
@@ -315,7 +307,7 @@ def _run_batch(token: str, client_pid: int, init: bytes | None, shared_value: tu
     previous = None
     if shared_value:
         value = shared_value[0]
-        previous = _engine_local.set_thread_shared(value.load() if type(value) is _Shared else value)
+        previous = set_thread_shared(value.load() if type(value) is _Shared else value)
     results = []
     perf = time.perf_counter
     try:
@@ -342,7 +334,7 @@ def _run_batch(token: str, client_pid: int, init: bytes | None, shared_value: tu
             results.append((ok, out, perf() - started))
     finally:
         if previous is not None:
-            _engine_local.set_thread_shared(previous)
+            set_thread_shared(previous)
     return _OK, results
 
 
@@ -481,7 +473,7 @@ class DaskEngine(Engine):
         address: str | None = None,
         max_memory: int | None = None,
         task_timeout: float | None = None,
-        shared: Any = _engine_local.NO_SHARED,
+        shared: Any = NO_SHARED,
         graceful_exit: bool = False,
     ) -> None:
         if processes is not None and (not isinstance(processes, int) or isinstance(processes, bool) or processes < 1):
@@ -502,7 +494,7 @@ class DaskEngine(Engine):
         except Exception as exc:
             raise SerializationError(f"cannot pickle the initializer or its initargs: {exc}") from exc
         shared_blob = None
-        if shared is not _engine_local.NO_SHARED:
+        if shared is not NO_SHARED:
             shared_blob = _pickle(shared, "the shared object")
 
         self._token = uuid.uuid4().hex
@@ -527,6 +519,9 @@ class DaskEngine(Engine):
         self.waiters = 0
         self._finished = threading.Event()
         self._submitted_n = self._completed = self._failed = self._cancelled = self._worker_deaths = 0
+        # What the local engine's inherited caller-side methods read.
+        self._helpers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        self._exit_results: list[tuple[bool, Any]] = []
 
         self._cluster = None
         self._address = address
@@ -676,6 +671,16 @@ class DaskEngine(Engine):
         if est:
             chunksize = max(1, min(chunksize, int(CHUNK_SECONDS / est)))
         return chunksize
+
+    def auto_chunksize(self, fn, cap: int | None = None) -> int:
+        """A lazily chunked map's next chunk: one item until *fn* is timed,
+        then about CHUNK_SECONDS of work, at most *cap* items (as the local
+        engine)."""
+        est = self._estimate(fn)
+        if est is None:
+            return 1
+        size = max(1, min(MAX_BATCH, int(CHUNK_SECONDS / max(est, 1e-9))))
+        return size if cap is None else max(1, min(size, cap))
 
     def inflight_bound(self, fn=None, chunksize: int = 1) -> int:
         """Tasks an imap keeps submitted and unconsumed: enough for CREDIT
@@ -995,20 +1000,37 @@ class DaskEngine(Engine):
 
     def _handle_control(self, what: str, obj, exc) -> None:
         if what == "cancel":
-            task: _Task = obj
-            if task.kill_reason is not None:
-                return
-            batch = task.batch
-            try:
-                self._pending.remove(task)
-            except ValueError:
-                pass
-            self._fail(task, exc, cancelled=True)
-            if batch is not None and batch.future is not None and all(t.kill_reason for t, _, _ in batch.parts):
-                batch.future.cancel()  # nothing in it is wanted; Dask drops it if not started
+            self._cancel_task(obj, exc)
+            self._notify()
+        elif what == "interrupt":
+            # Ctrl-C in a map (match: its tasks) or at exit (every task):
+            # fail them at once.  A Dask task cannot be stopped once it
+            # runs; a batch nothing is wanted from is dropped if not started.
+            match = obj
+            tasks = list(self._pending) + [t for b in list(self._inflight.values()) for t, _, _ in b.parts]
+            for task in tasks:
+                if task.kill_reason is None and (match is None or match(task.sink)):
+                    Engine._interrupt_task(task, exc)
+                    self._cancel_task(task, exc)
             self._notify()
         else:  # cancel_futures, fail_sink: as the local engine does them
             super()._handle_control(what, obj, exc)
+
+    def _cancel_task(self, task: _Task, exc: BaseException) -> None:
+        if task.kill_reason is not None:
+            return
+        batch = task.batch
+        try:
+            self._pending.remove(task)
+        except ValueError:
+            pass
+        self._fail(task, exc, cancelled=True)
+        if batch is not None and batch.future is not None and all(t.kill_reason for t, _, _ in batch.parts):
+            batch.future.cancel()  # nothing in it is wanted; Dask drops it if not started
+
+    def worker_processes(self) -> list:
+        """No local worker processes: Dask's workers are not the pool's."""
+        return []
 
     def _break(self, exc: BaseException) -> None:
         if self._state == _TERMINATE:

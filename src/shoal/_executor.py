@@ -18,7 +18,6 @@ raises ``BrokenProcessPool`` from submit and map.
 from __future__ import annotations
 
 import concurrent.futures
-from concurrent.futures import _base
 from concurrent.futures.process import _RemoteTraceback
 import itertools
 import multiprocessing
@@ -27,109 +26,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ._asyncresult import IMapIterator
+from ._asyncresult import Future, IMapIterator, submit_future
 from ._backends import remote_engine
-from ._engine._engine import Engine, PoolStatistics, WorkerProcess, _check_int, _check_timeout
-from ._engine._local import NO_SHARED
-from ._engine._worker import STARMAP
+from ._engine import NO_SHARED, STARMAP, Engine, PoolStatistics, WorkerProcess
+from ._engine import check_int as _check_int
+from ._engine import check_timeout as _check_timeout
 
 __all__ = ("Future", "ProcessPoolExecutor")
-
-
-class Future(concurrent.futures.Future):
-    """A ``concurrent.futures.Future`` whose running task can be cancelled."""
-
-    _shoal_engine: Engine | None = None
-    _shoal_task: Any = None
-
-    def cancel(self, running: bool = False) -> bool:
-        """Cancel the task.
-
-        As in the standard library a queued task is cancelled and ``True``
-        returned.  With ``running=True`` a task already running is cancelled
-        too: its worker is killed and replaced, and the future raises
-        :class:`concurrent.futures.CancelledError`.
-        """
-        if super().cancel():
-            return True
-        task = self._shoal_task
-        if not running or task is None:
-            return False
-        # Move a RUNNING future to CANCELLED, as cancel() does for a pending
-        # one (the same steps as Future.set_running_or_notify_cancel).
-        with self._condition:
-            if self._state != _base.RUNNING:
-                return self._state in (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
-            self._state = _base.CANCELLED_AND_NOTIFIED
-            for waiter in self._waiters:
-                waiter.add_cancelled(self)
-            self._condition.notify_all()
-        self._invoke_callbacks()
-        self._shoal_engine.cancel(task, concurrent.futures.CancelledError("the running task was cancelled"))
-        return True
-
-    def _invoke_callbacks(self) -> None:
-        # Done-callbacks are user code: never on the scheduler thread, where
-        # a slow or blocking one would stall every task.  (The future is
-        # done: no callback can be added to the list any more.)
-        if not self._done_callbacks:
-            return
-        engine = self._shoal_engine
-        if engine is not None and engine.is_scheduler_thread():
-            engine.callbacks.call(self._run_callbacks)
-        else:
-            self._run_callbacks()
-
-    def _run_callbacks(self) -> None:
-        super()._invoke_callbacks()
-        # Run once: the future keeps only its result, not the callbacks.
-        self._done_callbacks = []
-
-
-class _FutureSink:
-    """Delivers a task's outcome to a Future (the engine's sink protocol)."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, future: Future) -> None:
-        self.future = future
-
-    def _skip(self, task) -> bool:
-        future = self.future
-        if future.running():
-            return False
-        # Marks it running, or reports that the user cancelled it.
-        return future.done() or not future.set_running_or_notify_cancel()
-
-    def _deliver(self, task, ok: bool, value) -> None:
-        future = self.future
-        future._shoal_task = None  # break the task <-> future cycle
-        # Future._invoke_callbacks hands user callbacks to the callback thread.
-        _settle(future, ok, value)
-
-
-def _settle(future: Future, ok: bool, value) -> None:
-    if future.done():
-        return
-    try:
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-    except concurrent.futures.InvalidStateError:
-        pass  # cancelled meanwhile
-
-
-def _submit_future(engine: Engine, fn, args, kwargs, task_timeout=None) -> Future:
-    engine._check_running()
-    if not callable(fn):
-        raise TypeError(f"the function to run must be callable, got {type(fn).__name__}")
-    future = Future()
-    future._shoal_engine = engine
-    future._shoal_task = engine.submit_call(fn, args, kwargs, _FutureSink(future), task_timeout)
-    if future.done():
-        future._shoal_task = None  # settled before the line above: break the cycle here
-    return future
 
 
 class ProcessPoolExecutor(concurrent.futures.Executor):
@@ -214,7 +117,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         """Schedule ``fn(*args, **kwargs)``; return a :class:`Future`."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        return _submit_future(self._engine, fn, args, kwargs)
+        return submit_future(self._engine, fn, args, kwargs)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, buffersize: int | None = None) -> Iterator[Any]:

@@ -87,9 +87,12 @@ from typing import Any
 
 import cloudpickle
 
-from ._ipc._fdpass import collecting
+from ._fd import collecting
 from ._serialization import dumps
-from ._shm._dict import SharedDict, _SnapshotItems, _SnapshotKeys, _SnapshotValues
+from ._shm import SharedDict
+from ._shm import SnapshotItems as _SnapshotItems
+from ._shm import SnapshotKeys as _SnapshotKeys
+from ._shm import SnapshotValues as _SnapshotValues
 
 __all__ = ("Manager",)
 

@@ -24,11 +24,10 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._asyncresult import AsyncResult, IMapIterator, MapResult
+from ._asyncresult import AsyncResult, IMapIterator, MapResult, submit_future
 from ._backends import remote_engine
-from ._engine._engine import Engine, PoolStatistics, WorkerProcess, _check_timeout
-from ._engine._local import NO_SHARED
-from ._engine._worker import MAP, STARMAP
+from ._engine import MAP, NO_SHARED, STARMAP, Engine, PoolStatistics, WorkerProcess
+from ._engine import check_timeout as _check_timeout
 from ._progress import progress_bar
 from ._serialization import name_unpicklable_item
 
@@ -168,9 +167,8 @@ class Pool:
 
     def submit(self, fn: Callable[..., Any], /, *args, **kwargs) -> concurrent.futures.Future:
         """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``."""
-        from ._executor import _submit_future
 
-        return _submit_future(self._engine, fn, args, kwargs)
+        return submit_future(self._engine, fn, args, kwargs)
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None, *,
             task_timeout: float | None = None, progress: bool | dict = False) -> list:

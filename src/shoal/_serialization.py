@@ -8,7 +8,7 @@
   and ``memoryview`` through a persistent id, since pickle copies those in
   band) are taken out of band and copied once into an anonymous
   shared-memory segment whose descriptor travels beside the message: a
-  fresh memfd, or a warm reused one (:mod:`shoal._shm._warm`, the pool's
+  fresh memfd, or a warm reused one (:mod:`shoal._fd._warm`, the pool's
   path).  The receiver maps the segment and the unpickled object uses that
   memory directly (``bytes`` and ``bytearray`` own their memory: they are
   copied out).  The memory is freed when the receiver drops the object.
@@ -18,7 +18,7 @@
   segment's descriptor and the receiver maps the same memory, writable.
 * Failures name the object that could not be pickled and say what to do.
 
-``dumps`` must run inside :func:`shoal._ipc._fdpass.collecting_fds` when
+``dumps`` must run inside :func:`shoal._fd.collecting_fds` when
 out-of-band buffers are allowed, and ``loads`` inside ``providing_fds``.
 """
 
@@ -29,18 +29,25 @@ import io
 import mmap
 import os
 import pickle
+import threading
 import traceback
 from collections import ChainMap
 from typing import Any
 
 import cloudpickle
 
-from ._ipc._fdpass import _state as _fd_state
-from ._ipc._fdpass import providing_fds, reduce_fd
+from ._fd import WarmSegments, collecting, create_fd, map_leased, map_private_fd, providing_fds, reduce_fd
 from ._native import copy_into
-from ._shm._segment import create_fd, map_private_fd
-from ._shm._warm import WarmSegments, map_leased
 from .exceptions import RemoteError, RemoteTraceback, SerializationError, serialization_error
+
+class _Buffers(threading.local):
+    # Large buffers met while pickling (pickle's buffer_callback and
+    # _LargeBytesIds append here); a class default, not a missing attribute,
+    # which would cost an AttributeError inside threading.local per call.
+    oob: list | None = None
+
+
+_buffers = _Buffers()
 
 #: Buffers at least this large go through shared memory instead of the pipe.
 #: Below it, the cost of a memfd (~10 µs) exceeds the cost of copying.
@@ -55,7 +62,7 @@ class _OutOfBand:
     One descriptor per message however many buffers it holds: the kernel
     passes at most 253 descriptors with one message, and each costs a
     syscall or two.  Buffers start on page boundaries.  *leased*: the memfd
-    is a reused segment of a :class:`~shoal._shm._warm.WarmSegments` and
+    is a reused segment of a :class:`~shoal._fd._warm.WarmSegments` and
     the receiver takes its own lease on it.  *writable*: the receiver maps
     it privately (copy-on-write); otherwise shared and read-only.
     """
@@ -143,9 +150,9 @@ def _take_large_buffer(pb: pickle.PickleBuffer) -> bool:
     view = pb.raw()
     if view.nbytes < OOB_THRESHOLD:
         return True
-    if _fd_state.oob is None:
-        _fd_state.oob = []
-    _fd_state.oob.append(view)
+    if _buffers.oob is None:
+        _buffers.oob = []
+    _buffers.oob.append(view)
     return False
 
 
@@ -173,9 +180,9 @@ class _LargeBytesIds:
                 flat.cast(view.format, view.shape)
             except (TypeError, ValueError):
                 return None
-        oob = _fd_state.oob
+        oob = _buffers.oob
         if oob is None:
-            oob = _fd_state.oob = []
+            oob = _buffers.oob = []
         oob.append(flat)
         self.indices.append(len(oob) - 1)
         shape = (view.format, view.shape) if kind == 2 else None
@@ -186,7 +193,7 @@ def _pickle_with_ids(obj: Any, callback) -> tuple[bytes, tuple[int, ...]]:
     """Pickle *obj* sending large bytes-likes out of band (see _LargeBytesIds)."""
     for pickler_class in (pickle.Pickler, _Pickler):
         out = io.BytesIO()
-        _fd_state.oob = None
+        _buffers.oob = None
         ids = _LargeBytesIds()
         pickler = pickler_class(out, _PROTOCOL, buffer_callback=callback)
         pickler.persistent_id = ids
@@ -241,7 +248,7 @@ def dumps(
 ) -> bytes:
     """Pickle *obj*.
 
-    With *oob* and inside :func:`shoal._ipc._fdpass.collecting_fds`, buffers
+    With *oob* and inside :func:`shoal._fd.collecting_fds`, buffers
     of at least :data:`OOB_THRESHOLD` bytes (pickle-5 buffers such as
     contiguous numpy arrays, and ``bytes``, ``bytearray`` and contiguous
     ``memoryview`` objects found near the top of *obj*) are copied into one
@@ -254,7 +261,7 @@ def dumps(
 
     * *segments*: reuse warm segments of this :class:`WarmSegments` instead
       of a fresh memfd per message; the descriptor is then a lease on the
-      segment (see :mod:`shoal._shm._warm`), and the segment is reused only
+      segment (see :mod:`shoal._fd._warm`), and the segment is reused only
       once the caller has closed it and every receiver has dropped what it
       unpickled.
     * *writable*: receivers get private, writable copies-on-write (the
@@ -266,21 +273,21 @@ def dumps(
             together are larger (checked before the buffers are copied; the
             caller checks an in-band pickle's own length).
     """
-    callback = _take_large_buffer if oob and _fd_state.send is not None else None
-    _fd_state.oob = None
+    callback = _take_large_buffer if oob and collecting() else None
+    _buffers.oob = None
     ids: tuple[int, ...] = ()
     try:
         try:
             data = pickle.dumps(obj, _PROTOCOL, buffer_callback=callback)
         except Exception:
-            _fd_state.oob = None
+            _buffers.oob = None
             data = _cloudpickle_dumps(obj, buffer_callback=callback)
         if callback is not None and len(data) >= OOB_THRESHOLD and _holds_large_bytes(obj, 3):
             # pickle copies bytes-likes in band whatever their size: again,
             # with those out of band (rare, so the common path pays nothing).
             data, ids = _pickle_with_ids(obj, callback)
     except Exception as exc:
-        _fd_state.oob = None  # what the failed attempts collected must not leak into the next call
+        _buffers.oob = None  # what the failed attempts collected must not leak into the next call
         # Also an instance of what the pickler raised: `except PicklingError`
         # (or the RuntimeError of a __reduce__) catches it, as with the
         # standard library.
@@ -290,9 +297,9 @@ def dumps(
             "objects that define __reduce__; open files, locks, sockets and generators cannot be sent",
             exc,
         ) from exc
-    if callback is None or _fd_state.oob is None:
+    if callback is None or _buffers.oob is None:
         return data
-    buffers, _fd_state.oob = _fd_state.oob, None
+    buffers, _buffers.oob = _buffers.oob, None
     if limit is not None:
         size = len(data) + sum(view.nbytes for view in buffers)
         if size > limit:
@@ -369,14 +376,14 @@ def _load_bytes_like(views: list[memoryview], pid) -> Any:
 
 def _describe_failure(obj: Any, exc: BaseException) -> str:
     """Name the innermost unpicklable thing, when it can be found cheaply."""
-    culprit = _find_unpicklable(obj, depth=0)
+    culprit = find_unpicklable(obj, depth=0)
     base = f"{type(exc).__name__}: {exc}"
     if culprit is not None and culprit is not obj:
         return f"{base} (the unpicklable part is {_short_repr(culprit)} of type {type(culprit).__qualname__})"
     return f"{base} ({_short_repr(obj)} of type {type(obj).__qualname__})"
 
 
-def _find_unpicklable(obj: Any, depth: int) -> Any:
+def find_unpicklable(obj: Any, depth: int) -> Any:
     if depth > 4:
         return None
     items: list[Any]
@@ -390,7 +397,7 @@ def _find_unpicklable(obj: Any, depth: int) -> Any:
         try:
             _cloudpickle_dumps(item)
         except Exception:
-            return _find_unpicklable(item, depth + 1) or item
+            return find_unpicklable(item, depth + 1) or item
     return None
 
 

@@ -52,8 +52,8 @@ try:
 except ImportError as exc:
     raise ImportError("shoal.joblib needs joblib: pip install 'shoal[joblib]'") from exc
 
-from ._engine._engine import Engine
-from ._executor import Future, _submit_future
+from ._asyncresult import Future, submit_future
+from ._engine import Engine
 
 __all__ = ("ShoalBackend",)
 
@@ -116,7 +116,7 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
         return self._engine
 
     def submit(self, func: Any, callback: Any = None) -> Future:
-        future = _submit_future(self._get_engine(), func, (), {})
+        future = submit_future(self._get_engine(), func, (), {})
         if callback is not None:
             future.add_done_callback(callback)
         return future

@@ -1,1 +1,45 @@
-"""The pool engine: scheduler thread, worker loop, batching, crash detection."""
+"""The pool engine: scheduler thread, worker loop, batching, crash detection.
+
+The faces (``Pool``, ``ProcessPoolExecutor``, actors, the Dask backend) use
+these names only.  :class:`Engine` is the engine; :mod:`._worker` the loop a
+worker process runs (its task kinds ``CALL`` ... ``STARMAP``); :mod:`._local`
+what a task sees of its worker (:func:`shared`, :func:`worker_state`).
+"""
+
+from ._engine import Engine as Engine
+from ._engine import PoolStatistics as PoolStatistics
+from ._engine import WorkerProcess as WorkerProcess
+from ._engine import _CallbackThread as CallbackThread
+from ._engine import _check_int as check_int
+from ._engine import _check_timeout as check_timeout
+from ._engine import _engine_descriptors as engine_descriptors
+from ._engine import mp_context as mp_context
+from ._local import NO_SHARED as NO_SHARED
+from ._local import set_thread_shared as set_thread_shared
+from ._local import shared as shared
+from ._local import worker_state as worker_state
+from ._worker import CALL as CALL
+from ._worker import CALL_KW as CALL_KW
+from ._worker import MAP as MAP
+from ._worker import STARMAP as STARMAP
+from ._worker import _set_pdeathsig as set_pdeathsig
+
+__all__ = (
+    "CALL",
+    "CALL_KW",
+    "MAP",
+    "NO_SHARED",
+    "STARMAP",
+    "CallbackThread",
+    "Engine",
+    "PoolStatistics",
+    "WorkerProcess",
+    "check_int",
+    "check_timeout",
+    "engine_descriptors",
+    "mp_context",
+    "set_pdeathsig",
+    "set_thread_shared",
+    "shared",
+    "worker_state",
+)

@@ -101,12 +101,9 @@ from typing import Any
 
 import cloudpickle
 
-from .._ipc._channel import Channel
-from .._ipc._fdpass import _state as _fd_state
-from .._ipc._fdpass import collecting_fds
+from .._fd import WarmSegments, collecting_fds, create_fd, sending_fds
+from .._ipc import Channel
 from .._serialization import dumps, loads_with, unpack_exception
-from .._shm._segment import create_fd
-from .._shm._warm import WarmSegments
 from ..exceptions import (
     PoolClosedError,
     RemoteTraceback,
@@ -1575,12 +1572,8 @@ def _serialize(payload, fds: list[int], segments: WarmSegments) -> bytes:
     only in the worker, so it cannot silently write into memory the caller
     thinks private), and the descriptors to pass beside the message are
     appended to *fds*."""
-    previous = _fd_state.send
-    _fd_state.send = fds
-    try:
+    with sending_fds(fds):
         return dumps(payload, oob=True, what="the task's arguments", segments=segments, writable=False)
-    finally:
-        _fd_state.send = previous
 
 
 def _cannot_start(what: str, exc: BaseException) -> str:

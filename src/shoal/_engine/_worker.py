@@ -52,10 +52,9 @@ import time
 
 import cloudpickle
 
-from .._ipc._channel import Channel
-from .._ipc._fdpass import _state as fd_state
+from .._fd import WarmSegments, sending_fds
+from .._ipc import Channel
 from .._serialization import dumps, loads_with, pack_exception
-from .._shm._warm import WarmSegments
 from . import _local
 
 # Message kinds, parent -> worker
@@ -287,15 +286,13 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
             pack_status(status, offset, 0, 0.0, tid)
             if ok:
                 out_fds = []
-                fd_state.send = out_fds
                 try:
-                    out = dumps(value, oob=True, what="the task's result", segments=segments)
+                    with sending_fds(out_fds):
+                        out = dumps(value, oob=True, what="the task's result", segments=segments)
                 except Exception as exc:  # noqa: BLE001 - an unpicklable result fails only this task
                     ok = False
                     out = pack_exception(exc)
                     out_fds = []
-                finally:
-                    fd_state.send = None
             else:
                 out = pack_exception(value)
                 out_fds = []

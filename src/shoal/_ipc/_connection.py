@@ -43,9 +43,9 @@ import select
 import socket
 from multiprocessing import BufferTooShort
 
+from .._fd import collecting, providing_fds, reduce_fd
 from .._serialization import TooLarge, loads
 from ..exceptions import SerializationError
-from ._fdpass import collecting, providing_fds, reduce_fd
 from ._packet import (
     _ANC_SIZE,
     _CLOEXEC,

@@ -46,8 +46,7 @@ import threading
 import time
 
 from .._serialization import OOB_THRESHOLD, dumps
-from .._shm._segment import create_fd
-from ._fdpass import _state as _fd_state
+from .._fd import create_fd, sending_fds
 
 MEMFD = 0x01
 BYTES = 0x04
@@ -117,21 +116,17 @@ def encode(obj, what: str, limit: int | None = None) -> tuple[bytes, list[int]]:
     (SerializationError naming the culprit, or TooLarge past *limit*).
     """
     fds: list[int] = []
-    # collecting_fds() without the context-manager cost.
-    previous = _fd_state.send
-    _fd_state.send = fds
     try:
-        try:
-            payload = _pickle_dumps(obj, 5, buffer_callback=small_buffers_only)
-        except Exception:
-            close_fds(fds)
-            fds.clear()
-            payload = dumps(obj, oob=True, what=what, limit=limit)
+        with sending_fds(fds):
+            try:
+                payload = _pickle_dumps(obj, 5, buffer_callback=small_buffers_only)
+            except Exception:
+                close_fds(fds)
+                fds.clear()
+                payload = dumps(obj, oob=True, what=what, limit=limit)
     except BaseException:
         close_fds(fds)
         raise
-    finally:
-        _fd_state.send = previous
     return payload, fds
 
 

@@ -66,10 +66,8 @@ import weakref
 from multiprocessing import util as _mputil
 
 from .._serialization import loads
-from .._shm._segment import create_fd
+from .._fd import collecting, create_fd, providing_fds, reduce_fd, sending_fds
 from ..exceptions import SerializationError
-from ._fdpass import _state as _fd_state
-from ._fdpass import collecting, providing_fds, reduce_fd
 from ._packet import (
     _MAX_FDS,
     INBAND_MAX,
@@ -603,27 +601,24 @@ class Queue(_Base):
         entries: list = []
         inline_max = self._inline_max
         fds: list[int] = []
-        previous = getattr(_fd_state, "send", None)
-        _fd_state.send = fds
         try:
-            for item in items:
-                # The common case inline; anything else (descriptors, large
-                # or unpicklable by plain pickle) through _entry.
-                try:
-                    payload = _pickle_dumps(item, 5, buffer_callback=small_buffers_only)
-                except Exception:
-                    payload = None
-                if payload is None or fds or len(payload) > inline_max:
-                    close_fds(fds)
-                    fds.clear()
-                    entries.append(self._entry(item, "an item passed to put_many"))
-                else:
-                    entries.append((payload, None, None))
+            with sending_fds(fds):
+                for item in items:
+                    # The common case inline; anything else (descriptors, large
+                    # or unpicklable by plain pickle) through _entry.
+                    try:
+                        payload = _pickle_dumps(item, 5, buffer_callback=small_buffers_only)
+                    except Exception:
+                        payload = None
+                    if payload is None or fds or len(payload) > inline_max:
+                        close_fds(fds)
+                        fds.clear()
+                        entries.append(self._entry(item, "an item passed to put_many"))
+                    else:
+                        entries.append((payload, None, None))
         except BaseException:
             _close_entries(entries)
             raise
-        finally:
-            _fd_state.send = previous
         if entries:
             self._put_entries(entries, block, timeout)
 

@@ -66,7 +66,7 @@ import struct
 import time
 
 from .. import _native
-from .._shm._segment import create_fd
+from .._fd import create_fd
 from ._packet import (
     _ANC_SIZE,
     _CLOEXEC,

@@ -43,7 +43,7 @@ import os
 import weakref
 from typing import Any
 
-from ._segment import Segment, fd_from_buffer
+from .._fd import Segment, fd_from_buffer
 
 _MISSING = (
     "shoal.SharedArray needs numpy, which is not installed: pip install numpy (or 'shoal[numpy]')"

@@ -101,10 +101,9 @@ from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, Mu
 from typing import Any, Protocol
 
 from .. import _native
-from .._ipc._fdpass import collecting, reduce_fd
+from .._fd import collecting, create_fd, reduce_fd
 from .._serialization import dumps
 from ..exceptions import SerializationError
-from ._segment import create_fd
 
 __all__ = ("SharedDict",)
 

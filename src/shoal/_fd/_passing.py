@@ -32,8 +32,6 @@ class _State(threading.local):
     # an AttributeError internally, ~0.7 µs on every pickling call.
     send: list[int] | None = None
     recv: Sequence[int] | None = None
-    # large buffers met while pickling (see shoal._serialization)
-    oob: list | None = None
 
 
 _state = _State()
@@ -51,6 +49,29 @@ def collecting_fds() -> Iterator[list[int]]:
         _state.send = previous
 
 
+class sending_fds:  # noqa: N801 - used as a function, like contextlib's managers
+    """While active (``with sending_fds(fds):``), :func:`reduce_fd` appends
+    descriptors to *fds*, the list a sender passes beside its message.
+
+    :func:`collecting_fds` makes a new list; this takes the caller's (a
+    class, not a generator: it runs once per task on the pools' hot paths).
+    """
+
+    __slots__ = ("fds", "previous")
+
+    def __init__(self, fds: list[int] | None) -> None:
+        self.fds = fds
+        self.previous: list[int] | None = None
+
+    def __enter__(self) -> list[int] | None:
+        self.previous = _state.send
+        _state.send = self.fds
+        return self.fds
+
+    def __exit__(self, *exc: object) -> None:
+        _state.send = self.previous
+
+
 @contextmanager
 def providing_fds(fds: Sequence[int]) -> Iterator[None]:
     """While active, objects unpickled in this thread find their descriptors in *fds*."""
@@ -63,7 +84,7 @@ def providing_fds(fds: Sequence[int]) -> Iterator[None]:
 
 
 def collecting() -> bool:
-    """True inside :func:`collecting_fds` in this thread."""
+    """True inside :func:`collecting_fds` or :func:`sending_fds` in this thread."""
     return _state.send is not None
 
 

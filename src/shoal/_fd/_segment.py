@@ -2,7 +2,7 @@
 
 A :class:`Segment` is a ``memfd`` (anonymous memory with a descriptor, never a
 name in ``/dev/shm``) mapped into this process.  It travels to other processes
-as a descriptor (see :mod:`shoal._ipc._fdpass`), so the kernel frees the memory
+as a descriptor (see :mod:`shoal._fd`), so the kernel frees the memory
 when the last descriptor and mapping are gone, however the processes holding
 them end.  Nothing needs a resource tracker and nothing can be left behind.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 
-from .._ipc._fdpass import collecting, reduce_fd
+from ._passing import collecting, reduce_fd
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 

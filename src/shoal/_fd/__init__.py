@@ -1,0 +1,48 @@
+"""Descriptors and anonymous shared memory: the bottom layer of shoal.
+
+Everything shoal shares between processes is a file descriptor, never a name:
+the kernel frees a segment or a socket when the last process holding it is
+gone, however it ends.  This package is the one place that knows how a
+descriptor travels and how anonymous memory is made:
+
+* passing (:mod:`._passing`): an object that owns a descriptor reduces it
+  with :func:`reduce_fd`; a sender collects the descriptors of what it
+  pickles (:func:`collecting_fds` makes the list, :func:`sending_fds` uses
+  the sender's) and passes them beside its message as ``SCM_RIGHTS``; a
+  receiver unpickles inside :func:`providing_fds`.  Outside those contexts
+  :mod:`multiprocessing`'s own descriptor passing is used.
+* segments (:mod:`._segment`): memfds (:func:`create_fd`,
+  :func:`fd_from_buffer`), a mapped :class:`Segment`, and copy-on-write
+  views (:func:`map_private_fd`).
+* warm segments (:mod:`._warm`): reusable segments whose readers the kernel
+  tracks with file-lock leases (:class:`WarmSegments`, :func:`map_leased`).
+
+Every layer above (serialization, IPC, shared memory, the engine) uses these
+names and nothing else of this package.
+"""
+
+from ._passing import collecting as collecting
+from ._passing import collecting_fds as collecting_fds
+from ._passing import providing_fds as providing_fds
+from ._passing import reduce_fd as reduce_fd
+from ._passing import sending_fds as sending_fds
+from ._segment import Segment as Segment
+from ._segment import create_fd as create_fd
+from ._segment import fd_from_buffer as fd_from_buffer
+from ._segment import map_private_fd as map_private_fd
+from ._warm import WarmSegments as WarmSegments
+from ._warm import map_leased as map_leased
+
+__all__ = (
+    "Segment",
+    "WarmSegments",
+    "collecting",
+    "collecting_fds",
+    "create_fd",
+    "fd_from_buffer",
+    "map_leased",
+    "map_private_fd",
+    "providing_fds",
+    "reduce_fd",
+    "sending_fds",
+)
