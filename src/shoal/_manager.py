@@ -89,7 +89,7 @@ import cloudpickle
 
 from ._ipc._fdpass import collecting
 from ._serialization import dumps
-from ._shm._dict import SharedDict, _SnapshotItems, _SnapshotKeys, _SnapshotValues
+from ._shm._dict import SharedDict
 
 __all__ = ("Manager",)
 
@@ -348,14 +348,17 @@ class _ManagerDict(SharedDict):
     def __iter__(self) -> Iterator[Any]:
         return _checked(self, SharedDict.__iter__(self))
 
-    def keys(self):
-        return _CheckedKeys(self)
+    # Lists, as the standard library's DictProxy returns: changing the dict
+    # while looping over d.keys() / d.items() is fine there (only iter(d)
+    # follows the live dict), and d.keys()[0] works.
+    def keys(self) -> list:  # type: ignore[override]
+        return list(SharedDict.__iter__(self))
 
-    def values(self):
-        return _CheckedValues(self)
+    def values(self) -> list:  # type: ignore[override]
+        return list(SharedDict.values(self))
 
-    def items(self):
-        return _CheckedItems(self)
+    def items(self) -> list:  # type: ignore[override]
+        return list(SharedDict.items(self))
 
 
 def _checked(d: SharedDict, it: Iterator[Any]) -> Iterator[Any]:
@@ -369,27 +372,6 @@ def _checking(d: SharedDict, n: int, it: Iterator[Any]) -> Iterator[Any]:
         if len(d) != n:
             raise RuntimeError("dictionary changed size during iteration")
         yield x
-
-
-class _CheckedKeys(_SnapshotKeys):
-    __slots__ = ()
-
-    def __iter__(self):
-        return _checked(self._mapping, super().__iter__())
-
-
-class _CheckedValues(_SnapshotValues):
-    __slots__ = ()
-
-    def __iter__(self):
-        return _checked(self._mapping, super().__iter__())
-
-
-class _CheckedItems(_SnapshotItems):
-    __slots__ = ()
-
-    def __iter__(self):
-        return _checked(self._mapping, super().__iter__())
 
 
 def _rebuild_manager_dict(rebuild, args, refs: _Refs) -> _ManagerDict:
