@@ -274,6 +274,20 @@ def test_iterating_a_dict_that_changes_size_raises_like_a_dict():
         assert len(d) == 3 and set(d.values()) == {5}
 
 
+def test_adding_a_key_during_the_last_step_of_iteration_raises_like_a_dict():
+    # The loop ended silently when the size changed while the last key was
+    # being handled; a dict (and the standard library's DictProxy) raises.
+    with Manager() as m:
+        d = m.dict(only=1)
+        with pytest.raises(RuntimeError, match="changed size during iteration"):
+            for k in d:
+                d[k + "!"] = 0
+        with pytest.raises(RuntimeError, match="changed size during iteration"):
+            for k in d:
+                if k == "only!":
+                    del d["only"]
+
+
 def test_keys_values_items_are_lists_that_survive_changes_to_the_dict():
     # They were views that raised RuntimeError when the dict changed size
     # while a loop ran over them, where the standard library's DictProxy

@@ -372,6 +372,8 @@ def _checking(d: SharedDict, n: int, it: Iterator[Any]) -> Iterator[Any]:
         if len(d) != n:
             raise RuntimeError("dictionary changed size during iteration")
         yield x
+    if len(d) != n:  # a dict checks before it stops, too
+        raise RuntimeError("dictionary changed size during iteration")
 
 
 def _rebuild_manager_dict(rebuild, args, refs: _Refs) -> _ManagerDict:
