@@ -31,6 +31,17 @@ TASKS = textwrap.dedent(
     def as_record(item):
         return {"name": item["name"].upper(), "size": len(item["name"])}
 
+    class Unprintable:
+        def __str__(self):
+            raise KeyError("no text for " + self.line)
+
+    def unprintable_on_2(line):
+        if line == "2":
+            result = Unprintable()
+            result.line = line
+            return result
+        return line
+
     def slow_first(line):
         n = int(line)
         time.sleep(0.3 if n == 0 else 0)
@@ -278,6 +289,15 @@ def test_on_error_keeps_output_lines_aligned_with_input_lines(workdir, mode, rai
     assert re.search(raised, lines[3])  # item 3 raised
     assert re.search(died, lines[5])  # item 5 killed its worker
     assert "line 4: ValueError: three is not allowed" in out.stderr  # still reported
+
+
+def test_a_result_whose_str_raises_is_an_item_failure_and_the_others_are_written(workdir):
+    # str() of the result raised in the parent while writing it: the run
+    # died with a traceback and every later result was lost.
+    out = shoal(workdir, "map", "tasks:unprintable_on_2", "-j", "2", "--on-error", "error", stdin="1\n2\n3\n")
+    assert out.returncode == 1
+    assert out.stdout == "1\nresult cannot be written: KeyError: 'no text for 2'\n3\n"
+    assert "line 2: result cannot be written: KeyError" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_on_error_with_json_writes_json_placeholders_and_mirrors_blank_lines(workdir):

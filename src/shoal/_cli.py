@@ -142,8 +142,11 @@ def cmd_map(args: argparse.Namespace) -> int:
                 return
             try:
                 text = encode(value)
-            except (TypeError, ValueError) as exc:
-                fail(lineno, f"result is not JSON-serializable: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a result's own __str__ may raise anything
+                if args.json and isinstance(exc, (TypeError, ValueError)):
+                    fail(lineno, f"result is not JSON-serializable: {exc}")
+                else:
+                    fail(lineno, f"result cannot be written: {_format_error(exc)}")
             else:
                 out.write(text + "\n")
         if bar is not None:
