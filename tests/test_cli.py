@@ -222,6 +222,20 @@ def test_bench_load_of_a_bad_file_is_a_usage_error(workdir, content, message):
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    "scenarios",
+    [[1, 2], [{"name": "x"}], [{"name": "x", "unit": "ms", "target": "", "met": None, "results": [{"value": 1}]}]],
+)
+def test_bench_load_of_malformed_scenario_records_is_a_usage_error(workdir, scenarios):
+    # A results file whose records had the wrong shape ended in a traceback
+    # from the table printer, after half a table.
+    (workdir / "bad.json").write_text(json.dumps({"scenarios": scenarios}))
+    out = shoal(workdir, "bench", "--load", "bad.json")
+    assert out.returncode == 2
+    assert "bad.json is not a results file written by `shoal bench --json`" in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
 @pytest.mark.parametrize("option", ["--json", "--plot"])
 def test_bench_output_into_a_missing_directory_fails_before_measuring(workdir, option):
     out = shoal(workdir, "bench", option, "no/such/dir/out.svg")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import importlib
+import io
 import json
 import os
 import platform
@@ -296,11 +297,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table = sys.stderr if args.json == "-" else sys.stdout
     if args.load:
         saved = _read_results(args.load)
-        print(f"shoal bench: results saved from {_framework.describe(saved)}", file=table)
-        _framework.print_header(table)
-        for record in saved["scenarios"]:
-            _framework.print_record(record, table)
-        _framework.print_summary(saved["scenarios"], table)
+        # Drawn whole before printing: a record of the wrong shape is a usage
+        # error, not a traceback after half a table.
+        text = io.StringIO()
+        try:
+            print(f"shoal bench: results saved from {_framework.describe(saved)}", file=text)
+            _framework.print_header(text)
+            for record in saved["scenarios"]:
+                _framework.print_record(record, text)
+            _framework.print_summary(saved["scenarios"], text)
+        except (LookupError, TypeError, ValueError, AttributeError) as exc:
+            _die(f"{args.load} is not a results file written by `shoal bench --json` "
+                 f"(a scenario record is malformed: {type(exc).__name__}: {exc})")
+        table.write(text.getvalue())
     else:
         saved = {
             "shoal": __version__,
