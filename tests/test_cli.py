@@ -255,6 +255,14 @@ def test_bench_plot_draws_the_ratios(workdir):
     assert "<svg" in svg and "queue 100 B 1p/1c put/get" in svg
 
 
+def test_bench_plot_to_a_file_type_matplotlib_cannot_draw_fails_before_measuring(workdir):
+    # The type was checked only when drawing, after the whole run had been measured.
+    out = shoal(workdir, "bench", "--plot", "ratios.xyz")
+    assert out.returncode == 2
+    assert "cannot write ratios.xyz: matplotlib cannot draw .xyz files" in out.stderr and ".svg" in out.stderr
+    assert out.stdout == ""  # nothing was measured
+
+
 def test_bench_plot_without_matplotlib_says_how_to_install_it(workdir):
     # A module that fails to import stands in for a missing matplotlib.
     blocker = workdir / "block"

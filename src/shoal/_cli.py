@@ -289,6 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.plot:
         _need_matplotlib()
+        _check_plot_format(args.plot)
     # Say so now, not after minutes of measuring.
     for path in (args.json, args.plot):
         if path and path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -359,6 +360,19 @@ def _need_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         _die("--plot needs matplotlib: pip install 'shoal[plot]' (or pip install matplotlib)")
+
+
+def _check_plot_format(path: str) -> None:
+    """A file type matplotlib cannot draw is a usage error now, not after
+    minutes of measuring (no extension: PNG, as _plot draws it)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    name = os.path.basename(path)
+    fmt = name.rsplit(".", 1)[-1].lower() if "." in name else "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        _die(f"cannot write {path}: matplotlib cannot draw .{fmt} files; use one of "
+             f"{', '.join('.' + f for f in sorted(supported))}")
 
 
 def _plot(saved: dict, path: str) -> None:
