@@ -347,6 +347,40 @@ def test_register_is_per_class():
         m.Adder()
 
 
+SYNC_MANAGER_REGISTER = """
+import sys
+import shoal
+from shoal.managers import SyncManager
+
+class Counter:
+    def __init__(self, n):
+        self.n = n
+    def inc(self):
+        self.n += 1
+        return self.n
+
+SyncManager.register("Counter", Counter)
+
+if __name__ == "__main__":
+    shoal.set_start_method(sys.argv[1])
+    with shoal.Manager() as m:
+        c = m.Counter(10)
+        c.inc()
+        print(c.inc())
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_types_registered_on_sync_manager_are_served_by_manager(tmp_path, method):
+    # multiprocessing.Manager() is a SyncManager, so code registers its types
+    # there; shoal.Manager() raised AttributeError for them.
+    script = tmp_path / "example.py"
+    script.write_text(SYNC_MANAGER_REGISTER, encoding="utf-8")
+    out = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "12\n"
+
+
 def _add_through_proxy(adder, k):
     return adder.add(k)
 

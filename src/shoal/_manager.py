@@ -466,8 +466,19 @@ class Manager:
 
     def _new_server(self) -> SyncManager:
         server = _SyncManager(**self._options)
-        server._registry = type(self)._registry  # this class's registered types
+        # This class's registered types, and those registered on the standard
+        # library's SyncManager (which multiprocessing.Manager() serves).
+        server._registry = {**SyncManager._registry, **type(self)._registry}
         return server
+
+    def __getattr__(self, name: str) -> Any:
+        # SyncManager.register("Foo", Foo) then Manager().Foo() works with the
+        # standard library, whose Manager() is a SyncManager.
+        if not name.startswith("_") and name in SyncManager._registry and name not in type(self)._registry:
+            create = SyncManager.__dict__.get(name)
+            if create is not None:
+                return _delegate(name, create).__get__(self)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _sync(self) -> SyncManager:
         with self._mutex:
