@@ -255,6 +255,26 @@ def test_bench_plot_draws_the_ratios(workdir):
     assert "<svg" in svg and "queue 100 B 1p/1c put/get" in svg
 
 
+def test_bench_interrupted_exits_130_without_a_traceback(workdir):
+    # Ctrl-C during `shoal bench` ended in a KeyboardInterrupt traceback,
+    # where `shoal map` says "interrupted" and exits 130.
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "shoal", "bench", "-k", "pool start"], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("-----"):  # the table has begun: measuring
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert "shoal: interrupted" in err and "Traceback" not in err
+
+
 def test_bench_plot_to_a_file_type_matplotlib_cannot_draw_fails_before_measuring(workdir):
     # The type was checked only when drawing, after the whole run had been measured.
     out = shoal(workdir, "bench", "--plot", "ratios.xyz")

@@ -464,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
+    except KeyboardInterrupt:  # `shoal bench` (map handles its own)
+        print("shoal: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `shoal bench | head`: the reader left; that is not an error.
         _reader_left()
