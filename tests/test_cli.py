@@ -255,6 +255,15 @@ def test_bench_plot_draws_the_ratios(workdir):
     assert "<svg" in svg and "queue 100 B 1p/1c put/get" in svg
 
 
+def test_bench_k_matching_no_scenario_is_a_usage_error(workdir):
+    # A mistyped -k measured nothing, printed an empty table and exited 0
+    # (with --json, writing an empty result as if it were one).
+    out = shoal(workdir, "bench", "-k", "no such scenario", "--json", "out.json")
+    assert out.returncode == 2
+    assert "no scenario name contains 'no such scenario'" in out.stderr and "pool start" in out.stderr
+    assert out.stdout == "" and not (workdir / "out.json").exists()
+
+
 def test_bench_interrupted_exits_130_without_a_traceback(workdir):
     # Ctrl-C during `shoal bench` ended in a KeyboardInterrupt traceback,
     # where `shoal map` says "interrupted" and exits 130.

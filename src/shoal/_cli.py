@@ -294,6 +294,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for path in (args.json, args.plot):
         if path and path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             _die(f"cannot write {path}: no such directory")
+    if not args.load and args.select and not _framework.load_scenarios(args.select):
+        names = [sc.name for sc in _framework.load_scenarios()]
+        _die(f"no scenario name contains {args.select!r}; the scenarios are: {'; '.join(names)}")
     # With --json -, stdout carries the JSON and the table goes to stderr.
     table = sys.stderr if args.json == "-" else sys.stdout
     if args.load:
