@@ -405,6 +405,28 @@ def test_map_exits_1_when_an_item_failed_before_the_reader_left(workdir):
     assert "Traceback" not in out.stderr and "Broken pipe" not in out.stderr
 
 
+def test_map_exits_1_when_an_item_failed_and_stderr_went_to_the_reader_that_left(workdir):
+    # With 2>&1 | head, printing the failure summary to the closed pipe
+    # raised BrokenPipeError, which main() took for "the reader left, all
+    # fine": exit status 0 although an item had failed.
+    (workdir / "in.txt").write_text("".join(f"{line}\n" for line in ["1", "x", *map(str, range(100_000))]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "map", "tasks:double", "in.txt", "-j", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir,
+    )
+    try:
+        for line in proc.stdout:  # results and reports, until the failure is reported
+            if "line 2: ValueError" in line:
+                break
+        proc.stdout.close()  # the reader leaves
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+
+
 def test_map_exits_0_when_the_reader_left_and_nothing_failed(workdir):
     out = _map_into_closed_pipe(workdir, [str(i) for i in range(100_000)])
     assert out.stdout == "0\n"

@@ -221,7 +221,10 @@ def cmd_map(args: argparse.Namespace) -> int:
         except BrokenPipeError:
             _reader_left()
     if failures:
-        print(f"shoal: {failures} item(s) failed", file=sys.stderr)
+        try:
+            print(f"shoal: {failures} item(s) failed", file=sys.stderr)
+        except BrokenPipeError:  # stderr went to the reader that left (2>&1 | head)
+            _reader_left(sys.stderr)
         return EXIT_ITEM_FAILED
     return 0
 
@@ -247,11 +250,11 @@ def _placeholder(on_error: str, as_json: bool):
     return lambda message: message
 
 
-def _reader_left() -> None:
-    """Point stdout at /dev/null, so the interpreter's last flush does not
-    fail again on the pipe nobody reads."""
+def _reader_left(stream=None) -> None:
+    """Point stdout (or *stream*) at /dev/null, so the interpreter's last
+    flush does not fail again on the pipe nobody reads."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, (stream or sys.stdout).fileno())
     os.close(devnull)
 
 
