@@ -14,9 +14,9 @@ Data flow::
 * ``dict()`` returns a :class:`~shoal.SharedDict`.  It keeps what users rely
   on from the ``DictProxy``: it can be passed to processes and pool tasks,
   single operations are atomic, ``with lock: d[k] -= 1`` works with any
-  lock, ``print(d)`` shows a plain dict repr, and iterating it while its
-  size changes (here or in another process) raises ``RuntimeError`` as a
-  dict does.  It is ~100x faster and adds race-free ``incr`` /
+  lock, ``print(d)`` shows a plain dict repr, ``keys()`` / ``values()`` /
+  ``items()`` return lists, and iterating it while its size changes (here
+  or in another process) raises ``RuntimeError`` as a dict does.  It is ~100x faster and adds race-free ``incr`` /
   ``update_with`` / ``locked()``.
 * Everything else is the standard library's, which does it well enough;
   the server process starts only when one of those is first asked for (or
@@ -67,7 +67,8 @@ the last handle does.
 ``register(typeid, callable, ...)`` is ``BaseManager.register``: each
 subclass has its own registry (registering on one does not add to another
 or to ``Manager``), and the server started for an instance serves its
-class's registry.  :mod:`shoal.managers` re-exports
+class's registry, plus the types registered on the standard library's
+``SyncManager`` (which ``multiprocessing.Manager()`` serves).  :mod:`shoal.managers` re-exports
 ``multiprocessing.managers`` for code that builds its own ``BaseManager``.
 """
 
