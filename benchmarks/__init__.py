@@ -20,3 +20,4 @@ from ._framework import print_record as print_record  # noqa: E402
 from ._framework import print_summary as print_summary  # noqa: E402
 from ._framework import run as run  # noqa: E402
 from ._plot import draw_ratios as draw_ratios  # noqa: E402
+from ._framework import load_scenarios as load_scenarios  # noqa: E402

@@ -32,6 +32,17 @@ TASKS = textwrap.dedent(
     def as_record(item):
         return {"name": item["name"].upper(), "size": len(item["name"])}
 
+    class Unprintable:
+        def __str__(self):
+            raise KeyError("no text for " + self.line)
+
+    def unprintable_on_2(line):
+        if line == "2":
+            result = Unprintable()
+            result.line = line
+            return result
+        return line
+
     def slow_first(line):
         n = int(line)
         time.sleep(0.3 if n == 0 else 0)
@@ -207,6 +218,20 @@ def test_bench_load_of_a_bad_file_is_a_usage_error(workdir, content, message):
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    "scenarios",
+    [[1, 2], [{"name": "x"}], [{"name": "x", "unit": "ms", "target": "", "met": None, "results": [{"value": 1}]}]],
+)
+def test_bench_load_of_malformed_scenario_records_is_a_usage_error(workdir, scenarios):
+    # A results file whose records had the wrong shape ended in a traceback
+    # from the table printer, after half a table.
+    (workdir / "bad.json").write_text(json.dumps({"scenarios": scenarios}))
+    out = shoal(workdir, "bench", "--load", "bad.json")
+    assert out.returncode == 2
+    assert "bad.json is not a results file written by `shoal bench --json`" in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
 @pytest.mark.parametrize("option", ["--json", "--plot"])
 def test_bench_output_into_a_missing_directory_fails_before_measuring(workdir, option):
     out = shoal(workdir, "bench", option, "no/such/dir/out.svg")
@@ -224,6 +249,52 @@ def test_bench_plot_draws_the_ratios(workdir):
     assert out.returncode == 0, out.stderr
     svg = (workdir / "ratios.svg").read_text()
     assert "<svg" in svg and "queue 100 B 1p/1c put/get" in svg
+
+
+def test_bench_k_matching_no_scenario_is_a_usage_error(workdir):
+    # A mistyped -k measured nothing, printed an empty table and exited 0
+    # (with --json, writing an empty result as if it were one).
+    out = shoal(workdir, "bench", "-k", "no such scenario", "--json", "out.json")
+    assert out.returncode == 2
+    assert "no scenario name contains 'no such scenario'" in out.stderr and "pool start" in out.stderr
+    assert out.stdout == "" and not (workdir / "out.json").exists()
+
+
+def test_bench_interrupted_exits_130_without_a_traceback(workdir):
+    # Ctrl-C during `shoal bench` ended in a KeyboardInterrupt traceback,
+    # where `shoal map` says "interrupted" and exits 130.
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "shoal", "bench", "-k", "imap_unordered"], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("-----"):  # the table has begun: measuring
+                break
+        # Again until it ends, as a user would: Python ignores a
+        # KeyboardInterrupt raised inside an at-fork handler.
+        for _ in range(100):
+            proc.send_signal(signal.SIGINT)
+            try:
+                _, err = proc.communicate(timeout=0.3)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    # (Python itself may print "Exception ignored" for a signal that landed
+    # in an at-fork handler; no traceback comes from shoal's code.)
+    assert err.rstrip().endswith("shoal: interrupted") and "_cli.py" not in err, err
+
+
+def test_bench_plot_to_a_file_type_matplotlib_cannot_draw_fails_before_measuring(workdir):
+    # The type was checked only when drawing, after the whole run had been measured.
+    out = shoal(workdir, "bench", "--plot", "ratios.xyz")
+    assert out.returncode == 2
+    assert "cannot write ratios.xyz: matplotlib cannot draw .xyz files" in out.stderr and ".svg" in out.stderr
+    assert out.stdout == ""  # nothing was measured
 
 
 def test_bench_plot_without_matplotlib_says_how_to_install_it(workdir):
@@ -276,6 +347,15 @@ def test_on_error_keeps_output_lines_aligned_with_input_lines(workdir, mode, rai
     assert "line 4: ValueError: three is not allowed" in out.stderr  # still reported
 
 
+def test_a_result_whose_str_raises_is_an_item_failure_and_the_others_are_written(workdir):
+    # str() of the result raised in the parent while writing it: the run
+    # died with a traceback and every later result was lost.
+    out = shoal(workdir, "map", "tasks:unprintable_on_2", "-j", "2", "--on-error", "error", stdin="1\n2\n3\n")
+    assert out.returncode == 1
+    assert out.stdout == "1\nresult cannot be written: KeyError: 'no text for 2'\n3\n"
+    assert "line 2: result cannot be written: KeyError" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_on_error_with_json_writes_json_placeholders_and_mirrors_blank_lines(workdir):
     items = '{"name": "ab"}\n\nnot json\n{"nope": 1}\n{"name": "c"}\n'
     out = shoal(workdir, "map", "tasks:as_record", "--json", "--on-error", "error", stdin=items)
@@ -319,6 +399,28 @@ def test_map_exits_1_when_an_item_failed_before_the_reader_left(workdir):
     assert "line 2: ValueError" in out.stderr
     assert "1 item(s) failed" in out.stderr
     assert "Traceback" not in out.stderr and "Broken pipe" not in out.stderr
+
+
+def test_map_exits_1_when_an_item_failed_and_stderr_went_to_the_reader_that_left(workdir):
+    # With 2>&1 | head, printing the failure summary to the closed pipe
+    # raised BrokenPipeError, which main() took for "the reader left, all
+    # fine": exit status 0 although an item had failed.
+    (workdir / "in.txt").write_text("".join(f"{line}\n" for line in ["1", "x", *map(str, range(100_000))]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "map", "tasks:double", "in.txt", "-j", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir,
+    )
+    try:
+        for line in proc.stdout:  # results and reports, until the failure is reported
+            if "line 2: ValueError" in line:
+                break
+        proc.stdout.close()  # the reader leaves
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
 
 
 def test_map_exits_0_when_the_reader_left_and_nothing_failed(workdir):

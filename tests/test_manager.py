@@ -7,7 +7,7 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
-from helpers import run_code, run_ok, run_processes
+from helpers import run_python, run_code, run_ok, run_processes
 
 import shoal
 from shoal import Manager, SharedDict
@@ -255,18 +255,50 @@ def test_a_started_manager_lets_any_process_store_shared_objects():
 def test_iterating_a_dict_that_changes_size_raises_like_a_dict():
     with Manager() as m:
         d = m.dict(a=1, b=2)
-        for view in (lambda: d, d.keys, d.values, d.items):
-            it = iter(view())
-            d["new"] = 0
-            with pytest.raises(RuntimeError, match="changed size during iteration"):
-                next(it)
-            del d["new"]
+        it = iter(d)
+        d["new"] = 0
+        with pytest.raises(RuntimeError, match="changed size during iteration"):
+            next(it)
+        del d["new"]
         with pytest.raises(RuntimeError, match="changed size during iteration"):
             for k in d:
                 d[k + "!"] = 0
         for k in d:  # changing values only is fine, as with a dict
             d[k] = 5
         assert len(d) == 3 and set(d.values()) == {5}
+
+
+def test_adding_a_key_during_the_last_step_of_iteration_raises_like_a_dict():
+    # The loop ended silently when the size changed while the last key was
+    # being handled; a dict (and the standard library's DictProxy) raises.
+    with Manager() as m:
+        d = m.dict(only=1)
+        with pytest.raises(RuntimeError, match="changed size during iteration"):
+            for k in d:
+                d[k + "!"] = 0
+        with pytest.raises(RuntimeError, match="changed size during iteration"):
+            for k in d:
+                if k == "only!":
+                    del d["only"]
+
+
+def test_keys_values_items_are_lists_that_survive_changes_to_the_dict():
+    # They were views that raised RuntimeError when the dict changed size
+    # while a loop ran over them, where the standard library's DictProxy
+    # returns lists (for k in d.keys(): del d[k] empties the dict there).
+    with Manager() as m:
+        d = m.dict(a=1, b=2, c=3)
+        assert d.keys() == ["a", "b", "c"] and d.values() == [1, 2, 3]
+        assert d.items() == [("a", 1), ("b", 2), ("c", 3)]
+        for k in d.keys():
+            del d[k]
+        assert len(d) == 0
+        d.update(a=1, b=2)
+        for k, v in d.items():
+            d[k + "!"] = v
+        for v in d.values():
+            d.pop("a", None)
+        assert d.copy() == {"b": 2, "a!": 1, "b!": 2}
 
 
 def test_a_plain_value_that_cannot_be_pickled_still_fails_clearly():
@@ -307,6 +339,40 @@ def test_register_is_per_class():
     assert not hasattr(OtherManager, "Counter")
     with Manager() as m, pytest.raises(AttributeError):
         m.Adder()
+
+
+SYNC_MANAGER_REGISTER = """
+import sys
+import shoal
+from shoal.managers import SyncManager
+
+class Counter:
+    def __init__(self, n):
+        self.n = n
+    def inc(self):
+        self.n += 1
+        return self.n
+
+SyncManager.register("Counter", Counter)
+
+if __name__ == "__main__":
+    shoal.set_start_method(sys.argv[1])
+    with shoal.Manager() as m:
+        c = m.Counter(10)
+        c.inc()
+        print(c.inc())
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_types_registered_on_sync_manager_are_served_by_manager(tmp_path, method):
+    # multiprocessing.Manager() is a SyncManager, so code registers its types
+    # there; shoal.Manager() raised AttributeError for them.
+    script = tmp_path / "example.py"
+    script.write_text(SYNC_MANAGER_REGISTER, encoding="utf-8")
+    out = run_python(str(script), method)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "12\n"
 
 
 def _add_through_proxy(adder, k):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import importlib
+import io
 import json
 import os
 import platform
@@ -142,8 +143,11 @@ def cmd_map(args: argparse.Namespace) -> int:
                 return
             try:
                 text = encode(value)
-            except (TypeError, ValueError) as exc:
-                fail(lineno, f"result is not JSON-serializable: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a result's own __str__ may raise anything
+                if args.json and isinstance(exc, (TypeError, ValueError)):
+                    fail(lineno, f"result is not JSON-serializable: {exc}")
+                else:
+                    fail(lineno, f"result cannot be written: {_format_error(exc)}")
             else:
                 out.write(text + "\n")
         if bar is not None:
@@ -217,7 +221,10 @@ def cmd_map(args: argparse.Namespace) -> int:
         except BrokenPipeError:
             _reader_left()
     if failures:
-        print(f"shoal: {failures} item(s) failed", file=sys.stderr)
+        try:
+            print(f"shoal: {failures} item(s) failed", file=sys.stderr)
+        except BrokenPipeError:  # stderr went to the reader that left (2>&1 | head)
+            _reader_left(sys.stderr)
         return EXIT_ITEM_FAILED
     return 0
 
@@ -243,11 +250,11 @@ def _placeholder(on_error: str, as_json: bool):
     return lambda message: message
 
 
-def _reader_left() -> None:
-    """Point stdout at /dev/null, so the interpreter's last flush does not
-    fail again on the pipe nobody reads."""
+def _reader_left(stream=None) -> None:
+    """Point stdout (or *stream*) at /dev/null, so the interpreter's last
+    flush does not fail again on the pipe nobody reads."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, (stream or sys.stdout).fileno())
     os.close(devnull)
 
 
@@ -285,19 +292,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.plot:
         _need_matplotlib()
+        _check_plot_format(args.plot)
     # Say so now, not after minutes of measuring.
     for path in (args.json, args.plot):
         if path and path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             _die(f"cannot write {path}: no such directory")
+    if not args.load and args.select and not benchmarks.load_scenarios(args.select):
+        names = [sc.name for sc in benchmarks.load_scenarios()]
+        _die(f"no scenario name contains {args.select!r}; the scenarios are: {'; '.join(names)}")
     # With --json -, stdout carries the JSON and the table goes to stderr.
     table = sys.stderr if args.json == "-" else sys.stdout
     if args.load:
         saved = _read_results(args.load)
-        print(f"shoal bench: results saved from {benchmarks.describe(saved)}", file=table)
-        benchmarks.print_header(table)
-        for record in saved["scenarios"]:
-            benchmarks.print_record(record, table)
-        benchmarks.print_summary(saved["scenarios"], table)
+        # Drawn whole before printing: a record of the wrong shape is a usage
+        # error, not a traceback after half a table.
+        text = io.StringIO()
+        try:
+            print(f"shoal bench: results saved from {benchmarks.describe(saved)}", file=text)
+            benchmarks.print_header(text)
+            for record in saved["scenarios"]:
+                benchmarks.print_record(record, text)
+            benchmarks.print_summary(saved["scenarios"], text)
+        except (LookupError, TypeError, ValueError, AttributeError) as exc:
+            _die(f"{args.load} is not a results file written by `shoal bench --json` "
+                 f"(a scenario record is malformed: {type(exc).__name__}: {exc})")
+        table.write(text.getvalue())
     else:
         saved = {
             "shoal": __version__,
@@ -347,6 +366,19 @@ def _need_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         _die("--plot needs matplotlib: pip install 'shoal[plot]' (or pip install matplotlib)")
+
+
+def _check_plot_format(path: str) -> None:
+    """A file type matplotlib cannot draw is a usage error now, not after
+    minutes of measuring (no extension: PNG, as _plot draws it)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    name = os.path.basename(path)
+    fmt = name.rsplit(".", 1)[-1].lower() if "." in name else "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        _die(f"cannot write {path}: matplotlib cannot draw .{fmt} files; use one of "
+             f"{', '.join('.' + f for f in sorted(supported))}")
 
 
 def _plot(saved: dict, path: str) -> None:
@@ -438,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
+    except KeyboardInterrupt:  # `shoal bench` (map handles its own)
+        print("shoal: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `shoal bench | head`: the reader left; that is not an error.
         _reader_left()

@@ -14,9 +14,9 @@ Data flow::
 * ``dict()`` returns a :class:`~shoal.SharedDict`.  It keeps what users rely
   on from the ``DictProxy``: it can be passed to processes and pool tasks,
   single operations are atomic, ``with lock: d[k] -= 1`` works with any
-  lock, ``print(d)`` shows a plain dict repr, and iterating it while its
-  size changes (here or in another process) raises ``RuntimeError`` as a
-  dict does.  It is ~100x faster and adds race-free ``incr`` /
+  lock, ``print(d)`` shows a plain dict repr, ``keys()`` / ``values()`` /
+  ``items()`` return lists, and iterating it while its size changes (here
+  or in another process) raises ``RuntimeError`` as a dict does.  It is ~100x faster and adds race-free ``incr`` /
   ``update_with`` / ``locked()``.
 * Everything else is the standard library's, which does it well enough;
   the server process starts only when one of those is first asked for (or
@@ -67,7 +67,8 @@ the last handle does.
 ``register(typeid, callable, ...)`` is ``BaseManager.register``: each
 subclass has its own registry (registering on one does not add to another
 or to ``Manager``), and the server started for an instance serves its
-class's registry.  :mod:`shoal.managers` re-exports
+class's registry, plus the types registered on the standard library's
+``SyncManager`` (which ``multiprocessing.Manager()`` serves).  :mod:`shoal.managers` re-exports
 ``multiprocessing.managers`` for code that builds its own ``BaseManager``.
 """
 
@@ -90,9 +91,6 @@ import cloudpickle
 from ._fd import collecting
 from ._serialization import dumps
 from ._shm import SharedDict
-from ._shm import SnapshotItems as _SnapshotItems
-from ._shm import SnapshotKeys as _SnapshotKeys
-from ._shm import SnapshotValues as _SnapshotValues
 
 __all__ = ("Manager",)
 
@@ -351,14 +349,17 @@ class _ManagerDict(SharedDict):
     def __iter__(self) -> Iterator[Any]:
         return _checked(self, SharedDict.__iter__(self))
 
-    def keys(self):
-        return _CheckedKeys(self)
+    # Lists, as the standard library's DictProxy returns: changing the dict
+    # while looping over d.keys() / d.items() is fine there (only iter(d)
+    # follows the live dict), and d.keys()[0] works.
+    def keys(self) -> list:  # type: ignore[override]
+        return list(SharedDict.__iter__(self))
 
-    def values(self):
-        return _CheckedValues(self)
+    def values(self) -> list:  # type: ignore[override]
+        return list(SharedDict.values(self))
 
-    def items(self):
-        return _CheckedItems(self)
+    def items(self) -> list:  # type: ignore[override]
+        return list(SharedDict.items(self))
 
 
 def _checked(d: SharedDict, it: Iterator[Any]) -> Iterator[Any]:
@@ -372,27 +373,8 @@ def _checking(d: SharedDict, n: int, it: Iterator[Any]) -> Iterator[Any]:
         if len(d) != n:
             raise RuntimeError("dictionary changed size during iteration")
         yield x
-
-
-class _CheckedKeys(_SnapshotKeys):
-    __slots__ = ()
-
-    def __iter__(self):
-        return _checked(self._mapping, super().__iter__())
-
-
-class _CheckedValues(_SnapshotValues):
-    __slots__ = ()
-
-    def __iter__(self):
-        return _checked(self._mapping, super().__iter__())
-
-
-class _CheckedItems(_SnapshotItems):
-    __slots__ = ()
-
-    def __iter__(self):
-        return _checked(self._mapping, super().__iter__())
+    if len(d) != n:  # a dict checks before it stops, too
+        raise RuntimeError("dictionary changed size during iteration")
 
 
 def _rebuild_manager_dict(rebuild, args, refs: _Refs) -> _ManagerDict:
@@ -485,8 +467,19 @@ class Manager:
 
     def _new_server(self) -> SyncManager:
         server = _SyncManager(**self._options)
-        server._registry = type(self)._registry  # this class's registered types
+        # This class's registered types, and those registered on the standard
+        # library's SyncManager (which multiprocessing.Manager() serves).
+        server._registry = {**SyncManager._registry, **type(self)._registry}
         return server
+
+    def __getattr__(self, name: str) -> Any:
+        # SyncManager.register("Foo", Foo) then Manager().Foo() works with the
+        # standard library, whose Manager() is a SyncManager.
+        if not name.startswith("_") and name in SyncManager._registry and name not in type(self)._registry:
+            create = SyncManager.__dict__.get(name)
+            if create is not None:
+                return _delegate(name, create).__get__(self)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _sync(self) -> SyncManager:
         with self._mutex:
