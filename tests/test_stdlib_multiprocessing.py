@@ -29,7 +29,6 @@ check counts them as the class's, and checks the whole class too
 
 from __future__ import annotations
 
-import functools
 import importlib
 import multiprocessing
 import sys
@@ -39,6 +38,7 @@ import unittest
 import pytest
 
 import shoal
+from workers import mark_stdlib_tests
 
 try:
     _mp_tests = importlib.import_module("test._test_multiprocessing")
@@ -51,8 +51,9 @@ except ImportError as exc:  # pragma: no cover - depends on the Python build
 
 START_METHODS = ("fork", "spawn", "forkserver")
 
-#: (CPython class, test) -> why it does not apply to shoal.  Skipped with the reason.
-DIFFERENCES: dict[tuple[str, str], str] = {
+#: (CPython class, test[, start method]) -> why it does not apply to shoal.  Skipped with the
+#: reason (README, "Differences from the standard library", says the same).
+DIFFERENCES: dict[tuple[str, ...], str] = {
     ("_TestPool", "test_make_pool"): (
         "reads the private Pool._pool (the standard library's list of worker Process objects); "
         "shoal's workers belong to its engine"
@@ -81,15 +82,19 @@ DIFFERENCES: dict[tuple[str, str], str] = {
         "subclasses the standard library's multiprocessing.queues.Queue to override its "
         "feeder thread's error hook; shoal's Queue has no feeder thread (put raises instead)"
     ),
+    ("_TestQueue", "test_closed_queue_empty_exceptions"): (  # Python 3.13+
+        "after close(), empty() raises ValueError('... is closed') like get() and put(); the standard "
+        "library's returns True if this process never put an item, and raises OSError once it has"
+    ),
     ("_TestQueue", "test_no_import_lock_contention"): (
         "imports a module that uses `import multiprocessing` itself: it tests the standard "
         "library's Queue, not shoal's"
     ),
 }
 
-#: (CPython class, test) -> the shoal bug it hits (fixed on another branch).
+#: (CPython class, test[, start method]) -> the shoal bug it hits (fixed on another branch).
 #: Strict xfail: an XPASS means the fix landed and the entry must go.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
+KNOWN_FAILURES: dict[tuple[str, ...], str] = {
     ("_TestPool", "test_map_unplicklable"): (
         "i8-core: an unpicklable argument raises shoal.SerializationError, which "
         "`except RuntimeError` (the type its __reduce__ raised) does not catch"
@@ -205,16 +210,6 @@ def _manager_mixin(method: str) -> type:
     return ShoalManagerMixin
 
 
-def _override(cls: type, test: str, decorate) -> None:
-    original = getattr(cls, test)
-
-    @functools.wraps(original)
-    def method(self, *args, **kwargs):
-        return original(self, *args, **kwargs)
-
-    setattr(cls, test, decorate(method))
-
-
 def _install(globs: dict) -> None:
     mixins = {
         (kind, method): (_processes_mixin if kind == "processes" else _manager_mixin)(method)
@@ -229,12 +224,7 @@ def _install(globs: dict) -> None:
                 name, (base, mixins[kind, method], unittest.TestCase), {"__module__": __name__, "CHECK_CLASS_LEAKS": True}
             )
             cls.__qualname__ = name
-            for (owner, test), reason in DIFFERENCES.items():
-                if owner == base_name:
-                    _override(cls, test, unittest.skip(f"deliberate difference: {reason}"))
-            for (owner, test), reason in KNOWN_FAILURES.items():
-                if owner == base_name:
-                    _override(cls, test, pytest.mark.xfail(reason=reason, strict=True))
+            mark_stdlib_tests(cls, base_name, method, DIFFERENCES, KNOWN_FAILURES, {})
             globs[name] = cls
 
 

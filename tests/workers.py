@@ -177,3 +177,36 @@ def exit_if_one(buf):
 def fail_if_marked():
     if os.path.exists(os.environ.get("SHOAL_TEST_MARK", "/nonexistent")):
         raise RuntimeError("initializer failed in a replacement worker")
+
+
+def mark_stdlib_tests(cls, name: str, method: str, differences: dict, known_failures: dict, not_run: dict) -> None:
+    """Mark the tests of *cls* (CPython's test class *name*, bound to shoal
+    under start *method*) listed in the tables of tests/test_stdlib_*.py.
+
+    A key is ``(class, test)`` or ``(class, test, method)``.  *differences*
+    are skipped, *known_failures* are strict xfails, *not_run* are xfails not
+    run (their failure hangs or leaves processes).  A test this Python's
+    version of the module lacks is ignored.  Each marked test gets its own
+    function, so the class's other start methods are not affected.
+    """
+    import functools
+
+    import pytest
+
+    marks = (
+        (differences, lambda reason: pytest.mark.skip(reason=f"deliberate difference: {reason}")),
+        (known_failures, lambda reason: pytest.mark.xfail(reason=reason, strict=True)),
+        (not_run, lambda reason: pytest.mark.xfail(reason=reason, run=False)),
+    )
+    for table, mark in marks:
+        for key, reason in table.items():
+            if key[0] != name or (len(key) == 3 and key[2] != method):
+                continue
+            original = getattr(cls, key[1], None)
+            if original is None:
+                continue
+
+            def test(self, *args, _original=original, **kwargs):
+                return _original(self, *args, **kwargs)
+
+            setattr(cls, key[1], mark(reason)(functools.wraps(original)(test)))

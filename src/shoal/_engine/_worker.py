@@ -210,7 +210,9 @@ def _serve(channel: Channel) -> None:
                 fd_state.send = out_fds
                 try:
                     out = dumps(value, oob=True, what="the task's result")
-                except Exception as exc:  # noqa: BLE001 - an unpicklable result fails only this task
+                except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only this task
+                    # (BaseException: a __reduce__ that calls sys.exit() is the
+                    # task's error, as in the standard library, not a dead worker)
                     ok = False
                     out = pack_exception(exc)
                     out_fds = []
