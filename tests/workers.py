@@ -179,6 +179,20 @@ def fail_if_marked():
         raise RuntimeError("initializer failed in a replacement worker")
 
 
+
+class ExitAtPickle:
+    """Calls sys.exit() when pickled."""
+
+    def __reduce__(self):
+        import sys
+
+        sys.exit(1)
+
+
+def return_exit_at_pickle(_=None):
+    return ExitAtPickle()
+
+
 def mark_stdlib_tests(cls, name: str, method: str, differences: dict, known_failures: dict, not_run: dict) -> None:
     """Mark the tests of *cls* (CPython's test class *name*, bound to shoal
     under start *method*) listed in the tables of tests/test_stdlib_*.py.
