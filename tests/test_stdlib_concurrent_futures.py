@@ -109,6 +109,12 @@ KNOWN_FAILURES: dict[tuple[str, ...], str] = {
     ("ProcessPoolShutdownTest", "test_processes_terminate", "fork"): "i8-core: no ProcessPoolExecutor._processes",
     ("ProcessPoolShutdownTest", "test_context_manager_shutdown"): "i8-core: no ProcessPoolExecutor._processes",
 }
+#: Tests that sleep for seconds by design: marked ``slow`` (CI runs them).
+SLOW = {
+    "ProcessPoolExecutorTest": ("test_map_timeout",),
+    "WaitTests": ("test_first_exception",),
+}
+
 NOT_RUN: dict[tuple[str, ...], str] = {
     ("ProcessPoolShutdownTest", "test_cancel_futures"): (
         "unassigned (and timing-dependent, so not a strict xfail): shutdown(cancel_futures=True) right "
@@ -172,7 +178,7 @@ def _install(globs: dict) -> None:
         del made["__name__"]
         for cls_name, cls in made.items():
             method = cls.ctx
-            mark_stdlib_tests(cls, name, method, DIFFERENCES, KNOWN_FAILURES, NOT_RUN)
+            mark_stdlib_tests(cls, name, method, DIFFERENCES, KNOWN_FAILURES, NOT_RUN, SLOW)
             globs[cls_name] = cls
 
 

@@ -114,6 +114,9 @@ KNOWN_FAILURES: dict[tuple[str, ...], str] = {
     ),
 }
 
+#: Tests that sleep for seconds by design: marked ``slow`` (CI runs them).
+SLOW = {"_TestPoll": ("test_boundaries",)}
+
 #: CPython's classes bound here, with the mixin kind ("processes" or "manager").
 BOUND_CLASSES = (
     ("_TestPool", "processes"),
@@ -224,7 +227,7 @@ def _install(globs: dict) -> None:
                 name, (base, mixins[kind, method], unittest.TestCase), {"__module__": __name__, "CHECK_CLASS_LEAKS": True}
             )
             cls.__qualname__ = name
-            mark_stdlib_tests(cls, base_name, method, DIFFERENCES, KNOWN_FAILURES, {})
+            mark_stdlib_tests(cls, base_name, method, DIFFERENCES, KNOWN_FAILURES, {}, SLOW)
             globs[name] = cls
 
 

@@ -193,13 +193,16 @@ def return_exit_at_pickle(_=None):
     return ExitAtPickle()
 
 
-def mark_stdlib_tests(cls, name: str, method: str, differences: dict, known_failures: dict, not_run: dict) -> None:
+def mark_stdlib_tests(
+    cls, name: str, method: str, differences: dict, known_failures: dict, not_run: dict, slow: dict
+) -> None:
     """Mark the tests of *cls* (CPython's test class *name*, bound to shoal
     under start *method*) listed in the tables of tests/test_stdlib_*.py.
 
     A key is ``(class, test)`` or ``(class, test, method)``.  *differences*
     are skipped, *known_failures* are strict xfails, *not_run* are xfails not
-    run (their failure hangs or leaves processes).  A test this Python's
+    run (their failure hangs or leaves processes); *slow* (class -> test
+    names) get the ``slow`` marker (they still run).  A test this Python's
     version of the module lacks is ignored.  Each marked test gets its own
     function, so the class's other start methods are not affected.
     """
@@ -208,6 +211,7 @@ def mark_stdlib_tests(cls, name: str, method: str, differences: dict, known_fail
     import pytest
 
     marks = (
+        ({(name, test): "" for test in slow.get(name, ())}, lambda reason: pytest.mark.slow),
         (differences, lambda reason: pytest.mark.skip(reason=f"deliberate difference: {reason}")),
         (known_failures, lambda reason: pytest.mark.xfail(reason=reason, strict=True)),
         (not_run, lambda reason: pytest.mark.xfail(reason=reason, run=False)),
