@@ -46,7 +46,7 @@ try:
 except ImportError as exc:
     pytest.skip(
         f"this Python ({sys.version.split()[0]}) has no test.test_concurrent_futures package "
-        f"(CPython ships it from 3.13 on): {exc}",
+        f"(installed with CPython 3.13; absent from this installation): {exc}",
         allow_module_level=True,
     )
 
