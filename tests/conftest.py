@@ -2,7 +2,10 @@
 
 After each test no child process, file descriptor or /dev/shm entry that the
 test created may remain (the forkserver and resource tracker that
-multiprocessing keeps for the whole session are allowed).
+multiprocessing keeps for the whole session are allowed).  Processes already
+running when a test starts belong to a class-scoped setup (CPython's test
+classes make their pool or manager in ``setUpClass``); a class that sets
+``CHECK_CLASS_LEAKS = True`` gets the same check around the whole class.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def _session_helpers() -> set[int]:
     return pids
 
 
-def _sessionopen_fds() -> set[str]:
+def _session_fds() -> set[str]:
     fds = set()
     from multiprocessing import forkserver, resource_tracker
 
@@ -56,8 +59,8 @@ def _sessionopen_fds() -> set[str]:
     return fds
 
 
-def _children() -> list[psutil.Process]:
-    helpers = _session_helpers()
+def _children(already_running: frozenset[int] = frozenset()) -> list[psutil.Process]:
+    helpers = _session_helpers() | already_running
     try:
         kids = psutil.Process().children(recursive=True)
     except psutil.Error:
@@ -74,14 +77,27 @@ def _shm() -> set[str]:
 
 @pytest.fixture(autouse=True)
 def no_leaks(request):
+    yield from _leak_check()
+
+
+@pytest.fixture(scope="class", autouse=True)
+def no_class_leaks(request):
+    if getattr(request.cls, "CHECK_CLASS_LEAKS", False):
+        yield from _leak_check()
+    else:
+        yield
+
+
+def _leak_check():
+    running = frozenset(k.pid for k in _children())
     fds_before = open_fds()
     shm_before = _shm()
     yield
     deadline = time.monotonic() + 10
     while True:
         gc.collect()
-        kids = _children()
-        new_fds = open_fds() - fds_before - _sessionopen_fds()
+        kids = _children(running)
+        new_fds = open_fds() - fds_before - _session_fds()
         new_shm = _shm() - shm_before
         if not (kids or new_fds or new_shm) or time.monotonic() > deadline:
             break

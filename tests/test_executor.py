@@ -75,6 +75,17 @@ def test_worker_death_fails_one_future_only(fork_or_spawn):
         assert ex.submit(workers.square, 5).result(timeout=30) == 25
 
 
+def test_result_whose_pickling_exits_raises_system_exit(fork_or_spawn):
+    # A SystemExit raised while the worker pickled the result used to kill
+    # the worker (WorkerDiedError); the standard library reports it as the
+    # task's exception, and the worker lives on.
+    with shoal.ProcessPoolExecutor(1, mp_context=shoal.get_context(fork_or_spawn)) as ex:
+        pid = ex.submit(workers.getpid).result()
+        with pytest.raises(SystemExit):
+            ex.submit(workers.return_exit_at_pickle).result(timeout=60)
+        assert ex.submit(workers.getpid).result() == pid
+
+
 def test_failing_initializer_is_broken_process_pool():
     from concurrent.futures.process import BrokenProcessPool
 

@@ -440,3 +440,54 @@ def actor_incr_into(counter, n, queue):
     for _ in range(n):
         counter.incr()
     queue.put(counter.get())
+
+
+
+class ExitAtPickle:
+    """Calls sys.exit() when pickled."""
+
+    def __reduce__(self):
+        import sys
+
+        sys.exit(1)
+
+
+def return_exit_at_pickle(_=None):
+    return ExitAtPickle()
+
+
+def mark_stdlib_tests(
+    cls, name: str, method: str, differences: dict, known_failures: dict, not_run: dict, slow: dict
+) -> None:
+    """Mark the tests of *cls* (CPython's test class *name*, bound to shoal
+    under start *method*) listed in the tables of tests/test_stdlib_*.py.
+
+    A key is ``(class, test)`` or ``(class, test, method)``.  *differences*
+    are skipped, *known_failures* are strict xfails, *not_run* are xfails not
+    run (their failure hangs or leaves processes); *slow* (class -> test
+    names) get the ``slow`` marker (they still run).  A test this Python's
+    version of the module lacks is ignored.  Each marked test gets its own
+    function, so the class's other start methods are not affected.
+    """
+    import functools
+
+    import pytest
+
+    marks = (
+        ({(name, test): "" for test in slow.get(name, ())}, lambda reason: pytest.mark.slow),
+        (differences, lambda reason: pytest.mark.skip(reason=f"deliberate difference: {reason}")),
+        (known_failures, lambda reason: pytest.mark.xfail(reason=reason, strict=True)),
+        (not_run, lambda reason: pytest.mark.xfail(reason=reason, run=False)),
+    )
+    for table, mark in marks:
+        for key, reason in table.items():
+            if key[0] != name or (len(key) == 3 and key[2] != method):
+                continue
+            original = getattr(cls, key[1], None)
+            if original is None:
+                continue
+
+            def test(self, *args, _original=original, **kwargs):
+                return _original(self, *args, **kwargs)
+
+            setattr(cls, key[1], mark(reason)(functools.wraps(original)(test)))

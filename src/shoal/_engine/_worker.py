@@ -289,7 +289,9 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
                 try:
                     with sending_fds(out_fds):
                         out = dumps(value, oob=True, what="the task's result", segments=segments)
-                except Exception as exc:  # noqa: BLE001 - an unpicklable result fails only this task
+                except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only this task
+                    # (BaseException: a __reduce__ that calls sys.exit() is the
+                    # task's error, as in the standard library, not a dead worker)
                     ok = False
                     out = pack_exception(exc)
                     out_fds = []

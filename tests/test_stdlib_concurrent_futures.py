@@ -1,0 +1,185 @@
+"""CPython's own ``concurrent.futures`` process-pool tests, run against shoal.
+
+``Lib/test/test_concurrent_futures/`` (a package since Python 3.13 in the
+installed test suite) builds one class per executor with
+``create_executor_tests(globals(), SomeTests, executor_mixins=...)``; its
+process-pool mixins set ``executor_type = futures.ProcessPoolExecutor`` and
+``ctx`` (the start method).  This module builds the same classes with
+``executor_type = shoal.ProcessPoolExecutor`` for fork, spawn and forkserver
+(``ShoalProcessPoolForkProcessPoolExecutorTest``, ...), from the modules of
+the interpreter running the tests; without that package the module is
+skipped, naming what is missing.
+
+The bound modules' global ``futures`` (tests call
+``futures.ProcessPoolExecutor(...)`` directly and compare ``executor_type``
+with it) is replaced by a module whose ``ProcessPoolExecutor`` is shoal's and
+whose other names are the standard library's.
+
+Not bound: the thread-pool classes, ``test_future`` (no process pool), and
+``test_init.FailingInitializerResourcesTest``, which runs the standard
+library's own classes and then stops the resource tracker of the whole
+session.
+
+A test that checks a deliberate difference, or only a private attribute the
+standard library keeps, is in ``DIFFERENCES`` (skipped, with the reason); one
+that fails for a known shoal bug is in ``KNOWN_FAILURES`` (strict xfail), or in
+``NOT_RUN`` when its failure hangs or leaves the executor running.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import sys
+import types
+
+import pytest
+
+import shoal
+from workers import mark_stdlib_tests
+
+_MODULES = ("executor", "test_as_completed", "test_deadlock", "test_init", "test_process_pool",
+            "test_shutdown", "test_wait")  # fmt: skip
+try:
+    _util = importlib.import_module("test.test_concurrent_futures.util")
+    _mods = {name: importlib.import_module(f"test.test_concurrent_futures.{name}") for name in _MODULES}
+except ImportError as exc:
+    pytest.skip(
+        f"this Python ({sys.version.split()[0]}) has no test.test_concurrent_futures package "
+        f"(installed with CPython 3.13; absent from this installation): {exc}",
+        allow_module_level=True,
+    )
+
+_BROKEN = (
+    "a worker that dies or cannot read its task fails only that task (shoal.WorkerDiedError or the "
+    "task's own error) and is replaced; the executor does not become broken (BrokenProcessPool)"
+)
+_EAGER = "shoal starts all max_workers workers when the executor is created, not on demand"
+
+#: (CPython class, test[, start method]) -> why it does not apply to shoal.
+#: Skipped with the reason.
+DIFFERENCES: dict[tuple[str, ...], str] = {
+    ("ProcessPoolExecutorTest", "test_killed_child"): _BROKEN,
+    ("ProcessPoolExecutorTest", "test_idle_process_reuse_one"): _EAGER + " (and reads the private _processes)",
+    ("ProcessPoolExecutorTest", "test_idle_process_reuse_multiple"): _EAGER + " (and reads the private _processes)",
+    ("ProcessPoolExecutorTest", "test_max_tasks_per_child", "fork"): (
+        "the standard library refuses max_tasks_per_child with the fork start method (ValueError); "
+        "shoal's workers support it"
+    ),
+    ("ProcessPoolShutdownTest", "test_processes_terminate", "spawn"): _EAGER,
+    ("ProcessPoolShutdownTest", "test_processes_terminate", "forkserver"): _EAGER,
+    ("ProcessPoolShutdownTest", "test_del_shutdown"): "reads the private _executor_manager_thread",
+    ("ProcessPoolShutdownTest", "test_shutdown_no_wait"): "reads the private _executor_manager_thread",
+    ("ExecutorDeadlockTest", "test_error_at_task_pickle"): (
+        "an argument that cannot be pickled raises at submit(), in the caller, not from result()"
+    ),
+    ("ExecutorDeadlockTest", "test_exit_at_task_unpickle"): _BROKEN,
+    ("ExecutorDeadlockTest", "test_error_at_task_unpickle"): _BROKEN,
+    ("ExecutorDeadlockTest", "test_crash_at_task_unpickle"): _BROKEN,
+    ("ExecutorDeadlockTest", "test_crash_during_func_exec_on_worker"): _BROKEN,
+    ("ExecutorDeadlockTest", "test_crash_during_result_pickle_on_worker"): _BROKEN,
+    ("ExecutorDeadlockTest", "test_error_during_result_unpickle_in_result_handler"): _BROKEN,
+    ("ExecutorDeadlockTest", "test_exit_during_result_unpickle_in_result_handler"): _BROKEN,
+    ("ExecutorDeadlockTest", "test_crash_big_data"): _BROKEN,
+    ("ExecutorDeadlockTest", "test_shutdown_deadlock"): _BROKEN,
+    ("ExecutorDeadlockTest", "test_shutdown_deadlock_pickle"): "reads the private _executor_manager_thread",
+    ("ExecutorDeadlockTest", "test_gh105829_should_not_deadlock_if_wakeup_pipe_full"): (
+        "patches the standard library's private concurrent.futures.process._ThreadWakeup"
+    ),
+}
+
+#: (CPython class, test[, start method]) -> the shoal bug it hits.  Strict
+#: xfail: an XPASS means the fix landed and the entry must go.  Entries whose
+#: failure hangs or leaves the executor running are not run (``NOT_RUN``).
+KNOWN_FAILURES: dict[tuple[str, ...], str] = {
+    ("ProcessPoolExecutorTest", "test_free_reference"): (
+        "i8-core: the caller keeps a reference to a task's arguments after its result is delivered"
+    ),
+    ("ProcessPoolExecutorTest", "test_traceback"): (
+        "i8-core: __cause__ is shoal.exceptions.RemoteTraceback, not concurrent.futures.process._RemoteTraceback"
+    ),
+    ("ProcessPoolExecutorTest", "test_saturation"): "i8-core: no ProcessPoolExecutor._max_workers / _processes",
+    ("ProcessPoolExecutorTest", "test_max_tasks_per_child", "spawn"): "i8-core: no ProcessPoolExecutor._processes",
+    ("ProcessPoolExecutorTest", "test_max_tasks_per_child", "forkserver"): (
+        "i8-core: no ProcessPoolExecutor._processes"
+    ),
+    ("ProcessPoolExecutorTest", "test_max_tasks_per_child_defaults_to_spawn_context"): (
+        "i8-core: no ProcessPoolExecutor._mp_context"
+    ),
+    ("ProcessPoolShutdownTest", "test_processes_terminate", "fork"): "i8-core: no ProcessPoolExecutor._processes",
+    ("ProcessPoolShutdownTest", "test_context_manager_shutdown"): "i8-core: no ProcessPoolExecutor._processes",
+}
+#: Tests that sleep for seconds by design: marked ``slow`` (CI runs them).
+SLOW = {
+    "ProcessPoolExecutorTest": ("test_map_timeout",),
+    "WaitTests": ("test_first_exception",),
+}
+
+NOT_RUN: dict[tuple[str, ...], str] = {
+    ("ProcessPoolShutdownTest", "test_cancel_futures"): (
+        "unassigned (and timing-dependent, so not a strict xfail): shutdown(cancel_futures=True) right "
+        "after submit() usually cancels every task, while the standard library lets the ones it has "
+        "handed to workers finish"
+    ),
+    ("ProcessPoolExecutorTest", "test_python_finalization_error"): (
+        "i8-core: when a thread cannot start (interpreter shutdown), map() hangs instead of raising "
+        "BrokenProcessPool"
+    ),
+    ("ProcessPoolExecutorTest", "test_ressources_gced_in_workers"): (
+        "i8-core: a worker keeps a task's arguments after the task, so their finaliser does not run"
+    ),
+    ("ExecutorDeadlockTest", "test_error_during_result_pickle_on_worker"): (
+        "i8-core: an unpicklable result raises shoal.SerializationError, not the pickler's PicklingError"
+    ),
+    ("FailingInitializerMixin", "test_initializer"): (
+        "unassigned: initargs are pickled when the executor is created, so a multiprocessing.Queue "
+        "(shareable only by inheritance) cannot be an initarg, as it can with the standard library"
+    ),
+}
+
+#: (module, CPython test class) bound to shoal's executor.
+BOUND_CLASSES = (
+    ("test_process_pool", "ProcessPoolExecutorTest"),
+    ("test_shutdown", "ProcessPoolShutdownTest"),
+    ("test_wait", "WaitTests"),
+    ("test_as_completed", "AsCompletedTests"),
+    ("test_deadlock", "ExecutorDeadlockTest"),
+    ("test_init", "InitializerMixin"),
+    ("test_init", "FailingInitializerMixin"),
+)
+
+
+class _ShoalAsFutures(types.ModuleType):
+    """``concurrent.futures`` with shoal's ``ProcessPoolExecutor``."""
+
+    ProcessPoolExecutor = shoal.ProcessPoolExecutor
+
+    def __getattr__(self, name: str):
+        return getattr(concurrent.futures, name)
+
+
+_futures = _ShoalAsFutures("concurrent.futures")
+for _mod in _mods.values():
+    _mod.futures = _futures
+
+
+def _install(globs: dict) -> None:
+    executor_mixins = []
+    for base in (_util.ProcessPoolForkMixin, _util.ProcessPoolForkserverMixin, _util.ProcessPoolSpawnMixin):
+        method = base.ctx
+        executor_mixins.append(
+            type(f"ShoalProcessPool{method.capitalize()}Mixin", (base,),
+                 {"executor_type": shoal.ProcessPoolExecutor, "__module__": __name__})
+        )
+    for module, name in BOUND_CLASSES:
+        tests = getattr(_mods[module], name)
+        made: dict = {"__name__": __name__}
+        _util.create_executor_tests(made, tests, executor_mixins=executor_mixins)
+        del made["__name__"]
+        for cls_name, cls in made.items():
+            method = cls.ctx
+            mark_stdlib_tests(cls, name, method, DIFFERENCES, KNOWN_FAILURES, NOT_RUN, SLOW)
+            globs[cls_name] = cls
+
+
+_install(globals())
