@@ -92,22 +92,6 @@ DIFFERENCES: dict[tuple[str, ...], str] = {
 #: xfail: an XPASS means the fix landed and the entry must go.  Entries whose
 #: failure hangs or leaves the executor running are not run (``NOT_RUN``).
 KNOWN_FAILURES: dict[tuple[str, ...], str] = {
-    ("ProcessPoolExecutorTest", "test_free_reference"): (
-        "i8-core: the caller keeps a reference to a task's arguments after its result is delivered"
-    ),
-    ("ProcessPoolExecutorTest", "test_traceback"): (
-        "i8-core: __cause__ is shoal.exceptions.RemoteTraceback, not concurrent.futures.process._RemoteTraceback"
-    ),
-    ("ProcessPoolExecutorTest", "test_saturation"): "i8-core: no ProcessPoolExecutor._max_workers / _processes",
-    ("ProcessPoolExecutorTest", "test_max_tasks_per_child", "spawn"): "i8-core: no ProcessPoolExecutor._processes",
-    ("ProcessPoolExecutorTest", "test_max_tasks_per_child", "forkserver"): (
-        "i8-core: no ProcessPoolExecutor._processes"
-    ),
-    ("ProcessPoolExecutorTest", "test_max_tasks_per_child_defaults_to_spawn_context"): (
-        "i8-core: no ProcessPoolExecutor._mp_context"
-    ),
-    ("ProcessPoolShutdownTest", "test_processes_terminate", "fork"): "i8-core: no ProcessPoolExecutor._processes",
-    ("ProcessPoolShutdownTest", "test_context_manager_shutdown"): "i8-core: no ProcessPoolExecutor._processes",
 }
 #: Tests that sleep for seconds by design: marked ``slow`` (CI runs them).
 SLOW = {
@@ -120,16 +104,6 @@ NOT_RUN: dict[tuple[str, ...], str] = {
         "unassigned (and timing-dependent, so not a strict xfail): shutdown(cancel_futures=True) right "
         "after submit() usually cancels every task, while the standard library lets the ones it has "
         "handed to workers finish"
-    ),
-    ("ProcessPoolExecutorTest", "test_python_finalization_error"): (
-        "i8-core: when a thread cannot start (interpreter shutdown), map() hangs instead of raising "
-        "BrokenProcessPool"
-    ),
-    ("ProcessPoolExecutorTest", "test_ressources_gced_in_workers"): (
-        "i8-core: a worker keeps a task's arguments after the task, so their finaliser does not run"
-    ),
-    ("ExecutorDeadlockTest", "test_error_during_result_pickle_on_worker"): (
-        "i8-core: an unpicklable result raises shoal.SerializationError, not the pickler's PicklingError"
     ),
     ("FailingInitializerMixin", "test_initializer"): (
         "unassigned: initargs are pickled when the executor is created, so a multiprocessing.Queue "

@@ -95,23 +95,6 @@ DIFFERENCES: dict[tuple[str, ...], str] = {
 #: (CPython class, test[, start method]) -> the shoal bug it hits (fixed on another branch).
 #: Strict xfail: an XPASS means the fix landed and the entry must go.
 KNOWN_FAILURES: dict[tuple[str, ...], str] = {
-    ("_TestPool", "test_map_unplicklable"): (
-        "i8-core: an unpicklable argument raises shoal.SerializationError, which "
-        "`except RuntimeError` (the type its __reduce__ raised) does not catch"
-    ),
-    ("_TestPool", "test_traceback"): (
-        "i8-core: the remote traceback (__cause__) is shoal.exceptions.RemoteTraceback, "
-        "not multiprocessing.pool.RemoteTraceback"
-    ),
-    ("_TestContainers", "test_dict_iter"): (
-        "i8-mgr: iterating a Manager dict that changes size does not raise RuntimeError"
-    ),
-    ("_TestContainers", "test_dict_proxy_nested"): (
-        "i8-mgr: a Manager dict cannot hold another Manager dict (nested proxies)"
-    ),
-    ("_TestContainers", "test_nested_queue"): (
-        "i8-mgr: a Manager dict cannot hold a Manager Queue (nested proxies)"
-    ),
 }
 
 #: Tests that sleep for seconds by design: marked ``slow`` (CI runs them).
