@@ -39,13 +39,11 @@ def test_seed_manager_example_under_other_start_methods(tmp_path, method):
     assert _run_script(tmp_path, text) == "{'count': 0}\n"
 
 
-def test_dict_is_shared_memory_and_starts_no_server():
+def test_dict_is_shared_memory_not_a_proxy():
     with Manager() as m:
         d = m.dict({"a": 1}, b=2)
         assert isinstance(d, SharedDict) and d == {"a": 1, "b": 2}
         assert str(d) == "{'a': 1, 'b': 2}"
-        assert multiprocessing.active_children() == []
-        assert "no server" in repr(m)
     assert d.closed  # the manager's handles close with it, like stdlib proxies
 
 
@@ -222,18 +220,21 @@ def _store_nested(d, out):
         out.put("stored")
 
 
-def test_storing_a_shared_object_where_the_server_never_started_says_what_to_do():
+# Before: the server started only on the first store by reference, so a
+# child given the dict by fork could not store a shared object in it
+# (ProcessError) where the standard library, whose server always runs, can.
+def test_a_child_stores_a_shared_object_in_a_dict_made_before_anything_started_the_server():
     ctx = multiprocessing.get_context("fork")
     out = ctx.SimpleQueue()
     with Manager() as m:
         d = m.dict()
         p = ctx.Process(target=_store_nested, args=(d, out))
         p.start()
-        message = out.get()
+        assert out.get() == "stored"
         p.join(60)
         assert p.exitcode == 0
-        assert "manager.start()" in message
-        assert "x" not in d
+        d["x"]["after"] = 1
+        assert d["x"] == {"after": 1}
     out.close()
 
 

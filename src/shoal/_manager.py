@@ -19,9 +19,8 @@ Data flow::
   or in another process) raises ``RuntimeError`` as a dict does.  It is ~100x faster and adds race-free ``incr`` /
   ``update_with`` / ``locked()``.
 * Everything else is the standard library's, which does it well enough;
-  the server process starts only when one of those is first asked for (or
-  a manager dict first needs it, below), so a manager used only for plain
-  dicts in one process never starts a process.
+  the server process starts when the first of those, or the first dict,
+  is asked for (below).
 
 Nested shared objects.  Plain values (str, numbers, bytes, None, and
 containers of them) are stored as data, as in any SharedDict: that path
@@ -45,12 +44,10 @@ the standard library's nested proxies:
   and at process start its descriptor travels directly, as a SharedDict's.
 * The server's address is fixed when the Manager is created (a fresh
   AF_UNIX path unless ``address`` is given), and a manager dict carries it
-  to every process it reaches, so any of them finds the keeper once the
-  server runs, without the server having to start before the dict is
-  sent.  The manager's own process starts the server on the first store
-  by reference; another process storing a shared object while the server
-  has never been started gets ``ProcessError`` saying to call
-  ``m.start()`` first (with the standard library the server always runs).
+  to every process it reaches, so any of them finds the keeper.  The server
+  starts with the first ``dict()`` (the standard library's starts with
+  ``Manager()``): a process given the dict by fork, where nothing is
+  pickled, may store a shared object in it at once.
 * Whatever is stored by reference stays alive until the manager shuts down,
   even once overwritten (the standard library frees it when its last proxy
   goes): a program that stores many short-lived nested objects grows the
@@ -434,6 +431,11 @@ class Manager:
         """A :class:`~shoal.SharedDict` initialised like ``dict(*args, **kwargs)``,
         which also holds shared objects (manager dicts and proxies) by reference."""
         self._check_running()
+        # The server runs from the first dict on, as the standard library's
+        # runs from Manager(): a process the dict is handed to (by fork,
+        # where nothing is pickled) may store a shared object in it, and
+        # that needs the keeper.  The dict's own operations never use it.
+        self._sync()
         d = _ManagerDict()
         d._refs = self._refs
         self._adopt(d)
