@@ -428,3 +428,27 @@ def test_a_batch_with_more_functions_than_the_worker_caches(monkeypatch):
             fn = fns[i % 3]
             results.append(pool.apply_async(fn, (i,)))
         assert len([r.get(timeout=30) for r in results]) == 60
+
+
+# Before: an untimed map's chunks were all the standard library's guess (n / 4
+# per worker), so 200 tasks of 0.2 s made 25-task chunks of 5 s: the first
+# result came late and the tail left one worker busy while the others idled.
+@pytest.mark.parametrize("n, size, workers", [(200, 25, 2), (200_000, 25_000, 2), (10, 3, 2), (7, 1, 4), (1000, 63, 4)])
+def test_an_untimed_map_starts_with_one_item_and_ends_with_small_chunks(n, size, workers):
+    from shoal._pool import _chunk_bounds
+
+    bounds = _chunk_bounds(n, size, workers, timed=False)
+    assert bounds[0] == (0, 1)
+    assert bounds[-1][1] == n and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) <= size
+    assert all(s <= -(-(n - start) // (2 * workers)) for (start, _), s in zip(bounds, sizes, strict=True) if s > 1)
+    assert sizes[-1] == 1
+    # A timed function gets the engine's uniform size.
+    assert {stop - start for start, stop in _chunk_bounds(n, size, workers, timed=True)[:-1]} <= {size}
+
+
+def test_a_map_without_chunksize_returns_every_result_in_order(fork_or_spawn):
+    with shoal.Pool(2, context=fork_or_spawn) as pool:
+        assert pool.map(workers.square, range(1000)) == [x * x for x in range(1000)]
+        assert pool.starmap(workers.add, [(i, i) for i in range(333)]) == [2 * i for i in range(333)]

@@ -292,22 +292,25 @@ class Pool:
         items = iterable if isinstance(iterable, (list, tuple, range)) else list(iterable)
         n = len(items)
         if chunksize is None:
-            chunksize = engine.map_chunksize(n, func)
+            timed = engine.auto_chunksize(func) > 1  # measured, and short enough to batch
+            bounds = _chunk_bounds(n, engine.map_chunksize(n, func), engine.processes, timed)
         elif not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive int, got {chunksize!r}")
-        nchunks = -(-n // chunksize)
+        else:
+            bounds = [(start, min(start + chunksize, n)) for start in range(0, n, chunksize)]
+        nchunks = len(bounds)
         result = MapResult(engine, nchunks, callback, error_callback)
         result._pool = self
         if nchunks:
             fn_ref = engine.function_ref(func)
             tasks: list = []
             queued_bytes = 0
-            for i in range(nchunks):
-                chunk = list(items[i * chunksize:(i + 1) * chunksize])
+            for i, (start, stop) in enumerate(bounds):
+                chunk = list(items[start:stop])
                 try:
                     task = engine.make_task(func, mode, chunk, result, i, task_timeout, fn_ref)
                 except Exception as exc:
-                    name_unpicklable_item(exc, chunk, i * chunksize)
+                    name_unpicklable_item(exc, chunk, start)
                     raise
                 tasks.append(task)
                 queued_bytes += len(task.data) + (SUBMIT_EARLY_BYTES if task.fds else 0)
@@ -359,6 +362,32 @@ def _args_tuple(args) -> tuple:
             f"args must be a tuple (or another iterable) of the function's arguments, got "
             f"{type(args).__name__} {args!r:.40}; for a single argument write args=({args!r:.40},)"
         ) from None
+
+
+def _chunk_bounds(n: int, size: int, workers: int, timed: bool) -> list[tuple[int, int]]:
+    """Where a map's chunks start and stop when the caller gave no chunksize.
+
+    Every chunk is made (and pickled) before ``map`` returns, so its size
+    cannot wait for a measurement.  A timed function gets chunks of *size*
+    (the engine's, from its measured duration).  An untimed one gets chunks
+    that grow from one item (the first results, and the first measurement,
+    come at once) to at most *size*, the standard library's guess, and
+    shrink again at the end as what remains is shared out among the
+    workers (guided self-scheduling): however wrong the guess, the last
+    chunks are small, so no worker is left with a long tail while the
+    others idle.
+    """
+    if timed or n <= workers:
+        return [(start, min(start + size, n)) for start in range(0, n, size)]
+    bounds = []
+    start, grow = 0, 1
+    while start < n:
+        left = n - start
+        step = max(1, min(grow, size, -(-left // (2 * workers))))
+        bounds.append((start, start + step))
+        start += step
+        grow *= 2
+    return bounds
 
 
 def _check_callable(func) -> None:
