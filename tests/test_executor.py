@@ -136,3 +136,26 @@ def test_a_with_block_left_by_keyboard_interrupt_stops_its_work():
     for future in [running, *queued]:
         with pytest.raises(concurrent.futures.CancelledError):
             future.result(timeout=0)
+
+
+# Before: the generator behind Executor.map kept the last result it yielded in
+# a local variable, alive after the caller dropped it (CPython's
+# test_free_reference).
+def test_map_keeps_no_reference_to_a_result_the_caller_dropped():
+    import gc
+    import weakref
+
+    with shoal.ProcessPoolExecutor(2) as ex:
+        for obj in ex.map(workers.make_token, range(10)):
+            ref = weakref.ref(obj)
+            del obj
+            gc.collect()
+            assert ref() is None
+
+
+def test_max_tasks_per_child_defaults_to_spawn_as_the_standard_library():
+    with shoal.ProcessPoolExecutor(1, max_tasks_per_child=2) as ex:
+        assert ex._mp_context.get_start_method() == "spawn"
+        assert ex.submit(workers.square, 3).result(timeout=60) == 9
+    with shoal.ProcessPoolExecutor(1, max_tasks_per_child=2, mp_context="fork") as ex:
+        assert ex._mp_context.get_start_method() == "fork"

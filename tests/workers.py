@@ -491,3 +491,14 @@ def mark_stdlib_tests(
                 return _original(self, *args, **kwargs)
 
             setattr(cls, key[1], mark(reason)(functools.wraps(original)(test)))
+
+
+class Token:
+    """A plain object a test can hold a weak reference to."""
+
+    def __init__(self, n):
+        self.n = n
+
+
+def make_token(n):
+    return Token(n)

@@ -85,6 +85,11 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             _check_int("max_tasks_per_child", max_tasks_per_child)
             if max_tasks_per_child < 1:
                 raise ValueError("max_tasks_per_child must be >= 1")
+            if mp_context is None and backend is None:
+                # As the standard library (3.11+): recycled workers start with
+                # spawn unless a context is given.  (An explicit fork context
+                # works here, where the standard library refuses it.)
+                mp_context = multiprocessing.get_context("spawn")
         if backend is not None or address is not None:
             self._engine = remote_engine(
                 backend, address, max_workers, initializer, initargs, max_tasks_per_child, mp_context,
@@ -205,19 +210,21 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
 
 
 def _results(it: IMapIterator, deadline: float | None) -> Iterator[Any]:
+    # Each result is yielded without a name in this frame: the suspended
+    # generator must not keep the last result alive after the caller drops
+    # it (the standard library's test_free_reference).
     try:
         for _ in itertools.count():
             if deadline is None:
-                value = it.next()
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("the map did not finish within its timeout")
-                try:
-                    value = it.next(remaining)
-                except multiprocessing.TimeoutError:
-                    raise TimeoutError("the map did not finish within its timeout") from None
-            yield value
+                yield it.next()
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the map did not finish within its timeout")
+            try:
+                yield it.next(remaining)
+            except multiprocessing.TimeoutError:
+                raise TimeoutError("the map did not finish within its timeout") from None
     except StopIteration:
         return
     finally:
