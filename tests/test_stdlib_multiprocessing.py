@@ -54,17 +54,13 @@ START_METHODS = ("fork", "spawn", "forkserver")
 #: (CPython class, test[, start method]) -> why it does not apply to shoal.  Skipped with the
 #: reason (README, "Differences from the standard library", says the same).
 DIFFERENCES: dict[tuple[str, ...], str] = {
-    ("_TestPool", "test_make_pool"): (
-        "reads the private Pool._pool (the standard library's list of worker Process objects); "
-        "shoal's workers belong to its engine"
-    ),
     ("_TestPool", "test_resource_warning"): (
         "forces the private Pool._state back to RUN and expects a ResourceWarning from __del__; "
         "a shoal pool that is dropped while running terminates its workers instead"
     ),
     ("_TestPoolWorkerLifetime", "test_pool_worker_lifetime"): (
-        "reads the private Pool._pool and calls Pool._repopulate_pool(); shoal's engine "
-        "replaces workers itself"
+        "calls the private Pool._repopulate_pool() to replace workers that exited; shoal's "
+        "engine replaces its workers itself (Pool._pool is a read-only view of them)"
     ),
     ("_TestPoolWorkerLifetime", "test_worker_finalization_via_atexit_handler_of_multiprocessing"): (
         "runs `from multiprocessing import Pool` in a child interpreter: it tests the "
