@@ -205,6 +205,7 @@ def cmd_map(args: argparse.Namespace) -> int:
             while window:
                 _drain(window, emit, args.unordered)
     except KeyboardInterrupt:
+        _ignore_further_interrupts()
         print("shoal: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
@@ -466,11 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ignore_further_interrupts() -> None:
+    """Once interrupted, the command is leaving: a second Ctrl-C (a user
+    pressing it again) must not turn the clean exit 130 into a traceback
+    from the clean-up."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except KeyboardInterrupt:  # `shoal bench` (map handles its own)
+        _ignore_further_interrupts()
         print("shoal: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
