@@ -24,13 +24,18 @@ import multiprocessing
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from multiprocessing.context import BaseContext
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from ._asyncresult import Future, IMapIterator, submit_future
 from ._backends import remote_engine
 from ._engine import NO_SHARED, STARMAP, Engine, PoolStatistics, WorkerProcess
 from ._engine import check_int as _check_int
 from ._engine import check_timeout as _check_timeout
+
+if TYPE_CHECKING:
+    from ._context import Context
 
 __all__ = ("Future", "ProcessPoolExecutor")
 
@@ -64,7 +69,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
     def __init__(
         self,
         max_workers: int | None = None,
-        mp_context=None,
+        mp_context: BaseContext | Context | str | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
         *,
@@ -118,7 +123,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         # Dropped without shutdown(): finish the queued work, then stop.
         self._finalizer = weakref.finalize(self, self._engine.close)
 
-    def submit(self, fn: Callable[..., Any], /, *args, **kwargs) -> Future:
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)``; return a :class:`Future`."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
@@ -159,7 +164,12 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         deadline = None if timeout is None else time.monotonic() + timeout
         return _results(it, deadline)
 
-    def __exit__(self, exc_type, exc_val, exc_tb) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
         """``shutdown(wait=True)``: wait for the pending work, as the standard
         library does; left by Ctrl-C, cancel it and stop running tasks."""
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
@@ -196,7 +206,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         return self._engine.processes
 
     @property
-    def _mp_context(self):
+    def _mp_context(self) -> BaseContext | Context:
         """The multiprocessing context the workers are started with."""
         return self._given_context if self._given_context is not None else self._engine._ctx
 
