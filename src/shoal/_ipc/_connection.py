@@ -125,7 +125,7 @@ class Connection:
         self._writable = writable
         self._max = max_message_size
         self._spool: Spool | None = None  # made on the first large send_bytes
-        self._poller = None  # made on the first receive
+        self._poller: select.poll | None = None  # made on the first receive
 
     # -- state --------------------------------------------------------------
     @property
@@ -417,7 +417,7 @@ def _loads(payload, limit: int | None = None):
     try:
         return loads(payload, limit=limit)
     except TooLarge as exc:
-        raise MessageTooLarge(exc.size, limit) from None
+        raise MessageTooLarge(exc.size, limit) from None  # type: ignore[arg-type]  # limit is set
     except SerializationError:
         raise
     except Exception as exc:

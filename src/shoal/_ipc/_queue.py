@@ -178,7 +178,7 @@ class _Base:
         self._lock = threading.Lock()
         self._feeder: threading.Thread | None = None
         self._join_cancelled = False
-        self._finalizer = None
+        self._finalizer: _mputil.Finalize | None = None
         self._spool = Spool()
         self._inline_max = min(INBAND_MAX, self._ring.capacity // 4)
 
@@ -262,6 +262,7 @@ class _Base:
         data, anc = raw
         fds = _cmsg_fds(anc) if anc else []
         try:
+            payload: bytes | memoryview
             if data[0] & MEMFD:
                 payload = take_memfd_payload(fds, int.from_bytes(data[9:17], "little"), "item")
             else:
