@@ -423,7 +423,7 @@ class SharedDict(MutableMapping):
         self._attach(fd, mapping, max_size)
         return self
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         self._check_open()
         if getattr(_storing, "active", False):
             raise TypeError(
@@ -518,13 +518,13 @@ class SharedDict(MutableMapping):
         # processes do it all the time) and does not affect this loop.
         return iter([_decode_key(k) for k in _native.dict_items(self._map, 0)])
 
-    def keys(self):  # noqa: D102 - the Mapping views work; these are snapshots
+    def keys(self) -> KeysView[Any]:  # noqa: D102 - the Mapping views work; these are snapshots
         return _SnapshotKeys(self)
 
-    def values(self):
+    def values(self) -> ValuesView[Any]:
         return _SnapshotValues(self)
 
-    def items(self):
+    def items(self) -> ItemsView[Any, Any]:
         return _SnapshotItems(self)
 
     def copy(self) -> dict:
@@ -749,7 +749,7 @@ class _SnapshotKeys(KeysView):
     __slots__ = ()
     _mapping: SharedDict  # MappingView's
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(self._mapping)
 
 
@@ -757,7 +757,7 @@ class _SnapshotValues(ValuesView):
     __slots__ = ()
     _mapping: SharedDict  # MappingView's
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(_native.dict_items(self._mapping._map, 1))
 
 
@@ -765,7 +765,7 @@ class _SnapshotItems(ItemsView):
     __slots__ = ()
     _mapping: SharedDict  # MappingView's
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter([(_decode_key(k), v) for k, v in _native.dict_items(self._mapping._map, 2)])
 
 
