@@ -26,16 +26,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.context import BaseContext
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._asyncresult import Future, IMapIterator, submit_future
 from ._backends import remote_engine
 from ._engine import NO_SHARED, STARMAP, Engine, PoolStatistics, WorkerProcess
 from ._engine import check_int as _check_int
 from ._engine import check_timeout as _check_timeout
-
-if TYPE_CHECKING:
-    from ._context import Context
 
 __all__ = ("Future", "ProcessPoolExecutor")
 
@@ -69,7 +66,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
     def __init__(
         self,
         max_workers: int | None = None,
-        mp_context: BaseContext | Context | str | None = None,
+        mp_context: BaseContext | str | Any = None,  # Any: a shoal.Context too
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
         *,
@@ -206,7 +203,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         return self._engine.processes
 
     @property
-    def _mp_context(self) -> BaseContext | Context:
+    def _mp_context(self) -> Any:  # a BaseContext or the shoal.Context given
         """The multiprocessing context the workers are started with."""
         return self._given_context if self._given_context is not None else self._engine._ctx
 

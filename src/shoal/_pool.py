@@ -23,7 +23,7 @@ import multiprocessing.pool
 import weakref
 from collections.abc import Callable, Iterable
 from multiprocessing.context import BaseContext
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from ._asyncresult import AsyncResult, IMapIterator, MapResult, submit_future
 from ._backends import remote_engine
@@ -31,9 +31,6 @@ from ._engine import MAP, NO_SHARED, STARMAP, Engine, PoolStatistics, WorkerProc
 from ._engine import check_timeout as _check_timeout
 from ._progress import progress_bar
 from ._serialization import name_unpicklable_item
-
-if TYPE_CHECKING:
-    from ._context import Context
 
 __all__ = ("AsyncResult", "Pool", "PoolStatistics")
 
@@ -98,7 +95,7 @@ class Pool:
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
         maxtasksperchild: int | None = None,
-        context: BaseContext | Context | str | None = None,
+        context: BaseContext | str | Any = None,  # Any: a shoal.Context too
         *,
         max_memory: int | None = None,
         task_timeout: float | None = None,
