@@ -52,6 +52,7 @@ from multiprocessing import (
     set_forkserver_preload as set_forkserver_preload,
     set_start_method as set_start_method,
 )
+from typing import Any
 
 from . import exceptions as exceptions
 from ._actor import Actor as Actor
@@ -87,7 +88,7 @@ __version__ = "0.1.0"
 _NUMPY_NAMES = ("SharedArray", "share")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _NUMPY_NAMES:
         from ._shm import _array
 

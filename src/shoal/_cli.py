@@ -267,7 +267,7 @@ def _emit_ready(window: deque, emit, unordered: bool) -> None:
             lineno, future = window.popleft()
             emit(lineno, future)
     elif any(f.done() for _, f in window):
-        keep = deque()
+        keep: deque[tuple[int, concurrent.futures.Future]] = deque()
         for lineno, future in window:
             if future.done():
                 emit(lineno, future)
@@ -331,11 +331,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"shoal bench: {benchmarks.describe(saved)}", file=table)
         saved["scenarios"] = benchmarks.run(args.select, quick=args.quick, out=table)
     if args.json:
-        text = json.dumps(saved, indent=1) + "\n"
+        dumped = json.dumps(saved, indent=1) + "\n"
         if args.json == "-":
-            sys.stdout.write(text)
+            sys.stdout.write(dumped)
         else:
-            _write(args.json, text)
+            _write(args.json, dumped)
     if args.plot:
         _plot(saved, args.plot)
     return 0

@@ -11,9 +11,16 @@ context's start method), and everything else (``Process``, ``Lock``,
 from __future__ import annotations
 
 import multiprocessing
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from ._engine import mp_context
+
+if TYPE_CHECKING:
+    from ._actor import Actor
+    from ._ipc import Connection, JoinableQueue, Queue, SimpleQueue
+    from ._manager import Manager
+    from ._pool import Pool
 
 __all__ = ("Context", "get_context")
 
@@ -31,37 +38,44 @@ class Context:
         # What the wrapped context offers is this context's too.
         return sorted(set(super().__dir__()) | set(dir(self._ctx)))
 
-    def Pool(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None, **options):  # noqa: N802
+    def Pool(  # noqa: N802
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        **options: Any,
+    ) -> Pool:
         from ._pool import Pool
 
         return Pool(processes, initializer, initargs, maxtasksperchild, context=self._ctx, **options)
 
-    def Pipe(self, duplex: bool = True):  # noqa: N802
+    def Pipe(self, duplex: bool = True) -> tuple[Connection, Connection]:  # noqa: N802
         from ._ipc import Pipe
 
         return Pipe(duplex)
 
-    def Queue(self, maxsize: int = 0):  # noqa: N802
+    def Queue(self, maxsize: int = 0) -> Queue:  # noqa: N802
         from ._ipc import Queue
 
         return Queue(maxsize)
 
-    def JoinableQueue(self, maxsize: int = 0):  # noqa: N802
+    def JoinableQueue(self, maxsize: int = 0) -> JoinableQueue:  # noqa: N802
         from ._ipc import JoinableQueue
 
         return JoinableQueue(maxsize)
 
-    def SimpleQueue(self):  # noqa: N802
+    def SimpleQueue(self) -> SimpleQueue:  # noqa: N802
         from ._ipc import SimpleQueue
 
         return SimpleQueue()
 
-    def Manager(self):  # noqa: N802
+    def Manager(self) -> Manager:  # noqa: N802
         from ._manager import Manager
 
         return Manager(ctx=self._ctx)
 
-    def Actor(self, cls, /, *args, **kwargs):  # noqa: N802
+    def Actor(self, cls: Callable[..., object], /, *args: Any, **kwargs: Any) -> Actor:  # noqa: N802
         """:class:`shoal.Actor`, its process started with this context's start method."""
         from ._actor import Actor
 

@@ -24,6 +24,8 @@ import multiprocessing
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.context import BaseContext
+from types import TracebackType
 from typing import Any
 
 from ._asyncresult import Future, IMapIterator, submit_future
@@ -64,7 +66,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
     def __init__(
         self,
         max_workers: int | None = None,
-        mp_context=None,
+        mp_context: BaseContext | str | Any = None,  # Any: a shoal.Context too
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
         *,
@@ -118,7 +120,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         # Dropped without shutdown(): finish the queued work, then stop.
         self._finalizer = weakref.finalize(self, self._engine.close)
 
-    def submit(self, fn: Callable[..., Any], /, *args, **kwargs) -> Future:
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)``; return a :class:`Future`."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
@@ -159,7 +161,12 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         deadline = None if timeout is None else time.monotonic() + timeout
         return _results(it, deadline)
 
-    def __exit__(self, exc_type, exc_val, exc_tb) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
         """``shutdown(wait=True)``: wait for the pending work, as the standard
         library does; left by Ctrl-C, cancel it and stop running tasks."""
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
@@ -196,7 +203,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         return self._engine.processes
 
     @property
-    def _mp_context(self):
+    def _mp_context(self) -> Any:  # a BaseContext or the shoal.Context given
         """The multiprocessing context the workers are started with."""
         return self._given_context if self._given_context is not None else self._engine._ctx
 

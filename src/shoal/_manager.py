@@ -76,11 +76,18 @@ import os
 import pickle
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import ProcessError, current_process
 from multiprocessing.context import get_spawning_popen
-from multiprocessing.connection import arbitrary_address, default_family
-from multiprocessing.managers import BaseManager, BaseProxy, SyncManager, Token, dispatch, listener_client
+from multiprocessing.connection import arbitrary_address, default_family  # type: ignore[attr-defined]  # not in typeshed
+from multiprocessing.managers import (  # type: ignore[attr-defined]  # not in typeshed
+    BaseManager,
+    BaseProxy,
+    SyncManager,
+    Token,
+    dispatch,
+    listener_client,
+)
 from typing import Any
 
 import cloudpickle
@@ -140,10 +147,10 @@ class _KeeperProxy(BaseProxy):
     _exposed_ = ("pin", "where")
 
     def pin(self, pid: int, fd: int) -> int:
-        return self._callmethod("pin", (pid, fd))
+        return self._callmethod("pin", (pid, fd))  # type: ignore[func-returns-value,return-value]  # typeshed: None
 
     def where(self, ref: int) -> tuple[int, int]:
-        return self._callmethod("where", (ref,))
+        return self._callmethod("where", (ref,))  # type: ignore[func-returns-value,return-value]  # typeshed: None
 
 
 class _SyncManager(SyncManager):
@@ -189,7 +196,7 @@ class _Refs:
                     self._proxy = _connect_keeper(self.address, self._authkey)
             return self._proxy
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         # A custom authkey travels only to a process being started, as a
         # proxy's does.
         authkey = self._authkey if get_spawning_popen() is not None else None
@@ -287,15 +294,15 @@ def _resolve(address: Any, ref: int) -> _ManagerDict:
 def _pin_proxy(proxy: BaseProxy) -> None:
     """One more reference in the proxy's server: the object outlives the
     proxy that stored it (released at the manager's shutdown)."""
-    token = proxy._token
-    conn = proxy._Client(token.address, authkey=proxy._authkey)
+    token = proxy._token  # type: ignore[attr-defined]  # not in typeshed
+    conn = proxy._Client(token.address, authkey=proxy._authkey)  # type: ignore[attr-defined]  # not in typeshed
     try:
         dispatch(conn, None, "incref", (token.id,))
     finally:
         conn.close()
 
 
-def _reducer_override(self, obj: Any) -> Any:
+def _reducer_override(self: _RefPickler | _RefCloudPickler, obj: Any) -> Any:
     try:
         if isinstance(obj, SharedDict):
             return self.refs.reduce(obj)
@@ -335,8 +342,9 @@ class _ManagerDict(SharedDict):
     docstring) and whose iteration fails when its size changes, as a dict's."""
 
     __slots__ = ("_refs",)
+    _refs: _Refs
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         if collecting() or get_spawning_popen() is not None:
             _, (rebuild, args) = SharedDict.__reduce__(self)  # the descriptor travels
             return _rebuild_manager_dict, (rebuild, args, self._refs)
@@ -374,7 +382,7 @@ def _checking(d: SharedDict, n: int, it: Iterator[Any]) -> Iterator[Any]:
         raise RuntimeError("dictionary changed size during iteration")
 
 
-def _rebuild_manager_dict(rebuild, args, refs: _Refs) -> _ManagerDict:
+def _rebuild_manager_dict(rebuild: Callable[..., int], args: tuple, refs: _Refs) -> _ManagerDict:
     d = _ManagerDict._from_fd(rebuild(*args))
     d._refs = refs
     return d
@@ -394,7 +402,7 @@ class Manager:
 
     # typeid -> (callable, exposed, method_to_typeid, proxytype), as
     # BaseManager._registry; register() copies it per class.
-    _registry: dict[str, tuple] = dict(_SyncManager._registry)
+    _registry: dict[str, tuple] = dict(_SyncManager._registry)  # type: ignore[attr-defined]  # not in typeshed
 
     def __init__(
         self,
@@ -458,7 +466,7 @@ class Manager:
         server = self._sync()
         with self._mutex:
             if self._keeper_proxy is None:
-                self._keeper_proxy = server._shoal_keeper()
+                self._keeper_proxy = server._shoal_keeper()  # type: ignore[attr-defined]  # registered above
                 if self._refs.address is None:  # an AF_INET port picked at start
                     self._refs.address = server.address
                     with _REFS_LOCK:
@@ -471,13 +479,13 @@ class Manager:
         server = _SyncManager(**self._options)
         # This class's registered types, and those registered on the standard
         # library's SyncManager (which multiprocessing.Manager() serves).
-        server._registry = {**SyncManager._registry, **type(self)._registry}
+        server._registry = {**SyncManager._registry, **type(self)._registry}  # type: ignore[attr-defined]  # not in typeshed
         return server
 
     def __getattr__(self, name: str) -> Any:
         # SyncManager.register("Foo", Foo) then Manager().Foo() works with the
         # standard library, whose Manager() is a SyncManager.
-        if not name.startswith("_") and name in SyncManager._registry and name not in type(self)._registry:
+        if not name.startswith("_") and name in SyncManager._registry and name not in type(self)._registry:  # type: ignore[attr-defined]  # not in typeshed
             create = SyncManager.__dict__.get(name)
             if create is not None:
                 return _delegate(name, create).__get__(self)
@@ -562,12 +570,13 @@ class Manager:
         """Register a type with the server, as ``BaseManager.register``:
         ``m.<typeid>(*args)`` then returns a proxy to a new object living in
         the server process.  Registers on *cls* (and its subclasses) only."""
-        BaseManager.register.__func__(cls, typeid, callable, proxytype, exposed, method_to_typeid, create_method)
+        BaseManager.register.__func__(  # type: ignore[attr-defined]  # a classmethod's function
+            cls, typeid, callable, proxytype, exposed, method_to_typeid, create_method)
         if create_method:  # BaseManager's method, run on the server object
             setattr(cls, typeid, _delegate(typeid, cls.__dict__[typeid]))
 
 
-def _delegate(typeid: str, create: Any = None):
+def _delegate(typeid: str, create: Any = None) -> Callable[..., Any]:
     def method(self: Manager, /, *args: Any, **kwargs: Any) -> Any:
         server = self._sync()
         return create(server, *args, **kwargs) if create else getattr(server, typeid)(*args, **kwargs)

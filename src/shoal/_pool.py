@@ -22,7 +22,8 @@ import concurrent.futures
 import multiprocessing.pool
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from multiprocessing.context import BaseContext
+from typing import Any, NoReturn
 
 from ._asyncresult import AsyncResult, IMapIterator, MapResult, submit_future
 from ._backends import remote_engine
@@ -94,7 +95,7 @@ class Pool:
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
         maxtasksperchild: int | None = None,
-        context=None,
+        context: BaseContext | str | Any = None,  # Any: a shoal.Context too
         *,
         max_memory: int | None = None,
         task_timeout: float | None = None,
@@ -119,7 +120,7 @@ class Pool:
                 context,
                 max_memory=max_memory,
                 task_timeout=task_timeout,
-                remote_traceback=multiprocessing.pool.RemoteTraceback,
+                remote_traceback=multiprocessing.pool.RemoteTraceback,  # type: ignore[attr-defined]  # not in typeshed
                 shared=shared,
                 worker_init=worker_init,
                 worker_exit=worker_exit,
@@ -131,12 +132,14 @@ class Pool:
 
     # -- the standard library's API -------------------------------------------
     def apply(self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict | None = None, *,
-              task_timeout: float | None = None):
+              task_timeout: float | None = None) -> Any:
         """Call ``func(*args, **kwds)`` in a worker and return its result."""
         return self.apply_async(func, args, kwds, task_timeout=task_timeout).get()
 
     def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict | None = None,
-                    callback=None, error_callback=None, *, task_timeout: float | None = None) -> AsyncResult:
+                    callback: Callable[[Any], object] | None = None,
+                    error_callback: Callable[[BaseException], object] | None = None, *,
+                    task_timeout: float | None = None) -> AsyncResult:
         """Run ``func(*args, **kwds)`` in a worker; return an :class:`AsyncResult`.
 
         *callback* / *error_callback* run in this (the parent) process with the
@@ -165,7 +168,7 @@ class Pool:
             result._task = None
         return result
 
-    def submit(self, fn: Callable[..., Any], /, *args, **kwargs) -> concurrent.futures.Future:
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``."""
 
         return submit_future(self._engine, fn, args, kwargs)
@@ -188,17 +191,22 @@ class Pool:
         """
         return self._map_blocking(func, iterable, chunksize, STARMAP, task_timeout, progress)
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
+    def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None,
+                  callback: Callable[[list[Any]], object] | None = None,
+                  error_callback: Callable[[BaseException], object] | None = None, *,
                   task_timeout: float | None = None) -> MapResult:
         """Like :meth:`map`, returning a result object."""
         return self._map_async(func, iterable, chunksize, MAP, callback, error_callback, task_timeout)
 
-    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
+    def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
+                      chunksize: int | None = None, callback: Callable[[list[Any]], object] | None = None,
+                      error_callback: Callable[[BaseException], object] | None = None, *,
                       task_timeout: float | None = None) -> MapResult:
         """Like :meth:`starmap`, returning a result object."""
         return self._map_async(func, iterable, chunksize, STARMAP, callback, error_callback, task_timeout)
 
-    def imap(self, func, iterable, chunksize: int = 1, *, task_timeout: float | None = None,
+    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1, *,
+             task_timeout: float | None = None,
              progress: bool | dict = False, buffersize: int | None = None) -> IMapIterator:
         """Lazy, ordered ``map``: reads *iterable* as results are consumed.
 
@@ -210,7 +218,8 @@ class Pool:
         """
         return self._imap(func, iterable, chunksize, True, task_timeout, progress, buffersize)
 
-    def imap_unordered(self, func, iterable, chunksize: int = 1, *, task_timeout: float | None = None,
+    def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1, *,
+                       task_timeout: float | None = None,
                        progress: bool | dict = False, buffersize: int | None = None) -> IMapIterator:
         """Like :meth:`imap`, yielding results as they finish."""
         return self._imap(func, iterable, chunksize, False, task_timeout, progress, buffersize)
@@ -237,11 +246,11 @@ class Pool:
             self._engine._check_running()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         """:meth:`terminate`: unfinished tasks fail with PoolClosedError."""
         self.terminate()
 
-    def __reduce__(self):
+    def __reduce__(self) -> NoReturn:
         raise NotImplementedError(
             "pool objects cannot be passed between processes or pickled; "
             "create the pool in the process that uses it"
@@ -282,7 +291,10 @@ class Pool:
         return self._engine.worker_processes()
 
     # -- internals -----------------------------------------------------------
-    def _map_async(self, func, iterable, chunksize, mode, callback, error_callback, task_timeout) -> MapResult:
+    def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None, mode: int,
+                   callback: Callable[[list[Any]], object] | None,
+                   error_callback: Callable[[BaseException], object] | None,
+                   task_timeout: float | None) -> MapResult:
         engine = self._engine
         engine._check_running()
         _check_callable(func)
@@ -324,10 +336,11 @@ class Pool:
                 engine.submit_tasks(tasks)
         return result
 
-    def _map_blocking(self, func, iterable, chunksize, mode, task_timeout, progress) -> list:
+    def _map_blocking(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
+                      mode: int, task_timeout: float | None, progress: bool | dict) -> list:
         if progress:
             if chunksize is None:
-                n = len(iterable) if hasattr(iterable, "__len__") else None
+                n = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]  # it has one
                 chunksize = self._engine.map_chunksize(n, func) if n else 1
             return list(self._imap(func, iterable, chunksize, True, task_timeout, progress, None, mode=mode))
         result = self._map_async(func, iterable, chunksize, mode, None, None, task_timeout)
@@ -339,7 +352,9 @@ class Pool:
                                    lambda sink: sink is result)
             raise
 
-    def _imap(self, func, iterable, chunksize, ordered, task_timeout, progress, buffersize, mode=MAP):
+    def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int, ordered: bool,
+              task_timeout: float | None, progress: bool | dict, buffersize: int | None,
+              mode: int = MAP) -> IMapIterator:
         engine = self._engine
         engine._check_running()
         _check_callable(func)
@@ -354,7 +369,7 @@ class Pool:
         return it
 
 
-def _args_tuple(args) -> tuple:
+def _args_tuple(args: Iterable[Any]) -> tuple:
     try:
         return tuple(args)
     except TypeError:
@@ -390,12 +405,12 @@ def _chunk_bounds(n: int, size: int, workers: int, timed: bool) -> list[tuple[in
     return bounds
 
 
-def _check_callable(func) -> None:
+def _check_callable(func: object) -> None:
     if not callable(func):
         raise TypeError(f"the function to run must be callable, got {type(func).__name__} {func!r:.60}")
 
 
-def _check_callbacks(callback, error_callback) -> None:
+def _check_callbacks(callback: object, error_callback: object) -> None:
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     if error_callback is not None and not callable(error_callback):

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import signal
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 __all__ = (
     "ActorDiedError",
@@ -130,7 +131,7 @@ class WorkerDiedError(ShoalError):
             msg += f" {detail}"
         super().__init__(msg)
 
-    def __reduce__(self):  # keyword state must survive pickling
+    def __reduce__(self) -> tuple[Any, ...]:  # keyword state must survive pickling
         return (type(self), (self.pid, self.exitcode, self.detail))
 
 
@@ -153,6 +154,8 @@ class SerializationError(ShoalError, TypeError):
     ``__reduce__``), the error raised is also an instance of that type, so
     ``except pickle.PicklingError`` keeps working as with the standard
     library (see :func:`serialization_error`)."""
+
+    _pickler_error: type  # set on the combined classes only
 
 
 _COMBINED: dict[type, type] = {}
@@ -195,7 +198,7 @@ def _combined_type(kind: type) -> type:
     return combined
 
 
-def _reduce_combined(self):
+def _reduce_combined(self: SerializationError) -> tuple[Any, ...]:
     # The combined class is not importable by name: rebuild it from its parts.
     return _rebuild_combined, (type(self)._pickler_error, self.args)
 
@@ -232,7 +235,7 @@ class RemoteError(ShoalError):
             "so the exception could not be rebuilt; the remote traceback is the __cause__)"
         )
 
-    def __reduce__(self):  # keyword state must survive pickling
+    def __reduce__(self) -> tuple[Any, ...]:  # keyword state must survive pickling
         return (type(self), (self.type_name, self.message, self.tb))
 
 
@@ -250,7 +253,7 @@ class ActorDiedError(ShoalError):
         self.pid = pid
         self.exitcode = exitcode
 
-    def __reduce__(self):  # keyword state must survive pickling
+    def __reduce__(self) -> tuple[Any, ...]:  # keyword state must survive pickling
         return (type(self), (self.args[0], self.pid, self.exitcode))
 
 

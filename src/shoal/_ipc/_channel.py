@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 from collections import deque
+from typing import Any
 
 _HEADER = struct.Struct("<Q")
 _SIZE_MASK = (1 << 48) - 1
@@ -74,7 +75,7 @@ class Channel:
             if sent < len(header) + len(payload):
                 self.sock.sendall(memoryview(header + payload)[sent:])
             return
-        entry = [memoryview(header + bytes(payload)), list(fds)]
+        entry: list[Any] = [memoryview(header + bytes(payload)), list(fds)]
         while entry[1]:
             self._send_piece(entry, 0)
         if len(entry[0]):

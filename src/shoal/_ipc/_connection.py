@@ -42,6 +42,7 @@ import pickle
 import select
 import socket
 from multiprocessing import BufferTooShort
+from typing import TYPE_CHECKING, Any
 
 from .._fd import collecting, providing_fds, reduce_fd
 from .._serialization import TooLarge, loads
@@ -63,6 +64,9 @@ from ._packet import (
     send_packet,
     socketpair,
 )
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 __all__ = ("Connection", "Pipe")
 
@@ -125,7 +129,7 @@ class Connection:
         self._writable = writable
         self._max = max_message_size
         self._spool: Spool | None = None  # made on the first large send_bytes
-        self._poller = None  # made on the first receive
+        self._poller: select.poll | None = None  # made on the first receive
 
     # -- state --------------------------------------------------------------
     @property
@@ -163,7 +167,7 @@ class Connection:
     def __enter__(self) -> Connection:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -218,7 +222,7 @@ class Connection:
         )
 
     # -- sending ------------------------------------------------------------
-    def send(self, obj) -> None:
+    def send(self, obj: Any) -> None:
         """Send a picklable object; the other end gets it from :meth:`recv`.
 
         Large buffers inside it (numpy arrays, bytes, ...) travel through
@@ -252,7 +256,7 @@ class Connection:
             if fds:
                 close_fds(fds)
 
-    def send_bytes(self, buf, offset: int = 0, size: int | None = None) -> None:
+    def send_bytes(self, buf: ReadableBuffer, offset: int = 0, size: int | None = None) -> None:
         """Send bytes from a bytes-like object as one message (see the standard library)."""
         sock = self._check_writable()
         m = memoryview(buf)
@@ -314,7 +318,7 @@ class Connection:
             # object serves one thread at a time); just block.
             pass
 
-    def recv(self):
+    def recv(self) -> Any:
         """Receive an object sent with :meth:`send`; block until one arrives.
 
         Raises ``EOFError`` when there is nothing left to receive and the
@@ -355,7 +359,7 @@ class Connection:
             close_fds(fds)
         return payload
 
-    def recv_bytes_into(self, buf, offset: int = 0) -> int:
+    def recv_bytes_into(self, buf: WriteableBuffer, offset: int = 0) -> int:
         """Receive one message into *buf* at *offset*; return its size.
 
         If it does not fit, ``multiprocessing.BufferTooShort`` is raised with
@@ -386,7 +390,7 @@ class Connection:
         return _wait_readable(sock.fileno(), timeout)
 
     # -- pickling -----------------------------------------------------------
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         sock = self._check_open()
         fd = sock.fileno()
         if collecting():
@@ -417,7 +421,7 @@ def _loads(payload, limit: int | None = None):
     try:
         return loads(payload, limit=limit)
     except TooLarge as exc:
-        raise MessageTooLarge(exc.size, limit) from None
+        raise MessageTooLarge(exc.size, limit) from None  # type: ignore[arg-type]  # limit is set
     except SerializationError:
         raise
     except Exception as exc:

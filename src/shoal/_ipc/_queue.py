@@ -63,7 +63,9 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Iterable
 from multiprocessing import util as _mputil
+from typing import Any
 
 from .._serialization import loads
 from .._fd import collecting, create_fd, providing_fds, reduce_fd, sending_fds
@@ -154,7 +156,7 @@ class _Base:
     _feeds = False
     _joinable = False
 
-    def __init__(self, maxsize: int = 0, *, ctx=None, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, maxsize: int = 0, *, ctx: Any = None, capacity: int = DEFAULT_CAPACITY) -> None:
         # *ctx* is accepted for the standard library's signature; shoal's
         # queues work the same under every start method.
         # As in the standard library, maxsize <= 0 means unbounded.
@@ -178,7 +180,7 @@ class _Base:
         self._lock = threading.Lock()
         self._feeder: threading.Thread | None = None
         self._join_cancelled = False
-        self._finalizer = None
+        self._finalizer: _mputil.Finalize | None = None
         self._spool = Spool()
         self._inline_max = min(INBAND_MAX, self._ring.capacity // 4)
 
@@ -199,7 +201,7 @@ class _Base:
                 self._close_fds()
 
     # -- pickling (Process args under spawn/forkserver, pool tasks, pipes) --
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         if self._closed:
             raise OSError(f"{type(self).__name__} is closed and cannot be sent to another process")
         fds = [
@@ -262,6 +264,7 @@ class _Base:
         data, anc = raw
         fds = _cmsg_fds(anc) if anc else []
         try:
+            payload: bytes | memoryview
             if data[0] & MEMFD:
                 payload = take_memfd_payload(fds, int.from_bytes(data[9:17], "little"), "item")
             else:
@@ -486,15 +489,15 @@ class SimpleQueue(_Base):
     waits only while the shared ring is full.
     """
 
-    def __init__(self, *, ctx=None, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, *, ctx: Any = None, capacity: int = DEFAULT_CAPACITY) -> None:
         super().__init__(0, ctx=ctx, capacity=capacity)
 
-    def put(self, obj) -> None:
+    def put(self, obj: Any) -> None:
         """Put *obj* on the queue."""
         self._check_closed()
         self._put_entries([self._entry(obj, "the object put on the queue")], True, None)
 
-    def get(self):
+    def get(self) -> Any:
         """Remove and return an item, waiting for one."""
         return self._get(True, None)
 
@@ -521,10 +524,10 @@ class Queue(_Base):
 
     _feeds = True
 
-    def __init__(self, maxsize: int = 0, *, ctx=None, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, maxsize: int = 0, *, ctx: Any = None, capacity: int = DEFAULT_CAPACITY) -> None:
         super().__init__(maxsize, ctx=ctx, capacity=capacity)
 
-    def put(self, obj, block: bool = True, timeout: float | None = None) -> None:
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put *obj* on the queue.  With a *maxsize*, wait up to *timeout*
         seconds for room (``queue.Full`` if there is none)."""
         if self._closed:
@@ -540,16 +543,16 @@ class Queue(_Base):
             return
         self._put_entries([entry], block, timeout)
 
-    def put_nowait(self, obj) -> None:
+    def put_nowait(self, obj: Any) -> None:
         """``put(obj, False)``."""
         self.put(obj, False)
 
-    def get(self, block: bool = True, timeout: float | None = None):
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return an item, waiting up to *timeout* seconds
         (``queue.Empty`` if none arrives)."""
         return self._get(block, timeout)
 
-    def get_nowait(self):
+    def get_nowait(self) -> Any:
         """``get(False)``."""
         return self._get(False, None)
 
@@ -588,7 +591,7 @@ class Queue(_Base):
             self._finalizer = None
 
     # -- batches --------------------------------------------------------------
-    def put_many(self, items, block: bool = True, timeout: float | None = None) -> None:
+    def put_many(self, items: Iterable[Any], block: bool = True, timeout: float | None = None) -> None:
         """Put every item of *items*, in order, taking the ring's lock once
         per ring-full rather than once per item.
 

@@ -98,7 +98,7 @@ import pickle
 import struct
 import threading
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, MutableMapping, ValuesView
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from .. import _native
 from .._fd import collecting, create_fd, reduce_fd
@@ -241,9 +241,9 @@ def _builtin_equal(key: Any) -> Any:
             canon = frozenset(frozenset.__iter__(key))
         elif isinstance(key, numbers.Number):
             if hasattr(type(key), "__index__"):
-                canon = operator.index(key)
+                canon = operator.index(key)  # type: ignore[arg-type]  # checked: it has __index__
             else:
-                canon = float(key)
+                canon = float(key)  # type: ignore[arg-type]  # a Number without __index__
                 if canon != canon:
                     raise _NaNKey("NaN cannot be a SharedDict key: it is not equal to itself")
         else:
@@ -409,7 +409,7 @@ class SharedDict(MutableMapping):
         self._max_size = max_size
 
     @classmethod
-    def _from_fd(cls, fd: int) -> SharedDict:
+    def _from_fd(cls, fd: int) -> Self:
         try:
             header = os.pread(fd, 40, 0)
             magic, max_size = struct.unpack("<Q24xQ", header) if len(header) == 40 else (0, 0)
@@ -423,7 +423,7 @@ class SharedDict(MutableMapping):
         self._attach(fd, mapping, max_size)
         return self
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         self._check_open()
         if getattr(_storing, "active", False):
             raise TypeError(
@@ -518,13 +518,13 @@ class SharedDict(MutableMapping):
         # processes do it all the time) and does not affect this loop.
         return iter([_decode_key(k) for k in _native.dict_items(self._map, 0)])
 
-    def keys(self):  # noqa: D102 - the Mapping views work; these are snapshots
+    def keys(self) -> KeysView[Any]:  # noqa: D102 - the Mapping views work; these are snapshots
         return _SnapshotKeys(self)
 
-    def values(self):
+    def values(self) -> ValuesView[Any]:
         return _SnapshotValues(self)
 
-    def items(self):
+    def items(self) -> ItemsView[Any, Any]:
         return _SnapshotItems(self)
 
     def copy(self) -> dict:
@@ -579,7 +579,7 @@ class SharedDict(MutableMapping):
             for _ in range(3):
                 if _put(self._map, enc, val):
                     return
-                self._grow(len(enc) + (0 if type(val) is int else len(val)))
+                self._grow(len(enc) + (0 if type(val) is int else len(val)))  # type: ignore[arg-type]  # bytes
             raise RuntimeError("SharedDict could not make room for a write; this is a bug in shoal")
 
     def __delitem__(self, key: Any) -> None:
@@ -654,7 +654,7 @@ class SharedDict(MutableMapping):
         """Atomically add *n* to ``d[key]`` (``default`` when missing) and
         return the new value."""
         enc = _encode_key(key)
-        value = _incr(self._map, enc, n, default)
+        value = _incr(self._map, enc, n, default)  # type: ignore[arg-type]  # None for a float
         if value is None:  # not an inline int, or the dict must grow
             value = self.update_with(key, lambda v: _add(key, v, n), default=default)
         return value
@@ -747,22 +747,25 @@ def _rebuild_shared_dict(rebuild, args) -> SharedDict:
 
 class _SnapshotKeys(KeysView):
     __slots__ = ()
+    _mapping: SharedDict  # MappingView's
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(self._mapping)
 
 
 class _SnapshotValues(ValuesView):
     __slots__ = ()
+    _mapping: SharedDict  # MappingView's
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(_native.dict_items(self._mapping._map, 1))
 
 
 class _SnapshotItems(ItemsView):
     __slots__ = ()
+    _mapping: SharedDict  # MappingView's
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter([(_decode_key(k), v) for k, v in _native.dict_items(self._mapping._map, 2)])
 
 
