@@ -654,7 +654,7 @@ class SharedDict(MutableMapping):
         """Atomically add *n* to ``d[key]`` (``default`` when missing) and
         return the new value."""
         enc = _encode_key(key)
-        value = _incr(self._map, enc, n, default)  # type: ignore[arg-type]  # None for a float
+        value = _incr(self._map, enc, n, default)  # None when the fast path does not apply (a float)
         if value is None:  # not an inline int, or the dict must grow
             value = self.update_with(key, lambda v: _add(key, v, n), default=default)
         return value
