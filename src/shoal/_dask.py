@@ -29,7 +29,7 @@ Data flow::
                                                                       callback thread
 
 Ownership: the dispatcher thread alone submits batches, reads their results
-and calls the sinks (``_deliver``).  Callers touch only the ``pending`` and
+and calls the sinks (``deliver``).  Callers touch only the ``pending`` and
 ``control`` deques and the wake-up condition, and may scatter data (the Dask
 client is thread-safe).  With no ``address`` the engine starts a
 ``LocalCluster`` of worker processes and owns it: ``close`` / ``terminate``
@@ -785,7 +785,7 @@ class DaskEngine(Engine):
             nbytes = 0
             while pending and len(parts) < take and nbytes < BATCH_BYTES:
                 task = pending.popleft()
-                if task.sink._skip(task):
+                if task.sink.skip(task):
                     self._cancelled += 1
                     continue
                 parts.append((task, None, None))
@@ -918,7 +918,7 @@ class DaskEngine(Engine):
             self._completed += 1
         else:
             self._failed += 1
-        task.sink._deliver(task, ok, value)
+        task.sink.deliver(task, ok, value)
 
     def _piece_done(self, task: _Task, start: int, ok: bool, value) -> None:
         if not ok:
@@ -994,7 +994,7 @@ class DaskEngine(Engine):
             self._cancelled += 1
             task.kill_reason = "cancelled"
             task.batch = None
-            task.sink._deliver(task, False, exc)
+            task.sink.deliver(task, False, exc)
         else:
             self._finish(task, False, exc)
 

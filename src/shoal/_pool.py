@@ -158,7 +158,7 @@ class Pool:
         result = AsyncResult(engine, callback, error_callback)
         result._pool = self  # as in the standard library: a result keeps its pool alive
         result._task = engine.submit_call(func, args, kwds, result, task_timeout)
-        if result._delivered:
+        if result.delivered:
             # Delivered before the line above ran: it could not break the
             # task <-> result cycle, which would keep a large result (its
             # shared memory) alive until the garbage collector runs.

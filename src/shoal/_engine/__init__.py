@@ -6,10 +6,9 @@ worker process runs (its task kinds ``CALL`` ... ``STARMAP``); :mod:`._local`
 what a task sees of its worker (:func:`shared`, :func:`worker_state`).
 """
 
+from ._callbacks import CallbackThread as CallbackThread
 from ._engine import Engine as Engine
 from ._engine import PoolStatistics as PoolStatistics
-from ._engine import WorkerProcess as WorkerProcess
-from ._engine import _CallbackThread as CallbackThread
 from ._engine import _check_int as check_int
 from ._engine import _check_timeout as check_timeout
 from ._engine import _engine_descriptors as engine_descriptors
@@ -18,6 +17,9 @@ from ._local import NO_SHARED as NO_SHARED
 from ._local import set_thread_shared as set_thread_shared
 from ._local import shared as shared
 from ._local import worker_state as worker_state
+from ._tasks import FailableSink as FailableSink
+from ._tasks import ResultSink as ResultSink
+from ._tasks import WorkerProcess as WorkerProcess
 from ._worker import CALL as CALL
 from ._worker import CALL_KW as CALL_KW
 from ._worker import MAP as MAP
@@ -32,7 +34,9 @@ __all__ = (
     "STARMAP",
     "CallbackThread",
     "Engine",
+    "FailableSink",
     "PoolStatistics",
+    "ResultSink",
     "WorkerProcess",
     "check_int",
     "check_timeout",

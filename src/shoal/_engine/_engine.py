@@ -5,13 +5,13 @@ Data flow::
     caller threads            scheduler thread                     workers
     --------------            ----------------                     -------
     submit(): pickle args ─┐
-      (errors raise here)  │  pending (deque of _Task)
+      (errors raise here)  │  pending (deque of Task)
       append, wake if      └──────────► dispatch: a batch to each     run tasks,
       the scheduler sleeps              worker holding < 2 batches ─► write status
                                         (non-blocking writes)         block, send
                              select() on: worker sockets,             results
                                worker sentinels, wake-up pipe  ◄────  (batched)
-                             results → sink._deliver() ───────► result objects
+                             results → sink.deliver() ────────► result objects
                                                                 (AsyncResult,
                              sentinel → reap: the task that was   Future, map/imap)
                                running fails with                       │
@@ -109,12 +109,13 @@ from ..exceptions import (
     RemoteTraceback,
     SerializationError,
     ShoalError,
-    TaskTimeoutError,
-    WorkerDiedError,
     WorkerStartError,
     serialization_error,
 )
 from . import _local, _worker
+from ._callbacks import CallbackThread
+from ._crash import ALREADY_FAILED, Fate, attribute_crash
+from ._tasks import Task, Worker, WorkerProcess
 from ._worker import CALL, CALL_KW, STATUS, STATUS_SLOT, WorkerConfig
 
 #: Work per message when tasks are short: large enough that per-message costs
@@ -128,9 +129,6 @@ CHUNK_SECONDS = 0.05
 CREDIT = 2
 #: Functions a worker keeps unpickled; older ones are forgotten.
 FN_CACHE = 128
-#: A finished task whose worker died outside any task (while sending its
-#: result, most likely) runs again at most this many times, then fails.
-MAX_REQUEUES = 3
 #: Seconds between SIGTERM and SIGKILL in terminate().
 TERMINATE_GRACE = 1.0
 #: Workers that die before becoming ready this many times in a row mean the
@@ -141,9 +139,6 @@ TIMEOUT_TICK = 0.02
 
 _RUN, _CLOSE, _TERMINATE, _BROKEN = "running", "closed", "terminated", "broken"
 
-#: kill_reason values of tasks whose caller already got an error: a result
-#: that still arrives for them is dropped.
-_ALREADY_FAILED = ("cancelled", "abandoned")
 
 
 @dataclass(frozen=True)
@@ -163,206 +158,6 @@ class PoolStatistics:
     replaced_because: dict[str, int] = field(default_factory=dict)
     #: the scheduler's current estimate of one task's duration, seconds
     task_seconds_estimate: float | None = None
-
-
-class _Task:
-    """One unit of work: a call, or a chunk of a map."""
-
-    __slots__ = (
-        "data", "fds", "fn_id", "fn_ref", "id", "index", "kill_reason", "mode", "n", "requeues", "sink", "timeout",
-    )
-
-    def __init__(self, tid, fn_id, fn_ref, mode, data, fds, sink, index, timeout, n):
-        self.id = tid
-        self.n = n  # items: 1 for a call, the chunk's length for a map chunk
-        self.fn_id = fn_id
-        self.fn_ref = fn_ref  # (fn, fn_bytes) for the first send to a worker
-        self.mode = mode
-        self.data = data
-        self.fds = fds
-        self.sink = sink
-        self.index = index
-        self.timeout = timeout
-        self.kill_reason: str | None = None
-        self.requeues = 0
-
-    def close_fds(self, registry: set[int]) -> None:
-        """Close the task's shared-memory descriptors and drop them from the
-        engine's *registry* of task descriptors."""
-        registry.difference_update(self.fds)
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = ()
-
-
-class _Worker:
-    """The scheduler's view of one worker process."""
-
-    __slots__ = (
-        "batches", "channel", "eof", "fns", "inflight", "kill_reason", "pid", "proc", "ready",
-        "retire_reason", "sent", "sentinel", "slot", "writing",
-    )
-
-    def __init__(self, proc, channel, slot):
-        self.proc = proc
-        self.pid = proc.pid
-        self.channel = channel
-        self.sentinel = proc.sentinel
-        self.slot = slot
-        self.inflight: deque[_Task] = deque()
-        # id of the last task of each batch sent and not yet answered in full
-        self.batches: deque[int] = deque()
-        self.fns: OrderedDict[int, None] = OrderedDict()
-        self.ready = False
-        self.eof = False
-        self.writing = False
-        self.sent = 0
-        self.retire_reason: str | None = None
-        self.kill_reason: str | None = None
-
-    @property
-    def accepting(self) -> bool:
-        return self.retire_reason is None and self.kill_reason is None and not self.eof
-
-
-class WorkerProcess:
-    """A read-only view of one worker process: what code written for the
-    standard library reads from ``executor._processes`` or ``pool._pool``.
-
-    The pool owns the process; a view only looks at it (and can signal it:
-    a worker killed this way fails only the task it was running)."""
-
-    __slots__ = ("_proc", "name", "pid")
-
-    def __init__(self, proc) -> None:
-        self._proc = proc
-        self.pid: int = proc.pid
-        self.name: str = proc.name
-
-    def is_alive(self) -> bool:
-        try:
-            if not self._proc.is_alive():
-                return False
-            sentinel = self._proc.sentinel
-        except ValueError:  # the pool already reaped and closed it
-            return False
-        # The scheduler reaps its workers from its own thread: when it wins
-        # the race for waitpid, Process.is_alive() here sees ECHILD and says
-        # "alive" until the scheduler records the exit code.  The sentinel
-        # is the truth: readable once the process has exited.
-        try:
-            return not multiprocessing.connection.wait([sentinel], 0)
-        except (OSError, ValueError):  # closed by the scheduler meanwhile: reaped
-            return False
-
-    def join(self, timeout: float | None = None) -> None:
-        try:
-            self._proc.join(timeout)
-        except ValueError:
-            pass
-
-    @property
-    def exitcode(self) -> int | None:
-        try:
-            return self._proc.exitcode
-        except ValueError:
-            return None
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-
-    def _signal(self, signum: int) -> None:
-        if self.is_alive():
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def __repr__(self) -> str:
-        return f"<shoal worker process pid={self.pid} {'alive' if self.is_alive() else 'exited'}>"
-
-
-class _CallbackThread:
-    """Runs user callbacks in the parent, one at a time, off the scheduler."""
-
-    def __init__(self) -> None:
-        self._queue: deque = deque()
-        self._cond = threading.Condition(threading.Lock())
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._busy = False
-
-    def call(self, fn, *args) -> None:
-        with self._cond:
-            if not self._stopping and (self._thread is not None or self._start()):
-                self._queue.append((fn, args))
-                self._cond.notify()
-                return
-        # The pool has shut down (a task failed in the scheduler's last
-        # sweep), or no thread can be started: run it here rather than never.
-        self._invoke(fn, args)
-
-    def _start(self) -> bool:
-        thread = threading.Thread(target=self._run, name="shoal-callbacks", daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:  # "can't create new thread at interpreter shutdown"
-            return False
-        self._thread = thread
-        return True
-
-    @staticmethod
-    def _invoke(fn, args) -> None:
-        try:
-            fn(*args)
-        except BaseException:  # noqa: BLE001 - a callback never kills the pool
-            print("shoal: exception in a result callback (the pool goes on):", file=sys.stderr)
-            traceback.print_exc()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue:
-                    self._busy = False
-                    self._cond.notify_all()
-                    return
-                fn, args = self._queue.popleft()
-                self._busy = True
-            self._invoke(fn, args)
-            # Drop them now, not when the next callback comes: they may hold
-            # the last reference to a result, a future or its traceback.
-            fn = args = None
-            with self._cond:
-                self._busy = False
-                if not self._queue:
-                    self._cond.notify_all()
-
-    def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every queued callback has run."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self._busy:
-                if self._thread is not None and threading.current_thread() is self._thread:
-                    return False  # called from a callback: cannot wait for ourselves
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-        return True
-
-    def stop(self, wait: bool = True) -> None:
-        """Run what is queued, then end the thread (with *wait*, wait for it)."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-            thread = self._thread
-        if wait and thread is not None and thread is not threading.current_thread():
-            thread.join()
 
 
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -473,13 +268,13 @@ class Engine:
 
         self._state = _RUN
         self._broken_error: BaseException | None = None
-        self._pending: deque[_Task] = deque()
+        self._pending: deque[Task] = deque()
         self._control: deque = deque()
         self._ids = itertools.count(1)
         self._fn_ids = itertools.count(1)
         self._fn_cache: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
         self._fn_lock = threading.Lock()
-        self._workers: dict[int, _Worker] = {}  # by sentinel fd... keyed by slot
+        self._workers: dict[int, Worker] = {}  # by sentinel fd... keyed by slot
         self._free_slots = list(range(processes * 2 - 1, -1, -1))
         # Seconds per item, by function id (0: functions sent with each task),
         # as measured by the workers: an exponentially weighted average.
@@ -498,7 +293,7 @@ class Engine:
         self._feeders = 0
         self._helpers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._start_failures = 0
-        self.callbacks = _CallbackThread()
+        self.callbacks = CallbackThread()
         self.results_cond = threading.Condition(threading.Lock())
         self.waiters = 0
         # counters (written by the scheduler thread only, except submitted)
@@ -607,7 +402,7 @@ class Engine:
                 self._fn_cache.popitem(last=False)
         return entry[1], entry
 
-    def make_task(self, fn, mode: int, payload, sink, index: int = 0, timeout: float | None = None, fn_ref=None) -> _Task:
+    def make_task(self, fn, mode: int, payload, sink, index: int = 0, timeout: float | None = None, fn_ref=None) -> Task:
         """Serialize one task in the caller's thread (errors surface here)."""
         if fn_ref is None:
             fn_ref = self.function_ref(fn)
@@ -619,9 +414,10 @@ class Engine:
         data = _serialize(payload, fds, self._segments)
         if fds:
             self._task_fds.update(fds)
-        return _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout, n)
+        return Task(id=next(self._ids), fn_id=fn_id, fn_ref=entry, mode=mode, data=data, fds=fds, sink=sink,
+                    index=index, timeout=timeout, n=n)
 
-    def submit_call(self, fn, args: tuple, kwargs: dict, sink, timeout: float | None = None) -> _Task:
+    def submit_call(self, fn, args: tuple, kwargs: dict, sink, timeout: float | None = None) -> Task:
         """Serialize and queue ``fn(*args, **kwargs)``: the hot path of
         apply_async and submit, kept short on purpose."""
         if self._state != _RUN or os.getpid() != self._owner_pid:
@@ -649,7 +445,8 @@ class Engine:
             self._task_fds.update(fds)
         if timeout is None:
             timeout = self.task_timeout
-        task = _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, 0, timeout, 1)
+        task = Task(id=next(self._ids), fn_id=fn_id, fn_ref=entry, mode=mode, data=data, fds=fds, sink=sink,
+                    timeout=timeout)
         self._pending.append(task)
         self._submitted_n += 1
         self._wake()
@@ -657,7 +454,7 @@ class Engine:
             self._reject((task,))
         return task
 
-    def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:
+    def submit_tasks(self, tasks: list[Task], from_feeder: bool = False) -> None:
         """Queue serialized tasks for the workers.
 
         An imap feeder that started before close() may go on submitting.
@@ -746,7 +543,7 @@ class Engine:
             except (BlockingIOError, OSError):
                 pass
 
-    def cancel(self, task: _Task, exc: BaseException) -> None:
+    def cancel(self, task: Task, exc: BaseException) -> None:
         """Fail *task* with *exc*: drop it if queued, kill its worker if running."""
         self._control.append(("cancel", task, exc))
         self._wake()
@@ -754,7 +551,7 @@ class Engine:
     def fail_sink(self, sink, exc: BaseException) -> None:
         """Fail a result object (a cancelled map) from the scheduler thread,
         so it cannot race a result being delivered.  Its tasks not yet sent
-        are dropped at dispatch (``sink._skip``)."""
+        are dropped at dispatch (``sink.skip``)."""
         self._control.append(("fail_sink", sink, exc))
         self._wake()
 
@@ -872,7 +669,7 @@ class Engine:
     # ------------------------------------------------------------------
     # workers
     # ------------------------------------------------------------------
-    def _start_worker(self) -> _Worker:
+    def _start_worker(self) -> Worker:
         slot = self._free_slots.pop()
         STATUS.pack_into(self._status, slot * STATUS_SLOT, 0, 0.0, 0)
         parent_ch, child_ch = Channel.pair()
@@ -912,7 +709,7 @@ class Engine:
             self._free_slots.append(slot)
             raise
         child_ch.close()
-        worker = _Worker(proc, parent_ch, slot)
+        worker = Worker(proc, parent_ch, slot)
         try:
             parent_ch.sock.setblocking(False)
             parent_ch.queue(config_bytes, [os.dup(fd) for fd in (self._status_fd, *self._shared_fds)])
@@ -977,7 +774,7 @@ class Engine:
             pass
         self._segments.close()
 
-    def _flush(self, w: _Worker) -> None:
+    def _flush(self, w: Worker) -> None:
         try:
             done = w.channel.flush()
         except (BrokenPipeError, ConnectionResetError):
@@ -1110,7 +907,7 @@ class Engine:
                 batch = []
                 while pending and len(batch) < take:
                     task = pending.popleft()
-                    if task.sink._skip(task):
+                    if task.sink.skip(task):
                         task.close_fds(self._task_fds)
                         self._cancelled += 1
                         continue
@@ -1123,7 +920,7 @@ class Engine:
             if not progressed:
                 break
 
-    def _send_batch(self, w: _Worker, batch: list[_Task]) -> None:
+    def _send_batch(self, w: Worker, batch: list[Task]) -> None:
         fn_defs = []
         forget = []
         fds: list[int] = []
@@ -1171,7 +968,7 @@ class Engine:
         self._flush(w)
 
     # -- results ----------------------------------------------------------
-    def _read(self, w: _Worker) -> None:
+    def _read(self, w: Worker) -> None:
         frames, eof = w.channel.recv_available()
         for payload, fds in frames:
             self._on_message(w, payload, fds)
@@ -1185,7 +982,7 @@ class Engine:
             except (KeyError, ValueError):
                 pass
 
-    def _on_message(self, w: _Worker, payload: bytes, fds: list[int]) -> None:
+    def _on_message(self, w: Worker, payload: bytes, fds: list[int]) -> None:
         kind, body = pickle.loads(payload)
         if kind == _worker.RESULTS:
             self._on_results(w, body, fds)
@@ -1210,7 +1007,7 @@ class Engine:
             w.retire_reason = "initializer"
             self._break(exc)
 
-    def _on_results(self, w: _Worker, results, fds: list[int]) -> None:
+    def _on_results(self, w: Worker, results, fds: list[int]) -> None:
         pos = 0
         inflight = w.inflight
         batches = w.batches
@@ -1236,7 +1033,7 @@ class Engine:
                     acc[1] += task.n
                 task_fds = fds[pos : pos + nfds] if nfds else None
                 pos += nfds
-                if task.kill_reason in _ALREADY_FAILED:
+                if task.kill_reason in ALREADY_FAILED:
                     if task.kill_reason == "cancelled":
                         doomed += 1
                     continue  # its caller already has an error; drop the late result
@@ -1254,7 +1051,7 @@ class Engine:
                         value = SerializationError(
                             f"the task's result could not be unpickled in the parent: {type(exc).__name__}: {exc}"
                         )
-                task.sink._deliver(task, ok, value)
+                task.sink.deliver(task, ok, value)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -1280,13 +1077,13 @@ class Engine:
             exc.__cause__ = self._remote_traceback(cause.tb)
         return exc
 
-    def _fail(self, task: _Task, exc: BaseException, *, cancelled: bool = False) -> None:
+    def _fail(self, task: Task, exc: BaseException, *, cancelled: bool = False) -> None:
         task.close_fds(self._task_fds)
         if cancelled:
             self._cancelled += 1
         else:
             self._failed += 1
-        task.sink._deliver(task, False, exc)
+        task.sink.deliver(task, False, exc)
 
     def _notify(self) -> None:
         with self.results_cond:
@@ -1295,7 +1092,7 @@ class Engine:
     # -- control requests from callers -----------------------------------
     def _handle_control(self, what: str, obj, exc) -> None:
         if what == "cancel":
-            task: _Task = obj
+            task: Task = obj
             if task in self._pending:
                 self._pending.remove(task)
                 self._fail(task, exc, cancelled=True)
@@ -1344,12 +1141,12 @@ class Engine:
             self._notify()
         elif what == "fail_sink":
             sink = obj
-            if not sink._delivered:
-                sink._deliver(None, False, exc)
+            if not sink.delivered:
+                sink.deliver(None, False, exc)
                 self._notify()
 
     @staticmethod
-    def _interrupt_task(task: _Task, exc: BaseException) -> None:
+    def _interrupt_task(task: Task, exc: BaseException) -> None:
         # A future not yet running is cancelled as such; a running one gets
         # *exc* (a CancelledError) as its outcome, through _fail.
         future = getattr(task.sink, "future", None)
@@ -1376,7 +1173,7 @@ class Engine:
                         self._kill(w, "timeout", tid)
                     break
 
-    def _kill(self, w: _Worker, reason: str, tid: int) -> None:
+    def _kill(self, w: Worker, reason: str, tid: int) -> None:
         # The task may have finished since the status was read: kill only if
         # the worker is still on it, so the next task is not hit instead.
         if STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)[0] != tid:
@@ -1389,7 +1186,7 @@ class Engine:
             pass
 
     # -- worker exit -------------------------------------------------------
-    def _reap(self, w: _Worker) -> None:
+    def _reap(self, w: Worker) -> None:
         if not w.eof:
             # Results the worker sent before it died are still in the socket.
             while True:
@@ -1414,62 +1211,29 @@ class Engine:
         except ValueError:
             pass
 
-        # Attribute the tasks it held, which it runs in order.  The status
-        # slot names the task it was running and the last one it finished.
-        # The running task fails.  Tasks after it never started and go to
-        # another worker as they are.  Tasks before it finished but their
-        # results were still in the worker (it sends them at least every
-        # FLUSH_SECONDS of work, and after every task once a function has
-        # killed a worker): they run again.
+        # Attribute the tasks it held (see _crash): the running one fails,
+        # the others go to another worker or run again.
         tasks = list(w.inflight)
         w.inflight.clear()
-        run_index = finished_upto = -1
-        for i, task in enumerate(tasks):
-            if task.id == running:
-                run_index = i
-            elif task.id == last_done:
-                finished_upto = i
-        if run_index >= 0:
-            finished_upto = run_index - 1
-        # A worker that died between tasks (no task running) most likely
-        # died sending the last finished task's result: that one task is
-        # counted, and fails if it keeps killing workers.
-        suspect = run_index < 0 and finished_upto >= 0
+        verdicts = attribute_crash(
+            tasks, running=running, last_done=last_done, pid=w.pid, exitcode=exitcode,
+            broken=w.retire_reason == "initializer" or self._state == _BROKEN,
+            broken_error=self._broken_error,
+        )
         failed_any = False
         requeue = []
-        for i, task in enumerate(tasks):
+        for v in verdicts:
+            task = v.task
             self._leaving(task)
-            if task.kill_reason in _ALREADY_FAILED:
-                continue
-            if i == run_index:
-                if task.kill_reason is None:
-                    self._crashed.add(task.fn_id)
+            if v.blame:
+                self._crashed.add(task.fn_id)
+            if v.fate is Fate.FAIL:
                 failed_any = True
-                if task.kill_reason == "timeout":
-                    exc: BaseException = TaskTimeoutError(
-                        f"the task ran longer than its time limit of {task.timeout} s; worker process "
-                        f"{w.pid} was killed and replaced"
-                    )
-                else:
-                    exc = WorkerDiedError(w.pid, exitcode)
-                self._fail(task, exc)
-            elif w.retire_reason == "initializer" or self._state == _BROKEN:
-                failed_any = True
-                self._fail(task, WorkerStartError(f"the pool cannot run tasks: {self._broken_error}"))
-            elif suspect and task.id == last_done and task.requeues >= MAX_REQUEUES:
-                failed_any = True
-                self._fail(
-                    task,
-                    WorkerDiedError(
-                        w.pid, exitcode,
-                        f"It finished, but each of the {task.requeues + 1} workers that ran it died before "
-                        "sending its result; it was not run again.",
-                    ),
-                )
-            else:
-                if suspect and task.id == last_done:
-                    task.requeues += 1
-                    self._crashed.add(task.fn_id)
+                self._fail(task, v.error)
+            elif v.fate is Fate.RERUN:
+                task.requeues += 1
+                requeue.append(task)
+            elif v.fate is Fate.REQUEUE:
                 requeue.append(task)
         if requeue:
             self._pending.extendleft(reversed(requeue))
@@ -1504,7 +1268,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001
             self._break(WorkerStartError(f"could not start a replacement worker: {exc!r}"))
 
-    def _leaving(self, task: _Task) -> None:
+    def _leaving(self, task: Task) -> None:
         """Bookkeeping for a task that leaves a worker's hands for good."""
         if task.timeout is not None:
             self._timed -= 1
@@ -1534,7 +1298,7 @@ class Engine:
             self._fail(self._pending.popleft(), exc)
         for w in self._workers.values():
             for task in w.inflight:
-                if task.kill_reason not in _ALREADY_FAILED:
+                if task.kill_reason not in ALREADY_FAILED:
                     self._fail(task, exc)
                     task.kill_reason = "abandoned"
         self._notify()
