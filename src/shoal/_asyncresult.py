@@ -26,12 +26,12 @@ imap / imap_unordered (lazy input)::
 from __future__ import annotations
 
 import concurrent.futures
-from concurrent.futures import _base
 import multiprocessing
 import threading
 import time
 import weakref
 from collections import deque
+from concurrent.futures import _base
 from typing import Any
 
 from ._serialization import name_unpicklable_item
@@ -57,12 +57,12 @@ class AsyncResult:
         self._task = None
         self._pool = None
 
-    def skip(self, task) -> bool:
+    def skip(self, task: Any) -> bool:
         """The engine's :class:`~shoal._engine.ResultSink` protocol (scheduler
         thread): True when the task need not run (the result is settled)."""
         return self.delivered
 
-    def deliver(self, task, ok: bool, value) -> None:
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
         """The engine's :class:`~shoal._engine.ResultSink` protocol (scheduler
         thread): the task's value when *ok*, else its exception."""
         if self.delivered:
@@ -165,7 +165,7 @@ class MapResult(AsyncResult):
             self._value = []
             self._ready = True
 
-    def deliver(self, task, ok: bool, value) -> None:
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
         if self.delivered:
             return
         if not ok:
@@ -231,10 +231,10 @@ class _IMapState:
         self.abandoned = False
 
     # the engine's ResultSink protocol
-    def skip(self, task) -> bool:
+    def skip(self, task: Any) -> bool:
         return self.abandoned
 
-    def deliver(self, task, ok: bool, value) -> None:
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
         if self.ordered:
             self.results[task.index] = (ok, value)
         else:
@@ -249,8 +249,20 @@ class IMapIterator:
     raised raises from ``next()``; iteration can go on after it.
     """
 
-    def __init__(self, engine, fn, iterable, chunksize: int | None, mode: int, ordered: bool,
-                 task_timeout: float | None, bound: int | None, progress=None, max_chunksize: int | None = None) -> None:
+    def __init__(
+        self,
+        engine,
+        fn,
+        iterable,
+        *,
+        chunksize: int | None,
+        mode: int,
+        ordered: bool,
+        task_timeout: float | None,
+        bound: int | None,
+        progress=None,
+        max_chunksize: int | None = None,
+    ) -> None:
         self._state = _IMapState(engine, ordered)
         self._engine = engine
         self._pool = None  # set by the pool: the iterator keeps it alive
@@ -295,7 +307,10 @@ class IMapIterator:
         except KeyboardInterrupt:
             # Ctrl-C: chunks not yet sent are dropped, running ones killed.
             _abandon(state)
-            engine.interrupt(concurrent.futures.CancelledError("interrupted"), lambda sink: getattr(sink, "state", None) is state)
+            engine.interrupt(
+                concurrent.futures.CancelledError("interrupted"),
+                lambda sink: getattr(sink, "state", None) is state,
+            )
             self._close_progress()
             raise
         if state.ordered and state.next_index in state.results:
@@ -375,7 +390,11 @@ def _feed(state: _IMapState, fn, iterator, chunksize: int | None, mode: int, tas
                 chunksize = engine.auto_chunksize(fn, max_chunksize)
             limit = _limit(engine, bound, fn, chunksize)
             with cond:
-                while state.submitted - state.consumed >= limit and not state.abandoned and engine.state != "terminated":
+                while (
+                    state.submitted - state.consumed >= limit
+                    and not state.abandoned
+                    and engine.state != "terminated"
+                ):
                     engine.waiters += 1
                     try:
                         cond.wait(1.0)
@@ -452,10 +471,10 @@ class _Unwrap:
     def __init__(self, state: _IMapState) -> None:
         self.state = state
 
-    def skip(self, task) -> bool:
+    def skip(self, task: Any) -> bool:
         return self.state.abandoned
 
-    def deliver(self, task, ok, value) -> None:
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
         if ok:
             value = value[0]
         self.state.deliver(task, ok, value)
@@ -466,7 +485,7 @@ class _Chunked(_Unwrap):
 
     __slots__ = ()
 
-    def deliver(self, task, ok, value) -> None:
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
         self.state.deliver(task, ok, _Chunk(value) if ok else value)
 
 
@@ -534,14 +553,14 @@ class _FutureSink:
     def __init__(self, future: Future) -> None:
         self.future = future
 
-    def skip(self, task) -> bool:
+    def skip(self, task: Any) -> bool:
         future = self.future
         if future.running():
             return False
         # Marks it running, or reports that the user cancelled it.
         return future.done() or not future.set_running_or_notify_cancel()
 
-    def deliver(self, task, ok: bool, value) -> None:
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
         future = self.future
         future._shoal_task = None  # break the task <-> future cycle
         # Future._invoke_callbacks hands user callbacks to the callback thread.

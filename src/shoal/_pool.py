@@ -346,7 +346,10 @@ class Pool:
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
             raise ValueError(f"buffersize must be a positive int or None, got {buffersize!r}")
         bar = progress_bar(progress, iterable)
-        it = IMapIterator(engine, func, iterable, chunksize, mode, ordered, task_timeout, buffersize, bar)
+        it = IMapIterator(
+            engine, func, iterable, chunksize=chunksize, mode=mode, ordered=ordered,
+            task_timeout=task_timeout, bound=buffersize, progress=bar,
+        )
         it._pool = self
         return it
 
