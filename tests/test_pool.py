@@ -417,9 +417,9 @@ def test_closures_carry_their_current_values():
 
 # Before: the worker's function cache evicted a function the batch still needed.
 def test_a_batch_with_more_functions_than_the_worker_caches(monkeypatch):
-    from shoal._engine import _engine
+    from shoal._engine import _scheduler
 
-    monkeypatch.setattr(_engine, "FN_CACHE", 4)
+    monkeypatch.setattr(_scheduler, "FN_CACHE", 4)
     fns = [workers.square, workers.identity, workers.getpid, workers.add, workers.sleep_for, workers.array_sum]
     with shoal.Pool(1) as pool:
         pool.apply(workers.square, (1,))

@@ -1,8 +1,9 @@
 """The result objects the pool hands out, and the lazy feeder behind imap.
 
-Each result object is a *sink*: the engine's scheduler thread calls
-``_deliver(task, ok, value)`` once per task (a call, or a chunk of a map) and
-``_skip(task)`` before sending a task, to drop work nobody wants any more.
+Each result object is a *sink* (the engine's ``ResultSink`` protocol): the
+engine's scheduler thread calls ``deliver(task, ok, value)`` once per task (a
+call, or a chunk of a map) and ``skip(task)`` before sending a task, to drop
+work nobody wants any more.
 Sinks never block the scheduler: user callbacks are handed to the engine's
 callback thread, and readiness is published under the engine's
 ``results_cond`` so waiters wake.
@@ -25,12 +26,12 @@ imap / imap_unordered (lazy input)::
 from __future__ import annotations
 
 import concurrent.futures
-from concurrent.futures import _base
 import multiprocessing
 import threading
 import time
 import weakref
 from collections import deque
+from concurrent.futures import _base
 from typing import Any
 
 from ._serialization import name_unpicklable_item
@@ -41,8 +42,8 @@ class AsyncResult:
     """The result of ``apply_async`` (the standard library's ``AsyncResult``)."""
 
     __slots__ = (
-        "__weakref__", "_callback", "_delivered", "_engine", "_error_callback", "_pool", "_ready", "_success",
-        "_task", "_value",
+        "__weakref__", "_callback", "_engine", "_error_callback", "_pool", "_ready", "_success", "_task",
+        "_value", "delivered",
     )
 
     def __init__(self, engine, callback=None, error_callback=None) -> None:
@@ -50,23 +51,26 @@ class AsyncResult:
         self._callback = callback
         self._error_callback = error_callback
         self._ready = False
-        self._delivered = False
+        self.delivered = False
         self._success: bool | None = None
         self._value: Any = None
         self._task = None
         self._pool = None
 
-    # -- sink protocol (scheduler thread) ---------------------------------
-    def _skip(self, task) -> bool:
-        return self._delivered
+    def skip(self, task: Any) -> bool:
+        """The engine's :class:`~shoal._engine.ResultSink` protocol (scheduler
+        thread): True when the task need not run (the result is settled)."""
+        return self.delivered
 
-    def _deliver(self, task, ok: bool, value) -> None:
-        if self._delivered:
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
+        """The engine's :class:`~shoal._engine.ResultSink` protocol (scheduler
+        thread): the task's value when *ok*, else its exception."""
+        if self.delivered:
             return
         self._task = None  # break the task <-> result cycle; nothing left to cancel
         if self._callback is None and self._error_callback is None:
             # The common case, inline: no callback to wait for.
-            self._delivered = True
+            self.delivered = True
             self._success = ok
             self._value = value
             self._ready = True
@@ -75,7 +79,7 @@ class AsyncResult:
         self._finish(ok, value)
 
     def _finish(self, ok: bool, value) -> None:
-        self._delivered = True
+        self.delivered = True
         self._success = ok
         self._value = value
         cb = self._callback if ok else self._error_callback
@@ -132,7 +136,7 @@ class AsyncResult:
         The result then raises :class:`concurrent.futures.CancelledError`.
         Returns False if the task had already finished.
         """
-        if self._delivered or self._task is None:
+        if self.delivered or self._task is None:
             return False
         self._engine.cancel(self._task, concurrent.futures.CancelledError("the task was cancelled"))
         return True
@@ -156,17 +160,17 @@ class MapResult(AsyncResult):
         self._left = nchunks
         if nchunks == 0:
             # As in the standard library: ready at once, no callback.
-            self._delivered = True
+            self.delivered = True
             self._success = True
             self._value = []
             self._ready = True
 
-    def _deliver(self, task, ok: bool, value) -> None:
-        if self._delivered:
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
+        if self.delivered:
             return
         if not ok:
             # The first failure decides; chunks not yet sent are dropped
-            # (_skip), and results of the others are ignored.
+            # (skip), and results of the others are ignored.
             self._finish(False, value)
             return
         self._chunks[task.index] = value
@@ -183,7 +187,7 @@ class MapResult(AsyncResult):
 
         Chunks already running finish and are ignored.  Returns False if the
         map had already finished."""
-        if self._delivered:
+        if self.delivered:
             return False
         self._engine.fail_sink(self, concurrent.futures.CancelledError("the map was cancelled"))
         return True
@@ -226,11 +230,11 @@ class _IMapState:
         self.input_error: BaseException | None = None
         self.abandoned = False
 
-    # sink protocol
-    def _skip(self, task) -> bool:
+    # the engine's ResultSink protocol
+    def skip(self, task: Any) -> bool:
         return self.abandoned
 
-    def _deliver(self, task, ok: bool, value) -> None:
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
         if self.ordered:
             self.results[task.index] = (ok, value)
         else:
@@ -245,8 +249,20 @@ class IMapIterator:
     raised raises from ``next()``; iteration can go on after it.
     """
 
-    def __init__(self, engine, fn, iterable, chunksize: int | None, mode: int, ordered: bool,
-                 task_timeout: float | None, bound: int | None, progress=None, max_chunksize: int | None = None) -> None:
+    def __init__(
+        self,
+        engine,
+        fn,
+        iterable,
+        *,
+        chunksize: int | None,
+        mode: int,
+        ordered: bool,
+        task_timeout: float | None,
+        bound: int | None,
+        progress=None,
+        max_chunksize: int | None = None,
+    ) -> None:
         self._state = _IMapState(engine, ordered)
         self._engine = engine
         self._pool = None  # set by the pool: the iterator keeps it alive
@@ -291,7 +307,10 @@ class IMapIterator:
         except KeyboardInterrupt:
             # Ctrl-C: chunks not yet sent are dropped, running ones killed.
             _abandon(state)
-            engine.interrupt(concurrent.futures.CancelledError("interrupted"), lambda sink: getattr(sink, "state", None) is state)
+            engine.interrupt(
+                concurrent.futures.CancelledError("interrupted"),
+                lambda sink: getattr(sink, "state", None) is state,
+            )
             self._close_progress()
             raise
         if state.ordered and state.next_index in state.results:
@@ -371,7 +390,11 @@ def _feed(state: _IMapState, fn, iterator, chunksize: int | None, mode: int, tas
                 chunksize = engine.auto_chunksize(fn, max_chunksize)
             limit = _limit(engine, bound, fn, chunksize)
             with cond:
-                while state.submitted - state.consumed >= limit and not state.abandoned and engine.state != "terminated":
+                while (
+                    state.submitted - state.consumed >= limit
+                    and not state.abandoned
+                    and engine.state != "terminated"
+                ):
                     engine.waiters += 1
                     try:
                         cond.wait(1.0)
@@ -448,13 +471,13 @@ class _Unwrap:
     def __init__(self, state: _IMapState) -> None:
         self.state = state
 
-    def _skip(self, task) -> bool:
+    def skip(self, task: Any) -> bool:
         return self.state.abandoned
 
-    def _deliver(self, task, ok, value) -> None:
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
         if ok:
             value = value[0]
-        self.state._deliver(task, ok, value)
+        self.state.deliver(task, ok, value)
 
 
 class _Chunked(_Unwrap):
@@ -462,8 +485,8 @@ class _Chunked(_Unwrap):
 
     __slots__ = ()
 
-    def _deliver(self, task, ok, value) -> None:
-        self.state._deliver(task, ok, _Chunk(value) if ok else value)
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
+        self.state.deliver(task, ok, _Chunk(value) if ok else value)
 
 
 __all__ = ("ApplyResult", "AsyncResult", "IMapIterator", "MapResult")
@@ -530,14 +553,14 @@ class _FutureSink:
     def __init__(self, future: Future) -> None:
         self.future = future
 
-    def _skip(self, task) -> bool:
+    def skip(self, task: Any) -> bool:
         future = self.future
         if future.running():
             return False
         # Marks it running, or reports that the user cancelled it.
         return future.done() or not future.set_running_or_notify_cancel()
 
-    def _deliver(self, task, ok: bool, value) -> None:
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
         future = self.future
         future._shoal_task = None  # break the task <-> future cycle
         # Future._invoke_callbacks hands user callbacks to the callback thread.

@@ -29,7 +29,7 @@ Data flow::
                                                                       callback thread
 
 Ownership: the dispatcher thread alone submits batches, reads their results
-and calls the sinks (``_deliver``).  Callers touch only the ``pending`` and
+and calls the sinks (``deliver``).  Callers touch only the ``pending`` and
 ``control`` deques and the wake-up condition, and may scatter data (the Dask
 client is thread-safe).  With no ``address`` the engine starts a
 ``LocalCluster`` of worker processes and owns it: ``close`` / ``terminate``
@@ -120,7 +120,7 @@ _OK, _INIT_FAILED = 0, 1
 # -- pickling that refuses node-local objects ----------------------------------
 
 
-class _NodeLocal(Exception):
+class _NodeLocalError(Exception):
     pass
 
 
@@ -132,7 +132,7 @@ class _RefuseFds(list):
 
     def append(self, fd: int) -> None:
         os.close(fd)
-        raise _NodeLocal("a file descriptor of this machine")
+        raise _NodeLocalError("a file descriptor of this machine")
 
 
 _REFUSE = _RefuseFds()
@@ -166,14 +166,14 @@ def _pickle(obj: Any, what: str) -> tuple[bytes, list[pickle.PickleBuffer]]:
                 large.clear()
                 try:
                     return dump(obj, 5, buffer_callback=keep_large), large
-                except _NodeLocal:
+                except _NodeLocalError:
                     raise _node_local_error(obj, what) from None
                 except Exception:  # noqa: BLE001 - the next pickler, then shoal's message
                     continue
             dumps(obj, what=what)  # fails again, with shoal's message naming the culprit
             raise SerializationError(f"cannot pickle {what}")
     except SerializationError as exc:
-        if isinstance(exc.__cause__, _NodeLocal):
+        if isinstance(exc.__cause__, _NodeLocalError):
             raise _node_local_error(obj, what) from None
         raise
 
@@ -183,7 +183,7 @@ def _dumps_result(value: Any) -> bytes:
         with sending_fds(_REFUSE):
             return dumps(value, what="the task's result")
     except SerializationError as exc:
-        if isinstance(exc.__cause__, _NodeLocal):
+        if isinstance(exc.__cause__, _NodeLocalError):
             raise _node_local_error(value, "the task's result") from None
         raise
 
@@ -273,7 +273,9 @@ class _Unloadable:
         self.error = error
 
 
-def _run_batch(token: str, client_pid: int, init: bytes | None, shared_value: tuple, fns: list, entries: list):
+def _run_batch(
+    token: str, client_pid: int, init: bytes | None, shared_value: tuple, fns: list, entries: list
+):
     """Run one batch on a Dask worker (the one Dask task of a batch).
 
     *entries* are ``(fn index, mode, data, buffers, start, stop)``; a map
@@ -367,7 +369,7 @@ class _Scope:
                 new.append(i)
         if new:
             sent = self.engine._scatter([buffers[i] for i in new])
-            for i, future in zip(new, sent):
+            for i, future in zip(new, sent, strict=False):
                 futures[i] = future
                 owner = buffers[i].raw().obj
                 self.scattered[id(owner)] = (owner, future)
@@ -378,8 +380,8 @@ class _Task:
     """One unit of work: a call, or a chunk of a map."""
 
     __slots__ = (
-        "batch", "buffers", "data", "fds", "id", "index", "kill_reason", "mode", "n", "nbytes", "pieces", "ref",
-        "scope", "sink", "timeout",
+        "batch", "buffers", "data", "fds", "id", "index", "kill_reason", "mode", "n", "nbytes", "pieces",
+        "ref", "scope", "sink", "timeout",
     )
 
     def __init__(self, tid, scope, mode, data, buffers, sink, index, n) -> None:
@@ -468,7 +470,7 @@ class DaskEngine(Engine):
         initializer=None,
         initargs=(),
         maxtasksperchild: int | None = None,
-        context=None,  # noqa: ARG002 - Dask starts its own workers
+        context=None,  # unused: Dask starts its own workers
         *,
         address: str | None = None,
         max_memory: int | None = None,
@@ -476,7 +478,9 @@ class DaskEngine(Engine):
         shared: Any = NO_SHARED,
         graceful_exit: bool = False,
     ) -> None:
-        if processes is not None and (not isinstance(processes, int) or isinstance(processes, bool) or processes < 1):
+        if processes is not None and (
+            not isinstance(processes, int) or isinstance(processes, bool) or processes < 1
+        ):
             raise ValueError(f"Number of processes must be at least 1, got {processes!r}")
         if address is not None and not isinstance(address, str):
             raise TypeError(f"address must be a string like 'tcp://host:8786', got {type(address).__name__}")
@@ -486,11 +490,15 @@ class DaskEngine(Engine):
             ("task_timeout", task_timeout, "a running Dask task cannot be interrupted"),
         ):
             if value is not None:
-                raise ValueError(f"{name} is not supported with backend='dask' ({instead}); use the local backend")
+                raise ValueError(
+                    f"{name} is not supported with backend='dask' ({instead}); use the local backend"
+                )
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be a callable, got {type(initializer).__name__}")
         try:
-            self._init = cloudpickle.dumps((initializer, tuple(initargs))) if initializer is not None else None
+            self._init = (
+                cloudpickle.dumps((initializer, tuple(initargs))) if initializer is not None else None
+            )
         except Exception as exc:
             raise SerializationError(f"cannot pickle the initializer or its initargs: {exc}") from exc
         shared_blob = None
@@ -526,7 +534,8 @@ class DaskEngine(Engine):
         self._cluster = None
         self._address = address
         if address is None:
-            n = processes or (os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()) or 1
+            cpus = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
+            n = processes or cpus or 1
             # A worker that dies counts against every task it holds, queued
             # ones too: with a saturation of 1.0 a worker holds only the one
             # it runs, so an innocent task is never blamed for its neighbour.
@@ -536,7 +545,8 @@ class DaskEngine(Engine):
             }
             with dask.config.set(settings):
                 self._cluster = distributed.LocalCluster(
-                    n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+                    n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                    dashboard_address=None,
                     # The scheduler serves HTTP even without a dashboard, on
                     # port 8787 unless told otherwise: any free port instead.
                     scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
@@ -613,12 +623,14 @@ class DaskEngine(Engine):
         """Serialize one task in the caller's thread (errors surface here)."""
         if timeout is not None:
             raise ValueError(
-                "task_timeout is not supported with backend='dask' (a running Dask task cannot be interrupted)"
+                "task_timeout is not supported with backend='dask' "
+                "(a running Dask task cannot be interrupted)"
             )
         scope = fn_ref if fn_ref is not None else self.function_ref(fn)
         n = 1 if mode in (CALL, CALL_KW) else len(payload)
         data, buffers = _pickle(payload, "the task's arguments")
-        task = _Task(next(self._ids), scope, mode, data, scope.share(buffers) if buffers else (), sink, index, n)
+        scattered = scope.share(buffers) if buffers else ()
+        task = _Task(next(self._ids), scope, mode, data, scattered, sink, index, n)
         if len(data) >= SCATTER_TASK_BYTES:
             task.ref = self._scatter([data])[0]
             task.data = b""
@@ -686,7 +698,10 @@ class DaskEngine(Engine):
         """Tasks an imap keeps submitted and unconsumed: enough for CREDIT
         full batches per worker thread."""
         est = self._estimate(fn)
-        per_batch = 1 if est is None else max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * chunksize, 1e-7))))
+        if est is None:
+            per_batch = 1
+        else:
+            per_batch = max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * chunksize, 1e-7))))
         return max(4 * self._slots, min(2 * CREDIT * per_batch * self._slots, 1 << 16))
 
     def _estimate(self, fn) -> float | None:
@@ -785,7 +800,7 @@ class DaskEngine(Engine):
             nbytes = 0
             while pending and len(parts) < take and nbytes < BATCH_BYTES:
                 task = pending.popleft()
-                if task.sink._skip(task):
+                if task.sink.skip(task):
                     self._cancelled += 1
                     continue
                 parts.append((task, None, None))
@@ -848,7 +863,8 @@ class DaskEngine(Engine):
             except Exception as exc:  # noqa: BLE001 - e.g. the connection to the scheduler is lost
                 outputs = {}
                 for b in finished:
-                    self._fail_batch(b, ShoalError(f"the results of Dask tasks could not be fetched: {exc!r}"))
+                    error = ShoalError(f"the results of Dask tasks could not be fetched: {exc!r}")
+                    self._fail_batch(b, error)
                     b.future = None
             for b in finished:
                 if b.id in outputs:
@@ -869,7 +885,8 @@ class DaskEngine(Engine):
                 else:
                     self._fail_batch(batch, exc)
             elif any(task.kill_reason is None for task, _, _ in batch.parts):
-                self._fail_batch(batch, ShoalError(f"the Dask cluster dropped this task (its future is {status})"))
+                error = ShoalError(f"the Dask cluster dropped this task (its future is {status})")
+                self._fail_batch(batch, error)
             batch.future = None
         self._notify()
 
@@ -889,7 +906,7 @@ class DaskEngine(Engine):
             self._fail_batch(batch, err)
             return
         estimates = self._estimates
-        for (task, start, stop), (ok, data, seconds) in zip(batch.parts, payload):
+        for (task, start, stop), (ok, data, seconds) in zip(batch.parts, payload, strict=False):
             n = task.n if start is None else stop - start
             est = estimates.get(task.scope.key)
             per_item = seconds / max(n, 1)
@@ -918,7 +935,7 @@ class DaskEngine(Engine):
             self._completed += 1
         else:
             self._failed += 1
-        task.sink._deliver(task, ok, value)
+        task.sink.deliver(task, ok, value)
 
     def _piece_done(self, task: _Task, start: int, ok: bool, value) -> None:
         if not ok:
@@ -994,7 +1011,7 @@ class DaskEngine(Engine):
             self._cancelled += 1
             task.kill_reason = "cancelled"
             task.batch = None
-            task.sink._deliver(task, False, exc)
+            task.sink.deliver(task, False, exc)
         else:
             self._finish(task, False, exc)
 

@@ -157,7 +157,10 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
                 pass
             else:
                 cap = engine.map_chunksize(n, fn)
-        it = IMapIterator(engine, fn, args, chunksize, STARMAP, True, None, buffersize, None, cap)
+        it = IMapIterator(
+            engine, fn, args, chunksize=chunksize, mode=STARMAP, ordered=True, task_timeout=None,
+            bound=buffersize, max_chunksize=cap,
+        )
         deadline = None if timeout is None else time.monotonic() + timeout
         return _results(it, deadline)
 

@@ -161,7 +161,7 @@ class Pool:
         result = AsyncResult(engine, callback, error_callback)
         result._pool = self  # as in the standard library: a result keeps its pool alive
         result._task = engine.submit_call(func, args, kwds, result, task_timeout)
-        if result._delivered:
+        if result.delivered:
             # Delivered before the line above ran: it could not break the
             # task <-> result cycle, which would keep a large result (its
             # shared memory) alive until the garbage collector runs.
@@ -364,7 +364,10 @@ class Pool:
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
             raise ValueError(f"buffersize must be a positive int or None, got {buffersize!r}")
         bar = progress_bar(progress, iterable)
-        it = IMapIterator(engine, func, iterable, chunksize, mode, ordered, task_timeout, buffersize, bar)
+        it = IMapIterator(
+            engine, func, iterable, chunksize=chunksize, mode=mode, ordered=ordered,
+            task_timeout=task_timeout, bound=buffersize, progress=bar,
+        )
         it._pool = self
         return it
 

@@ -5,13 +5,13 @@ Data flow::
     caller threads            scheduler thread                     workers
     --------------            ----------------                     -------
     submit(): pickle args ─┐
-      (errors raise here)  │  pending (deque of _Task)
+      (errors raise here)  │  pending (deque of Task)
       append, wake if      └──────────► dispatch: a batch to each     run tasks,
       the scheduler sleeps              worker holding < 2 batches ─► write status
                                         (non-blocking writes)         block, send
                              select() on: worker sockets,             results
                                worker sentinels, wake-up pipe  ◄────  (batched)
-                             results → sink._deliver() ───────► result objects
+                             results → sink.deliver() ────────► result objects
                                                                 (AsyncResult,
                              sentinel → reap: the task that was   Future, map/imap)
                                running fails with                       │
@@ -76,22 +76,34 @@ each worker's hello message carries it, its large buffers as memfds that
 every worker maps.  A worker that ends normally (STOP, maxtasksperchild,
 max_memory) runs ``worker_exit`` and sends what it returned (EXITED); the
 scheduler keeps these for :meth:`Engine.worker_exit_results`.
+
+Where each part lives (one responsibility per module):
+
+- ``_engine.py`` (this module): :class:`Engine`, the caller side -- checks
+  and submit (tasks pickled in the caller's thread), control requests,
+  close / terminate / join, statistics -- and the scheduler thread's
+  skeleton (``_run``: the loop, then its error and exit paths);
+- ``_scheduler.py``: :class:`~._scheduler.Scheduler`, the loop and its
+  steps (start_worker, dispatch, read_results, check_time_limits, reap,
+  cancel / interrupt, stop), and the batching constants;
+- ``_crash.py``: crash attribution, a pure function of what a dead worker
+  held and what its status slot says;
+- ``_tasks.py``: the records (Task, Worker, WorkerProcess) and the
+  :class:`~._tasks.ResultSink` protocol that result objects implement;
+- ``_callbacks.py``: the callback thread;
+- ``_worker.py``: the loop a worker process runs; ``_local.py``: what a task
+  sees of its worker.
 """
 
 from __future__ import annotations
 
 import itertools
-import mmap
 import multiprocessing
-import multiprocessing.connection
 import multiprocessing.util  # its atexit handler joins children; ours must run first
 import os
 import pickle
-import selectors
-import signal
 import sys
 import threading
-import time
 import traceback
 import types
 import weakref
@@ -101,49 +113,29 @@ from typing import Any
 
 import cloudpickle
 
-from .._fd import WarmSegments, collecting_fds, create_fd, sending_fds
-from .._ipc import Channel
-from .._serialization import dumps, loads_with, unpack_exception
-from ..exceptions import (
-    PoolClosedError,
-    RemoteTraceback,
-    SerializationError,
-    ShoalError,
-    TaskTimeoutError,
-    WorkerDiedError,
-    WorkerStartError,
-    serialization_error,
+from .._fd import WarmSegments, collecting_fds, sending_fds
+from .._serialization import dumps
+from ..exceptions import PoolClosedError, RemoteTraceback, ShoalError, WorkerStartError, serialization_error
+from . import _local
+from ._callbacks import CallbackThread
+from ._scheduler import (
+    _BROKEN,
+    _CLOSE,
+    _RUN,
+    _TERMINATE,
+    BATCH_SECONDS,
+    CREDIT,
+    FN_CACHE,
+    MAX_BATCH,
+    Scheduler,
+    interrupt_task,
+    live_engines,
 )
-from . import _local, _worker
-from ._worker import CALL, CALL_KW, STATUS, STATUS_SLOT, WorkerConfig
+from ._tasks import FailableSink, ResultSink, Task, Worker, WorkerProcess
+from ._worker import CALL, CALL_KW
 
-#: Work per message when tasks are short: large enough that per-message costs
-#: (~50 µs) vanish, small enough that the tail of a job stays balanced.
-BATCH_SECONDS = 0.004
-#: Upper bound on tasks per message whatever the estimate says.
-MAX_BATCH = 2048
 #: Target duration of one map chunk once the function's speed is known.
 CHUNK_SECONDS = 0.05
-#: How many batches a worker may hold (one running, one ready to start).
-CREDIT = 2
-#: Functions a worker keeps unpickled; older ones are forgotten.
-FN_CACHE = 128
-#: A finished task whose worker died outside any task (while sending its
-#: result, most likely) runs again at most this many times, then fails.
-MAX_REQUEUES = 3
-#: Seconds between SIGTERM and SIGKILL in terminate().
-TERMINATE_GRACE = 1.0
-#: Workers that die before becoming ready this many times in a row mean the
-#: pool cannot start (a broken __main__, an import error under spawn).
-MAX_START_FAILURES = 3
-#: How often time limits are checked while a timed task runs.
-TIMEOUT_TICK = 0.02
-
-_RUN, _CLOSE, _TERMINATE, _BROKEN = "running", "closed", "terminated", "broken"
-
-#: kill_reason values of tasks whose caller already got an error: a result
-#: that still arrives for them is dropped.
-_ALREADY_FAILED = ("cancelled", "abandoned")
 
 
 @dataclass(frozen=True)
@@ -165,231 +157,8 @@ class PoolStatistics:
     task_seconds_estimate: float | None = None
 
 
-class _Task:
-    """One unit of work: a call, or a chunk of a map."""
-
-    __slots__ = (
-        "data", "fds", "fn_id", "fn_ref", "id", "index", "kill_reason", "mode", "n", "requeues", "sink", "timeout",
-    )
-
-    def __init__(self, tid, fn_id, fn_ref, mode, data, fds, sink, index, timeout, n):
-        self.id = tid
-        self.n = n  # items: 1 for a call, the chunk's length for a map chunk
-        self.fn_id = fn_id
-        self.fn_ref = fn_ref  # (fn, fn_bytes) for the first send to a worker
-        self.mode = mode
-        self.data = data
-        self.fds = fds
-        self.sink = sink
-        self.index = index
-        self.timeout = timeout
-        self.kill_reason: str | None = None
-        self.requeues = 0
-
-    def close_fds(self, registry: set[int]) -> None:
-        """Close the task's shared-memory descriptors and drop them from the
-        engine's *registry* of task descriptors."""
-        registry.difference_update(self.fds)
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = ()
-
-
-class _Worker:
-    """The scheduler's view of one worker process."""
-
-    __slots__ = (
-        "batches", "channel", "eof", "fns", "inflight", "kill_reason", "pid", "proc", "ready",
-        "retire_reason", "sent", "sentinel", "slot", "writing",
-    )
-
-    def __init__(self, proc, channel, slot):
-        self.proc = proc
-        self.pid = proc.pid
-        self.channel = channel
-        self.sentinel = proc.sentinel
-        self.slot = slot
-        self.inflight: deque[_Task] = deque()
-        # id of the last task of each batch sent and not yet answered in full
-        self.batches: deque[int] = deque()
-        self.fns: OrderedDict[int, None] = OrderedDict()
-        self.ready = False
-        self.eof = False
-        self.writing = False
-        self.sent = 0
-        self.retire_reason: str | None = None
-        self.kill_reason: str | None = None
-
-    @property
-    def accepting(self) -> bool:
-        return self.retire_reason is None and self.kill_reason is None and not self.eof
-
-
-class WorkerProcess:
-    """A read-only view of one worker process: what code written for the
-    standard library reads from ``executor._processes`` or ``pool._pool``.
-
-    The pool owns the process; a view only looks at it (and can signal it:
-    a worker killed this way fails only the task it was running)."""
-
-    __slots__ = ("_proc", "name", "pid")
-
-    def __init__(self, proc) -> None:
-        self._proc = proc
-        self.pid: int = proc.pid
-        self.name: str = proc.name
-
-    def is_alive(self) -> bool:
-        try:
-            if not self._proc.is_alive():
-                return False
-            sentinel = self._proc.sentinel
-        except ValueError:  # the pool already reaped and closed it
-            return False
-        # The scheduler reaps its workers from its own thread: when it wins
-        # the race for waitpid, Process.is_alive() here sees ECHILD and says
-        # "alive" until the scheduler records the exit code.  The sentinel
-        # is the truth: readable once the process has exited.
-        try:
-            return not multiprocessing.connection.wait([sentinel], 0)
-        except (OSError, ValueError):  # closed by the scheduler meanwhile: reaped
-            return False
-
-    def join(self, timeout: float | None = None) -> None:
-        try:
-            self._proc.join(timeout)
-        except ValueError:
-            pass
-
-    @property
-    def exitcode(self) -> int | None:
-        try:
-            return self._proc.exitcode
-        except ValueError:
-            return None
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-
-    def _signal(self, signum: int) -> None:
-        if self.is_alive():
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def __repr__(self) -> str:
-        return f"<shoal worker process pid={self.pid} {'alive' if self.is_alive() else 'exited'}>"
-
-
-class _CallbackThread:
-    """Runs user callbacks in the parent, one at a time, off the scheduler."""
-
-    def __init__(self) -> None:
-        self._queue: deque = deque()
-        self._cond = threading.Condition(threading.Lock())
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._busy = False
-
-    def call(self, fn, *args) -> None:
-        with self._cond:
-            if not self._stopping and (self._thread is not None or self._start()):
-                self._queue.append((fn, args))
-                self._cond.notify()
-                return
-        # The pool has shut down (a task failed in the scheduler's last
-        # sweep), or no thread can be started: run it here rather than never.
-        self._invoke(fn, args)
-
-    def _start(self) -> bool:
-        thread = threading.Thread(target=self._run, name="shoal-callbacks", daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:  # "can't create new thread at interpreter shutdown"
-            return False
-        self._thread = thread
-        return True
-
-    @staticmethod
-    def _invoke(fn, args) -> None:
-        try:
-            fn(*args)
-        except BaseException:  # noqa: BLE001 - a callback never kills the pool
-            print("shoal: exception in a result callback (the pool goes on):", file=sys.stderr)
-            traceback.print_exc()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue:
-                    self._busy = False
-                    self._cond.notify_all()
-                    return
-                fn, args = self._queue.popleft()
-                self._busy = True
-            self._invoke(fn, args)
-            # Drop them now, not when the next callback comes: they may hold
-            # the last reference to a result, a future or its traceback.
-            fn = args = None
-            with self._cond:
-                self._busy = False
-                if not self._queue:
-                    self._cond.notify_all()
-
-    def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every queued callback has run."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self._busy:
-                if self._thread is not None and threading.current_thread() is self._thread:
-                    return False  # called from a callback: cannot wait for ourselves
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-        return True
-
-    def stop(self, wait: bool = True) -> None:
-        """Run what is queued, then end the thread (with *wait*, wait for it)."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-            thread = self._thread
-        if wait and thread is not None and thread is not threading.current_thread():
-            thread.join()
-
-
-_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-def _engine_descriptors() -> list[int]:
-    """Every live engine's private descriptors (for a worker started by fork)."""
-    fds: list[int] = []
-    for engine in list(_live_engines):
-        fds.extend(engine._descriptors())
-    return fds
-
-
-def _foreign_descriptors() -> list[int]:
-    """Descriptors of this process's multiprocessing helpers that a worker
-    started by fork must not keep: the forkserver's "alive" pipe, whose
-    holders keep the forkserver running (a live worker would make
-    ``multiprocessing.util._cleanup_tests()`` wait forever).  The resource
-    tracker's pipe stays: workers register shared memory with it."""
-    from multiprocessing import forkserver
-
-    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
-    return [fd] if fd is not None else []
-
-
 def _terminate_all_at_exit() -> None:
-    for engine in list(_live_engines):
+    for engine in list(live_engines):
         try:
             engine.at_exit()
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
@@ -427,7 +196,9 @@ class Engine:
             if hook is not None and not callable(hook):
                 raise TypeError(f"{hook_name} must be a callable, got {type(hook).__name__}")
         if maxtasksperchild is not None and (
-            not isinstance(maxtasksperchild, int) or isinstance(maxtasksperchild, bool) or maxtasksperchild < 1
+            not isinstance(maxtasksperchild, int)
+            or isinstance(maxtasksperchild, bool)
+            or maxtasksperchild < 1
         ):
             # A ValueError whatever is wrong, as multiprocessing.Pool raises.
             raise ValueError(f"maxtasksperchild must be a positive int or None, got {maxtasksperchild!r}")
@@ -443,52 +214,43 @@ class Engine:
         else:
             context = getattr(context, "_ctx", context)  # a shoal.Context
         self._ctx = context
-        self._remote_traceback = remote_traceback
         self._processes = processes
-        self._maxtasks = maxtasksperchild
-        self._max_memory = max_memory
         self.task_timeout = task_timeout
         self._graceful_exit = graceful_exit
         try:
-            self._config_args = (
+            config_args = (
                 cloudpickle.dumps((initializer, tuple(initargs), worker_init, worker_exit))
                 if initializer is not None or worker_init is not None or worker_exit is not None
                 else None
             )
         except Exception as exc:
             raise serialization_error(
-                f"cannot pickle the initializer, its initargs or the worker_init/worker_exit hooks: {exc}", exc
+                f"cannot pickle the initializer, its initargs or the worker_init/worker_exit hooks: {exc}",
+                exc,
             ) from exc
         # The shared object: inherited as it is by fork-started workers;
-        # otherwise pickled once here, its large buffers in memfds we keep
-        # and every worker maps.
-        self._shared = shared
-        self._shared_data: bytes | None = None
-        self._shared_fds: list[int] = []
+        # otherwise pickled once here, its large buffers in memfds that the
+        # scheduler keeps and every worker maps.
+        shared_data: bytes | None = None
+        shared_fds: list[int] = []
         if shared is not _local.NO_SHARED and context.get_start_method() != "fork":
-            self._shared = _local.NO_SHARED
-            self._shared_data, self._shared_fds = _serialize_shared(shared)
+            shared_data, shared_fds = _serialize_shared(shared)
+            shared = _local.NO_SHARED
         # What workers' worker_exit returned (or raised), in arrival order.
         self._exit_results: list[tuple[bool, Any]] = []
 
         self._state = _RUN
         self._broken_error: BaseException | None = None
-        self._pending: deque[_Task] = deque()
+        self._pending: deque[Task] = deque()
         self._control: deque = deque()
         self._ids = itertools.count(1)
         self._fn_ids = itertools.count(1)
         self._fn_cache: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
         self._fn_lock = threading.Lock()
-        self._workers: dict[int, _Worker] = {}  # by sentinel fd... keyed by slot
-        self._free_slots = list(range(processes * 2 - 1, -1, -1))
+        self._workers: dict[int, Worker] = {}  # keyed by status slot; the scheduler's
         # Seconds per item, by function id (0: functions sent with each task),
         # as measured by the workers: an exponentially weighted average.
         self._estimates: dict[int, float] = {}
-        self._rotate = 0
-        # ids of functions whose tasks have killed a worker (0: uncached ones)
-        self._crashed: set[int] = set()
-        self._timed = 0  # tasks with a time limit held by workers
-        self._doomed = 0  # cancelled tasks held by workers, to kill when they start
         # Shared-memory descriptors held by tasks not yet finished, so that
         # workers started by fork can close them (see _descriptors).
         self._task_fds: set[int] = set()
@@ -497,47 +259,35 @@ class Engine:
         self._segments = WarmSegments()
         self._feeders = 0
         self._helpers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-        self._start_failures = 0
-        self.callbacks = _CallbackThread()
+        self.callbacks = CallbackThread()
         self.results_cond = threading.Condition(threading.Lock())
         self.waiters = 0
-        # counters (written by the scheduler thread only, except submitted)
-        self._submitted_n = 0
-        self._completed = 0
-        self._failed = 0
-        self._cancelled = 0
-        self._started = 0
-        self._replaced: dict[str, int] = {}
-
-        # Status block: one cache line per worker slot (replacements reuse
-        # slots; twice the pool size leaves room while one is being reaped).
-        self._status_fd = create_fd(STATUS_SLOT * processes * 2, "shoal-status")
-        self._status = mmap.mmap(self._status_fd, 0)
-
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._sleeping = False
-        self._dirty = False
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._submitted_n = 0  # the other counters are the scheduler's
+        # The scheduler thread's state and steps; it owns the workers.
+        self._scheduler = Scheduler(
+            self, processes=processes, context=context, maxtasksperchild=maxtasksperchild,
+            max_memory=max_memory, config_args=config_args, shared=shared, shared_data=shared_data,
+            shared_fds=shared_fds, remote_traceback=remote_traceback,
+        )
         self._finished = threading.Event()
         self._owner_pid = os.getpid()
 
         # Initial workers start from the caller's thread, before the
         # scheduler thread exists: with fork, a single-threaded parent is the
         # safe case (and Python 3.12+ warns about forking with threads).
-        _live_engines.add(self)  # before any worker starts: see _descriptors
+        live_engines.add(self)  # before any worker starts: see _descriptors
         self._thread: threading.Thread | None = None
         what = "its first worker process"
         try:
             for _ in range(processes):
-                self._start_worker()
+                self._scheduler.start_worker()
             what = "its scheduler thread"
             thread = threading.Thread(target=self._run, name="shoal-scheduler", daemon=True)
             thread.start()
             self._thread = thread
         except BaseException as exc:
-            _live_engines.discard(self)
-            self._abort_start()
+            live_engines.discard(self)
+            self._scheduler.abort_start()
             if not defer_start_errors or not isinstance(exc, Exception):
                 exc.add_note(_cannot_start(what, exc))
                 raise
@@ -571,7 +321,9 @@ class Engine:
             if self._thread is None:  # it never started (see __init__)
                 raise WorkerStartError(self._start_failure) from self._broken_error
             raise WorkerStartError(f"the pool cannot run tasks: {self._broken_error}") from self._broken_error
-        raise PoolClosedError("Pool not running: it was closed or terminated; create a new pool to submit work")
+        raise PoolClosedError(
+            "Pool not running: it was closed or terminated; create a new pool to submit work"
+        )
 
     def function_ref(self, fn) -> tuple[int, Any]:
         """An id for *fn* that workers cache, with its pickled form for the
@@ -607,7 +359,10 @@ class Engine:
                 self._fn_cache.popitem(last=False)
         return entry[1], entry
 
-    def make_task(self, fn, mode: int, payload, sink, index: int = 0, timeout: float | None = None, fn_ref=None) -> _Task:
+    def make_task(
+        self, fn, mode: int, payload, sink: ResultSink, index: int = 0, timeout: float | None = None,
+        fn_ref=None,
+    ) -> Task:
         """Serialize one task in the caller's thread (errors surface here)."""
         if fn_ref is None:
             fn_ref = self.function_ref(fn)
@@ -619,9 +374,12 @@ class Engine:
         data = _serialize(payload, fds, self._segments)
         if fds:
             self._task_fds.update(fds)
-        return _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout, n)
+        return Task(id=next(self._ids), fn_id=fn_id, fn_ref=entry, mode=mode, data=data, fds=fds, sink=sink,
+                    index=index, timeout=timeout, n=n)
 
-    def submit_call(self, fn, args: tuple, kwargs: dict, sink, timeout: float | None = None) -> _Task:
+    def submit_call(
+        self, fn, args: tuple, kwargs: dict, sink: ResultSink, timeout: float | None = None
+    ) -> Task:
         """Serialize and queue ``fn(*args, **kwargs)``: the hot path of
         apply_async and submit, kept short on purpose."""
         if self._state != _RUN or os.getpid() != self._owner_pid:
@@ -649,7 +407,8 @@ class Engine:
             self._task_fds.update(fds)
         if timeout is None:
             timeout = self.task_timeout
-        task = _Task(next(self._ids), fn_id, entry, mode, data, fds, sink, 0, timeout, 1)
+        task = Task(id=next(self._ids), fn_id=fn_id, fn_ref=entry, mode=mode, data=data, fds=fds, sink=sink,
+                    timeout=timeout)
         self._pending.append(task)
         self._submitted_n += 1
         self._wake()
@@ -657,7 +416,7 @@ class Engine:
             self._reject((task,))
         return task
 
-    def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:
+    def submit_tasks(self, tasks: list[Task], from_feeder: bool = False) -> None:
         """Queue serialized tasks for the workers.
 
         An imap feeder that started before close() may go on submitting.
@@ -733,28 +492,25 @@ class Engine:
         """How many tasks an imap keeps submitted but unconsumed: enough for
         every worker to hold CREDIT full batches, so batching never starves."""
         est = self._estimates.get(self._fn_key(fn)) if fn is not None else None
-        per_batch = 1 if est is None else max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * chunksize, 1e-7))))
+        if est is None:
+            per_batch = 1
+        else:
+            per_batch = max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * chunksize, 1e-7))))
         return max(4 * self._processes, min(2 * CREDIT * per_batch * self._processes, 1 << 16))
 
     def _wake(self) -> None:
-        """Tell the scheduler that something changed (see _loop)."""
-        self._dirty = True
-        if self._sleeping:
-            self._sleeping = False
-            try:
-                os.write(self._wake_w, b"x")
-            except (BlockingIOError, OSError):
-                pass
+        """Tell the scheduler that something changed (see Scheduler.run)."""
+        self._scheduler.wake()
 
-    def cancel(self, task: _Task, exc: BaseException) -> None:
+    def cancel(self, task: Task, exc: BaseException) -> None:
         """Fail *task* with *exc*: drop it if queued, kill its worker if running."""
         self._control.append(("cancel", task, exc))
         self._wake()
 
-    def fail_sink(self, sink, exc: BaseException) -> None:
+    def fail_sink(self, sink: FailableSink, exc: BaseException) -> None:
         """Fail a result object (a cancelled map) from the scheduler thread,
         so it cannot race a result being delivered.  Its tasks not yet sent
-        are dropped at dispatch (``sink._skip``)."""
+        are dropped at dispatch (``sink.skip``)."""
         self._control.append(("fail_sink", sink, exc))
         self._wake()
 
@@ -835,18 +591,19 @@ class Engine:
         return [value for _ok, value in results]
 
     def statistics(self) -> PoolStatistics:
+        sched = self._scheduler
         running = sum(len(w.inflight) for w in list(self._workers.values()))
         return PoolStatistics(
             workers=len(self._workers),
             tasks_submitted=self._submitted_n,
             tasks_pending=len(self._pending),
             tasks_running=running,
-            tasks_completed=self._completed,
-            tasks_failed=self._failed,
-            tasks_cancelled=self._cancelled,
-            workers_started=self._started,
-            workers_replaced=sum(self._replaced.values()),
-            replaced_because=dict(self._replaced),
+            tasks_completed=sched.completed,
+            tasks_failed=sched.failed,
+            tasks_cancelled=sched.cancelled,
+            workers_started=sched.started,
+            workers_replaced=sum(sched.replaced.values()),
+            replaced_because=dict(sched.replaced),
             task_seconds_estimate=min(self._estimates.values()) if self._estimates else None,
         )
 
@@ -870,131 +627,6 @@ class Engine:
         return [w.pid for w in list(self._workers.values())]
 
     # ------------------------------------------------------------------
-    # workers
-    # ------------------------------------------------------------------
-    def _start_worker(self) -> _Worker:
-        slot = self._free_slots.pop()
-        STATUS.pack_into(self._status, slot * STATUS_SLOT, 0, 0.0, 0)
-        parent_ch, child_ch = Channel.pair()
-        # PR_SET_PDEATHSIG fires when the *thread* that started the worker
-        # exits, so ask for it only from threads that live as long as the
-        # pool, and only when we are the worker's parent (not a forkserver).
-        pdeathsig = self._ctx.get_start_method() != "forkserver" and (
-            threading.current_thread() is threading.main_thread()
-            or threading.current_thread() is getattr(self, "_thread", None)
-        )
-        config = WorkerConfig(None, (), self._maxtasks, self._max_memory, os.getpid(), pdeathsig, slot)
-        if self._config_args is not None:
-            config.initializer, config.initargs, config.worker_init, config.worker_exit = cloudpickle.loads(
-                self._config_args
-            )
-        config.shared_data = self._shared_data
-        config_bytes = cloudpickle.dumps(config)
-        # Under fork the worker inherits every descriptor of this process.
-        # The engines' own (other workers' sockets, wake-up pipes, the shared
-        # memory of queued tasks, and the parent's end of this worker's own
-        # channel) it closes at once: it must not keep that memory alive,
-        # and holding its own channel's other end would hide our death.
-        inherited: tuple[int, ...] = ()
-        if self._ctx.get_start_method() == "fork":
-            inherited = (parent_ch.fileno(), *_engine_descriptors(), *_foreign_descriptors())
-        try:
-            proc = self._ctx.Process(
-                target=_worker.worker_main,
-                args=(child_ch.sock, inherited, self._shared),
-                name=f"shoal-worker-{slot}",
-                daemon=False,
-            )
-            proc.start()
-        except BaseException:
-            parent_ch.close()
-            child_ch.close()
-            self._free_slots.append(slot)
-            raise
-        child_ch.close()
-        worker = _Worker(proc, parent_ch, slot)
-        try:
-            parent_ch.sock.setblocking(False)
-            parent_ch.queue(config_bytes, [os.dup(fd) for fd in (self._status_fd, *self._shared_fds)])
-            self._selector.register(parent_ch.fileno(), selectors.EVENT_READ, ("chan", worker))
-            self._selector.register(worker.sentinel, selectors.EVENT_READ, ("dead", worker))
-        except BaseException:
-            for fileobj in (parent_ch.fileno(), worker.sentinel):
-                try:
-                    self._selector.unregister(fileobj)
-                except (KeyError, ValueError):
-                    pass
-            proc.kill()
-            proc.join()
-            parent_ch.close()
-            self._free_slots.append(slot)
-            raise
-        self._workers[slot] = worker
-        self._started += 1
-        self._flush(worker)
-        return worker
-
-    def _descriptors(self) -> list[int]:
-        """Descriptors this engine holds that no child process should keep."""
-        fds = [self._wake_r, self._wake_w, self._status_fd, *self._shared_fds]
-        try:
-            fds.append(self._selector.fileno())
-        except (AttributeError, ValueError, OSError):
-            pass
-        for w in list(self._workers.values()):
-            fds.append(w.channel.fileno())
-        # Not a scan of the queue: with a long queue and maxtasksperchild=1
-        # that would cost O(queue) per worker started.
-        fds.extend(list(self._task_fds))
-        fds.extend(self._segments.descriptors())
-        return fds
-
-    def _abort_start(self) -> None:
-        for w in list(self._workers.values()):
-            try:
-                w.proc.kill()
-                w.proc.join(5)
-            except Exception:  # noqa: BLE001
-                pass
-            w.channel.close()
-        self._workers.clear()
-        self._close_resources()
-
-    def _close_resources(self) -> None:
-        try:
-            self._selector.close()
-        except Exception:  # noqa: BLE001
-            pass
-        for fd in (self._wake_r, self._wake_w, self._status_fd, *self._shared_fds):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._shared_fds = []
-        try:
-            self._status.close()
-        except Exception:  # noqa: BLE001
-            pass
-        self._segments.close()
-
-    def _flush(self, w: _Worker) -> None:
-        try:
-            done = w.channel.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            # The worker is gone; its sentinel will tell us how, and the
-            # tasks it held go elsewhere.
-            done = True
-            w.channel.discard_output()
-        want = not done
-        if want != w.writing:
-            w.writing = want
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
-            if w.eof:
-                events &= ~selectors.EVENT_READ
-            if events:
-                self._selector.modify(w.channel.fileno(), events, ("chan", w))
-
-    # ------------------------------------------------------------------
     # the scheduler thread
     # ------------------------------------------------------------------
     def _run(self) -> None:
@@ -1007,311 +639,50 @@ class Engine:
             self._fail_everything(ShoalError(f"the pool's scheduler failed: {exc!r}; this is a bug in shoal"))
             self._kill_workers(graceful=False)
         finally:
-            _live_engines.discard(self)  # its descriptors are about to close
+            live_engines.discard(self)  # its descriptors are about to close
             self._close_resources()
             self._finished.set()
             # A caller that queued a task before seeing _finished set gets it
             # failed here; one that queues after sees _finished (_reject).
             while self._pending:
-                self._fail(self._pending.popleft(), PoolClosedError("the pool was terminated before this task ran"))
+                closed = PoolClosedError("the pool was terminated before this task ran")
+                self._fail(self._pending.popleft(), closed)
             with self.results_cond:
                 self.results_cond.notify_all()
             # No shoal thread outlives its pool, even one never joined.
             self.callbacks.stop(wait=False)
 
     def _loop(self) -> None:
-        select = self._selector.select
-        while True:
-            # The wake-up protocol.  A caller changes state (queues a task, a
-            # request, close/terminate), then sets _dirty, then writes to the
-            # wake-up pipe if it sees _sleeping.  We set _sleeping, then look
-            # at _dirty: a change made before we set _sleeping is seen here,
-            # one made after finds _sleeping set and writes.  No wake-up is
-            # lost, and we never spin on work that waits for a free worker.
-            timeout = TIMEOUT_TICK if self._timed or self._doomed else None
-            self._sleeping = True
-            if self._dirty:
-                timeout = 0
-            events = select(timeout)
-            self._sleeping = False
-            self._dirty = False
-            for key, mask in events:
-                kind, w = key.data
-                if kind == "chan":
-                    if mask & selectors.EVENT_READ:
-                        self._read(w)
-                    if mask & selectors.EVENT_WRITE:
-                        self._flush(w)
-                elif kind == "dead":
-                    self._reap(w)
-                else:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-            while self._control:
-                self._handle_control(*self._control.popleft())
-            state = self._state
-            if state == _TERMINATE:
-                self._terminate_now()
-                return
-            if self._pending:
-                self._dispatch()
-            if self._timed or self._doomed:
-                self._check_time_limits()
-            if (
-                state in (_CLOSE, _BROKEN)
-                and not self._pending
-                and not self._feeders
-                and not any(w.inflight for w in self._workers.values())
-            ):
-                if not self._workers:
-                    return
-                for w in self._workers.values():
-                    if w.accepting:
-                        w.retire_reason = "shutdown"
-                        w.channel.queue(pickle.dumps((_worker.STOP, (), (), False)))
-                        self._flush(w)
-
-    # -- dispatch ---------------------------------------------------------
-    def _dispatch(self) -> None:
-        """Give each worker with room a batch from the head of the queue.
-
-        A worker may hold CREDIT batches.  A batch is about BATCH_SECONDS of
-        work by the head task's measured duration (one task while the
-        function is new), and never more than a fair share of what is
-        pending, so work spreads over every worker.  Idle workers are served
-        first, and the starting point rotates so no worker is favoured.
-        """
-        pending = self._pending
-        workers = [w for w in self._workers.values() if w.accepting and len(w.batches) < CREDIT]
-        if not workers:
-            return
-        workers.sort(key=lambda w: len(w.batches))
-        self._rotate += 1
-        estimates = self._estimates
-        maxtasks = self._maxtasks
-        while pending and workers:
-            progressed = False
-            for w in list(workers):
-                if not pending:
-                    break
-                head = pending[0]
-                est = estimates.get(head.fn_id)
-                if est is None:
-                    size = 1
-                else:
-                    size = max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * head.n, 1e-7))))
-                fair = -(-len(pending) // len(workers))
-                take = min(size, fair)
-                if maxtasks:
-                    take = min(take, maxtasks - w.sent)
-                batch = []
-                while pending and len(batch) < take:
-                    task = pending.popleft()
-                    if task.sink._skip(task):
-                        task.close_fds(self._task_fds)
-                        self._cancelled += 1
-                        continue
-                    batch.append(task)
-                if batch:
-                    self._send_batch(w, batch)
-                    progressed = True
-                if len(w.batches) >= CREDIT or (maxtasks and w.sent >= maxtasks):
-                    workers.remove(w)
-            if not progressed:
-                break
-
-    def _send_batch(self, w: _Worker, batch: list[_Task]) -> None:
-        fn_defs = []
-        forget = []
-        fds: list[int] = []
-        wire = []
-        last_fid = -1
-        timed = 0
-        used: set[int] = set()
-        for task in batch:
-            fid = task.fn_id
-            if fid != last_fid:
-                last_fid = fid
-                used.add(fid)
-                if fid:
-                    if fid in w.fns:
-                        w.fns.move_to_end(fid)
-                    else:
-                        fn_defs.append((fid, task.fn_ref[2]))
-                        w.fns[fid] = None
-            wire.append((task.id, fid, task.mode, task.data, len(task.fds)))
-            if task.fds:
-                # The channel closes what it sends; the task keeps its own
-                # descriptors so it can be sent again if this worker dies.
-                fds.extend(os.dup(fd) for fd in task.fds)
-            if task.timeout is not None:
-                timed += 1
-        w.inflight.extend(batch)
-        self._timed += timed
-        w.sent += len(batch)
-        w.batches.append(batch[-1].id)
-        # Evict the least recently used functions this batch does not need;
-        # the worker forgets them before it loads the new ones.
-        for fid in list(w.fns) if len(w.fns) > FN_CACHE else ():
-            if len(w.fns) - len(forget) <= FN_CACHE:
-                break
-            if fid not in used:
-                forget.append(fid)
-        for fid in forget:
-            del w.fns[fid]
-        if forget:
-            fn_defs.insert(0, (-1, forget))
-        # Functions that have killed a worker get their results sent after
-        # every task, so another crash makes no finished task run again.
-        flush_each = bool(self._crashed) and not used.isdisjoint(self._crashed)
-        w.channel.queue(pickle.dumps((_worker.BATCH, fn_defs, wire, flush_each), 5), fds)
-        self._flush(w)
-
-    # -- results ----------------------------------------------------------
-    def _read(self, w: _Worker) -> None:
-        frames, eof = w.channel.recv_available()
-        for payload, fds in frames:
-            self._on_message(w, payload, fds)
-        if eof and not w.eof:
-            w.eof = True
-            try:
-                if w.writing:
-                    self._selector.modify(w.channel.fileno(), selectors.EVENT_WRITE, ("chan", w))
-                else:
-                    self._selector.unregister(w.channel.fileno())
-            except (KeyError, ValueError):
-                pass
-
-    def _on_message(self, w: _Worker, payload: bytes, fds: list[int]) -> None:
-        kind, body = pickle.loads(payload)
-        if kind == _worker.RESULTS:
-            self._on_results(w, body, fds)
-        elif kind == _worker.READY:
-            w.ready = True
-            self._start_failures = 0
-        elif kind == _worker.RETIRE:
-            w.retire_reason = body[0]
-        elif kind == _worker.EXITED:
-            ok, data = body
-            if ok:
-                try:
-                    self._exit_results.append((True, loads_with(data, fds)))
-                except Exception as exc:  # noqa: BLE001 - reported by worker_exit_results()
-                    self._exit_results.append(
-                        (False, SerializationError(f"the value worker_exit returned could not be unpickled: {exc!r}"))
-                    )
-            else:
-                self._exit_results.append((False, unpack_exception(data)))
-        elif kind == _worker.INIT_FAILED:
-            exc = unpack_exception(body)
-            w.retire_reason = "initializer"
-            self._break(exc)
-
-    def _on_results(self, w: _Worker, results, fds: list[int]) -> None:
-        pos = 0
-        inflight = w.inflight
-        batches = w.batches
-        waiters = self.waiters
-        plain_loads = pickle.loads
-        completed = failed = timed = doomed = 0
-        # Duration estimates are updated once per message, per function.
-        seconds: dict[int, list[float]] = {}
-        try:
-            for tid, ok, data, nfds, elapsed in results:
-                task = inflight.popleft()
-                if batches and batches[0] == tid:
-                    batches.popleft()
-                if task.fds:
-                    task.close_fds(self._task_fds)
-                if task.timeout is not None:
-                    timed += 1
-                acc = seconds.get(task.fn_id)
-                if acc is None:
-                    seconds[task.fn_id] = [elapsed, task.n]
-                else:
-                    acc[0] += elapsed
-                    acc[1] += task.n
-                task_fds = fds[pos : pos + nfds] if nfds else None
-                pos += nfds
-                if task.kill_reason in _ALREADY_FAILED:
-                    if task.kill_reason == "cancelled":
-                        doomed += 1
-                    continue  # its caller already has an error; drop the late result
-                if not ok:
-                    value = self._with_traceback_type(unpack_exception(data))
-                    failed += 1
-                else:
-                    try:
-                        # Out-of-band buffers come as shared memory beside the message.
-                        value = loads_with(data, task_fds) if task_fds else plain_loads(data)
-                        completed += 1
-                    except BaseException as exc:  # noqa: BLE001
-                        ok = False
-                        failed += 1
-                        value = SerializationError(
-                            f"the task's result could not be unpickled in the parent: {type(exc).__name__}: {exc}"
-                        )
-                task.sink._deliver(task, ok, value)
-        finally:
-            for fd in fds:
-                os.close(fd)
-            self._completed += completed
-            self._failed += failed
-            self._timed -= timed
-            self._doomed -= doomed
-            estimates = self._estimates
-            for fid, (total, n) in seconds.items():
-                per_item = total / n
-                est = estimates.get(fid)
-                estimates[fid] = per_item if est is None else est * 0.7 + per_item * 0.3
-        if waiters or self.waiters:
-            with self.results_cond:
-                self.results_cond.notify_all()
-
-    def _with_traceback_type(self, exc: BaseException) -> BaseException:
-        """Give a worker's exception the face's remote-traceback type as its
-        ``__cause__`` (``multiprocessing.pool.RemoteTraceback`` for Pool, as
-        code written for the standard library checks)."""
-        cause = exc.__cause__
-        if isinstance(cause, RemoteTraceback) and self._remote_traceback is not RemoteTraceback:
-            exc.__cause__ = self._remote_traceback(cause.tb)
-        return exc
-
-    def _fail(self, task: _Task, exc: BaseException, *, cancelled: bool = False) -> None:
-        task.close_fds(self._task_fds)
-        if cancelled:
-            self._cancelled += 1
-        else:
-            self._failed += 1
-        task.sink._deliver(task, False, exc)
+        self._scheduler.run()
 
     def _notify(self) -> None:
         with self.results_cond:
             self.results_cond.notify_all()
 
-    # -- control requests from callers -----------------------------------
+    # What the scheduler does on _run's error and exit paths; the Dask
+    # engine, which has no Scheduler, overrides each.
+    def _fail(self, task: Task, exc: BaseException, *, cancelled: bool = False) -> None:
+        self._scheduler.fail(task, exc, cancelled=cancelled)
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        self._scheduler.fail_everything(exc)
+
+    def _kill_workers(self, graceful: bool) -> None:
+        self._scheduler.kill_workers(graceful)
+
+    def _close_resources(self) -> None:
+        self._scheduler.close_resources()
+
+    def _descriptors(self) -> list[int]:
+        """Descriptors this engine holds that no child process should keep."""
+        return self._scheduler.descriptors()
+
+    # -- control requests from callers (run on the scheduler thread) ------
     def _handle_control(self, what: str, obj, exc) -> None:
         if what == "cancel":
-            task: _Task = obj
-            if task in self._pending:
-                self._pending.remove(task)
-                self._fail(task, exc, cancelled=True)
-                self._notify()
-                return
-            for w in self._workers.values():
-                if task in w.inflight:
-                    # Its caller learns at once.  The worker is killed when
-                    # it runs the task: now if it is running, or as soon as
-                    # it starts it (see _check_time_limits).
-                    task.kill_reason = "cancelled"
-                    self._fail(task, exc, cancelled=True)
-                    self._doomed += 1
-                    self._check_time_limits()
-                    self._notify()
-                    return
+            self._scheduler.cancel(obj, exc)
+        elif what == "interrupt":
+            self._scheduler.interrupt(obj, exc)
         elif what == "cancel_futures":
             # Callers append to _pending concurrently: never iterate it live
             # or rebind it.  Cancelled futures are skipped at dispatch.
@@ -1319,252 +690,13 @@ class Engine:
                 future = getattr(t.sink, "future", None)
                 if future is not None:
                     future.cancel()
-        elif what == "interrupt":
-            match = obj
-            # Callers append to _pending concurrently (at the right): take
-            # what is there from the left, put back what stays, in order.
-            keep = []
-            for _ in range(len(self._pending)):
-                t = self._pending.popleft()
-                if match is None or match(t.sink):
-                    self._interrupt_task(t, exc)
-                    self._fail(t, exc, cancelled=True)
-                else:
-                    keep.append(t)
-            self._pending.extendleft(reversed(keep))
-            for w in self._workers.values():
-                for t in w.inflight:
-                    if t.kill_reason is None and (match is None or match(t.sink)):
-                        # As for "cancel": the worker is killed when it runs it.
-                        t.kill_reason = "cancelled"
-                        self._interrupt_task(t, exc)
-                        self._fail(t, exc, cancelled=True)
-                        self._doomed += 1
-            self._check_time_limits()
-            self._notify()
         elif what == "fail_sink":
             sink = obj
-            if not sink._delivered:
-                sink._deliver(None, False, exc)
+            if not sink.delivered:
+                sink.deliver(None, False, exc)
                 self._notify()
 
-    @staticmethod
-    def _interrupt_task(task: _Task, exc: BaseException) -> None:
-        # A future not yet running is cancelled as such; a running one gets
-        # *exc* (a CancelledError) as its outcome, through _fail.
-        future = getattr(task.sink, "future", None)
-        if future is not None:
-            future.cancel()
-
-    # -- time limits -------------------------------------------------------
-    def _check_time_limits(self) -> None:
-        """Kill workers running a task past its time limit, or a task that
-        was cancelled while the worker held it."""
-        now = time.monotonic()
-        for w in list(self._workers.values()):
-            if not w.inflight or w.kill_reason is not None:
-                continue
-            tid, started, _last = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
-            if not tid or not started:
-                continue  # idle, or a task id written before its start time
-            for task in w.inflight:
-                if task.id == tid:
-                    if task.kill_reason == "cancelled":
-                        self._kill(w, "cancelled", tid)
-                    elif task.timeout is not None and now - started > task.timeout:
-                        task.kill_reason = "timeout"
-                        self._kill(w, "timeout", tid)
-                    break
-
-    def _kill(self, w: _Worker, reason: str, tid: int) -> None:
-        # The task may have finished since the status was read: kill only if
-        # the worker is still on it, so the next task is not hit instead.
-        if STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)[0] != tid:
-            return
-        if w.kill_reason is None:
-            w.kill_reason = reason
-        try:
-            os.kill(w.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    # -- worker exit -------------------------------------------------------
-    def _reap(self, w: _Worker) -> None:
-        if not w.eof:
-            # Results the worker sent before it died are still in the socket.
-            while True:
-                frames, eof = w.channel.recv_available()
-                for payload, fds in frames:
-                    self._on_message(w, payload, fds)
-                if eof or not frames:
-                    break
-        w.proc.join(1)
-        exitcode = w.proc.exitcode
-        running, _started, last_done = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
-        for fileobj in (w.sentinel, w.channel.fileno()):
-            try:
-                self._selector.unregister(fileobj)
-            except (KeyError, ValueError):
-                pass
-        w.channel.close()
-        del self._workers[w.slot]
-        self._free_slots.append(w.slot)
-        try:
-            w.proc.close()
-        except ValueError:
-            pass
-
-        # Attribute the tasks it held, which it runs in order.  The status
-        # slot names the task it was running and the last one it finished.
-        # The running task fails.  Tasks after it never started and go to
-        # another worker as they are.  Tasks before it finished but their
-        # results were still in the worker (it sends them at least every
-        # FLUSH_SECONDS of work, and after every task once a function has
-        # killed a worker): they run again.
-        tasks = list(w.inflight)
-        w.inflight.clear()
-        run_index = finished_upto = -1
-        for i, task in enumerate(tasks):
-            if task.id == running:
-                run_index = i
-            elif task.id == last_done:
-                finished_upto = i
-        if run_index >= 0:
-            finished_upto = run_index - 1
-        # A worker that died between tasks (no task running) most likely
-        # died sending the last finished task's result: that one task is
-        # counted, and fails if it keeps killing workers.
-        suspect = run_index < 0 and finished_upto >= 0
-        failed_any = False
-        requeue = []
-        for i, task in enumerate(tasks):
-            self._leaving(task)
-            if task.kill_reason in _ALREADY_FAILED:
-                continue
-            if i == run_index:
-                if task.kill_reason is None:
-                    self._crashed.add(task.fn_id)
-                failed_any = True
-                if task.kill_reason == "timeout":
-                    exc: BaseException = TaskTimeoutError(
-                        f"the task ran longer than its time limit of {task.timeout} s; worker process "
-                        f"{w.pid} was killed and replaced"
-                    )
-                else:
-                    exc = WorkerDiedError(w.pid, exitcode)
-                self._fail(task, exc)
-            elif w.retire_reason == "initializer" or self._state == _BROKEN:
-                failed_any = True
-                self._fail(task, WorkerStartError(f"the pool cannot run tasks: {self._broken_error}"))
-            elif suspect and task.id == last_done and task.requeues >= MAX_REQUEUES:
-                failed_any = True
-                self._fail(
-                    task,
-                    WorkerDiedError(
-                        w.pid, exitcode,
-                        f"It finished, but each of the {task.requeues + 1} workers that ran it died before "
-                        "sending its result; it was not run again.",
-                    ),
-                )
-            else:
-                if suspect and task.id == last_done:
-                    task.requeues += 1
-                    self._crashed.add(task.fn_id)
-                requeue.append(task)
-        if requeue:
-            self._pending.extendleft(reversed(requeue))
-        if failed_any:
-            self._notify()
-
-        # Why did it go, and does it need a replacement?
-        if w.kill_reason is not None:
-            reason = w.kill_reason
-        elif w.retire_reason is not None:
-            reason = w.retire_reason
-        else:
-            reason = "died"
-        if not w.ready and reason == "died":
-            self._start_failures += 1
-            if self._start_failures >= MAX_START_FAILURES and self._state == _RUN:
-                self._break(
-                    WorkerStartError(
-                        f"worker processes keep exiting before they are ready ({_describe(exitcode)}). "
-                        "Under spawn or forkserver the main module is imported again in each worker: "
-                        "protect the code that starts the pool with `if __name__ == '__main__':`, and make "
-                        "sure the main module imports without errors."
-                    )
-                )
-        if reason in ("shutdown", "initializer") or self._state in (_TERMINATE, _BROKEN):
-            return
-        if self._state == _CLOSE and not self._pending and not any(x.inflight for x in self._workers.values()):
-            return
-        self._replaced[reason] = self._replaced.get(reason, 0) + 1
-        try:
-            self._start_worker()
-        except Exception as exc:  # noqa: BLE001
-            self._break(WorkerStartError(f"could not start a replacement worker: {exc!r}"))
-
-    def _leaving(self, task: _Task) -> None:
-        """Bookkeeping for a task that leaves a worker's hands for good."""
-        if task.timeout is not None:
-            self._timed -= 1
-        if task.kill_reason == "cancelled":
-            self._doomed -= 1
-
-    def _break(self, exc: BaseException) -> None:
-        """The pool cannot start workers: fail what is queued, refuse new work.
-
-        Tasks that live workers already hold still run and deliver their
-        results; then the workers are told to stop.
-        """
-        if self._state in (_TERMINATE,):
-            return
-        if self._broken_error is None:
-            self._broken_error = exc
-        self._state = _BROKEN
-        err = WorkerStartError(f"the pool cannot run tasks: {exc}")
-        err.__cause__ = exc
-        while self._pending:
-            self._fail(self._pending.popleft(), err)
-        self._notify()
-
-    # -- termination -------------------------------------------------------
-    def _fail_everything(self, exc: BaseException) -> None:
-        while self._pending:
-            self._fail(self._pending.popleft(), exc)
-        for w in self._workers.values():
-            for task in w.inflight:
-                if task.kill_reason not in _ALREADY_FAILED:
-                    self._fail(task, exc)
-                    task.kill_reason = "abandoned"
-        self._notify()
-
-    def _terminate_now(self) -> None:
-        self._fail_everything(PoolClosedError("the pool was terminated before this task finished"))
-        self._kill_workers(graceful=True)
-
-    def _kill_workers(self, graceful: bool) -> None:
-        workers = list(self._workers.values())
-        for w in workers:
-            try:
-                os.kill(w.pid, signal.SIGTERM if graceful else signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + TERMINATE_GRACE
-        for w in workers:
-            w.proc.join(max(0.0, deadline - time.monotonic()))
-            if w.proc.exitcode is None:
-                try:
-                    os.kill(w.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                w.proc.join()
-            w.channel.close()
-            try:
-                w.proc.close()
-            except ValueError:
-                pass
-        self._workers.clear()
+    _interrupt_task = staticmethod(interrupt_task)
 
 
 def _serialize(payload, fds: list[int], segments: WarmSegments) -> bytes:
@@ -1596,12 +728,6 @@ def _serialize_shared(obj) -> tuple[bytes, list[int]]:
             for fd in fds:
                 os.close(fd)
             raise
-
-
-def _describe(exitcode) -> str:
-    from ..exceptions import describe_exitcode
-
-    return describe_exitcode(exitcode)
 
 
 def _check_timeout(value) -> None:

@@ -1,0 +1,817 @@
+"""The scheduler thread: the loop that owns every worker process.
+
+One :class:`Scheduler` per local engine, driven by the engine's scheduler
+thread (``Engine._run``), as the executor-manager thread of CPython's
+``concurrent.futures.process`` drives its workers.  Each turn of
+:meth:`Scheduler.run` waits in ``select()`` on the worker sockets, their
+sentinels and the wake-up pipe, then takes its steps, each a method:
+
+- :meth:`~Scheduler.read_results`: a worker's messages (results, ready,
+  retiring, its ``worker_exit`` value) -> ``sink.deliver()``;
+- :meth:`~Scheduler.reap`: a worker's sentinel fired: drain its socket,
+  attribute the tasks it held (:func:`._crash.attribute_crash`), start a
+  replacement;
+- the callers' control requests (``Engine._handle_control``: cancel,
+  interrupt, ...), then :meth:`~Scheduler.cancel` / :meth:`~Scheduler.interrupt`;
+- :meth:`~Scheduler.dispatch`: batches from the pending queue to workers with
+  room;
+- :meth:`~Scheduler.check_time_limits`: kill a worker whose task ran past its
+  limit or was cancelled;
+- :meth:`~Scheduler.stop` (terminate) or, once closed and idle, STOP to each
+  worker.
+
+Ownership: this thread alone reads and writes worker channels, starts
+replacement workers (:meth:`~Scheduler.start_worker`; the first ones start
+from the caller's thread, before this thread exists), and mutates per-worker
+state, the counters and the duration estimates.  It shares with the caller
+side only the containers callers may touch (the pending and control deques,
+the descriptors of queued tasks) and the engine's state (``_state``,
+``_broken_error``), and wakes waiters through the engine's ``results_cond``.
+The engine's data-flow overview is in :mod:`._engine`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import selectors
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+from .._fd import create_fd
+from .._ipc import Channel
+from .._serialization import loads_with, unpack_exception
+from ..exceptions import (
+    PoolClosedError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerStartError,
+    describe_exitcode,
+)
+from . import _worker
+from ._crash import ALREADY_FAILED, Fate, attribute_crash
+from ._tasks import Task, Worker
+from ._worker import STATUS, STATUS_SLOT, WorkerConfig
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+#: Work per message when tasks are short: large enough that per-message costs
+#: (~50 µs) vanish, small enough that the tail of a job stays balanced.
+BATCH_SECONDS = 0.004
+#: Upper bound on tasks per message whatever the estimate says.
+MAX_BATCH = 2048
+#: How many batches a worker may hold (one running, one ready to start).
+CREDIT = 2
+#: Functions a worker keeps unpickled; older ones are forgotten.
+FN_CACHE = 128
+#: Seconds between SIGTERM and SIGKILL in terminate().
+TERMINATE_GRACE = 1.0
+#: Workers that die before becoming ready this many times in a row mean the
+#: pool cannot start (a broken __main__, an import error under spawn).
+MAX_START_FAILURES = 3
+#: How often time limits are checked while a timed task runs.
+TIMEOUT_TICK = 0.02
+
+#: The engine's states (``Engine.state``).
+_RUN, _CLOSE, _TERMINATE, _BROKEN = "running", "closed", "terminated", "broken"
+
+#: Every engine of this process whose scheduler may start workers.
+live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def engine_descriptors() -> list[int]:
+    """Every live engine's private descriptors (for a worker started by fork)."""
+    fds: list[int] = []
+    for engine in list(live_engines):
+        fds.extend(engine._descriptors())
+    return fds
+
+
+def _foreign_descriptors() -> list[int]:
+    """Descriptors of this process's multiprocessing helpers that a worker
+    started by fork must not keep: the forkserver's "alive" pipe, whose
+    holders keep the forkserver running (a live worker would make
+    ``multiprocessing.util._cleanup_tests()`` wait forever).  The resource
+    tracker's pipe stays: workers register shared memory with it."""
+    from multiprocessing import forkserver
+
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    return [fd] if fd is not None else []
+
+
+def interrupt_task(task: Task, exc: BaseException) -> None:
+    """A future not yet running is cancelled as such; a running one gets
+    *exc* (a CancelledError) as its outcome, through ``fail``."""
+    future = getattr(task.sink, "future", None)
+    if future is not None:
+        future.cancel()
+
+
+class Scheduler:
+    """The scheduler thread's state and steps, for one :class:`~._engine.Engine`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        processes: int,
+        context: Any,
+        maxtasksperchild: int | None,
+        max_memory: int | None,
+        config_args: bytes | None,
+        shared: Any,
+        shared_data: bytes | None,
+        shared_fds: list[int],
+        remote_traceback: type[BaseException],
+    ) -> None:
+        self.engine = engine
+        # Shared with the caller side: containers, never rebound.
+        self._pending: deque[Task] = engine._pending
+        self._control: deque = engine._control
+        self._workers: dict[int, Worker] = engine._workers  # keyed by slot
+        self._estimates: dict[int, float] = engine._estimates
+        self._task_fds: set[int] = engine._task_fds
+        self._segments = engine._segments
+        self._exit_results: list[tuple[bool, Any]] = engine._exit_results
+        self._handle_control = engine._handle_control
+        self._notify = engine._notify
+        # How workers start.
+        self._ctx = context
+        self._maxtasks = maxtasksperchild
+        self._max_memory = max_memory
+        self._config_args = config_args
+        self._shared = shared
+        self._shared_data = shared_data
+        self._shared_fds = shared_fds  # ours from now on: closed with the rest
+        self._remote_traceback = remote_traceback
+        # This thread's own.
+        self._free_slots = list(range(processes * 2 - 1, -1, -1))
+        self._rotate = 0
+        # ids of functions whose tasks have killed a worker (0: uncached ones)
+        self._crashed: set[int] = set()
+        self._timed = 0  # tasks with a time limit held by workers
+        self._doomed = 0  # cancelled tasks held by workers, to kill when they start
+        self._start_failures = 0
+        # counters (read by Engine.statistics)
+        self.completed = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.started = 0
+        self.replaced: dict[str, int] = {}
+
+        # Status block: one cache line per worker slot (replacements reuse
+        # slots; twice the pool size leaves room while one is being reaped).
+        self._status_fd = create_fd(STATUS_SLOT * processes * 2, "shoal-status")
+        self._status = mmap.mmap(self._status_fd, 0)
+
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sleeping = False
+        self._dirty = False
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+
+    def wake(self) -> None:
+        """Tell the scheduler that something changed (see run)."""
+        self._dirty = True
+        if self._sleeping:
+            self._sleeping = False
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass
+
+    # ------------------------------------------------------------------
+    # workers
+    # ------------------------------------------------------------------
+    def start_worker(self) -> Worker:
+        slot = self._free_slots.pop()
+        STATUS.pack_into(self._status, slot * STATUS_SLOT, 0, 0.0, 0)
+        parent_ch, child_ch = Channel.pair()
+        # PR_SET_PDEATHSIG fires when the *thread* that started the worker
+        # exits, so ask for it only from threads that live as long as the
+        # pool, and only when we are the worker's parent (not a forkserver).
+        pdeathsig = self._ctx.get_start_method() != "forkserver" and (
+            threading.current_thread() is threading.main_thread()
+            or threading.current_thread() is getattr(self.engine, "_thread", None)
+        )
+        config = WorkerConfig(None, (), self._maxtasks, self._max_memory, os.getpid(), pdeathsig, slot)
+        if self._config_args is not None:
+            config.initializer, config.initargs, config.worker_init, config.worker_exit = cloudpickle.loads(
+                self._config_args
+            )
+        config.shared_data = self._shared_data
+        config_bytes = cloudpickle.dumps(config)
+        # Under fork the worker inherits every descriptor of this process.
+        # The engines' own (other workers' sockets, wake-up pipes, the shared
+        # memory of queued tasks, and the parent's end of this worker's own
+        # channel) it closes at once: it must not keep that memory alive,
+        # and holding its own channel's other end would hide our death.
+        inherited: tuple[int, ...] = ()
+        if self._ctx.get_start_method() == "fork":
+            inherited = (parent_ch.fileno(), *engine_descriptors(), *_foreign_descriptors())
+        try:
+            proc = self._ctx.Process(
+                target=_worker.worker_main,
+                args=(child_ch.sock, inherited, self._shared),
+                name=f"shoal-worker-{slot}",
+                daemon=False,
+            )
+            proc.start()
+        except BaseException:
+            parent_ch.close()
+            child_ch.close()
+            self._free_slots.append(slot)
+            raise
+        child_ch.close()
+        worker = Worker(proc, parent_ch, slot)
+        try:
+            parent_ch.sock.setblocking(False)
+            parent_ch.queue(config_bytes, [os.dup(fd) for fd in (self._status_fd, *self._shared_fds)])
+            self._selector.register(parent_ch.fileno(), selectors.EVENT_READ, ("chan", worker))
+            self._selector.register(worker.sentinel, selectors.EVENT_READ, ("dead", worker))
+        except BaseException:
+            for fileobj in (parent_ch.fileno(), worker.sentinel):
+                try:
+                    self._selector.unregister(fileobj)
+                except (KeyError, ValueError):
+                    pass
+            proc.kill()
+            proc.join()
+            parent_ch.close()
+            self._free_slots.append(slot)
+            raise
+        self._workers[slot] = worker
+        self.started += 1
+        self._flush(worker)
+        return worker
+
+    def descriptors(self) -> list[int]:
+        """Descriptors this engine holds that no child process should keep."""
+        fds = [self._wake_r, self._wake_w, self._status_fd, *self._shared_fds]
+        try:
+            fds.append(self._selector.fileno())
+        except (AttributeError, ValueError, OSError):
+            pass
+        for w in list(self._workers.values()):
+            fds.append(w.channel.fileno())
+        # Not a scan of the queue: with a long queue and maxtasksperchild=1
+        # that would cost O(queue) per worker started.
+        fds.extend(list(self._task_fds))
+        fds.extend(self._segments.descriptors())
+        return fds
+
+    def abort_start(self) -> None:
+        for w in list(self._workers.values()):
+            try:
+                w.proc.kill()
+                w.proc.join(5)
+            except Exception:  # noqa: BLE001
+                pass
+            w.channel.close()
+        self._workers.clear()
+        self.close_resources()
+
+    def close_resources(self) -> None:
+        try:
+            self._selector.close()
+        except Exception:  # noqa: BLE001
+            pass
+        for fd in (self._wake_r, self._wake_w, self._status_fd, *self._shared_fds):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._shared_fds = []
+        try:
+            self._status.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self._segments.close()
+
+    def _flush(self, w: Worker) -> None:
+        try:
+            done = w.channel.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            # The worker is gone; its sentinel will tell us how, and the
+            # tasks it held go elsewhere.
+            done = True
+            w.channel.discard_output()
+        want = not done
+        if want != w.writing:
+            w.writing = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            if w.eof:
+                events &= ~selectors.EVENT_READ
+            if events:
+                self._selector.modify(w.channel.fileno(), events, ("chan", w))
+
+    # ------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------
+    def run(self) -> None:
+        """The scheduler thread's loop; returns once every worker is gone
+        (closed and idle) or terminate() was asked for."""
+        select = self._selector.select
+        while True:
+            # The wake-up protocol.  A caller changes state (queues a task, a
+            # request, close/terminate), then sets _dirty, then writes to the
+            # wake-up pipe if it sees _sleeping.  We set _sleeping, then look
+            # at _dirty: a change made before we set _sleeping is seen here,
+            # one made after finds _sleeping set and writes.  No wake-up is
+            # lost, and we never spin on work that waits for a free worker.
+            timeout = TIMEOUT_TICK if self._timed or self._doomed else None
+            self._sleeping = True
+            if self._dirty:
+                timeout = 0
+            events = select(timeout)
+            self._sleeping = False
+            self._dirty = False
+            for key, mask in events:
+                kind, w = key.data
+                if kind == "chan":
+                    if mask & selectors.EVENT_READ:
+                        self.read_results(w)
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush(w)
+                elif kind == "dead":
+                    self.reap(w)
+                else:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+            while self._control:
+                self._handle_control(*self._control.popleft())
+            state = self.engine._state
+            if state == _TERMINATE:
+                self.stop()
+                return
+            if self._pending:
+                self.dispatch()
+            if self._timed or self._doomed:
+                self.check_time_limits()
+            if (
+                state in (_CLOSE, _BROKEN)
+                and not self._pending
+                and not self.engine._feeders
+                and not any(w.inflight for w in self._workers.values())
+            ):
+                if not self._workers:
+                    return
+                for w in self._workers.values():
+                    if w.accepting:
+                        w.retire_reason = "shutdown"
+                        w.channel.queue(pickle.dumps((_worker.STOP, (), (), False)))
+                        self._flush(w)
+
+    # -- dispatch ---------------------------------------------------------
+    def dispatch(self) -> None:
+        """Give each worker with room a batch from the head of the queue.
+
+        A worker may hold CREDIT batches.  A batch is about BATCH_SECONDS of
+        work by the head task's measured duration (one task while the
+        function is new), and never more than a fair share of what is
+        pending, so work spreads over every worker.  Idle workers are served
+        first, and the starting point rotates so no worker is favoured.
+        """
+        pending = self._pending
+        workers = [w for w in self._workers.values() if w.accepting and len(w.batches) < CREDIT]
+        if not workers:
+            return
+        workers.sort(key=lambda w: len(w.batches))
+        self._rotate += 1
+        estimates = self._estimates
+        maxtasks = self._maxtasks
+        while pending and workers:
+            progressed = False
+            for w in list(workers):
+                if not pending:
+                    break
+                head = pending[0]
+                est = estimates.get(head.fn_id)
+                if est is None:
+                    size = 1
+                else:
+                    size = max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * head.n, 1e-7))))
+                fair = -(-len(pending) // len(workers))
+                take = min(size, fair)
+                if maxtasks:
+                    take = min(take, maxtasks - w.sent)
+                batch: list[Task] = []
+                while pending and len(batch) < take:
+                    task = pending.popleft()
+                    if task.sink.skip(task):
+                        task.close_fds(self._task_fds)
+                        self.cancelled += 1
+                        continue
+                    batch.append(task)
+                if batch:
+                    self._send_batch(w, batch)
+                    progressed = True
+                if len(w.batches) >= CREDIT or (maxtasks and w.sent >= maxtasks):
+                    workers.remove(w)
+            if not progressed:
+                break
+
+    def _send_batch(self, w: Worker, batch: list[Task]) -> None:
+        fn_defs = []
+        forget: list[int] = []
+        fds: list[int] = []
+        wire = []
+        last_fid = -1
+        timed = 0
+        used: set[int] = set()
+        for task in batch:
+            fid = task.fn_id
+            if fid != last_fid:
+                last_fid = fid
+                used.add(fid)
+                if fid:
+                    if fid in w.fns:
+                        w.fns.move_to_end(fid)
+                    else:
+                        fn_defs.append((fid, task.fn_ref[2]))
+                        w.fns[fid] = None
+            wire.append((task.id, fid, task.mode, task.data, len(task.fds)))
+            if task.fds:
+                # The channel closes what it sends; the task keeps its own
+                # descriptors so it can be sent again if this worker dies.
+                fds.extend(os.dup(fd) for fd in task.fds)
+            if task.timeout is not None:
+                timed += 1
+        w.inflight.extend(batch)
+        self._timed += timed
+        w.sent += len(batch)
+        w.batches.append(batch[-1].id)
+        # Evict the least recently used functions this batch does not need;
+        # the worker forgets them before it loads the new ones.
+        for fid in list(w.fns) if len(w.fns) > FN_CACHE else ():
+            if len(w.fns) - len(forget) <= FN_CACHE:
+                break
+            if fid not in used:
+                forget.append(fid)
+        for fid in forget:
+            del w.fns[fid]
+        if forget:
+            fn_defs.insert(0, (-1, forget))
+        # Functions that have killed a worker get their results sent after
+        # every task, so another crash makes no finished task run again.
+        flush_each = bool(self._crashed) and not used.isdisjoint(self._crashed)
+        w.channel.queue(pickle.dumps((_worker.BATCH, fn_defs, wire, flush_each), 5), fds)
+        self._flush(w)
+
+    # -- results ----------------------------------------------------------
+    def read_results(self, w: Worker) -> None:
+        frames, eof = w.channel.recv_available()
+        for payload, fds in frames:
+            self._on_message(w, payload, fds)
+        if eof and not w.eof:
+            w.eof = True
+            try:
+                if w.writing:
+                    self._selector.modify(w.channel.fileno(), selectors.EVENT_WRITE, ("chan", w))
+                else:
+                    self._selector.unregister(w.channel.fileno())
+            except (KeyError, ValueError):
+                pass
+
+    def _on_message(self, w: Worker, payload: bytes, fds: list[int]) -> None:
+        kind, body = pickle.loads(payload)
+        if kind == _worker.RESULTS:
+            self._on_results(w, body, fds)
+        elif kind == _worker.READY:
+            w.ready = True
+            self._start_failures = 0
+        elif kind == _worker.RETIRE:
+            w.retire_reason = body[0]
+        elif kind == _worker.EXITED:
+            ok, data = body
+            if ok:
+                try:
+                    self._exit_results.append((True, loads_with(data, fds)))
+                except Exception as exc:  # noqa: BLE001 - reported by worker_exit_results()
+                    self._exit_results.append(
+                        (False, SerializationError(
+                            f"the value worker_exit returned could not be unpickled: {exc!r}"
+                        ))
+                    )
+            else:
+                self._exit_results.append((False, unpack_exception(data)))
+        elif kind == _worker.INIT_FAILED:
+            error = unpack_exception(body)
+            w.retire_reason = "initializer"
+            self.break_pool(error)
+
+    def _on_results(self, w: Worker, results, fds: list[int]) -> None:
+        pos = 0
+        inflight = w.inflight
+        batches = w.batches
+        waiters = self.engine.waiters
+        plain_loads = pickle.loads
+        completed = failed = timed = doomed = 0
+        # Duration estimates are updated once per message, per function.
+        seconds: dict[int, list[float]] = {}
+        try:
+            for tid, ok, data, nfds, elapsed in results:
+                task = inflight.popleft()
+                if batches and batches[0] == tid:
+                    batches.popleft()
+                if task.fds:
+                    task.close_fds(self._task_fds)
+                if task.timeout is not None:
+                    timed += 1
+                acc = seconds.get(task.fn_id)
+                if acc is None:
+                    seconds[task.fn_id] = [elapsed, task.n]
+                else:
+                    acc[0] += elapsed
+                    acc[1] += task.n
+                task_fds = fds[pos : pos + nfds] if nfds else None
+                pos += nfds
+                if task.kill_reason in ALREADY_FAILED:
+                    if task.kill_reason == "cancelled":
+                        doomed += 1
+                    continue  # its caller already has an error; drop the late result
+                if not ok:
+                    value = self._with_traceback_type(unpack_exception(data))
+                    failed += 1
+                else:
+                    try:
+                        # Out-of-band buffers come as shared memory beside the message.
+                        value = loads_with(data, task_fds) if task_fds else plain_loads(data)
+                        completed += 1
+                    except BaseException as exc:  # noqa: BLE001
+                        ok = False
+                        failed += 1
+                        value = SerializationError(
+                            "the task's result could not be unpickled in the parent: "
+                            f"{type(exc).__name__}: {exc}"
+                        )
+                task.sink.deliver(task, ok, value)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            self.completed += completed
+            self.failed += failed
+            self._timed -= timed
+            self._doomed -= doomed
+            estimates = self._estimates
+            for fid, (total, n) in seconds.items():
+                per_item = total / n
+                est = estimates.get(fid)
+                estimates[fid] = per_item if est is None else est * 0.7 + per_item * 0.3
+        if waiters or self.engine.waiters:
+            with self.engine.results_cond:
+                self.engine.results_cond.notify_all()
+
+    def _with_traceback_type(self, exc: BaseException) -> BaseException:
+        """Give a worker's exception the face's remote-traceback type as its
+        ``__cause__`` (``multiprocessing.pool.RemoteTraceback`` for Pool, as
+        code written for the standard library checks)."""
+        cause = exc.__cause__
+        if isinstance(cause, RemoteTraceback) and self._remote_traceback is not RemoteTraceback:
+            exc.__cause__ = self._remote_traceback(cause.tb)
+        return exc
+
+    def fail(self, task: Task, exc: BaseException, *, cancelled: bool = False) -> None:
+        task.close_fds(self._task_fds)
+        if cancelled:
+            self.cancelled += 1
+        else:
+            self.failed += 1
+        task.sink.deliver(task, False, exc)
+
+    # -- control requests from callers (see Engine._handle_control) --------
+    def cancel(self, task: Task, exc: BaseException) -> None:
+        """Fail *task* with *exc*: drop it if queued, kill its worker if it runs."""
+        if task in self._pending:
+            self._pending.remove(task)
+            self.fail(task, exc, cancelled=True)
+            self._notify()
+            return
+        for w in self._workers.values():
+            if task in w.inflight:
+                # Its caller learns at once.  The worker is killed when
+                # it runs the task: now if it is running, or as soon as
+                # it starts it (see check_time_limits).
+                task.kill_reason = "cancelled"
+                self.fail(task, exc, cancelled=True)
+                self._doomed += 1
+                self.check_time_limits()
+                self._notify()
+                return
+
+    def interrupt(self, match, exc: BaseException) -> None:
+        """Fail every task whose sink satisfies *match* (all, if None) with
+        *exc*: queued ones are dropped, running ones' workers killed."""
+        # Callers append to _pending concurrently (at the right): take
+        # what is there from the left, put back what stays, in order.
+        keep = []
+        for _ in range(len(self._pending)):
+            t = self._pending.popleft()
+            if match is None or match(t.sink):
+                interrupt_task(t, exc)
+                self.fail(t, exc, cancelled=True)
+            else:
+                keep.append(t)
+        self._pending.extendleft(reversed(keep))
+        for w in self._workers.values():
+            for t in w.inflight:
+                if t.kill_reason is None and (match is None or match(t.sink)):
+                    # As for cancel: the worker is killed when it runs it.
+                    t.kill_reason = "cancelled"
+                    interrupt_task(t, exc)
+                    self.fail(t, exc, cancelled=True)
+                    self._doomed += 1
+        self.check_time_limits()
+        self._notify()
+
+    # -- time limits -------------------------------------------------------
+    def check_time_limits(self) -> None:
+        """Kill workers running a task past its time limit, or a task that
+        was cancelled while the worker held it."""
+        now = time.monotonic()
+        for w in list(self._workers.values()):
+            if not w.inflight or w.kill_reason is not None:
+                continue
+            tid, started, _last = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
+            if not tid or not started:
+                continue  # idle, or a task id written before its start time
+            for task in w.inflight:
+                if task.id == tid:
+                    if task.kill_reason == "cancelled":
+                        self._kill(w, "cancelled", tid)
+                    elif task.timeout is not None and now - started > task.timeout:
+                        task.kill_reason = "timeout"
+                        self._kill(w, "timeout", tid)
+                    break
+
+    def _kill(self, w: Worker, reason: str, tid: int) -> None:
+        # The task may have finished since the status was read: kill only if
+        # the worker is still on it, so the next task is not hit instead.
+        if STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)[0] != tid:
+            return
+        if w.kill_reason is None:
+            w.kill_reason = reason
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    # -- worker exit -------------------------------------------------------
+    def reap(self, w: Worker) -> None:
+        if not w.eof:
+            # Results the worker sent before it died are still in the socket.
+            while True:
+                frames, eof = w.channel.recv_available()
+                for payload, fds in frames:
+                    self._on_message(w, payload, fds)
+                if eof or not frames:
+                    break
+        w.proc.join(1)
+        exitcode = w.proc.exitcode
+        running, _started, last_done = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
+        for fileobj in (w.sentinel, w.channel.fileno()):
+            try:
+                self._selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass
+        w.channel.close()
+        del self._workers[w.slot]
+        self._free_slots.append(w.slot)
+        try:
+            w.proc.close()
+        except ValueError:
+            pass
+
+        # Attribute the tasks it held (see _crash): the running one fails,
+        # the others go to another worker or run again.
+        tasks = list(w.inflight)
+        w.inflight.clear()
+        verdicts = attribute_crash(
+            tasks, running=running, last_done=last_done, pid=w.pid, exitcode=exitcode,
+            broken=w.retire_reason == "initializer" or self.engine._state == _BROKEN,
+            broken_error=self.engine._broken_error,
+        )
+        failed_any = False
+        requeue = []
+        for v in verdicts:
+            task = v.task
+            self._leaving(task)
+            if v.blame:
+                self._crashed.add(task.fn_id)
+            if v.fate is Fate.FAIL:
+                assert v.error is not None
+                failed_any = True
+                self.fail(task, v.error)
+            elif v.fate is Fate.RERUN:
+                task.requeues += 1
+                requeue.append(task)
+            elif v.fate is Fate.REQUEUE:
+                requeue.append(task)
+        if requeue:
+            self._pending.extendleft(reversed(requeue))
+        if failed_any:
+            self._notify()
+
+        # Why did it go, and does it need a replacement?
+        if w.kill_reason is not None:
+            reason = w.kill_reason
+        elif w.retire_reason is not None:
+            reason = w.retire_reason
+        else:
+            reason = "died"
+        if not w.ready and reason == "died":
+            self._start_failures += 1
+            if self._start_failures >= MAX_START_FAILURES and self.engine._state == _RUN:
+                self.break_pool(
+                    WorkerStartError(
+                        "worker processes keep exiting before they are ready "
+                        f"({describe_exitcode(exitcode)}). "
+                        "Under spawn or forkserver the main module is imported again in each worker: "
+                        "protect the code that starts the pool with `if __name__ == '__main__':`, and make "
+                        "sure the main module imports without errors."
+                    )
+                )
+        if reason in ("shutdown", "initializer") or self.engine._state in (_TERMINATE, _BROKEN):
+            return
+        if self.engine._state == _CLOSE and not self._pending and not any(
+            x.inflight for x in self._workers.values()
+        ):
+            return
+        self.replaced[reason] = self.replaced.get(reason, 0) + 1
+        try:
+            self.start_worker()
+        except Exception as exc:  # noqa: BLE001
+            self.break_pool(WorkerStartError(f"could not start a replacement worker: {exc!r}"))
+
+    def _leaving(self, task: Task) -> None:
+        """Bookkeeping for a task that leaves a worker's hands for good."""
+        if task.timeout is not None:
+            self._timed -= 1
+        if task.kill_reason == "cancelled":
+            self._doomed -= 1
+
+    def break_pool(self, exc: BaseException) -> None:
+        """The pool cannot start workers: fail what is queued, refuse new work.
+
+        Tasks that live workers already hold still run and deliver their
+        results; then the workers are told to stop.
+        """
+        if self.engine._state in (_TERMINATE,):
+            return
+        if self.engine._broken_error is None:
+            self.engine._broken_error = exc
+        self.engine._state = _BROKEN
+        err = WorkerStartError(f"the pool cannot run tasks: {exc}")
+        err.__cause__ = exc
+        while self._pending:
+            self.fail(self._pending.popleft(), err)
+        self._notify()
+
+    # -- termination -------------------------------------------------------
+    def fail_everything(self, exc: BaseException) -> None:
+        while self._pending:
+            self.fail(self._pending.popleft(), exc)
+        for w in self._workers.values():
+            for task in w.inflight:
+                if task.kill_reason not in ALREADY_FAILED:
+                    self.fail(task, exc)
+                    task.kill_reason = "abandoned"
+        self._notify()
+
+    def stop(self) -> None:
+        self.fail_everything(PoolClosedError("the pool was terminated before this task finished"))
+        self.kill_workers(graceful=True)
+
+    def kill_workers(self, graceful: bool) -> None:
+        workers = list(self._workers.values())
+        for w in workers:
+            try:
+                os.kill(w.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + TERMINATE_GRACE
+        for w in workers:
+            w.proc.join(max(0.0, deadline - time.monotonic()))
+            if w.proc.exitcode is None:
+                try:
+                    os.kill(w.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                w.proc.join()
+            w.channel.close()
+            try:
+                w.proc.close()
+            except ValueError:
+                pass
+        self._workers.clear()
