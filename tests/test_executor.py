@@ -159,3 +159,17 @@ def test_max_tasks_per_child_defaults_to_spawn_as_the_standard_library():
         assert ex.submit(workers.square, 3).result(timeout=60) == 9
     with shoal.ProcessPoolExecutor(1, max_tasks_per_child=2, mp_context="fork") as ex:
         assert ex._mp_context.get_start_method() == "fork"
+
+
+# Before: shutdown(cancel_futures=True) right after submit() cancelled every
+# future, because nothing had been handed to a worker yet; the standard
+# library lets the calls its workers already hold finish.
+def test_shutdown_cancel_futures_lets_what_workers_hold_finish(fork_or_spawn):
+    ex = shoal.ProcessPoolExecutor(2, mp_context=fork_or_spawn)
+    ex.submit(workers.square, 1).result(timeout=60)  # workers are up
+    fs = [ex.submit(time.sleep, 0.1) for _ in range(50)]
+    ex.shutdown(cancel_futures=True)
+    cancelled = [f for f in fs if f.cancelled()]
+    others = [f for f in fs if not f.cancelled()]
+    assert len(cancelled) > 20
+    assert others and all(f.done() and f.exception() is None for f in others)

@@ -108,11 +108,6 @@ SLOW = {
 }
 
 NOT_RUN: dict[tuple[str, ...], str] = {
-    ("ProcessPoolShutdownTest", "test_cancel_futures"): (
-        "unassigned (and timing-dependent, so not a strict xfail): shutdown(cancel_futures=True) right "
-        "after submit() usually cancels every task, while the standard library lets the ones it has "
-        "handed to workers finish"
-    ),
     ("FailingInitializerMixin", "test_initializer"): (
         "unassigned: initargs are pickled when the executor is created, so a multiprocessing.Queue "
         "(shareable only by inheritance) cannot be an initarg, as it can with the standard library"

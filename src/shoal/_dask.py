@@ -1045,6 +1045,9 @@ class DaskEngine(Engine):
         if batch is not None and batch.future is not None and all(t.kill_reason for t, _, _ in batch.parts):
             batch.future.cancel()  # nothing in it is wanted; Dask drops it if not started
 
+    def _dispatch_before_cancel(self) -> None:
+        self._dispatch()
+
     def worker_processes(self) -> list:
         """No local worker processes: Dask's workers are not the pool's."""
         return []

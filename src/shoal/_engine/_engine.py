@@ -684,6 +684,10 @@ class Engine:
         elif what == "interrupt":
             self._scheduler.interrupt(obj, exc)
         elif what == "cancel_futures":
+            # As the standard library's executor, whose workers already hold
+            # the calls it queued for them: first hand out what the workers
+            # have room for (those run), then cancel what is still queued.
+            self._dispatch_before_cancel()
             # Callers append to _pending concurrently: never iterate it live
             # or rebind it.  Cancelled futures are skipped at dispatch.
             for t in list(self._pending):
@@ -695,6 +699,9 @@ class Engine:
             if not sink.delivered:
                 sink.deliver(None, False, exc)
                 self._notify()
+
+    def _dispatch_before_cancel(self) -> None:
+        self._scheduler.dispatch()
 
     _interrupt_task = staticmethod(interrupt_task)
 
