@@ -285,3 +285,26 @@ def test_actor_does_not_outlive_its_creator(tmp_path, fork_or_spawn, how):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     pid = int(out.stdout.split()[0])
     assert _gone(pid), f"actor {pid} still running after its creator exited ({how})"
+
+
+def test_close_interrupted_by_ctrl_c_can_still_terminate():
+    # close() interrupted while the actor ran a long call marked the actor
+    # stopped: terminate() then did nothing and the exit hung joining it.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    counter = shoal.Actor(workers.Counter)
+    try:
+        future = counter.sleep.submit(300)
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            counter.close()
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    counter.terminate()
+    assert _gone(counter.pid)
+    with pytest.raises(shoal.ActorDiedError):
+        future.result(timeout=30)

@@ -517,17 +517,23 @@ def _stop(owner: _Owner, kill: bool = False, timeout: float | None = None) -> No
         client = owner.client
         proc = owner.proc
         client.closing = True
-        if kill:
-            proc.kill()
-        else:
-            try:
-                client.send_stop()
-            except OSError:
-                pass  # already gone
-        proc.join(timeout)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
+        try:
+            if kill:
+                proc.kill()
+            else:
+                try:
+                    client.send_stop()
+                except OSError:
+                    pass  # already gone
+            proc.join(timeout)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+        except BaseException:
+            # Interrupted (Ctrl-C in close()) before the actor ended: a later
+            # terminate(), close() or the exit hook must still be able to end it.
+            owner.stopped = False
+            raise
         client.drain_and_close()
         proc.close()
         _owners.discard(owner)
