@@ -19,6 +19,7 @@ import pytest
 
 import shoal
 from shoal.exceptions import RemoteTraceback
+from helpers import wait_until
 from tests import workers
 
 
@@ -308,3 +309,13 @@ def test_close_interrupted_by_ctrl_c_can_still_terminate():
     assert _gone(counter.pid)
     with pytest.raises(shoal.ActorDiedError):
         future.result(timeout=30)
+
+
+def test_no_flusher_thread_outlives_a_closed_actor():
+    # close() woke the send() flusher thread while it slept before flushing;
+    # it cleared the wake-up and then waited forever (one thread per actor).
+    for _ in range(30):
+        with shoal.Actor(workers.Counter) as counter:
+            counter.incr.send()
+            counter.incr.submit().result(timeout=30)
+    assert wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("shoal-actor-flusher")])

@@ -237,10 +237,12 @@ class _Client:
     def _flusher_loop(self) -> None:
         while True:
             self.flush_wanted.wait()
-            if self.sock is None or self.dead is not None:
-                return
             time.sleep(FLUSH_DELAY)
             self.flush_wanted.clear()
+            # Checked after the clear: close() sets the event to end us, and
+            # a set that came during the sleep was just cleared.
+            if self.sock is None or self.dead is not None:
+                return
             self.flush()
 
     def send_stop(self) -> None:
