@@ -319,3 +319,12 @@ def test_no_flusher_thread_outlives_a_closed_actor():
             counter.incr.send()
             counter.incr.submit().result(timeout=30)
     assert wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("shoal-actor-flusher")])
+
+
+def test_handles_dropped_in_another_process_free_its_connection(fork_or_spawn):
+    # The send() flusher thread held the connection: a pool worker that sent
+    # to many actors kept a thread and a socket per actor for good.
+    with shoal.Actor(workers.Counter) as counter, shoal.Pool(1, context=fork_or_spawn) as pool:
+        pool.apply(workers.send_to_actor, (counter, 10))
+        assert wait_until(lambda: pool.apply(workers.actor_threads_after_gc) == [])
+        assert counter.get() == 10

@@ -440,3 +440,11 @@ def actor_incr_into(counter, n, queue):
     for _ in range(n):
         counter.incr()
     queue.put(counter.get())
+
+
+def actor_threads_after_gc():
+    """The shoal actor threads alive in this process once garbage is collected."""
+    import gc
+
+    gc.collect()
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("shoal-actor"))

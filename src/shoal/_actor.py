@@ -211,8 +211,13 @@ class _Client:
         if first:
             if self.flusher is None:
                 _ensure_exit_hook()
+                # It holds the client weakly: a process that drops its
+                # handles closes the connection (and ends the thread).
                 self.flusher = threading.Thread(
-                    target=self._flusher_loop, name=f"shoal-actor-flusher-{self.name}", daemon=True
+                    target=_flusher_loop,
+                    args=(weakref.ref(self), self.flush_wanted),
+                    name=f"shoal-actor-flusher-{self.name}",
+                    daemon=True,
                 )
                 self.flusher.start()
             self.flush_wanted.set()
@@ -233,17 +238,6 @@ class _Client:
                     self._flush_locked()
                 except OSError:
                     self._lost()
-
-    def _flusher_loop(self) -> None:
-        while True:
-            self.flush_wanted.wait()
-            time.sleep(FLUSH_DELAY)
-            self.flush_wanted.clear()
-            # Checked after the clear: close() sets the event to end us, and
-            # a set that came during the sleep was just cleared.
-            if self.sock is None or self.dead is not None:
-                return
-            self.flush()
 
     def send_stop(self) -> None:
         with self.send_lock:
@@ -432,6 +426,9 @@ class _Client:
         self.flush_wanted.set()
 
     def __del__(self) -> None:
+        wanted = getattr(self, "flush_wanted", None)
+        if wanted is not None:
+            wanted.set()  # ends the flusher thread
         sock = getattr(self, "sock", None)
         if sock is not None:
             self.sock = None
@@ -447,6 +444,21 @@ class _Client:
         if sock is not None:
             sock.close()
         self.outbox_fds = []  # the parent's to close
+
+
+def _flusher_loop(ref: weakref.ref[_Client], wanted: threading.Event) -> None:
+    """A client's flusher thread: send queued send() calls a moment after the first."""
+    while True:
+        wanted.wait()
+        time.sleep(FLUSH_DELAY)
+        wanted.clear()
+        client = ref()
+        # Checked after the clear: close() sets the event to end us, and
+        # a set that came during the sleep was just cleared.
+        if client is None or client.sock is None or client.dead is not None:
+            return
+        client.flush()
+        del client
 
 
 # This process's clients by actor address.  Weak: a client lives as long as
