@@ -328,3 +328,15 @@ def test_handles_dropped_in_another_process_free_its_connection(fork_or_spawn):
         pool.apply(workers.send_to_actor, (counter, 10))
         assert wait_until(lambda: pool.apply(workers.actor_threads_after_gc) == [])
         assert counter.get() == 10
+
+
+def test_actors_calling_each_other_in_a_cycle_raise_instead_of_hanging():
+    # A waited on B, whose method called A back: both waited forever.
+    with shoal.Actor(workers.Relay) as a, shoal.Actor(workers.Relay) as b, shoal.Actor(workers.Relay) as c:
+        a.connect(b)
+        b.connect(c)
+        c.connect(a)
+        assert b.relay("ping") == "pong"  # a chain without a cycle works
+        with pytest.raises(RuntimeError, match="actors calling each other in a cycle"):
+            a.relay("relay", "relay", "ping")  # a -> b -> c -> a
+        assert a.relay("ping") == "pong"  # every actor goes on

@@ -448,3 +448,19 @@ def actor_threads_after_gc():
 
     gc.collect()
     return sorted(t.name for t in threading.enumerate() if t.name.startswith("shoal-actor"))
+
+
+class Relay:
+    """An actor that calls another actor's method (which may call back)."""
+
+    def __init__(self):
+        self.other = None
+
+    def connect(self, other):
+        self.other = other
+
+    def ping(self):
+        return "pong"
+
+    def relay(self, method, *args):
+        return getattr(self.other, method)(*args)

@@ -89,7 +89,8 @@ from .exceptions import ActorDiedError, SerializationError, describe_exitcode
 __all__ = ("Actor",)
 
 # Requests (caller -> actor), as outer pickles:
-CALL = 0  # (CALL, cid, name, blob): blob = the pickled (args, kwargs)
+CALL = 0  # (CALL, cid, name, blob[, chain]): blob = the pickled (args, kwargs);
+#          chain = the addresses of the actors waiting for this call (see _waiting)
 SEND = 1  # (SEND, [(name, blob, number of descriptors), ...]): no replies
 STOP = 2  # (STOP,)
 # Replies (actor -> caller): (cid, ok, blob); cid 0 answers the creation.
@@ -109,6 +110,10 @@ _CREDS = struct.Struct("3i")
 
 #: In an actor process, its own address (to refuse a call that would wait on itself).
 _serving_address: str | None = None
+#: In an actor process: the addresses of the actors whose waiting calls led to
+#: the call it runs now, its own last.  Sent with its waiting calls, so a call
+#: that would close a cycle (A waits on B, which calls A) raises, not hangs.
+_waiting: tuple[str, ...] = ()
 
 
 # -- the caller's side --------------------------------------------------------
@@ -180,7 +185,10 @@ class _Client:
                 try:
                     if self.outbox:
                         self._flush_locked()
-                    send_packet(self.sock, 0, pickle.dumps((CALL, cid, name, blob), 5), fds)
+                    message = (CALL, cid, name, blob)
+                    if _waiting and future is None:  # an actor waits for this call
+                        message = (*message, _waiting)
+                    send_packet(self.sock, 0, pickle.dumps(message, 5), fds)
                 except OSError as exc:
                     self._lost()
                     raise self.died() from exc
@@ -743,6 +751,12 @@ class Actor:
                 f"the {self._name} actor called one of its own methods through a handle and would wait for "
                 "itself forever: call the method directly (self.method()), or use .send()/.submit()"
             )
+        if self._address in _waiting:
+            raise RuntimeError(
+                f"this call to the {self._name} actor would wait forever: the {self._name} actor is itself "
+                "waiting for the call that led here (actors calling each other in a cycle). Use .send() for "
+                "one of the calls, or return a value instead of calling back"
+            )
         client = self._get_client()
         return client.wait(client.request(name, args, kwargs, None, what))
 
@@ -895,7 +909,7 @@ class _Server:
         self.epoll.close()
 
     def run(self, constructor: _Constructor) -> None:
-        global _serving_address
+        global _serving_address, _waiting
         creator = self.creator_conn
         try:
             obj = constructor.build()
@@ -906,6 +920,7 @@ class _Server:
         _serving_address = self.listener.getsockname()
         if isinstance(_serving_address, bytes):
             _serving_address = _serving_address.decode()
+        _waiting = (_serving_address,)
         if not self.reply(creator, 0, True, _public_methods(obj)):
             return
         self.name = type(obj).__qualname__
@@ -974,7 +989,7 @@ class _Server:
             message = pickle.loads(payload)
             op = message[0]
             if op == CALL:
-                return self.call(sock, obj, message[1], message[2], message[3], fds)
+                return self.call(sock, obj, message[1], message[2], message[3], fds, message[4:])
             if op == SEND:
                 self.run_sends(obj, message[1], fds)
                 return True
@@ -984,7 +999,10 @@ class _Server:
             if fds:
                 close_fds(fds)
 
-    def call(self, sock, obj, cid: int, name: str, blob: bytes, fds) -> bool:
+    def call(self, sock, obj, cid: int, name: str, blob: bytes, fds, chain: tuple) -> bool:
+        global _waiting
+        if chain:
+            _waiting = (*chain[0], _serving_address)
         try:
             args, kwargs = loads_with(blob, fds)
             value = _method(obj, name)(*args, **(kwargs or {}))
@@ -992,6 +1010,9 @@ class _Server:
         except BaseException as exc:  # noqa: BLE001 - the caller's to handle
             value = exc
             ok = False
+        finally:
+            if chain:
+                _waiting = (_serving_address,)
         return self.reply(sock, cid, ok, value)
 
     def reply(self, sock, cid: int, ok: bool, value) -> bool:
