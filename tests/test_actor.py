@@ -340,3 +340,40 @@ def test_actors_calling_each_other_in_a_cycle_raise_instead_of_hanging():
         with pytest.raises(RuntimeError, match="actors calling each other in a cycle"):
             a.relay("relay", "relay", "ping")  # a -> b -> c -> a
         assert a.relay("ping") == "pong"  # every actor goes on
+
+
+_BUSY_CREATOR = textwrap.dedent(
+    """
+    import os, sys, signal, threading
+    sys.path.insert(0, {root!r})
+    import shoal
+    from tests import workers
+    if __name__ == "__main__":
+        box = []
+        thread = threading.Thread(target=lambda: box.append(shoal.get_context({method!r}).Actor(workers.Counter)))
+        thread.start()
+        thread.join()
+        counter = box[0]
+        counter.sleep.submit(300)
+        print(counter.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_busy_actor_started_by_a_thread_does_not_outlive_its_killed_creator(tmp_path, method):
+    # Without PR_SET_PDEATHSIG (a thread or the forkserver started it) the
+    # actor noticed its creator's death only between calls: it ran on.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "creator.py"
+    script.write_text(_BUSY_CREATOR.format(root=root, method=method))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    pid = int(proc.stdout.readline())
+    proc.wait(60)
+    proc.stdout.close()
+    try:
+        assert _gone(pid), f"actor {pid} still running after its creator was killed"
+    finally:
+        if not _gone(pid, 0):
+            os.kill(pid, signal.SIGKILL)

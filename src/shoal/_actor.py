@@ -868,6 +868,11 @@ def _actor_main(listener, conn, constructor, creator_pid, pdeathsig, name, inher
         return  # the creator is gone already
     except OSError:  # pragma: no cover - kernels before 5.3
         watch = None
+    if watch is not None and not pdeathsig:
+        # No PR_SET_PDEATHSIG (started by a thread, or by the forkserver):
+        # the epoll loop sees the creator exit only between calls, so a long
+        # call would outlive it.
+        threading.Thread(target=_die_with, args=(creator_pid,), name="shoal-actor-watchdog", daemon=True).start()
     server = _Server(listener, conn, watch, name)
     try:
         server.run(constructor)
@@ -875,6 +880,24 @@ def _actor_main(listener, conn, constructor, creator_pid, pdeathsig, name, inher
         server.close()
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _die_with(creator_pid: int) -> None:
+    """A thread of the actor process: SIGKILL it when its creator exits."""
+    import signal
+
+    try:
+        fd = os.pidfd_open(creator_pid)
+    except ProcessLookupError:
+        fd = None  # gone already
+    except OSError:  # pragma: no cover - kernels before 5.3
+        return
+    if fd is not None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll():
+            pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Server:
