@@ -377,3 +377,24 @@ def test_busy_actor_started_by_a_thread_does_not_outlive_its_killed_creator(tmp_
     finally:
         if not _gone(pid, 0):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_while_the_actor_builds_its_object_kills_it_at_once(tmp_path):
+    # Interrupted while __init__ ran, Actor() waited 5 s for the process to
+    # exit by itself (so __init__ went on and finished) before killing it.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    built = tmp_path / "built"
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            shoal.get_context("fork").Actor(workers.SlowInit, 3, str(built))
+        timer.join()
+        # Actor() raised with its process already killed and reaped.
+        assert psutil.Process().children() == []
+        assert not built.exists()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -464,3 +464,10 @@ class Relay:
 
     def relay(self, method, *args):
         return getattr(self.other, method)(*args)
+
+
+class SlowInit:
+    def __init__(self, seconds, path):
+        time.sleep(seconds)
+        with open(path, "w") as f:
+            f.write("built")

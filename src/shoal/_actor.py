@@ -694,8 +694,10 @@ class Actor:
         client.pending[0] = hello  # the actor answers its construction with cid 0
         try:
             methods = client.wait(hello)
-        except BaseException:
-            proc.join(EXIT_TIMEOUT)
+        except BaseException as exc:
+            # The constructor raised or the process died: it exits by itself.
+            # Interrupted (Ctrl-C) while it still builds the object: kill it now.
+            proc.join(0 if isinstance(exc, KeyboardInterrupt) else EXIT_TIMEOUT)
             if proc.exitcode is None:
                 proc.kill()
                 proc.join()
