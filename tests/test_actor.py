@@ -398,3 +398,10 @@ def test_ctrl_c_while_the_actor_builds_its_object_kills_it_at_once(tmp_path):
         assert not built.exists()
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_actor_started_by_fork_inside_a_fork_pool_worker():
+    # The actor closed the descriptor numbers of the pool's engine that the
+    # worker had inherited (and closed, and reused): its own connection.
+    with shoal.Pool(1, context="fork") as pool:
+        assert pool.map(workers.count_with_worker_actor, range(3), chunksize=1) == [1, 2, 3]

@@ -471,3 +471,13 @@ class SlowInit:
         time.sleep(seconds)
         with open(path, "w") as f:
             f.write("built")
+
+
+def count_with_worker_actor(_=None):
+    """Start (once per worker, kept in worker_state) a fork-started Counter actor and increment it."""
+    import shoal
+
+    state = shoal.worker_state()
+    if "actor" not in state:
+        state["actor"] = shoal.get_context("fork").Actor(Counter)
+    return state["actor"].incr()
