@@ -405,3 +405,22 @@ def test_actor_started_by_fork_inside_a_fork_pool_worker():
     # worker had inherited (and closed, and reused): its own connection.
     with shoal.Pool(1, context="fork") as pool:
         assert pool.map(workers.count_with_worker_actor, range(3), chunksize=1) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("stop", ["close", "terminate"])
+def test_done_callback_may_close_or_terminate_the_actor(stop):
+    # The callback runs on the thread reading replies; stopping waited for
+    # that thread to finish reading, i.e. for itself, forever.
+    counter = shoal.Actor(workers.Counter)
+    stopped = threading.Event()
+
+    def callback(future):
+        getattr(counter, stop)()
+        stopped.set()
+
+    counter.sleep.submit(0.5).add_done_callback(callback)  # done later, on the reading thread
+    try:
+        assert stopped.wait(30)
+        assert _gone(counter.pid)
+    finally:
+        counter.terminate()

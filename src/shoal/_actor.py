@@ -403,6 +403,13 @@ class _Client:
         """The actor has exited: hand out the replies still buffered, then
         close the connection."""
         cond = self.cond
+        if self.reading and self.reading_thread == threading.get_ident():
+            # A Future's done-callback, run by this thread while it reads
+            # replies, closed the actor: read on (waiting for ourselves hung).
+            while self.dead is None and self.sock is not None:
+                self._read_one()
+            self.close()
+            return
         with cond:
             while self.reading:
                 self.waiting += 1
