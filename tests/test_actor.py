@@ -318,7 +318,9 @@ def test_no_flusher_thread_outlives_a_closed_actor():
         with shoal.Actor(workers.Counter) as counter:
             counter.incr.send()
             counter.incr.submit().result(timeout=30)
-    assert wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("shoal-actor-flusher")])
+    assert wait_until(
+        lambda: not [t for t in threading.enumerate() if t.name.startswith("shoal-actor-flusher")]
+    )
 
 
 def test_handles_dropped_in_another_process_free_its_connection(fork_or_spawn):
@@ -350,7 +352,8 @@ _BUSY_CREATOR = textwrap.dedent(
     from tests import workers
     if __name__ == "__main__":
         box = []
-        thread = threading.Thread(target=lambda: box.append(shoal.get_context({method!r}).Actor(workers.Counter)))
+        start = lambda: box.append(shoal.get_context({method!r}).Actor(workers.Counter))
+        thread = threading.Thread(target=start)
         thread.start()
         thread.join()
         counter = box[0]
@@ -368,7 +371,9 @@ def test_busy_actor_started_by_a_thread_does_not_outlive_its_killed_creator(tmp_
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "creator.py"
     script.write_text(_BUSY_CREATOR.format(root=root, method=method))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     pid = int(proc.stdout.readline())
     proc.wait(60)
     proc.stdout.close()

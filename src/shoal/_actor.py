@@ -881,7 +881,9 @@ def _actor_main(listener, conn, constructor, creator_pid, pdeathsig, name, inher
         # No PR_SET_PDEATHSIG (started by a thread, or by the forkserver):
         # the epoll loop sees the creator exit only between calls, so a long
         # call would outlive it.
-        threading.Thread(target=_die_with, args=(creator_pid,), name="shoal-actor-watchdog", daemon=True).start()
+        watchdog = threading.Thread(target=_die_with, args=(creator_pid,), daemon=True)
+        watchdog.name = "shoal-actor-watchdog"
+        watchdog.start()
     server = _Server(listener, conn, watch, name)
     try:
         server.run(constructor)
