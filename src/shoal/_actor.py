@@ -54,7 +54,10 @@ How it ends:
   before it and exits; the creator joins it.  ``terminate()`` kills it.
 * The creator dies without closing: the actor watches it (a pidfd in its
   epoll set, and ``PR_SET_PDEATHSIG`` when the creator started it from its
-  main thread) and exits.
+  main thread, else a watchdog thread, so a busy actor dies too) and exits.
+* Actors wait on each other in a cycle (A's method calls B, whose method
+  calls A): each waiting call carries the addresses of the actors waiting
+  for it, and the call that would close the cycle raises RuntimeError.
 * A caller process dies: its connection closes and the actor drops it.
 """
 
