@@ -19,6 +19,7 @@ import pytest
 
 import shoal
 from shoal.exceptions import RemoteTraceback
+from helpers import wait_until
 from tests import workers
 
 
@@ -285,3 +286,147 @@ def test_actor_does_not_outlive_its_creator(tmp_path, fork_or_spawn, how):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     pid = int(out.stdout.split()[0])
     assert _gone(pid), f"actor {pid} still running after its creator exited ({how})"
+
+
+def test_close_interrupted_by_ctrl_c_can_still_terminate():
+    # close() interrupted while the actor ran a long call marked the actor
+    # stopped: terminate() then did nothing and the exit hung joining it.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    counter = shoal.Actor(workers.Counter)
+    try:
+        future = counter.sleep.submit(300)
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            counter.close()
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    counter.terminate()
+    assert _gone(counter.pid)
+    with pytest.raises(shoal.ActorDiedError):
+        future.result(timeout=30)
+
+
+def test_no_flusher_thread_outlives_a_closed_actor():
+    # close() woke the send() flusher thread while it slept before flushing;
+    # it cleared the wake-up and then waited forever (one thread per actor).
+    for _ in range(30):
+        with shoal.Actor(workers.Counter) as counter:
+            counter.incr.send()
+            counter.incr.submit().result(timeout=30)
+    assert wait_until(
+        lambda: not [t for t in threading.enumerate() if t.name.startswith("shoal-actor-flusher")]
+    )
+
+
+def test_handles_dropped_in_another_process_free_its_connection(fork_or_spawn):
+    # The send() flusher thread held the connection: a pool worker that sent
+    # to many actors kept a thread and a socket per actor for good.
+    with shoal.Actor(workers.Counter) as counter, shoal.Pool(1, context=fork_or_spawn) as pool:
+        pool.apply(workers.send_to_actor, (counter, 10))
+        assert wait_until(lambda: pool.apply(workers.actor_threads_after_gc) == [])
+        assert counter.get() == 10
+
+
+def test_actors_calling_each_other_in_a_cycle_raise_instead_of_hanging():
+    # A waited on B, whose method called A back: both waited forever.
+    with shoal.Actor(workers.Relay) as a, shoal.Actor(workers.Relay) as b, shoal.Actor(workers.Relay) as c:
+        a.connect(b)
+        b.connect(c)
+        c.connect(a)
+        assert b.relay("ping") == "pong"  # a chain without a cycle works
+        with pytest.raises(RuntimeError, match="actors calling each other in a cycle"):
+            a.relay("relay", "relay", "ping")  # a -> b -> c -> a
+        assert a.relay("ping") == "pong"  # every actor goes on
+
+
+_BUSY_CREATOR = textwrap.dedent(
+    """
+    import os, sys, signal, threading
+    sys.path.insert(0, {root!r})
+    import shoal
+    from tests import workers
+    if __name__ == "__main__":
+        box = []
+        start = lambda: box.append(shoal.get_context({method!r}).Actor(workers.Counter))
+        thread = threading.Thread(target=start)
+        thread.start()
+        thread.join()
+        counter = box[0]
+        counter.sleep.submit(300)
+        print(counter.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_busy_actor_started_by_a_thread_does_not_outlive_its_killed_creator(tmp_path, method):
+    # Without PR_SET_PDEATHSIG (a thread or the forkserver started it) the
+    # actor noticed its creator's death only between calls: it ran on.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "creator.py"
+    script.write_text(_BUSY_CREATOR.format(root=root, method=method))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    pid = int(proc.stdout.readline())
+    proc.wait(60)
+    proc.stdout.close()
+    try:
+        assert _gone(pid), f"actor {pid} still running after its creator was killed"
+    finally:
+        if not _gone(pid, 0):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_while_the_actor_builds_its_object_kills_it_at_once(tmp_path):
+    # Interrupted while __init__ ran, Actor() waited 5 s for the process to
+    # exit by itself (so __init__ went on and finished) before killing it.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    built = tmp_path / "built"
+    before = {p.pid for p in psutil.Process().children()}  # a forkserver, a resource tracker
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            shoal.get_context("fork").Actor(workers.SlowInit, 3, str(built))
+        timer.join()
+        # Actor() raised with its process already killed and reaped.
+        assert {p.pid for p in psutil.Process().children()} <= before
+        assert not built.exists()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_actor_started_by_fork_inside_a_fork_pool_worker():
+    # The actor closed the descriptor numbers of the pool's engine that the
+    # worker had inherited (and closed, and reused): its own connection.
+    with shoal.Pool(1, context="fork") as pool:
+        assert pool.map(workers.count_with_worker_actor, range(3), chunksize=1) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("stop", ["close", "terminate"])
+def test_done_callback_may_close_or_terminate_the_actor(stop):
+    # The callback runs on the thread reading replies; stopping waited for
+    # that thread to finish reading, i.e. for itself, forever.
+    counter = shoal.Actor(workers.Counter)
+    stopped = threading.Event()
+
+    def callback(future):
+        getattr(counter, stop)()
+        stopped.set()
+
+    counter.sleep.submit(0.5).add_done_callback(callback)  # done later, on the reading thread
+    try:
+        assert stopped.wait(30)
+        assert _gone(counter.pid)
+    finally:
+        counter.terminate()

@@ -502,3 +502,44 @@ class Token:
 
 def make_token(n):
     return Token(n)
+
+
+def actor_threads_after_gc():
+    """The shoal actor threads alive in this process once garbage is collected."""
+    import gc
+
+    gc.collect()
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("shoal-actor"))
+
+
+class Relay:
+    """An actor that calls another actor's method (which may call back)."""
+
+    def __init__(self):
+        self.other = None
+
+    def connect(self, other):
+        self.other = other
+
+    def ping(self):
+        return "pong"
+
+    def relay(self, method, *args):
+        return getattr(self.other, method)(*args)
+
+
+class SlowInit:
+    def __init__(self, seconds, path):
+        time.sleep(seconds)
+        with open(path, "w") as f:
+            f.write("built")
+
+
+def count_with_worker_actor(_=None):
+    """Start (once per worker, kept in worker_state) a fork-started Counter actor and increment it."""
+    import shoal
+
+    state = shoal.worker_state()
+    if "actor" not in state:
+        state["actor"] = shoal.get_context("fork").Actor(Counter)
+    return state["actor"].incr()

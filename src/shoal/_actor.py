@@ -54,7 +54,10 @@ How it ends:
   before it and exits; the creator joins it.  ``terminate()`` kills it.
 * The creator dies without closing: the actor watches it (a pidfd in its
   epoll set, and ``PR_SET_PDEATHSIG`` when the creator started it from its
-  main thread) and exits.
+  main thread, else a watchdog thread, so a busy actor dies too) and exits.
+* Actors wait on each other in a cycle (A's method calls B, whose method
+  calls A): each waiting call carries the addresses of the actors waiting
+  for it, and the call that would close the cycle raises RuntimeError.
 * A caller process dies: its connection closes and the actor drops it.
 """
 
@@ -90,7 +93,8 @@ from .exceptions import ActorDiedError, SerializationError, describe_exitcode
 __all__ = ("Actor",)
 
 # Requests (caller -> actor), as outer pickles:
-CALL = 0  # (CALL, cid, name, blob): blob = the pickled (args, kwargs)
+CALL = 0  # (CALL, cid, name, blob[, chain]): blob = the pickled (args, kwargs);
+#          chain = the addresses of the actors waiting for this call (see _waiting)
 SEND = 1  # (SEND, [(name, blob, number of descriptors), ...]): no replies
 STOP = 2  # (STOP,)
 # Replies (actor -> caller): (cid, ok, blob); cid 0 answers the creation.
@@ -110,6 +114,10 @@ _CREDS = struct.Struct("3i")
 
 #: In an actor process, its own address (to refuse a call that would wait on itself).
 _serving_address: str | None = None
+#: In an actor process: the addresses of the actors whose waiting calls led to
+#: the call it runs now, its own last.  Sent with its waiting calls, so a call
+#: that would close a cycle (A waits on B, which calls A) raises, not hangs.
+_waiting: tuple[str, ...] = ()
 
 
 # -- the caller's side --------------------------------------------------------
@@ -181,7 +189,10 @@ class _Client:
                 try:
                     if self.outbox:
                         self._flush_locked()
-                    send_packet(self.sock, 0, pickle.dumps((CALL, cid, name, blob), 5), fds)
+                    message = (CALL, cid, name, blob)
+                    if _waiting and future is None:  # an actor waits for this call
+                        message = (*message, _waiting)
+                    send_packet(self.sock, 0, pickle.dumps(message, 5), fds)
                 except OSError as exc:
                     self._lost()
                     raise self.died() from exc
@@ -212,8 +223,13 @@ class _Client:
         if first:
             if self.flusher is None:
                 _ensure_exit_hook()
+                # It holds the client weakly: a process that drops its
+                # handles closes the connection (and ends the thread).
                 self.flusher = threading.Thread(
-                    target=self._flusher_loop, name=f"shoal-actor-flusher-{self.name}", daemon=True
+                    target=_flusher_loop,
+                    args=(weakref.ref(self), self.flush_wanted),
+                    name=f"shoal-actor-flusher-{self.name}",
+                    daemon=True,
                 )
                 self.flusher.start()
             self.flush_wanted.set()
@@ -234,15 +250,6 @@ class _Client:
                     self._flush_locked()
                 except OSError:
                     self._lost()
-
-    def _flusher_loop(self) -> None:
-        while True:
-            self.flush_wanted.wait()
-            if self.sock is None or self.dead is not None:
-                return
-            time.sleep(FLUSH_DELAY)
-            self.flush_wanted.clear()
-            self.flush()
 
     def send_stop(self) -> None:
         with self.send_lock:
@@ -400,6 +407,13 @@ class _Client:
         """The actor has exited: hand out the replies still buffered, then
         close the connection."""
         cond = self.cond
+        if self.reading and self.reading_thread == threading.get_ident():
+            # A Future's done-callback, run by this thread while it reads
+            # replies, closed the actor: read on (waiting for ourselves hung).
+            while self.dead is None and self.sock is not None:
+                self._read_one()
+            self.close()
+            return
         with cond:
             while self.reading:
                 self.waiting += 1
@@ -431,6 +445,9 @@ class _Client:
         self.flush_wanted.set()
 
     def __del__(self) -> None:
+        wanted = getattr(self, "flush_wanted", None)
+        if wanted is not None:
+            wanted.set()  # ends the flusher thread
         sock = getattr(self, "sock", None)
         if sock is not None:
             self.sock = None
@@ -446,6 +463,21 @@ class _Client:
         if sock is not None:
             sock.close()
         self.outbox_fds = []  # the parent's to close
+
+
+def _flusher_loop(ref: weakref.ref[_Client], wanted: threading.Event) -> None:
+    """A client's flusher thread: send queued send() calls a moment after the first."""
+    while True:
+        wanted.wait()
+        time.sleep(FLUSH_DELAY)
+        wanted.clear()
+        client = ref()
+        # Checked after the clear: close() sets the event to end us, and
+        # a set that came during the sleep was just cleared.
+        if client is None or client.sock is None or client.dead is not None:
+            return
+        client.flush()
+        del client
 
 
 # This process's clients by actor address.  Weak: a client lives as long as
@@ -518,17 +550,23 @@ def _stop(owner: _Owner, kill: bool = False, timeout: float | None = None) -> No
         client = owner.client
         proc = owner.proc
         client.closing = True
-        if kill:
-            proc.kill()
-        else:
-            try:
-                client.send_stop()
-            except OSError:
-                pass  # already gone
-        proc.join(timeout)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
+        try:
+            if kill:
+                proc.kill()
+            else:
+                try:
+                    client.send_stop()
+                except OSError:
+                    pass  # already gone
+            proc.join(timeout)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+        except BaseException:
+            # Interrupted (Ctrl-C in close()) before the actor ended: a later
+            # terminate(), close() or the exit hook must still be able to end it.
+            owner.stopped = False
+            raise
         client.drain_and_close()
         proc.close()
         _owners.discard(owner)
@@ -667,8 +705,10 @@ class Actor:
         client.pending[0] = hello  # the actor answers its construction with cid 0
         try:
             methods = client.wait(hello)
-        except BaseException:
-            proc.join(EXIT_TIMEOUT)
+        except BaseException as exc:
+            # The constructor raised or the process died: it exits by itself.
+            # Interrupted (Ctrl-C) while it still builds the object: kill it now.
+            proc.join(0 if isinstance(exc, KeyboardInterrupt) else EXIT_TIMEOUT)
             if proc.exitcode is None:
                 proc.kill()
                 proc.join()
@@ -723,6 +763,12 @@ class Actor:
             raise RuntimeError(
                 f"the {self._name} actor called one of its own methods through a handle and would wait for "
                 "itself forever: call the method directly (self.method()), or use .send()/.submit()"
+            )
+        if self._address in _waiting:
+            raise RuntimeError(
+                f"this call to the {self._name} actor would wait forever: the {self._name} actor is itself "
+                "waiting for the call that led here (actors calling each other in a cycle). Use .send() for "
+                "one of the calls, or return a value instead of calling back"
             )
         client = self._get_client()
         return client.wait(client.request(name, args, kwargs, None, what))
@@ -833,6 +879,13 @@ def _actor_main(listener, conn, constructor, creator_pid, pdeathsig, name, inher
         return  # the creator is gone already
     except OSError:  # pragma: no cover - kernels before 5.3
         watch = None
+    if watch is not None and not pdeathsig:
+        # No PR_SET_PDEATHSIG (started by a thread, or by the forkserver):
+        # the epoll loop sees the creator exit only between calls, so a long
+        # call would outlive it.
+        watchdog = threading.Thread(target=_die_with, args=(creator_pid,), daemon=True)
+        watchdog.name = "shoal-actor-watchdog"
+        watchdog.start()
     server = _Server(listener, conn, watch, name)
     try:
         server.run(constructor)
@@ -840,6 +893,24 @@ def _actor_main(listener, conn, constructor, creator_pid, pdeathsig, name, inher
         server.close()
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _die_with(creator_pid: int) -> None:
+    """A thread of the actor process: SIGKILL it when its creator exits."""
+    import signal
+
+    try:
+        fd = os.pidfd_open(creator_pid)
+    except ProcessLookupError:
+        fd = None  # gone already
+    except OSError:  # pragma: no cover - kernels before 5.3
+        return
+    if fd is not None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll():
+            pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Server:
@@ -874,7 +945,7 @@ class _Server:
         self.epoll.close()
 
     def run(self, constructor: _Constructor) -> None:
-        global _serving_address
+        global _serving_address, _waiting
         creator = self.creator_conn
         try:
             obj = constructor.build()
@@ -885,6 +956,7 @@ class _Server:
         _serving_address = self.listener.getsockname()
         if isinstance(_serving_address, bytes):
             _serving_address = _serving_address.decode()
+        _waiting = (_serving_address,)
         if not self.reply(creator, 0, True, _public_methods(obj)):
             return
         self.name = type(obj).__qualname__
@@ -953,7 +1025,7 @@ class _Server:
             message = pickle.loads(payload)
             op = message[0]
             if op == CALL:
-                return self.call(sock, obj, message[1], message[2], message[3], fds)
+                return self.call(sock, obj, message[1], message[2], message[3], fds, message[4:])
             if op == SEND:
                 self.run_sends(obj, message[1], fds)
                 return True
@@ -963,7 +1035,10 @@ class _Server:
             if fds:
                 close_fds(fds)
 
-    def call(self, sock, obj, cid: int, name: str, blob: bytes, fds) -> bool:
+    def call(self, sock, obj, cid: int, name: str, blob: bytes, fds, chain: tuple) -> bool:
+        global _waiting
+        if chain:
+            _waiting = (*chain[0], _serving_address)
         try:
             args, kwargs = loads_with(blob, fds)
             value = _method(obj, name)(*args, **(kwargs or {}))
@@ -971,6 +1046,9 @@ class _Server:
         except BaseException as exc:  # noqa: BLE001 - the caller's to handle
             value = exc
             ok = False
+        finally:
+            if chain:
+                _waiting = (_serving_address,)
         return self.reply(sock, cid, ok, value)
 
     def reply(self, sock, cid: int, ok: bool, value) -> bool:

@@ -90,8 +90,13 @@ live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 def engine_descriptors() -> list[int]:
     """Every live engine's private descriptors (for a worker started by fork)."""
     fds: list[int] = []
+    pid = os.getpid()
     for engine in list(live_engines):
-        fds.extend(engine._descriptors())
+        # A forked worker's copies of its parent's engines hold numbers the
+        # worker closed (and may have reused): closing them in a child it
+        # forks (an Actor, a nested pool's worker) would close live ones.
+        if engine._owner_pid == pid:
+            fds.extend(engine._descriptors())
     return fds
 
 
