@@ -173,3 +173,20 @@ def test_shutdown_cancel_futures_lets_what_workers_hold_finish(fork_or_spawn):
     others = [f for f in fs if not f.cancelled()]
     assert len(cancelled) > 20
     assert others and all(f.done() and f.exception() is None for f in others)
+
+
+# Before: initargs were pickled when the executor was made, so a
+# multiprocessing.Queue (which travels only with a starting process) could not
+# be one, a common logging pattern with the standard library.
+def test_a_multiprocessing_queue_can_be_an_initarg(start_method):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context(start_method)
+    q = ctx.Queue()
+    try:
+        with shoal.ProcessPoolExecutor(2, mp_context=ctx, initializer=workers.init_with_queue, initargs=(q,)) as ex:
+            assert list(ex.map(workers.put_in_init_queue, range(4))) == [0, 1, 2, 3]
+        assert sorted(q.get(timeout=30) for _ in range(4)) == [0, 1, 2, 3]
+    finally:
+        q.close()
+        q.join_thread()

@@ -543,3 +543,13 @@ def count_with_worker_actor(_=None):
     if "actor" not in state:
         state["actor"] = shoal.get_context("fork").Actor(Counter)
     return state["actor"].incr()
+
+
+def init_with_queue(q):
+    global _INIT_QUEUE
+    _INIT_QUEUE = q
+
+
+def put_in_init_queue(x):
+    _INIT_QUEUE.put(x)
+    return x

@@ -201,6 +201,13 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
 
     # -- what the standard library's executor keeps, read by code in the wild --
     @property
+    def _broken(self) -> str | bool:
+        """The standard library's ``_broken``: why the pool cannot run tasks
+        any more (a message), or False (read-only)."""
+        error = getattr(self._engine, "_broken_error", None)
+        return False if error is None else str(error) or type(error).__name__
+
+    @property
     def _max_workers(self) -> int:
         """The number of worker processes."""
         return self._engine.processes

@@ -217,17 +217,26 @@ class Engine:
         self._processes = processes
         self.task_timeout = task_timeout
         self._graceful_exit = graceful_exit
+        hooks = (initializer, tuple(initargs), worker_init, worker_exit)
+        config_inline = None
         try:
             config_args = (
-                cloudpickle.dumps((initializer, tuple(initargs), worker_init, worker_exit))
+                cloudpickle.dumps(hooks)
                 if initializer is not None or worker_init is not None or worker_exit is not None
                 else None
             )
         except Exception as exc:
-            raise serialization_error(
-                f"cannot pickle the initializer, its initargs or the worker_init/worker_exit hooks: {exc}",
-                exc,
-            ) from exc
+            if "through inheritance" not in str(exc):
+                raise serialization_error(
+                    f"cannot pickle the initializer, its initargs or the worker_init/worker_exit hooks: {exc}",
+                    exc,
+                ) from exc
+            # A multiprocessing Queue, Lock, Value... in initargs (the
+            # standard library's logging pattern): such objects travel only
+            # with a starting process, so the hooks go in the workers'
+            # Process arguments, which multiprocessing pickles as it starts
+            # them (under fork: inherited), as the standard library does.
+            config_args, config_inline = None, hooks
         # The shared object: inherited as it is by fork-started workers;
         # otherwise pickled once here, its large buffers in memfds that the
         # scheduler keeps and every worker maps.
@@ -266,7 +275,8 @@ class Engine:
         # The scheduler thread's state and steps; it owns the workers.
         self._scheduler = Scheduler(
             self, processes=processes, context=context, maxtasksperchild=maxtasksperchild,
-            max_memory=max_memory, config_args=config_args, shared=shared, shared_data=shared_data,
+            max_memory=max_memory, config_args=config_args, config_inline=config_inline, shared=shared,
+            shared_data=shared_data,
             shared_fds=shared_fds, remote_traceback=remote_traceback,
         )
         self._finished = threading.Event()

@@ -132,6 +132,7 @@ class Scheduler:
         maxtasksperchild: int | None,
         max_memory: int | None,
         config_args: bytes | None,
+        config_inline: tuple | None = None,
         shared: Any,
         shared_data: bytes | None,
         shared_fds: list[int],
@@ -153,6 +154,7 @@ class Scheduler:
         self._maxtasks = maxtasksperchild
         self._max_memory = max_memory
         self._config_args = config_args
+        self._config_inline = config_inline  # hooks that travel in the Process arguments
         self._shared = shared
         self._shared_data = shared_data
         self._shared_fds = shared_fds  # ours from now on: closed with the rest
@@ -225,7 +227,7 @@ class Scheduler:
         try:
             proc = self._ctx.Process(
                 target=_worker.worker_main,
-                args=(child_ch.sock, inherited, self._shared),
+                args=(child_ch.sock, inherited, self._shared, self._config_inline),
                 name=f"shoal-worker-{slot}",
                 daemon=False,
             )

@@ -42,6 +42,7 @@ when the parent started it directly).
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import pickle
@@ -125,12 +126,15 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * mmap.PAGESIZE
 
 
-def worker_main(sock, inherited: tuple[int, ...] = (), shared=_local.NO_SHARED) -> None:
+def worker_main(sock, inherited: tuple[int, ...] = (), shared=_local.NO_SHARED, hooks: tuple | None = None) -> None:
     """Entry point of a worker process (the ``target`` of its ``Process``).
 
     *inherited* lists descriptors a fork-started worker got from its parent's
     pool engines and must not keep (see Engine._start_worker).  *shared* is
-    the pool's shared object when the worker was started by fork.
+    the pool's shared object when the worker was started by fork.  *hooks*
+    are ``(initializer, initargs, worker_init, worker_exit)`` when they could
+    travel only with the starting process (a multiprocessing Queue in
+    initargs); otherwise they come in the first message.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep = sock.fileno()
@@ -144,7 +148,7 @@ def worker_main(sock, inherited: tuple[int, ...] = (), shared=_local.NO_SHARED) 
         _forget_parents_forkserver(inherited)
     channel = Channel(sock)
     try:
-        _serve(channel, shared)
+        _serve(channel, shared, hooks)
     except (BrokenPipeError, ConnectionResetError, EOFError):
         pass  # the parent went away: nobody is waiting for our results
     finally:
@@ -165,13 +169,15 @@ def _forget_parents_forkserver(closed: tuple[int, ...]) -> None:
         server._forkserver_address = None
 
 
-def _serve(channel: Channel, shared) -> None:
+def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
     # The first message carries the configuration (pickled with cloudpickle,
     # so initializers may be lambdas under spawn) and the status block's fd.
     first = channel.recv()
     if first is None:
         return
     config: WorkerConfig = cloudpickle.loads(first[0])
+    if hooks is not None:
+        config.initializer, config.initargs, config.worker_init, config.worker_exit = hooks
     if config.pdeathsig:
         _set_pdeathsig(config.owner_pid)
     status_fd, *shared_fds = first[1]
@@ -192,6 +198,10 @@ def _serve(channel: Channel, shared) -> None:
         if config.worker_init is not None:
             config.worker_init()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        # Also logged, as the standard library's executor workers do: an
+        # initializer that installs a logging handler (a QueueHandler to the
+        # parent) sees its own failure there.
+        logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
         channel.send(pickle.dumps((INIT_FAILED, pack_exception(exc))))
         return
     channel.send(pickle.dumps((READY, os.getpid())))
