@@ -422,3 +422,42 @@ def test_a_real_scheduler_and_two_workers(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
+
+
+# -- regressions -------------------------------------------------------------------
+
+
+def test_imap_progress_and_executor_map_run_on_the_engine_inherited_caller_side(cluster):
+    # The merged Engine's join/start_thread/auto_chunksize read attributes
+    # DaskEngine lacked: imap, progress=True and join raised AttributeError,
+    # and executor.map hung.
+    with shoal.ProcessPoolExecutor(backend="dask", address=cluster.scheduler_address) as ex:
+        assert list(ex.map(square, range(10), timeout=60)) == [x * x for x in range(10)]
+        assert ex.worker_exit_results() == []
+    p = shoal.Pool(backend="dask", address=cluster.scheduler_address)
+    assert list(p.imap_unordered(square, range(5))) != []
+    p.close()
+    p.join()
+
+
+def _interrupt_after(seconds: float) -> None:
+    import _thread
+
+    threading.Timer(seconds, _thread.interrupt_main).start()
+
+
+def test_ctrl_c_in_a_map_or_an_executor_block_fails_its_tasks_and_the_pool_goes_on(cluster):
+    # The engine's interrupt handler walked the local engine's workers: the
+    # dispatcher died with AttributeError and the pool was broken for good.
+    with shoal.Pool(backend="dask", address=cluster.scheduler_address) as p:
+        _interrupt_after(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            p.starmap(sleep_then, [(i, 0.5) for i in range(8)], chunksize=1)
+        assert p.apply(square, (7,)) == 49
+    futures = []
+    with pytest.raises(KeyboardInterrupt):
+        with shoal.ProcessPoolExecutor(backend="dask", address=cluster.scheduler_address) as ex:
+            futures = [ex.submit(sleep_then, i, 0.2) for i in range(20)]
+            raise KeyboardInterrupt
+    assert all(f.done() for f in futures)
+    assert any(f.cancelled() for f in futures)

@@ -522,6 +522,11 @@ class DaskEngine(Engine):
         self._fn_blobs: dict[int, tuple[Any, tuple, str]] = {}
         self._estimates: dict[str, float] = {}
         self._feeders = 0
+        # What the inherited caller side (Engine.join, start_thread,
+        # worker_exit_results, worker_processes) reads: nothing of it here.
+        self._helpers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        self._exit_results: list = []
+        self._workers: dict = {}
         self.callbacks = _CallbackThread()
         self.results_cond = threading.Condition(threading.Lock())
         self.waiters = 0
@@ -683,6 +688,9 @@ class DaskEngine(Engine):
         est = self._estimate(fn)
         per_batch = 1 if est is None else max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * chunksize, 1e-7))))
         return max(4 * self._slots, min(2 * CREDIT * per_batch * self._slots, 1 << 16))
+
+    def _fn_key(self, fn) -> str:  # type: ignore[override] - Engine.auto_chunksize reads _estimates by it
+        return _fn_key(fn)
 
     def _estimate(self, fn) -> float | None:
         if fn is None:
@@ -1006,6 +1014,29 @@ class DaskEngine(Engine):
             self._fail(task, exc, cancelled=True)
             if batch is not None and batch.future is not None and all(t.kill_reason for t, _, _ in batch.parts):
                 batch.future.cancel()  # nothing in it is wanted; Dask drops it if not started
+            self._notify()
+        elif what == "interrupt":
+            # Ctrl-C: every matching task fails now; a running Dask task
+            # cannot be stopped, so its batch is cancelled once nothing in
+            # it is wanted and a late result is dropped.
+            match = obj
+            keep = []
+            for _ in range(len(self._pending)):
+                t = self._pending.popleft()
+                if match is None or match(t.sink):
+                    self._interrupt_task(t, exc)
+                    self._fail(t, exc, cancelled=True)
+                else:
+                    keep.append(t)
+            self._pending.extendleft(reversed(keep))
+            running = [p for b in self._inflight.values() for p in b.parts] + list(self._isolated)
+            for t, _, _ in running:
+                if t.kill_reason is None and (match is None or match(t.sink)):
+                    self._interrupt_task(t, exc)
+                    self._fail(t, exc, cancelled=True)
+            for batch in self._inflight.values():
+                if batch.future is not None and all(t.kill_reason for t, _, _ in batch.parts):
+                    batch.future.cancel()
             self._notify()
         else:  # cancel_futures, fail_sink: as the local engine does them
             super()._handle_control(what, obj, exc)
