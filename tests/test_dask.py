@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import multiprocessing.pool
 import os
 import signal
 import socket
@@ -106,7 +107,7 @@ def test_apply_async_callbacks_run_in_this_process(pool):
 def test_a_task_exception_keeps_its_type_and_the_remote_traceback(pool):
     with pytest.raises(ValueError, match="bad value 3") as info:
         pool.apply(raise_value_error, (3,))
-    assert isinstance(info.value.__cause__, shoal.exceptions.RemoteTraceback)
+    assert type(info.value.__cause__) is multiprocessing.pool.RemoteTraceback
     assert "raise_value_error" in str(info.value.__cause__)
     with pytest.raises(ValueError, match="bad value"):
         pool.map(raise_value_error, range(5))
@@ -461,3 +462,15 @@ def test_ctrl_c_in_a_map_or_an_executor_block_fails_its_tasks_and_the_pool_goes_
             raise KeyboardInterrupt
     assert all(f.done() for f in futures)
     assert any(f.cancelled() for f in futures)
+
+
+def test_a_task_exception_has_the_standard_remote_traceback_type_of_each_face(pool, cluster):
+    # Dask gave shoal's own RemoteTraceback as __cause__, where the local
+    # Pool and executor give the standard library's types.
+    with shoal.ProcessPoolExecutor(backend="dask", address=cluster.scheduler_address) as ex:
+        cause = ex.submit(raise_value_error, 1).exception(30).__cause__
+    assert type(cause) is concurrent.futures.process._RemoteTraceback
+    assert "raise_value_error" in str(cause)
+    with pytest.raises(ValueError) as info:
+        pool.map(raise_value_error, range(3))
+    assert type(info.value.__cause__) is multiprocessing.pool.RemoteTraceback

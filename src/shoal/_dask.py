@@ -90,7 +90,7 @@ from ._engine._worker import CALL, CALL_KW, MAP
 from ._ipc._fdpass import _state as _fd_state
 from ._shm._segment import fd_from_buffer, map_private_fd
 from ._serialization import _find_unpicklable, dumps, loads, pack_exception, unpack_exception
-from .exceptions import PoolClosedError, SerializationError, ShoalError, WorkerDiedError, WorkerStartError
+from .exceptions import PoolClosedError, RemoteTraceback, SerializationError, ShoalError, WorkerDiedError, WorkerStartError
 
 __all__ = ("DaskEngine",)
 
@@ -483,6 +483,7 @@ class DaskEngine(Engine):
         task_timeout: float | None = None,
         shared: Any = _engine_local.NO_SHARED,
         graceful_exit: bool = False,
+        remote_traceback: type = RemoteTraceback,
     ) -> None:
         if processes is not None and (not isinstance(processes, int) or isinstance(processes, bool) or processes < 1):
             raise ValueError(f"Number of processes must be at least 1, got {processes!r}")
@@ -582,6 +583,7 @@ class DaskEngine(Engine):
         self._processes = processes if processes is not None else self._slots
         _live_engines.add(self)
         self._graceful_exit = graceful_exit
+        self._remote_traceback = remote_traceback  # the face's type (Engine._with_traceback_type)
         self._thread = threading.Thread(target=self._run, name="shoal-dask", daemon=True)
         self._thread.start()
 
@@ -908,7 +910,7 @@ class DaskEngine(Engine):
                         f"the task's result could not be unpickled here: {type(exc).__name__}: {exc}"
                     )
             else:
-                value = unpack_exception(data)
+                value = self._with_traceback_type(unpack_exception(data))
             if start is None:
                 self._finish(task, ok, value)
             else:
