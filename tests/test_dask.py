@@ -474,3 +474,20 @@ def test_a_task_exception_has_the_standard_remote_traceback_type_of_each_face(po
     with pytest.raises(ValueError) as info:
         pool.map(raise_value_error, range(3))
     assert type(info.value.__cause__) is multiprocessing.pool.RemoteTraceback
+
+
+_seen_by_initializer = []
+
+
+def remember_shared_length():
+    _seen_by_initializer.append(len(shoal.shared()))
+
+
+def test_the_initializer_sees_the_shared_object(cluster):
+    # The Dask worker side ran the initializer before setting shoal.shared(),
+    # so an initializer reading it broke the pool (it works on the local backend).
+    _seen_by_initializer.clear()
+    with shoal.Pool(backend="dask", address=cluster.scheduler_address, shared=[1, 2, 3],
+                    initializer=remember_shared_length) as p:
+        assert p.map(shared_identity, range(4))[0][1] == 3
+    assert set(_seen_by_initializer) == {3}

@@ -294,31 +294,32 @@ def _run_batch(token: str, client_pid: int, init: bytes | None, shared_value: tu
     cow = os.getpid() != client_pid
     if cow:
         _forget_released()
-    if init is not None:
-        with _init_lock:
-            if token not in _initialized:
-                try:
-                    fn, args = cloudpickle.loads(init)
-                    fn(*args)
-                    _initialized[token] = None
-                except BaseException as exc:  # noqa: BLE001 - reported to the pool
-                    _initialized[token] = pack_exception(exc)
-            failure = _initialized[token]
-        if failure is not None:
-            return _INIT_FAILED, failure
-    funcs = []
-    for fn_bytes, fn_buffers in fns:
-        try:
-            funcs.append(_loads_task(fn_bytes, fn_buffers, cow))
-        except BaseException as exc:  # noqa: BLE001 - fails the tasks that use it
-            funcs.append(_Unloadable(exc))
+    # shoal.shared() works in the initializer too, as on the local backend.
     previous = None
     if shared_value:
         value = shared_value[0]
         previous = _engine_local.set_thread_shared(value.load() if type(value) is _Shared else value)
-    results = []
-    perf = time.perf_counter
     try:
+        if init is not None:
+            with _init_lock:
+                if token not in _initialized:
+                    try:
+                        fn, args = cloudpickle.loads(init)
+                        fn(*args)
+                        _initialized[token] = None
+                    except BaseException as exc:  # noqa: BLE001 - reported to the pool
+                        _initialized[token] = pack_exception(exc)
+                failure = _initialized[token]
+            if failure is not None:
+                return _INIT_FAILED, failure
+        funcs = []
+        for fn_bytes, fn_buffers in fns:
+            try:
+                funcs.append(_loads_task(fn_bytes, fn_buffers, cow))
+            except BaseException as exc:  # noqa: BLE001 - fails the tasks that use it
+                funcs.append(_Unloadable(exc))
+        results = []
+        perf = time.perf_counter
         for fi, mode, data, buffers, start, stop in entries:
             started = perf()
             try:
