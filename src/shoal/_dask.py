@@ -1023,15 +1023,7 @@ class DaskEngine(Engine):
             # cannot be stopped, so its batch is cancelled once nothing in
             # it is wanted and a late result is dropped.
             match = obj
-            keep = []
-            for _ in range(len(self._pending)):
-                t = self._pending.popleft()
-                if match is None or match(t.sink):
-                    self._interrupt_task(t, exc)
-                    self._fail(t, exc, cancelled=True)
-                else:
-                    keep.append(t)
-            self._pending.extendleft(reversed(keep))
+            self._interrupt_queued(match, exc)
             running = [p for b in self._inflight.values() for p in b.parts] + list(self._isolated)
             for t, _, _ in running:
                 if t.kill_reason is None and (match is None or match(t.sink)):

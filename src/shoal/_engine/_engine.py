@@ -1324,17 +1324,7 @@ class Engine:
                     future.cancel()
         elif what == "interrupt":
             match = obj
-            # Callers append to _pending concurrently (at the right): take
-            # what is there from the left, put back what stays, in order.
-            keep = []
-            for _ in range(len(self._pending)):
-                t = self._pending.popleft()
-                if match is None or match(t.sink):
-                    self._interrupt_task(t, exc)
-                    self._fail(t, exc, cancelled=True)
-                else:
-                    keep.append(t)
-            self._pending.extendleft(reversed(keep))
+            self._interrupt_queued(match, exc)
             for w in self._workers.values():
                 for t in w.inflight:
                     if t.kill_reason is None and (match is None or match(t.sink)):
@@ -1350,6 +1340,20 @@ class Engine:
             if not sink._delivered:
                 sink._deliver(None, False, exc)
                 self._notify()
+
+    def _interrupt_queued(self, match, exc: BaseException) -> None:
+        """Fail the queued tasks whose sink satisfies *match* (all, without it)."""
+        # Callers append to _pending concurrently (at the right): take
+        # what is there from the left, put back what stays, in order.
+        keep = []
+        for _ in range(len(self._pending)):
+            t = self._pending.popleft()
+            if match is None or match(t.sink):
+                self._interrupt_task(t, exc)
+                self._fail(t, exc, cancelled=True)
+            else:
+                keep.append(t)
+        self._pending.extendleft(reversed(keep))
 
     @staticmethod
     def _interrupt_task(task: _Task, exc: BaseException) -> None:
