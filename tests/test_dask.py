@@ -327,9 +327,11 @@ def test_backend_dask_without_the_extra_says_how_to_install():
 
 
 def test_owned_cluster_starts_the_workers_asked_for_and_stops_them():
-    with shoal.Pool(2, backend="dask") as p:
+    with shoal.Pool(2, backend="dask", shared=list(range(1000))) as p:
         assert p.processes == 2
         pids = p._engine.worker_pids
+        # shoal.shared() in tasks run by spawned worker processes
+        assert {length for _, length in p.map(shared_identity, range(8), chunksize=1)} == {1000}
         assert len(set(pids)) == 2 and os.getpid() not in pids
         got = set(p.map(worker_pid_and_thread, range(40), chunksize=1))
         assert {pid for pid, _ in got} <= set(pids)
