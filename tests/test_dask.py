@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import multiprocessing.pool
 import os
 import signal
 import socket
@@ -106,7 +107,7 @@ def test_apply_async_callbacks_run_in_this_process(pool):
 def test_a_task_exception_keeps_its_type_and_the_remote_traceback(pool):
     with pytest.raises(ValueError, match="bad value 3") as info:
         pool.apply(raise_value_error, (3,))
-    assert isinstance(info.value.__cause__, shoal.exceptions.RemoteTraceback)
+    assert type(info.value.__cause__) is multiprocessing.pool.RemoteTraceback
     assert "raise_value_error" in str(info.value.__cause__)
     with pytest.raises(ValueError, match="bad value"):
         pool.map(raise_value_error, range(5))
@@ -326,9 +327,11 @@ def test_backend_dask_without_the_extra_says_how_to_install():
 
 
 def test_owned_cluster_starts_the_workers_asked_for_and_stops_them():
-    with shoal.Pool(2, backend="dask") as p:
+    with shoal.Pool(2, backend="dask", shared=list(range(1000))) as p:
         assert p.processes == 2
         pids = p._engine.worker_pids
+        # shoal.shared() in tasks run by spawned worker processes
+        assert {length for _, length in p.map(shared_identity, range(8), chunksize=1)} == {1000}
         assert len(set(pids)) == 2 and os.getpid() not in pids
         got = set(p.map(worker_pid_and_thread, range(40), chunksize=1))
         assert {pid for pid, _ in got} <= set(pids)
@@ -433,3 +436,71 @@ def test_ctrl_c_in_a_dask_map_fails_its_tasks_and_the_pool_goes_on(pool):
     with pytest.raises(KeyboardInterrupt):
         pool.starmap(sleep_then, [(i, 0.2) for i in range(200)], chunksize=1)
     assert pool.apply(square, (6,)) == 36
+
+
+# -- regressions -------------------------------------------------------------------
+
+
+def test_imap_progress_and_executor_map_run_on_the_engine_inherited_caller_side(cluster):
+    # The merged Engine's join/start_thread/auto_chunksize read attributes
+    # DaskEngine lacked: imap, progress=True and join raised AttributeError,
+    # and executor.map hung.
+    with shoal.ProcessPoolExecutor(backend="dask", address=cluster.scheduler_address) as ex:
+        assert list(ex.map(square, range(10), timeout=60)) == [x * x for x in range(10)]
+        assert ex.worker_exit_results() == []
+    p = shoal.Pool(backend="dask", address=cluster.scheduler_address)
+    assert list(p.imap_unordered(square, range(5))) != []
+    p.close()
+    p.join()
+
+
+def _interrupt_after(seconds: float) -> None:
+    import _thread
+
+    threading.Timer(seconds, _thread.interrupt_main).start()
+
+
+def test_ctrl_c_in_a_map_or_an_executor_block_fails_its_tasks_and_the_pool_goes_on(cluster):
+    # The engine's interrupt handler walked the local engine's workers: the
+    # dispatcher died with AttributeError and the pool was broken for good.
+    with shoal.Pool(backend="dask", address=cluster.scheduler_address) as p:
+        _interrupt_after(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            p.starmap(sleep_then, [(i, 0.5) for i in range(8)], chunksize=1)
+        assert p.apply(square, (7,)) == 49
+    futures = []
+    with pytest.raises(KeyboardInterrupt):
+        with shoal.ProcessPoolExecutor(backend="dask", address=cluster.scheduler_address) as ex:
+            futures = [ex.submit(sleep_then, i, 0.2) for i in range(20)]
+            raise KeyboardInterrupt
+    assert all(f.done() for f in futures)
+    assert any(f.cancelled() for f in futures)
+
+
+def test_a_task_exception_has_the_standard_remote_traceback_type_of_each_face(pool, cluster):
+    # Dask gave shoal's own RemoteTraceback as __cause__, where the local
+    # Pool and executor give the standard library's types.
+    with shoal.ProcessPoolExecutor(backend="dask", address=cluster.scheduler_address) as ex:
+        cause = ex.submit(raise_value_error, 1).exception(30).__cause__
+    assert type(cause) is concurrent.futures.process._RemoteTraceback
+    assert "raise_value_error" in str(cause)
+    with pytest.raises(ValueError) as info:
+        pool.map(raise_value_error, range(3))
+    assert type(info.value.__cause__) is multiprocessing.pool.RemoteTraceback
+
+
+_seen_by_initializer = []
+
+
+def remember_shared_length():
+    _seen_by_initializer.append(len(shoal.shared()))
+
+
+def test_the_initializer_sees_the_shared_object(cluster):
+    # The Dask worker side ran the initializer before setting shoal.shared(),
+    # so an initializer reading it broke the pool (it works on the local backend).
+    _seen_by_initializer.clear()
+    with shoal.Pool(backend="dask", address=cluster.scheduler_address, shared=[1, 2, 3],
+                    initializer=remember_shared_length) as p:
+        assert p.map(shared_identity, range(4))[0][1] == 3
+    assert set(_seen_by_initializer) == {3}

@@ -88,7 +88,7 @@ from ._engine import CALL, CALL_KW, MAP, NO_SHARED, Engine, PoolStatistics, set_
 from ._engine import CallbackThread as _CallbackThread
 from ._fd import fd_from_buffer, map_private_fd, sending_fds
 from ._serialization import dumps, find_unpicklable, loads, pack_exception, unpack_exception
-from .exceptions import PoolClosedError, SerializationError, ShoalError, WorkerDiedError, WorkerStartError
+from .exceptions import PoolClosedError, RemoteTraceback, SerializationError, ShoalError, WorkerDiedError, WorkerStartError
 
 __all__ = ("DaskEngine",)
 
@@ -288,31 +288,32 @@ def _run_batch(
     cow = os.getpid() != client_pid
     if cow:
         _forget_released()
-    if init is not None:
-        with _init_lock:
-            if token not in _initialized:
-                try:
-                    fn, args = cloudpickle.loads(init)
-                    fn(*args)
-                    _initialized[token] = None
-                except BaseException as exc:  # noqa: BLE001 - reported to the pool
-                    _initialized[token] = pack_exception(exc)
-            failure = _initialized[token]
-        if failure is not None:
-            return _INIT_FAILED, failure
-    funcs = []
-    for fn_bytes, fn_buffers in fns:
-        try:
-            funcs.append(_loads_task(fn_bytes, fn_buffers, cow))
-        except BaseException as exc:  # noqa: BLE001 - fails the tasks that use it
-            funcs.append(_Unloadable(exc))
+    # shoal.shared() works in the initializer too, as on the local backend.
     previous = None
     if shared_value:
         value = shared_value[0]
         previous = set_thread_shared(value.load() if type(value) is _Shared else value)
-    results = []
-    perf = time.perf_counter
     try:
+        if init is not None:
+            with _init_lock:
+                if token not in _initialized:
+                    try:
+                        fn, args = cloudpickle.loads(init)
+                        fn(*args)
+                        _initialized[token] = None
+                    except BaseException as exc:  # noqa: BLE001 - reported to the pool
+                        _initialized[token] = pack_exception(exc)
+                failure = _initialized[token]
+            if failure is not None:
+                return _INIT_FAILED, failure
+        funcs = []
+        for fn_bytes, fn_buffers in fns:
+            try:
+                funcs.append(_loads_task(fn_bytes, fn_buffers, cow))
+            except BaseException as exc:  # noqa: BLE001 - fails the tasks that use it
+                funcs.append(_Unloadable(exc))
+        results = []
+        perf = time.perf_counter
         for fi, mode, data, buffers, start, stop in entries:
             started = perf()
             try:
@@ -477,6 +478,7 @@ class DaskEngine(Engine):
         task_timeout: float | None = None,
         shared: Any = NO_SHARED,
         graceful_exit: bool = False,
+        remote_traceback: type = RemoteTraceback,
     ) -> None:
         if processes is not None and (
             not isinstance(processes, int) or isinstance(processes, bool) or processes < 1
@@ -522,6 +524,11 @@ class DaskEngine(Engine):
         self._fn_blobs: dict[int, tuple[Any, tuple, str]] = {}
         self._estimates: dict[str, float] = {}
         self._feeders = 0
+        # What the inherited caller side (Engine.join, start_thread,
+        # worker_exit_results, worker_processes) reads: nothing of it here.
+        self._helpers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        self._exit_results: list = []
+        self._workers: dict = {}
         self.callbacks = _CallbackThread()
         self.results_cond = threading.Condition(threading.Lock())
         self.waiters = 0
@@ -582,6 +589,7 @@ class DaskEngine(Engine):
         self._processes = processes if processes is not None else self._slots
         _live_engines.add(self)
         self._graceful_exit = graceful_exit
+        self._remote_traceback = remote_traceback  # the face's type (Engine._with_traceback_type)
         self._thread = threading.Thread(target=self._run, name="shoal-dask", daemon=True)
         self._thread.start()
 
@@ -703,6 +711,9 @@ class DaskEngine(Engine):
         else:
             per_batch = max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * chunksize, 1e-7))))
         return max(4 * self._slots, min(2 * CREDIT * per_batch * self._slots, 1 << 16))
+
+    def _fn_key(self, fn) -> str:  # type: ignore[override] - Engine.auto_chunksize reads _estimates by it
+        return _fn_key(fn)
 
     def _estimate(self, fn) -> float | None:
         if fn is None:
@@ -922,7 +933,7 @@ class DaskEngine(Engine):
                         f"the task's result could not be unpickled here: {type(exc).__name__}: {exc}"
                     )
             else:
-                value = unpack_exception(data)
+                value = self._with_traceback_type(unpack_exception(data))
             if start is None:
                 self._finish(task, ok, value)
             else:
@@ -1025,6 +1036,7 @@ class DaskEngine(Engine):
             # runs; a batch nothing is wanted from is dropped if not started.
             match = obj
             tasks = list(self._pending) + [t for b in list(self._inflight.values()) for t, _, _ in b.parts]
+            tasks += [t for t, _, _ in list(self._isolated)]  # split off after worker deaths
             for task in tasks:
                 if task.kill_reason is None and (match is None or match(task.sink)):
                     Engine._interrupt_task(task, exc)

@@ -96,7 +96,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             self._engine = remote_engine(
                 backend, address, max_workers, initializer, initargs, max_tasks_per_child, mp_context,
                 max_memory=max_memory, task_timeout=task_timeout, shared=shared, graceful_exit=True,
-                worker_init=worker_init, worker_exit=worker_exit,
+                worker_init=worker_init, worker_exit=worker_exit, remote_traceback=_RemoteTraceback,
             )
         else:
             self._engine = Engine(

@@ -110,6 +110,7 @@ class Pool:
                 backend, address, processes, initializer, initargs, maxtasksperchild, context,
                 max_memory=max_memory, task_timeout=task_timeout, shared=shared,
                 worker_init=worker_init, worker_exit=worker_exit,
+                remote_traceback=multiprocessing.pool.RemoteTraceback,
             )
         else:
             self._engine = Engine(
