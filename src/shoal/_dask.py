@@ -84,7 +84,7 @@ import cloudpickle
 import dask
 import distributed
 
-from ._engine import CALL, CALL_KW, MAP, NO_SHARED, Engine, PoolStatistics, set_thread_shared
+from ._engine import CALL, CALL_KW, MAP, NO_SHARED, Engine, PoolStatistics, set_thread_shared, with_traceback_type
 from ._engine import CallbackThread as _CallbackThread
 from ._fd import fd_from_buffer, map_private_fd, sending_fds
 from ._serialization import dumps, find_unpicklable, loads, pack_exception, unpack_exception
@@ -933,7 +933,7 @@ class DaskEngine(Engine):
                         f"the task's result could not be unpickled here: {type(exc).__name__}: {exc}"
                     )
             else:
-                value = self._with_traceback_type(unpack_exception(data))
+                value = with_traceback_type(unpack_exception(data), self._remote_traceback)
             if start is None:
                 self._finish(task, ok, value)
             else:

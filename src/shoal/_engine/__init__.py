@@ -21,6 +21,7 @@ from ._local import set_thread_shared as set_thread_shared
 from ._local import shared as shared
 from ._local import worker_state as worker_state
 from ._scheduler import engine_descriptors as engine_descriptors
+from ._scheduler import with_traceback_type as with_traceback_type
 from ._tasks import FailableSink as FailableSink
 from ._tasks import ResultSink as ResultSink
 from ._tasks import WorkerProcess as WorkerProcess
@@ -49,5 +50,6 @@ __all__ = (
     "set_pdeathsig",
     "set_thread_shared",
     "shared",
+    "with_traceback_type",
     "worker_state",
 )

@@ -87,6 +87,16 @@ _RUN, _CLOSE, _TERMINATE, _BROKEN = "running", "closed", "terminated", "broken"
 live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
+def with_traceback_type(exc: BaseException, remote_traceback: type[BaseException]) -> BaseException:
+    """Give a worker's exception the face's remote-traceback type as its
+    ``__cause__`` (``multiprocessing.pool.RemoteTraceback`` for Pool, as
+    code written for the standard library checks)."""
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback) and remote_traceback is not RemoteTraceback:
+        exc.__cause__ = remote_traceback(cause.tb)  # type: ignore[call-arg]
+    return exc
+
+
 def engine_descriptors() -> list[int]:
     """Every live engine's private descriptors (for a worker started by fork)."""
     fds: list[int] = []
@@ -581,13 +591,7 @@ class Scheduler:
                 self.engine.results_cond.notify_all()
 
     def _with_traceback_type(self, exc: BaseException) -> BaseException:
-        """Give a worker's exception the face's remote-traceback type as its
-        ``__cause__`` (``multiprocessing.pool.RemoteTraceback`` for Pool, as
-        code written for the standard library checks)."""
-        cause = exc.__cause__
-        if isinstance(cause, RemoteTraceback) and self._remote_traceback is not RemoteTraceback:
-            exc.__cause__ = self._remote_traceback(cause.tb)
-        return exc
+        return with_traceback_type(exc, self._remote_traceback)
 
     def fail(self, task: Task, exc: BaseException, *, cancelled: bool = False) -> None:
         task.close_fds(self._task_fds)
