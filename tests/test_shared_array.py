@@ -303,3 +303,10 @@ def _maps_shoal_memory(p: psutil.Process) -> bool:
             return any("memfd:shoal " in line or "memfd:shoal-buffers" in line for line in f)
     except OSError:
         return False
+
+
+def test_share_copies_datetime_and_timedelta_arrays():
+    # share() went through memoryview(), which refuses datetime64/timedelta64: ValueError.
+    for src in (np.arange(5).astype("M8[ns]"), np.arange(6).astype("m8[s]").reshape(2, 3).T):
+        a = shoal.share(src)
+        assert isinstance(a, shoal.SharedArray) and a.dtype == src.dtype and np.array_equal(a, src)

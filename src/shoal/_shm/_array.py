@@ -211,7 +211,8 @@ if np is not None:
             out[...] = array
             return out
         try:
-            fd = fd_from_buffer(memoryview(contiguous).cast("B"))
+            # As bytes: memoryview refuses some dtypes (datetime64, timedelta64).
+            fd = fd_from_buffer(contiguous.reshape(-1).view(np.uint8))
         except OSError as exc:
             raise MemoryError(f"cannot allocate {array.nbytes} bytes of shared memory: {exc}") from exc
         try:
