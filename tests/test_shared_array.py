@@ -310,3 +310,13 @@ def test_share_copies_datetime_and_timedelta_arrays():
     for src in (np.arange(5).astype("M8[ns]"), np.arange(6).astype("m8[s]").reshape(2, 3).T):
         a = shoal.share(src)
         assert isinstance(a, shoal.SharedArray) and a.dtype == src.dtype and np.array_equal(a, src)
+
+
+def test_a_shared_array_in_initargs_reaches_every_worker(start_method):
+    # initargs were pickled once, outside a shoal channel: the descriptor went
+    # through a one-shot resource sharer and the second worker failed to start.
+    a = shoal.SharedArray(4)
+    with shoal.Pool(2, initializer=workers.stash, initargs=(a,), context=start_method) as pool:
+        assert sorted(pool.starmap(workers.fill_stashed, [(i, i + 1.0) for i in range(4)], chunksize=1)) == [0, 1, 2, 3]
+    assert a.tolist() == [1.0, 2.0, 3.0, 4.0]
+    del a

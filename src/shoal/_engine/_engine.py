@@ -454,10 +454,19 @@ class Engine:
         self._graceful_exit = graceful_exit
         try:
             self._config_args = (
-                cloudpickle.dumps((initializer, tuple(initargs), worker_init, worker_exit))
+                (initializer, tuple(initargs), worker_init, worker_exit)
                 if initializer is not None or worker_init is not None or worker_exit is not None
                 else None
             )
+            if self._config_args is not None:
+                # Picklable?  Pickled again for each worker, with the
+                # descriptors (a SharedArray's) beside the message.
+                with collecting_fds() as fds:
+                    try:
+                        cloudpickle.dumps(self._config_args)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
         except Exception as exc:
             raise serialization_error(
                 f"cannot pickle the initializer, its initargs or the worker_init/worker_exit hooks: {exc}", exc
@@ -888,11 +897,20 @@ class Engine:
         )
         config = WorkerConfig(None, (), self._maxtasks, self._max_memory, os.getpid(), pdeathsig, slot)
         if self._config_args is not None:
-            config.initializer, config.initargs, config.worker_init, config.worker_exit = cloudpickle.loads(
-                self._config_args
-            )
+            config.initializer, config.initargs, config.worker_init, config.worker_exit = self._config_args
         config.shared_data = self._shared_data
-        config_bytes = cloudpickle.dumps(config)
+        # The first message's descriptors: the status block's, the shared
+        # object's, then those the initargs hold (a SharedArray's).
+        first_fds = [os.dup(fd) for fd in (self._status_fd, *self._shared_fds)]
+        try:
+            with collecting_fds() as fds:
+                fds.extend(first_fds)
+                config_bytes = cloudpickle.dumps(config)
+            first_fds = fds
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
         # Under fork the worker inherits every descriptor of this process.
         # The engines' own (other workers' sockets, wake-up pipes, the shared
         # memory of queued tasks, and the parent's end of this worker's own
@@ -910,6 +928,8 @@ class Engine:
             )
             proc.start()
         except BaseException:
+            for fd in first_fds:
+                os.close(fd)
             parent_ch.close()
             child_ch.close()
             self._free_slots.append(slot)
@@ -918,7 +938,7 @@ class Engine:
         worker = _Worker(proc, parent_ch, slot)
         try:
             parent_ch.sock.setblocking(False)
-            parent_ch.queue(config_bytes, [os.dup(fd) for fd in (self._status_fd, *self._shared_fds)])
+            parent_ch.queue(config_bytes, first_fds)
             self._selector.register(parent_ch.fileno(), selectors.EVENT_READ, ("chan", worker))
             self._selector.register(worker.sentinel, selectors.EVENT_READ, ("dead", worker))
         except BaseException:
