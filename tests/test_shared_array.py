@@ -320,3 +320,19 @@ def test_a_shared_array_in_initargs_reaches_every_worker(start_method):
         assert sorted(pool.starmap(workers.fill_stashed, [(i, i + 1.0) for i in range(4)], chunksize=1)) == [0, 1, 2, 3]
     assert a.tolist() == [1.0, 2.0, 3.0, 4.0]
     del a
+
+
+def test_plain_pickle_of_a_shared_array_is_a_clear_error(tmp_path):
+    # pickle.dump() to a file "worked": it started multiprocessing's resource
+    # sharer, and loading the file later failed with an unrelated EOFError.
+    import pickle
+
+    a = shoal.SharedArray(3)
+    with open(tmp_path / "a.pickle", "wb") as f, pytest.raises(TypeError, match="pickle a plain copy"):
+        pickle.dump(a, f)
+    with pytest.raises(TypeError, match="cannot pickle a shoal.SharedArray"):
+        pickle.dumps({"inside": [a[1:]]})
+    # Private copies and arrays derived from it pickle as numpy arrays.
+    assert np.array_equal(pickle.loads(pickle.dumps(np.array(a))), a)
+    assert type(pickle.loads(pickle.dumps(a + 1))) is np.ndarray
+    del a
