@@ -336,3 +336,22 @@ def test_plain_pickle_of_a_shared_array_is_a_clear_error(tmp_path):
     assert np.array_equal(pickle.loads(pickle.dumps(np.array(a))), a)
     assert type(pickle.loads(pickle.dumps(a + 1))) is np.ndarray
     del a
+
+
+def test_many_large_results_kept_alive_do_not_run_out_of_descriptors():
+    # Each received result's mapping kept a descriptor: a few hundred kept
+    # results failed with OSError EMFILE (Too many open files).
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 150, hard))
+    try:
+        with shoal.Pool(1) as pool:
+            kept = [pool.apply_async(workers.full_array, (40_000, float(i))) for i in range(300)]
+            kept = [r.get(timeout=60) for r in kept]
+            assert [float(a[0]) for a in kept] == [float(i) for i in range(300)]
+            # Mapped or copied, each is a writable array of its own, as in-band results are.
+            assert all(a.shape == (40_000,) and a.flags.writeable for a in kept)
+            del kept
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
