@@ -332,6 +332,12 @@ def test_plain_pickle_of_a_shared_array_is_a_clear_error(tmp_path):
         pickle.dump(a, f)
     with pytest.raises(TypeError, match="cannot pickle a shoal.SharedArray"):
         pickle.dumps({"inside": [a[1:]]})
+    # A SharedDict stores values pickled: it said nothing, and the second read raised EOFError.
+    d = shoal.SharedDict()
+    with pytest.raises(shoal.exceptions.SerializationError, match="cannot pickle a shoal.SharedArray"):
+        d["a"] = a
+    assert "a" not in d
+    d.close()
     # Private copies and arrays derived from it pickle as numpy arrays.
     assert np.array_equal(pickle.loads(pickle.dumps(np.array(a))), a)
     assert type(pickle.loads(pickle.dumps(a + 1))) is np.ndarray
