@@ -303,3 +303,61 @@ def _maps_shoal_memory(p: psutil.Process) -> bool:
             return any("memfd:shoal " in line or "memfd:shoal-buffers" in line for line in f)
     except OSError:
         return False
+
+
+def test_share_copies_datetime_and_timedelta_arrays():
+    # share() went through memoryview(), which refuses datetime64/timedelta64: ValueError.
+    for src in (np.arange(5).astype("M8[ns]"), np.arange(6).astype("m8[s]").reshape(2, 3).T):
+        a = shoal.share(src)
+        assert isinstance(a, shoal.SharedArray) and a.dtype == src.dtype and np.array_equal(a, src)
+
+
+def test_a_shared_array_in_initargs_reaches_every_worker(start_method):
+    # initargs were pickled once, outside a shoal channel: the descriptor went
+    # through a one-shot resource sharer and the second worker failed to start.
+    a = shoal.SharedArray(4)
+    with shoal.Pool(2, initializer=workers.stash, initargs=(a,), context=start_method) as pool:
+        assert sorted(pool.starmap(workers.fill_stashed, [(i, i + 1.0) for i in range(4)], chunksize=1)) == [0, 1, 2, 3]
+    assert a.tolist() == [1.0, 2.0, 3.0, 4.0]
+    del a
+
+
+def test_plain_pickle_of_a_shared_array_is_a_clear_error(tmp_path):
+    # pickle.dump() to a file "worked": it started multiprocessing's resource
+    # sharer, and loading the file later failed with an unrelated EOFError.
+    import pickle
+
+    a = shoal.SharedArray(3)
+    with open(tmp_path / "a.pickle", "wb") as f, pytest.raises(TypeError, match="pickle a plain copy"):
+        pickle.dump(a, f)
+    with pytest.raises(TypeError, match="cannot pickle a shoal.SharedArray"):
+        pickle.dumps({"inside": [a[1:]]})
+    # A SharedDict stores values pickled: it said nothing, and the second read raised EOFError.
+    d = shoal.SharedDict()
+    with pytest.raises(shoal.exceptions.SerializationError, match="cannot pickle a shoal.SharedArray"):
+        d["a"] = a
+    assert "a" not in d
+    d.close()
+    # Private copies and arrays derived from it pickle as numpy arrays.
+    assert np.array_equal(pickle.loads(pickle.dumps(np.array(a))), a)
+    assert type(pickle.loads(pickle.dumps(a + 1))) is np.ndarray
+    del a
+
+
+def test_many_large_results_kept_alive_do_not_run_out_of_descriptors():
+    # Each received result's mapping kept a descriptor: a few hundred kept
+    # results failed with OSError EMFILE (Too many open files).
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 150, hard))
+    try:
+        with shoal.Pool(1) as pool:
+            kept = [pool.apply_async(workers.full_array, (40_000, float(i))) for i in range(300)]
+            kept = [r.get(timeout=60) for r in kept]
+            assert [float(a[0]) for a in kept] == [float(i) for i in range(300)]
+            # Mapped or copied, each is a writable array of its own, as in-band results are.
+            assert all(a.shape == (40_000,) and a.flags.writeable for a in kept)
+            del kept
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -301,6 +301,12 @@ def stashed_sums(_=None):
     return [float(a.sum()) for a in _stash]
 
 
+def fill_stashed(index, value):
+    """Write *value* at *index* of the first array stash() kept (the initializer's)."""
+    _stash[0][index] = value
+    return index
+
+
 # -- shared objects, worker state and hooks (tests/test_worker_state.py) --------
 
 

@@ -29,6 +29,7 @@ import io
 import mmap
 import os
 import pickle
+import resource
 import threading
 import traceback
 from collections import ChainMap
@@ -85,7 +86,15 @@ def _rebuild_oob(
     rebuild, args, size: int, spans: list[tuple[int, int]], leased: bool = False, writable: bool = True
 ) -> list[memoryview]:
     fd = rebuild(*args)
-    if leased:
+    if fd >= _fd_limit() - _FD_HEADROOM:
+        # Every mapping keeps a descriptor (Python's mmap holds a dup), so
+        # thousands of results kept alive would run out of descriptors
+        # (EMFILE): near the limit, received buffers are copied instead.
+        try:
+            view = _read_copy(fd, size, writable)
+        finally:
+            os.close(fd)
+    elif leased:
         try:
             view = memoryview(map_leased(fd, size, writable=writable))
         finally:
@@ -101,6 +110,27 @@ def _rebuild_oob(
         finally:
             os.close(fd)
     return [view[offset : offset + n] for offset, n in spans]
+
+
+#: Descriptors kept free: beyond this, out-of-band buffers are copied, not mapped.
+_FD_HEADROOM = 128
+
+
+def _fd_limit() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 30
+
+
+def _read_copy(fd: int, size: int, writable: bool) -> memoryview:
+    """The *size* bytes of *fd* in private memory (read-only unless *writable*)."""
+    view = memoryview(bytearray(size))
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [view[done:]], done)
+        if n == 0:
+            break
+        done += n
+    return view if writable else view.toreadonly()
 
 
 _PAGE = 4096

@@ -221,10 +221,19 @@ class Engine:
         config_inline = None
         try:
             config_args = (
-                cloudpickle.dumps(hooks)
+                hooks
                 if initializer is not None or worker_init is not None or worker_exit is not None
                 else None
             )
+            if config_args is not None:
+                # Picklable?  Pickled again for each worker, with the
+                # descriptors (a SharedArray's) beside its first message.
+                with collecting_fds() as fds:
+                    try:
+                        cloudpickle.dumps(config_args)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
         except Exception as exc:
             if "through inheritance" not in str(exc):
                 raise serialization_error(

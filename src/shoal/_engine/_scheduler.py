@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from .._fd import create_fd
+from .._fd import collecting_fds, create_fd
 from .._ipc import Channel
 from .._serialization import loads_with, unpack_exception
 from ..exceptions import (
@@ -141,7 +141,7 @@ class Scheduler:
         context: Any,
         maxtasksperchild: int | None,
         max_memory: int | None,
-        config_args: bytes | None,
+        config_args: tuple | None,
         config_inline: tuple | None = None,
         shared: Any,
         shared_data: bytes | None,
@@ -221,11 +221,21 @@ class Scheduler:
         )
         config = WorkerConfig(None, (), self._maxtasks, self._max_memory, os.getpid(), pdeathsig, slot)
         if self._config_args is not None:
-            config.initializer, config.initargs, config.worker_init, config.worker_exit = cloudpickle.loads(
-                self._config_args
-            )
+            config.initializer, config.initargs, config.worker_init, config.worker_exit = self._config_args
         config.shared_data = self._shared_data
-        config_bytes = cloudpickle.dumps(config)
+        # The first message's descriptors: the status block's, the shared
+        # object's, then those the initargs hold (a SharedArray's), pickled
+        # for each worker so that each gets its own.
+        first_fds = [os.dup(fd) for fd in (self._status_fd, *self._shared_fds)]
+        fds: list[int] = first_fds
+        try:
+            with collecting_fds() as fds:
+                fds.extend(first_fds)
+                config_bytes = cloudpickle.dumps(config)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
         # Under fork the worker inherits every descriptor of this process.
         # The engines' own (other workers' sockets, wake-up pipes, the shared
         # memory of queued tasks, and the parent's end of this worker's own
@@ -245,13 +255,15 @@ class Scheduler:
         except BaseException:
             parent_ch.close()
             child_ch.close()
+            for fd in fds:
+                os.close(fd)
             self._free_slots.append(slot)
             raise
         child_ch.close()
         worker = Worker(proc, parent_ch, slot)
         try:
             parent_ch.sock.setblocking(False)
-            parent_ch.queue(config_bytes, [os.dup(fd) for fd in (self._status_fd, *self._shared_fds)])
+            parent_ch.queue(config_bytes, fds)
             self._selector.register(parent_ch.fileno(), selectors.EVENT_READ, ("chan", worker))
             self._selector.register(worker.sentinel, selectors.EVENT_READ, ("dead", worker))
         except BaseException:

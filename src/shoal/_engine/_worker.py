@@ -53,7 +53,7 @@ import time
 
 import cloudpickle
 
-from .._fd import WarmSegments, sending_fds
+from .._fd import WarmSegments, providing_fds, sending_fds
 from .._ipc import Channel
 from .._serialization import dumps, loads_with, pack_exception
 from . import _local
@@ -175,23 +175,24 @@ def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
     first = channel.recv()
     if first is None:
         return
-    config: WorkerConfig = cloudpickle.loads(first[0])
+    with providing_fds(first[1]):  # the initargs may hold a SharedArray
+        config: WorkerConfig = cloudpickle.loads(first[0])
     if hooks is not None:
         config.initializer, config.initargs, config.worker_init, config.worker_exit = hooks
     if config.pdeathsig:
         _set_pdeathsig(config.owner_pid)
-    status_fd, *shared_fds = first[1]
+    status_fd, *shared_fds = first[1]  # then the initargs' descriptors, unused by the shared object
     status = mmap.mmap(status_fd, 0)
     os.close(status_fd)
     offset = config.slot * STATUS_SLOT
 
     try:
-        if config.shared_data is not None:
-            try:
+        try:
+            if config.shared_data is not None:
                 shared = loads_with(config.shared_data, shared_fds)
-            finally:
-                for fd in shared_fds:
-                    os.close(fd)
+        finally:
+            for fd in shared_fds:
+                os.close(fd)
         _local.install(shared)
         if config.initializer is not None:
             config.initializer(*config.initargs)

@@ -41,9 +41,10 @@ import ctypes
 import operator
 import os
 import weakref
+from multiprocessing import reduction
 from typing import Any
 
-from .._fd import Segment, fd_from_buffer
+from .._fd import Segment, collecting, fd_from_buffer
 
 _MISSING = (
     "shoal.SharedArray needs numpy, which is not installed: pip install numpy (or 'shoal[numpy]')"
@@ -77,7 +78,25 @@ class _Memory:
         _mapped[(st.st_dev, st.st_ino)] = self
 
     def __reduce__(self):
+        # Plain pickle (to a file, a socket, a cache): the descriptor means
+        # nothing there.  multiprocessing's pickler (Process arguments,
+        # multiprocessing queues and pipes) uses _reduce_memory, registered
+        # below; shoal's channels pickle inside collecting_fds().
+        if not collecting():
+            raise TypeError(
+                "cannot pickle a shoal.SharedArray outside of sending it to another process: its memory "
+                "travels as a file descriptor, which only a Process, a Pool task, an Actor, a Pipe or a "
+                "Queue can carry. To save or send its contents elsewhere, pickle a plain copy "
+                "(numpy.array(shared_array)) or use numpy.save"
+            )
         return _rebuild_memory, (self.segment,)
+
+
+def _reduce_memory(memory: _Memory) -> tuple:
+    return _rebuild_memory, (memory.segment,)
+
+
+reduction.register(_Memory, _reduce_memory)
 
 
 #: This process's mappings of SharedArray segments, by (device, inode).
@@ -211,7 +230,8 @@ if np is not None:
             out[...] = array
             return out
         try:
-            fd = fd_from_buffer(memoryview(contiguous).cast("B"))
+            # As bytes: memoryview refuses some dtypes (datetime64, timedelta64).
+            fd = fd_from_buffer(contiguous.reshape(-1).view(np.uint8))
         except OSError as exc:
             raise MemoryError(f"cannot allocate {array.nbytes} bytes of shared memory: {exc}") from exc
         try:
