@@ -39,9 +39,9 @@ def _array_sum(a, i):
 
 
 def _shared_sum(i):
-    from shoal._dask import shared
+    import shoal
 
-    return float(shared()[i])
+    return float(shoal.shared()[i])
 
 
 def _cluster():
