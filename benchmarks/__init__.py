@@ -11,13 +11,21 @@ figure (in the scenario's unit).  The runner prints every figure and its ratio
 to the standard library's.
 """
 
-MODULES = ("bench_pool", "bench_arrays", "bench_ipc", "bench_shared", "bench_actor", "bench_joblib", "bench_dask")
+MODULES = (
+    "bench_pool",
+    "bench_arrays",
+    "bench_ipc",
+    "bench_shared",
+    "bench_actor",
+    "bench_joblib",
+    "bench_dask",
+)
 
 # What the `shoal bench` command uses (imported after MODULES: the runner reads it).
 from ._framework import describe as describe  # noqa: E402
+from ._framework import load_scenarios as load_scenarios  # noqa: E402
 from ._framework import print_header as print_header  # noqa: E402
 from ._framework import print_record as print_record  # noqa: E402
 from ._framework import print_summary as print_summary  # noqa: E402
 from ._framework import run as run  # noqa: E402
 from ._plot import draw_ratios as draw_ratios  # noqa: E402
-from ._framework import load_scenarios as load_scenarios  # noqa: E402

@@ -179,7 +179,10 @@ def print_record(record: dict, out=sys.stdout) -> None:
     """One table row per contender; shoal's row carries the target and its verdict."""
     for contender, figure, ratio, target, verdict in table_rows(record):
         mark = f"{verdict:6} {target}" if verdict else ""
-        print(f"{record['name']:44} {contender:10} {figure:>14} {record['unit']:12} {ratio:>10}  {mark}", file=out)
+        print(
+            f"{record['name']:44} {contender:10} {figure:>14} {record['unit']:12} {ratio:>10}  {mark}",
+            file=out,
+        )
     out.flush()
 
 

@@ -21,14 +21,18 @@ def draw_ratios(saved: dict, target: str | IO[bytes], fmt: str | None = None) ->
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     scenarios = [sc for sc in saved["scenarios"] if any(r["ratio"] for r in sc["results"])]
-    contenders = sorted({r["contender"] for sc in scenarios for r in sc["results"]} - {"stdlib"},
-                        key=lambda c: (c != "shoal", c))
+    contenders = sorted(
+        {r["contender"] for sc in scenarios for r in sc["results"]} - {"stdlib"},
+        key=lambda c: (c != "shoal", c),
+    )
     colors = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(contenders)}
     # One row per bar, top to bottom; a scenario's bars sit together, and
     # only the contenders it measured take room.
     groups = []
     for sc in scenarios:
-        ratios = {r["contender"]: r["ratio"] for r in sc["results"] if r["ratio"] and r["contender"] != "stdlib"}
+        ratios = {
+            r["contender"]: r["ratio"] for r in sc["results"] if r["ratio"] and r["contender"] != "stdlib"
+        }
         groups.append((sc, [(c, ratios[c]) for c in contenders if c in ratios]))
     rows = sum(len(bars) for _, bars in groups) + 0.6 * len(groups)
     fig = Figure(figsize=(10, 1.0 + 0.2 * rows), layout="constrained")
@@ -40,8 +44,14 @@ def draw_ratios(saved: dict, target: str | IO[bytes], fmt: str | None = None) ->
         top = y
         for contender, ratio in bars:
             # From 1 (the standard library) to the ratio: left of it is worse.
-            ax.barh(-y, ratio - 1, 0.8, left=1, color=colors[contender],
-                    label=None if contender in labelled else contender)
+            ax.barh(
+                -y,
+                ratio - 1,
+                0.8,
+                left=1,
+                color=colors[contender],
+                label=None if contender in labelled else contender,
+            )
             labelled.add(contender)
             y += 1
         ticks.append((-(top + y - 1) / 2, f"{sc['name']} [{sc['unit']}]"))

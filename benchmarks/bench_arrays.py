@@ -179,7 +179,9 @@ def _peak_gb(make_pool, quick: bool, shared: bool) -> float:
         "import sys; from shoal.benchmarks import bench_arrays as b; "
         f"print(b._peak_in_this_process(b.{make_pool.__name__}, {quick}, {shared}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True
+    )
     return float(out.stdout.split()[-1])
 
 
@@ -240,7 +242,10 @@ if optional("numpy"):
             "worker returns a 50 MB array, x8",
             "GB/s",
             True,
-            {"stdlib": lambda q: _return_rate(_stdlib_pool, q), "shoal": lambda q: _return_rate(_shoal_pool, q)},
+            {
+                "stdlib": lambda q: _return_rate(_stdlib_pool, q),
+                "shoal": lambda q: _return_rate(_shoal_pool, q),
+            },
             target=">= 5x",
             repeat=2,
         ),

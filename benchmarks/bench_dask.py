@@ -50,7 +50,11 @@ def _cluster():
         import distributed
 
         cluster = distributed.LocalCluster(
-            n_workers=WORKERS, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+            n_workers=WORKERS,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
             scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         )
         client = distributed.Client(cluster, set_as_default=False)
@@ -152,12 +156,18 @@ if optional("distributed") and optional("numpy"):
             "dask: 100 tasks sharing one 10 MB array",
             "s",
             False,
-            {"submit": _client_submit_seconds, "shoal": _shoal_starmap_seconds, "shared=": _shoal_shared_seconds},
+            {
+                "submit": _client_submit_seconds,
+                "shoal": _shoal_starmap_seconds,
+                "shared=": _shoal_shared_seconds,
+            },
             target=">= 5x client.submit",
             repeat=2,
             baseline="submit",
         ),
     ]
 else:
-    print("bench_dask: skipped (needs distributed and numpy: pip install 'shoal[dask]' numpy)", file=sys.stderr)
+    print(
+        "bench_dask: skipped (needs distributed and numpy: pip install 'shoal[dask]' numpy)", file=sys.stderr
+    )
     SCENARIOS = []

@@ -162,7 +162,10 @@ def _queue_rate(contender: str, quick: bool, producers: int, batched: bool) -> f
     total = per_producer * producers
     q = _queues(contender)()
     start = multiprocessing.Event()
-    procs = [multiprocessing.Process(target=_produce, args=(q, start, per_producer, batch)) for _ in range(producers)]
+    procs = [
+        multiprocessing.Process(target=_produce, args=(q, start, per_producer, batch))
+        for _ in range(producers)
+    ]
     try:
         with _running(procs):
             time.sleep(0.05)  # let them reach start.wait()
@@ -203,7 +206,10 @@ SCENARIOS = [
         name="pipe 1 MiB bytes messages",
         unit="GB/s",
         higher_is_better=True,
-        runners={"stdlib": lambda quick: _pipe_mib("stdlib", quick), "shoal": lambda quick: _pipe_mib("shoal", quick)},
+        runners={
+            "stdlib": lambda quick: _pipe_mib("stdlib", quick),
+            "shoal": lambda quick: _pipe_mib("shoal", quick),
+        },
         target=">= 1.0x",
     ),
     Scenario(

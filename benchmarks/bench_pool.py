@@ -230,7 +230,10 @@ SCENARIOS = [
         "pool start + first result",
         "ms",
         False,
-        _with_peers({"stdlib": lambda q: _start_ms(_stdlib_pool), "shoal": lambda q: _start_ms(_shoal_pool)}, {"loky": _start_loky, "mpire": _start_mpire}),
+        _with_peers(
+            {"stdlib": lambda q: _start_ms(_stdlib_pool), "shoal": lambda q: _start_ms(_shoal_pool)},
+            {"loky": _start_loky, "mpire": _start_mpire},
+        ),
         target=">= 0.67x (time <= 1.5x the standard library's)",
         repeat=5,
     ),
@@ -248,7 +251,10 @@ SCENARIOS = [
         "apply_async x20k trivial, then get all",
         "tasks/s",
         True,
-        _with_peers({"stdlib": lambda q: _apply_rate(_stdlib_pool), "shoal": lambda q: _apply_rate(_shoal_pool)}, {"mpire": _apply_mpire}),
+        _with_peers(
+            {"stdlib": lambda q: _apply_rate(_stdlib_pool), "shoal": lambda q: _apply_rate(_shoal_pool)},
+            {"mpire": _apply_mpire},
+        ),
         target=">= 12x",
     ),
     Scenario(

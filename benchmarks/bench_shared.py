@@ -67,7 +67,9 @@ def _rate(loop, target, lock, n: int, procs: int) -> float:
     ctx = multiprocessing.get_context()
     barrier = ctx.Barrier(procs + 1)
     results = ctx.Queue()
-    workers = [ctx.Process(target=_child, args=(loop, target, lock, n, barrier, results)) for _ in range(procs)]
+    workers = [
+        ctx.Process(target=_child, args=(loop, target, lock, n, barrier, results)) for _ in range(procs)
+    ]
     for w in workers:
         w.start()
     try:

@@ -79,4 +79,4 @@ def _readme_section(title: str) -> str:
         return ""
     body = m.group(1).strip() + "\n"
     # README's relative links point into the repository, not into the site.
-    return re.sub(r"\]\((?!https?://|#)([^)]+)\)", lambda l: f"]({SOURCE_URL}{l.group(1)})", body)
+    return re.sub(r"\]\((?!https?://|#)([^)]+)\)", lambda m: f"]({SOURCE_URL}{m.group(1)})", body)

@@ -17,6 +17,7 @@ import time
 
 import psutil
 import pytest
+
 from helpers import open_fds
 
 START_METHODS = ["fork", "spawn", "forkserver"]

@@ -16,11 +16,11 @@ import time
 import numpy as np
 import psutil
 import pytest
+from tests import workers
 
 import shoal
-from shoal.exceptions import RemoteTraceback
 from helpers import wait_until
-from tests import workers
+from shoal.exceptions import RemoteTraceback
 
 
 def _gone(pid: int, timeout: float = 20.0) -> bool:

@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+
 from helpers import run_python
 
 TASKS = textwrap.dedent(
@@ -129,7 +130,9 @@ def test_usage_errors_are_one_line_and_exit_2(workdir, args, message):
 def test_bench_prints_ratios_and_marks_the_target_met_or_missed(workdir):
     out = shoal(workdir, "bench", "--quick", "-k", "pool start", timeout=120)
     assert out.returncode == 0, out.stderr
-    rows = re.findall(r"^pool start \+ first result\s+(\w+)\s+([\d.,]+)\s+ms\s+([\d.]+)x(.*)$", out.stdout, re.M)
+    rows = re.findall(
+        r"^pool start \+ first result\s+(\w+)\s+([\d.,]+)\s+ms\s+([\d.]+)x(.*)$", out.stdout, re.M
+    )
     contenders = {name: float(ratio) for name, _figure, ratio, _target in rows}
     assert {"stdlib", "shoal"} <= set(contenders)
     assert contenders["stdlib"] == 1.0
@@ -163,12 +166,21 @@ def test_bench_target_verdict(target, value, ratio, met):
 
 def _results_file(path, *, shoal_ratio: float):
     saved = {
-        "shoal": "0.1.0", "python": "3.11.7", "machine": "x86_64", "cpus": 2, "start_method": "fork",
-        "quick": True, "date": "2026-01-01T00:00:00Z",
+        "shoal": "0.1.0",
+        "python": "3.11.7",
+        "machine": "x86_64",
+        "cpus": 2,
+        "start_method": "fork",
+        "quick": True,
+        "date": "2026-01-01T00:00:00Z",
         "scenarios": [
             {
-                "name": "queue 100 B 1p/1c put/get", "unit": "msgs/s", "higher_is_better": True,
-                "target": ">= 3x", "met": shoal_ratio >= 3, "notes": "",
+                "name": "queue 100 B 1p/1c put/get",
+                "unit": "msgs/s",
+                "higher_is_better": True,
+                "target": ">= 3x",
+                "met": shoal_ratio >= 3,
+                "notes": "",
                 "results": [
                     {"contender": "stdlib", "value": 100.0, "ratio": 1.0},
                     {"contender": "shoal", "value": 100.0 * shoal_ratio, "ratio": shoal_ratio},
@@ -199,8 +211,9 @@ def test_bench_load_reprints_saved_results_and_json_file_round_trips(workdir):
     saved = _results_file(workdir / "saved.json", shoal_ratio=2.0)
     out = shoal(workdir, "bench", "--load", "saved.json", "--json", "copy.json")
     assert out.returncode == 0, out.stderr
-    assert re.search(r"^queue 100 B 1p/1c put/get\s+shoal\s+200\s+msgs/s\s+2.00x\s+MISSED >= 3x$",
-                     out.stdout, re.M)
+    assert re.search(
+        r"^queue 100 B 1p/1c put/get\s+shoal\s+200\s+msgs/s\s+2.00x\s+MISSED >= 3x$", out.stdout, re.M
+    )
     assert "targets met: 0 of 1" in out.stdout
     assert "  missed: queue 100 B 1p/1c put/get" in out.stdout
     assert json.loads((workdir / "copy.json").read_text()) == saved
@@ -220,7 +233,11 @@ def test_bench_load_of_a_bad_file_is_a_usage_error(workdir, content, message):
 
 @pytest.mark.parametrize(
     "scenarios",
-    [[1, 2], [{"name": "x"}], [{"name": "x", "unit": "ms", "target": "", "met": None, "results": [{"value": 1}]}]],
+    [
+        [1, 2],
+        [{"name": "x"}],
+        [{"name": "x", "unit": "ms", "target": "", "met": None, "results": [{"value": 1}]}],
+    ],
 )
 def test_bench_load_of_malformed_scenario_records_is_a_usage_error(workdir, scenarios):
     # A results file whose records had the wrong shape ended in a traceback
@@ -265,8 +282,13 @@ def test_bench_interrupted_exits_130_without_a_traceback(workdir):
     # where `shoal map` says "interrupted" and exits 130.
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", "shoal", "bench", "-k", "imap_unordered"], cwd=workdir,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "bench", "-k", "imap_unordered"],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stdout:
             if line.startswith("-----"):  # the table has begun: measuring
@@ -305,7 +327,10 @@ def test_bench_plot_without_matplotlib_says_how_to_install_it(workdir):
     _results_file(workdir / "saved.json", shoal_ratio=4.0)
     out = subprocess.run(
         [sys.executable, "-m", "shoal", "bench", "--load", "saved.json", "--plot", "ratios.png"],
-        capture_output=True, text=True, timeout=60, cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=workdir,
         env={**os.environ, "PYTHONPATH": str(blocker)},
     )
     assert out.returncode == 2
@@ -377,7 +402,10 @@ def _map_into_closed_pipe(workdir, lines: list[str]) -> subprocess.CompletedProc
     (workdir / "in.txt").write_text("".join(f"{line}\n" for line in lines))
     proc = subprocess.Popen(
         [sys.executable, "-m", "shoal", "map", "tasks:double", "in.txt", "-j", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=workdir,
     )
     try:
         first = proc.stdout.readline()
@@ -408,7 +436,10 @@ def test_map_exits_1_when_an_item_failed_and_stderr_went_to_the_reader_that_left
     (workdir / "in.txt").write_text("".join(f"{line}\n" for line in ["1", "x", *map(str, range(100_000))]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "shoal", "map", "tasks:double", "in.txt", "-j", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=workdir,
     )
     try:
         for line in proc.stdout:  # results and reports, until the failure is reported

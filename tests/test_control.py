@@ -8,10 +8,10 @@ import os
 import time
 
 import pytest
-import workers
-from helpers import wait_until
 
 import shoal
+import workers
+from helpers import wait_until
 
 
 def test_late_task_is_killed_and_others_finish(fork_or_spawn):
@@ -47,7 +47,7 @@ def test_cancel_queued_future():
         cancelled = [f.cancel() for f in queued]
         assert any(cancelled)
         assert blocker.result(timeout=30) == 0.5
-        for f, ok in zip(queued, cancelled):
+        for f, ok in zip(queued, cancelled, strict=False):
             if ok:
                 assert f.cancelled()
                 with pytest.raises(concurrent.futures.CancelledError):

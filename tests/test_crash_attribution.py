@@ -17,8 +17,10 @@ KILLED = -signal.SIGKILL
 
 
 def _tasks(n: int, **fields) -> list[Task]:
-    return [Task(id=i, fn_id=7, fn_ref=None, mode=0, data=b"", fds=(), sink=None, **fields)
-            for i in range(1, n + 1)]
+    return [
+        Task(id=i, fn_id=7, fn_ref=None, mode=0, data=b"", fds=(), sink=None, **fields)
+        for i in range(1, n + 1)
+    ]
 
 
 def _fates(verdicts) -> list[Fate]:

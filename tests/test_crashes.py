@@ -12,18 +12,36 @@ import time
 import numpy as np
 import psutil
 import pytest
-import workers
 
 import shoal
+import workers
 
 CRASHES = [
     pytest.param(workers.kill_self, None, shoal.WorkerDiedError, "SIGKILL", id="sigkill"),
     pytest.param(workers.segfault, None, shoal.WorkerDiedError, "SIGSEGV", id="segfault"),
     pytest.param(workers.exit_now, 3, shoal.WorkerDiedError, "exit code 3", id="os._exit"),
-    pytest.param(workers.return_lock, None, shoal.SerializationError, "cannot pickle the task's result", id="unpicklable-result"),
-    pytest.param(workers.raise_error_holding_lock, None, shoal.SerializationError, "ErrorHoldingLock", id="unpicklable-exception"),
+    pytest.param(
+        workers.return_lock,
+        None,
+        shoal.SerializationError,
+        "cannot pickle the task's result",
+        id="unpicklable-result",
+    ),
+    pytest.param(
+        workers.raise_error_holding_lock,
+        None,
+        shoal.SerializationError,
+        "ErrorHoldingLock",
+        id="unpicklable-exception",
+    ),
     # Its __init__ takes two arguments, so plain unpickling fails: rebuilt without __init__.
-    pytest.param(workers.raise_bad_record, 7, workers.BadRecord, "record 7: no such field", id="exception-init-two-args"),
+    pytest.param(
+        workers.raise_bad_record,
+        7,
+        workers.BadRecord,
+        "record 7: no such field",
+        id="exception-init-two-args",
+    ),
     pytest.param(workers.raise_value_error, 7, ValueError, "bad value 7", id="exception"),
 ]
 

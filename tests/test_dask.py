@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
-distributed = pytest.importorskip("distributed", reason="the dask extra is not installed: pip install 'shoal[dask]'")
+distributed = pytest.importorskip(
+    "distributed", reason="the dask extra is not installed: pip install 'shoal[dask]'"
+)
 np = pytest.importorskip("numpy")
 
 import shoal  # noqa: E402
-
 from workers import add, crash_on, identity, raise_value_error, sleep_then, square  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -36,7 +37,10 @@ TESTS = Path(__file__).resolve().parent
 def cluster():
     """An in-process cluster of two single-thread workers."""
     c = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None,
+        n_workers=2,
+        threads_per_worker=1,
+        processes=False,
+        dashboard_address=None,
         # its HTTP server would take port 8787, or warn when it is in use
         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
     )
@@ -225,8 +229,9 @@ def test_unpicklable_argument_raises_at_submit(pool):
 
 def test_initializer_runs_on_each_worker_once(cluster):
     _initialized_in.clear()
-    with shoal.Pool(backend="dask", address=cluster.scheduler_address, initializer=remember_init,
-                    initargs=("x",)) as p:
+    with shoal.Pool(
+        backend="dask", address=cluster.scheduler_address, initializer=remember_init, initargs=("x",)
+    ) as p:
         assert p.map(square, range(100), chunksize=1) == [x * x for x in range(100)]
     assert 1 <= len(_initialized_in) <= 2  # two worker threads in this process
     assert len(set(_initialized_in)) == len(_initialized_in)
@@ -287,7 +292,9 @@ def test_pools_left_open_at_exit_shut_down_their_cluster(tmp_path):
         "    ex = shoal.ProcessPoolExecutor(2, backend='dask')\n"
         "    print(ex.submit(square, 3).result(60))\n"
     )
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=90, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[0,", "1,", "4,", "9,", "16]", "9"]
     # no_leaks: the worker processes of both clusters have exited
@@ -320,7 +327,7 @@ def test_backend_dask_without_the_extra_says_how_to_install():
         "    print('ImportError:', exc)\n"
     )
     assert out.returncode == 0, out.stderr
-    assert "pip install \"shoal[dask]\"" in out.stdout
+    assert 'pip install "shoal[dask]"' in out.stdout
 
 
 # -- a cluster of worker processes --------------------------------------------------
@@ -338,7 +345,9 @@ def test_owned_cluster_starts_the_workers_asked_for_and_stops_them():
         # Worker processes map a large shared argument copy-on-write: each
         # task still gets its own copy.
         a = np.zeros(1 << 18)  # 2 MB
-        assert p.starmap(total_after_write, [(a, i) for i in range(30)], chunksize=1) == [(1.0, i) for i in range(30)]
+        assert p.starmap(total_after_write, [(a, i) for i in range(30)], chunksize=1) == [
+            (1.0, i) for i in range(30)
+        ]
     # the no_leaks fixture checks that every worker process has exited
 
 
@@ -387,15 +396,36 @@ def test_a_real_scheduler_and_two_workers(tmp_path):
     log = open(tmp_path / "cluster.log", "w")  # noqa: SIM115 - closed in finally
     procs = []
     try:
-        procs.append(subprocess.Popen(
-            [str(dask_cli), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-            stdout=log, stderr=log, env=env, cwd=tmp_path, start_new_session=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [str(dask_cli), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                stdout=log,
+                stderr=log,
+                env=env,
+                cwd=tmp_path,
+                start_new_session=True,
+            )
+        )
         for _ in range(2):
-            procs.append(subprocess.Popen(
-                [str(dask_cli), "worker", address, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
-                stdout=log, stderr=log, env=env, cwd=tmp_path, start_new_session=True,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(dask_cli),
+                        "worker",
+                        address,
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        "--host",
+                        "127.0.0.1",
+                    ],
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    cwd=tmp_path,
+                    start_new_session=True,
+                )
+            )
         _wait_for_workers(address, 2, time.monotonic() + 60)
 
         got = []
@@ -500,7 +530,11 @@ def test_the_initializer_sees_the_shared_object(cluster):
     # The Dask worker side ran the initializer before setting shoal.shared(),
     # so an initializer reading it broke the pool (it works on the local backend).
     _seen_by_initializer.clear()
-    with shoal.Pool(backend="dask", address=cluster.scheduler_address, shared=[1, 2, 3],
-                    initializer=remember_shared_length) as p:
+    with shoal.Pool(
+        backend="dask",
+        address=cluster.scheduler_address,
+        shared=[1, 2, 3],
+        initializer=remember_shared_length,
+    ) as p:
         assert p.map(shared_identity, range(4))[0][1] == 3
     assert set(_seen_by_initializer) == {3}

@@ -31,8 +31,16 @@ def site(tmp_path_factory):
 
 def test_docs_build_strict_with_api_reference(site):
     reference = (site / "reference" / "index.html").read_text()
-    for name in ("shoal.Pool", "shoal.ProcessPoolExecutor", "shoal.SharedDict", "shoal.WorkerDiedError",
-                 "shoal.Actor", "shoal.shared", "shoal.worker_state", "shoal.ActorDiedError"):
+    for name in (
+        "shoal.Pool",
+        "shoal.ProcessPoolExecutor",
+        "shoal.SharedDict",
+        "shoal.WorkerDiedError",
+        "shoal.Actor",
+        "shoal.shared",
+        "shoal.worker_state",
+        "shoal.ActorDiedError",
+    ):
         assert f'id="{name}"' in reference, name
     # Sphinx roles in docstrings become links or code, not literal text.
     assert ":class:" not in reference and "The tree::" not in reference

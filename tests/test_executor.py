@@ -7,9 +7,9 @@ import concurrent.futures
 import time
 
 import pytest
-import workers
 
 import shoal
+import workers
 
 
 def test_submit_map_shutdown(start_method):
@@ -123,13 +123,12 @@ def test_map_without_chunksize_starts_with_single_items_and_grows_with_measured_
 
 
 def test_a_with_block_left_by_keyboard_interrupt_stops_its_work():
-    with pytest.raises(KeyboardInterrupt):
-        with shoal.ProcessPoolExecutor(1) as ex:
-            running = ex.submit(workers.sleep_for, 600)
-            queued = [ex.submit(workers.square, i) for i in range(5)]
-            while not running.running():
-                time.sleep(0.01)
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), shoal.ProcessPoolExecutor(1) as ex:
+        running = ex.submit(workers.sleep_for, 600)
+        queued = [ex.submit(workers.square, i) for i in range(5)]
+        while not running.running():
+            time.sleep(0.01)
+        raise KeyboardInterrupt
     # The block did not wait for the 600 s task (pytest-timeout would say so).
     # Queued ones are cancelled (those already handed to the worker behind
     # the running task fail the same way).
@@ -184,7 +183,9 @@ def test_a_multiprocessing_queue_can_be_an_initarg(start_method):
     ctx = multiprocessing.get_context(start_method)
     q = ctx.Queue()
     try:
-        with shoal.ProcessPoolExecutor(2, mp_context=ctx, initializer=workers.init_with_queue, initargs=(q,)) as ex:
+        with shoal.ProcessPoolExecutor(
+            2, mp_context=ctx, initializer=workers.init_with_queue, initargs=(q,)
+        ) as ex:
             assert list(ex.map(workers.put_in_init_queue, range(4))) == [0, 1, 2, 3]
         assert sorted(q.get(timeout=30) for _ in range(4)) == [0, 1, 2, 3]
     finally:

@@ -10,10 +10,10 @@ import pickle
 import time
 
 import pytest
-import workers
-from helpers import child_reports, fd_links, wait_child
 
 import shoal
+import workers
+from helpers import child_reports, fd_links, wait_child
 from shoal import Pipe, Queue
 
 # -- pool workers -----------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 
 import psutil
 import pytest
+
 from helpers import kill_group, wait_until
 
 SCRIPT = textwrap.dedent(
@@ -63,7 +64,14 @@ SCRIPT = textwrap.dedent(
 )
 
 FACES = [
-    "map", "imap", "get", "with", "executor-map", "executor-with-map", "executor-result", "executor-with-submit",
+    "map",
+    "imap",
+    "get",
+    "with",
+    "executor-map",
+    "executor-with-map",
+    "executor-result",
+    "executor-with-submit",
 ]
 
 

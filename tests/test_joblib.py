@@ -9,11 +9,11 @@ import pytest
 
 joblib = pytest.importorskip("joblib")
 
-import workers  # noqa: E402
 from joblib import Parallel, delayed  # noqa: E402
 
 import shoal  # noqa: E402
-import shoal.joblib  # noqa: E402, F401 - registers the backend
+import shoal.joblib  # noqa: E402 - registers the backend
+import workers  # noqa: E402
 
 
 def test_import_shoal_does_not_import_joblib():
@@ -34,14 +34,18 @@ def test_parallel_config_runs_calls_in_shoal_workers(method):
 
 
 def test_return_as_generator_and_the_default_backend_unchanged():
-    out = Parallel(n_jobs=2, backend="shoal", return_as="generator")(delayed(workers.square)(x) for x in range(50))
+    out = Parallel(n_jobs=2, backend="shoal", return_as="generator")(
+        delayed(workers.square)(x) for x in range(50)
+    )
     assert list(out) == [x * x for x in range(50)]
     assert isinstance(joblib.parallel.get_active_backend()[0], joblib._parallel_backends.LokyBackend)
 
 
 def test_task_exception_keeps_its_type_and_remote_traceback():
     with pytest.raises(ValueError, match="bad value 7") as info:
-        Parallel(n_jobs=2, backend="shoal")([delayed(workers.square)(1), delayed(workers.raise_value_error)(7)])
+        Parallel(n_jobs=2, backend="shoal")(
+            [delayed(workers.square)(1), delayed(workers.raise_value_error)(7)]
+        )
     assert "raise_value_error" in "".join(str(c) for c in _causes(info.value))
 
 
@@ -88,6 +92,9 @@ def test_executor_options_pass_through_parallel_config():
 
 
 def test_without_joblib_the_module_says_what_to_install():
-    code = "import sys; sys.modules['joblib'] = None\ntry:\n import shoal.joblib\nexcept ImportError as e:\n print(e)"
+    code = (
+        "import sys; sys.modules['joblib'] = None\n"
+        "try:\n import shoal.joblib\nexcept ImportError as e:\n print(e)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "pip install 'shoal[joblib]'" in out.stdout, out.stderr

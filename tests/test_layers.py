@@ -108,12 +108,18 @@ def _violations() -> list[str]:
                 if module == "shoal":
                     continue  # the public namespace re-exports from everywhere
                 if tlayer > layer:
-                    problems.append(f"{where}: {module} (layer {layer}) imports higher {tgt} (layer {tlayer})")
+                    problems.append(
+                        f"{where}: {module} (layer {layer}) imports higher {tgt} (layer {tlayer})"
+                    )
                 elif tlayer == layer:
-                    problems.append(f"{where}: {module} imports its sibling {tgt}; move what both need down a layer")
+                    problems.append(
+                        f"{where}: {module} imports its sibling {tgt}; move what both need down a layer"
+                    )
                 private_module = any(p.startswith("_") for p in tgt[len(troom) :].split(".") if p)
                 if private_module:
-                    problems.append(f"{where}: {module} imports the private module {tgt}; import it from {troom}")
+                    problems.append(
+                        f"{where}: {module} imports the private module {tgt}; import it from {troom}"
+                    )
                 for n in names:
                     if n.startswith("_") and n != "__version__":
                         problems.append(f"{where}: {module} imports the private name {n} from {tgt}")

@@ -26,9 +26,9 @@ import weakref
 
 import psutil
 import pytest
-import workers
 
 import shoal
+import workers
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,7 +39,12 @@ def run_script(tmp_path, source: str, *args: str, timeout: float = 90) -> str:
     script.write_text(textwrap.dedent(source))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc.stdout
@@ -52,7 +57,10 @@ def shoal_threads() -> list[str]:
 def worker_children() -> list[int]:
     from multiprocessing import forkserver, resource_tracker
 
-    helpers = {getattr(forkserver._forkserver, "_forkserver_pid", None), getattr(resource_tracker._resource_tracker, "_pid", None)}
+    helpers = {
+        getattr(forkserver._forkserver, "_forkserver_pid", None),
+        getattr(resource_tracker._resource_tracker, "_pid", None),
+    }
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
@@ -88,7 +96,10 @@ def attempt(label, fn):
 def test_no_thread_at_all_fails_fast_and_shutdown_returns(tmp_path, method):
     # What happened: the executor's workers started, its scheduler thread
     # could not, and shutdown() then waited for that thread forever.
-    out = run_script(tmp_path, _REFUSE_THREADS + """
+    out = run_script(
+        tmp_path,
+        _REFUSE_THREADS
+        + """
 if __name__ == "__main__":
     threading.Thread.start = refuse
     ex = shoal.ProcessPoolExecutor(2, mp_context=sys.argv[1])
@@ -99,7 +110,9 @@ if __name__ == "__main__":
     attempt("Pool", lambda: shoal.Pool(2, context=sys.argv[1]))
     print("threads", [t.name for t in threading.enumerate()])
     print("children", multiprocessing.active_children())
-""", method)
+""",
+        method,
+    )
     lines = out.splitlines()
     assert lines[0].startswith("submit BrokenProcessPool shoal could not start its scheduler thread")
     assert "interpreter is shutting down" in lines[0]
@@ -112,7 +125,10 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_no_new_thread_after_start_fails_only_what_needs_one(tmp_path, method):
     # A map needs a thread to feed its input; calls and callbacks do not.
-    out = run_script(tmp_path, _REFUSE_THREADS + """
+    out = run_script(
+        tmp_path,
+        _REFUSE_THREADS
+        + """
 if __name__ == "__main__":
     ex = shoal.ProcessPoolExecutor(2, mp_context=sys.argv[1])
     pool = shoal.Pool(2, context=sys.argv[1])
@@ -121,7 +137,9 @@ if __name__ == "__main__":
     attempt("submit", lambda: ex.submit(workers.square, 3).result(timeout=30))
     attempt("map", lambda: list(ex.map(workers.square, [1, 2])))
     got = []
-    attempt("apply_async", lambda: pool.apply_async(workers.square, (4,), callback=got.append).get(timeout=30))
+    attempt(
+        "apply_async", lambda: pool.apply_async(workers.square, (4,), callback=got.append).get(timeout=30)
+    )
     attempt("imap", lambda: list(pool.imap(workers.square, [1, 2])))
     attempt("pool.map", lambda: pool.map(workers.square, [1, 2]))
     pool.close()
@@ -130,13 +148,19 @@ if __name__ == "__main__":
     print("callback got", got)
     print("threads", [t.name for t in threading.enumerate()])
     print("children", multiprocessing.active_children())
-""", method)
+""",
+        method,
+    )
     lines = out.splitlines()
     assert lines[0] == "warm 4 4"
     assert lines[1] == "submit -> 9"
-    assert lines[2].startswith("map BrokenProcessPool shoal could not start the thread that feeds this map's input")
+    assert lines[2].startswith(
+        "map BrokenProcessPool shoal could not start the thread that feeds this map's input"
+    )
     assert lines[3] == "apply_async -> 16"
-    assert lines[4].startswith("imap BrokenProcessPool shoal could not start the thread that feeds")  # a RuntimeError
+    assert lines[4].startswith(
+        "imap BrokenProcessPool shoal could not start the thread that feeds"
+    )  # a RuntimeError
     assert lines[5] == "pool.map -> [1, 4]"
     assert lines[6:] == ["callback got [16]", "threads ['MainThread']", "children []"]
 
@@ -146,7 +170,9 @@ def test_pool_first_used_from_an_atexit_handler(tmp_path, method):
     # Python 3.12 refuses fork and new threads while atexit handlers run;
     # 3.11 and 3.13 allow them.  Either the work runs or the executor says
     # it is broken; the program always ends.
-    out = run_script(tmp_path, """
+    out = run_script(
+        tmp_path,
+        """
 import atexit, concurrent.futures, sys
 import shoal, workers
 
@@ -160,7 +186,9 @@ def late():
     print("shutdown returned")
 
 atexit.register(late)
-""", method)
+""",
+        method,
+    )
     first, second = out.splitlines()
     assert first == "submit 9" or first.startswith("submit broken: shoal could not start")
     assert second == "shutdown returned"
@@ -195,7 +223,9 @@ def test_fork_workers_do_not_keep_the_forkserver_alive(tmp_path):
     # What happened: workers started by fork inherited the forkserver's
     # "alive" pipe, so while one lived, stopping the forkserver (as
     # multiprocessing.util._cleanup_tests() does) waited forever.
-    out = run_script(tmp_path, """
+    out = run_script(
+        tmp_path,
+        """
 import os
 import shoal, workers
 from multiprocessing import forkserver
@@ -213,7 +243,8 @@ if __name__ == "__main__":
     print("stopped;", pool.apply(workers.square, (4,)))
     pool.close()
     pool.join()
-""")
+""",
+    )
     assert out.splitlines() == ["workers holding the forkserver's pipe: []", "stopped; 16"]
 
 
@@ -238,7 +269,9 @@ def test_cleanup_after_many_executors_ends(tmp_path):
     # happened: the callback thread held the last future it had handled, whose
     # exception's traceback held a dropped executor, whose workers kept the
     # forkserver alive, so stopping the forkserver waited forever.
-    out = run_script(tmp_path, """
+    out = run_script(
+        tmp_path,
+        """
 import gc, multiprocessing, multiprocessing.util, threading
 import shoal, workers
 
@@ -270,7 +303,9 @@ if __name__ == "__main__":
     print(errors)
     multiprocessing.util._cleanup_tests()
     print("cleaned up")
-""", timeout=110)
+""",
+        timeout=110,
+    )
     assert out.splitlines() == [
         "[None, 'WorkerDiedError', 'SerializationError', 'SerializationError', 'ValueError']",
         "cleaned up",
@@ -328,8 +363,14 @@ def test_worker_frees_a_task_right_after_it(fork_or_spawn, tmp_path):
         assert sorted(workers.read_lines(log)) == [f"arg:{pid}", f"fn:{pid}", f"result:{pid}"]
         del fn, arg, result
         assert sorted(workers.read_lines(log)) == sorted(
-            [f"arg:{pid}", f"fn:{pid}", f"result:{pid}", f"arg:{os.getpid()}", f"fn:{os.getpid()}",
-             f"result:{os.getpid()}"]
+            [
+                f"arg:{pid}",
+                f"fn:{pid}",
+                f"result:{pid}",
+                f"arg:{os.getpid()}",
+                f"fn:{os.getpid()}",
+                f"result:{os.getpid()}",
+            ]
         )
 
     with shoal.Pool(1, context=fork_or_spawn) as pool:

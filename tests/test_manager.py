@@ -7,14 +7,16 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
-from helpers import run_python, run_code, run_ok, run_processes
 
 import shoal
+from helpers import run_code, run_ok, run_processes, run_python
 from shoal import Manager, SharedDict
 from shoal.managers import BaseManager
 
 # The seed's example, exactly as examples/seed_manager.py has it.
-SEED_EXAMPLE = (Path(__file__).resolve().parent.parent / "examples" / "seed_manager.py").read_text(encoding="utf-8")
+SEED_EXAMPLE = (Path(__file__).resolve().parent.parent / "examples" / "seed_manager.py").read_text(
+    encoding="utf-8"
+)
 
 
 def _run_script(tmp_path, text: str) -> str:
@@ -34,7 +36,8 @@ def test_seed_manager_example_under_other_start_methods(tmp_path, method):
     text = SEED_EXAMPLE.replace("range(100)", "range(12)").replace("'count':100", "'count':12")
     text = text.replace(
         "if __name__ == '__main__':\n",
-        f"if __name__ == '__main__':\n    import multiprocessing; multiprocessing.set_start_method({method!r})\n",
+        "if __name__ == '__main__':\n"
+        f"    import multiprocessing; multiprocessing.set_start_method({method!r})\n",
     )
     assert _run_script(tmp_path, text) == "{'count': 0}\n"
 
@@ -91,7 +94,9 @@ def test_delegated_types_work_across_processes():
         cond = m.Condition()
         barrier = m.Barrier(2)
         jq = m.JoinableQueue()
-        p = ctx.Process(target=_use_proxies, args=(lst, ns, value, array, queue, event, sem, rlock, cond, barrier))
+        p = ctx.Process(
+            target=_use_proxies, args=(lst, ns, value, array, queue, event, sem, rlock, cond, barrier)
+        )
         p.start()
         barrier.wait(30)
         p.join(30)
@@ -291,13 +296,13 @@ def test_keys_values_items_are_lists_that_survive_changes_to_the_dict():
         d = m.dict(a=1, b=2, c=3)
         assert d.keys() == ["a", "b", "c"] and d.values() == [1, 2, 3]
         assert d.items() == [("a", 1), ("b", 2), ("c", 3)]
-        for k in d.keys():
+        for k in d:
             del d[k]
         assert len(d) == 0
         d.update(a=1, b=2)
         for k, v in d.items():
             d[k + "!"] = v
-        for v in d.values():
+        for _ in d.values():
             d.pop("a", None)
         assert d.copy() == {"b": 2, "a!": 1, "b!": 2}
 
@@ -447,6 +452,7 @@ def test_custom_authkey_reaches_spawned_processes():
         p.join(60)
         assert p.exitcode == 0
         assert d["inner"] == {"k": "child"} and d["moved"] == {"a": 1}
+
 
 # -- shutdown while in use ------------------------------------------------------
 

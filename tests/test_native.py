@@ -11,8 +11,8 @@ import struct
 import time
 
 import pytest
-from helpers import run_code, run_ok, run_processes, wait_until
 
+from helpers import run_code, run_ok, run_processes, wait_until
 from shoal import _native
 from shoal._fd import Segment
 
@@ -283,8 +283,6 @@ def test_native_mapping_checks_the_file_instead_of_faulting():
         """
     )
     assert out.split("\n")[:6] == ["ValueError"] * 5 + ["False 0"]
-
-
 
 
 # Review 2, bug 10. Before: timeout=inf was refused and an expected value

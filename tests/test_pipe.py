@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 import pytest
+
+import shoal
 from helpers import (
     at_fd_limit,
     child_reports,
@@ -20,8 +22,6 @@ from helpers import (
     open_fds,
     run_python,
 )
-
-import shoal
 from shoal import Pipe, SerializationError
 
 # -- helpers run in child processes (module level, so spawn can import them) --
@@ -107,7 +107,11 @@ SEED = textwrap.dedent(
 
 @pytest.mark.parametrize("start_method", [None, "spawn", "forkserver"])
 def test_seed_pipe_example(tmp_path, start_method):
-    setup = f"import multiprocessing; multiprocessing.set_start_method({start_method!r})" if start_method else "pass"
+    setup = (
+        f"import multiprocessing; multiprocessing.set_start_method({start_method!r})"
+        if start_method
+        else "pass"
+    )
     script = tmp_path / "seed_pipe.py"
     script.write_text(SEED.format(setup=setup), encoding="utf-8")
     out = run_python(str(script), timeout=60, env={"PYTHONIOENCODING": "utf-8"})
@@ -269,18 +273,16 @@ def test_eof_when_peer_closes_during_blocking_recv():
     a, b = Pipe()
     timer = threading.Timer(0.1, a.close)
     timer.start()
-    with b:
-        with pytest.raises(EOFError):
-            b.recv()
+    with b, pytest.raises(EOFError):
+        b.recv()
     timer.join()
 
 
 def test_send_to_closed_peer_raises_broken_pipe():
     a, b = Pipe()
     b.close()
-    with a:
-        with pytest.raises(BrokenPipeError):
-            a.send("nobody listens")
+    with a, pytest.raises(BrokenPipeError):
+        a.send("nobody listens")
 
 
 def test_closed_connection_raises_clear_oserror():
@@ -335,9 +337,8 @@ def test_recv_bytes_maxlength_discards_and_stays_usable():
 def test_garbage_collected_connection_closes_itself():
     a, b = Pipe()
     del a
-    with b:
-        with pytest.raises(EOFError):
-            b.recv()
+    with b, pytest.raises(EOFError):
+        b.recv()
 
 
 # -- large data ------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -12,11 +13,10 @@ import time
 
 import psutil
 import pytest
-import workers
-from helpers import kill_group, run_python, wait_until
 
 import shoal
-
+import workers
+from helpers import kill_group, run_python, wait_until
 
 
 def test_results_match_the_standard_library(start_method):
@@ -63,7 +63,9 @@ def test_callbacks_run_in_the_parent():
         r.get(timeout=30)
         # As in the standard library, get() returns after the callback ran.
         assert got and got[0][1] == os.getpid() and got[0][0] != os.getpid()
-        r2 = pool.apply_async(workers.raise_value_error, (1,), error_callback=lambda e: (errors.append(e), done.set()))
+        r2 = pool.apply_async(
+            workers.raise_value_error, (1,), error_callback=lambda e: (errors.append(e), done.set())
+        )
         with pytest.raises(ValueError):
             r2.get(timeout=30)
         assert isinstance(errors[0], ValueError)
@@ -138,21 +140,27 @@ def test_an_exception_class_of_the_main_script_is_caught_by_its_own_except(fork_
 
     script = tmp_path / "main_exception.py"
     script.write_text(MAIN_EXCEPTION_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), fork_or_spawn], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(script), fork_or_spawn], capture_output=True, text=True, timeout=60
+    )
     assert out.stdout.strip() == "caught 7 record 7: no such field", out.stderr
 
 
 def test_an_exception_whose_class_the_parent_lacks_arrives_as_remote_error(fork_or_spawn):
-    with shoal.Pool(1, context=fork_or_spawn) as pool:
-        with pytest.raises(shoal.RemoteError) as info:
-            pool.apply(workers.raise_ghost_error)
+    with shoal.Pool(1, context=fork_or_spawn) as pool, pytest.raises(shoal.RemoteError) as info:
+        pool.apply(workers.raise_ghost_error)
     err = info.value
     assert err.type_name == "shoal_test_ghost.GhostError"
     assert err.message == "only the worker knows this class"
     assert "raise_ghost_error" in err.tb and "raise_ghost_error" in str(err.__cause__)
     assert "shoal_test_ghost.GhostError: only the worker knows this class" in str(err)
     copy = pickle.loads(pickle.dumps(err))
-    assert (type(copy), copy.type_name, copy.message, copy.tb) == (shoal.RemoteError, err.type_name, err.message, err.tb)
+    assert (type(copy), copy.type_name, copy.message, copy.tb) == (
+        shoal.RemoteError,
+        err.type_name,
+        err.message,
+        err.tb,
+    )
 
 
 def test_imap_continues_after_an_item_raises():
@@ -366,7 +374,10 @@ def test_forked_child_exits_cleanly_while_a_pool_is_open(tmp_path):
 
     proc = subprocess.Popen(
         [sys.executable, "-W", "ignore::DeprecationWarning", str(script)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         stdout, stderr = proc.communicate(timeout=60)
@@ -420,7 +431,14 @@ def test_a_batch_with_more_functions_than_the_worker_caches(monkeypatch):
     from shoal._engine import _scheduler
 
     monkeypatch.setattr(_scheduler, "FN_CACHE", 4)
-    fns = [workers.square, workers.identity, workers.getpid, workers.add, workers.sleep_for, workers.array_sum]
+    fns = [
+        workers.square,
+        workers.identity,
+        workers.getpid,
+        workers.add,
+        workers.sleep_for,
+        workers.array_sum,
+    ]
     with shoal.Pool(1) as pool:
         pool.apply(workers.square, (1,))
         results = []
@@ -433,16 +451,20 @@ def test_a_batch_with_more_functions_than_the_worker_caches(monkeypatch):
 # Before: an untimed map's chunks were all the standard library's guess (n / 4
 # per worker), so 200 tasks of 0.2 s made 25-task chunks of 5 s: the first
 # result came late and the tail left one worker busy while the others idled.
-@pytest.mark.parametrize("n, size, workers", [(200, 25, 2), (200_000, 25_000, 2), (10, 3, 2), (7, 1, 4), (1000, 63, 4)])
+@pytest.mark.parametrize(
+    "n, size, workers", [(200, 25, 2), (200_000, 25_000, 2), (10, 3, 2), (7, 1, 4), (1000, 63, 4)]
+)
 def test_an_untimed_map_starts_with_one_item_and_ends_with_small_chunks(n, size, workers):
     from shoal._pool import _chunk_bounds
 
     bounds = _chunk_bounds(n, size, workers, timed=False)
     assert bounds[0] == (0, 1)
-    assert bounds[-1][1] == n and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    assert bounds[-1][1] == n and all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     sizes = [stop - start for start, stop in bounds]
     assert max(sizes) <= size
-    assert all(s <= -(-(n - start) // (2 * workers)) for (start, _), s in zip(bounds, sizes, strict=True) if s > 1)
+    assert all(
+        s <= -(-(n - start) // (2 * workers)) for (start, _), s in zip(bounds, sizes, strict=True) if s > 1
+    )
     assert sizes[-1] == 1
     # A timed function gets the engine's uniform size.
     assert {stop - start for start, stop in _chunk_bounds(n, size, workers, timed=True)[:-1]} <= {size}

@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 import pytest
+
+import shoal
 from helpers import (
     at_fd_limit,
     child_reports,
@@ -22,8 +24,6 @@ from helpers import (
     limit_descriptors_in_flight,
     open_fds,
 )
-
-import shoal
 from shoal import JoinableQueue, Pipe, Queue, SerializationError, SimpleQueue, _native
 from shoal._ipc import _queue, _ring
 
@@ -488,7 +488,9 @@ def test_threads_as_producers_and_consumers():
         with lock:
             got.extend(mine)
 
-    producers = [threading.Thread(target=lambda k=k: [q.put((k, i)) for i in range(n)]) for k in range(n_threads)]
+    producers = [
+        threading.Thread(target=lambda k=k: [q.put((k, i)) for i in range(n)]) for k in range(n_threads)
+    ]
     consumers = [threading.Thread(target=consume) for _ in range(3)]
     for t in producers + consumers:
         t.start()
@@ -668,7 +670,7 @@ def _take_a_datagram_and_die(q):
     """A consumer that dies holding the consumers' lock, after taking the
     datagram of the oldest record but before moving head."""
     q._ring._lock(_ring._CMUTEX)
-    data, anc, _flags, _ = q._reader.recvmsg(1 << 17, 4096)
+    _data, _anc, _flags, _ = q._reader.recvmsg(1 << 17, 4096)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -681,7 +683,7 @@ def _send_an_orphan_and_die(q):
     ring._lock(_ring._PMUTEX)
     (seq,) = struct.unpack_from("<q", ring.mm, _ring._SEQ)
     struct.pack_into("<q", ring.mm, _ring._SEQ, seq + 1)
-    _payload, (kind, body, anc), fds = q._entry(os.urandom(100_000), "orphan")
+    _payload, (kind, body, anc), _fds = q._entry(os.urandom(100_000), "orphan")
     q._writer.sendmsg([kind, struct.pack("<q", seq), body], anc)
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -1010,7 +1012,9 @@ def test_the_feeder_drops_only_the_item_it_cannot_send(monkeypatch, cls):
             for i in range(5):
                 q.put(("after", i))
             got = [q.get(timeout=10) for _ in range(n_fill + 6)]
-        assert got == [("fill", i) for i in range(n_fill)] + [("before", 0)] + [("after", i) for i in range(5)]
+        assert got == [("fill", i) for i in range(n_fill)] + [("before", 0)] + [
+            ("after", i) for i in range(5)
+        ]
         assert q.empty()
         if cls is JoinableQueue:
             _finish_all(q, len(got))
@@ -1061,6 +1065,7 @@ def test_put_that_cannot_start_its_feeder_raises_and_loses_nothing(monkeypatch):
     # the feeder (the ring is full) must say so, not buffer the item forever.
     q = shoal.Queue()
     try:
+
         def refuse(self):
             raise RuntimeError("can't create new thread at interpreter shutdown")
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from helpers import run_python
 
 ROOT = Path(__file__).resolve().parent.parent

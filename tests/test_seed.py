@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from helpers import run_ok, run_python
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -73,7 +74,11 @@ def test_seed_callback_runs_in_the_parent():
 
 def test_seed_callback_output_matches_the_standard_library(tmp_path):
     name = "seed_pool_callback.py"
-    source = (EXAMPLES / name).read_text(encoding="utf-8").replace("from shoal import", "from multiprocessing import")
+    source = (
+        (EXAMPLES / name)
+        .read_text(encoding="utf-8")
+        .replace("from shoal import", "from multiprocessing import")
+    )
     stdlib_script = tmp_path / name
     stdlib_script.write_text(source, encoding="utf-8")
     ours, _ = run_example(name)

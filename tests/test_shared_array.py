@@ -10,9 +10,9 @@ import textwrap
 
 import psutil
 import pytest
-import workers
 
 import shoal
+import workers
 
 np = pytest.importorskip("numpy")
 
@@ -179,7 +179,13 @@ def test_every_layout_arrives_intact_both_ways(fork_or_spawn, layout):
         assert back.dtype == src.dtype and back.shape == src.shape and np.array_equal(back, src)
         shared = shoal.share(src)
         kind, writable, dtype, shape, data = pool.apply(workers.describe_array, (shared,))
-        assert (kind, writable, dtype, shape, data) == ("SharedArray", True, src.dtype.str, src.shape, src.tobytes())
+        assert (kind, writable, dtype, shape, data) == (
+            "SharedArray",
+            True,
+            src.dtype.str,
+            src.shape,
+            src.tobytes(),
+        )
         if shared.ndim:
             view = shared[::-1] if shared.ndim == 1 else shared[::2, ::-1]
             assert pool.apply(workers.describe_array, (view,))[4] == view.tobytes()
@@ -198,8 +204,17 @@ def test_large_results_are_writable_private_copies(fork_or_spawn):
 def test_large_bytes_bytearray_and_memoryview_arguments_and_results(fork_or_spawn):
     payload = os.urandom(1 << 20)
     with shoal.Pool(1, context=fork_or_spawn) as pool:
-        for obj, kind in ((payload, "bytes"), (bytearray(payload), "bytearray"), (memoryview(payload), "memoryview")):
-            assert pool.apply(workers.bytes_like_info, (obj,)) == (kind, len(payload), payload[:4], payload[-4:])
+        for obj, kind in (
+            (payload, "bytes"),
+            (bytearray(payload), "bytearray"),
+            (memoryview(payload), "memoryview"),
+        ):
+            assert pool.apply(workers.bytes_like_info, (obj,)) == (
+                kind,
+                len(payload),
+                payload[:4],
+                payload[-4:],
+            )
             assert pool.map(workers.bytes_like_info, [obj])[0][0] == kind
         back = pool.apply(workers.identity, ({"data": [payload]},))
         assert back == {"data": [payload]}
@@ -289,7 +304,7 @@ def test_the_parent_killed_with_arrays_in_flight_leaves_nothing(fork_or_spawn):
         assert workers_mapping, "the workers should hold the arrays in flight"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        gone, alive = psutil.wait_procs(family, timeout=30)
+        _gone, alive = psutil.wait_procs(family, timeout=30)
         assert not alive, f"processes left after the parent was killed: {alive}"
     finally:
         proc.kill()
@@ -317,7 +332,12 @@ def test_a_shared_array_in_initargs_reaches_every_worker(start_method):
     # through a one-shot resource sharer and the second worker failed to start.
     a = shoal.SharedArray(4)
     with shoal.Pool(2, initializer=workers.stash, initargs=(a,), context=start_method) as pool:
-        assert sorted(pool.starmap(workers.fill_stashed, [(i, i + 1.0) for i in range(4)], chunksize=1)) == [0, 1, 2, 3]
+        assert sorted(pool.starmap(workers.fill_stashed, [(i, i + 1.0) for i in range(4)], chunksize=1)) == [
+            0,
+            1,
+            2,
+            3,
+        ]
     assert a.tolist() == [1.0, 2.0, 3.0, 4.0]
     del a
 

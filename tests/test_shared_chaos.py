@@ -12,8 +12,8 @@ import signal
 import time
 
 import pytest
-from helpers import wait_until
 
+from helpers import wait_until
 from shoal import SharedDict, _native
 
 pytestmark = pytest.mark.slow  # stress: many rounds of processes killed at random
@@ -56,7 +56,9 @@ def _writer(sd: SharedDict, seed: int) -> None:
 
 
 def _wait_started(sd: SharedDict, target: int, timeout: float = 30) -> None:
-    assert wait_until(lambda: sd.get("started", 0) >= target, timeout, interval=0.002), "writers did not start"
+    assert wait_until(lambda: sd.get("started", 0) >= target, timeout, interval=0.002), (
+        "writers did not start"
+    )
 
 
 def _chaos(start_method: str, rounds: int, writers: int = 2) -> None:

@@ -10,12 +10,12 @@ import pickle
 import threading
 
 import pytest
-from helpers import run_code, run_ok, run_processes
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import shoal
+from helpers import run_code, run_ok, run_processes
 from shoal import SharedDict, _native
 
 
@@ -148,9 +148,8 @@ def test_locked_timeout_and_other_threads_wait(d):
     t.start()
     try:
         assert ready.wait(10)
-        with pytest.raises(TimeoutError):
-            with d.locked(timeout=0.1):
-                pass
+        with pytest.raises(TimeoutError), d.locked(timeout=0.1):
+            pass
         assert d.get("x") is None  # reads never wait for the lock
     finally:
         release.set()
@@ -183,7 +182,9 @@ def test_unpicklable_value_or_key_raises_typeerror_and_stores_nothing(d):
     with pytest.raises(TypeError, match="lock"):
         d.update_with("keep", lambda v: lock)
     assert d == {"keep": 1}
-    assert isinstance(pytest.raises(TypeError, d.__setitem__, "x", lock).value, shoal.SerializationError)
+    with pytest.raises(TypeError) as info:
+        d["x"] = lock
+    assert isinstance(info.value, shoal.SerializationError)
     check(d)
 
 
@@ -278,7 +279,9 @@ def _hammer(sd: SharedDict, worker: int, n: int) -> int:
     for i in range(n):
         sd.incr("incr")
         sd.update_with("upd", lambda v: v + 1, default=0)
-        sd.update_with(("tuple", "key"), lambda v: v + [worker] if len(v) < 50 else v[1:] + [worker], default=[])
+        sd.update_with(
+            ("tuple", "key"), lambda v: [*v, worker] if len(v) < 50 else [*v[1:], worker], default=[]
+        )
         if i % 10 == 0:
             with sd.locked():
                 sd["txn"] = sd.get("txn", 0) + 1
@@ -655,12 +658,11 @@ def test_signal_delivered_as_locked_acquires_does_not_leak_the_lock():
                 p.start()
                 assert started.wait(30)
                 go.set()
-                with pytest.raises(_Interrupted):
-                    with d.locked():
-                        # the interrupt lands here (or while waiting), never
-                        # between the acquisition and the block
-                        for _ in range(1000):
-                            pass
+                with pytest.raises(_Interrupted), d.locked():
+                    # the interrupt lands here (or while waiting), never
+                    # between the acquisition and the block
+                    for _ in range(1000):
+                        pass
                 p.join()
                 assert not _native.dict_held(d._map)
             assert other_process_can_lock(d)
@@ -755,8 +757,6 @@ def test_pop_of_a_value_that_cannot_be_unpickled_removes_it_and_raises():
         assert "bad" not in d and d.popitem() == ("a", 1)
 
 
-
-
 # Bug 10. Before: a NaN lookup raised instead of missing.
 def test_nan_lookups_miss_like_a_dict(d_nan=float("nan")):
     with SharedDict({1: "one"}) as d:
@@ -777,8 +777,6 @@ def test_nan_lookups_miss_like_a_dict(d_nan=float("nan")):
         d.get(d_nan)
 
 
-
-
 # Bug 10. Before: a thread holding the lock through one handle could not use
 # another handle of the same dict.
 def test_two_handles_to_one_dict_in_one_thread_share_the_lock():
@@ -793,8 +791,6 @@ def test_two_handles_to_one_dict_in_one_thread_share_the_lock():
         assert d["n"] == 2 and len(d2["big"]) == 100_000
         assert not _native.dict_held(d._map)
         assert other_process_can_lock(d2)
-
-
 
 
 # -- keys a dict treats as one are one key in every process (review 2, bug 6) --
@@ -830,7 +826,7 @@ class _Pt:
 def test_equal_keys_are_one_key():
     from collections import namedtuple
 
-    Pt = _Pt
+    Pt = _Pt  # noqa: N806 - a class
     Tagged = namedtuple("Tagged", "a b")
 
     class Name(str):
@@ -852,6 +848,7 @@ def test_equal_keys_are_one_key():
 
 def test_numpy_scalars_are_the_equal_python_numbers():
     import numpy as np
+
     with SharedDict({1: "one", 2.5: "two and a half"}) as d:
         assert np.int64(1) in d and d[np.float64(2.5)] == "two and a half"
         assert d[np.float32(2.5)] == "two and a half"
@@ -868,7 +865,7 @@ def test_enum_keys_keep_their_type():
     with SharedDict() as d:
         d[_Color.RED] = "red"
         assert d[_Color.RED] == "red" and list(d) == [_Color.RED]
-        assert type(list(d)[0]) is _Color
+        assert type(next(iter(d))) is _Color
         assert isinstance(_Color.RED, enum.Enum)
 
 

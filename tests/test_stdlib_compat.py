@@ -10,9 +10,9 @@ import multiprocessing.pool
 import pickle
 
 import pytest
-import workers
 
 import shoal
+import workers
 
 # -- names ------------------------------------------------------------------
 
@@ -25,9 +25,21 @@ def test_every_multiprocessing_name_is_importable_from_shoal():
 
 @pytest.mark.parametrize(
     "name",
-    ["ProcessError", "BufferTooShort", "AuthenticationError", "RawArray", "RawValue", "get_logger",
-     "log_to_stderr", "allow_connection_pickling", "reducer", "set_executable", "set_forkserver_preload",
-     "parent_process", "get_all_start_methods"],
+    [
+        "ProcessError",
+        "BufferTooShort",
+        "AuthenticationError",
+        "RawArray",
+        "RawValue",
+        "get_logger",
+        "log_to_stderr",
+        "allow_connection_pickling",
+        "reducer",
+        "set_executable",
+        "set_forkserver_preload",
+        "parent_process",
+        "get_all_start_methods",
+    ],
 )
 def test_names_the_standard_library_gets_right_are_its_own(name):
     assert getattr(shoal, name) is getattr(multiprocessing, name)
@@ -53,8 +65,9 @@ def test_executor_keeps_the_standard_attributes(start_method):
         assert ex._max_workers == 2
         assert ex._mp_context is context
         processes = ex._processes
-        assert sorted(processes) == sorted(set(ex.submit(workers.getpid).result(timeout=30) for _ in range(1))
-                                           | set(processes))
+        assert sorted(processes) == sorted(
+            set(ex.submit(workers.getpid).result(timeout=30) for _ in range(1)) | set(processes)
+        )
         assert len(processes) == 2
         for pid, process in processes.items():
             assert process.pid == pid
@@ -107,7 +120,9 @@ class ReduceRaisesPicklingError:
 UNPICKLABLE = [
     pytest.param(ReduceRaisesRuntimeError(), RuntimeError, "refuses to be pickled", id="RuntimeError"),
     pytest.param(ReduceRaisesAttributeError(), AttributeError, "no such attribute", id="AttributeError"),
-    pytest.param(ReduceRaisesPicklingError(), pickle.PicklingError, "cannot pickle this one", id="PicklingError"),
+    pytest.param(
+        ReduceRaisesPicklingError(), pickle.PicklingError, "cannot pickle this one", id="PicklingError"
+    ),
     pytest.param(workers.Unpicklable(), TypeError, "refuse to be pickled", id="TypeError"),
 ]
 
@@ -156,9 +171,11 @@ def test_combined_serialization_error_pickles_as_itself():
 
 def test_pool_remote_traceback_is_the_standard_type(fork_or_spawn):
     with shoal.Pool(1, context=fork_or_spawn) as pool:
-        for call in (lambda: pool.apply(workers.raise_value_error, (1,)),
-                     lambda: pool.map(workers.raise_value_error, [2]),
-                     lambda: list(pool.imap(workers.raise_value_error, [3]))):
+        for call in (
+            lambda: pool.apply(workers.raise_value_error, (1,)),
+            lambda: pool.map(workers.raise_value_error, [2]),
+            lambda: list(pool.imap(workers.raise_value_error, [3])),
+        ):
             with pytest.raises(ValueError) as info:
                 call()
             cause = info.value.__cause__
@@ -168,8 +185,10 @@ def test_pool_remote_traceback_is_the_standard_type(fork_or_spawn):
 
 def test_executor_remote_traceback_is_the_standard_type(fork_or_spawn):
     with shoal.ProcessPoolExecutor(1, mp_context=fork_or_spawn) as ex:
-        for call in (lambda: ex.submit(workers.raise_value_error, 1).result(timeout=30),
-                     lambda: list(ex.map(workers.raise_value_error, [2]))):
+        for call in (
+            lambda: ex.submit(workers.raise_value_error, 1).result(timeout=30),
+            lambda: list(ex.map(workers.raise_value_error, [2])),
+        ):
             with pytest.raises(ValueError) as info:
                 call()
             cause = info.value.__cause__

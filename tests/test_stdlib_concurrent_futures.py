@@ -29,9 +29,9 @@ that fails for a known shoal bug is in ``KNOWN_FAILURES`` (strict xfail), or in
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import importlib
 import sys
-import gc
 import types
 
 import pytest
@@ -61,8 +61,10 @@ _EAGER = "shoal starts all max_workers workers when the executor is created, not
 #: Skipped with the reason.
 DIFFERENCES: dict[tuple[str, ...], str] = {
     ("ProcessPoolExecutorTest", "test_killed_child"): _BROKEN,
-    ("ProcessPoolExecutorTest", "test_idle_process_reuse_one"): _EAGER + " (and reads the private _processes)",
-    ("ProcessPoolExecutorTest", "test_idle_process_reuse_multiple"): _EAGER + " (and reads the private _processes)",
+    ("ProcessPoolExecutorTest", "test_idle_process_reuse_one"): _EAGER
+    + " (and reads the private _processes)",
+    ("ProcessPoolExecutorTest", "test_idle_process_reuse_multiple"): _EAGER
+    + " (and reads the private _processes)",
     ("ProcessPoolExecutorTest", "test_max_tasks_per_child", "fork"): (
         "the standard library refuses max_tasks_per_child with the fork start method (ValueError); "
         "shoal's workers support it"
@@ -100,16 +102,14 @@ DIFFERENCES: dict[tuple[str, ...], str] = {
 #: (CPython class, test[, start method]) -> the shoal bug it hits.  Strict
 #: xfail: an XPASS means the fix landed and the entry must go.  Entries whose
 #: failure hangs or leaves the executor running are not run (``NOT_RUN``).
-KNOWN_FAILURES: dict[tuple[str, ...], str] = {
-}
+KNOWN_FAILURES: dict[tuple[str, ...], str] = {}
 #: Tests that sleep for seconds by design: marked ``slow`` (CI runs them).
 SLOW = {
     "ProcessPoolExecutorTest": ("test_map_timeout",),
     "WaitTests": ("test_first_exception",),
 }
 
-NOT_RUN: dict[tuple[str, ...], str] = {
-}
+NOT_RUN: dict[tuple[str, ...], str] = {}
 
 #: (module, CPython test class) bound to shoal's executor.
 BOUND_CLASSES = (
@@ -142,8 +142,11 @@ def _install(globs: dict) -> None:
     for base in (_util.ProcessPoolForkMixin, _util.ProcessPoolForkserverMixin, _util.ProcessPoolSpawnMixin):
         method = base.ctx
         executor_mixins.append(
-            type(f"ShoalProcessPool{method.capitalize()}Mixin", (base,),
-                 {"executor_type": shoal.ProcessPoolExecutor, "__module__": __name__})
+            type(
+                f"ShoalProcessPool{method.capitalize()}Mixin",
+                (base,),
+                {"executor_type": shoal.ProcessPoolExecutor, "__module__": __name__},
+            )
         )
     for module, name in BOUND_CLASSES:
         tests = getattr(_mods[module], name)

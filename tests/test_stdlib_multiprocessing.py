@@ -90,8 +90,7 @@ DIFFERENCES: dict[tuple[str, ...], str] = {
 
 #: (CPython class, test[, start method]) -> the shoal bug it hits (fixed on another branch).
 #: Strict xfail: an XPASS means the fix landed and the entry must go.
-KNOWN_FAILURES: dict[tuple[str, ...], str] = {
-}
+KNOWN_FAILURES: dict[tuple[str, ...], str] = {}
 
 #: Tests that sleep for seconds by design: marked ``slow`` (CI runs them).
 SLOW = {"_TestPoll": ("test_boundaries",)}
@@ -157,7 +156,11 @@ def _processes_mixin(method: str) -> type:
         "Condition", "Event", "Barrier", "Value", "Array", "RawValue", "RawArray",
     ):  # fmt: skip
         names[name] = staticmethod(getattr(ctx, name))
-    return type(f"ShoalProcesses{method.capitalize()}Mixin", (_start_method_fixture(method), _mp_tests.BaseMixin), names)
+    return type(
+        f"ShoalProcesses{method.capitalize()}Mixin",
+        (_start_method_fixture(method), _mp_tests.BaseMixin),
+        names,
+    )
 
 
 def _manager_mixin(method: str) -> type:
@@ -203,7 +206,9 @@ def _install(globs: dict) -> None:
         for method in START_METHODS:
             name = f"WithShoal{method.capitalize()}{base_name[1:]}"
             cls = type(
-                name, (base, mixins[kind, method], unittest.TestCase), {"__module__": __name__, "CHECK_CLASS_LEAKS": True}
+                name,
+                (base, mixins[kind, method], unittest.TestCase),
+                {"__module__": __name__, "CHECK_CLASS_LEAKS": True},
             )
             cls.__qualname__ = name
             mark_stdlib_tests(cls, base_name, method, DIFFERENCES, KNOWN_FAILURES, {}, SLOW)
@@ -211,4 +216,3 @@ def _install(globs: dict) -> None:
 
 
 _install(globals())
-

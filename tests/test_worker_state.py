@@ -8,9 +8,9 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+from tests import workers
 
 import shoal
-from tests import workers
 
 
 def test_tasks_read_the_shared_object(start_method):
@@ -51,9 +51,8 @@ def test_shared_outside_a_pool_worker_raises_a_clear_error():
 
 
 def test_shared_in_a_pool_without_shared_object_raises_a_clear_error():
-    with shoal.Pool(1) as pool:
-        with pytest.raises(RuntimeError, match="without shared="):
-            pool.apply(workers.shared_value)
+    with shoal.Pool(1) as pool, pytest.raises(RuntimeError, match="without shared="):
+        pool.apply(workers.shared_value)
 
 
 def test_shared_in_a_process_started_by_a_task_raises():
@@ -94,7 +93,10 @@ def test_worker_state_is_private_and_kept_between_tasks(fork_or_spawn):
 
 def test_worker_init_and_exit_run_once_per_worker_including_recycled(start_method):
     pool = shoal.Pool(
-        2, context=start_method, worker_init=workers.open_resource, worker_exit=workers.close_resource,
+        2,
+        context=start_method,
+        worker_init=workers.open_resource,
+        worker_exit=workers.close_resource,
         maxtasksperchild=4,
     )
     try:
@@ -147,7 +149,10 @@ def lambda_holder():
 
 def test_executor_takes_shared_and_hooks(fork_or_spawn):
     with shoal.ProcessPoolExecutor(
-        2, mp_context=fork_or_spawn, shared=[1, 2, 3], worker_init=workers.open_resource,
+        2,
+        mp_context=fork_or_spawn,
+        shared=[1, 2, 3],
+        worker_init=workers.open_resource,
         worker_exit=workers.close_resource,
     ) as executor:
         assert executor.submit(workers.shared_value).result() == [1, 2, 3]

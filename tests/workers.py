@@ -118,7 +118,7 @@ def array_double(a):
     return a * 2
 
 
-import multiprocessing as _mp
+import multiprocessing as _mp  # noqa: E402 - beside the helpers that use it
 
 
 def _fail_in_parent():
@@ -446,7 +446,6 @@ def actor_incr_into(counter, n, queue):
     for _ in range(n):
         counter.incr()
     queue.put(counter.get())
-
 
 
 class ExitAtPickle:

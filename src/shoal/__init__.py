@@ -2,8 +2,8 @@
 
 A drop-in for the standard library's ``multiprocessing`` process pools, pipes,
 queues and managers, plus a fast race-free shared dict (``SharedDict``) and
-zero-copy transfer of large buffers through shared memory.  ``import shoal as multiprocessing`` works for code written
-against the standard library.
+zero-copy transfer of large buffers through shared memory.  ``import shoal as
+multiprocessing`` works for code written against the standard library.
 
 Layers (lower never imports higher)::
 
@@ -22,34 +22,92 @@ from __future__ import annotations
 # Re-exported where the standard library is already right.
 from multiprocessing import (
     Array as Array,
+)
+from multiprocessing import (
     AuthenticationError as AuthenticationError,
+)
+from multiprocessing import (
     Barrier as Barrier,
+)
+from multiprocessing import (
     BoundedSemaphore as BoundedSemaphore,
+)
+from multiprocessing import (
     BufferTooShort as BufferTooShort,
+)
+from multiprocessing import (
     Condition as Condition,
+)
+from multiprocessing import (
     Event as Event,
+)
+from multiprocessing import (
     Lock as Lock,
+)
+from multiprocessing import (
     Process as Process,
+)
+from multiprocessing import (
     ProcessError as ProcessError,
+)
+from multiprocessing import (
     RawArray as RawArray,
+)
+from multiprocessing import (
     RawValue as RawValue,
+)
+from multiprocessing import (
     RLock as RLock,
+)
+from multiprocessing import (
     Semaphore as Semaphore,
+)
+from multiprocessing import (
     TimeoutError as TimeoutError,
+)
+from multiprocessing import (
     Value as Value,
+)
+from multiprocessing import (
     active_children as active_children,
+)
+from multiprocessing import (
     allow_connection_pickling as allow_connection_pickling,
+)
+from multiprocessing import (
     cpu_count as cpu_count,
+)
+from multiprocessing import (
     current_process as current_process,
+)
+from multiprocessing import (
     freeze_support as freeze_support,
+)
+from multiprocessing import (
     get_all_start_methods as get_all_start_methods,
+)
+from multiprocessing import (
     get_logger as get_logger,
+)
+from multiprocessing import (
     get_start_method as get_start_method,
+)
+from multiprocessing import (
     log_to_stderr as log_to_stderr,
+)
+from multiprocessing import (
     parent_process as parent_process,
+)
+from multiprocessing import (
     reducer as reducer,
+)
+from multiprocessing import (
     set_executable as set_executable,
+)
+from multiprocessing import (
     set_forkserver_preload as set_forkserver_preload,
+)
+from multiprocessing import (
     set_start_method as set_start_method,
 )
 from typing import Any
@@ -72,13 +130,29 @@ from ._pool import Pool as Pool
 from ._shm import SharedDict as SharedDict
 from .exceptions import (
     ActorDiedError as ActorDiedError,
+)
+from .exceptions import (
     BrokenResourceError as BrokenResourceError,
+)
+from .exceptions import (
     PoolClosedError as PoolClosedError,
+)
+from .exceptions import (
     RemoteError as RemoteError,
+)
+from .exceptions import (
     SerializationError as SerializationError,
+)
+from .exceptions import (
     ShoalError as ShoalError,
+)
+from .exceptions import (
     TaskTimeoutError as TaskTimeoutError,
+)
+from .exceptions import (
     WorkerDiedError as WorkerDiedError,
+)
+from .exceptions import (
     WorkerStartError as WorkerStartError,
 )
 

@@ -200,7 +200,9 @@ class _Client:
             if fds:
                 close_fds(fds)
         if start_reader:
-            threading.Thread(target=self._reader_loop, name=f"shoal-actor-reader-{self.name}", daemon=True).start()
+            threading.Thread(
+                target=self._reader_loop, name=f"shoal-actor-reader-{self.name}", daemon=True
+            ).start()
         return call
 
     def post(self, name: str, args: tuple, kwargs: dict, what: str) -> None:
@@ -397,7 +399,8 @@ class _Client:
         """A new exception for one failed call (never one instance shared by
         several callers: its traceback would collect all their frames)."""
         return ActorDiedError(
-            f"the {self.name} actor (process {self.actor_pid}) is gone: {self.dead}. Its state is lost and calls "
+            f"the {self.name} actor (process {self.actor_pid}) is gone: {self.dead}. "
+            "Its state is lost and calls "
             "to it fail; create a new Actor",
             self.actor_pid,
             self.proc.exitcode if self.proc is not None and self.dead != "it was closed" else None,
@@ -678,13 +681,24 @@ class Actor:
             listener.listen(128)
             # PR_SET_PDEATHSIG fires when the *thread* that started the child
             # exits: only from the main thread, and only when we are its parent.
-            pdeathsig = ctx.get_start_method() != "forkserver" and threading.current_thread() is threading.main_thread()
+            pdeathsig = (
+                ctx.get_start_method() != "forkserver"
+                and threading.current_thread() is threading.main_thread()
+            )
             # Under fork the child inherits our descriptors: our end of its
             # connection and the pool engines' must not stay open in it.
             inherited = (mine.fileno(), *_inherited_descriptors()) if ctx.get_start_method() == "fork" else ()
             proc = ctx.Process(
                 target=_actor_main,
-                args=(listener, theirs, _Constructor(target, args, kwargs), os.getpid(), pdeathsig, name, inherited),
+                args=(
+                    listener,
+                    theirs,
+                    _Constructor(target, args, kwargs),
+                    os.getpid(),
+                    pdeathsig,
+                    name,
+                    inherited,
+                ),
                 name=f"shoal-actor-{name}",
                 daemon=False,
             )
@@ -692,7 +706,8 @@ class Actor:
                 proc.start()
             except (pickle.PicklingError, TypeError, AttributeError) as exc:
                 raise SerializationError(
-                    f"cannot send the class or constructor arguments of the {name} actor to its process: {exc}"
+                    f"cannot send the class or constructor arguments of the {name} actor "
+                    f"to its process: {exc}"
                 ) from exc
         except BaseException:
             mine.close()
@@ -989,7 +1004,8 @@ class _Server:
         except OSError:
             return
         try:
-            pid, uid, gid = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
+            _pid, uid, _gid = _CREDS.unpack(creds)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         except OSError:
             sock.close()
@@ -1091,7 +1107,8 @@ class _Server:
                     method(*args)
             except BaseException:  # noqa: BLE001 - nobody waits for it: say so where it happened
                 print(
-                    f"shoal: {self.name}.{name}() called with .send() raised (no caller waits for its result; "
+                    f"shoal: {self.name}.{name}() called with .send() raised "
+                    "(no caller waits for its result; "
                     "the actor goes on):",
                     file=sys.stderr,
                 )

@@ -42,8 +42,16 @@ class AsyncResult:
     """The result of ``apply_async`` (the standard library's ``AsyncResult``)."""
 
     __slots__ = (
-        "__weakref__", "_callback", "_engine", "_error_callback", "_pool", "_ready", "_success", "_task",
-        "_value", "delivered",
+        "__weakref__",
+        "_callback",
+        "_engine",
+        "_error_callback",
+        "_pool",
+        "_ready",
+        "_success",
+        "_task",
+        "_value",
+        "delivered",
     )
 
     def __init__(self, engine, callback=None, error_callback=None) -> None:
@@ -296,11 +304,14 @@ class IMapIterator:
         state = self._state
         engine = self._engine
         if state.ordered:
+
             def ready() -> bool:
                 return state.next_index in state.results or _input_done(state) or engine.state == "terminated"
         else:
+
             def ready() -> bool:
                 return bool(state.unordered) or _input_done(state) or engine.state == "terminated"
+
         try:
             if not ready() and not _wait_for(engine, ready, timeout):
                 raise multiprocessing.TimeoutError(f"no result within {timeout} seconds")
@@ -373,8 +384,16 @@ def _abandon(state: _IMapState) -> None:
         pass
 
 
-def _feed(state: _IMapState, fn, iterator, chunksize: int | None, mode: int, task_timeout, bound,
-          max_chunksize: int | None) -> None:
+def _feed(
+    state: _IMapState,
+    fn,
+    iterator,
+    chunksize: int | None,
+    mode: int,
+    task_timeout,
+    bound,
+    max_chunksize: int | None,
+) -> None:
     """Submit the input in chunks; *chunksize* None sizes each chunk by the
     function's measured duration (Engine.auto_chunksize)."""
     engine = state.engine

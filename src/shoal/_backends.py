@@ -32,7 +32,9 @@ def remote_engine(
     if backend is None:
         raise ValueError(f"address={address!r} needs backend='dask'")
     if backend != "dask":
-        raise ValueError(f"unknown backend {backend!r}: use None (worker processes on this machine) or 'dask'")
+        raise ValueError(
+            f"unknown backend {backend!r}: use None (worker processes on this machine) or 'dask'"
+        )
     try:
         from ._dask import DaskEngine
     except ImportError as exc:

@@ -80,7 +80,7 @@ def _open_input(path: str | None):
     if path is None or path == "-":
         return sys.stdin
     try:
-        return open(path, encoding="utf-8")  # noqa: SIM115 - closed by the caller
+        return open(path, encoding="utf-8")
     except OSError as exc:
         _die(f"cannot read {path}: {exc.strerror or exc}")
 
@@ -133,7 +133,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     def emit(lineno: int, future: concurrent.futures.Future) -> None:
         try:
             value = future.result()
-        except BaseException as exc:  # noqa: BLE001 - every item error is reported, not raised
+        except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             fail(lineno, _format_error(exc))
@@ -288,8 +288,7 @@ def _drain(window: deque, emit, unordered: bool) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import multiprocessing
 
-    from shoal import __version__
-    from shoal import benchmarks
+    from shoal import __version__, benchmarks
 
     if args.plot:
         _need_matplotlib()
@@ -315,8 +314,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 benchmarks.print_record(record, text)
             benchmarks.print_summary(saved["scenarios"], text)
         except (LookupError, TypeError, ValueError, AttributeError) as exc:
-            _die(f"{args.load} is not a results file written by `shoal bench --json` "
-                 f"(a scenario record is malformed: {type(exc).__name__}: {exc})")
+            _die(
+                f"{args.load} is not a results file written by `shoal bench --json` "
+                f"(a scenario record is malformed: {type(exc).__name__}: {exc})"
+            )
         table.write(text.getvalue())
     else:
         saved = {
@@ -378,8 +379,10 @@ def _check_plot_format(path: str) -> None:
     fmt = name.rsplit(".", 1)[-1].lower() if "." in name else "png"
     supported = FigureCanvasBase.get_supported_filetypes()
     if fmt not in supported:
-        _die(f"cannot write {path}: matplotlib cannot draw .{fmt} files; use one of "
-             f"{', '.join('.' + f for f in sorted(supported))}")
+        _die(
+            f"cannot write {path}: matplotlib cannot draw .{fmt} files; use one of "
+            f"{', '.join('.' + f for f in sorted(supported))}"
+        )
 
 
 def _plot(saved: dict, path: str) -> None:
@@ -425,44 +428,74 @@ def build_parser() -> argparse.ArgumentParser:
     from shoal import __version__
 
     parser = argparse.ArgumentParser(prog="shoal", description="Process parallelism that never hangs.")
-    parser.add_argument("--version", action="version",
-                        version=f"shoal {__version__} (Python {platform.python_version()})")
+    parser.add_argument(
+        "--version", action="version", version=f"shoal {__version__} (Python {platform.python_version()})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p_map = sub.add_parser("map", help="apply MODULE:FUNCTION to each line of FILE in parallel",
-                           description=MAP_DESCRIPTION, epilog=MAP_EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_map.add_argument("function", metavar="MODULE:FUNCTION", help="the function to apply, e.g. mytasks:square")
+    p_map = sub.add_parser(
+        "map",
+        help="apply MODULE:FUNCTION to each line of FILE in parallel",
+        description=MAP_DESCRIPTION,
+        epilog=MAP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p_map.add_argument(
+        "function", metavar="MODULE:FUNCTION", help="the function to apply, e.g. mytasks:square"
+    )
     p_map.add_argument("file", metavar="FILE", nargs="?", help="input file (default: standard input)")
     p_map.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: CPU count)")
     p_map.add_argument("--json", action="store_true", help="items and results are JSON, one per line")
     p_map.add_argument("--unordered", action="store_true", help="write results as they finish")
     p_map.add_argument("--timeout", type=float, default=None, help="seconds each item may take")
-    p_map.add_argument("--on-error", choices=("skip", "blank", "error"), default="skip",
-                       help="what to write in place of a failed item's result: nothing (skip, the default), "
-                            "an empty line (blank; null with --json) or the error text (error; "
-                            '{"error": "..."} with --json); blank and error keep output line N aligned '
-                            "with input line N")
-    p_map.add_argument("--progress", dest="progress", action="store_true", default=None,
-                       help="show a progress bar (default: when stderr is a terminal)")
+    p_map.add_argument(
+        "--on-error",
+        choices=("skip", "blank", "error"),
+        default="skip",
+        help="what to write in place of a failed item's result: nothing (skip, the default), "
+        "an empty line (blank; null with --json) or the error text (error; "
+        '{"error": "..."} with --json); blank and error keep output line N aligned '
+        "with input line N",
+    )
+    p_map.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar (default: when stderr is a terminal)",
+    )
     p_map.add_argument("--no-progress", dest="progress", action="store_false")
     p_map.set_defaults(handler=cmd_map)
 
     p_bench = sub.add_parser(
-        "bench", help="run the benchmark suite against the standard library",
+        "bench",
+        help="run the benchmark suite against the standard library",
         description="Measure shoal and the standard library (and loky, mpire, joblib when installed) "
-                    "in the same run and print each figure with its ratio to the standard library's. "
-                    "Each shoal row is marked met or MISSED against its target.")
+        "in the same run and print each figure with its ratio to the standard library's. "
+        "Each shoal row is marked met or MISSED against its target.",
+    )
     p_bench.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
-    p_bench.add_argument("-k", dest="select", metavar="WORD", default=None,
-                         help="only scenarios whose name contains WORD")
-    p_bench.add_argument("--json", metavar="FILE", default=None,
-                         help="also write the results as JSON to FILE ('-': to stdout, the table to stderr)")
-    p_bench.add_argument("--plot", metavar="FILE", default=None,
-                         help="draw the ratios to FILE (.png, .svg, .pdf); needs matplotlib: "
-                              "pip install 'shoal[plot]'")
-    p_bench.add_argument("--load", metavar="FILE", default=None,
-                         help="print (and --plot) results saved with --json instead of measuring")
+    p_bench.add_argument(
+        "-k", dest="select", metavar="WORD", default=None, help="only scenarios whose name contains WORD"
+    )
+    p_bench.add_argument(
+        "--json",
+        metavar="FILE",
+        default=None,
+        help="also write the results as JSON to FILE ('-': to stdout, the table to stderr)",
+    )
+    p_bench.add_argument(
+        "--plot",
+        metavar="FILE",
+        default=None,
+        help="draw the ratios to FILE (.png, .svg, .pdf); needs matplotlib: pip install 'shoal[plot]'",
+    )
+    p_bench.add_argument(
+        "--load",
+        metavar="FILE",
+        default=None,
+        help="print (and --plot) results saved with --json instead of measuring",
+    )
     p_bench.set_defaults(handler=cmd_bench)
     return parser
 

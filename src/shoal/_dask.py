@@ -84,11 +84,27 @@ import cloudpickle
 import dask
 import distributed
 
-from ._engine import CALL, CALL_KW, MAP, NO_SHARED, Engine, PoolStatistics, set_thread_shared, with_traceback_type
+from ._engine import (
+    CALL,
+    CALL_KW,
+    MAP,
+    NO_SHARED,
+    Engine,
+    PoolStatistics,
+    set_thread_shared,
+    with_traceback_type,
+)
 from ._engine import CallbackThread as _CallbackThread
 from ._fd import fd_from_buffer, map_private_fd, sending_fds
 from ._serialization import dumps, find_unpicklable, loads, pack_exception, unpack_exception
-from .exceptions import PoolClosedError, RemoteTraceback, SerializationError, ShoalError, WorkerDiedError, WorkerStartError
+from .exceptions import (
+    PoolClosedError,
+    RemoteTraceback,
+    SerializationError,
+    ShoalError,
+    WorkerDiedError,
+    WorkerStartError,
+)
 
 __all__ = ("DaskEngine",)
 
@@ -381,8 +397,21 @@ class _Task:
     """One unit of work: a call, or a chunk of a map."""
 
     __slots__ = (
-        "batch", "buffers", "data", "fds", "id", "index", "kill_reason", "mode", "n", "nbytes", "pieces",
-        "ref", "scope", "sink", "timeout",
+        "batch",
+        "buffers",
+        "data",
+        "fds",
+        "id",
+        "index",
+        "kill_reason",
+        "mode",
+        "n",
+        "nbytes",
+        "pieces",
+        "ref",
+        "scope",
+        "sink",
+        "timeout",
     )
 
     def __init__(self, tid, scope, mode, data, buffers, sink, index, n) -> None:
@@ -552,7 +581,10 @@ class DaskEngine(Engine):
             }
             with dask.config.set(settings):
                 self._cluster = distributed.LocalCluster(
-                    n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                    n_workers=n,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
                     dashboard_address=None,
                     # The scheduler serves HTTP even without a dashboard, on
                     # port 8787 unless told otherwise: any free port instead.
@@ -834,8 +866,15 @@ class DaskEngine(Engine):
             entries.append((fi, task.mode, data, _keyed(task.buffers), start, stop))
             task.batch = batch
         future = self._client.submit(
-            _run_batch, self._token, self._owner_pid, self._init, self._shared, fns, entries,
-            pure=False, key=f"shoal-batch-{batch.id}-{self._token}",
+            _run_batch,
+            self._token,
+            self._owner_pid,
+            self._init,
+            self._shared,
+            fns,
+            entries,
+            pure=False,
+            key=f"shoal-batch-{batch.id}-{self._token}",
         )
         batch.future = future
         self._inflight[batch.id] = batch

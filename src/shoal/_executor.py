@@ -18,12 +18,12 @@ raises ``BrokenProcessPool`` from submit and map.
 from __future__ import annotations
 
 import concurrent.futures
-from concurrent.futures.process import _RemoteTraceback
 import itertools
 import multiprocessing
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures.process import _RemoteTraceback
 from multiprocessing.context import BaseContext
 from types import TracebackType
 from typing import Any
@@ -94,9 +94,20 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
                 mp_context = multiprocessing.get_context("spawn")
         if backend is not None or address is not None:
             self._engine = remote_engine(
-                backend, address, max_workers, initializer, initargs, max_tasks_per_child, mp_context,
-                max_memory=max_memory, task_timeout=task_timeout, shared=shared, graceful_exit=True,
-                worker_init=worker_init, worker_exit=worker_exit, remote_traceback=_RemoteTraceback,
+                backend,
+                address,
+                max_workers,
+                initializer,
+                initargs,
+                max_tasks_per_child,
+                mp_context,
+                max_memory=max_memory,
+                task_timeout=task_timeout,
+                shared=shared,
+                graceful_exit=True,
+                worker_init=worker_init,
+                worker_exit=worker_exit,
+                remote_traceback=_RemoteTraceback,
             )
         else:
             self._engine = Engine(
@@ -115,7 +126,9 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
                 worker_exit=worker_exit,
             )
         # What the standard library's executor keeps in _mp_context.
-        self._given_context = mp_context if mp_context is not None and not isinstance(mp_context, str) else None
+        self._given_context = (
+            mp_context if mp_context is not None and not isinstance(mp_context, str) else None
+        )
         self._shutdown = False
         # Dropped without shutdown(): finish the queued work, then stop.
         self._finalizer = weakref.finalize(self, self._engine.close)
@@ -126,8 +139,14 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         return submit_future(self._engine, fn, args, kwargs)
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int | None = None, buffersize: int | None = None) -> Iterator[Any]:
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        buffersize: int | None = None,
+    ) -> Iterator[Any]:
         """``map(fn, *iterables)`` in the workers, results in order.
 
         The input is read lazily.  Without *chunksize*, items go one at a
@@ -146,7 +165,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         engine._check_running()
         if not callable(fn):
             raise TypeError(f"the function to run must be callable, got {type(fn).__name__}")
-        args = zip(*iterables)
+        args = zip(*iterables, strict=False)
         cap = None
         if chunksize is None:
             # Chunks grow with the measured task time, never beyond the
@@ -158,8 +177,15 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             else:
                 cap = engine.map_chunksize(n, fn)
         it = IMapIterator(
-            engine, fn, args, chunksize=chunksize, mode=STARMAP, ordered=True, task_timeout=None,
-            bound=buffersize, max_chunksize=cap,
+            engine,
+            fn,
+            args,
+            chunksize=chunksize,
+            mode=STARMAP,
+            ordered=True,
+            task_timeout=None,
+            bound=buffersize,
+            max_chunksize=cap,
         )
         deadline = None if timeout is None else time.monotonic() + timeout
         return _results(it, deadline)

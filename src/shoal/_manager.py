@@ -16,8 +16,8 @@ Data flow::
   single operations are atomic, ``with lock: d[k] -= 1`` works with any
   lock, ``print(d)`` shows a plain dict repr, ``keys()`` / ``values()`` /
   ``items()`` return lists, and iterating it while its size changes (here
-  or in another process) raises ``RuntimeError`` as a dict does.  It is ~100x faster and adds race-free ``incr`` /
-  ``update_with`` / ``locked()``.
+  or in another process) raises ``RuntimeError`` as a dict does.  It is
+  ~100x faster and adds race-free ``incr`` / ``update_with`` / ``locked()``.
 * Everything else is the standard library's, which does it well enough;
   the server process starts when the first of those, or the first dict,
   is asked for (below).
@@ -78,8 +78,8 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from multiprocessing import ProcessError, current_process
-from multiprocessing.context import get_spawning_popen
 from multiprocessing.connection import arbitrary_address, default_family  # type: ignore[attr-defined]  # not in typeshed
+from multiprocessing.context import get_spawning_popen
 from multiprocessing.managers import (  # type: ignore[attr-defined]  # not in typeshed
     BaseManager,
     BaseProxy,
@@ -210,7 +210,7 @@ class _Refs:
             try:
                 p.dump(obj)
                 return buf.getvalue()
-            except Exception:
+            except Exception:  # noqa: BLE001 - the next pickler, then the usual message
                 if p.error is not None:  # pinning failed: the server is gone, ...
                     raise p.error from None
         return dumps(obj, what=what)  # raises, with the usual message
@@ -386,7 +386,6 @@ def _rebuild_manager_dict(rebuild: Callable[..., int], args: tuple, refs: _Refs)
     d = _ManagerDict._from_fd(rebuild(*args))
     d._refs = refs
     return d
-
 
 
 class Manager:
@@ -571,7 +570,8 @@ class Manager:
         ``m.<typeid>(*args)`` then returns a proxy to a new object living in
         the server process.  Registers on *cls* (and its subclasses) only."""
         BaseManager.register.__func__(  # type: ignore[attr-defined]  # a classmethod's function
-            cls, typeid, callable, proxytype, exposed, method_to_typeid, create_method)
+            cls, typeid, callable, proxytype, exposed, method_to_typeid, create_method
+        )
         if create_method:  # BaseManager's method, run on the server object
             setattr(cls, typeid, _delegate(typeid, cls.__dict__[typeid]))
 
@@ -582,7 +582,9 @@ def _delegate(typeid: str, create: Any = None) -> Callable[..., Any]:
         return create(server, *args, **kwargs) if create else getattr(server, typeid)(*args, **kwargs)
 
     method.__name__ = method.__qualname__ = typeid
-    method.__doc__ = f"A proxy to a new shared {typeid} in the manager's server process (as SyncManager.{typeid})."
+    method.__doc__ = (
+        f"A proxy to a new shared {typeid} in the manager's server process (as SyncManager.{typeid})."
+    )
     return method
 
 

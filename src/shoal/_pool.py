@@ -107,9 +107,18 @@ class Pool:
     ) -> None:
         if backend is not None or address is not None:
             self._engine = remote_engine(
-                backend, address, processes, initializer, initargs, maxtasksperchild, context,
-                max_memory=max_memory, task_timeout=task_timeout, shared=shared,
-                worker_init=worker_init, worker_exit=worker_exit,
+                backend,
+                address,
+                processes,
+                initializer,
+                initargs,
+                maxtasksperchild,
+                context,
+                max_memory=max_memory,
+                task_timeout=task_timeout,
+                shared=shared,
+                worker_init=worker_init,
+                worker_exit=worker_exit,
                 remote_traceback=multiprocessing.pool.RemoteTraceback,
             )
         else:
@@ -132,15 +141,27 @@ class Pool:
         self._finalizer = weakref.finalize(self, self._engine.terminate, False)
 
     # -- the standard library's API -------------------------------------------
-    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict | None = None, *,
-              task_timeout: float | None = None) -> Any:
+    def apply(
+        self,
+        func: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwds: dict | None = None,
+        *,
+        task_timeout: float | None = None,
+    ) -> Any:
         """Call ``func(*args, **kwds)`` in a worker and return its result."""
         return self.apply_async(func, args, kwds, task_timeout=task_timeout).get()
 
-    def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict | None = None,
-                    callback: Callable[[Any], object] | None = None,
-                    error_callback: Callable[[BaseException], object] | None = None, *,
-                    task_timeout: float | None = None) -> AsyncResult:
+    def apply_async(
+        self,
+        func: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwds: dict | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        task_timeout: float | None = None,
+    ) -> AsyncResult:
         """Run ``func(*args, **kwds)`` in a worker; return an :class:`AsyncResult`.
 
         *callback* / *error_callback* run in this (the parent) process with the
@@ -174,8 +195,15 @@ class Pool:
 
         return submit_future(self._engine, fn, args, kwargs)
 
-    def map(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None, *,
-            task_timeout: float | None = None, progress: bool | dict = False) -> list:
+    def map(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        task_timeout: float | None = None,
+        progress: bool | dict = False,
+    ) -> list:
         """``[func(x) for x in iterable]``, computed by the workers, in order.
 
         *progress*: ``True`` or a dict of tqdm options for a progress bar.
@@ -184,31 +212,57 @@ class Pool:
         """
         return self._map_blocking(func, iterable, chunksize, MAP, task_timeout, progress)
 
-    def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]], chunksize: int | None = None, *,
-                task_timeout: float | None = None, progress: bool | dict = False) -> list:
+    def starmap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        *,
+        task_timeout: float | None = None,
+        progress: bool | dict = False,
+    ) -> list:
         """``[func(*args) for args in iterable]``, computed by the workers, in order.
 
         *progress*: ``True`` or a dict of tqdm options for a progress bar.
         """
         return self._map_blocking(func, iterable, chunksize, STARMAP, task_timeout, progress)
 
-    def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None,
-                  callback: Callable[[list[Any]], object] | None = None,
-                  error_callback: Callable[[BaseException], object] | None = None, *,
-                  task_timeout: float | None = None) -> MapResult:
+    def map_async(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[list[Any]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        task_timeout: float | None = None,
+    ) -> MapResult:
         """Like :meth:`map`, returning a result object."""
         return self._map_async(func, iterable, chunksize, MAP, callback, error_callback, task_timeout)
 
-    def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                      chunksize: int | None = None, callback: Callable[[list[Any]], object] | None = None,
-                      error_callback: Callable[[BaseException], object] | None = None, *,
-                      task_timeout: float | None = None) -> MapResult:
+    def starmap_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[list[Any]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        task_timeout: float | None = None,
+    ) -> MapResult:
         """Like :meth:`starmap`, returning a result object."""
         return self._map_async(func, iterable, chunksize, STARMAP, callback, error_callback, task_timeout)
 
-    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1, *,
-             task_timeout: float | None = None,
-             progress: bool | dict = False, buffersize: int | None = None) -> IMapIterator:
+    def imap(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        task_timeout: float | None = None,
+        progress: bool | dict = False,
+        buffersize: int | None = None,
+    ) -> IMapIterator:
         """Lazy, ordered ``map``: reads *iterable* as results are consumed.
 
         At most *buffersize* tasks (default: enough to keep every worker
@@ -219,9 +273,16 @@ class Pool:
         """
         return self._imap(func, iterable, chunksize, True, task_timeout, progress, buffersize)
 
-    def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1, *,
-                       task_timeout: float | None = None,
-                       progress: bool | dict = False, buffersize: int | None = None) -> IMapIterator:
+    def imap_unordered(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        task_timeout: float | None = None,
+        progress: bool | dict = False,
+        buffersize: int | None = None,
+    ) -> IMapIterator:
         """Like :meth:`imap`, yielding results as they finish."""
         return self._imap(func, iterable, chunksize, False, task_timeout, progress, buffersize)
 
@@ -292,10 +353,16 @@ class Pool:
         return self._engine.worker_processes()
 
     # -- internals -----------------------------------------------------------
-    def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None, mode: int,
-                   callback: Callable[[list[Any]], object] | None,
-                   error_callback: Callable[[BaseException], object] | None,
-                   task_timeout: float | None) -> MapResult:
+    def _map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        mode: int,
+        callback: Callable[[list[Any]], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+        task_timeout: float | None,
+    ) -> MapResult:
         engine = self._engine
         engine._check_running()
         _check_callable(func)
@@ -337,8 +404,15 @@ class Pool:
                 engine.submit_tasks(tasks)
         return result
 
-    def _map_blocking(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
-                      mode: int, task_timeout: float | None, progress: bool | dict) -> list:
+    def _map_blocking(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        mode: int,
+        task_timeout: float | None,
+        progress: bool | dict,
+    ) -> list:
         if progress:
             if chunksize is None:
                 n = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]  # it has one
@@ -349,13 +423,22 @@ class Pool:
             return result.get()
         except KeyboardInterrupt:
             # Ctrl-C: chunks not yet sent are dropped, running ones killed.
-            self._engine.interrupt(concurrent.futures.CancelledError("the map was interrupted"),
-                                   lambda sink: sink is result)
+            self._engine.interrupt(
+                concurrent.futures.CancelledError("the map was interrupted"), lambda sink: sink is result
+            )
             raise
 
-    def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int, ordered: bool,
-              task_timeout: float | None, progress: bool | dict, buffersize: int | None,
-              mode: int = MAP) -> IMapIterator:
+    def _imap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int,
+        ordered: bool,
+        task_timeout: float | None,
+        progress: bool | dict,
+        buffersize: int | None,
+        mode: int = MAP,
+    ) -> IMapIterator:
         engine = self._engine
         engine._check_running()
         _check_callable(func)
@@ -366,8 +449,15 @@ class Pool:
             raise ValueError(f"buffersize must be a positive int or None, got {buffersize!r}")
         bar = progress_bar(progress, iterable)
         it = IMapIterator(
-            engine, func, iterable, chunksize=chunksize, mode=mode, ordered=ordered,
-            task_timeout=task_timeout, bound=buffersize, progress=bar,
+            engine,
+            func,
+            iterable,
+            chunksize=chunksize,
+            mode=mode,
+            ordered=ordered,
+            task_timeout=task_timeout,
+            bound=buffersize,
+            progress=bar,
         )
         it._pool = self
         return it
@@ -419,4 +509,3 @@ def _check_callbacks(callback: object, error_callback: object) -> None:
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     if error_callback is not None and not callable(error_callback):
         raise TypeError(f"error_callback must be callable, got {type(error_callback).__name__}")
-

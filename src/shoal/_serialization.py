@@ -41,6 +41,7 @@ from ._fd import WarmSegments, collecting, create_fd, map_leased, map_private_fd
 from ._native import copy_into
 from .exceptions import RemoteError, RemoteTraceback, SerializationError, serialization_error
 
+
 class _Buffers(threading.local):
     # Large buffers met while pickling (pickle's buffer_callback and
     # _LargeBytesIds append here); a class default, not a missing attribute,
@@ -70,7 +71,9 @@ class _OutOfBand:
 
     __slots__ = ("fd", "leased", "size", "spans", "writable")
 
-    def __init__(self, fd: int, size: int, spans: list[tuple[int, int]], leased: bool, writable: bool) -> None:
+    def __init__(
+        self, fd: int, size: int, spans: list[tuple[int, int]], leased: bool, writable: bool
+    ) -> None:
         self.fd = fd
         self.size = size
         self.spans = spans
@@ -153,7 +156,7 @@ def _pack_buffers(buffers: list[memoryview], segments: WarmSegments | None, writ
     else:
         fd = create_fd(offset)
     try:
-        for view, (start, n) in zip(buffers, spans):  # PickleBuffer.raw(): flat bytes
+        for view, (start, n) in zip(buffers, spans, strict=False):  # PickleBuffer.raw(): flat bytes
             if target is not None:
                 # Warm pages: a memcpy, without the GIL (a long copy holding
                 # it would keep the pool's scheduler from feeding workers).
@@ -309,7 +312,7 @@ def dumps(
     try:
         try:
             data = pickle.dumps(obj, _PROTOCOL, buffer_callback=callback)
-        except Exception:
+        except Exception:  # noqa: BLE001 - plain pickle refused it: cloudpickle next
             _buffers.oob = None
             data = _cloudpickle_dumps(obj, buffer_callback=callback)
         if callback is not None and len(data) >= OOB_THRESHOLD and _holds_large_bytes(obj, 3):
@@ -385,7 +388,9 @@ def loads(data, *, limit: int | None = None) -> Any:
         if not ids:
             return pickle.loads(inner, buffers=views)
         taken = set(ids)
-        unpickler = pickle.Unpickler(io.BytesIO(inner), buffers=[v for i, v in enumerate(views) if i not in taken])
+        unpickler = pickle.Unpickler(
+            io.BytesIO(inner), buffers=[v for i, v in enumerate(views) if i not in taken]
+        )
         unpickler.persistent_load = functools.partial(_load_bytes_like, views)
         return unpickler.load()
     return obj
@@ -426,7 +431,7 @@ def find_unpicklable(obj: Any, depth: int) -> Any:
     for item in items[:1000]:
         try:
             _cloudpickle_dumps(item)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any pickling error marks the culprit
             return find_unpicklable(item, depth + 1) or item
     return None
 
@@ -452,7 +457,7 @@ def name_unpicklable_item(exc: BaseException, items, start: int) -> None:
 def _short_repr(obj: Any) -> str:
     try:
         text = repr(obj)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a repr that raises is described by type
         text = f"<{type(obj).__qualname__} object>"
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -584,7 +589,7 @@ class _PlainRemoteError:
 def unpack_exception(data) -> BaseException:
     try:
         return loads(data)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any unpickling error is reported as such
         return SerializationError(
             f"the task raised an exception that could not be unpickled in the parent: "
             f"{type(exc).__name__}: {exc}"

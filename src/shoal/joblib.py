@@ -48,7 +48,12 @@ from typing import Any
 
 try:
     import joblib
-    from joblib._parallel_backends import AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, SequentialBackend
+    from joblib._parallel_backends import (
+        AutoBatchingMixin,
+        FallbackToBackend,
+        ParallelBackendBase,
+        SequentialBackend,
+    )
 except ImportError as exc:
     raise ImportError("shoal.joblib needs joblib: pip install 'shoal[joblib]'") from exc
 
@@ -70,7 +75,9 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
     uses_threads = False
     default_n_jobs = 1
 
-    def __init__(self, nesting_level: int | None = None, inner_max_num_threads: int | None = None, **options: Any):
+    def __init__(
+        self, nesting_level: int | None = None, inner_max_num_threads: int | None = None, **options: Any
+    ):
         unknown = set(options) - set(_OPTIONS)
         if unknown:
             raise TypeError(
@@ -90,8 +97,14 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
             return max(joblib.cpu_count() + 1 + n_jobs, 1)
         return n_jobs
 
-    def configure(self, n_jobs: int | None = 1, parallel: Any = None, prefer: Any = None, require: Any = None,
-                  **options: Any) -> int:
+    def configure(
+        self,
+        n_jobs: int | None = 1,
+        parallel: Any = None,
+        prefer: Any = None,
+        require: Any = None,
+        **options: Any,
+    ) -> int:
         n_jobs = self.effective_n_jobs(n_jobs)
         if n_jobs == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))

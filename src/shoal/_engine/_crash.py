@@ -122,7 +122,8 @@ def attribute_crash(
         elif suspect and task.id == last_done:
             if task.requeues >= max_requeues:
                 exc = WorkerDiedError(
-                    pid, exitcode,
+                    pid,
+                    exitcode,
                     f"It finished, but each of the {task.requeues + 1} workers that ran it died before "
                     "sending its result; it was not run again.",
                 )

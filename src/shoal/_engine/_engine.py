@@ -191,8 +191,11 @@ class Engine:
         _check_int("processes", processes)
         if processes < 1:
             raise ValueError(f"Number of processes must be at least 1, got {processes!r}")
-        for hook_name, hook in (("initializer", initializer), ("worker_init", worker_init),
-                                ("worker_exit", worker_exit)):
+        for hook_name, hook in (
+            ("initializer", initializer),
+            ("worker_init", worker_init),
+            ("worker_exit", worker_exit),
+        ):
             if hook is not None and not callable(hook):
                 raise TypeError(f"{hook_name} must be a callable, got {type(hook).__name__}")
         if maxtasksperchild is not None and (
@@ -237,7 +240,8 @@ class Engine:
         except Exception as exc:
             if "through inheritance" not in str(exc):
                 raise serialization_error(
-                    f"cannot pickle the initializer, its initargs or the worker_init/worker_exit hooks: {exc}",
+                    "cannot pickle the initializer, its initargs or the worker_init/worker_exit hooks: "
+                    f"{exc}",
                     exc,
                 ) from exc
             # A multiprocessing Queue, Lock, Value... in initargs (the
@@ -283,10 +287,17 @@ class Engine:
         self._submitted_n = 0  # the other counters are the scheduler's
         # The scheduler thread's state and steps; it owns the workers.
         self._scheduler = Scheduler(
-            self, processes=processes, context=context, maxtasksperchild=maxtasksperchild,
-            max_memory=max_memory, config_args=config_args, config_inline=config_inline, shared=shared,
+            self,
+            processes=processes,
+            context=context,
+            maxtasksperchild=maxtasksperchild,
+            max_memory=max_memory,
+            config_args=config_args,
+            config_inline=config_inline,
+            shared=shared,
             shared_data=shared_data,
-            shared_fds=shared_fds, remote_traceback=remote_traceback,
+            shared_fds=shared_fds,
+            remote_traceback=remote_traceback,
         )
         self._finished = threading.Event()
         self._owner_pid = os.getpid()
@@ -363,8 +374,10 @@ class Engine:
         entry = self._fn_cache.get(key)  # a dict read is atomic: no lock needed
         if entry is not None and entry[0] is fn:
             return entry[1], entry
-        if fn.__module__ == "__main__" and self._ctx.get_start_method() != "fork" and not getattr(
-            sys.modules.get("__main__"), "__file__", None
+        if (
+            fn.__module__ == "__main__"
+            and self._ctx.get_start_method() != "fork"
+            and not getattr(sys.modules.get("__main__"), "__file__", None)
         ):
             return 0, None  # an interactive __main__: a spawned worker cannot import it
         try:
@@ -379,7 +392,13 @@ class Engine:
         return entry[1], entry
 
     def make_task(
-        self, fn, mode: int, payload, sink: ResultSink, index: int = 0, timeout: float | None = None,
+        self,
+        fn,
+        mode: int,
+        payload,
+        sink: ResultSink,
+        index: int = 0,
+        timeout: float | None = None,
         fn_ref=None,
     ) -> Task:
         """Serialize one task in the caller's thread (errors surface here)."""
@@ -393,8 +412,18 @@ class Engine:
         data = _serialize(payload, fds, self._segments)
         if fds:
             self._task_fds.update(fds)
-        return Task(id=next(self._ids), fn_id=fn_id, fn_ref=entry, mode=mode, data=data, fds=fds, sink=sink,
-                    index=index, timeout=timeout, n=n)
+        return Task(
+            id=next(self._ids),
+            fn_id=fn_id,
+            fn_ref=entry,
+            mode=mode,
+            data=data,
+            fds=fds,
+            sink=sink,
+            index=index,
+            timeout=timeout,
+            n=n,
+        )
 
     def submit_call(
         self, fn, args: tuple, kwargs: dict, sink: ResultSink, timeout: float | None = None
@@ -426,8 +455,16 @@ class Engine:
             self._task_fds.update(fds)
         if timeout is None:
             timeout = self.task_timeout
-        task = Task(id=next(self._ids), fn_id=fn_id, fn_ref=entry, mode=mode, data=data, fds=fds, sink=sink,
-                    timeout=timeout)
+        task = Task(
+            id=next(self._ids),
+            fn_id=fn_id,
+            fn_ref=entry,
+            mode=mode,
+            data=data,
+            fds=fds,
+            sink=sink,
+            timeout=timeout,
+        )
         self._pending.append(task)
         self._submitted_n += 1
         self._wake()

@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = ("install", "shared", "worker_state")
 
+
 class _NoShared:
     """Marks "the pool was created without shared=" (None is a valid shared object)."""
 

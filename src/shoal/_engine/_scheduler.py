@@ -529,9 +529,12 @@ class Scheduler:
                     self._exit_results.append((True, loads_with(data, fds)))
                 except Exception as exc:  # noqa: BLE001 - reported by worker_exit_results()
                     self._exit_results.append(
-                        (False, SerializationError(
-                            f"the value worker_exit returned could not be unpickled: {exc!r}"
-                        ))
+                        (
+                            False,
+                            SerializationError(
+                                f"the value worker_exit returned could not be unpickled: {exc!r}"
+                            ),
+                        )
                     )
             else:
                 self._exit_results.append((False, unpack_exception(data)))
@@ -721,7 +724,11 @@ class Scheduler:
         tasks = list(w.inflight)
         w.inflight.clear()
         verdicts = attribute_crash(
-            tasks, running=running, last_done=last_done, pid=w.pid, exitcode=exitcode,
+            tasks,
+            running=running,
+            last_done=last_done,
+            pid=w.pid,
+            exitcode=exitcode,
             broken=w.retire_reason == "initializer" or self.engine._state == _BROKEN,
             broken_error=self.engine._broken_error,
         )
@@ -767,8 +774,10 @@ class Scheduler:
                 )
         if reason in ("shutdown", "initializer") or self.engine._state in (_TERMINATE, _BROKEN):
             return
-        if self.engine._state == _CLOSE and not self._pending and not any(
-            x.inflight for x in self._workers.values()
+        if (
+            self.engine._state == _CLOSE
+            and not self._pending
+            and not any(x.inflight for x in self._workers.values())
         ):
             return
         self.replaced[reason] = self.replaced.get(reason, 0) + 1

@@ -91,8 +91,16 @@ class WorkerConfig:
     """Everything a worker needs, pickled once with cloudpickle."""
 
     __slots__ = (
-        "initargs", "initializer", "max_memory", "maxtasks", "owner_pid", "pdeathsig", "shared_data", "slot",
-        "worker_exit", "worker_init",
+        "initargs",
+        "initializer",
+        "max_memory",
+        "maxtasks",
+        "owner_pid",
+        "pdeathsig",
+        "shared_data",
+        "slot",
+        "worker_exit",
+        "worker_init",
     )
 
     def __init__(self, initializer, initargs, maxtasks, max_memory, owner_pid, pdeathsig, slot):
@@ -126,7 +134,9 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * mmap.PAGESIZE
 
 
-def worker_main(sock, inherited: tuple[int, ...] = (), shared=_local.NO_SHARED, hooks: tuple | None = None) -> None:
+def worker_main(
+    sock, inherited: tuple[int, ...] = (), shared=_local.NO_SHARED, hooks: tuple | None = None
+) -> None:
     """Entry point of a worker process (the ``target`` of its ``Process``).
 
     *inherited* lists descriptors a fork-started worker got from its parent's
@@ -198,7 +208,7 @@ def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
             config.initializer(*config.initargs)
         if config.worker_init is not None:
             config.worker_init()
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+    except BaseException as exc:
         # Also logged, as the standard library's executor workers do: an
         # initializer that installs a logging handler (a QueueHandler to the
         # parent) sees its own failure there.

@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing import reduction
 
+
 class _State(threading.local):
     # Class-level defaults: a missing attribute on a threading.local costs
     # an AttributeError internally, ~0.7 µs on every pickling call.

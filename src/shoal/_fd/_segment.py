@@ -105,7 +105,7 @@ class Segment:
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
-        except Exception:  # interpreter shutdown
+        except Exception:  # noqa: BLE001 - finalizer at interpreter shutdown
             pass
 
     def __repr__(self) -> str:

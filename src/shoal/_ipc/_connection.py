@@ -76,7 +76,7 @@ _EOF_MESSAGE = "the other end of the pipe was closed (or every process holding i
 _pickle_loads = pickle.loads
 
 
-def Pipe(duplex: bool = True, *, max_message_size: int | None = None) -> tuple[Connection, Connection]:
+def Pipe(duplex: bool = True, *, max_message_size: int | None = None) -> tuple[Connection, Connection]:  # noqa: N802 - the standard library's name
     """Return a pair ``(conn1, conn2)`` of connected :class:`Connection` objects.
 
     With *duplex* (the default) both ends can send and receive; otherwise
@@ -180,13 +180,17 @@ class Connection:
                 sock.close()
                 if self._spool is not None:
                     self._spool.close()
-            except Exception:  # pragma: no cover - interpreter shutdown
+            except Exception:  # noqa: BLE001 - finalizer at interpreter shutdown  # pragma: no cover
                 pass
 
     def __repr__(self) -> str:
         if self._sock is None:
             return "<shoal.Connection closed>"
-        mode = "duplex" if self._readable and self._writable else ("read-only" if self._readable else "write-only")
+        mode = (
+            "duplex"
+            if self._readable and self._writable
+            else ("read-only" if self._readable else "write-only")
+        )
         return f"<shoal.Connection fd={self._sock.fileno()} {mode}>"
 
     def _check_open(self) -> socket.socket:
@@ -338,7 +342,7 @@ class Connection:
             else:
                 try:
                     return _pickle_loads(memoryview(data)[1:])
-                except Exception:
+                except Exception:  # noqa: BLE001 - not a plain pickle: decoded below
                     payload = data[1:]
                     fds = []
         if not fds:
@@ -414,7 +418,9 @@ Pipe.__module__ = "shoal"
 def _broken_pipe() -> BrokenPipeError:
     # A datagram socket reports ECONNRESET when the reader closed with
     # messages unread; a pipe says EPIPE.  Say the same thing either way.
-    return BrokenPipeError(errno.EPIPE, "the other end of the pipe was closed (or every process holding it exited)")
+    return BrokenPipeError(
+        errno.EPIPE, "the other end of the pipe was closed (or every process holding it exited)"
+    )
 
 
 def _loads(payload, limit: int | None = None):

@@ -45,8 +45,8 @@ import socket
 import threading
 import time
 
-from .._serialization import OOB_THRESHOLD, dumps
 from .._fd import create_fd, sending_fds
+from .._serialization import OOB_THRESHOLD, dumps
 
 MEMFD = 0x01
 BYTES = 0x04
@@ -120,7 +120,7 @@ def encode(obj, what: str, limit: int | None = None) -> tuple[bytes, list[int]]:
         with sending_fds(fds):
             try:
                 payload = _pickle_dumps(obj, 5, buffer_callback=small_buffers_only)
-            except Exception:
+            except Exception:  # noqa: BLE001 - plain pickle refused it: shoal's dumps next
                 close_fds(fds)
                 fds.clear()
                 payload = dumps(obj, oob=True, what=what, limit=limit)
@@ -228,7 +228,9 @@ class Spool:
             self._entries = []
 
 
-def send_packet(sock: socket.socket, kind: int, payload, fds=(), flags: int = 0, spool: Spool | None = None) -> None:
+def send_packet(
+    sock: socket.socket, kind: int, payload, fds=(), flags: int = 0, spool: Spool | None = None
+) -> None:
     """Send one message.  The caller keeps ownership of *fds*.
 
     Raises ``BlockingIOError`` (only with ``MSG_DONTWAIT`` in *flags*) when

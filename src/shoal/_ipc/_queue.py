@@ -43,12 +43,12 @@ locker recounts and goes on.  A killed ``get`` that had not yet moved
 ``head`` never returned its item, which the next consumer gets; one that had
 loses only that item.  A ``get`` interrupted by an exception (Ctrl-C, a
 signal handler's) after taking its item keeps it for this process's next
-``get`` (only an interruption while unpickling it still loses it).  A killed ``put`` loses only its own item and its own
-buffered items.  An item whose datagram the kernel refuses (an item with
-more than 252 descriptors is refused before that, with ``ValueError``)
-raises ``OSError`` in ``put``; in the feeder it is dropped with a
-``RuntimeWarning``, the items around it still go in.  ``close()`` releases this process's descriptors after its
-feeder has flushed.
+``get`` (only an interruption while unpickling it still loses it).  A killed
+``put`` loses only its own item and its own buffered items.  An item whose
+datagram the kernel refuses (an item with more than 252 descriptors is
+refused before that, with ``ValueError``) raises ``OSError`` in ``put``; in the feeder it is dropped with a
+``RuntimeWarning``, the items around it still go in.  ``close()`` releases
+this process's descriptors after its feeder has flushed.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ from collections.abc import Iterable
 from multiprocessing import util as _mputil
 from typing import Any
 
-from .._serialization import loads
 from .._fd import collecting, create_fd, providing_fds, reduce_fd, sending_fds
+from .._serialization import loads
 from ..exceptions import SerializationError
 from ._packet import (
     _MAX_FDS,
@@ -363,7 +363,7 @@ class _Base:
             except SendFailed as exc:
                 n, dropped = exc.done, 1
                 error: BaseException = _send_error(exc)
-            except Exception as exc:  # pragma: no cover - the ring is unusable
+            except Exception as exc:  # noqa: BLE001 - the ring is unusable: the items are dropped and reported  # pragma: no cover
                 n, dropped = 0, len(entries)
                 error = exc
             with self._lock:
@@ -374,7 +374,7 @@ class _Base:
                 if self._joinable:
                     try:
                         self._ring.add_unfinished(-dropped)
-                    except Exception:  # pragma: no cover - the ring is unusable
+                    except Exception:  # noqa: BLE001 - the ring is unusable  # pragma: no cover
                         pass
                 warnings.warn(
                     f"shoal.{type(self).__name__}: {dropped} item(s) put earlier could not be "
@@ -446,7 +446,7 @@ class _Base:
             if not self._closed and self._feeder is None:
                 self._closed = True
                 self._close_fds()
-        except Exception:  # pragma: no cover - interpreter shutdown, half-built object
+        except Exception:  # noqa: BLE001 - finalizer of a half-built object  # pragma: no cover
             pass
 
     def __repr__(self) -> str:
@@ -611,7 +611,7 @@ class Queue(_Base):
                     # or unpicklable by plain pickle) through _entry.
                     try:
                         payload = _pickle_dumps(item, 5, buffer_callback=small_buffers_only)
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - plain pickle refused it: the slow path next
                         payload = None
                     if payload is None or fds or len(payload) > inline_max:
                         close_fds(fds)

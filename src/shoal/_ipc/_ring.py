@@ -223,7 +223,7 @@ class Ring:
             else:  # taken from a dead owner, interrupted before the repair
                 try:
                     self._recount()
-                except Exception:  # pragma: no cover - best effort
+                except Exception:  # noqa: BLE001 - best effort  # pragma: no cover
                     pass
         except (TimeoutError, OSError, ValueError):
             return  # held by another thread or process (or the ring is closed)

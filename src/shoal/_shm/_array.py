@@ -46,9 +46,7 @@ from typing import Any
 
 from .._fd import Segment, collecting, fd_from_buffer
 
-_MISSING = (
-    "shoal.SharedArray needs numpy, which is not installed: pip install numpy (or 'shoal[numpy]')"
-)
+_MISSING = "shoal.SharedArray needs numpy, which is not installed: pip install numpy (or 'shoal[numpy]')"
 
 try:
     import numpy as np
@@ -127,7 +125,9 @@ def _check_shape(shape) -> tuple[int, ...]:
                 f"SharedArray shape must be an int or a sequence of ints, got {shape!r}"
             ) from None
     if any(n < 0 for n in dims):
-        raise ValueError(f"SharedArray shape must not be negative, got {dims!r}: every dimension must be >= 0")
+        raise ValueError(
+            f"SharedArray shape must not be negative, got {dims!r}: every dimension must be >= 0"
+        )
     return dims
 
 
@@ -241,7 +241,9 @@ if np is not None:
             raise
         return _on_segment(SharedArray, _Memory(segment), 0, array.shape, dtype, None, order)
 
-    def _on_segment(cls, memory: _Memory, offset: int, shape, dtype, strides, order: str = "C") -> SharedArray:
+    def _on_segment(
+        cls, memory: _Memory, offset: int, shape, dtype, strides, order: str = "C"
+    ) -> SharedArray:
         arr = np.ndarray.__new__(
             cls, shape, dtype, buffer=memory.segment.mmap, offset=offset, strides=strides, order=order
         )

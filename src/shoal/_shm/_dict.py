@@ -200,7 +200,7 @@ def _encode_other_key(key: Any) -> bytes:
             # canonical here, and 10x faster than _KeyPickler's.
             try:
                 return b"p" + pickle.dumps(key, 5)
-            except Exception:
+            except Exception:  # noqa: BLE001 - reported below
                 pass  # reported below
     else:
         canon = _builtin_equal(key)
@@ -252,7 +252,7 @@ def _builtin_equal(key: Any) -> Any:
             return canon
     except _NaNKey:
         raise
-    except Exception:
+    except Exception:  # noqa: BLE001 - not a builtin equivalent: encoded as a pickle
         pass
     return _MISSING
 
@@ -280,7 +280,7 @@ class _KeyPickler(pickle._Pickler):  # the Python pickler: it asks reducer_overr
                 return t, (sorted(obj.items(), key=lambda kv: _key_order(kv[0])),)
         except _NaNKey:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - not a builtin equivalent: encoded as a pickle
             pass
         return NotImplemented
 
@@ -336,7 +336,7 @@ def _encode_value(value: Any, refs: StorageRefs | None = None) -> int | bytes:
 def _short(obj: Any) -> str:
     try:
         text = repr(obj)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a repr that raises is described by type
         text = f"<{type(obj).__qualname__} object>"
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -468,7 +468,7 @@ class SharedDict(MutableMapping):
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-        except Exception:  # interpreter shutdown, or a failed __init__
+        except Exception:  # noqa: BLE001 - finalizer at shutdown or after a failed __init__
             pass
 
     def _check_open(self) -> None:
@@ -518,7 +518,7 @@ class SharedDict(MutableMapping):
         # processes do it all the time) and does not affect this loop.
         return iter([_decode_key(k) for k in _native.dict_items(self._map, 0)])
 
-    def keys(self) -> KeysView[Any]:  # noqa: D102 - the Mapping views work; these are snapshots
+    def keys(self) -> KeysView[Any]:
         return _SnapshotKeys(self)
 
     def values(self) -> ValuesView[Any]:
@@ -637,7 +637,7 @@ class SharedDict(MutableMapping):
         if isinstance(other, Mapping):
             pairs = list(other.items())
         elif hasattr(other, "keys"):
-            pairs = [(k, other[k]) for k in other.keys()]
+            pairs = [(k, other[k]) for k in other]
         else:
             pairs = list(other)
         pairs.extend(kwargs.items())
