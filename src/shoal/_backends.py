@@ -7,22 +7,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._engine import NO_SHARED
+from ._engine import NO_SHARED, Engine
 
 INSTALL_HINT = 'backend="dask" needs Dask\'s distributed scheduler: pip install "shoal[dask]"'
 
 BACKENDS = (None, "dask")
 
 
+def make_engine(backend: str | None, address: str | None, *args: Any, **options: Any) -> Engine:
+    """The engine a face runs on: shoal's own (``backend=None`` and no
+    address) or the one for *backend*, started or connected to *address*.
+    Options only the local engine has (``defer_start_errors``) are dropped
+    for a remote one."""
+    if backend is None and address is None:
+        return Engine(*args, **options)
+    options.pop("defer_start_errors", None)
+    return remote_engine(backend, address, *args, **options)
+
+
 def remote_engine(
     backend: str | None,
     address: str | None,
-    *args,
+    *args: Any,
     shared: Any = NO_SHARED,
-    worker_init=None,
-    worker_exit=None,
-    **options,
-):
+    worker_init: Any = None,
+    worker_exit: Any = None,
+    **options: Any,
+) -> Engine:
     """The engine for ``backend`` (not None), started or connected to *address*."""
     if worker_init is not None or worker_exit is not None:
         raise ValueError(

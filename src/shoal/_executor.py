@@ -29,8 +29,8 @@ from types import TracebackType
 from typing import Any
 
 from ._asyncresult import Future, IMapIterator, submit_future
-from ._backends import remote_engine
-from ._engine import NO_SHARED, STARMAP, Engine, PoolStatistics, WorkerProcess
+from ._backends import make_engine
+from ._engine import NO_SHARED, STARMAP, PoolStatistics, WorkerProcess
 from ._engine import check_int as _check_int
 from ._engine import check_timeout as _check_timeout
 
@@ -92,39 +92,23 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
                 # spawn unless a context is given.  (An explicit fork context
                 # works here, where the standard library refuses it.)
                 mp_context = multiprocessing.get_context("spawn")
-        if backend is not None or address is not None:
-            self._engine = remote_engine(
-                backend,
-                address,
-                max_workers,
-                initializer,
-                initargs,
-                max_tasks_per_child,
-                mp_context,
-                max_memory=max_memory,
-                task_timeout=task_timeout,
-                shared=shared,
-                graceful_exit=True,
-                worker_init=worker_init,
-                worker_exit=worker_exit,
-                remote_traceback=_RemoteTraceback,
-            )
-        else:
-            self._engine = Engine(
-                max_workers,
-                initializer,
-                initargs,
-                max_tasks_per_child,
-                mp_context,
-                max_memory=max_memory,
-                task_timeout=task_timeout,
-                graceful_exit=True,
-                defer_start_errors=True,
-                remote_traceback=_RemoteTraceback,
-                shared=shared,
-                worker_init=worker_init,
-                worker_exit=worker_exit,
-            )
+        self._engine = make_engine(
+            backend,
+            address,
+            max_workers,
+            initializer,
+            initargs,
+            max_tasks_per_child,
+            mp_context,
+            max_memory=max_memory,
+            task_timeout=task_timeout,
+            graceful_exit=True,
+            defer_start_errors=True,
+            remote_traceback=_RemoteTraceback,
+            shared=shared,
+            worker_init=worker_init,
+            worker_exit=worker_exit,
+        )
         # What the standard library's executor keeps in _mp_context.
         self._given_context = (
             mp_context if mp_context is not None and not isinstance(mp_context, str) else None

@@ -26,8 +26,8 @@ from multiprocessing.context import BaseContext
 from typing import Any, NoReturn
 
 from ._asyncresult import AsyncResult, IMapIterator, MapResult, submit_future
-from ._backends import remote_engine
-from ._engine import MAP, NO_SHARED, STARMAP, Engine, PoolStatistics, WorkerProcess
+from ._backends import make_engine
+from ._engine import MAP, NO_SHARED, STARMAP, PoolStatistics, WorkerProcess
 from ._engine import check_timeout as _check_timeout
 from ._progress import progress_bar
 from ._serialization import name_unpicklable_item
@@ -105,36 +105,21 @@ class Pool:
         backend: str | None = None,
         address: str | None = None,
     ) -> None:
-        if backend is not None or address is not None:
-            self._engine = remote_engine(
-                backend,
-                address,
-                processes,
-                initializer,
-                initargs,
-                maxtasksperchild,
-                context,
-                max_memory=max_memory,
-                task_timeout=task_timeout,
-                shared=shared,
-                worker_init=worker_init,
-                worker_exit=worker_exit,
-                remote_traceback=multiprocessing.pool.RemoteTraceback,
-            )
-        else:
-            self._engine = Engine(
-                processes,
-                initializer,
-                initargs,
-                maxtasksperchild,
-                context,
-                max_memory=max_memory,
-                task_timeout=task_timeout,
-                remote_traceback=multiprocessing.pool.RemoteTraceback,  # type: ignore[attr-defined]  # not in typeshed
-                shared=shared,
-                worker_init=worker_init,
-                worker_exit=worker_exit,
-            )
+        self._engine = make_engine(
+            backend,
+            address,
+            processes,
+            initializer,
+            initargs,
+            maxtasksperchild,
+            context,
+            max_memory=max_memory,
+            task_timeout=task_timeout,
+            remote_traceback=multiprocessing.pool.RemoteTraceback,  # type: ignore[attr-defined]  # not in typeshed
+            shared=shared,
+            worker_init=worker_init,
+            worker_exit=worker_exit,
+        )
         self._closed = False
         # A pool dropped or left open at exit is terminated, never joined
         # forever (the standard library's pool can hang there).
