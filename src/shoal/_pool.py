@@ -119,7 +119,7 @@ class Pool:
                 shared=shared,
                 worker_init=worker_init,
                 worker_exit=worker_exit,
-                remote_traceback=multiprocessing.pool.RemoteTraceback,
+                remote_traceback=multiprocessing.pool.RemoteTraceback,  # type: ignore[attr-defined]  # absent from typeshed
             )
         else:
             self._engine = Engine(
