@@ -117,7 +117,7 @@ _serving_address: str | None = None
 #: In an actor process: the addresses of the actors whose waiting calls led to
 #: the call it runs now, its own last.  Sent with its waiting calls, so a call
 #: that would close a cycle (A waits on B, which calls A) raises, not hangs.
-_waiting: tuple[str, ...] = ()
+_waiting: tuple[str | None, ...] = ()
 
 
 # -- the caller's side --------------------------------------------------------
@@ -189,10 +189,10 @@ class _Client:
                 try:
                     if self.outbox:
                         self._flush_locked()
-                    message = (CALL, cid, name, blob)
+                    message: tuple[Any, ...] = (CALL, cid, name, blob)
                     if _waiting and future is None:  # an actor waits for this call
                         message = (*message, _waiting)
-                    send_packet(self.sock, 0, pickle.dumps(message, 5), fds)
+                    send_packet(self.sock, 0, pickle.dumps(message, 5), fds)  # type: ignore[arg-type]  # None only once closed, after dead is set
                 except OSError as exc:
                     self._lost()
                     raise self.died() from exc
@@ -241,7 +241,7 @@ class _Client:
         entries, fds = self.outbox, self.outbox_fds
         self.outbox, self.outbox_fds = [], []
         try:
-            send_packet(self.sock, 0, pickle.dumps((SEND, entries), 5), fds)
+            send_packet(self.sock, 0, pickle.dumps((SEND, entries), 5), fds)  # type: ignore[arg-type]  # None only once closed, after dead is set
         finally:
             close_fds(fds)
 
@@ -257,7 +257,7 @@ class _Client:
         with self.send_lock:
             if self.outbox:
                 self._flush_locked()
-            send_packet(self.sock, 0, pickle.dumps((STOP,), 5))
+            send_packet(self.sock, 0, pickle.dumps((STOP,), 5))  # type: ignore[arg-type]  # None only once closed, after dead is set
 
     # -- receiving --
     def wait(self, call: _Call):
@@ -323,7 +323,7 @@ class _Client:
 
     def _read_one(self) -> None:
         try:
-            packet = recv_packet(self.sock)
+            packet = recv_packet(self.sock)  # type: ignore[arg-type]  # None only once closed, after dead is set
         except (OSError, ValueError, AttributeError):  # the socket was closed under us
             packet = None
         if packet is None:

@@ -31,6 +31,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import _base
 from typing import Any
 
@@ -54,7 +55,12 @@ class AsyncResult:
         "delivered",
     )
 
-    def __init__(self, engine, callback=None, error_callback=None) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> None:
         self._engine = engine
         self._callback = callback
         self._error_callback = error_callback
@@ -62,8 +68,8 @@ class AsyncResult:
         self.delivered = False
         self._success: bool | None = None
         self._value: Any = None
-        self._task = None
-        self._pool = None
+        self._task: Any = None
+        self._pool: object = None
 
     def skip(self, task: Any) -> bool:
         """The engine's :class:`~shoal._engine.ResultSink` protocol (scheduler
@@ -86,7 +92,7 @@ class AsyncResult:
             return
         self._finish(ok, value)
 
-    def _finish(self, ok: bool, value) -> None:
+    def _finish(self, ok: bool, value: Any) -> None:
         self.delivered = True
         self._success = ok
         self._value = value
@@ -99,7 +105,7 @@ class AsyncResult:
         else:
             self._engine.callbacks.call(self._run_callback, cb, value)
 
-    def _run_callback(self, cb, value) -> None:
+    def _run_callback(self, cb: Callable[[Any], object], value: Any) -> None:
         try:
             cb(value)
         finally:
@@ -125,7 +131,7 @@ class AsyncResult:
             return
         _wait_for(self._engine, lambda: self._ready, timeout)
 
-    def get(self, timeout: float | None = None):
+    def get(self, timeout: float | None = None) -> Any:
         """Return the result, or raise the task's exception.
 
         Raises:
@@ -162,7 +168,13 @@ class MapResult(AsyncResult):
 
     __slots__ = ("_chunks", "_left")
 
-    def __init__(self, engine, nchunks: int, callback=None, error_callback=None) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        nchunks: int,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> None:
         super().__init__(engine, callback, error_callback)
         self._chunks: list[Any] = [None] * nchunks
         self._left = nchunks
@@ -201,7 +213,7 @@ class MapResult(AsyncResult):
         return True
 
 
-def _wait_for(engine, predicate, timeout: float | None) -> bool:
+def _wait_for(engine: Any, predicate: Callable[[], bool], timeout: float | None) -> bool:
     """Wait on the engine's results condition until predicate() is true."""
     cond = engine.results_cond
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -226,7 +238,7 @@ def _wait_for(engine, predicate, timeout: float | None) -> bool:
 class _IMapState:
     """Shared by an imap iterator, its feeder thread and the scheduler."""
 
-    def __init__(self, engine, ordered: bool) -> None:
+    def __init__(self, engine: Any, ordered: bool) -> None:
         self.engine = engine
         self.ordered = ordered
         self.results: dict[int, tuple[bool, Any]] = {}
@@ -259,22 +271,22 @@ class IMapIterator:
 
     def __init__(
         self,
-        engine,
-        fn,
-        iterable,
+        engine: Any,
+        fn: Callable[..., Any],
+        iterable: Iterable[Any],
         *,
         chunksize: int | None,
         mode: int,
         ordered: bool,
         task_timeout: float | None,
         bound: int | None,
-        progress=None,
+        progress: Any = None,
         max_chunksize: int | None = None,
     ) -> None:
         self._state = _IMapState(engine, ordered)
         self._engine = engine
-        self._pool = None  # set by the pool: the iterator keeps it alive
-        self._pending_items: deque = deque()
+        self._pool: object = None  # set by the pool: the iterator keeps it alive
+        self._pending_items: deque[Any] = deque()
         self._progress = progress
         state = self._state
         feeder = threading.Thread(
@@ -294,10 +306,10 @@ class IMapIterator:
     def __iter__(self) -> IMapIterator:
         return self
 
-    def __next__(self):
+    def __next__(self) -> Any:
         return self.next()
 
-    def next(self, timeout: float | None = None):
+    def next(self, timeout: float | None = None) -> Any:
         """The next result; raises ``multiprocessing.TimeoutError`` after *timeout*."""
         if self._pending_items:
             return self._take_item()
@@ -352,7 +364,7 @@ class IMapIterator:
             return self._take_item()
         return value
 
-    def _take_item(self):
+    def _take_item(self) -> Any:
         return self._pending_items.popleft()
 
     def _close_progress(self) -> None:
@@ -366,7 +378,7 @@ class IMapIterator:
         self._close_progress()
 
 
-class _Chunk(list):
+class _Chunk(list[Any]):
     """Results of a chunk of several items (a list with a marker type)."""
 
 
@@ -386,12 +398,12 @@ def _abandon(state: _IMapState) -> None:
 
 def _feed(
     state: _IMapState,
-    fn,
-    iterator,
+    fn: Callable[..., Any],
+    iterator: Iterator[Any],
     chunksize: int | None,
     mode: int,
-    task_timeout,
-    bound,
+    task_timeout: float | None,
+    bound: int | None,
     max_chunksize: int | None,
 ) -> None:
     """Submit the input in chunks; *chunksize* None sizes each chunk by the
@@ -430,7 +442,7 @@ def _feed(
                         payload = [next(iterator)]
                     else:
                         payload = []
-                        for _ in range(chunksize):
+                        for _ in range(chunksize):  # type: ignore[arg-type]  # an int: None only when auto, set above
                             try:
                                 payload.append(next(iterator))
                             except StopIteration:
@@ -465,7 +477,7 @@ def _feed(
         engine.feeder_finished()
 
 
-def _limit(engine, bound, fn, chunksize: int) -> int:
+def _limit(engine: Any, bound: int | None, fn: Callable[..., Any], chunksize: int | None) -> int:
     """How many tasks may be submitted and not yet consumed.  Once the pool
     is closed, no limit: close() + join() must finish the whole input even
     if nobody reads the results, as with the standard library."""
@@ -474,7 +486,7 @@ def _limit(engine, bound, fn, chunksize: int) -> int:
     return bound or engine.inflight_bound(fn, chunksize)
 
 
-def _submit(engine, state: _IMapState, tasks: list) -> None:
+def _submit(engine: Any, state: _IMapState, tasks: list[Any]) -> None:
     if not tasks:
         return
     with engine.results_cond:
@@ -559,9 +571,9 @@ class Future(concurrent.futures.Future):
             self._run_callbacks()
 
     def _run_callbacks(self) -> None:
-        super()._invoke_callbacks()
+        super()._invoke_callbacks()  # type: ignore[misc]  # private in the stdlib, absent from typeshed
         # Run once: the future keeps only its result, not the callbacks.
-        self._done_callbacks = []
+        self._done_callbacks: list[Any] = []
 
 
 class _FutureSink:
@@ -586,7 +598,7 @@ class _FutureSink:
         settle_future(future, ok, value)
 
 
-def settle_future(future: Future, ok: bool, value) -> None:
+def settle_future(future: concurrent.futures.Future[Any], ok: bool, value: Any) -> None:
     """Set a future's result or exception unless it is done (or cancelled meanwhile)."""
     if future.done():
         return
@@ -599,7 +611,13 @@ def settle_future(future: Future, ok: bool, value) -> None:
         pass  # cancelled meanwhile
 
 
-def submit_future(engine, fn, args, kwargs, task_timeout=None) -> Future:
+def submit_future(
+    engine: Any,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    task_timeout: float | None = None,
+) -> Future:
     """Submit ``fn(*args, **kwargs)`` to *engine*; its outcome settles the
     returned :class:`Future` (the executor's ``submit``, ``Pool`` internals,
     the joblib backend)."""

@@ -78,7 +78,7 @@ import types
 import uuid
 import weakref
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 import dask
@@ -440,7 +440,7 @@ class _Batch:
     def __init__(self, bid: int, parts: list) -> None:
         self.id = bid
         self.parts = parts
-        self.future = None
+        self.future: Any = None  # the distributed.Future, once submitted
 
 
 def _check_listening(address: str) -> None:
@@ -541,7 +541,7 @@ class DaskEngine(Engine):
         self.task_timeout = None
         self._state = _RUN
         self._broken_error: BaseException | None = None
-        self._pending: deque[_Task] = deque()
+        self._pending: deque[_Task] = deque()  # type: ignore[assignment]  # this engine's own task type
         self._isolated: deque[tuple[_Task, int | None, int | None]] = deque()
         self._control: deque = deque()
         self._done: deque[_Batch] = deque()
@@ -551,12 +551,10 @@ class DaskEngine(Engine):
         self._ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
         self._fn_blobs: dict[int, tuple[Any, tuple, str]] = {}
-        self._estimates: dict[str, float] = {}
+        self._estimates: dict[str, float] = {}  # type: ignore[assignment]  # keyed by _fn_key: a str here
         self._feeders = 0
         # What the inherited caller side (Engine.join, start_thread,
         # worker_exit_results, worker_processes) reads: nothing of it here.
-        self._helpers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-        self._exit_results: list = []
         self._workers: dict = {}
         self.callbacks = _CallbackThread()
         self.results_cond = threading.Condition(threading.Lock())
@@ -590,7 +588,7 @@ class DaskEngine(Engine):
                     # port 8787 unless told otherwise: any free port instead.
                     scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 )
-            connect_to = self._cluster
+            connect_to: distributed.LocalCluster | str = self._cluster
         else:
             connect_to = address
         try:
@@ -637,7 +635,7 @@ class DaskEngine(Engine):
     def worker_pids(self) -> list[int]:
         return sorted(self._client.run(os.getpid).values())
 
-    def function_ref(self, fn) -> _Scope:
+    def function_ref(self, fn) -> _Scope:  # type: ignore[override]  # this engine's own task and function types
         """A new scope for the tasks of one call of *fn* (see _Scope)."""
         cacheable = (
             type(fn) in (types.FunctionType, types.BuiltinFunctionType)
@@ -659,7 +657,9 @@ class DaskEngine(Engine):
             self._fn_blobs[id(fn)] = (fn, scope.blob, key)
         return scope
 
-    def make_task(self, fn, mode: int, payload, sink, index: int = 0, timeout=None, fn_ref=None) -> _Task:
+    def make_task(  # type: ignore[override]  # this engine's own task type
+        self, fn, mode: int, payload, sink, index: int = 0, timeout=None, fn_ref=None
+    ) -> _Task:
         """Serialize one task in the caller's thread (errors surface here)."""
         if timeout is not None:
             raise ValueError(
@@ -676,7 +676,9 @@ class DaskEngine(Engine):
             task.data = b""
         return task
 
-    def submit_call(self, fn, args: tuple, kwargs: dict, sink, timeout: float | None = None) -> _Task:
+    def submit_call(  # type: ignore[override]  # this engine's own task type
+        self, fn, args: tuple, kwargs: dict, sink, timeout: float | None = None
+    ) -> _Task:
         if self._state != _RUN or os.getpid() != self._owner_pid:
             self._check_running()
         if kwargs:
@@ -686,7 +688,7 @@ class DaskEngine(Engine):
         self._queue([task])
         return task
 
-    def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:
+    def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:  # type: ignore[override]  # this engine's own task and function types
         if self._state != _RUN and not (from_feeder and self._state == _CLOSE):
             self._check_running()
         self._queue(tasks)
@@ -744,7 +746,7 @@ class DaskEngine(Engine):
             per_batch = max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * chunksize, 1e-7))))
         return max(4 * self._slots, min(2 * CREDIT * per_batch * self._slots, 1 << 16))
 
-    def _fn_key(self, fn) -> str:  # type: ignore[override] - Engine.auto_chunksize reads _estimates by it
+    def _fn_key(self, fn) -> str:  # type: ignore[override]  # Engine.auto_chunksize reads _estimates by it
         return _fn_key(fn)
 
     def _estimate(self, fn) -> float | None:
@@ -839,7 +841,7 @@ class DaskEngine(Engine):
             est = self._estimates.get(head.scope.key)
             size = 1 if est is None else max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * head.n, 1e-7))))
             take = min(size, -(-len(pending) // free))
-            parts = []
+            parts: list[tuple[_Task, int | None, int | None]] = []
             nbytes = 0
             while pending and len(parts) < take and nbytes < BATCH_BYTES:
                 task = pending.popleft()
@@ -897,7 +899,7 @@ class DaskEngine(Engine):
             self._done.append(batch)
             self._wake()
 
-        self._client.loop.add_callback(when_done)
+        self._client.loop.add_callback(when_done)  # type: ignore[union-attr]  # a connected client has a loop
 
     def _collect(self) -> None:
         """Deliver the outcomes of finished batches."""
@@ -929,11 +931,11 @@ class DaskEngine(Engine):
                 self._wait_again(batch)
                 continue
             if status == "error":
-                exc = batch.future.exception()
-                if isinstance(exc, distributed.KilledWorker):
-                    self._worker_died(batch, exc)
+                failure = batch.future.exception()
+                if isinstance(failure, distributed.KilledWorker):
+                    self._worker_died(batch, failure)
                 else:
-                    self._fail_batch(batch, exc)
+                    self._fail_batch(batch, failure)
             elif any(task.kill_reason is None for task, _, _ in batch.parts):
                 error = ShoalError(f"the Dask cluster dropped this task (its future is {status})")
                 self._fail_batch(batch, error)
@@ -991,11 +993,12 @@ class DaskEngine(Engine):
         if not ok:
             self._finish(task, False, value)
             return
-        task.pieces[start] = value
-        if all(v is not None for v in task.pieces.values()):
+        pieces = cast("dict[int, Any]", task.pieces)  # set when the task was split
+        pieces[start] = value
+        if all(v is not None for v in pieces.values()):
             out: list = []
-            for key in sorted(task.pieces):
-                out.extend(task.pieces[key])
+            for key in sorted(pieces):
+                out.extend(pieces[key])
             self._finish(task, True, out)
 
     def _fail_batch(self, batch: _Batch, exc: BaseException) -> None:
@@ -1056,7 +1059,7 @@ class DaskEngine(Engine):
             f"{where}); Dask gave up after distributed.scheduler.allowed-failures retries.",
         )
 
-    def _fail(self, task: _Task, exc: BaseException, *, cancelled: bool = False) -> None:
+    def _fail(self, task: _Task, exc: BaseException, *, cancelled: bool = False) -> None:  # type: ignore[override]  # this engine's own task and function types
         if cancelled:
             self._cancelled += 1
             task.kill_reason = "cancelled"
@@ -1121,7 +1124,7 @@ class DaskEngine(Engine):
 
     def _fail_everything(self, exc: BaseException) -> None:
         self._fail_queued(exc)
-        futures = []
+        futures: list[Any] = []
         for batch in self._inflight.values():
             self._fail_batch(batch, exc)
             if batch.future is not None:

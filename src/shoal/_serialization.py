@@ -189,7 +189,7 @@ def _take_large_buffer(pb: pickle.PickleBuffer) -> bool:
     return False
 
 
-_BYTES_LIKE = {bytes: 0, bytearray: 1, memoryview: 2}
+_BYTES_LIKE: dict[type, int] = {bytes: 0, bytearray: 1, memoryview: 2}
 
 
 class _LargeBytesIds:
@@ -210,7 +210,7 @@ class _LargeBytesIds:
         flat = view.cast("B")
         if kind == 2:
             try:  # the receiver rebuilds the view's format and shape from flat bytes
-                flat.cast(view.format, view.shape)
+                flat.cast(view.format, view.shape)  # type: ignore[call-overload]  # any format, checked here
             except (TypeError, ValueError):
                 return None
         oob = _buffers.oob
@@ -229,7 +229,7 @@ def _pickle_with_ids(obj: Any, callback) -> tuple[bytes, tuple[int, ...]]:
         _buffers.oob = None
         ids = _LargeBytesIds()
         pickler = pickler_class(out, _PROTOCOL, buffer_callback=callback)
-        pickler.persistent_id = ids
+        pickler.persistent_id = ids  # type: ignore[method-assign]  # the documented pickle hook
         try:
             pickler.dump(obj)
         except Exception:
@@ -391,7 +391,7 @@ def loads(data, *, limit: int | None = None) -> Any:
         unpickler = pickle.Unpickler(
             io.BytesIO(inner), buffers=[v for i, v in enumerate(views) if i not in taken]
         )
-        unpickler.persistent_load = functools.partial(_load_bytes_like, views)
+        unpickler.persistent_load = functools.partial(_load_bytes_like, views)  # type: ignore[method-assign]  # the documented pickle hook
         return unpickler.load()
     return obj
 
@@ -511,7 +511,7 @@ class _PortableException:
         except Exception:  # noqa: BLE001 - a lambda or a local class inside: by value
             data = cloudpickle.dumps(exc, _PROTOCOL)  # if this raises, pack_exception substitutes
         cls = type(exc)
-        parts = []
+        parts: list[bytes | None] = []
         for part in (cls, exc.args, getattr(exc, "__dict__", None) or None):
             try:
                 parts.append(pickle.dumps(part, _PROTOCOL))

@@ -438,7 +438,7 @@ class Engine:
         # pass, so this path avoids the small tuples of the general one.)
         if kwargs:
             mode = CALL_KW
-            payload = (args, kwargs)
+            payload: Any = (args, kwargs)
         else:
             mode = CALL
             payload = args

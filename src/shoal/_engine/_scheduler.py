@@ -93,7 +93,7 @@ def with_traceback_type(exc: BaseException, remote_traceback: type[BaseException
     code written for the standard library checks)."""
     cause = exc.__cause__
     if isinstance(cause, RemoteTraceback) and remote_traceback is not RemoteTraceback:
-        exc.__cause__ = remote_traceback(cause.tb)  # type: ignore[call-arg]
+        exc.__cause__ = remote_traceback(cause.tb)
     return exc
 
 

@@ -50,6 +50,7 @@ import signal
 import struct
 import sys
 import time
+from typing import Any
 
 import cloudpickle
 
@@ -174,9 +175,10 @@ def _forget_parents_forkserver(closed: tuple[int, ...]) -> None:
 
     server = forkserver._forkserver
     if getattr(server, "_forkserver_alive_fd", None) in closed:
-        server._forkserver_alive_fd = None
-        server._forkserver_pid = None
-        server._forkserver_address = None
+        # Private attributes of the forkserver, absent from typeshed.
+        server._forkserver_alive_fd = None  # type: ignore[attr-defined]
+        server._forkserver_pid = None  # type: ignore[attr-defined]
+        server._forkserver_address = None  # type: ignore[attr-defined]
 
 
 def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
@@ -240,7 +242,7 @@ def _run_worker_exit(channel: Channel, worker_exit) -> None:
 def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> None:
     pack_status = STATUS.pack_into
 
-    functions: dict[int, object] = {}
+    functions: dict[int, Any] = {}
     # Warm shared memory that large results travel in, reused once the
     # parent has dropped them.
     segments = WarmSegments()
@@ -306,7 +308,7 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
             elapsed = perf() - started
             pack_status(status, offset, 0, 0.0, tid)
             if ok:
-                out_fds = []
+                out_fds: list[int] = []
                 try:
                     with sending_fds(out_fds):
                         out = dumps(value, oob=True, what="the task's result", segments=segments)

@@ -46,6 +46,7 @@ import mmap
 import os
 import struct
 import threading
+from typing import Any
 
 from ._segment import create_fd
 
@@ -120,7 +121,7 @@ class WarmSegments:
     def __init__(self, budget: int = BUDGET) -> None:
         self._budget = budget
         # [fd, capacity, last use, this process's mapping or None]
-        self._entries: list[list] = []
+        self._entries: list[list[Any]] = []  # [fd, size, last use, view or None]
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._tick = 0
@@ -171,7 +172,7 @@ class WarmSegments:
             self._trim(entry)
             return lease, view
 
-    def _pick(self, size: int) -> list[int] | None:
+    def _pick(self, size: int) -> list[Any] | None:
         best = grow = None
         for entry in self._entries:
             cap = entry[1]

@@ -51,7 +51,7 @@ _MISSING = "shoal.SharedArray needs numpy, which is not installed: pip install n
 try:
     import numpy as np
 except ImportError:  # pragma: no cover - exercised by a subprocess test without numpy
-    np = None
+    np = None  # type: ignore[assignment]  # SharedArray then raises, saying to install numpy
 
 
 class _Memory:
@@ -69,7 +69,7 @@ class _Memory:
         self.segment = segment
         self.size = segment.size
         # The mapping's address, to tell views of it from new arrays.
-        anchor = ctypes.c_char.from_buffer(segment.mmap)
+        anchor = ctypes.c_char.from_buffer(segment.mmap)  # type: ignore[arg-type]  # mapped: a new Segment
         self.address = ctypes.addressof(anchor)
         del anchor  # releases its export of the mapping
         st = os.fstat(segment.fd)
@@ -116,7 +116,7 @@ def _address(arr) -> int:
 
 def _check_shape(shape) -> tuple[int, ...]:
     try:
-        dims = (operator.index(shape),)
+        dims: tuple[int, ...] = (operator.index(shape),)
     except TypeError:
         try:
             dims = tuple(operator.index(n) for n in shape)
@@ -192,14 +192,14 @@ if np is not None:
                 return res.view(np.ndarray)
             return res
 
-        def copy(self, order: str = "C") -> np.ndarray:
+        def copy(self, order: str = "C") -> np.ndarray:  # type: ignore[override]  # a plain ndarray on purpose: the copy is private memory
             """A copy in private memory (a plain ``numpy.ndarray``)."""
-            return super().copy(order).view(np.ndarray)
+            return super().copy(order).view(np.ndarray)  # type: ignore[arg-type]  # numpy checks order
 
-        def __copy__(self) -> np.ndarray:
+        def __copy__(self) -> np.ndarray:  # type: ignore[override]  # a plain ndarray on purpose: the copy is private memory
             return self.copy("K")
 
-        def __deepcopy__(self, memo) -> np.ndarray:
+        def __deepcopy__(self, memo) -> np.ndarray:  # type: ignore[override]  # a plain ndarray on purpose: the copy is private memory
             return self.copy("K")
 
         def __reduce_ex__(self, protocol):
@@ -245,7 +245,13 @@ if np is not None:
         cls, memory: _Memory, offset: int, shape, dtype, strides, order: str = "C"
     ) -> SharedArray:
         arr = np.ndarray.__new__(
-            cls, shape, dtype, buffer=memory.segment.mmap, offset=offset, strides=strides, order=order
+            cls,
+            shape,
+            dtype,
+            buffer=memory.segment.mmap,
+            offset=offset,
+            strides=strides,
+            order=order,  # type: ignore[arg-type]  # numpy checks order
         )
         arr._shoal_memory = memory
         return arr
@@ -263,7 +269,7 @@ else:  # pragma: no cover - see the subprocess test without numpy
         def __new__(cls, *args, **kwargs):
             raise ModuleNotFoundError(_MISSING, name="numpy")
 
-    def share(array):  # type: ignore[misc]
+    def share(array):
         raise ModuleNotFoundError(_MISSING, name="numpy")
 
     def _rebuild(*args):
