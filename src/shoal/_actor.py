@@ -255,9 +255,12 @@ class _Client:
 
     def send_stop(self) -> None:
         with self.send_lock:
+            sock = self.sock
+            if sock is None:  # closed meanwhile: the actor is already stopping
+                raise BrokenPipeError("the connection to the actor is closed")
             if self.outbox:
                 self._flush_locked()
-            send_packet(self.sock, 0, pickle.dumps((STOP,), 5))  # type: ignore[arg-type]  # None only once closed, after dead is set
+            send_packet(sock, 0, pickle.dumps((STOP,), 5))
 
     # -- receiving --
     def wait(self, call: _Call):
