@@ -296,7 +296,7 @@ def test_keys_values_items_are_lists_that_survive_changes_to_the_dict():
         d = m.dict(a=1, b=2, c=3)
         assert d.keys() == ["a", "b", "c"] and d.values() == [1, 2, 3]
         assert d.items() == [("a", 1), ("b", 2), ("c", 3)]
-        for k in d:
+        for k in d.keys():  # noqa: SIM118 - keys() itself is what is tested
             del d[k]
         assert len(d) == 0
         d.update(a=1, b=2)

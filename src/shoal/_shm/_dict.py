@@ -637,7 +637,7 @@ class SharedDict(MutableMapping):
         if isinstance(other, Mapping):
             pairs = list(other.items())
         elif hasattr(other, "keys"):
-            pairs = [(k, other[k]) for k in other]
+            pairs = [(k, other[k]) for k in other.keys()]  # noqa: SIM118 - dict.update's protocol: keys()
         else:
             pairs = list(other)
         pairs.extend(kwargs.items())
