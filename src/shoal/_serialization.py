@@ -24,7 +24,6 @@ out-of-band buffers are allowed, and ``loads`` inside ``providing_fds``.
 
 from __future__ import annotations
 
-import functools
 import io
 import mmap
 import os
@@ -222,18 +221,29 @@ class _LargeBytesIds:
         return (_OOB_MARK, len(oob) - 1, kind, shape)
 
 
+class _IdPickler(pickle.Pickler):
+    """pickle with large bytes-likes out of band (Python 3.13 made the
+    ``persistent_id`` attribute of a C pickler read-only: a method it is)."""
+
+    def __init__(self, file: io.BytesIO, buffer_callback: Any, ids: _LargeBytesIds) -> None:
+        super().__init__(file, _PROTOCOL, buffer_callback=buffer_callback)
+        self._ids = ids
+
+    def persistent_id(self, obj: Any) -> Any:
+        return self._ids(obj)
+
+
 def _pickle_with_ids(obj: Any, callback) -> tuple[bytes, tuple[int, ...]]:
     """Pickle *obj* sending large bytes-likes out of band (see _LargeBytesIds)."""
-    for pickler_class in (pickle.Pickler, _Pickler):
+    for pickler_class in (_IdPickler, _IdCloudPickler):
         out = io.BytesIO()
         _buffers.oob = None
         ids = _LargeBytesIds()
-        pickler = pickler_class(out, _PROTOCOL, buffer_callback=callback)
-        pickler.persistent_id = ids  # type: ignore[method-assign]  # the documented pickle hook
+        pickler = pickler_class(out, callback, ids)
         try:
             pickler.dump(obj)
         except Exception:
-            if pickler_class is _Pickler:
+            if pickler_class is _IdCloudPickler:
                 raise
             continue
         return out.getvalue(), tuple(ids.indices)
@@ -262,6 +272,17 @@ class _Pickler(cloudpickle.Pickler):
     would send a copy of their contents as a StringIO, silently."""
 
     dispatch_table = ChainMap({io.TextIOWrapper: _refuse_open_file}, *cloudpickle.Pickler.dispatch_table.maps)
+
+
+class _IdCloudPickler(_Pickler):
+    """_Pickler (cloudpickle) with large bytes-likes out of band."""
+
+    def __init__(self, file: io.BytesIO, buffer_callback: Any, ids: _LargeBytesIds) -> None:
+        super().__init__(file, protocol=_PROTOCOL, buffer_callback=buffer_callback)
+        self._ids = ids
+
+    def persistent_id(self, obj: Any) -> Any:
+        return self._ids(obj)
 
 
 def _cloudpickle_dumps(obj: Any, buffer_callback=None) -> bytes:
@@ -388,12 +409,21 @@ def loads(data, *, limit: int | None = None) -> Any:
         if not ids:
             return pickle.loads(inner, buffers=views)
         taken = set(ids)
-        unpickler = pickle.Unpickler(
+        unpickler = _IdUnpickler(
             io.BytesIO(inner), buffers=[v for i, v in enumerate(views) if i not in taken]
         )
-        unpickler.persistent_load = functools.partial(_load_bytes_like, views)  # type: ignore[method-assign]  # the documented pickle hook
+        unpickler.views = views
         return unpickler.load()
     return obj
+
+
+class _IdUnpickler(pickle.Unpickler):
+    """Loads what _IdPickler sent out of band from *views*."""
+
+    views: list[memoryview]
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _load_bytes_like(self.views, pid)
 
 
 def _load_bytes_like(views: list[memoryview], pid) -> Any:
