@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from multiprocessing.managers import BaseManager
 
@@ -198,7 +199,8 @@ if optional("ray"):
     _round_trip["ray"] = _round_trip_ray
 
 
-SCENARIOS = [
+# The shared-object scenarios need numpy (the 200 MB object is an array).
+_SHARED_SCENARIOS = [
     Scenario(
         "shared 200MB object, 10k tasks vs per task",
         "tasks/s",
@@ -215,6 +217,13 @@ SCENARIOS = [
         target=">= 1.0x",
         repeat=7,  # ~50 ms a run, most of it starting and stopping the pool: noisy
     ),
+]
+if not optional("numpy"):
+    print("bench_actor: shared-object scenarios skipped (need numpy: pip install numpy)", file=sys.stderr)
+    _SHARED_SCENARIOS = []
+
+SCENARIOS = [
+    *_SHARED_SCENARIOS,
     Scenario(
         "actor method round trip",
         "calls/s",
