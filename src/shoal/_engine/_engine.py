@@ -113,7 +113,7 @@ from typing import Any
 
 import cloudpickle
 
-from .._fd import WarmSegments, collecting_fds, sending_fds
+from .._fd import WarmSegments, collecting_fds, swap_sending
 from .._serialization import dumps
 from ..exceptions import PoolClosedError, RemoteTraceback, ShoalError, WorkerStartError, serialization_error
 from . import _local
@@ -412,18 +412,8 @@ class Engine:
         data = _serialize(payload, fds, self._segments)
         if fds:
             self._task_fds.update(fds)
-        return Task(
-            id=next(self._ids),
-            fn_id=fn_id,
-            fn_ref=entry,
-            mode=mode,
-            data=data,
-            fds=fds,
-            sink=sink,
-            index=index,
-            timeout=timeout,
-            n=n,
-        )
+        # Task(id, fn_id, fn_ref, mode, data, fds, sink, index, timeout, n): positional, see Task
+        return Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout, n)
 
     def submit_call(
         self, fn, args: tuple, kwargs: dict, sink: ResultSink, timeout: float | None = None
@@ -455,16 +445,7 @@ class Engine:
             self._task_fds.update(fds)
         if timeout is None:
             timeout = self.task_timeout
-        task = Task(
-            id=next(self._ids),
-            fn_id=fn_id,
-            fn_ref=entry,
-            mode=mode,
-            data=data,
-            fds=fds,
-            sink=sink,
-            timeout=timeout,
-        )
+        task = Task(next(self._ids), fn_id, entry, mode, data, fds, sink, 0, timeout)  # positional: see Task
         self._pending.append(task)
         self._submitted_n += 1
         self._wake()
@@ -767,8 +748,11 @@ def _serialize(payload, fds: list[int], segments: WarmSegments) -> bytes:
     only in the worker, so it cannot silently write into memory the caller
     thinks private), and the descriptors to pass beside the message are
     appended to *fds*."""
-    with sending_fds(fds):
+    previous = swap_sending(fds)  # once per task: no context-manager object
+    try:
         return dumps(payload, oob=True, what="the task's arguments", segments=segments, writable=False)
+    finally:
+        swap_sending(previous)
 
 
 def _cannot_start(what: str, exc: BaseException) -> str:

@@ -48,9 +48,14 @@ class FailableSink(ResultSink, Protocol):
         ...
 
 
-@dataclass(slots=True, kw_only=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Task:
-    """One unit of work: a call, or a chunk of a map."""
+    """One unit of work: a call, or a chunk of a map.
+
+    Made once per task on the submit path, so its callers pass the fields
+    positionally, in the order below: a keyword call of this ``__init__``
+    costs about 0.25 µs more, a few per cent of a trivial task.
+    """
 
     id: int
     #: id of the function workers cache (0: the function travels in ``data``)

@@ -54,7 +54,7 @@ from typing import Any
 
 import cloudpickle
 
-from .._fd import WarmSegments, providing_fds, sending_fds
+from .._fd import WarmSegments, providing_fds, swap_sending
 from .._ipc import Channel
 from .._serialization import dumps, loads_with, pack_exception
 from . import _local
@@ -309,15 +309,19 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
             pack_status(status, offset, 0, 0.0, tid)
             if ok:
                 out_fds: list[int] = []
+                previous = swap_sending(out_fds)  # once per task: no context-manager object
                 try:
-                    with sending_fds(out_fds):
-                        out = dumps(value, oob=True, what="the task's result", segments=segments)
+                    out = dumps(value, oob=True, what="the task's result", segments=segments)
                 except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only this task
                     # (BaseException: a __reduce__ that calls sys.exit() is the
                     # task's error, as in the standard library, not a dead worker)
                     ok = False
                     out = pack_exception(exc)
+                    for fd in out_fds:  # what the failed pickle collected (a SharedArray's)
+                        os.close(fd)
                     out_fds = []
+                finally:
+                    swap_sending(previous)
             else:
                 out = pack_exception(value)
                 out_fds = []

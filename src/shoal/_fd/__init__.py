@@ -26,6 +26,7 @@ from ._passing import collecting_fds as collecting_fds
 from ._passing import providing_fds as providing_fds
 from ._passing import reduce_fd as reduce_fd
 from ._passing import sending_fds as sending_fds
+from ._passing import swap_sending as swap_sending
 from ._segment import Segment as Segment
 from ._segment import create_fd as create_fd
 from ._segment import fd_from_buffer as fd_from_buffer
@@ -45,4 +46,5 @@ __all__ = (
     "providing_fds",
     "reduce_fd",
     "sending_fds",
+    "swap_sending",
 )

@@ -73,6 +73,15 @@ class sending_fds:  # noqa: N801 - used as a function, like contextlib's manager
         _state.send = self.previous
 
 
+def swap_sending(fds: list[int] | None) -> list[int] | None:
+    """Make *fds* the list :func:`reduce_fd` appends to in this thread and
+    return the one before, to restore with another call: :func:`sending_fds`
+    without an object per call, for paths run once per task or message."""
+    previous = _state.send
+    _state.send = fds
+    return previous
+
+
 @contextmanager
 def providing_fds(fds: Sequence[int]) -> Iterator[None]:
     """While active, objects unpickled in this thread find their descriptors in *fds*."""

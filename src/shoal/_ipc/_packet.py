@@ -45,7 +45,7 @@ import socket
 import threading
 import time
 
-from .._fd import create_fd, sending_fds
+from .._fd import create_fd, swap_sending
 from .._serialization import OOB_THRESHOLD, dumps
 
 MEMFD = 0x01
@@ -116,17 +116,19 @@ def encode(obj, what: str, limit: int | None = None) -> tuple[bytes, list[int]]:
     (SerializationError naming the culprit, or TooLarge past *limit*).
     """
     fds: list[int] = []
+    previous = swap_sending(fds)  # once per message: no context-manager object
     try:
-        with sending_fds(fds):
-            try:
-                payload = _pickle_dumps(obj, 5, buffer_callback=small_buffers_only)
-            except Exception:  # noqa: BLE001 - plain pickle refused it: shoal's dumps next
-                close_fds(fds)
-                fds.clear()
-                payload = dumps(obj, oob=True, what=what, limit=limit)
+        try:
+            payload = _pickle_dumps(obj, 5, buffer_callback=small_buffers_only)
+        except Exception:  # noqa: BLE001 - plain pickle refused it: shoal's dumps next
+            close_fds(fds)
+            fds.clear()
+            payload = dumps(obj, oob=True, what=what, limit=limit)
     except BaseException:
         close_fds(fds)
         raise
+    finally:
+        swap_sending(previous)
     return payload, fds
 
 
