@@ -91,6 +91,7 @@ from ._engine import (
     NO_SHARED,
     Engine,
     PoolStatistics,
+    at_exit_all,
     set_thread_shared,
     with_traceback_type,
 )
@@ -476,11 +477,7 @@ def _stop_all_at_exit() -> None:
     # when shoal is imported, before distributed, so it would run after
     # distributed's own exit handlers have closed its clients.  This one is
     # registered after them, so it runs first.
-    for engine in list(_live_engines):
-        try:
-            engine.at_exit()
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
-            pass
+    at_exit_all(_live_engines)
 
 
 class DaskEngine(Engine):
@@ -493,6 +490,10 @@ class DaskEngine(Engine):
     replaces the rest; ``Engine.__init__`` (which starts local workers) is
     not called.
     """
+
+    # A Dask task costs ~1 ms: lazily chunked maps aim for longer chunks.
+    _chunk_seconds = CHUNK_SECONDS
+    _max_batch = MAX_BATCH
 
     def __init__(
         self,
@@ -725,16 +726,6 @@ class DaskEngine(Engine):
         if est:
             chunksize = max(1, min(chunksize, int(CHUNK_SECONDS / est)))
         return chunksize
-
-    def auto_chunksize(self, fn, cap: int | None = None) -> int:
-        """A lazily chunked map's next chunk: one item until *fn* is timed,
-        then about CHUNK_SECONDS of work, at most *cap* items (as the local
-        engine)."""
-        est = self._estimate(fn)
-        if est is None:
-            return 1
-        size = max(1, min(MAX_BATCH, int(CHUNK_SECONDS / max(est, 1e-9))))
-        return size if cap is None else max(1, min(size, cap))
 
     def inflight_bound(self, fn=None, chunksize: int = 1) -> int:
         """Tasks an imap keeps submitted and unconsumed: enough for CREDIT

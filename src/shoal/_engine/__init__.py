@@ -15,6 +15,7 @@ from ._engine import Engine as Engine
 from ._engine import PoolStatistics as PoolStatistics
 from ._engine import _check_int as check_int
 from ._engine import _check_timeout as check_timeout
+from ._engine import at_exit_all as at_exit_all
 from ._engine import mp_context as mp_context
 from ._local import NO_SHARED as NO_SHARED
 from ._local import set_thread_shared as set_thread_shared
@@ -43,6 +44,7 @@ __all__ = (
     "PoolStatistics",
     "ResultSink",
     "WorkerProcess",
+    "at_exit_all",
     "check_int",
     "check_timeout",
     "engine_descriptors",

@@ -108,6 +108,7 @@ import traceback
 import types
 import weakref
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,12 +158,17 @@ class PoolStatistics:
     task_seconds_estimate: float | None = None
 
 
-def _terminate_all_at_exit() -> None:
-    for engine in list(live_engines):
+def at_exit_all(engines: Iterable[Any]) -> None:
+    """Stop *engines* at interpreter exit, each as its ``at_exit`` says."""
+    for engine in list(engines):
         try:
             engine.at_exit()
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             pass
+
+
+def _terminate_all_at_exit() -> None:
+    at_exit_all(live_engines)
 
 
 class Engine:
@@ -515,11 +521,19 @@ class Engine:
         never strands seconds of work in one chunk, where it would spoil
         the balance of the tail and make an interrupt wait for it.
         """
-        est = self._estimates.get(self._fn_key(fn))
+        est = self._estimate(fn)
         if est is None:
             return 1
-        size = max(1, min(MAX_BATCH, int(CHUNK_SECONDS / max(est, 1e-9))))
+        size = max(1, min(self._max_batch, int(self._chunk_seconds / max(est, 1e-9))))
         return size if cap is None else max(1, min(size, cap))
+
+    # What auto_chunksize aims for (a backend with dearer tasks sets its own).
+    _chunk_seconds = CHUNK_SECONDS
+    _max_batch = MAX_BATCH
+
+    def _estimate(self, fn) -> float | None:
+        """The measured duration of one call of *fn*, or None."""
+        return self._estimates.get(self._fn_key(fn))
 
     def _fn_key(self, fn) -> int:
         entry = self._fn_cache.get(id(fn))
