@@ -474,3 +474,117 @@ def test_a_map_without_chunksize_returns_every_result_in_order(fork_or_spawn):
     with shoal.Pool(2, context=fork_or_spawn) as pool:
         assert pool.map(workers.square, range(1000)) == [x * x for x in range(1000)]
         assert pool.starmap(workers.add, [(i, i) for i in range(333)]) == [2 * i for i in range(333)]
+
+
+# -- plain arguments and results travel inside the batch message ----------------
+# Calls whose arguments are all plain immutable values (int, float, str, bool,
+# None, complex, short bytes) are not pickled one by one; other arguments are.
+# Both paths must give the same results, types and errors.
+
+PLAIN_ARGS = [
+    (1, 2.5, "text", True, None, 3 + 4j, b"short"),
+    (-(2**70), float("inf"), "", False),
+    (b"x" * 5000,),  # bytes too long to travel raw
+    (b"y" * (300 * 1024),),  # large enough for shared memory
+    (workers.Color.RED,),  # an int subclass: pickled on its own
+    ([1, 2], {"a": 1}, (1, (2, 3))),
+]
+
+
+def _same(a, b) -> bool:
+    return a == b and type(a) is type(b)
+
+
+@pytest.mark.parametrize("args", PLAIN_ARGS, ids=range(len(PLAIN_ARGS)))
+def test_plain_and_pickled_arguments_arrive_with_their_types(fork_or_spawn, args):
+    with shoal.Pool(2, context=fork_or_spawn) as pool:
+        got, types = pool.apply_async(workers.args_and_types, args).get(timeout=30)
+        assert list(got) == list(args)
+        assert types == [type(a).__name__ for a in args]
+        # and the same through submit, and with a keyword argument
+        assert pool.submit(workers.args_and_types, *args).result(timeout=30)[1] == types
+        assert pool.apply(workers.return_value, (), {"value": args}) == args
+
+
+@pytest.mark.parametrize("value", [a for args in PLAIN_ARGS for a in args], ids=repr)
+def test_results_of_every_kind_arrive_as_returned(value):
+    with shoal.Pool(1) as pool:
+        got = pool.apply_async(workers.return_value, (value,)).get(timeout=30)
+    assert _same(got, value)
+
+
+def test_an_unpicklable_argument_among_plain_ones_fails_at_submit_and_only_there(fork_or_spawn):
+    with shoal.Pool(2, context=fork_or_spawn) as pool:
+        before = [pool.apply_async(workers.square, (i,)) for i in range(200)]
+        with pytest.raises(shoal.SerializationError, match="lock"):
+            pool.apply_async(workers.identity, (threading.Lock(),))
+        after = [pool.apply_async(workers.square, (i,)) for i in range(200, 400)]
+        assert [r.get(timeout=30) for r in before + after] == [i * i for i in range(400)]
+        assert pool.statistics().tasks_submitted == 400  # the refused one was never queued
+
+
+def test_an_unpicklable_result_among_plain_ones_fails_only_its_task(fork_or_spawn):
+    with shoal.Pool(2, context=fork_or_spawn) as pool:
+        results = [pool.apply_async(workers.return_unpicklable_if, (i, 150)) for i in range(300)]
+        for i, r in enumerate(results):
+            if i == 150:
+                with pytest.raises(shoal.SerializationError, match="lock"):
+                    r.get(timeout=30)
+            else:
+                assert r.get(timeout=30) == i
+
+
+def test_a_worker_crash_among_plain_calls_fails_only_the_crashing_task(fork_or_spawn):
+    with shoal.Pool(2, context=fork_or_spawn) as pool:
+        results = [pool.apply_async(workers.crash_on, (i, 77)) for i in range(200)]
+        for i, r in enumerate(results):
+            if i == 77:
+                with pytest.raises(shoal.WorkerDiedError):
+                    r.get(timeout=30)
+            else:
+                assert r.get(timeout=30) == i
+
+
+def test_results_and_futures_dropped_before_they_finish_are_freed():
+    # A task refers to its result object until the outcome is delivered, and
+    # tasks are not tracked by the garbage collector: the engine must break
+    # that cycle on every path (delivered, failed, cancelled before it ran).
+    import weakref
+
+    with shoal.Pool(1) as pool:
+        blocker = pool.apply_async(workers.sleep_for, (0.3,))
+        refs = [weakref.ref(pool.apply_async(workers.square, (i,))) for i in range(50)]
+        refs += [weakref.ref(pool.apply_async(workers.raise_value_error, (i,))) for i in range(5)]
+        cancelled = [pool.submit(workers.square, i) for i in range(5)]
+        for f in cancelled:
+            assert f.cancel()
+        refs += [weakref.ref(f) for f in cancelled]
+        del cancelled, f
+        blocker.get(timeout=30)
+        assert pool.apply(workers.square, (3,)) == 9  # everything before it was handled
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+
+
+def test_a_pool_used_in_a_forked_child_raises_instead_of_hanging():
+    pool = shoal.Pool(1)
+    try:
+        assert pool.apply(workers.square, (3,)) == 9
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: the pool's workers are not its own
+            try:
+                pool.apply_async(workers.square, (2,))
+                os.write(w, b"no error")
+            except shoal.PoolClosedError as exc:
+                os.write(w, b"ok" if "belongs to process" in str(exc) else str(exc).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            said = f.read()
+        os.waitpid(pid, 0)
+        assert said == b"ok"
+        assert pool.apply(workers.square, (4,)) == 16  # still the parent's
+    finally:
+        pool.terminate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
 import signal
 import threading
@@ -558,3 +559,25 @@ def init_with_queue(q):
 def put_in_init_queue(x):
     _INIT_QUEUE.put(x)
     return x
+
+
+def args_and_types(*args):
+    """What the worker received: the arguments and their exact types."""
+    return args, [type(a).__name__ for a in args]
+
+
+def return_value(value):
+    return value
+
+
+def return_unpicklable_if(x, bad):
+    """x, or an unpicklable result (a lock) when x == bad."""
+    if x == bad:
+        import threading
+
+        return threading.Lock()
+    return x
+
+
+class Color(enum.IntEnum):
+    RED = 1

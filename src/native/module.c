@@ -94,7 +94,7 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&DictLock_Type) < 0)
+    if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&DictLock_Type) < 0 || PyType_Ready(&Task_Type) < 0)
         return NULL;
     PyObject *mod = PyModule_Create(&native_module);
     if (mod == NULL)
@@ -106,8 +106,10 @@ PyInit__native(void)
     }
     Py_INCREF(&Mapping_Type);
     Py_INCREF(&DictLock_Type);
+    Py_INCREF(&Task_Type);
     if (PyModule_AddObject(mod, "Mapping", (PyObject *)&Mapping_Type) < 0 ||
         PyModule_AddObject(mod, "DictLock", (PyObject *)&DictLock_Type) < 0 ||
+        PyModule_AddObject(mod, "Task", (PyObject *)&Task_Type) < 0 ||
         PyModule_AddIntConstant(mod, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0 ||
         PyModule_AddIntConstant(mod, "DICT_HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(mod, "DICT_REGION_HEADER", REGION_HEADER) < 0 ||

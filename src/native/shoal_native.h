@@ -72,6 +72,7 @@ PyObject *hash64(FASTCALL_ARGS);
 /* dict.c */
 extern PyTypeObject Mapping_Type;
 extern PyTypeObject DictLock_Type;
+extern PyTypeObject Task_Type;
 void after_fork_child(void);
 PyObject *dict_init(FASTCALL_ARGS);
 PyObject *dict_get(FASTCALL_ARGS);

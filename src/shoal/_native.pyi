@@ -70,3 +70,34 @@ def dict_check(mapping: Mapping, /) -> int: ...
 def dict_lock(mapping: Mapping, timeout: float | None = None, /) -> bool: ...
 def dict_unlock(mapping: Mapping, /) -> None: ...
 def dict_held(mapping: Mapping, /) -> bool: ...
+
+# task.c: the pool engine's task record (see shoal._engine._tasks)
+class Task:
+    id: int
+    fn_id: int
+    fn_ref: Any
+    mode: int
+    data: Any
+    fds: list[int] | tuple[int, ...]
+    sink: Any
+    index: int
+    timeout: float | None
+    n: int
+    kill_reason: str | None
+    requeues: int
+    def __init__(
+        self,
+        id: int,
+        fn_id: int,
+        fn_ref: Any,
+        mode: int,
+        data: Any,
+        fds: list[int] | tuple[int, ...],
+        sink: Any,
+        index: int = 0,
+        timeout: float | None = None,
+        n: int = 1,
+        kill_reason: str | None = None,
+        requeues: int = 0,
+    ) -> None: ...
+    def close_fds(self, registry: set[int], /) -> None: ...

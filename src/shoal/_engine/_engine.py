@@ -133,7 +133,24 @@ from ._scheduler import (
     live_engines,
 )
 from ._tasks import FailableSink, ResultSink, Task, Worker, WorkerProcess
-from ._worker import CALL, CALL_KW
+from ._worker import CALL, CALL_KW, CALL_RAW, RAW_TYPES
+
+#: bytes arguments shorter than this travel raw (see RAW_TYPES): longer ones
+#: may go through shared memory, which only the per-task pickle arranges.
+RAW_BYTES_LIMIT = 4096
+
+#: How many times this process is a fork of the one before: an engine made
+#: in an ancestor must not be used here (its workers are not ours), and
+#: comparing this counter is cheaper than os.getpid() on every submit.
+_fork_generation = 0
+
+
+def _forked() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 #: Target duration of one map chunk once the function's speed is known.
 CHUNK_SECONDS = 0.05
@@ -306,7 +323,11 @@ class Engine:
             remote_traceback=remote_traceback,
         )
         self._finished = threading.Event()
+        #: _finished.is_set(), as a plain attribute for the per-task path
+        #: (set just before the event, by the one thread that sets it)
+        self._ended = False
         self._owner_pid = os.getpid()
+        self._generation = _fork_generation
 
         # Initial workers start from the caller's thread, before the
         # scheduler thread exists: with fork, a single-threaded parent is the
@@ -332,6 +353,7 @@ class Engine:
             self._state = _BROKEN
             self._broken_error = exc
             self._start_failure = _cannot_start(what, exc)
+            self._ended = True
             self._finished.set()
 
     # ------------------------------------------------------------------
@@ -426,36 +448,50 @@ class Engine:
     ) -> Task:
         """Serialize and queue ``fn(*args, **kwargs)``: the hot path of
         apply_async and submit, kept short on purpose."""
-        if self._state != _RUN or os.getpid() != self._owner_pid:
+        if self._state != _RUN or self._generation != _fork_generation:
             self._check_running()
+        entry = self._fn_cache.get(id(fn))
+        if entry is not None and entry[0] is fn:
+            fn_id = entry[1]
+        else:
+            fn_id, entry = self.function_ref(fn)
+        if timeout is None:
+            timeout = self.task_timeout
+        if not kwargs and fn_id:
+            # The fast path: arguments that are all plain immutable values
+            # (RAW_TYPES) cannot fail to pickle, so they are not pickled
+            # here but inside the batch message, with their neighbours, and
+            # the worker gets them without a pickle of their own.
+            for arg in args:
+                if type(arg) not in RAW_TYPES and (type(arg) is not bytes or len(arg) >= RAW_BYTES_LIMIT):
+                    break
+            else:
+                task = Task(next(self._ids), fn_id, entry, CALL_RAW, args, (), sink, 0, timeout)
+                self._pending.append(task)
+                self._submitted_n += 1
+                self._scheduler.wake()
+                if self._ended:
+                    self._reject((task,))
+                return task
         # Without keyword arguments only the args tuple is pickled: one
         # object fewer per task, which the garbage collector notices.
-        # (Every container allocated here counts towards a garbage-collector
-        # pass, so this path avoids the small tuples of the general one.)
         if kwargs:
             mode = CALL_KW
             payload: Any = (args, kwargs)
         else:
             mode = CALL
             payload = args
-        entry = self._fn_cache.get(id(fn))
-        if entry is not None and entry[0] is fn:
-            fn_id = entry[1]
-        else:
-            fn_id, entry = self.function_ref(fn)
-            if fn_id == 0:
-                payload = (fn, payload)
+        if fn_id == 0:
+            payload = (fn, payload)
         fds: list[int] = []
         data = _serialize(payload, fds, self._segments)
         if fds:
             self._task_fds.update(fds)
-        if timeout is None:
-            timeout = self.task_timeout
         task = Task(next(self._ids), fn_id, entry, mode, data, fds, sink, 0, timeout)  # positional: see Task
         self._pending.append(task)
         self._submitted_n += 1
         self._wake()
-        if self._finished.is_set():
+        if self._ended:
             self._reject((task,))
         return task
 
@@ -692,6 +728,7 @@ class Engine:
         finally:
             live_engines.discard(self)  # its descriptors are about to close
             self._close_resources()
+            self._ended = True
             self._finished.set()
             # A caller that queued a task before seeing _finished set gets it
             # failed here; one that queues after sees _finished (_reject).

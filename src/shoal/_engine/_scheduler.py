@@ -439,6 +439,7 @@ class Scheduler:
                 while pending and len(batch) < take:
                     task = pending.popleft()
                     if task.sink.skip(task):
+                        task.sink = None  # no cycle with the sink (see Task)
                         task.close_fds(self._task_fds)
                         self.cancelled += 1
                         continue
@@ -480,7 +481,7 @@ class Scheduler:
         w.inflight.extend(batch)
         self._timed += timed
         w.sent += len(batch)
-        w.batches.append(batch[-1].id)
+        w.batches.append(len(batch))
         # Evict the least recently used functions this batch does not need;
         # the worker forgets them before it loads the new ones.
         for fid in list(w.fns) if len(w.fns) > FN_CACHE else ():
@@ -543,52 +544,50 @@ class Scheduler:
             w.retire_reason = "initializer"
             self.break_pool(error)
 
-    def _on_results(self, w: Worker, results, fds: list[int]) -> None:
+    def _on_results(self, w: Worker, body, fds: list[int]) -> None:
+        results, timing = body
         pos = 0
         inflight = w.inflight
-        batches = w.batches
         waiters = self.engine.waiters
         plain_loads = pickle.loads
         completed = failed = timed = doomed = 0
-        # Duration estimates are updated once per message, per function.
-        seconds: dict[int, list[float]] = {}
+        RAW = _worker.RAW
         try:
-            for tid, ok, data, nfds, elapsed in results:
+            for kind, value, nfds in results:
                 task = inflight.popleft()
-                if batches and batches[0] == tid:
-                    batches.popleft()
                 if task.fds:
                     task.close_fds(self._task_fds)
                 if task.timeout is not None:
                     timed += 1
-                acc = seconds.get(task.fn_id)
-                if acc is None:
-                    seconds[task.fn_id] = [elapsed, task.n]
-                else:
-                    acc[0] += elapsed
-                    acc[1] += task.n
-                task_fds = fds[pos : pos + nfds] if nfds else None
-                pos += nfds
-                if task.kill_reason in ALREADY_FAILED:
+                if task.kill_reason is not None and task.kill_reason in ALREADY_FAILED:
                     if task.kill_reason == "cancelled":
                         doomed += 1
+                    pos += nfds
                     continue  # its caller already has an error; drop the late result
-                if not ok:
-                    value = self._with_traceback_type(unpack_exception(data))
-                    failed += 1
-                else:
+                if kind == RAW:
+                    completed += 1
+                    task.sink.deliver(task, True, value)
+                    continue
+                if kind == _worker.PICKLED:
                     try:
-                        # Out-of-band buffers come as shared memory beside the message.
-                        value = loads_with(data, task_fds) if task_fds else plain_loads(data)
+                        if nfds:
+                            # Out-of-band buffers come as shared memory beside the message.
+                            pos += nfds
+                            value = loads_with(value, fds[pos - nfds : pos])
+                        else:
+                            value = plain_loads(value)
                         completed += 1
+                        task.sink.deliver(task, True, value)
+                        continue
                     except BaseException as exc:  # noqa: BLE001
-                        ok = False
-                        failed += 1
                         value = SerializationError(
                             "the task's result could not be unpickled in the parent: "
                             f"{type(exc).__name__}: {exc}"
                         )
-                task.sink.deliver(task, ok, value)
+                else:
+                    value = self._with_traceback_type(unpack_exception(value))
+                failed += 1
+                task.sink.deliver(task, False, value)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -596,8 +595,17 @@ class Scheduler:
             self.failed += failed
             self._timed -= timed
             self._doomed -= doomed
+            # Every result of a batch is in: the worker has room for another.
+            answered = len(results)
+            batches = w.batches
+            while answered and batches:
+                if batches[0] > answered:
+                    batches[0] -= answered
+                    break
+                answered -= batches.popleft()
             estimates = self._estimates
-            for fid, (total, n) in seconds.items():
+            for i in range(0, len(timing), 3):
+                fid, total, n = timing[i : i + 3]
                 per_item = total / n
                 est = estimates.get(fid)
                 estimates[fid] = per_item if est is None else est * 0.7 + per_item * 0.3

@@ -18,6 +18,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .. import _native
+
 
 class ResultSink(Protocol):
     """What the engine calls on a task's result object (an ``AsyncResult``, a
@@ -48,43 +50,27 @@ class FailableSink(ResultSink, Protocol):
         ...
 
 
-@dataclass(slots=True, eq=False)
-class Task:
-    """One unit of work: a call, or a chunk of a map.
-
-    Made once per task on the submit path, so its callers pass the fields
-    positionally, in the order below: a keyword call of this ``__init__``
-    costs about 0.25 µs more, a few per cent of a trivial task.
-    """
-
-    id: int
-    #: id of the function workers cache (0: the function travels in ``data``)
-    fn_id: int
-    #: (fn, fn_id, fn_bytes) for the first send to a worker, or None
-    fn_ref: Any
-    mode: int
-    data: bytes
-    #: shared-memory descriptors of the pickled arguments (the task owns them)
-    fds: list[int] | tuple[int, ...]
-    sink: ResultSink
-    #: position of the chunk in its map
-    index: int = 0
-    #: seconds the task may run, or None
-    timeout: float | None = None
-    #: items: 1 for a call, the chunk's length for a map chunk
-    n: int = 1
-    #: why the scheduler killed (or gave up on) it: "timeout", "cancelled", "abandoned"
-    kill_reason: str | None = None
-    #: times it ran again because its worker died before sending its result
-    requeues: int = 0
-
-    def close_fds(self, registry: set[int]) -> None:
-        """Close the task's shared-memory descriptors and drop them from the
-        engine's *registry* of task descriptors."""
-        registry.difference_update(self.fds)
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = ()
+#: One unit of work: a call, or a chunk of a map.  Fields, in the order its
+#: callers pass them (positionally): ``id``, ``fn_id`` (id of the function
+#: workers cache; 0: the function travels in ``data``), ``fn_ref`` ((fn,
+#: fn_id, fn_bytes) for the first send to a worker), ``mode``, ``data`` (the
+#: pickled payload, or the arguments themselves for CALL_RAW), ``fds``
+#: (shared-memory descriptors of the pickled arguments; the task owns them),
+#: ``sink``, then ``index`` (position of the chunk in its map, 0),
+#: ``timeout`` (seconds it may run, None), ``n`` (items: 1 for a call),
+#: ``kill_reason`` ("timeout", "cancelled", "abandoned" or None) and
+#: ``requeues`` (times it ran again because its worker died first, 0).
+#: ``close_fds(registry)`` closes the descriptors and drops them from the
+#: engine's registry.
+#:
+#: A C type (src/native/task.c): one is made per task, and building it from
+#: positional arguments costs a fraction of a dataclass ``__init__``; and it
+#: is not tracked by the garbage collector, which otherwise walks every
+#: pending task on each collection.  So a task must never sit in a reference
+#: cycle the engine does not break: its sink refers to it only until the
+#: outcome is delivered (sinks drop their task in ``deliver``), and a task
+#: dropped without delivery (``skip``) lets go of its sink.
+Task = _native.Task
 
 
 @dataclass(slots=True, eq=False)
@@ -98,7 +84,7 @@ class Worker:
     sentinel: int = field(init=False)
     #: tasks sent and not yet answered, in the order the worker runs them
     inflight: deque[Task] = field(default_factory=deque)
-    #: id of the last task of each batch sent and not yet answered in full
+    #: how many results each batch sent and not yet answered in full still owes
     batches: deque[int] = field(default_factory=deque)
     #: ids of the functions the worker has cached, least recently used first
     fns: OrderedDict[int, None] = field(default_factory=OrderedDict)

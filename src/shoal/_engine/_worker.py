@@ -74,6 +74,20 @@ CALL = 0  # fn(*args); payload is args
 CALL_KW = 3  # fn(*args, **kwargs); payload is (args, kwargs)
 MAP = 1  # [fn(x) for x in payload]
 STARMAP = 2  # [fn(*x) for x in payload]
+CALL_RAW = 4  # fn(*args); args travel unpickled inside the batch message (see RAW_TYPES)
+
+# Result kinds: how a task's outcome travels back
+FAILED = 0  # the pickled exception (pack_exception)
+PICKLED = 1  # the value pickled on its own, maybe with descriptors beside the message
+RAW = 2  # the value itself, inside the results message (see RAW_TYPES)
+
+#: Values of these exact types (not subclasses) are always picklable, hold no
+#: buffer that could go through shared memory and are immutable: a call whose
+#: arguments are all of them is not pickled on its own at submit (nothing can
+#: fail there) but inside the batch message, and a result of one of them
+#: travels inside the results message.  ``bytes`` only below the
+#: out-of-band threshold (see RAW_BYTES_LIMIT).
+RAW_TYPES = frozenset({int, float, str, bool, type(None), complex})
 
 #: A worker sends the results it has so far when a batch has run this long,
 #: so results of quick tasks are not held back by a slow one, and if the
@@ -270,31 +284,45 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
                 functions[fn_id] = cloudpickle.loads(fn_bytes)
             except BaseException as exc:  # noqa: BLE001 - fails the tasks that use it
                 functions[fn_id] = _Unloadable(exc)
-        results = []
+        results: list[tuple] = []
         result_fds: list[int] = []
+        # Durations, per run of tasks of one function: [fn_id, seconds, items, ...]
+        timing: list[Any] = []
+        timed_fn = -1
+        timed_s = 0.0
+        timed_n = 0
         fd_pos = 0
         flushed_at = perf()
         for tid, fn_id, mode, data, nfds in tasks:
-            task_fds = fds[fd_pos : fd_pos + nfds]
-            fd_pos += nfds
             started = perf()
             pack_status(status, offset, tid, monotonic(), done)
+            items = 1
             try:
-                args = loads_with(data, task_fds)
-                if fn_id:
+                if mode == CALL_RAW:
                     fn = functions[fn_id]
                     if type(fn) is _Unloadable:
                         raise fn.error
+                    value = fn(*data)
                 else:
-                    fn, args = args
-                if mode == CALL:
-                    value = fn(*args)
-                elif mode == CALL_KW:
-                    value = fn(*args[0], **args[1])
-                elif mode == MAP:
-                    value = [fn(x) for x in args]
-                else:
-                    value = [fn(*x) for x in args]
+                    task_fds = fds[fd_pos : fd_pos + nfds]
+                    fd_pos += nfds
+                    args = loads_with(data, task_fds)
+                    if fn_id:
+                        fn = functions[fn_id]
+                        if type(fn) is _Unloadable:
+                            raise fn.error
+                    else:
+                        fn, args = args
+                    if mode == CALL:
+                        value = fn(*args)
+                    elif mode == CALL_KW:
+                        value = fn(*args[0], **args[1])
+                    else:
+                        items = len(args)
+                        if mode == MAP:
+                            value = [fn(x) for x in args]
+                        else:
+                            value = [fn(*x) for x in args]
                 ok = True
             except BaseException as exc:  # noqa: BLE001 - a task error is a result
                 value = exc
@@ -304,35 +332,50 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
             # is pickled, so their finalizers run and their memory returns
             # right after the task, not when the next batch comes (and shared
             # memory holding arguments is reused once every process let go).
-            fn = args = None
+            fn = args = data = None
             elapsed = perf() - started
             pack_status(status, offset, 0, 0.0, tid)
-            if ok:
+            if fn_id != timed_fn:
+                if timed_n:
+                    timing += (timed_fn, timed_s, timed_n)
+                timed_fn = fn_id
+                timed_s = 0.0
+                timed_n = 0
+            timed_s += elapsed
+            timed_n += items
+            if ok and type(value) in RAW_TYPES:
+                results.append((RAW, value, 0))
+            elif ok:
                 out_fds: list[int] = []
                 previous = swap_sending(out_fds)  # once per task: no context-manager object
                 try:
                     out = dumps(value, oob=True, what="the task's result", segments=segments)
+                    kind = PICKLED
                 except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only this task
                     # (BaseException: a __reduce__ that calls sys.exit() is the
                     # task's error, as in the standard library, not a dead worker)
-                    ok = False
+                    kind = FAILED
                     out = pack_exception(exc)
                     for fd in out_fds:  # what the failed pickle collected (a SharedArray's)
                         os.close(fd)
                     out_fds = []
                 finally:
                     swap_sending(previous)
+                results.append((kind, out, len(out_fds)))
+                if out_fds:
+                    result_fds.extend(out_fds)
             else:
-                out = pack_exception(value)
-                out_fds = []
+                results.append((FAILED, pack_exception(value), 0))
             del value
-            results.append((tid, ok, out, len(out_fds), elapsed))
-            result_fds.extend(out_fds)
             done += 1
             if perf() - flushed_at >= flush_after and len(results) < len(tasks):
-                _send_results(channel, results, result_fds)
+                timing += (timed_fn, timed_s, timed_n)
+                timed_n = 0
+                timed_s = 0.0
+                _send_results(channel, results, timing, result_fds)
                 results = []
                 result_fds = []
+                timing = []
                 flushed_at = perf()
         for fd in fds:
             os.close(fd)
@@ -341,13 +384,15 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
         elif max_memory and _rss_bytes() > max_memory:
             retire = ("max_memory", _rss_bytes())
         if results:
-            _send_results(channel, results, result_fds)
+            if timed_n:
+                timing += (timed_fn, timed_s, timed_n)
+            _send_results(channel, results, timing, result_fds)
     if retire is not None:
         channel.send(pickle.dumps((RETIRE, retire)))
 
 
-def _send_results(channel: Channel, results: list, fds: list[int]) -> None:
-    channel.send(pickle.dumps((RESULTS, results), 5), fds)
+def _send_results(channel: Channel, results: list, timing: list, fds: list[int]) -> None:
+    channel.send(pickle.dumps((RESULTS, (results, timing)), 5), fds)
     for fd in fds:
         os.close(fd)
 
