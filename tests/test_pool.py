@@ -542,7 +542,7 @@ def test_a_worker_crash_among_plain_calls_fails_only_the_crashing_task(fork_or_s
                 with pytest.raises(shoal.WorkerDiedError):
                     r.get(timeout=30)
             else:
-                assert r.get(timeout=30) == i
+                assert r.get(timeout=30) == i * i
 
 
 def test_results_and_futures_dropped_before_they_finish_are_freed():
