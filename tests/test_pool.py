@@ -563,7 +563,7 @@ def test_results_and_futures_dropped_before_they_finish_are_freed():
         blocker.get(timeout=30)
         assert pool.apply(workers.square, (3,)) == 9  # everything before it was handled
     gc.collect()
-    assert [r for r in refs if r() is not None] == []
+    assert [(i, r()) for i, r in enumerate(refs) if r() is not None] == []
 
 
 def test_a_pool_used_in_a_forked_child_raises_instead_of_hanging():

@@ -81,6 +81,10 @@ static PyMethodDef native_methods[] = {
                     "Take the dict's lock, re-entrant per thread; return True when a holder had died."),
     FAST(dict_unlock, "dict_unlock(mapping)\n--\n\nRelease the dict's lock one level."),
     FAST(dict_held, "dict_held(mapping)\n--\n\nWhether this thread holds the dict's lock."),
+    /* result.c */
+    {"result_type", (PyCFunction)native_result_type, METH_O,
+     "result_type(cls)\n--\n\nMake cls (a ResultSlot subclass) the plain result class: its instances "
+     "without callbacks are not tracked by the garbage collector while they wait."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -94,7 +98,8 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&DictLock_Type) < 0 || PyType_Ready(&Task_Type) < 0)
+    if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&DictLock_Type) < 0 || PyType_Ready(&Task_Type) < 0 ||
+        PyType_Ready(&Result_Type) < 0)
         return NULL;
     PyObject *mod = PyModule_Create(&native_module);
     if (mod == NULL)
@@ -107,9 +112,11 @@ PyInit__native(void)
     Py_INCREF(&Mapping_Type);
     Py_INCREF(&DictLock_Type);
     Py_INCREF(&Task_Type);
+    Py_INCREF(&Result_Type);
     if (PyModule_AddObject(mod, "Mapping", (PyObject *)&Mapping_Type) < 0 ||
         PyModule_AddObject(mod, "DictLock", (PyObject *)&DictLock_Type) < 0 ||
         PyModule_AddObject(mod, "Task", (PyObject *)&Task_Type) < 0 ||
+        PyModule_AddObject(mod, "ResultSlot", (PyObject *)&Result_Type) < 0 ||
         PyModule_AddIntConstant(mod, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0 ||
         PyModule_AddIntConstant(mod, "DICT_HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(mod, "DICT_REGION_HEADER", REGION_HEADER) < 0 ||

@@ -73,6 +73,10 @@ PyObject *hash64(FASTCALL_ARGS);
 extern PyTypeObject Mapping_Type;
 extern PyTypeObject DictLock_Type;
 extern PyTypeObject Task_Type;
+
+/* result.c */
+extern PyTypeObject Result_Type;
+PyObject *native_result_type(PyObject *module, PyObject *cls);
 void after_fork_child(void);
 PyObject *dict_init(FASTCALL_ARGS);
 PyObject *dict_get(FASTCALL_ARGS);

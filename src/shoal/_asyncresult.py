@@ -33,64 +33,47 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import _base
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import _native
 from ._serialization import name_unpicklable_item
 from .exceptions import PoolClosedError, ShoalError
 
 
-class AsyncResult:
-    """The result of ``apply_async`` (the standard library's ``AsyncResult``)."""
+class AsyncResult(_native.ResultSlot):
+    """The result of ``apply_async`` (the standard library's ``AsyncResult``).
 
-    __slots__ = (
-        "__weakref__",
-        "_callback",
-        "_engine",
-        "_error_callback",
-        "_pool",
-        "_ready",
-        "_success",
-        "_task",
-        "_value",
-        "delivered",
-    )
+    ``AsyncResult(engine, callback=None, error_callback=None)``.  Its state
+    and the methods the engine's scheduler thread calls (``deliver``,
+    ``skip``) and ``ready()`` are C (``src/native/result.c``): one is made
+    per task, and a plain one (no callbacks) is not tracked by the garbage
+    collector while it waits.
+    """
 
-    def __init__(
-        self,
-        engine: Any,
-        callback: Callable[[Any], object] | None = None,
-        error_callback: Callable[[BaseException], object] | None = None,
-    ) -> None:
-        self._engine = engine
-        self._callback = callback
-        self._error_callback = error_callback
-        self._ready = False
-        self.delivered = False
-        self._success: bool | None = None
-        self._value: Any = None
-        self._task: Any = None
-        self._pool: object = None
+    __slots__ = ("__weakref__",)
 
-    def skip(self, task: Any) -> bool:
-        """The engine's :class:`~shoal._engine.ResultSink` protocol (scheduler
-        thread): True when the task need not run (the result is settled)."""
-        return self.delivered
+    if TYPE_CHECKING:  # the C base's fields
 
-    def deliver(self, task: Any, ok: bool, value: Any) -> None:
-        """The engine's :class:`~shoal._engine.ResultSink` protocol (scheduler
-        thread): the task's value when *ok*, else its exception."""
-        if self.delivered:
-            return
-        self._task = None  # break the task <-> result cycle; nothing left to cancel
-        if self._callback is None and self._error_callback is None:
-            # The common case, inline: no callback to wait for.
-            self.delivered = True
-            self._success = ok
-            self._value = value
-            self._ready = True
-            self._pool = None  # as the standard library does once a result is set
-            return
-        self._finish(ok, value)
+        def __init__(
+            self,
+            engine: Any,
+            callback: Callable[[Any], object] | None = None,
+            error_callback: Callable[[BaseException], object] | None = None,
+        ) -> None: ...
+
+        _engine: Any
+        _callback: Callable[[Any], object] | None
+        _error_callback: Callable[[BaseException], object] | None
+        _pool: object
+        _task: Any
+        _value: Any
+        _ready: bool
+        _success: bool
+        delivered: bool
+
+        def deliver(self, task: Any, ok: bool, value: Any) -> None: ...
+        def skip(self, task: Any) -> bool: ...
+        def ready(self) -> bool: ...
 
     def _finish(self, ok: bool, value: Any) -> None:
         self.delivered = True
@@ -114,11 +97,7 @@ class AsyncResult:
             with self._engine.results_cond:
                 self._engine.results_cond.notify_all()
 
-    # -- public API ---------------------------------------------------------
-    def ready(self) -> bool:
-        """True once the task finished (and its callback, if any, ran)."""
-        return self._ready
-
+    # -- public API (and ready(), in the C base) ---------------------------------
     def successful(self) -> bool:
         """Whether the task returned without raising; ValueError if not ready."""
         if not self._ready:
@@ -137,9 +116,10 @@ class AsyncResult:
         Raises:
             multiprocessing.TimeoutError: not ready within *timeout* seconds.
         """
-        self.wait(timeout)
         if not self._ready:
-            raise multiprocessing.TimeoutError(f"the result was not ready within {timeout} seconds")
+            self.wait(timeout)
+            if not self._ready:
+                raise multiprocessing.TimeoutError(f"the result was not ready within {timeout} seconds")
         if self._success:
             return self._value
         raise self._value
@@ -161,6 +141,7 @@ class AsyncResult:
 
 
 ApplyResult = AsyncResult
+_native.result_type(AsyncResult)
 
 
 class MapResult(AsyncResult):

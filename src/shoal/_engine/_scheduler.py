@@ -41,6 +41,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -120,6 +121,14 @@ def _foreign_descriptors() -> list[int]:
 
     fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
     return [fd] if fd is not None else []
+
+
+def _fn_bytes(batch: list[Task], fid: int) -> bytes:
+    """The pickled function of id *fid*, from the first task of *batch* using it."""
+    for task in batch:
+        if task.fn_id == fid:
+            return task.fn_ref[2]
+    raise AssertionError(f"no task of the batch uses function {fid}")
 
 
 def interrupt_task(task: Task, exc: BaseException) -> None:
@@ -453,31 +462,36 @@ class Scheduler:
                 break
 
     def _send_batch(self, w: Worker, batch: list[Task]) -> None:
+        # The batch travels as parallel lists, one per field (the wire
+        # format of _worker.BATCH): no tuple per task to build, pickle and
+        # leave for the garbage collector.
+        fids = [t.fn_id for t in batch]
+        nfds = [len(t.fds) for t in batch]
+        timeouts = [t.timeout for t in batch]
+        timed = len(timeouts) - timeouts.count(None)
         fn_defs = []
         forget: list[int] = []
+        used = dict.fromkeys(fids)  # in order of first use
+        for fid in used:
+            if fid:
+                if fid in w.fns:
+                    w.fns.move_to_end(fid)
+                else:
+                    fn_defs.append((fid, _fn_bytes(batch, fid)))
+                    w.fns[fid] = None
         fds: list[int] = []
-        wire = []
-        last_fid = -1
-        timed = 0
-        used: set[int] = set()
-        for task in batch:
-            fid = task.fn_id
-            if fid != last_fid:
-                last_fid = fid
-                used.add(fid)
-                if fid:
-                    if fid in w.fns:
-                        w.fns.move_to_end(fid)
-                    else:
-                        fn_defs.append((fid, task.fn_ref[2]))
-                        w.fns[fid] = None
-            wire.append((task.id, fid, task.mode, task.data, len(task.fds)))
-            if task.fds:
+        if any(nfds):
+            for task in batch:
                 # The channel closes what it sends; the task keeps its own
                 # descriptors so it can be sent again if this worker dies.
                 fds.extend(os.dup(fd) for fd in task.fds)
-            if task.timeout is not None:
-                timed += 1
+        wire = (
+            [t.id for t in batch],
+            fids,
+            [t.mode for t in batch],
+            [t.data for t in batch],
+            nfds if fds else None,
+        )
         w.inflight.extend(batch)
         self._timed += timed
         w.sent += len(batch)
@@ -495,7 +509,7 @@ class Scheduler:
             fn_defs.insert(0, (-1, forget))
         # Functions that have killed a worker get their results sent after
         # every task, so another crash makes no finished task run again.
-        flush_each = bool(self._crashed) and not used.isdisjoint(self._crashed)
+        flush_each = bool(self._crashed) and not self._crashed.isdisjoint(used)
         w.channel.queue(pickle.dumps((_worker.BATCH, fn_defs, wire, flush_each), 5), fds)
         self._flush(w)
 
@@ -545,7 +559,10 @@ class Scheduler:
             self.break_pool(error)
 
     def _on_results(self, w: Worker, body, fds: list[int]) -> None:
-        results, timing = body
+        # Parallel lists (the wire format of _worker.RESULTS): what each
+        # outcome is, the outcomes, how many descriptors each brought (None:
+        # none did), and the durations per function.
+        kinds, values, counts, timing = body
         pos = 0
         inflight = w.inflight
         waiters = self.engine.waiters
@@ -553,7 +570,7 @@ class Scheduler:
         completed = failed = timed = doomed = 0
         RAW = _worker.RAW
         try:
-            for kind, value, nfds in results:
+            for kind, value, nfds in zip(kinds, values, counts if counts is not None else repeat(0)):
                 task = inflight.popleft()
                 if task.fds:
                     task.close_fds(self._task_fds)
@@ -567,6 +584,7 @@ class Scheduler:
                 if kind == RAW:
                     completed += 1
                     task.sink.deliver(task, True, value)
+                    task.sink = None  # the engine holds no delivered result (see Task)
                     continue
                 if kind == _worker.PICKLED:
                     try:
@@ -578,6 +596,7 @@ class Scheduler:
                             value = plain_loads(value)
                         completed += 1
                         task.sink.deliver(task, True, value)
+                        task.sink = None
                         continue
                     except BaseException as exc:  # noqa: BLE001
                         value = SerializationError(
@@ -588,6 +607,7 @@ class Scheduler:
                     value = self._with_traceback_type(unpack_exception(value))
                 failed += 1
                 task.sink.deliver(task, False, value)
+                task.sink = None
         finally:
             for fd in fds:
                 os.close(fd)
@@ -596,7 +616,7 @@ class Scheduler:
             self._timed -= timed
             self._doomed -= doomed
             # Every result of a batch is in: the worker has room for another.
-            answered = len(results)
+            answered = len(kinds)
             batches = w.batches
             while answered and batches:
                 if batches[0] > answered:
@@ -623,6 +643,7 @@ class Scheduler:
         else:
             self.failed += 1
         task.sink.deliver(task, False, exc)
+        task.sink = None  # the engine holds no delivered result (see Task)
 
     # -- control requests from callers (see Engine._handle_control) --------
     def cancel(self, task: Task, exc: BaseException) -> None:

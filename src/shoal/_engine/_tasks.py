@@ -68,8 +68,9 @@ class FailableSink(ResultSink, Protocol):
 #: is not tracked by the garbage collector, which otherwise walks every
 #: pending task on each collection.  So a task must never sit in a reference
 #: cycle the engine does not break: its sink refers to it only until the
-#: outcome is delivered (sinks drop their task in ``deliver``), and a task
-#: dropped without delivery (``skip``) lets go of its sink.
+#: outcome is delivered (sinks drop their task in ``deliver``), and the
+#: scheduler clears ``task.sink`` once it delivered the outcome or dropped
+#: the task (``skip``), so the engine never keeps a finished result alive.
 Task = _native.Task
 
 

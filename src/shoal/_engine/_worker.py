@@ -50,6 +50,7 @@ import signal
 import struct
 import sys
 import time
+from itertools import repeat
 from typing import Any
 
 import cloudpickle
@@ -284,7 +285,12 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
                 functions[fn_id] = cloudpickle.loads(fn_bytes)
             except BaseException as exc:  # noqa: BLE001 - fails the tasks that use it
                 functions[fn_id] = _Unloadable(exc)
-        results: list[tuple] = []
+        # The results, as parallel lists (the wire format of RESULTS): what
+        # each outcome is (RAW, PICKLED, FAILED), the outcome, and how many
+        # descriptors each has beside the message.
+        kinds: list[int] = []
+        values: list[Any] = []
+        counts: list[int] = []
         result_fds: list[int] = []
         # Durations, per run of tasks of one function: [fn_id, seconds, items, ...]
         timing: list[Any] = []
@@ -293,7 +299,9 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
         timed_n = 0
         fd_pos = 0
         flushed_at = perf()
-        for tid, fn_id, mode, data, nfds in tasks:
+        ids, fids, modes, datas, nfds = tasks
+        ntasks = len(ids)
+        for tid, fn_id, mode, data, nfd in zip(ids, fids, modes, datas, nfds if nfds is not None else repeat(0)):
             started = perf()
             pack_status(status, offset, tid, monotonic(), done)
             items = 1
@@ -304,8 +312,8 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
                         raise fn.error
                     value = fn(*data)
                 else:
-                    task_fds = fds[fd_pos : fd_pos + nfds]
-                    fd_pos += nfds
+                    task_fds = fds[fd_pos : fd_pos + nfd]
+                    fd_pos += nfd
                     args = loads_with(data, task_fds)
                     if fn_id:
                         fn = functions[fn_id]
@@ -344,7 +352,9 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
             timed_s += elapsed
             timed_n += items
             if ok and type(value) in RAW_TYPES:
-                results.append((RAW, value, 0))
+                kinds.append(RAW)
+                values.append(value)
+                counts.append(0)
             elif ok:
                 out_fds: list[int] = []
                 previous = swap_sending(out_fds)  # once per task: no context-manager object
@@ -361,19 +371,25 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
                     out_fds = []
                 finally:
                     swap_sending(previous)
-                results.append((kind, out, len(out_fds)))
+                kinds.append(kind)
+                values.append(out)
+                counts.append(len(out_fds))
                 if out_fds:
                     result_fds.extend(out_fds)
             else:
-                results.append((FAILED, pack_exception(value), 0))
+                kinds.append(FAILED)
+                values.append(pack_exception(value))
+                counts.append(0)
             del value
             done += 1
-            if perf() - flushed_at >= flush_after and len(results) < len(tasks):
+            if perf() - flushed_at >= flush_after and len(kinds) < ntasks:
                 timing += (timed_fn, timed_s, timed_n)
                 timed_n = 0
                 timed_s = 0.0
-                _send_results(channel, results, timing, result_fds)
-                results = []
+                _send_results(channel, kinds, values, counts, timing, result_fds)
+                kinds = []
+                values = []
+                counts = []
                 result_fds = []
                 timing = []
                 flushed_at = perf()
@@ -383,16 +399,19 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
             retire = ("maxtasksperchild", done)
         elif max_memory and _rss_bytes() > max_memory:
             retire = ("max_memory", _rss_bytes())
-        if results:
+        if kinds:
             if timed_n:
                 timing += (timed_fn, timed_s, timed_n)
-            _send_results(channel, results, timing, result_fds)
+            _send_results(channel, kinds, values, counts, timing, result_fds)
     if retire is not None:
         channel.send(pickle.dumps((RETIRE, retire)))
 
 
-def _send_results(channel: Channel, results: list, timing: list, fds: list[int]) -> None:
-    channel.send(pickle.dumps((RESULTS, (results, timing)), 5), fds)
+def _send_results(
+    channel: Channel, kinds: list[int], values: list, counts: list[int], timing: list, fds: list[int]
+) -> None:
+    message = (RESULTS, (kinds, values, counts if fds else None, timing))
+    channel.send(pickle.dumps(message, 5), fds)
     for fd in fds:
         os.close(fd)
 
