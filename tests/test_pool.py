@@ -588,3 +588,39 @@ def test_a_pool_used_in_a_forked_child_raises_instead_of_hanging():
         assert pool.apply(workers.square, (4,)) == 16  # still the parent's
     finally:
         pool.terminate()
+
+
+def test_callbacks_of_one_worker_run_in_the_order_of_its_results(fork_or_spawn):
+    # Plain successes are delivered by a fast path and the rest one by one:
+    # the order of outcomes must still be the order the worker produced them.
+    seen: list = []
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        for i in range(300):
+            fn = workers.raise_value_error if i % 7 == 3 else workers.square
+            pool.apply_async(
+                fn,
+                (i,),
+                callback=lambda v: seen.append(("ok", v)),
+                error_callback=lambda e: seen.append(("err", str(e))),
+            )
+        pool.close()
+        pool.join()
+    assert seen == [("err", f"bad value {i}") if i % 7 == 3 else ("ok", i * i) for i in range(300)]
+
+
+def test_plain_results_and_shared_memory_results_in_one_message_all_arrive(fork_or_spawn):
+    # One results message can hold plain values, pickled values with
+    # descriptors beside it, and a result that fails to unpickle.
+    np = pytest.importorskip("numpy")
+    tags = ["warm", "B", "warm", "bad", "C", "warm"] * 20
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        results = [pool.apply_async(workers.big_result, (t,)) for t in tags]
+        for t, r in zip(tags, results, strict=True):
+            if t == "warm":
+                assert r.get(timeout=30) == 0
+            elif t == "bad":
+                with pytest.raises(shoal.SerializationError):
+                    r.get(timeout=30)
+            else:
+                got = r.get(timeout=30)
+                assert got.shape == (300 * 1024,) and np.all(got == ord(t))

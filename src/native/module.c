@@ -82,6 +82,11 @@ static PyMethodDef native_methods[] = {
     FAST(dict_unlock, "dict_unlock(mapping)\n--\n\nRelease the dict's lock one level."),
     FAST(dict_held, "dict_held(mapping)\n--\n\nWhether this thread holds the dict's lock."),
     /* result.c */
+    FAST(deliver_plain, "deliver_plain(tasks, kinds, values, start, raw)\n--\n\n"
+                        "Deliver plain successful outcomes from index start on; return the index of the "
+                        "first one that needs the general path (the pool scheduler's result loop)."),
+    FAST(drop_skipped, "drop_skipped(batch)\n--\n\n"
+                       "Remove the tasks whose sink says skip() from the list, in place; return them."),
     {"result_type", (PyCFunction)native_result_type, METH_O,
      "result_type(cls)\n--\n\nMake cls (a ResultSlot subclass) the plain result class: its instances "
      "without callbacks are not tracked by the garbage collector while they wait."},

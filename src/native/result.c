@@ -56,19 +56,32 @@ set_field(ResultObject *r, PyObject **field, PyObject *value)
     Py_XSETREF(*field, Py_XNewRef(value));
 }
 
+/* AsyncResult(engine, callback=None, error_callback=None, pool=None) */
 static int
 Result_init(ResultObject *r, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"engine", "callback", "error_callback", NULL};
-    PyObject *engine, *callback = Py_None, *error_callback = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO:AsyncResult", kwlist, &engine, &callback,
-                                     &error_callback))
-        return -1;
+    PyObject *engine, *callback = Py_None, *error_callback = Py_None, *pool = Py_None;
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    if (kwds == NULL && nargs >= 1 && nargs <= 4) {
+        /* the per-task path: positional arguments only */
+        engine = PyTuple_GET_ITEM(args, 0);
+        if (nargs > 1)
+            callback = PyTuple_GET_ITEM(args, 1);
+        if (nargs > 2)
+            error_callback = PyTuple_GET_ITEM(args, 2);
+        if (nargs > 3)
+            pool = PyTuple_GET_ITEM(args, 3);
+    }
+    else {
+        static char *kwlist[] = {"engine", "callback", "error_callback", "pool", NULL};
+        if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOO:AsyncResult", kwlist, &engine, &callback,
+                                         &error_callback, &pool))
+            return -1;
+    }
     Py_XSETREF(r->engine, Py_NewRef(engine));
     set_field(r, &r->callback, callback);
     set_field(r, &r->error_callback, error_callback);
-    if (r->pool == NULL)
-        r->pool = Py_NewRef(Py_None);
+    Py_XSETREF(r->pool, Py_NewRef(pool));
     if (r->task == NULL)
         r->task = Py_NewRef(Py_None);
     if (r->value == NULL)
@@ -148,6 +161,33 @@ Result_skip(ResultObject *r, PyObject *task)
     return PyBool_FromLong(r->delivered);
 }
 
+/* get(timeout=None): the value of a finished, successful task at once;
+ * anything else (waiting, raising) is the subclass's _get(timeout), so a
+ * raised exception's traceback shows where, as the standard library's. */
+static PyObject *
+Result_get(ResultObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (r->ready && r->success && nargs + nkw <= 1)
+        return Py_NewRef(r->value);
+    PyObject *timeout = Py_None;
+    if (nargs + nkw > 1) {
+        PyErr_Format(PyExc_TypeError, "get() takes at most 1 argument (%zd given)", nargs + nkw);
+        return NULL;
+    }
+    if (nargs == 1)
+        timeout = args[0];
+    else if (nkw == 1) {
+        if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0) {
+            PyErr_Format(PyExc_TypeError, "get() got an unexpected keyword argument '%U'",
+                         PyTuple_GET_ITEM(kwnames, 0));
+            return NULL;
+        }
+        timeout = args[0];
+    }
+    return PyObject_CallMethod((PyObject *)r, "_get", "O", timeout);
+}
+
 static PyObject *
 Result_ready(ResultObject *r, PyObject *Py_UNUSED(ignored))
 {
@@ -196,6 +236,10 @@ static PyMethodDef Result_methods[] = {
      "skip($self, task, /)\n--\n\n"
      "The engine's ResultSink protocol (scheduler thread): True when the task "
      "need not run (the result is settled)."},
+    {"get", (PyCFunction)(void (*)(void))Result_get, METH_FASTCALL | METH_KEYWORDS,
+     "get($self, /, timeout=None)\n--\n\n"
+     "Return the result, or raise the task's exception.\n\n"
+     "Raises:\n    multiprocessing.TimeoutError: not ready within *timeout* seconds."},
     {"ready", (PyCFunction)Result_ready, METH_NOARGS,
      "ready($self, /)\n--\n\nTrue once the task finished (and its callback, if any, ran)."},
     {NULL, NULL, 0, NULL},
@@ -228,4 +272,151 @@ native_result_type(PyObject *module, PyObject *cls)
     }
     Py_XSETREF(plain_type, (PyTypeObject *)Py_NewRef(cls));
     Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------
+ * The scheduler's per-task loops (shoal._engine._scheduler)
+ * ---------------------------------------------------------------------- */
+
+static PyObject *deliver_str = NULL, *skip_str = NULL;
+
+static int
+intern_names(void)
+{
+    if (deliver_str == NULL) {
+        deliver_str = PyUnicode_InternFromString("deliver");
+        skip_str = PyUnicode_InternFromString("skip");
+        if (deliver_str == NULL || skip_str == NULL)
+            return -1;
+    }
+    return 0;
+}
+
+static int
+has_items(PyObject *seq)
+{
+    if (PyTuple_CheckExact(seq))
+        return PyTuple_GET_SIZE(seq) != 0;
+    if (PyList_CheckExact(seq))
+        return PyList_GET_SIZE(seq) != 0;
+    return PyObject_IsTrue(seq);
+}
+
+/* deliver_plain(tasks, kinds, values, start, raw) -> int
+ *
+ * Deliver values[i] to tasks[i].sink for i = start, start+1, ... while the
+ * outcome is plain: kinds[i] == raw (the value itself, a success) and the
+ * task has no descriptors, no time limit and no kill reason.  Clears each
+ * delivered task's sink.  Returns the index of the first outcome that needs
+ * the general path (or len(kinds)); the caller handles it and calls again,
+ * so outcomes are delivered in order. */
+PyObject *
+deliver_plain(FASTCALL_ARGS)
+{
+    if (check_nargs("deliver_plain", nargs, 5, 5) < 0 || intern_names() < 0)
+        return NULL;
+    PyObject *tasks = args[0], *kinds = args[1], *values = args[2];
+    if (!PyList_CheckExact(tasks) || !PyList_CheckExact(kinds) || !PyList_CheckExact(values)) {
+        PyErr_SetString(PyExc_TypeError, "deliver_plain() takes three lists");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[3]);
+    long raw = PyLong_AsLong(args[4]);
+    if ((i == -1 || raw == -1) && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(kinds);
+    if (PyList_GET_SIZE(tasks) < n || PyList_GET_SIZE(values) < n) {
+        PyErr_SetString(PyExc_ValueError, "deliver_plain(): fewer tasks or values than kinds");
+        return NULL;
+    }
+    for (; i < n; i++) {
+        PyObject *kind = PyList_GET_ITEM(kinds, i);
+        if (!PyLong_CheckExact(kind) || PyLong_AsLong(kind) != raw)
+            break;
+        PyObject *item = PyList_GET_ITEM(tasks, i);
+        if (Py_TYPE(item) != &Task_Type)
+            break;
+        TaskObject *task = (TaskObject *)item;
+        if (task->timeout != Py_None || task->kill_reason != Py_None || task->sink == NULL)
+            break;
+        int fds = has_items(task->fds);
+        if (fds != 0) {
+            if (fds < 0)
+                return NULL;
+            break;
+        }
+        PyObject *sink = Py_NewRef(task->sink);
+        PyObject *call[4] = {sink, item, Py_True, PyList_GET_ITEM(values, i)};
+        PyObject *r;
+        if (PyObject_TypeCheck(sink, &Result_Type) && Py_TYPE(sink) == plain_type)
+            r = Result_deliver((ResultObject *)sink, call + 1, 3);
+        else
+            r = PyObject_VectorcallMethod(deliver_str, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(sink);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+        Py_SETREF(task->sink, Py_NewRef(Py_None));
+    }
+    return PyLong_FromSsize_t(i);
+}
+
+/* drop_skipped(batch) -> list
+ *
+ * Remove from the list *batch*, in place, the tasks whose sink says skip()
+ * (nobody wants the outcome any more), and return them. */
+PyObject *
+drop_skipped(FASTCALL_ARGS)
+{
+    if (check_nargs("drop_skipped", nargs, 1, 1) < 0 || intern_names() < 0)
+        return NULL;
+    PyObject *batch = args[0];
+    if (!PyList_CheckExact(batch)) {
+        PyErr_SetString(PyExc_TypeError, "drop_skipped() takes a list");
+        return NULL;
+    }
+    PyObject *skipped = PyList_New(0);
+    if (skipped == NULL)
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(batch), kept = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(batch, i);
+        int skip;
+        PyObject *sink = Py_TYPE(item) == &Task_Type ? ((TaskObject *)item)->sink
+                                                     : PyObject_GetAttrString(item, "sink");
+        if (sink == NULL)
+            goto error;
+        if (Py_TYPE(item) == &Task_Type)
+            Py_INCREF(sink);
+        if (Py_TYPE(sink) == plain_type)
+            skip = ((ResultObject *)sink)->delivered;
+        else {
+            PyObject *call[2] = {sink, item};
+            PyObject *r = PyObject_VectorcallMethod(skip_str, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            skip = r == NULL ? -1 : PyObject_IsTrue(r);
+            Py_XDECREF(r);
+        }
+        Py_DECREF(sink);
+        if (skip < 0)
+            goto error;
+        if (skip) {
+            if (PyList_Append(skipped, item) < 0)
+                goto error;
+        }
+        else {
+            if (kept != i) {
+                /* move item from i to kept; the slot at kept was moved out before */
+                PyObject *old = PyList_GET_ITEM(batch, kept);
+                PyList_SET_ITEM(batch, kept, Py_NewRef(item));
+                Py_DECREF(old);
+            }
+            kept++;
+        }
+    }
+    if (kept != n && PyList_SetSlice(batch, kept, n, NULL) < 0)
+        goto error;
+    return skipped;
+error:
+    Py_DECREF(skipped);
+    return NULL;
 }

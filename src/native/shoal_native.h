@@ -74,9 +74,28 @@ extern PyTypeObject Mapping_Type;
 extern PyTypeObject DictLock_Type;
 extern PyTypeObject Task_Type;
 
+/* task.c: the pool engine's task record; its fields in Python's order */
+typedef struct {
+    PyObject_HEAD
+    PyObject *id;
+    PyObject *fn_id;
+    PyObject *fn_ref;
+    PyObject *mode;
+    PyObject *data;
+    PyObject *fds;
+    PyObject *sink;
+    PyObject *index;
+    PyObject *timeout;
+    PyObject *n;
+    PyObject *kill_reason;
+    PyObject *requeues;
+} TaskObject;
+
 /* result.c */
 extern PyTypeObject Result_Type;
 PyObject *native_result_type(PyObject *module, PyObject *cls);
+PyObject *deliver_plain(FASTCALL_ARGS);
+PyObject *drop_skipped(FASTCALL_ARGS);
 void after_fork_child(void);
 PyObject *dict_init(FASTCALL_ARGS);
 PyObject *dict_get(FASTCALL_ARGS);

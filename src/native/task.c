@@ -17,22 +17,6 @@
 #include "shoal_native.h"
 #include <structmember.h>
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *id;
-    PyObject *fn_id;
-    PyObject *fn_ref;
-    PyObject *mode;
-    PyObject *data;
-    PyObject *fds;
-    PyObject *sink;
-    PyObject *index;
-    PyObject *timeout;
-    PyObject *n;
-    PyObject *kill_reason;
-    PyObject *requeues;
-} TaskObject;
-
 #define TASK_NFIELDS 12
 #define TASK_REQUIRED 7
 

@@ -43,11 +43,11 @@ from .exceptions import PoolClosedError, ShoalError
 class AsyncResult(_native.ResultSlot):
     """The result of ``apply_async`` (the standard library's ``AsyncResult``).
 
-    ``AsyncResult(engine, callback=None, error_callback=None)``.  Its state
-    and the methods the engine's scheduler thread calls (``deliver``,
-    ``skip``) and ``ready()`` are C (``src/native/result.c``): one is made
-    per task, and a plain one (no callbacks) is not tracked by the garbage
-    collector while it waits.
+    ``AsyncResult(engine, callback=None, error_callback=None, pool=None)``.
+    Its state, the methods the engine's scheduler thread calls (``deliver``,
+    ``skip``), ``ready()`` and ``get()`` of a finished result are C
+    (``src/native/result.c``): one is made per task, and a plain one (no
+    callbacks) is not tracked by the garbage collector while it waits.
     """
 
     __slots__ = ("__weakref__",)
@@ -59,6 +59,7 @@ class AsyncResult(_native.ResultSlot):
             engine: Any,
             callback: Callable[[Any], object] | None = None,
             error_callback: Callable[[BaseException], object] | None = None,
+            pool: object = None,
         ) -> None: ...
 
         _engine: Any
@@ -74,6 +75,12 @@ class AsyncResult(_native.ResultSlot):
         def deliver(self, task: Any, ok: bool, value: Any) -> None: ...
         def skip(self, task: Any) -> bool: ...
         def ready(self) -> bool: ...
+        def get(self, timeout: float | None = None) -> Any:
+            """Return the result, or raise the task's exception.
+
+            Raises:
+                multiprocessing.TimeoutError: not ready within *timeout* seconds.
+            """
 
     def _finish(self, ok: bool, value: Any) -> None:
         self.delivered = True
@@ -110,12 +117,8 @@ class AsyncResult(_native.ResultSlot):
             return
         _wait_for(self._engine, lambda: self._ready, timeout)
 
-    def get(self, timeout: float | None = None) -> Any:
-        """Return the result, or raise the task's exception.
-
-        Raises:
-            multiprocessing.TimeoutError: not ready within *timeout* seconds.
-        """
+    def _get(self, timeout: float | None) -> Any:
+        """get() when the value is not there at once (the C base's get)."""
         if not self._ready:
             self.wait(timeout)
             if not self._ready:

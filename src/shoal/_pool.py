@@ -165,8 +165,8 @@ class Pool:
             args = _args_tuple(args)
         if not callable(func):
             _check_callable(func)
-        result = AsyncResult(engine, callback, error_callback)
-        result._pool = self  # as in the standard library: a result keeps its pool alive
+        # As in the standard library, a result keeps its pool alive (pool=).
+        result = AsyncResult(engine, callback, error_callback, self)
         result._task = engine.submit_call(func, args, kwds, result, task_timeout)
         if result.delivered:
             # Delivered before the line above ran: it could not break the

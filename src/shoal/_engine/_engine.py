@@ -469,7 +469,10 @@ class Engine:
                 task = Task(next(self._ids), fn_id, entry, CALL_RAW, args, (), sink, 0, timeout)
                 self._pending.append(task)
                 self._submitted_n += 1
-                self._scheduler.wake()
+                scheduler = self._scheduler  # Scheduler.wake(), inline
+                scheduler._dirty = True
+                if scheduler._sleeping:
+                    scheduler.wake()
                 if self._ended:
                     self._reject((task,))
                 return task

@@ -301,7 +301,8 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
         flushed_at = perf()
         ids, fids, modes, datas, nfds = tasks
         ntasks = len(ids)
-        for tid, fn_id, mode, data, nfd in zip(ids, fids, modes, datas, nfds if nfds is not None else repeat(0)):
+        brought = nfds if nfds is not None else repeat(0)  # None: no task brought descriptors
+        for tid, fn_id, mode, data, nfd in zip(ids, fids, modes, datas, brought, strict=False):
             started = perf()
             pack_status(status, offset, tid, monotonic(), done)
             items = 1
