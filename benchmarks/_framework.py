@@ -6,6 +6,7 @@ import gc
 import importlib
 import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -62,6 +63,19 @@ def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def in_fresh_interpreter(fn: Callable[..., float], *args: object, timeout: float = 600) -> float:
+    """``fn(*args)`` run in a new Python process: a memory figure there starts
+    clean (a process's RSS does not shrink after what the contenders measured
+    before it freed).  *fn* is a module-level function, *args* literals; the
+    process is killed after *timeout* seconds."""
+    code = f"from {fn.__module__} import {fn.__name__} as fn; print(fn(*{args!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        last = out.stderr.strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
+        raise RuntimeError(f"{fn.__name__} in a fresh interpreter: {last[0]}")
+    return float(out.stdout.split()[-1])
 
 
 def optional(module: str) -> bool:
@@ -152,7 +166,7 @@ def target_met(
     each contender by name) reached every clause of *target*; None when the
     target cannot be checked (no target, an unrecognised one, or a failed
     measurement)."""
-    verdicts = []
+    verdicts: list[bool | None] = []
     for op, number, is_ratio, name in _parse_target(target):
         if not is_ratio:
             actual: float | None = value
