@@ -189,6 +189,24 @@ def test_bench_target_clauses_name_the_contender_they_compare_with(target, ratio
     assert target_met(target, 1.0, ratios["stdlib"], ratios) is met
 
 
+@pytest.mark.parametrize(
+    ("target", "baseline", "mark"),
+    [
+        (">= 12x stdlib, >= 2x joblib", "stdlib", 12.0),
+        (">= 1.0x loky", "loky", 1.0),
+        (">= 0.67x (time <= 1.5x the standard library's)", "stdlib", 0.67),
+        # The chart's scale is the baseline's: a ratio to another contender
+        # or a bare figure has no place on it.
+        (">= 0.99x no pool (this machine's ceiling)", "stdlib", None),
+        ("efficiency >= 0.97", "stdlib", None),
+    ],
+)
+def test_bench_chart_marks_only_a_target_against_the_baseline(target, baseline, mark):
+    from shoal.benchmarks._framework import baseline_ratio_target
+
+    assert baseline_ratio_target(target, baseline) == mark
+
+
 def _results_file(path, *, shoal_ratio: float):
     saved = {
         "shoal": "0.1.0",
