@@ -6,6 +6,7 @@ import gc
 import importlib
 import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -25,9 +26,13 @@ class Scenario:
         runners: contender name -> callable(quick) -> figure.  "stdlib" is the
             baseline every ratio is computed against.
         target: what shoal's row must reach, as text: "OP Nx" is a ratio to
-            the standard library's figure (">= 12x"), "WORD OP N" the figure
-            itself ("efficiency >= 0.97"); any text after it is a comment.
-            The table marks shoal's row met or MISSED (see target_met).
+            the baseline's figure (">= 12x"), "OP Nx NAME" a ratio to the
+            contender NAME's (">= 0.99x no pool"), "WORD OP N" the figure
+            itself ("efficiency >= 0.97"); a parenthesised comment may follow.
+            Clauses separated by commas must all hold (">= 12x stdlib, >= 2x
+            joblib"); one naming a contender this run lacks (a peer that is
+            not installed) is not judged.  The table marks shoal's row met or
+            MISSED (see target_met).
         repeat: how many times each contender runs; the best figure counts.
         baseline: the contender ratios are computed against, when it is not
             the standard library (joblib's backends against loky, its
@@ -58,6 +63,19 @@ def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def in_fresh_interpreter(fn: Callable[..., float], *args: object, timeout: float = 600) -> float:
+    """``fn(*args)`` run in a new Python process: a memory figure there starts
+    clean (a process's RSS does not shrink after what the contenders measured
+    before it freed).  *fn* is a module-level function, *args* literals; the
+    process is killed after *timeout* seconds."""
+    code = f"from {fn.__module__} import {fn.__name__} as fn; print(fn(*{args!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        last = out.stderr.strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
+        raise RuntimeError(f"{fn.__name__} in a fresh interpreter: {last[0]}")
+    return float(out.stdout.split()[-1])
 
 
 def optional(module: str) -> bool:
@@ -94,31 +112,79 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-# A target reads "OP NUMBERx ..." (a ratio to the standard library's figure)
-# or "WORD OP NUMBER ..." (the figure itself, e.g. "efficiency >= 0.97");
-# the rest of the text is a comment for the reader.
-_TARGET = re.compile(r"^\s*(?:[A-Za-z][\w ]*?\s+)?(>=|<=)\s*(\d+(?:\.\d*)?)\s*(x?)")
+# A target is one or more clauses separated by commas (outside parentheses),
+# each "OP NUMBERx [NAME]" (a ratio to the baseline's figure, or to contender
+# NAME's) or "WORD OP NUMBER ..." (the figure itself, e.g. "efficiency >=
+# 0.97"); a parenthesised part is a comment for the reader.
+_CLAUSE = re.compile(r"^\s*(?:[A-Za-z][\w ]*?\s+)?(>=|<=)\s*(\d+(?:\.\d*)?)\s*(?:(x)\s*([^(]*))?")
 
 TARGET_LEGEND = (
     "vs stdlib: how many times better than the standard library (speed, or 1/time);\n"
     "  a scenario named '(vs X)' is compared with X instead.\n"
-    "target: what shoal's row must reach; 'Nx' is a ratio vs stdlib, a bare number the figure itself;\n"
+    "target: what shoal's row must reach; 'Nx' is a ratio vs stdlib ('Nx NAME' vs contender NAME),\n"
+    "  a bare number the figure itself; clauses joined by ',' must all hold;\n"
     "met / MISSED: whether this run reached it."
 )
 
 
-def target_met(target: str, value: float, ratio: float | None) -> bool | None:
-    """Whether shoal's *value* (and its *ratio* to the standard library)
-    reached *target*; None when the target cannot be checked (no target, an
-    unrecognised one, or a failed measurement)."""
-    m = _TARGET.match(target)
-    if not m:
+def _clauses(target: str) -> list[str]:
+    """*target* split at the commas that are not inside parentheses."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(target):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(target[start:i])
+            start = i + 1
+    out.append(target[start:])
+    return out
+
+
+def _parse_target(target: str) -> list[tuple[str, float, bool, str]]:
+    """The clauses of *target* it can read: (op, number, is a ratio, the
+    contender named, "" for the baseline)."""
+    out = []
+    for clause in _clauses(target):
+        m = _CLAUSE.match(clause)
+        if m:  # anything else is free text
+            out.append((m.group(1), float(m.group(2)), bool(m.group(3)), (m.group(4) or "").strip()))
+    return out
+
+
+def baseline_ratio_target(target: str, baseline: str = "stdlib") -> float | None:
+    """The ratio *target* asks of shoal against *baseline* (what the chart
+    marks), or None when it asks none."""
+    for _op, number, is_ratio, name in _parse_target(target):
+        if is_ratio and name in ("", baseline):
+            return number
+    return None
+
+
+def target_met(
+    target: str, value: float, ratio: float | None, ratios: dict[str, float | None] | None = None
+) -> bool | None:
+    """Whether shoal's *value* (its *ratio* to the baseline, and *ratios* to
+    each contender by name) reached every clause of *target*; None when the
+    target cannot be checked (no target, an unrecognised one, or a failed
+    measurement)."""
+    verdicts: list[bool | None] = []
+    for op, number, is_ratio, name in _parse_target(target):
+        if not is_ratio:
+            actual: float | None = value
+        elif not name:
+            actual = ratio
+        elif ratios is not None and name in ratios:
+            actual = ratios[name]
+        else:
+            continue  # a contender that did not run here
+        if actual is None or actual != actual:
+            verdicts.append(None)
+        else:
+            verdicts.append(actual >= number if op == ">=" else actual <= number)
+    if False in verdicts:
+        return False
+    if not verdicts or None in verdicts:
         return None
-    op, number, is_ratio = m.group(1), float(m.group(2)), bool(m.group(3))
-    actual = ratio if is_ratio else value
-    if actual is None or actual != actual:
-        return None
-    return actual >= number if op == ">=" else actual <= number
+    return True
 
 
 def ratio_to(value: float, base: float | None, higher_is_better: bool) -> float | None:
@@ -137,7 +203,8 @@ def scenario_record(sc: Scenario, figures: dict[str, float]) -> dict:
         ratio = ratio_to(value, base, sc.higher_is_better)
         results.append({"contender": contender, "value": value if value == value else None, "ratio": ratio})
         if contender == "shoal":
-            met = target_met(sc.target, value, ratio)
+            ratios = {name: ratio_to(value, other, sc.higher_is_better) for name, other in figures.items()}
+            met = target_met(sc.target, value, ratio, ratios)
     return {
         "name": sc.name,
         "unit": sc.unit,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import IO
 
-from ._framework import _TARGET, describe
+from ._framework import baseline_ratio_target, describe
 
 PALETTE = ("#1f6fb4", "#9a9a9a", "#c9a227", "#7a9e4b", "#b05a7a", "#5aa0b0", "#6b4c9a")
 
@@ -55,9 +55,9 @@ def draw_ratios(saved: dict, target: str | IO[bytes], fmt: str | None = None) ->
             labelled.add(contender)
             y += 1
         ticks.append((-(top + y - 1) / 2, f"{sc['name']} [{sc['unit']}]"))
-        m = _TARGET.match(sc.get("target") or "")
-        if m and m.group(3):  # a ratio target: where shoal's bar must reach
-            ax.plot([float(m.group(2))] * 2, [-top + 0.5, -(y - 0.5)], color="#d62728", linewidth=2)
+        mark = baseline_ratio_target(sc.get("target") or "", sc.get("baseline") or "stdlib")
+        if mark is not None:  # a ratio target: where shoal's bar must reach
+            ax.plot([mark] * 2, [-top + 0.5, -(y - 0.5)], color="#d62728", linewidth=2)
         y += 0.6
     ax.set_ylim(-(y - 0.1), 1.0)
     ax.axvline(1.0, color="black", linewidth=0.8)

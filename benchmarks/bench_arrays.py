@@ -24,12 +24,10 @@
 from __future__ import annotations
 
 import multiprocessing
-import subprocess
-import sys
 import threading
 import time
 
-from ._framework import Scenario, optional
+from ._framework import Scenario, in_fresh_interpreter, optional
 
 WORKERS = 2
 MB = 1_000_000
@@ -175,17 +173,10 @@ def _tree_pss(root) -> int:
 def _peak_gb(make_pool, quick: bool, shared: bool) -> float:
     """Peak PSS of a fresh interpreter and its pool (no leftovers from the
     contenders measured before it in this process)."""
-    code = (
-        "import sys; from shoal.benchmarks import bench_arrays as b; "
-        f"print(b._peak_in_this_process(b.{make_pool.__name__}, {quick}, {shared}))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True
-    )
-    return float(out.stdout.split()[-1])
+    return in_fresh_interpreter(_peak_in_this_process, make_pool.__name__, quick, shared)
 
 
-def _peak_in_this_process(make_pool, quick: bool, shared: bool) -> float:
+def _peak_in_this_process(pool_name: str, quick: bool, shared: bool) -> float:
     import numpy as np
     import psutil
 
@@ -193,7 +184,7 @@ def _peak_in_this_process(make_pool, quick: bool, shared: bool) -> float:
 
     n = (256 if quick else 1000) * MB // 8
     root = psutil.Process()
-    with make_pool() as pool:
+    with globals()[pool_name]() as pool:
         pool.map(_noop, range(2 * WORKERS), chunksize=1)
         a = shoal.SharedArray(n) if shared else np.empty(n)
         a[:] = 1.0

@@ -161,7 +161,7 @@ if optional("distributed") and optional("numpy"):
                 "shoal": _shoal_starmap_seconds,
                 "shared=": _shoal_shared_seconds,
             },
-            target=">= 5x client.submit",
+            target=">= 5x submit (Dask's client.submit)",
             repeat=2,
             baseline="submit",
         ),

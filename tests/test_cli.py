@@ -164,6 +164,49 @@ def test_bench_target_verdict(target, value, ratio, met):
     assert target_met(target, value, ratio) is met
 
 
+@pytest.mark.parametrize(
+    ("target", "ratios", "met"),
+    [
+        # Every clause must hold: the one against joblib as much as the stdlib's.
+        (">= 10x stdlib, >= 2x joblib", {"stdlib": 12.0, "joblib": 2.5}, True),
+        (">= 10x stdlib, >= 2x joblib", {"stdlib": 12.0, "joblib": 1.5}, False),
+        (">= 10x stdlib, >= 2x joblib", {"stdlib": 8.0, "joblib": 2.5}, False),
+        # A peer that is not installed has no row: its clause is not judged.
+        (">= 10x stdlib, >= 2x joblib", {"stdlib": 12.0}, True),
+        # A peer that failed leaves the verdict open unless another clause failed.
+        (">= 10x stdlib, >= 2x joblib", {"stdlib": 12.0, "joblib": None}, None),
+        (">= 10x stdlib, >= 2x joblib", {"stdlib": 8.0, "joblib": None}, False),
+        # A ratio to a named contender, not to the standard library.
+        (">= 0.99x no pool (this machine's ceiling)", {"stdlib": 1.5, "no pool": 0.995}, True),
+        (">= 0.99x no pool (this machine's ceiling)", {"stdlib": 1.5, "no pool": 0.95}, False),
+        # A comma inside the comment does not start a clause.
+        (">= 2x (memory <= 0.5x the stdlib's, per task)", {"stdlib": 2.5}, True),
+    ],
+)
+def test_bench_target_clauses_name_the_contender_they_compare_with(target, ratios, met):
+    from shoal.benchmarks._framework import target_met
+
+    assert target_met(target, 1.0, ratios["stdlib"], ratios) is met
+
+
+@pytest.mark.parametrize(
+    ("target", "baseline", "mark"),
+    [
+        (">= 12x stdlib, >= 2x joblib", "stdlib", 12.0),
+        (">= 1.0x loky", "loky", 1.0),
+        (">= 0.67x (time <= 1.5x the standard library's)", "stdlib", 0.67),
+        # The chart's scale is the baseline's: a ratio to another contender
+        # or a bare figure has no place on it.
+        (">= 0.99x no pool (this machine's ceiling)", "stdlib", None),
+        ("efficiency >= 0.97", "stdlib", None),
+    ],
+)
+def test_bench_chart_marks_only_a_target_against_the_baseline(target, baseline, mark):
+    from shoal.benchmarks._framework import baseline_ratio_target
+
+    assert baseline_ratio_target(target, baseline) == mark
+
+
 def _results_file(path, *, shoal_ratio: float):
     saved = {
         "shoal": "0.1.0",
