@@ -85,6 +85,9 @@ static PyMethodDef native_methods[] = {
     FAST(deliver_plain, "deliver_plain(tasks, kinds, values, start, raw)\n--\n\n"
                         "Deliver plain successful outcomes from index start on; return the index of the "
                         "first one that needs the general path (the pool scheduler's result loop)."),
+    FAST(batch_columns, "batch_columns(batch)\n--\n\n"
+                        "(ids, fn_ids, modes, datas, nfds, timed): a batch of tasks as the lists a worker "
+                        "gets (nfds None when no task has descriptors) and how many have a time limit."),
     FAST(drop_skipped, "drop_skipped(batch)\n--\n\n"
                        "Remove the tasks whose sink says skip() from the list, in place; return them."),
     {"result_type", (PyCFunction)native_result_type, METH_O,

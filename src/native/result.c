@@ -420,3 +420,58 @@ error:
     Py_DECREF(skipped);
     return NULL;
 }
+
+/* batch_columns(batch) -> (ids, fn_ids, modes, datas, nfds, timed)
+ *
+ * The wire format of a batch (see shoal._engine._worker.BATCH): one list per
+ * field of its tasks, nfds None when no task has descriptors, and how many
+ * tasks have a time limit. */
+PyObject *
+batch_columns(FASTCALL_ARGS)
+{
+    if (check_nargs("batch_columns", nargs, 1, 1) < 0)
+        return NULL;
+    PyObject *batch = args[0];
+    if (!PyList_CheckExact(batch)) {
+        PyErr_SetString(PyExc_TypeError, "batch_columns() takes a list of tasks");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(batch);
+    PyObject *ids = PyList_New(n), *fids = PyList_New(n), *modes = PyList_New(n), *datas = PyList_New(n),
+             *nfds = PyList_New(n);
+    Py_ssize_t timed = 0, with_fds = 0;
+    if (ids == NULL || fids == NULL || modes == NULL || datas == NULL || nfds == NULL)
+        goto error;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(batch, i);
+        if (Py_TYPE(item) != &Task_Type) {
+            PyErr_SetString(PyExc_TypeError, "batch_columns() takes a list of tasks");
+            goto error;
+        }
+        TaskObject *t = (TaskObject *)item;
+        PyList_SET_ITEM(ids, i, Py_NewRef(t->id));
+        PyList_SET_ITEM(fids, i, Py_NewRef(t->fn_id));
+        PyList_SET_ITEM(modes, i, Py_NewRef(t->mode));
+        PyList_SET_ITEM(datas, i, Py_NewRef(t->data));
+        Py_ssize_t k = PyObject_Size(t->fds);
+        if (k < 0)
+            goto error;
+        with_fds += k;
+        PyObject *count = PyLong_FromSsize_t(k);
+        if (count == NULL)
+            goto error;
+        PyList_SET_ITEM(nfds, i, count);
+        if (t->timeout != Py_None)
+            timed++;
+    }
+    if (!with_fds)
+        Py_SETREF(nfds, Py_NewRef(Py_None));
+    return Py_BuildValue("(NNNNNn)", ids, fids, modes, datas, nfds, timed);
+error:
+    Py_XDECREF(ids);
+    Py_XDECREF(fids);
+    Py_XDECREF(modes);
+    Py_XDECREF(datas);
+    Py_XDECREF(nfds);
+    return NULL;
+}

@@ -96,6 +96,7 @@ extern PyTypeObject Result_Type;
 PyObject *native_result_type(PyObject *module, PyObject *cls);
 PyObject *deliver_plain(FASTCALL_ARGS);
 PyObject *drop_skipped(FASTCALL_ARGS);
+PyObject *batch_columns(FASTCALL_ARGS);
 void after_fork_child(void);
 PyObject *dict_init(FASTCALL_ARGS);
 PyObject *dict_get(FASTCALL_ARGS);

@@ -47,7 +47,7 @@ import cloudpickle
 
 from .._fd import collecting_fds, create_fd
 from .._ipc import Channel
-from .._native import deliver_plain, drop_skipped
+from .._native import batch_columns, deliver_plain, drop_skipped
 from .._serialization import loads_with, unpack_exception
 from ..exceptions import (
     PoolClosedError,
@@ -465,10 +465,7 @@ class Scheduler:
         # The batch travels as parallel lists, one per field (the wire
         # format of _worker.BATCH): no tuple per task to build, pickle and
         # leave for the garbage collector.
-        fids = [t.fn_id for t in batch]
-        nfds = [len(t.fds) for t in batch]
-        timeouts = [t.timeout for t in batch]
-        timed = len(timeouts) - timeouts.count(None)
+        ids, fids, modes, datas, nfds, timed = batch_columns(batch)
         fn_defs: list[tuple[int, Any]] = []
         forget: list[int] = []
         used = dict.fromkeys(fids)  # in order of first use
@@ -480,18 +477,12 @@ class Scheduler:
                     fn_defs.append((fid, _fn_bytes(batch, fid)))
                     w.fns[fid] = None
         fds: list[int] = []
-        if any(nfds):
+        if nfds is not None:
             for task in batch:
                 # The channel closes what it sends; the task keeps its own
                 # descriptors so it can be sent again if this worker dies.
                 fds.extend(os.dup(fd) for fd in task.fds)
-        wire = (
-            [t.id for t in batch],
-            fids,
-            [t.mode for t in batch],
-            [t.data for t in batch],
-            nfds if fds else None,
-        )
+        wire = (ids, fids, modes, datas, nfds)
         w.inflight.extend(batch)
         self._timed += timed
         w.sent += len(batch)
