@@ -32,6 +32,17 @@ message, never more than a fair share of what is pending, and lets a worker
 hold at most two batches, so an idle worker always pulls the next one and a
 slow task strands at most one batch behind it.  A lone task goes at once.
 
+Per-task cost: a trivial task costs the parent about a microsecond, so the
+submit path does as little as it can.  A call whose arguments are all plain
+immutable values (int, float, str, bool, None, complex, short bytes) cannot
+fail to pickle: it is queued as it is and pickled inside its batch (see
+``_worker``); any other is pickled here, so errors still surface at submit.
+The task record (``Task``) and the result object's state (``AsyncResult``'s
+C base) are C types; neither is walked by the garbage collector while it
+waits (see ``_tasks``), and the scheduler settles runs of plain successes in
+C (``_native.deliver_plain``).  Busy callers wake the scheduler once, not
+per task (the wake-up protocol of Scheduler.run).
+
 Crash attribution: each worker writes the id of the task it is running (and
 when it started, and the last task it finished) into its slot of a shared
 *status block* before running it.  When a worker's sentinel fires the

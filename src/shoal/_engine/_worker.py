@@ -11,12 +11,21 @@ was running and since when::
     _Hello(config, status fd,    ──────►   shared object installed (see _local)
       shared object's buffers)             initializer(*initargs), worker_init()
                                  ◄──────   READY | INIT_FAILED(exception)
-    batch [(tid, fn, mode, args)] ─────►   status.running = tid, started = now
-                                           value = fn(*args)
+    batch: columns ids, fn ids,  ─────►   status.running = tid, started = now
+      modes, payloads, nfds                value = fn(*args)
                                            status.last_done = tid, running = 0
-                                 ◄──────   results [(tid, ok, payload, ...)]
+                                 ◄──────   results: columns kinds, values,
+                                           nfds, and durations per function
                                            (flushed when the batch ends or
                                            every FLUSH_SECONDS)
+
+Tasks and results travel as parallel lists (columns), not a tuple each, so
+a batch of trivial tasks costs the parent one pickle and a few lists.  A
+call whose arguments are all plain immutable values (RAW_TYPES) travels with
+them unpickled inside the batch (mode CALL_RAW: nothing could fail to pickle
+at submit), and a result of those types travels as itself (kind RAW); other
+arguments and results are pickled one by one, with large buffers in shared
+memory beside the message, so an unpicklable result fails only its task.
     STOP or end of stream        ──────►   worker_exit()
                                  ◄──────   RETIRE(reason)
                                            (maxtasksperchild, memory ceiling)
