@@ -302,6 +302,8 @@ class Engine:
         self._ids = itertools.count(1)
         self._fn_ids = itertools.count(1)
         self._fn_cache: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
+        #: the entry of the function submitted last (most submits repeat it)
+        self._last_fn: tuple[Any, int, bytes] = (None, 0, b"")
         self._fn_lock = threading.Lock()
         self._workers: dict[int, Worker] = {}  # keyed by status slot; the scheduler's
         # Seconds per item, by function id (0: functions sent with each task),
@@ -461,11 +463,13 @@ class Engine:
         apply_async and submit, kept short on purpose."""
         if self._state != _RUN or self._generation != _fork_generation:
             self._check_running()
-        entry = self._fn_cache.get(id(fn))
-        if entry is not None and entry[0] is fn:
+        entry = self._last_fn  # (fn, fn_id, fn_bytes), read once: callers may race
+        if entry[0] is fn:
             fn_id = entry[1]
         else:
             fn_id, entry = self.function_ref(fn)
+            if fn_id:
+                self._last_fn = entry
         if timeout is None:
             timeout = self.task_timeout
         if not kwargs and fn_id:
