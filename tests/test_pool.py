@@ -484,7 +484,7 @@ def test_a_map_without_chunksize_returns_every_result_in_order(fork_or_spawn):
 PLAIN_ARGS = [
     (1, 2.5, "text", True, None, 3 + 4j, b"short"),
     (-(2**70), float("inf"), "", False),
-    (b"x" * 5000,),  # bytes too long to travel raw
+    (b"x" * 5000, "s" * 5000),  # too long to travel raw
     (b"y" * (300 * 1024),),  # large enough for shared memory
     (workers.Color.RED,),  # an int subclass: pickled on its own
     ([1, 2], {"a": 1}, (1, (2, 3))),

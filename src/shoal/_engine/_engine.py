@@ -146,8 +146,11 @@ from ._scheduler import (
 from ._tasks import FailableSink, ResultSink, Task, Worker, WorkerProcess
 from ._worker import CALL, CALL_KW, CALL_RAW, RAW_TYPES
 
-#: bytes arguments shorter than this travel raw (see RAW_TYPES): longer ones
-#: may go through shared memory, which only the per-task pickle arranges.
+#: Arguments of these exact types travel raw (see RAW_TYPES) ...
+RAW_SCALARS = RAW_TYPES - {str}
+#: ... and so do str and bytes shorter than this: longer bytes may go through
+#: shared memory, which only the per-task pickle arranges, and a long string
+#: is pickled in the caller's thread, not on the scheduler's.
 RAW_BYTES_LIMIT = 4096
 
 #: How many times this process is a fork of the one before: an engine made
@@ -478,7 +481,10 @@ class Engine:
             # here but inside the batch message, with their neighbours, and
             # the worker gets them without a pickle of their own.
             for arg in args:
-                if type(arg) not in RAW_TYPES and (type(arg) is not bytes or len(arg) >= RAW_BYTES_LIMIT):
+                kind = type(arg)
+                if kind not in RAW_SCALARS and (
+                    (kind is not str and kind is not bytes) or len(arg) >= RAW_BYTES_LIMIT
+                ):
                     break
             else:
                 task = Task(next(self._ids), fn_id, entry, CALL_RAW, args, (), sink, 0, timeout)
