@@ -647,34 +647,6 @@ class Future(concurrent.futures.Future):
         self._shoal_callbacks = callbacks
 
     # -- state changes (see the class docstring for the locking) -------------
-    def _settle(self, ok: bool, value: Any) -> bool:
-        """FINISHED with *value* (the result when *ok*, else the exception);
-        False, changing nothing, if the future is done already."""
-        while True:
-            lock = self._shoal_condition or _UNWATCHED
-            with lock:
-                if lock is _UNWATCHED and self._shoal_condition is not None:
-                    continue  # a waiter made a condition meanwhile: it guards the state now
-                if self._state in _DONE_STATES:
-                    return False
-                if ok:
-                    self._result = value
-                else:
-                    self._exception = value
-                self._state = _FINISHED
-                if lock is not _UNWATCHED:
-                    for waiter in self._shoal_waiters or ():
-                        if ok:
-                            waiter.add_result(self)
-                        else:
-                            waiter.add_exception(self)
-                    lock.notify_all()  # type: ignore[union-attr]  # a Condition here
-                break
-        # No callback can be added once the state is final: read them unlocked.
-        if self._shoal_callbacks:
-            self._invoke_callbacks()
-        return True
-
     def _start(self) -> bool | None:
         """PENDING -> RUNNING: True.  CANCELLED -> CANCELLED_AND_NOTIFIED,
         waiters told: False.  Any other state: None, changing nothing."""
@@ -857,12 +829,12 @@ class Future(concurrent.futures.Future):
 
     def set_result(self, result: Any) -> None:
         """Set the result (for executors and tests)."""
-        if not self._settle(True, result):
+        if not self.deliver(None, True, result):
             raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
 
     def set_exception(self, exception: BaseException | None) -> None:
         """Set the exception (for executors and tests)."""
-        if not self._settle(False, exception):
+        if not self.deliver(None, False, exception):
             raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
 
     # -- the engine's ResultSink protocol (scheduler thread) ----------------
@@ -882,16 +854,42 @@ class Future(concurrent.futures.Future):
         self._shoal_task = None  # never delivered: break the task <-> future cycle here
         return True
 
-    def deliver(self, task: Any, ok: bool, value: Any) -> None:
-        """The task's outcome; ignored if the future was cancelled meanwhile."""
+    def deliver(self, task: Any, ok: bool, value: Any) -> bool:
+        """The task's outcome (the engine's sink protocol; *task* None from
+        set_result / set_exception): FINISHED with *value*, the result when
+        *ok*, else the exception.  False, changing nothing, if the future is
+        done already (cancelled meanwhile)."""
         self._shoal_task = None  # break the task <-> future cycle
-        self._settle(ok, value)
+        while True:
+            lock = self._shoal_condition or _UNWATCHED
+            with lock:
+                if lock is _UNWATCHED and self._shoal_condition is not None:
+                    continue  # a waiter made a condition meanwhile: it guards the state now
+                if self._state in _DONE_STATES:
+                    return False
+                if ok:
+                    self._result = value
+                else:
+                    self._exception = value
+                self._state = _FINISHED
+                if lock is not _UNWATCHED:
+                    for waiter in self._shoal_waiters or ():
+                        if ok:
+                            waiter.add_result(self)
+                        else:
+                            waiter.add_exception(self)
+                    lock.notify_all()  # type: ignore[union-attr]  # a Condition here
+                break
+        # No callback can be added once the state is final: read them unlocked.
+        if self._shoal_callbacks:
+            self._invoke_callbacks()
+        return True
 
 
 def settle_future(future: concurrent.futures.Future[Any], ok: bool, value: Any) -> None:
     """Set a future's result or exception unless it is done (or cancelled meanwhile)."""
     if isinstance(future, Future):
-        future._settle(ok, value)
+        future.deliver(None, ok, value)
         return
     if future.done():
         return
