@@ -536,8 +536,10 @@ _DONE_STATES = (_CANCELLED, _CANCELLED_AND_NOTIFIED, _FINISHED)
 #: Guards the state of every shoal :class:`Future` that has no condition yet,
 #: and the making of a future's condition.  A leaf lock: held for a few
 #: attribute reads and writes, never while taking another lock, running user
-#: code or a repr().
-_UNWATCHED = threading.Lock()
+#: code or a repr().  Re-entrant, as the standard library's condition is: a
+#: finalizer the garbage collector runs inside it, or a signal handler, may
+#: touch a future without deadlocking its own thread.
+_UNWATCHED = threading.RLock()
 
 
 class Future(concurrent.futures.Future):
@@ -578,6 +580,8 @@ class Future(concurrent.futures.Future):
     * ``_UNWATCHED`` is never held while taking a condition (``wait()``
       holds conditions while it makes others: the opposite order), and each
       lock is taken by a ``with`` statement, so Ctrl-C cannot leave it held.
+      Nothing is allocated under it that need not be, so the garbage
+      collector seldom runs there.
 
     Reads that need no lock take none: ``done()``, ``running()``,
     ``cancelled()`` and a ``result()`` of a finished future read one
@@ -610,12 +614,15 @@ class Future(concurrent.futures.Future):
     def _condition(self) -> threading.Condition:
         cond = self._shoal_condition
         if cond is None:
+            # Made outside the lock: see _UNWATCHED.
+            made = threading.Condition()
+            waiters: list[Any] = []
             with _UNWATCHED:
                 cond = self._shoal_condition
                 if cond is None:
                     if self._shoal_waiters is None:
-                        self._shoal_waiters = []
-                    cond = self._shoal_condition = threading.Condition()
+                        self._shoal_waiters = waiters
+                    cond = self._shoal_condition = made
         return cond
 
     @_condition.setter
@@ -636,10 +643,11 @@ class Future(concurrent.futures.Future):
     def _done_callbacks(self) -> list[Callable[[Any], object]]:
         callbacks = self._shoal_callbacks
         if callbacks is None:
+            made: list[Callable[[Any], object]] = []
             with _UNWATCHED:
                 callbacks = self._shoal_callbacks
                 if callbacks is None:
-                    callbacks = self._shoal_callbacks = []
+                    callbacks = self._shoal_callbacks = made
         return callbacks
 
     @_done_callbacks.setter
@@ -801,6 +809,7 @@ class Future(concurrent.futures.Future):
         """Call ``fn(future)`` when the future is done (at once if it is).
 
         Callbacks of a future the engine settles run on its callback thread."""
+        made: list[Callable[[Any], object]] = []  # made outside the lock: see _UNWATCHED
         while True:
             lock = self._shoal_condition or _UNWATCHED
             with lock:
@@ -809,7 +818,7 @@ class Future(concurrent.futures.Future):
                 if self._state not in _DONE_STATES:
                     callbacks = self._shoal_callbacks
                     if callbacks is None:
-                        callbacks = self._shoal_callbacks = []
+                        callbacks = self._shoal_callbacks = made
                     callbacks.append(fn)
                     return
                 break
