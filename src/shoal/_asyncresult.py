@@ -11,6 +11,10 @@ callback thread, and readiness is published under the engine's
 As in the standard library, a result with a callback becomes ready only after
 the callback has run, so ``get()`` and ``join()`` observe its effects.
 
+:class:`Future` (``submit``) is its own sink too, but waiters wait on the
+future's own condition, made only when somebody waits, not on
+``results_cond``: see its docstring for which lock guards its state.
+
 imap / imap_unordered (lazy input)::
 
     caller                 feeder thread (one per imap call)      scheduler
