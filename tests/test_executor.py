@@ -283,25 +283,27 @@ def test_wait_and_as_completed_over_done_and_pending_futures(release):
         assert everything.not_done == set()
 
 
-def test_cancel_racing_completion_leaves_each_future_in_one_consistent_state():
+def test_cancel_racing_completion_leaves_each_future_in_one_consistent_state(release):
     # cancel() in one thread while the scheduler thread starts and settles
     # the same futures: each ends cancelled (cancel() said True) or with its
     # result (cancel() said False), never both, and its callback runs once.
     calls: list = []
     with shoal.ProcessPoolExecutor(2) as ex:
+        blockers = [ex.submit(workers.wait_for_file, str(release)) for _ in range(2)]
         futures = [ex.submit(workers.square, i) for i in range(3000)]
         for f in futures:
             f.add_done_callback(calls.append)
-        said: dict = {}
+        said = {futures[-1]: futures[-1].cancel()}  # queued behind the busy workers
 
-        def cancel_all():
-            for f in reversed(futures):
+        def cancel_the_others():
+            for f in futures[:-1]:
                 said[f] = f.cancel()
 
-        canceller = threading.Thread(target=cancel_all)
+        canceller = threading.Thread(target=cancel_the_others)
+        release.touch()  # the workers go on while the canceller runs
         canceller.start()
         canceller.join()
-        outcome = concurrent.futures.wait(futures, timeout=120)
+        outcome = concurrent.futures.wait(futures + blockers, timeout=120)
         assert outcome.not_done == set()
         for i, f in enumerate(futures):
             if said[f]:
@@ -311,7 +313,7 @@ def test_cancel_racing_completion_leaves_each_future_in_one_consistent_state():
             else:
                 assert not f.cancelled()
                 assert f.result() == i * i
-        assert any(said.values())
+        assert said[futures[-1]]
     # Leaving the block ran every pending callback.
     assert sorted(map(id, calls)) == sorted(map(id, futures))
 
