@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 
 import pytest
@@ -191,3 +192,173 @@ def test_a_multiprocessing_queue_can_be_an_initarg(start_method):
     finally:
         q.close()
         q.join_thread()
+
+
+# -- Future: it makes its condition only when somebody waits, and settles
+# -- without a lock round trip per method; none of it may show.
+
+
+@pytest.fixture
+def release(tmp_path):
+    """A path whose creation finishes the workers.wait_for_file tasks; made at
+    teardown whatever happened, so no task is left waiting."""
+    path = tmp_path / "release"
+    yield path
+    path.touch()
+
+
+def test_many_threads_waiting_on_the_same_and_different_futures_all_wake():
+    # A future's condition is made by its first waiter, while the scheduler
+    # thread may be settling it: a wake-up lost in that race would hang a
+    # thread here (pytest-timeout), and a result seen twice or not at all
+    # would show in the lists.
+    with shoal.ProcessPoolExecutor(2) as ex:
+        futures = [ex.submit(workers.sleep_then, i, 0.002) for i in range(300)]
+        results: dict = {}
+        errors: list = []
+
+        def wait_on(key, fs, how):
+            try:
+                results[key] = [how(f) for f in fs]
+            except BaseException as exc:
+                errors.append(exc)
+
+        jobs = []
+        for k in range(3):
+            jobs.append((("same", k), futures, lambda f: f.result()))
+            jobs.append((("timeout", k), futures, lambda f: f.result(timeout=120)))
+            jobs.append((("reversed", k), futures[::-1], lambda f: f.result()))
+        for k in range(6):
+            jobs.append((("slice", k), futures[k::6], lambda f: (f.exception(timeout=120), f.result())[1]))
+        threads = [threading.Thread(target=wait_on, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    expected = list(range(300))
+    for k in range(3):
+        assert results["same", k] == expected
+        assert results["timeout", k] == expected
+        assert results["reversed", k] == expected[::-1]
+    for k in range(6):
+        assert results["slice", k] == expected[k::6]
+
+
+def test_wait_and_as_completed_over_done_and_pending_futures(release):
+    from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
+
+    with shoal.ProcessPoolExecutor(2) as ex:
+        done = [ex.submit(workers.square, i) for i in range(5)]
+        assert [f.result(timeout=60) for f in done] == [0, 1, 4, 9, 16]
+        settled = concurrent.futures.Future()  # the standard library's, in the same call
+        settled.set_result("x")
+        blocked = ex.submit(workers.wait_for_file, str(release), "released")
+        with pytest.raises(TimeoutError):
+            blocked.result(timeout=0.05)
+        with pytest.raises(TimeoutError):
+            blocked.exception(timeout=0)
+
+        first = concurrent.futures.wait([*done, blocked, settled], return_when=FIRST_COMPLETED)
+        assert first.done == {*done, settled}
+        assert first.not_done == {blocked}
+        timed_out = concurrent.futures.wait([*done, blocked], timeout=0.05, return_when=ALL_COMPLETED)
+        assert timed_out.not_done == {blocked}
+
+        failing = ex.submit(workers.raise_value_error, 7)
+        on_error = concurrent.futures.wait([blocked, failing], return_when=FIRST_EXCEPTION)
+        assert on_error.done == {failing}
+        assert on_error.not_done == {blocked}
+        assert isinstance(failing.exception(), ValueError)
+
+        order = concurrent.futures.as_completed([*done, blocked, settled, failing], timeout=120)
+        first_seven = {next(order) for _ in range(7)}
+        assert first_seven == {*done, settled, failing}
+        assert not blocked.done()
+        release.touch()
+        assert next(order) is blocked
+        assert list(order) == []
+        assert blocked.result() == "released"
+        everything = concurrent.futures.wait([*done, blocked, failing, settled])
+        assert everything.not_done == set()
+
+
+def test_cancel_racing_completion_leaves_each_future_in_one_consistent_state(release):
+    # cancel() in one thread while the scheduler thread starts and settles
+    # the same futures: each ends cancelled (cancel() said True) or with its
+    # result (cancel() said False), never both, and its callback runs once.
+    calls: list = []
+    with shoal.ProcessPoolExecutor(2) as ex:
+        blockers = [ex.submit(workers.wait_for_file, str(release)) for _ in range(2)]
+        futures = [ex.submit(workers.square, i) for i in range(3000)]
+        for f in futures:
+            f.add_done_callback(calls.append)
+        said = {futures[-1]: futures[-1].cancel()}  # queued behind the busy workers
+
+        def cancel_the_others():
+            for f in futures[:-1]:
+                said[f] = f.cancel()
+
+        canceller = threading.Thread(target=cancel_the_others)
+        release.touch()  # the workers go on while the canceller runs
+        canceller.start()
+        canceller.join()
+        outcome = concurrent.futures.wait(futures + blockers, timeout=120)
+        assert outcome.not_done == set()
+        for i, f in enumerate(futures):
+            if said[f]:
+                assert f.cancelled()
+                with pytest.raises(concurrent.futures.CancelledError):
+                    f.result()
+            else:
+                assert not f.cancelled()
+                assert f.result() == i * i
+        assert said[futures[-1]]
+    # Leaving the block ran every pending callback.
+    assert sorted(map(id, calls)) == sorted(map(id, futures))
+
+
+def test_done_callbacks_run_off_the_scheduler_thread_or_at_once_when_added_late(release):
+    seen: list = []
+
+    def record(future):
+        seen.append((threading.current_thread().name, future.result()))
+
+    with shoal.ProcessPoolExecutor(1) as ex:
+        pending = ex.submit(workers.wait_for_file, str(release), 1)
+        pending.add_done_callback(record)
+        release.touch()
+        assert pending.result(timeout=60) == 1
+        finished = ex.submit(workers.square, 2)
+        assert finished.result(timeout=60) == 4
+        finished.add_done_callback(record)
+        # Added after completion: it ran at once, in this thread.
+        assert (threading.current_thread().name, 4) in seen
+    early = [name for name, value in seen if value == 1]
+    assert early and early[0] != "shoal-scheduler"
+
+
+def test_failing_and_unpicklable_tasks_in_a_batch_leave_their_neighbours_alone(fork_or_spawn):
+    from concurrent.futures.process import _RemoteTraceback
+
+    with shoal.ProcessPoolExecutor(2, mp_context=fork_or_spawn) as ex:
+        futures = []
+        for i in range(400):
+            if i % 50 == 25:
+                # Its error is raised by submit itself, in the caller.
+                with pytest.raises(shoal.SerializationError, match="Unpicklable"):
+                    ex.submit(workers.identity, workers.Unpicklable())
+            elif i % 50 == 10:
+                futures.append((i, ex.submit(workers.raise_value_error, i)))
+            else:
+                futures.append((i, ex.submit(workers.square, i)))
+        for i, f in futures:
+            if i % 50 == 10:
+                with pytest.raises(ValueError, match=f"bad value {i}") as info:
+                    f.result(timeout=60)
+                assert isinstance(info.value.__cause__, _RemoteTraceback)
+                assert f.exception() is info.value
+                assert f.done() and not f.cancelled() and not f.running()
+            else:
+                assert f.result(timeout=60) == i * i
+                assert f.exception() is None

@@ -15,7 +15,13 @@ The bound modules' global ``futures`` (tests call
 with it) is replaced by a module whose ``ProcessPoolExecutor`` is shoal's and
 whose other names are the standard library's.
 
-Not bound: the thread-pool classes, ``test_future`` (no process pool), and
+``test_future.FutureTests`` (no executor: the ``Future`` class alone) runs
+against shoal's ``Future`` (the type ``submit`` returns), on a copy of its
+module whose ``Future``, ``create_future`` and sample futures are shoal's:
+shoal's future makes its condition lazily and reads its state without a
+lock, and these tests check that nothing of it shows.
+
+Not bound: the thread-pool classes, and
 ``test_init.FailingInitializerResourcesTest``, which runs the standard
 library's own classes and then stops the resource tracker of the whole
 session.
@@ -31,12 +37,16 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import importlib
+import importlib.util
+import logging
 import sys
 import types
+from concurrent.futures import _base
 
 import pytest
 
 import shoal
+from shoal._executor import Future as ShoalFuture
 from workers import mark_stdlib_tests
 
 _MODULES = ("executor", "test_as_completed", "test_deadlock", "test_init", "test_process_pool",
@@ -180,3 +190,54 @@ def _closing_log_queue(teardown):
 
 
 _install(globals())
+
+
+def _bind_future_tests(globs: dict) -> None:
+    """CPython's ``FutureTests`` on shoal's ``Future`` (see the module docstring)."""
+    spec = importlib.util.find_spec("test.test_concurrent_futures.test_future")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)  # a private copy: the real module stays the stdlib's
+    spec.loader.exec_module(module)
+
+    def create_future(state=_base.PENDING, exception=None, result=None):
+        future = ShoalFuture()
+        future._state = state
+        future._exception = exception
+        future._result = result
+        return future
+
+    module.Future = ShoalFuture
+    module.create_future = create_future
+    module.PENDING_FUTURE = create_future(state=_base.PENDING)
+    module.RUNNING_FUTURE = create_future(state=_base.RUNNING)
+    module.CANCELLED_FUTURE = create_future(state=_base.CANCELLED)
+    module.CANCELLED_AND_NOTIFIED_FUTURE = create_future(state=_base.CANCELLED_AND_NOTIFIED)
+    module.EXCEPTION_FUTURE = create_future(state=_base.FINISHED, exception=OSError())
+    module.SUCCESSFUL_FUTURE = create_future(state=_base.FINISHED, result=42)
+
+    class ShoalFutureTests(module.FutureTests):
+        # The callback tests read what concurrent.futures' logger printed to
+        # stderr: with no handler configured (as under unittest) logging's
+        # last resort prints there, but pytest's capture handler on the root
+        # logger takes its place.  Print to stderr as the last resort would.
+        def setUp(self) -> None:
+            super().setUp()
+            self._stderr_handler = _ToCurrentStderr()
+            logging.getLogger("concurrent.futures").addHandler(self._stderr_handler)
+
+        def tearDown(self) -> None:
+            logging.getLogger("concurrent.futures").removeHandler(self._stderr_handler)
+            super().tearDown()
+
+    ShoalFutureTests.__module__ = __name__
+    globs["ShoalFutureTests"] = ShoalFutureTests
+
+
+class _ToCurrentStderr(logging.Handler):
+    """Logging's last-resort handler: writes to the ``sys.stderr`` of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+_bind_future_tests(globals())

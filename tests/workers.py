@@ -36,6 +36,13 @@ def sleep_for(seconds):
     return seconds
 
 
+def wait_for_file(path, value=None):
+    """Return *value* once *path* exists: a task the test finishes when it chooses."""
+    while not os.path.exists(path):
+        time.sleep(0.005)
+    return value
+
+
 def raise_value_error(x):
     raise ValueError(f"bad value {x}")
 
