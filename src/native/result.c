@@ -142,14 +142,14 @@ Result_deliver(ResultObject *r, PyObject *const *args, Py_ssize_t nargs)
     if (ok < 0)
         return NULL;
     /* break the task <-> result cycle: nothing is left to cancel */
-    Py_SETREF(r->task, Py_NewRef(Py_None));
+    Py_XSETREF(r->task, Py_NewRef(Py_None));
     if (r->callback == Py_None && r->error_callback == Py_None) {
         r->delivered = 1;
         r->success = (char)ok;
         set_field(r, &r->value, args[2]);
         r->ready = 1;
         /* as the standard library does once a result is set */
-        Py_SETREF(r->pool, Py_NewRef(Py_None));
+        Py_XSETREF(r->pool, Py_NewRef(Py_None));
         Py_RETURN_NONE;
     }
     return PyObject_CallMethod((PyObject *)r, "_finish", "OO", ok ? Py_True : Py_False, args[2]);
@@ -169,7 +169,7 @@ Result_get(ResultObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *k
 {
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     if (r->ready && r->success && nargs + nkw <= 1)
-        return Py_NewRef(r->value);
+        return Py_NewRef(r->value ? r->value : Py_None);
     PyObject *timeout = Py_None;
     if (nargs + nkw > 1) {
         PyErr_Format(PyExc_TypeError, "get() takes at most 1 argument (%zd given)", nargs + nkw);
@@ -356,7 +356,7 @@ deliver_plain(FASTCALL_ARGS)
         if (r == NULL)
             return NULL;
         Py_DECREF(r);
-        Py_SETREF(task->sink, Py_NewRef(Py_None));
+        Py_XSETREF(task->sink, Py_NewRef(Py_None));
     }
     return PyLong_FromSsize_t(i);
 }
