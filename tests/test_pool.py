@@ -624,3 +624,20 @@ def test_plain_results_and_shared_memory_results_in_one_message_all_arrive(fork_
             else:
                 got = r.get(timeout=30)
                 assert got.shape == (300 * 1024,) and np.all(got == ord(t))
+
+
+def test_a_result_whose_exception_was_raised_is_collected():
+    # get() raises the task's exception, whose traceback holds the frame that
+    # raised it, which holds the result: a cycle the collector must see (a
+    # plain result is not tracked while it waits, and is tracked again when
+    # it stores an exception).
+    import weakref
+
+    with shoal.Pool(1) as pool:
+        r = pool.apply_async(workers.raise_value_error, (1,))
+        with pytest.raises(ValueError) as info:
+            r.get(timeout=30)
+        ref = weakref.ref(r)
+        del r, info
+    gc.collect()
+    assert ref() is None
