@@ -81,7 +81,13 @@ static PyMethodDef native_methods[] = {
                     "Take the dict's lock, re-entrant per thread; return True when a holder had died."),
     FAST(dict_unlock, "dict_unlock(mapping)\n--\n\nRelease the dict's lock one level."),
     FAST(dict_held, "dict_held(mapping)\n--\n\nWhether this thread holds the dict's lock."),
+    /* task.c */
+    FAST(raw_task, "raw_task(id, fn_id, fn_ref, mode, args, sink, timeout, limit)\n--\n\n"
+                   "A Task carrying the argument tuple itself when every argument is a plain immutable "
+                   "value (str and bytes shorter than limit), else None."),
     /* result.c */
+    FAST(new_result, "new_result(engine, callback, error_callback, pool)\n--\n\n"
+                     "A new instance of the plain result class (see result_type)."),
     FAST(deliver_plain, "deliver_plain(tasks, kinds, values, start, raw)\n--\n\n"
                         "Deliver plain successful outcomes from index start on; return the index of the "
                         "first one that needs the general path (the pool scheduler's result loop)."),

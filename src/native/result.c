@@ -261,6 +261,37 @@ PyTypeObject Result_Type = {
     .tp_new = PyType_GenericNew,
 };
 
+/* new_result(engine, callback, error_callback, pool): a new instance of the
+ * plain result class, as plain_type(engine, callback, error_callback, pool)
+ * but without building an argument tuple or dispatching to tp_init (one is
+ * made per apply_async). */
+PyObject *
+new_result(FASTCALL_ARGS)
+{
+    if (check_nargs("new_result", nargs, 4, 4) < 0)
+        return NULL;
+    if (plain_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "new_result(): no plain result class registered (result_type)");
+        return NULL;
+    }
+    ResultObject *r = (ResultObject *)plain_type->tp_alloc(plain_type, 0);
+    if (r == NULL)
+        return NULL;
+    r->engine = Py_NewRef(args[0]);
+    r->callback = Py_NewRef(args[1]);
+    r->error_callback = Py_NewRef(args[2]);
+    r->pool = Py_NewRef(args[3]);
+    r->task = Py_NewRef(Py_None);
+    r->value = Py_NewRef(Py_None);
+    if (args[1] == Py_None && args[2] == Py_None) {
+        if (PyObject_GC_IsTracked((PyObject *)r))
+            PyObject_GC_UnTrack(r);
+    }
+    else
+        track(r);
+    return (PyObject *)r;
+}
+
 /* result_type(cls): make cls the plain result class whose instances without
  * callbacks are untracked while they wait (see the top of this file). */
 PyObject *

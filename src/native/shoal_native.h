@@ -90,11 +90,13 @@ typedef struct {
     PyObject *kill_reason;
     PyObject *requeues;
 } TaskObject;
+PyObject *raw_task(FASTCALL_ARGS);
 
 /* result.c */
 extern PyTypeObject Result_Type;
 PyObject *native_result_type(PyObject *module, PyObject *cls);
 PyObject *deliver_plain(FASTCALL_ARGS);
+PyObject *new_result(FASTCALL_ARGS);
 PyObject *drop_skipped(FASTCALL_ARGS);
 PyObject *batch_columns(FASTCALL_ARGS);
 void after_fork_child(void);

@@ -145,6 +145,63 @@ Task_close_fds(TaskObject *t, PyObject *registry)
     Py_RETURN_NONE;
 }
 
+/* raw_task(id, fn_id, fn_ref, mode, args, sink, timeout, limit) -> Task | None
+ *
+ * The engine's submit fast path: a Task carrying the argument tuple itself
+ * (mode CALL_RAW) when every argument is of a plain immutable type -- int,
+ * float, bool, None, complex exactly (not a subclass), or str / bytes
+ * shorter than *limit* -- and None otherwise (the caller pickles them). */
+PyObject *
+raw_task(FASTCALL_ARGS)
+{
+    if (check_nargs("raw_task", nargs, 8, 8) < 0)
+        return NULL;
+    PyObject *call_args = args[4];
+    if (!PyTuple_CheckExact(call_args))
+        Py_RETURN_NONE;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[7]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(call_args);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *a = PyTuple_GET_ITEM(call_args, i);
+        if (PyLong_CheckExact(a) || PyFloat_CheckExact(a) || a == Py_None || PyBool_Check(a) ||
+            PyComplex_CheckExact(a))
+            continue;
+        if (PyUnicode_CheckExact(a) && PyUnicode_GET_LENGTH(a) < limit)
+            continue;
+        if (PyBytes_CheckExact(a) && PyBytes_GET_SIZE(a) < limit)
+            continue;
+        Py_RETURN_NONE;
+    }
+    TaskObject *t = PyObject_New(TaskObject, &Task_Type);
+    if (t == NULL)
+        return NULL;
+    static PyObject *zero = NULL, *one = NULL, *empty = NULL;
+    if (zero == NULL) {
+        zero = PyLong_FromLong(0);
+        one = PyLong_FromLong(1);
+        empty = PyTuple_New(0);
+        if (zero == NULL || one == NULL || empty == NULL) {
+            PyObject_Free(t);
+            return NULL;
+        }
+    }
+    t->id = Py_NewRef(args[0]);
+    t->fn_id = Py_NewRef(args[1]);
+    t->fn_ref = Py_NewRef(args[2]);
+    t->mode = Py_NewRef(args[3]);
+    t->data = Py_NewRef(call_args);
+    t->fds = Py_NewRef(empty);
+    t->sink = Py_NewRef(args[5]);
+    t->index = Py_NewRef(zero);
+    t->timeout = Py_NewRef(args[6]);
+    t->n = Py_NewRef(one);
+    t->kill_reason = Py_NewRef(Py_None);
+    t->requeues = Py_NewRef(zero);
+    return (PyObject *)t;
+}
+
 static PyObject *
 Task_repr(TaskObject *t)
 {

@@ -149,6 +149,10 @@ class AsyncResult(_native.ResultSlot):
 
 ApplyResult = AsyncResult
 _native.result_type(AsyncResult)
+#: ``new_async_result(engine, callback, error_callback, pool)``: the same as
+#: ``AsyncResult(engine, callback, error_callback, pool)``, for apply_async's
+#: per-task path (no argument tuple, no ``__init__`` dispatch)
+new_async_result: Callable[[Any, Any, Any, Any], AsyncResult] = _native.new_result
 
 
 class MapResult(AsyncResult):

@@ -102,6 +102,18 @@ class Task:
     ) -> None: ...
     def close_fds(self, registry: set[int], /) -> None: ...
 
+def raw_task(
+    id: int,
+    fn_id: int,
+    fn_ref: Any,
+    mode: int,
+    args: tuple[Any, ...],
+    sink: Any,
+    timeout: float | None,
+    limit: int,
+    /,
+) -> Task | None: ...
+
 # result.c: the core of a pool's result object (see shoal._asyncresult.AsyncResult)
 class ResultSlot:
     _engine: Any
@@ -122,6 +134,7 @@ class ResultSlot:
     def ready(self) -> bool: ...
 
 def result_type(cls: type[ResultSlot], /) -> None: ...
+def new_result(engine: Any, callback: Any, error_callback: Any, pool: Any, /) -> Any: ...
 def deliver_plain(tasks: list[Task], kinds: list[int], values: list[Any], start: int, raw: int, /) -> int: ...
 def drop_skipped(batch: list[Task], /) -> list[Task]: ...
 def batch_columns(

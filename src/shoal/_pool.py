@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from multiprocessing.context import BaseContext
 from typing import Any, NoReturn
 
-from ._asyncresult import AsyncResult, IMapIterator, MapResult, submit_future
+from ._asyncresult import AsyncResult, IMapIterator, MapResult, new_async_result, submit_future
 from ._backends import make_engine
 from ._engine import MAP, NO_SHARED, STARMAP, PoolStatistics, WorkerProcess
 from ._engine import check_timeout as _check_timeout
@@ -166,7 +166,7 @@ class Pool:
         if not callable(func):
             _check_callable(func)
         # As in the standard library, a result keeps its pool alive (pool=).
-        result = AsyncResult(engine, callback, error_callback, self)
+        result = new_async_result(engine, callback, error_callback, self)
         result._task = engine.submit_call(func, args, kwds, result, task_timeout)
         if result.delivered:
             # Delivered before the line above ran: it could not break the

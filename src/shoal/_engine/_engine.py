@@ -126,6 +126,7 @@ from typing import Any
 import cloudpickle
 
 from .._fd import WarmSegments, collecting_fds, swap_sending
+from .._native import raw_task
 from .._serialization import dumps
 from ..exceptions import PoolClosedError, RemoteTraceback, ShoalError, WorkerStartError, serialization_error
 from . import _local
@@ -144,13 +145,12 @@ from ._scheduler import (
     live_engines,
 )
 from ._tasks import FailableSink, ResultSink, Task, Worker, WorkerProcess
-from ._worker import CALL, CALL_KW, CALL_RAW, RAW_TYPES
+from ._worker import CALL, CALL_KW, CALL_RAW
 
-#: Arguments of these exact types travel raw (see RAW_TYPES) ...
-RAW_SCALARS = RAW_TYPES - {str}
-#: ... and so do str and bytes shorter than this: longer bytes may go through
-#: shared memory, which only the per-task pickle arranges, and a long string
-#: is pickled in the caller's thread, not on the scheduler's.
+#: Arguments of the RAW_TYPES travel raw, and so do str and bytes shorter
+#: than this (``_native.raw_task``): longer bytes may go through shared
+#: memory, which only the per-task pickle arranges, and a long string is
+#: pickled in the caller's thread, not on the scheduler's.
 RAW_BYTES_LIMIT = 4096
 
 #: How many times this process is a fork of the one before: an engine made
@@ -477,17 +477,12 @@ class Engine:
             timeout = self.task_timeout
         if not kwargs and fn_id:
             # The fast path: arguments that are all plain immutable values
-            # (RAW_TYPES) cannot fail to pickle, so they are not pickled
-            # here but inside the batch message, with their neighbours, and
-            # the worker gets them without a pickle of their own.
-            for arg in args:
-                kind = type(arg)
-                if kind not in RAW_SCALARS and (
-                    (kind is not str and kind is not bytes) or len(arg) >= RAW_BYTES_LIMIT
-                ):
-                    break
-            else:
-                task = Task(next(self._ids), fn_id, entry, CALL_RAW, args, (), sink, 0, timeout)
+            # (RAW_TYPES; str and bytes shorter than RAW_BYTES_LIMIT) cannot
+            # fail to pickle, so they are not pickled here but inside the
+            # batch message, with their neighbours, and the worker gets them
+            # without a pickle of their own.  raw_task says None otherwise.
+            task = raw_task(next(self._ids), fn_id, entry, CALL_RAW, args, sink, timeout, RAW_BYTES_LIMIT)
+            if task is not None:
                 self._pending.append(task)
                 self._submitted_n += 1
                 scheduler = self._scheduler  # Scheduler.wake(), inline
