@@ -362,3 +362,27 @@ def test_failing_and_unpicklable_tasks_in_a_batch_leave_their_neighbours_alone(f
             else:
                 assert f.result(timeout=60) == i * i
                 assert f.exception() is None
+
+
+def test_futures_cancelled_in_a_pattern_while_queued_leave_the_others_to_run_once(release):
+    # Cancelled futures are dropped when their batch is made: the others of
+    # the same batch must each run exactly once.
+    with shoal.ProcessPoolExecutor(1) as ex:
+        try:
+            blocker = ex.submit(workers.wait_for_file, str(release), "released")
+            futures = [ex.submit(workers.square, i) for i in range(300)]
+            pattern = [i for i in range(300) if i % 3 == 0 or i % 7 == 2]
+            # (the worker may already hold the first few: those run)
+            cancelled = {i for i in pattern if futures[i].cancel()}
+            assert len(cancelled) >= len(pattern) - 3
+        finally:
+            release.touch()
+        assert blocker.result(timeout=60) == "released"
+        for i, f in enumerate(futures):
+            if i in cancelled:
+                assert f.cancelled()
+                with pytest.raises(concurrent.futures.CancelledError):
+                    f.result(timeout=0)
+            else:
+                assert f.result(timeout=60) == i * i
+        assert ex._engine.statistics().tasks_completed == 1 + 300 - len(cancelled)
