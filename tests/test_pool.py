@@ -566,6 +566,22 @@ def test_results_and_futures_dropped_before_they_finish_are_freed():
     assert [(i, r()) for i, r in enumerate(refs) if r() is not None] == []
 
 
+def test_a_finished_result_in_a_reference_cycle_through_its_pool_is_freed():
+    # A plain result is not tracked by the garbage collector while it
+    # waits; once finished it must not hold a cycle alive (here its pool's
+    # initargs refer to it), which only the collector could free.
+    import weakref
+
+    state: dict = {}
+    with shoal.Pool(1, initializer=workers.set_state, initargs=(state,)) as pool:
+        state["result"] = pool.apply_async(workers.square, (3,))
+        assert state["result"].get(timeout=30) == 9
+        ref = weakref.ref(state["result"])
+    del pool, state
+    gc.collect()
+    assert ref() is None
+
+
 def test_a_pool_used_in_a_forked_child_raises_instead_of_hanging():
     pool = shoal.Pool(1)
     try:

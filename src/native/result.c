@@ -7,13 +7,16 @@
  *
  * Garbage collection: a result of the plain result class (the one handed to
  * result_type()) without callbacks is *untracked* while it waits: it then
- * refers only to its engine, its pool and its task, and none of them can
- * lead back to it except through the task, which the collector cannot see
- * anyway (see task.c).  Tracking a million pending results would make every
- * collection walk them.  It is tracked again as soon as it holds something
- * that could lead back to it: a callback, or a value that is not a plain
- * immutable one (an exception, whose traceback reaches the frame that
- * raised it, a list, any object).
+ * refers only to its engine, its pool and its task.  While it waits it is
+ * alive anyway (the engine's queue holds its task, which holds it), and the
+ * engine delivers to it or fails it before it lets go of the task.  Once
+ * delivered it lets go of its engine and pool too (user objects, such as a
+ * pool's initargs, may lead back to it through them: a cycle the collector
+ * could not see) and keeps only a plain value.  Tracking a million pending
+ * results would make every collection walk them.  It is tracked again as
+ * soon as it holds something that could lead back to it: a callback, or a
+ * value that is not a plain immutable one (an exception, whose traceback
+ * reaches the frame that raised it, a list, any object).
  */
 #include "shoal_native.h"
 #include <structmember.h>
@@ -148,7 +151,11 @@ Result_deliver(ResultObject *r, PyObject *const *args, Py_ssize_t nargs)
         r->success = (char)ok;
         set_field(r, &r->value, args[2]);
         r->ready = 1;
-        /* as the standard library does once a result is set */
+        /* as the standard library does once a result is set; and the engine
+         * too (after ready: see wait()), so an untracked finished result
+         * refers to nothing that could lead back to it (a user object its
+         * pool's initargs hold, say), a cycle the collector could not see */
+        Py_SETREF(r->engine, Py_NewRef(Py_None));
         Py_SETREF(r->pool, Py_NewRef(Py_None));
         Py_RETURN_NONE;
     }

@@ -117,9 +117,10 @@ class AsyncResult(_native.ResultSlot):
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until the result is ready or *timeout* seconds pass."""
+        engine = self._engine  # read first: a plain result drops it once ready
         if self._ready:
             return
-        _wait_for(self._engine, lambda: self._ready, timeout)
+        _wait_for(engine, lambda: self._ready, timeout)
 
     def _get(self, timeout: float | None) -> Any:
         """get() when the value is not there at once (the C base's get)."""
