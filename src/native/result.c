@@ -145,8 +145,10 @@ Result_deliver(ResultObject *r, PyObject *const *args, Py_ssize_t nargs)
     if (ok < 0)
         return NULL;
     /* break the task <-> result cycle: nothing is left to cancel */
-    Py_SETREF(r->task, Py_NewRef(Py_None));
-    if (r->callback == Py_None && r->error_callback == Py_None) {
+    /* (X: a field is NULL in an object made without __init__, or deleted) */
+    Py_XSETREF(r->task, Py_NewRef(Py_None));
+    if ((r->callback == NULL || r->callback == Py_None) &&
+        (r->error_callback == NULL || r->error_callback == Py_None)) {
         r->delivered = 1;
         r->success = (char)ok;
         set_field(r, &r->value, args[2]);
@@ -155,8 +157,8 @@ Result_deliver(ResultObject *r, PyObject *const *args, Py_ssize_t nargs)
          * too (after ready: see wait()), so an untracked finished result
          * refers to nothing that could lead back to it (a user object its
          * pool's initargs hold, say), a cycle the collector could not see */
-        Py_SETREF(r->engine, Py_NewRef(Py_None));
-        Py_SETREF(r->pool, Py_NewRef(Py_None));
+        Py_XSETREF(r->engine, Py_NewRef(Py_None));
+        Py_XSETREF(r->pool, Py_NewRef(Py_None));
         Py_RETURN_NONE;
     }
     return PyObject_CallMethod((PyObject *)r, "_finish", "OO", ok ? Py_True : Py_False, args[2]);
@@ -175,7 +177,7 @@ static PyObject *
 Result_get(ResultObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (r->ready && r->success && nargs + nkw <= 1)
+    if (r->ready && r->success && r->value != NULL && nargs + nkw <= 1)
         return Py_NewRef(r->value);
     PyObject *timeout = Py_None;
     if (nargs + nkw > 1) {
@@ -331,6 +333,10 @@ deliver_plain(FASTCALL_ARGS)
     long raw = PyLong_AsLong(args[4]);
     if ((i == -1 || raw == -1) && PyErr_Occurred())
         return NULL;
+    if (i < 0) {
+        PyErr_SetString(PyExc_ValueError, "deliver_plain(): start must be >= 0");
+        return NULL;
+    }
     Py_ssize_t n = PyList_GET_SIZE(kinds);
     if (PyList_GET_SIZE(tasks) < n || PyList_GET_SIZE(values) < n) {
         PyErr_SetString(PyExc_ValueError, "deliver_plain(): fewer tasks or values than kinds");
@@ -338,7 +344,8 @@ deliver_plain(FASTCALL_ARGS)
     }
     for (; i < n; i++) {
         PyObject *kind = PyList_GET_ITEM(kinds, i);
-        if (!PyLong_CheckExact(kind) || PyLong_AsLong(kind) != raw)
+        int overflow;
+        if (!PyLong_CheckExact(kind) || PyLong_AsLongAndOverflow(kind, &overflow) != raw || overflow)
             break;
         PyObject *item = PyList_GET_ITEM(tasks, i);
         if (Py_TYPE(item) != &Task_Type)
