@@ -350,3 +350,22 @@ def test_deliver_plain_refuses_what_it_cannot_deliver():
     assert task.sink is None  # untouched
     with pytest.raises(ValueError, match="start"):
         _native.deliver_plain([task], [2], [1], -1, 2)
+
+
+# Before: deleting a task's field left it NULL, and the scheduler's C loops
+# (deliver_plain, batch_columns) crashed on it.
+def test_a_task_field_cannot_be_deleted():
+    out = run_code(
+        """
+        from shoal import _native
+        task = _native.Task(1, 0, None, 0, b"", (), None)
+        for name in ("id", "fds", "sink", "timeout"):
+            try:
+                delattr(task, name)
+                print("deleted")
+            except AttributeError:
+                print("refused")
+        print(_native.deliver_plain([task], [1], [1], 0, 2), _native.batch_columns([task]))
+        """
+    )
+    assert out.split("\n")[:5] == ["refused"] * 4 + ["0 ([1], [0], [0], [b''], None, 0)"]
