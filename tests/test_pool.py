@@ -187,6 +187,11 @@ def test_async_result_api():
         bad = pool.apply_async(workers.raise_value_error, (1,))
         bad.wait(30)
         assert bad.ready() and not bad.successful()
+        # a finished result still checks get()'s arguments, as the standard library's
+        with pytest.raises(TypeError, match="unexpected keyword argument 'timeuot'"):
+            r.get(timeuot=1)
+        with pytest.raises(TypeError, match="at most 1 argument"):
+            r.get(1, 2)
 
 
 def test_close_join_terminate_semantics():

@@ -177,7 +177,8 @@ static PyObject *
 Result_get(ResultObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (r->ready && r->success && r->value != NULL && nargs + nkw <= 1)
+    /* (a keyword goes through the checks below: get(timeuot=1) raises) */
+    if (r->ready && r->success && r->value != NULL && nargs <= 1 && nkw == 0)
         return Py_NewRef(r->value);
     PyObject *timeout = Py_None;
     if (nargs + nkw > 1) {
