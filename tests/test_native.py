@@ -296,3 +296,76 @@ def test_futex_wait_infinite_timeout_and_out_of_range_expected():
         with pytest.raises(OverflowError):
             _native.futex_wait(buf, 0, bad, 0)
     assert _native.futex_wait(buf, 0, 2**32 - 1, 5) is True
+
+
+# -- the pool's result object and the scheduler's loops (issue 14 review) ------
+
+
+# Before: a result object made without __init__ (its fields NULL), or one
+# whose _task/_engine was deleted, crashed the interpreter when delivered
+# to or read (a decref of NULL).
+def test_a_result_object_without_its_fields_raises_or_answers_instead_of_crashing():
+    out = run_code(
+        """
+        import shoal
+        from shoal import _native
+        def attempt(f):
+            try:
+                return repr(f())
+            except Exception as e:
+                return type(e).__name__
+        def fresh():
+            return shoal.AsyncResult.__new__(shoal.AsyncResult)
+        r = fresh()
+        print(attempt(lambda: r.deliver(None, True, 5)), attempt(r.get))
+        r = fresh()
+        print(attempt(lambda: r.deliver(None, False, ValueError("x"))), attempt(r.get))
+        r = fresh()
+        r._ready = r._success = True
+        print(attempt(r.get))
+        s = _native.ResultSlot.__new__(_native.ResultSlot)
+        print(attempt(lambda: s.deliver(None, True, 1)))
+        for name in ("_task", "_engine", "_pool"):
+            r = shoal.AsyncResult(None)
+            delattr(r, name)
+            print(attempt(lambda: r.deliver(None, True, 7)), attempt(r.get))
+        """
+    )
+    assert out.split("\n")[:7] == [
+        "None 5",
+        "None ValueError",
+        "None",
+        "None",
+        "None 7",
+        "None 7",
+        "None 7",
+    ]
+
+
+# Before: a result kind too large for a C long left OverflowError set while
+# deliver_plain returned (SystemError); a negative start read out of bounds.
+def test_deliver_plain_refuses_what_it_cannot_deliver():
+    task = _native.Task(1, 0, None, 0, b"", (), None)
+    assert _native.deliver_plain([task], [2**80], [1], 0, 2) == 0  # not RAW: the general path's
+    assert task.sink is None  # untouched
+    with pytest.raises(ValueError, match="start"):
+        _native.deliver_plain([task], [2], [1], -1, 2)
+
+
+# Before: deleting a task's field left it NULL, and the scheduler's C loops
+# (deliver_plain, batch_columns) crashed on it.
+def test_a_task_field_cannot_be_deleted():
+    out = run_code(
+        """
+        from shoal import _native
+        task = _native.Task(1, 0, None, 0, b"", (), None)
+        for name in ("id", "fds", "sink", "timeout"):
+            try:
+                delattr(task, name)
+                print("deleted")
+            except AttributeError:
+                print("refused")
+        print(_native.deliver_plain([task], [1], [1], 0, 2), _native.batch_columns([task]))
+        """
+    )
+    assert out.split("\n")[:5] == ["refused"] * 4 + ["0 ([1], [0], [0], [b''], None, 0)"]

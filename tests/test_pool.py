@@ -187,6 +187,11 @@ def test_async_result_api():
         bad = pool.apply_async(workers.raise_value_error, (1,))
         bad.wait(30)
         assert bad.ready() and not bad.successful()
+        # a finished result still checks get()'s arguments, as the standard library's
+        with pytest.raises(TypeError, match="unexpected keyword argument 'timeuot'"):
+            r.get(timeuot=1)
+        with pytest.raises(TypeError, match="at most 1 argument"):
+            r.get(1, 2)
 
 
 def test_close_join_terminate_semantics():
@@ -564,6 +569,22 @@ def test_results_and_futures_dropped_before_they_finish_are_freed():
         assert pool.apply(workers.square, (3,)) == 9  # everything before it was handled
     gc.collect()
     assert [(i, r()) for i, r in enumerate(refs) if r() is not None] == []
+
+
+def test_a_finished_result_in_a_reference_cycle_through_its_pool_is_freed():
+    # A plain result is not tracked by the garbage collector while it
+    # waits; once finished it must not hold a cycle alive (here its pool's
+    # initargs refer to it), which only the collector could free.
+    import weakref
+
+    state: dict = {}
+    with shoal.Pool(1, initializer=workers.set_state, initargs=(state,)) as pool:
+        state["result"] = pool.apply_async(workers.square, (3,))
+        assert state["result"].get(timeout=30) == 9
+        ref = weakref.ref(state["result"])
+    del pool, state
+    gc.collect()
+    assert ref() is None
 
 
 def test_a_pool_used_in_a_forked_child_raises_instead_of_hanging():

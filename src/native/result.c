@@ -7,13 +7,16 @@
  *
  * Garbage collection: a result of the plain result class (the one handed to
  * result_type()) without callbacks is *untracked* while it waits: it then
- * refers only to its engine, its pool and its task, and none of them can
- * lead back to it except through the task, which the collector cannot see
- * anyway (see task.c).  Tracking a million pending results would make every
- * collection walk them.  It is tracked again as soon as it holds something
- * that could lead back to it: a callback, or a value that is not a plain
- * immutable one (an exception, whose traceback reaches the frame that
- * raised it, a list, any object).
+ * refers only to its engine, its pool and its task.  While it waits it is
+ * alive anyway (the engine's queue holds its task, which holds it), and the
+ * engine delivers to it or fails it before it lets go of the task.  Once
+ * delivered it lets go of its engine and pool too (user objects, such as a
+ * pool's initargs, may lead back to it through them: a cycle the collector
+ * could not see) and keeps only a plain value.  Tracking a million pending
+ * results would make every collection walk them.  It is tracked again as
+ * soon as it holds something that could lead back to it: a callback, or a
+ * value that is not a plain immutable one (an exception, whose traceback
+ * reaches the frame that raised it, a list, any object).
  */
 #include "shoal_native.h"
 #include <structmember.h>
@@ -142,13 +145,19 @@ Result_deliver(ResultObject *r, PyObject *const *args, Py_ssize_t nargs)
     if (ok < 0)
         return NULL;
     /* break the task <-> result cycle: nothing is left to cancel */
+    /* (X: a field is NULL in an object made without __init__, or deleted) */
     Py_XSETREF(r->task, Py_NewRef(Py_None));
-    if (r->callback == Py_None && r->error_callback == Py_None) {
+    if ((r->callback == NULL || r->callback == Py_None) &&
+        (r->error_callback == NULL || r->error_callback == Py_None)) {
         r->delivered = 1;
         r->success = (char)ok;
         set_field(r, &r->value, args[2]);
         r->ready = 1;
-        /* as the standard library does once a result is set */
+        /* as the standard library does once a result is set; and the engine
+         * too (after ready: see wait()), so an untracked finished result
+         * refers to nothing that could lead back to it (a user object its
+         * pool's initargs hold, say), a cycle the collector could not see */
+        Py_XSETREF(r->engine, Py_NewRef(Py_None));
         Py_XSETREF(r->pool, Py_NewRef(Py_None));
         Py_RETURN_NONE;
     }
@@ -168,8 +177,9 @@ static PyObject *
 Result_get(ResultObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (r->ready && r->success && nargs + nkw <= 1)
-        return Py_NewRef(r->value ? r->value : Py_None);
+    /* (a keyword goes through the checks below: get(timeuot=1) raises) */
+    if (r->ready && r->success && r->value != NULL && nargs <= 1 && nkw == 0)
+        return Py_NewRef(r->value);
     PyObject *timeout = Py_None;
     if (nargs + nkw > 1) {
         PyErr_Format(PyExc_TypeError, "get() takes at most 1 argument (%zd given)", nargs + nkw);
@@ -355,6 +365,10 @@ deliver_plain(FASTCALL_ARGS)
     long raw = PyLong_AsLong(args[4]);
     if ((i == -1 || raw == -1) && PyErr_Occurred())
         return NULL;
+    if (i < 0) {
+        PyErr_SetString(PyExc_ValueError, "deliver_plain(): start must be >= 0");
+        return NULL;
+    }
     Py_ssize_t n = PyList_GET_SIZE(kinds);
     if (PyList_GET_SIZE(tasks) < n || PyList_GET_SIZE(values) < n) {
         PyErr_SetString(PyExc_ValueError, "deliver_plain(): fewer tasks or values than kinds");
@@ -362,7 +376,8 @@ deliver_plain(FASTCALL_ARGS)
     }
     for (; i < n; i++) {
         PyObject *kind = PyList_GET_ITEM(kinds, i);
-        if (!PyLong_CheckExact(kind) || PyLong_AsLong(kind) != raw)
+        int overflow;
+        if (!PyLong_CheckExact(kind) || PyLong_AsLongAndOverflow(kind, &overflow) != raw || overflow)
             break;
         PyObject *item = PyList_GET_ITEM(tasks, i);
         if (Py_TYPE(item) != &Task_Type)

@@ -202,6 +202,18 @@ raw_task(FASTCALL_ARGS)
     return (PyObject *)t;
 }
 
+/* Fields can be set, not deleted: the scheduler's C loops (result.c) read
+ * them without checking for NULL. */
+static int
+Task_setattro(PyObject *self, PyObject *name, PyObject *value)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "a Task's fields cannot be deleted ('%U')", name);
+        return -1;
+    }
+    return PyObject_GenericSetAttr(self, name, value);
+}
+
 static PyObject *
 Task_repr(TaskObject *t)
 {
@@ -241,6 +253,7 @@ PyTypeObject Task_Type = {
     .tp_basicsize = sizeof(TaskObject),
     .tp_dealloc = (destructor)Task_dealloc,
     .tp_repr = (reprfunc)Task_repr,
+    .tp_setattro = Task_setattro,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Task(id, fn_id, fn_ref, mode, data, fds, sink, index=0, timeout=None, n=1, "
               "kill_reason=None, requeues=0)\n--\n\n"

@@ -117,9 +117,10 @@ class AsyncResult(_native.ResultSlot):
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until the result is ready or *timeout* seconds pass."""
+        engine = self._engine  # read first: a plain result drops it once ready
         if self._ready:
             return
-        _wait_for(self._engine, lambda: self._ready, timeout)
+        _wait_for(engine, lambda: self._ready, timeout)
 
     def _get(self, timeout: float | None) -> Any:
         """get() when the value is not there at once (the C base's get)."""
@@ -137,9 +138,12 @@ class AsyncResult(_native.ResultSlot):
         The result then raises :class:`concurrent.futures.CancelledError`.
         Returns False if the task had already finished.
         """
-        if self.delivered or self._task is None:
+        # Read before `delivered`: the scheduler thread may deliver meanwhile,
+        # and a delivered plain result lets go of its task and its engine.
+        engine, task = self._engine, self._task
+        if self.delivered or task is None:
             return False
-        self._engine.cancel(self._task, concurrent.futures.CancelledError("the task was cancelled"))
+        engine.cancel(task, concurrent.futures.CancelledError("the task was cancelled"))
         return True
 
     def __repr__(self) -> str:

@@ -651,8 +651,9 @@ class Scheduler:
             self.cancelled += 1
         else:
             self.failed += 1
-        task.sink.deliver(task, False, exc)
-        task.sink = None  # the engine holds no delivered result (see Task)
+        if task.sink is not None:  # None: delivered already
+            task.sink.deliver(task, False, exc)
+            task.sink = None  # the engine holds no delivered result (see Task)
 
     # -- control requests from callers (see Engine._handle_control) --------
     def cancel(self, task: Task, exc: BaseException) -> None:
