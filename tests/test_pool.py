@@ -194,6 +194,15 @@ def test_async_result_api():
             r.get(1, 2)
 
 
+def test_async_result_can_be_subscripted_in_annotations_as_the_standard_librarys():
+    import multiprocessing.pool
+    import types
+
+    assert isinstance(shoal.AsyncResult[int], types.GenericAlias)
+    assert shoal.AsyncResult[int].__origin__ is shoal.AsyncResult
+    assert isinstance(multiprocessing.pool.AsyncResult[int], types.GenericAlias)  # the specification
+
+
 def test_close_join_terminate_semantics():
     pool = shoal.Pool(2)
     r = pool.apply_async(workers.sleep_then, (1, 0.2))

@@ -33,6 +33,7 @@ import concurrent.futures
 import multiprocessing
 import threading
 import time
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -55,6 +56,9 @@ class AsyncResult(_native.ResultSlot):
     """
 
     __slots__ = ("__weakref__",)
+
+    # As the standard library's: ``AsyncResult[int]`` in annotations.
+    __class_getitem__: Any = classmethod(types.GenericAlias)
 
     if TYPE_CHECKING:  # the C base's fields
 

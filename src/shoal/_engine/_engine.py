@@ -751,9 +751,14 @@ class Engine:
             self._finished.set()
             # A caller that queued a task before seeing _finished set gets it
             # failed here; one that queues after sees _finished (_reject).
-            while self._pending:
-                closed = PoolClosedError("the pool was terminated before this task ran")
-                self._fail(self._pending.popleft(), closed)
+            while True:
+                try:
+                    # (not `while self._pending`: a caller's _reject may take
+                    # the last one between the test and the popleft)
+                    task = self._pending.popleft()
+                except IndexError:
+                    break
+                self._fail(task, PoolClosedError("the pool was terminated before this task ran"))
             with self.results_cond:
                 self.results_cond.notify_all()
             # No shoal thread outlives its pool, even one never joined.
