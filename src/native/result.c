@@ -37,7 +37,10 @@ typedef struct {
 /* The plain result class, whose instances may be untracked (result_type). */
 static PyTypeObject *plain_type = NULL;
 
-static int
+/* A value of an exact type that is immutable, always picklable and refers to
+ * nothing (None, int, float, str, bool, bytes, complex): the results that
+ * need no tracking, and the arguments raw_task (task.c) lets travel unpickled. */
+int
 is_plain_value(PyObject *v)
 {
     return v == Py_None || PyLong_CheckExact(v) || PyFloat_CheckExact(v) || PyUnicode_CheckExact(v) ||

@@ -95,6 +95,7 @@ PyObject *raw_task(FASTCALL_ARGS);
 /* result.c */
 extern PyTypeObject Result_Type;
 PyObject *native_result_type(PyObject *module, PyObject *cls);
+int is_plain_value(PyObject *v);
 PyObject *deliver_plain(FASTCALL_ARGS);
 PyObject *new_result(FASTCALL_ARGS);
 PyObject *drop_skipped(FASTCALL_ARGS);

@@ -76,25 +76,17 @@ Task_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
             return NULL;
         }
     }
-    static PyObject *zero = NULL, *one = NULL;
-    if (zero == NULL) {
-        zero = PyLong_FromLong(0);
-        one = PyLong_FromLong(1);
-        if (zero == NULL || one == NULL) {
-            Py_DECREF(t);
-            return NULL;
-        }
-    }
+    /* (0, 1 and () are the interpreter's cached singletons: no allocation) */
     if (t->index == NULL)
-        t->index = Py_NewRef(zero);
+        t->index = PyLong_FromLong(0);
     if (t->timeout == NULL)
         t->timeout = Py_NewRef(Py_None);
     if (t->n == NULL)
-        t->n = Py_NewRef(one);
+        t->n = PyLong_FromLong(1);
     if (t->kill_reason == NULL)
         t->kill_reason = Py_NewRef(Py_None);
     if (t->requeues == NULL)
-        t->requeues = Py_NewRef(zero);
+        t->requeues = PyLong_FromLong(0);
     return (PyObject *)t;
 }
 
@@ -165,40 +157,27 @@ raw_task(FASTCALL_ARGS)
     Py_ssize_t n = PyTuple_GET_SIZE(call_args);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *a = PyTuple_GET_ITEM(call_args, i);
-        if (PyLong_CheckExact(a) || PyFloat_CheckExact(a) || a == Py_None || PyBool_Check(a) ||
-            PyComplex_CheckExact(a))
-            continue;
-        if (PyUnicode_CheckExact(a) && PyUnicode_GET_LENGTH(a) < limit)
-            continue;
-        if (PyBytes_CheckExact(a) && PyBytes_GET_SIZE(a) < limit)
-            continue;
-        Py_RETURN_NONE;
+        if (!is_plain_value(a))
+            Py_RETURN_NONE;
+        if ((PyUnicode_CheckExact(a) && PyUnicode_GET_LENGTH(a) >= limit) ||
+            (PyBytes_CheckExact(a) && PyBytes_GET_SIZE(a) >= limit))
+            Py_RETURN_NONE;
     }
     TaskObject *t = PyObject_New(TaskObject, &Task_Type);
     if (t == NULL)
         return NULL;
-    static PyObject *zero = NULL, *one = NULL, *empty = NULL;
-    if (zero == NULL) {
-        zero = PyLong_FromLong(0);
-        one = PyLong_FromLong(1);
-        empty = PyTuple_New(0);
-        if (zero == NULL || one == NULL || empty == NULL) {
-            PyObject_Free(t);
-            return NULL;
-        }
-    }
     t->id = Py_NewRef(args[0]);
     t->fn_id = Py_NewRef(args[1]);
     t->fn_ref = Py_NewRef(args[2]);
     t->mode = Py_NewRef(args[3]);
     t->data = Py_NewRef(call_args);
-    t->fds = Py_NewRef(empty);
+    t->fds = PyTuple_New(0);
     t->sink = Py_NewRef(args[5]);
-    t->index = Py_NewRef(zero);
+    t->index = PyLong_FromLong(0);
     t->timeout = Py_NewRef(args[6]);
-    t->n = Py_NewRef(one);
+    t->n = PyLong_FromLong(1);
     t->kill_reason = Py_NewRef(Py_None);
-    t->requeues = Py_NewRef(zero);
+    t->requeues = PyLong_FromLong(0);
     return (PyObject *)t;
 }
 

@@ -147,10 +147,10 @@ from ._scheduler import (
 from ._tasks import FailableSink, ResultSink, Task, Worker, WorkerProcess
 from ._worker import CALL, CALL_KW, CALL_RAW
 
-#: Arguments of the RAW_TYPES travel raw, and so do str and bytes shorter
-#: than this (``_native.raw_task``): longer bytes may go through shared
-#: memory, which only the per-task pickle arranges, and a long string is
-#: pickled in the caller's thread, not on the scheduler's.
+#: str and bytes arguments shorter than this travel raw (``_native.raw_task``):
+#: longer bytes may go through shared memory, which only the per-task pickle
+#: arranges, and a long string is pickled in the caller's thread, not on the
+#: scheduler's.
 RAW_BYTES_LIMIT = 4096
 
 #: How many times this process is a fork of the one before: an engine made
@@ -475,41 +475,38 @@ class Engine:
                 self._last_fn = entry
         if timeout is None:
             timeout = self.task_timeout
+        task = None
         if not kwargs and fn_id:
             # The fast path: arguments that are all plain immutable values
-            # (RAW_TYPES; str and bytes shorter than RAW_BYTES_LIMIT) cannot
-            # fail to pickle, so they are not pickled here but inside the
-            # batch message, with their neighbours, and the worker gets them
-            # without a pickle of their own.  raw_task says None otherwise.
+            # (None, int, float, bool, complex; str and bytes shorter than
+            # RAW_BYTES_LIMIT) cannot fail to pickle, so they are not pickled
+            # here but inside the batch message, with their neighbours, and
+            # the worker gets them without a pickle of their own.  raw_task
+            # says None otherwise.
             task = raw_task(next(self._ids), fn_id, entry, CALL_RAW, args, sink, timeout, RAW_BYTES_LIMIT)
-            if task is not None:
-                self._pending.append(task)
-                self._submitted_n += 1
-                scheduler = self._scheduler  # Scheduler.wake(), inline
-                scheduler._dirty = True
-                if scheduler._sleeping:
-                    scheduler.wake()
-                if self._ended:
-                    self._reject((task,))
-                return task
-        # Without keyword arguments only the args tuple is pickled: one
-        # object fewer per task, which the garbage collector notices.
-        if kwargs:
-            mode = CALL_KW
-            payload: Any = (args, kwargs)
-        else:
-            mode = CALL
-            payload = args
-        if fn_id == 0:
-            payload = (fn, payload)
-        fds: list[int] = []
-        data = _serialize(payload, fds, self._segments)
-        if fds:
-            self._task_fds.update(fds)
-        task = Task(next(self._ids), fn_id, entry, mode, data, fds, sink, 0, timeout)  # positional: see Task
+        if task is None:
+            # Without keyword arguments only the args tuple is pickled: one
+            # object fewer per task, which the garbage collector notices.
+            if kwargs:
+                mode = CALL_KW
+                payload: Any = (args, kwargs)
+            else:
+                mode = CALL
+                payload = args
+            if fn_id == 0:
+                payload = (fn, payload)
+            fds: list[int] = []
+            data = _serialize(payload, fds, self._segments)
+            if fds:
+                self._task_fds.update(fds)
+            # (positional: see Task)
+            task = Task(next(self._ids), fn_id, entry, mode, data, fds, sink, 0, timeout)
         self._pending.append(task)
         self._submitted_n += 1
-        self._wake()
+        scheduler = self._scheduler  # Scheduler.wake(), inline
+        scheduler._dirty = True
+        if scheduler._sleeping:
+            scheduler.wake()
         if self._ended:
             self._reject((task,))
         return task

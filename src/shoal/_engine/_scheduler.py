@@ -615,9 +615,13 @@ class Scheduler:
                 failed += 1
                 task.sink.deliver(task, False, value)
                 task.sink = None
+        except BaseException:
+            # Only a bug gets here: give back every task not yet delivered
+            # (its sink is still set), so _run's clean-up fails it and no
+            # caller waits for it forever.
+            inflight.extendleft(reversed([t for t in tasks if t.sink is not None]))
+            raise
         finally:
-            if i < n:  # only a bug gets here: leave what is left for _run's clean-up to fail
-                inflight.extendleft(reversed(tasks[i:]))
             for fd in fds:
                 os.close(fd)
             self.completed += completed

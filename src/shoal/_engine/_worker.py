@@ -91,12 +91,11 @@ FAILED = 0  # the pickled exception (pack_exception)
 PICKLED = 1  # the value pickled on its own, maybe with descriptors beside the message
 RAW = 2  # the value itself, inside the results message (see RAW_TYPES)
 
-#: Values of these exact types (not subclasses) are always picklable, hold no
-#: buffer that could go through shared memory and are immutable: a call whose
-#: arguments are all of them is not pickled on its own at submit (nothing can
-#: fail there) but inside the batch message, and a result of one of them
-#: travels inside the results message.  ``bytes`` only below the
-#: out-of-band threshold (see RAW_BYTES_LIMIT).
+#: Results of these exact types (not subclasses) are always picklable, hold
+#: no buffer that could go through shared memory and are immutable: they
+#: travel as themselves inside the results message (kind RAW).  Arguments of
+#: the same types (and short bytes) travel unpickled inside the batch (mode
+#: CALL_RAW; the engine's submit path decides, in ``_native.raw_task``).
 RAW_TYPES = frozenset({int, float, str, bool, type(None), complex})
 
 #: A worker sends the results it has so far when a batch has run this long,
