@@ -64,6 +64,7 @@ How it ends:
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import inspect
 import itertools
 import multiprocessing
@@ -86,7 +87,7 @@ import cloudpickle
 from ._asyncresult import settle_future as _settle
 from ._engine import engine_descriptors
 from ._engine import set_pdeathsig as _set_pdeathsig
-from ._ipc import SNDBUF, close_fds, encode, recv_packet, send_packet, socketpair
+from ._ipc import BYTES, SNDBUF, close_fds, encode, recv_packet, refuse_connection, send_packet, socketpair
 from ._serialization import loads_with, pack_exception, unpack_exception
 from .exceptions import ActorDiedError, SerializationError, describe_exitcode
 
@@ -332,7 +333,12 @@ class _Client:
         if packet is None:
             self._lost()
             return
-        _kind, payload, fds = packet
+        kind, payload, fds = packet
+        if kind & BYTES:  # the actor refused us (see _Server.accept): text, not a pickle
+            close_fds(fds)
+            self.dead = f"it refused this process: {bytes(payload[:1000]).decode(errors='replace')}"
+            self._lost()
+            return
         try:
             cid, ok, blob = pickle.loads(payload)
             if ok:
@@ -492,6 +498,25 @@ _clients: weakref.WeakValueDictionary[str, _Client] = weakref.WeakValueDictionar
 _clients_lock = threading.Lock()
 
 
+def refusal(peer_uid: int, actor_uid: int, actor_pid: int) -> str:
+    """Why a process of *peer_uid* may not call an actor run by *actor_uid*."""
+    return (
+        f"the actor in process {actor_pid} runs as uid {actor_uid} and this process as uid {peer_uid}: "
+        "an actor serves only processes of its own user (root's actors serve only root, and root "
+        "cannot reach other users' actors), because every call is a pickle, which runs code as the "
+        "actor's user. Create the actor in a process of the user that calls it"
+    )
+
+
+def _check_peer(sock: socket.socket, actor_pid: int) -> None:
+    """Refuse to talk to an actor of another user: its replies are pickles,
+    which would run its code as us (and ours would run as it)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
+    _pid, uid, _gid = _CREDS.unpack(creds)
+    if uid != os.geteuid():
+        raise PermissionError(errno.EACCES, refusal(os.geteuid(), uid, actor_pid))
+
+
 def _client_for(address: str, actor_pid: int, name: str) -> _Client:
     with _clients_lock:
         client = _clients.get(address)
@@ -501,6 +526,10 @@ def _client_for(address: str, actor_pid: int, name: str) -> _Client:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
             sock.connect(address)
+            _check_peer(sock, actor_pid)
+        except PermissionError:
+            sock.close()
+            raise
         except OSError as exc:
             sock.close()
             raise ActorDiedError(
@@ -945,7 +974,7 @@ class _Server:
         self.epoll.register(conn.fileno(), select.EPOLLIN)
         if watch is not None:
             self.epoll.register(watch, select.EPOLLIN)
-        self.uid = os.getuid()
+        self.uid = os.geteuid()
         # A process a method starts by fork must not hold our sockets (their
         # callers would then never see us die).
         os.register_at_fork(after_in_child=self.close)
@@ -1013,8 +1042,11 @@ class _Server:
         except OSError:
             sock.close()
             return
-        if uid != self.uid and self.uid != 0:
-            sock.close()  # another user's process: not ours to serve
+        if uid != self.uid:
+            # Another user's process (root's included, and any user's when we
+            # run as root): every call is a pickle, so serving it would run
+            # their code as us.  Say why, as text, never as a pickle.
+            refuse_connection(sock, refusal(uid, self.uid, os.getpid()))
             return
         self.conns[sock.fileno()] = sock
         self.epoll.register(sock.fileno(), select.EPOLLIN)

@@ -10,10 +10,12 @@ actor's connections share with Connection.
 from ._channel import Channel as Channel
 from ._connection import Connection as Connection
 from ._connection import Pipe as Pipe
+from ._packet import BYTES as BYTES
 from ._packet import SNDBUF as SNDBUF
 from ._packet import close_fds as close_fds
 from ._packet import encode as encode
 from ._packet import recv_packet as recv_packet
+from ._packet import refuse_connection as refuse_connection
 from ._packet import send_packet as send_packet
 from ._packet import socketpair as socketpair
 from ._queue import JoinableQueue as JoinableQueue
@@ -21,6 +23,7 @@ from ._queue import Queue as Queue
 from ._queue import SimpleQueue as SimpleQueue
 
 __all__ = (
+    "BYTES",
     "SNDBUF",
     "Channel",
     "Connection",
@@ -31,6 +34,7 @@ __all__ = (
     "close_fds",
     "encode",
     "recv_packet",
+    "refuse_connection",
     "send_packet",
     "socketpair",
 )

@@ -387,6 +387,28 @@ def _read_fd(fd: int, size: int) -> bytes:
     return data
 
 
+def refuse_connection(sock: socket.socket, reason: str) -> None:
+    """Tell the peer of *sock* why it is refused (a ``BYTES`` datagram of
+    text: never a pickle, which the peer may not trust), then close.
+
+    The datagrams it sent already are read and dropped first, after our
+    receive side is shut (so it cannot add more): closing a socket with
+    unread data makes the peer's next read fail with ECONNRESET before it
+    sees the reason."""
+    try:
+        sock.sendmsg([_KINDS[BYTES], reason.encode()], (), _DONTWAIT)
+        sock.shutdown(socket.SHUT_RDWR)
+        while True:
+            _data, anc, _flags, _ = sock.recvmsg(1, _ANC_SIZE, _CLOEXEC | _DONTWAIT)
+            if not _data:
+                break
+            close_fds(_cmsg_fds(anc))
+    except OSError:
+        pass  # gone, or nothing left to read
+    finally:
+        sock.close()
+
+
 def _cmsg_fds(anc) -> list[int]:
     fds: list[int] = []
     for level, kind, data in anc:
