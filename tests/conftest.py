@@ -2,7 +2,14 @@
 
 After each test no child process, file descriptor or /dev/shm entry that the
 test created may remain (the forkserver and resource tracker that
-multiprocessing keeps for the whole session are allowed).  Processes already
+multiprocessing keeps for the whole session are allowed).
+
+/dev/shm is shared with every other program on the machine (joblib, loky,
+another test run), so only what this test run made may count: run as root,
+the session gets a /dev/shm of its own (a private mount namespace with a
+fresh tmpfs there, which every process it starts inherits); otherwise only
+entries that name a process of this run (``sem.loky-<pid>-...``) or that no
+other program's naming explains are counted (see ``_ours``).  Processes already
 running when a test starts belong to a class-scoped setup (CPython's test
 classes make their pool or manager in ``setUpClass``); a class that sets
 ``CHECK_CLASS_LEAKS = True`` gets the same check around the whole class.
@@ -10,9 +17,11 @@ classes make their pool or manager in ``setUpClass``); a class that sets
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing
 import os
+import re
 import time
 
 import psutil
@@ -69,11 +78,49 @@ def _children(already_running: frozenset[int] = frozenset()) -> list[psutil.Proc
     return [k for k in kids if k.pid not in helpers and k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
 
 
+def _private_dev_shm() -> bool:
+    """Give this process (and every process it starts) a /dev/shm of its
+    own: a new mount namespace, with a tmpfs the size of the real one."""
+    if os.geteuid() != 0 or not os.path.isdir("/dev/shm"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newns, ms_rec, ms_private = 0x00020000, 0x4000, 1 << 18
+    st = os.statvfs("/dev/shm")
+    size = max(st.f_blocks * st.f_frsize, 256 << 20)
+    if libc.unshare(clone_newns) != 0:
+        return False
+    if libc.mount(None, b"/", None, ms_rec | ms_private, None) != 0:
+        return False
+    options = f"size={size},mode=1777".encode()
+    return libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", 0, options) == 0
+
+
+PRIVATE_DEV_SHM = False
+
+
+def pytest_configure(config):
+    global PRIVATE_DEV_SHM
+    PRIVATE_DEV_SHM = _private_dev_shm()
+
+
 def _shm() -> set[str]:
     try:
         return set(os.listdir("/dev/shm"))
     except FileNotFoundError:
         return set()
+
+
+_PID_IN_NAME = re.compile(r"(?:^|[-_.])(\d{2,})(?=[-_.]|$)")
+
+
+def _ours(name: str, pids: set[int]) -> bool:
+    """Whether a new /dev/shm entry may be this run's (without a private /dev/shm)."""
+    if PRIVATE_DEV_SHM:
+        return True
+    named = {int(n) for n in _PID_IN_NAME.findall(name)}
+    if named:
+        return bool(named & pids)
+    return not name.startswith(("joblib_", "sem.loky-", "loky-"))
 
 
 @pytest.fixture(autouse=True)
@@ -89,8 +136,16 @@ def no_class_leaks(request):
         yield
 
 
+def _tree_pids() -> set[int]:
+    try:
+        return {os.getpid(), *(k.pid for k in psutil.Process().children(recursive=True))}
+    except psutil.Error:
+        return {os.getpid()}
+
+
 def _leak_check():
     running = frozenset(k.pid for k in _children())
+    pids = _tree_pids()
     fds_before = open_fds()
     shm_before = _shm()
     yield
@@ -99,7 +154,8 @@ def _leak_check():
         gc.collect()
         kids = _children(running)
         new_fds = open_fds() - fds_before - _session_fds()
-        new_shm = _shm() - shm_before
+        pids |= _tree_pids()
+        new_shm = {name for name in _shm() - shm_before if _ours(name, pids)}
         if not (kids or new_fds or new_shm) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
