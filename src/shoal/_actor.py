@@ -82,13 +82,11 @@ import traceback
 import weakref
 from typing import Any
 
-import cloudpickle
-
 from ._asyncresult import settle_future as _settle
 from ._engine import engine_descriptors
 from ._engine import set_pdeathsig as _set_pdeathsig
 from ._ipc import BYTES, SNDBUF, close_fds, encode, recv_packet, refuse_connection, send_packet, socketpair
-from ._serialization import loads_with, pack_exception, unpack_exception
+from ._serialization import loads_with, pack_exception, pickle_code, starting_process, unpack_exception
 from .exceptions import ActorDiedError, SerializationError, describe_exitcode
 
 __all__ = ("Actor",)
@@ -640,16 +638,16 @@ def _at_exit() -> None:
 
 
 class _Constructor:
-    """``cls(*args, **kwargs)`` on its way to the actor process: pickled with
-    cloudpickle (classes defined in ``__main__`` or a notebook work under
-    spawn), inside the standard library's process pickling (so descriptors
-    inside the arguments reach the child)."""
+    """``cls(*args, **kwargs)`` on its way to the actor process: pickled by
+    shoal's policy for code (a class the actor process cannot import, as in
+    a notebook under spawn, travels by value), inside the standard library's
+    process pickling (so descriptors inside the arguments reach the child)."""
 
     def __init__(self, cls, args, kwargs) -> None:
         self.spec = (cls, args, kwargs)
 
     def __reduce__(self):
-        return _load_constructor, (cloudpickle.dumps(self.spec, 5),)
+        return _load_constructor, (pickle_code(self.spec),)
 
     def build(self):
         cls, args, kwargs = self.spec
@@ -657,7 +655,7 @@ class _Constructor:
 
 
 def _load_constructor(data: bytes) -> _Constructor:
-    return _Constructor(*cloudpickle.loads(data))
+    return _Constructor(*pickle.loads(data))
 
 
 # -- the handle -------------------------------------------------------------------
@@ -735,7 +733,8 @@ class Actor:
                 daemon=False,
             )
             try:
-                proc.start()
+                with starting_process():
+                    proc.start()
             except (pickle.PicklingError, TypeError, AttributeError) as exc:
                 raise SerializationError(
                     f"cannot send the class or constructor arguments of the {name} actor "

@@ -80,7 +80,6 @@ import weakref
 from collections import OrderedDict, deque
 from typing import Any, cast
 
-import cloudpickle
 import dask
 import distributed
 
@@ -97,7 +96,7 @@ from ._engine import (
 )
 from ._engine import CallbackThread as _CallbackThread
 from ._fd import fd_from_buffer, map_private_fd, sending_fds
-from ._serialization import dumps, find_unpicklable, loads, pack_exception, unpack_exception
+from ._serialization import dumps, find_unpicklable, loads, pack_exception, pickle_code, unpack_exception
 from .exceptions import (
     PoolClosedError,
     RemoteTraceback,
@@ -179,15 +178,14 @@ def _pickle(obj: Any, what: str) -> tuple[bytes, list[pickle.PickleBuffer]]:
 
     try:
         with sending_fds(_REFUSE):
-            for dump in (pickle.dumps, cloudpickle.dumps):
-                large.clear()
-                try:
-                    return dump(obj, 5, buffer_callback=keep_large), large
-                except _NodeLocalError:
-                    raise _node_local_error(obj, what) from None
-                except Exception:  # noqa: BLE001 - the next pickler, then shoal's message
-                    continue
-            dumps(obj, what=what)  # fails again, with shoal's message naming the culprit
+            try:
+                # A Dask worker runs its own __main__: code of ours travels by value.
+                return pickle_code(obj, keep_large, foreign=True), large
+            except _NodeLocalError:
+                raise _node_local_error(obj, what) from None
+            except Exception:  # noqa: BLE001 - shoal's message next
+                pass
+            dumps(obj, what=what, foreign=True)  # fails again, with shoal's message naming the culprit
             raise SerializationError(f"cannot pickle {what}")
     except SerializationError as exc:
         if isinstance(exc.__cause__, _NodeLocalError):
@@ -315,7 +313,7 @@ def _run_batch(
             with _init_lock:
                 if token not in _initialized:
                     try:
-                        fn, args = cloudpickle.loads(init)
+                        fn, args = pickle.loads(init)
                         fn(*args)
                         _initialized[token] = None
                     except BaseException as exc:  # noqa: BLE001 - reported to the pool
@@ -529,7 +527,7 @@ class DaskEngine(Engine):
             raise TypeError(f"initializer must be a callable, got {type(initializer).__name__}")
         try:
             self._init = (
-                cloudpickle.dumps((initializer, tuple(initargs))) if initializer is not None else None
+                pickle_code((initializer, tuple(initargs)), foreign=True) if initializer is not None else None
             )
         except Exception as exc:
             raise SerializationError(f"cannot pickle the initializer or its initargs: {exc}") from exc

@@ -71,9 +71,7 @@ class's registry, plus the types registered on the standard library's
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -90,10 +88,8 @@ from multiprocessing.managers import (  # type: ignore[attr-defined]  # not in t
 )
 from typing import Any
 
-import cloudpickle
-
 from ._fd import collecting
-from ._serialization import dumps
+from ._serialization import dumps, pickle_code
 from ._shm import SharedDict
 
 __all__ = ("Manager",)
@@ -204,15 +200,24 @@ class _Refs:
 
     # StorageRefs
     def dumps(self, obj: Any, what: str) -> bytes:
-        for pickler in (_RefPickler, _RefCloudPickler):
-            buf = io.BytesIO()
-            p = pickler(buf, self)
+        errors: list[Exception] = []
+
+        def by_reference(value: Any) -> Any:
             try:
-                p.dump(obj)
-                return buf.getvalue()
-            except Exception:  # noqa: BLE001 - the next pickler, then the usual message
-                if p.error is not None:  # pinning failed: the server is gone, ...
-                    raise p.error from None
+                if isinstance(value, SharedDict):
+                    return self.reduce(value)
+                if isinstance(value, BaseProxy):
+                    _pin_proxy(value)
+            except Exception as exc:
+                errors.append(exc)
+                raise
+            return NotImplemented
+
+        try:
+            return pickle_code(obj, reduce=by_reference)
+        except Exception:  # noqa: BLE001 - the usual message next
+            if errors:  # pinning failed: the server is gone, ...
+                raise errors[0] from None
         return dumps(obj, what=what)  # raises, with the usual message
 
     def reduce(self, d: SharedDict) -> tuple:
@@ -300,38 +305,6 @@ def _pin_proxy(proxy: BaseProxy) -> None:
         dispatch(conn, None, "incref", (token.id,))
     finally:
         conn.close()
-
-
-def _reducer_override(self: _RefPickler | _RefCloudPickler, obj: Any) -> Any:
-    try:
-        if isinstance(obj, SharedDict):
-            return self.refs.reduce(obj)
-        if isinstance(obj, BaseProxy):
-            _pin_proxy(obj)
-    except Exception as exc:
-        self.error = exc
-        raise
-    return NotImplemented
-
-
-class _RefPickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, refs: _Refs) -> None:
-        super().__init__(file, 5)
-        self.refs = refs
-        self.error: Exception | None = None
-
-    reducer_override = _reducer_override
-
-
-class _RefCloudPickler(cloudpickle.Pickler):
-    def __init__(self, file: io.BytesIO, refs: _Refs) -> None:
-        super().__init__(file, 5)
-        self.refs = refs
-        self.error: Exception | None = None
-
-    def reducer_override(self, obj: Any) -> Any:
-        result = _reducer_override(self, obj)
-        return super().reducer_override(obj) if result is NotImplemented else result
 
 
 # -- the manager's dict ----------------------------------------------------------

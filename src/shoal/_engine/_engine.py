@@ -112,7 +112,6 @@ import itertools
 import multiprocessing
 import multiprocessing.util  # its atexit handler joins children; ours must run first
 import os
-import pickle
 import sys
 import threading
 import traceback
@@ -123,11 +122,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import cloudpickle
-
 from .._fd import WarmSegments, collecting_fds, swap_sending
 from .._native import raw_task
-from .._serialization import dumps
+from .._serialization import dumps, function_bytes, pickle_code
 from ..exceptions import PoolClosedError, RemoteTraceback, ShoalError, WorkerStartError, serialization_error
 from . import _local
 from ._callbacks import CallbackThread
@@ -270,7 +267,7 @@ class Engine:
                 # descriptors (a SharedArray's) beside its first message.
                 with collecting_fds() as fds:
                     try:
-                        cloudpickle.dumps(config_args)
+                        pickle_code(config_args)
                     finally:
                         for fd in fds:
                             os.close(fd)
@@ -304,9 +301,11 @@ class Engine:
         self._control: deque = deque()
         self._ids = itertools.count(1)
         self._fn_ids = itertools.count(1)
-        self._fn_cache: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
+        #: id(fn) -> (fn, fn id, its pickle, None), or for a function sent by value
+        #: (a weak reference to fn, fn id, its pickle, whether the pickle is still current)
+        self._fn_cache: OrderedDict[int, tuple[Any, int, bytes, Any]] = OrderedDict()
         #: the entry of the function submitted last (most submits repeat it)
-        self._last_fn: tuple[Any, int, bytes] = (None, 0, b"")
+        self._last_fn: tuple[Any, int, bytes, Any] = (None, 0, b"", None)
         self._fn_lock = threading.Lock()
         self._workers: dict[int, Worker] = {}  # keyed by status slot; the scheduler's
         # Seconds per item, by function id (0: functions sent with each task),
@@ -404,32 +403,38 @@ class Engine:
         workers that have not seen it yet; ``(0, None)`` when *fn* must
         travel inside each task instead.
 
-        Only functions that pickle by reference (module-level functions,
-        including those of ``__main__``, and builtins) are cached: a worker
-        looks them up by name in its own copy of the module, as with the
-        standard library.  Lambdas, closures and nested functions are pickled
-        by value with cloudpickle, capturing the values they refer to, so
-        they are pickled again for every task and always carry the current
-        values.  So are partials, bound methods and callable objects.
+        Functions and builtins are cached, pickled by shoal's policy for
+        code (:func:`shoal._serialization.function_bytes`): by name where
+        the workers can import them, as with the standard library, else by
+        value.  A function sent by value is pickled again when a global it
+        uses was rebound since (the entry's fourth item checks), so workers
+        get the current value.  Closures, partials, bound methods and
+        callable objects travel inside each task, so they always carry the
+        current values of what they hold.
         """
-        if type(fn) is not types.FunctionType and type(fn) is not types.BuiltinFunctionType:
+        if type(fn) is types.FunctionType:
+            if fn.__closure__ is not None:
+                return 0, None
+        elif type(fn) is not types.BuiltinFunctionType:
             return 0, None
         key = id(fn)
         entry = self._fn_cache.get(key)  # a dict read is atomic: no lock needed
-        if entry is not None and entry[0] is fn:
-            return entry[1], entry
-        if (
-            fn.__module__ == "__main__"
-            and self._ctx.get_start_method() != "fork"
-            and not getattr(sys.modules.get("__main__"), "__file__", None)
-        ):
-            return 0, None  # an interactive __main__: a spawned worker cannot import it
+        if entry is not None:
+            if entry[3] is None:
+                if entry[0] is fn:
+                    return entry[1], entry
+            elif entry[0]() is fn and entry[3]():
+                return entry[1], entry
         try:
-            fn_bytes = pickle.dumps(fn, 5)  # by reference, or it raises
-        except Exception:  # noqa: BLE001 - not importable by name: pickle by value per task
+            fn_bytes, current = function_bytes(fn)
+        except Exception:  # noqa: BLE001 - pickled per task instead, which raises with the usual message
             return 0, None
+        # A function sent by name lives as long as its module anyway; one
+        # sent by value (a lambda) is held weakly: the caller keeps nothing
+        # of a finished task.
+        held = fn if current is None else weakref.ref(fn)
         with self._fn_lock:
-            entry = (fn, next(self._fn_ids), fn_bytes)
+            entry = (held, next(self._fn_ids), fn_bytes, current)
             self._fn_cache[key] = entry
             if len(self._fn_cache) > 4 * FN_CACHE:
                 self._fn_cache.popitem(last=False)
@@ -466,12 +471,12 @@ class Engine:
         apply_async and submit, kept short on purpose."""
         if self._state != _RUN or self._generation != _fork_generation:
             self._check_running()
-        entry = self._last_fn  # (fn, fn_id, fn_bytes), read once: callers may race
+        entry = self._last_fn  # (fn, fn_id, fn_bytes, None), read once: callers may race
         if entry[0] is fn:
             fn_id = entry[1]
         else:
             fn_id, entry = self.function_ref(fn)
-            if fn_id:
+            if fn_id and entry[3] is None:  # by name: never pickled again
                 self._last_fn = entry
         if timeout is None:
             timeout = self.task_timeout
@@ -589,7 +594,10 @@ class Engine:
 
     def _fn_key(self, fn) -> int:
         entry = self._fn_cache.get(id(fn))
-        return entry[1] if entry is not None and entry[0] is fn else 0
+        if entry is None:
+            return 0
+        held = entry[0] if entry[3] is None else entry[0]()
+        return entry[1] if held is fn else 0
 
     def inflight_bound(self, fn=None, chunksize: int = 1) -> int:
         """How many tasks an imap keeps submitted but unconsumed: enough for

@@ -43,12 +43,10 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-import cloudpickle
-
 from .._fd import collecting_fds, create_fd
 from .._ipc import Channel
 from .._native import batch_columns, deliver_plain, drop_skipped
-from .._serialization import loads_with, unpack_exception
+from .._serialization import loads_with, pickle_code, starting_process, unpack_exception
 from ..exceptions import (
     PoolClosedError,
     RemoteTraceback,
@@ -240,7 +238,7 @@ class Scheduler:
         try:
             with collecting_fds() as fds:
                 fds.extend(first_fds)
-                config_bytes = cloudpickle.dumps(config)
+                config_bytes = pickle_code(config)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -260,7 +258,8 @@ class Scheduler:
                 name=f"shoal-worker-{slot}",
                 daemon=False,
             )
-            proc.start()
+            with starting_process():
+                proc.start()
         except BaseException:
             parent_ch.close()
             child_ch.close()

@@ -62,8 +62,6 @@ import time
 from itertools import repeat
 from typing import Any
 
-import cloudpickle
-
 from .._fd import WarmSegments, providing_fds, swap_sending
 from .._ipc import Channel
 from .._serialization import dumps, loads_with, pack_exception
@@ -112,7 +110,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 class WorkerConfig:
-    """Everything a worker needs, pickled once with cloudpickle."""
+    """Everything a worker needs, pickled once (its hooks by shoal's policy for code)."""
 
     __slots__ = (
         "initargs",
@@ -205,13 +203,13 @@ def _forget_parents_forkserver(closed: tuple[int, ...]) -> None:
 
 
 def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
-    # The first message carries the configuration (pickled with cloudpickle,
-    # so initializers may be lambdas under spawn) and the status block's fd.
+    # The first message carries the configuration (its hooks pickled by
+    # value where this process cannot import them) and the status block's fd.
     first = channel.recv()
     if first is None:
         return
     with providing_fds(first[1]):  # the initargs may hold a SharedArray
-        config: WorkerConfig = cloudpickle.loads(first[0])
+        config: WorkerConfig = pickle.loads(first[0])
     if hooks is not None:
         config.initializer, config.initargs, config.worker_init, config.worker_exit = hooks
     if config.pdeathsig:
@@ -290,7 +288,7 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
                     functions.pop(old, None)
                 continue
             try:
-                functions[fn_id] = cloudpickle.loads(fn_bytes)
+                functions[fn_id] = pickle.loads(fn_bytes)
             except BaseException as exc:  # noqa: BLE001 - fails the tasks that use it
                 functions[fn_id] = _Unloadable(exc)
         # The results, as parallel lists (the wire format of RESULTS): what
