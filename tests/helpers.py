@@ -5,12 +5,14 @@ instead of hanging the session."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 # -- running Python in a fresh interpreter ----------------------------------------
 
@@ -215,3 +217,58 @@ def limit_descriptors_in_flight() -> tuple[int, int]:
     limit = 2 * len(open_fds()) + 256
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     return limit, limit + 100
+
+
+# -- a real Dask cluster ------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def dask_cluster(where, workers: int = 2, env: dict | None = None, timeout: float = 60):
+    """Start ``dask scheduler`` and *workers* ``dask worker`` processes (one
+    thread each) on loopback, in directory *where* (their log is
+    ``cluster.log`` there), with environment *env*; yield the scheduler's
+    address and the list of their processes; stop them all (SIGTERM, then
+    SIGKILL) at the end.  Skips the
+    test when the ``dask`` command is not installed beside this Python."""
+    import pytest
+
+    distributed = pytest.importorskip("distributed")
+    dask_cli = Path(sys.executable).parent / "dask"
+    if not dask_cli.exists():
+        pytest.skip("the `dask` command is not installed beside this Python")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    port = address.rsplit(":", 1)[1]
+    commands = [[str(dask_cli), "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"]]
+    worker = [str(dask_cli), "worker", address, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
+    commands += [worker] * workers
+    procs = []
+    with open(Path(where) / "cluster.log", "w") as log:
+        try:
+            for command in commands:
+                procs.append(
+                    subprocess.Popen(
+                        command, stdout=log, stderr=log, env=env, cwd=where, start_new_session=True
+                    )
+                )
+            with distributed.Client(address, set_as_default=False, timeout=30) as client:
+                client.wait_for_workers(workers, timeout=timeout)
+            yield address, procs
+        finally:
+            for proc in reversed(procs):
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            for proc in procs:
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    kill_group(proc)

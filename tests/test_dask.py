@@ -13,11 +13,9 @@ import itertools
 import multiprocessing.pool
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,7 @@ distributed = pytest.importorskip(
 np = pytest.importorskip("numpy")
 
 import shoal  # noqa: E402
+from helpers import dask_cluster, free_port  # noqa: E402
 from workers import add, crash_on, identity, raise_value_error, sleep_then, square  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -216,7 +215,7 @@ def test_unsupported_options_and_bad_backends_raise(cluster):
 def test_an_address_where_no_scheduler_listens_raises_connection_error():
     import dask
 
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         with pytest.raises(ConnectionError, match="cannot connect to the Dask scheduler at tcp://127.0.0.1"):
             shoal.Pool(backend="dask", address=address)
@@ -375,59 +374,9 @@ def test_a_task_that_kills_every_worker_fails_with_worker_died_error_naming_it()
         assert p.map(square, range(5)) == [0, 1, 4, 9, 16]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_workers(address: str, n: int, deadline: float) -> None:
-    with distributed.Client(address, set_as_default=False, timeout=30) as client:
-        client.wait_for_workers(n, timeout=max(1.0, deadline - time.monotonic()))
-
-
 def test_a_real_scheduler_and_two_workers(tmp_path):
-    dask_cli = Path(sys.executable).parent / "dask"
-    if not dask_cli.exists():
-        pytest.skip("the `dask` command is not installed beside this Python")
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    log = open(tmp_path / "cluster.log", "w")  # noqa: SIM115 - closed in finally
-    procs = []
-    try:
-        procs.append(
-            subprocess.Popen(
-                [str(dask_cli), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                stdout=log,
-                stderr=log,
-                env=env,
-                cwd=tmp_path,
-                start_new_session=True,
-            )
-        )
-        for _ in range(2):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        str(dask_cli),
-                        "worker",
-                        address,
-                        "--nthreads",
-                        "1",
-                        "--no-dashboard",
-                        "--host",
-                        "127.0.0.1",
-                    ],
-                    stdout=log,
-                    stderr=log,
-                    env=env,
-                    cwd=tmp_path,
-                    start_new_session=True,
-                )
-            )
-        _wait_for_workers(address, 2, time.monotonic() + 60)
-
+    with dask_cluster(tmp_path, workers=2, env=env) as (address, procs):
         got = []
         with shoal.Pool(backend="dask", address=address) as p:
             assert p.processes == 2
@@ -442,19 +391,6 @@ def test_a_real_scheduler_and_two_workers(tmp_path):
             assert ex.submit(add, 2, 2).result(30) == 4
         # the pools did not stop the cluster they did not start
         assert all(proc.poll() is None for proc in procs)
-    finally:
-        for proc in reversed(procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
 
 
 # Before: Ctrl-C in a Dask pool's map sent "interrupt" to a dispatcher that
