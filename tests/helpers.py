@@ -5,7 +5,9 @@ instead of hanging the session."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -56,6 +58,103 @@ def kill_group(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+# -- running a program the ways users do -------------------------------------------
+
+#: sitecustomize.py there sets the start method a user's program runs with.
+SITE = Path(__file__).resolve().parent / "programs" / "site"
+#: A file, python -c, stdin, python -i fed on stdin, IPython, notebook cells in a Jupyter kernel.
+USER_WAYS = ("file", "-c", "stdin", "interactive", "ipython", "notebook")
+
+
+def statements(source: str) -> list[str]:
+    """The top-level statements of *source*, each as typed at a prompt: no
+    docstring (it would be echoed), no blank or comment line inside a block."""
+    lines = source.splitlines()
+    body = ast.parse(source).body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    out = []
+    for node in body:
+        first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", ()))])
+        chunk = [
+            line
+            for line in lines[first - 1 : node.end_lineno]
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+        out.append("\n".join(chunk))
+    return out
+
+
+def _interactive(source: str) -> str:
+    """*source* for ``python -i``: a blank line ends each top-level statement."""
+    return "".join(statement + "\n\n" for statement in statements(source))
+
+
+def run_as_user(
+    source: str, way: str, cwd: Path, env: dict[str, str], timeout: float = 100
+) -> subprocess.CompletedProcess[str]:
+    """Run the program *source* in a fresh interpreter the *way* a user
+    would (one of USER_WAYS), in directory *cwd*, with environment *env*
+    (see user_env); a run that outlives *timeout* is killed with its whole
+    process group and reported as exit status -9."""
+    args: list[str] = [sys.executable]
+    stdin = None
+    if way == "notebook":
+        import pytest
+
+        pytest.importorskip("ipykernel")
+        pytest.importorskip("jupyter_client")
+        args += [str(SITE / "notebook.py"), str(timeout - 10)]
+        stdin = json.dumps(statements(source))
+    elif way == "ipython":
+        import pytest
+
+        pytest.importorskip("IPython")
+        args = [sys.executable, "-m", "IPython", "--quick", "--no-banner", "--colors=NoColor", "-c", source]
+    elif way == "file":
+        script = cwd / "program.py"
+        script.write_text(source, encoding="utf-8")
+        args.append(str(script))
+    elif way == "-c":
+        args += ["-c", source]
+    elif way == "stdin":
+        args.append("-")
+        stdin = source
+    elif way == "interactive":
+        args.append("-i")
+        stdin = _interactive(source)
+    proc = subprocess.Popen(
+        args,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=env,
+        encoding="utf-8",
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        err += f"\n[killed after {timeout} s]"
+    finally:
+        kill_group(proc)  # what it left behind (the standard library's pool may leave workers)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def user_env(start_method: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a user's program: this one, with nothing of tests/
+    importable, and *start_method* made the default (by SITE's sitecustomize)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SHOAL_TEST_START_METHOD")}
+    env["PYTHONPATH"] = str(SITE)  # not tests/: the program imports nothing from here
+    if start_method:
+        env["SHOAL_TEST_START_METHOD"] = start_method
+    env.update(extra)
+    return env
 
 
 # -- waiting ------------------------------------------------------------------------

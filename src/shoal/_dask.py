@@ -67,6 +67,7 @@ interrupted, so ``cancel()`` fails it at once and drops its late result.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
 import pickle
@@ -96,7 +97,15 @@ from ._engine import (
 )
 from ._engine import CallbackThread as _CallbackThread
 from ._fd import fd_from_buffer, map_private_fd, sending_fds
-from ._serialization import dumps, find_unpicklable, loads, pack_exception, pickle_code, unpack_exception
+from ._serialization import (
+    dumps,
+    find_unpicklable,
+    loads,
+    pack_exception,
+    pickle_code,
+    starting_process,
+    unpack_exception,
+)
 from .exceptions import (
     PoolClosedError,
     RemoteTraceback,
@@ -565,6 +574,7 @@ class DaskEngine(Engine):
         self._exit_results: list[tuple[bool, Any]] = []
 
         self._cluster = None
+        self._starting = contextlib.ExitStack()  # see starting_process below
         self._address = address
         if address is None:
             cpus = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
@@ -576,6 +586,10 @@ class DaskEngine(Engine):
                 "distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
                 "distributed.scheduler.worker-saturation": 1.0,
             }
+            # Its nannies start (and restart) worker processes from this
+            # process for as long as it runs: none may try to run a main
+            # module that is not a file (a program read from stdin).
+            self._starting.enter_context(starting_process())
             with dask.config.set(settings):
                 self._cluster = distributed.LocalCluster(
                     n_workers=n,
@@ -1139,3 +1153,4 @@ class DaskEngine(Engine):
         cluster, self._cluster = self._cluster, None
         if cluster is not None:
             cluster.close()
+        self._starting.close()

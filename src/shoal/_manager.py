@@ -72,6 +72,7 @@ class's registry, plus the types registered on the standard library's
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -89,7 +90,7 @@ from multiprocessing.managers import (  # type: ignore[attr-defined]  # not in t
 from typing import Any
 
 from ._fd import collecting
-from ._serialization import dumps, pickle_code
+from ._serialization import dumps, pickle_code, starting_process
 from ._shm import SharedDict
 
 __all__ = ("Manager",)
@@ -307,6 +308,16 @@ def _pin_proxy(proxy: BaseProxy) -> None:
         conn.close()
 
 
+class _Registry(dict):
+    """The types a manager's server makes, on their way to its process:
+    pickled by shoal's policy for code, so a class of a notebook or of a
+    program read from stdin reaches a spawned server (the standard library
+    pickles them by name, which such a server cannot find)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return pickle.loads, (pickle_code(dict(self)),)
+
+
 # -- the manager's dict ----------------------------------------------------------
 
 
@@ -451,7 +462,7 @@ class Manager:
         server = _SyncManager(**self._options)
         # This class's registered types, and those registered on the standard
         # library's SyncManager (which multiprocessing.Manager() serves).
-        server._registry = {**SyncManager._registry, **type(self)._registry}  # type: ignore[attr-defined]  # not in typeshed
+        server._registry = _Registry({**SyncManager._registry, **type(self)._registry})  # type: ignore[attr-defined]  # not in typeshed
         return server
 
     def __getattr__(self, name: str) -> Any:
@@ -468,7 +479,8 @@ class Manager:
             self._check_running()
             if self._server is None:
                 server = self._new_server()
-                server.start()
+                with starting_process():
+                    server.start()
                 self._server = server
             return self._server
 
@@ -483,7 +495,8 @@ class Manager:
             if self._server is not None:
                 raise ProcessError("Already started server")
             server = self._new_server()
-            server.start(initializer, initargs)
+            with starting_process():  # a program read from stdin: its server is not to run "<stdin>"
+                server.start(initializer, initargs)
             self._server = server
 
     def shutdown(self) -> None:

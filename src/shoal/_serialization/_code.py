@@ -453,21 +453,28 @@ _MISSING = object()
 
 # -- starting processes -----------------------------------------------------------------
 
-_starting = threading.local()
+#: How many starting_process() blocks are open in this process.  Not per
+#: thread: a Dask cluster shoal starts launches its processes from its own
+#: event-loop thread while the caller waits.
+_starting = 0
+_starting_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def starting_process() -> Iterator[None]:
-    """Around ``Process.start()``: a main module that is not a file (a
+    """Around starting a process: a main module that is not a file (a
     program read from stdin) is not run again in a spawned or forkserver
     child (the standard library's child would try to run ``<stdin>`` as a
     path and exit with an error)."""
+    global _starting
     _install_preparation_hook()
-    _starting.active = getattr(_starting, "active", 0) + 1
+    with _starting_lock:
+        _starting += 1
     try:
         yield
     finally:
-        _starting.active -= 1
+        with _starting_lock:
+            _starting -= 1
 
 
 _hook_installed = False
@@ -483,7 +490,7 @@ def _install_preparation_hook() -> None:
 
     def get_preparation_data(name: str) -> dict[str, Any]:
         data = original(name)
-        if getattr(_starting, "active", 0):
+        if _starting:
             path = data.get("init_main_from_path")
             if path is not None and not os.path.isfile(path):
                 del data["init_main_from_path"]
