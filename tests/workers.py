@@ -60,6 +60,21 @@ def exit_now(code=3):
     os._exit(code)
 
 
+def call_sys_exit(code=3):
+    """A task that ends its process the polite way: sys.exit(code)."""
+    import sys
+
+    sys.exit(code)
+
+
+def exit_on(x, bad=3):
+    if x == bad:
+        import sys
+
+        sys.exit(bad)
+    return x * x
+
+
 def return_lock(_=None):
     return threading.Lock()
 

@@ -38,7 +38,7 @@ import cloudpickle
 
 from ._fd import WarmSegments, collecting, create_fd, map_leased, map_private_fd, providing_fds, reduce_fd
 from ._native import copy_into
-from .exceptions import RemoteError, RemoteTraceback, SerializationError, serialization_error
+from .exceptions import RemoteError, RemoteTraceback, SerializationError, TaskExitError, serialization_error
 
 
 class _Buffers(threading.local):
@@ -574,12 +574,17 @@ def _load_exception(data, name, message, tb, cls_data, args_data, state_data) ->
         return RemoteError(name, message, tb)
 
 
-def pack_exception(exc: BaseException) -> bytes:
+def pack_exception(exc: BaseException, who: str = "the task") -> bytes:
     """Pickle a worker's exception for the parent; never fails.
 
-    If the exception itself cannot be pickled, a :class:`SerializationError`
-    carrying its type, message and traceback text is sent instead.
+    *who* raised it, for messages: ``"the task"``, ``"Counter.incr()"``.
+    A ``SystemExit`` is sent as a :class:`TaskExitError` (re-raised in the
+    caller, it would end the caller's program, silently).  If the exception
+    itself cannot be pickled, a :class:`SerializationError` carrying its
+    type, message and traceback text is sent instead.
     """
+    if isinstance(exc, SystemExit):
+        exc = _task_exit(exc, who)
     try:
         wrapped = _ExceptionWithTraceback(exc)
         tb = wrapped.tb
@@ -592,10 +597,20 @@ def pack_exception(exc: BaseException) -> bytes:
         raise TypeError("not formattable")
     except BaseException as pickling_error:  # noqa: BLE001 - this function never fails
         substitute = SerializationError(
-            f"the task raised {type(exc).__qualname__}: {_safe_str(exc)}, and that exception could not be "
+            f"{who} raised {type(exc).__qualname__}: {_safe_str(exc)}, and that exception could not be "
             f"pickled to send it back ({type(pickling_error).__name__}: {_safe_str(pickling_error)})"
         )
         return pickle.dumps(_PlainRemoteError(substitute, tb), _PROTOCOL)
+
+
+def _task_exit(exc: SystemExit, who: str) -> TaskExitError:
+    code = exc.code
+    if not isinstance(code, (int, str, type(None))):
+        code = _safe_str(code)  # printed by the interpreter as it would be, and surely picklable
+    error = TaskExitError(code, who)
+    # The remote traceback then shows the SystemExit and where it was raised.
+    error.__cause__ = exc
+    return error
 
 
 def _safe_str(obj: Any) -> str:
