@@ -631,11 +631,12 @@ class _PlainRemoteError:
         return _rebuild_exception, (self.exc, self.tb)
 
 
-def unpack_exception(data) -> BaseException:
+def unpack_exception(data, who: str = "the task") -> BaseException:
+    """The exception :func:`pack_exception` packed (*who* raised it)."""
     try:
         return loads(data)
     except Exception as exc:  # noqa: BLE001 - any unpickling error is reported as such
         return SerializationError(
-            f"the task raised an exception that could not be unpickled in the parent: "
+            f"{who} raised an exception that could not be unpickled in the parent: "
             f"{type(exc).__name__}: {exc}"
         )
