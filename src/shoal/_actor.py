@@ -1206,17 +1206,17 @@ class _Server:
     def reply(self, sock, cid: int, ok: bool, value, method: str = "") -> bool:
         """Send the outcome of *method* (``""``: of the construction)."""
         fds: list[int] = []
-        who = f"{self.name}.{method}()" if method else f"{self.name}()"
         if ok:
             try:
-                blob, fds = encode(value, f"the result of {who}")
+                # (The construction's result, a list of names, always pickles.)
+                blob, fds = encode(value, f"the result of {self.name}.{method}()")
             except Exception as exc:  # noqa: BLE001 - an unpicklable result fails this call only
                 ok = False
-                blob = pack_exception(exc, who)
+                blob = pack_exception(exc, self.who(method))
         else:
             # A SystemExit (the method called sys.exit()) becomes a
             # TaskExitError there: it must not end the caller's program.
-            blob = pack_exception(value, who)
+            blob = pack_exception(value, self.who(method))
         del value
         try:
             send_packet(sock, 0, pickle.dumps((cid, ok, blob), 5), fds)
@@ -1226,6 +1226,10 @@ class _Server:
             if fds:
                 close_fds(fds)
         return True
+
+    def who(self, method: str) -> str:
+        """``Counter.incr()`` (``Counter()``: the construction), for errors."""
+        return f"{self.name}.{method}()" if method else f"{self.name}()"
 
     def run_sends(self, obj, entries, fds) -> None:
         pos = 0
