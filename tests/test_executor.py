@@ -142,6 +142,19 @@ def test_failing_initializer_is_broken_process_pool():
             ex.submit(workers.square, 2).result(timeout=30)
 
 
+def test_an_initializer_calling_sys_exit_breaks_the_pool_saying_so(fork_or_spawn):
+    # The error said only "the pool cannot run tasks: 3", and a task already
+    # handed to the worker got it without the cause.
+    ctx = shoal.get_context(fork_or_spawn)
+    with shoal.ProcessPoolExecutor(1, initializer=workers.call_sys_exit, initargs=(3,), mp_context=ctx) as ex:
+        for _ in range(2):  # the first may reach the worker before its initializer fails
+            with pytest.raises(
+                shoal.WorkerStartError, match=r"the initializer called sys\.exit\(3\)"
+            ) as info:
+                ex.submit(workers.square, 2).result(timeout=30)
+            assert type(info.value.__cause__) is shoal.TaskExitError and info.value.__cause__.code == 3
+
+
 def test_max_workers_must_be_positive():
     with pytest.raises(ValueError, match="max_workers"):
         shoal.ProcessPoolExecutor(0)

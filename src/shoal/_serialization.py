@@ -606,7 +606,7 @@ def pack_exception(exc: BaseException, who: str = "the task") -> bytes:
 def _task_exit(exc: SystemExit, who: str) -> TaskExitError:
     code = exc.code
     if not isinstance(code, (int, str, type(None))):
-        code = _safe_str(code)  # printed by the interpreter as it would be, and surely picklable
+        code = _safe_str(code)  # sys.exit() takes any object: its text travels (what Python would print)
     error = TaskExitError(code, who)
     # The remote traceback then shows the SystemExit and where it was raised.
     error.__cause__ = exc

@@ -252,7 +252,9 @@ class TaskExitError(ShoalError):
     Code running in a worker or an actor cannot end the caller's program:
     that call fails with this error (the remote traceback, showing where
     ``sys.exit()`` was called, is the ``__cause__``) and the worker or actor
-    goes on.  It is not a ``SystemExit``, so an uncaught one is reported.
+    goes on.  It is not a ``SystemExit``, so an uncaught one is reported.  (An
+    initializer that calls ``sys.exit()`` breaks the pool: the
+    :class:`WorkerStartError` has this error as its ``__cause__``.)
 
     Attributes:
         code: what was passed to ``sys.exit()`` (``SystemExit.code``): an
