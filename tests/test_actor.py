@@ -19,7 +19,7 @@ import pytest
 from tests import workers
 
 import shoal
-from helpers import wait_until
+from helpers import run_python, wait_until
 from shoal.exceptions import RemoteTraceback
 
 
@@ -143,13 +143,135 @@ def test_exception_in_a_sent_call_is_printed_by_the_actor(capfd):
     assert "KeyError: 'nobody waits'" in err
 
 
-def test_unpicklable_argument_and_result_fail_only_that_call():
-    with shoal.Actor(workers.Counter) as counter:
-        with pytest.raises(shoal.SerializationError, match="arguments of Counter.echo"):
+def test_unpicklable_argument_result_or_exception_fail_only_that_call_naming_the_method(fork_or_spawn):
+    # The result's error said "the result of Counter", the exception's "the
+    # task raised": neither named the method.
+    with shoal.get_context(fork_or_spawn).Actor(workers.Counter) as counter:
+        with pytest.raises(shoal.SerializationError, match=r"arguments of Counter\.echo\(\)"):
             counter.echo(threading.Lock())
-        with pytest.raises(shoal.SerializationError, match="result of Counter"):
+        with pytest.raises(shoal.SerializationError, match=r"cannot pickle the result of Counter\.lock\(\)"):
             counter.lock()
+        with pytest.raises(
+            shoal.SerializationError, match=r"^Counter\.raise_unpicklable\(\) raised ErrorHoldingLock"
+        ):
+            counter.raise_unpicklable()
+        with pytest.raises(
+            shoal.SerializationError, match=r"the result of Counter\.unloadable\(\) could not be unpickled"
+        ):
+            counter.unloadable.submit().result(timeout=30)
         assert counter.incr() == 1
+
+
+def test_sys_exit_in_a_method_fails_that_call_and_the_actor_goes_on(fork_or_spawn):
+    # The SystemExit came back and was raised in the caller: the caller's
+    # program ended, silently, with the method's exit status.
+    with shoal.get_context(fork_or_spawn).Actor(workers.Counter) as counter:
+        pid = counter.process_id()
+        with pytest.raises(shoal.TaskExitError, match=r"Counter\.exit\(\) called sys\.exit\(3\)") as info:
+            counter.exit(3)
+        assert info.value.code == 3 and not isinstance(info.value, SystemExit)
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert "sys.exit(code)" in str(info.value.__cause__)  # where it was called
+        with pytest.raises(shoal.TaskExitError, match=r"sys\.exit\('done'\)") as info:
+            counter.exit.submit("done").result(timeout=30)
+        assert info.value.code == "done"
+        counter.exit.send(None)  # nobody waits: printed by the actor, which goes on
+        assert counter.incr() == 1 and counter.process_id() == pid
+
+
+def test_sys_exit_in_the_constructor_is_an_error_of_actor(fork_or_spawn):
+    with pytest.raises(shoal.TaskExitError, match=r"ExitInit\(\) called sys\.exit\(4\)") as info:
+        shoal.get_context(fork_or_spawn).Actor(workers.ExitInit, 4)
+    assert info.value.code == 4
+
+
+_EXITING_METHOD = textwrap.dedent(
+    """
+    import sys
+    import shoal
+
+    class Job:
+        def run(self, code):
+            sys.exit(code)
+        def ping(self):
+            return "pong"
+
+    if __name__ == "__main__":
+        with shoal.get_context(sys.argv[1]).Actor(Job) as job:
+            try:
+                job.run(3)
+            except shoal.TaskExitError as exc:
+                print("error:", exc)
+            print("after:", job.ping())
+    """
+)
+
+
+def test_a_program_whose_actor_method_calls_sys_exit_goes_on(tmp_path, fork_or_spawn):
+    script = tmp_path / "exits.py"
+    script.write_text(_EXITING_METHOD)
+    out = run_python(str(script), fork_or_spawn, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "error: Job.run() called sys.exit(3)" in out.stdout
+    assert "after: pong" in out.stdout
+
+
+def test_assigning_or_deleting_an_attribute_of_a_handle_is_refused():
+    # h.value = 42 set an attribute of the handle, which the actor never saw.
+    with shoal.Actor(workers.Counter) as counter:
+        with pytest.raises(AttributeError, match=r"cannot set 'n'.*live in the actor's process.*set_n"):
+            counter.n = 42
+        with pytest.raises(AttributeError, match="cannot set 'incr'"):
+            counter.incr = None
+        with pytest.raises(AttributeError, match=r"cannot delete 'incr'.*live in the actor's process"):
+            del counter.incr
+        with pytest.raises(AttributeError, match="cannot set 'pid'"):
+            counter.pid = 0
+        assert counter.incr() == 1 and counter.get() == 1
+        assert counter.pid == shoal.Actor.pid(counter) == counter.process_id()
+
+
+def test_the_objects_close_terminate_and_pid_win_over_the_handles(fork_or_spawn):
+    # They were shadowed by the handle's own controls: handle.pid() raised
+    # "TypeError: 'int' object is not callable", handle.close() stopped the actor.
+    resource = shoal.get_context(fork_or_spawn).Actor(workers.Resource)
+    try:
+        actor_pid = shoal.Actor.pid(resource)
+        assert resource.close() == "the resource's own close" and resource.is_closed()
+        assert resource.close.submit().result(timeout=30) == "the resource's own close"
+        assert resource.terminate() == "the resource's own terminate"
+        assert resource.pid() == "the resource's own pid"
+        assert actor_pid == resource.process_id() != os.getpid()
+        # A handle passed to another process: the same.
+        with shoal.Pool(1, context=fork_or_spawn) as pool:
+            assert pool.apply(workers.use_resource_handle, (resource,)) == (
+                "the resource's own close",
+                "the resource's own pid",
+                "the resource's own terminate",
+                True,
+                actor_pid,
+            )
+        assert resource.process_id() == actor_pid  # still running
+        # The handle's own controls, through the class.
+        shoal.Actor.close(resource)
+        assert _gone(actor_pid)
+        with pytest.raises(shoal.ActorDiedError, match="closed"):
+            resource.close()
+    finally:
+        shoal.Actor.terminate(resource)
+
+
+def test_with_block_and_terminate_through_the_class_reach_the_handle():
+    with shoal.Actor(workers.Resource) as resource:
+        pid = shoal.Actor.pid(resource)
+        assert resource.close() == "the resource's own close"
+        assert resource.is_closed()  # the object's close() ran; the actor goes on
+    assert _gone(pid)  # leaving the block stopped the actor
+    resource = shoal.Actor(workers.Resource)
+    shoal.Actor.terminate(resource)
+    assert _gone(shoal.Actor.pid(resource))
+    with pytest.raises(shoal.ActorDiedError):
+        resource.is_closed()
 
 
 def test_large_arrays_travel_both_ways():
@@ -162,12 +284,26 @@ def test_large_arrays_travel_both_ways():
 
 def test_unknown_or_private_method_raises_attribute_error():
     with shoal.Actor(workers.Counter) as counter:
-        with pytest.raises(AttributeError, match="has no method 'nope'.*incr"):
+        with pytest.raises(AttributeError, match="has no method 'nope'.*incr") as info:
             counter.nope()
+        # Only the object's methods are listed, not the handle's own controls.
+        listed = str(info.value).split("its methods are: ")[1].split(" (")[0].split(", ")
+        assert listed == sorted(name for name in vars(workers.Counter) if not name.startswith("_"))
         with pytest.raises(AttributeError):
             counter._private  # noqa: B018
         with pytest.raises(AttributeError):
             counter.n  # noqa: B018 - an attribute, not a method
+
+
+def test_dir_of_a_handle_lists_the_objects_methods_and_the_controls():
+    # dir() showed the handle's private state and only the methods already
+    # called: tab completion offered _address, _client... and not incr.
+    with shoal.Actor(workers.Counter) as counter:
+        public = [name for name in dir(counter) if not name.startswith("__")]
+        methods = sorted(name for name in vars(workers.Counter) if not name.startswith("_"))
+        assert public == sorted({*methods, "close", "pid", "terminate"})
+    with shoal.Actor(workers.Resource) as resource:
+        assert {"close", "pid", "terminate", "is_closed"} <= set(dir(resource))
 
 
 def test_constructor_exception_is_raised_by_actor(fork_or_spawn):

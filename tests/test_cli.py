@@ -48,6 +48,12 @@ TASKS = textwrap.dedent(
         n = int(line)
         time.sleep(0.3 if n == 0 else 0)
         return n
+
+    def exits_on_2(line):
+        if line == "2":
+            import sys
+            sys.exit(3)
+        return line
     """
 )
 
@@ -86,6 +92,15 @@ def test_failing_and_crashing_lines_are_reported_and_others_complete(workdir):
     assert "line 6: WorkerDiedError" in err and "SIGKILL" in err
     assert "line 8: TaskTimeoutError" in err
     assert "3 item(s) failed" in err
+
+
+def test_a_line_whose_function_calls_sys_exit_is_reported_and_others_complete(workdir):
+    # The line was reported as "SystemExit: 3", which did not say that the
+    # function had ended its worker's turn rather than shoal's run.
+    out = shoal(workdir, "map", "tasks:exits_on_2", "-j", "1", stdin="1\n2\n3\n")
+    assert out.returncode == 1
+    assert out.stdout.splitlines() == ["1", "3"]
+    assert "line 2: TaskExitError: the task called sys.exit(3)" in out.stderr
 
 
 def test_unordered_and_json(workdir):

@@ -43,6 +43,18 @@ CRASHES = [
         id="exception-init-two-args",
     ),
     pytest.param(workers.raise_value_error, 7, ValueError, "bad value 7", id="exception"),
+    # A SystemExit came back as itself: re-raised in the caller, it ended the
+    # caller's program silently with the task's exit status.
+    pytest.param(
+        workers.call_sys_exit, 3, shoal.TaskExitError, r"the task called sys\.exit\(3\)", id="sys.exit"
+    ),
+    pytest.param(
+        workers.return_exit_at_pickle,
+        None,
+        shoal.TaskExitError,
+        r"pickling the task's result called sys\.exit\(1\)",
+        id="sys.exit-at-result-pickle",
+    ),
 ]
 
 

@@ -27,7 +27,7 @@ np = pytest.importorskip("numpy")
 
 import shoal  # noqa: E402
 from helpers import dask_cluster, free_port  # noqa: E402
-from workers import add, crash_on, identity, raise_value_error, sleep_then, square  # noqa: E402
+from workers import add, call_sys_exit, crash_on, identity, raise_value_error, sleep_then, square  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
@@ -114,6 +114,14 @@ def test_a_task_exception_keeps_its_type_and_the_remote_traceback(pool):
     assert "raise_value_error" in str(info.value.__cause__)
     with pytest.raises(ValueError, match="bad value"):
         pool.map(raise_value_error, range(5))
+
+
+def test_a_task_calling_sys_exit_fails_with_task_exit_error(pool):
+    # Its SystemExit was raised again in the caller, ending the program.
+    with pytest.raises(shoal.TaskExitError, match=r"the task called sys\.exit\(3\)") as info:
+        pool.apply(call_sys_exit, (3,))
+    assert info.value.code == 3 and "in call_sys_exit" in str(info.value.__cause__)
+    assert pool.apply(add, (1, 2)) == 3
 
 
 def test_imap_reads_an_endless_input_lazily(pool):

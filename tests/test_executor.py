@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import concurrent.futures.process
+import textwrap
 import threading
 import time
 
@@ -11,6 +13,7 @@ import pytest
 
 import shoal
 import workers
+from helpers import run_python
 
 
 def test_submit_map_shutdown(start_method):
@@ -76,15 +79,59 @@ def test_worker_death_fails_one_future_only(fork_or_spawn):
         assert ex.submit(workers.square, 5).result(timeout=30) == 25
 
 
-def test_result_whose_pickling_exits_raises_system_exit(fork_or_spawn):
+def test_sys_exit_in_a_task_or_its_result_pickling_fails_that_future_only(fork_or_spawn):
     # A SystemExit raised while the worker pickled the result used to kill
-    # the worker (WorkerDiedError); the standard library reports it as the
-    # task's exception, and the worker lives on.
+    # the worker (WorkerDiedError).  The standard library re-raises a task's
+    # SystemExit from result(), which ends the caller's program silently:
+    # shoal fails the future with TaskExitError, and the worker lives on.
     with shoal.ProcessPoolExecutor(1, mp_context=shoal.get_context(fork_or_spawn)) as ex:
         pid = ex.submit(workers.getpid).result()
-        with pytest.raises(SystemExit):
+        with pytest.raises(shoal.TaskExitError, match=r"pickling the task's result called sys\.exit\(1\)"):
             ex.submit(workers.return_exit_at_pickle).result(timeout=60)
+        future = ex.submit(workers.call_sys_exit, 3)
+        assert isinstance(future.exception(timeout=60), shoal.TaskExitError)
+        with pytest.raises(shoal.TaskExitError, match=r"the task called sys\.exit\(3\)") as info:
+            future.result()
+        assert info.value.code == 3
+        assert type(info.value.__cause__) is concurrent.futures.process._RemoteTraceback
+        with pytest.raises(shoal.TaskExitError):
+            list(ex.map(workers.exit_on, range(5)))
         assert ex.submit(workers.getpid).result() == pid
+
+
+_EXITING_TASK = textwrap.dedent(
+    """
+    import sys
+    import concurrent.futures
+    import shoal
+
+    def stop(code):
+        sys.exit(code)
+
+    if __name__ == "__main__":
+        context = shoal.get_context(sys.argv[1])
+        with shoal.ProcessPoolExecutor(1, mp_context=context) as ex:
+            try:
+                ex.submit(stop, 3).result()
+            except shoal.TaskExitError as exc:
+                print("submit error:", exc)
+            try:
+                list(ex.map(stop, [3]))
+            except shoal.TaskExitError as exc:
+                print("map error:", exc)
+            print("after:", ex.submit(abs, -2).result())
+    """
+)
+
+
+def test_a_program_whose_future_calls_sys_exit_goes_on_and_says_why(tmp_path, fork_or_spawn):
+    script = tmp_path / "exits.py"
+    script.write_text(_EXITING_TASK)
+    out = run_python(str(script), fork_or_spawn, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "submit error: the task called sys.exit(3)" in out.stdout
+    assert "map error: the task called sys.exit(3)" in out.stdout
+    assert "after: 2" in out.stdout
 
 
 def test_failing_initializer_is_broken_process_pool():
@@ -93,6 +140,19 @@ def test_failing_initializer_is_broken_process_pool():
     with shoal.ProcessPoolExecutor(1, initializer=workers.failing_initializer) as ex:
         with pytest.raises(BrokenProcessPool):
             ex.submit(workers.square, 2).result(timeout=30)
+
+
+def test_an_initializer_calling_sys_exit_breaks_the_pool_saying_so(fork_or_spawn):
+    # The error said only "the pool cannot run tasks: 3", and a task already
+    # handed to the worker got it without the cause.
+    ctx = shoal.get_context(fork_or_spawn)
+    with shoal.ProcessPoolExecutor(1, initializer=workers.call_sys_exit, initargs=(3,), mp_context=ctx) as ex:
+        for _ in range(2):  # the first may reach the worker before its initializer fails
+            with pytest.raises(
+                shoal.WorkerStartError, match=r"the initializer called sys\.exit\(3\)"
+            ) as info:
+                ex.submit(workers.square, 2).result(timeout=30)
+            assert type(info.value.__cause__) is shoal.TaskExitError and info.value.__cause__.code == 3
 
 
 def test_max_workers_must_be_positive():

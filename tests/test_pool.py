@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import sys
+import textwrap
 import threading
 import time
 
@@ -161,6 +162,81 @@ def test_an_exception_whose_class_the_parent_lacks_arrives_as_remote_error(fork_
         err.message,
         err.tb,
     )
+
+
+def test_a_task_calling_sys_exit_fails_with_task_exit_error_and_the_worker_goes_on(fork_or_spawn):
+    # The task's SystemExit was raised again by get(): the caller's program
+    # ended with the task's exit status and no message.
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        pid = pool.apply(workers.getpid)
+        with pytest.raises(shoal.TaskExitError, match=r"the task called sys\.exit\(3\)") as info:
+            pool.apply(workers.call_sys_exit, (3,))
+        err = info.value
+        assert err.code == 3 and isinstance(err, shoal.ShoalError) and not isinstance(err, SystemExit)
+        assert type(err.__cause__) is multiprocessing.pool.RemoteTraceback
+        assert "in call_sys_exit" in str(err.__cause__) and "SystemExit: 3" in str(err.__cause__)
+        clone = pickle.loads(pickle.dumps(err))
+        assert type(clone) is shoal.TaskExitError and (clone.code, str(clone)) == (3, str(err))
+        with pytest.raises(shoal.TaskExitError, match=r"sys\.exit\(\)") as info:
+            pool.apply(workers.call_sys_exit, (None,))
+        assert info.value.code is None
+        with pytest.raises(shoal.TaskExitError, match=r"sys\.exit\('bad input'\)"):
+            pool.map(workers.call_sys_exit, ["bad input"])
+        it = pool.imap(workers.exit_on, range(5))
+        assert [next(it) for _ in range(3)] == [0, 1, 4]
+        with pytest.raises(shoal.TaskExitError):
+            next(it)  # item 3
+        assert list(it) == [16]
+        errors = []
+        r = pool.apply_async(workers.call_sys_exit, (5,), error_callback=errors.append)
+        r.wait(30)
+        assert not r.successful() and [e.code for e in errors] == [5]
+        assert pool.apply(workers.getpid) == pid  # the same worker served every task
+
+
+_EXITING_TASK = textwrap.dedent(
+    """
+    import os
+    import sys
+    import shoal
+
+    def stop(code):
+        sys.exit(code)
+
+    if __name__ == "__main__":
+        with shoal.Pool(1, context=sys.argv[1]) as pool:
+            pid = pool.apply(os.getpid)
+            for name, call in [
+                ("apply", lambda: pool.apply(stop, (3,))),
+                ("map", lambda: pool.map(stop, [3])),
+                ("imap", lambda: list(pool.imap(stop, [3]))),
+            ]:
+                try:
+                    call()
+                except shoal.TaskExitError as exc:
+                    print(name, "error:", exc)
+            print("same worker:", pool.apply(os.getpid) == pid)
+            if sys.argv[2] == "uncaught":
+                pool.apply(stop, (3,))
+        print("the end")
+    """
+)
+
+
+def test_a_program_whose_task_calls_sys_exit_goes_on_and_says_why(tmp_path, fork_or_spawn):
+    script = tmp_path / "exits.py"
+    script.write_text(_EXITING_TASK)
+    out = run_python(str(script), fork_or_spawn, "caught", timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in ("apply", "map", "imap"):
+        assert f"{name} error: the task called sys.exit(3)" in out.stdout
+    assert "same worker: True" in out.stdout and "the end" in out.stdout
+    # Uncaught, the error ends the program as any error does: status 1 and a
+    # traceback, where the SystemExit ended it with status 3 and no word.
+    out = run_python(str(script), fork_or_spawn, "uncaught", timeout=60)
+    assert out.returncode == 1
+    assert "shoal.exceptions.TaskExitError: the task called sys.exit(3)" in out.stderr
+    assert "in stop" in out.stderr and "the end" not in out.stdout
 
 
 def test_imap_continues_after_an_item_raises():

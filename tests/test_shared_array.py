@@ -47,6 +47,192 @@ def test_behaves_as_a_numpy_array():
     assert repr(shoal.SharedArray(2)) == "SharedArray([0., 0.])"
 
 
+# Each call gives on a SharedArray what it gives on a plain ndarray holding the
+# same numbers: the same type and the same value.  Reductions gave 0-d arrays
+# (array(45.) where numpy gives np.float64(45.0)), which round(), dict keys,
+# isinstance(x, float) and "%d" refused, and which looked like arrays in output.
+SAME_AS_NUMPY = [
+    "a.sum()",
+    "a.mean()",
+    "a.std()",
+    "a.var()",
+    "a.min()",
+    "a.max()",
+    "a.argmax()",
+    "a.argmin()",
+    "a.prod()",
+    "a.ptp()" if hasattr(np.ndarray, "ptp") else "np.ptp(a)",
+    "a.cumsum()",
+    "a.dot(a)",
+    "a @ a",
+    "a[3]",
+    "a[-1]",
+    "a.item(3)",
+    "a.tolist()",
+    "a == 3",
+    "a > 4.5",
+    "(a > 4.5).sum()",
+    "a[3] == 3",
+    "a[3] + 1",
+    "a + 1",
+    "-a",
+    "a * a",
+    "divmod(a, 3)",
+    "np.sum(a)",
+    "np.mean(a)",
+    "np.median(a)",
+    "np.percentile(a, 50)",
+    "np.average(a, weights=a)",
+    "np.linalg.norm(a)",
+    "np.dot(a, a)",
+    "np.matmul(a, a)",
+    "np.any(a)",
+    "np.all(a)",
+    "(a >= 0).all()",
+    "np.sqrt(a[4])",
+    "np.exp(a[1])",
+    "np.maximum(a[2], a[3])",
+    "np.add.reduce(a)",
+    "np.minimum.reduce(a)",
+    "np.nansum(a)",
+    "np.count_nonzero(a)",
+    "np.isclose(a[3], 3.0)",
+    "np.allclose(a, a)",
+    "np.where(a > 6)",
+    "np.sort(a)[::-1]",
+    "np.unique(a % 3)",
+    "a.astype(np.int32)",
+    "a.reshape(2, 5).sum(axis=0)",
+    "a.reshape(2, 5).max(axis=1)",
+    "a.reshape(2, 5).mean()",
+    "a.reshape(2, 5)[1, 2]",
+    "a.reshape(2, 5).trace()",
+    "a.reshape(2, 5) @ a.reshape(5, 2)",
+    "np.linalg.det(a[:4].reshape(2, 2))",
+    "np.linalg.inv(a[:4].reshape(2, 2) + 1)",
+    "float(a.sum())",
+    "int(a.max())",
+    "round(a.mean(), 1)",
+    "round(a.std(), 3)",
+    "math.isclose(a.mean(), 4.5)",
+    "isinstance(a.sum(), float)",
+    "isinstance(a[3], float)",
+    "{a.max(): 'top', a.min(): 'bottom'}",
+    "json.dumps(a.mean())",
+    "json.dumps([a.sum(), a[2]])",
+    "'%.1f %d' % (a.mean(), a.argmax())",
+    "f'{a.sum():.2f}'",
+    "repr(a.sum())",
+    "str(a.max())",
+    "a.sum().dtype",
+    "a.sum(keepdims=True)",
+    "a.sum(dtype=np.int64)",
+    "np.float32(a.sum())",
+]
+
+
+def _same(got, want) -> None:
+    assert type(got) is type(want), f"{type(got).__name__} where numpy gives {type(want).__name__}"
+    if isinstance(want, (tuple, list)):
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            _same(g, w)
+    elif isinstance(want, np.ndarray):
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+    else:
+        assert got == want
+
+
+@pytest.mark.parametrize("code", SAME_AS_NUMPY)
+def test_every_result_is_what_numpy_gives(code):
+    import json
+    import math
+
+    plain = np.arange(10, dtype=np.float64)
+    shared = shoal.SharedArray(10)
+    shared[:] = plain
+    want = eval(code, {"np": np, "json": json, "math": math, "a": plain})
+    got = eval(code, {"np": np, "json": json, "math": math, "a": shared})
+    _same(got, want)
+    del shared, got
+
+
+# New memory computed from a SharedArray is private: a result that claimed to
+# be a SharedArray (a.astype(), np.zeros_like(a) did) was copied, not shared,
+# when handed to a worker, so what the worker wrote was lost.
+NEW_ARRAYS = [
+    "a.astype(np.float32)",
+    "a.T.flatten()",
+    "a.T.ravel()",
+    "a.T.reshape(-1)",
+    "a.repeat(2)",
+    "a.take([0, 2])",
+    "a.compress([True, False, True])",
+    "a.argsort()",
+    "a.byteswap()",
+    "a.dot(a.T)",
+    "a.imag",
+    "a[[0, 2]]",
+    "a[a > 3]",
+    "np.zeros_like(a)",
+    "np.empty_like(a)",
+    "np.ones_like(a)",
+    "np.full_like(a, 7)",
+    "np.copy(a, subok=True)",
+    "np.roll(a, 1)",
+    "np.tile(a, 2)",
+    "np.nan_to_num(a)",
+    "np.gradient(a)[0]",
+    "np.add(a, 1)",
+    "np.cumsum(a, axis=0)",
+]
+
+
+@pytest.mark.parametrize("code", NEW_ARRAYS)
+def test_new_arrays_computed_from_it_are_plain_arrays(code):
+    a = shoal.SharedArray((3, 4))
+    a[:] = np.arange(12).reshape(3, 4)
+    got = eval(code, {"np": np, "a": a})
+    want = eval(code, {"np": np, "a": np.array(a)})
+    del a
+    assert type(got) is np.ndarray and got.shape == want.shape and got.dtype == want.dtype
+    assert "empty" in code or np.array_equal(got, want)  # empty_like: memory left as it was
+
+
+VIEWS = [
+    "a[1:]",
+    "a.T",
+    "a[..., 2]",
+    "a[1, 2, ...]",
+    "a.reshape(-1)",
+    "a.ravel()",
+    "a.real",
+    "a.view(np.int8)",
+]
+
+
+@pytest.mark.parametrize("code", VIEWS)
+def test_views_stay_shared_arrays_of_the_same_memory(code):
+    # A 0-d view (a[1, 2, ...]) is memory of the array, not a number: it stays
+    # a SharedArray, as a plain ndarray's 0-d view stays an ndarray.
+    a = shoal.SharedArray((3, 4))
+    view = eval(code, {"np": np, "a": a})
+    assert type(view) is shoal.SharedArray
+    view[...] = 5
+    assert (a != 0).any()
+    del a, view
+
+
+def test_operations_into_shared_memory_return_it():
+    a = shoal.SharedArray(4)
+    assert np.add(a, 1, out=a) is a and a.tolist() == [1.0] * 4
+    a += 1
+    assert type(a) is shoal.SharedArray and a.tolist() == [2.0] * 4
+    total = a[:1].reshape(())
+    assert np.sum(a, out=total) is total and a[0] == 8.0
+    del a, total
+
+
 def test_share_copies_shape_dtype_and_order():
     src = np.asfortranarray(np.arange(20, dtype=np.float32).reshape(4, 5))
     a = shoal.share(src)

@@ -66,6 +66,10 @@ _BROKEN = (
     "task's own error) and is replaced; the executor does not become broken (BrokenProcessPool)"
 )
 _EAGER = "shoal starts all max_workers workers when the executor is created, not on demand"
+_EXIT = (
+    "a task's SystemExit (sys.exit() in the function, or while pickling its result) fails that future "
+    "with shoal.TaskExitError: re-raised by result(), a SystemExit ends the caller's program silently"
+)
 
 #: (CPython class, test[, start method]) -> why it does not apply to shoal.
 #: Skipped with the reason.
@@ -90,6 +94,8 @@ DIFFERENCES: dict[tuple[str, ...], str] = {
     ("ExecutorDeadlockTest", "test_error_at_task_unpickle"): _BROKEN,
     ("ExecutorDeadlockTest", "test_crash_at_task_unpickle"): _BROKEN,
     ("ExecutorDeadlockTest", "test_crash_during_func_exec_on_worker"): _BROKEN,
+    ("ExecutorDeadlockTest", "test_exit_during_func_exec_on_worker"): _EXIT,
+    ("ExecutorDeadlockTest", "test_exit_during_result_pickle_on_worker"): _EXIT,
     ("ExecutorDeadlockTest", "test_crash_during_result_pickle_on_worker"): _BROKEN,
     ("ExecutorDeadlockTest", "test_error_during_result_unpickle_in_result_handler"): _BROKEN,
     ("ExecutorDeadlockTest", "test_exit_during_result_unpickle_in_result_handler"): _BROKEN,

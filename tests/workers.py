@@ -60,6 +60,21 @@ def exit_now(code=3):
     os._exit(code)
 
 
+def call_sys_exit(code=3):
+    """A task that ends its process the polite way: sys.exit(code)."""
+    import sys
+
+    sys.exit(code)
+
+
+def exit_on(x, bad=3):
+    if x == bad:
+        import sys
+
+        sys.exit(bad)
+    return x * x
+
+
 def return_lock(_=None):
     return threading.Lock()
 
@@ -429,6 +444,74 @@ class Counter:
 
     def call_myself(self, me):
         return me.get()
+
+    def exit(self, code):
+        import sys
+
+        sys.exit(code)
+
+    def raise_unpicklable(self):
+        raise ErrorHoldingLock("with a lock inside")
+
+    def unloadable(self):
+        return FailsInParentOnly()
+
+
+def _fail_outside_an_actor():
+    if not _in_actor():
+        raise ValueError("this object cannot be rebuilt outside the actor")
+
+
+def _in_actor():
+    from shoal import _actor
+
+    return _actor._serving_address is not None
+
+
+class FailsInParentOnly:
+    """Pickles in an actor, refuses to unpickle in its caller."""
+
+    def __reduce__(self):
+        return (_fail_outside_an_actor, ())
+
+
+class Resource:
+    """An object with methods named like the handle's own controls, as files
+    and connections have."""
+
+    def __init__(self):
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+        return "the resource's own close"
+
+    def terminate(self):
+        return "the resource's own terminate"
+
+    def pid(self):
+        return "the resource's own pid"
+
+    def is_closed(self):
+        return self.closed
+
+    def process_id(self):
+        return os.getpid()
+
+
+def use_resource_handle(handle):
+    """In a pool worker: the object's methods through a pickled handle, and
+    the handle's own pid through the class."""
+    import shoal
+
+    return handle.close(), handle.pid(), handle.terminate(), handle.is_closed(), shoal.Actor.pid(handle)
+
+
+class ExitInit:
+    def __init__(self, code):
+        import sys
+
+        sys.exit(code)
 
 
 class BrokenInit:

@@ -147,6 +147,9 @@ from .exceptions import (
     ShoalError as ShoalError,
 )
 from .exceptions import (
+    TaskExitError as TaskExitError,
+)
+from .exceptions import (
     TaskTimeoutError as TaskTimeoutError,
 )
 from .exceptions import (
@@ -210,6 +213,7 @@ __all__ = (
     "SharedDict",
     "ShoalError",
     "SimpleQueue",
+    "TaskExitError",
     "TaskTimeoutError",
     "TimeoutError",
     "Value",

@@ -79,6 +79,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import weakref
 from typing import Any
 
@@ -125,10 +126,11 @@ _waiting: tuple[str | None, ...] = ()
 class _Call:
     """One request waiting for its reply."""
 
-    __slots__ = ("done", "future", "ok", "value")
+    __slots__ = ("done", "future", "name", "ok", "value")
 
-    def __init__(self, future: concurrent.futures.Future | None) -> None:
+    def __init__(self, future: concurrent.futures.Future | None, name: str = "") -> None:
         self.future = future
+        self.name = name  # the method's, for errors ("": the construction)
         self.done = False
         self.ok = False
         self.value: Any = None
@@ -172,7 +174,7 @@ class _Client:
         if self.dead is not None:
             raise self.died()
         blob, fds = encode((args, kwargs or None), what)
-        call = _Call(future)
+        call = _Call(future, name)
         start_reader = False
         try:
             with self.send_lock:
@@ -345,10 +347,12 @@ class _Client:
                 except Exception as exc:  # noqa: BLE001 - fails this call only
                     ok = False
                     value = SerializationError(
-                        f"the result of a call to the {self.name} actor could not be unpickled here: {exc!r}"
+                        f"the result of {self._called(cid)} could not be unpickled here: {exc!r}. Return "
+                        "objects whose classes this process can import (plain data, or classes defined in "
+                        "a module rather than in the actor's own code)"
                     )
             else:
-                value = unpack_exception(blob)
+                value = unpack_exception(blob, self._called(cid))
         finally:
             if fds:
                 close_fds(fds)
@@ -366,6 +370,13 @@ class _Client:
             self.futures -= 1
         call.done = True
         _settle(call.future, ok, value)
+
+    def _called(self, cid: int) -> str:
+        """``Counter.incr()``: the call *cid* names, for an error about it."""
+        call = self.pending.get(cid)  # one atomic read, no lock: a call gone meanwhile is named generally
+        if call is None:
+            return f"a call to the {self.name} actor"
+        return f"{self.name}.{call.name}()" if call.name else f"{self.name}()"
 
     # -- the end --
     def _lost(self) -> None:
@@ -661,6 +672,49 @@ def _load_constructor(data: bytes) -> _Constructor:
 # -- the handle -------------------------------------------------------------------
 
 
+class _Control:
+    """One of the handle's own controls (``close``, ``terminate``, ``pid``),
+    which gives way to a method of the actor's object of the same name.
+
+    A class with its own ``close()`` (a file, a connection) is common and
+    must stay usable through its handle, so on a handle whose object has a
+    method of this name the attribute is that method (``__getattr__`` puts
+    it in the handle's ``__dict__``, which wins over this non-data
+    descriptor).  On the class it is the control itself, a function of the
+    handle, which never collides: ``shoal.Actor.close(handle)``,
+    ``shoal.Actor.pid(handle)``.  ``value=True`` makes it read like a
+    property on a handle (``handle.pid``).
+    """
+
+    def __init__(self, func, value: bool = False) -> None:
+        self.func = func
+        self.value = value
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __get__(self, handle, owner=None):
+        if handle is None:
+            return self.func
+        if self.name in handle._methods:
+            return handle.__getattr__(self.name)  # the object's method (then cached)
+        if self.value:
+            return self.func(handle)
+        return types.MethodType(self.func, handle)
+
+
+def _control(func=None, *, value: bool = False):
+    """Decorator: ``@_control`` or ``@_control(value=True)`` (see _Control)."""
+    if func is None:
+        return lambda f: _Control(f, value)
+    return _Control(func, value)
+
+
+#: What a handle may set on itself (everything else is refused: see Actor.__setattr__).
+_HANDLE_STATE = frozenset(
+    {"_address", "_pid", "_name", "_methods", "_client", "_owner", "_closed", "_finalizer"}
+)
+
+
 class Actor:
     """An object living in its own process; a handle to call its methods.
 
@@ -686,7 +740,19 @@ class Actor:
     the actor after the calls made before it; ``terminate()`` kills it.  The
     actor also stops when the creator's handle is garbage collected and when
     the creating process exits.  Once it is gone, calls raise
-    :class:`~shoal.exceptions.ActorDiedError`.
+    :class:`~shoal.exceptions.ActorDiedError`.  A method that calls
+    ``sys.exit()`` fails that call with
+    :class:`~shoal.exceptions.TaskExitError` (it cannot end the caller's
+    program) and the actor goes on.
+
+    The object's methods come first on the handle: when the object has a
+    method named ``close``, ``terminate`` or ``pid`` (a file, a connection),
+    ``handle.close()`` calls it, and the handle's own controls stay
+    reachable through the class, which never collides:
+    ``shoal.Actor.close(handle)``, ``shoal.Actor.terminate(handle)`` and
+    ``shoal.Actor.pid(handle)``.  A handle has no attributes of its own to
+    set: the object's attributes live in the actor (add a method that sets
+    them).  ``dir(handle)`` lists the object's methods and the controls.
     """
 
     def __init__(self, cls, /, *args, **kwargs) -> None:
@@ -789,6 +855,8 @@ class Actor:
                 "reachable through a handle: add a method that returns them)"
             )
         method = _Method(self, name)
+        # Found in the instance dict from now on, before the class (and its
+        # non-data _Control descriptors): one dict lookup per later call.
         self.__dict__[name] = method
         return method
 
@@ -819,17 +887,22 @@ class Actor:
         client = self._get_client()
         return client.wait(client.request(name, args, kwargs, None, what))
 
-    # -- life cycle --
-    @property
+    # -- life cycle: the handle's own controls (see _Control) --
+    @_control(value=True)
     def pid(self) -> int:
-        """The actor's process id."""
+        """The actor's process id: ``handle.pid``, or ``shoal.Actor.pid(handle)``
+        when the object has a method named ``pid``."""
         return self._pid
 
+    @_control
     def close(self) -> None:
         """In the creating process: stop the actor once the calls made before
         this one have run, and wait for it to exit.  In any other process:
         send the calls this process queued with ``.send()`` and stop using
-        this handle (the actor goes on).  Idempotent."""
+        this handle (the actor goes on).  Idempotent.
+
+        ``shoal.Actor.close(handle)`` when the object has a method named
+        ``close`` (``handle.close()`` calls that method)."""
         owner = self._owner
         if owner is not None and owner.pid == os.getpid():
             self._closed = True
@@ -840,9 +913,13 @@ class Actor:
         if client is not None and client.pid == os.getpid():
             client.flush()
 
+    @_control
     def terminate(self) -> None:
         """In the creating process: kill the actor now (SIGKILL).  Pending
-        calls raise :class:`~shoal.exceptions.ActorDiedError`."""
+        calls raise :class:`~shoal.exceptions.ActorDiedError`.
+
+        ``shoal.Actor.terminate(handle)`` when the object has a method named
+        ``terminate``."""
         owner = self._owner
         if owner is None or owner.pid != os.getpid():
             raise ValueError("only the process that created an actor can terminate it")
@@ -853,7 +930,31 @@ class Actor:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.close()
+        Actor.close(self)  # the handle's own, whatever the object's methods are called
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _HANDLE_STATE:
+            object.__setattr__(self, name, value)
+            return
+        raise AttributeError(
+            f"cannot set {name!r} on a handle to the {self.__dict__.get('_name', '?')} actor: the object's "
+            "attributes live in the actor's process, and a handle only calls its methods. Add a method "
+            f"that sets it (def set_{name.lstrip('_')}(self, value): self.{name} = value) and call it "
+            f"through the handle (handle.set_{name.lstrip('_')}(value))"
+        )
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(
+            f"cannot delete {name!r} from a handle to the {self.__dict__.get('_name', '?')} actor: the "
+            "object's attributes live in the actor's process, and a handle only calls its methods. Add a "
+            f"method that deletes it (del self.{name}) and call it through the handle"
+        )
+
+    def __dir__(self) -> list[str]:
+        # The object's methods (for tab completion) and the handle's own
+        # public controls; not the handle's private state.
+        names = {name for name in object.__dir__(self) if not name.startswith("_") or name.startswith("__")}
+        return sorted(names | self._methods)
 
     def __reduce__(self):
         return _rebuild_handle, (self._address, self._pid, self._name, tuple(sorted(self._methods)))
@@ -1099,18 +1200,22 @@ class _Server:
         finally:
             if chain:
                 _waiting = (_serving_address,)
-        return self.reply(sock, cid, ok, value)
+        return self.reply(sock, cid, ok, value, name)
 
-    def reply(self, sock, cid: int, ok: bool, value) -> bool:
+    def reply(self, sock, cid: int, ok: bool, value, method: str = "") -> bool:
+        """Send the outcome of *method* (``""``: of the construction)."""
         fds: list[int] = []
         if ok:
             try:
-                blob, fds = encode(value, f"the result of {self.name}")
+                # (The construction's result, a list of names, always pickles.)
+                blob, fds = encode(value, f"the result of {self.name}.{method}()")
             except Exception as exc:  # noqa: BLE001 - an unpicklable result fails this call only
                 ok = False
-                blob = pack_exception(exc)
+                blob = pack_exception(exc, self.who(method))
         else:
-            blob = pack_exception(value)
+            # A SystemExit (the method called sys.exit()) becomes a
+            # TaskExitError there: it must not end the caller's program.
+            blob = pack_exception(value, self.who(method))
         del value
         try:
             send_packet(sock, 0, pickle.dumps((cid, ok, blob), 5), fds)
@@ -1120,6 +1225,10 @@ class _Server:
             if fds:
                 close_fds(fds)
         return True
+
+    def who(self, method: str) -> str:
+        """``Counter.incr()`` (``Counter()``: the construction), for errors."""
+        return f"{self.name}.{method}()" if method else f"{self.name}()"
 
     def run_sends(self, obj, entries, fds) -> None:
         pos = 0

@@ -326,7 +326,7 @@ def _run_batch(
                         fn(*args)
                         _initialized[token] = None
                     except BaseException as exc:  # noqa: BLE001 - reported to the pool
-                        _initialized[token] = pack_exception(exc)
+                        _initialized[token] = pack_exception(exc, "the initializer")
                 failure = _initialized[token]
             if failure is not None:
                 return _INIT_FAILED, failure

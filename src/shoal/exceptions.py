@@ -28,6 +28,9 @@ The tree::
     ├── RemoteError                         a task raised an exception whose
     │                                       class does not exist in the parent
     │                                       (.type_name, .message, .tb)
+    ├── TaskExitError                       a task (or an actor's method) called
+    │                                       sys.exit(): it fails that call instead
+    │                                       of ending the caller's program (.code)
     ├── ActorDiedError                      the actor's process exited (it died,
     │                                       was closed, or its creator exited)
     └── BrokenResourceError                 the other end of a pipe, queue or
@@ -51,6 +54,7 @@ __all__ = (
     "RemoteTraceback",
     "SerializationError",
     "ShoalError",
+    "TaskExitError",
     "TaskTimeoutError",
     "WorkerDiedError",
     "WorkerStartError",
@@ -237,6 +241,38 @@ class RemoteError(ShoalError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # keyword state must survive pickling
         return (type(self), (self.type_name, self.message, self.tb))
+
+
+class TaskExitError(ShoalError):
+    """A task, an actor's method or another piece of your code that shoal ran
+    in another process called ``sys.exit()`` (raised ``SystemExit``).
+
+    The standard library's executor re-raises that ``SystemExit`` in the
+    caller, whose program then ends silently with the task's exit status.
+    Code running in a worker or an actor cannot end the caller's program:
+    that call fails with this error (the remote traceback, showing where
+    ``sys.exit()`` was called, is the ``__cause__``) and the worker or actor
+    goes on.  It is not a ``SystemExit``, so an uncaught one is reported.  (An
+    initializer that calls ``sys.exit()`` breaks the pool: the
+    :class:`WorkerStartError` has this error as its ``__cause__``.)
+
+    Attributes:
+        code: what was passed to ``sys.exit()`` (``SystemExit.code``): an
+            exit status, a message, or ``None``.
+    """
+
+    def __init__(self, code: object = None, who: str = "the task") -> None:
+        self.code = code
+        self.who = who
+        called = "sys.exit()" if code is None else f"sys.exit({code!r})"
+        super().__init__(
+            f"{who} called {called} in a worker or actor process, which cannot end the caller's program: "
+            "shoal reports it as an error (TaskExitError) instead. To report a failure, raise an exception; "
+            "to end the program, catch TaskExitError in the caller and call sys.exit(exc.code)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keyword state must survive pickling
+        return (type(self), (self.code, self.who))
 
 
 class ActorDiedError(ShoalError):

@@ -118,6 +118,7 @@ def attribute_crash(
             verdicts.append(Verdict(task, Fate.FAIL, exc, blame=task.kill_reason is None))
         elif broken:
             exc = WorkerStartError(f"the pool cannot run tasks: {broken_error}")
+            exc.__cause__ = broken_error  # as break_pool() gives the tasks still queued
             verdicts.append(Verdict(task, Fate.FAIL, exc))
         elif suspect and task.id == last_done:
             if task.requeues >= max_requeues:

@@ -236,7 +236,7 @@ def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
         # initializer that installs a logging handler (a QueueHandler to the
         # parent) sees its own failure there.
         logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
-        channel.send(pickle.dumps((INIT_FAILED, pack_exception(exc))))
+        channel.send(pickle.dumps((INIT_FAILED, pack_exception(exc, "the initializer"))))
         return
     channel.send(pickle.dumps((READY, os.getpid())))
     try:
@@ -253,7 +253,7 @@ def _run_worker_exit(channel: Channel, worker_exit) -> None:
     try:
         message = (EXITED, (True, dumps(worker_exit(), what="the value worker_exit returned")))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        message = (EXITED, (False, pack_exception(exc)))
+        message = (EXITED, (False, pack_exception(exc, "worker_exit")))
     try:
         channel.send(pickle.dumps(message, 5))
     except OSError:
@@ -372,7 +372,7 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
                     # (BaseException: a __reduce__ that calls sys.exit() is the
                     # task's error, as in the standard library, not a dead worker)
                     kind = FAILED
-                    out = pack_exception(exc)
+                    out = pack_exception(exc, "pickling the task's result")
                     for fd in out_fds:  # what the failed pickle collected (a SharedArray's)
                         os.close(fd)
                     out_fds = []

@@ -8,7 +8,7 @@ import pickle
 import traceback
 from typing import Any
 
-from ..exceptions import RemoteError, RemoteTraceback, SerializationError
+from ..exceptions import RemoteError, RemoteTraceback, SerializationError, TaskExitError
 from ._code import PROTOCOL as _PROTOCOL
 from ._pickling import loads, pickle_code
 
@@ -92,12 +92,17 @@ def _load_exception(data, name, message, tb, cls_data, args_data, state_data) ->
         return RemoteError(name, message, tb)
 
 
-def pack_exception(exc: BaseException) -> bytes:
+def pack_exception(exc: BaseException, who: str = "the task") -> bytes:
     """Pickle a worker's exception for the parent; never fails.
 
-    If the exception itself cannot be pickled, a :class:`SerializationError`
-    carrying its type, message and traceback text is sent instead.
+    *who* raised it, for messages: ``"the task"``, ``"Counter.incr()"``.
+    A ``SystemExit`` is sent as a :class:`TaskExitError` (re-raised in the
+    caller, it would end the caller's program, silently).  If the exception
+    itself cannot be pickled, a :class:`SerializationError` carrying its
+    type, message and traceback text is sent instead.
     """
+    if isinstance(exc, SystemExit):
+        exc = _task_exit(exc, who)
     try:
         wrapped = _ExceptionWithTraceback(exc)
         tb = wrapped.tb
@@ -110,10 +115,20 @@ def pack_exception(exc: BaseException) -> bytes:
         raise TypeError("not formattable")
     except BaseException as pickling_error:  # noqa: BLE001 - this function never fails
         substitute = SerializationError(
-            f"the task raised {type(exc).__qualname__}: {_safe_str(exc)}, and that exception could not be "
+            f"{who} raised {type(exc).__qualname__}: {_safe_str(exc)}, and that exception could not be "
             f"pickled to send it back ({type(pickling_error).__name__}: {_safe_str(pickling_error)})"
         )
         return pickle.dumps(_PlainRemoteError(substitute, tb), _PROTOCOL)
+
+
+def _task_exit(exc: SystemExit, who: str) -> TaskExitError:
+    code = exc.code
+    if not isinstance(code, (int, str, type(None))):
+        code = _safe_str(code)  # sys.exit() takes any object: its text travels (what Python would print)
+    error = TaskExitError(code, who)
+    # The remote traceback then shows the SystemExit and where it was raised.
+    error.__cause__ = exc
+    return error
 
 
 def _safe_str(obj: Any) -> str:
@@ -134,11 +149,12 @@ class _PlainRemoteError:
         return _rebuild_exception, (self.exc, self.tb)
 
 
-def unpack_exception(data) -> BaseException:
+def unpack_exception(data, who: str = "the task") -> BaseException:
+    """The exception :func:`pack_exception` packed (*who* raised it)."""
     try:
         return loads(data)
     except Exception as exc:  # noqa: BLE001 - any unpickling error is reported as such
         return SerializationError(
-            f"the task raised an exception that could not be unpickled in the parent: "
+            f"{who} raised an exception that could not be unpickled in the parent: "
             f"{type(exc).__name__}: {exc}"
         )

@@ -26,8 +26,11 @@ Data flow and ownership::
   descriptor, however they end (SIGKILL included).  Nothing for a
   resource tracker to clean up.
 * Arrays derived from a SharedArray that do not share its memory
-  (``a + 1``, ``a.copy()``, ``a[[0, 2]]``) are plain ``numpy.ndarray``
-  objects, as with ``numpy.memmap``.
+  (``a + 1``, ``a.copy()``, ``a[[0, 2]]``, ``a.astype(int)``,
+  ``numpy.zeros_like(a)``) are plain ``numpy.ndarray`` objects, as with
+  ``numpy.memmap``: a SharedArray is always shared memory.  Reductions and
+  other 0-d results (``a.sum()``, ``a.max()``, ``a @ a``) are numpy scalars,
+  as with a plain ndarray; a 0-d *view* (``a[..., 3]``) stays a SharedArray.
 * Concurrent writers are the user's business, as with any numpy array
   (use a ``Lock``, or give each process its own slice).
 
@@ -180,17 +183,40 @@ if np is not None:
                     memory = None  # new memory (a copy, a ufunc's output)
             self._shoal_memory = memory
 
-        def __array_wrap__(self, arr, *args, **kwargs):
-            arr = super().__array_wrap__(arr, *args, **kwargs)
-            if arr is self or type(arr) is not SharedArray or arr._shoal_memory is not None:
-                return arr
-            return arr.view(np.ndarray)
+        def __array_wrap__(self, arr, context=None, return_scalar=None):
+            # The result of a ufunc, a reduction (a.sum(), a.max()) or a
+            # method computed by one.  numpy 2 says with *return_scalar*
+            # when a plain ndarray would give a scalar; numpy 1 (and
+            # callers that pass only *arr*, as numpy.linalg does) says
+            # nothing, and a 0-d result is then a scalar, as numpy.memmap does.
+            if arr is self or (type(arr) is SharedArray and arr._shoal_memory is not None):
+                return arr  # written into shared memory (out=): that array itself
+            if type(arr) is not np.ndarray:
+                arr = arr.view(np.ndarray)  # new memory: not shared, so not a SharedArray
+            if return_scalar or (return_scalar is None and arr.ndim == 0):
+                return arr[()]
+            return arr
+
+        def __array_function__(self, func, types, args, kwargs):
+            # numpy functions that make new arrays of the input's class
+            # (zeros_like, copy(subok=True), roll, tile...): private memory.
+            return _plain(super().__array_function__(func, types, args, kwargs))
 
         def __getitem__(self, index):
             res = super().__getitem__(index)
             if type(res) is SharedArray and res._shoal_memory is None:
-                return res.view(np.ndarray)
+                return res.view(np.ndarray)  # fancy indexing: a copy
             return res
+
+        @property
+        def imag(self):
+            """The imaginary part: a view of shared memory for a complex
+            array, a new (plain) array of zeros for a real one."""
+            return _plain(np.ndarray.imag.__get__(self))
+
+        @imag.setter
+        def imag(self, value) -> None:
+            self.view(np.ndarray).imag = value  # the same memory
 
         def copy(self, order: str = "C") -> np.ndarray:  # type: ignore[override]  # a plain ndarray on purpose: the copy is private memory
             """A copy in private memory (a plain ``numpy.ndarray``)."""
@@ -215,6 +241,47 @@ if np is not None:
         def __repr__(self) -> str:
             text = repr(self.view(np.ndarray))
             return "SharedArray" + text[len("array") :] if text.startswith("array") else text
+
+    def _plain(res):
+        """*res*, or a plain ndarray where it is a SharedArray of private memory."""
+        kind = type(res)
+        if kind is SharedArray:
+            if res._shoal_memory is None:
+                return res.view(np.ndarray)
+        elif (kind is tuple or kind is list) and any(
+            type(r) is SharedArray and r._shoal_memory is None for r in res
+        ):
+            return kind(_plain(r) for r in res)
+        return res
+
+    def _returning_plain(name: str):
+        method = getattr(np.ndarray, name)
+
+        def wrapper(self, *args, **kwargs):
+            return _plain(method(self, *args, **kwargs))
+
+        wrapper.__name__ = wrapper.__qualname__ = name
+        wrapper.__doc__ = method.__doc__
+        return wrapper
+
+    # Methods that may return new memory of the caller's class (the others
+    # return views, plain arrays, or go through __array_wrap__).
+    for _name in (
+        "argpartition",
+        "argsort",
+        "astype",
+        "byteswap",
+        "choose",
+        "compress",
+        "dot",
+        "flatten",
+        "ravel",
+        "repeat",
+        "reshape",
+        "take",
+    ):
+        setattr(SharedArray, _name, _returning_plain(_name))
+    del _name
 
     def share(array) -> SharedArray:
         """A :class:`SharedArray` holding a copy of *array* (any array-like),
