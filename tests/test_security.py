@@ -178,3 +178,140 @@ def test_actor_of_an_unprivileged_user_refuses_other_users_and_root(fork_or_spaw
         creator_side.close()
         test_side.close()
     assert creator.exitcode == 0
+
+
+# -- descriptors: sockets, pipes, memfd segments ------------------------------------
+
+
+def _try_descriptors_as(uid: int, pids: list[int], conn) -> None:
+    """A child's target: as *uid*, try to reach every descriptor (and the
+    memory) of the processes *pids* through /proc; report what worked."""
+    _become(uid)
+    reached = []
+    for pid in pids:
+        for path in (f"/proc/{pid}/fd", f"/proc/{pid}/mem", f"/proc/{pid}/map_files"):
+            try:
+                os.listdir(path) if not path.endswith("mem") else os.close(os.open(path, os.O_RDONLY))
+                reached.append(path)
+            except PermissionError:
+                pass
+            except FileNotFoundError:
+                pass
+        for fd in range(3, 64):
+            try:
+                os.close(os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY))
+                reached.append(f"/proc/{pid}/fd/{fd}")
+            except (PermissionError, FileNotFoundError):
+                pass
+            except OSError as exc:  # ENXIO (a socket): the kernel let the path through
+                reached.append(f"/proc/{pid}/fd/{fd} ({exc.strerror})")
+    conn.send(("reached", reached))
+
+
+@needs_root
+def test_another_user_reaches_no_descriptor_or_memory_of_shoal_processes(fork_or_spawn):
+    # Every shared object is a descriptor (socket pair, memfd): the only way
+    # in from outside is /proc/<pid>/fd, which the kernel opens only to the
+    # same user (ptrace access rules).
+    np = pytest.importorskip("numpy")
+    ctx = shoal.get_context(fork_or_spawn)
+    a, b = shoal.Pipe()
+    q = shoal.Queue()
+    d = shoal.SharedDict()
+    arr = shoal.SharedArray((1000,), np.float64)
+    try:
+        d["secret"] = "x"
+        q.put("secret")
+        with ctx.Pool(2) as pool, ctx.Actor(Evaluator) as actor:
+            pids = [os.getpid(), actor.pid, *(p.pid for p in pool._pool)]
+            what, reached = _run_child(ctx, _try_descriptors_as, OTHER_UID, pids)
+            assert what == "reached" and reached == [], reached
+            # The same from the same user: the kernel lets it through (the test can fail).
+            what, reached_by_owner = _run_child(ctx, _try_descriptors_as, 0, pids)
+            assert reached_by_owner
+    finally:
+        for obj in (a, b, q, d):
+            obj.close()
+        del arr
+
+
+# -- the Manager ------------------------------------------------------------------------
+
+
+def _connect_as(uid: int, address, authkey: bytes, conn) -> None:
+    from multiprocessing.connection import Client
+
+    if uid != os.geteuid():
+        _become(uid)
+    try:
+        Client(address, authkey=authkey).close()
+    except BaseException as exc:
+        conn.send((type(exc).__name__, str(exc)))
+    else:
+        conn.send(("connected", None))
+
+
+@needs_root
+def test_a_managers_server_refuses_another_user_and_a_wrong_authkey():
+    ctx = shoal.get_context("fork")
+    with shoal.Manager() as manager:
+        queue = manager.Queue()  # starts the server
+        address = manager._sync().address
+        assert isinstance(address, str) and os.path.exists(address)  # an AF_UNIX path
+        what, detail = _run_child(
+            ctx, _connect_as, OTHER_UID, address, bytes(shoal.current_process().authkey)
+        )
+        assert what == "PermissionError", (what, detail)  # its directory is the owner's alone
+        what, detail = _run_child(ctx, _connect_as, 0, address, b"not the authkey")
+        assert what == "AuthenticationError", (what, detail)
+        what, detail = _run_child(ctx, _connect_as, 0, address, bytes(shoal.current_process().authkey))
+        assert what == "connected", (what, detail)
+        queue.put(1)
+
+
+# -- the Dask cluster ---------------------------------------------------------------------
+
+
+def test_a_tls_dask_scheduler_needs_credentials_and_works_with_them():
+    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("cryptography")
+    import dask
+
+    security = distributed.Security.temporary()
+    with distributed.LocalCluster(
+        n_workers=1,
+        processes=False,
+        security=security,
+        protocol="tls://",
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+    ) as cluster:
+        with pytest.raises(ConnectionError, match="speaks TLS and this process has no TLS credentials"):
+            shoal.Pool(backend="dask", address=cluster.scheduler_address)
+        credentials = {
+            "distributed.comm.tls.ca-file": security.tls_ca_file,
+            "distributed.comm.tls.client.cert": security.tls_client_cert,
+            "distributed.comm.tls.client.key": security.tls_client_key,
+        }
+        with dask.config.set(credentials):
+            with shoal.Pool(backend="dask", address=cluster.scheduler_address) as pool:
+                assert pool.map(abs, [-1, -2]) == [1, 2]
+
+
+# -- shoal map ------------------------------------------------------------------------------
+
+
+@needs_root
+def test_shoal_map_refuses_a_module_another_user_put_in_the_current_directory(tmp_path):
+    from helpers import run_python
+
+    planted = tmp_path / "tasks.py"
+    planted.write_text("import os\ndef double(x):\n    return 2 * int(x)\nos.system('touch pwned')\n")
+    os.chown(planted, OTHER_UID, OTHER_UID)
+    out = run_python("-m", "shoal", "map", "tasks:double", cwd=tmp_path, input="1\n")
+    assert out.returncode == 2, out
+    assert "refusing to import" in out.stderr and f"uid {OTHER_UID}" in out.stderr
+    assert not (tmp_path / "pwned").exists()
+    os.chown(planted, 0, 0)  # the user's own module: imported
+    mine = run_python("-m", "shoal", "map", "tasks:double", cwd=tmp_path, input="1\n")
+    assert mine.returncode == 0 and mine.stdout == "2\n", mine

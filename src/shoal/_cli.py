@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -57,6 +58,7 @@ def _load_function(spec: str):
         _die(f"expected MODULE:FUNCTION (for example mypkg.tasks:resize), got {spec!r}")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    _check_owner(module_name)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -74,6 +76,32 @@ def _load_function(spec: str):
     if not callable(fn):
         _die(f"{spec} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def _check_owner(module_name: str) -> None:
+    """Refuse a module of the current directory that another user owns: the
+    current directory is searched first (as with ``python -m``), so in a
+    directory others can write to (``/tmp``) they could plant the module
+    and have it run as you (see docs/security.md)."""
+    cwd = os.path.realpath(os.getcwd())
+    me = os.geteuid()
+    parts = module_name.split(".")
+    for i in range(len(parts)):
+        try:
+            spec = importlib.util.find_spec(".".join(parts[: i + 1]))
+        except (ImportError, ValueError):
+            return  # reported by the import itself
+        origin = getattr(spec, "origin", None)
+        if not origin or not os.path.isfile(origin):
+            continue
+        if os.path.commonpath([cwd, os.path.realpath(origin)]) == cwd:
+            owner = os.stat(origin).st_uid
+            if owner not in (me, 0):
+                _die(
+                    f"refusing to import {origin}: it belongs to uid {owner}, not to you (uid {me}). "
+                    "The current directory is searched first, so another user who can write here could "
+                    "have put it there: run shoal map from a directory only you can write to"
+                )
 
 
 def _open_input(path: str | None):

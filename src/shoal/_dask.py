@@ -451,17 +451,29 @@ class _Batch:
         self.future: Any = None  # the distributed.Future, once submitted
 
 
+class _NoCredentials(OSError):
+    """A tls:// address, and no TLS credentials in Dask's configuration."""
+
+
 def _check_listening(address: str) -> None:
-    """Fail at once, with OSError, when nothing listens at a tcp:// address
-    (Dask's client would retry for its whole connect timeout, then leave its
-    event loop's descriptors open)."""
+    """Fail at once, with OSError, when nothing listens at a tcp:// or tls://
+    address (Dask's client would retry for its whole connect timeout, then
+    leave its event loop's descriptors open), or when a tls:// address is
+    given without TLS credentials in Dask's configuration."""
     try:
         scheme, location = distributed.comm.parse_address(address)
         host, port = distributed.comm.parse_host_port(location)
     except (ValueError, TypeError):
         return  # Dask reports a malformed address itself
-    if scheme == "tcp" and port:
+    if scheme in ("tcp", "tls") and port:
         socket.create_connection((host, port), timeout=10).close()
+    if scheme == "tls" and distributed.Security().get_connection_args("client").get("ssl_context") is None:
+        raise _NoCredentials(
+            "it speaks TLS and this process has no TLS credentials: set Dask's "
+            "distributed.comm.tls.ca-file, distributed.comm.tls.client.cert and "
+            "distributed.comm.tls.client.key (its configuration file or DASK_DISTRIBUTED__COMM__TLS__... "
+            "environment variables)"
+        )
 
 
 def _fn_key(fn) -> str:
@@ -610,10 +622,13 @@ class DaskEngine(Engine):
             self._client = distributed.Client(connect_to, set_as_default=False)
         except OSError as exc:
             self._close_cluster()
-            raise ConnectionError(
-                f"cannot connect to the Dask scheduler at {address}: {exc}. Start one with `dask scheduler` "
-                f"and workers with `dask worker {address}`, or pass address=None for a local cluster"
-            ) from exc
+            hint = (
+                ""
+                if isinstance(exc, _NoCredentials)
+                else f". Start one with `dask scheduler` and workers with `dask worker {address}`, "
+                "or pass address=None for a local cluster"
+            )
+            raise ConnectionError(f"cannot connect to the Dask scheduler at {address}: {exc}{hint}") from exc
         except BaseException:
             self._close_cluster()
             raise
