@@ -59,6 +59,7 @@ import importlib
 import io
 import itertools
 import os
+import pickle
 import sys
 import threading
 import tokenize
@@ -424,18 +425,26 @@ def function_bytes(fn: Any, *, foreign: bool = False) -> tuple[bytes, Callable[[
     Returns the pickle and, when it travels by value, a check that says
     whether the pickle is still current (the globals it captured are still
     bound to the same objects); ``None`` when it travels by reference.
-    Raises what the picklers raise.
+    As :func:`._pickling.pickle_code`: code of the main module that cannot
+    travel by value (a global it uses cannot be pickled) goes by name to a
+    receiver of this program.  Raises what the picklers raise.
     """
-    if type(fn) is types.FunctionType and (fn.__module__ not in MAIN_NAMES or _by_reference(fn, foreign)):
-        import pickle
-
+    by_name = None
+    if type(fn) is types.FunctionType:
         try:
-            return pickle.dumps(fn, PROTOCOL), None
+            by_name = pickle.dumps(fn, PROTOCOL)
         except Exception:  # noqa: BLE001 - not reachable by name (a lambda, a closure): by value
             pass
-    with io.BytesIO() as out:
-        Pickler(out, foreign=foreign).dump(fn)
-        data = out.getvalue()
+        if by_name is not None and (fn.__module__ not in MAIN_NAMES or _by_reference(fn, foreign)):
+            return by_name, None
+    try:
+        with io.BytesIO() as out:
+            Pickler(out, foreign=foreign).dump(fn)
+            data = out.getvalue()
+    except Exception:
+        if by_name is None or foreign:
+            raise
+        return by_name, None  # as the standard library sends it
     if type(fn) is not types.FunctionType:
         return data, None
     namespace = fn.__globals__
