@@ -299,6 +299,17 @@ def test_workers_write_into_a_numpy_memmap_of_the_callers_file(tmp_path, method)
     assert info == [(True, False, "r")]
 
 
+def test_objects_pickled_through_copyreg_travel_beside_arrays():
+    # The array reducers replaced copyreg's table (a compiled regex pickles
+    # through it): the batch fell back to the ordinary path, with a warning.
+    np = pytest.importorskip("numpy")
+    pattern = re.compile("a+")
+    out = Parallel(n_jobs=2, backend="shoal", max_nbytes=1)(
+        delayed(workers.args_and_types)(pattern, np.ones(3)) for _ in range(2)
+    )
+    assert [types for _, types in out] == [["Pattern", "memmap"]] * 2
+
+
 def test_shared_arrays_and_functions_by_value_in_batches_with_arrays():
     np = pytest.importorskip("numpy")
     grid = shoal.SharedArray((4, 100_000))

@@ -78,6 +78,7 @@ shoal`` never imports it, and importing this module without it raises an
 
 from __future__ import annotations
 
+import copyreg
 import io
 import mmap
 import multiprocessing
@@ -364,7 +365,10 @@ class _ArrayPolicy:
         if self._table is None:
             import numpy as np
 
-            self._table = ChainMap({np.ndarray: self._reduce_array, np.memmap: self._reduce_array})
+            # (copyreg's table behind: a pickler's own table replaces it)
+            self._table = ChainMap(
+                {np.ndarray: self._reduce_array, np.memmap: self._reduce_array}, copyreg.dispatch_table
+            )
         file = io.BytesIO()
         pickler = _BatchPickler(file, self._table)
         with collecting_fds() as fds:  # a SharedArray's memory: its descriptor travels beside
