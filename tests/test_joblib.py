@@ -181,6 +181,14 @@ def test_joblib_start_method_is_the_workers_start_method(method):
     )
 
 
+def test_inner_max_num_threads_is_refused_not_ignored():
+    # The workers' thread pools are not limited: joblib refuses the option
+    # for a backend that does not declare support (docs/guide/joblib.md).
+    with pytest.raises(AssertionError, match="ShoalBackend does not accept.*inner_max_num_threads"):
+        with joblib.parallel_config(backend="shoal", inner_max_num_threads=2):
+            pass
+
+
 def test_temp_folder_is_accepted_and_no_file_is_written(tmp_path):
     np = pytest.importorskip("numpy")
     a = np.arange(1000.0)

@@ -65,6 +65,9 @@ dropped (``_configure_options``):
 * ``context`` (the start method joblib's ``JOBLIB_START_METHOD`` chose)
   is used when ``mp_context`` is not given; ``prefer``, ``require`` and
   ``verbose`` are joblib's own (backend choice, progress messages).
+* ``inner_max_num_threads`` is refused by joblib itself
+  (``supports_inner_max_num_threads`` is false): the workers' BLAS and
+  OpenMP thread pools are not limited.
 
 Inside a daemonic process (a task of :class:`multiprocessing.pool.Pool`, a
 Dask worker) no worker process can start: as joblib's loky and
