@@ -38,6 +38,8 @@ pytest.importorskip("joblib")
 pytest.importorskip("numpy")
 
 SUITE = Path(__file__).parent / "joblib_suite"
+sys.path.insert(0, str(SUITE))
+from leftovers import describe, stop  # noqa: E402 - the same cleanup as the child run's
 
 #: Cases that check what shoal does differently on purpose: skipped in
 #: effect (strict xfail), with the reason.
@@ -104,13 +106,6 @@ def _outcomes(junit: Path) -> dict[str, str]:
     return out
 
 
-def _describe(proc: psutil.Process) -> tuple[int, str]:
-    try:
-        return proc.pid, " ".join(proc.cmdline())[-120:]
-    except psutil.Error:
-        return proc.pid, "?"
-
-
 def _session_processes(sid: int) -> list[psutil.Process]:
     """Live processes of session *sid*: what the child run started and left."""
     found = []
@@ -153,13 +148,12 @@ def test_joblib_test_parallel_passes_with_the_shoal_backend(tmp_path):
         pytest.fail(f"joblib's test_parallel.py did not finish in {RUN_TIMEOUT} s:\n{output[-6000:]}")
     finally:
         # Helpers that outlive the child by a moment (resource trackers
-        # reading the end of their pipe) get a few seconds to go.
-        deadline = time.monotonic() + 10
+        # cleaning /dev/shm once their clients are gone) get time to go.
+        deadline = time.monotonic() + 30
         while (left := _session_processes(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        described = [_describe(p) for p in left]
-        for p in left:
-            p.kill()
+        described = [describe(p) for p in left]
+        stop(left)
     elapsed = time.monotonic() - start
     assert not described, f"the joblib suite left processes running: {described}\n{output[-3000:]}"
     outcomes = _outcomes(junit)

@@ -34,6 +34,7 @@ import time
 
 import psutil
 import pytest
+from leftovers import describe, stop
 
 import shoal.joblib
 
@@ -151,13 +152,8 @@ def _no_process_left(request):
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    described = []
-    for p in left:
-        try:
-            described.append((p.pid, " ".join(p.cmdline())[-80:]))
-            p.kill()
-        except psutil.Error:
-            pass
+    described = [describe(p) for p in left]
+    stop(left)
     if described and not expected_to_fail:
         pytest.fail(f"processes started by this case still run 10 s after it: {described}")
 
