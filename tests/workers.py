@@ -671,3 +671,39 @@ def return_unpicklable_if(x, bad):
 
 class Color(enum.IntEnum):
     RED = 1
+
+
+# -- the joblib backend (tests/test_joblib.py) ---------------------------------
+
+
+def memmap_info(array):
+    """How an array argument arrived: a numpy.memmap?, writable?, its mode."""
+    import numpy as np
+
+    return isinstance(array, np.memmap), bool(array.flags.writeable), getattr(array, "mode", None)
+
+
+def write_first(array, value):
+    """Write *value* into the first element of *array*; what it now holds."""
+    array.flat[0] = value
+    return array.flat[0]
+
+
+def joblib_in_this_process(n_jobs, options):
+    """Run a shoal-backed joblib loop here (a task of multiprocessing.Pool):
+    the workers' pids, this pid, the warnings, or the error raised."""
+    import warnings
+
+    import joblib
+
+    import shoal.joblib  # noqa: F401 - registers the backend
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pids = joblib.Parallel(n_jobs=n_jobs, backend="shoal", **options)(
+                joblib.delayed(os.getpid)() for _ in range(4)
+            )
+        except Exception as exc:
+            return "error", f"{type(exc).__name__}: {exc}", []
+    return set(pids), os.getpid(), [str(w.message) for w in caught]

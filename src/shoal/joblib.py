@@ -11,14 +11,15 @@
 Data flow::
 
     Parallel (caller's thread)                 shoal engine
-      │ configure() ─────────────────────────▶ Engine(n_jobs workers), started lazily
-      │ submit(BatchedCalls, callback) ──────▶ submit_call ─▶ scheduler thread ─▶ workers
+      │ configure(**options) ────────────────▶ Engine(n_jobs workers, options): started here
+      │ submit(BatchedCalls, callback)
+      │   pickled with joblib's array policy ─▶ submit_call ─▶ scheduler thread ─▶ workers
       │                                                             │
       │ ◀── callback(future) on the engine's callback thread ◀──────┘
       │ retrieve_result_callback(future) = future.result()
       │ terminate() at the end of the call ──▶ close + join: no worker left
       └ abort_everything() after an error ───▶ terminate (kill) the workers;
-                                                a new engine if more work follows
+                                                new ones if the Parallel is reused
 
 * Batching is joblib's (``AutoBatchingMixin``): it groups calls into
   ``BatchedCalls`` of about 0.2 s each, so joblib's own per-dispatch cost
@@ -32,10 +33,46 @@ Data flow::
   worker, and the backend stays usable for the next ``Parallel`` call.
 * Workers live for one ``Parallel`` call (or one ``with Parallel(...)``
   block), so nothing is left running after it; joblib's loky backend keeps
-  its workers for reuse instead.
-* Backend options (``parallel_config(backend="shoal", max_tasks_per_child=..,
-  mp_context=.., task_timeout=.., max_memory=.., initializer=..,
-  initargs=..)``) are :class:`shoal.ProcessPoolExecutor`'s.
+  its workers for reuse instead.  The running engine is the backend's
+  ``_workers`` (``None`` between calls), the attribute joblib's loky
+  backend uses for its executor.
+
+Options.  Every option joblib hands a backend is honoured or refused, never
+dropped (``_configure_options``):
+
+* shoal's own, from ``parallel_config(backend="shoal", ...)`` or
+  ``Parallel(backend="shoal", ...)`` (the latter wins):
+  :class:`shoal.ProcessPoolExecutor`'s ``mp_context``, ``initializer``,
+  ``initargs``, ``max_tasks_per_child``, ``max_memory``, ``task_timeout``.
+  With ``n_jobs=1`` joblib runs the calls in the caller's process, where
+  ``initializer``, ``task_timeout``, ``max_memory`` and
+  ``max_tasks_per_child`` cannot apply: a warning says so (as joblib warns
+  about ``timeout``).  Anything else: ``TypeError``.
+* joblib's array options (``max_nbytes``, ``mmap_mode``), applied when a
+  batch is pickled (:class:`_ArrayPolicy`), as loky's memmapping reducers
+  do but without files: an array of more than ``max_nbytes`` bytes arrives
+  as a read-only ``numpy.memmap`` (``mmap_mode="r"``, a view of the shared
+  memory it travelled in) or a private writable one (``"c"``); smaller
+  arrays, and all with ``max_nbytes=None`` or ``mmap_mode=None``, arrive as
+  private writable arrays, as pickling makes them.  An array backed by a
+  ``numpy.memmap`` of a file travels by reference (file name, offset), so a
+  worker writing into an ``np.memmap(..., mode="w+")`` writes into the
+  caller's file.  ``"r+"`` and ``"w+"`` (a writable temporary file that the
+  caller never sees) are refused with ``ValueError``.
+* ``temp_folder`` is accepted and unused: shoal writes no temporary files
+  (arrays travel in anonymous shared memory that the kernel frees), so
+  there is nothing to place in a folder or to clean up.
+* ``context`` (the start method joblib's ``JOBLIB_START_METHOD`` chose)
+  is used when ``mp_context`` is not given; ``prefer``, ``require`` and
+  ``verbose`` are joblib's own (backend choice, progress messages).
+* ``inner_max_num_threads`` is refused by joblib itself
+  (``supports_inner_max_num_threads`` is false): the workers' BLAS and
+  OpenMP thread pools are not limited.
+
+Inside a daemonic process (a task of :class:`multiprocessing.pool.Pool`, a
+Dask worker) no worker process can start: as joblib's loky and
+multiprocessing backends do, the loop runs in the caller with ``n_jobs=1``
+and a warning.
 
 joblib is an optional dependency (``pip install shoal[joblib]``); ``import
 shoal`` never imports it, and importing this module without it raises an
@@ -44,6 +81,16 @@ shoal`` never imports it, and importing this module without it raises an
 
 from __future__ import annotations
 
+import copyreg
+import io
+import mmap
+import multiprocessing
+import os
+import pickle
+import sys
+import types
+import warnings
+from collections import ChainMap
 from typing import Any
 
 try:
@@ -53,16 +100,26 @@ try:
         FallbackToBackend,
         ParallelBackendBase,
         SequentialBackend,
+        inside_dask_worker,
     )
 except ImportError as exc:
     raise ImportError("shoal.joblib needs joblib: pip install 'shoal[joblib]'") from exc
 
 from ._asyncresult import Future, submit_future
 from ._engine import Engine
+from ._fd import collecting_fds, providing_fds, reduce_fd
+from ._serialization import OOB_THRESHOLD, dumps, loads
 
 __all__ = ("ShoalBackend",)
 
+#: The worker options, :class:`shoal.ProcessPoolExecutor`'s names.
 _OPTIONS = ("mp_context", "initializer", "initargs", "max_tasks_per_child", "max_memory", "task_timeout")
+#: Options only a worker process can apply: with ``n_jobs=1`` joblib runs
+#: the calls in the caller's process, and a warning says they are not applied.
+_WORKER_ONLY = ("initializer", "max_tasks_per_child", "max_memory", "task_timeout")
+#: What joblib's ``Parallel`` passes to every backend's ``configure()``.
+_JOBLIB_OPTIONS = ("max_nbytes", "mmap_mode", "temp_folder", "verbose", "context")
+_MMAP_MODES = (None, "r", "c")
 
 
 class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
@@ -78,20 +135,24 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
     def __init__(
         self, nesting_level: int | None = None, inner_max_num_threads: int | None = None, **options: Any
     ):
-        unknown = set(options) - set(_OPTIONS)
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) for the shoal joblib backend: {sorted(unknown)}; "
-                f"it takes {', '.join(_OPTIONS)}"
-            )
+        _check_names(options, _OPTIONS)
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **options)
-        self._engine: Engine | None = None
+        #: The running engine, or None (the name joblib's loky backend uses).
+        self._workers: Engine | None = None
         self._n_jobs = 1
+        self._settings: dict[str, Any] = {}
+        self._policy = _ArrayPolicy(None, None)
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         if n_jobs == 0:
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if n_jobs is None:
+            return 1
+        if multiprocessing.current_process().daemon:
+            # A daemonic process cannot have children (the standard
+            # library refuses): run in this process, as loky does.
+            if n_jobs != 1:
+                warnings.warn(_daemonic_message(), stacklevel=3)
             return 1
         if n_jobs < 0:
             return max(joblib.cpu_count() + 1 + n_jobs, 1)
@@ -105,31 +166,68 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
         require: Any = None,
         **options: Any,
     ) -> int:
+        settings, policy = _configure_options(self.backend_kwargs, options)
         n_jobs = self.effective_n_jobs(n_jobs)
         if n_jobs == 1:
+            # joblib runs the calls in this process: what only a worker
+            # process can do does not happen (joblib warns the same way
+            # about a timeout with n_jobs=1).
+            unused = [name for name in _WORKER_ONLY if settings.get(name) is not None]
+            if unused:
+                warnings.warn(
+                    f"with n_jobs=1 joblib runs the calls in this process, so the shoal backend's "
+                    f"{', '.join(unused)} (which need worker processes) are not applied; pass n_jobs=2 or "
+                    "more to use them",
+                    stacklevel=4,
+                )
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         self.parallel = parallel
-        if self._engine is not None and self._n_jobs != n_jobs:
+        self._policy = policy
+        if self._workers is not None and (self._n_jobs != n_jobs or not _same(self._settings, settings)):
+            # This backend instance (one parallel_config's) serves another
+            # Parallel call with other options: that call's tasks finish first.
             self._stop(kill=False)
         self._n_jobs = n_jobs
+        self._settings = settings
+        if self._workers is None:
+            self._workers = self._start()
         return n_jobs
 
-    def _get_engine(self) -> Engine:
-        if self._engine is None:
-            kw = self.backend_kwargs
-            self._engine = Engine(
-                self._n_jobs,
-                kw.get("initializer"),
-                kw.get("initargs", ()),
-                kw.get("max_tasks_per_child"),
-                kw.get("mp_context"),
-                max_memory=kw.get("max_memory"),
-                task_timeout=kw.get("task_timeout"),
-            )
-        return self._engine
+    def _start(self) -> Engine:
+        s = self._settings
+        return Engine(
+            self._n_jobs,
+            s.get("initializer"),
+            s.get("initargs", ()),
+            s.get("max_tasks_per_child"),
+            s.get("mp_context"),
+            max_memory=s.get("max_memory"),
+            task_timeout=s.get("task_timeout"),
+        )
 
     def submit(self, func: Any, callback: Any = None) -> Future:
-        future = submit_future(self._get_engine(), func, (), {})
+        if self._workers is None:
+            # Another Parallel call sharing this backend ended ours (see configure).
+            self._workers = self._start()
+        if "numpy" not in sys.modules:  # without numpy there is no array to treat
+            future = submit_future(self._workers, func, (), {})
+        else:
+            try:
+                batch = self._policy.pickle(func)
+            except Exception as exc:  # noqa: BLE001 - the ordinary path says whether it pickles at all
+                future = submit_future(self._workers, func, (), {})
+                warnings.warn(
+                    f"shoal.joblib could not apply max_nbytes/mmap_mode to this batch "
+                    f"({type(exc).__name__}: {exc}); its arrays were sent as shoal sends pool arguments "
+                    "(read-only from 256 KiB)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            else:
+                try:
+                    future = submit_future(self._workers, _run_batch, (batch,), {})
+                finally:
+                    batch.close()
         if callback is not None:
             future.add_done_callback(callback)
         return future
@@ -143,7 +241,7 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
         return out.result(timeout)
 
     def _stop(self, kill: bool) -> None:
-        engine, self._engine = self._engine, None
+        engine, self._workers = self._workers, None
         if engine is not None:
             if kill:
                 engine.terminate()
@@ -157,10 +255,318 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
         self.reset_batch_stats()
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
-        """A task failed: kill the workers (a new engine starts on demand)."""
+        """A task failed: kill the workers, and start new ones (with the
+        same options) if the Parallel object is to be used again."""
         self._stop(kill=True)
         if ensure_ready:
-            self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel)
+            self._workers = self._start()
+
+
+def _check_names(options: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = set(options) - set(allowed)
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) for the shoal joblib backend: {sorted(unknown)}; "
+            f"it takes {', '.join(_OPTIONS)} (and joblib's max_nbytes, mmap_mode, temp_folder)"
+        )
+
+
+def _configure_options(backend_kwargs: dict[str, Any], options: dict[str, Any]) -> tuple[dict, _ArrayPolicy]:
+    """The worker settings and the array policy of one Parallel call.
+
+    *backend_kwargs* came from ``parallel_config(backend="shoal", ...)``;
+    *options* are what ``Parallel`` passes to ``configure()``: its own
+    keyword arguments (which win) and joblib's (``_JOBLIB_OPTIONS``).
+    """
+    _check_names(options, _OPTIONS + _JOBLIB_OPTIONS)
+    settings = {**backend_kwargs, **{k: v for k, v in options.items() if k in _OPTIONS}}
+    context = options.get("context")
+    # Parallel passes multiprocessing's default context, or the one
+    # JOBLIB_START_METHOD names: only the latter is a choice to honour (the
+    # default is what the engine picks by itself).
+    chosen = getattr(joblib.parallel, "DEFAULT_MP_CONTEXT", None)
+    if settings.get("mp_context") is None and context is not None and context is chosen:
+        settings["mp_context"] = context
+    max_nbytes = options.get("max_nbytes")
+    mmap_mode = options.get("mmap_mode", "r")
+    if max_nbytes is not None:
+        if isinstance(max_nbytes, bool) or not isinstance(max_nbytes, (int, float)) or max_nbytes < 0:
+            raise ValueError(
+                f"max_nbytes must be a number of bytes (or a string such as '1M') or None, got {max_nbytes!r}"
+            )
+        if mmap_mode not in _MMAP_MODES:
+            if mmap_mode in ("r+", "w+"):
+                raise ValueError(
+                    f"the shoal joblib backend does not support mmap_mode={mmap_mode!r}: with joblib's "
+                    "other backends it gives workers a writable copy of each large array in a temporary "
+                    "file, which the caller never sees; shoal writes no such file. Use mmap_mode='r' "
+                    "(read-only, the default) or 'c' (a private writable copy in each task); to have "
+                    "workers write into memory the caller sees, pass a shoal.SharedArray, or a "
+                    "numpy.memmap of your own file"
+                )
+            raise ValueError(f"mmap_mode must be one of None, 'r', 'c', 'r+' or 'w+', got {mmap_mode!r}")
+    return settings, _ArrayPolicy(max_nbytes, mmap_mode)
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two settings dicts hold the same options (identical objects,
+    or equal numbers and strings: arrays in initargs have no plain ==)."""
+    if a.keys() != b.keys():
+        return False
+    for key, x in a.items():
+        y = b[key]
+        if isinstance(x, tuple) and isinstance(y, tuple):
+            if len(x) != len(y) or not all(p is q for p, q in zip(x, y, strict=True)):
+                return False
+        elif not (x is y or (type(x) in (int, float, str) and type(x) is type(y) and x == y)):
+            return False
+    return True
+
+
+def _daemonic_message() -> str:
+    if inside_dask_worker():
+        return (
+            "Inside a Dask worker with daemon=True, the shoal backend runs this loop with n_jobs=1.\n"
+            "Possible work-arounds:\n"
+            "- dask.config.set({'distributed.worker.daemon': False})\n"
+            "- set the environment variable DASK_DISTRIBUTED__WORKER__DAEMON=False\n"
+            "before creating your Dask cluster."
+        )
+    return (
+        "shoal-backed parallel loops cannot start worker processes inside a daemonic process "
+        "(a task of multiprocessing.Pool, a daemon Process), setting n_jobs=1"
+    )
+
+
+def _run_batch(batch: Any) -> Any:
+    """The task a worker runs: one of joblib's ``BatchedCalls``."""
+    return batch()
+
+
+# -- joblib's array options ---------------------------------------------------
+
+
+class _ArrayPolicy:
+    """``max_nbytes`` / ``mmap_mode`` for the numpy arrays of a batch.
+
+    joblib's other process backends dump arrays larger than ``max_nbytes``
+    to files in a temporary folder and workers map them
+    (``joblib._memmapping_reducer``).  Here a batch is pickled with reducers
+    for ``numpy.ndarray`` and ``numpy.memmap`` that give the same results
+    without files (the module docstring lists them); large buffers still go
+    through shoal's shared memory.  Functions and classes are pickled by
+    :func:`shoal._serialization.dumps`, shoal's one policy for callables.
+    """
+
+    def __init__(self, max_nbytes: float | None, mmap_mode: str | None) -> None:
+        self.max_nbytes = max_nbytes
+        self.mode = mmap_mode if max_nbytes is not None else None
+        self._table: ChainMap | None = None
+
+    def pickle(self, batch: Any) -> _Pickled:
+        """*batch* pickled with the policy applied (in the caller's thread)."""
+        if self._table is None:
+            import numpy as np
+
+            # (copyreg's table behind: a pickler's own table replaces it)
+            self._table = ChainMap(
+                {np.ndarray: self._reduce_array, np.memmap: self._reduce_array}, copyreg.dispatch_table
+            )
+        file = io.BytesIO()
+        pickler = _BatchPickler(file, self._table)
+        with collecting_fds() as fds:  # a SharedArray's memory: its descriptor travels beside
+            try:
+                pickler.dump(batch)
+            except BaseException:
+                _close(fds)
+                raise
+        return _Pickled(file.getvalue(), pickler.buffers, fds)
+
+    def _reduce_array(self, a: Any) -> Any:
+        file_backed = _file_memmap(a)
+        if file_backed is not None:
+            return _reduce_file_memmap(a, file_backed)
+        if a.dtype.hasobject:
+            return a.__reduce_ex__(5)
+        if self.mode is not None and a.nbytes > self.max_nbytes:
+            buffer, order = _flat(a)
+            return _memmap_view, (pickle.PickleBuffer(buffer), a.dtype, a.shape, order, self.mode)
+        if a.nbytes >= OOB_THRESHOLD:
+            # It would arrive read-only (shared memory): joblib's semantics
+            # for arrays under max_nbytes is a private, writable copy.
+            buffer, order = _flat(a)
+            return _private_array, (pickle.PickleBuffer(buffer), a.dtype, a.shape, order)
+        return a.__reduce_ex__(5)
+
+
+class _BatchPickler(pickle.Pickler):
+    """pickle (protocol 5) with the array reducers of a policy; buffers of
+    at least OOB_THRESHOLD bytes are kept out of band, for shoal's shared
+    memory, smaller ones stay in the pickle (writable arrays stay writable)."""
+
+    def __init__(self, file: io.BytesIO, table: ChainMap) -> None:
+        super().__init__(file, 5, buffer_callback=self._buffer)
+        self.dispatch_table = table
+        self.buffers: list[pickle.PickleBuffer] = []
+
+    def _buffer(self, buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < OOB_THRESHOLD:
+            return True
+        self.buffers.append(buffer)
+        return False
+
+    def reducer_override(self, obj: Any) -> Any:
+        # A function or class of __main__, a lambda, a closure, a local
+        # class, a module: pickled as shoal pickles callables (by reference
+        # where the worker can import it, by value with cloudpickle where it
+        # cannot), not as plain pickle does.  Others are importable by name:
+        # plain pickle's reference is shoal's too.
+        if isinstance(obj, (types.FunctionType, type)):
+            if getattr(obj, "__module__", None) != "__main__" and "<" not in obj.__qualname__:
+                return NotImplemented
+        elif not isinstance(obj, types.ModuleType):
+            return NotImplemented
+        return loads, (dumps(obj, what=f"{obj!r:.60}"),)
+
+
+class _Pickled:
+    """A batch pickled by _BatchPickler; its large buffers (out of band)
+    and the descriptors of its shared memory travel beside it, through
+    shoal's own path.  ``close()`` closes the descriptors it holds (the
+    task holds duplicates)."""
+
+    __slots__ = ("buffers", "data", "fds")
+
+    def __init__(self, data: bytes, buffers: list[pickle.PickleBuffer], fds: list[int]) -> None:
+        self.data = data
+        self.buffers = buffers
+        self.fds = fds
+
+    def __reduce__(self) -> Any:
+        return _unpickle_batch, (
+            pickle.PickleBuffer(self.data),
+            self.buffers,
+            [_Descriptor(fd) for fd in self.fds],
+        )
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        _close(fds)
+
+
+class _Descriptor:
+    """Pickles as a duplicate of *fd*, for the message that carries it."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> Any:
+        return reduce_fd(os.dup(self.fd))
+
+
+def _unpickle_batch(data: Any, buffers: list[Any], fds: list[int]) -> Any:
+    try:
+        with providing_fds(fds):
+            return pickle.loads(data, buffers=buffers)
+    finally:
+        _close(fds)
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _flat(a: Any) -> tuple[Any, str]:
+    """A contiguous array with *a*'s items in the order returned with it."""
+    if a.flags.c_contiguous:
+        return a, "C"
+    if a.flags.f_contiguous:
+        return a.T, "F"
+    import numpy as np
+
+    return np.ascontiguousarray(a), "C"
+
+
+def _memmap_view(buffer: Any, dtype: Any, shape: tuple, order: str, mode: str) -> Any:
+    """In the worker: an array larger than max_nbytes, as a ``numpy.memmap``
+    over the memory it arrived in; read-only (``"r"``) or a private copy
+    (``"c"``)."""
+    import numpy as np
+
+    a = np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)  # type: ignore[call-overload]
+    if mode == "c" and not a.flags.writeable:
+        a = a.copy(order=order)
+    m = a.view(np.memmap)
+    if mode == "r":
+        m.flags.writeable = False
+    m.mode, m.offset, m.filename = mode, 0, None
+    return m
+
+
+def _private_array(buffer: Any, dtype: Any, shape: tuple, order: str) -> Any:
+    """In the worker: an array under max_nbytes, private and writable."""
+    import numpy as np
+
+    a = np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)  # type: ignore[call-overload]
+    return a if a.flags.writeable else a.copy(order=order)
+
+
+def _file_memmap(a: Any) -> Any:
+    """The ``numpy.memmap`` of a file that *a* is a view of, or None."""
+    import numpy as np
+
+    if a.size == 0:
+        return None
+    b = a
+    while b is not None:
+        base = getattr(b, "base", None)
+        if isinstance(base, mmap.mmap):
+            # (numpy keeps the pathlib.Path a memmap was made with, or a str)
+            name = b.filename if isinstance(b, np.memmap) else None
+            if isinstance(name, (str, os.PathLike)) and not os.fspath(name).startswith("/proc/"):
+                return b
+            return None
+        b = base
+    return None
+
+
+def _reduce_file_memmap(a: Any, m: Any) -> Any:
+    """*a*, a view of the file memmap *m*, by reference: the worker maps
+    the same bytes of the same file (with ``m``'s mode; ``"w+"`` as
+    ``"r+"``, which does not truncate it), and its writes reach the file."""
+    try:
+        from numpy.lib.array_utils import byte_bounds
+    except ImportError:  # numpy < 2
+        from numpy import byte_bounds  # type: ignore[attr-defined,no-redef]
+
+    low, high = byte_bounds(a)
+    m_low = byte_bounds(m)[0]
+    first = a.__array_interface__["data"][0]
+    mode = "r+" if m.mode == "w+" else m.mode
+    return _map_file, (
+        os.fspath(m.filename),
+        m.offset + low - m_low,
+        high - low,
+        mode,
+        a.dtype,
+        a.shape,
+        a.strides,
+        first - low,
+    )
+
+
+def _map_file(
+    filename: str, offset: int, length: int, mode: Any, dtype: Any, shape: tuple, strides: tuple, start: int
+) -> Any:
+    import numpy as np
+
+    span = np.memmap(filename, dtype=np.uint8, mode=mode, offset=offset, shape=(length,))
+    m = np.ndarray.__new__(np.memmap, shape, dtype=dtype, buffer=span, offset=start, strides=strides)
+    m._mmap, m.filename, m.mode, m.offset = span._mmap, span.filename, mode, offset + start  # type: ignore[attr-defined]
+    return m
 
 
 joblib.register_parallel_backend("shoal", ShoalBackend)
