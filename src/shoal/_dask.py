@@ -98,6 +98,7 @@ from ._engine import (
 from ._engine import CallbackThread as _CallbackThread
 from ._fd import fd_from_buffer, map_private_fd, sending_fds
 from ._serialization import (
+    LargeBuffers,
     dumps,
     find_unpicklable,
     loads,
@@ -177,19 +178,12 @@ def _node_local_error(obj: Any, what: str) -> SerializationError:
 def _pickle(obj: Any, what: str) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """Pickle *obj* with its buffers of at least SHARE_THRESHOLD bytes out of
     band (returned, to be scattered).  Raises SerializationError."""
-    large: list[pickle.PickleBuffer] = []
-
-    def keep_large(pb: pickle.PickleBuffer) -> bool:
-        if pb.raw().nbytes < SHARE_THRESHOLD:
-            return True  # in band
-        large.append(pb)
-        return False
-
+    large = LargeBuffers(SHARE_THRESHOLD)
     try:
         with sending_fds(_REFUSE):
             try:
                 # A Dask worker runs its own __main__: code of ours travels by value.
-                return pickle_code(obj, keep_large, foreign=True), large
+                return pickle_code(obj, large, foreign=True), large.taken
             except _NodeLocalError:
                 raise _node_local_error(obj, what) from None
             except Exception:  # noqa: BLE001 - shoal's message next

@@ -81,16 +81,12 @@ shoal`` never imports it, and importing this module without it raises an
 
 from __future__ import annotations
 
-import copyreg
-import io
 import mmap
 import multiprocessing
 import os
 import pickle
 import sys
-import types
 import warnings
-from collections import ChainMap
 from typing import Any
 
 try:
@@ -108,7 +104,7 @@ except ImportError as exc:
 from ._asyncresult import Future, submit_future
 from ._engine import Engine
 from ._fd import collecting_fds, providing_fds, reduce_fd
-from ._serialization import OOB_THRESHOLD, dumps, loads
+from ._serialization import OOB_THRESHOLD, LargeBuffers, pickle_code
 
 __all__ = ("ShoalBackend",)
 
@@ -354,33 +350,34 @@ class _ArrayPolicy:
     (``joblib._memmapping_reducer``).  Here a batch is pickled with reducers
     for ``numpy.ndarray`` and ``numpy.memmap`` that give the same results
     without files (the module docstring lists them); large buffers still go
-    through shoal's shared memory.  Functions and classes are pickled by
-    :func:`shoal._serialization.dumps`, shoal's one policy for callables.
+    through shoal's shared memory.  Everything else, functions and classes
+    included, is pickled by shoal's one policy
+    (:func:`shoal._serialization.pickle_code`).
     """
 
     def __init__(self, max_nbytes: float | None, mmap_mode: str | None) -> None:
         self.max_nbytes = max_nbytes
         self.mode = mmap_mode if max_nbytes is not None else None
-        self._table: ChainMap | None = None
+        self._types: tuple[type, ...] = ()
 
     def pickle(self, batch: Any) -> _Pickled:
         """*batch* pickled with the policy applied (in the caller's thread)."""
-        if self._table is None:
+        if not self._types:
             import numpy as np
 
-            # (copyreg's table behind: a pickler's own table replaces it)
-            self._table = ChainMap(
-                {np.ndarray: self._reduce_array, np.memmap: self._reduce_array}, copyreg.dispatch_table
-            )
-        file = io.BytesIO()
-        pickler = _BatchPickler(file, self._table)
+            # Exactly these: a SharedArray (a subclass) travels as its memory's descriptor.
+            self._types = (np.ndarray, np.memmap)
+        buffers = LargeBuffers(OOB_THRESHOLD)  # for shoal's shared memory; smaller ones stay in the pickle
         with collecting_fds() as fds:  # a SharedArray's memory: its descriptor travels beside
             try:
-                pickler.dump(batch)
+                data = pickle_code(batch, buffers, reduce=self._reduce)
             except BaseException:
                 _close(fds)
                 raise
-        return _Pickled(file.getvalue(), pickler.buffers, fds)
+        return _Pickled(data, buffers.taken, fds)
+
+    def _reduce(self, obj: Any) -> Any:
+        return self._reduce_array(obj) if type(obj) in self._types else NotImplemented
 
     def _reduce_array(self, a: Any) -> Any:
         file_backed = _file_memmap(a)
@@ -399,38 +396,8 @@ class _ArrayPolicy:
         return a.__reduce_ex__(5)
 
 
-class _BatchPickler(pickle.Pickler):
-    """pickle (protocol 5) with the array reducers of a policy; buffers of
-    at least OOB_THRESHOLD bytes are kept out of band, for shoal's shared
-    memory, smaller ones stay in the pickle (writable arrays stay writable)."""
-
-    def __init__(self, file: io.BytesIO, table: ChainMap) -> None:
-        super().__init__(file, 5, buffer_callback=self._buffer)
-        self.dispatch_table = table
-        self.buffers: list[pickle.PickleBuffer] = []
-
-    def _buffer(self, buffer: pickle.PickleBuffer) -> bool:
-        if buffer.raw().nbytes < OOB_THRESHOLD:
-            return True
-        self.buffers.append(buffer)
-        return False
-
-    def reducer_override(self, obj: Any) -> Any:
-        # A function or class of __main__, a lambda, a closure, a local
-        # class, a module: pickled as shoal pickles callables (by reference
-        # where the worker can import it, by value with cloudpickle where it
-        # cannot), not as plain pickle does.  Others are importable by name:
-        # plain pickle's reference is shoal's too.
-        if isinstance(obj, (types.FunctionType, type)):
-            if getattr(obj, "__module__", None) != "__main__" and "<" not in obj.__qualname__:
-                return NotImplemented
-        elif not isinstance(obj, types.ModuleType):
-            return NotImplemented
-        return loads, (dumps(obj, what=f"{obj!r:.60}"),)
-
-
 class _Pickled:
-    """A batch pickled by _BatchPickler; its large buffers (out of band)
+    """A batch pickled by _ArrayPolicy; its large buffers (out of band)
     and the descriptors of its shared memory travel beside it, through
     shoal's own path.  ``close()`` closes the descriptors it holds (the
     task holds duplicates)."""

@@ -20,6 +20,7 @@ from ._code import starting_process as starting_process
 from ._exceptions import pack_exception as pack_exception
 from ._exceptions import unpack_exception as unpack_exception
 from ._pickling import OOB_THRESHOLD as OOB_THRESHOLD
+from ._pickling import LargeBuffers as LargeBuffers
 from ._pickling import TooLarge as TooLarge
 from ._pickling import dumps as dumps
 from ._pickling import find_unpicklable as find_unpicklable
@@ -30,6 +31,7 @@ from ._pickling import pickle_code as pickle_code
 
 __all__ = (
     "OOB_THRESHOLD",
+    "LargeBuffers",
     "TooLarge",
     "dumps",
     "find_unpicklable",

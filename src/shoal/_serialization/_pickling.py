@@ -315,27 +315,58 @@ def _plain_dumps(obj: Any, buffer_callback, reduce) -> bytes:
         return file.getvalue()
 
 
+class LargeBuffers:
+    """A ``buffer_callback`` for :func:`pickle_code`: keeps the buffers of at
+    least *threshold* bytes out of band, in :attr:`taken` (in pickling
+    order); smaller ones stay in the pickle."""
+
+    __slots__ = ("taken", "threshold")
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.taken: list[pickle.PickleBuffer] = []
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < self.threshold:
+            return True
+        self.taken.append(buffer)
+        return False
+
+    def reset(self) -> None:
+        self.taken = []
+
+
 def pickle_code(obj: Any, buffer_callback=None, *, foreign: bool = False, reduce=None) -> bytes:
     """Pickle *obj* by shoal's policy for code (the one pickle-then-cloudpickle
     path): plain pickle, unless it refuses *obj* or sends code of the main
     module by name to a receiver that cannot import it; then cloudpickle
     (:class:`._code.Pickler`).  *foreign*: the receiver runs another
     program (a Dask worker).  *reduce*: a ``reducer_override`` both
-    picklers ask first.  Raises what the picklers raise."""
+    picklers ask first.  *buffer_callback*: pickle's; a
+    :class:`LargeBuffers` holds what the pickle returned refers to (a
+    second attempt starts it afresh).  Raises what the picklers raise."""
+    reset = getattr(buffer_callback, "reset", None)
     try:
         data = _plain_dumps(obj, buffer_callback, reduce)
     except Exception:  # noqa: BLE001 - plain pickle refused it: cloudpickle next
         _buffers.oob = None
+        if reset is not None:
+            reset()
         return _cloudpickle_dumps(obj, buffer_callback, foreign, reduce)
     if (b"__main__" in data or b"__mp_main__" in data) and main_needs_value(foreign):
         oob = _buffers.oob
+        taken = getattr(buffer_callback, "taken", None)
         _buffers.oob = None
+        if reset is not None:
+            reset()
         try:
             return _cloudpickle_dumps(obj, buffer_callback, foreign, reduce)
         except Exception:
             if foreign:
                 raise
             _buffers.oob = oob
+            if taken is not None:
+                buffer_callback.taken = taken
     return data
 
 
