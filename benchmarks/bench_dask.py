@@ -167,7 +167,5 @@ if optional("distributed") and optional("numpy"):
         ),
     ]
 else:
-    print(
-        "bench_dask: skipped (needs distributed and numpy: pip install 'shoal[dask]' numpy)", file=sys.stderr
-    )
+    print("bench_dask: skipped (needs distributed and numpy: pip install distributed numpy)", file=sys.stderr)
     SCENARIOS = []

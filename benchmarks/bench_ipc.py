@@ -228,7 +228,7 @@ SCENARIOS = [
     _scenario_queue(4, True),
 ]
 
-if optional("numpy"):  # pip install 'shoal[bench]' (or numpy) to run it
+if optional("numpy"):  # pip install numpy (or the bench extra) to run it
     SCENARIOS.insert(
         1,
         Scenario(

@@ -27,7 +27,6 @@ log = logging.getLogger("mkdocs.hooks.shoal")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "benchmarks" / "results.json"
 README = ROOT / "README.md"
-SOURCE_URL = "https://github.com/shoal-dev/shoal/blob/main/"
 DIFFERENCES = "Differences from the standard library"
 
 
@@ -78,5 +77,14 @@ def _readme_section(title: str) -> str:
         log.error("README.md has no '## %s' section for guide/differences.md", title)
         return ""
     body = m.group(1).strip() + "\n"
-    # README's relative links point into the repository, not into the site.
-    return re.sub(r"\]\((?!https?://|#)([^)]+)\)", lambda m: f"]({SOURCE_URL}{m.group(1)})", body)
+    # README's relative links point into the repository, which has no public
+    # address: a page of docs/ becomes a link within the site (this section
+    # lands in guide/), any other file its path in the repository.
+    return re.sub(r"\[([^]]+)\]\((?!https?://|#)([^)]+)\)", _repository_link, body)
+
+
+def _repository_link(m: re.Match) -> str:
+    text, target = m.group(1), m.group(2)
+    if target.startswith("docs/") and target.endswith(".md"):
+        return f"[{text}](../{target.removeprefix('docs/')})"
+    return text if text.strip("`") == target else f"{text} (`{target}` in the repository)"

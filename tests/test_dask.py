@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 distributed = pytest.importorskip(
-    "distributed", reason="the dask extra is not installed: pip install 'shoal[dask]'"
+    "distributed", reason="the dask extra is not installed: pip install '.[dask]'"
 )
 np = pytest.importorskip("numpy")
 
@@ -334,7 +334,7 @@ def test_backend_dask_without_the_extra_says_how_to_install():
         "    print('ImportError:', exc)\n"
     )
     assert out.returncode == 0, out.stderr
-    assert 'pip install "shoal[dask]"' in out.stdout
+    assert "pip install distributed" in out.stdout
 
 
 # -- a cluster of worker processes --------------------------------------------------

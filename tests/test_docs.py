@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,31 @@ def test_differences_page_mirrors_the_readme_section(site):
     first_bullet = next(line for line in section.splitlines() if line.startswith("- **"))
     title = first_bullet.split("**")[1]
     assert title in (site / "guide" / "differences" / "index.html").read_text()
+
+
+def test_no_page_or_hint_installs_shoal_from_a_package_index():
+    # shoal is not published on a package index: `pip install shoal` and
+    # `pip install "shoal[dask]"` fail with "No matching distribution", so no
+    # page, guide or error hint may tell users to run them (a clone's
+    # `pip install '.[dask]'`, a wheel, or the extra's own PyPI package work).
+    pages = [ROOT / "README.md", ROOT / "CHANGES.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    sources = [*sorted((ROOT / "src" / "shoal").rglob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py"))]
+    wrong = re.compile(r"pip install\s+['\"]?shoal\b|\bshoal\[\w")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in pages + sources
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if wrong.search(line) and "cannot install" not in line  # saying that it does not work is right
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_no_address_is_published_that_does_not_exist():
+    # Neither the package metadata nor the site configuration may send users
+    # to a documentation site or repository that was never published.
+    for name in ("pyproject.toml", "mkdocs.yml"):
+        text = (ROOT / name).read_text(encoding="utf-8")
+        assert "readthedocs.io" not in text and "github.com/shoal-dev" not in text, name
+    assert "\n[project.urls]" not in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "readthedocs" not in readme and "mkdocs serve" in readme

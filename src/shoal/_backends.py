@@ -9,7 +9,10 @@ from typing import Any
 
 from ._engine import NO_SHARED, Engine
 
-INSTALL_HINT = 'backend="dask" needs Dask\'s distributed scheduler: pip install "shoal[dask]"'
+INSTALL_HINT = (
+    'backend="dask" needs Dask\'s distributed scheduler, which is not installed: pip install distributed '
+    "(or, in shoal's source directory, pip install '.[dask]')"
+)
 
 BACKENDS = (None, "dask")
 

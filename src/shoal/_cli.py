@@ -395,7 +395,7 @@ def _need_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        _die("--plot needs matplotlib: pip install 'shoal[plot]' (or pip install matplotlib)")
+        _die("--plot needs matplotlib, which is not installed: pip install matplotlib")
 
 
 def _check_plot_format(path: str) -> None:
@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         metavar="FILE",
         default=None,
-        help="draw the ratios to FILE (.png, .svg, .pdf); needs matplotlib: pip install 'shoal[plot]'",
+        help="draw the ratios to FILE (.png, .svg, .pdf); needs matplotlib: pip install matplotlib",
     )
     p_bench.add_argument(
         "--load",

@@ -71,7 +71,7 @@ class Pool:
             (:meth:`terminate`, which the ``with`` block calls, or a crash).
             What it returns is collected by :meth:`worker_exit_results`.
         backend: ``None`` (worker processes on this machine) or ``"dask"``
-            (a Dask cluster: ``pip install "shoal[dask]"``).
+            (a Dask cluster; needs ``distributed``: ``pip install distributed``).
         address: with ``backend="dask"``, the scheduler to connect to
             (``"tcp://host:8786"``); ``None`` starts a local cluster of
             *processes* workers that the pool owns and shuts down.

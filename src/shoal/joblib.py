@@ -74,7 +74,7 @@ Dask worker) no worker process can start: as joblib's loky and
 multiprocessing backends do, the loop runs in the caller with ``n_jobs=1``
 and a warning.
 
-joblib is an optional dependency (``pip install shoal[joblib]``); ``import
+joblib is an optional dependency (``pip install joblib``, or the ``joblib`` extra); ``import
 shoal`` never imports it, and importing this module without it raises an
 ``ImportError`` that says so.
 """
@@ -99,7 +99,10 @@ try:
         inside_dask_worker,
     )
 except ImportError as exc:
-    raise ImportError("shoal.joblib needs joblib: pip install 'shoal[joblib]'") from exc
+    raise ImportError(
+        "shoal.joblib needs joblib, which is not installed: pip install joblib "
+        "(or, in shoal's source directory, pip install '.[joblib]')"
+    ) from exc
 
 from ._asyncresult import Future, submit_future
 from ._engine import Engine

@@ -49,7 +49,7 @@ from typing import Any
 
 from .._fd import Segment, collecting, fd_from_buffer
 
-_MISSING = "shoal.SharedArray needs numpy, which is not installed: pip install numpy (or 'shoal[numpy]')"
+_MISSING = "shoal.SharedArray needs numpy, which is not installed: pip install numpy"
 
 try:
     import numpy as np
