@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import concurrent.futures.process
+import itertools
 import textwrap
 import threading
 import time
@@ -446,3 +447,100 @@ def test_futures_cancelled_in_a_pattern_while_queued_leave_the_others_to_run_onc
             else:
                 assert f.result(timeout=60) == i * i
         assert ex._engine.statistics().tasks_completed == 1 + 300 - len(cancelled)
+
+
+# -- Executor.map(buffersize=): Python 3.14's argument, on every Python -------------
+
+
+class _Counted:
+    """An input that counts how many items were taken from it."""
+
+    def __init__(self, items):
+        self._it = iter(items)
+        self.taken = 0
+        self._lock = threading.Lock()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self._lock:
+            item = next(self._it)
+            self.taken += 1
+            return item
+
+
+def _wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_map_buffersize_reads_an_endless_input_as_results_are_taken():
+    # 3.14's test_map_buffersize_on_infinite_iterable(s): the with block ends
+    # although the input never does (no more input is read at shutdown).
+    with shoal.ProcessPoolExecutor(2) as ex:
+        res = ex.map(str, itertools.count(), buffersize=2)
+        assert [next(res) for _ in range(3)] == ["0", "1", "2"]
+        res = ex.map(workers.add, itertools.count(), itertools.count(), buffersize=2)
+        assert [next(res) for _ in range(3)] == [0, 2, 4]
+
+
+def test_map_buffersize_keeps_at_most_that_many_tasks_outstanding():
+    items = _Counted(range(1000))
+    with shoal.ProcessPoolExecutor(2) as ex:
+        res = ex.map(workers.square, items, buffersize=3)
+        _wait_until(lambda: items.taken == 3)
+        time.sleep(0.3)  # nobody takes a result: nothing more is read
+        assert items.taken == 3
+        for k in range(1, 50):
+            assert next(res) == (k - 1) ** 2
+            assert items.taken <= k + 3
+        # With a chunksize, a task is a chunk, as in the standard library.
+        items = _Counted(range(1000))
+        res = ex.map(workers.square, items, buffersize=2, chunksize=5)
+        _wait_until(lambda: items.taken == 10)
+        time.sleep(0.3)
+        assert items.taken == 10
+        assert list(itertools.islice(res, 12)) == [x * x for x in range(12)]
+        assert items.taken <= 12 + 10
+
+
+def test_map_buffersize_reads_no_more_input_at_shutdown():
+    # 3.14's test_map_buffersize_when_buffer_is_full: a map nobody iterates
+    # has read exactly buffersize items when shutdown(wait=True) returns.
+    ints = iter(range(10))
+    ex = shoal.ProcessPoolExecutor(2)
+    res = ex.map(workers.square, ints, buffersize=2)
+    ex.shutdown(wait=True)
+    assert next(ints) == 2
+    # The results submitted before the shutdown still arrive; then the
+    # iterator says why the rest of the input will not be mapped.
+    assert next(res) == 0 and next(res) == 1
+    with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+        next(res)
+    # An input that was read to its end ends normally.
+    ex = shoal.ProcessPoolExecutor(2)
+    res = ex.map(workers.square, range(2), buffersize=2)
+    ex.shutdown(wait=True)
+    assert list(res) == [0, 1]
+
+
+def test_map_buffersize_with_empty_or_no_input():
+    with shoal.ProcessPoolExecutor(2) as ex:
+        assert next(ex.map(str, [], buffersize=2), None) is None
+        assert next(ex.map(str, buffersize=2), None) is None
+        # Without any iterable, map is empty, as the standard library's (it
+        # was a ValueError from min()).
+        assert list(ex.map(str)) == []
+
+
+def test_map_buffersize_must_be_a_positive_integer():
+    with shoal.ProcessPoolExecutor(1) as ex:
+        for bad in ("foo", 2.0):
+            with pytest.raises(TypeError, match="buffersize must be an integer or None"):
+                ex.map(str, range(4), buffersize=bad)
+        for bad in (0, -1):
+            with pytest.raises(ValueError, match=r"buffersize must be None or > 0"):
+                ex.map(str, range(4), buffersize=bad)

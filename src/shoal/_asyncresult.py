@@ -249,6 +249,9 @@ class _IMapState:
         self.total: int | None = None  # chunks in all, once the input is exhausted
         self.input_error: BaseException | None = None
         self.abandoned = False
+        #: The input not yet read when the feeder stopped at shutdown
+        #: (``stop_at_close``); the iterator looks at it once it is done.
+        self.unread: Iterator[Any] | None = None
 
     # the engine's ResultSink protocol
     def skip(self, task: Any) -> bool:
@@ -282,7 +285,13 @@ class IMapIterator:
         bound: int | None,
         progress: Any = None,
         max_chunksize: int | None = None,
+        stop_at_close: bool = False,
     ) -> None:
+        # stop_at_close: once the pool is closed (shutdown), read no more
+        # input; an iterator that then has input left raises RuntimeError
+        # when it gets there (Executor.map with buffersize, as in 3.14).
+        # Otherwise the input is read to its end after close, as Pool.imap
+        # does.
         self._state = _IMapState(engine, ordered)
         self._engine = engine
         self._pool: object = None  # set by the pool: the iterator keeps it alive
@@ -292,6 +301,7 @@ class IMapIterator:
         feeder = threading.Thread(
             target=_feed,
             args=(state, fn, iter(iterable), chunksize, mode, task_timeout, bound, max_chunksize),
+            kwargs={"stop_at_close": stop_at_close},
             name="shoal-imap-feeder",
             daemon=True,
         )
@@ -351,6 +361,17 @@ class IMapIterator:
             self._close_progress()
             if engine.state == "terminated" and state.total is None:
                 raise PoolClosedError("the pool was terminated while this imap was running")
+            if state.unread is not None:
+                unread, state.unread = state.unread, None
+                try:
+                    next(unread)
+                except StopIteration:
+                    pass
+                else:
+                    raise RuntimeError(
+                        "cannot schedule new futures after shutdown: the executor was shut down "
+                        "before this map read all of its input"
+                    )
             raise StopIteration
         with engine.results_cond:
             state.consumed += 1
@@ -405,6 +426,7 @@ def _feed(
     task_timeout: float | None,
     bound: int | None,
     max_chunksize: int | None,
+    stop_at_close: bool = False,
 ) -> None:
     """Submit the input in chunks; *chunksize* None sizes each chunk by the
     function's measured duration (Engine.auto_chunksize)."""
@@ -433,6 +455,9 @@ def _feed(
                         engine.waiters -= 1
                     limit = _limit(engine, bound, fn, chunksize)
             if state.abandoned or engine.state == "terminated":
+                break
+            if stop_at_close and engine.state == "closed":
+                state.unread = iterator
                 break
             room = limit - (state.submitted - state.consumed)
             tasks = []

@@ -139,9 +139,21 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         max_workers)`` items when the input has a length).  Raises the first task error, and
         ``TimeoutError`` if a result is not ready *timeout* seconds after the
         call.
+
+        *buffersize* (Python 3.14's argument, on every Python): at most this
+        many tasks are submitted whose results have not been yielded yet; the
+        input is read only as results are taken, so it may be endless.  A
+        task is one item (*chunksize* items with a *chunksize*), as in the
+        standard library.  After :meth:`shutdown` no more input is read: the
+        results already submitted are yielded, then ``RuntimeError`` if input
+        is left.
         """
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if buffersize is not None and not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize is not None and buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError("chunksize must be >= 1.")
         _check_timeout(timeout)
@@ -151,7 +163,10 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             raise TypeError(f"the function to run must be callable, got {type(fn).__name__}")
         args = zip(*iterables, strict=False)
         cap = None
-        if chunksize is None:
+        if chunksize is None and buffersize is not None:
+            # The window counts items, as the standard library's (chunksize 1).
+            chunksize = 1
+        if chunksize is None and iterables:
             # Chunks grow with the measured task time, never beyond the
             # standard library's Pool.map size when the length is known.
             try:
@@ -170,6 +185,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             task_timeout=None,
             bound=buffersize,
             max_chunksize=cap,
+            stop_at_close=buffersize is not None,
         )
         deadline = None if timeout is None else time.monotonic() + timeout
         return _results(it, deadline)
