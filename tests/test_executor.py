@@ -6,10 +6,13 @@ import asyncio
 import concurrent.futures
 import concurrent.futures.process
 import itertools
+import os
+import signal
 import textwrap
 import threading
 import time
 
+import psutil
 import pytest
 
 import shoal
@@ -544,3 +547,95 @@ def test_map_buffersize_must_be_a_positive_integer():
         for bad in (0, -1):
             with pytest.raises(ValueError, match=r"buffersize must be None or > 0"):
                 ex.map(str, range(4), buffersize=bad)
+
+
+# -- terminate_workers() / kill_workers(): Python 3.14's methods, on every Python ----
+
+
+def _start_then_block(marker, ignore_sigterm=False):
+    if ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(marker, "w").close()
+    time.sleep(60)
+    open(marker + ".finished", "w").close()
+
+
+def _gone(pids, timeout):
+    """Whether every pid has exited within *timeout* seconds.  (Without
+    reaping them: psutil's wait() would take the exit status the pool's
+    own waitpid needs.)"""
+
+    def exited(pid):
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + timeout
+    while not all(exited(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("method", ["terminate_workers", "kill_workers"])
+def test_terminate_or_kill_workers_stops_running_tasks_and_cancels_queued_ones(method, tmp_path):
+    with shoal.ProcessPoolExecutor(2) as ex:
+        markers = [str(tmp_path / f"task{i}") for i in range(2)]
+        running = [ex.submit(_start_then_block, m) for m in markers]
+        _wait_until(lambda: all(os.path.exists(m) for m in markers))
+        queued = [ex.submit(workers.square, i) for i in range(20)]
+        pids = list(ex._processes)
+        started = time.monotonic()
+        getattr(ex, method)()
+        assert time.monotonic() - started < 0.5  # it does not wait, as in 3.14
+        with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+            ex.submit(workers.square, 1)
+        assert _gone(pids, timeout=10)
+        for future in running:
+            with pytest.raises(shoal.PoolClosedError, match="terminated"):
+                future.result(timeout=10)
+        assert isinstance(running[0].exception(), RuntimeError)  # as BrokenProcessPool is
+        # What no worker held is cancelled; what a worker held but had not
+        # started fails with the running ones (none of it ran to the end).
+        for f in queued:
+            assert f.cancelled() or isinstance(f.exception(timeout=10), shoal.PoolClosedError)
+        assert any(f.cancelled() for f in queued)
+    assert not any(os.path.exists(m + ".finished") for m in markers)
+
+
+def test_kill_workers_does_not_wait_for_a_worker_that_ignores_sigterm(tmp_path):
+    marker = str(tmp_path / "task")
+    for method, at_least, at_most in (("kill_workers", 0, 0.8), ("terminate_workers", 0.8, 10)):
+        ex = shoal.ProcessPoolExecutor(1)
+        future = ex.submit(_start_then_block, marker, ignore_sigterm=True)
+        _wait_until(lambda: os.path.exists(marker))
+        os.unlink(marker)
+        (pid,) = ex._processes
+        started = time.monotonic()
+        getattr(ex, method)()
+        assert _gone([pid], timeout=10)
+        # SIGKILL at once; terminate_workers' SIGTERM is ignored, then SIGKILL.
+        assert at_least <= time.monotonic() - started <= at_most, method
+        ex.shutdown(wait=True)
+        assert isinstance(future.exception(timeout=10), shoal.PoolClosedError)
+
+
+@pytest.mark.parametrize("method", ["terminate_workers", "kill_workers"])
+def test_terminate_or_kill_workers_of_an_idle_or_already_hurt_executor(method):
+    # 3.14's test_force_shutdown_workers_dead_workers and _stops_pool: a pool
+    # that lost a worker, or never ran anything, stops without an error.
+    with shoal.ProcessPoolExecutor(2) as ex:
+        assert ex.submit(workers.square, 3).result(timeout=30) == 9
+        pids = list(ex._processes)
+        getattr(ex, method)()
+        assert _gone(pids, timeout=10)
+        getattr(ex, method)()  # twice is harmless
+    with shoal.ProcessPoolExecutor(1) as ex:
+        with pytest.raises(shoal.WorkerDiedError):
+            ex.submit(os._exit, 1).result(timeout=30)
+        getattr(ex, method)()
+    ex = shoal.ProcessPoolExecutor(1)
+    ex.shutdown(wait=True)
+    getattr(ex, method)()  # after shutdown: nothing left to stop

@@ -216,6 +216,30 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         if wait:
             self._engine.join()
 
+    def terminate_workers(self) -> None:
+        """Stop every worker now with SIGTERM (SIGKILL after a second if one
+        is still alive), as Python 3.14's method does, on every Python.
+
+        It is ``shutdown(wait=False, cancel_futures=True)`` and then the
+        signal: futures not yet handed to a worker are cancelled, those
+        running fail with :class:`~shoal.PoolClosedError` (a
+        ``RuntimeError``; the standard library's raise ``BrokenProcessPool``,
+        also a ``RuntimeError``), and no work can be submitted afterwards.
+        It returns without waiting; ``shutdown()`` (or leaving the ``with``
+        block) waits until the workers are gone.
+        """
+        self._force_shutdown(kill=False)
+
+    def kill_workers(self) -> None:
+        """:meth:`terminate_workers` with SIGKILL: for workers that ignore
+        or block SIGTERM (Python 3.14's method, on every Python)."""
+        self._force_shutdown(kill=True)
+
+    def _force_shutdown(self, kill: bool) -> None:
+        self._shutdown = True
+        self._engine.cancel_pending_futures()
+        self._engine.terminate(wait=False, kill=kill)
+
     def worker_exit_results(self) -> list:
         """What ``worker_exit`` returned in each worker that has ended (see
         :meth:`shoal.Pool.worker_exit_results`)."""

@@ -296,6 +296,7 @@ class Engine:
         self._exit_results: list[tuple[bool, Any]] = []
 
         self._state = _RUN
+        self._kill_on_terminate = False  # terminate(kill=True): SIGKILL at once
         self._broken_error: BaseException | None = None
         self._pending: deque[Task] = deque()
         self._control: deque = deque()
@@ -647,14 +648,17 @@ class Engine:
         with self.results_cond:
             self.results_cond.notify_all()
 
-    def terminate(self, wait: bool = True) -> None:
+    def terminate(self, wait: bool = True, *, kill: bool = False) -> None:
         """Stop the workers and fail unfinished tasks; with *wait*, return
         once all is done (a garbage-collection finalizer must not wait: it
-        may run while its thread holds a lock the scheduler needs)."""
+        may run while its thread holds a lock the scheduler needs).  With
+        *kill* the workers get SIGKILL at once, not SIGTERM first."""
         if os.getpid() != self._owner_pid:
             # A forked child inherited this object but not its threads or
             # workers: nothing here is its to stop.
             return
+        if kill:
+            self._kill_on_terminate = True
         if self._state in (_RUN, _CLOSE, _BROKEN):
             self._state = _TERMINATE
         self._wake()

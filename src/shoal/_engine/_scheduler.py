@@ -390,6 +390,10 @@ class Scheduler:
                 self._handle_control(*self._control.popleft())
             state = self.engine._state
             if state == _TERMINATE:
+                # What was asked just before terminate() (shutdown's
+                # cancel_futures) is done first.
+                while self._control:
+                    self._handle_control(*self._control.popleft())
                 self.stop()
                 return
             if self._pending:
@@ -865,7 +869,7 @@ class Scheduler:
 
     def stop(self) -> None:
         self.fail_everything(PoolClosedError("the pool was terminated before this task finished"))
-        self.kill_workers(graceful=True)
+        self.kill_workers(graceful=not self.engine._kill_on_terminate)
 
     def kill_workers(self, graceful: bool) -> None:
         workers = list(self._workers.values())
