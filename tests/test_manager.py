@@ -4,6 +4,7 @@ memory; the seed's Manager example runs with only its import changed."""
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from pathlib import Path
 
 import pytest
@@ -489,3 +490,38 @@ def test_manager_shutdown_while_a_thread_is_inside_locked():
         """
     )
     assert out.strip() == "['ValueError', 1]"
+
+
+def test_dict_has_the_methods_python_314_gave_the_dict_proxy():
+    # 3.14 added fromkeys, reversed(), | and |= to the DictProxy; a
+    # Manager().dict() has them on every Python.
+    with Manager() as m:
+        d = m.dict({"a": 1})
+        assert d.fromkeys(["x", "y"], 0) == {"x": 0, "y": 0}
+        assert type(d.fromkeys("ab")) is dict and d.fromkeys("ab") == {"a": None, "b": None}
+        assert d | {"b": 2} == {"a": 1, "b": 2} and {"z": 0} | d == {"z": 0, "a": 1}
+        d |= {"b": 2}
+        assert d.copy() == {"a": 1, "b": 2} and list(reversed(d)) == ["b", "a"]
+
+
+def test_list_set_and_process_are_the_standard_librarys_of_this_python():
+    # docs/guide/python-3.14.md: Python 3.14's ListProxy.clear()/copy(),
+    # SyncManager.set() and Process.interrupt() come with the standard
+    # library, so shoal has exactly what this Python's has.
+    import multiprocessing.managers
+
+    assert shoal.Process is multiprocessing.Process
+    new_in_314 = sys.version_info >= (3, 14)
+    assert hasattr(shoal.Process, "interrupt") is new_in_314
+    with Manager() as m, multiprocessing.Manager() as theirs:
+        ours_list, their_list = m.list([1, 2]), theirs.list([1, 2])
+        for method in ("clear", "copy"):
+            assert hasattr(ours_list, method) is hasattr(their_list, method) is new_in_314
+        assert hasattr(multiprocessing.managers.SyncManager, "set") is new_in_314
+        if new_in_314:
+            s = m.set({1, 2})
+            s.add(3)
+            assert s.copy() == {1, 2, 3} and ours_list.copy() == [1, 2]
+        else:
+            with pytest.raises(AttributeError):
+                m.set()

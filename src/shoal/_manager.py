@@ -350,6 +350,11 @@ class _ManagerDict(SharedDict):
     def items(self) -> list:  # type: ignore[override]
         return list(SharedDict.items(self))
 
+    def fromkeys(self, iterable: Any, value: Any = None, /) -> dict:
+        """A new plain dict with the keys of *iterable*, each set to *value*
+        (Python 3.14's ``DictProxy.fromkeys``, on every Python)."""
+        return dict.fromkeys(iterable, value)
+
 
 def _checked(d: SharedDict, it: Iterator[Any]) -> Iterator[Any]:
     """Iterate a snapshot of *d*, raising as a dict does if d's size
