@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -54,6 +55,16 @@ TASKS = textwrap.dedent(
             import sys
             sys.exit(3)
         return line
+
+    def picky(line):
+        if line == "slow":
+            time.sleep(60)
+        n = int(line)
+        if n % 7 == 0:
+            return 1 / n - 1 / n + 1 / 0
+        if n % 2:
+            raise KeyError(n)
+        return n
     """
 )
 
@@ -131,6 +142,12 @@ def test_unordered_writes_fast_results_first(workdir):
         (["map", "tasks"], "expected MODULE:FUNCTION"),
         (["map", "tasks:double", "missing.txt"], "cannot read missing.txt"),
         (["map", "tasks:double", "-j", "0"], "at least 1"),
+        (["map", "tasks:double", "--max-errors", "0"], "--max-errors must be at least 1"),
+        # A file name where the module's name belongs gets the module's name.
+        (["map", "tasks.py:double"], "'tasks.py' is a file name; MODULE:FUNCTION takes the module's name"),
+        (["map", "tasks.py:double"], ": tasks:double (a file mytasks.py is the module mytasks"),
+        (["map", "./pkg/tasks.py:double"], "pkg.tasks:double"),
+        (["map", "tasks.py"], "for a function in tasks.py: tasks:FUNCTION"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(workdir, args, message):
@@ -553,3 +570,52 @@ def test_map_streams_results_before_the_input_ends(workdir):
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_items_that_all_fail_the_same_way_get_a_summary_not_a_line_each(workdir):
+    # 2,000 items failing with the same error printed 2,000 identical lines.
+    out = shoal(workdir, "map", "tasks:double", "-j", "2", stdin="".join(f"x{i}\n" for i in range(2000)))
+    assert out.returncode == 1 and out.stdout == ""
+    err = out.stderr.splitlines()
+    assert len(err) == 12, out.stderr  # the first ten, a note, the summary
+    assert err[0] == "line 1: ValueError: invalid literal for int() with base 10: 'x0'"
+    assert err[10] == (
+        "shoal: further failed items are counted, not shown; the summary at the end lists them"
+    )
+    assert err[11] == (
+        "shoal: 2000 item(s) failed, all with ValueError (lines 1, 2, 3, 4, 5 and 1995 more): "
+        "invalid literal for int() with base 10: 'x0'"
+    )
+
+
+def test_the_summary_counts_each_kind_of_error(workdir):
+    out = shoal(workdir, "map", "tasks:picky", "-j", "2", stdin="".join(f"{i}\n" for i in range(1, 41)))
+    assert out.returncode == 1
+    assert out.stdout.split() == [str(i) for i in range(1, 41) if i % 2 == 0 and i % 7]
+    summary = out.stderr.split("shoal: 22 item(s) failed:\n", 1)[1].splitlines()
+    assert summary == [
+        "  17 KeyError (lines 1, 3, 5, 9, 11 and 12 more): 1",
+        "  5 ZeroDivisionError (lines 7, 14, 21, 28, 35): division by zero",
+    ]
+
+
+def test_max_errors_stops_reading_and_stops_the_running_items(workdir):
+    # In order: what came before the N-th failure is written, nothing after.
+    lines = ["2", "1", "4", "3", "6", *["5"] * 500]
+    out = shoal(workdir, "map", "tasks:picky", "--max-errors", "2", "-j", "2", stdin="\n".join(lines) + "\n")
+    assert out.returncode == 1
+    assert out.stdout.split() == ["2", "4"]
+    assert "line 2: KeyError: 1" in out.stderr and "line 4: KeyError: 3" in out.stderr
+    assert "line 6:" not in out.stderr
+    assert out.stderr.rstrip().endswith(
+        "shoal: stopped after 2 failed item(s) (--max-errors 2), at line 4: no more input was read, "
+        "and the items still running were stopped"
+    )
+    # Items still running (60 s each) are stopped, not waited for.
+    started = time.monotonic()
+    out = shoal(
+        workdir, "map", "tasks:picky", "--max-errors", "1", "--unordered", "-j", "2",
+        stdin="1\nslow\nslow\n" + "2\n" * 1000, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 1 and "stopped after 1 failed item(s)" in out.stderr
+    assert time.monotonic() - started < 20

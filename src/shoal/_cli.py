@@ -11,8 +11,12 @@
                      ─► stdout;  errors ─► stderr "line N: Type: message"
 
     An item that raises, times out (``--timeout``) or kills its worker is
-    reported on stderr with its line number; the others are unaffected and the
-    exit status is 1 at the end.  ``--on-error blank|error`` writes a
+    reported on stderr with its line number (the first ten; later ones are
+    counted, and a summary at the end gives the count per error type with
+    its first lines); the others are unaffected and the exit status is 1 at
+    the end.  ``--max-errors N`` stops at the N-th failed item.  A file name
+    given as the module (``mytasks.py:fn``) is refused with the module name
+    to use (``mytasks:fn``).  ``--on-error blank|error`` writes a
     placeholder in the failed item's place, so output line N belongs to input
     line N.  A reader that leaves early (``| head``) stops the run; the exit
     status still says whether an item had failed by then.  A module, function
@@ -55,7 +59,17 @@ def _die(message: str) -> None:
 def _load_function(spec: str):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        _die(f"expected MODULE:FUNCTION (for example mypkg.tasks:resize), got {spec!r}")
+        hint = ""
+        if spec.endswith(".py"):
+            hint = f" (for a function in {spec}: {_module_of_file(spec)}:FUNCTION)"
+        _die(f"expected MODULE:FUNCTION (for example mypkg.tasks:resize), got {spec!r}{hint}")
+    if module_name.endswith(".py") or "/" in module_name:
+        # A file name where the module's name belongs: `shoal map mytasks.py:fn`.
+        _die(
+            f"{module_name!r} is a file name; MODULE:FUNCTION takes the module's name: "
+            f"{_module_of_file(module_name)}:{attr} (a file mytasks.py is the module mytasks, "
+            "pkg/tasks.py the module pkg.tasks, imported from the current directory or PYTHONPATH)"
+        )
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     _check_owner(module_name)
@@ -76,6 +90,17 @@ def _load_function(spec: str):
     if not callable(fn):
         _die(f"{spec} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def _module_of_file(path: str) -> str:
+    """The module name a user means by the file *path* (``./pkg/tasks.py``
+    is ``pkg.tasks``), relative to the current directory when it is inside."""
+    path = path.removesuffix(".py")
+    if os.path.isabs(path):
+        relative = os.path.relpath(path)
+        path = relative if not relative.startswith("..") else os.path.basename(path)
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return ".".join(parts) or "MODULE"
 
 
 def _check_owner(module_name: str) -> None:
@@ -120,6 +145,54 @@ def _format_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+class _Failures:
+    """The items that failed: the first SHOWN_ERRORS are reported one per
+    line as they happen, the rest only counted, and ``summary()`` gives the
+    count per kind of error (the exception type) with its first message
+    and the first few line numbers.  So 2,000 items failing the same way
+    print a dozen lines, not 2,000."""
+
+    SHOWN_ERRORS = 10
+    LINES_LISTED = 5
+
+    def __init__(self) -> None:
+        self.count = 0
+        #: kind -> [count, first message, first line numbers]
+        self.kinds: dict[str, list] = {}
+
+    def add(self, lineno: int, kind: str, message: str) -> bool:
+        """Count a failure; whether to report it on its own line."""
+        self.count += 1
+        entry = self.kinds.setdefault(kind, [0, message.removeprefix(f"{kind}: "), []])
+        entry[0] += 1
+        if len(entry[2]) < self.LINES_LISTED:
+            entry[2].append(lineno)
+        return self.count <= self.SHOWN_ERRORS
+
+    def summary(self) -> list[str]:
+        def where(n: int, lines: list[int]) -> str:
+            listed = ", ".join(map(str, lines))
+            more = f" and {n - len(lines)} more" if n > len(lines) else ""
+            return f"line{'s' if n > 1 else ''} {listed}{more}"
+
+        head = f"shoal: {self.count} item(s) failed"
+        if self.count <= 1:
+            return [head]
+        kinds = sorted(self.kinds.items(), key=lambda kv: -kv[1][0])
+        if len(kinds) == 1:
+            ((kind, (n, message, lines)),) = kinds
+            return [f"{head}, all with {kind} ({where(n, lines)}): {message}"]
+        return [f"{head}:", *(f"  {n} {kind} ({where(n, lines)}): {msg}" for kind, (n, msg, lines) in kinds)]
+
+
+class _TooManyErrors(Exception):
+    """--max-errors was reached: stop reading and writing."""
+
+    def __init__(self, lineno: int) -> None:
+        super().__init__(lineno)
+        self.lineno = lineno
+
+
 def cmd_map(args: argparse.Namespace) -> int:
     import shoal
 
@@ -129,6 +202,8 @@ def cmd_map(args: argparse.Namespace) -> int:
         _die("-j/--jobs must be at least 1")
     if args.timeout is not None and args.timeout <= 0:
         _die("--timeout must be a positive number of seconds")
+    if args.max_errors is not None and args.max_errors < 1:
+        _die("--max-errors must be at least 1")
     show_progress = sys.stderr.isatty() if args.progress is None else args.progress
     bar = None
     if show_progress:
@@ -146,17 +221,27 @@ def cmd_map(args: argparse.Namespace) -> int:
     out = sys.stdout
     encode = json.dumps if args.json else str
     placeholder = _placeholder(args.on_error, args.json)
-    failures = 0
+    failures = _Failures()
+    stopped_at: int | None = None
     window: deque[tuple[int, concurrent.futures.Future]] = deque()
     limit = max(64, 256 * (args.jobs or os.cpu_count() or 1))
     flushed_at = time.monotonic()
 
-    def fail(lineno: int, message: str) -> None:
-        nonlocal failures
-        failures += 1
-        report(lineno, message)
+    def fail(lineno: int, message: str, kind: str) -> None:
+        if failures.add(lineno, kind, message):
+            report(lineno, message)
+            if failures.count == failures.SHOWN_ERRORS:
+                note = "shoal: further failed items are counted, not shown; the summary at the end lists them"
+                if placeholder is not None and args.on_error == "error":
+                    note += " (--on-error error still writes each one's error in its place)"
+                if bar is not None:
+                    bar.write(note, file=sys.stderr)
+                else:
+                    print(note, file=sys.stderr, flush=True)
         if placeholder is not None:
             out.write(placeholder(message) + "\n")
+        if args.max_errors is not None and failures.count >= args.max_errors:
+            raise _TooManyErrors(lineno)
 
     def emit(lineno: int, future: concurrent.futures.Future) -> None:
         try:
@@ -164,7 +249,8 @@ def cmd_map(args: argparse.Namespace) -> int:
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            fail(lineno, _format_error(exc))
+            kind = "invalid JSON" if isinstance(exc, _InvalidJSON) else type(exc).__name__
+            fail(lineno, _format_error(exc), kind)
         else:
             if value is _BLANK:
                 out.write("\n")
@@ -172,10 +258,11 @@ def cmd_map(args: argparse.Namespace) -> int:
             try:
                 text = encode(value)
             except Exception as exc:  # noqa: BLE001 - a result's own __str__ may raise anything
+                kind = f"{type(exc).__name__} writing the result"
                 if args.json and isinstance(exc, (TypeError, ValueError)):
-                    fail(lineno, f"result is not JSON-serializable: {exc}")
+                    fail(lineno, f"result is not JSON-serializable: {exc}", kind)
                 else:
-                    fail(lineno, f"result cannot be written: {_format_error(exc)}")
+                    fail(lineno, f"result cannot be written: {_format_error(exc)}", kind)
             else:
                 out.write(text + "\n")
         if bar is not None:
@@ -232,6 +319,10 @@ def cmd_map(args: argparse.Namespace) -> int:
                 _die(f"the input is not UTF-8 text: {exc}")
             while window:
                 _drain(window, emit, args.unordered)
+    except _TooManyErrors as stop:
+        # Leaving the with block terminated the pool: the items still
+        # running were stopped, and no more input was read.
+        stopped_at = stop.lineno
     except KeyboardInterrupt:
         _ignore_further_interrupts()
         print("shoal: interrupted", file=sys.stderr)
@@ -249,9 +340,15 @@ def cmd_map(args: argparse.Namespace) -> int:
             out.flush()
         except BrokenPipeError:
             _reader_left()
-    if failures:
+    if failures.count:
+        lines = failures.summary()
+        if stopped_at is not None:
+            lines.append(
+                f"shoal: stopped after {failures.count} failed item(s) (--max-errors {args.max_errors}), "
+                f"at line {stopped_at}: no more input was read, and the items still running were stopped"
+            )
         try:
-            print(f"shoal: {failures} item(s) failed", file=sys.stderr)
+            print("\n".join(lines), file=sys.stderr)
         except BrokenPipeError:  # stderr went to the reader that left (2>&1 | head)
             _reader_left(sys.stderr)
         return EXIT_ITEM_FAILED
@@ -446,7 +543,8 @@ example:
   16
 
 An item that raises, times out or kills its worker is reported on stderr as
-"line N: Type: message"; the other items are unaffected.  Exit status: 0 when
+"line N: Type: message" (the first ten; then a count per error type at the
+end); the other items are unaffected. --max-errors N stops at the N-th.  Exit status: 0 when
 every item succeeded, 1 when any item failed (also when the reader left early,
 as with | head), 2 for a usage error, 130 on Ctrl-C.
 """
@@ -476,6 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_map.add_argument("--json", action="store_true", help="items and results are JSON, one per line")
     p_map.add_argument("--unordered", action="store_true", help="write results as they finish")
     p_map.add_argument("--timeout", type=float, default=None, help="seconds each item may take")
+    p_map.add_argument(
+        "--max-errors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N items failed: read no more input and stop the items still running "
+        "(default: go on to the end)",
+    )
     p_map.add_argument(
         "--on-error",
         choices=("skip", "blank", "error"),
