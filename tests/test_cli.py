@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -341,6 +342,43 @@ def test_bench_plot_draws_the_ratios(workdir):
     assert out.returncode == 0, out.stderr
     svg = (workdir / "ratios.svg").read_text()
     assert "<svg" in svg and "queue 100 B 1p/1c put/get" in svg
+
+
+def test_bench_plot_gives_each_contender_one_colour_of_its_own(workdir):
+    # The chart reused colours (shoal and "shoal bs=1" both blue, joblib and
+    # shoal-share gold, shoal-SA and client.map grey), so bars could not be
+    # told apart.  Drawn from the committed results (13 contenders): the
+    # legend lists each contender once, no two with the same colour, and
+    # every bar has its contender's colour, in every scenario.
+    results = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "results.json"
+    out = shoal(workdir, "bench", "--load", str(results), "--plot", "ratios.svg")
+    assert out.returncode == 0, out.stderr
+    axes, legend = (workdir / "ratios.svg").read_text().split('<g id="legend_1">', 1)
+    entry = r'style="fill: (#[0-9a-f]{6})"/>\s*</g>\s*<g id="text_\d+">\s*<!-- (.+?) -->'
+    entries = re.findall(entry, legend)
+    colours = dict((label, colour) for colour, label in entries)
+    saved = json.loads(results.read_text())
+    bars: dict[str, int] = {}
+    for sc in saved["scenarios"]:
+        for r in sc["results"]:
+            if r["ratio"] and r["contender"] not in ("stdlib", sc.get("baseline") or "stdlib"):
+                bars[r["contender"]] = bars.get(r["contender"], 0) + 1
+    assert len(bars) >= 10
+    assert sorted(colours) == sorted(bars) and len(entries) == len(bars)
+    assert len(set(colours.values())) == len(colours), colours
+    bar = r'<g id="patch_\d+">\s*<path d="[^"]*" (?:clip-path="[^"]*" )?style="fill: (#[0-9a-f]{6})'
+    drawn = re.findall(bar, axes)
+    for contender, n in bars.items():
+        assert drawn.count(colours[contender]) == n, contender
+
+
+def test_bench_plot_colours_stay_with_their_contender():
+    from shoal.benchmarks._plot import contender_colors
+
+    suite = ["shoal", "shoal bs=1", "shoal-SA", "shoal-share", "joblib", "loky", "client.map", "no pool"]
+    assert contender_colors(suite)["joblib"] == contender_colors(["joblib"])["joblib"]
+    many = [*suite, *(f"peer{i}" for i in range(30))]
+    assert len(set(contender_colors(many).values())) == len(many)
 
 
 def test_bench_k_matching_no_scenario_is_a_usage_error(workdir):
