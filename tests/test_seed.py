@@ -32,9 +32,12 @@ def test_seed_uses_only_the_changed_import():
         assert re.search(r"^from shoal import ", text, re.M), path.name
 
 
-@pytest.mark.slow
-def test_seed_apply():
-    out, _ = run_example("seed_pool_apply.py")
+# What each example prints, as the standard library prints it for the same
+# code; pids and timings are checked for shape.  tests/test_wheel.py runs the
+# examples from an installed wheel against the same checks.
+
+
+def _check_apply(out: str) -> None:
     lines = out.splitlines()
     assert len(lines) == 11
     assert all(re.fullmatch(r"\d+ run", line) for line in lines[:10])
@@ -43,9 +46,7 @@ def test_seed_apply():
     assert lines[10] == str([i**2 for i in range(10)])
 
 
-@pytest.mark.slow
-def test_seed_apply_async():
-    out, _ = run_example("seed_pool_apply_async.py")
+def _check_apply_async(out: str) -> None:
     # Workers print concurrently, so only the results' order is fixed.
     runs = re.findall(r"(\d+) run", out)
     assert len(runs) == 10
@@ -54,15 +55,13 @@ def test_seed_apply_async():
     assert results == [str(i**2) for i in range(10)]
 
 
-def test_seed_map():
-    out, _ = run_example("seed_pool_map.py")
+def _check_map(out: str) -> None:
     lines = out.splitlines()
     assert len(lines) == 2
     assert all(float(x) >= 0 for x in lines)
 
 
-def test_seed_callback_runs_in_the_parent():
-    out, _ = run_example("seed_pool_callback.py")
+def _check_callback(out: str) -> None:
     lines = out.splitlines()
     main_pid = re.fullmatch(r"主进程: (\d+)", lines[0]).group(1)
     assert lines[1].startswith("func1>> ") and lines[1].split()[1] != main_pid
@@ -70,6 +69,52 @@ def test_seed_callback_runs_in_the_parent():
     # The callback printed the parent's pid, like the standard library.
     assert lines[3] == f"func2>> {main_pid}"
     assert lines[4:] == ["func2", "100"]
+
+
+def _check_pipe(out: str) -> None:
+    assert out == "Hello 妹妹\n"
+
+
+def _check_manager(out: str) -> None:
+    assert out == "{'count': 0}\n"
+
+
+#: example file -> the check of what it prints.
+CHECKS = {
+    "seed_pool_apply.py": _check_apply,
+    "seed_pool_apply_async.py": _check_apply_async,
+    "seed_pool_map.py": _check_map,
+    "seed_pool_callback.py": _check_callback,
+    "seed_pipe.py": _check_pipe,
+    "seed_manager.py": _check_manager,
+}
+
+
+def test_every_example_has_its_output_checked():
+    assert sorted(CHECKS) == sorted(path.name for path in EXAMPLES.glob("seed_*.py"))
+
+
+@pytest.mark.slow
+def test_seed_apply():
+    _check_apply(run_example("seed_pool_apply.py")[0])
+
+
+@pytest.mark.slow
+def test_seed_apply_async():
+    _check_apply_async(run_example("seed_pool_apply_async.py")[0])
+
+
+def test_seed_map():
+    _check_map(run_example("seed_pool_map.py")[0])
+
+
+def test_seed_callback_runs_in_the_parent():
+    _check_callback(run_example("seed_pool_callback.py")[0])
+
+
+def test_seed_pipe_and_manager():
+    _check_pipe(run_example("seed_pipe.py")[0])
+    _check_manager(run_example("seed_manager.py")[0])
 
 
 def test_seed_callback_output_matches_the_standard_library(tmp_path):
