@@ -6,11 +6,15 @@ Data flow::
     --------------            ----------------                     -------
     submit(): pickle args ─┐
       (errors raise here)  │  pending (deque of Task)
-      append, wake if      └──────────► dispatch: a batch to each     run tasks,
-      the scheduler sleeps              worker holding < 2 batches ─► write status
-                                        (non-blocking writes)         block, send
-                             select() on: worker sockets,             results
-                               worker sentinels, wake-up pipe  ◄────  (batched)
+      append, wake if      └──────────► dispatch: a batch to each     claim each task
+      the scheduler sleeps              worker holding < 2 batches ─► (status gate),
+                                        (non-blocking writes)         run it, send
+                             balance: a worker idle, another          results
+                               stalled on a long task: recall ─ ─ ►   (batched);
+                               what it has not started (gate),        skip what
+                               dispatch it again                      was recalled
+                             select() on: worker sockets,
+                               worker sentinels, wake-up pipe  ◄────
                              results → sink.deliver() ────────► result objects
                                                                 (AsyncResult,
                              sentinel → reap: the task that was   Future, map/imap)
@@ -29,8 +33,21 @@ reading can never wedge the scheduler.
 Batching: the scheduler keeps an estimate of the task duration (an EWMA of
 what workers report) and sends each worker about BATCH_SECONDS of work per
 message, never more than a fair share of what is pending, and lets a worker
-hold at most two batches, so an idle worker always pulls the next one and a
-slow task strands at most one batch behind it.  A lone task goes at once.
+hold at most two batches, so an idle worker always pulls the next one.  A
+lone task goes at once.
+
+No head-of-line blocking: a task never waits behind a long one while
+another worker is idle.  A worker whose task has run STALLED_AFTER (10 ms)
+is *stalled*: it gets no second batch, and once another worker is idle the
+tasks it holds but has not started are recalled and dispatched again
+(``Scheduler.balance``).  The worker claims each task, before it starts it,
+with a compare-and-exchange on a *gate* word of its status slot; the
+scheduler recalls with another on the same word, so each task is either
+started there or recalled, never both, and the worker skips recalled tasks
+when it reaches them (``_worker.GATE``).  Measured before dispatch time
+cannot tell a long task from a short one (one call of a function may take
+seconds where the others take microseconds), so the recall, not a guess,
+is what keeps the others moving.
 
 Per-task cost: a trivial task costs the parent about a microsecond, so the
 submit path does as little as it can.  A call whose arguments are all plain

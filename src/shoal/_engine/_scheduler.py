@@ -14,7 +14,10 @@ sentinels and the wake-up pipe, then takes its steps, each a method:
 - the callers' control requests (``Engine._handle_control``: cancel,
   interrupt, ...), then :meth:`~Scheduler.cancel` / :meth:`~Scheduler.interrupt`;
 - :meth:`~Scheduler.dispatch`: batches from the pending queue to workers with
-  room;
+  room (not to a worker stalled on a long task);
+- :meth:`~Scheduler.balance`: when a worker is idle, recall the tasks a
+  stalled worker holds but has not started (:meth:`~Scheduler.recall`) and
+  dispatch them again;
 - :meth:`~Scheduler.check_time_limits`: kill a worker whose task ran past its
   limit or was cancelled;
 - :meth:`~Scheduler.stop` (terminate) or, once closed and idle, STOP to each
@@ -45,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._fd import collecting_fds, create_fd
 from .._ipc import Channel
-from .._native import batch_columns, deliver_plain, drop_skipped
+from .._native import batch_columns, compare_exchange, deliver_plain, drop_skipped, load, store
 from .._serialization import loads_with, pickle_code, starting_process, unpack_exception
 from ..exceptions import (
     PoolClosedError,
@@ -57,7 +60,7 @@ from ..exceptions import (
 from . import _worker
 from ._crash import ALREADY_FAILED, Fate, attribute_crash
 from ._tasks import Task, Worker
-from ._worker import STATUS, STATUS_SLOT, WorkerConfig
+from ._worker import GATE, GATE_MASK, GATE_MAX_RECALL, GATE_SHIFT, STATUS, STATUS_SLOT, WorkerConfig
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -78,6 +81,15 @@ TERMINATE_GRACE = 1.0
 MAX_START_FAILURES = 3
 #: How often time limits are checked while a timed task runs.
 TIMEOUT_TICK = 0.02
+#: A worker whose task has run this long is *stalled*: it gets no second
+#: batch, and the tasks it holds but has not started are recalled as soon
+#: as another worker has nothing to do (Scheduler.balance).  Long enough
+#: that batches of short tasks never count (a batch's tasks each take
+#: microseconds), short against any task worth waiting behind.
+STALLED_AFTER = 0.01
+#: How often stalls are looked for while a worker is idle and another holds
+#: tasks it has not started.
+STALL_TICK = 0.005
 
 #: The engine's states (``Engine.state``).
 _RUN, _CLOSE, _TERMINATE, _BROKEN = "running", "closed", "terminated", "broken"
@@ -183,12 +195,14 @@ class Scheduler:
         self._crashed: set[int] = set()
         self._timed = 0  # tasks with a time limit held by workers
         self._doomed = 0  # cancelled tasks held by workers, to kill when they start
+        self._watch_stalls = False  # a worker is idle while others hold tasks (see balance)
         self._start_failures = 0
         # counters (read by Engine.statistics)
         self.completed = 0
         self.failed = 0
         self.cancelled = 0
         self.started = 0
+        self.recalled = 0
         self.replaced: dict[str, int] = {}
 
         # Status block: one cache line per worker slot (replacements reuse
@@ -218,6 +232,7 @@ class Scheduler:
     def start_worker(self) -> Worker:
         slot = self._free_slots.pop()
         STATUS.pack_into(self._status, slot * STATUS_SLOT, 0, 0.0, 0)
+        store(self._status, slot * STATUS_SLOT + GATE, 0)
         parent_ch, child_ch = Channel.pair()
         # PR_SET_PDEATHSIG fires when the *thread* that started the worker
         # exits, so ask for it only from threads that live as long as the
@@ -365,6 +380,8 @@ class Scheduler:
             # one made after finds _sleeping set and writes.  No wake-up is
             # lost, and we never spin on work that waits for a free worker.
             timeout = TIMEOUT_TICK if self._timed or self._doomed else None
+            if self._watch_stalls:
+                timeout = STALL_TICK
             self._sleeping = True
             if self._dirty:
                 timeout = 0
@@ -398,6 +415,8 @@ class Scheduler:
                 return
             if self._pending:
                 self.dispatch()
+            # (with tasks still queued, an idle worker got some at dispatch)
+            self._watch_stalls = not self._pending and self.balance()
             if self._timed or self._doomed:
                 self.check_time_limits()
             if (
@@ -425,7 +444,12 @@ class Scheduler:
         first, and the starting point rotates so no worker is favoured.
         """
         pending = self._pending
-        workers = [w for w in self._workers.values() if w.accepting and len(w.batches) < CREDIT]
+        now = time.monotonic()
+        workers = [
+            w
+            for w in self._workers.values()
+            if w.accepting and len(w.batches) < CREDIT and not (w.batches and self._stalled(w, now))
+        ]
         if not workers:
             return
         workers.sort(key=lambda w: len(w.batches))
@@ -447,7 +471,7 @@ class Scheduler:
                 fair = -(-len(pending) // len(workers))
                 take = min(size, fair)
                 if maxtasks:
-                    take = min(take, maxtasks - w.sent)
+                    take = min(take, maxtasks - (w.sent - w.recalled))
                 batch: list[Task] = []
                 while pending and len(batch) < take:
                     more = [popleft() for _ in range(min(take - len(batch), len(pending)))]
@@ -459,10 +483,90 @@ class Scheduler:
                 if batch:
                     self._send_batch(w, batch)
                     progressed = True
-                if len(w.batches) >= CREDIT or (maxtasks and w.sent >= maxtasks):
+                if len(w.batches) >= CREDIT or (maxtasks and w.sent - w.recalled >= maxtasks):
                     workers.remove(w)
             if not progressed:
                 break
+
+    # -- head-of-line blocking ----------------------------------------------
+    def _stalled(self, w: Worker, now: float) -> bool:
+        """True when *w* has been running one task for STALLED_AFTER or more."""
+        tid, started, _last = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
+        return tid != 0 and started != 0.0 and now - started >= STALLED_AFTER
+
+    def balance(self) -> bool:
+        """No task waits behind a long one while a worker is idle.
+
+        A worker may hold a batch it has not started behind the one it
+        runs, and one task of a batch may run far longer than the others.
+        When a worker is idle (ready, nothing held, nothing queued for it)
+        and another is stalled (its task has run STALLED_AFTER or more),
+        the stalled worker's tasks not yet started are recalled and
+        dispatched again.  Returns whether to look again in STALL_TICK (a
+        worker is idle while another holds tasks that may stall).
+        """
+        idle = held = False
+        for w in self._workers.values():
+            if not w.inflight:
+                if w.ready and w.accepting:
+                    idle = True
+            elif len(w.inflight) > 1:
+                held = True
+        if not (idle and held) or self.engine._state == _TERMINATE:
+            return False
+        now = time.monotonic()
+        recalled = 0
+        for w in list(self._workers.values()):
+            if len(w.inflight) > 1 and w.kill_reason is None and self._stalled(w, now):
+                recalled += self.recall(w)
+        if recalled:
+            self.dispatch()
+        return True
+
+    def recall(self, w: Worker) -> int:
+        """Take back the tasks *w* holds but has not started, and queue them
+        first; return how many.
+
+        Through the gate of *w*'s status slot (see ``_worker.GATE``): one
+        compare-and-exchange settles, for each task, whether the worker
+        started it (it stays) or not (it is the worker's no more: the worker
+        skips it, unseen, when it gets there).  Nothing runs twice and
+        nothing is lost; crash attribution sees only what stays.
+        """
+        status = self._status
+        offset = w.slot * STATUS_SLOT + GATE
+        gate = load(status, offset)
+        while True:
+            consumed = gate & GATE_MASK
+            skipping = gate >> GATE_SHIFT
+            n = w.sent - consumed - skipping  # neither started nor recalled yet
+            if n <= 0 or n > len(w.inflight) or skipping + n > GATE_MAX_RECALL:
+                return 0
+            found = compare_exchange(status, offset, gate, consumed | ((skipping + n) << GATE_SHIFT))
+            if found == gate:
+                break
+            gate = found  # the worker started one meanwhile
+        # The worker runs its tasks in the order it got them: those not
+        # started are the last n it holds, and the last n results it owes.
+        inflight = w.inflight
+        tasks = [inflight.pop() for _ in range(n)]
+        tasks.reverse()
+        w.recalled += n
+        self.recalled += n
+        batches = w.batches
+        left = n
+        while left and batches:
+            if batches[-1] > left:
+                batches[-1] -= left
+                break
+            left -= batches.pop()
+        requeue = []
+        for task in tasks:
+            self._leaving(task)
+            if task.kill_reason not in ALREADY_FAILED:  # else its caller has its error already
+                requeue.append(task)
+        self._pending.extendleft(reversed(requeue))
+        return n
 
     def _send_batch(self, w: Worker, batch: list[Task]) -> None:
         # The batch travels as parallel lists, one per field (the wire

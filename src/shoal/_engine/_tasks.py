@@ -92,7 +92,10 @@ class Worker:
     ready: bool = False
     eof: bool = False
     writing: bool = False
+    #: tasks sent so far: the worker's stream position (see _worker.GATE)
     sent: int = 0
+    #: of those, how many were recalled and given to other workers
+    recalled: int = 0
     retire_reason: str | None = None
     kill_reason: str | None = None
 

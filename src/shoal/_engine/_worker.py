@@ -11,8 +11,10 @@ was running and since when::
     _Hello(config, status fd,    ──────►   shared object installed (see _local)
       shared object's buffers)             initializer(*initargs), worker_init()
                                  ◄──────   READY | INIT_FAILED(exception)
-    batch: columns ids, fn ids,  ─────►   status.running = tid, started = now
-      modes, payloads, nfds                value = fn(*args)
+    batch: columns ids, fn ids,  ─────►   claim the task (status.gate; a task
+      modes, payloads, nfds                the parent recalled is skipped)
+                                           status.running = tid, started = now
+                                           value = fn(*args)
                                            status.last_done = tid, running = 0
                                  ◄──────   results: columns kinds, values,
                                            nfds, and durations per function
@@ -64,6 +66,7 @@ from typing import Any
 
 from .._fd import WarmSegments, providing_fds, swap_sending
 from .._ipc import Channel
+from .._native import compare_exchange
 from .._serialization import dumps, loads_with, pack_exception
 from . import _local
 
@@ -105,6 +108,22 @@ FLUSH_SECONDS = 0.001
 #: (time.monotonic), id of the last finished task.
 STATUS = struct.Struct("qdq")
 STATUS_SLOT = 64  # one cache line per worker, so workers do not false-share
+
+#: The *gate*, an int64 after STATUS in each slot, changed only by atomic
+#: compare-and-exchange: its low GATE_SHIFT bits count the tasks the worker
+#: has consumed from its stream (started, or skipped as recalled), its high
+#: bits how many of the following tasks the scheduler has recalled.  The
+#: worker claims each task before it starts it (consumed -> consumed + 1);
+#: the scheduler recalls the tasks not yet claimed by adding to the high
+#: bits.  Exactly one of the two exchanges succeeds, so a recalled task is
+#: never started here and a started one never recalled: the scheduler gives
+#: recalled tasks to another worker at once (see Scheduler.recall).
+GATE = STATUS.size
+GATE_SHIFT = 48
+GATE_MASK = (1 << GATE_SHIFT) - 1
+#: Most tasks one recall may cover (a worker never holds more than
+#: CREDIT * MAX_BATCH).
+GATE_MAX_RECALL = (1 << 15) - 1
 
 _PR_SET_PDEATHSIG = 1
 
@@ -260,8 +279,23 @@ def _run_worker_exit(channel: Channel, worker_exit) -> None:
         pass  # the parent went away: nobody collects it
 
 
+def _take_recall(status, gate: int, found: int) -> int:
+    """The scheduler recalled tasks (the gate's high bits, *found*): consume
+    them all at once; return how many to skip."""
+    while True:
+        skip = found >> GATE_SHIFT
+        now = compare_exchange(status, gate, found, (found & GATE_MASK) + skip)
+        if now == found:
+            return skip
+        found = now  # the scheduler recalled more meanwhile
+
+
 def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> None:
     pack_status = STATUS.pack_into
+    claim = compare_exchange
+    gate = offset + GATE
+    consumed = 0  # the gate's low bits: only this process changes them
+    skip = 0  # recalled tasks still to pass over, in this batch or the next
 
     functions: dict[int, Any] = {}
     # Warm shared memory that large results travel in, reused once the
@@ -309,6 +343,20 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
         ntasks = len(ids)
         brought = nfds if nfds is not None else repeat(0)  # None: no task brought descriptors
         for tid, fn_id, mode, data, nfd in zip(ids, fids, modes, datas, brought, strict=False):
+            if skip:
+                # Recalled: another worker runs it.  Its descriptors are
+                # closed with the message's.
+                skip -= 1
+                fd_pos += nfd
+                continue
+            found = claim(status, gate, consumed, consumed + 1)
+            if found != consumed:
+                skip = _take_recall(status, gate, found)
+                consumed += skip
+                skip -= 1
+                fd_pos += nfd
+                continue
+            consumed += 1
             started = perf()
             pack_status(status, offset, tid, monotonic(), done)
             items = 1
