@@ -707,3 +707,32 @@ def joblib_in_this_process(n_jobs, options):
         except Exception as exc:
             return "error", f"{type(exc).__name__}: {exc}", []
     return set(pids), os.getpid(), [str(w.message) for w in caught]
+
+
+def mark_or_block(item):
+    """``item`` is ``(x, folder)``.  Task 0 writes its pid to ``folder/blocker``
+    and waits for ``folder/release`` (at most 120 s); the others take 5 ms.
+    Each then creates ``folder/done-x`` exclusively, so a task run twice
+    fails with FileExistsError instead of passing unseen."""
+    x, folder = item
+    if x == 0:
+        with open(os.path.join(folder, "blocker.tmp"), "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(os.path.join(folder, "blocker.tmp"), os.path.join(folder, "blocker"))
+        release = os.path.join(folder, "release")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    else:
+        time.sleep(0.005)
+    os.close(os.open(os.path.join(folder, f"done-{x}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    return x
+
+
+def mark_after(item):
+    """``item`` is ``(x, folder, seconds)``: sleep, then create
+    ``folder/done-x`` exclusively (a task run twice fails) and return x."""
+    x, folder, seconds = item
+    time.sleep(seconds)
+    os.close(os.open(os.path.join(folder, f"done-{x}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    return x
