@@ -62,8 +62,9 @@ per task (the wake-up protocol of Scheduler.run).
 
 Crash attribution: each worker writes the id of the task it is running (and
 when it started, and the last task it finished) into its slot of a shared
-*status block* before running it.  When a worker's sentinel fires the
-scheduler drains its socket, then reads the slot: the running task fails
+*status block* before running it.  When a worker exits (its pidfd fires:
+not ``multiprocessing``'s sentinel, whose pipe a grandchild started by fork
+may hold open) the scheduler drains its socket, then reads the slot: the running task fails
 (WorkerDiedError, or TaskTimeoutError / CancelledError when the scheduler
 killed it on purpose); tasks the worker never started go to other workers;
 tasks it finished whose results were still inside it run again (results are
@@ -74,7 +75,13 @@ descriptors of every engine in this process that it inherited.
 
 Shutdown: close() lets pending work finish, then the scheduler sends STOP to
 each worker and exits when all have exited; terminate() fails what is
-unfinished, sends SIGTERM, then SIGKILL after TERMINATE_GRACE seconds.  When
+unfinished, sends SIGTERM, then SIGKILL after TERMINATE_GRACE seconds.
+Processes a task started and left running (a ``multiprocessing.Process``,
+a nested joblib's loky workers) end with their worker, so that none keeps
+the pool waiting or outlives it: a worker ending normally ends its
+descendants after ``worker_exit`` (SIGTERM, then SIGKILL after the grace),
+terminate() signals each worker's descendants with it, and a worker killed
+for a time limit or a cancellation takes them along (see ``_procs``).  When
 the scheduler ends, the callback thread ends once its queue is empty, and
 join() waits for both and for the imap feeders: after it no shoal thread
 and no worker of this pool remains.  The callback thread lets go of each
@@ -119,6 +126,7 @@ Where each part lives (one responsibility per module):
 - ``_tasks.py``: the records (Task, Worker, WorkerProcess) and the
   :class:`~._tasks.ResultSink` protocol that result objects implement;
 - ``_callbacks.py``: the callback thread;
+- ``_procs.py``: a worker's descendants, found and ended by pidfd;
 - ``_worker.py``: the loop a worker process runs; ``_local.py``: what a task
   sees of its worker.
 """

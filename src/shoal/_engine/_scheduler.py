@@ -4,13 +4,13 @@ One :class:`Scheduler` per local engine, driven by the engine's scheduler
 thread (``Engine._run``), as the executor-manager thread of CPython's
 ``concurrent.futures.process`` drives its workers.  Each turn of
 :meth:`Scheduler.run` waits in ``select()`` on the worker sockets, their
-sentinels and the wake-up pipe, then takes its steps, each a method:
+pidfds and the wake-up pipe, then takes its steps, each a method:
 
 - :meth:`~Scheduler.read_results`: a worker's messages (results, ready,
   retiring, its ``worker_exit`` value) -> ``sink.deliver()``;
-- :meth:`~Scheduler.reap`: a worker's sentinel fired: drain its socket,
-  attribute the tasks it held (:func:`._crash.attribute_crash`), start a
-  replacement;
+- :meth:`~Scheduler.reap`: a worker exited (its pidfd, else its sentinel,
+  fired): drain its socket, attribute the tasks it held
+  (:func:`._crash.attribute_crash`), start a replacement;
 - the callers' control requests (``Engine._handle_control``: cancel,
   interrupt, ...), then :meth:`~Scheduler.cancel` / :meth:`~Scheduler.interrupt`;
 - :meth:`~Scheduler.dispatch`: batches from the pending queue to workers with
@@ -20,7 +20,8 @@ sentinels and the wake-up pipe, then takes its steps, each a method:
   dispatch them again;
 - :meth:`~Scheduler.check_time_limits`: kill a worker whose task ran past its
   limit or was cancelled;
-- :meth:`~Scheduler.stop` (terminate) or, once closed and idle, STOP to each
+- :meth:`~Scheduler.stop` (terminate: the workers and what their tasks left
+  running, see :mod:`._procs`) or, once closed and idle, STOP to each
   worker.
 
 Ownership: this thread alone reads and writes worker channels, starts
@@ -44,6 +45,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from multiprocessing.connection import wait as wait_for
 from typing import TYPE_CHECKING, Any
 
 from .._fd import collecting_fds, create_fd
@@ -59,6 +61,7 @@ from ..exceptions import (
 )
 from . import _worker
 from ._crash import ALREADY_FAILED, Fate, attribute_crash
+from ._procs import GRACE, Tree, open_pidfd
 from ._tasks import Task, Worker
 from ._worker import GATE, GATE_MASK, GATE_MAX_RECALL, GATE_SHIFT, STATUS, STATUS_SLOT, WorkerConfig
 
@@ -75,7 +78,7 @@ CREDIT = 2
 #: Functions a worker keeps unpickled; older ones are forgotten.
 FN_CACHE = 128
 #: Seconds between SIGTERM and SIGKILL in terminate().
-TERMINATE_GRACE = 1.0
+TERMINATE_GRACE = GRACE
 #: Workers that die before becoming ready this many times in a row mean the
 #: pool cannot start (a broken __main__, an import error under spawn).
 MAX_START_FAILURES = 3
@@ -283,7 +286,7 @@ class Scheduler:
             self._free_slots.append(slot)
             raise
         child_ch.close()
-        worker = Worker(proc, parent_ch, slot)
+        worker = Worker(proc, parent_ch, slot, open_pidfd(proc.pid))
         try:
             parent_ch.sock.setblocking(False)
             parent_ch.queue(config_bytes, fds)
@@ -298,6 +301,7 @@ class Scheduler:
             proc.kill()
             proc.join()
             parent_ch.close()
+            _close_pidfd(worker)
             self._free_slots.append(slot)
             raise
         self._workers[slot] = worker
@@ -314,6 +318,8 @@ class Scheduler:
             pass
         for w in list(self._workers.values()):
             fds.append(w.channel.fileno())
+            if w.pidfd is not None:
+                fds.append(w.pidfd)
         # Not a scan of the queue: with a long queue and maxtasksperchild=1
         # that would cost O(queue) per worker started.
         fds.extend(list(self._task_fds))
@@ -328,6 +334,7 @@ class Scheduler:
             except Exception:  # noqa: BLE001
                 pass
             w.channel.close()
+            _close_pidfd(w)
         self._workers.clear()
         self.close_resources()
 
@@ -838,10 +845,15 @@ class Scheduler:
             return
         if w.kill_reason is None:
             w.kill_reason = reason
+        # The processes the task started go with it (found before the
+        # worker dies: then the system adopts them).
+        tree = Tree(w.pid)
         try:
             os.kill(w.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        tree.signal(signal.SIGKILL)
+        tree.close()
 
     # -- worker exit -------------------------------------------------------
     def reap(self, w: Worker) -> None:
@@ -853,7 +865,7 @@ class Scheduler:
                     self._on_message(w, payload, fds)
                 if eof or not frames:
                     break
-        w.proc.join(1)
+        _join_exited(w, self._ctx)
         exitcode = w.proc.exitcode
         running, _started, last_done = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
         for fileobj in (w.sentinel, w.channel.fileno()):
@@ -862,6 +874,7 @@ class Scheduler:
             except (KeyError, ValueError):
                 pass
         w.channel.close()
+        _close_pidfd(w)
         del self._workers[w.slot]
         self._free_slots.append(w.slot)
         try:
@@ -976,24 +989,69 @@ class Scheduler:
         self.kill_workers(graceful=not self.engine._kill_on_terminate)
 
     def kill_workers(self, graceful: bool) -> None:
+        """Stop every worker and the processes its tasks left running:
+        SIGTERM (SIGKILL unless *graceful*), SIGKILL after TERMINATE_GRACE
+        seconds; return once they have all exited (see _procs)."""
         workers = list(self._workers.values())
-        for w in workers:
+        # Found before any signal: once a worker is dead, the system adopts its children.
+        trees = [Tree(w.pid) for w in workers]
+        signum = signal.SIGTERM if graceful else signal.SIGKILL
+        for w, tree in zip(workers, trees, strict=True):
             try:
-                os.kill(w.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+                os.kill(w.pid, signum)
             except ProcessLookupError:
                 pass
+            tree.signal(signum)
         deadline = time.monotonic() + TERMINATE_GRACE
         for w in workers:
-            w.proc.join(max(0.0, deadline - time.monotonic()))
-            if w.proc.exitcode is None:
+            if not _wait_exited(w, max(0.0, deadline - time.monotonic())):
                 try:
                     os.kill(w.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                w.proc.join()
+        for tree in trees:
+            if not tree.wait(max(0.0, deadline - time.monotonic())):
+                tree.signal(signal.SIGKILL)
+        for w in workers:
+            _wait_exited(w, None)
+            _join_exited(w, self._ctx)
             w.channel.close()
+            _close_pidfd(w)
             try:
                 w.proc.close()
             except ValueError:
                 pass
+        for tree in trees:
+            tree.wait(TERMINATE_GRACE)  # SIGKILLed: at once, unless in the kernel's hands
+            tree.close()
         self._workers.clear()
+
+
+def _wait_exited(w: Worker, timeout: float | None) -> bool:
+    """Wait up to *timeout* seconds (None: no limit) for worker *w* to exit;
+    whether it has.  Its pidfd says so whoever holds its sentinel's pipe."""
+    if w.pidfd is None:
+        w.proc.join(timeout)
+        return w.proc.exitcode is not None
+    return bool(wait_for([w.pidfd], timeout))
+
+
+def _join_exited(w: Worker, ctx: Any) -> None:
+    """Collect the exit status of worker *w*, which has exited (its pidfd
+    fired).  multiprocessing's join(timeout) first waits for the sentinel,
+    which a grandchild may hold open for ever; a process started by fork or
+    spawn is our child, and waiting for it without a timeout takes its
+    status at once.  A forkserver's child is reported by the forkserver."""
+    if w.pidfd is not None and ctx.get_start_method() != "forkserver":
+        w.proc.join()
+    else:
+        w.proc.join(1)
+
+
+def _close_pidfd(w: Worker) -> None:
+    if w.pidfd is not None:
+        try:
+            os.close(w.pidfd)
+        except OSError:
+            pass
+        w.pidfd = None

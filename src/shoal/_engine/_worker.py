@@ -47,7 +47,9 @@ of the parent's pools and the parent's forkserver "alive" pipe.
 The worker ignores SIGINT: Ctrl-C is the parent's to handle, and a worker
 printing a KeyboardInterrupt traceback for every task is noise.  It exits as
 soon as its parent goes away (end of stream on the channel; PR_SET_PDEATHSIG
-when the parent started it directly).
+when the parent started it directly).  As it ends it ends the processes its
+tasks started and left running (``_procs``): otherwise ``multiprocessing``
+would make it wait for each of them before it exits, and the pool with it.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from .._ipc import Channel
 from .._native import compare_exchange
 from .._serialization import dumps, loads_with, pack_exception
 from . import _local
+from ._procs import end_descendants
 
 # Message kinds, parent -> worker
 BATCH = 0
@@ -203,6 +206,9 @@ def worker_main(
     except (BrokenPipeError, ConnectionResetError, EOFError):
         pass  # the parent went away: nobody is waiting for our results
     finally:
+        # Processes our tasks started and left running end with us, or
+        # multiprocessing would make us wait for them as we exit (see _procs).
+        end_descendants()
         sys.stdout.flush()
         sys.stderr.flush()
 
