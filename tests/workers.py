@@ -736,3 +736,43 @@ def mark_after(item):
     time.sleep(seconds)
     os.close(os.open(os.path.join(folder, f"done-{x}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     return x
+
+
+def _descendant_pids():
+    import psutil
+
+    return [p.pid for p in psutil.Process().children(recursive=True)]
+
+
+def leave_child(seconds=60):
+    """Start a plain, non-daemon multiprocessing.Process that sleeps for
+    *seconds* and return without waiting for it: the pids left running."""
+    import multiprocessing
+
+    child = multiprocessing.Process(target=time.sleep, args=(seconds,))
+    child.start()
+    return _descendant_pids()
+
+
+def nested_joblib(n=4):
+    """Run joblib's default (loky) backend with two workers inside the task,
+    which keeps its workers for reuse: ``(result, pids left running)``."""
+    import joblib
+
+    total = sum(joblib.Parallel(n_jobs=2, backend="loky")(joblib.delayed(abs)(-i) for i in range(n)))
+    return total, _descendant_pids()
+
+
+def leave_child_then(path, then="die"):
+    """Start a child that sleeps 60 s, write its pid to *path*, then die
+    (SIGKILL) or sleep for an hour."""
+    import multiprocessing
+
+    child = multiprocessing.Process(target=time.sleep, args=(60,))
+    child.start()
+    with open(path + ".tmp", "w") as f:
+        f.write(str(child.pid))
+    os.rename(path + ".tmp", path)
+    if then == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(3600)
