@@ -275,6 +275,7 @@ class Engine:
             context = mp_context(context)
         else:
             context = getattr(context, "_ctx", context)  # a shoal.Context
+        context = drivable_context(context)
         self._ctx = context
         self._processes = processes
         self.task_timeout = task_timeout
@@ -377,6 +378,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         what = "its first worker process"
         try:
+            _check_may_have_children()
             for _ in range(processes):
                 self._scheduler.start_worker()
             what = "its scheduler thread"
@@ -901,6 +903,82 @@ def _check_int(name: str, value, what: str = "an int") -> None:
     """TypeError naming *name* unless *value* is an int (bool is not)."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r:.40}")
+
+
+#: The standard library's contexts: the only ones whose processes the
+#: scheduler drives (``sentinel``, ``join``, ``close``, ``kill``, fork's and
+#: spawn's ``Popen``).
+_STDLIB_CONTEXTS = (
+    multiprocessing.context.ForkContext,
+    multiprocessing.context.SpawnContext,
+    multiprocessing.context.ForkServerContext,
+)
+
+
+_STDLIB_METHODS = ("fork", "spawn", "forkserver")
+
+
+def _foreign_default() -> str | None:
+    """This process's default start method when another library set one of
+    its own (loky sets ``"loky"`` in its workers), else None."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    return method if method is not None and method not in _STDLIB_METHODS else None
+
+
+def drivable_context(context):
+    """The standard library's context that starts this pool's workers.
+
+    Another library may install a context of its own as the default: loky
+    does in its workers (start method ``"loky"``), whose ``Popen`` has
+    neither ``close()`` nor ``kill()``.  shoal drives only the standard
+    library's process machinery: it takes the standard library's context of
+    the same start method, and ``fork`` for a start method of another
+    library.  Not ``spawn`` or ``forkserver``: in a process whose default
+    start method is another library's, the standard library passes that
+    method to every process it starts that way, and the new process, which
+    has not imported that library, fails to start.  So an explicit spawn or
+    forkserver context there raises ValueError saying so.
+    """
+    if not isinstance(context, _STDLIB_CONTEXTS):
+        try:
+            context.get_start_method()
+        except Exception:  # noqa: BLE001 - not a context at all: say so
+            raise TypeError(
+                f"context must be a multiprocessing context or a start method name, got "
+                f"{type(context).__name__} {context!r:.60}"
+            ) from None
+        return multiprocessing.context._concrete_contexts["fork"]  # type: ignore[attr-defined]  # not in typeshed
+    foreign = _foreign_default()
+    if foreign is not None and context.get_start_method() != "fork":
+        raise ValueError(
+            f"workers cannot start with {context.get_start_method()!r} in this process: its default start "
+            f"method is {foreign!r} (another library's: loky sets 'loky' in its workers), which the standard "
+            "library passes to every process it starts with spawn or forkserver, and which such a process "
+            "cannot use. Use context='fork', or no context, here"
+        )
+    return context
+
+
+def recycling_context():
+    """The context of an executor whose workers are recycled
+    (``max_tasks_per_child``) when none is given: ``spawn``, as the standard
+    library (3.11+) chooses, or ``fork`` where spawn cannot start processes
+    (see :func:`drivable_context`)."""
+    return mp_context("fork" if _foreign_default() is not None else "spawn")
+
+
+def _check_may_have_children() -> None:
+    """A daemonic process (a task of the standard library's Pool, a
+    ``Process(daemon=True)``) cannot start processes: say so before the
+    first worker fails to start, and say what to do."""
+    if multiprocessing.current_process().daemon:
+        raise AssertionError(
+            "daemonic processes are not allowed to have children: this code runs in a daemonic process "
+            f"({multiprocessing.current_process().name}; a task of multiprocessing.Pool, or a Process "
+            "started with daemon=True), which cannot start the pool's worker processes. Do the work "
+            "in this process, or run the outer work on shoal.Pool, shoal.ProcessPoolExecutor or "
+            "concurrent.futures.ProcessPoolExecutor, whose workers may start processes"
+        )
 
 
 def mp_context(method: str):
