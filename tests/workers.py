@@ -776,3 +776,31 @@ def leave_child_then(path, then="die"):
     if then == "die":
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(3600)
+
+
+def pool_in_task(face, options=None):
+    """Run ``square`` over range(6) on a shoal pool made inside this task:
+    ``("ok", results)``, or ``(where, type name, message)`` of the error
+    and where it was raised ("construction" or "use")."""
+    import shoal
+
+    options = options or {}
+    try:
+        if face == "pool":
+            pool = shoal.Pool(2, **options)
+        elif face == "executor":
+            pool = shoal.ProcessPoolExecutor(2, **options)
+        else:
+            import joblib
+
+            import shoal.joblib  # registers the backend
+
+            with joblib.parallel_config(backend="shoal", n_jobs=2, **options):
+                return "ok", joblib.Parallel()(joblib.delayed(square)(i) for i in range(6))
+    except BaseException as exc:  # reported to the test
+        return "construction", type(exc).__name__, str(exc)
+    try:
+        with pool:
+            return "ok", list(pool.map(square, range(6)))
+    except BaseException as exc:  # reported to the test
+        return "use", type(exc).__name__, str(exc)
