@@ -88,6 +88,11 @@ and no worker of this pool remains.  The callback thread lets go of each
 callback as soon as it ran (a future it held would keep its traceback's
 frames, and so perhaps a dropped pool, alive).
 
+Contexts: the scheduler drives the standard library's processes only
+(``drivable_context``): another library's context (loky's, the default in
+its workers) becomes fork, and a daemonic process refuses at once to start
+a pool (``_check_may_have_children``).
+
 Start failures: if the first workers or the scheduler thread cannot start
 (Python refuses new threads and fork while the interpreter shuts down), the
 workers already started are killed; a Pool raises the error, an executor
