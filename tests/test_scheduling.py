@@ -148,7 +148,7 @@ def test_worker_killed_after_its_held_tasks_went_elsewhere_fails_only_its_task(f
             pool.shutdown()
 
 
-@pytest.mark.parametrize("maxtasksperchild", [None, 3])
+@pytest.mark.parametrize("maxtasksperchild", [None, 10])
 def test_tasks_moved_between_workers_run_once_each(fork_or_spawn, maxtasksperchild, tmp_path):
     # Uneven tasks through a short imap window: workers go idle beside busy
     # ones holding tasks they have not started, over and over.
@@ -156,6 +156,6 @@ def test_tasks_moved_between_workers_run_once_each(fork_or_spawn, maxtasksperchi
     rng = random.Random(19)
     items = [(i, folder, 0.06 if i % 9 == 0 else rng.random() * 0.003) for i in range(150)]
     with shoal.Pool(2, maxtasksperchild=maxtasksperchild, context=fork_or_spawn, task_timeout=60) as pool:
-        got = sorted(pool.imap_unordered(workers.mark_after, items, buffersize=6))
+        got = sorted(pool.imap_unordered(workers.mark_after, items, buffersize=3))
     assert got == list(range(150))
     assert _done(folder) == 150
