@@ -38,7 +38,6 @@ import os
 import select
 import signal
 import time
-from collections.abc import Iterable
 
 #: Seconds between SIGTERM and SIGKILL when processes are ended.
 GRACE = 1.0
@@ -128,7 +127,7 @@ class Tree:
     def __bool__(self) -> bool:
         return bool(self.pids)
 
-    def signal(self, signum: int) -> None:
+    def send_signal(self, signum: int) -> None:
         for pid, fd in zip(self.pids, self._fds, strict=True):
             _signal(pid, fd, signum)
 
@@ -154,9 +153,9 @@ class Tree:
         """SIGTERM every process, then SIGKILL those left after *grace* seconds."""
         if not self:
             return
-        self.signal(signal.SIGTERM)
+        self.send_signal(signal.SIGTERM)
         if not self.wait(grace):
-            self.signal(signal.SIGKILL)
+            self.send_signal(signal.SIGKILL)
             self.wait(grace)
 
     def close(self) -> None:
@@ -200,19 +199,6 @@ def _alive(pid: int, fd: int | None) -> bool:
         return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
     except (OSError, ValueError):
         return False
-
-
-def end_trees(trees: Iterable[Tree], grace: float) -> None:
-    """End several trees together: one grace period for all."""
-    trees = [t for t in trees if t]
-    for tree in trees:
-        tree.signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for tree in trees:
-        if not tree.wait(max(0.0, deadline - time.monotonic())):
-            tree.signal(signal.SIGKILL)
-    for tree in trees:
-        tree.wait(grace)
 
 
 def end_descendants(grace: float = GRACE) -> None:

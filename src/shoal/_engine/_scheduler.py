@@ -852,7 +852,7 @@ class Scheduler:
             os.kill(w.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        tree.signal(signal.SIGKILL)
+        tree.send_signal(signal.SIGKILL)
         tree.close()
 
     # -- worker exit -------------------------------------------------------
@@ -1001,7 +1001,7 @@ class Scheduler:
                 os.kill(w.pid, signum)
             except ProcessLookupError:
                 pass
-            tree.signal(signum)
+            tree.send_signal(signum)
         deadline = time.monotonic() + TERMINATE_GRACE
         for w in workers:
             if not _wait_exited(w, max(0.0, deadline - time.monotonic())):
@@ -1011,7 +1011,7 @@ class Scheduler:
                     pass
         for tree in trees:
             if not tree.wait(max(0.0, deadline - time.monotonic())):
-                tree.signal(signal.SIGKILL)
+                tree.send_signal(signal.SIGKILL)
         for w in workers:
             _wait_exited(w, None)
             _join_exited(w, self._ctx)
