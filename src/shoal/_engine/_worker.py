@@ -62,6 +62,7 @@ import pickle
 import signal
 import struct
 import sys
+import threading
 import time
 from itertools import repeat
 from typing import Any
@@ -200,6 +201,7 @@ def worker_main(
                 pass
     if inherited:
         _forget_parents_forkserver(inherited)
+        _forget_parents_executors()
     channel = Channel(sock)
     try:
         _serve(channel, shared, hooks)
@@ -225,6 +227,26 @@ def _forget_parents_forkserver(closed: tuple[int, ...]) -> None:
         server._forkserver_alive_fd = None  # type: ignore[attr-defined]
         server._forkserver_pid = None  # type: ignore[attr-defined]
         server._forkserver_address = None  # type: ignore[attr-defined]
+
+
+#: Modules that keep a process-wide reusable executor: loky's, and the copy
+#: joblib ships (its default backend).
+_REUSABLE_EXECUTORS = ("joblib.externals.loky.reusable_executor", "loky.reusable_executor")
+
+
+def _forget_parents_executors() -> None:
+    """After fork: the parent's reusable loky executor is not ours.  Its
+    threads and workers stayed in the parent, so a task that runs joblib's
+    default backend here would hand its calls to an executor nobody serves
+    and wait for ever; forgotten, joblib starts one of this worker's own
+    (which ends with the worker, see _procs).  Its lock may have been held
+    by a parent thread at the fork: a new one."""
+    for name in _REUSABLE_EXECUTORS:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "_executor", None) is not None:
+            module._executor = None  # type: ignore[attr-defined]  # private state of loky
+            module._executor_kwargs = None  # type: ignore[attr-defined]
+            module._executor_lock = threading.RLock()  # type: ignore[attr-defined]
 
 
 def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
