@@ -87,3 +87,30 @@ def test_a_pool_inside_a_daemonic_process_says_why_it_cannot_start(face, fork_or
         assert (where, kind) == ("use", "WorkerStartError")
     assert "daemonic processes are not allowed to have children" in message
     assert "Do the work in this process" in message
+
+
+INHERITED_SCRIPT = """
+import sys
+import joblib
+import shoal
+import workers
+
+if __name__ == "__main__":
+    # joblib's default backend first, here: its reusable executor (threads,
+    # workers, a lock) lives in this process when the pool's workers fork.
+    print(sum(joblib.Parallel(n_jobs=2)(joblib.delayed(abs)(-i) for i in range(4))), flush=True)
+    with shoal.Pool(2, context="fork") as pool:
+        print(pool.apply(workers.nested_joblib)[0], flush=True)
+"""
+
+
+def test_joblib_in_a_task_of_a_pool_forked_from_a_process_that_used_joblib(tmp_path):
+    # The forked worker inherited the parent's reusable loky executor, whose
+    # threads and workers stayed in the parent: joblib inside a task handed
+    # its calls to it and waited for ever.  The worker now forgets it.
+    pytest.importorskip("joblib")
+    script = tmp_path / "inherited.py"
+    script.write_text(INHERITED_SCRIPT)
+    out = run_python(str(script), env={"PYTHONPATH": TESTS_DIR}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["6", "6"]
