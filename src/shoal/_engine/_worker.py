@@ -42,7 +42,9 @@ A task leaves nothing behind: its function and arguments are dropped as soon
 as it returns and its result once pickled, before the results are sent, so
 finalizers run and memory returns right after each task.  A worker started
 by fork first closes what it inherited and is not its own: the descriptors
-of the parent's pools and the parent's forkserver "alive" pipe.
+of the parent's pools and the parent's forkserver "alive" pipe; and it
+forgets the parent's reusable loky executor (joblib's default backend),
+whose threads and workers stayed in the parent.
 
 The worker ignores SIGINT: Ctrl-C is the parent's to handle, and a worker
 printing a KeyboardInterrupt traceback for every task is noise.  It exits as
