@@ -28,6 +28,13 @@ start-up scenario), runs the work, and shuts the pool down.
   by the workers and the elapsed time; "no pool" is the same sleeps in two
   bare processes, this machine's ceiling, and shoal's target is relative to
   it.
+* "60 x 10 ms behind one 3 s task": head-of-line blocking.  One 3 s sleep
+  then 60 sleeps of 10 ms through ``imap_unordered(chunksize=1)`` (loky:
+  ``submit`` each, then ``as_completed``); the figure is the time until all
+  60 short results have arrived.  Two workers share the short ones, so
+  about 0.6 s is what no blocking costs; a pool that queues short tasks
+  behind the long one on the same worker takes the full 3 s.  The long task
+  is then stopped with the pool (terminate / shutdown without waiting).
 """
 
 from __future__ import annotations
@@ -341,6 +348,53 @@ def _imap_loky(quick: bool) -> float:
     return eff
 
 
+# -- short tasks behind a long one: head-of-line blocking ------------------------------
+
+HOL_LONG = 3.0
+HOL_SHORT = 0.01
+HOL_N = 60
+
+
+def _sleep_for(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def _short_results_seconds(results, t0: float) -> float:
+    """Seconds from *t0* until *results* (an iterator of the sleeps'
+    durations, as they finish) has yielded every short one."""
+    left = HOL_N
+    for seconds in results:
+        if seconds == HOL_SHORT:
+            left -= 1
+            if not left:
+                break
+    return time.perf_counter() - t0
+
+
+def _hol_pool(make_pool) -> float:
+    with make_pool() as pool:
+        pool.apply(_noop, (1,))
+        t0 = time.perf_counter()
+        results = pool.imap_unordered(_sleep_for, [HOL_LONG] + [HOL_SHORT] * HOL_N, chunksize=1)
+        return _short_results_seconds(results, t0)
+
+
+def _hol_loky(quick: bool) -> float:
+    from concurrent.futures import as_completed
+
+    from loky import ProcessPoolExecutor
+
+    ex = ProcessPoolExecutor(WORKERS)
+    try:
+        ex.submit(_noop, 1).result()
+        t0 = time.perf_counter()
+        futures = [ex.submit(_sleep_for, s) for s in [HOL_LONG] + [HOL_SHORT] * HOL_N]
+        return _short_results_seconds((f.result() for f in as_completed(futures)), t0)
+    finally:
+        ex.shutdown(wait=False, kill_workers=True)
+
+
 def _with_peers(runners: dict, peers: dict) -> dict:
     out = dict(runners)
     for name, fn in peers.items():
@@ -412,5 +466,15 @@ SCENARIOS = [
             {"loky": _imap_loky, "mpire": _imap_mpire},
         ),
         target=">= 0.99x no pool (the same sleeps without a pool: this machine's ceiling)",
+    ),
+    Scenario(
+        "60 x 10 ms behind one 3 s task",
+        "s",
+        False,
+        _with_peers(
+            {"stdlib": lambda q: _hol_pool(_stdlib_pool), "shoal": lambda q: _hol_pool(_shoal_pool)},
+            {"loky": _hol_loky},
+        ),
+        target="time <= 1.2 (the short results must not wait for the long task)",
     ),
 ]

@@ -50,23 +50,10 @@ DIFFERENCES: dict[str, str] = {
     ),
 }
 
-_HOL = (
-    "engine (branch i19-engine): a fast task waits behind a slow one on the same worker, so "
-    "generator_unordered does not return the fast results first"
-)
-_NESTED_LOKY = (
-    "engine (branch i19-engine): loky started inside a shoal worker leaves its workers, which keep "
-    "the shoal worker alive 300 s after its task, so the Parallel call does not return"
-)
 #: Cases that fail for shoal engine bugs fixed on another branch: strict
 #: xfails (check them after the merge).  A timeout, in seconds, bounds a case
 #: that would otherwise wait for the bug (it passes in a few seconds).
-ENGINE_BUGS: dict[str, tuple[str, float | None]] = {
-    "test_parallel_unordered_generator_returns_fastest_first[shoal-2]": (_HOL, 10),
-    "test_parallel_unordered_generator_returns_fastest_first[shoal-4]": (_HOL, 10),
-    "test_nested_loop[shoal-loky]": (_NESTED_LOKY, 15),
-    "test_nested_loop[shoal-back_compat_backend]": (_NESTED_LOKY, 15),
-}
+ENGINE_BUGS: dict[str, tuple[str, float | None]] = {}
 
 #: The whole child run, in seconds (it takes about 100 s).
 RUN_TIMEOUT = 900

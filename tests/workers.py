@@ -707,3 +707,100 @@ def joblib_in_this_process(n_jobs, options):
         except Exception as exc:
             return "error", f"{type(exc).__name__}: {exc}", []
     return set(pids), os.getpid(), [str(w.message) for w in caught]
+
+
+def mark_or_block(item):
+    """``item`` is ``(x, folder)``.  Task 0 writes its pid to ``folder/blocker``
+    and waits for ``folder/release`` (at most 120 s); the others take 5 ms.
+    Each then creates ``folder/done-x`` exclusively, so a task run twice
+    fails with FileExistsError instead of passing unseen."""
+    x, folder = item
+    if x == 0:
+        with open(os.path.join(folder, "blocker.tmp"), "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(os.path.join(folder, "blocker.tmp"), os.path.join(folder, "blocker"))
+        release = os.path.join(folder, "release")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    else:
+        time.sleep(0.005)
+    os.close(os.open(os.path.join(folder, f"done-{x}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    return x
+
+
+def mark_after(item):
+    """``item`` is ``(x, folder, seconds)``: sleep, then create
+    ``folder/done-x`` exclusively (a task run twice fails) and return x."""
+    x, folder, seconds = item
+    time.sleep(seconds)
+    os.close(os.open(os.path.join(folder, f"done-{x}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    return x
+
+
+def _descendant_pids():
+    import psutil
+
+    return [p.pid for p in psutil.Process().children(recursive=True)]
+
+
+def leave_child(seconds=60):
+    """Start a plain, non-daemon multiprocessing.Process that sleeps for
+    *seconds* and return without waiting for it: the pids left running."""
+    import multiprocessing
+
+    child = multiprocessing.Process(target=time.sleep, args=(seconds,))
+    child.start()
+    return _descendant_pids()
+
+
+def nested_joblib(n=4):
+    """Run joblib's default (loky) backend with two workers inside the task,
+    which keeps its workers for reuse: ``(result, pids left running)``."""
+    import joblib
+
+    total = sum(joblib.Parallel(n_jobs=2, backend="loky")(joblib.delayed(abs)(-i) for i in range(n)))
+    return total, _descendant_pids()
+
+
+def leave_child_then(path, then="die"):
+    """Start a child that sleeps 60 s, write its pid to *path*, then die
+    (SIGKILL) or sleep for an hour."""
+    import multiprocessing
+
+    child = multiprocessing.Process(target=time.sleep, args=(60,))
+    child.start()
+    with open(path + ".tmp", "w") as f:
+        f.write(str(child.pid))
+    os.rename(path + ".tmp", path)
+    if then == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(3600)
+
+
+def pool_in_task(face, options=None):
+    """Run ``square`` over range(6) on a shoal pool made inside this task:
+    ``("ok", results)``, or ``(where, type name, message)`` of the error
+    and where it was raised ("construction" or "use")."""
+    import shoal
+
+    options = options or {}
+    try:
+        if face == "pool":
+            pool = shoal.Pool(2, **options)
+        elif face == "executor":
+            pool = shoal.ProcessPoolExecutor(2, **options)
+        else:
+            import joblib
+
+            import shoal.joblib  # registers the backend
+
+            with joblib.parallel_config(backend="shoal", n_jobs=2, **options):
+                return "ok", joblib.Parallel()(joblib.delayed(square)(i) for i in range(6))
+    except BaseException as exc:  # reported to the test
+        return "construction", type(exc).__name__, str(exc)
+    try:
+        with pool:
+            return "ok", list(pool.map(square, range(6)))
+    except BaseException as exc:  # reported to the test
+        return "use", type(exc).__name__, str(exc)

@@ -245,6 +245,7 @@ class _IMapState:
         self.unordered: deque[tuple[bool, Any]] = deque()
         self.next_index = 0
         self.submitted = 0  # chunks submitted
+        self.finished = 0  # chunks whose outcome arrived
         self.consumed = 0  # chunks consumed by the iterator
         self.total: int | None = None  # chunks in all, once the input is exhausted
         self.input_error: BaseException | None = None
@@ -262,6 +263,7 @@ class _IMapState:
             self.results[task.index] = (ok, value)
         else:
             self.unordered.append((ok, value))
+        self.finished += 1
 
 
 class IMapIterator:
@@ -444,7 +446,7 @@ def _feed(
             limit = _limit(engine, bound, fn, chunksize)
             with cond:
                 while (
-                    state.submitted - state.consumed >= limit
+                    (room := _room(state, limit, bound is None)) <= 0
                     and not state.abandoned
                     and engine.state != "terminated"
                 ):
@@ -459,7 +461,6 @@ def _feed(
             if stop_at_close and engine.state == "closed":
                 state.unread = iterator
                 break
-            room = limit - (state.submitted - state.consumed)
             tasks = []
             try:
                 for _ in range(max(1, min(room, 256))):
@@ -500,6 +501,29 @@ def _feed(
             state.total = state.submitted
             cond.notify_all()
         engine.feeder_finished()
+
+
+#: How many results an ordered imap (default window) may hold behind a
+#: result still being computed: the tasks after a long one go on running on
+#: the other workers, as far as this.
+STUCK_AHEAD = 1024
+
+
+def _room(state: _IMapState, limit: int, default_window: bool) -> int:
+    """How many more tasks the feeder may submit now.
+
+    At most *limit* submitted and not yet consumed.  With the default window,
+    an ordered imap whose next result is still being computed may go further,
+    so that a long task does not leave the other workers idle: *limit* tasks
+    unfinished, and at most STUCK_AHEAD results waiting behind the long one
+    (the caller cannot consume them yet).  A window the caller chose
+    (``buffersize``) is kept exactly.
+    """
+    ahead = state.submitted - state.consumed
+    room = limit - ahead
+    if room > 0 or not default_window or not state.ordered or state.next_index in state.results:
+        return room
+    return min(limit - (state.submitted - state.finished), max(limit, STUCK_AHEAD) - ahead)
 
 
 def _limit(engine: Any, bound: int | None, fn: Callable[..., Any], chunksize: int | None) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 
 from ._asyncresult import Future, IMapIterator, submit_future
 from ._backends import make_engine
-from ._engine import NO_SHARED, STARMAP, PoolStatistics, WorkerProcess
+from ._engine import NO_SHARED, STARMAP, PoolStatistics, WorkerProcess, recycling_context
 from ._engine import check_int as _check_int
 from ._engine import check_timeout as _check_timeout
 
@@ -91,7 +91,9 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
                 # As the standard library (3.11+): recycled workers start with
                 # spawn unless a context is given.  (An explicit fork context
                 # works here, where the standard library refuses it.)
-                mp_context = multiprocessing.get_context("spawn")
+                # (fork in a process whose default start method is another
+                # library's, where spawn cannot start processes)
+                mp_context = recycling_context()
         self._engine = make_engine(
             backend,
             address,

@@ -252,9 +252,12 @@ class Pool:
 
         At most *buffersize* tasks (default: enough to keep every worker
         busy) are submitted and not yet consumed, so an endless generator
-        works and memory stays flat.  *progress*: ``True`` or a dict of tqdm
-        options for a progress bar.  Ctrl-C while waiting for a result stops
-        the iterator's running chunks at once.
+        works and memory stays flat.  With the default, while the next
+        result in order is still running, up to 1024 later results may wait
+        for it, so one long task does not leave the other workers idle.
+        *progress*: ``True`` or a dict of tqdm options for a progress bar.
+        Ctrl-C while waiting for a result stops the iterator's running
+        chunks at once.
         """
         return self._imap(func, iterable, chunksize, True, task_timeout, progress, buffersize)
 

@@ -17,6 +17,7 @@ from ._engine import _check_int as check_int
 from ._engine import _check_timeout as check_timeout
 from ._engine import at_exit_all as at_exit_all
 from ._engine import mp_context as mp_context
+from ._engine import recycling_context as recycling_context
 from ._local import NO_SHARED as NO_SHARED
 from ._local import set_thread_shared as set_thread_shared
 from ._local import shared as shared
@@ -49,6 +50,7 @@ __all__ = (
     "check_timeout",
     "engine_descriptors",
     "mp_context",
+    "recycling_context",
     "set_pdeathsig",
     "set_thread_shared",
     "shared",

@@ -6,11 +6,15 @@ Data flow::
     --------------            ----------------                     -------
     submit(): pickle args ─┐
       (errors raise here)  │  pending (deque of Task)
-      append, wake if      └──────────► dispatch: a batch to each     run tasks,
-      the scheduler sleeps              worker holding < 2 batches ─► write status
-                                        (non-blocking writes)         block, send
-                             select() on: worker sockets,             results
-                               worker sentinels, wake-up pipe  ◄────  (batched)
+      append, wake if      └──────────► dispatch: a batch to each     claim each task
+      the scheduler sleeps              worker holding < 2 batches ─► (status gate),
+                                        (non-blocking writes)         run it, send
+                             balance: a worker idle, another          results
+                               stalled on a long task: recall ─ ─ ►   (batched);
+                               what it has not started (gate),        skip what
+                               dispatch it again                      was recalled
+                             select() on: worker sockets,
+                               worker sentinels, wake-up pipe  ◄────
                              results → sink.deliver() ────────► result objects
                                                                 (AsyncResult,
                              sentinel → reap: the task that was   Future, map/imap)
@@ -29,8 +33,21 @@ reading can never wedge the scheduler.
 Batching: the scheduler keeps an estimate of the task duration (an EWMA of
 what workers report) and sends each worker about BATCH_SECONDS of work per
 message, never more than a fair share of what is pending, and lets a worker
-hold at most two batches, so an idle worker always pulls the next one and a
-slow task strands at most one batch behind it.  A lone task goes at once.
+hold at most two batches, so an idle worker always pulls the next one.  A
+lone task goes at once.
+
+No head-of-line blocking: a task never waits behind a long one while
+another worker is idle.  A worker whose task has run STALLED_AFTER (10 ms)
+is *stalled*: it gets no second batch, and once another worker is idle the
+tasks it holds but has not started are recalled and dispatched again
+(``Scheduler.balance``).  The worker claims each task, before it starts it,
+with a compare-and-exchange on a *gate* word of its status slot; the
+scheduler recalls with another on the same word, so each task is either
+started there or recalled, never both, and the worker skips recalled tasks
+when it reaches them (``_worker.GATE``).  Measured before dispatch time
+cannot tell a long task from a short one (one call of a function may take
+seconds where the others take microseconds), so the recall, not a guess,
+is what keeps the others moving.
 
 Per-task cost: a trivial task costs the parent about a microsecond, so the
 submit path does as little as it can.  A call whose arguments are all plain
@@ -45,8 +62,9 @@ per task (the wake-up protocol of Scheduler.run).
 
 Crash attribution: each worker writes the id of the task it is running (and
 when it started, and the last task it finished) into its slot of a shared
-*status block* before running it.  When a worker's sentinel fires the
-scheduler drains its socket, then reads the slot: the running task fails
+*status block* before running it.  When a worker exits (its pidfd fires:
+not ``multiprocessing``'s sentinel, whose pipe a grandchild started by fork
+may hold open) the scheduler drains its socket, then reads the slot: the running task fails
 (WorkerDiedError, or TaskTimeoutError / CancelledError when the scheduler
 killed it on purpose); tasks the worker never started go to other workers;
 tasks it finished whose results were still inside it run again (results are
@@ -57,12 +75,23 @@ descriptors of every engine in this process that it inherited.
 
 Shutdown: close() lets pending work finish, then the scheduler sends STOP to
 each worker and exits when all have exited; terminate() fails what is
-unfinished, sends SIGTERM, then SIGKILL after TERMINATE_GRACE seconds.  When
+unfinished, sends SIGTERM, then SIGKILL after TERMINATE_GRACE seconds.
+Processes a task started and left running (a ``multiprocessing.Process``,
+a nested joblib's loky workers) end with their worker, so that none keeps
+the pool waiting or outlives it: a worker ending normally ends its
+descendants after ``worker_exit`` (SIGTERM, then SIGKILL after the grace),
+terminate() signals each worker's descendants with it, and a worker killed
+for a time limit or a cancellation takes them along (see ``_procs``).  When
 the scheduler ends, the callback thread ends once its queue is empty, and
 join() waits for both and for the imap feeders: after it no shoal thread
 and no worker of this pool remains.  The callback thread lets go of each
 callback as soon as it ran (a future it held would keep its traceback's
 frames, and so perhaps a dropped pool, alive).
+
+Contexts: the scheduler drives the standard library's processes only
+(``drivable_context``): another library's context (loky's, the default in
+its workers) becomes fork, and a daemonic process refuses at once to start
+a pool (``_check_may_have_children``).
 
 Start failures: if the first workers or the scheduler thread cannot start
 (Python refuses new threads and fork while the interpreter shuts down), the
@@ -102,6 +131,7 @@ Where each part lives (one responsibility per module):
 - ``_tasks.py``: the records (Task, Worker, WorkerProcess) and the
   :class:`~._tasks.ResultSink` protocol that result objects implement;
 - ``_callbacks.py``: the callback thread;
+- ``_procs.py``: a worker's descendants, found and ended by pidfd;
 - ``_worker.py``: the loop a worker process runs; ``_local.py``: what a task
   sees of its worker.
 """
@@ -250,6 +280,7 @@ class Engine:
             context = mp_context(context)
         else:
             context = getattr(context, "_ctx", context)  # a shoal.Context
+        context = drivable_context(context)
         self._ctx = context
         self._processes = processes
         self.task_timeout = task_timeout
@@ -352,6 +383,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         what = "its first worker process"
         try:
+            _check_may_have_children()
             for _ in range(processes):
                 self._scheduler.start_worker()
             what = "its scheduler thread"
@@ -876,6 +908,82 @@ def _check_int(name: str, value, what: str = "an int") -> None:
     """TypeError naming *name* unless *value* is an int (bool is not)."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r:.40}")
+
+
+#: The standard library's contexts: the only ones whose processes the
+#: scheduler drives (``sentinel``, ``join``, ``close``, ``kill``, fork's and
+#: spawn's ``Popen``).
+_STDLIB_CONTEXTS = (
+    multiprocessing.context.ForkContext,
+    multiprocessing.context.SpawnContext,
+    multiprocessing.context.ForkServerContext,
+)
+
+
+_STDLIB_METHODS = ("fork", "spawn", "forkserver")
+
+
+def _foreign_default() -> str | None:
+    """This process's default start method when another library set one of
+    its own (loky sets ``"loky"`` in its workers), else None."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    return method if method is not None and method not in _STDLIB_METHODS else None
+
+
+def drivable_context(context):
+    """The standard library's context that starts this pool's workers.
+
+    Another library may install a context of its own as the default: loky
+    does in its workers (start method ``"loky"``), whose ``Popen`` has
+    neither ``close()`` nor ``kill()``.  shoal drives only the standard
+    library's process machinery: it takes the standard library's context of
+    the same start method, and ``fork`` for a start method of another
+    library.  Not ``spawn`` or ``forkserver``: in a process whose default
+    start method is another library's, the standard library passes that
+    method to every process it starts that way, and the new process, which
+    has not imported that library, fails to start.  So an explicit spawn or
+    forkserver context there raises ValueError saying so.
+    """
+    if not isinstance(context, _STDLIB_CONTEXTS):
+        try:
+            context.get_start_method()
+        except Exception:  # noqa: BLE001 - not a context at all: say so
+            raise TypeError(
+                f"context must be a multiprocessing context or a start method name, got "
+                f"{type(context).__name__} {context!r:.60}"
+            ) from None
+        return multiprocessing.context._concrete_contexts["fork"]  # type: ignore[attr-defined]  # not in typeshed
+    foreign = _foreign_default()
+    if foreign is not None and context.get_start_method() != "fork":
+        raise ValueError(
+            f"workers cannot start with {context.get_start_method()!r} in this process: its default start "
+            f"method is {foreign!r} (another library's: loky sets 'loky' in its workers), which the standard "
+            "library passes to every process it starts with spawn or forkserver, and which such a process "
+            "cannot use. Use context='fork', or no context, here"
+        )
+    return context
+
+
+def recycling_context():
+    """The context of an executor whose workers are recycled
+    (``max_tasks_per_child``) when none is given: ``spawn``, as the standard
+    library (3.11+) chooses, or ``fork`` where spawn cannot start processes
+    (see :func:`drivable_context`)."""
+    return mp_context("fork" if _foreign_default() is not None else "spawn")
+
+
+def _check_may_have_children() -> None:
+    """A daemonic process (a task of the standard library's Pool, a
+    ``Process(daemon=True)``) cannot start processes: say so before the
+    first worker fails to start, and say what to do."""
+    if multiprocessing.current_process().daemon:
+        raise AssertionError(
+            "daemonic processes are not allowed to have children: this code runs in a daemonic process "
+            f"({multiprocessing.current_process().name}; a task of multiprocessing.Pool, or a Process "
+            "started with daemon=True), which cannot start the pool's worker processes. Do the work "
+            "in this process, or run the outer work on shoal.Pool, shoal.ProcessPoolExecutor or "
+            "concurrent.futures.ProcessPoolExecutor, whose workers may start processes"
+        )
 
 
 def mp_context(method: str):

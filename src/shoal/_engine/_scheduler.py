@@ -4,20 +4,24 @@ One :class:`Scheduler` per local engine, driven by the engine's scheduler
 thread (``Engine._run``), as the executor-manager thread of CPython's
 ``concurrent.futures.process`` drives its workers.  Each turn of
 :meth:`Scheduler.run` waits in ``select()`` on the worker sockets, their
-sentinels and the wake-up pipe, then takes its steps, each a method:
+pidfds and the wake-up pipe, then takes its steps, each a method:
 
 - :meth:`~Scheduler.read_results`: a worker's messages (results, ready,
   retiring, its ``worker_exit`` value) -> ``sink.deliver()``;
-- :meth:`~Scheduler.reap`: a worker's sentinel fired: drain its socket,
-  attribute the tasks it held (:func:`._crash.attribute_crash`), start a
-  replacement;
+- :meth:`~Scheduler.reap`: a worker exited (its pidfd, else its sentinel,
+  fired): drain its socket, attribute the tasks it held
+  (:func:`._crash.attribute_crash`), start a replacement;
 - the callers' control requests (``Engine._handle_control``: cancel,
   interrupt, ...), then :meth:`~Scheduler.cancel` / :meth:`~Scheduler.interrupt`;
 - :meth:`~Scheduler.dispatch`: batches from the pending queue to workers with
-  room;
+  room (not to a worker stalled on a long task);
+- :meth:`~Scheduler.balance`: when a worker is idle, recall the tasks a
+  stalled worker holds but has not started (:meth:`~Scheduler.recall`) and
+  dispatch them again;
 - :meth:`~Scheduler.check_time_limits`: kill a worker whose task ran past its
   limit or was cancelled;
-- :meth:`~Scheduler.stop` (terminate) or, once closed and idle, STOP to each
+- :meth:`~Scheduler.stop` (terminate: the workers and what their tasks left
+  running, see :mod:`._procs`) or, once closed and idle, STOP to each
   worker.
 
 Ownership: this thread alone reads and writes worker channels, starts
@@ -41,11 +45,12 @@ import threading
 import time
 import weakref
 from collections import deque
+from multiprocessing.connection import wait as wait_for
 from typing import TYPE_CHECKING, Any
 
 from .._fd import collecting_fds, create_fd
 from .._ipc import Channel
-from .._native import batch_columns, deliver_plain, drop_skipped
+from .._native import batch_columns, compare_exchange, deliver_plain, drop_skipped, load, store
 from .._serialization import loads_with, pickle_code, starting_process, unpack_exception
 from ..exceptions import (
     PoolClosedError,
@@ -56,8 +61,9 @@ from ..exceptions import (
 )
 from . import _worker
 from ._crash import ALREADY_FAILED, Fate, attribute_crash
+from ._procs import GRACE, Tree, open_pidfd
 from ._tasks import Task, Worker
-from ._worker import STATUS, STATUS_SLOT, WorkerConfig
+from ._worker import GATE, GATE_MASK, GATE_MAX_RECALL, GATE_SHIFT, STATUS, STATUS_SLOT, WorkerConfig
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -72,12 +78,21 @@ CREDIT = 2
 #: Functions a worker keeps unpickled; older ones are forgotten.
 FN_CACHE = 128
 #: Seconds between SIGTERM and SIGKILL in terminate().
-TERMINATE_GRACE = 1.0
+TERMINATE_GRACE = GRACE
 #: Workers that die before becoming ready this many times in a row mean the
 #: pool cannot start (a broken __main__, an import error under spawn).
 MAX_START_FAILURES = 3
 #: How often time limits are checked while a timed task runs.
 TIMEOUT_TICK = 0.02
+#: A worker whose task has run this long is *stalled*: it gets no second
+#: batch, and the tasks it holds but has not started are recalled as soon
+#: as another worker has nothing to do (Scheduler.balance).  Long enough
+#: that batches of short tasks never count (a batch's tasks each take
+#: microseconds), short against any task worth waiting behind.
+STALLED_AFTER = 0.01
+#: How often stalls are looked for while a worker is idle and another holds
+#: tasks it has not started.
+STALL_TICK = 0.005
 
 #: The engine's states (``Engine.state``).
 _RUN, _CLOSE, _TERMINATE, _BROKEN = "running", "closed", "terminated", "broken"
@@ -183,12 +198,14 @@ class Scheduler:
         self._crashed: set[int] = set()
         self._timed = 0  # tasks with a time limit held by workers
         self._doomed = 0  # cancelled tasks held by workers, to kill when they start
+        self._watch_stalls = False  # a worker is idle while others hold tasks (see balance)
         self._start_failures = 0
         # counters (read by Engine.statistics)
         self.completed = 0
         self.failed = 0
         self.cancelled = 0
         self.started = 0
+        self.recalled = 0
         self.replaced: dict[str, int] = {}
 
         # Status block: one cache line per worker slot (replacements reuse
@@ -218,6 +235,7 @@ class Scheduler:
     def start_worker(self) -> Worker:
         slot = self._free_slots.pop()
         STATUS.pack_into(self._status, slot * STATUS_SLOT, 0, 0.0, 0)
+        store(self._status, slot * STATUS_SLOT + GATE, 0)
         parent_ch, child_ch = Channel.pair()
         # PR_SET_PDEATHSIG fires when the *thread* that started the worker
         # exits, so ask for it only from threads that live as long as the
@@ -268,7 +286,7 @@ class Scheduler:
             self._free_slots.append(slot)
             raise
         child_ch.close()
-        worker = Worker(proc, parent_ch, slot)
+        worker = Worker(proc, parent_ch, slot, open_pidfd(proc.pid))
         try:
             parent_ch.sock.setblocking(False)
             parent_ch.queue(config_bytes, fds)
@@ -283,6 +301,7 @@ class Scheduler:
             proc.kill()
             proc.join()
             parent_ch.close()
+            _close_pidfd(worker)
             self._free_slots.append(slot)
             raise
         self._workers[slot] = worker
@@ -299,6 +318,8 @@ class Scheduler:
             pass
         for w in list(self._workers.values()):
             fds.append(w.channel.fileno())
+            if w.pidfd is not None:
+                fds.append(w.pidfd)
         # Not a scan of the queue: with a long queue and maxtasksperchild=1
         # that would cost O(queue) per worker started.
         fds.extend(list(self._task_fds))
@@ -313,6 +334,7 @@ class Scheduler:
             except Exception:  # noqa: BLE001
                 pass
             w.channel.close()
+            _close_pidfd(w)
         self._workers.clear()
         self.close_resources()
 
@@ -365,6 +387,8 @@ class Scheduler:
             # one made after finds _sleeping set and writes.  No wake-up is
             # lost, and we never spin on work that waits for a free worker.
             timeout = TIMEOUT_TICK if self._timed or self._doomed else None
+            if self._watch_stalls:
+                timeout = STALL_TICK
             self._sleeping = True
             if self._dirty:
                 timeout = 0
@@ -398,6 +422,8 @@ class Scheduler:
                 return
             if self._pending:
                 self.dispatch()
+            # (with tasks still queued, an idle worker got some at dispatch)
+            self._watch_stalls = not self._pending and self.balance()
             if self._timed or self._doomed:
                 self.check_time_limits()
             if (
@@ -425,7 +451,12 @@ class Scheduler:
         first, and the starting point rotates so no worker is favoured.
         """
         pending = self._pending
-        workers = [w for w in self._workers.values() if w.accepting and len(w.batches) < CREDIT]
+        now = time.monotonic()
+        workers = [
+            w
+            for w in self._workers.values()
+            if w.accepting and len(w.batches) < CREDIT and not (w.batches and self._stalled(w, now))
+        ]
         if not workers:
             return
         workers.sort(key=lambda w: len(w.batches))
@@ -447,7 +478,7 @@ class Scheduler:
                 fair = -(-len(pending) // len(workers))
                 take = min(size, fair)
                 if maxtasks:
-                    take = min(take, maxtasks - w.sent)
+                    take = min(take, maxtasks - (w.sent - w.recalled))
                 batch: list[Task] = []
                 while pending and len(batch) < take:
                     more = [popleft() for _ in range(min(take - len(batch), len(pending)))]
@@ -459,10 +490,90 @@ class Scheduler:
                 if batch:
                     self._send_batch(w, batch)
                     progressed = True
-                if len(w.batches) >= CREDIT or (maxtasks and w.sent >= maxtasks):
+                if len(w.batches) >= CREDIT or (maxtasks and w.sent - w.recalled >= maxtasks):
                     workers.remove(w)
             if not progressed:
                 break
+
+    # -- head-of-line blocking ----------------------------------------------
+    def _stalled(self, w: Worker, now: float) -> bool:
+        """True when *w* has been running one task for STALLED_AFTER or more."""
+        tid, started, _last = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
+        return tid != 0 and started != 0.0 and now - started >= STALLED_AFTER
+
+    def balance(self) -> bool:
+        """No task waits behind a long one while a worker is idle.
+
+        A worker may hold a batch it has not started behind the one it
+        runs, and one task of a batch may run far longer than the others.
+        When a worker is idle (ready, nothing held, nothing queued for it)
+        and another is stalled (its task has run STALLED_AFTER or more),
+        the stalled worker's tasks not yet started are recalled and
+        dispatched again.  Returns whether to look again in STALL_TICK (a
+        worker is idle while another holds tasks that may stall).
+        """
+        idle = held = False
+        for w in self._workers.values():
+            if not w.inflight:
+                if w.ready and w.accepting:
+                    idle = True
+            elif len(w.inflight) > 1:
+                held = True
+        if not (idle and held) or self.engine._state == _TERMINATE:
+            return False
+        now = time.monotonic()
+        recalled = 0
+        for w in list(self._workers.values()):
+            if len(w.inflight) > 1 and w.kill_reason is None and self._stalled(w, now):
+                recalled += self.recall(w)
+        if recalled:
+            self.dispatch()
+        return True
+
+    def recall(self, w: Worker) -> int:
+        """Take back the tasks *w* holds but has not started, and queue them
+        first; return how many.
+
+        Through the gate of *w*'s status slot (see ``_worker.GATE``): one
+        compare-and-exchange settles, for each task, whether the worker
+        started it (it stays) or not (it is the worker's no more: the worker
+        skips it, unseen, when it gets there).  Nothing runs twice and
+        nothing is lost; crash attribution sees only what stays.
+        """
+        status = self._status
+        offset = w.slot * STATUS_SLOT + GATE
+        gate = load(status, offset)
+        while True:
+            consumed = gate & GATE_MASK
+            skipping = gate >> GATE_SHIFT
+            n = w.sent - consumed - skipping  # neither started nor recalled yet
+            if n <= 0 or n > len(w.inflight) or skipping + n > GATE_MAX_RECALL:
+                return 0
+            found = compare_exchange(status, offset, gate, consumed | ((skipping + n) << GATE_SHIFT))
+            if found == gate:
+                break
+            gate = found  # the worker started one meanwhile
+        # The worker runs its tasks in the order it got them: those not
+        # started are the last n it holds, and the last n results it owes.
+        inflight = w.inflight
+        tasks = [inflight.pop() for _ in range(n)]
+        tasks.reverse()
+        w.recalled += n
+        self.recalled += n
+        batches = w.batches
+        left = n
+        while left and batches:
+            if batches[-1] > left:
+                batches[-1] -= left
+                break
+            left -= batches.pop()
+        requeue = []
+        for task in tasks:
+            self._leaving(task)
+            if task.kill_reason not in ALREADY_FAILED:  # else its caller has its error already
+                requeue.append(task)
+        self._pending.extendleft(reversed(requeue))
+        return n
 
     def _send_batch(self, w: Worker, batch: list[Task]) -> None:
         # The batch travels as parallel lists, one per field (the wire
@@ -734,10 +845,15 @@ class Scheduler:
             return
         if w.kill_reason is None:
             w.kill_reason = reason
+        # The processes the task started go with it (found before the
+        # worker dies: then the system adopts them).
+        tree = Tree(w.pid)
         try:
             os.kill(w.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        tree.send_signal(signal.SIGKILL)
+        tree.close()
 
     # -- worker exit -------------------------------------------------------
     def reap(self, w: Worker) -> None:
@@ -749,7 +865,7 @@ class Scheduler:
                     self._on_message(w, payload, fds)
                 if eof or not frames:
                     break
-        w.proc.join(1)
+        _join_exited(w, self._ctx)
         exitcode = w.proc.exitcode
         running, _started, last_done = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
         for fileobj in (w.sentinel, w.channel.fileno()):
@@ -758,6 +874,7 @@ class Scheduler:
             except (KeyError, ValueError):
                 pass
         w.channel.close()
+        _close_pidfd(w)
         del self._workers[w.slot]
         self._free_slots.append(w.slot)
         try:
@@ -872,24 +989,69 @@ class Scheduler:
         self.kill_workers(graceful=not self.engine._kill_on_terminate)
 
     def kill_workers(self, graceful: bool) -> None:
+        """Stop every worker and the processes its tasks left running:
+        SIGTERM (SIGKILL unless *graceful*), SIGKILL after TERMINATE_GRACE
+        seconds; return once they have all exited (see _procs)."""
         workers = list(self._workers.values())
-        for w in workers:
+        # Found before any signal: once a worker is dead, the system adopts its children.
+        trees = [Tree(w.pid) for w in workers]
+        signum = signal.SIGTERM if graceful else signal.SIGKILL
+        for w, tree in zip(workers, trees, strict=True):
             try:
-                os.kill(w.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+                os.kill(w.pid, signum)
             except ProcessLookupError:
                 pass
+            tree.send_signal(signum)
         deadline = time.monotonic() + TERMINATE_GRACE
         for w in workers:
-            w.proc.join(max(0.0, deadline - time.monotonic()))
-            if w.proc.exitcode is None:
+            if not _wait_exited(w, max(0.0, deadline - time.monotonic())):
                 try:
                     os.kill(w.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                w.proc.join()
+        for tree in trees:
+            if not tree.wait(max(0.0, deadline - time.monotonic())):
+                tree.send_signal(signal.SIGKILL)
+        for w in workers:
+            _wait_exited(w, None)
+            _join_exited(w, self._ctx)
             w.channel.close()
+            _close_pidfd(w)
             try:
                 w.proc.close()
             except ValueError:
                 pass
+        for tree in trees:
+            tree.wait(TERMINATE_GRACE)  # SIGKILLed: at once, unless in the kernel's hands
+            tree.close()
         self._workers.clear()
+
+
+def _wait_exited(w: Worker, timeout: float | None) -> bool:
+    """Wait up to *timeout* seconds (None: no limit) for worker *w* to exit;
+    whether it has.  Its pidfd says so whoever holds its sentinel's pipe."""
+    if w.pidfd is None:
+        w.proc.join(timeout)
+        return w.proc.exitcode is not None
+    return bool(wait_for([w.pidfd], timeout))
+
+
+def _join_exited(w: Worker, ctx: Any) -> None:
+    """Collect the exit status of worker *w*, which has exited (its pidfd
+    fired).  multiprocessing's join(timeout) first waits for the sentinel,
+    which a grandchild may hold open for ever; a process started by fork or
+    spawn is our child, and waiting for it without a timeout takes its
+    status at once.  A forkserver's child is reported by the forkserver."""
+    if w.pidfd is not None and ctx.get_start_method() != "forkserver":
+        w.proc.join()
+    else:
+        w.proc.join(1)
+
+
+def _close_pidfd(w: Worker) -> None:
+    if w.pidfd is not None:
+        try:
+            os.close(w.pidfd)
+        except OSError:
+            pass
+        w.pidfd = None

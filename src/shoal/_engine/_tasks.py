@@ -81,7 +81,11 @@ class Worker:
     proc: Any
     channel: Any
     slot: int
+    #: a pidfd of the process (see _procs), or None where the system has none
+    pidfd: int | None = None
     pid: int = field(init=False)
+    #: readable once the process has exited: the pidfd, else multiprocessing's
+    #: sentinel (which a grandchild holding its pipe keeps from firing)
     sentinel: int = field(init=False)
     #: tasks sent and not yet answered, in the order the worker runs them
     inflight: deque[Task] = field(default_factory=deque)
@@ -92,13 +96,16 @@ class Worker:
     ready: bool = False
     eof: bool = False
     writing: bool = False
+    #: tasks sent so far: the worker's stream position (see _worker.GATE)
     sent: int = 0
+    #: of those, how many were recalled and given to other workers
+    recalled: int = 0
     retire_reason: str | None = None
     kill_reason: str | None = None
 
     def __post_init__(self) -> None:
         self.pid = self.proc.pid
-        self.sentinel = self.proc.sentinel
+        self.sentinel = self.pidfd if self.pidfd is not None else self.proc.sentinel
 
     @property
     def accepting(self) -> bool:

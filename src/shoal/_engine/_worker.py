@@ -11,8 +11,10 @@ was running and since when::
     _Hello(config, status fd,    ──────►   shared object installed (see _local)
       shared object's buffers)             initializer(*initargs), worker_init()
                                  ◄──────   READY | INIT_FAILED(exception)
-    batch: columns ids, fn ids,  ─────►   status.running = tid, started = now
-      modes, payloads, nfds                value = fn(*args)
+    batch: columns ids, fn ids,  ─────►   claim the task (status.gate; a task
+      modes, payloads, nfds                the parent recalled is skipped)
+                                           status.running = tid, started = now
+                                           value = fn(*args)
                                            status.last_done = tid, running = 0
                                  ◄──────   results: columns kinds, values,
                                            nfds, and durations per function
@@ -40,12 +42,16 @@ A task leaves nothing behind: its function and arguments are dropped as soon
 as it returns and its result once pickled, before the results are sent, so
 finalizers run and memory returns right after each task.  A worker started
 by fork first closes what it inherited and is not its own: the descriptors
-of the parent's pools and the parent's forkserver "alive" pipe.
+of the parent's pools and the parent's forkserver "alive" pipe; and it
+forgets the parent's reusable loky executor (joblib's default backend),
+whose threads and workers stayed in the parent.
 
 The worker ignores SIGINT: Ctrl-C is the parent's to handle, and a worker
 printing a KeyboardInterrupt traceback for every task is noise.  It exits as
 soon as its parent goes away (end of stream on the channel; PR_SET_PDEATHSIG
-when the parent started it directly).
+when the parent started it directly).  As it ends it ends the processes its
+tasks started and left running (``_procs``): otherwise ``multiprocessing``
+would make it wait for each of them before it exits, and the pool with it.
 """
 
 from __future__ import annotations
@@ -58,14 +64,17 @@ import pickle
 import signal
 import struct
 import sys
+import threading
 import time
 from itertools import repeat
 from typing import Any
 
 from .._fd import WarmSegments, providing_fds, swap_sending
 from .._ipc import Channel
+from .._native import compare_exchange
 from .._serialization import dumps, loads_with, pack_exception
 from . import _local
+from ._procs import end_descendants
 
 # Message kinds, parent -> worker
 BATCH = 0
@@ -105,6 +114,22 @@ FLUSH_SECONDS = 0.001
 #: (time.monotonic), id of the last finished task.
 STATUS = struct.Struct("qdq")
 STATUS_SLOT = 64  # one cache line per worker, so workers do not false-share
+
+#: The *gate*, an int64 after STATUS in each slot, changed only by atomic
+#: compare-and-exchange: its low GATE_SHIFT bits count the tasks the worker
+#: has consumed from its stream (started, or skipped as recalled), its high
+#: bits how many of the following tasks the scheduler has recalled.  The
+#: worker claims each task before it starts it (consumed -> consumed + 1);
+#: the scheduler recalls the tasks not yet claimed by adding to the high
+#: bits.  Exactly one of the two exchanges succeeds, so a recalled task is
+#: never started here and a started one never recalled: the scheduler gives
+#: recalled tasks to another worker at once (see Scheduler.recall).
+GATE = STATUS.size
+GATE_SHIFT = 48
+GATE_MASK = (1 << GATE_SHIFT) - 1
+#: Most tasks one recall may cover (a worker never holds more than
+#: CREDIT * MAX_BATCH).
+GATE_MAX_RECALL = (1 << 15) - 1
 
 _PR_SET_PDEATHSIG = 1
 
@@ -178,12 +203,16 @@ def worker_main(
                 pass
     if inherited:
         _forget_parents_forkserver(inherited)
+        _forget_parents_executors()
     channel = Channel(sock)
     try:
         _serve(channel, shared, hooks)
     except (BrokenPipeError, ConnectionResetError, EOFError):
         pass  # the parent went away: nobody is waiting for our results
     finally:
+        # Processes our tasks started and left running end with us, or
+        # multiprocessing would make us wait for them as we exit (see _procs).
+        end_descendants()
         sys.stdout.flush()
         sys.stderr.flush()
 
@@ -200,6 +229,26 @@ def _forget_parents_forkserver(closed: tuple[int, ...]) -> None:
         server._forkserver_alive_fd = None  # type: ignore[attr-defined]
         server._forkserver_pid = None  # type: ignore[attr-defined]
         server._forkserver_address = None  # type: ignore[attr-defined]
+
+
+#: Modules that keep a process-wide reusable executor: loky's, and the copy
+#: joblib ships (its default backend).
+_REUSABLE_EXECUTORS = ("joblib.externals.loky.reusable_executor", "loky.reusable_executor")
+
+
+def _forget_parents_executors() -> None:
+    """After fork: the parent's reusable loky executor is not ours.  Its
+    threads and workers stayed in the parent, so a task that runs joblib's
+    default backend here would hand its calls to an executor nobody serves
+    and wait for ever; forgotten, joblib starts one of this worker's own
+    (which ends with the worker, see _procs).  Its lock may have been held
+    by a parent thread at the fork: a new one."""
+    for name in _REUSABLE_EXECUTORS:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "_executor", None) is not None:
+            module._executor = None  # type: ignore[attr-defined]  # private state of loky
+            module._executor_kwargs = None  # type: ignore[attr-defined]
+            module._executor_lock = threading.RLock()  # type: ignore[attr-defined]
 
 
 def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
@@ -260,8 +309,23 @@ def _run_worker_exit(channel: Channel, worker_exit) -> None:
         pass  # the parent went away: nobody collects it
 
 
+def _take_recall(status, gate: int, found: int) -> int:
+    """The scheduler recalled tasks (the gate's high bits, *found*): consume
+    them all at once; return how many to skip."""
+    while True:
+        skip = found >> GATE_SHIFT
+        now = compare_exchange(status, gate, found, (found & GATE_MASK) + skip)
+        if now == found:
+            return skip
+        found = now  # the scheduler recalled more meanwhile
+
+
 def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> None:
     pack_status = STATUS.pack_into
+    claim = compare_exchange
+    gate = offset + GATE
+    consumed = 0  # the gate's low bits: only this process changes them
+    skip = 0  # recalled tasks still to pass over, in this batch or the next
 
     functions: dict[int, Any] = {}
     # Warm shared memory that large results travel in, reused once the
@@ -309,6 +373,20 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> N
         ntasks = len(ids)
         brought = nfds if nfds is not None else repeat(0)  # None: no task brought descriptors
         for tid, fn_id, mode, data, nfd in zip(ids, fids, modes, datas, brought, strict=False):
+            if skip:
+                # Recalled: another worker runs it.  Its descriptors are
+                # closed with the message's.
+                skip -= 1
+                fd_pos += nfd
+                continue
+            found = claim(status, gate, consumed, consumed + 1)
+            if found != consumed:
+                skip = _take_recall(status, gate, found)
+                consumed += skip
+                skip -= 1
+                fd_pos += nfd
+                continue
+            consumed += 1
             started = perf()
             pack_status(status, offset, tid, monotonic(), done)
             items = 1
