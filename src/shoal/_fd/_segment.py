@@ -11,10 +11,49 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 
+from ..exceptions import CorruptDataError, corrupt_data
 from ._passing import collecting, reduce_fd
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - every Linux has both
+        return 1 << 40
+
+
+#: The largest size another process may announce for what it sends (a
+#: message, a frame, a shared-memory payload): this machine's physical
+#: memory.  A length field above it is refused before anything is allocated
+#: or read; no shoal peer can have written that much for us to read.
+MAX_PEER_SIZE = _physical_memory()
+
+
+def peer_size_error(size: int, what: str) -> CorruptDataError:
+    """The error for *what* (``"a message"``) announcing *size* bytes, more
+    than :data:`MAX_PEER_SIZE`: a corrupt length field."""
+    return corrupt_data(
+        f"{what} announces a size of {size} bytes ({size / 2**30:.1f} GiB), more than this machine's "
+        f"memory ({MAX_PEER_SIZE / 2**30:.1f} GiB), so nothing was allocated or read"
+    )
+
+
+def check_fd_holds(fd: int, end: int, what: str) -> None:
+    """Raise :class:`CorruptDataError` unless *fd* is a regular file (a
+    memfd) of at least *end* bytes: what *what* announced it holds.  One
+    ``fstat``: for paths where the read that follows costs far more."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise corrupt_data(f"{what} came with a descriptor that cannot be examined ({exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise corrupt_data(f"{what} came with a descriptor that is not shared memory (mode {st.st_mode:o})")
+    if st.st_size < end:
+        raise corrupt_data(f"{what} announces {end} bytes, but its shared memory holds only {st.st_size}")
 
 
 def create_fd(size: int, name: str = "shoal") -> int:
