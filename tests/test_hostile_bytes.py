@@ -1,0 +1,651 @@
+"""Hostile and corrupt bytes: every decoder of bytes that another process
+wrote, fed truncated, oversized, out-of-range and random input.
+
+What is fuzzed is shoal's own framing and layouts: the packet framing of
+pipes and queues (the kind byte, the 8-byte size of a memfd payload, the
+descriptors that come with it), the channel framing between the pool
+engine and its workers, a queue's ring in shared memory (positions,
+capacity, record lengths and kinds, counters), a live SharedDict's memory
+(header words, region geometry, index slots, entries, block lengths and
+offsets), the results messages of pool workers, an actor's requests and
+replies, and the layout of out-of-band buffers (segment size, spans).  For
+each the required outcome is the value, or a clear error --
+:class:`shoal.CorruptDataError` saying what was wrong, or the error the
+API already documents (``EOFError``, ``queue.Empty``, ``MessageTooLarge``
+past a limit) -- and never a crash, a hang, or an allocation the size of a
+corrupt length field.
+
+Pickled payloads are not fuzzed.  A pickle is code by design: whoever can
+put bytes on a shoal channel can run code in the reader, which is why only
+processes of the same user reach a shoal endpoint (``docs/security.md``).
+Where a decoder unpickles (a queue item, a dict value), the fuzz leaves the
+pickled bytes alone or lets the pickler's own error through as the
+documented ``SerializationError``.
+
+Each fuzz runs in a fresh interpreter (``helpers.run_code``), so that a
+regression (a segfault, SIGBUS) fails one test instead of killing the
+session.  There, every example runs under a watchdog (``faulthandler``: an
+example that hangs ends the interpreter with the stack that hung), with
+``tracemalloc`` measuring what it allocated, and must leave no descriptor
+open.  The child prints a summary (examples run, outcomes, seconds) that
+the test checks: each fuzz must have met both decoded input and the errors
+it is about, or it did not test what it says.  ``tools/sanitize`` runs this
+file again with the native code built under AddressSanitizer and UBSan.
+"""
+
+from __future__ import annotations
+
+import collections
+import faulthandler
+import gc
+import json
+import mmap
+import os
+import queue
+import socket
+import struct
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from helpers import open_fds, run_code
+
+TESTS = Path(__file__).resolve().parent
+
+#: Examples per fuzz (each runs in its own interpreter; see the summary).
+EXAMPLES = {
+    "packets": 400,
+    "channel": 400,
+    "ring": 300,
+    "out_of_band": 300,
+}
+
+#: No example may allocate more than this (tracemalloc's peak): a corrupt
+#: length must never become an allocation of that length.
+ALLOC_LIMIT = 96 << 20
+#: An example running longer than this is a hang (the child prints where).
+EXAMPLE_SECONDS = 30
+
+#: Sizes a corrupt length field takes: around every threshold of the
+#: layouts, the machine's memory, and the extremes.
+INTERESTING = (
+    0,
+    1,
+    7,
+    8,
+    9,
+    255,
+    4096,
+    65536,
+    65537,
+    64 << 20,
+    (64 << 20) + 1,
+    1 << 31,
+    1 << 32,
+    1 << 40,
+    1 << 47,
+    1 << 48,
+    (1 << 63) - 1,
+    1 << 63,
+    (1 << 64) - 1,
+)
+
+
+def fuzz_in_child(name: str, examples: int, timeout: float = 240) -> dict:
+    """Run ``fuzz_<name>(examples)`` of this module in a fresh interpreter
+    and return the summary it printed."""
+    out = run_code(
+        f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        import test_hostile_bytes
+        test_hostile_bytes.fuzz_{name}({examples})
+        """,
+        timeout=timeout,
+    )
+    summary = json.loads(out.strip().splitlines()[-1])
+    print(f"{name}: {summary}")  # shown with -s or on failure: the counts and how long it took
+    assert summary["examples"] >= examples, summary
+    return summary
+
+
+# -- the child's side ---------------------------------------------------------------
+
+
+def _check_message(exc: BaseException) -> None:
+    """An accepted error must say what happened."""
+    from shoal import CorruptDataError
+
+    if isinstance(exc, (queue.Empty, queue.Full)):
+        return  # the standard library's own, without a message
+    text = str(exc)
+    assert len(text) > 10, f"{type(exc).__name__} without a useful message: {text!r}"
+    if isinstance(exc, CorruptDataError):
+        assert "not shoal of this version" in text, text
+
+
+class Harness:
+    """Runs one example at a time under the rules of this module and counts
+    the outcomes."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.examples = 0  # Hypothesis examples
+        self.operations = 0  # decoder calls (several per example in some fuzzes)
+        self.started = time.monotonic()
+        self.peak = 0
+        faulthandler.enable()
+        tracemalloc.start()
+
+    def run(self, example, accepted: tuple[type[BaseException], ...], new_example: bool = True) -> object:
+        """Run *example*(); its outcome is what it returned ("decoded" if
+        None) or the name of the accepted exception it raised.
+        *new_example*: it is the first call of a Hypothesis example."""
+        before = open_fds()
+        faulthandler.dump_traceback_later(EXAMPLE_SECONDS, exit=True)
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        try:
+            try:
+                outcome = example() or "decoded"
+            except accepted as exc:
+                _check_message(exc)
+                outcome = type(exc).__name__
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        peak = tracemalloc.get_traced_memory()[1] - base
+        self.peak = max(self.peak, peak)
+        assert peak < ALLOC_LIMIT, f"an example allocated {peak} bytes"
+        left = open_fds() - before
+        if left:
+            gc.collect()  # a mapping dropped in a cycle holds its descriptor until collected
+            left = open_fds() - before
+        assert not left, f"descriptors left open: {left}"
+        self.examples += new_example
+        self.operations += 1
+        self.outcomes[outcome] += 1
+        return outcome
+
+    def report(self) -> None:
+        print(
+            json.dumps(
+                {
+                    "examples": self.examples,
+                    "operations": self.operations,
+                    "outcomes": dict(self.outcomes),
+                    "seconds": round(time.monotonic() - self.started, 2),
+                    "peak_bytes": self.peak,
+                }
+            )
+        )
+
+
+def _given(examples: int, *strategies):
+    """``@given`` with this module's settings, for a fuzz body run once."""
+    from hypothesis import HealthCheck, given, settings
+
+    def wrap(fn):
+        return settings(
+            max_examples=examples,
+            database=None,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )(given(*strategies)(fn))
+
+    return wrap
+
+
+def _sizes():
+    from hypothesis import strategies as st
+
+    from shoal._fd import MAX_PEER_SIZE
+
+    return st.one_of(
+        st.sampled_from((*INTERESTING, MAX_PEER_SIZE, MAX_PEER_SIZE + 1)),
+        st.integers(0, (1 << 64) - 1),
+        st.integers(0, 300_000),
+    )
+
+
+def _memfd(size: int, fill: bytes = b"\x00") -> int:
+    fd = os.memfd_create("fuzz", os.MFD_CLOEXEC)
+    if size:
+        os.pwrite(fd, fill * size, 0) if len(fill) == 1 and size <= 1 << 20 else os.ftruncate(fd, size)
+    return fd
+
+
+def _descriptor(what: str, size: int) -> list[int]:
+    """Descriptors to attach: what a peer might send instead of (or with)
+    the memfd of a large payload."""
+    if what == "none":
+        return []
+    if what == "memfd":
+        return [_memfd(8 + size)]
+    if what == "short memfd":
+        return [_memfd(8 + size // 2)]
+    if what == "sparse memfd":
+        fd = os.memfd_create("fuzz", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 8 + size)
+        return [fd]
+    if what == "read-only memfd":
+        fd = _memfd(8 + size)
+        ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        os.close(fd)
+        return [ro]
+    if what == "pipe":
+        r, w = os.pipe()
+        os.close(w)
+        return [r]
+    if what == "socket":
+        a, b = socket.socketpair()
+        b.close()
+        return [a.detach()]
+    if what == "two":
+        return [_memfd(8 + size), os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)]
+    raise AssertionError(what)
+
+
+DESCRIPTORS = ("none", "memfd", "short memfd", "sparse memfd", "read-only memfd", "pipe", "socket", "two")
+
+
+# -- packets: pipes and queues ------------------------------------------------------
+
+
+def fuzz_packets(examples: int) -> None:
+    from hypothesis import strategies as st
+
+    from shoal import Pipe
+    from shoal._ipc._packet import MEMFD, MessageTooLarge, close_fds, recv_packet, socketpair
+    from shoal.exceptions import CorruptDataError
+
+    harness = Harness("packets")
+    body = st.one_of(
+        st.binary(max_size=80),
+        _sizes().map(lambda n: n.to_bytes(8, "little")),
+        st.tuples(_sizes(), st.binary(min_size=1, max_size=16)).map(
+            lambda t: t[0].to_bytes(8, "little") + t[1]
+        ),
+        st.just(b"x" * 70_000),  # longer than any datagram shoal sends: truncated
+    )
+
+    @_given(
+        examples,
+        st.integers(0, 255) | st.sampled_from((MEMFD, MEMFD | 4)),
+        body,
+        st.sampled_from(DESCRIPTORS),
+        st.none() | st.integers(0, 1 << 20),
+        st.sampled_from(("recv_packet", "recv_bytes")),
+    )
+    def packet(kind, body, descriptor, limit, via):
+        size = int.from_bytes(body[:8], "little") if len(body) >= 8 else 0
+        fds = _descriptor(descriptor, min(size, 1 << 20))
+
+        def example():
+            if via == "recv_packet":
+                a, b = socketpair()
+            else:
+                conn_a, conn_b = Pipe()
+                a, b = conn_a._sock, conn_b._sock
+            try:
+                anc = (
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+                )
+                a.sendmsg([bytes([kind]) + body], anc)
+                close_fds(fds)
+                fds.clear()
+                if via == "recv_packet":
+                    _kind, payload, got_fds = recv_packet(b, socket.MSG_DONTWAIT, limit)
+                    close_fds(got_fds)
+                else:
+                    payload = conn_b.recv_bytes(limit)
+                if kind & MEMFD:
+                    assert len(payload) == size
+                return "decoded memfd" if kind & MEMFD else "decoded"
+            finally:
+                close_fds(fds)
+                if via == "recv_packet":
+                    a.close()
+                    b.close()
+                else:
+                    conn_a.close()
+                    conn_b.close()
+
+        harness.run(example, (CorruptDataError, MessageTooLarge))
+
+    packet()
+    harness.report()
+
+
+@pytest.mark.timeout(300)
+def test_packet_framing_refuses_corrupt_datagrams():
+    """A datagram with any kind byte, any body (a memfd header of any size,
+    truncated, oversized) and any descriptors (none, a short or sparse
+    memfd, a read-only one, a pipe, a socket) decodes or raises
+    CorruptDataError / MessageTooLarge, and allocates no more than it read."""
+    summary = fuzz_in_child("packets", EXAMPLES["packets"])
+    outcomes = summary["outcomes"]
+    assert outcomes.get("CorruptDataError", 0) > 0, outcomes
+    assert outcomes.get("decoded", 0) + outcomes.get("decoded memfd", 0) > 0, outcomes
+
+
+def test_a_length_of_2_to_the_40_is_refused_before_anything_is_read():
+    """What the brief names: a memfd payload announcing 2**40 bytes raises
+    at once, saying how large and that the peer is not shoal (no MemoryError,
+    no read of that size)."""
+    out = run_code(
+        """
+        import os, socket, tracemalloc
+        from shoal import CorruptDataError, Pipe
+        from shoal._ipc._packet import MEMFD
+
+        a, b = Pipe()
+        fd = os.memfd_create("small", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 4096)
+        a._sock.sendmsg([bytes([MEMFD]) + (1 << 40).to_bytes(8, "little")],
+                       [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))])
+        tracemalloc.start()
+        try:
+            b.recv_bytes()
+        except CorruptDataError as exc:
+            print(exc)
+        print(tracemalloc.get_traced_memory()[1] < 1 << 20)
+        """
+    )
+    message, small = out.strip().splitlines()
+    assert "1099511627776 bytes (1024.0 GiB)" in message
+    assert "not shoal of this version" in message
+    assert small == "True"
+
+
+# -- the engine's channel -----------------------------------------------------------
+
+
+def fuzz_channel(examples: int) -> None:
+    from hypothesis import strategies as st
+
+    from shoal._ipc import Channel
+    from shoal._ipc._packet import close_fds
+    from shoal.exceptions import CorruptDataError
+
+    harness = Harness("channel")
+    frame = st.tuples(
+        st.one_of(st.integers(0, 400), _sizes().map(lambda n: n & ((1 << 48) - 1))),  # announced size
+        st.one_of(st.integers(0, 3), st.integers(0, (1 << 16) - 1)),  # announced descriptors
+        st.binary(max_size=400),  # the bytes that follow
+        st.integers(0, 3),  # descriptors sent with its first byte
+    )
+
+    @_given(
+        examples,
+        st.lists(frame, max_size=4),
+        st.binary(max_size=12),
+        st.sampled_from(("recv", "recv_available")),
+    )
+    def channel(frames, tail, how):
+        ours, theirs = Channel.pair()
+
+        def example():
+            try:
+                for size, nfds, payload, attach in frames:
+                    data = struct.pack("<Q", size | (nfds << 48)) + payload
+                    fds = [_memfd(16) for _ in range(attach)]
+                    anc = (
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{attach}i", *fds))]
+                        if fds
+                        else []
+                    )
+                    theirs.sock.sendmsg([data], anc)
+                    close_fds(fds)
+                theirs.sock.sendall(tail)
+                theirs.close()  # end of stream after what was sent
+                got = 0
+                if how == "recv":
+                    while (frame := ours.recv()) is not None:
+                        close_fds(frame[1])
+                        got += 1
+                else:
+                    ours.sock.setblocking(False)
+                    for _ in range(1000):
+                        ready, eof = ours.recv_available()
+                        for _payload, fds in ready:
+                            close_fds(fds)
+                        got += len(ready)
+                        if eof:
+                            break
+                    else:
+                        raise AssertionError("recv_available never saw the end of the stream")
+                return "decoded" if got else "nothing"
+            finally:
+                theirs.close()
+                ours.close()
+
+        harness.run(example, (CorruptDataError, EOFError))
+
+    channel()
+    harness.report()
+
+
+@pytest.mark.timeout(300)
+def test_channel_framing_refuses_corrupt_frames():
+    """Frames whose header announces any size (up to 2**48) and any number
+    of descriptors, followed by too few or too many bytes and descriptors,
+    decode, end in EOFError (the stream ended inside a frame), or raise
+    CorruptDataError before anything of the announced size is allocated."""
+    summary = fuzz_in_child("channel", EXAMPLES["channel"])
+    outcomes = summary["outcomes"]
+    assert outcomes.get("CorruptDataError", 0) > 0, outcomes
+    assert outcomes.get("EOFError", 0) > 0, outcomes
+    assert outcomes.get("decoded", 0) > 0, outcomes
+
+
+# -- the queue's ring ---------------------------------------------------------------
+
+
+def fuzz_ring(examples: int) -> None:
+    from hypothesis import strategies as st
+
+    from shoal import Queue, SerializationError
+    from shoal._ipc import _ring
+    from shoal._ipc._packet import MEMFD, close_fds
+    from shoal.exceptions import CorruptDataError
+
+    harness = Harness("ring")
+    fields = {
+        "head": (_ring._HEAD, "<q"),
+        "tail": (_ring._TAIL, "<q"),
+        "puts": (_ring._PUTS, "<q"),
+        "gets": (_ring._GETS, "<q"),
+        "seq": (_ring._SEQ, "<q"),
+        "capacity": (_ring._CAPACITY, "<q"),
+        "unfinished": (_ring._UNFINISHED, "<q"),
+        "not_empty": (_ring._NOT_EMPTY, "<I"),
+        "record length": (None, "<I"),
+        "record kind": (None, "<I"),
+        "data": (None, "<Q"),
+    }
+    value = st.one_of(
+        st.sampled_from(INTERESTING).map(lambda n: n % (1 << 63)),
+        st.integers(-(1 << 63), (1 << 63) - 1),
+        st.integers(-64, 4200),
+    )
+    corruption = st.tuples(st.sampled_from(sorted(fields)), value, st.integers(0, 4095))
+    op = st.sampled_from(
+        (
+            "get_nowait",
+            "get",
+            "get_many",
+            "put",
+            "put_many",
+            "put_large",
+            "put_inline",
+            "put_unbounded",
+            "qsize",
+            "attach",
+            "datagram",
+        )
+    )
+
+    @_given(
+        examples,
+        st.lists(st.integers(0, 1500), max_size=6),
+        st.lists(corruption, min_size=1, max_size=3),
+        st.lists(op, min_size=1, max_size=6),
+        st.integers(1, 6),
+        st.binary(max_size=24),
+    )
+    def ring(items, corruptions, ops, maxsize, datagram):
+        # Bounded, so that no put leaves an item to a feeder thread; the
+        # unbounded paths are called on the ring itself (put_inline, put_unbounded).
+        q = Queue(maxsize, capacity=4096)
+        try:
+            for n in items[:maxsize]:
+                q.put(bytes(n))
+            mm = mmap.mmap(q._ring.fd, _ring._DATA + 4096)  # another process's view of the same memory
+            try:
+                for name, number, where in corruptions:
+                    offset, fmt = fields[name]
+                    if offset is None:  # inside the records: at the head, or anywhere
+                        head = struct.unpack_from("<q", mm, _ring._HEAD)[0] % 4096
+                        at = head if where % 2 else where & ~7
+                        offset = _ring._DATA + min(at + (4 if name == "record kind" else 0), 4096 - 8)
+                    size = struct.calcsize(fmt)
+                    mm[offset : offset + size] = (number % (1 << (8 * size))).to_bytes(size, "little")
+            finally:
+                mm.close()
+            for i, what in enumerate(ops):
+                harness.run(lambda what=what: _ring_op(q, what, datagram), ring_errors, new_example=i == 0)
+        finally:
+            q.close()
+
+    ring_errors = (CorruptDataError, queue.Empty, queue.Full, SerializationError)
+
+    def _ring_op(q, what, datagram):
+        if what == "get_nowait":
+            q.get_nowait()
+        elif what == "get":
+            q.get(timeout=0.01)
+        elif what == "get_many":
+            q.get_many(5, timeout=0.01)
+        elif what == "put":
+            q.put(b"p" * 40, timeout=0.01)
+        elif what == "put_many":
+            q.put_many([b"m" * 200] * 3, timeout=0.01)
+        elif what == "put_large":
+            q.put(b"L" * 5000, timeout=0.01)  # larger than a quarter of the ring: a datagram
+        elif what == "put_inline":
+            q._ring.put_inline(b"i" * 24)
+        elif what == "put_unbounded":
+            q._ring.put([(b"u" * 100, None, None)] * 3, q._writer, 0, 0.0)
+        elif what == "qsize":
+            q.qsize()
+            q.empty()
+        elif what == "attach":
+            fd = os.dup(q._ring.fd)
+            try:
+                _ring.Ring(fd=fd).close()
+                fd = -1
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        elif what == "datagram":
+            # A producer's datagram for the record at the head: its tag,
+            # then a fuzzed body (a memfd header of any length, or not).
+            tag = struct.unpack_from("<q", q._ring.mm, _ring._SEQ)[0]
+            fd = _memfd(64)
+            try:
+                q._writer.sendmsg(
+                    [bytes([MEMFD]), struct.pack("<q", tag), datagram],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))],
+                )
+            finally:
+                close_fds([fd])
+            q.get_nowait()
+        else:
+            raise AssertionError(what)
+
+    ring()
+    harness.report()
+
+
+@pytest.mark.timeout(300)
+def test_queue_ring_refuses_corrupt_shared_memory():
+    """A queue whose ring another process overwrote (positions, capacity,
+    counters, record lengths and kinds, any data word) and whose socket
+    carries a fuzzed datagram: every get, put, qsize and attach works,
+    reports Empty / Full, or raises CorruptDataError; none reads or writes
+    outside the ring or waits for room that cannot come."""
+    summary = fuzz_in_child("ring", EXAMPLES["ring"])
+    outcomes = summary["outcomes"]
+    assert outcomes.get("CorruptDataError", 0) > 0, outcomes
+    assert outcomes.get("decoded", 0) > 0, outcomes
+
+
+# -- out-of-band buffers ------------------------------------------------------------
+
+
+def fuzz_out_of_band(examples: int) -> None:
+    from hypothesis import strategies as st
+
+    from shoal._serialization import _pickling
+    from shoal.exceptions import CorruptDataError
+
+    harness = Harness("out_of_band")
+    span = st.tuples(
+        st.one_of(st.integers(-8192, 1 << 20), st.sampled_from(INTERESTING)),
+        st.one_of(st.integers(-8192, 1 << 20), st.sampled_from(INTERESTING)),
+    )
+
+    @_given(
+        examples,
+        st.integers(0, 1 << 20),  # the memfd's real size
+        st.one_of(st.integers(-1, 1 << 21), _sizes()),  # the announced size
+        st.lists(span, max_size=4),
+        st.booleans(),
+        st.booleans(),
+        st.booleans(),
+    )
+    def oob(real, size, spans, leased, writable, copy):
+        fd = _memfd(real, b"\x07")
+
+        def example():
+            limit = _pickling._fd_limit
+            if copy:  # the path taken near the descriptor limit: a copy, not a mapping
+                _pickling._fd_limit = lambda: 0
+            try:
+                views = _pickling._rebuild_oob(os.dup, (fd,), size, spans, leased, writable)
+            finally:
+                _pickling._fd_limit = limit
+            assert [v.nbytes for v in views] == [n for _off, n in spans]
+            for v in views:
+                v.release()
+            del views
+            gc.collect()
+
+        try:
+            harness.run(example, (CorruptDataError,))
+        finally:
+            os.close(fd)
+
+    oob()
+    harness.report()
+
+
+@pytest.mark.timeout(300)
+def test_out_of_band_layout_is_checked():
+    """Out-of-band buffer descriptors (the segment's size, each buffer's
+    offset and length) that lie outside the segment, or a segment announced
+    larger than its memfd or than the machine, raise CorruptDataError; valid
+    ones map exactly the announced lengths, on every path (mapped privately
+    or shared, leased, copied near the descriptor limit)."""
+    summary = fuzz_in_child("out_of_band", EXAMPLES["out_of_band"])
+    outcomes = summary["outcomes"]
+    assert outcomes.get("CorruptDataError", 0) > 0, outcomes
+    assert outcomes.get("decoded", 0) > 0, outcomes
+
+
+if __name__ == "__main__":  # pragma: no cover - `python tests/test_hostile_bytes.py NAME N` runs one fuzz
+    globals()[f"fuzz_{sys.argv[1]}"](int(sys.argv[2]))
