@@ -61,6 +61,7 @@ EXAMPLES = {
     "channel": 400,
     "ring": 300,
     "out_of_band": 300,
+    "shared_dict": 300,
 }
 
 #: No example may allocate more than this (tracemalloc's peak): a corrupt
@@ -119,8 +120,8 @@ def _check_message(exc: BaseException) -> None:
     """An accepted error must say what happened."""
     from shoal import CorruptDataError
 
-    if isinstance(exc, (queue.Empty, queue.Full)):
-        return  # the standard library's own, without a message
+    if isinstance(exc, (queue.Empty, queue.Full, KeyError)):
+        return  # the standard library's own, without a message (or the key as one)
     text = str(exc)
     assert len(text) > 10, f"{type(exc).__name__} without a useful message: {text!r}"
     if isinstance(exc, CorruptDataError):
@@ -642,6 +643,221 @@ def test_out_of_band_layout_is_checked():
     ones map exactly the announced lengths, on every path (mapped privately
     or shared, leased, copied near the descriptor limit)."""
     summary = fuzz_in_child("out_of_band", EXAMPLES["out_of_band"])
+    outcomes = summary["outcomes"]
+    assert outcomes.get("CorruptDataError", 0) > 0, outcomes
+    assert outcomes.get("decoded", 0) > 0, outcomes
+
+
+# -- SharedDict's memory -------------------------------------------------------------
+
+#: Word offsets in a SharedDict's memory (see src/native/dict.c).
+_H_FILE_SIZE, _H_DESC, _H_GEN, _H_MAX_SIZE = 8, 16, 24, 32
+_R_SIZE, _R_LGCAP, _R_NENTRIES, _R_COUNT, _R_HEAP_TOP = 0, 8, 16, 24, 32
+
+
+def _dict_layout(mm) -> dict[str, int]:
+    """Offsets of the words of a SharedDict's current region."""
+    from shoal import _native
+
+    desc = struct.unpack_from("<Q", mm, _H_DESC)[0]
+    off, lg = desc & ~63, desc & 63
+    cap = 1 << lg
+    idx = off + _native.DICT_REGION_HEADER
+    ent = idx + cap * 8
+    return {"region": off, "index": idx, "entries": ent, "heap": ent + cap // 2 * _native.DICT_ENTRY_SIZE}
+
+
+def _corrupt_from_another_process(fd: int, size: int, writes: list[tuple[int, bytes]]) -> None:
+    """Write *writes* (offset, bytes) into the dict's memory from a forked
+    process with a mapping of its own, as a buggy or hostile peer would."""
+    from helpers import wait_child
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with mmap.mmap(fd, size) as mm:
+                for offset, data in writes:
+                    mm[offset : offset + len(data)] = data
+        finally:
+            os._exit(0)
+    assert wait_child(pid) == 0
+
+
+def fuzz_shared_dict(examples: int) -> None:
+    from hypothesis import strategies as st
+
+    from shoal import SharedDict, _native
+    from shoal.exceptions import CorruptDataError
+
+    harness = Harness("shared_dict")
+    targets = (
+        "magic",
+        "file_size",
+        "desc",
+        "gen",
+        "max_size",
+        "region size",
+        "lgcap",
+        "nentries",
+        "count",
+        "heap_top",
+        "index slot",
+        "entry hash",
+        "entry key",
+        "entry value",
+        "key length",
+        "value length",
+        "value tag",
+        "any word",
+        "any byte",
+    )
+    value = st.one_of(
+        st.sampled_from(INTERESTING),
+        st.integers(0, (1 << 64) - 1),
+        st.integers(0, 70_000),  # offsets inside and just past the file
+        st.integers(-64, 64),  # nudges to what is there (applied as a delta)
+    )
+    corruption = st.tuples(st.sampled_from(targets), value, st.integers(0, 1 << 16))
+    op = st.sampled_from(
+        (
+            "get",
+            "get missing",
+            "len",
+            "keys",
+            "items",
+            "values",
+            "copy",
+            "set",
+            "set new",
+            "delete",
+            "pop",
+            "popitem",
+            "incr",
+            "update",
+            "setdefault",
+            "clear",
+            "locked get",
+            "attach",
+            "check",
+        )
+    )
+
+    def writes_for(mm, target: str, number: int, where: int) -> list[tuple[int, bytes]]:
+        layout = _dict_layout(mm)
+        nent = max(1, struct.unpack_from("<Q", mm, layout["region"] + _R_NENTRIES)[0] % 64)
+        entry = layout["entries"] + (where % nent) * _native.DICT_ENTRY_SIZE
+        fixed = {
+            "magic": 0,
+            "file_size": _H_FILE_SIZE,
+            "desc": _H_DESC,
+            "gen": _H_GEN,
+            "max_size": _H_MAX_SIZE,
+            "region size": layout["region"] + _R_SIZE,
+            "lgcap": layout["region"] + _R_LGCAP,
+            "nentries": layout["region"] + _R_NENTRIES,
+            "count": layout["region"] + _R_COUNT,
+            "heap_top": layout["region"] + _R_HEAP_TOP,
+            "index slot": layout["index"] + (where % 8) * 8,
+            "entry hash": entry,
+            "entry key": entry + 8,
+            "entry value": entry + 16,
+        }
+        if target in fixed:
+            offset = fixed[target]
+        elif target in ("key length", "value length", "value tag"):
+            ref = struct.unpack_from("<Q", mm, entry + (8 if target == "key length" else 16))[0]
+            if ref & 1 or ref + 16 > len(mm):  # an inline int: no block
+                return []
+            offset = ref + (8 if target == "value tag" else 0)
+        elif target == "any word":
+            offset = (where * 8) % (len(mm) - 8)
+        else:
+            return [(where % len(mm), bytes([number & 0xFF]))]
+        if target == "value tag":
+            return [(offset, bytes([number & 0xFF]))]
+        old = struct.unpack_from("<Q", mm, offset)[0]
+        new = (old + number) if -64 <= number <= 64 else number
+        return [(offset, (new % (1 << 64)).to_bytes(8, "little"))]
+
+    @_given(
+        examples,
+        st.integers(0, 12),
+        st.lists(corruption, min_size=1, max_size=3),
+        st.lists(op, min_size=1, max_size=5),
+    )
+    def shared_dict(n, corruptions, ops):
+        d = SharedDict(max_size=4 << 20)
+        try:
+            for i in range(n):
+                d[f"k{i}"] = (i, f"v{i}" * i, b"b" * i, i / 4, None)[i % 5]
+            if n > 2:
+                del d["k1"]
+            size = os.fstat(d._fd).st_size
+            with mmap.mmap(d._fd, size) as mm:
+                writes = [w for t, number, where in corruptions for w in writes_for(mm, t, number, where)]
+            _corrupt_from_another_process(d._fd, size, writes)
+            for i, what in enumerate(ops):
+                harness.run(lambda what=what: _dict_op(d, what), (CorruptDataError, KeyError), i == 0)
+        finally:
+            d.close()
+
+    def _dict_op(d, what):
+        if what == "get":
+            d.get("k0")
+            d.get("k3")
+        elif what == "get missing":
+            assert "nope" not in d
+        elif what == "len":
+            assert len(d) >= 0
+        elif what == "keys":
+            list(d.keys())
+        elif what == "items":
+            list(d.items())
+        elif what == "values":
+            list(d.values())
+        elif what == "copy":
+            d.copy()
+        elif what == "set":
+            d["k0"] = "changed"
+        elif what == "set new":
+            d["new"] = 12345
+        elif what == "delete":
+            del d["k2"]
+        elif what == "pop":
+            d.pop("k3", None)
+        elif what == "popitem":
+            d.popitem()
+        elif what == "incr":
+            d.incr("counter")
+        elif what == "update":
+            d.update({f"u{i}": "x" * (50 * i) for i in range(20)})  # grows: a rebuild
+        elif what == "setdefault":
+            d.setdefault("k4", 0)
+        elif what == "clear":
+            d.clear()
+        elif what == "locked get":
+            with d.locked(timeout=5):
+                d.get("k0")
+        elif what == "attach":
+            SharedDict._from_fd(os.dup(d._fd)).close()
+        elif what == "check":
+            _native.dict_check(d._map)
+        else:
+            raise AssertionError(what)
+
+    shared_dict()
+    harness.report()
+
+
+@pytest.mark.timeout(300)
+def test_shared_dict_refuses_corrupt_shared_memory():
+    """A live SharedDict whose memory another process overwrote (header
+    words, region geometry, index slots, entries, block lengths, value tags,
+    any word or byte): every read, write, growth, attach and check of it
+    works or raises CorruptDataError (KeyError for a key it no longer
+    finds); no access outside the file (SIGBUS), no misaligned access, no
+    hang, no allocation the size of a corrupt length."""
+    summary = fuzz_in_child("shared_dict", EXAMPLES["shared_dict"])
     outcomes = summary["outcomes"]
     assert outcomes.get("CorruptDataError", 0) > 0, outcomes
     assert outcomes.get("decoded", 0) > 0, outcomes

@@ -21,8 +21,14 @@ descriptor travels and how anonymous memory is made:
 
 Every layer above (serialization, IPC, shared memory, the engine) uses these
 names and nothing else of this package.
+
+Importing it also tells the native core (:mod:`shoal._native`, a sibling of
+:mod:`shoal.exceptions` that cannot import it) which error corrupt shared
+memory raises: :class:`~shoal.exceptions.CorruptDataError`.
 """
 
+from .. import _native
+from ..exceptions import CorruptDataError
 from ._passing import collecting as collecting
 from ._passing import collecting_fds as collecting_fds
 from ._passing import providing_fds as providing_fds
@@ -38,6 +44,8 @@ from ._segment import map_private_fd as map_private_fd
 from ._segment import peer_size_error as peer_size_error
 from ._warm import WarmSegments as WarmSegments
 from ._warm import map_leased as map_leased
+
+_native.set_corrupt_error(CorruptDataError)
 
 __all__ = (
     "MAX_PEER_SIZE",
