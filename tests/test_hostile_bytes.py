@@ -863,5 +863,100 @@ def test_shared_dict_refuses_corrupt_shared_memory():
     assert outcomes.get("decoded", 0) > 0, outcomes
 
 
+# -- the robust mutexes in shared memory ------------------------------------------------
+
+#: Words written over a lock (glibc's pthread_mutex_t: the futex word first,
+#: the mutex kind at offset 16): a holder that does not exist, the waiters
+#: bit without any holder, and a kind that is no mutex.
+_LOCK_CORRUPTIONS = {
+    "dead holder": (0, "<I", "pid_max + 1"),
+    "no holder, waiters": (0, "<I", 0x80000000),
+    "not a mutex": (16, "<i", 0x7777),
+}
+
+
+def test_a_corrupt_lock_raises_instead_of_waiting_forever():
+    """The lock of a SharedDict and the two locks of a queue's ring, whose
+    bytes another process overwrote: naming a thread that does not exist as
+    the holder (the kernel marks a holder that died; nothing marks this), no
+    holder but waiters, or no mutex at all.  Before, a writer waited forever
+    (or got a bare EINVAL); now it raises CorruptDataError within about a
+    second of waiting."""
+    out = run_code(
+        f"""
+        import mmap, os, struct, time
+        from shoal import CorruptDataError, Queue, SharedDict
+        from shoal._ipc import _ring
+
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read())
+        corruptions = {_LOCK_CORRUPTIONS!r}
+
+        def corrupt(fd, base, offset, fmt, value):
+            with mmap.mmap(fd, 4096) as mm:
+                struct.pack_into(fmt, mm, base + offset, eval(value) if isinstance(value, str) else value)
+
+        def outcome(fn):
+            start = time.monotonic()
+            try:
+                fn()
+                return "no error"
+            except CorruptDataError as exc:
+                assert "not shoal of this version" in str(exc), exc
+                return f"CorruptDataError after {{time.monotonic() - start:.0f}} s"
+
+        for name, (offset, fmt, value) in corruptions.items():
+            d = SharedDict({{"a": 1}}, max_size=1 << 20)
+            corrupt(d._fd, 64, offset, fmt, value)
+            print("dict", name, outcome(lambda: d.__setitem__("b", 2)))
+            d.close()
+            for lock, op in ((_ring._PMUTEX, "put"), (_ring._CMUTEX, "get")):
+                q = Queue(4)
+                q.put(1)
+                corrupt(q._ring.fd, lock, offset, fmt, value)
+                act = (lambda: q.put(2, timeout=30)) if op == "put" else (lambda: q.get(timeout=30))
+                print(f"queue {{op}}", name, outcome(act))
+                q.close()
+        """,
+        timeout=100,
+    )
+    lines = out.strip().splitlines()
+    assert len(lines) == 9, out
+    for line in lines:
+        assert line.endswith(("CorruptDataError after 0 s", "CorruptDataError after 1 s")), line
+
+
+def test_a_lock_held_for_seconds_by_a_live_process_is_waited_for():
+    """The other side of the check above: a holder that exists is waited
+    for, however long it holds the lock (here 2.5 s, past the one-second
+    look at the holder)."""
+    out = run_code(
+        """
+        import multiprocessing, time
+        from shoal import SharedDict
+
+        def hold(d, ready):
+            with d.locked():
+                ready.set()
+                time.sleep(2.5)
+                d["held"] = True
+
+        if __name__ == "__main__":
+            d = SharedDict(max_size=1 << 20)
+            ready = multiprocessing.get_context("fork").Event()
+            p = multiprocessing.get_context("fork").Process(target=hold, args=(d, ready))
+            p.start()
+            ready.wait(30)
+            start = time.monotonic()
+            d["mine"] = 1
+            waited = time.monotonic() - start
+            p.join(30)
+            print(d["held"], d["mine"], waited > 1.5, p.exitcode)
+            d.close()
+        """
+    )
+    assert out.split() == ["True", "1", "True", "0"]
+
+
 if __name__ == "__main__":  # pragma: no cover - `python tests/test_hostile_bytes.py NAME N` runs one fuzz
     globals()[f"fuzz_{sys.argv[1]}"](int(sys.argv[2]))
