@@ -62,6 +62,7 @@ EXAMPLES = {
     "ring": 300,
     "out_of_band": 300,
     "shared_dict": 300,
+    "results": 60,
 }
 
 #: No example may allocate more than this (tracemalloc's peak): a corrupt
@@ -185,17 +186,21 @@ class Harness:
         )
 
 
-def _given(examples: int, *strategies):
-    """``@given`` with this module's settings, for a fuzz body run once."""
-    from hypothesis import HealthCheck, given, settings
+def _given(examples: int, *strategies, always: tuple = ()):
+    """``@given`` with this module's settings, for a fuzz body run once;
+    *always*: argument tuples run as explicit examples first."""
+    from hypothesis import HealthCheck, example, given, settings
 
     def wrap(fn):
+        test = given(*strategies)(fn)
+        for args in always:
+            test = example(*args)(test)
         return settings(
             max_examples=examples,
             database=None,
             deadline=None,
             suppress_health_check=list(HealthCheck),
-        )(given(*strategies)(fn))
+        )(test)
 
     return wrap
 
@@ -861,6 +866,147 @@ def test_shared_dict_refuses_corrupt_shared_memory():
     outcomes = summary["outcomes"]
     assert outcomes.get("CorruptDataError", 0) > 0, outcomes
     assert outcomes.get("decoded", 0) > 0, outcomes
+
+
+# -- pool workers' results ------------------------------------------------------------
+
+
+def write_to_own_channel(data: bytes, nfds: int) -> str:
+    """A task (run in a pool worker) that writes *data*, with *nfds*
+    memfds, onto the worker's own channel to the pool, as a task writing to
+    a descriptor it does not own would."""
+    frame = sys._getframe()
+    while frame is not None and "channel" not in frame.f_locals:
+        frame = frame.f_back
+    assert frame is not None, "not run by a pool worker"
+    sock = frame.f_locals["channel"].sock
+    fds = [_memfd(8) for _ in range(nfds)]
+    try:
+        if data:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{nfds}i", *fds))] if fds else []
+            sock.sendmsg([data], anc)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return "done"
+
+
+def square(x):
+    return x * x
+
+
+def fuzz_results(examples: int) -> None:
+    import multiprocessing
+    import pickle
+
+    from hypothesis import strategies as st
+
+    from shoal import Pool, SerializationError, WorkerDiedError, _native
+    from shoal._engine import _worker
+    from shoal.exceptions import CorruptDataError
+
+    harness = Harness("results")
+    anything = st.one_of(
+        st.none(),
+        st.integers(-3, 5),
+        st.integers(-(1 << 70), 1 << 70),
+        st.floats(allow_nan=False),
+        st.binary(max_size=16),
+        st.text(max_size=8),
+    )
+    small_list = st.lists(anything, max_size=4)
+    body = st.one_of(
+        st.tuples(  # a RESULTS body: parallel lists, maybe of the wrong lengths or types
+            st.lists(st.integers(-1, 4), max_size=3) | anything,
+            small_list | anything,
+            st.none() | st.lists(st.integers(-2, 3), max_size=3) | anything,
+            st.lists(st.one_of(st.integers(-1, 3), st.floats(0, 1), anything), max_size=7) | anything,
+        ),
+        st.tuples(anything, anything),
+        anything,
+    )
+    message = st.one_of(
+        st.tuples(st.sampled_from((_worker.RESULTS, _worker.READY, _worker.RETIRE, _worker.EXITED)), body),
+        st.tuples(st.integers(-2, 99), anything),
+        st.just((_worker.RESULTS, ([_worker.RAW], ["forged"], None, []))),  # well formed: a forged result
+        st.tuples(anything),
+        anything,
+    )
+    frame = st.one_of(
+        message.map(lambda m: pickle.dumps(m)),  # a pickle of a message that is not one
+        st.binary(max_size=40),  # not a pickle
+    ).flatmap(
+        lambda payload: st.tuples(
+            st.just(payload),
+            st.sampled_from((len(payload),)) | _sizes().map(lambda n: n & ((1 << 48) - 1)),
+            st.integers(0, 3),
+        )
+    )
+    garbage = st.one_of(
+        frame.map(lambda f: struct.pack("<Q", f[1] | (f[2] << 48)) + f[0]),  # a header, a payload
+        st.binary(max_size=40),  # not even a frame header
+    )
+    fork = multiprocessing.get_context("fork")
+
+    @_given(examples, garbage, st.integers(0, 2), always=((b"", 0),))  # nothing written: its value
+    def results(data, nfds):
+        def example():
+            with Pool(1, context=fork) as pool:
+                try:
+                    outcome = f"returned {pool.apply_async(write_to_own_channel, (data, nfds)).get(30)!r:.12}"
+                except (CorruptDataError, SerializationError, WorkerDiedError) as exc:
+                    _check_message(exc)
+                    outcome = type(exc).__name__
+                # The pool goes on: at most the call after it fails too (it
+                # may be running on the worker when its corrupt message is read).
+                for attempt in range(2):
+                    try:
+                        assert pool.apply(square, (7,)) == 49
+                        break
+                    except CorruptDataError:
+                        assert attempt == 0
+                pool.close()
+                pool.join()
+            return outcome
+
+        harness.run(example, ())
+
+    results()
+
+    # The native loop that delivers plain results, given lists that do not
+    # match (lengths, types): an error or an index, never a read past a list.
+    @_given(
+        examples,
+        st.lists(st.one_of(anything, st.just(_native.Task)), max_size=4),
+        st.lists(st.integers(-1, 3) | anything, max_size=4),
+        small_list,
+        st.integers(-2, 6),
+    )
+    def deliver(tasks, kinds, values, start):
+        def example():
+            _native.deliver_plain(tasks, kinds, values, start, _worker.RAW)
+
+        harness.run(example, (TypeError, ValueError))
+
+    deliver()
+    harness.report()
+
+
+@pytest.mark.timeout(300)
+def test_pool_survives_workers_that_send_corrupt_results():
+    """A task writes garbage onto its worker's channel to the pool: bytes
+    that are not a frame, frames of any announced size and descriptor count,
+    pickles of messages of unknown kinds or malformed bodies (lists of the
+    wrong lengths or types, counts that do not add up, durations of zero
+    items), a forged result.  Before, the first such message killed the
+    pool's scheduler ("this is a bug in shoal") and failed every task; now
+    the worker is killed and replaced, its running task fails with
+    CorruptDataError, and the pool goes on."""
+    summary = fuzz_in_child("results", EXAMPLES["results"])
+    outcomes = summary["outcomes"]
+    assert outcomes.get("CorruptDataError", 0) > 0, outcomes
+    assert any(o.startswith("returned") for o in outcomes), outcomes
+    assert outcomes.get("TypeError", 0) + outcomes.get("ValueError", 0) > 0, outcomes
 
 
 # -- the robust mutexes in shared memory ------------------------------------------------

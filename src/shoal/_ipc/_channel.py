@@ -13,6 +13,16 @@ allocated for it; the stream cannot be resynchronised after that, so the
 channel is done with.  Reads are at most :data:`_READ_MAX` bytes each, so a
 frame's announced length is never allocated at once, only what arrives.
 
+A stream cannot say that a plausible length is wrong: a frame announcing
+more bytes than its sender wrote swallows the frames after it, and the
+reader waits for the rest forever.  So a sender may count what it sends in
+shared memory (:meth:`Channel.count_sent_in`: the running total is stored
+*before* each frame goes out), and the reader compares it with what it
+received (:attr:`Channel.received`): more bytes received than the sender
+ever sent were written by someone else (in a pool worker: a task writing to
+a descriptor it does not own), detected by the read that brings them, with
+no timeout.  A load and a comparison per read.
+
 :class:`Channel` is the building block for the pool engine's per-worker links
 and for :class:`shoal.Connection`.  It is not thread-safe by itself; callers
 serialize access (the engine has one scheduler thread per channel end;
@@ -29,6 +39,7 @@ import struct
 from collections import deque
 from typing import Any
 
+from .. import _native
 from .._fd import MAX_PEER_SIZE, peer_size_error
 from ..exceptions import corrupt_data
 
@@ -54,7 +65,17 @@ def _cmsg_fds(ancdata) -> list[int]:
 class Channel:
     """One end of a framed, descriptor-carrying socket connection."""
 
-    __slots__ = ("_buf", "_fds_lost", "_outq", "_pending_fds", "_pos", "sock")
+    __slots__ = (
+        "_buf",
+        "_fds_lost",
+        "_outq",
+        "_pending_fds",
+        "_pos",
+        "_sent",
+        "_sent_at",
+        "received",
+        "sock",
+    )
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -63,6 +84,11 @@ class Channel:
         self._pending_fds: list[int] = []
         # The kernel dropped descriptors sent to us (we had too many open).
         self._fds_lost = False
+        #: bytes read from the socket so far
+        self.received = 0
+        # Bytes sent, and where their running total is published (count_sent_in).
+        self._sent = 0
+        self._sent_at: tuple[Any, int] | None = None
         # Frames waiting to be written by a non-blocking sender:
         # [view of the unsent bytes, descriptors or None once sent]
         self._outq: deque[list] = deque()
@@ -75,6 +101,14 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def count_sent_in(self, buf, offset: int) -> None:
+        """From now on, store the number of bytes :meth:`send` has sent
+        (an int64 at *offset* of the shared *buf*), each frame counted
+        before it goes out, so that the reader can tell bytes that did not
+        come from here (see the module docstring)."""
+        self._sent_at = (buf, offset)
+        _native.store(buf, offset, self._sent)
+
     def close(self) -> None:
         self.sock.close()
         for fd in self._pending_fds:
@@ -85,6 +119,9 @@ class Channel:
     # -- sending ----------------------------------------------------------
     def send(self, payload, fds=()) -> None:
         """Send one frame (blocking)."""
+        if self._sent_at is not None:
+            self._sent += 8 + len(payload)
+            _native.store(*self._sent_at, self._sent)
         header = _HEADER.pack(len(payload) | (len(fds) << 48))
         if not fds:
             sent = self.sock.sendmsg([header, payload])
@@ -175,6 +212,7 @@ class Channel:
                 self._fds_lost = True
             if not data:
                 return False
+            self.received += len(data)
             buf += data
         return True
 
@@ -230,6 +268,7 @@ class Channel:
                 if not data:
                     eof = True
                     break
+                self.received += len(data)
                 if self._pos:
                     del self._buf[: self._pos]
                     self._pos = 0
