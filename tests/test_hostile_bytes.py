@@ -63,6 +63,8 @@ EXAMPLES = {
     "out_of_band": 300,
     "shared_dict": 300,
     "results": 60,
+    "actor_server": 150,
+    "actor_client": 150,
 }
 
 #: No example may allocate more than this (tracemalloc's peak): a corrupt
@@ -224,6 +226,11 @@ def _memfd(size: int, fill: bytes = b"\x00") -> int:
     return fd
 
 
+def _rights(fds: list[int]) -> list:
+    """Ancillary data passing *fds* (SCM_RIGHTS), for sendmsg."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+
+
 def _descriptor(what: str, size: int) -> list[int]:
     """Descriptors to attach: what a peer might send instead of (or with)
     the memfd of a large payload."""
@@ -297,9 +304,7 @@ def fuzz_packets(examples: int) -> None:
                 conn_a, conn_b = Pipe()
                 a, b = conn_a._sock, conn_b._sock
             try:
-                anc = (
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
-                )
+                anc = _rights(fds)
                 a.sendmsg([bytes([kind]) + body], anc)
                 close_fds(fds)
                 fds.clear()
@@ -399,11 +404,7 @@ def fuzz_channel(examples: int) -> None:
                 for size, nfds, payload, attach in frames:
                     data = struct.pack("<Q", size | (nfds << 48)) + payload
                     fds = [_memfd(16) for _ in range(attach)]
-                    anc = (
-                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{attach}i", *fds))]
-                        if fds
-                        else []
-                    )
+                    anc = _rights(fds)
                     theirs.sock.sendmsg([data], anc)
                     close_fds(fds)
                 theirs.sock.sendall(tail)
@@ -563,10 +564,7 @@ def fuzz_ring(examples: int) -> None:
             tag = struct.unpack_from("<q", q._ring.mm, _ring._SEQ)[0]
             fd = _memfd(64)
             try:
-                q._writer.sendmsg(
-                    [bytes([MEMFD]), struct.pack("<q", tag), datagram],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))],
-                )
+                q._writer.sendmsg([bytes([MEMFD]), struct.pack("<q", tag), datagram], _rights([fd]))
             finally:
                 close_fds([fd])
             q.get_nowait()
@@ -883,7 +881,7 @@ def write_to_own_channel(data: bytes, nfds: int) -> str:
     fds = [_memfd(8) for _ in range(nfds)]
     try:
         if data:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{nfds}i", *fds))] if fds else []
+            anc = _rights(fds)
             sock.sendmsg([data], anc)
     finally:
         for fd in fds:
@@ -1007,6 +1005,212 @@ def test_pool_survives_workers_that_send_corrupt_results():
     assert outcomes.get("CorruptDataError", 0) > 0, outcomes
     assert any(o.startswith("returned") for o in outcomes), outcomes
     assert outcomes.get("TypeError", 0) + outcomes.get("ValueError", 0) > 0, outcomes
+
+
+# -- actors: requests and replies --------------------------------------------------------
+
+
+class Counter:
+    """The object the actor fuzz calls."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def incr(self, k: int = 1) -> int:
+        self.n += k
+        return self.n
+
+
+def _payloads():
+    """What a peer might put in an actor datagram: bytes that are not a
+    pickle, and pickles of messages of the wrong shape (arguments that are
+    valid pickles of plain data: the fuzz is about the envelope)."""
+    import pickle
+
+    from hypothesis import strategies as st
+
+    blob = st.sampled_from(
+        (
+            pickle.dumps(((), None)),
+            pickle.dumps(((2,), None)),
+            pickle.dumps("not a tuple"),
+            b"",
+            b"\x80\x05\xff",  # a pickle header, then an invalid opcode
+        )
+    )
+    plain = st.one_of(st.none(), st.integers(-3, 3), st.text(max_size=6), st.binary(max_size=6), blob)
+    name = st.sampled_from(("incr", "nope", "_private", "__class__")) | st.text(max_size=6)
+    message = st.one_of(
+        st.tuples(st.just(0), st.integers(-1, 5) | plain, name | plain, blob | plain),  # CALL
+        st.tuples(st.just(0), st.integers(0, 5), name, blob, st.tuples(st.text(max_size=4) | st.none())),
+        st.tuples(st.just(1), st.lists(st.tuples(name, blob, st.integers(-1, 2)), max_size=3)),  # SEND
+        st.tuples(st.just(1), plain),
+        st.just((2,)),  # STOP, from a connection that is not the creator's
+        st.tuples(st.integers(-2, 9), plain),
+        st.tuples(plain, plain, plain),  # what a reply looks like
+        plain,
+    )
+    return st.one_of(message.map(pickle.dumps), st.binary(max_size=40))
+
+
+def fuzz_actor_server(examples: int) -> None:
+    import select
+
+    from hypothesis import strategies as st
+
+    from shoal import Actor
+    from shoal._ipc._packet import BYTES, MEMFD, close_fds
+
+    harness = Harness("actor_server")
+    handle = Actor(Counter)
+    datagram = st.one_of(
+        st.tuples(st.sampled_from((0, BYTES)), _payloads()),
+        st.tuples(st.sampled_from((MEMFD,)), _sizes().map(lambda n: n.to_bytes(8, "little"))),
+        st.tuples(st.integers(0, 255), st.binary(max_size=24)),
+    )
+
+    @_given(examples, datagram, st.sampled_from(DESCRIPTORS))
+    def server(datagram, descriptor):
+        kind, body = datagram
+        fds = _descriptor(descriptor, 64)
+
+        def example():
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                peer.connect(handle._address)
+                anc = _rights(fds)
+                peer.sendmsg([bytes([kind]) + body], anc)
+                close_fds(fds)
+                fds.clear()
+                # The actor answers, refuses (text, then the end), or says
+                # nothing (a SEND); either way it serves the others.
+                before = handle.incr(0)
+                assert isinstance(before, int)
+                if not select.select([peer], [], [], 0.5)[0]:
+                    return "nothing"
+                data, anc, _flags, _addr = peer.recvmsg(1 << 16, socket.CMSG_SPACE(64 * 4))
+                for _level, _type, raw in anc:
+                    close_fds(struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) // 4 * 4]))
+                if not data:
+                    return "closed"
+                if data[0] & BYTES:
+                    assert b"refused" in data, data
+                    return "refused"
+                return "reply"
+            finally:
+                close_fds(fds)
+                peer.close()
+
+        harness.run(example, ())
+
+    try:
+        server()
+        assert handle.incr(0) >= 0  # still there after all of it
+    finally:
+        handle.close()
+    harness.report()
+
+
+def fuzz_actor_client(examples: int) -> None:
+    import pickle
+    import threading
+
+    from hypothesis import strategies as st
+
+    from shoal import ActorDiedError, SerializationError
+    from shoal._actor import _clients, _rebuild_handle
+    from shoal._ipc._packet import MEMFD, close_fds, recv_packet
+    from shoal.exceptions import CorruptDataError
+
+    harness = Harness("actor_client")
+    reply = st.one_of(
+        st.tuples(st.sampled_from((0,)), _payloads()),
+        st.tuples(st.sampled_from((MEMFD,)), _sizes().map(lambda n: n.to_bytes(8, "little"))),
+        st.tuples(st.integers(0, 255), st.binary(max_size=24)),
+        # a reply to the call made, with a result or an error that is garbage or a value
+        st.tuples(
+            st.just("to the call"),
+            st.booleans(),
+            st.sampled_from((pickle.dumps(5), b"\x80\x05\xff", pickle.dumps("x") + b"trailing")),
+        ),
+    )
+    count = iter(range(1 << 30))
+
+    @_given(examples, reply, st.sampled_from(DESCRIPTORS))
+    def client(reply, descriptor):
+        fds = _descriptor(descriptor, 64)
+        address = f"\0shoal-fuzz-actor-{os.getpid()}-{next(count)}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(address)
+        listener.listen(1)
+
+        def fake_actor():
+            conn, _ = listener.accept()
+            with conn:
+                _kind, request, got = recv_packet(conn)
+                close_fds(got)
+                if reply[0] == "to the call":
+                    cid = pickle.loads(request)[1]
+                    data = bytes([0]) + pickle.dumps((cid, reply[1], reply[2]))
+                else:
+                    data = bytes([reply[0]]) + reply[1]
+                anc = _rights(fds)
+                conn.sendmsg([data], anc)
+                close_fds(fds)
+                fds.clear()
+            # and the connection ends: a call still waiting learns the actor is gone
+
+        def example():
+            thread = threading.Thread(target=fake_actor, daemon=True)
+            thread.start()
+            handle = _rebuild_handle(address, os.getpid(), "Fake", ("incr",))
+            try:
+                return f"returned {handle.incr()!r:.12}"
+            finally:
+                handle.close()
+                client = _clients.pop(address, None)
+                if client is not None:
+                    client.close()
+                thread.join(30)
+
+        try:
+            harness.run(example, (CorruptDataError, ActorDiedError, SerializationError))
+        finally:
+            listener.close()
+            close_fds(fds)
+
+    client()
+    harness.report()
+
+
+@pytest.mark.timeout(300)
+def test_actor_refuses_malformed_requests_and_goes_on():
+    """A peer of the same user (no other is served) sends the actor
+    datagrams of any kind byte and body, with any descriptors: bytes that
+    are not a pickle, requests of unknown kinds or of the wrong shape (a
+    CALL without a name, a SEND whose entries count descriptors that never
+    came), STOP from a connection that is not the creator's.  Before, a
+    malformed SEND or a CALL too short raised out of the actor's loop and
+    the actor died, and any unknown kind stopped it; now it tells that peer
+    why, as text, drops the connection, and goes on serving the others."""
+    summary = fuzz_in_child("actor_server", EXAMPLES["actor_server"])
+    outcomes = summary["outcomes"]
+    assert outcomes.get("refused", 0) > 0, outcomes
+    assert outcomes.get("reply", 0) + outcomes.get("nothing", 0) > 0, outcomes
+
+
+@pytest.mark.timeout(300)
+def test_actor_handle_refuses_malformed_replies():
+    """An "actor" (a socket of the same user) replies to a call with a
+    datagram of any kind byte and body: not a pickle, not a (call id, ok,
+    bytes) reply, a memfd header of any size, a reply whose result does not
+    unpickle.  The call returns the value, or raises CorruptDataError
+    (ActorDiedError once the connection ends, SerializationError for a
+    result that does not unpickle); it never hangs."""
+    summary = fuzz_in_child("actor_client", EXAMPLES["actor_client"])
+    outcomes = summary["outcomes"]
+    assert outcomes.get("CorruptDataError", 0) > 0, outcomes
+    assert any(o.startswith("returned") for o in outcomes), outcomes
 
 
 # -- the robust mutexes in shared memory ------------------------------------------------

@@ -422,9 +422,10 @@ def _read_fd(fd: int, size: int, what: str) -> bytes:
     return data
 
 
-def refuse_connection(sock: socket.socket, reason: str) -> None:
+def refuse_connection(sock: socket.socket, reason: str, close: bool = True) -> None:
     """Tell the peer of *sock* why it is refused (a ``BYTES`` datagram of
-    text: never a pickle, which the peer may not trust), then close.
+    text: never a pickle, which the peer may not trust), then close (or,
+    with *close* false, leave that to the caller).
 
     The datagrams it sent already are read and dropped first, after our
     receive side is shut (so it cannot add more): closing a socket with
@@ -441,7 +442,8 @@ def refuse_connection(sock: socket.socket, reason: str) -> None:
     except OSError:
         pass  # gone, or nothing left to read
     finally:
-        sock.close()
+        if close:
+            sock.close()
 
 
 def _cmsg_fds(anc) -> list[int]:
