@@ -15,7 +15,9 @@ descriptor travels and how anonymous memory is made:
   :func:`fd_from_buffer`), a mapped :class:`Segment`, and copy-on-write
   views (:func:`map_private_fd`); what a size that another process
   announced may be (:data:`MAX_PEER_SIZE`, :func:`peer_size_error`,
-  :func:`check_fd_holds`), checked before anything is allocated.
+  :func:`check_fd_holds`), checked before anything is allocated; memfds
+  sealed against shrinking, and the check that a received one is
+  (:func:`check_sealed`).
 * warm segments (:mod:`._warm`): reusable segments whose readers the kernel
   tracks with file-lock leases (:class:`WarmSegments`, :func:`map_leased`).
 
@@ -38,6 +40,7 @@ from ._passing import swap_sending as swap_sending
 from ._segment import MAX_PEER_SIZE as MAX_PEER_SIZE
 from ._segment import Segment as Segment
 from ._segment import check_fd_holds as check_fd_holds
+from ._segment import check_sealed as check_sealed
 from ._segment import create_fd as create_fd
 from ._segment import fd_from_buffer as fd_from_buffer
 from ._segment import map_private_fd as map_private_fd
@@ -52,6 +55,7 @@ __all__ = (
     "Segment",
     "WarmSegments",
     "check_fd_holds",
+    "check_sealed",
     "collecting",
     "collecting_fds",
     "create_fd",

@@ -5,10 +5,18 @@ name in ``/dev/shm``) mapped into this process.  It travels to other processes
 as a descriptor (see :mod:`shoal._fd`), so the kernel frees the memory
 when the last descriptor and mapping are gone, however the processes holding
 them end.  Nothing needs a resource tracker and nothing can be left behind.
+
+Every memfd shoal makes is sealed against shrinking (``F_SEAL_SHRINK``; it
+can still grow): a page of a mapping beyond the end of its file is SIGBUS,
+so a process holding the descriptor could otherwise crash every process
+that maps it by truncating it.  Receivers of the long-lived shared
+structures (a SharedDict, a queue's ring) refuse a memfd without that seal
+(:func:`check_sealed`); one system call when they attach.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import stat
@@ -57,15 +65,32 @@ def check_fd_holds(fd: int, end: int, what: str) -> None:
 
 
 def create_fd(size: int, name: str = "shoal") -> int:
-    """A new memfd of *size* bytes (zero-filled, sparse until written)."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    """A new memfd of *size* bytes (zero-filled, sparse until written),
+    sealed against shrinking."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         if size:
             os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def check_sealed(fd: int, what: str) -> None:
+    """Raise :class:`CorruptDataError` unless the memfd *fd* (received as
+    *what*) is sealed against shrinking, as :func:`create_fd` makes them:
+    mapped, one that another process can truncate could crash this one."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:  # not a memfd (EINVAL)
+        raise corrupt_data(f"{what} came as a descriptor that is not shoal's shared memory ({exc})") from exc
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise corrupt_data(
+            f"{what} came as shared memory that any process holding it can shrink (shoal seals its own "
+            "against that: a mapping of a file that shrinks crashes the processes using it)"
+        )
 
 
 def fd_from_buffer(data) -> int:

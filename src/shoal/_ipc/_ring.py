@@ -44,7 +44,8 @@ consumer had already taken finds a larger tag (or nothing) and is skipped.
 
 Corrupt rings (another process, or a stray write, changed the shared
 bytes; see ``docs/security.md``): attaching checks the capacity against
-the memfd's size; every get checks that ``head`` and ``tail`` are aligned
+the memfd's size (and that the memfd is sealed against shrinking); every
+get checks that ``head`` and ``tail`` are aligned
 and at most a capacity apart and that each record it takes (length, kind)
 lies between them, and a put checks the same of ``tail`` before it writes
 or waits.  A violation raises :class:`~shoal.exceptions.CorruptDataError`
@@ -76,7 +77,7 @@ import struct
 import time
 
 from .. import _native
-from .._fd import create_fd
+from .._fd import check_sealed, create_fd
 from ..exceptions import corrupt_data
 from ._packet import (
     _ANC_SIZE,
@@ -143,6 +144,7 @@ def _attached_capacity(fd: int) -> int:
     """The capacity recorded in the ring *fd* another process made, checked
     against the memfd's size (mapping more than the file holds would turn
     a read into SIGBUS)."""
+    check_sealed(fd, "a queue's ring")  # (it cannot shrink under our mapping)
     size = os.fstat(fd).st_size
     if size < _DATA:
         raise corrupt_data(f"a queue's shared memory has {size} bytes, less than its {_DATA}-byte header")

@@ -92,7 +92,10 @@ Data flow and ownership::
   what was inconsistent, and never touches memory outside the file.  So
   does receiving a dict whose header records an impossible ``max_size``,
   and reading a key whose encoding is malformed.  A writer that finds the
-  dict corrupt changes nothing; the dict stays unusable.
+  dict corrupt changes nothing; the dict stays unusable.  The file can only
+  grow: its memfd is sealed against shrinking, and a dict received without
+  that seal is refused, so no process can make a mapped page vanish
+  (SIGBUS).
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, Mu
 from typing import Any, Protocol, Self
 
 from .. import _native
-from .._fd import collecting, create_fd, reduce_fd
+from .._fd import check_sealed, collecting, create_fd, reduce_fd
 from .._serialization import dumps
 from ..exceptions import SerializationError, corrupt_data
 
@@ -441,6 +444,7 @@ class SharedDict(MutableMapping):
                 raise corrupt_data(
                     "the descriptor received as a SharedDict does not hold one (no magic number)"
                 )
+            check_sealed(fd, "a SharedDict")
             # Every process maps the dict at its max_size: a corrupt one must
             # not become a mapping of any size (or one short of the file).
             size = os.fstat(fd).st_size
