@@ -6,8 +6,10 @@ runs the tests that drive the native code hardest with the sanitizer
 runtime preloaded (``tests/test_native.py``, ``test_shared_dict.py``,
 ``test_shared_chaos.py`` and ``test_hostile_bytes.py``, whose fuzzers feed
 the SharedDict core corrupt memory); any report, in any process, fails it
-(see the script).  It takes about four minutes on a 2-core machine, so it
-is marked slow; ``docs/security.md`` gives the command to run it by hand.
+(see the script).  It takes about three and a half minutes on a 2-core
+machine, the virtual environment built from nothing, so it is marked slow
+(``.ci/run`` runs the slow tests too); ``docs/security.md`` gives the
+command to run it by hand.
 """
 
 from __future__ import annotations
