@@ -804,3 +804,30 @@ def pool_in_task(face, options=None):
             return "ok", list(pool.map(square, range(6)))
     except BaseException as exc:  # reported to the test
         return "use", type(exc).__name__, str(exc)
+
+
+# -- hostile bytes (tests/test_hostile_bytes.py) ------------------------------
+
+
+def write_to_own_channel(data: bytes, nfds: int) -> str:
+    """A pool task that writes *data*, with *nfds* memfds, onto its worker's
+    own channel to the pool, as a task writing to a descriptor it does not
+    own would (tests/test_hostile_bytes.py)."""
+    import socket
+    import struct
+    import sys
+
+    frame = sys._getframe()
+    while frame is not None and "channel" not in frame.f_locals:
+        frame = frame.f_back
+    assert frame is not None, "not run by a pool worker"
+    sock = frame.f_locals["channel"].sock
+    fds = [os.memfd_create("garbage", os.MFD_CLOEXEC) for _ in range(nfds)]
+    try:
+        if data:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{nfds}i", *fds))] if fds else []
+            sock.sendmsg([data], anc)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return "done"

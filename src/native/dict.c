@@ -20,6 +20,17 @@
  * the header, every operation but dict_init checks the magic number, and
  * dict_init refuses a file size beyond what the file had when mapped.
  *
+ * Corrupt memory raises too (CorruptDataError: see corrupt_error_type): every word read from the file is checked before
+ * it is used as an offset or a length -- region geometry inside the file,
+ * entry numbers below the entry capacity, blocks 8-aligned, inside the
+ * region's heap, their lengths inside it -- so another process writing
+ * anything anywhere in the file can make an operation fail, never read or
+ * write outside the file or at a misaligned address.  The published file
+ * size is trusted only as far as the file really goes: a size beyond what
+ * this process last saw is checked with one fstat (once per growth, not per
+ * operation), and anything beyond the file is treated as corrupt, never
+ * touched (that would be SIGBUS).
+ *
  * value word: 0 = no value (deleted), odd = an inline int (word >> 1),
  * even = offset of a block holding a tag byte and the encoded value.
  * Entries are in insertion order; a key is written once per entry.
@@ -63,7 +74,13 @@ typedef struct {
     PyObject_HEAD
     char *addr;
     Py_ssize_t len;
-    uint64_t file_len;           /* the file's size when it was mapped */
+    uint64_t file_len;           /* the file's size as this process last saw it (at most len) */
+    /* The descriptor it maps (borrowed: the caller closes it after close()),
+     * to see how far the file really goes when another process says it
+     * grew; -1 once closed.  Used only while it still names the same file. */
+    int fd;
+    dev_t dev;
+    ino_t ino;
     /* Native operations in progress on this mapping in this process
      * (any of them may run Python code or drop the GIL midway, and another
      * thread or a finalizer may close the dict then).  Counted per fork
@@ -171,7 +188,10 @@ Mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     m->addr = addr;
     m->len = length;
-    m->file_len = (uint64_t)st.st_size;
+    m->file_len = (uint64_t)st.st_size < (uint64_t)length ? (uint64_t)st.st_size : (uint64_t)length;
+    m->fd = fd;
+    m->dev = st.st_dev;
+    m->ino = st.st_ino;
     mapping_count++;
     mapping_bytes += (size_t)length;
     return (PyObject *)m;
@@ -224,6 +244,7 @@ static PyObject *
 Mapping_close(MappingObject *m, PyObject *unused)
 {
     m->closed = 1;
+    m->fd = -1;  /* the caller closes it next */
     Mapping_maybe_unmap(m);
     Py_RETURN_NONE;
 }
@@ -257,7 +278,8 @@ PyTypeObject Mapping_Type = {
     .tp_basicsize = sizeof(MappingObject),
     .tp_dealloc = (destructor)Mapping_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Mapping(fd, length): a shared mapping of a SharedDict's memfd.",
+    .tp_doc = "Mapping(fd, length): a shared mapping of a SharedDict's memfd (fd stays the caller's: "
+              "close it after close()).",
     .tp_methods = Mapping_methods,
     .tp_getset = Mapping_getset,
     .tp_new = Mapping_new,
@@ -278,6 +300,8 @@ as_mapping(PyObject *obj)
     return m;
 }
 
+static PyObject *corrupt(const char *what);
+
 /* Every dict_* operation on a mapping runs inside op_begin/op_end, so that
  * close() (from another thread, or from Python code the operation itself
  * runs: a finalizer, an unpickler) never unmaps memory it is reading. */
@@ -288,7 +312,7 @@ op_begin(PyObject *obj, int need_magic)
     if (m == NULL)
         return NULL;
     if (need_magic && ld_acq(m, H_MAGIC) != DICT_MAGIC) {
-        PyErr_SetString(PyExc_ValueError, "the mapped memory does not hold a SharedDict (no magic number)");
+        corrupt("no magic number: the memory does not hold a SharedDict");
         return NULL;
     }
     if (m->busy_fork != fork_generation) {
@@ -320,12 +344,19 @@ op_end(MappingObject *m)
         return res;                                                               \
     }
 
+/* The memory does not hold what shoal writes: another process overwrote it
+ * (or wrote it with another version), or a bug in shoal left it so. */
 static PyObject *
 corrupt(const char *what)
 {
-    PyErr_Format(PyExc_RuntimeError, "SharedDict memory is inconsistent (%s); this is a bug in shoal", what);
+    PyErr_Format(corrupt_error_type(),
+                 "SharedDict memory is inconsistent (%s): the process that wrote it is not shoal of this "
+                 "version, or the bytes were overwritten (by a C extension, or a stray write to a descriptor "
+                 "or shared memory it holds), or this is a bug in shoal",
+                 what);
     return NULL;
 }
+
 
 /* --- regions ----------------------------------------------------------- */
 
@@ -333,10 +364,35 @@ typedef struct {
     uint64_t off, size, cap, ecap, idx, ent, heap;
 } Region;
 
+/* The file size published in the header, but never beyond the end of the
+ * file (nor of the mapping): a size larger than this process last saw is
+ * checked against the file (a writer grows the file before it publishes the
+ * size, so a real growth is always confirmed). */
+static uint64_t
+file_size_slow(MappingObject *m, uint64_t fs)
+{
+    struct stat st;
+    if (m->fd >= 0 && fstat(m->fd, &st) == 0 && st.st_dev == m->dev && st.st_ino == m->ino &&
+        (uint64_t)st.st_size > m->file_len)
+        m->file_len = (uint64_t)st.st_size < (uint64_t)m->len ? (uint64_t)st.st_size : (uint64_t)m->len;
+    return fs > m->file_len ? m->file_len : fs;
+}
+
 static inline uint64_t file_size(MappingObject *m)
 {
     uint64_t fs = ld_acq(m, H_FILE_SIZE);
-    return fs > (uint64_t)m->len ? (uint64_t)m->len : fs;
+    return fs > m->file_len ? file_size_slow(m, fs) : fs;
+}
+
+/* A block at `ref` (8-aligned, inside [lo, hi)) and its length inside it:
+ * 1 with *n set, else 0. */
+static inline int
+block_in(MappingObject *m, uint64_t ref, uint64_t lo, uint64_t hi, uint64_t *n)
+{
+    if ((ref & 7) || ref < lo || !inb(ref, 8, hi))
+        return 0;
+    *n = ld_rlx(m, ref);
+    return inb(ref + 8, *n, hi);
 }
 
 static void
@@ -389,7 +445,7 @@ probe(MappingObject *m, const Region *r, uint64_t fs, uint64_t h, const char *ke
         if (ld_rlx(m, eo) != h)
             continue;
         uint64_t kr = ld_rlx(m, eo + 8);
-        if (!inb(kr, 8, fs))
+        if ((kr & 7) || !inb(kr, 8, fs))
             return -1;
         uint64_t kl = ld_rlx(m, kr);
         if (kl != klen)
@@ -418,8 +474,14 @@ decode_value(const char *p, uint64_t n)
     const char *d = p + 1;
     Py_ssize_t dn = (Py_ssize_t)(n - 1);
     switch (p[0]) {
-    case 's':
-        return PyUnicode_DecodeUTF8(d, dn, "surrogatepass");
+    case 's': {
+        PyObject *text = PyUnicode_DecodeUTF8(d, dn, "surrogatepass");
+        if (text == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();  /* shoal writes every str it stores as UTF-8 */
+            return corrupt("a str value that is not UTF-8");
+        }
+        return text;
+    }
     case 'b':
         return PyBytes_FromStringAndSize(d, dn);
     case 'f': {
@@ -782,9 +844,10 @@ dict_repair_impl(MappingObject *m)
             count++;
         for (int k = 0; k < 2; k++) {
             uint64_t ref = refs[k];
-            if (ref == 0 || (ref & 1) || ref < r.heap || ref >= end)
-                continue;
-            uint64_t bend = ref + 8 + pad8(ld_rlx(m, ref));
+            uint64_t n;
+            if (ref == 0 || !block_in(m, ref, r.heap, end, &n))
+                continue;  /* an inline int, or garbage: not a block to keep */
+            uint64_t bend = ref + 8 + pad8(n);
             if (bend > top && bend <= end)
                 top = bend;
         }
@@ -844,12 +907,11 @@ dict_check_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     }
     for (uint64_t e = 0; e < nent; e++) {
         uint64_t eo = r.ent + e * ENTRY;
-        uint64_t h = ld_rlx(m, eo), kr = ld_rlx(m, eo + 8), v = ld_rlx(m, eo + 16);
-        if (kr < r.heap || kr & 7 || !inb(kr, 8, top) || !inb(kr + 8, ld_rlx(m, kr), top)) {
+        uint64_t h = ld_rlx(m, eo), kr = ld_rlx(m, eo + 8), v = ld_rlx(m, eo + 16), klen, vlen;
+        if (!block_in(m, kr, r.heap, top, &klen)) {
             corrupt("key block out of the heap");
             goto done;
         }
-        uint64_t klen = ld_rlx(m, kr);
         if (xxh64(m->addr + kr + 8, (size_t)klen, 0) != h) {
             corrupt("stored hash differs from the key's");
             goto done;
@@ -857,8 +919,7 @@ dict_check_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         if (v == 0)
             continue;
         live++;
-        if (!(v & 1) && (v < r.heap || v & 7 || !inb(v, 8, top) || !inb(v + 8, ld_rlx(m, v), top) ||
-                         ld_rlx(m, v) == 0)) {
+        if (!(v & 1) && (!block_in(m, v, r.heap, top, &vlen) || vlen == 0)) {
             corrupt("value block out of the heap");
             goto done;
         }
@@ -913,13 +974,8 @@ read_value(MappingObject *m, const char *key, uint64_t klen, uint64_t h, PyObjec
             continue;
         if (st == 1) {
             v = ld_acq(m, r.ent + e * ENTRY + 16);
-            if (v != 0 && !(v & 1)) {
-                if (!inb(v, 8, fs))
-                    continue;
-                n = ld_rlx(m, v);
-                if (!inb(v + 8, n, fs))
-                    continue;
-            }
+            if (v != 0 && !(v & 1) && !block_in(m, v, r.heap, r.off + r.size, &n))
+                continue;
         }
         /* Everything above was read from one layout iff gen did not move. */
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -992,21 +1048,25 @@ dict_len_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             continue;
         uint64_t n = ld_acq(m, r.off + R_COUNT);
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (ld_rlx(m, H_GEN) == g1)
+        if (ld_rlx(m, H_GEN) == g1) {
+            if (n > r.ecap)  /* more live entries than the region has room for */
+                return corrupt("entry count");
             return PyLong_FromUnsignedLongLong(n);
+        }
     }
 }
 OP_WRAPPER(dict_len, 1)
 
 /* Copy a block's bytes into a new bytes object (or NULL with *bad set). */
 static PyObject *
-block_bytes(MappingObject *m, uint64_t ref, uint64_t fs, int *bad)
+block_bytes(MappingObject *m, const Region *r, uint64_t ref, int *bad)
 {
-    if (!inb(ref, 8, fs) || !inb(ref + 8, ld_rlx(m, ref), fs)) {
+    uint64_t n;
+    if (!block_in(m, ref, r->heap, r->off + r->size, &n)) {
         *bad = 1;
         return NULL;
     }
-    return PyBytes_FromStringAndSize(m->addr + ref + 8, (Py_ssize_t)ld_rlx(m, ref));
+    return PyBytes_FromStringAndSize(m->addr + ref + 8, (Py_ssize_t)n);
 }
 
 /* dict_items(m, what) -> list in insertion order: what=0 encoded keys,
@@ -1048,10 +1108,10 @@ dict_items_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             if (v == 0)
                 continue;
             PyObject *k = NULL, *raw = NULL, *item;
-            if (what != 1 && (k = block_bytes(m, ld_rlx(m, eo + 8), fs, &bad)) == NULL)
+            if (what != 1 && (k = block_bytes(m, &r, ld_rlx(m, eo + 8), &bad)) == NULL)
                 goto item_failed;
             if (what != 0) {
-                raw = (v & 1) ? PyLong_FromUnsignedLongLong(v) : block_bytes(m, v, fs, &bad);
+                raw = (v & 1) ? PyLong_FromUnsignedLongLong(v) : block_bytes(m, &r, v, &bad);
                 if (raw == NULL)
                     goto item_failed;
             }
@@ -1185,11 +1245,15 @@ put_locked(MappingObject *m, const char *key, uint64_t klen, uint64_t h, const N
     }
     uint64_t top = ld_rlx(m, r.off + R_HEAP_TOP), end = r.off + r.size;
     uint64_t nent = ld_rlx(m, r.off + R_NENTRIES);
+    if (nent > r.ecap || top < r.heap || top > end || (top & 7)) {
+        corrupt("region counters");
+        return -1;
+    }
     uint64_t old = st == 1 ? ld_rlx(m, r.ent + e * ENTRY + 16) : 0;
     uint64_t need = nv->word ? 0 : block_size(nv->len);
     if (st == 0)
         need += block_size(klen);
-    if (top > end || need > end - top)
+    if (need > end - top)
         return PUT_NOSPACE;
     if (old == 0 && nent >= r.ecap)
         return PUT_NOSPACE;
@@ -1328,12 +1392,12 @@ OP_WRAPPER(dict_incr, 1)
  * run user code (unpickling), which may write to this dict and replace the
  * region the removal would have been stored into. */
 static PyObject *
-raw_value_locked(MappingObject *m, uint64_t v, uint64_t fs)
+raw_value_locked(MappingObject *m, const Region *r, uint64_t v)
 {
     if (v & 1)
         return PyLong_FromUnsignedLongLong(v);
     int bad = 0;
-    PyObject *raw = block_bytes(m, v, fs, &bad);
+    PyObject *raw = block_bytes(m, r, v, &bad);
     if (raw == NULL && bad)
         corrupt("value block");
     return raw;
@@ -1387,10 +1451,16 @@ dict_delete_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(res);
         goto done;
     }
-    if (want && (raw = raw_value_locked(m, old, fs)) == NULL)
+    if (want && (raw = raw_value_locked(m, &r, old)) == NULL)
         goto done;
+    uint64_t count = ld_rlx(m, r.off + R_COUNT);
+    if (count == 0 || count > r.ecap) {
+        Py_CLEAR(raw);
+        corrupt("entry count");
+        goto done;
+    }
     st_rel(m, vo, 0);
-    st_rel(m, r.off + R_COUNT, ld_rlx(m, r.off + R_COUNT) - 1);
+    st_rel(m, r.off + R_COUNT, count - 1);
     if (!want) {
         res = Py_True;
         Py_INCREF(res);
@@ -1425,21 +1495,32 @@ dict_popitem_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     uint64_t nent = ld_rlx(m, r.off + R_NENTRIES);
+    if (nent > r.ecap) {
+        corrupt("entry count");
+        goto done;
+    }
     for (uint64_t e = nent; e-- > 0;) {
         uint64_t eo = r.ent + e * ENTRY, v = ld_rlx(m, eo + 16);
         if (v == 0)
             continue;
         int bad = 0;
-        k = block_bytes(m, ld_rlx(m, eo + 8), fs, &bad);
+        k = block_bytes(m, &r, ld_rlx(m, eo + 8), &bad);
         if (k == NULL) {
             if (bad)
                 corrupt("key block");
             goto done;
         }
-        if ((raw = raw_value_locked(m, v, fs)) == NULL)
+        if ((raw = raw_value_locked(m, &r, v)) == NULL)
             goto done;
+        uint64_t count = ld_rlx(m, r.off + R_COUNT);
+        if (count == 0 || count > r.ecap) {
+            Py_CLEAR(k);
+            Py_CLEAR(raw);
+            corrupt("entry count");
+            goto done;
+        }
         st_rel(m, eo + 16, 0);
-        st_rel(m, r.off + R_COUNT, ld_rlx(m, r.off + R_COUNT) - 1);
+        st_rel(m, r.off + R_COUNT, count - 1);
         goto done;
     }
     res = Py_None;
@@ -1479,15 +1560,17 @@ dict_stats_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     Region r;
     if (region_load(m, fs, &r) < 0)
         return corrupt("current region");
-    uint64_t nent = ld_rlx(m, r.off + R_NENTRIES), live = 0, bytes = 0;
+    uint64_t nent = ld_rlx(m, r.off + R_NENTRIES), live = 0, bytes = 0, end = r.off + r.size;
+    if (nent > r.ecap)
+        return corrupt("entry count");
     for (uint64_t e = 0; e < nent; e++) {
-        uint64_t eo = r.ent + e * ENTRY, v = ld_rlx(m, eo + 16);
+        uint64_t eo = r.ent + e * ENTRY, v = ld_rlx(m, eo + 16), kn, vn = 0;
         if (v == 0)
             continue;
+        if (!block_in(m, ld_rlx(m, eo + 8), r.heap, end, &kn) || (!(v & 1) && !block_in(m, v, r.heap, end, &vn)))
+            return corrupt("an entry's blocks");
         live++;
-        bytes += block_size(ld_rlx(m, ld_rlx(m, eo + 8)));
-        if (!(v & 1))
-            bytes += block_size(ld_rlx(m, v));
+        bytes += block_size(kn) + (v & 1 ? 0 : block_size(vn));
     }
     return Py_BuildValue("(KKKKK)", (unsigned long long)fs, (unsigned long long)r.off,
                          (unsigned long long)r.size, (unsigned long long)live, (unsigned long long)bytes);
@@ -1548,21 +1631,27 @@ dict_rebuild_body(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         !(off + size <= cur.off || off >= cur.off + cur.size))
         return PyErr_Format(PyExc_ValueError, "new region [%llu, +%llu) must lie in the file and not overlap the current one",
                             off, size);
+    int empty = nargs > 4 && PyObject_IsTrue(args[4]);
+    uint64_t nent = empty ? 0 : ld_rlx(m, cur.off + R_NENTRIES), cur_end = cur.off + cur.size;
+    if (nent > cur.ecap)
+        return corrupt("entry count");
     region_format(m, &nr);
     uint64_t top = nr.heap, end = off + size, ne = 0, mask = nr.cap - 1;
-    int empty = nargs > 4 && PyObject_IsTrue(args[4]);
-    uint64_t nent = empty ? 0 : ld_rlx(m, cur.off + R_NENTRIES);
     for (uint64_t e = 0; e < nent; e++) {
         uint64_t eo = cur.ent + e * ENTRY, v = ld_rlx(m, eo + 16);
         if (v == 0)
             continue;
-        uint64_t h = ld_rlx(m, eo), kr = ld_rlx(m, eo + 8);
-        uint64_t kl = ld_rlx(m, kr);
-        uint64_t need = block_size(kl) + ((v & 1) ? 0 : block_size(ld_rlx(m, v)));
+        /* Each word is read once and checked before it is used: a corrupt
+         * entry stops the copy, and the new region, never published, is
+         * garbage; the current one is as it was. */
+        uint64_t h = ld_rlx(m, eo), kr = ld_rlx(m, eo + 8), kl, vl = 0;
+        if (!block_in(m, kr, cur.heap, cur_end, &kl) || (!(v & 1) && !block_in(m, v, cur.heap, cur_end, &vl)))
+            return corrupt("an entry's blocks");
+        uint64_t need = block_size(kl) + ((v & 1) ? 0 : block_size(vl));
         if (ne >= nr.ecap || need > end - top)
             Py_RETURN_NONE;  /* too small: the current region is untouched */
         uint64_t nk = put_block(m, &top, m->addr + kr + 8, kl);
-        uint64_t nv = (v & 1) ? v : put_block(m, &top, m->addr + v + 8, ld_rlx(m, v));
+        uint64_t nv = (v & 1) ? v : put_block(m, &top, m->addr + v + 8, vl);
         uint64_t neo = nr.ent + ne * ENTRY;
         st_rlx(m, neo, h);
         st_rlx(m, neo + 8, nk);

@@ -96,6 +96,9 @@ static PyMethodDef native_methods[] = {
                         "gets (nfds None when no task has descriptors) and how many have a time limit."),
     FAST(drop_skipped, "drop_skipped(batch)\n--\n\n"
                        "Remove the tasks whose sink says skip() from the list, in place; return them."),
+    {"set_corrupt_error", (PyCFunction)set_corrupt_error, METH_O,
+     "set_corrupt_error(cls)\n--\n\nThe exception the SharedDict core raises for memory that does not hold "
+     "what shoal writes (shoal.CorruptDataError; RuntimeError until one is set)."},
     {"result_type", (PyCFunction)native_result_type, METH_O,
      "result_type(cls)\n--\n\nMake cls (a ResultSlot subclass) the plain result class: its instances "
      "without callbacks are not tracked by the garbage collector while they wait."},

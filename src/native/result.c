@@ -378,6 +378,10 @@ deliver_plain(FASTCALL_ARGS)
         return NULL;
     }
     for (; i < n; i++) {
+        /* A deliver() below runs Python code (a subclass's, a Future's): if
+         * anything shrank a list meanwhile, stop rather than read past it. */
+        if (i >= PyList_GET_SIZE(kinds) || i >= PyList_GET_SIZE(tasks) || i >= PyList_GET_SIZE(values))
+            break;
         PyObject *kind = PyList_GET_ITEM(kinds, i);
         int overflow;
         if (!PyLong_CheckExact(kind) || PyLong_AsLongAndOverflow(kind, &overflow) != raw || overflow)

@@ -4,7 +4,8 @@
  *
  *   util.c    buffer access with bounds/alignment checks, argument and
  *             timeout parsing, punch_hole (memfd ranges back to the kernel),
- *             copy_into (a memcpy without the GIL)
+ *             copy_into (a memcpy without the GIL), the error for corrupt
+ *             shared memory (set_corrupt_error)
  *   sync.c    1. atomics  2. robust process-shared mutex  3. futex wait/wake
  *   hash.c    4. xxh64, a hash that is the same in every process
  *   dict.c    5. the SharedDict core (Mapping, DictLock, dict_* operations)
@@ -24,6 +25,7 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -49,6 +51,8 @@ int parse_timeout(PyObject *obj, double *out);
 double monotonic_now(void);
 PyObject *punch_hole(FASTCALL_ARGS);
 PyObject *copy_into(FASTCALL_ARGS);
+PyObject *corrupt_error_type(void);
+PyObject *set_corrupt_error(PyObject *mod, PyObject *cls);
 
 /* sync.c */
 PyObject *atomic_load(FASTCALL_ARGS);

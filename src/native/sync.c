@@ -90,6 +90,9 @@ atomic_compare_exchange(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 /* Blocking waits sleep in slices of this many seconds so that signals
  * (KeyboardInterrupt) are handled while waiting. */
 #define WAIT_SLICE 0.05
+/* Every this many slices (about a second) a waiter looks at who holds the
+ * lock (see holder_missing). */
+#define HOLDER_CHECK_SLICES 20
 
 int
 init_robust_mutex(pthread_mutex_t *mu)
@@ -118,7 +121,12 @@ init_robust_mutex(pthread_mutex_t *mu)
 void
 set_lock_error(int r)
 {
-    if (r == EDEADLK)
+    if (r == EINVAL)
+        PyErr_SetString(corrupt_error_type(),
+                        "the lock's memory does not hold a robust process-shared mutex (EINVAL): the process "
+                        "that wrote it is not shoal of this version, or the bytes were overwritten (by a C "
+                        "extension, or a stray write to shared memory it holds)");
+    else if (r == EDEADLK)
         PyErr_SetString(PyExc_RuntimeError,
                         "this thread already holds the lock (it is not re-entrant at this level)");
     else if (r == ENOTRECOVERABLE)
@@ -129,6 +137,33 @@ set_lock_error(int r)
         errno = r;
         PyErr_SetFromErrno(PyExc_OSError);
     }
+}
+
+/* Whether the lock `mu`, which a waiter has been refused for a while, is
+ * held by nobody who could ever release it: its futex word (glibc keeps it
+ * first in pthread_mutex_t: the holder's thread id, and the waiters and
+ * owner-died bits) names no holder, or a thread that does not exist, and
+ * did not change meanwhile.  A holder that died is marked owner-died by the
+ * kernel (its robust list) and taken over by the next locker; a word naming
+ * a thread that is gone without that mark was written by something else
+ * than a locker: the memory was overwritten, and waiting would never end.
+ * (A holder in another PID namespace would look gone too: shoal's shared
+ * structures are for processes of one namespace.) */
+static int
+holder_missing(pthread_mutex_t *mu)
+{
+#if defined(__GLIBC__)
+    unsigned *word = (unsigned *)mu;
+    unsigned w = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    if (w == 0 || (w & FUTEX_OWNER_DIED))
+        return 0;  /* free, or recoverable: the next attempt takes it */
+    pid_t tid = (pid_t)(w & FUTEX_TID_MASK);
+    if (tid != 0 && (kill(tid, 0) == 0 || errno != ESRCH))
+        return 0;
+    return __atomic_load_n(word, __ATOMIC_ACQUIRE) == w;
+#else
+    return 0;
+#endif
 }
 
 /* Lock `mu`, with the GIL held on entry and exit.  Returns 0 (locked),
@@ -157,7 +192,7 @@ lock_robust(pthread_mutex_t *mu, double timeout, int spin)
     if (timeout == 0)
         return ETIMEDOUT;
     double deadline = timeout < 0 ? 0 : monotonic_now() + timeout;
-    for (;;) {
+    for (unsigned long slices = 1;; slices++) {
         double slice = WAIT_SLICE;
         if (timeout >= 0) {
             double left = deadline - monotonic_now();
@@ -182,6 +217,15 @@ lock_robust(pthread_mutex_t *mu, double timeout, int spin)
             goto fail;
         if (PyErr_CheckSignals() < 0)
             return -1;
+        if (slices % HOLDER_CHECK_SLICES == 0 && holder_missing(mu)) {
+            PyErr_Format(corrupt_error_type(),
+                         "the lock is held by no live thread (its word is 0x%x: the holder it names, thread %u, "
+                         "does not exist, and the kernel did not mark it dead): the process that wrote it is "
+                         "not shoal of this version, or the bytes were overwritten (by a C extension, or a "
+                         "stray write to shared memory it holds)",
+                         *(unsigned *)mu, *(unsigned *)mu & FUTEX_TID_MASK);
+            return -1;
+        }
     }
 fail:
     if (r == EDEADLK)
@@ -270,6 +314,10 @@ mutex_consistent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     int r = pthread_mutex_consistent(mu);
     PyBuffer_Release(&view);
+    if (r == EINVAL) {  /* not inconsistent: callers expect this one as a plain OSError */
+        errno = r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     if (r != 0) {
         set_lock_error(r);
         return NULL;

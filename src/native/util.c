@@ -1,5 +1,34 @@
-/* util.c: buffer access, argument parsing, memfd hole punching. */
+/* util.c: buffer access, argument parsing, memfd hole punching, the error
+ * for corrupt shared memory. */
 #include "shoal_native.h"
+
+/* ------------------------------------------------------------------------
+ * The error for shared memory that does not hold what shoal writes
+ * ---------------------------------------------------------------------- */
+
+static PyObject *corrupt_error;  /* shoal.CorruptDataError, once registered */
+
+/* What the native core raises for corrupt shared memory: the class
+ * shoal._fd registers at import (shoal.CorruptDataError; the exceptions
+ * module is a sibling of this extension, which therefore does not import
+ * it), RuntimeError before that. */
+PyObject *
+corrupt_error_type(void)
+{
+    return corrupt_error ? corrupt_error : PyExc_RuntimeError;
+}
+
+/* set_corrupt_error(cls) */
+PyObject *
+set_corrupt_error(PyObject *mod, PyObject *cls)
+{
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, (PyTypeObject *)PyExc_Exception)) {
+        PyErr_SetString(PyExc_TypeError, "set_corrupt_error() takes an exception class");
+        return NULL;
+    }
+    Py_XSETREF(corrupt_error, Py_NewRef(cls));
+    Py_RETURN_NONE;
+}
 
 /* ------------------------------------------------------------------------
  * Buffer access with bounds and alignment checks

@@ -135,6 +135,9 @@ from .exceptions import (
     BrokenResourceError as BrokenResourceError,
 )
 from .exceptions import (
+    CorruptDataError as CorruptDataError,
+)
+from .exceptions import (
     PoolClosedError as PoolClosedError,
 )
 from .exceptions import (
@@ -192,6 +195,7 @@ __all__ = (
     "Condition",
     "Connection",
     "Context",
+    "CorruptDataError",
     "Event",
     "JoinableQueue",
     "Lock",

@@ -59,6 +59,12 @@ How it ends:
   calls A): each waiting call carries the addresses of the actors waiting
   for it, and the call that would close the cycle raises RuntimeError.
 * A caller process dies: its connection closes and the actor drops it.
+* A peer (of the same user: no other is served) sends a request that is
+  not a shoal caller's (a malformed datagram, a message of unknown kind or
+  shape, STOP from another connection than the creator's): the actor tells
+  it why, as text, drops that connection and goes on serving the others.
+  A reply that is not a shoal actor's fails this process's calls to it with
+  :class:`~shoal.exceptions.CorruptDataError` and closes the connection.
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ from ._engine import engine_descriptors
 from ._engine import set_pdeathsig as _set_pdeathsig
 from ._ipc import BYTES, SNDBUF, close_fds, encode, recv_packet, refuse_connection, send_packet, socketpair
 from ._serialization import loads_with, pack_exception, pickle_code, starting_process, unpack_exception
-from .exceptions import ActorDiedError, SerializationError, describe_exitcode
+from .exceptions import ActorDiedError, CorruptDataError, SerializationError, corrupt_data, describe_exitcode
 
 __all__ = ("Actor",)
 
@@ -162,6 +168,7 @@ class _Client:
         self.futures = 0  # pending calls with a Future
         self.reader = False  # the reader thread runs
         self.dead: str | None = None  # why the actor is unreachable
+        self.corrupt = False  # it is because the actor sent a reply that is not shoal's
         self.closing = False  # the creator stopped it on purpose
         self.outbox: list = []
         self.outbox_fds: list[int] = []
@@ -328,6 +335,9 @@ class _Client:
     def _read_one(self) -> None:
         try:
             packet = recv_packet(self.sock)  # type: ignore[arg-type]  # None only once closed, after dead is set
+        except CorruptDataError as exc:
+            self._corrupt_reply(str(exc))
+            return
         except (OSError, ValueError, AttributeError):  # the socket was closed under us
             packet = None
         if packet is None:
@@ -340,7 +350,14 @@ class _Client:
             self._lost()
             return
         try:
-            cid, ok, blob = pickle.loads(payload)
+            try:
+                reply = pickle.loads(payload)
+                cid, ok, blob = reply
+                if type(cid) is not int or type(ok) is not bool or type(blob) is not bytes:
+                    raise TypeError(f"not (int, bool, bytes): {tuple(type(x).__name__ for x in reply)}")
+            except Exception as exc:  # noqa: BLE001 - garbage of any kind: not a reply of ours
+                self._corrupt_reply(f"{type(exc).__name__}: {exc}")
+                return
             if ok:
                 try:
                     value = loads_with(blob, fds)
@@ -370,6 +387,15 @@ class _Client:
             self.futures -= 1
         call.done = True
         _settle(call.future, ok, value)
+
+    def _corrupt_reply(self, detail: str) -> None:
+        """The actor sent something that is not a reply: no call can trust
+        what comes on this connection any more."""
+        with self.cond:
+            if self.dead is None:
+                self.corrupt = True
+                self.dead = f"it sent a reply that is not a shoal actor's ({detail:.300})"
+        self._lost()
 
     def _called(self, cid: int) -> str:
         """``Counter.incr()``: the call *cid* names, for an error about it."""
@@ -413,9 +439,14 @@ class _Client:
                 pass
         return "its process exited or was killed"
 
-    def died(self) -> ActorDiedError:
+    def died(self) -> ActorDiedError | CorruptDataError:
         """A new exception for one failed call (never one instance shared by
         several callers: its traceback would collect all their frames)."""
+        if self.corrupt:
+            return corrupt_data(
+                f"the {self.name} actor (process {self.actor_pid}) {self.dead}; this process's connection to "
+                "it is closed and its calls to it fail"
+            )
         return ActorDiedError(
             f"the {self.name} actor (process {self.actor_pid}) is gone: {self.dead}. "
             "Its state is lost and calls "
@@ -1167,14 +1198,27 @@ class _Server:
             packet = recv_packet(sock, _DONTWAIT)
         except BlockingIOError:
             return True
+        except CorruptDataError as exc:
+            refuse_connection(sock, f"the {self.name} actor refused a request: {exc}", close=False)
+            return False
         except OSError:
             return False
         if packet is None:
             return False
         _kind, payload, fds = packet
         try:
-            message = pickle.loads(payload)
-            op = message[0]
+            try:
+                message = pickle.loads(payload)
+                op = _check_request(message, len(fds), sock is self.creator_conn)
+            except Exception as exc:  # noqa: BLE001 - garbage of any kind: not a request of ours
+                # Said as text (never a pickle), and this connection is done with.
+                refuse_connection(
+                    sock,
+                    f"the {self.name} actor refused a request that is not a shoal caller's "
+                    f"({type(exc).__name__}: {exc}); this connection is closed",
+                    close=False,
+                )
+                return False
             if op == CALL:
                 return self.call(sock, obj, message[1], message[2], message[3], fds, message[4:])
             if op == SEND:
@@ -1256,6 +1300,47 @@ class _Server:
                     file=sys.stderr,
                 )
                 traceback.print_exc()
+
+
+def _check_request(message: Any, nfds: int, from_creator: bool) -> int:
+    """The kind of a request, after checking that it has the shape a
+    caller sends (see CALL, SEND, STOP) with *nfds* descriptors; raises
+    (TypeError, ValueError) otherwise.  Only the creator's connection stops
+    the actor."""
+    if type(message) is not tuple or not message or type(message[0]) is not int:
+        raise TypeError(f"a request is a tuple that starts with its kind, not {type(message).__name__}")
+    op = message[0]
+    if op == CALL:
+        if len(message) not in (4, 5) or type(message[1]) is not int or type(message[2]) is not str:
+            raise ValueError("a CALL is (CALL, call id, method name, arguments[, waiting actors])")
+        if not isinstance(message[3], (bytes, bytearray)):
+            raise TypeError(f"a CALL's arguments are bytes, not {type(message[3]).__name__}")
+        if len(message) == 5 and not (
+            type(message[4]) is tuple and all(type(a) is str or a is None for a in message[4])
+        ):
+            raise ValueError("a CALL's waiting actors are a tuple of addresses")
+        return op
+    if op == SEND:
+        if len(message) != 2 or type(message[1]) is not list:
+            raise ValueError("a SEND is (SEND, [(method name, arguments, descriptors), ...])")
+        total = 0
+        for entry in message[1]:
+            if type(entry) is not tuple or len(entry) != 3:
+                raise ValueError("a SEND's entries are (method name, arguments, descriptors)")
+            name, blob, n = entry
+            if type(name) is not str or not isinstance(blob, (bytes, bytearray)):
+                raise ValueError("a SEND's entries are (str, bytes, int >= 0)")
+            if type(n) is not int or n < 0:
+                raise ValueError(f"a SEND's entry counts {n!r:.20} descriptors")
+            total += n
+        if total > nfds:
+            raise ValueError(f"a SEND's entries count {total} descriptors, {nfds} came with it")
+        return op
+    if op == STOP and len(message) == 1:
+        if not from_creator:
+            raise ValueError("only the process that created an actor stops it")
+        return op
+    raise ValueError(f"a request of unknown kind {op!r:.40}")
 
 
 def _method(obj, name: str):

@@ -33,8 +33,13 @@ The tree::
     │                                       of ending the caller's program (.code)
     ├── ActorDiedError                      the actor's process exited (it died,
     │                                       was closed, or its creator exited)
-    └── BrokenResourceError                 the other end of a pipe, queue or
-                                            shared structure died
+    ├── BrokenResourceError(…, OSError)     the other end of a pipe, queue or
+    │                                       shared structure died
+    └── CorruptDataError(…, OSError)        bytes another process wrote (a message's
+                                            framing, a queue's ring, a SharedDict's
+                                            memory) are not what shoal writes: the
+                                            peer is not shoal of this version, or
+                                            something overwrote the memory
 
 Every exception here survives a pickle round trip, so it can itself be sent
 between processes.
@@ -49,6 +54,7 @@ from typing import Any
 __all__ = (
     "ActorDiedError",
     "BrokenResourceError",
+    "CorruptDataError",
     "PoolClosedError",
     "RemoteError",
     "RemoteTraceback",
@@ -295,6 +301,34 @@ class ActorDiedError(ShoalError):
 
 class BrokenResourceError(ShoalError, OSError):
     """The process at the other end of a pipe, queue or shared structure died."""
+
+
+class CorruptDataError(ShoalError, OSError):
+    """Bytes that another process wrote are not what shoal writes.
+
+    Raised by every decoder of shoal's own layouts, never by a crash, a hang
+    or an attempt to allocate what a corrupt length announces: a message's
+    framing on a pipe, a queue or a pool worker's channel (a length larger
+    than this machine's memory, a truncated header, a descriptor missing), a
+    queue's ring in shared memory, a SharedDict's memory (an offset outside
+    the file, an index slot naming no entry).  The message says what was
+    wrong.  The other process is not shoal of this version, or something in
+    it (a C extension, a stray write to a descriptor it holds) overwrote the
+    bytes.  The structure that raised it stays unusable; the data in it
+    cannot be trusted.
+
+    (Pickled payloads are not checked: a pickle is code, and shoal accepts
+    them only from processes of the same user; see the security page.)
+    """
+
+
+def corrupt_data(what: str) -> CorruptDataError:
+    """A :class:`CorruptDataError` saying *what* was wrong (``"a message
+    announces 1099511627776 bytes"``), and what that means."""
+    return CorruptDataError(
+        f"{what}: the process that wrote it is not shoal of this version, or the bytes were overwritten "
+        "(by a C extension, or a stray write to a descriptor or shared memory it holds)"
+    )
 
 
 for _name in __all__:

@@ -12,11 +12,13 @@ The rules:
 - A task whose caller already has an error (cancelled, or abandoned by
   terminate) is dropped: nothing more is delivered to it.
 - The task the worker was running fails: ``TaskTimeoutError`` when the
-  scheduler killed the worker for its time limit, else ``WorkerDiedError``
-  (pid, exit code or signal); its function is *blamed* (the engine then asks
-  for results after every task of it, so another crash loses no finished
-  work).  A running task that was cancelled is dropped by the rule above:
-  its caller already got its ``CancelledError``.
+  scheduler killed the worker for its time limit, the scheduler's own
+  error when it killed the worker for another reason (a message that is not
+  shoal's: ``CorruptDataError``), else ``WorkerDiedError`` (pid, exit code
+  or signal); its function is *blamed* (the engine then asks for results
+  after every task of it, so another crash loses no finished work).  A
+  running task that was cancelled is dropped by the rule above: its caller
+  already got its ``CancelledError``.
 - If the pool is broken (its initializer fails), every other task fails
   with ``WorkerStartError``.
 - Otherwise the others go back to the queue as they are, uncounted: those
@@ -25,7 +27,9 @@ The rules:
 - A worker that died *between* tasks most likely died sending the result of
   the last task it finished: that task runs again, counted against
   ``max_requeues``, its function blamed; once it has been run again that
-  many times it fails with ``WorkerDiedError`` instead.
+  many times it fails with ``WorkerDiedError`` instead.  When the scheduler
+  killed it with an error of its own (a corrupt message, most likely the
+  one carrying that task's result), that task fails with that error.
 """
 
 from __future__ import annotations
@@ -82,14 +86,17 @@ def attribute_crash(
     broken: bool = False,
     broken_error: BaseException | None = None,
     max_requeues: int = MAX_REQUEUES,
+    kill_error: BaseException | None = None,
 ) -> list[Verdict]:
     """One :class:`Verdict` per task of *tasks* (what the dead worker *pid*
     held, in the order it runs them), in that order.
 
     *running* and *last_done* are the ids in the worker's status slot (0:
     none); *exitcode* is the worker's, as ``Process.exitcode``; *broken* says
-    the pool cannot start workers any more (*broken_error* says why).
-    Nothing is mutated: the caller applies the verdicts.
+    the pool cannot start workers any more (*broken_error* says why);
+    *kill_error*: the scheduler killed the worker, and why (the running
+    task's error, or the suspect's when none was running).  Nothing is
+    mutated: the caller applies the verdicts.
     """
     tasks = list(tasks)
     run_index = finished_upto = -1
@@ -113,6 +120,8 @@ def attribute_crash(
                     f"the task ran longer than its time limit of {task.timeout} s; worker process "
                     f"{pid} was killed and replaced"
                 )
+            elif kill_error is not None:
+                exc = kill_error
             else:
                 exc = WorkerDiedError(pid, exitcode)
             verdicts.append(Verdict(task, Fate.FAIL, exc, blame=task.kill_reason is None))
@@ -121,7 +130,9 @@ def attribute_crash(
             exc.__cause__ = broken_error  # as break_pool() gives the tasks still queued
             verdicts.append(Verdict(task, Fate.FAIL, exc))
         elif suspect and task.id == last_done:
-            if task.requeues >= max_requeues:
+            if kill_error is not None:
+                verdicts.append(Verdict(task, Fate.FAIL, kill_error, blame=True))
+            elif task.requeues >= max_requeues:
                 exc = WorkerDiedError(
                     pid,
                     exitcode,

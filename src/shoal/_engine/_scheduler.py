@@ -53,17 +53,19 @@ from .._ipc import Channel
 from .._native import batch_columns, compare_exchange, deliver_plain, drop_skipped, load, store
 from .._serialization import loads_with, pickle_code, starting_process, unpack_exception
 from ..exceptions import (
+    CorruptDataError,
     PoolClosedError,
     RemoteTraceback,
     SerializationError,
     WorkerStartError,
+    corrupt_data,
     describe_exitcode,
 )
 from . import _worker
 from ._crash import ALREADY_FAILED, Fate, attribute_crash
 from ._procs import GRACE, Tree, open_pidfd
 from ._tasks import Task, Worker
-from ._worker import GATE, GATE_MASK, GATE_MAX_RECALL, GATE_SHIFT, STATUS, STATUS_SLOT, WorkerConfig
+from ._worker import GATE, GATE_MASK, GATE_MAX_RECALL, GATE_SHIFT, SENT, STATUS, STATUS_SLOT, WorkerConfig
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -142,6 +144,38 @@ def _fn_bytes(batch: list[Task], fid: int) -> bytes:
         if task.fn_id == fid:
             return task.fn_ref[2]
     raise AssertionError(f"no task of the batch uses function {fid}")
+
+
+def _describe(obj: Any) -> str:
+    text = repr(obj)
+    return f"{type(obj).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _check_results(body: Any, held: int, nfds: int) -> None:
+    """CorruptDataError unless *body* is a RESULTS message a worker holding
+    *held* tasks sends with *nfds* descriptors: parallel lists of kinds,
+    values and descriptor counts (None: none), at most one per task held,
+    and the durations (function id, seconds, items > 0) in threes.  Type
+    and length checks per message; the kinds are checked as they are read."""
+    try:
+        kinds, values, counts, timing = body
+        if type(kinds) is not list or type(values) is not list or type(timing) is not list:
+            raise TypeError("not lists")
+        if len(values) != len(kinds) or len(kinds) > held or len(timing) % 3:
+            raise ValueError(
+                f"{len(kinds)} kinds, {len(values)} values, {held} tasks held, {len(timing)} timings"
+            )
+        if counts is None:
+            if nfds:
+                raise ValueError(f"{nfds} descriptors and no counts")
+        elif type(counts) is not list or len(counts) != len(kinds) or sum(counts) != nfds or min(counts) < 0:
+            raise ValueError(f"descriptor counts that do not add up to the {nfds} descriptors received")
+        for i in range(0, len(timing), 3):
+            fid, seconds, items = timing[i : i + 3]
+            if type(fid) is not int or type(seconds) is not float or type(items) is not int or items <= 0:
+                raise ValueError(f"a duration entry {timing[i : i + 3]!r:.80}")
+    except (TypeError, ValueError) as exc:
+        raise corrupt_data(f"a results message that is malformed ({exc}; body {_describe(body)})") from exc
 
 
 def interrupt_task(task: Task, exc: BaseException) -> None:
@@ -236,6 +270,7 @@ class Scheduler:
         slot = self._free_slots.pop()
         STATUS.pack_into(self._status, slot * STATUS_SLOT, 0, 0.0, 0)
         store(self._status, slot * STATUS_SLOT + GATE, 0)
+        store(self._status, slot * STATUS_SLOT + SENT, 0)
         parent_ch, child_ch = Channel.pair()
         # PR_SET_PDEATHSIG fires when the *thread* that started the worker
         # exits, so ask for it only from threads that live as long as the
@@ -619,22 +654,92 @@ class Scheduler:
         self._flush(w)
 
     # -- results ----------------------------------------------------------
-    def read_results(self, w: Worker) -> None:
-        frames, eof = w.channel.recv_available()
-        for payload, fds in frames:
-            self._on_message(w, payload, fds)
-        if eof and not w.eof:
-            w.eof = True
+    def read_results(self, w: Worker) -> int:
+        """Handle what *w* sent; how many messages that was.  A message
+        that is not a worker's makes it corrupt (see corrupt_worker)."""
+        try:
+            frames, eof = w.channel.recv_available()
+        except OSError as exc:  # a frame that cannot be followed (CorruptDataError; EMFILE)
+            self.corrupt_worker(w, exc)
+            return 0
+        for i, (payload, fds) in enumerate(frames):
             try:
-                if w.writing:
-                    self._selector.modify(w.channel.fileno(), selectors.EVENT_WRITE, ("chan", w))
-                else:
-                    self._selector.unregister(w.channel.fileno())
-            except (KeyError, ValueError):
-                pass
+                self._on_message(w, payload, fds)
+            except CorruptDataError as exc:
+                for _payload, later in frames[i + 1 :]:
+                    for fd in later:
+                        os.close(fd)
+                self.corrupt_worker(w, exc)
+                return i
+        sent = load(self._status, w.slot * STATUS_SLOT + SENT)
+        if w.channel.received > sent:
+            # Bytes the worker did not send (it counts each message before
+            # sending it): a frame of theirs may be waiting for bytes that
+            # will never come, so this is the time to say it.
+            self.corrupt_worker(
+                w,
+                corrupt_data(
+                    f"its channel carried {w.channel.received - sent} bytes more than the worker sent "
+                    "(something else in it wrote to the channel's descriptor)"
+                ),
+            )
+            return len(frames)
+        if eof and not w.eof:
+            self._stop_reading(w)
+        return len(frames)
+
+    def _stop_reading(self, w: Worker) -> None:
+        w.eof = True
+        try:
+            if w.writing:
+                self._selector.modify(w.channel.fileno(), selectors.EVENT_WRITE, ("chan", w))
+            else:
+                self._selector.unregister(w.channel.fileno())
+        except (KeyError, ValueError):
+            pass
+
+    def corrupt_worker(self, w: Worker, exc: OSError) -> None:
+        """*w* sent a message that is not shoal's: stop reading it (its
+        stream cannot be followed), kill it, and let reap() fail the task
+        it was running (or the one whose result the message most likely
+        carried) with a CorruptDataError saying so; the others run again
+        elsewhere, as after a crash."""
+        if w.kill_error is None:
+            error = CorruptDataError(
+                f"worker process {w.pid} sent the pool a message that is not shoal's ({exc}); it was "
+                "killed and replaced, and the pool goes on. A task that writes to a descriptor it does not "
+                "own (the worker's channel to the pool) does this, and so does memory corruption in the "
+                "worker (a C extension)"
+            )
+            error.__cause__ = exc
+            w.kill_error = error
+            w.kill_reason = w.kill_reason or "corrupt"
+        if not w.eof:
+            self._stop_reading(w)
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def _on_message(self, w: Worker, payload: bytes, fds: list[int]) -> None:
-        kind, body = pickle.loads(payload)
+        """One message of *w*; CorruptDataError (its descriptors closed)
+        when it is not one a worker sends."""
+        try:
+            try:
+                kind, body = pickle.loads(payload)
+            except Exception as exc:  # garbage of any kind: not a message of ours
+                raise corrupt_data(f"a message that does not unpickle ({type(exc).__name__}: {exc})") from exc
+            if kind == _worker.RESULTS:
+                _check_results(body, len(w.inflight), len(fds))
+            elif kind == _worker.EXITED or kind == _worker.RETIRE:
+                if type(body) is not tuple or not body or (kind == _worker.EXITED and len(body) != 2):
+                    raise corrupt_data(f"a message of kind {kind} whose body is {_describe(body)}")
+            elif kind != _worker.READY and kind != _worker.INIT_FAILED:
+                raise corrupt_data(f"a message of unknown kind {_describe(kind)}")
+        except CorruptDataError:
+            for fd in fds:
+                os.close(fd)
+            raise
         if kind == _worker.RESULTS:
             self._on_results(w, body, fds)
         elif kind == _worker.READY:
@@ -724,8 +829,10 @@ class Scheduler:
                             "the task's result could not be unpickled in the parent: "
                             f"{type(exc).__name__}: {exc}"
                         )
-                else:
+                elif kind == _worker.FAILED:
                     value = self._with_traceback_type(unpack_exception(value))
+                else:
+                    raise corrupt_data(f"a result of unknown kind {kind!r}")
                 failed += 1
                 task.sink.deliver(task, False, value)
                 task.sink = None
@@ -857,14 +964,10 @@ class Scheduler:
 
     # -- worker exit -------------------------------------------------------
     def reap(self, w: Worker) -> None:
-        if not w.eof:
-            # Results the worker sent before it died are still in the socket.
-            while True:
-                frames, eof = w.channel.recv_available()
-                for payload, fds in frames:
-                    self._on_message(w, payload, fds)
-                if eof or not frames:
-                    break
+        # Results the worker sent before it died are still in the socket
+        # (read_results stops reading, eof, at the end or at a corrupt message).
+        while not w.eof and self.read_results(w):
+            pass
         _join_exited(w, self._ctx)
         exitcode = w.proc.exitcode
         running, _started, last_done = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
@@ -894,6 +997,7 @@ class Scheduler:
             exitcode=exitcode,
             broken=w.retire_reason == "initializer" or self.engine._state == _BROKEN,
             broken_error=self.engine._broken_error,
+            kill_error=w.kill_error,
         )
         failed_any = False
         requeue = []

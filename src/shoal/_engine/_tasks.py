@@ -102,6 +102,9 @@ class Worker:
     recalled: int = 0
     retire_reason: str | None = None
     kill_reason: str | None = None
+    #: why the scheduler killed it, when that fails a task ("corrupt": it
+    #: sent a message that is not shoal's; see Scheduler.corrupt_worker)
+    kill_error: BaseException | None = None
 
     def __post_init__(self) -> None:
         self.pid = self.proc.pid

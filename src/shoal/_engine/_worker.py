@@ -111,7 +111,11 @@ RAW_TYPES = frozenset({int, float, str, bool, type(None), complex})
 FLUSH_SECONDS = 0.001
 
 #: Status block layout, one slot per worker: running task id, its start time
-#: (time.monotonic), id of the last finished task.
+#: (time.monotonic), id of the last finished task; then the gate (GATE,
+#: below) and, at SENT, the bytes the worker has sent on its channel (each
+#: message counted before it goes out: Channel.count_sent_in), so the
+#: scheduler can tell bytes that the worker did not send (a task writing to
+#: the channel's descriptor).
 STATUS = struct.Struct("qdq")
 STATUS_SLOT = 64  # one cache line per worker, so workers do not false-share
 
@@ -125,6 +129,7 @@ STATUS_SLOT = 64  # one cache line per worker, so workers do not false-share
 #: never started here and a started one never recalled: the scheduler gives
 #: recalled tasks to another worker at once (see Scheduler.recall).
 GATE = STATUS.size
+SENT = GATE + 8
 GATE_SHIFT = 48
 GATE_MASK = (1 << GATE_SHIFT) - 1
 #: Most tasks one recall may cover (a worker never holds more than
@@ -267,6 +272,7 @@ def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
     status = mmap.mmap(status_fd, 0)
     os.close(status_fd)
     offset = config.slot * STATUS_SLOT
+    channel.count_sent_in(status, offset + SENT)
 
     try:
         try:

@@ -13,36 +13,56 @@ descriptor travels and how anonymous memory is made:
   :mod:`multiprocessing`'s own descriptor passing is used.
 * segments (:mod:`._segment`): memfds (:func:`create_fd`,
   :func:`fd_from_buffer`), a mapped :class:`Segment`, and copy-on-write
-  views (:func:`map_private_fd`).
+  views (:func:`map_private_fd`); what a size that another process
+  announced may be (:data:`MAX_PEER_SIZE`, :func:`peer_size_error`,
+  :func:`check_fd_holds`), checked before anything is allocated; memfds
+  sealed against shrinking, and the check that a received one is
+  (:func:`check_sealed`).
 * warm segments (:mod:`._warm`): reusable segments whose readers the kernel
   tracks with file-lock leases (:class:`WarmSegments`, :func:`map_leased`).
 
 Every layer above (serialization, IPC, shared memory, the engine) uses these
 names and nothing else of this package.
+
+Importing it also tells the native core (:mod:`shoal._native`, a sibling of
+:mod:`shoal.exceptions` that cannot import it) which error corrupt shared
+memory raises: :class:`~shoal.exceptions.CorruptDataError`.
 """
 
+from .. import _native
+from ..exceptions import CorruptDataError
 from ._passing import collecting as collecting
 from ._passing import collecting_fds as collecting_fds
 from ._passing import providing_fds as providing_fds
 from ._passing import reduce_fd as reduce_fd
 from ._passing import sending_fds as sending_fds
 from ._passing import swap_sending as swap_sending
+from ._segment import MAX_PEER_SIZE as MAX_PEER_SIZE
 from ._segment import Segment as Segment
+from ._segment import check_fd_holds as check_fd_holds
+from ._segment import check_sealed as check_sealed
 from ._segment import create_fd as create_fd
 from ._segment import fd_from_buffer as fd_from_buffer
 from ._segment import map_private_fd as map_private_fd
+from ._segment import peer_size_error as peer_size_error
 from ._warm import WarmSegments as WarmSegments
 from ._warm import map_leased as map_leased
 
+_native.set_corrupt_error(CorruptDataError)
+
 __all__ = (
+    "MAX_PEER_SIZE",
     "Segment",
     "WarmSegments",
+    "check_fd_holds",
+    "check_sealed",
     "collecting",
     "collecting_fds",
     "create_fd",
     "fd_from_buffer",
     "map_leased",
     "map_private_fd",
+    "peer_size_error",
     "providing_fds",
     "reduce_fd",
     "sending_fds",

@@ -110,7 +110,7 @@ def reduce_fd(fd: int) -> tuple:
 
 def _fd_from_message(index: int) -> int:
     fds = _state.recv
-    if fds is None or index >= len(fds):
+    if fds is None or not 0 <= index < len(fds):
         raise RuntimeError(
             "a file descriptor was expected beside this message but none arrived; "
             "objects holding shared memory or connections must travel through shoal "

@@ -5,28 +5,92 @@ name in ``/dev/shm``) mapped into this process.  It travels to other processes
 as a descriptor (see :mod:`shoal._fd`), so the kernel frees the memory
 when the last descriptor and mapping are gone, however the processes holding
 them end.  Nothing needs a resource tracker and nothing can be left behind.
+
+Every memfd shoal makes is sealed against shrinking (``F_SEAL_SHRINK``; it
+can still grow): a page of a mapping beyond the end of its file is SIGBUS,
+so a process holding the descriptor could otherwise crash every process
+that maps it by truncating it.  Receivers of the long-lived shared
+structures (a SharedDict, a queue's ring) refuse a memfd without that seal
+(:func:`check_sealed`); one system call when they attach.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
+import stat
 
+from ..exceptions import CorruptDataError, corrupt_data
 from ._passing import collecting, reduce_fd
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - every Linux has both
+        return 1 << 40
+
+
+#: The largest size another process may announce for what it sends (a
+#: message, a frame, a shared-memory payload): this machine's physical
+#: memory.  A length field above it is refused before anything is allocated
+#: or read; no shoal peer can have written that much for us to read.
+MAX_PEER_SIZE = _physical_memory()
+
+
+def peer_size_error(size: int, what: str) -> CorruptDataError:
+    """The error for *what* (``"a message"``) announcing *size* bytes, more
+    than :data:`MAX_PEER_SIZE`: a corrupt length field."""
+    return corrupt_data(
+        f"{what} announces a size of {size} bytes ({size / 2**30:.1f} GiB), more than this machine's "
+        f"memory ({MAX_PEER_SIZE / 2**30:.1f} GiB), so nothing was allocated or read"
+    )
+
+
+def check_fd_holds(fd: int, end: int, what: str) -> None:
+    """Raise :class:`CorruptDataError` unless *fd* is a regular file (a
+    memfd) of at least *end* bytes: what *what* announced it holds.  One
+    ``fstat``: for paths where the read that follows costs far more."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise corrupt_data(f"{what} came with a descriptor that cannot be examined ({exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise corrupt_data(f"{what} came with a descriptor that is not shared memory (mode {st.st_mode:o})")
+    if st.st_size < end:
+        raise corrupt_data(f"{what} announces {end} bytes, but its shared memory holds only {st.st_size}")
+
+
 def create_fd(size: int, name: str = "shoal") -> int:
-    """A new memfd of *size* bytes (zero-filled, sparse until written)."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    """A new memfd of *size* bytes (zero-filled, sparse until written),
+    sealed against shrinking."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         if size:
             os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def check_sealed(fd: int, what: str) -> None:
+    """Raise :class:`CorruptDataError` unless the memfd *fd* (received as
+    *what*) is sealed against shrinking, as :func:`create_fd` makes them:
+    mapped, one that another process can truncate could crash this one."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:  # not a memfd (EINVAL)
+        raise corrupt_data(f"{what} came as a descriptor that is not shoal's shared memory ({exc})") from exc
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise corrupt_data(
+            f"{what} came as shared memory that any process holding it can shrink (shoal seals its own "
+            "against that: a mapping of a file that shrinks crashes the processes using it)"
+        )
 
 
 def fd_from_buffer(data) -> int:

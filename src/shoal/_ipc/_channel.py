@@ -6,6 +6,23 @@ attached to a message travel as ``SCM_RIGHTS`` ancillary data on the frame's
 first bytes; the count in the header lets the reader hand each frame exactly
 its own descriptors, even when several frames arrive in one read.
 
+A frame announcing more than this machine's memory
+(:data:`shoal._fd.MAX_PEER_SIZE`), or more descriptors than arrived with
+it, raises :class:`~shoal.exceptions.CorruptDataError` before anything is
+allocated for it; the stream cannot be resynchronised after that, so the
+channel is done with.  Reads are at most :data:`_READ_MAX` bytes each, so a
+frame's announced length is never allocated at once, only what arrives.
+
+A stream cannot say that a plausible length is wrong: a frame announcing
+more bytes than its sender wrote swallows the frames after it, and the
+reader waits for the rest forever.  So a sender may count what it sends in
+shared memory (:meth:`Channel.count_sent_in`: the running total is stored
+*before* each frame goes out), and the reader compares it with what it
+received (:attr:`Channel.received`): more bytes received than the sender
+ever sent were written by someone else (in a pool worker: a task writing to
+a descriptor it does not own), detected by the read that brings them, with
+no timeout.  A load and a comparison per read.
+
 :class:`Channel` is the building block for the pool engine's per-worker links
 and for :class:`shoal.Connection`.  It is not thread-safe by itself; callers
 serialize access (the engine has one scheduler thread per channel end;
@@ -15,16 +32,24 @@ connections take a lock).
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import struct
 from collections import deque
 from typing import Any
 
+from .. import _native
+from .._fd import MAX_PEER_SIZE, peer_size_error
+from ..exceptions import corrupt_data
+
 _HEADER = struct.Struct("<Q")
 _SIZE_MASK = (1 << 48) - 1
 _MAX_FDS = 253  # SCM_MAX_FD in Linux
 _FD_ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * 4)
+_CTRUNC = int(socket.MSG_CTRUNC)
+#: The most one read asks for (a frame's bytes arrive a socket buffer at a time).
+_READ_MAX = 4 << 20
 
 
 def _cmsg_fds(ancdata) -> list[int]:
@@ -40,13 +65,30 @@ def _cmsg_fds(ancdata) -> list[int]:
 class Channel:
     """One end of a framed, descriptor-carrying socket connection."""
 
-    __slots__ = ("_buf", "_outq", "_pending_fds", "_pos", "sock")
+    __slots__ = (
+        "_buf",
+        "_fds_lost",
+        "_outq",
+        "_pending_fds",
+        "_pos",
+        "_sent",
+        "_sent_at",
+        "received",
+        "sock",
+    )
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buf = bytearray()
         self._pos = 0
         self._pending_fds: list[int] = []
+        # The kernel dropped descriptors sent to us (we had too many open).
+        self._fds_lost = False
+        #: bytes read from the socket so far
+        self.received = 0
+        # Bytes sent, and where their running total is published (count_sent_in).
+        self._sent = 0
+        self._sent_at: tuple[Any, int] | None = None
         # Frames waiting to be written by a non-blocking sender:
         # [view of the unsent bytes, descriptors or None once sent]
         self._outq: deque[list] = deque()
@@ -59,6 +101,14 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def count_sent_in(self, buf, offset: int) -> None:
+        """From now on, store the number of bytes :meth:`send` has sent
+        (an int64 at *offset* of the shared *buf*), each frame counted
+        before it goes out, so that the reader can tell bytes that did not
+        come from here (see the module docstring)."""
+        self._sent_at = (buf, offset)
+        _native.store(buf, offset, self._sent)
+
     def close(self) -> None:
         self.sock.close()
         for fd in self._pending_fds:
@@ -69,6 +119,9 @@ class Channel:
     # -- sending ----------------------------------------------------------
     def send(self, payload, fds=()) -> None:
         """Send one frame (blocking)."""
+        if self._sent_at is not None:
+            self._sent += 8 + len(payload)
+            _native.store(*self._sent_at, self._sent)
         header = _HEADER.pack(len(payload) | (len(fds) << 48))
         if not fds:
             sent = self.sock.sendmsg([header, payload])
@@ -151,12 +204,15 @@ class Channel:
             if self._pos:
                 del buf[: self._pos]
                 self._pos = 0
-            need = max(want - len(buf), 65536)
-            data, anc, _flags, _addr = self.sock.recvmsg(need, _FD_ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+            need = min(max(want - len(buf), 65536), _READ_MAX)
+            data, anc, flags, _addr = self.sock.recvmsg(need, _FD_ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
             if anc:
                 self._pending_fds.extend(_cmsg_fds(anc))
+            if flags & _CTRUNC:
+                self._fds_lost = True
             if not data:
                 return False
+            self.received += len(data)
             buf += data
         return True
 
@@ -172,14 +228,28 @@ class Channel:
         (size,) = _HEADER.unpack_from(self._buf, self._pos)
         nfds = size >> 48
         size &= _SIZE_MASK
+        if size > MAX_PEER_SIZE:
+            raise peer_size_error(size, "a frame")
         if not self._fill(8 + size):
             raise EOFError("the connection closed in the middle of a message")
+        if nfds > len(self._pending_fds):
+            raise self._missing_fds(nfds)
         start = self._pos + 8
         payload = bytes(self._buf[start : start + size])
         self._pos = start + size
         fds = self._pending_fds[:nfds]
         del self._pending_fds[:nfds]
         return memoryview(payload), fds
+
+    def _missing_fds(self, nfds: int) -> OSError:
+        have = len(self._pending_fds)
+        if self._fds_lost:
+            return OSError(
+                errno.EMFILE,
+                f"a frame came with {nfds} descriptors but only {have} could be received: this process has "
+                "too many open files (RLIMIT_NOFILE, see `ulimit -n`)",
+            )
+        return corrupt_data(f"a frame announces {nfds} descriptors, but only {have} arrived with it")
 
     def recv_available(self) -> tuple[list[tuple[bytes, list[int]]], bool]:
         """Non-blocking: read what the socket has and return the complete frames
@@ -188,14 +258,17 @@ class Channel:
         eof = False
         try:
             while True:
-                data, anc, _flags, _addr = self.sock.recvmsg(
+                data, anc, flags, _addr = self.sock.recvmsg(
                     1 << 18, _FD_ANC_SIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
                 )
                 if anc:
                     self._pending_fds.extend(_cmsg_fds(anc))
+                if flags & _CTRUNC:
+                    self._fds_lost = True
                 if not data:
                     eof = True
                     break
+                self.received += len(data)
                 if self._pos:
                     del self._buf[: self._pos]
                     self._pos = 0
@@ -215,8 +288,21 @@ class Channel:
             (size,) = _HEADER.unpack_from(buf, pos)
             nfds = size >> 48
             size &= _SIZE_MASK
+            error: OSError | None = None
             if end - pos - 8 < size:
-                break
+                if size <= MAX_PEER_SIZE:
+                    break
+                error = peer_size_error(size, "a frame")
+            elif nfds > len(pending):
+                error = self._missing_fds(nfds)
+            if error is not None:
+                # The stream cannot be followed past this frame: the channel
+                # is done with, and so are the frames read with it.
+                self._pos = pos
+                for _payload, fds in frames:
+                    for fd in fds:
+                        os.close(fd)
+                raise error
             fds = pending[:nfds]
             del pending[:nfds]
             frames.append((bytes(buf[pos + 8 : pos + 8 + size]), fds))

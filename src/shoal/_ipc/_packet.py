@@ -33,6 +33,16 @@ last descriptor is gone, whoever dies first.
 
 EOF: a datagram is never empty (it has at least the kind byte), so a read of
 zero bytes means every copy of the other end is closed.
+
+Hostile or corrupt datagrams (see ``docs/security.md``): a truncated one,
+a memfd header that is not exactly 8 bytes, a size above this machine's
+memory (:data:`shoal._fd.MAX_PEER_SIZE`, checked before anything is
+allocated), a missing descriptor, or one that is not a memfd holding what
+was announced raise :class:`~shoal.exceptions.CorruptDataError`; the
+message is consumed and its descriptors closed.  Sizes above
+:data:`_CHECKED_ABOVE` are also checked against the memfd's own size (one
+``fstat``, negligible beside reading that much); below it a short memfd is
+found by the read itself, so the per-message path costs a comparison.
 """
 
 from __future__ import annotations
@@ -45,8 +55,9 @@ import socket
 import threading
 import time
 
-from .._fd import create_fd, swap_sending
+from .._fd import MAX_PEER_SIZE, check_fd_holds, create_fd, peer_size_error, swap_sending
 from .._serialization import OOB_THRESHOLD, dumps
+from ..exceptions import CorruptDataError, corrupt_data
 
 MEMFD = 0x01
 BYTES = 0x04
@@ -134,12 +145,15 @@ def encode(obj, what: str, limit: int | None = None) -> tuple[bytes, list[int]]:
 
 def take_memfd_payload(fds: list[int], size: int, what: str) -> bytes:
     """Read the *size*-byte payload from the memfd that travelled last in
-    *fds*, and close that descriptor."""
+    *fds*, and close that descriptor.  *size* is what the peer announced:
+    :class:`~shoal.exceptions.CorruptDataError` unless the memfd holds it."""
+    if size > MAX_PEER_SIZE:
+        raise peer_size_error(size, f"a large {what}")
     if not fds:
-        raise OSError(f"a large {what} arrived without its shared-memory descriptor")
+        raise corrupt_data(f"a large {what} arrived without its shared-memory descriptor")
     mfd = fds.pop()
     try:
-        return _read_fd(mfd, size)
+        return _read_fd(mfd, size, what)
     finally:
         os.close(mfd)
 
@@ -329,7 +343,9 @@ def finish_packet(data: bytes, anc, mflags: int, limit: int | None):
         close_fds(fds)
         if mflags & _CTRUNC:
             raise fd_limit_error()
-        raise OSError("a message arrived truncated (its sender is not a shoal connection of this version)")
+        raise corrupt_data(
+            f"a message arrived truncated (longer than the {_RECV_SIZE} bytes of any datagram)"
+        )
     kind = data[0]
     if not kind & MEMFD:
         if limit is not None and len(data) - 1 > limit:
@@ -337,7 +353,11 @@ def finish_packet(data: bytes, anc, mflags: int, limit: int | None):
             raise MessageTooLarge(len(data) - 1, limit)
         return kind, data[1:], fds
     try:
+        if len(data) != 9:
+            raise corrupt_data(f"a large message's header is {len(data)} bytes long instead of 9")
         size = int.from_bytes(data[1:9], "little")
+        if size > MAX_PEER_SIZE:
+            raise peer_size_error(size, "a large message")
         if limit is not None and size > limit:
             raise MessageTooLarge(size, limit)
         payload = take_memfd_payload(fds, size, "message")
@@ -369,27 +389,43 @@ class MessageTooLarge(OSError):
         self.limit = limit
 
 
-def _read_fd(fd: int, size: int) -> bytes:
-    data = os.pread(fd, size, _HDR)
-    if len(data) != size:
-        # A short read of a memfd does not happen in practice; be exact anyway.
-        parts = [data]
-        got = len(data)
-        while got < size:
-            chunk = os.pread(fd, size - got, _HDR + got)
-            if not chunk:
-                raise OSError(f"a shared-memory message was shorter than announced ({got} of {size} bytes)")
-            parts.append(chunk)
-            got += len(chunk)
-        data = b"".join(parts)
-    # Tell the sender it may reuse this memfd.
-    os.pwrite(fd, _READ, 0)
+#: Payloads larger than this are checked against the memfd's size before
+#: the read allocates room for them (smaller ones: by the read itself).
+_CHECKED_ABOVE = 64 << 20
+
+
+def _read_fd(fd: int, size: int, what: str) -> bytes:
+    if size > _CHECKED_ABOVE:
+        check_fd_holds(fd, _HDR + size, f"a large {what}")
+    try:
+        data = os.pread(fd, size, _HDR)
+        if len(data) != size:
+            parts = [data]
+            got = len(data)
+            while got < size:
+                chunk = os.pread(fd, size - got, _HDR + got)
+                if not chunk:
+                    raise corrupt_data(
+                        f"a large {what} announces {size} bytes, but its shared memory holds only {got}"
+                    )
+                parts.append(chunk)
+                got += len(chunk)
+            data = b"".join(parts)
+        # Tell the sender it may reuse this memfd.
+        os.pwrite(fd, _READ, 0)
+    except CorruptDataError:
+        raise
+    except OSError as exc:  # a pipe, a socket, a read-only file: not a memfd of ours
+        raise corrupt_data(
+            f"a large {what} came with a descriptor that is not writable shared memory ({exc})"
+        ) from exc
     return data
 
 
-def refuse_connection(sock: socket.socket, reason: str) -> None:
+def refuse_connection(sock: socket.socket, reason: str, close: bool = True) -> None:
     """Tell the peer of *sock* why it is refused (a ``BYTES`` datagram of
-    text: never a pickle, which the peer may not trust), then close.
+    text: never a pickle, which the peer may not trust), then close (or,
+    with *close* false, leave that to the caller).
 
     The datagrams it sent already are read and dropped first, after our
     receive side is shut (so it cannot add more): closing a socket with
@@ -406,7 +442,8 @@ def refuse_connection(sock: socket.socket, reason: str) -> None:
     except OSError:
         pass  # gone, or nothing left to read
     finally:
-        sock.close()
+        if close:
+            sock.close()
 
 
 def _cmsg_fds(anc) -> list[int]:

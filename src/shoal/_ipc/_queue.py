@@ -69,7 +69,7 @@ from typing import Any
 
 from .._fd import collecting, create_fd, providing_fds, reduce_fd, sending_fds
 from .._serialization import loads
-from ..exceptions import SerializationError
+from ..exceptions import CorruptDataError, SerializationError, corrupt_data
 from ._packet import (
     _MAX_FDS,
     INBAND_MAX,
@@ -266,7 +266,9 @@ class _Base:
         try:
             payload: bytes | memoryview
             if data[0] & MEMFD:
-                payload = take_memfd_payload(fds, int.from_bytes(data[9:17], "little"), "item")
+                if len(data) != 17:
+                    raise corrupt_data(f"a large queue item's header is {len(data)} bytes long instead of 17")
+                payload = take_memfd_payload(fds, int.from_bytes(data[9:17], "little"), "queue item")
             else:
                 payload = memoryview(data)[9:]
             try:
@@ -474,7 +476,11 @@ def _rebuild_queue(cls, fd_reducers, maxsize: int):
     ring_fd, reader_fd, writer_fd = (rebuild(*args) for rebuild, args in fd_reducers)
     q = cls.__new__(cls)
     q._maxsize = maxsize
-    q._ring = Ring(fd=ring_fd)
+    try:
+        q._ring = Ring(fd=ring_fd)
+    except BaseException:  # a corrupt ring (CorruptDataError): nothing of it is kept
+        close_fds((ring_fd, reader_fd, writer_fd))
+        raise
     q._reader = socket.socket(fileno=reader_fd)
     q._writer = socket.socket(fileno=writer_fd)
     q._init_local()
@@ -651,7 +657,7 @@ class Queue(_Base):
             try:
                 out.append(_pickle_loads(raw) if type(raw) is bytes else decode(raw))
             except Exception as exc:
-                if not isinstance(exc, SerializationError):
+                if not isinstance(exc, (SerializationError, CorruptDataError)):
                     error = _unpickle_error(exc)
                     error.__cause__ = exc
                     exc = error

@@ -42,6 +42,17 @@ publishing its record has a smaller tag than the record being taken and is
 discarded (its descriptors closed); a record whose datagram a dying
 consumer had already taken finds a larger tag (or nothing) and is skipped.
 
+Corrupt rings (another process, or a stray write, changed the shared
+bytes; see ``docs/security.md``): attaching checks the capacity against
+the memfd's size (and that the memfd is sealed against shrinking); every
+get checks that ``head`` and ``tail`` are aligned
+and at most a capacity apart and that each record it takes (length, kind)
+lies between them, and a put checks the same of ``tail`` before it writes
+or waits.  A violation raises :class:`~shoal.exceptions.CorruptDataError`
+(the lock released, nothing half taken), never reads or writes outside the
+ring, and never waits for room that cannot come.  These are comparisons of
+words the operation reads anyway.
+
 Waiting: with the mutex released, first spinning for a few tens of
 microseconds (a futex sleep and wake-up cost far more, and the other side
 usually acts sooner), then on a futex word read before re-checking the
@@ -66,12 +77,14 @@ import struct
 import time
 
 from .. import _native
-from .._fd import create_fd
+from .._fd import check_sealed, create_fd
+from ..exceptions import corrupt_data
 from ._packet import (
     _ANC_SIZE,
     _CLOEXEC,
     _CTRUNC,
     _RECV_SIZE,
+    _TRUNCATED,
     INFLIGHT_BACKOFF_MAX,
     _cmsg_fds,
     close_fds,
@@ -127,6 +140,37 @@ def _timeout(deadline: float | None) -> float | None:
     return max(0.0, deadline - time.monotonic())
 
 
+def _attached_capacity(fd: int) -> int:
+    """The capacity recorded in the ring *fd* another process made, checked
+    against the memfd's size (mapping more than the file holds would turn
+    a read into SIGBUS)."""
+    check_sealed(fd, "a queue's ring")  # (it cannot shrink under our mapping)
+    size = os.fstat(fd).st_size
+    if size < _DATA:
+        raise corrupt_data(f"a queue's shared memory has {size} bytes, less than its {_DATA}-byte header")
+    (capacity,) = _Q.unpack_from(os.pread(fd, 8, _CAPACITY))
+    if capacity < 4096 or capacity & 7 or _DATA + capacity > size:
+        raise corrupt_data(
+            f"a queue's header records a capacity of {capacity} bytes, which its shared memory of {size} "
+            "bytes cannot hold (or is not a multiple of 8 of at least 4096)"
+        )
+    return capacity
+
+
+def _corrupt_positions(head: int, tail: int, cap: int) -> Exception:
+    return corrupt_data(
+        f"a queue's ring is inconsistent: head {head} and tail {tail} must be multiples of 8 at most "
+        f"its capacity ({cap} bytes) apart, tail last, and they and the item counters below 2**62"
+    )
+
+
+def _corrupt_record(pos: int, length: int, kind: int, tail: int) -> Exception:
+    return corrupt_data(
+        f"a queue's ring holds a record at {pos} of kind {kind} and length {length}, which does not fit "
+        f"before its tail at {tail} (or is of no known kind)"
+    )
+
+
 class SendFailed(Exception):
     """Ring.put could not send an entry's datagram: ``done`` entries before
     it were put (published); the one at index ``done`` was not, nor any
@@ -163,8 +207,7 @@ class Ring:
                 os.close(fd)
                 raise
         else:
-            with mmap.mmap(fd, _DATA) as header:
-                (capacity,) = _Q.unpack_from(header, _CAPACITY)
+            capacity = _attached_capacity(fd)
             self.mm = mmap.mmap(fd, _DATA + capacity)
         self.fd = fd
         self._cap = capacity
@@ -238,6 +281,8 @@ class Ring:
         mm, cap = self.mm, self._cap
         head = _load(mm, _HEAD)
         tail = _load(mm, _TAIL)
+        if not 0 <= tail - head <= cap or (head | tail) & 7 or (head | tail | _load(mm, _GETS)) >> 62:
+            raise _corrupt_positions(head, tail, cap)
         pos, n = head, 0
         while pos < tail:
             length, kind = _REC.unpack_from(mm, _DATA + pos % cap)
@@ -305,9 +350,10 @@ class Ring:
             tail, puts = _PAIR.unpack_from(mm, _TAIL)
             length = len(payload)
             need = 8 + ((length + 7) & ~7)
-            if cap - (tail - _load(mm, _HEAD)) < need:
+            used = tail - _load(mm, _HEAD)
+            if cap - used < need or used < 0 or tail & 7 or (tail | puts) >> 62:
                 _release(mm, _PMUTEX)
-                return False
+                return False  # the general path waits, or raises on a corrupt ring
             off = tail % cap
             if off + need <= cap:
                 mm[_DATA + off : _DATA + off + 8 + length] = _REC.pack(length, INLINE) + payload
@@ -356,6 +402,8 @@ class Ring:
                 tail, puts = _PAIR.unpack_from(mm, _TAIL)
                 head = _load(mm, _HEAD)
                 room = cap - (tail - head)
+                if not 0 <= room <= cap or tail & 7 or (tail | puts) >> 62:
+                    raise _corrupt_positions(head, tail, cap)
                 slots = maxsize - (puts - _load(mm, _GETS)) if maxsize else total
                 wrote = 0
                 blocked_on_socket = inflight = False
@@ -377,6 +425,8 @@ class Ring:
                                 short = need
                                 break
                             (seq,) = _Q.unpack_from(mm, _SEQ)
+                            if seq >> 62:
+                                raise corrupt_data(f"a queue's sequence number is out of range ({seq})")
                             # Taken before sending: a producer that dies after
                             # sending must not leave its tag to the next one.
                             _Q.pack_into(mm, _SEQ, seq + 1)
@@ -414,6 +464,15 @@ class Ring:
                 if done == total:
                     _release(mm, _PMUTEX)
                     return done
+                if maxsize and wrote >= slots:
+                    # Full by count: the count must fit the records (at least
+                    # 8 bytes each), or nothing any consumer does frees a slot.
+                    count = puts + wrote - _load(mm, _GETS)
+                    if not 0 <= count <= (tail - head) >> 3:
+                        raise corrupt_data(
+                            f"a queue's item count ({count}) does not match its ring ({tail - head} bytes "
+                            "of records)"
+                        )
                 if blocked_on_socket:
                     _release(mm, _PMUTEX)
                     left = _remaining(deadline)
@@ -484,12 +543,16 @@ class Ring:
             if head == tail:
                 _release(mm, _CMUTEX)
                 return None
+            if tail - head > cap or head & 7 or (head | tail | gets) >> 62:
+                raise _corrupt_positions(head, tail, cap)
             off = head % cap
             length, kind = _REC.unpack_from(mm, _DATA + off)
             if kind != INLINE:
                 _release(mm, _CMUTEX)
                 return None
             need = 8 + ((length + 7) & ~7)
+            if need > tail - head:
+                raise _corrupt_record(head, length, kind, tail)
             if off + need <= cap:
                 data = mm[_DATA + off + 8 : _DATA + off + 8 + length]
             else:
@@ -533,12 +596,16 @@ class Ring:
                 # records before head; out[kept:], at most one, is that of
                 # the record at head.  Each update is one statement with no
                 # call, which a signal handler cannot split.
+                if tail - head > cap or (head | tail) & 7 or (head | tail | gets) >> 62:
+                    raise _corrupt_positions(head, tail, cap)
                 taken = kept = 0
                 taking = True
                 append = out.append
                 while head != tail and taken < max_n:
                     off = head % cap
                     length, kind = _REC.unpack_from(mm, _DATA + off)
+                    if 8 + ((length + 7) & ~7) > tail - head or kind > SOCKET or (kind and length != 8):
+                        raise _corrupt_record(head, length, kind, tail)
                     if kind == INLINE:
                         if off + 8 + length <= cap:
                             item = mm[_DATA + off + 8 : _DATA + off + 8 + length]
@@ -601,11 +668,16 @@ class Ring:
                 return None
             data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC | _DONTWAIT)
             if tag == seq:
-                if flags & _CTRUNC:
-                    # Our descriptor limit: the kernel dropped (some of) its
-                    # descriptors.  The item is lost; its record is skipped.
+                if flags & _TRUNCATED:
+                    # The item is lost; its record is skipped.
                     close_fds(_cmsg_fds(anc))
-                    raise fd_limit_error()
+                    if flags & _CTRUNC:
+                        # Our descriptor limit: the kernel dropped (some of)
+                        # its descriptors.
+                        raise fd_limit_error()
+                    raise corrupt_data(
+                        f"a queue item's datagram was longer than the {_RECV_SIZE} bytes of any datagram"
+                    )
                 return data, anc
             # Sent by a producer that died before publishing its record.
             close_fds(_cmsg_fds(anc))

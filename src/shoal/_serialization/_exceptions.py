@@ -8,7 +8,7 @@ import pickle
 import traceback
 from typing import Any
 
-from ..exceptions import RemoteError, RemoteTraceback, SerializationError, TaskExitError
+from ..exceptions import RemoteError, RemoteTraceback, SerializationError, TaskExitError, corrupt_data
 from ._code import PROTOCOL as _PROTOCOL
 from ._pickling import loads, pickle_code
 
@@ -150,11 +150,16 @@ class _PlainRemoteError:
 
 
 def unpack_exception(data, who: str = "the task") -> BaseException:
-    """The exception :func:`pack_exception` packed (*who* raised it)."""
+    """The exception :func:`pack_exception` packed (*who* raised it); a
+    :class:`~shoal.exceptions.CorruptDataError` when *data* unpickles to
+    something else (it was not packed by shoal)."""
     try:
-        return loads(data)
-    except Exception as exc:  # noqa: BLE001 - any unpickling error is reported as such
+        exc = loads(data)
+    except Exception as error:  # noqa: BLE001 - any unpickling error is reported as such
         return SerializationError(
             f"{who} raised an exception that could not be unpickled in the parent: "
-            f"{type(exc).__name__}: {exc}"
+            f"{type(error).__name__}: {error}"
         )
+    if not isinstance(exc, BaseException):
+        return corrupt_data(f"the error of {who} arrived as a {type(exc).__qualname__}, not an exception")
+    return exc

@@ -14,7 +14,11 @@
   memory directly (``bytes`` and ``bytearray`` own their memory: they are
   copied out).  The memory is freed when the receiver drops the object.
   Receivers get private copy-on-write mappings (writable, like in-band
-  pickles) or, with ``writable=False``, shared read-only ones.
+  pickles) or, with ``writable=False``, shared read-only ones.  The layout
+  the sender announced (the segment's size, each buffer's offset and
+  length) is checked before anything is mapped: a buffer outside the
+  segment, or a segment larger than this machine's memory or than its
+  memfd, raises :class:`~shoal.exceptions.CorruptDataError`.
 * :class:`shoal.SharedArray` never goes through this: it pickles as its
   segment's descriptor and the receiver maps the same memory, writable.
 * Failures name the object that could not be pickled and say what to do.
@@ -33,9 +37,20 @@ import resource
 import threading
 from typing import Any
 
-from .._fd import WarmSegments, collecting, create_fd, map_leased, map_private_fd, providing_fds, reduce_fd
+from .._fd import (
+    MAX_PEER_SIZE,
+    WarmSegments,
+    check_fd_holds,
+    collecting,
+    create_fd,
+    map_leased,
+    map_private_fd,
+    peer_size_error,
+    providing_fds,
+    reduce_fd,
+)
 from .._native import copy_into
-from ..exceptions import serialization_error
+from ..exceptions import CorruptDataError, corrupt_data, serialization_error
 from ._code import PROTOCOL, Pickler, main_needs_value
 
 
@@ -86,6 +101,40 @@ def _rebuild_oob(
     rebuild, args, size: int, spans: list[tuple[int, int]], leased: bool = False, writable: bool = True
 ) -> list[memoryview]:
     fd = rebuild(*args)
+    try:
+        _check_layout(size, spans)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        return _map_oob(fd, size, spans, leased, writable)
+    except CorruptDataError:
+        raise
+    except (ValueError, OSError) as exc:
+        # mmap refuses a length beyond the file ("mmap length is greater
+        # than file size") or a descriptor that is not a file.
+        raise corrupt_data(f"out-of-band buffers of {size} bytes could not be mapped ({exc})") from exc
+
+
+def _check_layout(size: int, spans: list[tuple[int, int]]) -> None:
+    """The sizes another process announced for out-of-band buffers: each
+    span inside the segment, the segment no larger than this machine's
+    memory (comparisons only: no system call)."""
+    try:
+        if not 0 <= size <= MAX_PEER_SIZE:
+            raise peer_size_error(size, "a message's out-of-band buffers")
+        for offset, n in spans:
+            if offset < 0 or n < 0 or offset + n > size:
+                raise corrupt_data(
+                    f"an out-of-band buffer of {n} bytes at offset {offset} lies outside its segment of "
+                    f"{size} bytes"
+                )
+    except TypeError as exc:  # not numbers, not pairs
+        raise corrupt_data(f"a message's out-of-band buffer layout is malformed ({exc})") from exc
+
+
+def _map_oob(fd: int, size: int, spans, leased: bool, writable: bool) -> list[memoryview]:
+    """Map (or copy) the segment *fd*, which this function closes."""
     if fd >= _fd_limit() - _FD_HEADROOM:
         # Every mapping keeps a descriptor (Python's mmap holds a dup), so
         # thousands of results kept alive would run out of descriptors
@@ -123,6 +172,7 @@ def _fd_limit() -> int:
 
 def _read_copy(fd: int, size: int, writable: bool) -> memoryview:
     """The *size* bytes of *fd* in private memory (read-only unless *writable*)."""
+    check_fd_holds(fd, size, "a message's out-of-band buffers")
     view = memoryview(bytearray(size))
     done = 0
     while done < size:

@@ -84,6 +84,18 @@ Data flow and ownership::
   encoded value out and remove the entry under the lock, then decode it
   (unpickling runs user code, which may write to the dict): a value that
   fails to unpickle is removed and its error raised.
+* Corrupt memory (another process, or a stray write in one, changed bytes
+  of the file; see ``docs/security.md``): every word the core reads is
+  checked before it is used as an offset or a length, and the file size
+  published in the header is trusted only as far as the file goes, so an
+  operation on a corrupt dict raises :class:`shoal.CorruptDataError` naming
+  what was inconsistent, and never touches memory outside the file.  So
+  does receiving a dict whose header records an impossible ``max_size``,
+  and reading a key whose encoding is malformed.  A writer that finds the
+  dict corrupt changes nothing; the dict stays unusable.  The file can only
+  grow: its memfd is sealed against shrinking, and a dict received without
+  that seal is refused, so no process can make a mapped page vanish
+  (SIGBUS).
 """
 
 from __future__ import annotations
@@ -101,9 +113,9 @@ from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, Mu
 from typing import Any, Protocol, Self
 
 from .. import _native
-from .._fd import collecting, create_fd, reduce_fd
+from .._fd import check_sealed, collecting, create_fd, reduce_fd
 from .._serialization import dumps
-from ..exceptions import SerializationError
+from ..exceptions import SerializationError, corrupt_data
 
 __all__ = ("SharedDict",)
 
@@ -121,6 +133,9 @@ _get = _native.dict_get
 _put = _native.dict_put
 _incr = _native.dict_incr
 _delete = _native.dict_delete
+
+#: No process can map more (the x86-64 and arm64 user address space).
+_ADDRESS_SPACE = 1 << 47
 
 
 def _default_max_size() -> int:
@@ -286,6 +301,16 @@ class _KeyPickler(pickle._Pickler):  # the Python pickler: it asks reducer_overr
 
 
 def _decode_key(data: bytes) -> Any:
+    """The key *data* encodes (see _encode_key); CorruptDataError when it is
+    not an encoding shoal writes (keys are never rewritten in place, so
+    only another process's stray write makes one)."""
+    try:
+        return _decode_key_parts(data)
+    except (struct.error, ValueError, RecursionError) as exc:  # truncated parts, not digits, not UTF-8
+        raise corrupt_data(f"a SharedDict key's encoding is malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_key_parts(data: bytes) -> Any:
     tag = data[:1]
     if tag == b"s":
         return data[1:].decode("utf-8", "surrogatepass")
@@ -302,14 +327,16 @@ def _decode_key(data: bytes) -> Any:
         pos = 1
         while pos < len(data):
             (n,) = _LEN.unpack_from(data, pos)
-            items.append(_decode_key(data[pos + 4 : pos + 4 + n]))
+            if pos + 4 + n > len(data):
+                raise ValueError(f"a part of {n} bytes at {pos} overruns the {len(data)}-byte key")
+            items.append(_decode_key_parts(data[pos + 4 : pos + 4 + n]))
             pos += 4 + n
         return tuple(items) if tag == b"t" else frozenset(items)
     if tag == b"p":
         import pickle
 
         return pickle.loads(data[1:])
-    raise RuntimeError(f"unknown SharedDict key encoding {tag!r}")
+    raise ValueError(f"unknown tag {tag!r}")
 
 
 def _encode_value(value: Any, refs: StorageRefs | None = None) -> int | bytes:
@@ -414,7 +441,19 @@ class SharedDict(MutableMapping):
             header = os.pread(fd, 40, 0)
             magic, max_size = struct.unpack("<Q24xQ", header) if len(header) == 40 else (0, 0)
             if magic != _native.DICT_MAGIC:
-                raise ValueError("the descriptor does not hold a SharedDict")
+                raise corrupt_data(
+                    "the descriptor received as a SharedDict does not hold one (no magic number)"
+                )
+            check_sealed(fd, "a SharedDict")
+            # Every process maps the dict at its max_size: a corrupt one must
+            # not become a mapping of any size (or one short of the file).
+            size = os.fstat(fd).st_size
+            if max_size % _PAGE or not _INITIAL_SIZE <= max_size <= _ADDRESS_SPACE or size > max_size:
+                raise corrupt_data(
+                    f"a SharedDict's header records a max_size of {max_size} bytes, which no SharedDict has "
+                    f"(a multiple of {_PAGE} of at least {_INITIAL_SIZE}, at most {_ADDRESS_SPACE}, and at "
+                    f"least its file's {size} bytes)"
+                )
             mapping = _native.Mapping(fd, max_size)
         except BaseException:
             os.close(fd)
@@ -466,6 +505,7 @@ class SharedDict(MutableMapping):
     def __del__(self) -> None:
         try:
             if self._fd >= 0:
+                self._map.close()  # (it refers to the descriptor by number: it must let go of it first)
                 os.close(self._fd)
                 self._fd = -1
         except Exception:  # noqa: BLE001 - finalizer at shutdown or after a failed __init__
