@@ -9,6 +9,7 @@ import ast
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +91,23 @@ def statements(source: str) -> list[str]:
 def _interactive(source: str) -> str:
     """*source* for ``python -i``: a blank line ends each top-level statement."""
     return "".join(statement + "\n\n" for statement in statements(source))
+
+
+#: A log record of Dask's own at a local cluster's shutdown: a worker whose
+#: heartbeat is in flight when the scheduler drops its connection logs it at
+#: ERROR, traceback included (dask/distributed#7105, open).  It is Dask's
+#: noise, not a failure of the program, and appears only on a loaded machine.
+_DASK_SHUTDOWN_NOISE = re.compile(
+    r"^\S+ \S+ - distributed\.worker - ERROR - Failed to communicate with scheduler during heartbeat\.\n"
+    r"(?:.*\n)*?distributed\.comm\.core\.CommClosedError: .*\n?",
+    re.MULTILINE,
+)
+
+
+def program_errors(stderr: str) -> str:
+    """*stderr* of a user program without Dask's shutdown noise
+    (_DASK_SHUTDOWN_NOISE): what is left of it is the program's."""
+    return _DASK_SHUTDOWN_NOISE.sub("", stderr)
 
 
 def run_as_user(

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import USER_WAYS, dask_cluster, run_as_user, user_env
+from helpers import USER_WAYS, dask_cluster, program_errors, run_as_user, user_env
 
 PROGRAMS_DIR = Path(__file__).resolve().parent / "programs"
 PROGRAMS = sorted(p for p in PROGRAMS_DIR.glob("*.py"))
@@ -68,7 +68,7 @@ def _failure(proc: subprocess.CompletedProcess[str], expected: str) -> str | Non
     if proc.returncode != 0:
         return f"exit status {proc.returncode}"
     # An interactive session prints a traceback and goes on to exit 0.
-    if "Traceback (most recent call last)" in proc.stderr:
+    if "Traceback (most recent call last)" in program_errors(proc.stderr):
         return "a traceback"
     if proc.stdout != expected:
         return "other output"
