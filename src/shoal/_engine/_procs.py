@@ -39,6 +39,8 @@ import select
 import signal
 import time
 
+from .._fd import exhausted
+
 #: Seconds between SIGTERM and SIGKILL when processes are ended.
 GRACE = 1.0
 
@@ -208,3 +210,37 @@ def end_descendants(grace: float = GRACE) -> None:
         tree.end(grace)
     finally:
         tree.close()
+
+
+def start_process(proc, what: str) -> None:
+    """``proc.start()``; when the system refuses (no process, no descriptor,
+    no memory), an OSError that says what ran out (:func:`shoal._fd.exhausted`).
+
+    The standard library's fork start (``popen_fork.Popen._launch``) makes
+    two pipes and then forks, without closing them when the second pipe or
+    the fork fails: at a descriptor or process limit each failed start would
+    leak up to four descriptors.  They are still named in its frame, which
+    the traceback keeps: close them from there.
+    """
+    try:
+        proc.start()
+    except OSError as exc:
+        _close_launch_pipes(exc)
+        raise exhausted(exc, what) from exc
+
+
+def _close_launch_pipes(exc: BaseException) -> None:
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "_launch" and frame.f_code.co_filename.endswith("popen_fork.py"):
+            names = frame.f_locals
+            if getattr(names.get("self"), "pid", None) is None:  # it did not fork: the pipes are no one's
+                for name in ("parent_r", "child_w", "child_r", "parent_w"):
+                    fd = names.get(name)
+                    if isinstance(fd, int):
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass
+        tb = tb.tb_next

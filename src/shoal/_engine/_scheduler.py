@@ -48,7 +48,7 @@ from collections import deque
 from multiprocessing.connection import wait as wait_for
 from typing import TYPE_CHECKING, Any
 
-from .._fd import collecting_fds, create_fd
+from .._fd import collecting_fds, create_fd, exhausted
 from .._ipc import Channel
 from .._native import batch_columns, compare_exchange, deliver_plain, drop_skipped, load, store
 from .._serialization import loads_with, pickle_code, starting_process, unpack_exception
@@ -63,7 +63,7 @@ from ..exceptions import (
 )
 from . import _worker
 from ._crash import ALREADY_FAILED, Fate, attribute_crash
-from ._procs import GRACE, Tree, open_pidfd
+from ._procs import GRACE, Tree, open_pidfd, start_process
 from ._tasks import Task, Worker
 from ._worker import GATE, GATE_MASK, GATE_MAX_RECALL, GATE_SHIFT, SENT, STATUS, STATUS_SLOT, WorkerConfig
 
@@ -244,14 +244,33 @@ class Scheduler:
 
         # Status block: one cache line per worker slot (replacements reuse
         # slots; twice the pool size leaves room while one is being reaped).
-        self._status_fd = create_fd(STATUS_SLOT * processes * 2, "shoal-status")
-        self._status = mmap.mmap(self._status_fd, 0)
-
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Made one by one, so that what was made is closed when the next one
+        # is refused (at a descriptor limit, say).
+        made: list = []
+        try:
+            self._status_fd = create_fd(STATUS_SLOT * processes * 2, "shoal-status")
+            made.append(self._status_fd)
+            self._status = mmap.mmap(self._status_fd, 0)
+            made.append(self._status)
+            try:
+                self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                made += [self._wake_r, self._wake_w]
+                self._selector = selectors.DefaultSelector()
+                made.append(self._selector)
+            except OSError as exc:
+                raise exhausted(exc, "create the pool's wake-up pipe and poller") from exc
+            self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        except BaseException:
+            for thing in reversed(made):
+                if isinstance(thing, int):
+                    os.close(thing)
+                else:
+                    thing.close()
+            for fd in self._shared_fds:
+                os.close(fd)
+            raise
         self._sleeping = False
         self._dirty = False
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
 
     def wake(self) -> None:
         """Tell the scheduler that something changed (see run)."""
@@ -271,7 +290,11 @@ class Scheduler:
         STATUS.pack_into(self._status, slot * STATUS_SLOT, 0, 0.0, 0)
         store(self._status, slot * STATUS_SLOT + GATE, 0)
         store(self._status, slot * STATUS_SLOT + SENT, 0)
-        parent_ch, child_ch = Channel.pair()
+        try:
+            parent_ch, child_ch = Channel.pair()
+        except OSError as exc:
+            self._free_slots.append(slot)
+            raise exhausted(exc, "connect a new worker process") from exc
         # PR_SET_PDEATHSIG fires when the *thread* that started the worker
         # exits, so ask for it only from threads that live as long as the
         # pool, and only when we are the worker's parent (not a forkserver).
@@ -312,7 +335,7 @@ class Scheduler:
                 daemon=False,
             )
             with starting_process():
-                proc.start()
+                start_process(proc, "start a worker process")
         except BaseException:
             parent_ch.close()
             child_ch.close()
