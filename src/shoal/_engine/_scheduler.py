@@ -84,6 +84,10 @@ TERMINATE_GRACE = GRACE
 #: Workers that die before becoming ready this many times in a row mean the
 #: pool cannot start (a broken __main__, an import error under spawn).
 MAX_START_FAILURES = 3
+#: Seconds before a replacement worker that the system refused is tried
+#: again (doubling each time it is refused, up to REPLACE_RETRY_MAX).
+REPLACE_RETRY = 0.05
+REPLACE_RETRY_MAX = 1.0
 #: How often time limits are checked while a timed task runs.
 TIMEOUT_TICK = 0.02
 #: A worker whose task has run this long is *stalled*: it gets no second
@@ -234,6 +238,11 @@ class Scheduler:
         self._doomed = 0  # cancelled tasks held by workers, to kill when they start
         self._watch_stalls = False  # a worker is idle while others hold tasks (see balance)
         self._start_failures = 0
+        # Replacement workers the system refused, to start again at
+        # _replace_at (see start_missing).
+        self._missing = 0
+        self._replace_at = 0.0
+        self._replace_delay = REPLACE_RETRY / 2
         # counters (read by Engine.statistics)
         self.completed = 0
         self.failed = 0
@@ -447,6 +456,9 @@ class Scheduler:
             timeout = TIMEOUT_TICK if self._timed or self._doomed else None
             if self._watch_stalls:
                 timeout = STALL_TICK
+            if self._missing:
+                wait = max(0.0, self._replace_at - time.monotonic())
+                timeout = wait if timeout is None else min(timeout, wait)
             self._sleeping = True
             if self._dirty:
                 timeout = 0
@@ -478,6 +490,11 @@ class Scheduler:
                     self._handle_control(*self._control.popleft())
                 self.stop()
                 return
+            if self._missing and time.monotonic() >= self._replace_at:
+                if state == _RUN or self._pending:
+                    self.start_missing()
+                else:
+                    self._missing = 0
             if self._pending:
                 self.dispatch()
             # (with tasks still queued, an idle worker got some at dispatch)
@@ -1071,10 +1088,30 @@ class Scheduler:
         ):
             return
         self.replaced[reason] = self.replaced.get(reason, 0) + 1
-        try:
-            self.start_worker()
-        except Exception as exc:  # noqa: BLE001
-            self.break_pool(WorkerStartError(f"could not start a replacement worker: {exc!r}"))
+        self._missing += 1
+        self.start_missing()
+
+    def start_missing(self) -> None:
+        """Start the replacement workers still missing.  When the system
+        refuses (RLIMIT_NPROC, a pids cgroup, no descriptor or memory left),
+        the pool goes on with the workers it has and tries again later
+        (REPLACE_RETRY, doubling up to REPLACE_RETRY_MAX); only when no
+        worker is left does it fail what is queued (break_pool)."""
+        while self._missing:
+            try:
+                self.start_worker()
+            except Exception as exc:  # noqa: BLE001
+                if not self._workers:
+                    self._missing = 0
+                    self.break_pool(
+                        WorkerStartError(f"could not start a replacement worker and none is left: {exc}")
+                    )
+                    return
+                self._replace_delay = min(2 * self._replace_delay, REPLACE_RETRY_MAX)
+                self._replace_at = time.monotonic() + self._replace_delay
+                return
+            self._missing -= 1
+            self._replace_delay = REPLACE_RETRY / 2
 
     def _leaving(self, task: Task) -> None:
         """Bookkeeping for a task that leaves a worker's hands for good."""

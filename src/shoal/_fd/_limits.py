@@ -92,10 +92,11 @@ def exhausted(exc: OSError, what: str) -> OSError:
         )
     elif code == _errno.EAGAIN:
         msg = (
-            f"fork failed: cannot {what}: the system refused a new process or thread (EAGAIN): this user "
-            f"has as many as RLIMIT_NPROC allows ({_limit(resource.RLIMIT_NPROC)}), or a pids cgroup "
-            "(a container's limit) is full. Use fewer workers, let other processes end, or raise the "
-            "limit (`ulimit -u`, the container's pids limit)"
+            f"fork failed: cannot {what}: the system refused a new process or thread (EAGAIN): this "
+            f"user's processes and threads reached RLIMIT_NPROC ({_limit(resource.RLIMIT_NPROC)}, not "
+            "applied to root), or a pids cgroup (a container's limit) or the system's process table is "
+            "full. Use fewer workers, let other processes end, or raise the limit (`ulimit -u`, the "
+            "container's pids limit)"
         )
     else:
         return exc
