@@ -216,11 +216,15 @@ def start_process(proc, what: str) -> None:
     """``proc.start()``; when the system refuses (no process, no descriptor,
     no memory), an OSError that says what ran out (:func:`shoal._fd.exhausted`).
 
-    The standard library's fork start (``popen_fork.Popen._launch``) makes
-    two pipes and then forks, without closing them when the second pipe or
-    the fork fails: at a descriptor or process limit each failed start would
-    leak up to four descriptors.  They are still named in its frame, which
-    the traceback keeps: close them from there.
+    A start that fails leaves the descriptors the standard library made for
+    it open: its fork start (``popen_fork.Popen._launch``) makes two pipes
+    and then forks, and closes neither when the second pipe or the fork
+    fails; its spawn start leaves its pipes to a finalizer of the ``Popen``
+    object, which the exception's traceback keeps alive (a
+    ProcessPoolExecutor keeps that exception to raise at each submit).  At a
+    descriptor or process limit, every failed start would leak a few.  The
+    ``Popen`` and its pipes are still named in the failed call's frame: close
+    them from there.
     """
     try:
         proc.start()
@@ -233,14 +237,21 @@ def _close_launch_pipes(exc: BaseException) -> None:
     tb = exc.__traceback__
     while tb is not None:
         frame = tb.tb_frame
-        if frame.f_code.co_name == "_launch" and frame.f_code.co_filename.endswith("popen_fork.py"):
-            names = frame.f_locals
-            if getattr(names.get("self"), "pid", None) is None:  # it did not fork: the pipes are no one's
-                for name in ("parent_r", "child_w", "child_r", "parent_w"):
-                    fd = names.get(name)
-                    if isinstance(fd, int):
-                        try:
-                            os.close(fd)
-                        except OSError:
-                            pass
         tb = tb.tb_next
+        if frame.f_code.co_name != "_launch":
+            continue
+        names = frame.f_locals
+        popen = names.get("self")
+        if getattr(popen, "pid", None) is not None:
+            continue  # it started: its finalizer owns the pipes
+        finalizer = getattr(popen, "finalizer", None)
+        if finalizer is not None:
+            finalizer()  # what multiprocessing would close later, now (and only once)
+        elif frame.f_code.co_filename.endswith("popen_fork.py"):
+            for name in ("parent_r", "child_w", "child_r", "parent_w"):
+                fd = names.get(name)
+                if isinstance(fd, int):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass

@@ -84,6 +84,8 @@ TERMINATE_GRACE = GRACE
 #: Workers that die before becoming ready this many times in a row mean the
 #: pool cannot start (a broken __main__, an import error under spawn).
 MAX_START_FAILURES = 3
+#: ... and the number of workers in a row SIGKILLed before they were ready.
+MAX_KILLED_STARTS = 100
 #: Seconds before a replacement worker that the system refused is tried
 #: again (doubling each time it is refused, up to REPLACE_RETRY_MAX).
 REPLACE_RETRY = 0.05
@@ -237,7 +239,8 @@ class Scheduler:
         self._timed = 0  # tasks with a time limit held by workers
         self._doomed = 0  # cancelled tasks held by workers, to kill when they start
         self._watch_stalls = False  # a worker is idle while others hold tasks (see balance)
-        self._start_failures = 0
+        self._start_failures = 0  # workers that exited before they were ready, in a row
+        self._killed_starts = 0  # workers SIGKILLed before they were ready, in a row
         # Replacement workers the system refused, to start again at
         # _replace_at (see start_missing).
         self._missing = 0
@@ -784,7 +787,7 @@ class Scheduler:
             self._on_results(w, body, fds)
         elif kind == _worker.READY:
             w.ready = True
-            self._start_failures = 0
+            self._start_failures = self._killed_starts = 0
         elif kind == _worker.RETIRE:
             w.retire_reason = body[0]
         elif kind == _worker.EXITED:
@@ -1068,8 +1071,19 @@ class Scheduler:
         else:
             reason = "died"
         if not w.ready and reason == "died":
-            self._start_failures += 1
-            if self._start_failures >= MAX_START_FAILURES and self.engine._state == _RUN:
+            # A worker that exits (or crashes) on its own before it is ready
+            # says something about the program: its main module does not
+            # import.  One killed by SIGKILL says nothing of the kind (the
+            # kernel never sends it for a program's error: the OOM killer, a
+            # user, a supervisor did): counting those broke pools whose
+            # workers were being killed at random.  Only a long unbroken run
+            # of them (nothing can start) stops the pool.
+            killed = exitcode == -signal.SIGKILL
+            if killed:
+                self._killed_starts += 1
+            else:
+                self._start_failures += 1
+            if self.engine._state == _RUN and self._start_failures >= MAX_START_FAILURES:
                 self.break_pool(
                     WorkerStartError(
                         "worker processes keep exiting before they are ready "
@@ -1077,6 +1091,14 @@ class Scheduler:
                         "Under spawn or forkserver the main module is imported again in each worker: "
                         "protect the code that starts the pool with `if __name__ == '__main__':`, and make "
                         "sure the main module imports without errors."
+                    )
+                )
+            elif self.engine._state == _RUN and self._killed_starts >= MAX_KILLED_STARTS:
+                self.break_pool(
+                    WorkerStartError(
+                        f"{self._killed_starts} worker processes in a row were killed (SIGKILL) before they "
+                        "were ready, often by the kernel's OOM killer when memory runs out: free memory or "
+                        "use fewer workers"
                     )
                 )
         if reason in ("shutdown", "initializer") or self.engine._state in (_TERMINATE, _BROKEN):
