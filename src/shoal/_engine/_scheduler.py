@@ -11,6 +11,10 @@ pidfds and the wake-up pipe, then takes its steps, each a method:
 - :meth:`~Scheduler.reap`: a worker exited (its pidfd, else its sentinel,
   fired): drain its socket, attribute the tasks it held
   (:func:`._crash.attribute_crash`), start a replacement;
+- :meth:`~Scheduler.start_missing`: replacements the system refused (fork's
+  EAGAIN at RLIMIT_NPROC, no descriptor left), tried again after a pause
+  that doubles, while the other workers go on; the pool breaks only when
+  no worker is left;
 - the callers' control requests (``Engine._handle_control``: cancel,
   interrupt, ...), then :meth:`~Scheduler.cancel` / :meth:`~Scheduler.interrupt`;
 - :meth:`~Scheduler.dispatch`: batches from the pending queue to workers with
