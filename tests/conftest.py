@@ -159,6 +159,12 @@ def _leak_check():
         if not (kids or new_fds or new_shm) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    described_kids = []
+    for k in kids:
+        try:
+            described_kids.append((k.pid, k.cmdline()[-2:]))
+        except psutil.Error:
+            described_kids.append((k.pid, "?"))
     # Reap whatever is left so one leak does not cascade into later tests.
     for k in kids:
         try:
@@ -168,7 +174,7 @@ def _leak_check():
     multiprocessing.active_children()
     details = []
     if kids:
-        details.append(f"child processes left running: {[(k.pid, k.cmdline()[-2:]) for k in kids]}")
+        details.append(f"child processes left running: {described_kids}")
     if new_fds:
         described = {}
         for fd in new_fds:

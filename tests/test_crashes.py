@@ -242,6 +242,28 @@ def test_innocent_tasks_survive_workers_dying_around_them():
     assert ok == 980
 
 
+# Before: a worker SIGKILLed before it was ready (by the OOM killer, a user, a
+# chaos test) counted as a main module that cannot import, and three in a row
+# broke the pool; killing workers at random every 20 ms broke it in a second.
+def test_workers_killed_before_they_are_ready_do_not_break_the_pool(fork_or_spawn, tmp_path):
+    kills = tmp_path / "kills"
+    ctx = shoal.get_context(fork_or_spawn)
+    with ctx.Pool(1, initializer=workers.killed_in_init, initargs=(str(kills), 5)) as pool:
+        assert pool.map(workers.square, range(10)) == [x * x for x in range(10)]
+        assert kills.read_text() == "x" * 5
+        assert pool.statistics().replaced_because == {"died": 5}
+
+
+def test_workers_always_killed_before_they_are_ready_stop_the_pool_saying_why(tmp_path):
+    with shoal.get_context("fork").Pool(
+        1, initializer=workers.killed_in_init, initargs=(str(tmp_path / "k"), None)
+    ) as pool:
+        with pytest.raises(
+            shoal.WorkerStartError, match=r"100 worker processes in a row were killed \(SIGKILL\).*OOM killer"
+        ):
+            pool.apply(workers.square, (3,))
+
+
 # Before: when a replacement's initializer failed and the pool broke, the
 # tasks the healthy workers were running failed with it.
 def test_broken_initializer_in_a_replacement_lets_running_tasks_finish(tmp_path, monkeypatch):

@@ -831,3 +831,15 @@ def write_to_own_channel(data: bytes, nfds: int) -> str:
         for fd in fds:
             os.close(fd)
     return "done"
+
+
+def killed_in_init(path, times):
+    """An initializer that SIGKILLs its own worker the first *times* times
+    (counted in the file *path*), as the OOM killer might."""
+    with open(path, "a+") as f:
+        f.seek(0)
+        count = len(f.read())
+        if times is None or count < times:
+            f.write("x")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -90,8 +90,9 @@ import weakref
 from typing import Any
 
 from ._asyncresult import settle_future as _settle
-from ._engine import engine_descriptors
+from ._engine import engine_descriptors, start_process
 from ._engine import set_pdeathsig as _set_pdeathsig
+from ._fd import exhausted
 from ._ipc import BYTES, SNDBUF, close_fds, encode, recv_packet, refuse_connection, send_packet, socketpair
 from ._serialization import loads_with, pack_exception, pickle_code, starting_process, unpack_exception
 from .exceptions import ActorDiedError, CorruptDataError, SerializationError, corrupt_data, describe_exitcode
@@ -801,8 +802,15 @@ class Actor:
             raise TypeError(f"Actor() takes a class (or a callable returning the object), got {target!r:.60}")
         name = getattr(target, "__qualname__", type(target).__qualname__)
         address = f"\0shoal-actor-{os.getpid()}-{secrets.token_hex(8)}"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        mine, theirs = socketpair(SNDBUF)
+        try:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            raise exhausted(exc, f"start the {name} actor") from exc
+        try:
+            mine, theirs = socketpair(SNDBUF)
+        except OSError as exc:
+            listener.close()
+            raise exhausted(exc, f"start the {name} actor") from exc
         try:
             listener.bind(address)
             listener.listen(128)
@@ -831,7 +839,7 @@ class Actor:
             )
             try:
                 with starting_process():
-                    proc.start()
+                    start_process(proc, f"start the {name} actor's process")
             except (pickle.PicklingError, TypeError, AttributeError) as exc:
                 raise SerializationError(
                     f"cannot send the class or constructor arguments of the {name} actor "

@@ -22,6 +22,7 @@ from ._local import NO_SHARED as NO_SHARED
 from ._local import set_thread_shared as set_thread_shared
 from ._local import shared as shared
 from ._local import worker_state as worker_state
+from ._procs import start_process as start_process
 from ._scheduler import engine_descriptors as engine_descriptors
 from ._scheduler import with_traceback_type as with_traceback_type
 from ._tasks import FailableSink as FailableSink

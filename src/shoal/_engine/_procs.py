@@ -39,6 +39,8 @@ import select
 import signal
 import time
 
+from .._fd import exhausted
+
 #: Seconds between SIGTERM and SIGKILL when processes are ended.
 GRACE = 1.0
 
@@ -208,3 +210,48 @@ def end_descendants(grace: float = GRACE) -> None:
         tree.end(grace)
     finally:
         tree.close()
+
+
+def start_process(proc, what: str) -> None:
+    """``proc.start()``; when the system refuses (no process, no descriptor,
+    no memory), an OSError that says what ran out (:func:`shoal._fd.exhausted`).
+
+    A start that fails leaves the descriptors the standard library made for
+    it open: its fork start (``popen_fork.Popen._launch``) makes two pipes
+    and then forks, and closes neither when the second pipe or the fork
+    fails; its spawn start leaves its pipes to a finalizer of the ``Popen``
+    object, which the exception's traceback keeps alive (a
+    ProcessPoolExecutor keeps that exception to raise at each submit).  At a
+    descriptor or process limit, every failed start would leak a few.  The
+    ``Popen`` and its pipes are still named in the failed call's frame: close
+    them from there.
+    """
+    try:
+        proc.start()
+    except OSError as exc:
+        _close_launch_pipes(exc)
+        raise exhausted(exc, what) from exc
+
+
+def _close_launch_pipes(exc: BaseException) -> None:
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        tb = tb.tb_next
+        if frame.f_code.co_name != "_launch":
+            continue
+        names = frame.f_locals
+        popen = names.get("self")
+        if getattr(popen, "pid", None) is not None:
+            continue  # it started: its finalizer owns the pipes
+        finalizer = getattr(popen, "finalizer", None)
+        if finalizer is not None:
+            finalizer()  # what multiprocessing would close later, now (and only once)
+        elif frame.f_code.co_filename.endswith("popen_fork.py"):
+            for name in ("parent_r", "child_w", "child_r", "parent_w"):
+                fd = names.get(name)
+                if isinstance(fd, int):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass

@@ -11,6 +11,10 @@ pidfds and the wake-up pipe, then takes its steps, each a method:
 - :meth:`~Scheduler.reap`: a worker exited (its pidfd, else its sentinel,
   fired): drain its socket, attribute the tasks it held
   (:func:`._crash.attribute_crash`), start a replacement;
+- :meth:`~Scheduler.start_missing`: replacements the system refused (fork's
+  EAGAIN at RLIMIT_NPROC, no descriptor left), tried again after a pause
+  that doubles, while the other workers go on; the pool breaks only when
+  no worker is left;
 - the callers' control requests (``Engine._handle_control``: cancel,
   interrupt, ...), then :meth:`~Scheduler.cancel` / :meth:`~Scheduler.interrupt`;
 - :meth:`~Scheduler.dispatch`: batches from the pending queue to workers with
@@ -48,7 +52,7 @@ from collections import deque
 from multiprocessing.connection import wait as wait_for
 from typing import TYPE_CHECKING, Any
 
-from .._fd import collecting_fds, create_fd
+from .._fd import collecting_fds, create_fd, exhausted
 from .._ipc import Channel
 from .._native import batch_columns, compare_exchange, deliver_plain, drop_skipped, load, store
 from .._serialization import loads_with, pickle_code, starting_process, unpack_exception
@@ -63,7 +67,7 @@ from ..exceptions import (
 )
 from . import _worker
 from ._crash import ALREADY_FAILED, Fate, attribute_crash
-from ._procs import GRACE, Tree, open_pidfd
+from ._procs import GRACE, Tree, open_pidfd, start_process
 from ._tasks import Task, Worker
 from ._worker import GATE, GATE_MASK, GATE_MAX_RECALL, GATE_SHIFT, SENT, STATUS, STATUS_SLOT, WorkerConfig
 
@@ -84,6 +88,12 @@ TERMINATE_GRACE = GRACE
 #: Workers that die before becoming ready this many times in a row mean the
 #: pool cannot start (a broken __main__, an import error under spawn).
 MAX_START_FAILURES = 3
+#: ... and the number of workers in a row SIGKILLed before they were ready.
+MAX_KILLED_STARTS = 100
+#: Seconds before a replacement worker that the system refused is tried
+#: again (doubling each time it is refused, up to REPLACE_RETRY_MAX).
+REPLACE_RETRY = 0.05
+REPLACE_RETRY_MAX = 1.0
 #: How often time limits are checked while a timed task runs.
 TIMEOUT_TICK = 0.02
 #: A worker whose task has run this long is *stalled*: it gets no second
@@ -233,7 +243,13 @@ class Scheduler:
         self._timed = 0  # tasks with a time limit held by workers
         self._doomed = 0  # cancelled tasks held by workers, to kill when they start
         self._watch_stalls = False  # a worker is idle while others hold tasks (see balance)
-        self._start_failures = 0
+        self._start_failures = 0  # workers that exited before they were ready, in a row
+        self._killed_starts = 0  # workers SIGKILLed before they were ready, in a row
+        # Replacement workers the system refused, to start again at
+        # _replace_at (see start_missing).
+        self._missing = 0
+        self._replace_at = 0.0
+        self._replace_delay = REPLACE_RETRY / 2
         # counters (read by Engine.statistics)
         self.completed = 0
         self.failed = 0
@@ -244,14 +260,33 @@ class Scheduler:
 
         # Status block: one cache line per worker slot (replacements reuse
         # slots; twice the pool size leaves room while one is being reaped).
-        self._status_fd = create_fd(STATUS_SLOT * processes * 2, "shoal-status")
-        self._status = mmap.mmap(self._status_fd, 0)
-
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Made one by one, so that what was made is closed when the next one
+        # is refused (at a descriptor limit, say).
+        made: list = []
+        try:
+            self._status_fd = create_fd(STATUS_SLOT * processes * 2, "shoal-status")
+            made.append(self._status_fd)
+            self._status = mmap.mmap(self._status_fd, 0)
+            made.append(self._status)
+            try:
+                self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                made += [self._wake_r, self._wake_w]
+                self._selector = selectors.DefaultSelector()
+                made.append(self._selector)
+            except OSError as exc:
+                raise exhausted(exc, "create the pool's wake-up pipe and poller") from exc
+            self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        except BaseException:
+            for thing in reversed(made):
+                if isinstance(thing, int):
+                    os.close(thing)
+                else:
+                    thing.close()
+            for fd in self._shared_fds:
+                os.close(fd)
+            raise
         self._sleeping = False
         self._dirty = False
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
 
     def wake(self) -> None:
         """Tell the scheduler that something changed (see run)."""
@@ -271,7 +306,11 @@ class Scheduler:
         STATUS.pack_into(self._status, slot * STATUS_SLOT, 0, 0.0, 0)
         store(self._status, slot * STATUS_SLOT + GATE, 0)
         store(self._status, slot * STATUS_SLOT + SENT, 0)
-        parent_ch, child_ch = Channel.pair()
+        try:
+            parent_ch, child_ch = Channel.pair()
+        except OSError as exc:
+            self._free_slots.append(slot)
+            raise exhausted(exc, "connect a new worker process") from exc
         # PR_SET_PDEATHSIG fires when the *thread* that started the worker
         # exits, so ask for it only from threads that live as long as the
         # pool, and only when we are the worker's parent (not a forkserver).
@@ -312,7 +351,7 @@ class Scheduler:
                 daemon=False,
             )
             with starting_process():
-                proc.start()
+                start_process(proc, "start a worker process")
         except BaseException:
             parent_ch.close()
             child_ch.close()
@@ -424,6 +463,9 @@ class Scheduler:
             timeout = TIMEOUT_TICK if self._timed or self._doomed else None
             if self._watch_stalls:
                 timeout = STALL_TICK
+            if self._missing:
+                wait = max(0.0, self._replace_at - time.monotonic())
+                timeout = wait if timeout is None else min(timeout, wait)
             self._sleeping = True
             if self._dirty:
                 timeout = 0
@@ -455,6 +497,11 @@ class Scheduler:
                     self._handle_control(*self._control.popleft())
                 self.stop()
                 return
+            if self._missing and time.monotonic() >= self._replace_at:
+                if state == _RUN or self._pending:
+                    self.start_missing()
+                else:
+                    self._missing = 0
             if self._pending:
                 self.dispatch()
             # (with tasks still queued, an idle worker got some at dispatch)
@@ -744,7 +791,7 @@ class Scheduler:
             self._on_results(w, body, fds)
         elif kind == _worker.READY:
             w.ready = True
-            self._start_failures = 0
+            self._start_failures = self._killed_starts = 0
         elif kind == _worker.RETIRE:
             w.retire_reason = body[0]
         elif kind == _worker.EXITED:
@@ -1028,8 +1075,19 @@ class Scheduler:
         else:
             reason = "died"
         if not w.ready and reason == "died":
-            self._start_failures += 1
-            if self._start_failures >= MAX_START_FAILURES and self.engine._state == _RUN:
+            # A worker that exits (or crashes) on its own before it is ready
+            # says something about the program: its main module does not
+            # import.  One killed by SIGKILL says nothing of the kind (the
+            # kernel never sends it for a program's error: the OOM killer, a
+            # user, a supervisor did): counting those broke pools whose
+            # workers were being killed at random.  Only a long unbroken run
+            # of them (nothing can start) stops the pool.
+            killed = exitcode == -signal.SIGKILL
+            if killed:
+                self._killed_starts += 1
+            else:
+                self._start_failures += 1
+            if self.engine._state == _RUN and self._start_failures >= MAX_START_FAILURES:
                 self.break_pool(
                     WorkerStartError(
                         "worker processes keep exiting before they are ready "
@@ -1037,6 +1095,14 @@ class Scheduler:
                         "Under spawn or forkserver the main module is imported again in each worker: "
                         "protect the code that starts the pool with `if __name__ == '__main__':`, and make "
                         "sure the main module imports without errors."
+                    )
+                )
+            elif self.engine._state == _RUN and self._killed_starts >= MAX_KILLED_STARTS:
+                self.break_pool(
+                    WorkerStartError(
+                        f"{self._killed_starts} worker processes in a row were killed (SIGKILL) before they "
+                        "were ready, often by the kernel's OOM killer when memory runs out: free memory or "
+                        "use fewer workers"
                     )
                 )
         if reason in ("shutdown", "initializer") or self.engine._state in (_TERMINATE, _BROKEN):
@@ -1048,10 +1114,30 @@ class Scheduler:
         ):
             return
         self.replaced[reason] = self.replaced.get(reason, 0) + 1
-        try:
-            self.start_worker()
-        except Exception as exc:  # noqa: BLE001
-            self.break_pool(WorkerStartError(f"could not start a replacement worker: {exc!r}"))
+        self._missing += 1
+        self.start_missing()
+
+    def start_missing(self) -> None:
+        """Start the replacement workers still missing.  When the system
+        refuses (RLIMIT_NPROC, a pids cgroup, no descriptor or memory left),
+        the pool goes on with the workers it has and tries again later
+        (REPLACE_RETRY, doubling up to REPLACE_RETRY_MAX); only when no
+        worker is left does it fail what is queued (break_pool)."""
+        while self._missing:
+            try:
+                self.start_worker()
+            except Exception as exc:  # noqa: BLE001
+                if not self._workers:
+                    self._missing = 0
+                    self.break_pool(
+                        WorkerStartError(f"could not start a replacement worker and none is left: {exc}")
+                    )
+                    return
+                self._replace_delay = min(2 * self._replace_delay, REPLACE_RETRY_MAX)
+                self._replace_at = time.monotonic() + self._replace_delay
+                return
+            self._missing -= 1
+            self._replace_delay = REPLACE_RETRY / 2
 
     def _leaving(self, task: Task) -> None:
         """Bookkeeping for a task that leaves a worker's hands for good."""

@@ -18,6 +18,10 @@ descriptor travels and how anonymous memory is made:
   :func:`check_fd_holds`), checked before anything is allocated; memfds
   sealed against shrinking, and the check that a received one is
   (:func:`check_sealed`).
+* limits (:mod:`._limits`): :func:`exhausted` turns the system's refusal
+  (no descriptor, no memory, no process) into an error that says what ran
+  out and what to do; :data:`FAULTS` (``SHOAL_FAULT``) makes segment
+  creation fail on purpose, for tests.
 * warm segments (:mod:`._warm`): reusable segments whose readers the kernel
   tracks with file-lock leases (:class:`WarmSegments`, :func:`map_leased`).
 
@@ -31,6 +35,8 @@ memory raises: :class:`~shoal.exceptions.CorruptDataError`.
 
 from .. import _native
 from ..exceptions import CorruptDataError
+from ._limits import FAULTS as FAULTS
+from ._limits import exhausted as exhausted
 from ._passing import collecting as collecting
 from ._passing import collecting_fds as collecting_fds
 from ._passing import providing_fds as providing_fds
@@ -51,6 +57,7 @@ from ._warm import map_leased as map_leased
 _native.set_corrupt_error(CorruptDataError)
 
 __all__ = (
+    "FAULTS",
     "MAX_PEER_SIZE",
     "Segment",
     "WarmSegments",
@@ -59,6 +66,7 @@ __all__ = (
     "collecting",
     "collecting_fds",
     "create_fd",
+    "exhausted",
     "fd_from_buffer",
     "map_leased",
     "map_private_fd",

@@ -22,6 +22,7 @@ import os
 import stat
 
 from ..exceptions import CorruptDataError, corrupt_data
+from ._limits import exhausted, inject
 from ._passing import collecting, reduce_fd
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
@@ -66,14 +67,22 @@ def check_fd_holds(fd: int, end: int, what: str) -> None:
 
 def create_fd(size: int, name: str = "shoal") -> int:
     """A new memfd of *size* bytes (zero-filled, sparse until written),
-    sealed against shrinking."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    sealed against shrinking.  When the system refuses (no descriptor, no
+    memory), an OSError that says what ran out (see :mod:`._limits`)."""
+    try:
+        inject("memfd")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:
+        raise exhausted(exc, f"create {size} bytes of shared memory ({name})") from exc
     try:
         if size:
+            inject("ftruncate")
             os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
+        if isinstance(exc, OSError):
+            raise exhausted(exc, f"create {size} bytes of shared memory ({name})") from exc
         raise
     return fd
 
@@ -104,8 +113,10 @@ def fd_from_buffer(data) -> int:
         written = 0
         while written < view.nbytes:
             written += os.pwrite(fd, view[written:], written)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
+        if isinstance(exc, OSError):
+            raise exhausted(exc, f"copy {view.nbytes} bytes into shared memory") from exc
         raise
     return fd
 

@@ -55,7 +55,7 @@ import socket
 import threading
 import time
 
-from .._fd import MAX_PEER_SIZE, check_fd_holds, create_fd, peer_size_error, swap_sending
+from .._fd import MAX_PEER_SIZE, check_fd_holds, create_fd, exhausted, peer_size_error, swap_sending
 from .._serialization import OOB_THRESHOLD, dumps
 from ..exceptions import CorruptDataError, corrupt_data
 
@@ -83,7 +83,12 @@ SNDBUF = 4 << 20
 
 
 def socketpair(sndbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    """A connected pair of message sockets; at a descriptor limit, an
+    OSError that says so (see shoal._fd.exhausted)."""
+    try:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except OSError as exc:
+        raise exhausted(exc, "create a connected pair of sockets (a pipe, a queue, an actor)") from exc
     if sndbuf:
         for s in (a, b):
             try:

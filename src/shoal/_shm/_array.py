@@ -41,6 +41,7 @@ this module only when ``SharedArray`` or ``share`` is first used.
 from __future__ import annotations
 
 import ctypes
+import errno
 import operator
 import os
 import weakref
@@ -55,6 +56,15 @@ try:
     import numpy as np
 except ImportError:  # pragma: no cover - exercised by a subprocess test without numpy
     np = None  # type: ignore[assignment]  # SharedArray then raises, saying to install numpy
+
+
+def _memory_error(exc: OSError, what: str) -> OSError | MemoryError:
+    """The system refused memory for *what*: a MemoryError (as numpy's own
+    allocations raise) saying so; a shortage of descriptors stays an
+    OSError (see shoal._fd.exhausted), which already names what ran out."""
+    if exc.errno in (errno.ENOMEM, errno.ENOSPC):
+        return MemoryError(f"cannot allocate {what} in shared memory: {exc}")
+    return exc
 
 
 class _Memory:
@@ -170,9 +180,7 @@ if np is not None:
                 # One byte at least: mmap refuses empty mappings.
                 segment = Segment(max(nbytes, 1))
             except OSError as exc:
-                raise MemoryError(
-                    f"cannot allocate a SharedArray of {nbytes} bytes in shared memory: {exc}"
-                ) from exc
+                raise _memory_error(exc, f"a SharedArray of {nbytes} bytes") from exc
             return _on_segment(cls, _Memory(segment), 0, dims, dtype, None, order)
 
         def __array_finalize__(self, obj) -> None:
@@ -300,7 +308,7 @@ if np is not None:
             # As bytes: memoryview refuses some dtypes (datetime64, timedelta64).
             fd = fd_from_buffer(contiguous.reshape(-1).view(np.uint8))
         except OSError as exc:
-            raise MemoryError(f"cannot allocate {array.nbytes} bytes of shared memory: {exc}") from exc
+            raise _memory_error(exc, f"a shared copy of {array.nbytes} bytes") from exc
         try:
             segment = Segment(array.nbytes, fd=fd)
         except BaseException:
