@@ -100,14 +100,27 @@ class Seen(dict):
         self.setdefault(pid, time.monotonic())
 
 
+def _pids(workers) -> list[int]:
+    """The pids of *workers*, but those the pool has closed since the list
+    was taken (``pid`` raises ValueError: the killer thread raised it once,
+    under ASan, which makes that race wide)."""
+    pids = []
+    for p in list(workers()):
+        try:
+            pids.append(p.pid)
+        except ValueError:
+            pass
+    return pids
+
+
 def _victims(method: str, workers, seen: Seen):
     """What the killer may pick from (see the module docstring)."""
     if method == "fork":
-        return lambda: [p.pid for p in workers()]
+        return lambda: _pids(workers)
 
     def serving() -> list[int]:
         now = time.monotonic()
-        return [p.pid for p in workers() if now - seen.get(p.pid, now) >= SPAWN_GRACE]
+        return [pid for pid in _pids(workers) if now - seen.get(pid, now) >= SPAWN_GRACE]
 
     return serving
 

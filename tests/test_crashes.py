@@ -87,6 +87,12 @@ def test_worker_died_error_carries_pid_and_signal():
 
     clone = pickle.loads(pickle.dumps(err))
     assert (clone.pid, clone.exitcode, clone.signal_name) == (err.pid, err.exitcode, err.signal_name)
+    assert err.replaced is True and "The worker was replaced" in str(err)
+    # When the system refused the replacement (tests/test_exhaustion.py makes
+    # it refuse), the message says so, and survives pickling.
+    refused = pickle.loads(pickle.dumps(shoal.WorkerDiedError(pid, -9, replaced=False)))
+    assert refused.replaced is False
+    assert "was not replaced" in str(refused) and "was replaced" not in str(refused)
 
 
 @pytest.mark.parametrize("method", ["map", "imap", "imap_unordered"])

@@ -451,6 +451,10 @@ with ctx.Pool(2, maxtasksperchild=1 if how == "maxtasks" else None) as pool:
     print(f"right => {all(o == i for i, o in enumerate(outcomes) if isinstance(o, int))}")
     allow()
     print(f"after => {outcome(lambda: pool.map(sq, range(5)))}")
+    if how == "kill":  # once the limit is lifted, a killed worker is replaced, and its error says so
+        victim = kill_the_worker_running(pool, path)
+        print(f"after victim => {outcome(lambda: victim.get(60))}")
+        os.unlink(path)
 print(f"left => {leftovers(base)}")
 print(f"new pool => {outcome(lambda: use('Pool', method))}")
 """
@@ -461,6 +465,18 @@ def _check_replacement(got: dict[str, str], how: str) -> None:
         # The killed worker's task fails; the pool goes on with the other
         # worker, and gets its second back once the limit is lifted.
         assert got["victim"].startswith("WorkerDiedError") and "SIGKILL" in got["victim"], got
+        # and says that it was not replaced, why, and what to do (it said
+        # "The worker was replaced" here).
+        assert "was replaced" not in got["victim"], got
+        for words in (
+            "was not replaced",
+            "refused a new process",
+            "RLIMIT_NPROC",
+            "pids cgroup",
+            "Raise the limit",
+        ):
+            assert words in got["victim"], (words, got["victim"])
+        assert "The worker was replaced and the pool goes on" in got["after victim"], got
         assert got["errors"] == "[]", got
         assert int(got["values"]) == 40, got
         assert got["after"] == "ok", got

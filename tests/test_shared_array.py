@@ -555,8 +555,15 @@ def test_many_large_results_kept_alive_do_not_run_out_of_descriptors():
     # results failed with OSError EMFILE (Too many open files).
     import resource
 
+    # 150 free descriptor *numbers* above the highest one open now:
+    # RLIMIT_NOFILE bounds numbers, not how many are open, and earlier tests
+    # in the session can leave descriptors at high numbers above free ones
+    # (the limit was "how many are open + 150", and with those the numbers
+    # under it ran out: mapped results filled the holes below, then met the
+    # descriptors held above; "too many open files" in a combined run).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 150, hard))
+    top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1 + 150, hard))
     try:
         with shoal.Pool(1) as pool:
             kept = [pool.apply_async(workers.full_array, (40_000, float(i))) for i in range(300)]

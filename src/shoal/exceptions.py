@@ -111,11 +111,19 @@ class WorkerDiedError(ShoalError):
         pid: the process id of the worker.
         exitcode: its exit code, negative for a signal (as ``Process.exitcode``).
         signal_name: ``"SIGKILL"`` and so on, or ``None`` for a normal exit.
+        replaced: ``True`` if a new worker took its place, ``False`` if the
+            system refused a new process (fork failed: ``RLIMIT_NPROC``, a
+            *pids* cgroup, no memory or descriptor left), ``None`` if none
+            was needed (the pool was closing) or it is not shoal's to say
+            (a cluster's worker).
     """
 
-    def __init__(self, pid: int | None, exitcode: int | None, detail: str = "") -> None:
+    def __init__(
+        self, pid: int | None, exitcode: int | None, detail: str = "", replaced: bool | None = True
+    ) -> None:
         self.pid = pid
         self.exitcode = exitcode
+        self.replaced = replaced
         self.signal_name: str | None = None
         if exitcode is not None and exitcode < 0:
             try:
@@ -133,16 +141,23 @@ class WorkerDiedError(ShoalError):
         else:
             cause = "an unexpected signal"
         who = f"worker process {pid}" if pid is not None else "a worker process"
-        msg = (
-            f"{who} died ({how}) while running this task; likely cause: {cause}. "
-            "The worker was replaced and the pool goes on."
-        )
+        msg = f"{who} died ({how}) while running this task; likely cause: {cause}."
+        if replaced:
+            msg += " The worker was replaced and the pool goes on."
+        elif replaced is not None:
+            msg += (
+                " The worker was not replaced: the system refused a new process (fork failed: "
+                "RLIMIT_NPROC, see `ulimit -u`, a pids cgroup's pids.max in a container, or no memory or "
+                "descriptor left). The pool goes on with the workers it has and tries again later; if none "
+                "is left, what is queued fails with WorkerStartError. Raise the limit, free processes, or "
+                "use fewer workers."
+            )
         if detail:
             msg += f" {detail}"
         super().__init__(msg)
 
     def __reduce__(self) -> tuple[Any, ...]:  # keyword state must survive pickling
-        return (type(self), (self.pid, self.exitcode, self.detail))
+        return (type(self), (self.pid, self.exitcode, self.detail, self.replaced))
 
 
 class WorkerStartError(ShoalError, BrokenProcessPool):

@@ -61,6 +61,7 @@ from ..exceptions import (
     PoolClosedError,
     RemoteTraceback,
     SerializationError,
+    WorkerDiedError,
     WorkerStartError,
     corrupt_data,
     describe_exitcode,
@@ -1046,17 +1047,15 @@ class Scheduler:
             broken_error=self.engine._broken_error,
             kill_error=w.kill_error,
         )
-        failed_any = False
         requeue = []
+        failing = []
         for v in verdicts:
             task = v.task
             self._leaving(task)
             if v.blame:
                 self._crashed.add(task.fn_id)
             if v.fate is Fate.FAIL:
-                assert v.error is not None
-                failed_any = True
-                self.fail(task, v.error)
+                failing.append(v)
             elif v.fate is Fate.RERUN:
                 task.requeues += 1
                 requeue.append(task)
@@ -1064,9 +1063,22 @@ class Scheduler:
                 requeue.append(task)
         if requeue:
             self._pending.extendleft(reversed(requeue))
-        if failed_any:
+        # The failed tasks are delivered once the replacement was tried, so
+        # that a WorkerDiedError says whether the worker was replaced.
+        replaced = self._replace(w, exitcode)
+        for v in failing:
+            error = v.error
+            assert error is not None
+            if type(error) is WorkerDiedError and replaced is not True:
+                error = WorkerDiedError(error.pid, error.exitcode, error.detail, replaced)
+            self.fail(v.task, error)
+        if failing:
             self._notify()
 
+    def _replace(self, w: Worker, exitcode: int | None) -> bool | None:
+        """Start a replacement for the worker *w* that exited (*exitcode*)
+        if the pool needs one; whether it started (``False``: the system
+        refused it, see start_missing), ``None`` if none was needed."""
         # Why did it go, and does it need a replacement?
         if w.kill_reason is not None:
             reason = w.kill_reason
@@ -1106,23 +1118,23 @@ class Scheduler:
                     )
                 )
         if reason in ("shutdown", "initializer") or self.engine._state in (_TERMINATE, _BROKEN):
-            return
+            return None
         if (
             self.engine._state == _CLOSE
             and not self._pending
             and not any(x.inflight for x in self._workers.values())
         ):
-            return
+            return None
         self.replaced[reason] = self.replaced.get(reason, 0) + 1
         self._missing += 1
-        self.start_missing()
+        return self.start_missing()
 
-    def start_missing(self) -> None:
-        """Start the replacement workers still missing.  When the system
-        refuses (RLIMIT_NPROC, a pids cgroup, no descriptor or memory left),
-        the pool goes on with the workers it has and tries again later
-        (REPLACE_RETRY, doubling up to REPLACE_RETRY_MAX); only when no
-        worker is left does it fail what is queued (break_pool)."""
+    def start_missing(self) -> bool:
+        """Start the replacement workers still missing; whether all started.
+        When the system refuses (RLIMIT_NPROC, a pids cgroup, no descriptor
+        or memory left), the pool goes on with the workers it has and tries
+        again later (REPLACE_RETRY, doubling up to REPLACE_RETRY_MAX); only
+        when no worker is left does it fail what is queued (break_pool)."""
         while self._missing:
             try:
                 self.start_worker()
@@ -1132,12 +1144,13 @@ class Scheduler:
                     self.break_pool(
                         WorkerStartError(f"could not start a replacement worker and none is left: {exc}")
                     )
-                    return
+                    return False
                 self._replace_delay = min(2 * self._replace_delay, REPLACE_RETRY_MAX)
                 self._replace_at = time.monotonic() + self._replace_delay
-                return
+                return False
             self._missing -= 1
             self._replace_delay = REPLACE_RETRY / 2
+        return True
 
     def _leaving(self, task: Task) -> None:
         """Bookkeeping for a task that leaves a worker's hands for good."""
