@@ -22,6 +22,7 @@ SRC = Path(shoal.__file__).parent
 # Lowest first.  A module's layer is that of the longest prefix listed here.
 # Modules on the same line are siblings: neither may import the other.
 LAYERS: list[tuple[str, ...]] = [
+    ("shoal._util",),  # argument checks and public(): plain helpers every layer uses
     ("shoal.exceptions", "shoal._native"),
     ("shoal._fd",),
     ("shoal._serialization",),

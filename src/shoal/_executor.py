@@ -31,8 +31,7 @@ from typing import Any
 from ._asyncresult import Future, IMapIterator, submit_future
 from ._backends import make_engine
 from ._engine import NO_SHARED, STARMAP, PoolStatistics, WorkerProcess, recycling_context
-from ._engine import check_int as _check_int
-from ._engine import check_timeout as _check_timeout
+from ._util import check_int, check_timeout
 
 __all__ = ("Future", "ProcessPoolExecutor")
 
@@ -80,11 +79,11 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         address: str | None = None,
     ) -> None:
         if max_workers is not None:
-            _check_int("max_workers", max_workers)
+            check_int("max_workers", max_workers)
             if max_workers <= 0:
                 raise ValueError("max_workers must be greater than 0")
         if max_tasks_per_child is not None:
-            _check_int("max_tasks_per_child", max_tasks_per_child)
+            check_int("max_tasks_per_child", max_tasks_per_child)
             if max_tasks_per_child < 1:
                 raise ValueError("max_tasks_per_child must be >= 1")
             if mp_context is None and backend is None:
@@ -158,7 +157,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             raise ValueError("buffersize must be None or > 0")
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError("chunksize must be >= 1.")
-        _check_timeout(timeout)
+        check_timeout(timeout)
         engine = self._engine
         engine._check_running()
         if not callable(fn):

@@ -108,6 +108,7 @@ from ._asyncresult import Future, submit_future
 from ._engine import Engine
 from ._fd import collecting_fds, providing_fds, reduce_fd
 from ._serialization import OOB_THRESHOLD, LargeBuffers, pickle_code
+from ._util import public
 
 __all__ = ("ShoalBackend",)
 
@@ -540,4 +541,4 @@ def _map_file(
 
 
 joblib.register_parallel_backend("shoal", ShoalBackend)
-ShoalBackend.__module__ = "shoal.joblib"
+public(ShoalBackend, "shoal.joblib")

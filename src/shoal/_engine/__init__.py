@@ -13,8 +13,6 @@ a task sees of its worker (:func:`shared`, :func:`worker_state`).
 from ._callbacks import CallbackThread as CallbackThread
 from ._engine import Engine as Engine
 from ._engine import PoolStatistics as PoolStatistics
-from ._engine import _check_int as check_int
-from ._engine import _check_timeout as check_timeout
 from ._engine import at_exit_all as at_exit_all
 from ._engine import mp_context as mp_context
 from ._engine import recycling_context as recycling_context
@@ -46,8 +44,6 @@ __all__ = (
     "ResultSink",
     "WorkerProcess",
     "at_exit_all",
-    "check_int",
-    "check_timeout",
     "engine_descriptors",
     "mp_context",
     "recycling_context",

@@ -155,6 +155,7 @@ from typing import Any
 from .._fd import WarmSegments, collecting_fds, swap_sending
 from .._native import raw_task
 from .._serialization import dumps, function_bytes, pickle_code
+from .._util import check_int, check_timeout
 from ..exceptions import PoolClosedError, RemoteTraceback, ShoalError, WorkerStartError, serialization_error
 from . import _local
 from ._callbacks import CallbackThread
@@ -252,7 +253,7 @@ class Engine:
         if processes is None:
             processes = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
             processes = processes or 1
-        _check_int("processes", processes)
+        check_int("processes", processes)
         if processes < 1:
             raise ValueError(f"Number of processes must be at least 1, got {processes!r}")
         for hook_name, hook in (
@@ -270,10 +271,10 @@ class Engine:
             # A ValueError whatever is wrong, as multiprocessing.Pool raises.
             raise ValueError(f"maxtasksperchild must be a positive int or None, got {maxtasksperchild!r}")
         if max_memory is not None:
-            _check_int("max_memory", max_memory, "a number of bytes")
+            check_int("max_memory", max_memory, "a number of bytes")
             if max_memory <= 0:
                 raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
-        _check_timeout(task_timeout)
+        check_timeout(task_timeout)
         if context is None:
             context = multiprocessing.get_context()
         elif isinstance(context, str):
@@ -891,23 +892,6 @@ def _serialize_shared(obj) -> tuple[bytes, list[int]]:
             for fd in fds:
                 os.close(fd)
             raise
-
-
-def _check_timeout(value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"a timeout must be a number of seconds or None, got {type(value).__name__} {value!r:.40}"
-        )
-    if value <= 0:
-        raise ValueError(f"a task timeout must be a positive number of seconds or None, got {value!r}")
-
-
-def _check_int(name: str, value, what: str = "an int") -> None:
-    """TypeError naming *name* unless *value* is an int (bool is not)."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r:.40}")
 
 
 #: The standard library's contexts: the only ones whose processes the

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._fd import collecting, providing_fds, reduce_fd
 from .._serialization import TooLarge, loads
+from .._util import public
 from ..exceptions import SerializationError
 from ._packet import (
     _ANC_SIZE,
@@ -411,8 +412,8 @@ def _rebuild_connection(rebuild, args, readable: bool, writable: bool, max_messa
     return Connection(sock, readable, writable, max_message_size=max_message_size)
 
 
-Connection.__module__ = "shoal"
-Pipe.__module__ = "shoal"
+public(Connection)
+public(Pipe)
 
 
 def _broken_pipe() -> BrokenPipeError:

@@ -69,6 +69,7 @@ from typing import Any
 
 from .._fd import collecting, create_fd, providing_fds, reduce_fd, sending_fds
 from .._serialization import loads
+from .._util import public
 from ..exceptions import CorruptDataError, SerializationError, corrupt_data
 from ._packet import (
     _MAX_FDS,
@@ -688,6 +689,6 @@ class JoinableQueue(Queue):
         self._ring.join()
 
 
-for _cls in (Queue, JoinableQueue, SimpleQueue):
-    _cls.__module__ = "shoal"
-del _cls
+public(Queue)
+public(JoinableQueue)
+public(SimpleQueue)

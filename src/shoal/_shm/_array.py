@@ -48,6 +48,7 @@ from multiprocessing import reduction
 from typing import Any
 
 from .._fd import Segment, collecting, fd_from_buffer
+from .._util import public
 
 _MISSING = "shoal.SharedArray needs numpy, which is not installed: pip install numpy"
 
@@ -155,8 +156,6 @@ if np is not None:
         ``SharedArray(shape, dtype=float, order='C')`` is zero-filled; use
         :func:`shoal.share` to copy an existing array into shared memory.
         """
-
-        __module__ = "shoal"
 
         def __new__(cls, shape, dtype: Any = float, order: str = "C"):
             dims = _check_shape(shape)
@@ -331,8 +330,6 @@ else:  # pragma: no cover - see the subprocess test without numpy
     class SharedArray:  # type: ignore[no-redef]
         """Needs numpy (not installed)."""
 
-        __module__ = "shoal"
-
         def __new__(cls, *args, **kwargs):
             raise ModuleNotFoundError(_MISSING, name="numpy")
 
@@ -343,4 +340,5 @@ else:  # pragma: no cover - see the subprocess test without numpy
         raise ModuleNotFoundError(_MISSING, name="numpy")
 
 
-share.__module__ = "shoal"
+public(SharedArray)
+public(share)

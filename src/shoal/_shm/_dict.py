@@ -115,6 +115,7 @@ from typing import Any, Protocol, Self
 from .. import _native
 from .._fd import check_sealed, collecting, create_fd, reduce_fd
 from .._serialization import dumps
+from .._util import public
 from ..exceptions import SerializationError, corrupt_data
 
 __all__ = ("SharedDict",)
@@ -809,4 +810,4 @@ class _SnapshotItems(ItemsView):
         return iter([(_decode_key(k), v) for k, v in _native.dict_items(self._mapping._map, 2)])
 
 
-SharedDict.__module__ = "shoal"
+public(SharedDict)
