@@ -44,12 +44,11 @@ import socket
 from multiprocessing import BufferTooShort
 from typing import TYPE_CHECKING, Any
 
-from .._fd import collecting, providing_fds, reduce_fd
+from .._fd import ANC_SIZE, collecting, providing_fds, reduce_fd
 from .._serialization import TooLarge, loads
 from .._util import public
 from ..exceptions import SerializationError
 from ._packet import (
-    _ANC_SIZE,
     _CLOEXEC,
     _RECV_SIZE,
     BYTES,
@@ -335,7 +334,7 @@ class Connection:
         else:
             # Fast path for a small message without descriptors.
             self._spin(sock)
-            data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC)
+            data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, ANC_SIZE, _CLOEXEC)
             if anc or not data or flags or data[0] & MEMFD:
                 _kind, payload, fds = finish_packet(data, anc, flags, None)
                 if _kind is None:

@@ -47,7 +47,6 @@ found by the read itself, so the per-message path costs a comparison.
 
 from __future__ import annotations
 
-import array
 import errno
 import os
 import pickle
@@ -55,7 +54,17 @@ import socket
 import threading
 import time
 
-from .._fd import MAX_PEER_SIZE, check_fd_holds, create_fd, peer_size_error, swap_sending
+from .._fd import (
+    ANC_SIZE,
+    MAX_FDS,
+    MAX_PEER_SIZE,
+    check_fd_holds,
+    create_fd,
+    fds_ancillary,
+    peer_size_error,
+    received_fds,
+    swap_sending,
+)
 from .._serialization import OOB_THRESHOLD, dumps
 from ..exceptions import CorruptDataError, corrupt_data
 
@@ -66,12 +75,9 @@ BYTES = 0x04
 #: (~10 µs to set up) is cheaper than a socket buffer large enough for them.
 INBAND_MAX = 64 * 1024
 
-_MAX_FDS = 253  # SCM_MAX_FD in Linux
-_ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * 4)
 _RECV_SIZE = INBAND_MAX + 16
 _KINDS = [bytes([k]) for k in range(8)]
 _SOL_SOCKET = socket.SOL_SOCKET
-_SCM_RIGHTS = socket.SCM_RIGHTS
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)  # plain ints: IntFlag arithmetic costs microseconds
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _CTRUNC = int(socket.MSG_CTRUNC)
@@ -256,14 +262,14 @@ def send_packet(
     some.
     """
     size = payload.nbytes if type(payload) is memoryview else len(payload)
-    if len(fds) >= _MAX_FDS:
+    if len(fds) >= MAX_FDS:
         raise ValueError(
-            f"a message can carry at most {_MAX_FDS - 1} shared-memory buffers or descriptors, "
+            f"a message can carry at most {MAX_FDS - 1} shared-memory buffers or descriptors, "
             f"this one has {len(fds)}: send them in several messages"
         )
     if size <= INBAND_MAX:
         if fds:
-            anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
+            anc = fds_ancillary(fds)
             send_fds_msg(sock, [_KINDS[kind], payload], anc, flags)
         else:
             sock.sendmsg([_KINDS[kind], payload], (), flags)
@@ -274,7 +280,7 @@ def send_packet(
         mfd = create_fd(size + _HDR, "shoal-message")
     try:
         _pwrite_all(mfd, payload, size)
-        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", [*fds, mfd]).tobytes())]
+        anc = fds_ancillary([*fds, mfd])
         send_fds_msg(sock, [_KINDS[kind | MEMFD], size.to_bytes(8, "little")], anc, flags)
     finally:
         os.close(mfd)
@@ -325,7 +331,7 @@ def recv_packet(sock: socket.socket, flags: int = 0, limit: int | None = None):
     ``MSG_DONTWAIT`` when nothing is waiting, and :class:`MessageTooLarge`
     (the message is consumed and dropped) when it is larger than *limit*.
     """
-    data, anc, mflags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC | flags)
+    data, anc, mflags, _ = sock.recvmsg(_RECV_SIZE, ANC_SIZE, _CLOEXEC | flags)
     kind, payload, fds = finish_packet(data, anc, mflags, limit)
     if kind is None:
         return None
@@ -335,7 +341,7 @@ def recv_packet(sock: socket.socket, flags: int = 0, limit: int | None = None):
 def finish_packet(data: bytes, anc, mflags: int, limit: int | None):
     """Decode what one ``recvmsg`` returned: ``(kind, payload, fds)``, with
     kind ``None`` at EOF."""
-    fds = _cmsg_fds(anc) if anc else []
+    fds = received_fds(anc) if anc else []
     if not data:
         close_fds(fds)
         return None, None, None
@@ -435,22 +441,12 @@ def refuse_connection(sock: socket.socket, reason: str, close: bool = True) -> N
         sock.sendmsg([_KINDS[BYTES], reason.encode()], (), _DONTWAIT)
         sock.shutdown(socket.SHUT_RDWR)
         while True:
-            _data, anc, _flags, _ = sock.recvmsg(1, _ANC_SIZE, _CLOEXEC | _DONTWAIT)
+            _data, anc, _flags, _ = sock.recvmsg(1, ANC_SIZE, _CLOEXEC | _DONTWAIT)
             if not _data:
                 break
-            close_fds(_cmsg_fds(anc))
+            close_fds(received_fds(anc))
     except OSError:
         pass  # gone, or nothing left to read
     finally:
         if close:
             sock.close()
-
-
-def _cmsg_fds(anc) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in anc:
-        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
-            fds.extend(arr)
-    return fds

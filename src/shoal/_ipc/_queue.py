@@ -53,7 +53,6 @@ this process's descriptors after its feeder has flushed.
 
 from __future__ import annotations
 
-import array
 import collections
 import os
 import pickle
@@ -67,17 +66,24 @@ from collections.abc import Iterable
 from multiprocessing import util as _mputil
 from typing import Any
 
-from .._fd import collecting, create_fd, providing_fds, reduce_fd, sending_fds
+from .._fd import (
+    MAX_FDS,
+    collecting,
+    create_fd,
+    fds_ancillary,
+    providing_fds,
+    received_fds,
+    reduce_fd,
+    sending_fds,
+)
 from .._serialization import loads
 from .._util import public
 from ..exceptions import CorruptDataError, SerializationError, corrupt_data
 from ._packet import (
-    _MAX_FDS,
     INBAND_MAX,
     MEMFD,
     SNDBUF,
     Spool,
-    _cmsg_fds,
     _pwrite_all,
     close_fds,
     encode,
@@ -92,8 +98,6 @@ __all__ = ("JoinableQueue", "Queue", "SimpleQueue")
 Empty = _stdqueue.Empty
 Full = _stdqueue.Full
 
-_SOL_SOCKET = socket.SOL_SOCKET
-_SCM_RIGHTS = socket.SCM_RIGHTS
 _INLINE_KIND = b"\x00"
 _MEMFD_KIND = bytes([MEMFD])
 _pickle_dumps = pickle.dumps
@@ -221,10 +225,10 @@ class _Base:
         payload, fds = encode(obj, what)
         if not fds and len(payload) <= self._inline_max:
             return payload, None, None
-        if len(fds) >= _MAX_FDS:
+        if len(fds) >= MAX_FDS:
             close_fds(fds)
             raise ValueError(
-                f"an item can carry at most {_MAX_FDS - 1} shared-memory buffers or descriptors, "
+                f"an item can carry at most {MAX_FDS - 1} shared-memory buffers or descriptors, "
                 f"{what} has {len(fds)}: put them in several items; nothing was put"
             )
         return self._datagram(payload, fds)
@@ -250,7 +254,7 @@ class _Base:
                 close_fds(fds)
                 raise
             kind, body = _MEMFD_KIND, size.to_bytes(8, "little")
-        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        anc = fds_ancillary(fds) if fds else []
         return None, (kind, body, anc), fds
 
     def _decode(self, raw):
@@ -263,7 +267,7 @@ class _Base:
             except Exception as exc:
                 raise _unpickle_error(exc) from exc
         data, anc = raw
-        fds = _cmsg_fds(anc) if anc else []
+        fds = received_fds(anc) if anc else []
         try:
             payload: bytes | memoryview
             if data[0] & MEMFD:
@@ -429,7 +433,7 @@ class _Base:
             feeder = self._feeder
         for raw in self._stash:
             if type(raw) is tuple and raw[1]:  # a datagram never decoded
-                close_fds(_cmsg_fds(raw[1]))
+                close_fds(received_fds(raw[1]))
         self._stash.clear()
         if feeder is None:
             self._close_fds()

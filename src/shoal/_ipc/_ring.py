@@ -77,16 +77,14 @@ import struct
 import time
 
 from .. import _native
-from .._fd import check_sealed, create_fd
+from .._fd import ANC_SIZE, check_sealed, create_fd, received_fds
 from ..exceptions import corrupt_data
 from ._packet import (
-    _ANC_SIZE,
     _CLOEXEC,
     _CTRUNC,
     _RECV_SIZE,
     _TRUNCATED,
     INFLIGHT_BACKOFF_MAX,
-    _cmsg_fds,
     close_fds,
     fd_limit_error,
 )
@@ -650,7 +648,7 @@ class Ring:
                 else:
                     for raw in out:
                         if type(raw) is tuple and raw[1]:
-                            close_fds(_cmsg_fds(raw[1]))
+                            close_fds(received_fds(raw[1]))
         finally:
             self._abandon(_CMUTEX)
 
@@ -666,11 +664,11 @@ class Ring:
             (tag,) = _Q.unpack_from(peek, 1)
             if tag > seq:
                 return None
-            data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC | _DONTWAIT)
+            data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, ANC_SIZE, _CLOEXEC | _DONTWAIT)
             if tag == seq:
                 if flags & _TRUNCATED:
                     # The item is lost; its record is skipped.
-                    close_fds(_cmsg_fds(anc))
+                    close_fds(received_fds(anc))
                     if flags & _CTRUNC:
                         # Our descriptor limit: the kernel dropped (some of)
                         # its descriptors.
@@ -680,7 +678,7 @@ class Ring:
                     )
                 return data, anc
             # Sent by a producer that died before publishing its record.
-            close_fds(_cmsg_fds(anc))
+            close_fds(received_fds(anc))
 
     # -- counting -------------------------------------------------------------
     def count(self) -> int:
