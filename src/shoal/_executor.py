@@ -28,10 +28,11 @@ from multiprocessing.context import BaseContext
 from types import TracebackType
 from typing import Any
 
-from ._asyncresult import Future, IMapIterator, submit_future
+from ._asyncresult import IMapIterator
 from ._backends import make_engine
 from ._engine import NO_SHARED, STARMAP, PoolStatistics, WorkerProcess, recycling_context
-from ._util import check_int, check_timeout
+from ._future import Future, submit_future
+from ._util import check_int, check_timeout, public
 
 __all__ = ("Future", "ProcessPoolExecutor")
 
@@ -266,7 +267,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
     @property
     def _mp_context(self) -> Any:  # a BaseContext or the shoal.Context given
         """The multiprocessing context the workers are started with."""
-        return self._given_context if self._given_context is not None else self._engine._ctx
+        return self._given_context if self._given_context is not None else self._engine.context
 
     @property
     def _processes(self) -> dict[int, WorkerProcess] | None:
@@ -297,3 +298,6 @@ def _results(it: IMapIterator, deadline: float | None) -> Iterator[Any]:
         return
     finally:
         it.close()
+
+
+public(ProcessPoolExecutor)

@@ -25,12 +25,13 @@ from collections.abc import Callable, Iterable
 from multiprocessing.context import BaseContext
 from typing import Any, NoReturn
 
-from ._asyncresult import AsyncResult, IMapIterator, MapResult, new_async_result, submit_future
+from ._asyncresult import AsyncResult, IMapIterator, MapResult, new_async_result
 from ._backends import make_engine
 from ._engine import MAP, NO_SHARED, STARMAP, PoolStatistics, WorkerProcess
+from ._future import submit_future
 from ._progress import progress_bar
 from ._serialization import name_unpicklable_item
-from ._util import check_timeout
+from ._util import check_timeout, public
 
 __all__ = ("AsyncResult", "Pool", "PoolStatistics")
 
@@ -497,3 +498,6 @@ def _check_callbacks(callback: object, error_callback: object) -> None:
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     if error_callback is not None and not callable(error_callback):
         raise TypeError(f"error_callback must be callable, got {type(error_callback).__name__}")
+
+
+public(Pool)

@@ -104,9 +104,9 @@ except ImportError as exc:
         "(or, in shoal's source directory, pip install '.[joblib]')"
     ) from exc
 
-from ._asyncresult import Future, submit_future
-from ._engine import Engine
+from ._engine import LocalEngine
 from ._fd import collecting_fds, providing_fds, reduce_fd
+from ._future import Future, submit_future
 from ._serialization import OOB_THRESHOLD, LargeBuffers, pickle_code
 from ._util import public
 
@@ -138,7 +138,7 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
         _check_names(options, _OPTIONS)
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **options)
         #: The running engine, or None (the name joblib's loky backend uses).
-        self._workers: Engine | None = None
+        self._workers: LocalEngine | None = None
         self._n_jobs = 1
         self._settings: dict[str, Any] = {}
         self._policy = _ArrayPolicy(None, None)
@@ -193,9 +193,9 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
             self._workers = self._start()
         return n_jobs
 
-    def _start(self) -> Engine:
+    def _start(self) -> LocalEngine:
         s = self._settings
-        return Engine(
+        return LocalEngine(
             self._n_jobs,
             s.get("initializer"),
             s.get("initargs", ()),

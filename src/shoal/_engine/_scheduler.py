@@ -29,8 +29,10 @@ replacement workers (:meth:`~Scheduler.start_worker`; the first ones start
 from the caller's thread, before this thread exists), and mutates per-worker
 state, the counters and the duration estimates.  It shares with the caller
 side only the containers callers may touch (the pending and control deques,
-the descriptors of queued tasks) and the engine's state (``_state``,
-``_broken_error``), and wakes waiters through the engine's ``results_cond``.
+the descriptors of queued tasks) and the engine's record
+(:class:`~._state.EngineState`: the state, why it broke, the wake-up
+flags), and wakes waiters through the record.  It never sees the engine:
+callers ask it to act through :meth:`~Scheduler.mark_dirty`.
 The engine's data-flow overview is in :mod:`._engine`.
 """
 
@@ -43,10 +45,9 @@ import selectors
 import signal
 import threading
 import time
-import weakref
 from collections import deque
 from multiprocessing.connection import wait as wait_for
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._fd import collecting_fds, create_fd
 from .._ipc import Channel
@@ -55,7 +56,6 @@ from .._serialization import loads_with, pickle_code, starting_process, unpack_e
 from ..exceptions import (
     CorruptDataError,
     PoolClosedError,
-    RemoteTraceback,
     SerializationError,
     WorkerStartError,
     corrupt_data,
@@ -64,11 +64,9 @@ from ..exceptions import (
 from . import _worker
 from ._crash import ALREADY_FAILED, Fate, attribute_crash
 from ._procs import GRACE, Tree, open_pidfd
-from ._tasks import Task, Worker
+from ._state import BROKEN, CLOSE, RUN, TERMINATE, EngineState, engine_descriptors
+from ._tasks import Task, Worker, interrupt_task, with_traceback_type
 from ._worker import GATE, GATE_MASK, GATE_MAX_RECALL, GATE_SHIFT, SENT, STATUS, STATUS_SLOT, WorkerConfig
-
-if TYPE_CHECKING:
-    from ._engine import Engine
 
 #: Work per message when tasks are short: large enough that per-message costs
 #: (~50 µs) vanish, small enough that the tail of a job stays balanced.
@@ -95,35 +93,6 @@ STALLED_AFTER = 0.01
 #: How often stalls are looked for while a worker is idle and another holds
 #: tasks it has not started.
 STALL_TICK = 0.005
-
-#: The engine's states (``Engine.state``).
-_RUN, _CLOSE, _TERMINATE, _BROKEN = "running", "closed", "terminated", "broken"
-
-#: Every engine of this process whose scheduler may start workers.
-live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-def with_traceback_type(exc: BaseException, remote_traceback: type[BaseException]) -> BaseException:
-    """Give a worker's exception the face's remote-traceback type as its
-    ``__cause__`` (``multiprocessing.pool.RemoteTraceback`` for Pool, as
-    code written for the standard library checks)."""
-    cause = exc.__cause__
-    if isinstance(cause, RemoteTraceback) and remote_traceback is not RemoteTraceback:
-        exc.__cause__ = remote_traceback(cause.tb)
-    return exc
-
-
-def engine_descriptors() -> list[int]:
-    """Every live engine's private descriptors (for a worker started by fork)."""
-    fds: list[int] = []
-    pid = os.getpid()
-    for engine in list(live_engines):
-        # A forked worker's copies of its parent's engines hold numbers the
-        # worker closed (and may have reused): closing them in a child it
-        # forks (an Actor, a nested pool's worker) would close live ones.
-        if engine._owner_pid == pid:
-            fds.extend(engine._descriptors())
-    return fds
 
 
 def _foreign_descriptors() -> list[int]:
@@ -178,21 +147,23 @@ def _check_results(body: Any, held: int, nfds: int) -> None:
         raise corrupt_data(f"a results message that is malformed ({exc}; body {_describe(body)})") from exc
 
 
-def interrupt_task(task: Task, exc: BaseException) -> None:
-    """A future not yet running is cancelled as such; a running one gets
-    *exc* (a CancelledError) as its outcome, through ``fail``."""
-    future = getattr(task.sink, "future", None)
-    if future is not None:
-        future.cancel()
-
-
 class Scheduler:
-    """The scheduler thread's state and steps, for one :class:`~._engine.Engine`."""
+    """The scheduler thread's state and steps, for one :class:`~._engine.LocalEngine`.
+
+    It holds the engine's :class:`~._state.EngineState` and the containers
+    the caller side shares with it, never the engine itself.
+    """
 
     def __init__(
         self,
-        engine: Engine,
+        record: EngineState,
         *,
+        workers: dict[int, Worker],
+        estimates: dict[Any, float],
+        task_fds: set[int],
+        segments: Any,
+        exit_results: list[tuple[bool, Any]],
+        handle_control: Any,
         processes: int,
         context: Any,
         maxtasksperchild: int | None,
@@ -204,17 +175,17 @@ class Scheduler:
         shared_fds: list[int],
         remote_traceback: type[BaseException],
     ) -> None:
-        self.engine = engine
+        self._record = record
         # Shared with the caller side: containers, never rebound.
-        self._pending: deque[Task] = engine._pending
-        self._control: deque = engine._control
-        self._workers: dict[int, Worker] = engine._workers  # keyed by slot
-        self._estimates: dict[int, float] = engine._estimates
-        self._task_fds: set[int] = engine._task_fds
-        self._segments = engine._segments
-        self._exit_results: list[tuple[bool, Any]] = engine._exit_results
-        self._handle_control = engine._handle_control
-        self._notify = engine._notify
+        self._pending: deque[Task] = record.pending
+        self._control: deque = record.control
+        self._workers = workers  # keyed by slot
+        self._estimates = estimates
+        self._task_fds = task_fds
+        self._segments = segments
+        self._exit_results = exit_results
+        self._handle_control = handle_control
+        self._notify = record.notify_waiters
         # How workers start.
         self._ctx = context
         self._maxtasks = maxtasksperchild
@@ -248,16 +219,17 @@ class Scheduler:
         self._status = mmap.mmap(self._status_fd, 0)
 
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._sleeping = False
-        self._dirty = False
+        self._thread: threading.Thread | None = None  # the one that runs run()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
 
-    def wake(self) -> None:
-        """Tell the scheduler that something changed (see run)."""
-        self._dirty = True
-        if self._sleeping:
-            self._sleeping = False
+    def mark_dirty(self) -> None:
+        """Tell the scheduler that something changed, waking it if it
+        sleeps (the wake-up protocol of run)."""
+        record = self._record
+        record.dirty = True
+        if record.sleeping:
+            record.sleeping = False
             try:
                 os.write(self._wake_w, b"x")
             except (BlockingIOError, OSError):
@@ -277,7 +249,7 @@ class Scheduler:
         # pool, and only when we are the worker's parent (not a forkserver).
         pdeathsig = self._ctx.get_start_method() != "forkserver" and (
             threading.current_thread() is threading.main_thread()
-            or threading.current_thread() is getattr(self.engine, "_thread", None)
+            or threading.current_thread() is self._thread
         )
         config = WorkerConfig(None, (), self._maxtasks, self._max_memory, os.getpid(), pdeathsig, slot)
         if self._config_args is not None:
@@ -413,23 +385,26 @@ class Scheduler:
     def run(self) -> None:
         """The scheduler thread's loop; returns once every worker is gone
         (closed and idle) or terminate() was asked for."""
+        self._thread = threading.current_thread()
         select = self._selector.select
+        record = self._record
         while True:
             # The wake-up protocol.  A caller changes state (queues a task, a
-            # request, close/terminate), then sets _dirty, then writes to the
-            # wake-up pipe if it sees _sleeping.  We set _sleeping, then look
-            # at _dirty: a change made before we set _sleeping is seen here,
-            # one made after finds _sleeping set and writes.  No wake-up is
+            # request, close/terminate), then sets record.dirty, then writes
+            # to the wake-up pipe if it sees record.sleeping (mark_dirty).  We
+            # set sleeping, then look at dirty: a change made before we set
+            # sleeping is seen here, one made after finds sleeping set and
+            # writes.  No wake-up is
             # lost, and we never spin on work that waits for a free worker.
             timeout = TIMEOUT_TICK if self._timed or self._doomed else None
             if self._watch_stalls:
                 timeout = STALL_TICK
-            self._sleeping = True
-            if self._dirty:
+            record.sleeping = True
+            if record.dirty:
                 timeout = 0
             events = select(timeout)
-            self._sleeping = False
-            self._dirty = False
+            record.sleeping = False
+            record.dirty = False
             for key, mask in events:
                 kind, w = key.data
                 if kind == "chan":
@@ -447,8 +422,8 @@ class Scheduler:
                         pass
             while self._control:
                 self._handle_control(*self._control.popleft())
-            state = self.engine._state
-            if state == _TERMINATE:
+            state = record.state
+            if state == TERMINATE:
                 # What was asked just before terminate() (shutdown's
                 # cancel_futures) is done first.
                 while self._control:
@@ -462,9 +437,9 @@ class Scheduler:
             if self._timed or self._doomed:
                 self.check_time_limits()
             if (
-                state in (_CLOSE, _BROKEN)
+                state in (CLOSE, BROKEN)
                 and not self._pending
-                and not self.engine._feeders
+                and not record.feeders
                 and not any(w.inflight for w in self._workers.values())
             ):
                 if not self._workers:
@@ -554,7 +529,7 @@ class Scheduler:
                     idle = True
             elif len(w.inflight) > 1:
                 held = True
-        if not (idle and held) or self.engine._state == _TERMINATE:
+        if not (idle and held) or self._record.state == TERMINATE:
             return False
         now = time.monotonic()
         recalled = 0
@@ -775,7 +750,7 @@ class Scheduler:
         kinds, values, counts, timing = body
         pos = 0
         inflight = w.inflight
-        waiters = self.engine.waiters
+        waiters = self._record.waiters
         plain_loads = pickle.loads
         completed = failed = timed = doomed = 0
         raw = _worker.RAW
@@ -863,9 +838,8 @@ class Scheduler:
                 per_item = total / n
                 est = estimates.get(fid)
                 estimates[fid] = per_item if est is None else est * 0.7 + per_item * 0.3
-        if waiters or self.engine.waiters:
-            with self.engine.results_cond:
-                self.engine.results_cond.notify_all()
+        if waiters or self._record.waiters:
+            self._notify()
 
     def _with_traceback_type(self, exc: BaseException) -> BaseException:
         return with_traceback_type(exc, self._remote_traceback)
@@ -995,8 +969,8 @@ class Scheduler:
             last_done=last_done,
             pid=w.pid,
             exitcode=exitcode,
-            broken=w.retire_reason == "initializer" or self.engine._state == _BROKEN,
-            broken_error=self.engine._broken_error,
+            broken=w.retire_reason == "initializer" or self._record.state == BROKEN,
+            broken_error=self._record.broken_error,
             kill_error=w.kill_error,
         )
         failed_any = False
@@ -1029,7 +1003,7 @@ class Scheduler:
             reason = "died"
         if not w.ready and reason == "died":
             self._start_failures += 1
-            if self._start_failures >= MAX_START_FAILURES and self.engine._state == _RUN:
+            if self._start_failures >= MAX_START_FAILURES and self._record.state == RUN:
                 self.break_pool(
                     WorkerStartError(
                         "worker processes keep exiting before they are ready "
@@ -1039,10 +1013,10 @@ class Scheduler:
                         "sure the main module imports without errors."
                     )
                 )
-        if reason in ("shutdown", "initializer") or self.engine._state in (_TERMINATE, _BROKEN):
+        if reason in ("shutdown", "initializer") or self._record.state in (TERMINATE, BROKEN):
             return
         if (
-            self.engine._state == _CLOSE
+            self._record.state == CLOSE
             and not self._pending
             and not any(x.inflight for x in self._workers.values())
         ):
@@ -1066,11 +1040,8 @@ class Scheduler:
         Tasks that live workers already hold still run and deliver their
         results; then the workers are told to stop.
         """
-        if self.engine._state in (_TERMINATE,):
+        if not self._record.mark_broken(exc):
             return
-        if self.engine._broken_error is None:
-            self.engine._broken_error = exc
-        self.engine._state = _BROKEN
         err = WorkerStartError(f"the pool cannot run tasks: {exc}")
         err.__cause__ = exc
         while self._pending:
@@ -1090,7 +1061,7 @@ class Scheduler:
 
     def stop(self) -> None:
         self.fail_everything(PoolClosedError("the pool was terminated before this task finished"))
-        self.kill_workers(graceful=not self.engine._kill_on_terminate)
+        self.kill_workers(graceful=not self._record.kill_on_terminate)
 
     def kill_workers(self, graceful: bool) -> None:
         """Stop every worker and the processes its tasks left running:

@@ -170,7 +170,7 @@ class WorkerConfig:
         self.slot = slot
 
 
-def _set_pdeathsig(owner_pid: int) -> None:
+def set_pdeathsig(owner_pid: int) -> None:
     """Ask the kernel to SIGKILL us when the process that started us dies."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -267,7 +267,7 @@ def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
     if hooks is not None:
         config.initializer, config.initargs, config.worker_init, config.worker_exit = hooks
     if config.pdeathsig:
-        _set_pdeathsig(config.owner_pid)
+        set_pdeathsig(config.owner_pid)
     status_fd, *shared_fds = first[1]  # then the initargs' descriptors, unused by the shared object
     status = mmap.mmap(status_fd, 0)
     os.close(status_fd)
