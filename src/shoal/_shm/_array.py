@@ -10,7 +10,8 @@ Data flow and ownership::
       └─ pickled as (segment descriptor, byte offset, shape, strides, dtype) ─▶ mapped again
 
 * ``SharedArray(shape, dtype, order)`` makes a zero-filled array in a new
-  memfd; ``share(array)`` makes one holding a copy of *array* (written with
+  memfd; ``SharedArray.from_array(array)`` makes one holding a copy of
+  *array* (written with
   ``pwrite``, so this process pays no page fault per 4 KiB page).
 * Handed to another process it travels as its segment's descriptor, never
   as its bytes: beside a shoal message (pool tasks and results, ``Pipe``,
@@ -35,7 +36,8 @@ Data flow and ownership::
   (use a ``Lock``, or give each process its own slice).
 
 numpy is optional for shoal: this module imports it, and ``shoal`` imports
-this module only when ``SharedArray`` or ``share`` is first used.
+this module only when ``SharedArray`` (or the deprecated ``share``) is
+first used.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import operator
 import os
+import warnings
 import weakref
 from multiprocessing import reduction
 from typing import Any
@@ -154,7 +157,8 @@ if np is not None:
         memory, so writes made there are visible here.
 
         ``SharedArray(shape, dtype=float, order='C')`` is zero-filled; use
-        :func:`shoal.share` to copy an existing array into shared memory.
+        :meth:`SharedArray.from_array` to copy an existing array into shared
+        memory.
         """
 
         def __new__(cls, shape, dtype: Any = float, order: str = "C"):
@@ -173,6 +177,13 @@ if np is not None:
                     f"cannot allocate a SharedArray of {nbytes} bytes in shared memory: {exc}"
                 ) from exc
             return _on_segment(cls, _Memory(segment), 0, dims, dtype, None, order)
+
+        @classmethod
+        def from_array(cls, array: Any) -> SharedArray:
+            """A :class:`SharedArray` holding a copy of *array* (any
+            array-like), with its shape, dtype and memory order; a
+            SharedArray is returned as is."""
+            return _from_array(array)
 
         def __array_finalize__(self, obj) -> None:
             memory = getattr(obj, "_shoal_memory", None)
@@ -282,9 +293,7 @@ if np is not None:
         setattr(SharedArray, _name, _returning_plain(_name))
     del _name
 
-    def share(array) -> SharedArray:
-        """A :class:`SharedArray` holding a copy of *array* (any array-like),
-        with its shape, dtype and memory order; a SharedArray is returned as is."""
+    def _from_array(array) -> SharedArray:
         if isinstance(array, SharedArray) and array._shoal_memory is not None:
             return array
         array = np.asarray(array)
@@ -333,11 +342,24 @@ else:  # pragma: no cover - see the subprocess test without numpy
         def __new__(cls, *args, **kwargs):
             raise ModuleNotFoundError(_MISSING, name="numpy")
 
-    def share(array):
-        raise ModuleNotFoundError(_MISSING, name="numpy")
+        @classmethod
+        def from_array(cls, array: Any) -> Any:
+            raise ModuleNotFoundError(_MISSING, name="numpy")
 
     def _rebuild(*args):
         raise ModuleNotFoundError(_MISSING, name="numpy")
+
+
+def share(array: Any) -> Any:
+    """Deprecated alias of :meth:`SharedArray.from_array` (removed in the
+    next release): the name differed from :func:`shoal.shared` by one letter
+    and meant something unrelated."""
+    warnings.warn(
+        "shoal.share(array) is deprecated; use shoal.SharedArray.from_array(array)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return SharedArray.from_array(array)
 
 
 public(SharedArray)
