@@ -119,13 +119,18 @@ scheduler keeps these for :meth:`Engine.worker_exit_results`.
 
 Where each part lives (one responsibility per module):
 
-- ``_engine.py`` (this module): :class:`Engine`, the caller side -- checks
-  and submit (tasks pickled in the caller's thread), control requests,
-  close / terminate / join, statistics -- and the scheduler thread's
-  skeleton (``_run``: the loop, then its error and exit paths);
+- ``_engine.py`` (this module): :class:`LocalEngine`, the caller side of
+  worker processes on this machine -- checks and submit (tasks pickled in
+  the caller's thread), the function cache, chunk sizes, statistics -- and
+  the steps of ``Engine._run``, each the scheduler's;
+- ``_base.py``: :class:`~._base.Engine`, the contract this class
+  implements (state machine, close / terminate / join, feeders, the
+  thread's skeleton ``_run``); ``_state.py``: the record the caller side
+  and the scheduler share;
 - ``_scheduler.py``: :class:`~._scheduler.Scheduler`, the loop and its
-  steps (start_worker, dispatch, read_results, check_time_limits, reap,
-  cancel / interrupt, stop), and the batching constants;
+  steps (dispatch, read_results, check_time_limits, cancel / interrupt,
+  stop), and the batching constants; ``_lifecycle.py``: its steps on
+  worker processes (start_worker, reap, kill_workers);
 - ``_crash.py``: crash attribution, a pure function of what a dead worker
   held and what its status slot says;
 - ``_tasks.py``: the records (Task, Worker, WorkerProcess) and the

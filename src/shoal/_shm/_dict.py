@@ -341,7 +341,7 @@ def _decode_key_parts(data: bytes) -> Any:
 
 
 def _encode_value(value: Any, refs: StorageRefs | None = None) -> int | bytes:
-    """An int the native core stores inline, or tagged bytes (see src/native/dict.c)."""
+    """An int the native core stores inline, or tagged bytes (see src/native/dict.h)."""
     t = type(value)
     if t is int:
         if _INLINE_MIN <= value <= _INLINE_MAX:
