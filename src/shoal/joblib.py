@@ -134,7 +134,7 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def __init__(
         self, nesting_level: int | None = None, inner_max_num_threads: int | None = None, **options: Any
-    ):
+    ) -> None:
         _check_names(options, _OPTIONS)
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **options)
         #: The running engine, or None (the name joblib's loky backend uses).

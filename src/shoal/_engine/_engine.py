@@ -197,10 +197,10 @@ class LocalEngine(Engine):
     def __init__(
         self,
         processes: int | None = None,
-        initializer=None,
-        initargs=(),
+        initializer: Any = None,
+        initargs: Any = (),
         maxtasksperchild: int | None = None,
-        context=None,
+        context: Any = None,
         *,
         max_memory: int | None = None,
         task_timeout: float | None = None,
@@ -208,8 +208,8 @@ class LocalEngine(Engine):
         defer_start_errors: bool = False,
         remote_traceback: type[BaseException] = RemoteTraceback,
         shared: Any = _local.NO_SHARED,
-        worker_init=None,
-        worker_exit=None,
+        worker_init: Any = None,
+        worker_exit: Any = None,
     ) -> None:
         if processes is None:
             processes = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
@@ -357,7 +357,7 @@ class LocalEngine(Engine):
     # ------------------------------------------------------------------
     # caller side
     # ------------------------------------------------------------------
-    def function_ref(self, fn) -> tuple[int, Any]:
+    def function_ref(self, fn: Any) -> tuple[int, Any]:
         """An id for *fn* that workers cache, with its pickled form for the
         workers that have not seen it yet; ``(0, None)`` when *fn* must
         travel inside each task instead.
@@ -401,13 +401,13 @@ class LocalEngine(Engine):
 
     def make_task(
         self,
-        fn,
+        fn: Any,
         mode: int,
-        payload,
+        payload: Any,
         sink: ResultSink,
         index: int = 0,
         timeout: float | None = None,
-        fn_ref=None,
+        fn_ref: Any = None,
     ) -> Task:
         """Serialize one task in the caller's thread (errors surface here)."""
         if fn_ref is None:
@@ -424,7 +424,7 @@ class LocalEngine(Engine):
         return Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout, n)
 
     def submit_call(
-        self, fn, args: tuple, kwargs: dict, sink: ResultSink, timeout: float | None = None
+        self, fn: Any, args: tuple, kwargs: dict, sink: ResultSink, timeout: float | None = None
     ) -> Task:
         """Serialize and queue ``fn(*args, **kwargs)``: the hot path of
         apply_async and submit, kept short on purpose."""
@@ -494,7 +494,7 @@ class LocalEngine(Engine):
         if self._finished.is_set():
             self._reject(tasks)
 
-    def _reject(self, tasks) -> None:
+    def _reject(self, tasks: Any) -> None:
         """The scheduler ended (terminate() in another thread) while these were
         being queued: take them back, or they would wait forever."""
         for t in tasks:
@@ -506,7 +506,7 @@ class LocalEngine(Engine):
         self._check_running()
         raise PoolClosedError("the pool was terminated while this task was being submitted")
 
-    def map_chunksize(self, n: int, fn=None) -> int:
+    def map_chunksize(self, n: int, fn: Any = None) -> int:
         """Chunk size for a map of *n* items when the caller gave none.
 
         Never larger than the standard library's (n / 4 per worker), and
@@ -528,7 +528,7 @@ class LocalEngine(Engine):
         held = entry[0] if entry[3] is None else entry[0]()
         return entry[1] if held is fn else 0
 
-    def inflight_bound(self, fn=None, chunksize: int = 1) -> int:
+    def inflight_bound(self, fn: Any = None, chunksize: int = 1) -> int:
         """How many tasks an imap keeps submitted but unconsumed: enough for
         every worker to hold CREDIT full batches, so batching never starves."""
         est = self._estimates.get(self.fn_key(fn)) if fn is not None else None
@@ -598,7 +598,7 @@ class LocalEngine(Engine):
         return self._scheduler.descriptors()
 
 
-def _serialize(payload, fds: list[int], segments: WarmSegments) -> bytes:
+def _serialize(payload: Any, fds: list[int], segments: WarmSegments) -> bytes:
     """Pickle a task's payload; large buffers go to warm shared memory (read
     only in the worker, so it cannot silently write into memory the caller
     thinks private), and the descriptors to pass beside the message are
@@ -610,7 +610,7 @@ def _serialize(payload, fds: list[int], segments: WarmSegments) -> bytes:
         swap_sending(previous)
 
 
-def _serialize_shared(obj) -> tuple[bytes, list[int]]:
+def _serialize_shared(obj: Any) -> tuple[bytes, list[int]]:
     """Pickle the pool's shared object once: ``(data, fds)``, its large
     buffers copied into memfds (owned by the caller) that workers map."""
     with collecting_fds() as fds:
@@ -642,7 +642,7 @@ def _foreign_default() -> str | None:
     return method if method is not None and method not in _STDLIB_METHODS else None
 
 
-def drivable_context(context):
+def drivable_context(context: Any) -> Any:
     """The standard library's context that starts this pool's workers.
 
     Another library may install a context of its own as the default: loky
@@ -676,7 +676,7 @@ def drivable_context(context):
     return context
 
 
-def recycling_context():
+def recycling_context() -> Any:
     """The context of an executor whose workers are recycled
     (``max_tasks_per_child``) when none is given: ``spawn``, as the standard
     library (3.11+) chooses, or ``fork`` where spawn cannot start processes
@@ -698,7 +698,7 @@ def _check_may_have_children() -> None:
         )
 
 
-def mp_context(method: str):
+def mp_context(method: str) -> Any:
     """``multiprocessing.get_context(method)``, with an error that lists the
     start methods this platform has."""
     try:

@@ -636,7 +636,7 @@ class Scheduler(WorkerLifecycle):
             w.retire_reason = "initializer"
             self.break_pool(error)
 
-    def _on_results(self, w: Worker, body, fds: list[int]) -> None:
+    def _on_results(self, w: Worker, body: Any, fds: list[int]) -> None:
         # Parallel lists (the wire format of _worker.RESULTS): what each
         # outcome is, the outcomes, how many descriptors each brought (None:
         # none did), and the durations per function.
@@ -767,7 +767,7 @@ class Scheduler(WorkerLifecycle):
                 self._notify()
                 return
 
-    def interrupt(self, match, exc: BaseException) -> None:
+    def interrupt(self, match: Any, exc: BaseException) -> None:
         """Fail every task whose sink satisfies *match* (all, if None) with
         *exc*: queued ones are dropped, running ones' workers killed."""
         # Callers append to _pending concurrently (at the right): take

@@ -125,7 +125,7 @@ class WorkerProcess:
 
     __slots__ = ("_proc", "name", "pid")
 
-    def __init__(self, proc) -> None:
+    def __init__(self, proc: Any) -> None:
         self._proc = proc
         self.pid: int = proc.pid
         self.name: str = proc.name

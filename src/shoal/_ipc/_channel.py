@@ -88,7 +88,7 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def count_sent_in(self, buf, offset: int) -> None:
+    def count_sent_in(self, buf: Any, offset: int) -> None:
         """From now on, store the number of bytes :meth:`send` has sent
         (an int64 at *offset* of the shared *buf*), each frame counted
         before it goes out, so that the reader can tell bytes that did not
@@ -104,7 +104,7 @@ class Channel:
         self.discard_output()
 
     # -- sending ----------------------------------------------------------
-    def send(self, payload, fds=()) -> None:
+    def send(self, payload: Any, fds: Any = ()) -> None:
         """Send one frame (blocking)."""
         if self._sent_at is not None:
             self._sent += 8 + len(payload)
@@ -137,7 +137,7 @@ class Channel:
         entry[1] = rest or None
 
     # -- non-blocking sending (for a selector-driven writer) ----------------
-    def queue(self, payload, fds=()) -> None:
+    def queue(self, payload: Any, fds: Any = ()) -> None:
         """Append one frame to the outgoing queue; :meth:`flush` writes it.
         The channel takes ownership of *fds* and closes them once sent."""
         if len(fds) > MAX_FDS * (8 + len(payload)):

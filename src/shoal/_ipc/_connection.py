@@ -290,7 +290,7 @@ class Connection:
             raise _broken_pipe() from exc
 
     # -- receiving ----------------------------------------------------------
-    def _recv(self, limit: int | None):
+    def _recv(self, limit: int | None) -> Any:
         sock = self._check_readable()
         if limit is None:
             limit = self._max
@@ -405,7 +405,9 @@ class Connection:
         return _rebuild_connection, (rebuild, args, self._readable, self._writable, self._max)
 
 
-def _rebuild_connection(rebuild, args, readable: bool, writable: bool, max_message_size):
+def _rebuild_connection(
+    rebuild: Any, args: Any, readable: bool, writable: bool, max_message_size: Any
+) -> Any:
     fd = rebuild(*args)
     sock = socket.socket(fileno=fd)
     return Connection(sock, readable, writable, max_message_size=max_message_size)
@@ -423,7 +425,7 @@ def _broken_pipe() -> BrokenPipeError:
     )
 
 
-def _loads(payload, limit: int | None = None):
+def _loads(payload: Any, limit: int | None = None) -> Any:
     try:
         return loads(payload, limit=limit)
     except TooLarge as exc:

@@ -53,6 +53,7 @@ import pickle
 import socket
 import threading
 import time
+from typing import Any
 
 from .._fd import (
     ANC_SIZE,
@@ -102,7 +103,7 @@ def socketpair(sndbuf: int | None = None) -> tuple[socket.socket, socket.socket]
 _pickle_dumps = pickle.dumps
 
 
-def close_fds(fds) -> None:
+def close_fds(fds: Any) -> None:
     for fd in fds:
         try:
             os.close(fd)
@@ -122,7 +123,7 @@ def small_buffers_only(pb: pickle.PickleBuffer) -> bool:
     return True
 
 
-def encode(obj, what: str, limit: int | None = None) -> tuple[bytes, list[int]]:
+def encode(obj: Any, what: str, limit: int | None = None) -> tuple[bytes, list[int]]:
     """Pickle *obj* for a Connection or a Queue: ``(payload, fds)``.
 
     Plain pickle first (the small-message fast path); anything it refuses
@@ -251,7 +252,7 @@ class Spool:
 
 
 def send_packet(
-    sock: socket.socket, kind: int, payload, fds=(), flags: int = 0, spool: Spool | None = None
+    sock: socket.socket, kind: int, payload: Any, fds: Any = (), flags: int = 0, spool: Spool | None = None
 ) -> None:
     """Send one message.  The caller keeps ownership of *fds*.
 
@@ -290,7 +291,7 @@ def send_packet(
 INFLIGHT_BACKOFF_MAX = 0.05
 
 
-def send_fds_msg(sock: socket.socket, buffers, anc, flags: int) -> None:
+def send_fds_msg(sock: socket.socket, buffers: Any, anc: Any, flags: int) -> None:
     """``sendmsg`` of a datagram carrying descriptors.
 
     The kernel refuses (``ETOOMANYREFS``) to let a user have more
@@ -315,14 +316,14 @@ def send_fds_msg(sock: socket.socket, buffers, anc, flags: int) -> None:
         backoff = min(backoff * 2, INFLIGHT_BACKOFF_MAX)
 
 
-def _pwrite_all(fd: int, payload, size: int) -> None:
+def _pwrite_all(fd: int, payload: Any, size: int) -> None:
     view = memoryview(payload).cast("B")
     written = os.pwritev(fd, [_UNREAD, view], 0) - _HDR
     while written < size:
         written += os.pwrite(fd, view[written:], _HDR + written)
 
 
-def recv_packet(sock: socket.socket, flags: int = 0, limit: int | None = None):
+def recv_packet(sock: socket.socket, flags: int = 0, limit: int | None = None) -> Any:
     """Receive one message: ``(kind, payload, fds)``, or ``None`` at EOF.
 
     *payload* is ``bytes`` (in band: the datagram minus its kind byte) or
@@ -338,7 +339,7 @@ def recv_packet(sock: socket.socket, flags: int = 0, limit: int | None = None):
     return kind, payload, fds
 
 
-def finish_packet(data: bytes, anc, mflags: int, limit: int | None):
+def finish_packet(data: bytes, anc: Any, mflags: int, limit: int | None) -> Any:
     """Decode what one ``recvmsg`` returned: ``(kind, payload, fds)``, with
     kind ``None`` at EOF."""
     fds = received_fds(anc) if anc else []

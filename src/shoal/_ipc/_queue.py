@@ -139,13 +139,13 @@ class _Raise:
         self.exc = exc
 
 
-def _close_entries(entries) -> None:
+def _close_entries(entries: Any) -> None:
     for _payload, _datagram, fds in entries:
         if fds:
             close_fds(fds)
 
 
-def _join_thread(ref) -> None:
+def _join_thread(ref: Any) -> None:
     t = ref()
     if t is not None and t.is_alive():
         t.join()
@@ -220,7 +220,7 @@ class _Base:
             raise ValueError(f"Queue {self!r} is closed")
 
     # -- encoding -------------------------------------------------------------
-    def _entry(self, obj, what: str):
+    def _entry(self, obj: Any, what: str) -> Any:
         """``(payload, datagram, fds)`` for Ring.put, pickled here."""
         payload, fds = encode(obj, what)
         if not fds and len(payload) <= self._inline_max:
@@ -233,7 +233,7 @@ class _Base:
             )
         return self._datagram(payload, fds)
 
-    def _datagram(self, payload: bytes, fds: list[int]):
+    def _datagram(self, payload: bytes, fds: list[int]) -> Any:
         """An entry sent as a datagram.  *fds* (closed once it is sent) are
         the descriptors the pickle collected, plus, for a large payload, a
         memfd holding it (last)."""
@@ -257,7 +257,7 @@ class _Base:
         anc = fds_ancillary(fds) if fds else []
         return None, (kind, body, anc), fds
 
-    def _decode(self, raw):
+    def _decode(self, raw: Any) -> Any:
         """An item from what Ring.get returned."""
         if type(raw) is _Raise:
             raise raw.exc
@@ -391,7 +391,7 @@ class _Base:
                 )
 
     # -- receiving ------------------------------------------------------------
-    def _get(self, block: bool, timeout: float | None):
+    def _get(self, block: bool, timeout: float | None) -> Any:
         if self._closed:
             self._check_closed()
         if self._stash:
@@ -477,7 +477,7 @@ def _unpickle_error(exc: BaseException) -> SerializationError:
     )
 
 
-def _rebuild_queue(cls, fd_reducers, maxsize: int):
+def _rebuild_queue(cls: Any, fd_reducers: Any, maxsize: int) -> Any:
     ring_fd, reader_fd, writer_fd = (rebuild(*args) for rebuild, args in fd_reducers)
     q = cls.__new__(cls)
     q._maxsize = maxsize

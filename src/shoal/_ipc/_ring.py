@@ -75,6 +75,7 @@ import select
 import socket
 import struct
 import time
+from typing import Any
 
 from .. import _native
 from .._fd import ANC_SIZE, check_sealed, create_fd, received_fds
@@ -498,7 +499,7 @@ class Ring:
             self._abandon(_PMUTEX)
             raise
 
-    def _write(self, pos: int, header: bytes, payload, length: int) -> None:
+    def _write(self, pos: int, header: bytes, payload: Any, length: int) -> None:
         mm, cap = self.mm, self._cap
         off = pos % cap
         # The header never wraps: positions and capacity are multiples of 8.
@@ -526,7 +527,7 @@ class Ring:
         return mm[_DATA + off : _DATA + cap] + mm[_DATA : _DATA + length - first]
 
     # -- get ------------------------------------------------------------------
-    def get_inline(self, deadline: float | None = None):
+    def get_inline(self, deadline: float | None = None) -> Any:
         """The fast path of a get: the oldest record if it is inline and
         there right now, else None (take the general path)."""
         mm, cap = self.mm, self._cap
@@ -566,7 +567,7 @@ class Ring:
             self._abandon(_CMUTEX)
             raise
 
-    def get(self, max_n: int, sock: socket.socket, deadline: float | None, stash=None) -> list:
+    def get(self, max_n: int, sock: socket.socket, deadline: float | None, stash: Any = None) -> list:
         """Take up to *max_n* records, waiting until *deadline* for the first.
 
         Returns a list of ``bytes`` (an inline item) or ``(data, anc)``
@@ -628,7 +629,7 @@ class Ring:
             self._interrupted_get(out, taking and (gets, head, taken, kept), stash)
             raise
 
-    def _interrupted_get(self, out: list, state, stash) -> None:
+    def _interrupted_get(self, out: list, state: Any, stash: Any) -> None:
         mm = self.mm
         try:
             if state:
@@ -652,7 +653,7 @@ class Ring:
         finally:
             self._abandon(_CMUTEX)
 
-    def _take_datagram(self, sock: socket.socket, seq: int):
+    def _take_datagram(self, sock: socket.socket, seq: int) -> Any:
         peek = self._peek
         while True:
             try:

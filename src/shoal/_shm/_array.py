@@ -82,7 +82,7 @@ class _Memory:
         st = os.fstat(segment.fd)
         _mapped[(st.st_dev, st.st_ino)] = self
 
-    def __reduce__(self):
+    def __reduce__(self) -> Any:
         # Plain pickle (to a file, a socket, a cache): the descriptor means
         # nothing there.  multiprocessing's pickler (Process arguments,
         # multiprocessing queues and pipes) uses _reduce_memory, registered
@@ -117,11 +117,11 @@ def _rebuild_memory(segment: Segment) -> _Memory:
     return _Memory(segment)
 
 
-def _address(arr) -> int:
+def _address(arr: Any) -> int:
     return arr.__array_interface__["data"][0]
 
 
-def _check_shape(shape) -> tuple[int, ...]:
+def _check_shape(shape: Any) -> tuple[int, ...]:
     try:
         dims: tuple[int, ...] = (operator.index(shape),)
     except TypeError:
@@ -138,7 +138,7 @@ def _check_shape(shape) -> tuple[int, ...]:
     return dims
 
 
-def _check_dtype(dtype) -> np.dtype:
+def _check_dtype(dtype: Any) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype.hasobject:
         raise TypeError(
@@ -161,7 +161,7 @@ if np is not None:
         memory.
         """
 
-        def __new__(cls, shape, dtype: Any = float, order: str = "C"):
+        def __new__(cls, shape: Any, dtype: Any = float, order: str = "C") -> Any:
             dims = _check_shape(shape)
             dtype = _check_dtype(dtype)
             if order not in ("C", "F"):
@@ -185,7 +185,7 @@ if np is not None:
             SharedArray is returned as is."""
             return _from_array(array)
 
-        def __array_finalize__(self, obj) -> None:
+        def __array_finalize__(self, obj: Any) -> None:
             memory = getattr(obj, "_shoal_memory", None)
             if memory is not None:
                 address = _address(self)
@@ -193,7 +193,7 @@ if np is not None:
                     memory = None  # new memory (a copy, a ufunc's output)
             self._shoal_memory = memory
 
-        def __array_wrap__(self, arr, context=None, return_scalar=None):
+        def __array_wrap__(self, arr: Any, context: Any = None, return_scalar: Any = None) -> Any:
             # The result of a ufunc, a reduction (a.sum(), a.max()) or a
             # method computed by one.  numpy 2 says with *return_scalar*
             # when a plain ndarray would give a scalar; numpy 1 (and
@@ -207,25 +207,25 @@ if np is not None:
                 return arr[()]
             return arr
 
-        def __array_function__(self, func, types, args, kwargs):
+        def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
             # numpy functions that make new arrays of the input's class
             # (zeros_like, copy(subok=True), roll, tile...): private memory.
             return _plain(super().__array_function__(func, types, args, kwargs))
 
-        def __getitem__(self, index):
+        def __getitem__(self, index: Any) -> Any:
             res = super().__getitem__(index)
             if type(res) is SharedArray and res._shoal_memory is None:
                 return res.view(np.ndarray)  # fancy indexing: a copy
             return res
 
         @property
-        def imag(self):
+        def imag(self) -> Any:
             """The imaginary part: a view of shared memory for a complex
             array, a new (plain) array of zeros for a real one."""
             return _plain(np.ndarray.imag.__get__(self))
 
         @imag.setter
-        def imag(self, value) -> None:
+        def imag(self, value: Any) -> None:
             self.view(np.ndarray).imag = value  # the same memory
 
         def copy(self, order: str = "C") -> np.ndarray:  # type: ignore[override]  # a plain ndarray on purpose: the copy is private memory
@@ -235,24 +235,24 @@ if np is not None:
         def __copy__(self) -> np.ndarray:  # type: ignore[override]  # a plain ndarray on purpose: the copy is private memory
             return self.copy("K")
 
-        def __deepcopy__(self, memo) -> np.ndarray:  # type: ignore[override]  # a plain ndarray on purpose: the copy is private memory
+        def __deepcopy__(self, memo: Any) -> np.ndarray:  # type: ignore[override]  # a plain ndarray on purpose: the copy is private memory
             return self.copy("K")
 
-        def __reduce_ex__(self, protocol):
+        def __reduce_ex__(self, protocol: Any) -> Any:
             memory = self._shoal_memory
             if memory is None:
                 return self.view(np.ndarray).__reduce_ex__(protocol)
             offset = _address(self) - memory.address
             return _rebuild, (memory, offset, self.shape, self.strides, self.dtype)
 
-        def __reduce__(self):
+        def __reduce__(self) -> Any:
             return self.__reduce_ex__(2)
 
         def __repr__(self) -> str:
             text = repr(self.view(np.ndarray))
             return "SharedArray" + text[len("array") :] if text.startswith("array") else text
 
-    def _plain(res):
+    def _plain(res: Any) -> Any:
         """*res*, or a plain ndarray where it is a SharedArray of private memory."""
         kind = type(res)
         if kind is SharedArray:
@@ -264,10 +264,10 @@ if np is not None:
             return kind(_plain(r) for r in res)
         return res
 
-    def _returning_plain(name: str):
+    def _returning_plain(name: str) -> Any:
         method = getattr(np.ndarray, name)
 
-        def wrapper(self, *args, **kwargs):
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             return _plain(method(self, *args, **kwargs))
 
         wrapper.__name__ = wrapper.__qualname__ = name
@@ -293,7 +293,7 @@ if np is not None:
         setattr(SharedArray, _name, _returning_plain(_name))
     del _name
 
-    def _from_array(array) -> SharedArray:
+    def _from_array(array: Any) -> SharedArray:
         if isinstance(array, SharedArray) and array._shoal_memory is not None:
             return array
         array = np.asarray(array)
@@ -317,7 +317,7 @@ if np is not None:
         return _on_segment(SharedArray, _Memory(segment), 0, array.shape, dtype, None, order)
 
     def _on_segment(
-        cls, memory: _Memory, offset: int, shape, dtype, strides, order: str = "C"
+        cls: Any, memory: _Memory, offset: int, shape: Any, dtype: Any, strides: Any, order: str = "C"
     ) -> SharedArray:
         arr = np.ndarray.__new__(
             cls,
@@ -331,7 +331,7 @@ if np is not None:
         arr._shoal_memory = memory
         return arr
 
-    def _rebuild(memory: _Memory, offset: int, shape, strides, dtype) -> SharedArray:
+    def _rebuild(memory: _Memory, offset: int, shape: Any, strides: Any, dtype: Any) -> SharedArray:
         return _on_segment(SharedArray, memory, offset, shape, dtype, strides)
 
 else:  # pragma: no cover - see the subprocess test without numpy
@@ -339,14 +339,14 @@ else:  # pragma: no cover - see the subprocess test without numpy
     class SharedArray:  # type: ignore[no-redef]
         """Needs numpy (not installed)."""
 
-        def __new__(cls, *args, **kwargs):
+        def __new__(cls, *args: Any, **kwargs: Any) -> None:
             raise ModuleNotFoundError(_MISSING, name="numpy")
 
         @classmethod
         def from_array(cls, array: Any) -> Any:
             raise ModuleNotFoundError(_MISSING, name="numpy")
 
-    def _rebuild(*args):
+    def _rebuild(*args: Any) -> None:
         raise ModuleNotFoundError(_MISSING, name="numpy")
 
 

@@ -782,7 +782,7 @@ def _grow_file(fd: int, start: int, end: int) -> None:
         raise MemoryError(f"SharedDict cannot get {end - start} more bytes of shared memory: {exc}") from exc
 
 
-def _rebuild_shared_dict(rebuild, args) -> SharedDict:
+def _rebuild_shared_dict(rebuild: Any, args: Any) -> SharedDict:
     return SharedDict._from_fd(rebuild(*args))
 
 

@@ -65,7 +65,7 @@ class _Scope:
 
     __slots__ = ("blob", "engine", "fn", "key", "scattered")
 
-    def __init__(self, engine: DaskEngine, fn, blob: tuple, key: str) -> None:
+    def __init__(self, engine: DaskEngine, fn: Any, blob: tuple, key: str) -> None:
         self.engine = engine
         self.fn = fn
         self.blob = blob
@@ -112,7 +112,9 @@ class _Task:
         "timeout",
     )
 
-    def __init__(self, tid, scope, mode, data, buffers, sink, index, n) -> None:
+    def __init__(
+        self, tid: Any, scope: Any, mode: Any, data: Any, buffers: Any, sink: Any, index: Any, n: Any
+    ) -> None:
         self.id = tid
         self.scope = scope
         self.mode = mode
@@ -166,12 +168,12 @@ def _check_listening(address: str) -> None:
         )
 
 
-def _fn_key(fn) -> str:
+def _fn_key(fn: Any) -> str:
     """What task-duration estimates are kept by."""
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
-def _keyed(futures) -> list:
+def _keyed(futures: Any) -> list:
     """Scattered buffers as (key, future) pairs: Dask replaces each future
     by its value on the worker, which caches its copy by key."""
     return [(f.key, f) for f in futures] if futures else []
@@ -206,10 +208,10 @@ class DaskEngine(Engine):
     def __init__(
         self,
         processes: int | None = None,
-        initializer=None,
-        initargs=(),
+        initializer: Any = None,
+        initargs: Any = (),
         maxtasksperchild: int | None = None,
-        context=None,  # unused: Dask starts its own workers
+        context: Any = None,  # unused: Dask starts its own workers
         *,
         address: str | None = None,
         max_memory: int | None = None,
@@ -336,7 +338,7 @@ class DaskEngine(Engine):
     def worker_pids(self) -> list[int]:
         return sorted(self._client.run(os.getpid).values())
 
-    def function_ref(self, fn) -> _Scope:
+    def function_ref(self, fn: Any) -> _Scope:
         """A new scope for the tasks of one call of *fn* (see _Scope)."""
         cacheable = (
             type(fn) in (types.FunctionType, types.BuiltinFunctionType)
@@ -358,7 +360,16 @@ class DaskEngine(Engine):
             self._fn_blobs[id(fn)] = (fn, scope.blob, key)
         return scope
 
-    def make_task(self, fn, mode: int, payload, sink, index: int = 0, timeout=None, fn_ref=None) -> _Task:
+    def make_task(
+        self,
+        fn: Any,
+        mode: int,
+        payload: Any,
+        sink: Any,
+        index: int = 0,
+        timeout: Any = None,
+        fn_ref: Any = None,
+    ) -> _Task:
         """Serialize one task in the caller's thread (errors surface here)."""
         if timeout is not None:
             raise ValueError(
@@ -375,7 +386,9 @@ class DaskEngine(Engine):
             task.data = b""
         return task
 
-    def submit_call(self, fn, args: tuple, kwargs: dict, sink, timeout: float | None = None) -> _Task:
+    def submit_call(
+        self, fn: Any, args: tuple, kwargs: dict, sink: Any, timeout: float | None = None
+    ) -> _Task:
         if self.record.state != RUN or os.getpid() != self.owner_pid:
             self._check_running()
         if kwargs:
@@ -414,7 +427,7 @@ class DaskEngine(Engine):
                 raise PoolClosedError("the pool was terminated while this task was being submitted") from exc
             raise
 
-    def map_chunksize(self, n: int, fn=None) -> int:
+    def map_chunksize(self, n: int, fn: Any = None) -> int:
         """The standard library's chunk size (n / 4 per worker), smaller when
         the function's measured speed says chunks would run over CHUNK_SECONDS."""
         chunksize, extra = divmod(n, self._slots * 4)
@@ -424,7 +437,7 @@ class DaskEngine(Engine):
             chunksize = max(1, min(chunksize, int(CHUNK_SECONDS / est)))
         return chunksize
 
-    def inflight_bound(self, fn=None, chunksize: int = 1) -> int:
+    def inflight_bound(self, fn: Any = None, chunksize: int = 1) -> int:
         """Tasks an imap keeps submitted and unconsumed: enough for CREDIT
         full batches per worker thread."""
         est = self._estimate(fn)
@@ -632,7 +645,7 @@ class DaskEngine(Engine):
         self._inflight[batch.id] = batch
         self._watch(batch)
 
-    def _deliver_batch(self, batch: _Batch, output) -> None:
+    def _deliver_batch(self, batch: _Batch, output: Any) -> None:
         kind, payload = output
         if kind == INIT_FAILED:
             cause = unpack_exception(payload)
@@ -664,7 +677,7 @@ class DaskEngine(Engine):
             else:
                 self._piece_done(task, start, ok, value)
 
-    def _finish(self, task: _Task, ok: bool, value) -> None:
+    def _finish(self, task: _Task, ok: bool, value: Any) -> None:
         task.kill_reason = "done"
         task.batch = None
         if ok:
@@ -673,7 +686,7 @@ class DaskEngine(Engine):
             self._failed += 1
         task.sink.deliver(task, ok, value)
 
-    def _piece_done(self, task: _Task, start: int, ok: bool, value) -> None:
+    def _piece_done(self, task: _Task, start: int, ok: bool, value: Any) -> None:
         if not ok:
             self._finish(task, False, value)
             return
@@ -690,7 +703,7 @@ class DaskEngine(Engine):
             if task.kill_reason is None:
                 self._finish(task, False, exc)
 
-    def _worker_died(self, batch: _Batch, exc) -> None:
+    def _worker_died(self, batch: _Batch, exc: Any) -> None:
         """Dask gave up on a batch whose workers kept dying: split it, or
         fail the one item that kills them."""
         self._worker_deaths += 1
@@ -717,7 +730,7 @@ class DaskEngine(Engine):
                 split.append((task, s, min(s + step, hi)))
         self._isolated.extendleft(reversed(split))
 
-    def _died_error(self, task: _Task, start: int | None, exc) -> WorkerDiedError:
+    def _died_error(self, task: _Task, start: int | None, exc: Any) -> WorkerDiedError:
         fn = task.scope.fn
         name = getattr(fn, "__qualname__", None) or repr(fn)
         what = f"{name}(...)"

@@ -98,7 +98,7 @@ class SharedValue:
         self.value: Any = _NOTHING
         self.lock = threading.Lock()
 
-    def __reduce__(self):
+    def __reduce__(self) -> Any:
         return unpickle, (self.data, self.buffers)
 
     def load(self) -> Any:

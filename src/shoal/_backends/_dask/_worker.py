@@ -30,7 +30,7 @@ _init_lock = threading.Lock()
 _initialized: dict[str, bytes | None] = {}
 
 
-def _loads_task(data: bytes, buffers, cow: bool) -> Any:
+def _loads_task(data: bytes, buffers: Any, cow: bool) -> Any:
     # Each task gets its own writable copy of shared buffers, as with the
     # standard library: the worker's copy is shared by every task it runs.
     return pickle.loads(data, buffers=[_private_copy(key, b, cow) for key, b in buffers])
@@ -46,7 +46,7 @@ _cow_lock = threading.Lock()
 _cow: OrderedDict[str, tuple[int, int]] = OrderedDict()  # Dask key -> (memfd, size)
 
 
-def _private_copy(key: str, buffer, cow: bool):
+def _private_copy(key: str, buffer: Any, cow: bool) -> Any:
     view = memoryview(buffer)
     if not cow or view.nbytes < COW_THRESHOLD:
         return bytearray(view)
@@ -83,7 +83,9 @@ class _Unloadable:
         self.error = error
 
 
-def run_batch(token: str, client_pid: int, init: bytes | None, shared_value: tuple, fns: list, entries: list):
+def run_batch(
+    token: str, client_pid: int, init: bytes | None, shared_value: tuple, fns: list, entries: list
+) -> Any:
     """Run one batch on a Dask worker (the one Dask task of a batch).
 
     *entries* are ``(fn index, mode, data, buffers, start, stop)``; a map
