@@ -5,7 +5,7 @@
   once timed: the steady state of a program that keeps feeding a pool
   (shoal's warm segments, joblib's memmap cache and the standard library's
   buffers are all warm).  Contenders: the standard library, shoal with
-  plain arrays (one copy into shared memory), ``shoal-share`` (``share()``
+  plain arrays (one copy into shared memory), ``shoal-share`` (``SharedArray.from_array()``
   of each array inside the timed region: one copy too), ``shoal-SA``
   (arrays that already are ``SharedArray``s: no copy), loky, and joblib
   ``Parallel`` (automatic memmapping).
@@ -72,9 +72,9 @@ def _sum_rate(make_pool, quick: bool, shared: bool = False, share_in_loop: bool 
         if share_in_loop:
             import shoal
 
-            pool.map(_array_sum, [shoal.share(a) for a in arrays], chunksize=1)
+            pool.map(_array_sum, [shoal.SharedArray.from_array(a) for a in arrays], chunksize=1)
             t0 = time.perf_counter()
-            sums = pool.map(_array_sum, [shoal.share(a) for a in arrays], chunksize=1)
+            sums = pool.map(_array_sum, [shoal.SharedArray.from_array(a) for a in arrays], chunksize=1)
         else:
             pool.map(_array_sum, arrays, chunksize=1)
             t0 = time.perf_counter()

@@ -149,7 +149,7 @@ def use(kind, method):
         import numpy as np
         arr = shoal.SharedArray((1000,))
         arr[:] = 1
-        copy = shoal.share(np.ones(1000))
+        copy = shoal.SharedArray.from_array(np.ones(1000))
         assert float(arr.sum() + copy.sum()) == 2000.0
         del arr, copy
     elif kind == "SharedDict":
@@ -304,7 +304,7 @@ def test_holding_pools_queues_arrays_and_actors_until_descriptors_run_out(tmp_pa
                     q.put(n)
                     assert q.get(timeout=10) == n
                 elif kind == 3:
-                    held.append(shoal.share(np.full(100, n)))
+                    held.append(shoal.SharedArray.from_array(np.full(100, n)))
                 else:
                     a = ctx.Actor(Counter)
                     held.append(a)
@@ -562,7 +562,7 @@ def test_shared_memory_refused(tmp_path, fault):
         base = fds()
         FAULTS.update(faults)
         print(f"SharedArray => {outcome(lambda: shoal.SharedArray((1000,)))}")
-        print(f"share => {outcome(lambda: shoal.share(np.ones(1000)))}")
+        print(f"share => {outcome(lambda: shoal.SharedArray.from_array(np.ones(1000)))}")
         print(f"SharedDict => {outcome(shoal.SharedDict)}")
         print(f"Queue => {outcome(shoal.Queue)}")
         print(f"Pool => {outcome(lambda: shoal.Pool(2))}")

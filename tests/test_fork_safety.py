@@ -35,7 +35,7 @@ def test_fork_workers_do_not_keep_the_engines_descriptors():
             pool.apply(workers.square, (1,))
             time.sleep(0.01)
         private = set()
-        for fd in engine._descriptors():
+        for fd in engine.descriptors():
             try:
                 link = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:

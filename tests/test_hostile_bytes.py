@@ -659,7 +659,7 @@ def test_out_of_band_layout_is_checked():
 
 # -- SharedDict's memory -------------------------------------------------------------
 
-#: Word offsets in a SharedDict's memory (see src/native/dict.c).
+#: Word offsets in a SharedDict's memory (see src/native/dict.h).
 _H_FILE_SIZE, _H_DESC, _H_GEN, _H_MAX_SIZE = 8, 16, 24, 32
 _R_SIZE, _R_LGCAP, _R_NENTRIES, _R_COUNT, _R_HEAP_TOP = 0, 8, 16, 24, 32
 

@@ -22,14 +22,14 @@ SRC = Path(shoal.__file__).parent
 # Lowest first.  A module's layer is that of the longest prefix listed here.
 # Modules on the same line are siblings: neither may import the other.
 LAYERS: list[tuple[str, ...]] = [
+    ("shoal._util",),  # argument checks and public(): plain helpers every layer uses
     ("shoal.exceptions", "shoal._native"),
     ("shoal._fd",),
     ("shoal._serialization",),
     ("shoal._ipc", "shoal._shm"),
     ("shoal._engine",),
-    ("shoal._asyncresult", "shoal._progress"),
-    ("shoal._dask",),
-    ("shoal._backends",),  # chooses an engine: the local one, or Dask's (shoal._dask)
+    ("shoal._asyncresult", "shoal._future", "shoal._progress"),
+    ("shoal._backends",),  # chooses an engine: the local one, or Dask's (shoal._backends._dask)
     ("shoal._pool", "shoal._executor", "shoal._manager", "shoal._actor"),
     ("shoal._context", "shoal.joblib", "shoal.managers"),
     ("shoal",),  # the public namespace
@@ -143,3 +143,110 @@ def test_every_module_imports_only_lower_layers_through_their_public_names():
 def test_the_layer_order_is_the_documented_one(module, target, allowed):
     # What the contract means, spelled out for a reader of this file.
     assert (_layer_of(target)[0] < _layer_of(module)[0]) is allowed
+
+
+# -- one object per concept ----------------------------------------------------
+#
+# Three rules the layer order alone does not hold: each engine is built by
+# the engine contract's __init__ (an engine that skips it inherits methods
+# that read attributes it never set); only shoal._fd builds or reads the
+# control messages descriptors travel in; only shoal._serialization imports
+# cloudpickle (its policy refuses what must not be pickled by value).
+
+
+def _engine_subclasses_skipping_init(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, class) of each class deriving from an ``Engine`` whose
+    ``__init__`` never calls ``super().__init__``."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        bases = [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases]
+        if not any(b == "Engine" or b.endswith("Engine") for b in bases):
+            continue
+        init = next(
+            (n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"),
+            None,
+        )
+        if init is None:
+            continue  # inherits the contract's own
+        calls_super = any(
+            isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute)
+            and n.func.attr == "__init__"
+            and isinstance(n.func.value, ast.Call)
+            and getattr(n.func.value.func, "id", "") == "super"
+            for n in ast.walk(init)
+        )
+        if not calls_super:
+            found.append((node.lineno, node.name))
+    return found
+
+
+def _names_scm_rights(tree: ast.AST) -> list[int]:
+    def names_it(node: ast.AST) -> bool:
+        if isinstance(node, ast.Attribute):
+            return node.attr == "SCM_RIGHTS"
+        if isinstance(node, ast.Name):
+            return node.id == "SCM_RIGHTS"
+        if isinstance(node, ast.ImportFrom):
+            return any(a.name == "SCM_RIGHTS" for a in node.names)
+        return False
+
+    return [node.lineno for node in ast.walk(tree) if names_it(node)]
+
+
+def _imports_cloudpickle(tree: ast.AST) -> list[int]:
+    def imports_it(node: ast.AST) -> bool:
+        if isinstance(node, ast.Import):
+            return any(a.name.split(".")[0] == "cloudpickle" for a in node.names)
+        if isinstance(node, ast.ImportFrom):
+            return (node.module or "").split(".")[0] == "cloudpickle"
+        return False
+
+    return [node.lineno for node in ast.walk(tree) if imports_it(node)]
+
+
+def _concept_violations() -> list[str]:
+    problems = []
+    for module, path in sorted(_modules().items()):
+        if path.suffix != ".py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        where = path.relative_to(SRC.parent)
+        for line, cls in _engine_subclasses_skipping_init(tree):
+            problems.append(f"{where}:{line}: {cls}.__init__ does not call super().__init__()")
+        if not (module == "shoal._fd" or module.startswith("shoal._fd.")):
+            for line in _names_scm_rights(tree):
+                problems.append(f"{where}:{line}: SCM_RIGHTS outside shoal._fd (use its fds_ancillary)")
+        if not (module == "shoal._serialization" or module.startswith("shoal._serialization.")):
+            for line in _imports_cloudpickle(tree):
+                problems.append(f"{where}:{line}: cloudpickle imported outside shoal._serialization")
+    return problems
+
+
+def test_one_engine_contract_one_descriptor_path_one_pickler():
+    problems = _concept_violations()
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    "source, check",
+    [
+        (
+            "class DaskEngine(Engine):\n    def __init__(self):\n        self.x = 1\n",
+            _engine_subclasses_skipping_init,
+        ),
+        ("import socket\nanc = [(1, socket.SCM_RIGHTS, b'')]\n", _names_scm_rights),
+        ("from socket import SCM_RIGHTS\n", _names_scm_rights),
+        ("import cloudpickle\n", _imports_cloudpickle),
+        ("from cloudpickle import cloudpickle as cp\n", _imports_cloudpickle),
+    ],
+)
+def test_each_rule_catches_what_it_forbids(source, check):
+    assert check(ast.parse(source))
+
+
+def test_an_engine_that_calls_the_contracts_init_passes():
+    source = "class LocalEngine(Engine):\n    def __init__(self):\n        super().__init__(1)\n"
+    assert _engine_subclasses_skipping_init(ast.parse(source)) == []

@@ -969,7 +969,7 @@ def _finish_all(q, n):
 def _let_the_kernel_refuse(monkeypatch):
     # Skip the early check: the kernel's sendmsg then fails (EINVAL), as any
     # send failure would.
-    monkeypatch.setattr(_queue, "_MAX_FDS", 10_000, raising=False)
+    monkeypatch.setattr(_queue, "MAX_FDS", 10_000)
 
 
 @pytest.mark.parametrize("cls", [Queue, JoinableQueue])

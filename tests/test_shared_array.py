@@ -1,4 +1,4 @@
-"""SharedArray / share, and large buffers through pools without copies."""
+"""SharedArray / SharedArray.from_array, and large buffers through pools without copies."""
 
 from __future__ import annotations
 
@@ -233,16 +233,25 @@ def test_operations_into_shared_memory_return_it():
     del a, total
 
 
-def test_share_copies_shape_dtype_and_order():
+def test_from_array_copies_shape_dtype_and_order():
     src = np.asfortranarray(np.arange(20, dtype=np.float32).reshape(4, 5))
-    a = shoal.share(src)
+    a = shoal.SharedArray.from_array(src)
     assert isinstance(a, shoal.SharedArray) and a.flags.f_contiguous and a.dtype == np.float32
     assert np.array_equal(a, src)
     a[0, 0] = 99
     assert src[0, 0] == 0  # a copy
-    assert shoal.share(a) is a
-    assert np.array_equal(shoal.share(src[::2, ::-1]), src[::2, ::-1])
-    assert np.array_equal(shoal.share([[1, 2], [3, 4]]), [[1, 2], [3, 4]])
+    assert shoal.SharedArray.from_array(a) is a
+    assert np.array_equal(shoal.SharedArray.from_array(src[::2, ::-1]), src[::2, ::-1])
+    assert np.array_equal(shoal.SharedArray.from_array([[1, 2], [3, 4]]), [[1, 2], [3, 4]])
+
+
+def test_share_is_a_deprecated_alias_of_from_array():
+    # share() differed from shoal.shared() by one letter and meant something
+    # unrelated; it stays one release, warning.
+    src = np.arange(4)
+    with pytest.warns(DeprecationWarning, match=r"SharedArray\.from_array"):
+        a = shoal.share(src)
+    assert isinstance(a, shoal.SharedArray) and np.array_equal(a, src)
 
 
 @pytest.mark.parametrize(
@@ -263,9 +272,9 @@ def test_bad_input_is_a_clear_error(args, kwargs, error, message):
         shoal.SharedArray(*args, **kwargs)
 
 
-def test_share_refuses_object_arrays():
+def test_from_array_refuses_object_arrays():
     with pytest.raises(TypeError, match="cannot hold dtype"):
-        shoal.share(np.array([None, 1], dtype=object))
+        shoal.SharedArray.from_array(np.array([None, 1], dtype=object))
 
 
 def test_memory_lives_while_a_view_does():
@@ -363,7 +372,7 @@ def test_every_layout_arrives_intact_both_ways(fork_or_spawn, layout):
             assert writable is False
         back = pool.apply(workers.identity, (src,))
         assert back.dtype == src.dtype and back.shape == src.shape and np.array_equal(back, src)
-        shared = shoal.share(src)
+        shared = shoal.SharedArray.from_array(src)
         kind, writable, dtype, shape, data = pool.apply(workers.describe_array, (shared,))
         assert (kind, writable, dtype, shape, data) == (
             "SharedArray",
@@ -506,10 +515,10 @@ def _maps_shoal_memory(p: psutil.Process) -> bool:
         return False
 
 
-def test_share_copies_datetime_and_timedelta_arrays():
-    # share() went through memoryview(), which refuses datetime64/timedelta64: ValueError.
+def test_from_array_copies_datetime_and_timedelta_arrays():
+    # from_array() (then share()) went through memoryview(), which refuses datetime64/timedelta64: ValueError.
     for src in (np.arange(5).astype("M8[ns]"), np.arange(6).astype("m8[s]").reshape(2, 3).T):
-        a = shoal.share(src)
+        a = shoal.SharedArray.from_array(src)
         assert isinstance(a, shoal.SharedArray) and a.dtype == src.dtype and np.array_equal(a, src)
 
 

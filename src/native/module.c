@@ -54,7 +54,7 @@ static PyMethodDef native_methods[] = {
     FAST(futex_wake, "futex_wake(buf, offset, count=1)\n--\n\nWake up to count waiters; return how many woke."),
     /* hash.c */
     FAST(hash64, "hash64(data, seed=0)\n--\n\nxxh64 of a bytes-like object: the same in every process."),
-    /* dict.c: called only by shoal._shm._dict.SharedDict, with the dict's Mapping first */
+    /* dict_*.c: called only by shoal._shm._dict.SharedDict, with the dict's Mapping first */
     FAST(dict_init, "dict_init(mapping, file_size)\n--\n\nFormat a new, empty dict in the mapped memfd."),
     FAST(dict_get, "dict_get(mapping, key, missing)\n--\n\n"
                    "The value of an encoded key, or missing; lock-free and never torn."),

@@ -8,7 +8,8 @@
  *             shared memory (set_corrupt_error)
  *   sync.c    1. atomics  2. robust process-shared mutex  3. futex wait/wake
  *   hash.c    4. xxh64, a hash that is the same in every process
- *   dict.c    5. the SharedDict core (Mapping, DictLock, dict_* operations)
+ *   dict_*.c  5. the SharedDict core (Mapping, DictLock, dict_* operations): dict_layout.c,
+ *             dict_recovery.c, dict_ops.c, sharing the private header dict.h
  *   module.c  the method table (with docstrings) and module init
  *
  * Everything declared here has external linkage inside the shared object
@@ -73,7 +74,7 @@ PyObject *futex_wake(FASTCALL_ARGS);
 uint64_t xxh64(const void *data, size_t len, uint64_t seed);
 PyObject *hash64(FASTCALL_ARGS);
 
-/* dict.c */
+/* dict_*.c */
 extern PyTypeObject Mapping_Type;
 extern PyTypeObject DictLock_Type;
 extern PyTypeObject Task_Type;
@@ -122,7 +123,7 @@ PyObject *dict_lock(FASTCALL_ARGS);
 PyObject *dict_unlock(FASTCALL_ARGS);
 PyObject *dict_held(FASTCALL_ARGS);
 
-/* dict.c: layout constants module.c exports */
+/* dict.h: layout constants module.c exports */
 #define DICT_MAGIC 0x3163696453414f48ULL /* "HOASdic1" little-endian */
 #define HEADER_SIZE 256
 #define REGION_HEADER 64

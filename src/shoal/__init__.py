@@ -5,16 +5,20 @@ queues and managers, plus a fast race-free shared dict (``SharedDict``) and
 zero-copy transfer of large buffers through shared memory.  ``import shoal as
 multiprocessing`` works for code written against the standard library.
 
-Layers (lower never imports higher)::
+Layers (lower never imports higher; docs/architecture.md draws them all)::
 
     shoal/__init__.py            public names only
     _cli.py                      the ``shoal`` command
-    _pool.py, _executor.py       faces of one engine
-    _backends.py, _dask.py       the same engine interface on a Dask cluster (optional)
-    _engine/                     scheduler thread, worker loop, crash detection
-    _ipc/                        framing, descriptor passing, Connection, queues
-    _shm/                        memfd segments, the shared dict
-    _native                      atomics, robust mutex, futex (C)
+    _pool.py, _executor.py       faces of one engine contract
+    _backends/                   which engine: the local one, or Dask's (_backends/_dask/, optional)
+    _asyncresult.py, _future.py  the result objects users receive
+    _engine/                     the engine contract (_base), the local engine and its scheduler,
+                                 the worker loop, crash attribution
+    _ipc/                        framing, Connection, queues
+    _shm/                        the shared dict, shared arrays
+    _serialization/              how objects and code cross processes (the one cloudpickle user)
+    _fd/                         descriptor passing (SCM_RIGHTS), memfd segments, warm segments
+    _native, exceptions, _util   atomics, robust mutex, futex (C); the exception tree; helpers
 """
 
 from __future__ import annotations
@@ -114,18 +118,22 @@ from typing import Any
 
 from . import exceptions as exceptions
 from ._actor import Actor as Actor
+from ._asyncresult import AsyncResult as AsyncResult
+from ._asyncresult import IMapIterator as IMapIterator
+from ._asyncresult import MapResult as MapResult
 from ._context import Context as Context
 from ._context import get_context as get_context
+from ._engine import PoolStatistics as PoolStatistics
 from ._engine import shared as shared
 from ._engine import worker_state as worker_state
 from ._executor import ProcessPoolExecutor as ProcessPoolExecutor
+from ._future import Future as Future
 from ._ipc import Connection as Connection
 from ._ipc import JoinableQueue as JoinableQueue
 from ._ipc import Pipe as Pipe
 from ._ipc import Queue as Queue
 from ._ipc import SimpleQueue as SimpleQueue
 from ._manager import Manager as Manager
-from ._pool import AsyncResult as AsyncResult
 from ._pool import Pool as Pool
 from ._shm import SharedDict as SharedDict
 from .exceptions import (
@@ -164,7 +172,7 @@ from .exceptions import (
 
 __version__ = "0.1.0"
 
-# numpy is optional: SharedArray and share load it on first use.
+# numpy is optional: SharedArray (and share, its deprecated alias) load it on first use.
 _NUMPY_NAMES = ("SharedArray", "share")
 
 
@@ -197,12 +205,16 @@ __all__ = (
     "Context",
     "CorruptDataError",
     "Event",
+    "Future",
+    "IMapIterator",
     "JoinableQueue",
     "Lock",
     "Manager",
+    "MapResult",
     "Pipe",
     "Pool",
     "PoolClosedError",
+    "PoolStatistics",
     "Process",
     "ProcessError",
     "ProcessPoolExecutor",

@@ -89,10 +89,10 @@ import types
 import weakref
 from typing import Any
 
-from ._asyncresult import settle_future as _settle
 from ._engine import engine_descriptors, start_process
 from ._engine import set_pdeathsig as _set_pdeathsig
 from ._fd import exhausted
+from ._future import settle_future as _settle
 from ._ipc import BYTES, SNDBUF, close_fds, encode, recv_packet, refuse_connection, send_packet, socketpair
 from ._serialization import loads_with, pack_exception, pickle_code, starting_process, unpack_exception
 from .exceptions import ActorDiedError, CorruptDataError, SerializationError, corrupt_data, describe_exitcode

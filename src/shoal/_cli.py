@@ -43,6 +43,7 @@ import platform
 import sys
 import time
 from collections import deque
+from typing import Any
 
 #: Results are flushed to stdout at least this often while input is read.
 FLUSH_SECONDS = 0.2
@@ -56,7 +57,7 @@ def _die(message: str) -> None:
     raise SystemExit(EXIT_USAGE)
 
 
-def _load_function(spec: str):
+def _load_function(spec: str) -> Any:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         hint = ""
@@ -129,7 +130,7 @@ def _check_owner(module_name: str) -> None:
                 )
 
 
-def _open_input(path: str | None):
+def _open_input(path: str | None) -> Any:
     if path is None or path == "-":
         return sys.stdin
     try:
@@ -268,7 +269,7 @@ def cmd_map(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.update(1)
 
-    def settled(value=None, error: BaseException | None = None) -> concurrent.futures.Future:
+    def settled(value: Any = None, error: BaseException | None = None) -> concurrent.futures.Future:
         """A finished future, so a line that never reached the pool keeps its
         place in the window (and in the output)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -364,7 +365,7 @@ class _InvalidJSON(ValueError):
         return f"invalid JSON: {self.args[0]}"
 
 
-def _placeholder(on_error: str, as_json: bool):
+def _placeholder(on_error: str, as_json: bool) -> Any:
     """What ``--on-error`` writes in place of a failed item's result
     (a function of the error text), or None to write nothing."""
     if on_error == "skip":
@@ -376,7 +377,7 @@ def _placeholder(on_error: str, as_json: bool):
     return lambda message: message
 
 
-def _reader_left(stream=None) -> None:
+def _reader_left(stream: Any = None) -> None:
     """Point stdout (or *stream*) at /dev/null, so the interpreter's last
     flush does not fail again on the pipe nobody reads."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -384,7 +385,7 @@ def _reader_left(stream=None) -> None:
     os.close(devnull)
 
 
-def _emit_ready(window: deque, emit, unordered: bool) -> None:
+def _emit_ready(window: deque, emit: Any, unordered: bool) -> None:
     """Emit the results that are ready without waiting (in order unless
     *unordered*)."""
     if not unordered:
@@ -402,7 +403,7 @@ def _emit_ready(window: deque, emit, unordered: bool) -> None:
         window.extend(keep)
 
 
-def _drain(window: deque, emit, unordered: bool) -> None:
+def _drain(window: deque, emit: Any, unordered: bool) -> None:
     """Wait for a result (the oldest, or with *unordered* any), then emit
     every one that is ready."""
     waiting = [window[0][1]] if not unordered else [f for _, f in window]

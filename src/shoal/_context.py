@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._engine import mp_context
+from ._util import public
 
 if TYPE_CHECKING:
     from ._actor import Actor
@@ -92,3 +93,7 @@ def get_context(method: str | None = None) -> Context:
     """The context for *method* (``"fork"``, ``"spawn"``, ``"forkserver"``;
     ``None`` for the current default), with shoal's factories."""
     return Context(multiprocessing.get_context() if method is None else mp_context(method))
+
+
+public(Context)
+public(get_context)

@@ -28,11 +28,11 @@ from multiprocessing.context import BaseContext
 from types import TracebackType
 from typing import Any
 
-from ._asyncresult import Future, IMapIterator, submit_future
+from ._asyncresult import IMapIterator
 from ._backends import make_engine
 from ._engine import NO_SHARED, STARMAP, PoolStatistics, WorkerProcess, recycling_context
-from ._engine import check_int as _check_int
-from ._engine import check_timeout as _check_timeout
+from ._future import Future, submit_future
+from ._util import check_int, check_timeout, public
 
 __all__ = ("Future", "ProcessPoolExecutor")
 
@@ -80,11 +80,11 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         address: str | None = None,
     ) -> None:
         if max_workers is not None:
-            _check_int("max_workers", max_workers)
+            check_int("max_workers", max_workers)
             if max_workers <= 0:
                 raise ValueError("max_workers must be greater than 0")
         if max_tasks_per_child is not None:
-            _check_int("max_tasks_per_child", max_tasks_per_child)
+            check_int("max_tasks_per_child", max_tasks_per_child)
             if max_tasks_per_child < 1:
                 raise ValueError("max_tasks_per_child must be >= 1")
             if mp_context is None and backend is None:
@@ -158,7 +158,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             raise ValueError("buffersize must be None or > 0")
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError("chunksize must be >= 1.")
-        _check_timeout(timeout)
+        check_timeout(timeout)
         engine = self._engine
         engine._check_running()
         if not callable(fn):
@@ -267,7 +267,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
     @property
     def _mp_context(self) -> Any:  # a BaseContext or the shoal.Context given
         """The multiprocessing context the workers are started with."""
-        return self._given_context if self._given_context is not None else self._engine._ctx
+        return self._given_context if self._given_context is not None else self._engine.context
 
     @property
     def _processes(self) -> dict[int, WorkerProcess] | None:
@@ -298,3 +298,6 @@ def _results(it: IMapIterator, deadline: float | None) -> Iterator[Any]:
         return
     finally:
         it.close()
+
+
+public(ProcessPoolExecutor)

@@ -92,6 +92,7 @@ from typing import Any
 from ._fd import collecting
 from ._serialization import dumps, pickle_code, starting_process
 from ._shm import SharedDict
+from ._util import public
 
 __all__ = ("Manager",)
 
@@ -586,4 +587,4 @@ for _typeid in (
     setattr(Manager, _typeid, _delegate(_typeid))
 del _typeid
 
-Manager.__module__ = "shoal"
+public(Manager)

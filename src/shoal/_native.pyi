@@ -27,7 +27,7 @@ def futex_wake(buf: WriteableBuffer, offset: int, count: int = 1, /) -> int: ...
 # hash.c
 def hash64(data: ReadableBuffer, seed: int = 0, /) -> int: ...
 
-# dict.c: the SharedDict core; only shoal._shm._dict calls these
+# dict_*.c: the SharedDict core; only shoal._shm._dict calls these
 DICT_HEADER_SIZE: Final[int]
 DICT_REGION_HEADER: Final[int]
 DICT_ENTRY_SIZE: Final[int]

@@ -25,12 +25,13 @@ from collections.abc import Callable, Iterable
 from multiprocessing.context import BaseContext
 from typing import Any, NoReturn
 
-from ._asyncresult import AsyncResult, IMapIterator, MapResult, new_async_result, submit_future
+from ._asyncresult import AsyncResult, IMapIterator, MapResult, new_async_result
 from ._backends import make_engine
 from ._engine import MAP, NO_SHARED, STARMAP, PoolStatistics, WorkerProcess
-from ._engine import check_timeout as _check_timeout
+from ._future import submit_future
 from ._progress import progress_bar
 from ._serialization import name_unpicklable_item
+from ._util import check_timeout, public
 
 __all__ = ("AsyncResult", "Pool", "PoolStatistics")
 
@@ -156,7 +157,7 @@ class Pool:
         if callback is not None or error_callback is not None:
             _check_callbacks(callback, error_callback)
         if task_timeout is not None:
-            _check_timeout(task_timeout)
+            check_timeout(task_timeout)
         if kwds is None:
             kwds = _NO_KWARGS
         elif type(kwds) is not dict:
@@ -355,7 +356,7 @@ class Pool:
         engine._check_running()
         _check_callable(func)
         _check_callbacks(callback, error_callback)
-        _check_timeout(task_timeout)
+        check_timeout(task_timeout)
         # Slicing is only safe on real sequences (a dict has __getitem__ too).
         items = iterable if isinstance(iterable, (list, tuple, range)) else list(iterable)
         n = len(items)
@@ -430,7 +431,7 @@ class Pool:
         engine = self._engine
         engine._check_running()
         _check_callable(func)
-        _check_timeout(task_timeout)
+        check_timeout(task_timeout)
         if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive int, got {chunksize!r}")
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
@@ -497,3 +498,6 @@ def _check_callbacks(callback: object, error_callback: object) -> None:
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     if error_callback is not None and not callable(error_callback):
         raise TypeError(f"error_callback must be callable, got {type(error_callback).__name__}")
+
+
+public(Pool)

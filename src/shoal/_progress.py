@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def progress_bar(progress: Any, iterable: Any):
+def progress_bar(progress: Any, iterable: Any) -> Any:
     """A tqdm bar for *iterable*'s items, or None when *progress* is false.
 
     *progress* may be True, or a dict of keyword arguments for tqdm

@@ -51,6 +51,8 @@ import signal
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from ._util import public
+
 __all__ = (
     "ActorDiedError",
     "BrokenResourceError",
@@ -347,5 +349,5 @@ def corrupt_data(what: str) -> CorruptDataError:
 
 
 for _name in __all__:
-    globals()[_name].__module__ = "shoal.exceptions"
+    public(globals()[_name], "shoal.exceptions")
 del _name

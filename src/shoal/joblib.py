@@ -104,10 +104,11 @@ except ImportError as exc:
         "(or, in shoal's source directory, pip install '.[joblib]')"
     ) from exc
 
-from ._asyncresult import Future, submit_future
-from ._engine import Engine
+from ._engine import LocalEngine
 from ._fd import collecting_fds, providing_fds, reduce_fd
+from ._future import Future, submit_future
 from ._serialization import OOB_THRESHOLD, LargeBuffers, pickle_code
+from ._util import public
 
 __all__ = ("ShoalBackend",)
 
@@ -133,11 +134,11 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def __init__(
         self, nesting_level: int | None = None, inner_max_num_threads: int | None = None, **options: Any
-    ):
+    ) -> None:
         _check_names(options, _OPTIONS)
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **options)
         #: The running engine, or None (the name joblib's loky backend uses).
-        self._workers: Engine | None = None
+        self._workers: LocalEngine | None = None
         self._n_jobs = 1
         self._settings: dict[str, Any] = {}
         self._policy = _ArrayPolicy(None, None)
@@ -192,9 +193,9 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
             self._workers = self._start()
         return n_jobs
 
-    def _start(self) -> Engine:
+    def _start(self) -> LocalEngine:
         s = self._settings
-        return Engine(
+        return LocalEngine(
             self._n_jobs,
             s.get("initializer"),
             s.get("initargs", ()),
@@ -540,4 +541,4 @@ def _map_file(
 
 
 joblib.register_parallel_backend("shoal", ShoalBackend)
-ShoalBackend.__module__ = "shoal.joblib"
+public(ShoalBackend, "shoal.joblib")

@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from typing import Any
 
 
 class CallbackThread:
@@ -30,7 +31,7 @@ class CallbackThread:
         self._stopping = False
         self._busy = False
 
-    def call(self, fn, *args) -> None:
+    def call(self, fn: Any, *args: Any) -> None:
         with self._cond:
             if not self._stopping and (self._thread is not None or self._start()):
                 self._queue.append((fn, args))
@@ -50,7 +51,7 @@ class CallbackThread:
         return True
 
     @staticmethod
-    def _invoke(fn, args) -> None:
+    def _invoke(fn: Any, args: Any) -> None:
         try:
             fn(*args)
         except BaseException:  # noqa: BLE001 - a callback never kills the pool

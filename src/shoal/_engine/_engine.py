@@ -119,13 +119,18 @@ scheduler keeps these for :meth:`Engine.worker_exit_results`.
 
 Where each part lives (one responsibility per module):
 
-- ``_engine.py`` (this module): :class:`Engine`, the caller side -- checks
-  and submit (tasks pickled in the caller's thread), control requests,
-  close / terminate / join, statistics -- and the scheduler thread's
-  skeleton (``_run``: the loop, then its error and exit paths);
+- ``_engine.py`` (this module): :class:`LocalEngine`, the caller side of
+  worker processes on this machine -- checks and submit (tasks pickled in
+  the caller's thread), the function cache, chunk sizes, statistics -- and
+  the steps of ``Engine._run``, each the scheduler's;
+- ``_base.py``: :class:`~._base.Engine`, the contract this class
+  implements (state machine, close / terminate / join, feeders, the
+  thread's skeleton ``_run``); ``_state.py``: the record the caller side
+  and the scheduler share;
 - ``_scheduler.py``: :class:`~._scheduler.Scheduler`, the loop and its
-  steps (start_worker, dispatch, read_results, check_time_limits, reap,
-  cancel / interrupt, stop), and the batching constants;
+  steps (dispatch, read_results, check_time_limits, cancel / interrupt,
+  stop), and the batching constants; ``_lifecycle.py``: its steps on
+  worker processes (start_worker, reap, kill_workers);
 - ``_crash.py``: crash attribution, a pure function of what a dead worker
   held and what its status slot says;
 - ``_tasks.py``: the records (Task, Worker, WorkerProcess) and the
@@ -142,36 +147,22 @@ import itertools
 import multiprocessing
 import multiprocessing.util  # its atexit handler joins children; ours must run first
 import os
-import sys
 import threading
-import traceback
 import types
 import weakref
-from collections import OrderedDict, deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections import OrderedDict
 from typing import Any
 
 from .._fd import WarmSegments, collecting_fds, swap_sending
 from .._native import raw_task
 from .._serialization import dumps, function_bytes, pickle_code
-from ..exceptions import PoolClosedError, RemoteTraceback, ShoalError, WorkerStartError, serialization_error
+from .._util import check_int, check_timeout
+from ..exceptions import PoolClosedError, RemoteTraceback, serialization_error
 from . import _local
-from ._callbacks import CallbackThread
-from ._scheduler import (
-    _BROKEN,
-    _CLOSE,
-    _RUN,
-    _TERMINATE,
-    BATCH_SECONDS,
-    CREDIT,
-    FN_CACHE,
-    MAX_BATCH,
-    Scheduler,
-    interrupt_task,
-    live_engines,
-)
-from ._tasks import FailableSink, ResultSink, Task, Worker, WorkerProcess
+from ._base import CHUNK_SECONDS, Engine, PoolStatistics, at_exit_all, cannot_start
+from ._scheduler import BATCH_SECONDS, CREDIT, FN_CACHE, MAX_BATCH, Scheduler
+from ._state import CLOSE, RUN, live_engines
+from ._tasks import ResultSink, Task, Worker, WorkerProcess
 from ._worker import CALL, CALL_KW, CALL_RAW
 
 #: str and bytes arguments shorter than this travel raw (``_native.raw_task``):
@@ -193,52 +184,23 @@ def _forked() -> None:
 
 os.register_at_fork(after_in_child=_forked)
 
-#: Target duration of one map chunk once the function's speed is known.
-CHUNK_SECONDS = 0.05
-
-
-@dataclass(frozen=True)
-class PoolStatistics:
-    """A snapshot of a pool's counters (``pool.statistics()``)."""
-
-    workers: int
-    tasks_submitted: int
-    tasks_pending: int
-    tasks_running: int
-    tasks_completed: int
-    tasks_failed: int
-    tasks_cancelled: int
-    workers_started: int
-    workers_replaced: int
-    #: why workers were replaced: {"died": n, "timeout": n, "maxtasksperchild": n, ...}
-    replaced_because: dict[str, int] = field(default_factory=dict)
-    #: the scheduler's current estimate of one task's duration, seconds
-    task_seconds_estimate: float | None = None
-
-
-def at_exit_all(engines: Iterable[Any]) -> None:
-    """Stop *engines* at interpreter exit, each as its ``at_exit`` says."""
-    for engine in list(engines):
-        try:
-            engine.at_exit()
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
-            pass
-
 
 def _terminate_all_at_exit() -> None:
     at_exit_all(live_engines)
 
 
-class Engine:
-    """A set of worker processes and the scheduler thread that drives them."""
+class LocalEngine(Engine):
+    """Worker processes on this machine and the scheduler thread that drives them."""
+
+    max_batch = MAX_BATCH
 
     def __init__(
         self,
         processes: int | None = None,
-        initializer=None,
-        initargs=(),
+        initializer: Any = None,
+        initargs: Any = (),
         maxtasksperchild: int | None = None,
-        context=None,
+        context: Any = None,
         *,
         max_memory: int | None = None,
         task_timeout: float | None = None,
@@ -246,13 +208,13 @@ class Engine:
         defer_start_errors: bool = False,
         remote_traceback: type[BaseException] = RemoteTraceback,
         shared: Any = _local.NO_SHARED,
-        worker_init=None,
-        worker_exit=None,
+        worker_init: Any = None,
+        worker_exit: Any = None,
     ) -> None:
         if processes is None:
             processes = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
             processes = processes or 1
-        _check_int("processes", processes)
+        check_int("processes", processes)
         if processes < 1:
             raise ValueError(f"Number of processes must be at least 1, got {processes!r}")
         for hook_name, hook in (
@@ -270,10 +232,10 @@ class Engine:
             # A ValueError whatever is wrong, as multiprocessing.Pool raises.
             raise ValueError(f"maxtasksperchild must be a positive int or None, got {maxtasksperchild!r}")
         if max_memory is not None:
-            _check_int("max_memory", max_memory, "a number of bytes")
+            check_int("max_memory", max_memory, "a number of bytes")
             if max_memory <= 0:
                 raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
-        _check_timeout(task_timeout)
+        check_timeout(task_timeout)
         if context is None:
             context = multiprocessing.get_context()
         elif isinstance(context, str):
@@ -281,10 +243,13 @@ class Engine:
         else:
             context = getattr(context, "_ctx", context)  # a shoal.Context
         context = drivable_context(context)
-        self._ctx = context
-        self._processes = processes
-        self.task_timeout = task_timeout
-        self._graceful_exit = graceful_exit
+        super().__init__(
+            processes,
+            task_timeout=task_timeout,
+            graceful_exit=graceful_exit,
+            remote_traceback=remote_traceback,
+        )
+        self.context = context
         hooks = (initializer, tuple(initargs), worker_init, worker_exit)
         config_inline = None
         try:
@@ -323,14 +288,7 @@ class Engine:
         if shared is not _local.NO_SHARED and context.get_start_method() != "fork":
             shared_data, shared_fds = _serialize_shared(shared)
             shared = _local.NO_SHARED
-        # What workers' worker_exit returned (or raised), in arrival order.
-        self._exit_results: list[tuple[bool, Any]] = []
 
-        self._state = _RUN
-        self._kill_on_terminate = False  # terminate(kill=True): SIGKILL at once
-        self._broken_error: BaseException | None = None
-        self._pending: deque[Task] = deque()
-        self._control: deque = deque()
         self._ids = itertools.count(1)
         self._fn_ids = itertools.count(1)
         #: id(fn) -> (fn, fn id, its pickle, None), or for a function sent by value
@@ -340,24 +298,25 @@ class Engine:
         self._last_fn: tuple[Any, int, bytes, Any] = (None, 0, b"", None)
         self._fn_lock = threading.Lock()
         self._workers: dict[int, Worker] = {}  # keyed by status slot; the scheduler's
-        # Seconds per item, by function id (0: functions sent with each task),
-        # as measured by the workers: an exponentially weighted average.
-        self._estimates: dict[int, float] = {}
+        # (self._estimates: keyed by function id, 0 for functions sent with
+        # each task, as the workers measure them.)
         # Shared-memory descriptors held by tasks not yet finished, so that
         # workers started by fork can close them (see _descriptors).
         self._task_fds: set[int] = set()
         # Warm shared memory that large task arguments travel in, reused
         # once the task is finished and its worker has dropped them.
         self._segments = WarmSegments()
-        self._feeders = 0
-        self._helpers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-        self.callbacks = CallbackThread()
-        self.results_cond = threading.Condition(threading.Lock())
-        self.waiters = 0
-        self._submitted_n = 0  # the other counters are the scheduler's
-        # The scheduler thread's state and steps; it owns the workers.
+        # The scheduler thread's state and steps; it owns the workers.  It
+        # holds the engine's record and the containers it shares with the
+        # caller side, not the engine.
         self._scheduler = Scheduler(
-            self,
+            self.record,
+            workers=self._workers,
+            estimates=self._estimates,
+            task_fds=self._task_fds,
+            segments=self._segments,
+            exit_results=self._exit_results,
+            handle_control=self._handle_control,
             processes=processes,
             context=context,
             maxtasksperchild=maxtasksperchild,
@@ -369,69 +328,36 @@ class Engine:
             shared_fds=shared_fds,
             remote_traceback=remote_traceback,
         )
-        self._finished = threading.Event()
-        #: _finished.is_set(), as a plain attribute for the per-task path
-        #: (set just before the event, by the one thread that sets it)
-        self._ended = False
-        self._owner_pid = os.getpid()
         self._generation = _fork_generation
 
         # Initial workers start from the caller's thread, before the
         # scheduler thread exists: with fork, a single-threaded parent is the
         # safe case (and Python 3.12+ warns about forking with threads).
-        live_engines.add(self)  # before any worker starts: see _descriptors
-        self._thread: threading.Thread | None = None
+        live_engines.add(self)  # before any worker starts: see descriptors
         what = "its first worker process"
         try:
             _check_may_have_children()
             for _ in range(processes):
                 self._scheduler.start_worker()
             what = "its scheduler thread"
-            thread = threading.Thread(target=self._run, name="shoal-scheduler", daemon=True)
-            thread.start()
-            self._thread = thread
+            self._start_thread("shoal-scheduler")
         except BaseException as exc:
             live_engines.discard(self)
             self._scheduler.abort_start()
             if not defer_start_errors or not isinstance(exc, Exception):
-                exc.add_note(_cannot_start(what, exc))
+                exc.add_note(cannot_start(what, exc))
                 raise
             # As concurrent.futures does: the executor exists, and every
             # submit raises BrokenProcessPool (a WorkerStartError) saying why.
-            self._state = _BROKEN
-            self._broken_error = exc
-            self._start_failure = _cannot_start(what, exc)
+            self.record.mark_broken(exc)
+            self._start_failure = cannot_start(what, exc)
             self._ended = True
             self._finished.set()
 
     # ------------------------------------------------------------------
     # caller side
     # ------------------------------------------------------------------
-    @property
-    def processes(self) -> int:
-        return self._processes
-
-    @property
-    def state(self) -> str:
-        return self._state
-
-    def _check_running(self) -> None:
-        if os.getpid() != self._owner_pid:
-            raise PoolClosedError(
-                f"this pool belongs to process {self._owner_pid}; a process started by fork inherits the "
-                "object but not its workers: create a new pool in this process"
-            )
-        if self._state == _RUN:
-            return
-        if self._state == _BROKEN and self._broken_error is not None:
-            if self._thread is None:  # it never started (see __init__)
-                raise WorkerStartError(self._start_failure) from self._broken_error
-            raise WorkerStartError(f"the pool cannot run tasks: {self._broken_error}") from self._broken_error
-        raise PoolClosedError(
-            "Pool not running: it was closed or terminated; create a new pool to submit work"
-        )
-
-    def function_ref(self, fn) -> tuple[int, Any]:
+    def function_ref(self, fn: Any) -> tuple[int, Any]:
         """An id for *fn* that workers cache, with its pickled form for the
         workers that have not seen it yet; ``(0, None)`` when *fn* must
         travel inside each task instead.
@@ -475,13 +401,13 @@ class Engine:
 
     def make_task(
         self,
-        fn,
+        fn: Any,
         mode: int,
-        payload,
+        payload: Any,
         sink: ResultSink,
         index: int = 0,
         timeout: float | None = None,
-        fn_ref=None,
+        fn_ref: Any = None,
     ) -> Task:
         """Serialize one task in the caller's thread (errors surface here)."""
         if fn_ref is None:
@@ -498,11 +424,12 @@ class Engine:
         return Task(next(self._ids), fn_id, entry, mode, data, fds, sink, index, timeout, n)
 
     def submit_call(
-        self, fn, args: tuple, kwargs: dict, sink: ResultSink, timeout: float | None = None
+        self, fn: Any, args: tuple, kwargs: dict, sink: ResultSink, timeout: float | None = None
     ) -> Task:
         """Serialize and queue ``fn(*args, **kwargs)``: the hot path of
         apply_async and submit, kept short on purpose."""
-        if self._state != _RUN or self._generation != _fork_generation:
+        record = self.record
+        if record.state != RUN or self._generation != _fork_generation:
             self._check_running()
         entry = self._last_fn  # (fn, fn_id, fn_bytes, None), read once: callers may race
         if entry[0] is fn:
@@ -541,10 +468,9 @@ class Engine:
             task = Task(next(self._ids), fn_id, entry, mode, data, fds, sink, 0, timeout)
         self._pending.append(task)
         self._submitted_n += 1
-        scheduler = self._scheduler  # Scheduler.wake(), inline
-        scheduler._dirty = True
-        if scheduler._sleeping:
-            scheduler.wake()
+        record.dirty = True  # Scheduler.mark_dirty(), inline: the per-task path
+        if record.sleeping:
+            self._scheduler.mark_dirty()
         if self._ended:
             self._reject((task,))
         return task
@@ -554,7 +480,8 @@ class Engine:
 
         An imap feeder that started before close() may go on submitting.
         """
-        if self._state != _RUN and not (from_feeder and self._state == _CLOSE):
+        state = self.record.state
+        if state != RUN and not (from_feeder and state == CLOSE):
             for t in tasks:
                 t.close_fds(self._task_fds)
             self._check_running()
@@ -567,7 +494,7 @@ class Engine:
         if self._finished.is_set():
             self._reject(tasks)
 
-    def _reject(self, tasks) -> None:
+    def _reject(self, tasks: Any) -> None:
         """The scheduler ended (terminate() in another thread) while these were
         being queued: take them back, or they would wait forever."""
         for t in tasks:
@@ -579,16 +506,7 @@ class Engine:
         self._check_running()
         raise PoolClosedError("the pool was terminated while this task was being submitted")
 
-    def feeder_started(self) -> None:
-        with self.results_cond:
-            self._feeders += 1
-
-    def feeder_finished(self) -> None:
-        with self.results_cond:
-            self._feeders -= 1
-        self._wake()
-
-    def map_chunksize(self, n: int, fn=None) -> int:
+    def map_chunksize(self, n: int, fn: Any = None) -> int:
         """Chunk size for a map of *n* items when the caller gave none.
 
         Never larger than the standard library's (n / 4 per worker), and
@@ -598,44 +516,22 @@ class Engine:
         """
         chunksize, extra = divmod(n, self._processes * 4)
         chunksize = max(1, chunksize + (1 if extra else 0))
-        est = self._estimates.get(self._fn_key(fn)) if fn is not None else None
+        est = self._estimates.get(self.fn_key(fn)) if fn is not None else None
         if est is not None and est > 0:
             chunksize = max(1, min(chunksize, int(CHUNK_SECONDS / est)))
         return chunksize
 
-    def auto_chunksize(self, fn, cap: int | None = None) -> int:
-        """Size of the next chunk of a lazily chunked map (``chunksize=None``).
-
-        One item until this function's duration has been measured, then
-        about CHUNK_SECONDS of work, at most *cap* items: a first guess
-        never strands seconds of work in one chunk, where it would spoil
-        the balance of the tail and make an interrupt wait for it.
-        """
-        est = self._estimate(fn)
-        if est is None:
-            return 1
-        size = max(1, min(self._max_batch, int(self._chunk_seconds / max(est, 1e-9))))
-        return size if cap is None else max(1, min(size, cap))
-
-    # What auto_chunksize aims for (a backend with dearer tasks sets its own).
-    _chunk_seconds = CHUNK_SECONDS
-    _max_batch = MAX_BATCH
-
-    def _estimate(self, fn) -> float | None:
-        """The measured duration of one call of *fn*, or None."""
-        return self._estimates.get(self._fn_key(fn))
-
-    def _fn_key(self, fn) -> int:
+    def fn_key(self, fn: Any) -> int:
         entry = self._fn_cache.get(id(fn))
         if entry is None:
             return 0
         held = entry[0] if entry[3] is None else entry[0]()
         return entry[1] if held is fn else 0
 
-    def inflight_bound(self, fn=None, chunksize: int = 1) -> int:
+    def inflight_bound(self, fn: Any = None, chunksize: int = 1) -> int:
         """How many tasks an imap keeps submitted but unconsumed: enough for
         every worker to hold CREDIT full batches, so batching never starves."""
-        est = self._estimates.get(self._fn_key(fn)) if fn is not None else None
+        est = self._estimates.get(self.fn_key(fn)) if fn is not None else None
         if est is None:
             per_batch = 1
         else:
@@ -644,98 +540,7 @@ class Engine:
 
     def _wake(self) -> None:
         """Tell the scheduler that something changed (see Scheduler.run)."""
-        self._scheduler.wake()
-
-    def cancel(self, task: Task, exc: BaseException) -> None:
-        """Fail *task* with *exc*: drop it if queued, kill its worker if running."""
-        self._control.append(("cancel", task, exc))
-        self._wake()
-
-    def fail_sink(self, sink: FailableSink, exc: BaseException) -> None:
-        """Fail a result object (a cancelled map) from the scheduler thread,
-        so it cannot race a result being delivered.  Its tasks not yet sent
-        are dropped at dispatch (``sink.skip``)."""
-        self._control.append(("fail_sink", sink, exc))
-        self._wake()
-
-    def interrupt(self, exc: BaseException, match=None) -> None:
-        """Stop work at once (Ctrl-C): every task whose sink satisfies
-        *match* (every task, without it) fails with *exc*; queued ones are
-        dropped and the workers running the others are killed and replaced.
-        Futures among them are cancelled."""
-        self._control.append(("interrupt", match, exc))
-        self._wake()
-
-    def cancel_pending_futures(self) -> None:
-        """Cancel every Future whose task has not been sent to a worker."""
-        self._control.append(("cancel_futures", None, None))
-        self._wake()
-
-    def close(self) -> None:
-        if self._state == _RUN:
-            self._state = _CLOSE
-        self._wake()
-        # imap feeders waiting for room go on: after close() the input is
-        # read to the end, as the standard library does.
-        with self.results_cond:
-            self.results_cond.notify_all()
-
-    def terminate(self, wait: bool = True, *, kill: bool = False) -> None:
-        """Stop the workers and fail unfinished tasks; with *wait*, return
-        once all is done (a garbage-collection finalizer must not wait: it
-        may run while its thread holds a lock the scheduler needs).  With
-        *kill* the workers get SIGKILL at once, not SIGTERM first."""
-        if os.getpid() != self._owner_pid:
-            # A forked child inherited this object but not its threads or
-            # workers: nothing here is its to stop.
-            return
-        if kill:
-            self._kill_on_terminate = True
-        if self._state in (_RUN, _CLOSE, _BROKEN):
-            self._state = _TERMINATE
-        self._wake()
-        if not wait or self._thread is None or threading.current_thread() is self._thread:
-            return
-        self._finished.wait()
-        self._thread.join()
-        self.callbacks.stop()
-
-    def join(self, timeout: float | None = None) -> bool:
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("cannot join the pool from its own scheduler thread")
-        if not self._finished.wait(timeout):
-            return False
-        if self._thread is not None:
-            self._thread.join()
-        # The scheduler ended after every feeder was done: they are exiting.
-        for thread in list(self._helpers):
-            if thread is not threading.current_thread():
-                thread.join()
-        self.callbacks.drain()
-        self.callbacks.stop()
-        return True
-
-    def at_exit(self) -> None:
-        """The interpreter is exiting with this pool open."""
-        if os.getpid() != self._owner_pid:
-            return
-        # An uncaught Ctrl-C ends the program: nobody waits for queued work.
-        interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
-        if self._graceful_exit and self._state in (_RUN, _CLOSE) and not interrupted:
-            self.close()
-            self.join()
-        else:
-            self.terminate()
-
-    def worker_exit_results(self) -> list:
-        """What the workers' ``worker_exit`` hooks returned so far, in the
-        order the workers ended; the first exception a hook raised is raised
-        instead (the others' results are then lost to the caller)."""
-        results = list(self._exit_results)
-        for ok, value in results:
-            if not ok:
-                raise value
-        return [value for _ok, value in results]
+        self._scheduler.mark_dirty()
 
     def statistics(self) -> PoolStatistics:
         sched = self._scheduler
@@ -754,18 +559,6 @@ class Engine:
             task_seconds_estimate=min(self._estimates.values()) if self._estimates else None,
         )
 
-    def start_thread(self, thread: threading.Thread, what: str) -> None:
-        """Start a helper thread of this pool (an imap feeder); if Python
-        refuses, raise WorkerStartError (a BrokenProcessPool) saying why."""
-        try:
-            thread.start()
-        except RuntimeError as exc:
-            raise WorkerStartError(_cannot_start(what, exc)) from exc
-        self._helpers.add(thread)  # join() waits for it: no shoal thread outlives shutdown
-
-    def is_scheduler_thread(self) -> bool:
-        return threading.current_thread() is self._thread
-
     def worker_processes(self) -> list[WorkerProcess]:
         return [WorkerProcess(w.proc) for w in list(self._workers.values())]
 
@@ -774,46 +567,20 @@ class Engine:
         return [w.pid for w in list(self._workers.values())]
 
     # ------------------------------------------------------------------
-    # the scheduler thread
+    # the scheduler thread: Engine._run's steps, each the Scheduler's
     # ------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:  # noqa: BLE001 - never leave callers waiting
-            self._broken_error = exc
-            self._state = _BROKEN
-            traceback.print_exc()
-            self._fail_everything(ShoalError(f"the pool's scheduler failed: {exc!r}; this is a bug in shoal"))
-            self._kill_workers(graceful=False)
-        finally:
-            live_engines.discard(self)  # its descriptors are about to close
-            self._close_resources()
-            self._ended = True
-            self._finished.set()
-            # A caller that queued a task before seeing _finished set gets it
-            # failed here; one that queues after sees _finished (_reject).
-            while True:
-                try:
-                    # (not `while self._pending`: a caller's _reject may take
-                    # the last one between the test and the popleft)
-                    task = self._pending.popleft()
-                except IndexError:
-                    break
-                self._fail(task, PoolClosedError("the pool was terminated before this task ran"))
-            with self.results_cond:
-                self.results_cond.notify_all()
-            # No shoal thread outlives its pool, even one never joined.
-            self.callbacks.stop(wait=False)
-
     def _loop(self) -> None:
         self._scheduler.run()
 
-    def _notify(self) -> None:
-        with self.results_cond:
-            self.results_cond.notify_all()
+    def _dispatch(self) -> None:
+        self._scheduler.dispatch()
 
-    # What the scheduler does on _run's error and exit paths; the Dask
-    # engine, which has no Scheduler, overrides each.
+    def _cancel(self, task: Task, exc: BaseException) -> None:
+        self._scheduler.cancel(task, exc)
+
+    def _interrupt(self, match: Any, exc: BaseException) -> None:
+        self._scheduler.interrupt(match, exc)
+
     def _fail(self, task: Task, exc: BaseException, *, cancelled: bool = False) -> None:
         self._scheduler.fail(task, exc, cancelled=cancelled)
 
@@ -826,40 +593,12 @@ class Engine:
     def _close_resources(self) -> None:
         self._scheduler.close_resources()
 
-    def _descriptors(self) -> list[int]:
+    def descriptors(self) -> list[int]:
         """Descriptors this engine holds that no child process should keep."""
         return self._scheduler.descriptors()
 
-    # -- control requests from callers (run on the scheduler thread) ------
-    def _handle_control(self, what: str, obj, exc) -> None:
-        if what == "cancel":
-            self._scheduler.cancel(obj, exc)
-        elif what == "interrupt":
-            self._scheduler.interrupt(obj, exc)
-        elif what == "cancel_futures":
-            # As the standard library's executor, whose workers already hold
-            # the calls it queued for them: first hand out what the workers
-            # have room for (those run), then cancel what is still queued.
-            self._dispatch_before_cancel()
-            # Callers append to _pending concurrently: never iterate it live
-            # or rebind it.  Cancelled futures are skipped at dispatch.
-            for t in list(self._pending):
-                future = getattr(t.sink, "future", None)
-                if future is not None:
-                    future.cancel()
-        elif what == "fail_sink":
-            sink = obj
-            if not sink.delivered:
-                sink.deliver(None, False, exc)
-                self._notify()
 
-    def _dispatch_before_cancel(self) -> None:
-        self._scheduler.dispatch()
-
-    _interrupt_task = staticmethod(interrupt_task)
-
-
-def _serialize(payload, fds: list[int], segments: WarmSegments) -> bytes:
+def _serialize(payload: Any, fds: list[int], segments: WarmSegments) -> bytes:
     """Pickle a task's payload; large buffers go to warm shared memory (read
     only in the worker, so it cannot silently write into memory the caller
     thinks private), and the descriptors to pass beside the message are
@@ -871,17 +610,7 @@ def _serialize(payload, fds: list[int], segments: WarmSegments) -> bytes:
         swap_sending(previous)
 
 
-def _cannot_start(what: str, exc: BaseException) -> str:
-    msg = f"shoal could not start {what} ({type(exc).__name__}: {exc})"
-    if isinstance(exc, RuntimeError) and "shutdown" in str(exc):
-        msg += (
-            "; the interpreter is shutting down (the pool was first used from an atexit handler, a "
-            "finalizer or a daemon thread at exit): use the pool before the program ends"
-        )
-    return msg
-
-
-def _serialize_shared(obj) -> tuple[bytes, list[int]]:
+def _serialize_shared(obj: Any) -> tuple[bytes, list[int]]:
     """Pickle the pool's shared object once: ``(data, fds)``, its large
     buffers copied into memfds (owned by the caller) that workers map."""
     with collecting_fds() as fds:
@@ -891,23 +620,6 @@ def _serialize_shared(obj) -> tuple[bytes, list[int]]:
             for fd in fds:
                 os.close(fd)
             raise
-
-
-def _check_timeout(value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"a timeout must be a number of seconds or None, got {type(value).__name__} {value!r:.40}"
-        )
-    if value <= 0:
-        raise ValueError(f"a task timeout must be a positive number of seconds or None, got {value!r}")
-
-
-def _check_int(name: str, value, what: str = "an int") -> None:
-    """TypeError naming *name* unless *value* is an int (bool is not)."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r:.40}")
 
 
 #: The standard library's contexts: the only ones whose processes the
@@ -930,7 +642,7 @@ def _foreign_default() -> str | None:
     return method if method is not None and method not in _STDLIB_METHODS else None
 
 
-def drivable_context(context):
+def drivable_context(context: Any) -> Any:
     """The standard library's context that starts this pool's workers.
 
     Another library may install a context of its own as the default: loky
@@ -964,7 +676,7 @@ def drivable_context(context):
     return context
 
 
-def recycling_context():
+def recycling_context() -> Any:
     """The context of an executor whose workers are recycled
     (``max_tasks_per_child``) when none is given: ``spawn``, as the standard
     library (3.11+) chooses, or ``fork`` where spawn cannot start processes
@@ -986,7 +698,7 @@ def _check_may_have_children() -> None:
         )
 
 
-def mp_context(method: str):
+def mp_context(method: str) -> Any:
     """``multiprocessing.get_context(method)``, with an error that lists the
     start methods this platform has."""
     try:

@@ -15,6 +15,8 @@ import os
 import threading
 from typing import Any
 
+from .._util import public
+
 __all__ = ("install", "shared", "worker_state")
 
 
@@ -115,5 +117,5 @@ def worker_state() -> dict:
     return _state  # type: ignore[return-value]
 
 
-shared.__module__ = "shoal"
-worker_state.__module__ = "shoal"
+public(shared)
+public(worker_state)

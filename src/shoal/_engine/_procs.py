@@ -38,6 +38,7 @@ import os
 import select
 import signal
 import time
+from typing import Any
 
 from .._fd import exhausted
 
@@ -212,7 +213,7 @@ def end_descendants(grace: float = GRACE) -> None:
         tree.close()
 
 
-def start_process(proc, what: str) -> None:
+def start_process(proc: Any, what: str) -> None:
     """``proc.start()``; when the system refuses (no process, no descriptor,
     no memory), an OSError that says what ran out (:func:`shoal._fd.exhausted`).
 

@@ -8,13 +8,14 @@ pidfds and the wake-up pipe, then takes its steps, each a method:
 
 - :meth:`~Scheduler.read_results`: a worker's messages (results, ready,
   retiring, its ``worker_exit`` value) -> ``sink.deliver()``;
-- :meth:`~Scheduler.reap`: a worker exited (its pidfd, else its sentinel,
-  fired): drain its socket, attribute the tasks it held
-  (:func:`._crash.attribute_crash`), start a replacement;
-- :meth:`~Scheduler.start_missing`: replacements the system refused (fork's
-  EAGAIN at RLIMIT_NPROC, no descriptor left), tried again after a pause
-  that doubles, while the other workers go on; the pool breaks only when
-  no worker is left;
+- ``reap``: a worker exited (its pidfd, else its sentinel, fired): drain
+  its socket, attribute the tasks it held (:func:`._crash.attribute_crash`),
+  start a replacement (this and the other steps on worker processes,
+  ``start_worker``, ``start_missing`` and ``kill_workers``, are in
+  :mod:`._lifecycle`, a base class of the scheduler); replacements the
+  system refused (fork's EAGAIN at RLIMIT_NPROC, no descriptor left) are
+  tried again after a pause that doubles, while the other workers go on;
+  the pool breaks only when no worker is left;
 - the callers' control requests (``Engine._handle_control``: cancel,
   interrupt, ...), then :meth:`~Scheduler.cancel` / :meth:`~Scheduler.interrupt`;
 - :meth:`~Scheduler.dispatch`: batches from the pending queue to workers with
@@ -29,12 +30,14 @@ pidfds and the wake-up pipe, then takes its steps, each a method:
   worker.
 
 Ownership: this thread alone reads and writes worker channels, starts
-replacement workers (:meth:`~Scheduler.start_worker`; the first ones start
+replacement workers (``start_worker``; the first ones start
 from the caller's thread, before this thread exists), and mutates per-worker
 state, the counters and the duration estimates.  It shares with the caller
 side only the containers callers may touch (the pending and control deques,
-the descriptors of queued tasks) and the engine's state (``_state``,
-``_broken_error``), and wakes waiters through the engine's ``results_cond``.
+the descriptors of queued tasks) and the engine's record
+(:class:`~._state.EngineState`: the state, why it broke, the wake-up
+flags), and wakes waiters through the record.  It never sees the engine:
+callers ask it to act through :meth:`~Scheduler.mark_dirty`.
 The engine's data-flow overview is in :mod:`._engine`.
 """
 
@@ -47,33 +50,26 @@ import selectors
 import signal
 import threading
 import time
-import weakref
 from collections import deque
-from multiprocessing.connection import wait as wait_for
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .._fd import collecting_fds, create_fd, exhausted
-from .._ipc import Channel
-from .._native import batch_columns, compare_exchange, deliver_plain, drop_skipped, load, store
-from .._serialization import loads_with, pickle_code, starting_process, unpack_exception
+from .._fd import create_fd, exhausted
+from .._native import batch_columns, compare_exchange, deliver_plain, drop_skipped, load
+from .._serialization import loads_with, unpack_exception
 from ..exceptions import (
     CorruptDataError,
     PoolClosedError,
-    RemoteTraceback,
     SerializationError,
-    WorkerDiedError,
     WorkerStartError,
     corrupt_data,
-    describe_exitcode,
 )
 from . import _worker
-from ._crash import ALREADY_FAILED, Fate, attribute_crash
-from ._procs import GRACE, Tree, open_pidfd, start_process
-from ._tasks import Task, Worker
-from ._worker import GATE, GATE_MASK, GATE_MAX_RECALL, GATE_SHIFT, SENT, STATUS, STATUS_SLOT, WorkerConfig
-
-if TYPE_CHECKING:
-    from ._engine import Engine
+from ._crash import ALREADY_FAILED
+from ._lifecycle import REPLACE_RETRY, WorkerLifecycle
+from ._procs import Tree
+from ._state import BROKEN, CLOSE, RUN, TERMINATE, EngineState
+from ._tasks import Task, Worker, interrupt_task, with_traceback_type
+from ._worker import GATE, GATE_MASK, GATE_MAX_RECALL, GATE_SHIFT, SENT, STATUS, STATUS_SLOT
 
 #: Work per message when tasks are short: large enough that per-message costs
 #: (~50 µs) vanish, small enough that the tail of a job stays balanced.
@@ -84,17 +80,6 @@ MAX_BATCH = 2048
 CREDIT = 2
 #: Functions a worker keeps unpickled; older ones are forgotten.
 FN_CACHE = 128
-#: Seconds between SIGTERM and SIGKILL in terminate().
-TERMINATE_GRACE = GRACE
-#: Workers that die before becoming ready this many times in a row mean the
-#: pool cannot start (a broken __main__, an import error under spawn).
-MAX_START_FAILURES = 3
-#: ... and the number of workers in a row SIGKILLed before they were ready.
-MAX_KILLED_STARTS = 100
-#: Seconds before a replacement worker that the system refused is tried
-#: again (doubling each time it is refused, up to REPLACE_RETRY_MAX).
-REPLACE_RETRY = 0.05
-REPLACE_RETRY_MAX = 1.0
 #: How often time limits are checked while a timed task runs.
 TIMEOUT_TICK = 0.02
 #: A worker whose task has run this long is *stalled*: it gets no second
@@ -106,47 +91,6 @@ STALLED_AFTER = 0.01
 #: How often stalls are looked for while a worker is idle and another holds
 #: tasks it has not started.
 STALL_TICK = 0.005
-
-#: The engine's states (``Engine.state``).
-_RUN, _CLOSE, _TERMINATE, _BROKEN = "running", "closed", "terminated", "broken"
-
-#: Every engine of this process whose scheduler may start workers.
-live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-def with_traceback_type(exc: BaseException, remote_traceback: type[BaseException]) -> BaseException:
-    """Give a worker's exception the face's remote-traceback type as its
-    ``__cause__`` (``multiprocessing.pool.RemoteTraceback`` for Pool, as
-    code written for the standard library checks)."""
-    cause = exc.__cause__
-    if isinstance(cause, RemoteTraceback) and remote_traceback is not RemoteTraceback:
-        exc.__cause__ = remote_traceback(cause.tb)
-    return exc
-
-
-def engine_descriptors() -> list[int]:
-    """Every live engine's private descriptors (for a worker started by fork)."""
-    fds: list[int] = []
-    pid = os.getpid()
-    for engine in list(live_engines):
-        # A forked worker's copies of its parent's engines hold numbers the
-        # worker closed (and may have reused): closing them in a child it
-        # forks (an Actor, a nested pool's worker) would close live ones.
-        if engine._owner_pid == pid:
-            fds.extend(engine._descriptors())
-    return fds
-
-
-def _foreign_descriptors() -> list[int]:
-    """Descriptors of this process's multiprocessing helpers that a worker
-    started by fork must not keep: the forkserver's "alive" pipe, whose
-    holders keep the forkserver running (a live worker would make
-    ``multiprocessing.util._cleanup_tests()`` wait forever).  The resource
-    tracker's pipe stays: workers register shared memory with it."""
-    from multiprocessing import forkserver
-
-    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
-    return [fd] if fd is not None else []
 
 
 def _fn_bytes(batch: list[Task], fid: int) -> bytes:
@@ -189,21 +133,23 @@ def _check_results(body: Any, held: int, nfds: int) -> None:
         raise corrupt_data(f"a results message that is malformed ({exc}; body {_describe(body)})") from exc
 
 
-def interrupt_task(task: Task, exc: BaseException) -> None:
-    """A future not yet running is cancelled as such; a running one gets
-    *exc* (a CancelledError) as its outcome, through ``fail``."""
-    future = getattr(task.sink, "future", None)
-    if future is not None:
-        future.cancel()
+class Scheduler(WorkerLifecycle):
+    """The scheduler thread's state and steps, for one :class:`~._engine.LocalEngine`.
 
-
-class Scheduler:
-    """The scheduler thread's state and steps, for one :class:`~._engine.Engine`."""
+    It holds the engine's :class:`~._state.EngineState` and the containers
+    the caller side shares with it, never the engine itself.
+    """
 
     def __init__(
         self,
-        engine: Engine,
+        record: EngineState,
         *,
+        workers: dict[int, Worker],
+        estimates: dict[Any, float],
+        task_fds: set[int],
+        segments: Any,
+        exit_results: list[tuple[bool, Any]],
+        handle_control: Any,
         processes: int,
         context: Any,
         maxtasksperchild: int | None,
@@ -215,17 +161,17 @@ class Scheduler:
         shared_fds: list[int],
         remote_traceback: type[BaseException],
     ) -> None:
-        self.engine = engine
+        self._record = record
         # Shared with the caller side: containers, never rebound.
-        self._pending: deque[Task] = engine._pending
-        self._control: deque = engine._control
-        self._workers: dict[int, Worker] = engine._workers  # keyed by slot
-        self._estimates: dict[int, float] = engine._estimates
-        self._task_fds: set[int] = engine._task_fds
-        self._segments = engine._segments
-        self._exit_results: list[tuple[bool, Any]] = engine._exit_results
-        self._handle_control = engine._handle_control
-        self._notify = engine._notify
+        self._pending: deque[Task] = record.pending
+        self._control: deque = record.control
+        self._workers = workers  # keyed by slot
+        self._estimates = estimates
+        self._task_fds = task_fds
+        self._segments = segments
+        self._exit_results = exit_results
+        self._handle_control = handle_control
+        self._notify = record.notify_waiters
         # How workers start.
         self._ctx = context
         self._maxtasks = maxtasksperchild
@@ -263,6 +209,7 @@ class Scheduler:
         # slots; twice the pool size leaves room while one is being reaped).
         # Made one by one, so that what was made is closed when the next one
         # is refused (at a descriptor limit, say).
+        self._thread: threading.Thread | None = None  # the one that runs run()
         made: list = []
         try:
             self._status_fd = create_fd(STATUS_SLOT * processes * 2, "shoal-status")
@@ -286,104 +233,22 @@ class Scheduler:
             for fd in self._shared_fds:
                 os.close(fd)
             raise
-        self._sleeping = False
-        self._dirty = False
 
-    def wake(self) -> None:
-        """Tell the scheduler that something changed (see run)."""
-        self._dirty = True
-        if self._sleeping:
-            self._sleeping = False
+    def mark_dirty(self) -> None:
+        """Tell the scheduler that something changed, waking it if it
+        sleeps (the wake-up protocol of run)."""
+        record = self._record
+        record.dirty = True
+        if record.sleeping:
+            record.sleeping = False
             try:
                 os.write(self._wake_w, b"x")
             except (BlockingIOError, OSError):
                 pass
 
     # ------------------------------------------------------------------
-    # workers
+    # workers (started, reaped and stopped by WorkerLifecycle)
     # ------------------------------------------------------------------
-    def start_worker(self) -> Worker:
-        slot = self._free_slots.pop()
-        STATUS.pack_into(self._status, slot * STATUS_SLOT, 0, 0.0, 0)
-        store(self._status, slot * STATUS_SLOT + GATE, 0)
-        store(self._status, slot * STATUS_SLOT + SENT, 0)
-        try:
-            parent_ch, child_ch = Channel.pair()
-        except OSError as exc:
-            self._free_slots.append(slot)
-            raise exhausted(exc, "connect a new worker process") from exc
-        # PR_SET_PDEATHSIG fires when the *thread* that started the worker
-        # exits, so ask for it only from threads that live as long as the
-        # pool, and only when we are the worker's parent (not a forkserver).
-        pdeathsig = self._ctx.get_start_method() != "forkserver" and (
-            threading.current_thread() is threading.main_thread()
-            or threading.current_thread() is getattr(self.engine, "_thread", None)
-        )
-        config = WorkerConfig(None, (), self._maxtasks, self._max_memory, os.getpid(), pdeathsig, slot)
-        if self._config_args is not None:
-            config.initializer, config.initargs, config.worker_init, config.worker_exit = self._config_args
-        config.shared_data = self._shared_data
-        # The first message's descriptors: the status block's, the shared
-        # object's, then those the initargs hold (a SharedArray's), pickled
-        # for each worker so that each gets its own.
-        first_fds = [os.dup(fd) for fd in (self._status_fd, *self._shared_fds)]
-        fds: list[int] = first_fds
-        try:
-            with collecting_fds() as fds:
-                fds.extend(first_fds)
-                config_bytes = pickle_code(config)
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        # Under fork the worker inherits every descriptor of this process.
-        # The engines' own (other workers' sockets, wake-up pipes, the shared
-        # memory of queued tasks, and the parent's end of this worker's own
-        # channel) it closes at once: it must not keep that memory alive,
-        # and holding its own channel's other end would hide our death.
-        inherited: tuple[int, ...] = ()
-        if self._ctx.get_start_method() == "fork":
-            inherited = (parent_ch.fileno(), *engine_descriptors(), *_foreign_descriptors())
-        try:
-            proc = self._ctx.Process(
-                target=_worker.worker_main,
-                args=(child_ch.sock, inherited, self._shared, self._config_inline),
-                name=f"shoal-worker-{slot}",
-                daemon=False,
-            )
-            with starting_process():
-                start_process(proc, "start a worker process")
-        except BaseException:
-            parent_ch.close()
-            child_ch.close()
-            for fd in fds:
-                os.close(fd)
-            self._free_slots.append(slot)
-            raise
-        child_ch.close()
-        worker = Worker(proc, parent_ch, slot, open_pidfd(proc.pid))
-        try:
-            parent_ch.sock.setblocking(False)
-            parent_ch.queue(config_bytes, fds)
-            self._selector.register(parent_ch.fileno(), selectors.EVENT_READ, ("chan", worker))
-            self._selector.register(worker.sentinel, selectors.EVENT_READ, ("dead", worker))
-        except BaseException:
-            for fileobj in (parent_ch.fileno(), worker.sentinel):
-                try:
-                    self._selector.unregister(fileobj)
-                except (KeyError, ValueError):
-                    pass
-            proc.kill()
-            proc.join()
-            parent_ch.close()
-            _close_pidfd(worker)
-            self._free_slots.append(slot)
-            raise
-        self._workers[slot] = worker
-        self.started += 1
-        self._flush(worker)
-        return worker
-
     def descriptors(self) -> list[int]:
         """Descriptors this engine holds that no child process should keep."""
         fds = [self._wake_r, self._wake_w, self._status_fd, *self._shared_fds]
@@ -400,18 +265,6 @@ class Scheduler:
         fds.extend(list(self._task_fds))
         fds.extend(self._segments.descriptors())
         return fds
-
-    def abort_start(self) -> None:
-        for w in list(self._workers.values()):
-            try:
-                w.proc.kill()
-                w.proc.join(5)
-            except Exception:  # noqa: BLE001
-                pass
-            w.channel.close()
-            _close_pidfd(w)
-        self._workers.clear()
-        self.close_resources()
 
     def close_resources(self) -> None:
         try:
@@ -453,13 +306,16 @@ class Scheduler:
     def run(self) -> None:
         """The scheduler thread's loop; returns once every worker is gone
         (closed and idle) or terminate() was asked for."""
+        self._thread = threading.current_thread()
         select = self._selector.select
+        record = self._record
         while True:
             # The wake-up protocol.  A caller changes state (queues a task, a
-            # request, close/terminate), then sets _dirty, then writes to the
-            # wake-up pipe if it sees _sleeping.  We set _sleeping, then look
-            # at _dirty: a change made before we set _sleeping is seen here,
-            # one made after finds _sleeping set and writes.  No wake-up is
+            # request, close/terminate), then sets record.dirty, then writes
+            # to the wake-up pipe if it sees record.sleeping (mark_dirty).  We
+            # set sleeping, then look at dirty: a change made before we set
+            # sleeping is seen here, one made after finds sleeping set and
+            # writes.  No wake-up is
             # lost, and we never spin on work that waits for a free worker.
             timeout = TIMEOUT_TICK if self._timed or self._doomed else None
             if self._watch_stalls:
@@ -467,12 +323,12 @@ class Scheduler:
             if self._missing:
                 wait = max(0.0, self._replace_at - time.monotonic())
                 timeout = wait if timeout is None else min(timeout, wait)
-            self._sleeping = True
-            if self._dirty:
+            record.sleeping = True
+            if record.dirty:
                 timeout = 0
             events = select(timeout)
-            self._sleeping = False
-            self._dirty = False
+            record.sleeping = False
+            record.dirty = False
             for key, mask in events:
                 kind, w = key.data
                 if kind == "chan":
@@ -490,8 +346,8 @@ class Scheduler:
                         pass
             while self._control:
                 self._handle_control(*self._control.popleft())
-            state = self.engine._state
-            if state == _TERMINATE:
+            state = record.state
+            if state == TERMINATE:
                 # What was asked just before terminate() (shutdown's
                 # cancel_futures) is done first.
                 while self._control:
@@ -499,7 +355,7 @@ class Scheduler:
                 self.stop()
                 return
             if self._missing and time.monotonic() >= self._replace_at:
-                if state == _RUN or self._pending:
+                if state == RUN or self._pending:
                     self.start_missing()
                 else:
                     self._missing = 0
@@ -510,9 +366,9 @@ class Scheduler:
             if self._timed or self._doomed:
                 self.check_time_limits()
             if (
-                state in (_CLOSE, _BROKEN)
+                state in (CLOSE, BROKEN)
                 and not self._pending
-                and not self.engine._feeders
+                and not record.feeders
                 and not any(w.inflight for w in self._workers.values())
             ):
                 if not self._workers:
@@ -602,7 +458,7 @@ class Scheduler:
                     idle = True
             elif len(w.inflight) > 1:
                 held = True
-        if not (idle and held) or self.engine._state == _TERMINATE:
+        if not (idle and held) or self._record.state == TERMINATE:
             return False
         now = time.monotonic()
         recalled = 0
@@ -816,14 +672,14 @@ class Scheduler:
             w.retire_reason = "initializer"
             self.break_pool(error)
 
-    def _on_results(self, w: Worker, body, fds: list[int]) -> None:
+    def _on_results(self, w: Worker, body: Any, fds: list[int]) -> None:
         # Parallel lists (the wire format of _worker.RESULTS): what each
         # outcome is, the outcomes, how many descriptors each brought (None:
         # none did), and the durations per function.
         kinds, values, counts, timing = body
         pos = 0
         inflight = w.inflight
-        waiters = self.engine.waiters
+        waiters = self._record.waiters
         plain_loads = pickle.loads
         completed = failed = timed = doomed = 0
         raw = _worker.RAW
@@ -911,9 +767,8 @@ class Scheduler:
                 per_item = total / n
                 est = estimates.get(fid)
                 estimates[fid] = per_item if est is None else est * 0.7 + per_item * 0.3
-        if waiters or self.engine.waiters:
-            with self.engine.results_cond:
-                self.engine.results_cond.notify_all()
+        if waiters or self._record.waiters:
+            self._notify()
 
     def _with_traceback_type(self, exc: BaseException) -> BaseException:
         return with_traceback_type(exc, self._remote_traceback)
@@ -948,7 +803,7 @@ class Scheduler:
                 self._notify()
                 return
 
-    def interrupt(self, match, exc: BaseException) -> None:
+    def interrupt(self, match: Any, exc: BaseException) -> None:
         """Fail every task whose sink satisfies *match* (all, if None) with
         *exc*: queued ones are dropped, running ones' workers killed."""
         # Callers append to _pending concurrently (at the right): take
@@ -1010,148 +865,6 @@ class Scheduler:
         tree.send_signal(signal.SIGKILL)
         tree.close()
 
-    # -- worker exit -------------------------------------------------------
-    def reap(self, w: Worker) -> None:
-        # Results the worker sent before it died are still in the socket
-        # (read_results stops reading, eof, at the end or at a corrupt message).
-        while not w.eof and self.read_results(w):
-            pass
-        _join_exited(w, self._ctx)
-        exitcode = w.proc.exitcode
-        running, _started, last_done = STATUS.unpack_from(self._status, w.slot * STATUS_SLOT)
-        for fileobj in (w.sentinel, w.channel.fileno()):
-            try:
-                self._selector.unregister(fileobj)
-            except (KeyError, ValueError):
-                pass
-        w.channel.close()
-        _close_pidfd(w)
-        del self._workers[w.slot]
-        self._free_slots.append(w.slot)
-        try:
-            w.proc.close()
-        except ValueError:
-            pass
-
-        # Attribute the tasks it held (see _crash): the running one fails,
-        # the others go to another worker or run again.
-        tasks = list(w.inflight)
-        w.inflight.clear()
-        verdicts = attribute_crash(
-            tasks,
-            running=running,
-            last_done=last_done,
-            pid=w.pid,
-            exitcode=exitcode,
-            broken=w.retire_reason == "initializer" or self.engine._state == _BROKEN,
-            broken_error=self.engine._broken_error,
-            kill_error=w.kill_error,
-        )
-        requeue = []
-        failing = []
-        for v in verdicts:
-            task = v.task
-            self._leaving(task)
-            if v.blame:
-                self._crashed.add(task.fn_id)
-            if v.fate is Fate.FAIL:
-                failing.append(v)
-            elif v.fate is Fate.RERUN:
-                task.requeues += 1
-                requeue.append(task)
-            elif v.fate is Fate.REQUEUE:
-                requeue.append(task)
-        if requeue:
-            self._pending.extendleft(reversed(requeue))
-        # The failed tasks are delivered once the replacement was tried, so
-        # that a WorkerDiedError says whether the worker was replaced.
-        replaced = self._replace(w, exitcode)
-        for v in failing:
-            error = v.error
-            assert error is not None
-            if type(error) is WorkerDiedError and replaced is not True:
-                error = WorkerDiedError(error.pid, error.exitcode, error.detail, replaced)
-            self.fail(v.task, error)
-        if failing:
-            self._notify()
-
-    def _replace(self, w: Worker, exitcode: int | None) -> bool | None:
-        """Start a replacement for the worker *w* that exited (*exitcode*)
-        if the pool needs one; whether it started (``False``: the system
-        refused it, see start_missing), ``None`` if none was needed."""
-        # Why did it go, and does it need a replacement?
-        if w.kill_reason is not None:
-            reason = w.kill_reason
-        elif w.retire_reason is not None:
-            reason = w.retire_reason
-        else:
-            reason = "died"
-        if not w.ready and reason == "died":
-            # A worker that exits (or crashes) on its own before it is ready
-            # says something about the program: its main module does not
-            # import.  One killed by SIGKILL says nothing of the kind (the
-            # kernel never sends it for a program's error: the OOM killer, a
-            # user, a supervisor did): counting those broke pools whose
-            # workers were being killed at random.  Only a long unbroken run
-            # of them (nothing can start) stops the pool.
-            killed = exitcode == -signal.SIGKILL
-            if killed:
-                self._killed_starts += 1
-            else:
-                self._start_failures += 1
-            if self.engine._state == _RUN and self._start_failures >= MAX_START_FAILURES:
-                self.break_pool(
-                    WorkerStartError(
-                        "worker processes keep exiting before they are ready "
-                        f"({describe_exitcode(exitcode)}). "
-                        "Under spawn or forkserver the main module is imported again in each worker: "
-                        "protect the code that starts the pool with `if __name__ == '__main__':`, and make "
-                        "sure the main module imports without errors."
-                    )
-                )
-            elif self.engine._state == _RUN and self._killed_starts >= MAX_KILLED_STARTS:
-                self.break_pool(
-                    WorkerStartError(
-                        f"{self._killed_starts} worker processes in a row were killed (SIGKILL) before they "
-                        "were ready, often by the kernel's OOM killer when memory runs out: free memory or "
-                        "use fewer workers"
-                    )
-                )
-        if reason in ("shutdown", "initializer") or self.engine._state in (_TERMINATE, _BROKEN):
-            return None
-        if (
-            self.engine._state == _CLOSE
-            and not self._pending
-            and not any(x.inflight for x in self._workers.values())
-        ):
-            return None
-        self.replaced[reason] = self.replaced.get(reason, 0) + 1
-        self._missing += 1
-        return self.start_missing()
-
-    def start_missing(self) -> bool:
-        """Start the replacement workers still missing; whether all started.
-        When the system refuses (RLIMIT_NPROC, a pids cgroup, no descriptor
-        or memory left), the pool goes on with the workers it has and tries
-        again later (REPLACE_RETRY, doubling up to REPLACE_RETRY_MAX); only
-        when no worker is left does it fail what is queued (break_pool)."""
-        while self._missing:
-            try:
-                self.start_worker()
-            except Exception as exc:  # noqa: BLE001
-                if not self._workers:
-                    self._missing = 0
-                    self.break_pool(
-                        WorkerStartError(f"could not start a replacement worker and none is left: {exc}")
-                    )
-                    return False
-                self._replace_delay = min(2 * self._replace_delay, REPLACE_RETRY_MAX)
-                self._replace_at = time.monotonic() + self._replace_delay
-                return False
-            self._missing -= 1
-            self._replace_delay = REPLACE_RETRY / 2
-        return True
-
     def _leaving(self, task: Task) -> None:
         """Bookkeeping for a task that leaves a worker's hands for good."""
         if task.timeout is not None:
@@ -1165,11 +878,8 @@ class Scheduler:
         Tasks that live workers already hold still run and deliver their
         results; then the workers are told to stop.
         """
-        if self.engine._state in (_TERMINATE,):
+        if not self._record.mark_broken(exc):
             return
-        if self.engine._broken_error is None:
-            self.engine._broken_error = exc
-        self.engine._state = _BROKEN
         err = WorkerStartError(f"the pool cannot run tasks: {exc}")
         err.__cause__ = exc
         while self._pending:
@@ -1189,72 +899,4 @@ class Scheduler:
 
     def stop(self) -> None:
         self.fail_everything(PoolClosedError("the pool was terminated before this task finished"))
-        self.kill_workers(graceful=not self.engine._kill_on_terminate)
-
-    def kill_workers(self, graceful: bool) -> None:
-        """Stop every worker and the processes its tasks left running:
-        SIGTERM (SIGKILL unless *graceful*), SIGKILL after TERMINATE_GRACE
-        seconds; return once they have all exited (see _procs)."""
-        workers = list(self._workers.values())
-        # Found before any signal: once a worker is dead, the system adopts its children.
-        trees = [Tree(w.pid) for w in workers]
-        signum = signal.SIGTERM if graceful else signal.SIGKILL
-        for w, tree in zip(workers, trees, strict=True):
-            try:
-                os.kill(w.pid, signum)
-            except ProcessLookupError:
-                pass
-            tree.send_signal(signum)
-        deadline = time.monotonic() + TERMINATE_GRACE
-        for w in workers:
-            if not _wait_exited(w, max(0.0, deadline - time.monotonic())):
-                try:
-                    os.kill(w.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for tree in trees:
-            if not tree.wait(max(0.0, deadline - time.monotonic())):
-                tree.send_signal(signal.SIGKILL)
-        for w in workers:
-            _wait_exited(w, None)
-            _join_exited(w, self._ctx)
-            w.channel.close()
-            _close_pidfd(w)
-            try:
-                w.proc.close()
-            except ValueError:
-                pass
-        for tree in trees:
-            tree.wait(TERMINATE_GRACE)  # SIGKILLed: at once, unless in the kernel's hands
-            tree.close()
-        self._workers.clear()
-
-
-def _wait_exited(w: Worker, timeout: float | None) -> bool:
-    """Wait up to *timeout* seconds (None: no limit) for worker *w* to exit;
-    whether it has.  Its pidfd says so whoever holds its sentinel's pipe."""
-    if w.pidfd is None:
-        w.proc.join(timeout)
-        return w.proc.exitcode is not None
-    return bool(wait_for([w.pidfd], timeout))
-
-
-def _join_exited(w: Worker, ctx: Any) -> None:
-    """Collect the exit status of worker *w*, which has exited (its pidfd
-    fired).  multiprocessing's join(timeout) first waits for the sentinel,
-    which a grandchild may hold open for ever; a process started by fork or
-    spawn is our child, and waiting for it without a timeout takes its
-    status at once.  A forkserver's child is reported by the forkserver."""
-    if w.pidfd is not None and ctx.get_start_method() != "forkserver":
-        w.proc.join()
-    else:
-        w.proc.join(1)
-
-
-def _close_pidfd(w: Worker) -> None:
-    if w.pidfd is not None:
-        try:
-            os.close(w.pidfd)
-        except OSError:
-            pass
-        w.pidfd = None
+        self.kill_workers(graceful=not self._record.kill_on_terminate)

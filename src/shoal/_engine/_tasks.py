@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .. import _native
+from ..exceptions import RemoteTraceback
 
 
 class ResultSink(Protocol):
@@ -124,7 +125,7 @@ class WorkerProcess:
 
     __slots__ = ("_proc", "name", "pid")
 
-    def __init__(self, proc) -> None:
+    def __init__(self, proc: Any) -> None:
         self._proc = proc
         self.pid: int = proc.pid
         self.name: str = proc.name
@@ -173,3 +174,21 @@ class WorkerProcess:
 
     def __repr__(self) -> str:
         return f"<shoal worker process pid={self.pid} {'alive' if self.is_alive() else 'exited'}>"
+
+
+def interrupt_task(task: Any, exc: BaseException) -> None:
+    """A future not yet running is cancelled as such; a running one gets
+    *exc* (a CancelledError) as its outcome, through the engine's ``fail``."""
+    future = getattr(task.sink, "future", None)
+    if future is not None:
+        future.cancel()
+
+
+def with_traceback_type(exc: BaseException, remote_traceback: type[BaseException]) -> BaseException:
+    """Give a worker's exception the face's remote-traceback type as its
+    ``__cause__`` (``multiprocessing.pool.RemoteTraceback`` for Pool, as
+    code written for the standard library checks)."""
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback) and remote_traceback is not RemoteTraceback:
+        exc.__cause__ = remote_traceback(cause.tb)
+    return exc

@@ -155,7 +155,16 @@ class WorkerConfig:
         "worker_init",
     )
 
-    def __init__(self, initializer, initargs, maxtasks, max_memory, owner_pid, pdeathsig, slot):
+    def __init__(
+        self,
+        initializer: Any,
+        initargs: Any,
+        maxtasks: Any,
+        max_memory: Any,
+        owner_pid: Any,
+        pdeathsig: Any,
+        slot: Any,
+    ) -> None:
         self.initializer = initializer
         self.initargs = initargs
         self.worker_init = None
@@ -170,7 +179,7 @@ class WorkerConfig:
         self.slot = slot
 
 
-def _set_pdeathsig(owner_pid: int) -> None:
+def set_pdeathsig(owner_pid: int) -> None:
     """Ask the kernel to SIGKILL us when the process that started us dies."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -187,7 +196,7 @@ def _rss_bytes() -> int:
 
 
 def worker_main(
-    sock, inherited: tuple[int, ...] = (), shared=_local.NO_SHARED, hooks: tuple | None = None
+    sock: Any, inherited: tuple[int, ...] = (), shared: Any = _local.NO_SHARED, hooks: tuple | None = None
 ) -> None:
     """Entry point of a worker process (the ``target`` of its ``Process``).
 
@@ -256,7 +265,7 @@ def _forget_parents_executors() -> None:
             module._executor_lock = threading.RLock()  # type: ignore[attr-defined]
 
 
-def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
+def _serve(channel: Channel, shared: Any, hooks: tuple | None = None) -> None:
     # The first message carries the configuration (its hooks pickled by
     # value where this process cannot import them) and the status block's fd.
     first = channel.recv()
@@ -267,7 +276,7 @@ def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
     if hooks is not None:
         config.initializer, config.initargs, config.worker_init, config.worker_exit = hooks
     if config.pdeathsig:
-        _set_pdeathsig(config.owner_pid)
+        set_pdeathsig(config.owner_pid)
     status_fd, *shared_fds = first[1]  # then the initargs' descriptors, unused by the shared object
     status = mmap.mmap(status_fd, 0)
     os.close(status_fd)
@@ -301,7 +310,7 @@ def _serve(channel: Channel, shared, hooks: tuple | None = None) -> None:
             _run_worker_exit(channel, config.worker_exit)
 
 
-def _run_worker_exit(channel: Channel, worker_exit) -> None:
+def _run_worker_exit(channel: Channel, worker_exit: Any) -> None:
     """Run the worker_exit hook and send the parent what it returned (or
     raised); the parent may be gone already, and the hook runs anyway: it
     closes what worker_init opened."""
@@ -315,7 +324,7 @@ def _run_worker_exit(channel: Channel, worker_exit) -> None:
         pass  # the parent went away: nobody collects it
 
 
-def _take_recall(status, gate: int, found: int) -> int:
+def _take_recall(status: Any, gate: int, found: int) -> int:
     """The scheduler recalled tasks (the gate's high bits, *found*): consume
     them all at once; return how many to skip."""
     while True:
@@ -326,7 +335,7 @@ def _take_recall(status, gate: int, found: int) -> int:
         found = now  # the scheduler recalled more meanwhile
 
 
-def _run_tasks(channel: Channel, config: WorkerConfig, status, offset: int) -> None:
+def _run_tasks(channel: Channel, config: WorkerConfig, status: Any, offset: int) -> None:
     pack_status = STATUS.pack_into
     claim = compare_exchange
     gate = offset + GATE

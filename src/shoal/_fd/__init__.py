@@ -11,6 +11,9 @@ descriptor travels and how anonymous memory is made:
   the sender's) and passes them beside its message as ``SCM_RIGHTS``; a
   receiver unpickles inside :func:`providing_fds`.  Outside those contexts
   :mod:`multiprocessing`'s own descriptor passing is used.
+* ancillary data (:mod:`._ancillary`): the ``SCM_RIGHTS`` control messages
+  themselves (:func:`fds_ancillary` to send, :func:`received_fds` to read,
+  :data:`MAX_FDS` per message, :data:`ANC_SIZE` to receive them).
 * segments (:mod:`._segment`): memfds (:func:`create_fd`,
   :func:`fd_from_buffer`), a mapped :class:`Segment`, and copy-on-write
   views (:func:`map_private_fd`); what a size that another process
@@ -35,6 +38,10 @@ memory raises: :class:`~shoal.exceptions.CorruptDataError`.
 
 from .. import _native
 from ..exceptions import CorruptDataError
+from ._ancillary import ANC_SIZE as ANC_SIZE
+from ._ancillary import MAX_FDS as MAX_FDS
+from ._ancillary import fds_ancillary as fds_ancillary
+from ._ancillary import received_fds as received_fds
 from ._limits import FAULTS as FAULTS
 from ._limits import exhausted as exhausted
 from ._passing import collecting as collecting
@@ -57,7 +64,9 @@ from ._warm import map_leased as map_leased
 _native.set_corrupt_error(CorruptDataError)
 
 __all__ = (
+    "ANC_SIZE",
     "FAULTS",
+    "MAX_FDS",
     "MAX_PEER_SIZE",
     "Segment",
     "WarmSegments",
@@ -68,10 +77,12 @@ __all__ = (
     "create_fd",
     "exhausted",
     "fd_from_buffer",
+    "fds_ancillary",
     "map_leased",
     "map_private_fd",
     "peer_size_error",
     "providing_fds",
+    "received_fds",
     "reduce_fd",
     "sending_fds",
     "swap_sending",

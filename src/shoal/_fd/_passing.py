@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing import reduction
+from typing import Any
 
 
 class _State(threading.local):
@@ -119,5 +120,5 @@ def _fd_from_message(index: int) -> int:
     return os.dup(fds[index])
 
 
-def _fd_from_dupfd(dupfd) -> int:
+def _fd_from_dupfd(dupfd: Any) -> int:
     return dupfd.detach()

@@ -20,6 +20,7 @@ import fcntl
 import mmap
 import os
 import stat
+from typing import Any
 
 from ..exceptions import CorruptDataError, corrupt_data
 from ._limits import exhausted, inject
@@ -102,7 +103,7 @@ def check_sealed(fd: int, what: str) -> None:
         )
 
 
-def fd_from_buffer(data) -> int:
+def fd_from_buffer(data: Any) -> int:
     """A new memfd holding a copy of *data* (any contiguous buffer)."""
     view = memoryview(data).cast("B")
     fd = create_fd(view.nbytes)
@@ -141,12 +142,12 @@ class Segment:
         self.buf = memoryview(self.mmap) if self.mmap is not None else memoryview(b"")
 
     @classmethod
-    def from_buffer(cls, data) -> Segment:
+    def from_buffer(cls, data: Any) -> Segment:
         """A new segment holding a copy of *data* (any contiguous buffer)."""
         view = memoryview(data).cast("B")
         return cls(view.nbytes, fd=fd_from_buffer(view))
 
-    def __reduce__(self):
+    def __reduce__(self) -> Any:
         # A shoal channel owns (and closes after sending) the descriptors it
         # collects: give it a duplicate so this segment stays usable.
         fd = os.dup(self.fd) if collecting() else self.fd
@@ -172,7 +173,7 @@ class Segment:
     def __enter__(self) -> Segment:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -187,7 +188,7 @@ class Segment:
         return f"<Segment fd={self.fd} size={self.size}>"
 
 
-def _rebuild_segment(rebuild, args, size: int) -> Segment:
+def _rebuild_segment(rebuild: Any, args: Any, size: int) -> Segment:
     return Segment(size, fd=rebuild(*args))
 
 

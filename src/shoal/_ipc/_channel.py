@@ -31,7 +31,6 @@ connections take a lock).
 
 from __future__ import annotations
 
-import array
 import errno
 import os
 import socket
@@ -40,26 +39,14 @@ from collections import deque
 from typing import Any
 
 from .. import _native
-from .._fd import MAX_PEER_SIZE, peer_size_error
+from .._fd import ANC_SIZE, MAX_FDS, MAX_PEER_SIZE, fds_ancillary, peer_size_error, received_fds
 from ..exceptions import corrupt_data
 
 _HEADER = struct.Struct("<Q")
 _SIZE_MASK = (1 << 48) - 1
-_MAX_FDS = 253  # SCM_MAX_FD in Linux
-_FD_ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * 4)
 _CTRUNC = int(socket.MSG_CTRUNC)
 #: The most one read asks for (a frame's bytes arrive a socket buffer at a time).
 _READ_MAX = 4 << 20
-
-
-def _cmsg_fds(ancdata) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
-            fds.extend(arr)
-    return fds
 
 
 class Channel:
@@ -101,7 +88,7 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def count_sent_in(self, buf, offset: int) -> None:
+    def count_sent_in(self, buf: Any, offset: int) -> None:
         """From now on, store the number of bytes :meth:`send` has sent
         (an int64 at *offset* of the shared *buf*), each frame counted
         before it goes out, so that the reader can tell bytes that did not
@@ -117,7 +104,7 @@ class Channel:
         self.discard_output()
 
     # -- sending ----------------------------------------------------------
-    def send(self, payload, fds=()) -> None:
+    def send(self, payload: Any, fds: Any = ()) -> None:
         """Send one frame (blocking)."""
         if self._sent_at is not None:
             self._sent += 8 + len(payload)
@@ -135,25 +122,25 @@ class Channel:
             self.sock.sendall(entry[0])
 
     def _send_piece(self, entry: list, flags: int) -> None:
-        """Send the start of a frame with up to _MAX_FDS of its descriptors.
+        """Send the start of a frame with up to MAX_FDS of its descriptors.
 
-        The kernel takes at most _MAX_FDS (253) descriptors per sendmsg, and
+        The kernel takes at most MAX_FDS (253) descriptors per sendmsg, and
         each group must ride on at least one byte, so a frame with more goes
         out in several pieces; the reader collects them in order.
         """
         view, fds = entry
-        group = fds[:_MAX_FDS]
-        rest = fds[_MAX_FDS:]
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", group).tobytes())]
+        group = fds[:MAX_FDS]
+        rest = fds[MAX_FDS:]
+        anc = fds_ancillary(group)
         sent = self.sock.sendmsg([view[:1] if rest else view], anc, flags)
         entry[0] = view[sent:]
         entry[1] = rest or None
 
     # -- non-blocking sending (for a selector-driven writer) ----------------
-    def queue(self, payload, fds=()) -> None:
+    def queue(self, payload: Any, fds: Any = ()) -> None:
         """Append one frame to the outgoing queue; :meth:`flush` writes it.
         The channel takes ownership of *fds* and closes them once sent."""
-        if len(fds) > _MAX_FDS * (8 + len(payload)):
+        if len(fds) > MAX_FDS * (8 + len(payload)):
             raise ValueError(f"too many descriptors ({len(fds)}) for a frame of {len(payload)} bytes")
         header = _HEADER.pack(len(payload) | (len(fds) << 48))
         self._outq.append([memoryview(header + payload), list(fds) if fds else None])
@@ -164,10 +151,6 @@ class Channel:
             for fd in entry[1] or ():
                 os.close(fd)
         self._outq.clear()
-
-    @property
-    def has_output(self) -> bool:
-        return bool(self._outq)
 
     def flush(self) -> bool:
         """Write as much queued output as the socket takes without blocking.
@@ -205,9 +188,9 @@ class Channel:
                 del buf[: self._pos]
                 self._pos = 0
             need = min(max(want - len(buf), 65536), _READ_MAX)
-            data, anc, flags, _addr = self.sock.recvmsg(need, _FD_ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+            data, anc, flags, _addr = self.sock.recvmsg(need, ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
             if anc:
-                self._pending_fds.extend(_cmsg_fds(anc))
+                self._pending_fds.extend(received_fds(anc))
             if flags & _CTRUNC:
                 self._fds_lost = True
             if not data:
@@ -259,10 +242,10 @@ class Channel:
         try:
             while True:
                 data, anc, flags, _addr = self.sock.recvmsg(
-                    1 << 18, _FD_ANC_SIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+                    1 << 18, ANC_SIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
                 )
                 if anc:
-                    self._pending_fds.extend(_cmsg_fds(anc))
+                    self._pending_fds.extend(received_fds(anc))
                 if flags & _CTRUNC:
                     self._fds_lost = True
                 if not data:

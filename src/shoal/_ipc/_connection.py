@@ -44,11 +44,11 @@ import socket
 from multiprocessing import BufferTooShort
 from typing import TYPE_CHECKING, Any
 
-from .._fd import collecting, providing_fds, reduce_fd
+from .._fd import ANC_SIZE, collecting, providing_fds, reduce_fd
 from .._serialization import TooLarge, loads
+from .._util import public
 from ..exceptions import SerializationError
 from ._packet import (
-    _ANC_SIZE,
     _CLOEXEC,
     _RECV_SIZE,
     BYTES,
@@ -290,7 +290,7 @@ class Connection:
             raise _broken_pipe() from exc
 
     # -- receiving ----------------------------------------------------------
-    def _recv(self, limit: int | None):
+    def _recv(self, limit: int | None) -> Any:
         sock = self._check_readable()
         if limit is None:
             limit = self._max
@@ -334,7 +334,7 @@ class Connection:
         else:
             # Fast path for a small message without descriptors.
             self._spin(sock)
-            data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC)
+            data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, ANC_SIZE, _CLOEXEC)
             if anc or not data or flags or data[0] & MEMFD:
                 _kind, payload, fds = finish_packet(data, anc, flags, None)
                 if _kind is None:
@@ -405,14 +405,16 @@ class Connection:
         return _rebuild_connection, (rebuild, args, self._readable, self._writable, self._max)
 
 
-def _rebuild_connection(rebuild, args, readable: bool, writable: bool, max_message_size):
+def _rebuild_connection(
+    rebuild: Any, args: Any, readable: bool, writable: bool, max_message_size: Any
+) -> Any:
     fd = rebuild(*args)
     sock = socket.socket(fileno=fd)
     return Connection(sock, readable, writable, max_message_size=max_message_size)
 
 
-Connection.__module__ = "shoal"
-Pipe.__module__ = "shoal"
+public(Connection)
+public(Pipe)
 
 
 def _broken_pipe() -> BrokenPipeError:
@@ -423,7 +425,7 @@ def _broken_pipe() -> BrokenPipeError:
     )
 
 
-def _loads(payload, limit: int | None = None):
+def _loads(payload: Any, limit: int | None = None) -> Any:
     try:
         return loads(payload, limit=limit)
     except TooLarge as exc:

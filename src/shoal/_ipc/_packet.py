@@ -47,15 +47,26 @@ found by the read itself, so the per-message path costs a comparison.
 
 from __future__ import annotations
 
-import array
 import errno
 import os
 import pickle
 import socket
 import threading
 import time
+from typing import Any
 
-from .._fd import MAX_PEER_SIZE, check_fd_holds, create_fd, exhausted, peer_size_error, swap_sending
+from .._fd import (
+    ANC_SIZE,
+    MAX_FDS,
+    MAX_PEER_SIZE,
+    check_fd_holds,
+    create_fd,
+    exhausted,
+    fds_ancillary,
+    peer_size_error,
+    received_fds,
+    swap_sending,
+)
 from .._serialization import OOB_THRESHOLD, dumps
 from ..exceptions import CorruptDataError, corrupt_data
 
@@ -66,12 +77,9 @@ BYTES = 0x04
 #: (~10 µs to set up) is cheaper than a socket buffer large enough for them.
 INBAND_MAX = 64 * 1024
 
-_MAX_FDS = 253  # SCM_MAX_FD in Linux
-_ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * 4)
 _RECV_SIZE = INBAND_MAX + 16
 _KINDS = [bytes([k]) for k in range(8)]
 _SOL_SOCKET = socket.SOL_SOCKET
-_SCM_RIGHTS = socket.SCM_RIGHTS
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)  # plain ints: IntFlag arithmetic costs microseconds
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _CTRUNC = int(socket.MSG_CTRUNC)
@@ -101,7 +109,7 @@ def socketpair(sndbuf: int | None = None) -> tuple[socket.socket, socket.socket]
 _pickle_dumps = pickle.dumps
 
 
-def close_fds(fds) -> None:
+def close_fds(fds: Any) -> None:
     for fd in fds:
         try:
             os.close(fd)
@@ -121,7 +129,7 @@ def small_buffers_only(pb: pickle.PickleBuffer) -> bool:
     return True
 
 
-def encode(obj, what: str, limit: int | None = None) -> tuple[bytes, list[int]]:
+def encode(obj: Any, what: str, limit: int | None = None) -> tuple[bytes, list[int]]:
     """Pickle *obj* for a Connection or a Queue: ``(payload, fds)``.
 
     Plain pickle first (the small-message fast path); anything it refuses
@@ -250,7 +258,7 @@ class Spool:
 
 
 def send_packet(
-    sock: socket.socket, kind: int, payload, fds=(), flags: int = 0, spool: Spool | None = None
+    sock: socket.socket, kind: int, payload: Any, fds: Any = (), flags: int = 0, spool: Spool | None = None
 ) -> None:
     """Send one message.  The caller keeps ownership of *fds*.
 
@@ -261,14 +269,14 @@ def send_packet(
     some.
     """
     size = payload.nbytes if type(payload) is memoryview else len(payload)
-    if len(fds) >= _MAX_FDS:
+    if len(fds) >= MAX_FDS:
         raise ValueError(
-            f"a message can carry at most {_MAX_FDS - 1} shared-memory buffers or descriptors, "
+            f"a message can carry at most {MAX_FDS - 1} shared-memory buffers or descriptors, "
             f"this one has {len(fds)}: send them in several messages"
         )
     if size <= INBAND_MAX:
         if fds:
-            anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
+            anc = fds_ancillary(fds)
             send_fds_msg(sock, [_KINDS[kind], payload], anc, flags)
         else:
             sock.sendmsg([_KINDS[kind], payload], (), flags)
@@ -279,7 +287,7 @@ def send_packet(
         mfd = create_fd(size + _HDR, "shoal-message")
     try:
         _pwrite_all(mfd, payload, size)
-        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", [*fds, mfd]).tobytes())]
+        anc = fds_ancillary([*fds, mfd])
         send_fds_msg(sock, [_KINDS[kind | MEMFD], size.to_bytes(8, "little")], anc, flags)
     finally:
         os.close(mfd)
@@ -289,7 +297,7 @@ def send_packet(
 INFLIGHT_BACKOFF_MAX = 0.05
 
 
-def send_fds_msg(sock: socket.socket, buffers, anc, flags: int) -> None:
+def send_fds_msg(sock: socket.socket, buffers: Any, anc: Any, flags: int) -> None:
     """``sendmsg`` of a datagram carrying descriptors.
 
     The kernel refuses (``ETOOMANYREFS``) to let a user have more
@@ -314,14 +322,14 @@ def send_fds_msg(sock: socket.socket, buffers, anc, flags: int) -> None:
         backoff = min(backoff * 2, INFLIGHT_BACKOFF_MAX)
 
 
-def _pwrite_all(fd: int, payload, size: int) -> None:
+def _pwrite_all(fd: int, payload: Any, size: int) -> None:
     view = memoryview(payload).cast("B")
     written = os.pwritev(fd, [_UNREAD, view], 0) - _HDR
     while written < size:
         written += os.pwrite(fd, view[written:], _HDR + written)
 
 
-def recv_packet(sock: socket.socket, flags: int = 0, limit: int | None = None):
+def recv_packet(sock: socket.socket, flags: int = 0, limit: int | None = None) -> Any:
     """Receive one message: ``(kind, payload, fds)``, or ``None`` at EOF.
 
     *payload* is ``bytes`` (in band: the datagram minus its kind byte) or
@@ -330,17 +338,17 @@ def recv_packet(sock: socket.socket, flags: int = 0, limit: int | None = None):
     ``MSG_DONTWAIT`` when nothing is waiting, and :class:`MessageTooLarge`
     (the message is consumed and dropped) when it is larger than *limit*.
     """
-    data, anc, mflags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC | flags)
+    data, anc, mflags, _ = sock.recvmsg(_RECV_SIZE, ANC_SIZE, _CLOEXEC | flags)
     kind, payload, fds = finish_packet(data, anc, mflags, limit)
     if kind is None:
         return None
     return kind, payload, fds
 
 
-def finish_packet(data: bytes, anc, mflags: int, limit: int | None):
+def finish_packet(data: bytes, anc: Any, mflags: int, limit: int | None) -> Any:
     """Decode what one ``recvmsg`` returned: ``(kind, payload, fds)``, with
     kind ``None`` at EOF."""
-    fds = _cmsg_fds(anc) if anc else []
+    fds = received_fds(anc) if anc else []
     if not data:
         close_fds(fds)
         return None, None, None
@@ -440,22 +448,12 @@ def refuse_connection(sock: socket.socket, reason: str, close: bool = True) -> N
         sock.sendmsg([_KINDS[BYTES], reason.encode()], (), _DONTWAIT)
         sock.shutdown(socket.SHUT_RDWR)
         while True:
-            _data, anc, _flags, _ = sock.recvmsg(1, _ANC_SIZE, _CLOEXEC | _DONTWAIT)
+            _data, anc, _flags, _ = sock.recvmsg(1, ANC_SIZE, _CLOEXEC | _DONTWAIT)
             if not _data:
                 break
-            close_fds(_cmsg_fds(anc))
+            close_fds(received_fds(anc))
     except OSError:
         pass  # gone, or nothing left to read
     finally:
         if close:
             sock.close()
-
-
-def _cmsg_fds(anc) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in anc:
-        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
-            fds.extend(arr)
-    return fds

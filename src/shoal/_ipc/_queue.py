@@ -53,7 +53,6 @@ this process's descriptors after its feeder has flushed.
 
 from __future__ import annotations
 
-import array
 import collections
 import os
 import pickle
@@ -67,16 +66,24 @@ from collections.abc import Iterable
 from multiprocessing import util as _mputil
 from typing import Any
 
-from .._fd import collecting, create_fd, providing_fds, reduce_fd, sending_fds
+from .._fd import (
+    MAX_FDS,
+    collecting,
+    create_fd,
+    fds_ancillary,
+    providing_fds,
+    received_fds,
+    reduce_fd,
+    sending_fds,
+)
 from .._serialization import loads
+from .._util import public
 from ..exceptions import CorruptDataError, SerializationError, corrupt_data
 from ._packet import (
-    _MAX_FDS,
     INBAND_MAX,
     MEMFD,
     SNDBUF,
     Spool,
-    _cmsg_fds,
     _pwrite_all,
     close_fds,
     encode,
@@ -91,8 +98,6 @@ __all__ = ("JoinableQueue", "Queue", "SimpleQueue")
 Empty = _stdqueue.Empty
 Full = _stdqueue.Full
 
-_SOL_SOCKET = socket.SOL_SOCKET
-_SCM_RIGHTS = socket.SCM_RIGHTS
 _INLINE_KIND = b"\x00"
 _MEMFD_KIND = bytes([MEMFD])
 _pickle_dumps = pickle.dumps
@@ -134,13 +139,13 @@ class _Raise:
         self.exc = exc
 
 
-def _close_entries(entries) -> None:
+def _close_entries(entries: Any) -> None:
     for _payload, _datagram, fds in entries:
         if fds:
             close_fds(fds)
 
 
-def _join_thread(ref) -> None:
+def _join_thread(ref: Any) -> None:
     t = ref()
     if t is not None and t.is_alive():
         t.join()
@@ -215,20 +220,20 @@ class _Base:
             raise ValueError(f"Queue {self!r} is closed")
 
     # -- encoding -------------------------------------------------------------
-    def _entry(self, obj, what: str):
+    def _entry(self, obj: Any, what: str) -> Any:
         """``(payload, datagram, fds)`` for Ring.put, pickled here."""
         payload, fds = encode(obj, what)
         if not fds and len(payload) <= self._inline_max:
             return payload, None, None
-        if len(fds) >= _MAX_FDS:
+        if len(fds) >= MAX_FDS:
             close_fds(fds)
             raise ValueError(
-                f"an item can carry at most {_MAX_FDS - 1} shared-memory buffers or descriptors, "
+                f"an item can carry at most {MAX_FDS - 1} shared-memory buffers or descriptors, "
                 f"{what} has {len(fds)}: put them in several items; nothing was put"
             )
         return self._datagram(payload, fds)
 
-    def _datagram(self, payload: bytes, fds: list[int]):
+    def _datagram(self, payload: bytes, fds: list[int]) -> Any:
         """An entry sent as a datagram.  *fds* (closed once it is sent) are
         the descriptors the pickle collected, plus, for a large payload, a
         memfd holding it (last)."""
@@ -249,10 +254,10 @@ class _Base:
                 close_fds(fds)
                 raise
             kind, body = _MEMFD_KIND, size.to_bytes(8, "little")
-        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        anc = fds_ancillary(fds) if fds else []
         return None, (kind, body, anc), fds
 
-    def _decode(self, raw):
+    def _decode(self, raw: Any) -> Any:
         """An item from what Ring.get returned."""
         if type(raw) is _Raise:
             raise raw.exc
@@ -262,7 +267,7 @@ class _Base:
             except Exception as exc:
                 raise _unpickle_error(exc) from exc
         data, anc = raw
-        fds = _cmsg_fds(anc) if anc else []
+        fds = received_fds(anc) if anc else []
         try:
             payload: bytes | memoryview
             if data[0] & MEMFD:
@@ -386,7 +391,7 @@ class _Base:
                 )
 
     # -- receiving ------------------------------------------------------------
-    def _get(self, block: bool, timeout: float | None):
+    def _get(self, block: bool, timeout: float | None) -> Any:
         if self._closed:
             self._check_closed()
         if self._stash:
@@ -428,7 +433,7 @@ class _Base:
             feeder = self._feeder
         for raw in self._stash:
             if type(raw) is tuple and raw[1]:  # a datagram never decoded
-                close_fds(_cmsg_fds(raw[1]))
+                close_fds(received_fds(raw[1]))
         self._stash.clear()
         if feeder is None:
             self._close_fds()
@@ -472,7 +477,7 @@ def _unpickle_error(exc: BaseException) -> SerializationError:
     )
 
 
-def _rebuild_queue(cls, fd_reducers, maxsize: int):
+def _rebuild_queue(cls: Any, fd_reducers: Any, maxsize: int) -> Any:
     ring_fd, reader_fd, writer_fd = (rebuild(*args) for rebuild, args in fd_reducers)
     q = cls.__new__(cls)
     q._maxsize = maxsize
@@ -688,6 +693,6 @@ class JoinableQueue(Queue):
         self._ring.join()
 
 
-for _cls in (Queue, JoinableQueue, SimpleQueue):
-    _cls.__module__ = "shoal"
-del _cls
+public(Queue)
+public(JoinableQueue)
+public(SimpleQueue)

@@ -75,18 +75,17 @@ import select
 import socket
 import struct
 import time
+from typing import Any
 
 from .. import _native
-from .._fd import check_sealed, create_fd
+from .._fd import ANC_SIZE, check_sealed, create_fd, received_fds
 from ..exceptions import corrupt_data
 from ._packet import (
-    _ANC_SIZE,
     _CLOEXEC,
     _CTRUNC,
     _RECV_SIZE,
     _TRUNCATED,
     INFLIGHT_BACKOFF_MAX,
-    _cmsg_fds,
     close_fds,
     fd_limit_error,
 )
@@ -500,7 +499,7 @@ class Ring:
             self._abandon(_PMUTEX)
             raise
 
-    def _write(self, pos: int, header: bytes, payload, length: int) -> None:
+    def _write(self, pos: int, header: bytes, payload: Any, length: int) -> None:
         mm, cap = self.mm, self._cap
         off = pos % cap
         # The header never wraps: positions and capacity are multiples of 8.
@@ -528,7 +527,7 @@ class Ring:
         return mm[_DATA + off : _DATA + cap] + mm[_DATA : _DATA + length - first]
 
     # -- get ------------------------------------------------------------------
-    def get_inline(self, deadline: float | None = None):
+    def get_inline(self, deadline: float | None = None) -> Any:
         """The fast path of a get: the oldest record if it is inline and
         there right now, else None (take the general path)."""
         mm, cap = self.mm, self._cap
@@ -568,7 +567,7 @@ class Ring:
             self._abandon(_CMUTEX)
             raise
 
-    def get(self, max_n: int, sock: socket.socket, deadline: float | None, stash=None) -> list:
+    def get(self, max_n: int, sock: socket.socket, deadline: float | None, stash: Any = None) -> list:
         """Take up to *max_n* records, waiting until *deadline* for the first.
 
         Returns a list of ``bytes`` (an inline item) or ``(data, anc)``
@@ -630,7 +629,7 @@ class Ring:
             self._interrupted_get(out, taking and (gets, head, taken, kept), stash)
             raise
 
-    def _interrupted_get(self, out: list, state, stash) -> None:
+    def _interrupted_get(self, out: list, state: Any, stash: Any) -> None:
         mm = self.mm
         try:
             if state:
@@ -650,11 +649,11 @@ class Ring:
                 else:
                     for raw in out:
                         if type(raw) is tuple and raw[1]:
-                            close_fds(_cmsg_fds(raw[1]))
+                            close_fds(received_fds(raw[1]))
         finally:
             self._abandon(_CMUTEX)
 
-    def _take_datagram(self, sock: socket.socket, seq: int):
+    def _take_datagram(self, sock: socket.socket, seq: int) -> Any:
         peek = self._peek
         while True:
             try:
@@ -666,11 +665,11 @@ class Ring:
             (tag,) = _Q.unpack_from(peek, 1)
             if tag > seq:
                 return None
-            data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC | _DONTWAIT)
+            data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, ANC_SIZE, _CLOEXEC | _DONTWAIT)
             if tag == seq:
                 if flags & _TRUNCATED:
                     # The item is lost; its record is skipped.
-                    close_fds(_cmsg_fds(anc))
+                    close_fds(received_fds(anc))
                     if flags & _CTRUNC:
                         # Our descriptor limit: the kernel dropped (some of)
                         # its descriptors.
@@ -680,7 +679,7 @@ class Ring:
                     )
                 return data, anc
             # Sent by a producer that died before publishing its record.
-            close_fds(_cmsg_fds(anc))
+            close_fds(received_fds(anc))
 
     # -- counting -------------------------------------------------------------
     def count(self) -> int:

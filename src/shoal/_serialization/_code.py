@@ -296,16 +296,16 @@ class _NamespaceRef:
         self.module = module
         self.file = file
 
-    def __reduce__(self):
+    def __reduce__(self) -> Any:
         return _namespace, (self.module, LINEAGE, self.file)
 
 
-def _make_function(code, namespace, name, argdefs, closure):
+def _make_function(code: Any, namespace: Any, name: Any, argdefs: Any, closure: Any) -> Any:
     namespace.setdefault("__builtins__", builtins)
     return types.FunctionType(code, namespace, name, argdefs, closure)
 
 
-def _set_function_state(func: types.FunctionType, state) -> None:
+def _set_function_state(func: types.FunctionType, state: Any) -> None:
     """cloudpickle's _function_setstate, except for globals (see the module docstring)."""
     state, slotstate = state
     func.__dict__.update(state)
@@ -353,7 +353,7 @@ def _make_class(namespace: dict[str, Any], qualname: str, make: Callable[..., ty
     return make(*args)
 
 
-def _set_class_state(cls: type, state) -> None:
+def _set_class_state(cls: type, state: Any) -> None:
     if cls in _adopted:
         return
     _cp._class_setstate(cls, state)
@@ -362,7 +362,7 @@ def _set_class_state(cls: type, state) -> None:
 # -- the pickler ----------------------------------------------------------------------
 
 
-def _refuse_open_file(obj: Any):
+def _refuse_open_file(obj: Any) -> None:
     name = getattr(obj, "name", None)
     raise TypeError(
         f"cannot pickle {type(obj).__name__!r} object (the open file {name!r}): an open file cannot be sent "
@@ -378,7 +378,7 @@ class Pickler(cloudpickle.Pickler):
     dispatch_table = ChainMap({io.TextIOWrapper: _refuse_open_file}, *cloudpickle.Pickler.dispatch_table.maps)
 
     def __init__(
-        self, file, protocol: int = PROTOCOL, buffer_callback=None, *, foreign: bool = False
+        self, file: Any, protocol: int = PROTOCOL, buffer_callback: Any = None, *, foreign: bool = False
     ) -> None:
         super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
         self.foreign = foreign

@@ -22,7 +22,7 @@ class _ExceptionWithTraceback:
         self.exc = exc
         self.tb = f'\n"""\n{tb}"""'
 
-    def __reduce__(self):
+    def __reduce__(self) -> Any:
         return _rebuild_exception, (_PortableException(self.exc, self.tb), self.tb)
 
 
@@ -52,7 +52,7 @@ class _PortableException:
         self.exc = exc
         self.tb = tb
 
-    def __reduce__(self):
+    def __reduce__(self) -> Any:
         exc = self.exc
         try:
             data = pickle.dumps(exc, _PROTOCOL)
@@ -69,7 +69,9 @@ class _PortableException:
         return _load_exception, (data, name, _safe_str(exc), self.tb, *parts)
 
 
-def _load_exception(data, name, message, tb, cls_data, args_data, state_data) -> BaseException:
+def _load_exception(
+    data: Any, name: Any, message: Any, tb: Any, cls_data: Any, args_data: Any, state_data: Any
+) -> BaseException:
     try:
         return pickle.loads(data)
     except Exception:  # noqa: BLE001 - rebuilt from its parts below
@@ -145,11 +147,11 @@ class _PlainRemoteError:
         self.exc = exc
         self.tb = tb
 
-    def __reduce__(self):
+    def __reduce__(self) -> Any:
         return _rebuild_exception, (self.exc, self.tb)
 
 
-def unpack_exception(data, who: str = "the task") -> BaseException:
+def unpack_exception(data: Any, who: str = "the task") -> BaseException:
     """The exception :func:`pack_exception` packed (*who* raised it); a
     :class:`~shoal.exceptions.CorruptDataError` when *data* unpickles to
     something else (it was not packed by shoal)."""

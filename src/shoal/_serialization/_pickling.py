@@ -92,13 +92,18 @@ class _OutOfBand:
         self.leased = leased
         self.writable = writable
 
-    def __reduce__(self):
+    def __reduce__(self) -> Any:
         rebuild, args = reduce_fd(self.fd)
         return _rebuild_oob, (rebuild, args, self.size, self.spans, self.leased, self.writable)
 
 
 def _rebuild_oob(
-    rebuild, args, size: int, spans: list[tuple[int, int]], leased: bool = False, writable: bool = True
+    rebuild: Any,
+    args: Any,
+    size: int,
+    spans: list[tuple[int, int]],
+    leased: bool = False,
+    writable: bool = True,
 ) -> list[memoryview]:
     fd = rebuild(*args)
     try:
@@ -133,7 +138,7 @@ def _check_layout(size: int, spans: list[tuple[int, int]]) -> None:
         raise corrupt_data(f"a message's out-of-band buffer layout is malformed ({exc})") from exc
 
 
-def _map_oob(fd: int, size: int, spans, leased: bool, writable: bool) -> list[memoryview]:
+def _map_oob(fd: int, size: int, spans: Any, leased: bool, writable: bool) -> list[memoryview]:
     """Map (or copy) the segment *fd*, which this function closes."""
     if fd >= _fd_limit() - _FD_HEADROOM:
         # Every mapping keeps a descriptor (Python's mmap holds a dup), so
@@ -247,7 +252,7 @@ class _LargeBytesIds:
     def __init__(self) -> None:
         self.indices: list[int] = []
 
-    def __call__(self, obj) -> tuple | None:
+    def __call__(self, obj: Any) -> tuple | None:
         kind = _BYTES_LIKE.get(type(obj))
         if kind is None:
             return None
@@ -283,7 +288,7 @@ class _IdPickler(pickle.Pickler):
         return self._ids(obj)
 
 
-def _pickle_with_ids(obj: Any, callback, foreign: bool) -> tuple[bytes, tuple[int, ...]]:
+def _pickle_with_ids(obj: Any, callback: Any, foreign: bool) -> tuple[bytes, tuple[int, ...]]:
     """Pickle *obj* sending large bytes-likes out of band (see _LargeBytesIds)."""
     picklers: tuple[type, ...] = (_IdPickler, _IdCloudPickler)
     if main_needs_value(foreign):
@@ -348,7 +353,9 @@ class _HookedCodePickler(Pickler):
         return super().reducer_override(obj) if reduced is NotImplemented else reduced
 
 
-def _cloudpickle_dumps(obj: Any, buffer_callback=None, foreign: bool = False, reduce=None) -> bytes:
+def _cloudpickle_dumps(
+    obj: Any, buffer_callback: Any = None, foreign: bool = False, reduce: Any = None
+) -> bytes:
     with io.BytesIO() as file:
         if reduce is None:
             Pickler(file, _PROTOCOL, buffer_callback, foreign=foreign).dump(obj)
@@ -357,7 +364,7 @@ def _cloudpickle_dumps(obj: Any, buffer_callback=None, foreign: bool = False, re
         return file.getvalue()
 
 
-def _plain_dumps(obj: Any, buffer_callback, reduce) -> bytes:
+def _plain_dumps(obj: Any, buffer_callback: Any, reduce: Any) -> bytes:
     if reduce is None:
         return pickle.dumps(obj, _PROTOCOL, buffer_callback=buffer_callback)
     with io.BytesIO() as file:
@@ -386,7 +393,7 @@ class LargeBuffers:
         self.taken = []
 
 
-def pickle_code(obj: Any, buffer_callback=None, *, foreign: bool = False, reduce=None) -> bytes:
+def pickle_code(obj: Any, buffer_callback: Any = None, *, foreign: bool = False, reduce: Any = None) -> bytes:
     """Pickle *obj* by shoal's policy for code (the one pickle-then-cloudpickle
     path): plain pickle, unless it refuses *obj* or sends code of the main
     module by name to a receiver that cannot import it; then cloudpickle
@@ -515,7 +522,7 @@ def _holds_large_bytes(obj: Any, depth: int) -> bool:
 _OOB_MARK = "shoal.oob.v2"
 
 
-def loads_with(data, fds) -> Any:
+def loads_with(data: Any, fds: Any) -> Any:
     """:func:`loads` a message whose out-of-band buffers came as *fds*."""
     if not fds:
         return loads(data)
@@ -523,7 +530,7 @@ def loads_with(data, fds) -> Any:
         return loads(data)
 
 
-def loads(data, *, limit: int | None = None) -> Any:
+def loads(data: Any, *, limit: int | None = None) -> Any:
     """Unpickle what :func:`dumps` produced; given a *limit*, raise
     :class:`TooLarge` if the pickle and its out-of-band buffers together
     are larger (the buffers are mapped, not read, before that check)."""
@@ -554,7 +561,7 @@ class _IdUnpickler(pickle.Unpickler):
         return _load_bytes_like(self.views, pid)
 
 
-def _load_bytes_like(views: list[memoryview], pid) -> Any:
+def _load_bytes_like(views: list[memoryview], pid: Any) -> Any:
     mark, index, kind, shape = pid
     if mark != _OOB_MARK:
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
@@ -594,7 +601,7 @@ def find_unpicklable(obj: Any, depth: int) -> Any:
     return None
 
 
-def name_unpicklable_item(exc: BaseException, items, start: int) -> None:
+def name_unpicklable_item(exc: BaseException, items: Any, start: int) -> None:
     """Say in *exc* (a pickling failure of a chunk of a map's *items*, the
     first of which is item *start* of the input) which item failed."""
     for i, item in enumerate(items):

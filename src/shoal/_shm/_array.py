@@ -10,7 +10,8 @@ Data flow and ownership::
       └─ pickled as (segment descriptor, byte offset, shape, strides, dtype) ─▶ mapped again
 
 * ``SharedArray(shape, dtype, order)`` makes a zero-filled array in a new
-  memfd; ``share(array)`` makes one holding a copy of *array* (written with
+  memfd; ``SharedArray.from_array(array)`` makes one holding a copy of
+  *array* (written with
   ``pwrite``, so this process pays no page fault per 4 KiB page).
 * Handed to another process it travels as its segment's descriptor, never
   as its bytes: beside a shoal message (pool tasks and results, ``Pipe``,
@@ -35,7 +36,8 @@ Data flow and ownership::
   (use a ``Lock``, or give each process its own slice).
 
 numpy is optional for shoal: this module imports it, and ``shoal`` imports
-this module only when ``SharedArray`` or ``share`` is first used.
+this module only when ``SharedArray`` (or the deprecated ``share``) is
+first used.
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ import ctypes
 import errno
 import operator
 import os
+import warnings
 import weakref
 from multiprocessing import reduction
 from typing import Any
 
 from .._fd import Segment, collecting, fd_from_buffer
+from .._util import public
 
 _MISSING = "shoal.SharedArray needs numpy, which is not installed: pip install numpy"
 
@@ -88,7 +92,7 @@ class _Memory:
         st = os.fstat(segment.fd)
         _mapped[(st.st_dev, st.st_ino)] = self
 
-    def __reduce__(self):
+    def __reduce__(self) -> Any:
         # Plain pickle (to a file, a socket, a cache): the descriptor means
         # nothing there.  multiprocessing's pickler (Process arguments,
         # multiprocessing queues and pipes) uses _reduce_memory, registered
@@ -123,11 +127,11 @@ def _rebuild_memory(segment: Segment) -> _Memory:
     return _Memory(segment)
 
 
-def _address(arr) -> int:
+def _address(arr: Any) -> int:
     return arr.__array_interface__["data"][0]
 
 
-def _check_shape(shape) -> tuple[int, ...]:
+def _check_shape(shape: Any) -> tuple[int, ...]:
     try:
         dims: tuple[int, ...] = (operator.index(shape),)
     except TypeError:
@@ -144,7 +148,7 @@ def _check_shape(shape) -> tuple[int, ...]:
     return dims
 
 
-def _check_dtype(dtype) -> np.dtype:
+def _check_dtype(dtype: Any) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype.hasobject:
         raise TypeError(
@@ -163,12 +167,11 @@ if np is not None:
         memory, so writes made there are visible here.
 
         ``SharedArray(shape, dtype=float, order='C')`` is zero-filled; use
-        :func:`shoal.share` to copy an existing array into shared memory.
+        :meth:`SharedArray.from_array` to copy an existing array into shared
+        memory.
         """
 
-        __module__ = "shoal"
-
-        def __new__(cls, shape, dtype: Any = float, order: str = "C"):
+        def __new__(cls, shape: Any, dtype: Any = float, order: str = "C") -> Any:
             dims = _check_shape(shape)
             dtype = _check_dtype(dtype)
             if order not in ("C", "F"):
@@ -183,7 +186,14 @@ if np is not None:
                 raise _memory_error(exc, f"a SharedArray of {nbytes} bytes") from exc
             return _on_segment(cls, _Memory(segment), 0, dims, dtype, None, order)
 
-        def __array_finalize__(self, obj) -> None:
+        @classmethod
+        def from_array(cls, array: Any) -> SharedArray:
+            """A :class:`SharedArray` holding a copy of *array* (any
+            array-like), with its shape, dtype and memory order; a
+            SharedArray is returned as is."""
+            return _from_array(array)
+
+        def __array_finalize__(self, obj: Any) -> None:
             memory = getattr(obj, "_shoal_memory", None)
             if memory is not None:
                 address = _address(self)
@@ -191,7 +201,7 @@ if np is not None:
                     memory = None  # new memory (a copy, a ufunc's output)
             self._shoal_memory = memory
 
-        def __array_wrap__(self, arr, context=None, return_scalar=None):
+        def __array_wrap__(self, arr: Any, context: Any = None, return_scalar: Any = None) -> Any:
             # The result of a ufunc, a reduction (a.sum(), a.max()) or a
             # method computed by one.  numpy 2 says with *return_scalar*
             # when a plain ndarray would give a scalar; numpy 1 (and
@@ -205,25 +215,25 @@ if np is not None:
                 return arr[()]
             return arr
 
-        def __array_function__(self, func, types, args, kwargs):
+        def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
             # numpy functions that make new arrays of the input's class
             # (zeros_like, copy(subok=True), roll, tile...): private memory.
             return _plain(super().__array_function__(func, types, args, kwargs))
 
-        def __getitem__(self, index):
+        def __getitem__(self, index: Any) -> Any:
             res = super().__getitem__(index)
             if type(res) is SharedArray and res._shoal_memory is None:
                 return res.view(np.ndarray)  # fancy indexing: a copy
             return res
 
         @property
-        def imag(self):
+        def imag(self) -> Any:
             """The imaginary part: a view of shared memory for a complex
             array, a new (plain) array of zeros for a real one."""
             return _plain(np.ndarray.imag.__get__(self))
 
         @imag.setter
-        def imag(self, value) -> None:
+        def imag(self, value: Any) -> None:
             self.view(np.ndarray).imag = value  # the same memory
 
         def copy(self, order: str = "C") -> np.ndarray:  # type: ignore[override]  # a plain ndarray on purpose: the copy is private memory
@@ -233,24 +243,24 @@ if np is not None:
         def __copy__(self) -> np.ndarray:  # type: ignore[override]  # a plain ndarray on purpose: the copy is private memory
             return self.copy("K")
 
-        def __deepcopy__(self, memo) -> np.ndarray:  # type: ignore[override]  # a plain ndarray on purpose: the copy is private memory
+        def __deepcopy__(self, memo: Any) -> np.ndarray:  # type: ignore[override]  # a plain ndarray on purpose: the copy is private memory
             return self.copy("K")
 
-        def __reduce_ex__(self, protocol):
+        def __reduce_ex__(self, protocol: Any) -> Any:
             memory = self._shoal_memory
             if memory is None:
                 return self.view(np.ndarray).__reduce_ex__(protocol)
             offset = _address(self) - memory.address
             return _rebuild, (memory, offset, self.shape, self.strides, self.dtype)
 
-        def __reduce__(self):
+        def __reduce__(self) -> Any:
             return self.__reduce_ex__(2)
 
         def __repr__(self) -> str:
             text = repr(self.view(np.ndarray))
             return "SharedArray" + text[len("array") :] if text.startswith("array") else text
 
-    def _plain(res):
+    def _plain(res: Any) -> Any:
         """*res*, or a plain ndarray where it is a SharedArray of private memory."""
         kind = type(res)
         if kind is SharedArray:
@@ -262,10 +272,10 @@ if np is not None:
             return kind(_plain(r) for r in res)
         return res
 
-    def _returning_plain(name: str):
+    def _returning_plain(name: str) -> Any:
         method = getattr(np.ndarray, name)
 
-        def wrapper(self, *args, **kwargs):
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             return _plain(method(self, *args, **kwargs))
 
         wrapper.__name__ = wrapper.__qualname__ = name
@@ -291,9 +301,7 @@ if np is not None:
         setattr(SharedArray, _name, _returning_plain(_name))
     del _name
 
-    def share(array) -> SharedArray:
-        """A :class:`SharedArray` holding a copy of *array* (any array-like),
-        with its shape, dtype and memory order; a SharedArray is returned as is."""
+    def _from_array(array: Any) -> SharedArray:
         if isinstance(array, SharedArray) and array._shoal_memory is not None:
             return array
         array = np.asarray(array)
@@ -317,7 +325,7 @@ if np is not None:
         return _on_segment(SharedArray, _Memory(segment), 0, array.shape, dtype, None, order)
 
     def _on_segment(
-        cls, memory: _Memory, offset: int, shape, dtype, strides, order: str = "C"
+        cls: Any, memory: _Memory, offset: int, shape: Any, dtype: Any, strides: Any, order: str = "C"
     ) -> SharedArray:
         arr = np.ndarray.__new__(
             cls,
@@ -331,7 +339,7 @@ if np is not None:
         arr._shoal_memory = memory
         return arr
 
-    def _rebuild(memory: _Memory, offset: int, shape, strides, dtype) -> SharedArray:
+    def _rebuild(memory: _Memory, offset: int, shape: Any, strides: Any, dtype: Any) -> SharedArray:
         return _on_segment(SharedArray, memory, offset, shape, dtype, strides)
 
 else:  # pragma: no cover - see the subprocess test without numpy
@@ -339,16 +347,28 @@ else:  # pragma: no cover - see the subprocess test without numpy
     class SharedArray:  # type: ignore[no-redef]
         """Needs numpy (not installed)."""
 
-        __module__ = "shoal"
-
-        def __new__(cls, *args, **kwargs):
+        def __new__(cls, *args: Any, **kwargs: Any) -> None:
             raise ModuleNotFoundError(_MISSING, name="numpy")
 
-    def share(array):
+        @classmethod
+        def from_array(cls, array: Any) -> Any:
+            raise ModuleNotFoundError(_MISSING, name="numpy")
+
+    def _rebuild(*args: Any) -> None:
         raise ModuleNotFoundError(_MISSING, name="numpy")
 
-    def _rebuild(*args):
-        raise ModuleNotFoundError(_MISSING, name="numpy")
+
+def share(array: Any) -> Any:
+    """Deprecated alias of :meth:`SharedArray.from_array` (removed in the
+    next release): the name differed from :func:`shoal.shared` by one letter
+    and meant something unrelated."""
+    warnings.warn(
+        "shoal.share(array) is deprecated; use shoal.SharedArray.from_array(array)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return SharedArray.from_array(array)
 
 
-share.__module__ = "shoal"
+public(SharedArray)
+public(share)

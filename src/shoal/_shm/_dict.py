@@ -115,6 +115,7 @@ from typing import Any, Protocol, Self
 from .. import _native
 from .._fd import check_sealed, collecting, create_fd, reduce_fd
 from .._serialization import dumps
+from .._util import public
 from ..exceptions import SerializationError, corrupt_data
 
 __all__ = ("SharedDict",)
@@ -340,7 +341,7 @@ def _decode_key_parts(data: bytes) -> Any:
 
 
 def _encode_value(value: Any, refs: StorageRefs | None = None) -> int | bytes:
-    """An int the native core stores inline, or tagged bytes (see src/native/dict.c)."""
+    """An int the native core stores inline, or tagged bytes (see src/native/dict.h)."""
     t = type(value)
     if t is int:
         if _INLINE_MIN <= value <= _INLINE_MAX:
@@ -781,7 +782,7 @@ def _grow_file(fd: int, start: int, end: int) -> None:
         raise MemoryError(f"SharedDict cannot get {end - start} more bytes of shared memory: {exc}") from exc
 
 
-def _rebuild_shared_dict(rebuild, args) -> SharedDict:
+def _rebuild_shared_dict(rebuild: Any, args: Any) -> SharedDict:
     return SharedDict._from_fd(rebuild(*args))
 
 
@@ -809,4 +810,4 @@ class _SnapshotItems(ItemsView):
         return iter([(_decode_key(k), v) for k, v in _native.dict_items(self._mapping._map, 2)])
 
 
-SharedDict.__module__ = "shoal"
+public(SharedDict)

@@ -1,67 +1,8 @@
-"""shoal's pool engine on a Dask cluster (``Pool(backend="dask")``).
+"""The client side of the Dask backend: :class:`DaskEngine`.
 
-:class:`DaskEngine` has the interface of :class:`shoal._engine.Engine`, so
-``Pool``, ``ProcessPoolExecutor``, ``AsyncResult``, ``map`` and the lazy
-``imap`` run unchanged on it; only where tasks run differs.  Dask's
-``distributed`` scheduler costs about a millisecond per task, so the engine
-never gives it one tiny task at a time: it groups tasks into *batches*, each
-one Dask task, and shares large data once instead of sending it with every
-task.
-
-Data flow::
-
-    caller threads               dispatcher thread ("shoal-dask")       Dask cluster
-    --------------               --------------------------------       ------------
-    submit_call / make_task:     pending (deque of _Task)               scheduler
-      the function pickled once    │                                      │
-      per call (per map), the      ▼                                      ▼
-      arguments per task (errors batches: ~BATCH_SECONDS of work by    a worker runs
-      surface here); buffers      measured time per item, a fair       _run_batch():
-      >= SHARE_THRESHOLD are      share of what is pending, at most     unpickle, run
-      scattered once per call    BATCH_BYTES; sent while fewer than     each task, pickle
-      and referenced, not copied CREDIT x worker threads are in flight   each result or
-                                  ─── client.submit(_run_batch) ─────►   exception
-                                 a wait on the client's event   ◄──── (ok, bytes, secs)
-                                  loop queues each done batch; the       per task
-                                  dispatcher gathers finished batches
-                                  in one call and delivers each
-                                  task's outcome to its sink ──────► result objects,
-                                                                      callback thread
-
-Ownership: the dispatcher thread alone submits batches, reads their results
-and calls the sinks (``deliver``).  Callers touch only the ``pending`` and
-``control`` deques and the wake-up condition, and may scatter data (the Dask
-client is thread-safe).  With no ``address`` the engine starts a
-``LocalCluster`` of worker processes and owns it: ``close`` / ``terminate``
-shut it down.  With an ``address`` it only connects and never stops what it
-did not start.
-
-Sharing: a call's function is pickled once for all its tasks.  Buffers of at
-least SHARE_THRESHOLD bytes met while pickling arguments (numpy arrays, and
-anything else pickled out of band with protocol 5) are scattered to the
-cluster once per call and referenced by every task of that call; workers
-fetch them peer to peer and each task unpickles its own writable copy, as
-with the standard library.  ``shared=obj`` is scattered once to every worker
-(``broadcast=True``) and returned by :func:`shared` inside tasks.  Objects
-that hold a file descriptor of this machine (SharedDict, Pipe, Queue, ...)
-are refused with a :class:`~shoal.SerializationError` saying they are
-node-local: a worker elsewhere could not use them, and writes would be lost.
-
-Worker deaths: Dask runs a task again when its worker dies, up to
-``distributed.scheduler.allowed-failures`` times (ALLOWED_FAILURES for the
-cluster this engine owns), then reports ``KilledWorker``.  A batch of several
-tasks, or a map chunk of several items, that ends so is split into at most
-SPLIT_WAYS pieces, each run alone; a single item that still kills its worker
-fails with :class:`~shoal.WorkerDiedError` naming the function and the item,
-and everything else completes.
-
-Shutdown: ``close()`` lets queued work finish, then the dispatcher closes the
-client (and the cluster it owns) and exits; ``terminate()`` fails what is
-unfinished with :class:`~shoal.PoolClosedError`, cancels the Dask futures and
-does the same.  Not available on Dask: per-task time limits,
-``maxtasksperchild`` and ``max_memory`` (Dask's workers are not the pool's
-to replace) -- they raise ``ValueError``; a running task cannot be
-interrupted, so ``cancel()`` fails it at once and drops its late result.
+The engine contract (:class:`shoal._engine.Engine`) with a dispatcher
+thread ("shoal-dask") that batches tasks onto a Dask cluster; the package
+docstring (:mod:`shoal._backends._dask`) draws the data flow.
 """
 
 from __future__ import annotations
@@ -78,36 +19,15 @@ import traceback
 import types
 import uuid
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any, cast
 
 import dask
 import distributed
 
-from ._engine import (
-    CALL,
-    CALL_KW,
-    MAP,
-    NO_SHARED,
-    Engine,
-    PoolStatistics,
-    at_exit_all,
-    set_thread_shared,
-    with_traceback_type,
-)
-from ._engine import CallbackThread as _CallbackThread
-from ._fd import fd_from_buffer, map_private_fd, sending_fds
-from ._serialization import (
-    LargeBuffers,
-    dumps,
-    find_unpicklable,
-    loads,
-    pack_exception,
-    pickle_code,
-    starting_process,
-    unpack_exception,
-)
-from .exceptions import (
+from ..._engine import BROKEN, CALL, CALL_KW, CLOSE, NO_SHARED, RUN, TERMINATE, Engine, PoolStatistics
+from ..._serialization import loads, pickle_code, starting_process, unpack_exception
+from ...exceptions import (
     PoolClosedError,
     RemoteTraceback,
     SerializationError,
@@ -115,8 +35,8 @@ from .exceptions import (
     WorkerDiedError,
     WorkerStartError,
 )
-
-__all__ = ("DaskEngine",)
+from ._wire import INIT_FAILED, SharedValue, pickle_for_dask
+from ._worker import run_batch
 
 #: Work per Dask task: long enough that Dask's ~1 ms per task vanishes.
 BATCH_SECONDS = 0.05
@@ -126,8 +46,6 @@ MAX_BATCH = 4096
 BATCH_BYTES = 1 << 20
 #: Batches in flight per worker thread: one running, one ready to start.
 CREDIT = 2
-#: Buffers at least this large are scattered once, not sent with each task.
-SHARE_THRESHOLD = 256 * 1024
 #: A task whose pickled arguments are this large travels by scatter too.
 SCATTER_TASK_BYTES = 1 << 20
 #: Target duration of one map chunk once the function's speed is known.
@@ -139,228 +57,6 @@ SPLIT_WAYS = 64
 #: Seconds between refreshes of the cluster's worker count (external cluster).
 REFRESH_SECONDS = 2.0
 
-_RUN, _CLOSE, _TERMINATE, _BROKEN = "running", "closed", "terminated", "broken"
-_OK, _INIT_FAILED = 0, 1
-
-
-# -- pickling that refuses node-local objects ----------------------------------
-
-
-class _NodeLocalError(Exception):
-    pass
-
-
-class _RefuseFds(list):
-    """Stands in for the descriptor list of shoal's fd passing: an object that
-    would send a descriptor of this machine (shoal._fd.reduce_fd)
-    raises instead.  A collecting list owns what is appended to it (objects
-    hand it a duplicate), so the descriptor is closed here."""
-
-    def append(self, fd: int) -> None:
-        os.close(fd)
-        raise _NodeLocalError("a file descriptor of this machine")
-
-
-_REFUSE = _RefuseFds()
-
-
-def _node_local_error(obj: Any, what: str) -> SerializationError:
-    culprit = find_unpicklable(obj, 0)
-    name = type(culprit if culprit is not None else obj).__qualname__
-    return SerializationError(
-        f"cannot send {what} to a Dask worker: {name} holds a file descriptor of this machine "
-        "(SharedDict, SharedArray, Pipe, Queue and Actor are node-local), which a worker on another "
-        "machine cannot use, and writes made there would be lost. Pass plain data instead "
-        "(for example dict(d) for a SharedDict), or use the local backend (backend=None)"
-    )
-
-
-def _pickle(obj: Any, what: str) -> tuple[bytes, list[pickle.PickleBuffer]]:
-    """Pickle *obj* with its buffers of at least SHARE_THRESHOLD bytes out of
-    band (returned, to be scattered).  Raises SerializationError."""
-    large = LargeBuffers(SHARE_THRESHOLD)
-    try:
-        with sending_fds(_REFUSE):
-            try:
-                # A Dask worker runs its own __main__: code of ours travels by value.
-                return pickle_code(obj, large, foreign=True), large.taken
-            except _NodeLocalError:
-                raise _node_local_error(obj, what) from None
-            except Exception:  # noqa: BLE001 - shoal's message next
-                pass
-            dumps(obj, what=what, foreign=True)  # fails again, with shoal's message naming the culprit
-            raise SerializationError(f"cannot pickle {what}")
-    except SerializationError as exc:
-        if isinstance(exc.__cause__, _NodeLocalError):
-            raise _node_local_error(obj, what) from None
-        raise
-
-
-def _dumps_result(value: Any) -> bytes:
-    try:
-        with sending_fds(_REFUSE):
-            return dumps(value, what="the task's result")
-    except SerializationError as exc:
-        if isinstance(exc.__cause__, _NodeLocalError):
-            raise _node_local_error(value, "the task's result") from None
-        raise
-
-
-# -- the worker side -------------------------------------------------------------
-
-_NOTHING = object()
-_init_lock = threading.Lock()
-#: pool token -> None (initializer ran) or the packed exception it raised
-_initialized: dict[str, bytes | None] = {}
-
-
-class _Shared:
-    """``shared=obj`` on its way to the workers: unpickled once per worker
-    process by Dask (``__reduce__``), or once per object in-process."""
-
-    def __init__(self, data: bytes, buffers: list) -> None:
-        self.data = data
-        self.buffers = buffers
-        self.value: Any = _NOTHING
-        self.lock = threading.Lock()
-
-    def __reduce__(self):
-        return _unpickle, (self.data, self.buffers)
-
-    def load(self) -> Any:
-        with self.lock:
-            if self.value is _NOTHING:
-                self.value = _unpickle(self.data, self.buffers)
-            return self.value
-
-
-def _unpickle(data: bytes, buffers) -> Any:
-    return pickle.loads(data, buffers=buffers)
-
-
-def _loads_task(data: bytes, buffers, cow: bool) -> Any:
-    # Each task gets its own writable copy of shared buffers, as with the
-    # standard library: the worker's copy is shared by every task it runs.
-    return pickle.loads(data, buffers=[_private_copy(key, b, cow) for key, b in buffers])
-
-
-#: Scattered buffers at least this large are copied once per worker process
-#: into a memfd that each task maps copy-on-write (tens of microseconds, and
-#: only the pages a task touches are read) instead of copying per task.
-COW_THRESHOLD = 1 << 20
-#: Most bytes of such copies a worker process keeps (least recently used go).
-COW_CACHE_BYTES = 1 << 30
-_cow_lock = threading.Lock()
-_cow: OrderedDict[str, tuple[int, int]] = OrderedDict()  # Dask key -> (memfd, size)
-
-
-def _private_copy(key: str, buffer, cow: bool):
-    view = memoryview(buffer)
-    if not cow or view.nbytes < COW_THRESHOLD:
-        return bytearray(view)
-    with _cow_lock:
-        entry = _cow.get(key)
-        if entry is None:
-            entry = _cow[key] = (fd_from_buffer(view), view.nbytes)
-            total = sum(size for _, size in _cow.values())
-            while total > COW_CACHE_BYTES and len(_cow) > 1:
-                fd, size = _cow.popitem(last=False)[1]
-                os.close(fd)
-                total -= size
-        else:
-            _cow.move_to_end(key)
-        fd = os.dup(entry[0])
-    return map_private_fd(fd, entry[1])
-
-
-def _forget_released() -> None:
-    """Close the copies of buffers this worker no longer holds (their pool
-    released them)."""
-    if not _cow:
-        return
-    data = distributed.get_worker().data
-    with _cow_lock:
-        for key in [k for k in _cow if k not in data]:
-            os.close(_cow.pop(key)[0])
-
-
-class _Unloadable:
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-def _run_batch(
-    token: str, client_pid: int, init: bytes | None, shared_value: tuple, fns: list, entries: list
-):
-    """Run one batch on a Dask worker (the one Dask task of a batch).
-
-    *entries* are ``(fn index, mode, data, buffers, start, stop)``; a map
-    chunk split after a crash runs only ``items[start:stop]``; *buffers*
-    are ``(Dask key, buffer)`` pairs.  Returns ``(_OK, [(ok, pickled result
-    or exception, seconds), ...])``.
-    """
-    # A worker in the client's own process (an in-process cluster) copies
-    # per task: its copy-on-write cache would outlive the cluster.
-    cow = os.getpid() != client_pid
-    if cow:
-        _forget_released()
-    # shoal.shared() works in the initializer too, as on the local backend.
-    previous = None
-    if shared_value:
-        value = shared_value[0]
-        previous = set_thread_shared(value.load() if type(value) is _Shared else value)
-    try:
-        if init is not None:
-            with _init_lock:
-                if token not in _initialized:
-                    try:
-                        fn, args = pickle.loads(init)
-                        fn(*args)
-                        _initialized[token] = None
-                    except BaseException as exc:  # noqa: BLE001 - reported to the pool
-                        _initialized[token] = pack_exception(exc, "the initializer")
-                failure = _initialized[token]
-            if failure is not None:
-                return _INIT_FAILED, failure
-        funcs = []
-        for fn_bytes, fn_buffers in fns:
-            try:
-                funcs.append(_loads_task(fn_bytes, fn_buffers, cow))
-            except BaseException as exc:  # noqa: BLE001 - fails the tasks that use it
-                funcs.append(_Unloadable(exc))
-        results = []
-        perf = time.perf_counter
-        for fi, mode, data, buffers, start, stop in entries:
-            started = perf()
-            try:
-                fn = funcs[fi]
-                if type(fn) is _Unloadable:
-                    raise fn.error
-                args = _loads_task(data, buffers, cow)
-                if mode == CALL:
-                    value = fn(*args)
-                elif mode == CALL_KW:
-                    value = fn(*args[0], **args[1])
-                else:
-                    if start is not None:
-                        args = args[start:stop]
-                    value = [fn(x) for x in args] if mode == MAP else [fn(*x) for x in args]
-                out = _dumps_result(value)
-                ok = True
-            except BaseException as exc:  # noqa: BLE001 - a task error is a result
-                ok = False
-                out = pack_exception(exc)
-            results.append((ok, out, perf() - started))
-    finally:
-        if previous is not None:
-            set_thread_shared(previous)
-    return _OK, results
-
-
-# -- the client side ---------------------------------------------------------------
-
 
 class _Scope:
     """What the tasks of one call share: the function, pickled once, and the
@@ -369,7 +65,7 @@ class _Scope:
 
     __slots__ = ("blob", "engine", "fn", "key", "scattered")
 
-    def __init__(self, engine: DaskEngine, fn, blob: tuple, key: str) -> None:
+    def __init__(self, engine: DaskEngine, fn: Any, blob: tuple, key: str) -> None:
         self.engine = engine
         self.fn = fn
         self.blob = blob
@@ -416,7 +112,9 @@ class _Task:
         "timeout",
     )
 
-    def __init__(self, tid, scope, mode, data, buffers, sink, index, n) -> None:
+    def __init__(
+        self, tid: Any, scope: Any, mode: Any, data: Any, buffers: Any, sink: Any, index: Any, n: Any
+    ) -> None:
         self.id = tid
         self.scope = scope
         self.mode = mode
@@ -470,12 +168,12 @@ def _check_listening(address: str) -> None:
         )
 
 
-def _fn_key(fn) -> str:
+def _fn_key(fn: Any) -> str:
     """What task-duration estimates are kept by."""
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
-def _keyed(futures) -> list:
+def _keyed(futures: Any) -> list:
     """Scattered buffers as (key, future) pairs: Dask replaces each future
     by its value on the worker, which caches its copy by key."""
     return [(f.key, f) for f in futures] if futures else []
@@ -490,31 +188,30 @@ def _stop_all_at_exit() -> None:
     # when shoal is imported, before distributed, so it would run after
     # distributed's own exit handlers have closed its clients.  This one is
     # registered after them, so it runs first.
-    at_exit_all(_live_engines)
+    for engine in list(_live_engines):
+        try:
+            engine.at_exit()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
 
 
 class DaskEngine(Engine):
-    """Tasks batched onto a Dask cluster, behind the interface of shoal's Engine.
-
-    It inherits the Engine's caller-side lifecycle (close, terminate, join,
-    cancel, the imap feeder count, the running-state checks), which touches
-    only what both engines have -- ``_state``, ``_control``, ``_wake()``,
-    ``_thread``, ``_finished``, ``callbacks``, ``results_cond`` -- and
-    replaces the rest; ``Engine.__init__`` (which starts local workers) is
-    not called.
+    """Tasks batched onto a Dask cluster: the engine contract
+    (:class:`shoal._engine.Engine`: state, close / terminate / join, the
+    feeders, the thread's skeleton) with Dask's submit path and dispatcher.
     """
 
     # A Dask task costs ~1 ms: lazily chunked maps aim for longer chunks.
-    _chunk_seconds = CHUNK_SECONDS
-    _max_batch = MAX_BATCH
+    chunk_seconds = CHUNK_SECONDS
+    max_batch = MAX_BATCH
 
     def __init__(
         self,
         processes: int | None = None,
-        initializer=None,
-        initargs=(),
+        initializer: Any = None,
+        initargs: Any = (),
         maxtasksperchild: int | None = None,
-        context=None,  # unused: Dask starts its own workers
+        context: Any = None,  # unused: Dask starts its own workers
         *,
         address: str | None = None,
         max_memory: int | None = None,
@@ -548,36 +245,23 @@ class DaskEngine(Engine):
             raise SerializationError(f"cannot pickle the initializer or its initargs: {exc}") from exc
         shared_blob = None
         if shared is not NO_SHARED:
-            shared_blob = _pickle(shared, "the shared object")
+            shared_blob = pickle_for_dask(shared, "the shared object")
 
+        super().__init__(
+            processes or 1,  # the cluster's worker threads, once connected (below)
+            task_timeout=None,
+            graceful_exit=graceful_exit,
+            remote_traceback=remote_traceback,
+        )
         self._token = uuid.uuid4().hex
-        self._owner_pid = os.getpid()
-        self.task_timeout = None
-        self._state = _RUN
-        self._broken_error: BaseException | None = None
-        self._pending: deque[_Task] = deque()  # type: ignore[assignment]  # this engine's own task type
         self._isolated: deque[tuple[_Task, int | None, int | None]] = deque()
-        self._control: deque = deque()
         self._done: deque[_Batch] = deque()
         self._inflight: dict[int, _Batch] = {}
         self._cond = threading.Condition(threading.Lock())
-        self._dirty = False
         self._ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
         self._fn_blobs: dict[int, tuple[Any, tuple, str]] = {}
-        self._estimates: dict[str, float] = {}  # type: ignore[assignment]  # keyed by _fn_key: a str here
-        self._feeders = 0
-        # What the inherited caller side (Engine.join, start_thread,
-        # worker_exit_results, worker_processes) reads: nothing of it here.
-        self._workers: dict = {}
-        self.callbacks = _CallbackThread()
-        self.results_cond = threading.Condition(threading.Lock())
-        self.waiters = 0
-        self._finished = threading.Event()
-        self._submitted_n = self._completed = self._failed = self._cancelled = self._worker_deaths = 0
-        # What the local engine's inherited caller-side methods read.
-        self._helpers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-        self._exit_results: list[tuple[bool, Any]] = []
+        self._completed = self._failed = self._cancelled = self._worker_deaths = 0
 
         self._cluster = None
         self._starting = contextlib.ExitStack()  # see starting_process below
@@ -634,19 +318,16 @@ class DaskEngine(Engine):
             self._shared: tuple = ()
             if shared_blob is not None:
                 data, buffers = shared_blob
-                self._shared = (self._client.scatter(_Shared(data, buffers), broadcast=True, hash=False),)
+                self._shared = (self._client.scatter(SharedValue(data, buffers), broadcast=True, hash=False),)
         except BaseException:
             self._close_client()
             raise
         self._processes = processes if processes is not None else self._slots
         _live_engines.add(self)
-        self._graceful_exit = graceful_exit
-        self._remote_traceback = remote_traceback  # the face's type (Engine._with_traceback_type)
-        self._thread = threading.Thread(target=self._run, name="shoal-dask", daemon=True)
-        self._thread.start()
+        self._start_thread("shoal-dask")
 
     # ------------------------------------------------------------------
-    # caller side (the interface of shoal._engine.Engine)
+    # caller side (the contract's submit path, sizing and statistics)
     # ------------------------------------------------------------------
     @property
     def client(self) -> distributed.Client:
@@ -657,7 +338,7 @@ class DaskEngine(Engine):
     def worker_pids(self) -> list[int]:
         return sorted(self._client.run(os.getpid).values())
 
-    def function_ref(self, fn) -> _Scope:  # type: ignore[override]  # this engine's own task and function types
+    def function_ref(self, fn: Any) -> _Scope:
         """A new scope for the tasks of one call of *fn* (see _Scope)."""
         cacheable = (
             type(fn) in (types.FunctionType, types.BuiltinFunctionType)
@@ -669,7 +350,7 @@ class DaskEngine(Engine):
             if entry is not None and entry[0] is fn:
                 return _Scope(self, fn, entry[1], entry[2])
         key = _fn_key(fn)
-        data, buffers = _pickle(fn, "the function")
+        data, buffers = pickle_for_dask(fn, "the function")
         scope = _Scope(self, fn, (data, []), key)
         if buffers:
             scope.blob = (data, scope.share(buffers))
@@ -679,8 +360,15 @@ class DaskEngine(Engine):
             self._fn_blobs[id(fn)] = (fn, scope.blob, key)
         return scope
 
-    def make_task(  # type: ignore[override]  # this engine's own task type
-        self, fn, mode: int, payload, sink, index: int = 0, timeout=None, fn_ref=None
+    def make_task(
+        self,
+        fn: Any,
+        mode: int,
+        payload: Any,
+        sink: Any,
+        index: int = 0,
+        timeout: Any = None,
+        fn_ref: Any = None,
     ) -> _Task:
         """Serialize one task in the caller's thread (errors surface here)."""
         if timeout is not None:
@@ -690,7 +378,7 @@ class DaskEngine(Engine):
             )
         scope = fn_ref if fn_ref is not None else self.function_ref(fn)
         n = 1 if mode in (CALL, CALL_KW) else len(payload)
-        data, buffers = _pickle(payload, "the task's arguments")
+        data, buffers = pickle_for_dask(payload, "the task's arguments")
         scattered = scope.share(buffers) if buffers else ()
         task = _Task(next(self._ids), scope, mode, data, scattered, sink, index, n)
         if len(data) >= SCATTER_TASK_BYTES:
@@ -698,10 +386,10 @@ class DaskEngine(Engine):
             task.data = b""
         return task
 
-    def submit_call(  # type: ignore[override]  # this engine's own task type
-        self, fn, args: tuple, kwargs: dict, sink, timeout: float | None = None
+    def submit_call(
+        self, fn: Any, args: tuple, kwargs: dict, sink: Any, timeout: float | None = None
     ) -> _Task:
-        if self._state != _RUN or os.getpid() != self._owner_pid:
+        if self.record.state != RUN or os.getpid() != self.owner_pid:
             self._check_running()
         if kwargs:
             task = self.make_task(fn, CALL_KW, (args, kwargs), sink, 0, timeout)
@@ -710,8 +398,9 @@ class DaskEngine(Engine):
         self._queue([task])
         return task
 
-    def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:  # type: ignore[override]  # this engine's own task and function types
-        if self._state != _RUN and not (from_feeder and self._state == _CLOSE):
+    def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:
+        state = self.record.state
+        if state != RUN and not (from_feeder and state == CLOSE):
             self._check_running()
         self._queue(tasks)
 
@@ -734,11 +423,11 @@ class DaskEngine(Engine):
         try:
             return self._client.scatter(values, hash=False)
         except Exception as exc:
-            if self._state == _TERMINATE or self._finished.is_set():
+            if self.record.state == TERMINATE or self._finished.is_set():
                 raise PoolClosedError("the pool was terminated while this task was being submitted") from exc
             raise
 
-    def map_chunksize(self, n: int, fn=None) -> int:
+    def map_chunksize(self, n: int, fn: Any = None) -> int:
         """The standard library's chunk size (n / 4 per worker), smaller when
         the function's measured speed says chunks would run over CHUNK_SECONDS."""
         chunksize, extra = divmod(n, self._slots * 4)
@@ -748,7 +437,7 @@ class DaskEngine(Engine):
             chunksize = max(1, min(chunksize, int(CHUNK_SECONDS / est)))
         return chunksize
 
-    def inflight_bound(self, fn=None, chunksize: int = 1) -> int:
+    def inflight_bound(self, fn: Any = None, chunksize: int = 1) -> int:
         """Tasks an imap keeps submitted and unconsumed: enough for CREDIT
         full batches per worker thread."""
         est = self._estimate(fn)
@@ -758,17 +447,12 @@ class DaskEngine(Engine):
             per_batch = max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(est * chunksize, 1e-7))))
         return max(4 * self._slots, min(2 * CREDIT * per_batch * self._slots, 1 << 16))
 
-    def _fn_key(self, fn) -> str:  # type: ignore[override]  # Engine.auto_chunksize reads _estimates by it
+    def fn_key(self, fn: Any) -> str:
         return _fn_key(fn)
-
-    def _estimate(self, fn) -> float | None:
-        if fn is None:
-            return None
-        return self._estimates.get(_fn_key(fn))
 
     def _wake(self) -> None:
         with self._cond:
-            self._dirty = True
+            self.record.dirty = True
             self._cond.notify()
 
     def statistics(self) -> PoolStatistics:
@@ -790,8 +474,8 @@ class DaskEngine(Engine):
     # ------------------------------------------------------------------
     # the dispatcher thread
     # ------------------------------------------------------------------
-    # _run (inherited) runs _loop, fails everything if it raises, then
-    # calls _close_resources and fails what was queued meanwhile.
+    # Engine._run runs _loop, fails everything if it raises, then calls
+    # _close_resources and fails what was queued meanwhile.
 
     def _kill_workers(self, graceful: bool) -> None:
         pass  # Dask's workers are Dask's: _close_resources closes the cluster the pool owns
@@ -804,26 +488,27 @@ class DaskEngine(Engine):
             traceback.print_exc()
 
     def _loop(self) -> None:
+        record = self.record
         while True:
             with self._cond:
-                if not self._dirty:
+                if not record.dirty:
                     self._cond.wait(REFRESH_SECONDS if self._address is not None else None)
-                self._dirty = False
+                record.dirty = False
             while self._control:
                 self._handle_control(*self._control.popleft())
             if self._done:
                 self._collect()
-            if self._state == _TERMINATE:
+            if record.state == TERMINATE:
                 self._fail_everything(PoolClosedError("the pool was terminated before this task finished"))
                 return
             if self._pending or self._isolated:
                 self._dispatch()
             if (
-                self._state in (_CLOSE, _BROKEN)
+                record.state in (CLOSE, BROKEN)
                 and not self._pending
                 and not self._isolated
                 and not self._inflight
-                and not self._feeders
+                and not record.feeders
             ):
                 return
 
@@ -880,9 +565,9 @@ class DaskEngine(Engine):
             entries.append((fi, task.mode, data, _keyed(task.buffers), start, stop))
             task.batch = batch
         future = self._client.submit(
-            _run_batch,
+            run_batch,
             self._token,
-            self._owner_pid,
+            self.owner_pid,
             self._init,
             self._shared,
             fns,
@@ -960,9 +645,9 @@ class DaskEngine(Engine):
         self._inflight[batch.id] = batch
         self._watch(batch)
 
-    def _deliver_batch(self, batch: _Batch, output) -> None:
+    def _deliver_batch(self, batch: _Batch, output: Any) -> None:
         kind, payload = output
-        if kind == _INIT_FAILED:
+        if kind == INIT_FAILED:
             cause = unpack_exception(payload)
             err = WorkerStartError(f"the pool's initializer raised on a Dask worker: {cause!r}")
             err.__cause__ = cause
@@ -986,13 +671,13 @@ class DaskEngine(Engine):
                         f"the task's result could not be unpickled here: {type(exc).__name__}: {exc}"
                     )
             else:
-                value = with_traceback_type(unpack_exception(data), self._remote_traceback)
+                value = self.with_traceback_type(unpack_exception(data))
             if start is None:
                 self._finish(task, ok, value)
             else:
                 self._piece_done(task, start, ok, value)
 
-    def _finish(self, task: _Task, ok: bool, value) -> None:
+    def _finish(self, task: _Task, ok: bool, value: Any) -> None:
         task.kill_reason = "done"
         task.batch = None
         if ok:
@@ -1001,7 +686,7 @@ class DaskEngine(Engine):
             self._failed += 1
         task.sink.deliver(task, ok, value)
 
-    def _piece_done(self, task: _Task, start: int, ok: bool, value) -> None:
+    def _piece_done(self, task: _Task, start: int, ok: bool, value: Any) -> None:
         if not ok:
             self._finish(task, False, value)
             return
@@ -1018,7 +703,7 @@ class DaskEngine(Engine):
             if task.kill_reason is None:
                 self._finish(task, False, exc)
 
-    def _worker_died(self, batch: _Batch, exc) -> None:
+    def _worker_died(self, batch: _Batch, exc: Any) -> None:
         """Dask gave up on a batch whose workers kept dying: split it, or
         fail the one item that kills them."""
         self._worker_deaths += 1
@@ -1045,7 +730,7 @@ class DaskEngine(Engine):
                 split.append((task, s, min(s + step, hi)))
         self._isolated.extendleft(reversed(split))
 
-    def _died_error(self, task: _Task, start: int | None, exc) -> WorkerDiedError:
+    def _died_error(self, task: _Task, start: int | None, exc: Any) -> WorkerDiedError:
         fn = task.scope.fn
         name = getattr(fn, "__qualname__", None) or repr(fn)
         what = f"{name}(...)"
@@ -1071,7 +756,7 @@ class DaskEngine(Engine):
             f"{where}); Dask gave up after distributed.scheduler.allowed-failures retries.",
         )
 
-    def _fail(self, task: _Task, exc: BaseException, *, cancelled: bool = False) -> None:  # type: ignore[override]  # this engine's own task and function types
+    def _fail(self, task: _Task, exc: BaseException, *, cancelled: bool = False) -> None:
         if cancelled:
             self._cancelled += 1
             task.kill_reason = "cancelled"
@@ -1080,24 +765,21 @@ class DaskEngine(Engine):
         else:
             self._finish(task, False, exc)
 
-    def _handle_control(self, what: str, obj, exc) -> None:
-        if what == "cancel":
-            self._cancel_task(obj, exc)
-            self._notify()
-        elif what == "interrupt":
-            # Ctrl-C in a map (match: its tasks) or at exit (every task):
-            # fail them at once.  A Dask task cannot be stopped once it
-            # runs; a batch nothing is wanted from is dropped if not started.
-            match = obj
-            tasks = list(self._pending) + [t for b in list(self._inflight.values()) for t, _, _ in b.parts]
-            tasks += [t for t, _, _ in list(self._isolated)]  # split off after worker deaths
-            for task in tasks:
-                if task.kill_reason is None and (match is None or match(task.sink)):
-                    Engine._interrupt_task(task, exc)
-                    self._cancel_task(task, exc)
-            self._notify()
-        else:  # cancel_futures, fail_sink: as the local engine does them
-            super()._handle_control(what, obj, exc)
+    def _cancel(self, task: _Task, exc: BaseException) -> None:
+        self._cancel_task(task, exc)
+        self._notify()
+
+    def _interrupt(self, match: Any, exc: BaseException) -> None:
+        # Ctrl-C in a map (match: its tasks) or at exit (every task): fail
+        # them at once.  A Dask task cannot be stopped once it runs; a batch
+        # nothing is wanted from is dropped if not started.
+        tasks = list(self._pending) + [t for b in list(self._inflight.values()) for t, _, _ in b.parts]
+        tasks += [t for t, _, _ in list(self._isolated)]  # split off after worker deaths
+        for task in tasks:
+            if task.kill_reason is None and (match is None or match(task.sink)):
+                self._interrupt_task(task, exc)
+                self._cancel_task(task, exc)
+        self._notify()
 
     def _cancel_task(self, task: _Task, exc: BaseException) -> None:
         if task.kill_reason is not None:
@@ -1111,20 +793,13 @@ class DaskEngine(Engine):
         if batch is not None and batch.future is not None and all(t.kill_reason for t, _, _ in batch.parts):
             batch.future.cancel()  # nothing in it is wanted; Dask drops it if not started
 
-    def _dispatch_before_cancel(self) -> None:
-        self._dispatch()
-
     def worker_processes(self) -> list:
         """No local worker processes: Dask's workers are not the pool's."""
         return []
 
     def _break(self, exc: BaseException) -> None:
-        if self._state == _TERMINATE:
-            return
-        if self._broken_error is None:
-            self._broken_error = exc
-        self._state = _BROKEN
-        self._fail_queued(exc)
+        if self.record.mark_broken(exc):
+            self._fail_queued(exc)
 
     def _fail_queued(self, exc: BaseException) -> None:
         while self._pending:
@@ -1163,3 +838,6 @@ class DaskEngine(Engine):
         if cluster is not None:
             cluster.close()
         self._starting.close()
+
+
+__all__ = ("DaskEngine",)

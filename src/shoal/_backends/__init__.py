@@ -1,13 +1,15 @@
 """Where a pool's tasks run: ``backend=None`` is shoal's own engine on this
-machine; ``backend="dask"`` is the same engine's interface on a Dask cluster
-(:mod:`shoal._dask`).  Optional backends are imported only when asked for,
-so ``import shoal`` never imports Dask."""
+machine (:class:`shoal._engine.LocalEngine`); ``backend="dask"`` is the same
+engine contract (:class:`shoal._engine.Engine`) on a Dask cluster
+(:mod:`._dask`, a package: the engine, the worker side, the wire).  Optional
+backends are imported only when asked for, so ``import shoal`` never
+imports Dask."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ._engine import NO_SHARED, Engine
+from .._engine import NO_SHARED, Engine, LocalEngine
 
 INSTALL_HINT = (
     'backend="dask" needs Dask\'s distributed scheduler, which is not installed: pip install distributed '
@@ -23,7 +25,7 @@ def make_engine(backend: str | None, address: str | None, *args: Any, **options:
     Options only the local engine has (``defer_start_errors``) are dropped
     for a remote one."""
     if backend is None and address is None:
-        return Engine(*args, **options)
+        return LocalEngine(*args, **options)
     options.pop("defer_start_errors", None)
     return remote_engine(backend, address, *args, **options)
 

@@ -1,0 +1,127 @@
+"""The one record an engine's caller side and its scheduler thread share.
+
+An engine is two halves that run on different threads: the caller side
+(:class:`~._base.Engine`: submit, close, terminate, join) and the thread
+that drives the workers (the local :class:`~._scheduler.Scheduler`, or
+the Dask dispatcher).  What both read and write lives here, in one
+:class:`EngineState`, and nowhere else: neither half reaches into the
+other's attributes.  Where one half asks the other to act it calls a
+method (``Scheduler.mark_dirty``, :meth:`EngineState.mark_broken`).
+
+The state machine (``EngineState.state``)::
+
+    RUN ──close()──► CLOSE ──(idle: workers told to stop)──► the thread ends
+     │                 │
+     │   terminate()   │ terminate()
+     ├─────────────────┴──────────► TERMINATE ──► fail what is unfinished, kill, end
+     │
+     └─(workers cannot start, or the thread failed)─► BROKEN ──► as CLOSE, new work refused
+
+Only the caller side moves RUN to CLOSE and anything to TERMINATE; only the
+thread (or a start that failed) moves to BROKEN, through ``mark_broken``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections import deque
+from typing import Any, Protocol
+
+#: The engine's states (``Engine.state``).
+RUN, CLOSE, TERMINATE, BROKEN = "running", "closed", "terminated", "broken"
+
+
+class EngineState:
+    """The state both halves of one engine hold (see the module docstring).
+
+    Plain attributes, read on per-task paths: ``state`` (one of RUN, CLOSE,
+    TERMINATE, BROKEN) and ``broken_error`` (why it is BROKEN); the queues
+    callers append to and the thread takes from (``pending``, ``control``);
+    the wake-up flags (``dirty``: something changed; ``sleeping``: the
+    thread is about to wait, so a change must wake it: the protocol of
+    ``Scheduler.run``); how many imap feeders still submit (``feeders``);
+    ``results_cond``, which result objects wait on, and ``waiters``, how
+    many do (so the thread notifies only when someone waits).
+    """
+
+    __slots__ = (
+        "broken_error",
+        "control",
+        "dirty",
+        "feeders",
+        "kill_on_terminate",
+        "pending",
+        "results_cond",
+        "sleeping",
+        "state",
+        "waiters",
+    )
+
+    def __init__(self) -> None:
+        self.state = RUN
+        self.broken_error: BaseException | None = None
+        #: terminate(kill=True): SIGKILL at once, not SIGTERM first
+        self.kill_on_terminate = False
+        self.pending: deque[Any] = deque()
+        self.control: deque[tuple[str, Any, Any]] = deque()
+        self.dirty = False
+        self.sleeping = False
+        self.feeders = 0
+        self.results_cond = threading.Condition(threading.Lock())
+        self.waiters = 0
+
+    def mark_broken(self, exc: BaseException) -> bool:
+        """Enter BROKEN because of *exc* (the first cause is kept); False,
+        and nothing changes, once terminate() was asked for."""
+        if self.state == TERMINATE:
+            return False
+        if self.broken_error is None:
+            self.broken_error = exc
+        self.state = BROKEN
+        return True
+
+    def notify_waiters(self) -> None:
+        """Wake every thread waiting on a result of this engine."""
+        with self.results_cond:
+            self.results_cond.notify_all()
+
+
+class HoldsDescriptors(Protocol):
+    """What :data:`live_engines` holds: an engine, by what a forked child needs of it."""
+
+    owner_pid: int
+
+    def descriptors(self) -> list[int]:
+        """Descriptors this engine holds that no child process should keep."""
+        ...
+
+
+#: Every engine of this process whose scheduler may start workers.
+live_engines: weakref.WeakSet[HoldsDescriptors] = weakref.WeakSet()
+
+
+def engine_descriptors() -> list[int]:
+    """Every live engine's private descriptors (for a worker started by fork)."""
+    fds: list[int] = []
+    pid = os.getpid()
+    for engine in list(live_engines):
+        # A forked worker's copies of its parent's engines hold numbers the
+        # worker closed (and may have reused): closing them in a child it
+        # forks (an Actor, a nested pool's worker) would close live ones.
+        if engine.owner_pid == pid:
+            fds.extend(engine.descriptors())
+    return fds
+
+
+__all__ = (
+    "BROKEN",
+    "CLOSE",
+    "RUN",
+    "TERMINATE",
+    "EngineState",
+    "HoldsDescriptors",
+    "engine_descriptors",
+    "live_engines",
+)
