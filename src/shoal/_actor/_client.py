@@ -30,7 +30,7 @@ import weakref
 from typing import Any
 
 from .._asyncresult import settle_future as _settle
-from .._ipc import BYTES, SNDBUF, close_fds, encode, recv_packet, send_packet
+from .._ipc import BYTES, SNDBUF, close_fds, recv_packet, send_packet
 from .._serialization import loads_with, unpack_exception
 from ..exceptions import ActorDiedError, CorruptDataError, SerializationError, corrupt_data, describe_exitcode
 from . import _protocol
@@ -44,6 +44,7 @@ from ._protocol import (
     STOP,
     Spin,
     check_peer,
+    encode_args,
 )
 
 #: A synchronous call takes the direct path when it can (tests turn it off to
@@ -115,7 +116,7 @@ class _Client:
             return self.wait(self.request(name, args, kwargs, None, what))
         if self.dead is not None:
             raise self.died()
-        blob, fds = encode((args, kwargs or None), what)
+        blob, fds = encode_args(args, kwargs, what)
         call = _Call(None, name)
         cond = self.cond
         lead = False
@@ -165,7 +166,7 @@ class _Client:
     def request(self, name: str, args: tuple, kwargs: dict, future, what: str) -> _Call:
         if self.dead is not None:
             raise self.died()
-        blob, fds = encode((args, kwargs or None), what)
+        blob, fds = encode_args(args, kwargs, what)
         call = _Call(future, name)
         start_reader = False
         try:
@@ -202,7 +203,7 @@ class _Client:
         """Queue a call whose result nobody waits for (see the module docstring)."""
         if self.dead is not None:
             raise self.died()
-        blob, fds = encode((args, kwargs or None), what)
+        blob, fds = encode_args(args, kwargs, what)
         with self.send_lock:
             self.outbox.append((name, blob, len(fds)))
             if fds:

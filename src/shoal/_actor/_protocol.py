@@ -1,6 +1,8 @@
 """What the two ends of an actor's connection agree on: the messages, the
 peer check, this process's place in a chain of waiting actors, and how a
-waiting end looks for a message before it sleeps.
+call's arguments and results are pickled (``Spin``, how a waiting end looks
+for a message before it sleeps, is :mod:`shoal._ipc`'s, shared with
+``Connection``).
 
 Written by the actor process's loop (``serving_address``, ``waiting``) and
 read by the handles and clients of the same process; nothing here owns a
@@ -11,8 +13,12 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import socket
 import struct
+
+from .._ipc import Spin as Spin
+from .._ipc import encode
 
 # Requests (caller -> actor), as outer pickles:
 CALL = 0  # (CALL, cid, name, blob[, chain]): blob = the pickled (args, kwargs);
@@ -42,6 +48,38 @@ serving_address: str | None = None
 waiting: tuple[str | None, ...] = ()
 
 
+#: Values pickled without shoal's encoder: they hold no buffer and no
+#: descriptor and cannot fail to pickle, so plain ``pickle.dumps`` gives the
+#: same bytes for a third of the cost.  (A str or bytes only up to
+#: PLAIN_MAX long: a longer one may need the encoder's shared memory.)
+_SCALARS = frozenset({int, float, bool, complex, type(None)})
+PLAIN_MAX = 4096
+_NO_FDS: list[int] = []  # never appended to: encode()'s callers only read and close it
+
+
+def _plain(value) -> bool:
+    t = type(value)
+    return t in _SCALARS or ((t is str or t is bytes) and len(value) <= PLAIN_MAX)
+
+
+def encode_args(args: tuple, kwargs: dict | None, what: str) -> tuple[bytes, list[int]]:
+    """A call's ``(args, kwargs)`` as the blob of a CALL or SEND: ``(blob, fds)``."""
+    if not kwargs:
+        for arg in args:
+            if not _plain(arg):
+                break
+        else:
+            return pickle.dumps((args, None), 5), _NO_FDS
+    return encode((args, kwargs or None), what)
+
+
+def encode_result(value, name: str, method: str) -> tuple[bytes, list[int]]:
+    """A method's result as the blob of a reply: ``(blob, fds)``."""
+    if _plain(value):
+        return pickle.dumps(value, 5), _NO_FDS
+    return encode(value, f"the result of {name}.{method}()")
+
+
 def refusal(peer_uid: int, actor_uid: int, actor_pid: int) -> str:
     """Why a process of *peer_uid* may not call an actor run by *actor_uid*."""
     return (
@@ -59,48 +97,3 @@ def check_peer(sock: socket.socket, actor_pid: int) -> None:
     _pid, uid, _gid = CREDS.unpack(creds)
     if uid != os.geteuid():
         raise PermissionError(errno.EACCES, refusal(os.geteuid(), uid, actor_pid))
-
-
-#: Polls, at most, before a waiting end sleeps (~20-40 µs: see Spin).
-SPIN_MAX = 40
-#: Waits without a look first, once looking stopped paying, before looking again.
-SPIN_PROBE = 16
-
-
-class Spin:
-    """How long a waiting end looks for the next message before it sleeps.
-
-    Sleeping in the kernel and being woken costs more than a whole reply
-    when it is about to come (on a virtual machine an idle CPU halts, and
-    waking it costs tens of microseconds), so both ends of a call look
-    first, as :class:`shoal.Connection` does.  But a look only pays while
-    the other end runs: on a machine busier than its CPUs, or when the
-    method takes longer than the look, it takes the CPU the other end needs.
-    So the look adapts: a look that finds the message keeps the full
-    length; one that does not halves it, down to none, and after
-    ``SPIN_PROBE`` waits without one a full look is tried again.
-    """
-
-    __slots__ = ("idle", "spins")
-
-    def __init__(self) -> None:
-        self.spins = SPIN_MAX
-        self.idle = 0  # waits without a look since it stopped paying
-
-    def look(self, poll) -> list:
-        """``poll(0)`` until it reports something or the look is over;
-        what it reported last (empty: sleep now)."""
-        n = self.spins
-        if not n:
-            self.idle += 1
-            if self.idle < SPIN_PROBE:
-                return []
-            self.idle = 0
-            n = SPIN_MAX
-        for _ in range(n):
-            events = poll(0)
-            if events:
-                self.spins = SPIN_MAX
-                return events
-        self.spins = n >> 1
-        return []

@@ -23,11 +23,11 @@ import traceback
 from typing import Any
 
 from .._engine import set_pdeathsig as _set_pdeathsig
-from .._ipc import SNDBUF, close_fds, encode, recv_packet, refuse_connection, send_packet
+from .._ipc import SNDBUF, close_fds, recv_packet, refuse_connection, send_packet
 from .._serialization import loads_with, pack_exception
 from ..exceptions import CorruptDataError
 from . import _protocol
-from ._protocol import CALL, CREDS, DONTWAIT, SEND, STOP, Spin, refusal
+from ._protocol import CALL, CREDS, DONTWAIT, SEND, STOP, Spin, encode_result, refusal
 
 
 def _actor_main(listener, conn, constructor, creator_pid, pdeathsig, name, inherited) -> None:
@@ -242,7 +242,7 @@ class _Server:
         if ok:
             try:
                 # (The construction's result, a list of names, always pickles.)
-                blob, fds = encode(value, f"the result of {self.name}.{method}()")
+                blob, fds = encode_result(value, self.name, method)
             except Exception as exc:  # noqa: BLE001 - an unpicklable result fails this call only
                 ok = False
                 blob = pack_exception(exc, self.who(method))
