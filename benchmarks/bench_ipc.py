@@ -3,7 +3,7 @@
 Queue rows time ``get(timeout=60)`` and, beside them, a plain ``get()`` (the
 standard library's faster path, and how most code calls it); faster-fifo
 (``Queue(max_size_bytes=10 MB)``) joins the plain and the batched rows when
-it is installed (``pip install faster-fifo``, in ``shoal[bench]``).
+it is installed (``pip install faster-fifo``; the ``bench`` extra has it).
 
 Every scenario starts its helper processes outside the timed region, times
 only the transfer, and joins (or, on an error, kills) them before returning.
@@ -213,7 +213,7 @@ def _scenario_queue(producers: int, batched: bool, plain: bool = False) -> Scena
         "stdlib": lambda quick: _queue_rate("stdlib", quick, producers, batched, plain),
         "shoal": lambda quick: _queue_rate("shoal", quick, producers, batched, plain),
     }
-    if (batched or plain) and optional("faster_fifo"):  # pip install faster-fifo (in shoal[bench])
+    if (batched or plain) and optional("faster_fifo"):  # pip install faster-fifo (the bench extra has it)
         runners["faster-fifo"] = lambda quick: _queue_rate("faster-fifo", quick, producers, batched, plain)
     if batched:
         target = ">= 5x, >= 1x faster-fifo"

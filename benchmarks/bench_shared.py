@@ -8,7 +8,7 @@ from one process and from two at once.
 * "dict incr ... Value" scenarios: ``multiprocessing.Value`` incremented under its
   ``get_lock()`` against ``SharedDict.incr``.
 * "(vs UltraDict)" scenarios, when UltraDict is installed (``pip install
-  UltraDict atomics``, in ``shoal[bench]``): its ``shared_lock=True`` dict,
+  UltraDict atomics``; the ``bench`` extra has them): its ``shared_lock=True`` dict,
   ``with d.lock: d[k] += 1`` and ``d[k]`` from 4 processes, against
   ``SharedDict.incr`` and ``d[k]``.
 

@@ -28,11 +28,11 @@ Data flow::
 
 Waiting.  A round trip costs two sleeps and two wake-ups unless each end
 looks for the other's message before it sleeps, as :class:`shoal.Connection`
-does; the look adapts to whether it pays (``_protocol.Spin``), so on a
+does; the look adapts to whether it pays (``shoal._ipc.Spin``), so on a
 machine with more runnable processes than CPUs, or for a method slower than
 the look, neither end keeps a CPU the other needs.
 
-Modules: ``_protocol`` (messages, the peer check, the look before sleeping),
+Modules: ``_protocol`` (messages, the peer check, plain pickling),
 ``_client`` (a process's connection to an actor; the creator's ``_Owner``),
 ``_handle`` (``Actor`` and its methods), ``_server`` (the actor process).
 

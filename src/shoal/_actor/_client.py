@@ -6,7 +6,7 @@ See the package's docstring for the whole data flow.  A synchronous call
 (:meth:`_Client.call`) takes the direct path when no other thread of this
 process reads the connection: it claims the reading before it sends, sends
 its request, looks for the reply for a few tens of microseconds (see
-:class:`~._protocol.Spin`) and then sleeps in ``recvmsg`` on the connection
+:class:`shoal._ipc.Spin`) and then sleeps in ``recvmsg`` on the connection
 itself, dispatching any other reply that comes first.  Otherwise the call
 follows: it waits on the client's condition while the thread that reads (a
 waiting caller, or the reader thread that settles Futures) hands it its

@@ -3,7 +3,7 @@
 One thread (``_Server.run``) owns the object, the listening socket and every
 caller's connection: it waits in one ``epoll`` on all of them and on the
 creator's pidfd, after looking for a message for a few tens of microseconds
-first (:class:`~._protocol.Spin`), takes one request per wake-up so that
+first (:class:`shoal._ipc.Spin`), takes one request per wake-up so that
 callers take turns, runs it and replies on the connection it came on.  A
 request that is not a shoal caller's is refused as text and its connection
 dropped; the loop ends on STOP from the creator's connection, or when the
