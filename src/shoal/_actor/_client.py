@@ -85,7 +85,11 @@ class _Client:
         self.actor_pid = actor_pid
         self.name = name
         self.proc = proc  # the creator's Process, for the exit code
-        self.cond = threading.Condition(threading.Lock())  # pending, reading, futures, reader, dead
+        # cond's own lock, entered directly on the hot paths (a Condition's
+        # __enter__ is a Python call around it): pending, reading, futures,
+        # reader, dead
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.send_lock = threading.Lock()  # the socket's send side and the outbox
         self.pending: dict[int, _Call] = {}
         self.ids = itertools.count(1)
@@ -118,11 +122,10 @@ class _Client:
             raise self.died()
         blob, fds = encode_args(args, kwargs, what)
         call = _Call(None, name)
-        cond = self.cond
         lead = False
         try:
             with self.send_lock:
-                with cond:
+                with self.lock:
                     if self.dead is not None:
                         raise self.died()
                     cid = next(self.ids)
@@ -157,7 +160,7 @@ class _Client:
         return call.result()
 
     def _stop_reading(self) -> None:
-        with self.cond:
+        with self.lock:
             self.reading = False
             if self.waiting:
                 self.cond.notify_all()
@@ -364,7 +367,7 @@ class _Client:
         finally:
             if fds:
                 close_fds(fds)
-        with self.cond:
+        with self.lock:
             call = self.pending.pop(cid, None)
             if call is None:
                 return
