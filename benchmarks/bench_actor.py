@@ -16,6 +16,10 @@
   registered on a ``BaseManager`` and called through its proxy (stdlib), a
   ``shoal.Actor``, and a Ray actor (``method.remote()`` + ``ray.get``) when
   Ray is installed.
+* "actor call vs shoal Pipe round trip": the same synchronous calls, as µs
+  per call (best batch), against shoal's own ``Pipe`` ping-pong with a
+  forked echo process: the transport an actor call is built on, so the
+  ratio is what the actor's own work costs on top of it.
 * "actor send() vs sync call": fire-and-forget calls per second (N sends,
   then one waiting call, so every send has run) against shoal's own
   synchronous calls.
@@ -158,6 +162,30 @@ def _round_trip_shoal(quick: bool) -> float:
         return _rate_of(counter.incr, _calls(quick))
 
 
+def _call_us_shoal(quick: bool) -> float:
+    """µs per synchronous call, the best of several batches (as the Pipe's row)."""
+    import shoal
+
+    batches, per_batch = (5, 1000) if quick else (20, 2000)
+    best = float("inf")
+    with shoal.Actor(Counter) as counter:
+        incr = counter.incr
+        for _ in range(200):
+            incr()
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            for _ in range(per_batch):
+                incr()
+            best = min(best, (time.perf_counter() - t0) / per_batch)
+    return best * 1e6
+
+
+def _pipe_us_shoal(quick: bool) -> float:
+    from .bench_ipc import _pipe_round_trip
+
+    return _pipe_round_trip("shoal", quick)
+
+
 _ray_started = False
 
 
@@ -230,6 +258,14 @@ SCENARIOS = [
         True,
         _round_trip,
         target=">= 3x (>= 10x ray)",
+    ),
+    Scenario(
+        "actor call vs shoal Pipe round trip",
+        "µs",
+        False,
+        {"Pipe": _pipe_us_shoal, "shoal": _call_us_shoal},
+        target=">= 0.67x (time <= 1.5x shoal's own Pipe round trip)",
+        baseline="Pipe",
     ),
     Scenario(
         "actor send() vs sync call (shoal)",

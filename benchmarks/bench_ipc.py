@@ -1,5 +1,10 @@
 """Pipe and queue scenarios: shoal against multiprocessing, same run.
 
+Queue rows time ``get(timeout=60)`` and, beside them, a plain ``get()`` (the
+standard library's faster path, and how most code calls it); faster-fifo
+(``Queue(max_size_bytes=10 MB)``) joins the plain and the batched rows when
+it is installed (``pip install faster-fifo``; the ``bench`` extra has it).
+
 Every scenario starts its helper processes outside the timed region, times
 only the transfer, and joins (or, on an error, kills) them before returning.
 """
@@ -7,6 +12,7 @@ only the transfer, and joins (or, on an error, kills) them before returning.
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import time
 from contextlib import contextmanager
 
@@ -28,6 +34,10 @@ def _queues(contender: str):
         import shoal
 
         return shoal.Queue
+    if contender == "faster-fifo":
+        import faster_fifo
+
+        return lambda: faster_fifo.Queue(max_size_bytes=10 << 20)
     return multiprocessing.Queue
 
 
@@ -155,9 +165,12 @@ def _produce(q, start, n, batch):
             q.put(message)
 
 
-def _queue_rate(contender: str, quick: bool, producers: int, batched: bool) -> float:
+def _queue_rate(contender: str, quick: bool, producers: int, batched: bool, plain: bool = False) -> float:
+    """Messages per second from *producers* processes to this one: ``put``
+    and ``get`` (a plain ``get()`` with *plain*, else ``get(timeout=60)``),
+    or ``put_many``/``get_many`` when *batched* (where the contender has them)."""
     per_producer = (20_000 if quick else 100_000) // producers
-    batch = 250 if batched and contender == "shoal" else 1
+    batch = 250 if batched and contender in ("shoal", "faster-fifo") else 1
     per_producer -= per_producer % batch
     total = per_producer * producers
     q = _queues(contender)()
@@ -172,32 +185,51 @@ def _queue_rate(contender: str, quick: bool, producers: int, batched: bool) -> f
             t0 = time.perf_counter()
             start.set()
             got = 0
-            if batch > 1:
+            if batch > 1 and contender == "faster-fifo":
+                while got < total:
+                    got += len(q.get_many(timeout=60, max_messages_to_get=1000))
+            elif batch > 1:
                 while got < total:
                     got += len(q.get_many(1000, timeout=60))
+            elif plain:
+                get = q.get
+                for _ in range(total):
+                    get()
             else:
                 get = q.get
                 for _ in range(total):
                     get(timeout=60)
             dt = time.perf_counter() - t0
     finally:
-        q.close()
-        q.join_thread()
+        if contender != "faster-fifo":  # (which has neither: its buffer is freed with it)
+            q.close()
+            q.join_thread()
     return total / dt
 
 
-def _scenario_queue(producers: int, batched: bool) -> Scenario:
-    what = "put_many/get_many" if batched else "put/get"
+def _scenario_queue(producers: int, batched: bool, plain: bool = False) -> Scenario:
+    what = "put_many/get_many" if batched else "put/get()" if plain else "put/get"
+    runners = {
+        "stdlib": lambda quick: _queue_rate("stdlib", quick, producers, batched, plain),
+        "shoal": lambda quick: _queue_rate("shoal", quick, producers, batched, plain),
+    }
+    if (batched or plain) and optional("faster_fifo"):  # pip install faster-fifo (the bench extra has it)
+        runners["faster-fifo"] = lambda quick: _queue_rate("faster-fifo", quick, producers, batched, plain)
+    if batched:
+        target = ">= 5x, >= 1x faster-fifo"
+        notes = "the standard library has no batch API: its figure is put/get"
+    elif plain:
+        target = ">= 3x, >= 2x faster-fifo"
+        notes = "a plain get(), as most code calls it (the standard library's faster path)"
+    else:
+        target, notes = ">= 3x", "get(timeout=60)"
     return Scenario(
         name=f"queue 100 B {producers}p/1c {what}",
         unit="msgs/s",
         higher_is_better=True,
-        runners={
-            "stdlib": lambda quick: _queue_rate("stdlib", quick, producers, batched),
-            "shoal": lambda quick: _queue_rate("shoal", quick, producers, batched),
-        },
-        target=">= 5x" if batched else ">= 3x",
-        notes="the standard library has no batch API: its figure is put/get" if batched else "",
+        runners=runners,
+        target=target,
+        notes=notes,
     )
 
 
@@ -223,7 +255,9 @@ SCENARIOS = [
         target=">= 1.0x",
     ),
     _scenario_queue(1, False),
+    _scenario_queue(1, False, plain=True),
     _scenario_queue(4, False),
+    _scenario_queue(4, False, plain=True),
     _scenario_queue(1, True),
     _scenario_queue(4, True),
 ]
@@ -242,3 +276,6 @@ if optional("numpy"):  # pip install numpy (or the bench extra) to run it
             target=">= 5x",
         ),
     )
+
+if not optional("faster_fifo"):
+    print("bench_ipc: faster-fifo rows skipped (pip install faster-fifo)", file=sys.stderr)

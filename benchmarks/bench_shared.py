@@ -7,6 +7,10 @@ from one process and from two at once.
   ``shoal.SharedDict`` (``d[k]``, ``d[k] = v``, ``d.incr(k)``).
 * "dict incr ... Value" scenarios: ``multiprocessing.Value`` incremented under its
   ``get_lock()`` against ``SharedDict.incr``.
+* "(vs UltraDict)" scenarios, when UltraDict is installed (``pip install
+  UltraDict atomics``; the ``bench`` extra has them): its ``shared_lock=True`` dict,
+  ``with d.lock: d[k] += 1`` and ``d[k]`` from 4 processes, against
+  ``SharedDict.incr`` and ``d[k]``.
 
 Two-process figures are total operations / wall time from a common start
 (a barrier) to the last finisher.  Every read-modify-write run checks its
@@ -16,9 +20,10 @@ final count, so a racy contender fails instead of looking fast.
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import time
 
-from ._framework import Scenario
+from ._framework import Scenario, optional
 
 # -- the timed loops (module level: spawned children import them) -------------------
 
@@ -49,6 +54,21 @@ def _value_add(v, lock, n: int) -> None:
     for _ in range(n):
         with v.get_lock():
             v.value += 1
+
+
+def _ultra_get(name, lock, n: int) -> None:
+    from UltraDict import UltraDict
+
+    _get(UltraDict(name=name, shared_lock=True), lock, n)
+
+
+def _ultra_locked_add(name, lock, n: int) -> None:
+    from UltraDict import UltraDict
+
+    d = UltraDict(name=name, shared_lock=True)
+    for _ in range(n):
+        with d.lock:
+            d["count"] += 1
 
 
 def _child(loop, target, lock, n, barrier, results) -> None:
@@ -139,6 +159,24 @@ def _value(procs: int):
     return run
 
 
+def _ultradict(op: str, procs: int):
+    def run(quick: bool) -> float:
+        from UltraDict import UltraDict
+
+        n = (2_000 if quick else 10_000) if op == "incr" else _n(quick, fast=True) // 4
+        d = UltraDict({"key": 1, "count": 0}, shared_lock=True)
+        try:
+            loop = {"get": _ultra_get, "incr": _ultra_locked_add}[op]
+            rate = _rate(loop, d.name, None, n, procs)
+            if op == "incr":
+                _check(d["count"], n * procs)
+            return rate
+        finally:
+            d.unlink()
+
+    return run
+
+
 def _scenarios() -> list[Scenario]:
     out = []
     for procs in (1, 2):
@@ -187,6 +225,31 @@ def _scenarios() -> list[Scenario]:
                 repeat=2,
             )
         )
+    if optional("UltraDict"):
+        out.append(
+            Scenario(
+                "dict locked incr, 4 procs (vs UltraDict)",
+                "ops/s",
+                True,
+                {"UltraDict": _ultradict("incr", 4), "shoal": _shoal("incr", 4)},
+                target=">= 25x (exact totals)",
+                repeat=2,
+                baseline="UltraDict",
+            )
+        )
+        out.append(
+            Scenario(
+                "dict get, 4 procs (vs UltraDict)",
+                "ops/s",
+                True,
+                {"UltraDict": _ultradict("get", 4), "shoal": _shoal("get", 4)},
+                target=">= 1x",
+                repeat=2,
+                baseline="UltraDict",
+            )
+        )
+    else:
+        print("bench_shared: UltraDict rows skipped (pip install UltraDict atomics)", file=sys.stderr)
     return out
 
 

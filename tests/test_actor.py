@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -566,3 +567,87 @@ def test_done_callback_may_close_or_terminate_the_actor(stop):
         assert _gone(counter.pid)
     finally:
         counter.terminate()
+
+
+def _outcomes(counter) -> list:
+    """What each kind of synchronous call gives: a value, or the error's
+    type, message and (for a method's own exception) its remote traceback."""
+    out = []
+    for call in (
+        lambda: counter.incr(2),
+        lambda: counter.echo(np.arange(100_000)).sum(),  # a large result, in shared memory
+        lambda: counter.fail("no such thing"),
+        lambda: counter.echo(threading.Lock()),  # unpicklable argument
+        counter.lock,  # unpicklable result
+        counter.unloadable,  # a result this process cannot unpickle
+        lambda: counter.exit(3),
+        counter.get,
+    ):
+        try:
+            out.append(("value", call()))
+        except Exception as exc:  # the outcome compared
+            cause = exc.__cause__
+            message = re.sub(r" at 0x[0-9a-f]+", "", str(exc))  # an object's address differs
+            out.append((type(exc).__name__, message, "in fail" in str(cause) if cause is not None else None))
+    return out
+
+
+def test_direct_and_handed_over_calls_give_the_same_results_and_errors(monkeypatch):
+    # A synchronous call reads its own reply when no other thread reads
+    # (the direct path), else another thread hands it over: the same
+    # results and errors either way.
+    from shoal._actor import _client
+
+    seen = {}
+    for direct in (True, False):
+        monkeypatch.setattr(_client, "DIRECT", direct)
+        with shoal.get_context("fork").Actor(workers.Counter) as counter:
+            seen[direct] = _outcomes(counter)
+    assert seen[True] == seen[False]
+    values = seen[True]
+    assert values[0] == ("value", 2) and values[1] == ("value", sum(range(100_000)))
+    assert values[2] == ("KeyError", "'no such thing'", True)
+    assert values[3][0] == values[4][0] == values[5][0] == "SerializationError"
+    assert "Counter.unloadable()" in values[5][1]
+    assert values[6][0] == "TaskExitError" and values[-1] == ("value", 2)
+
+
+def test_calls_waiting_behind_another_threads_call_get_their_own_replies_and_errors():
+    # Calls from several threads at once: one reads, the others have their
+    # replies (and their exceptions) handed over, none mixed up.
+    with shoal.get_context("fork").Actor(workers.Counter) as counter:
+        failures, values = [], []
+
+        def caller(i):
+            for j in range(150):
+                if j % 10 == 0:
+                    try:
+                        counter.fail(f"{i}-{j}")
+                    except KeyError as exc:
+                        failures.append(exc.args[0])
+                else:
+                    values.append(counter.incr())
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(values) == list(range(1, 4 * 135 + 1))
+        assert sorted(failures) == sorted(f"{i}-{j}" for i in range(4) for j in range(0, 150, 10))
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_actor_killed_during_a_synchronous_call_fails_it_on_either_path(monkeypatch, direct):
+    from shoal._actor import _client
+
+    monkeypatch.setattr(_client, "DIRECT", direct)
+    counter = shoal.get_context("fork").Actor(workers.Counter)
+    try:
+        threading.Timer(0.3, os.kill, (counter.pid, signal.SIGKILL)).start()
+        with pytest.raises(shoal.ActorDiedError, match="SIGKILL"):
+            counter.sleep(30)
+        with pytest.raises(shoal.ActorDiedError):
+            counter.get()
+    finally:
+        counter.close()

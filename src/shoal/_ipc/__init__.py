@@ -21,6 +21,7 @@ from ._packet import socketpair as socketpair
 from ._queue import JoinableQueue as JoinableQueue
 from ._queue import Queue as Queue
 from ._queue import SimpleQueue as SimpleQueue
+from ._spin import Spin as Spin
 
 __all__ = (
     "BYTES",
@@ -31,6 +32,7 @@ __all__ = (
     "Pipe",
     "Queue",
     "SimpleQueue",
+    "Spin",
     "close_fds",
     "encode",
     "recv_packet",

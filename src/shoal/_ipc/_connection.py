@@ -26,6 +26,8 @@ on them hold their own mappings.
 Waiting: ``recv`` polls the socket for a few tens of microseconds before
 it blocks in ``recvmsg``; a reply that comes that soon is then taken without
 the sleep and wake-up, which on a virtual machine cost more than the reply.
+The look shortens, down to none, while it does not find the message (a
+machine busier than its CPUs, a slow peer): see :class:`~._spin.Spin`.
 
 How it ends: when every copy of the other end is closed (including by the
 death of the processes holding them), a blocked or later ``recv`` raises
@@ -64,6 +66,7 @@ from ._packet import (
     send_packet,
     socketpair,
 )
+from ._spin import Spin
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -71,7 +74,6 @@ if TYPE_CHECKING:
 __all__ = ("Connection", "Pipe")
 
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
-_SPINS = 40  # polls before a blocking receive, ~20-40 µs
 _EOF_MESSAGE = "the other end of the pipe was closed (or every process holding it exited)"
 _pickle_loads = pickle.loads
 
@@ -112,7 +114,7 @@ class Connection:
     task, or through another connection or queue.
     """
 
-    __slots__ = ("__weakref__", "_max", "_poller", "_readable", "_sock", "_spool", "_writable")
+    __slots__ = ("__weakref__", "_look", "_max", "_poller", "_readable", "_sock", "_spool", "_writable")
 
     def __init__(
         self,
@@ -130,6 +132,7 @@ class Connection:
         self._max = max_message_size
         self._spool: Spool | None = None  # made on the first large send_bytes
         self._poller: select.poll | None = None  # made on the first receive
+        self._look = Spin()  # how long a receive looks before it sleeps
 
     # -- state --------------------------------------------------------------
     @property
@@ -313,10 +316,7 @@ class Connection:
             poller = self._poller = select.poll()
             poller.register(sock.fileno(), _POLLIN)
         try:
-            if not poller.poll(0):
-                for _ in range(_SPINS):
-                    if poller.poll(0):
-                        return
+            self._look.look(poller.poll)
         except RuntimeError:
             # Another thread of this process is looking already (a poll
             # object serves one thread at a time); just block.

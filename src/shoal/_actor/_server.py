@@ -1,0 +1,358 @@
+"""The actor process: builds the object, then serves calls one at a time.
+
+One thread (``_Server.run``) owns the object, the listening socket and every
+caller's connection: it waits in one ``epoll`` on all of them and on the
+creator's pidfd, after looking for a message for a few tens of microseconds
+first (:class:`shoal._ipc.Spin`), takes one request per wake-up so that
+callers take turns, runs it and replies on the connection it came on.  A
+request that is not a shoal caller's is refused as text and its connection
+dropped; the loop ends on STOP from the creator's connection, or when the
+creator exits.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import select
+import socket
+import sys
+import threading
+import traceback
+from typing import Any
+
+from .._engine import set_pdeathsig as _set_pdeathsig
+from .._ipc import SNDBUF, close_fds, recv_packet, refuse_connection, send_packet
+from .._serialization import loads_with, pack_exception
+from ..exceptions import CorruptDataError
+from . import _protocol
+from ._protocol import CALL, CREDS, DONTWAIT, SEND, STOP, Spin, encode_result, refusal
+
+
+def _actor_main(listener, conn, constructor, creator_pid, pdeathsig, name, inherited) -> None:
+    """Entry point of the actor process."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the creator's to handle
+    for fd in inherited:  # under fork: descriptors that are not ours to keep
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    if pdeathsig:
+        _set_pdeathsig(creator_pid)
+    try:
+        watch: int | None = os.pidfd_open(creator_pid)
+    except ProcessLookupError:
+        return  # the creator is gone already
+    except OSError:  # pragma: no cover - kernels before 5.3
+        watch = None
+    if watch is not None and not pdeathsig:
+        # No PR_SET_PDEATHSIG (started by a thread, or by the forkserver):
+        # the epoll loop sees the creator exit only between calls, so a long
+        # call would outlive it.
+        watchdog = threading.Thread(target=_die_with, args=(creator_pid,), daemon=True)
+        watchdog.name = "shoal-actor-watchdog"
+        watchdog.start()
+    server = _Server(listener, conn, watch, name)
+    try:
+        server.run(constructor)
+    finally:
+        server.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _die_with(creator_pid: int) -> None:
+    """A thread of the actor process: SIGKILL it when its creator exits."""
+    import signal
+
+    try:
+        fd = os.pidfd_open(creator_pid)
+    except ProcessLookupError:
+        fd = None  # gone already
+    except OSError:  # pragma: no cover - kernels before 5.3
+        return
+    if fd is not None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll():
+            pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Server:
+    """The actor process's loop: one thread, one call at a time."""
+
+    def __init__(self, listener: socket.socket, conn: socket.socket, watch: int | None, name: str) -> None:
+        self.listener = listener
+        self.watch = watch
+        self.name = name
+        self.conns: dict[int, socket.socket] = {conn.fileno(): conn}
+        self.creator_conn = conn
+        self.epoll = select.epoll()
+        self.epoll.register(listener.fileno(), select.EPOLLIN)
+        self.epoll.register(conn.fileno(), select.EPOLLIN)
+        if watch is not None:
+            self.epoll.register(watch, select.EPOLLIN)
+        self.uid = os.geteuid()
+        # A process a method starts by fork must not hold our sockets (their
+        # callers would then never see us die).
+        os.register_at_fork(after_in_child=self.close)
+
+    def close(self) -> None:
+        for sock in (self.listener, *self.conns.values()):
+            sock.close()
+        self.conns = {}
+        if self.watch is not None:
+            try:
+                os.close(self.watch)
+            except OSError:
+                pass
+            self.watch = None
+        self.epoll.close()
+
+    def run(self, constructor) -> None:
+        creator = self.creator_conn
+        try:
+            obj = constructor.build()
+        except BaseException as exc:  # noqa: BLE001 - reported to the creator
+            self.reply(creator, 0, False, exc)
+            return
+        del constructor
+        address = self.listener.getsockname()
+        if isinstance(address, bytes):
+            address = address.decode()
+        _protocol.serving_address = address
+        _protocol.waiting = (address,)
+        if not self.reply(creator, 0, True, _public_methods(obj)):
+            return
+        self.name = type(obj).__qualname__
+        poll = self.epoll.poll
+        look = Spin().look
+        listener = self.listener.fileno()
+        watch = self.watch
+        conns = self.conns
+        while True:
+            # A brief look before the sleep (see Spin): a caller's next
+            # request often comes within microseconds of our reply.
+            for fd, _mask in look(poll) or poll():
+                sock = conns.get(fd)
+                if sock is not None:
+                    # One message per wake: every caller's requests take turns.
+                    if not self.serve(sock, obj):
+                        self.drop(sock)
+                        if self.stopping:
+                            return
+                elif fd == listener:
+                    self.accept()
+                elif fd == watch:
+                    return  # the creator exited: nobody may stop us any more
+
+    stopping = False
+
+    def accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, CREDS.size)
+            _pid, uid, _gid = CREDS.unpack(creds)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        except OSError:
+            sock.close()
+            return
+        if uid != self.uid:
+            # Another user's process (root's included, and any user's when we
+            # run as root): every call is a pickle, so serving it would run
+            # their code as us.  Say why, as text, never as a pickle.
+            refuse_connection(sock, refusal(uid, self.uid, os.getpid()))
+            return
+        self.conns[sock.fileno()] = sock
+        self.epoll.register(sock.fileno(), select.EPOLLIN)
+
+    def drop(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        try:
+            self.epoll.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        self.conns.pop(fd, None)
+        sock.close()
+
+    def serve(self, sock: socket.socket, obj) -> bool:
+        """Run the next request waiting on *sock*; False when the connection
+        is finished with (closed, broken, or it asked us to stop)."""
+        try:
+            packet = recv_packet(sock, DONTWAIT)
+        except BlockingIOError:
+            return True
+        except CorruptDataError as exc:
+            refuse_connection(sock, f"the {self.name} actor refused a request: {exc}", close=False)
+            return False
+        except OSError:
+            return False
+        if packet is None:
+            return False
+        _kind, payload, fds = packet
+        try:
+            try:
+                message = pickle.loads(payload)
+                op = _check_request(message, len(fds), sock is self.creator_conn)
+            except Exception as exc:  # noqa: BLE001 - garbage of any kind: not a request of ours
+                # Said as text (never a pickle), and this connection is done with.
+                refuse_connection(
+                    sock,
+                    f"the {self.name} actor refused a request that is not a shoal caller's "
+                    f"({type(exc).__name__}: {exc}); this connection is closed",
+                    close=False,
+                )
+                return False
+            if op == CALL:
+                return self.call(sock, obj, message[1], message[2], message[3], fds, message[4:])
+            if op == SEND:
+                self.run_sends(obj, message[1], fds)
+                return True
+            self.stopping = True
+            return False
+        finally:
+            if fds:
+                close_fds(fds)
+
+    def call(self, sock, obj, cid: int, name: str, blob: bytes, fds, chain: tuple) -> bool:
+        if chain:
+            _protocol.waiting = (*chain[0], _protocol.serving_address)
+        try:
+            args, kwargs = loads_with(blob, fds)
+            value = _method(obj, name)(*args, **(kwargs or {}))
+            ok = True
+        except BaseException as exc:  # noqa: BLE001 - the caller's to handle
+            value = exc
+            ok = False
+        finally:
+            if chain:
+                _protocol.waiting = (_protocol.serving_address,)
+        return self.reply(sock, cid, ok, value, name)
+
+    def reply(self, sock, cid: int, ok: bool, value, method: str = "") -> bool:
+        """Send the outcome of *method* (``""``: of the construction)."""
+        fds: list[int] = []
+        if ok:
+            try:
+                # (The construction's result, a list of names, always pickles.)
+                blob, fds = encode_result(value, self.name, method)
+            except Exception as exc:  # noqa: BLE001 - an unpicklable result fails this call only
+                ok = False
+                blob = pack_exception(exc, self.who(method))
+        else:
+            # A SystemExit (the method called sys.exit()) becomes a
+            # TaskExitError there: it must not end the caller's program.
+            blob = pack_exception(value, self.who(method))
+        del value
+        try:
+            send_packet(sock, 0, pickle.dumps((cid, ok, blob), 5), fds)
+        except OSError:
+            return False  # the caller went away
+        finally:
+            if fds:
+                close_fds(fds)
+        return True
+
+    def who(self, method: str) -> str:
+        """``Counter.incr()`` (``Counter()``: the construction), for errors."""
+        return f"{self.name}.{method}()" if method else f"{self.name}()"
+
+    def run_sends(self, obj, entries, fds) -> None:
+        pos = 0
+        methods: dict[str, Any] = {}  # looked up once per message
+        loads = pickle.loads
+        for name, blob, nfds in entries:
+            try:
+                if nfds:
+                    pos += nfds
+                    args, kwargs = loads_with(blob, fds[pos - nfds : pos])
+                else:
+                    args, kwargs = loads(blob)
+                method = methods.get(name)
+                if method is None:
+                    method = methods[name] = _method(obj, name)
+                if kwargs:
+                    method(*args, **kwargs)
+                else:
+                    method(*args)
+            except BaseException:  # noqa: BLE001 - nobody waits for it: say so where it happened
+                print(
+                    f"shoal: {self.name}.{name}() called with .send() raised "
+                    "(no caller waits for its result; "
+                    "the actor goes on):",
+                    file=sys.stderr,
+                )
+                traceback.print_exc()
+
+
+def _check_request(message: Any, nfds: int, from_creator: bool) -> int:
+    """The kind of a request, after checking that it has the shape a
+    caller sends (see CALL, SEND, STOP) with *nfds* descriptors; raises
+    (TypeError, ValueError) otherwise.  Only the creator's connection stops
+    the actor."""
+    if type(message) is not tuple or not message or type(message[0]) is not int:
+        raise TypeError(f"a request is a tuple that starts with its kind, not {type(message).__name__}")
+    op = message[0]
+    if op == CALL:
+        if len(message) not in (4, 5) or type(message[1]) is not int or type(message[2]) is not str:
+            raise ValueError("a CALL is (CALL, call id, method name, arguments[, waiting actors])")
+        if not isinstance(message[3], (bytes, bytearray)):
+            raise TypeError(f"a CALL's arguments are bytes, not {type(message[3]).__name__}")
+        if len(message) == 5 and not (
+            type(message[4]) is tuple and all(type(a) is str or a is None for a in message[4])
+        ):
+            raise ValueError("a CALL's waiting actors are a tuple of addresses")
+        return op
+    if op == SEND:
+        if len(message) != 2 or type(message[1]) is not list:
+            raise ValueError("a SEND is (SEND, [(method name, arguments, descriptors), ...])")
+        total = 0
+        for entry in message[1]:
+            if type(entry) is not tuple or len(entry) != 3:
+                raise ValueError("a SEND's entries are (method name, arguments, descriptors)")
+            name, blob, n = entry
+            if type(name) is not str or not isinstance(blob, (bytes, bytearray)):
+                raise ValueError("a SEND's entries are (str, bytes, int >= 0)")
+            if type(n) is not int or n < 0:
+                raise ValueError(f"a SEND's entry counts {n!r:.20} descriptors")
+            total += n
+        if total > nfds:
+            raise ValueError(f"a SEND's entries count {total} descriptors, {nfds} came with it")
+        return op
+    if op == STOP and len(message) == 1:
+        if not from_creator:
+            raise ValueError("only the process that created an actor stops it")
+        return op
+    raise ValueError(f"a request of unknown kind {op!r:.40}")
+
+
+def _method(obj, name: str):
+    if name.startswith("_"):
+        raise AttributeError(f"{type(obj).__qualname__}.{name} is private: actors expose public methods only")
+    method = getattr(obj, name)
+    if not callable(method):
+        raise TypeError(
+            f"{type(obj).__qualname__}.{name} is not a method: add a method that returns or changes it"
+        )
+    return method
+
+
+def _public_methods(obj) -> list[str]:
+    names = []
+    for name in dir(obj):
+        if name.startswith("_"):
+            continue
+        try:
+            attr = inspect.getattr_static(obj, name)
+        except AttributeError:
+            continue
+        if callable(attr) or isinstance(attr, (staticmethod, classmethod)):
+            names.append(name)
+    return names
