@@ -81,6 +81,8 @@ How it ends:
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._client import _clients as _clients
 from ._handle import Actor as Actor
 from ._handle import _rebuild_handle as _rebuild_handle
@@ -91,7 +93,7 @@ from ._protocol import STOP as STOP
 __all__ = ("Actor",)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # This process's place in a chain of actors, as the actor's loop set it
     # last (module globals it rebinds: read through, never copied).
     if name in ("_serving_address", "_waiting"):

@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import weakref
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from .._future import settle_future as _settle
@@ -67,7 +68,7 @@ class _Call:
         self.ok = False
         self.value: Any = None
 
-    def result(self):
+    def result(self) -> Any:
         value = self.value
         self.value = None
         if self.ok:
@@ -78,7 +79,9 @@ class _Call:
 class _Client:
     """This process's connection to one actor, shared by its handles."""
 
-    def __init__(self, address: str, sock: socket.socket, actor_pid: int, name: str, proc=None) -> None:
+    def __init__(
+        self, address: str, sock: socket.socket, actor_pid: int, name: str, proc: BaseProcess | None = None
+    ) -> None:
         self.address = address
         self.pid = os.getpid()
         self.sock: socket.socket | None = sock
@@ -109,7 +112,7 @@ class _Client:
         self.spin = Spin()
 
     # -- a synchronous call --
-    def call(self, name: str, args: tuple, kwargs: dict, what: str):
+    def call(self, name: str, args: tuple, kwargs: dict, what: str) -> Any:
         """Run *name* in the actor and return its result (or raise its error).
 
         The direct path (see the module docstring): when no other thread
@@ -166,7 +169,9 @@ class _Client:
                 self.cond.notify_all()
 
     # -- sending --
-    def request(self, name: str, args: tuple, kwargs: dict, future, what: str) -> _Call:
+    def request(
+        self, name: str, args: tuple, kwargs: dict, future: concurrent.futures.Future | None, what: str
+    ) -> _Call:
         if self.dead is not None:
             raise self.died()
         blob, fds = encode_args(args, kwargs, what)
@@ -260,7 +265,7 @@ class _Client:
             send_packet(sock, 0, pickle.dumps((STOP,), 5))
 
     # -- receiving --
-    def wait(self, call: _Call):
+    def wait(self, call: _Call) -> Any:
         """Wait for *call*'s reply, reading replies for every waiter while
         no other thread does."""
         cond = self.cond
@@ -582,7 +587,7 @@ class _Owner:
 
     __slots__ = ("__weakref__", "client", "lock", "pid", "proc", "stopped")
 
-    def __init__(self, proc, client: _Client) -> None:
+    def __init__(self, proc: BaseProcess, client: _Client) -> None:
         self.proc = proc
         self.client = client
         self.pid = os.getpid()

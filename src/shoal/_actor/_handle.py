@@ -18,11 +18,14 @@ import socket
 import threading
 import types
 import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .._engine import engine_descriptors, start_process
 from .._fd import exhausted
 from .._ipc import SNDBUF, socketpair
 from .._serialization import pickle_code, starting_process
+from .._util import public
 from ..exceptions import SerializationError
 from . import _protocol
 from ._client import (
@@ -48,13 +51,13 @@ class _Constructor:
     a notebook under spawn, travels by value), inside the standard library's
     process pickling (so descriptors inside the arguments reach the child)."""
 
-    def __init__(self, cls, args, kwargs) -> None:
+    def __init__(self, cls: Callable[..., Any], args: tuple, kwargs: dict) -> None:
         self.spec = (cls, args, kwargs)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return _load_constructor, (pickle_code(self.spec),)
 
-    def build(self):
+    def build(self) -> Any:
         cls, args, kwargs = self.spec
         return cls(*args, **kwargs)
 
@@ -80,13 +83,13 @@ class _Control:
     property on a handle (``handle.pid``).
     """
 
-    def __init__(self, func, value: bool = False) -> None:
+    def __init__(self, func: Callable[..., Any], value: bool = False) -> None:
         self.func = func
         self.value = value
         self.name = func.__name__
         self.__doc__ = func.__doc__
 
-    def __get__(self, handle, owner=None):
+    def __get__(self, handle: Actor | None, owner: type | None = None) -> Any:
         if handle is None:
             return self.func
         if self.name in handle._methods:
@@ -96,7 +99,7 @@ class _Control:
         return types.MethodType(self.func, handle)
 
 
-def _control(func=None, *, value: bool = False):
+def _control(func: Callable[..., Any] | None = None, *, value: bool = False) -> Any:
     """Decorator: ``@_control`` or ``@_control(value=True)`` (see _Control)."""
     if func is None:
         return lambda f: _Control(f, value)
@@ -149,17 +152,17 @@ class Actor:
     them).  ``dir(handle)`` lists the object's methods and the controls.
     """
 
-    def __init__(self, cls, /, *args, **kwargs) -> None:
+    def __init__(self, cls: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
         self._start(multiprocessing.get_context(), cls, args, kwargs)
 
     @classmethod
-    def _in_context(cls, ctx, target, args, kwargs) -> Actor:
+    def _in_context(cls, ctx: Any, target: Callable[..., Any], args: tuple, kwargs: dict) -> Actor:
         """``Context.Actor``: an actor started with *ctx*'s start method."""
         self = cls.__new__(cls)
         self._start(ctx, target, args, kwargs)
         return self
 
-    def _start(self, ctx, target, args, kwargs) -> None:
+    def _start(self, ctx: Any, target: Callable[..., Any], args: tuple, kwargs: dict) -> None:
         if not callable(target):
             raise TypeError(f"Actor() takes a class (or a callable returning the object), got {target!r:.60}")
         name = getattr(target, "__qualname__", type(target).__qualname__)
@@ -235,7 +238,15 @@ class Actor:
         self._init(address, proc.pid, name, tuple(methods), client, owner)
         self._finalizer = weakref.finalize(self, _stop_in_background, owner)
 
-    def _init(self, address, pid, name, methods, client, owner) -> None:
+    def _init(
+        self,
+        address: str,
+        pid: int,
+        name: str,
+        methods: Iterable[str],
+        client: _Client | None,
+        owner: _Owner | None,
+    ) -> None:
         self._address = address
         self._pid = pid
         self._name = name
@@ -244,7 +255,7 @@ class Actor:
         self._owner = owner
         self._closed = False
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> _Method:
         """``handle.method``: a callable that runs that method in the actor."""
         if name.startswith("_"):
             raise AttributeError(name)
@@ -272,7 +283,7 @@ class Actor:
             client = self._client = _client_for(self._address, self._pid, self._name)
         return client
 
-    def _call(self, name: str, args: tuple, kwargs: dict, what: str):
+    def _call(self, name: str, args: tuple, kwargs: dict, what: str) -> Any:
         if _protocol.serving_address == self._address:
             raise RuntimeError(
                 f"the {self._name} actor called one of its own methods through a handle and would wait for "
@@ -328,10 +339,10 @@ class Actor:
     def __enter__(self) -> Actor:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         Actor.close(self)  # the handle's own, whatever the object's methods are called
 
-    def __setattr__(self, name: str, value) -> None:
+    def __setattr__(self, name: str, value: Any) -> None:
         if name in _HANDLE_STATE:
             object.__setattr__(self, name, value)
             return
@@ -355,17 +366,17 @@ class Actor:
         names = {name for name in object.__dir__(self) if not name.startswith("_") or name.startswith("__")}
         return sorted(names | self._methods)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild_handle, (self._address, self._pid, self._name, tuple(sorted(self._methods)))
 
     def __repr__(self) -> str:
         return f"<shoal.Actor {self._name} pid={self._pid}>"
 
 
-Actor.__module__ = "shoal"
+public(Actor)
 
 
-def _rebuild_handle(address, pid, name, methods) -> Actor:
+def _rebuild_handle(address: str, pid: int, name: str, methods: Iterable[str]) -> Actor:
     handle = Actor.__new__(Actor)
     handle._init(address, pid, name, methods, None, None)
     return handle
@@ -381,18 +392,18 @@ class _Method:
         self._name = name
         self._what = f"the arguments of {handle._name}.{name}()"  # for errors; made once
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the method in the actor and return its result."""
         return self._handle._call(self._name, args, kwargs, self._what)
 
-    def submit(self, *args, **kwargs) -> concurrent.futures.Future:
+    def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run the method in the actor; return a ``concurrent.futures.Future`` at once."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # sent at once: it cannot be cancelled
         self._handle._get_client().request(self._name, args, kwargs, future, self._what)
         return future
 
-    def send(self, *args, **kwargs) -> None:
+    def send(self, *args: Any, **kwargs: Any) -> None:
         """Run the method in the actor without waiting and without a result."""
         self._handle._get_client().post(self._name, args, kwargs, self._what)
 

@@ -16,6 +16,7 @@ import os
 import pickle
 import socket
 import struct
+from typing import Any
 
 from .._ipc import Spin as Spin
 from .._ipc import encode
@@ -57,7 +58,7 @@ PLAIN_MAX = 4096
 _NO_FDS: list[int] = []  # never appended to: encode()'s callers only read and close it
 
 
-def _plain(value) -> bool:
+def _plain(value: Any) -> bool:
     t = type(value)
     return t in _SCALARS or ((t is str or t is bytes) and len(value) <= PLAIN_MAX)
 
@@ -73,7 +74,7 @@ def encode_args(args: tuple, kwargs: dict | None, what: str) -> tuple[bytes, lis
     return encode((args, kwargs or None), what)
 
 
-def encode_result(value, name: str, method: str) -> tuple[bytes, list[int]]:
+def encode_result(value: Any, name: str, method: str) -> tuple[bytes, list[int]]:
     """A method's result as the blob of a reply: ``(blob, fds)``."""
     if _plain(value):
         return pickle.dumps(value, 5), _NO_FDS

@@ -20,7 +20,8 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .._engine import set_pdeathsig as _set_pdeathsig
 from .._ipc import SNDBUF, close_fds, recv_packet, refuse_connection, send_packet
@@ -29,8 +30,19 @@ from ..exceptions import CorruptDataError
 from . import _protocol
 from ._protocol import CALL, CREDS, DONTWAIT, SEND, STOP, Spin, encode_result, refusal
 
+if TYPE_CHECKING:
+    from ._handle import _Constructor
 
-def _actor_main(listener, conn, constructor, creator_pid, pdeathsig, name, inherited) -> None:
+
+def _actor_main(
+    listener: socket.socket,
+    conn: socket.socket,
+    constructor: _Constructor,
+    creator_pid: int,
+    pdeathsig: bool,
+    name: str,
+    inherited: tuple[int, ...],
+) -> None:
     """Entry point of the actor process."""
     import signal
 
@@ -113,7 +125,7 @@ class _Server:
             self.watch = None
         self.epoll.close()
 
-    def run(self, constructor) -> None:
+    def run(self, constructor: _Constructor) -> None:
         creator = self.creator_conn
         try:
             obj = constructor.build()
@@ -182,7 +194,7 @@ class _Server:
         self.conns.pop(fd, None)
         sock.close()
 
-    def serve(self, sock: socket.socket, obj) -> bool:
+    def serve(self, sock: socket.socket, obj: Any) -> bool:
         """Run the next request waiting on *sock*; False when the connection
         is finished with (closed, broken, or it asked us to stop)."""
         try:
@@ -221,7 +233,9 @@ class _Server:
             if fds:
                 close_fds(fds)
 
-    def call(self, sock, obj, cid: int, name: str, blob: bytes, fds, chain: tuple) -> bool:
+    def call(
+        self, sock: socket.socket, obj: Any, cid: int, name: str, blob: bytes, fds: list[int], chain: tuple
+    ) -> bool:
         if chain:
             _protocol.waiting = (*chain[0], _protocol.serving_address)
         try:
@@ -236,7 +250,7 @@ class _Server:
                 _protocol.waiting = (_protocol.serving_address,)
         return self.reply(sock, cid, ok, value, name)
 
-    def reply(self, sock, cid: int, ok: bool, value, method: str = "") -> bool:
+    def reply(self, sock: socket.socket, cid: int, ok: bool, value: Any, method: str = "") -> bool:
         """Send the outcome of *method* (``""``: of the construction)."""
         fds: list[int] = []
         if ok:
@@ -264,7 +278,7 @@ class _Server:
         """``Counter.incr()`` (``Counter()``: the construction), for errors."""
         return f"{self.name}.{method}()" if method else f"{self.name}()"
 
-    def run_sends(self, obj, entries, fds) -> None:
+    def run_sends(self, obj: Any, entries: list[tuple[str, bytes, int]], fds: list[int]) -> None:
         pos = 0
         methods: dict[str, Any] = {}  # looked up once per message
         loads = pickle.loads
@@ -333,7 +347,7 @@ def _check_request(message: Any, nfds: int, from_creator: bool) -> int:
     raise ValueError(f"a request of unknown kind {op!r:.40}")
 
 
-def _method(obj, name: str):
+def _method(obj: Any, name: str) -> Callable[..., Any]:
     if name.startswith("_"):
         raise AttributeError(f"{type(obj).__qualname__}.{name} is private: actors expose public methods only")
     method = getattr(obj, name)
@@ -344,7 +358,7 @@ def _method(obj, name: str):
     return method
 
 
-def _public_methods(obj) -> list[str]:
+def _public_methods(obj: Any) -> list[str]:
     names = []
     for name in dir(obj):
         if name.startswith("_"):
