@@ -250,3 +250,21 @@ def test_each_rule_catches_what_it_forbids(source, check):
 def test_an_engine_that_calls_the_contracts_init_passes():
     source = "class LocalEngine(Engine):\n    def __init__(self):\n        super().__init__(1)\n"
     assert _engine_subclasses_skipping_init(ast.parse(source)) == []
+
+
+#: Longest a module may grow before it is split along its sections (a
+#: reader holds one in mind; see docs/architecture.md).
+MAX_PY_LINES = 900
+MAX_C_LINES = 1_200
+
+
+def test_no_module_is_too_long_to_read():
+    src = Path(__file__).resolve().parents[1] / "src"  # the checkout's, not the installed copy
+    files = [(p, MAX_PY_LINES) for p in (src / "shoal").rglob("*.py")]
+    files += [(p, MAX_C_LINES) for p in (src / "native").glob("*.[ch]")]
+    assert len(files) > 40, f"the sources were not found in {src}"
+    too_long = {
+        str(p.relative_to(src)): n for p, limit in files if (n := len(p.read_text().splitlines())) > limit
+    }
+    limits = f"at most {MAX_PY_LINES} lines, C {MAX_C_LINES}"
+    assert not too_long, f"split these along their sections ({limits}): {too_long}"

@@ -14,6 +14,7 @@ checker only.
 
 from __future__ import annotations
 
+import mmap
 import os
 import selectors
 import signal
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from multiprocessing.connection import wait as wait_for
 from typing import TYPE_CHECKING, Any
 
-from .._fd import collecting_fds, exhausted
+from .._fd import collecting_fds, create_fd, exhausted
 from .._ipc import Channel
 from .._native import store
 from .._serialization import pickle_code, starting_process
@@ -375,6 +376,38 @@ class WorkerLifecycle:
         self._workers.clear()
 
 
+def open_status_block(size: int, shared_fds: list[int]) -> tuple[int, mmap.mmap, int, int, Any]:
+    """The scheduler's own descriptors: the status block (*size* bytes of
+    shared memory, its descriptor and mapping), the wake-up pipe's two ends
+    and the poller that watches it.  Made one by one, so that what was made
+    is closed when the next one is refused (at a descriptor limit, say),
+    along with *shared_fds*, which the scheduler owns from its start."""
+    made: list = []
+    try:
+        status_fd = create_fd(size, "shoal-status")
+        made.append(status_fd)
+        status = mmap.mmap(status_fd, 0)
+        made.append(status)
+        try:
+            wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            made += [wake_r, wake_w]
+            selector = selectors.DefaultSelector()
+            made.append(selector)
+        except OSError as exc:
+            raise exhausted(exc, "create the pool's wake-up pipe and poller") from exc
+        selector.register(wake_r, selectors.EVENT_READ, ("wake", None))
+    except BaseException:
+        for thing in reversed(made):
+            if isinstance(thing, int):
+                os.close(thing)
+            else:
+                thing.close()
+        for fd in shared_fds:
+            os.close(fd)
+        raise
+    return status_fd, status, wake_r, wake_w, selector
+
+
 def _wait_exited(w: Worker, timeout: float | None) -> bool:
     """Wait up to *timeout* seconds (None: no limit) for worker *w* to exit;
     whether it has.  Its pidfd says so whoever holds its sentinel's pipe."""
@@ -412,4 +445,5 @@ __all__ = (
     "REPLACE_RETRY_MAX",
     "TERMINATE_GRACE",
     "WorkerLifecycle",
+    "open_status_block",
 )

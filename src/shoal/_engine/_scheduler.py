@@ -43,7 +43,6 @@ The engine's data-flow overview is in :mod:`._engine`.
 
 from __future__ import annotations
 
-import mmap
 import os
 import pickle
 import selectors
@@ -53,7 +52,6 @@ import time
 from collections import deque
 from typing import Any
 
-from .._fd import create_fd, exhausted
 from .._native import batch_columns, compare_exchange, deliver_plain, drop_skipped, load
 from .._serialization import loads_with, unpack_exception
 from ..exceptions import (
@@ -65,7 +63,7 @@ from ..exceptions import (
 )
 from . import _worker
 from ._crash import ALREADY_FAILED
-from ._lifecycle import REPLACE_RETRY, WorkerLifecycle
+from ._lifecycle import REPLACE_RETRY, WorkerLifecycle, open_status_block
 from ._procs import Tree
 from ._state import BROKEN, CLOSE, RUN, TERMINATE, EngineState
 from ._tasks import Task, Worker, interrupt_task, with_traceback_type
@@ -207,32 +205,10 @@ class Scheduler(WorkerLifecycle):
 
         # Status block: one cache line per worker slot (replacements reuse
         # slots; twice the pool size leaves room while one is being reaped).
-        # Made one by one, so that what was made is closed when the next one
-        # is refused (at a descriptor limit, say).
         self._thread: threading.Thread | None = None  # the one that runs run()
-        made: list = []
-        try:
-            self._status_fd = create_fd(STATUS_SLOT * processes * 2, "shoal-status")
-            made.append(self._status_fd)
-            self._status = mmap.mmap(self._status_fd, 0)
-            made.append(self._status)
-            try:
-                self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-                made += [self._wake_r, self._wake_w]
-                self._selector = selectors.DefaultSelector()
-                made.append(self._selector)
-            except OSError as exc:
-                raise exhausted(exc, "create the pool's wake-up pipe and poller") from exc
-            self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
-        except BaseException:
-            for thing in reversed(made):
-                if isinstance(thing, int):
-                    os.close(thing)
-                else:
-                    thing.close()
-            for fd in self._shared_fds:
-                os.close(fd)
-            raise
+        self._status_fd, self._status, self._wake_r, self._wake_w, self._selector = open_status_block(
+            STATUS_SLOT * processes * 2, self._shared_fds
+        )
 
     def mark_dirty(self) -> None:
         """Tell the scheduler that something changed, waking it if it
