@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,9 @@ def test_native_code_runs_clean_under_asan_and_ubsan(tmp_path):
     proc = subprocess.Popen(
         [str(SCRIPT)],
         cwd=ROOT,
-        env={**os.environ, "SHOAL_SANITIZE_DIR": str(tmp_path)},
+        # The build is for the Python running this test (tools/sanitize
+        # would take python3 from PATH).
+        env={**os.environ, "SHOAL_SANITIZE_DIR": str(tmp_path), "PYTHON": sys.executable},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
