@@ -25,7 +25,7 @@ from typing import Any, cast
 import dask
 import distributed
 
-from ..._engine import BROKEN, CALL, CALL_KW, CLOSE, NO_SHARED, RUN, TERMINATE, Engine, PoolStatistics
+from ..._engine import CALL, CALL_KW, NO_SHARED, Engine, PoolStatistics
 from ..._serialization import loads, pickle_code, starting_process, unpack_exception
 from ...exceptions import (
     PoolClosedError,
@@ -389,7 +389,7 @@ class DaskEngine(Engine):
     def submit_call(
         self, fn: Any, args: tuple, kwargs: dict, sink: Any, timeout: float | None = None
     ) -> _Task:
-        if self.record.state != RUN or os.getpid() != self.owner_pid:
+        if not self.record.running or os.getpid() != self.owner_pid:
             self._check_running()
         if kwargs:
             task = self.make_task(fn, CALL_KW, (args, kwargs), sink, 0, timeout)
@@ -399,8 +399,7 @@ class DaskEngine(Engine):
         return task
 
     def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:
-        state = self.record.state
-        if state != RUN and not (from_feeder and state == CLOSE):
+        if not self.record.accepts(from_feeder):
             self._check_running()
         self._queue(tasks)
 
@@ -423,7 +422,7 @@ class DaskEngine(Engine):
         try:
             return self._client.scatter(values, hash=False)
         except Exception as exc:
-            if self.record.state == TERMINATE or self._finished.is_set():
+            if self.record.terminating or self._finished.is_set():
                 raise PoolClosedError("the pool was terminated while this task was being submitted") from exc
             raise
 
@@ -498,13 +497,13 @@ class DaskEngine(Engine):
                 self._handle_control(*self._control.popleft())
             if self._done:
                 self._collect()
-            if record.state == TERMINATE:
+            if record.terminating:
                 self._fail_everything(PoolClosedError("the pool was terminated before this task finished"))
                 return
             if self._pending or self._isolated:
                 self._dispatch()
             if (
-                record.state in (CLOSE, BROKEN)
+                record.winding_down
                 and not self._pending
                 and not self._isolated
                 and not self._inflight
