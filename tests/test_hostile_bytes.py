@@ -908,6 +908,37 @@ def test_shared_dict_refuses_a_corrupt_lock_type():
     )
 
 
+def test_shared_dict_refuses_a_lock_word_naming_a_live_thread_that_does_not_hold_it():
+    """The lock's futex word overwritten with the id of a thread that exists
+    (1, a kernel thread, the parent) but never took the lock: the next
+    locker waited forever (the fuzz above hung in d[k] = v).  Now it raises
+    CorruptDataError within a few seconds: the mutex's owner field never
+    named that thread."""
+    run_code(
+        """
+        import mmap, os, time
+        from shoal import CorruptDataError, SharedDict
+
+        for word in (1, 2, os.getppid()):
+            d = SharedDict(max_size=4 << 20)
+            try:
+                with mmap.mmap(d._fd, os.fstat(d._fd).st_size) as mm:
+                    mm[64:68] = word.to_bytes(4, "little")
+                started = time.monotonic()
+                try:
+                    d["k"] = 1
+                except CorruptDataError as exc:
+                    assert "held by no live thread" in str(exc), exc
+                else:
+                    raise AssertionError(f"word {word}: no CorruptDataError")
+                assert time.monotonic() - started < 10
+            finally:
+                d.close()
+        """,
+        timeout=60,
+    )
+
+
 # -- pool workers' results ------------------------------------------------------------
 
 
