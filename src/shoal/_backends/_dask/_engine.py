@@ -56,6 +56,11 @@ ALLOWED_FAILURES = 1
 SPLIT_WAYS = 64
 #: Seconds between refreshes of the cluster's worker count (external cluster).
 REFRESH_SECONDS = 2.0
+#: Longest one gather of finished results may take.  Past it (a worker that
+#: held the results died and Dask computes them again) the batches wait for
+#: their futures again, so the dispatcher thread, which terminate() waits
+#: for, is never stuck in a gather.
+GATHER_SECONDS = 5.0
 
 
 class _Scope:
@@ -607,7 +612,9 @@ class DaskEngine(Engine):
         finished = [b for b, status in batches if status == "finished"]
         if finished:
             try:
-                outputs = self._client.gather({b.id: b.future for b in finished}, errors="skip")
+                outputs = self._gather({b.id: b.future for b in finished})
+            except TimeoutError:
+                outputs = {}  # waited for again below (see GATHER_SECONDS)
             except Exception as exc:  # noqa: BLE001 - e.g. the connection to the scheduler is lost
                 outputs = {}
                 for b in finished:
@@ -637,6 +644,15 @@ class DaskEngine(Engine):
                 self._fail_batch(batch, error)
             batch.future = None
         self._notify()
+
+    def _gather(self, futures: dict[Any, Any]) -> dict[Any, Any]:
+        """``Client.gather(futures, errors="skip")``, TimeoutError after
+        GATHER_SECONDS (Client.gather takes no timeout; its sync does)."""
+        client = self._client
+        return cast(
+            "dict[Any, Any]",
+            client.sync(client._gather, futures, errors="skip", callback_timeout=GATHER_SECONDS),
+        )
 
     def _wait_again(self, batch: _Batch) -> None:
         # Its result was lost with a worker that died after the batch
