@@ -334,6 +334,7 @@ def fuzz_packets(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_packet_framing_refuses_corrupt_datagrams():
     """A datagram with any kind byte, any body (a memfd header of any size,
@@ -444,6 +445,7 @@ def fuzz_channel(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_channel_framing_refuses_corrupt_frames():
     """Frames whose header announces any size (up to 2**48) and any number
@@ -583,6 +585,7 @@ def fuzz_ring(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_queue_ring_refuses_corrupt_shared_memory():
     """A queue whose ring another process overwrote (positions, capacity,
@@ -644,6 +647,7 @@ def fuzz_out_of_band(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_out_of_band_layout_is_checked():
     """Out-of-band buffer descriptors (the segment's size, each buffer's
@@ -858,6 +862,7 @@ def fuzz_shared_dict(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_shared_dict_refuses_corrupt_shared_memory():
     """A live SharedDict whose memory another process overwrote (header
@@ -1050,6 +1055,7 @@ def fuzz_results(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pool_survives_workers_that_send_corrupt_results():
     """A task writes garbage onto its worker's channel to the pool: bytes
@@ -1243,6 +1249,7 @@ def fuzz_actor_client(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_actor_refuses_malformed_requests_and_goes_on():
     """A peer of the same user (no other is served) sends the actor
@@ -1259,6 +1266,7 @@ def test_actor_refuses_malformed_requests_and_goes_on():
     assert outcomes.get("reply", 0) + outcomes.get("nothing", 0) > 0, outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_actor_handle_refuses_malformed_replies():
     """An "actor" (a socket of the same user) replies to a call with a
