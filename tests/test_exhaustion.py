@@ -219,6 +219,7 @@ TOO_MANY_FILES = ("too many open files", "RLIMIT_NOFILE", "ulimit -n")
 FREE = (0, 2, 4, 6, 9, 12, 16, 24)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_each_kind_at_every_distance_from_the_descriptor_limit(tmp_path, fork_or_spawn):
     # RLIMIT_NOFILE at 64, and every descriptor but 0, 2, 4, ... 22 taken:
@@ -272,6 +273,7 @@ def test_each_kind_at_every_distance_from_the_descriptor_limit(tmp_path, fork_or
         assert got[f"{kind} after"] == "ok"
 
 
+@pytest.mark.slow
 def test_holding_pools_queues_arrays_and_actors_until_descriptors_run_out(tmp_path, fork_or_spawn):
     # A program that keeps making pools, executors, queues, arrays and
     # actors under RLIMIT_NOFILE=64: those that fit work; the first that

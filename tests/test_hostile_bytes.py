@@ -334,6 +334,7 @@ def fuzz_packets(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_packet_framing_refuses_corrupt_datagrams():
     """A datagram with any kind byte, any body (a memfd header of any size,
@@ -444,6 +445,7 @@ def fuzz_channel(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_channel_framing_refuses_corrupt_frames():
     """Frames whose header announces any size (up to 2**48) and any number
@@ -583,6 +585,7 @@ def fuzz_ring(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_queue_ring_refuses_corrupt_shared_memory():
     """A queue whose ring another process overwrote (positions, capacity,
@@ -644,6 +647,7 @@ def fuzz_out_of_band(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_out_of_band_layout_is_checked():
     """Out-of-band buffer descriptors (the segment's size, each buffer's
@@ -858,6 +862,7 @@ def fuzz_shared_dict(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_shared_dict_refuses_corrupt_shared_memory():
     """A live SharedDict whose memory another process overwrote (header
@@ -870,6 +875,73 @@ def test_shared_dict_refuses_corrupt_shared_memory():
     outcomes = summary["outcomes"]
     assert outcomes.get("CorruptDataError", 0) > 0, outcomes
     assert outcomes.get("decoded", 0) > 0, outcomes
+
+
+def test_shared_dict_refuses_a_corrupt_lock_type():
+    """The lock's type word (glibc's __kind, 16 bytes into the mutex at 64)
+    overwritten by another process: every value but the one shoal writes
+    raises CorruptDataError at the next lock.  It used to reach glibc,
+    which aborted on a priority-protected type (0x40), trapped on the
+    elision bit (0x100) or followed the robust-list pointers beside it.
+    Found by test_shared_dict_refuses_corrupt_shared_memory ("any byte")."""
+    run_code(
+        """
+        import mmap, os
+        from shoal import CorruptDataError, SharedDict
+
+        for kind in (0x40, 0x41, 0x42, 0xC2, 0x100, 0x01, 0x02, 0x12, 0x22, 0xFFFFFFFF):
+            d = SharedDict(max_size=4 << 20)
+            try:
+                d["k0"] = 1
+                with mmap.mmap(d._fd, os.fstat(d._fd).st_size) as mm:
+                    good = mm[80:84]
+                    mm[80:84] = kind.to_bytes(4, "little")
+                for op in (lambda: d.__setitem__("k1", "x"), d.clear, lambda: d.pop("k0"), d.popitem):
+                    try:
+                        op()
+                    except CorruptDataError as exc:
+                        assert "lock's type word" in str(exc), exc
+                    else:
+                        raise AssertionError(f"kind {kind:#x}: no CorruptDataError")
+                assert d.get("k0") == 1  # lock-free reads still work
+                with mmap.mmap(d._fd, os.fstat(d._fd).st_size) as mm:
+                    mm[80:84] = good
+                d["k1"] = "x"  # and the restored lock works again
+            finally:
+                d.close()
+        """
+    )
+
+
+def test_shared_dict_refuses_a_lock_word_naming_a_live_thread_that_does_not_hold_it():
+    """The lock's futex word overwritten with the id of a thread that exists
+    (1, a kernel thread, the parent) but never took the lock: the next
+    locker waited forever (the fuzz above hung in d[k] = v).  Now it raises
+    CorruptDataError within a few seconds: the mutex's owner field never
+    named that thread."""
+    run_code(
+        """
+        import mmap, os, time
+        from shoal import CorruptDataError, SharedDict
+
+        for word in (1, 2, os.getppid()):
+            d = SharedDict(max_size=4 << 20)
+            try:
+                with mmap.mmap(d._fd, os.fstat(d._fd).st_size) as mm:
+                    mm[64:68] = word.to_bytes(4, "little")
+                started = time.monotonic()
+                try:
+                    d["k"] = 1
+                except CorruptDataError as exc:
+                    assert "held by no live thread" in str(exc), exc
+                else:
+                    raise AssertionError(f"word {word}: no CorruptDataError")
+                assert time.monotonic() - started < 10
+            finally:
+                d.close()
+        """,
+        timeout=60,
+    )
 
 
 # -- pool workers' results ------------------------------------------------------------
@@ -983,6 +1055,7 @@ def fuzz_results(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pool_survives_workers_that_send_corrupt_results():
     """A task writes garbage onto its worker's channel to the pool: bytes
@@ -1176,6 +1249,7 @@ def fuzz_actor_client(examples: int) -> None:
     harness.report()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_actor_refuses_malformed_requests_and_goes_on():
     """A peer of the same user (no other is served) sends the actor
@@ -1192,6 +1266,7 @@ def test_actor_refuses_malformed_requests_and_goes_on():
     assert outcomes.get("reply", 0) + outcomes.get("nothing", 0) > 0, outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_actor_handle_refuses_malformed_replies():
     """An "actor" (a socket of the same user) replies to a call with a

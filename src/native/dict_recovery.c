@@ -14,6 +14,34 @@ dict_exit(MappingObject *m, int took)
     pthread_mutex_unlock((pthread_mutex_t *)(m->addr + H_MUTEX));
 }
 
+/* Whether the mutex's type word (glibc's __kind: robust, process-shared,
+ * error-checking) is what init_robust_mutex writes.  glibc trusts that word
+ * and dispatches on it: another type (priority-protected, priority-
+ * inheriting, not robust...) overwritten into shared memory would make
+ * pthread_mutex_lock abort on an assertion, or follow the robust-list
+ * pointers stored beside it (wild writes: SIGSEGV).  Read once, before
+ * every lock. */
+static int
+mutex_kind_ok(pthread_mutex_t *mu)
+{
+#if defined(__GLIBC__)
+    static int expected = -1;
+    if (expected == -1) {
+        pthread_mutex_t model;
+        if (init_robust_mutex(&model) < 0) {
+            PyErr_Clear();
+            return 1;  /* cannot tell: let the lock report it */
+        }
+        expected = model.__data.__kind;
+        pthread_mutex_destroy(&model);
+    }
+    return __atomic_load_n(&mu->__data.__kind, __ATOMIC_RELAXED) == expected;
+#else
+    (void)mu;
+    return 1;
+#endif
+}
+
 /* Take the dict lock unless this thread holds it (through this handle, or
  * through another handle of the same dict: the mutex reports EDEADLK).
  * *took tells the caller whether to release it.  A dead holder's leftovers
@@ -27,6 +55,10 @@ dict_enter(MappingObject *m, double timeout, int *took, int *owner_died)
     if (held_by_me(m))
         return 0;
     pthread_mutex_t *mu = (pthread_mutex_t *)(m->addr + H_MUTEX);
+    if (!mutex_kind_ok(mu)) {
+        corrupt("the lock's type word is not a robust process-shared mutex's");
+        return -1;
+    }
     /* No spinning with the GIL held when the holder is another thread of
      * this process: it needs the GIL to finish. */
     int spin = !held_here(m);

@@ -149,8 +149,14 @@ set_lock_error(int r)
  * than a locker: the memory was overwritten, and waiting would never end.
  * (A holder in another PID namespace would look gone too: shoal's shared
  * structures are for processes of one namespace.) */
+/* Also when the word names a thread that exists (thread 1, a kernel
+ * thread: a small number overwritten into it) but the mutex's owner field
+ * has not named that thread at two checks in a row (*suspect keeps the
+ * previous check's mismatch): glibc sets it right after taking the lock,
+ * to the taker's id, or to "inconsistent" while a taker of an owner-died
+ * lock repairs. */
 static int
-holder_missing(pthread_mutex_t *mu)
+holder_missing(pthread_mutex_t *mu, uint64_t *suspect)
 {
 #if defined(__GLIBC__)
     unsigned *word = (unsigned *)mu;
@@ -158,10 +164,20 @@ holder_missing(pthread_mutex_t *mu)
     if (w == 0 || (w & FUTEX_OWNER_DIED))
         return 0;  /* free, or recoverable: the next attempt takes it */
     pid_t tid = (pid_t)(w & FUTEX_TID_MASK);
-    if (tid != 0 && (kill(tid, 0) == 0 || errno != ESRCH))
-        return 0;
+    if (tid != 0 && (kill(tid, 0) == 0 || errno != ESRCH)) {
+        int owner = __atomic_load_n(&mu->__data.__owner, __ATOMIC_RELAXED);
+        if (owner == (int)tid || owner == 0x7fffffff /* PTHREAD_MUTEX_INCONSISTENT */) {
+            *suspect = 0;
+            return 0;
+        }
+        uint64_t seen = ((uint64_t)w << 32) | (unsigned)owner;
+        int twice = *suspect == seen;
+        *suspect = seen;
+        return twice && __atomic_load_n(word, __ATOMIC_ACQUIRE) == w;
+    }
     return __atomic_load_n(word, __ATOMIC_ACQUIRE) == w;
 #else
+    (void)suspect;
     return 0;
 #endif
 }
@@ -192,6 +208,7 @@ lock_robust(pthread_mutex_t *mu, double timeout, int spin)
     if (timeout == 0)
         return ETIMEDOUT;
     double deadline = timeout < 0 ? 0 : monotonic_now() + timeout;
+    uint64_t suspect = 0;
     for (unsigned long slices = 1;; slices++) {
         double slice = WAIT_SLICE;
         if (timeout >= 0) {
@@ -217,10 +234,10 @@ lock_robust(pthread_mutex_t *mu, double timeout, int spin)
             goto fail;
         if (PyErr_CheckSignals() < 0)
             return -1;
-        if (slices % HOLDER_CHECK_SLICES == 0 && holder_missing(mu)) {
+        if (slices % HOLDER_CHECK_SLICES == 0 && holder_missing(mu, &suspect)) {
             PyErr_Format(corrupt_error_type(),
                          "the lock is held by no live thread (its word is 0x%x: the holder it names, thread %u, "
-                         "does not exist, and the kernel did not mark it dead): the process that wrote it is "
+                         "does not exist or does not hold it, and the kernel did not mark it dead): the process that wrote it is "
                          "not shoal of this version, or the bytes were overwritten (by a C extension, or a "
                          "stray write to shared memory it holds)",
                          *(unsigned *)mu, *(unsigned *)mu & FUTEX_TID_MASK);

@@ -27,12 +27,7 @@ from ._local import set_thread_shared as set_thread_shared
 from ._local import shared as shared
 from ._local import worker_state as worker_state
 from ._procs import start_process as start_process
-from ._state import BROKEN as BROKEN
-from ._state import CLOSE as CLOSE
-from ._state import RUN as RUN
-from ._state import TERMINATE as TERMINATE
 from ._state import engine_descriptors as engine_descriptors
-from ._tasks import FailableSink as FailableSink
 from ._tasks import ResultSink as ResultSink
 from ._tasks import WorkerProcess as WorkerProcess
 from ._worker import CALL as CALL
@@ -42,17 +37,12 @@ from ._worker import STARMAP as STARMAP
 from ._worker import set_pdeathsig as set_pdeathsig
 
 __all__ = (
-    "BROKEN",
     "CALL",
     "CALL_KW",
-    "CLOSE",
     "MAP",
     "NO_SHARED",
-    "RUN",
     "STARMAP",
-    "TERMINATE",
     "Engine",
-    "FailableSink",
     "LocalEngine",
     "PoolStatistics",
     "ResultSink",

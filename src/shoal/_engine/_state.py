@@ -82,6 +82,27 @@ class EngineState:
         self.state = BROKEN
         return True
 
+    @property
+    def running(self) -> bool:
+        """RUN: new work is accepted."""
+        return self.state == RUN
+
+    def accepts(self, from_feeder: bool = False) -> bool:
+        """Whether new tasks may be queued: while running, and after close()
+        from an imap feeder that started before it (the input is read to
+        the end, as the standard library does)."""
+        return self.state == RUN or (from_feeder and self.state == CLOSE)
+
+    @property
+    def terminating(self) -> bool:
+        """TERMINATE: fail what is unfinished and stop."""
+        return self.state == TERMINATE
+
+    @property
+    def winding_down(self) -> bool:
+        """CLOSE or BROKEN: finish what is queued, then stop."""
+        return self.state == CLOSE or self.state == BROKEN
+
     def notify_waiters(self) -> None:
         """Wake every thread waiting on a result of this engine."""
         with self.results_cond:

@@ -25,7 +25,7 @@ from typing import Any, cast
 import dask
 import distributed
 
-from ..._engine import BROKEN, CALL, CALL_KW, CLOSE, NO_SHARED, RUN, TERMINATE, Engine, PoolStatistics
+from ..._engine import CALL, CALL_KW, NO_SHARED, Engine, PoolStatistics
 from ..._serialization import loads, pickle_code, starting_process, unpack_exception
 from ...exceptions import (
     PoolClosedError,
@@ -56,6 +56,11 @@ ALLOWED_FAILURES = 1
 SPLIT_WAYS = 64
 #: Seconds between refreshes of the cluster's worker count (external cluster).
 REFRESH_SECONDS = 2.0
+#: Longest one gather of finished results may take.  Past it (a worker that
+#: held the results died and Dask computes them again) the batches wait for
+#: their futures again, so the dispatcher thread, which terminate() waits
+#: for, is never stuck in a gather.
+GATHER_SECONDS = 5.0
 
 
 class _Scope:
@@ -389,7 +394,7 @@ class DaskEngine(Engine):
     def submit_call(
         self, fn: Any, args: tuple, kwargs: dict, sink: Any, timeout: float | None = None
     ) -> _Task:
-        if self.record.state != RUN or os.getpid() != self.owner_pid:
+        if not self.record.running or os.getpid() != self.owner_pid:
             self._check_running()
         if kwargs:
             task = self.make_task(fn, CALL_KW, (args, kwargs), sink, 0, timeout)
@@ -399,8 +404,7 @@ class DaskEngine(Engine):
         return task
 
     def submit_tasks(self, tasks: list[_Task], from_feeder: bool = False) -> None:
-        state = self.record.state
-        if state != RUN and not (from_feeder and state == CLOSE):
+        if not self.record.accepts(from_feeder):
             self._check_running()
         self._queue(tasks)
 
@@ -423,7 +427,7 @@ class DaskEngine(Engine):
         try:
             return self._client.scatter(values, hash=False)
         except Exception as exc:
-            if self.record.state == TERMINATE or self._finished.is_set():
+            if self.record.terminating or self._finished.is_set():
                 raise PoolClosedError("the pool was terminated while this task was being submitted") from exc
             raise
 
@@ -498,13 +502,13 @@ class DaskEngine(Engine):
                 self._handle_control(*self._control.popleft())
             if self._done:
                 self._collect()
-            if record.state == TERMINATE:
+            if record.terminating:
                 self._fail_everything(PoolClosedError("the pool was terminated before this task finished"))
                 return
             if self._pending or self._isolated:
                 self._dispatch()
             if (
-                record.state in (CLOSE, BROKEN)
+                record.winding_down
                 and not self._pending
                 and not self._isolated
                 and not self._inflight
@@ -608,7 +612,9 @@ class DaskEngine(Engine):
         finished = [b for b, status in batches if status == "finished"]
         if finished:
             try:
-                outputs = self._client.gather({b.id: b.future for b in finished}, errors="skip")
+                outputs = self._gather({b.id: b.future for b in finished})
+            except TimeoutError:
+                outputs = {}  # waited for again below (see GATHER_SECONDS)
             except Exception as exc:  # noqa: BLE001 - e.g. the connection to the scheduler is lost
                 outputs = {}
                 for b in finished:
@@ -638,6 +644,15 @@ class DaskEngine(Engine):
                 self._fail_batch(batch, error)
             batch.future = None
         self._notify()
+
+    def _gather(self, futures: dict[Any, Any]) -> dict[Any, Any]:
+        """``Client.gather(futures, errors="skip")``, TimeoutError after
+        GATHER_SECONDS (Client.gather takes no timeout; its sync does)."""
+        client = self._client
+        return cast(
+            "dict[Any, Any]",
+            client.sync(client._gather, futures, errors="skip", callback_timeout=GATHER_SECONDS),
+        )
 
     def _wait_again(self, batch: _Batch) -> None:
         # Its result was lost with a worker that died after the batch
