@@ -17,7 +17,7 @@ import pytest
 
 import shoal
 import workers
-from helpers import run_python
+from helpers import run_python, wait_until
 
 
 def test_submit_map_shutdown(start_method):
@@ -144,6 +144,22 @@ def test_failing_initializer_is_broken_process_pool():
     with shoal.ProcessPoolExecutor(1, initializer=workers.failing_initializer) as ex:
         with pytest.raises(BrokenProcessPool):
             ex.submit(workers.square, 2).result(timeout=30)
+
+
+def test_a_failing_initializer_marks_the_executor_broken_as_the_standard_library_does(fork_or_spawn):
+    # ``_broken`` read an engine attribute that the engine contract had moved
+    # into its state record, so it stayed False and CPython's own
+    # FailingInitializerTest waited 30 s for "executor not broken".
+    ctx = shoal.get_context(fork_or_spawn)
+    ex = shoal.ProcessPoolExecutor(1, initializer=workers.failing_initializer, mp_context=ctx)
+    try:
+        assert ex._broken is False or isinstance(ex._broken, str)
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            ex.submit(workers.square, 2).result(timeout=30)
+        assert wait_until(lambda: ex._broken), "the executor never said it was broken"
+        assert isinstance(ex._broken, str) and ex._broken
+    finally:
+        ex.shutdown()
 
 
 def test_an_initializer_calling_sys_exit_breaks_the_pool_saying_so(fork_or_spawn):

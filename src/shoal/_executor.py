@@ -256,7 +256,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
     def _broken(self) -> str | bool:
         """The standard library's ``_broken``: why the pool cannot run tasks
         any more (a message), or False (read-only)."""
-        error = getattr(self._engine, "_broken_error", None)
+        error = self._engine.broken_error
         return False if error is None else str(error) or type(error).__name__
 
     @property

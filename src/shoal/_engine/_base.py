@@ -150,6 +150,11 @@ class Engine(abc.ABC):
         return self.record.state
 
     @property
+    def broken_error(self) -> BaseException | None:
+        """Why the pool cannot run tasks any more (BROKEN), else None."""
+        return self.record.broken_error
+
+    @property
     def results_cond(self) -> threading.Condition:
         """The condition result objects wait on; notified when results arrive."""
         return self.record.results_cond
