@@ -268,3 +268,19 @@ def test_no_module_is_too_long_to_read():
     }
     limits = f"at most {MAX_PY_LINES} lines, C {MAX_C_LINES}"
     assert not too_long, f"split these along their sections ({limits}): {too_long}"
+
+
+def test_every_package_of_the_source_is_in_the_distribution():
+    # pyproject.toml lists the packages by name; shoal._actor (a module made a
+    # package) was left out, so `pip install .` installed a shoal whose
+    # `import shoal` failed while the editable install of every developer
+    # worked.
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    src = root / "src"
+    on_disk = {".".join(init.parent.relative_to(src).parts) for init in (src / "shoal").rglob("__init__.py")}
+    assert on_disk, f"no packages found under {src}"
+    missing = sorted(on_disk - listed)
+    assert not missing, f"add these to [tool.setuptools] packages in pyproject.toml: {missing}"
