@@ -103,6 +103,43 @@ def pytest_configure(config):
     PRIVATE_DEV_SHM = _private_dev_shm()
 
 
+_METHOD_IN_PARAMS = re.compile(r"(?i)(?<![a-z])(forkserver|spawn|fork)(?![a-z])")
+_METHOD_IN_CLASS = re.compile(r"(Forkserver|Spawn|Fork)(?=[A-Z0-9_]|$)")
+
+
+def _start_method_variant(item) -> tuple[tuple, str | None]:
+    """The test *item* is one start method's variant of: (what it is with
+    the method left out, the method), from its parameters' ids and its class
+    name (``WithShoalSpawnTestPool``); method None when it names none."""
+    found: list[str] = []
+
+    def take(match: re.Match) -> str:
+        found.append(match.group(1).lower())
+        return "{method}"
+
+    callspec = getattr(item, "callspec", None)
+    params = _METHOD_IN_PARAMS.sub(take, callspec.id) if callspec is not None else ""
+    cls = _METHOD_IN_CLASS.sub(take, item.cls.__name__) if getattr(item, "cls", None) else ""
+    return (item.path, cls, getattr(item, "originalname", item.name), params), (found[0] if found else None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The quick subset (``-m "not slow"``) runs a test that is repeated for
+    every start method under fork only: its spawn and forkserver variants
+    are marked slow (the whole suite runs them all).  A test that has no
+    fork variant (spawn or forkserver is its subject) stays quick."""
+    variants: dict[tuple, list] = {}
+    for item in items:
+        key, method = _start_method_variant(item)
+        if method is not None:
+            variants.setdefault(key, []).append((method, item))
+    for group in variants.values():
+        if any(method == "fork" for method, _item in group):
+            for method, item in group:
+                if method != "fork":
+                    item.add_marker(pytest.mark.slow)
+
+
 def _shm() -> set[str]:
     try:
         return set(os.listdir("/dev/shm"))
@@ -150,8 +187,11 @@ def _leak_check():
     shm_before = _shm()
     yield
     deadline = time.monotonic() + 10
+    collect = False  # a full collection costs up to 0.1 s in a long session: only when something is left
     while True:
-        gc.collect()
+        if collect:
+            gc.collect()
+        collect = True
         kids = _children(running)
         new_fds = open_fds() - fds_before - _session_fds()
         pids |= _tree_pids()

@@ -333,6 +333,7 @@ def test_bench_output_into_a_missing_directory_fails_before_measuring(workdir, o
     assert out.stdout == ""  # nothing was measured
 
 
+@pytest.mark.slow  # several seconds: the whole suite runs it, the quick subset does not
 def test_bench_plot_draws_the_ratios(workdir):
     _results_file(workdir / "saved.json", shoal_ratio=4.0)
     out = shoal(workdir, "bench", "--load", "saved.json", "--plot", "ratios.png")
@@ -344,6 +345,7 @@ def test_bench_plot_draws_the_ratios(workdir):
     assert "<svg" in svg and "queue 100 B 1p/1c put/get" in svg
 
 
+@pytest.mark.slow  # several seconds: the whole suite runs it, the quick subset does not
 def test_bench_plot_gives_each_contender_one_colour_of_its_own(workdir):
     # The chart reused colours (shoal and "shoal bs=1" both blue, joblib and
     # shoal-share gold, shoal-SA and client.map grey), so bars could not be

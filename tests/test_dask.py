@@ -287,6 +287,7 @@ def test_cancel_a_queued_task(cluster):
         assert [r.get(30) for r in results[:-1]] == list(range(11))
 
 
+@pytest.mark.slow  # several seconds: the whole suite runs it, the quick subset does not
 def test_pools_left_open_at_exit_shut_down_their_cluster(tmp_path):
     script = tmp_path / "left_open.py"
     script.write_text(
@@ -367,6 +368,7 @@ def test_a_worker_killed_mid_map_loses_no_result():
         assert out == list(range(60))
 
 
+@pytest.mark.slow  # several seconds: the whole suite runs it, the quick subset does not
 def test_a_task_that_kills_every_worker_fails_with_worker_died_error_naming_it():
     with shoal.Pool(2, backend="dask") as p:
         with pytest.raises(shoal.WorkerDiedError, match=r"crash_on\(3\)"):

@@ -70,8 +70,9 @@ EXAMPLES = {
 #: No example may allocate more than this (tracemalloc's peak): a corrupt
 #: length must never become an allocation of that length.
 ALLOC_LIMIT = 96 << 20
-#: An example running longer than this is a hang (the child prints where).
-EXAMPLE_SECONDS = 30
+#: A fuzz running longer than this hangs: the child prints where every thread
+#: is and exits (fuzz_in_child sets it a little under its own timeout).
+HANG_SECONDS = 225.0
 
 #: Sizes a corrupt length field takes: around every threshold of the
 #: layouts, the machine's memory, and the extremes.
@@ -106,6 +107,7 @@ def fuzz_in_child(name: str, examples: int, timeout: float = 240) -> dict:
         import sys
         sys.path.insert(0, {str(TESTS)!r})
         import test_hostile_bytes
+        test_hostile_bytes.HANG_SECONDS = {timeout - 15}
         test_hostile_bytes.fuzz_{name}({examples})
         """,
         timeout=timeout,
@@ -143,14 +145,20 @@ class Harness:
         self.started = time.monotonic()
         self.peak = 0
         faulthandler.enable()
+        # One watchdog for the whole fuzz, not one per example: each
+        # dump_traceback_later() starts a thread and the last one ends while
+        # the next example runs, and a thread ending (it frees its memory)
+        # while tracemalloc.stop() runs crashes CPython before 3.12.9 and
+        # 3.13.2 (gh-128679): a segfault in the fuzz under AddressSanitizer.
+        faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
 
     def run(self, example, accepted: tuple[type[BaseException], ...], new_example: bool = True) -> object:
         """Run *example*(); its outcome is what it returned ("decoded" if
         None) or the name of the accepted exception it raised.
         *new_example*: it is the first call of a Hypothesis example."""
         before = open_fds()
-        faulthandler.dump_traceback_later(EXAMPLE_SECONDS, exit=True)
-        tracemalloc.start()  # around the example only: tracing Hypothesis too would slow it down
+        threads = _os_threads()
+        tracemalloc.start()  # around the example only: tracing Hypothesis too would slow it down (5x)
         try:
             try:
                 outcome = example() or "decoded"
@@ -159,8 +167,10 @@ class Harness:
                 outcome = type(exc).__name__
             peak = tracemalloc.get_traced_memory()[1]
         finally:
+            # Stopped only once the threads the example started are gone from
+            # the kernel (past their last free): see gh-128679 in __init__.
+            _wait_for_threads(threads)
             tracemalloc.stop()
-            faulthandler.cancel_dump_traceback_later()
         self.peak = max(self.peak, peak)
         assert peak < ALLOC_LIMIT, f"an example allocated {peak} bytes"
         left = open_fds() - before
@@ -189,6 +199,19 @@ class Harness:
                 }
             )
         )
+
+
+def _os_threads() -> set[str]:
+    """The ids of this process's threads, as the kernel lists them."""
+    return set(os.listdir("/proc/self/task"))
+
+
+def _wait_for_threads(before: set[str], seconds: float = 5) -> None:
+    """Wait until every thread started since *before* was listed has ended
+    (one still running after *seconds* is left running)."""
+    deadline = time.monotonic() + seconds
+    while _os_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.002)
 
 
 def _given(examples: int, *strategies, always: tuple = ()):
@@ -913,6 +936,7 @@ def test_shared_dict_refuses_a_corrupt_lock_type():
     )
 
 
+@pytest.mark.slow  # several seconds: the whole suite runs it, the quick subset does not
 def test_shared_dict_refuses_a_lock_word_naming_a_live_thread_that_does_not_hold_it():
     """The lock's futex word overwritten with the id of a thread that exists
     (1, a kernel thread, the parent) but never took the lock: the next
@@ -1335,6 +1359,7 @@ _LOCK_CORRUPTIONS = {
 }
 
 
+@pytest.mark.slow  # several seconds: the whole suite runs it, the quick subset does not
 def test_a_corrupt_lock_raises_instead_of_waiting_forever():
     """The lock of a SharedDict and the two locks of a queue's ring, whose
     bytes another process overwrote: naming a thread that does not exist as
@@ -1386,6 +1411,7 @@ def test_a_corrupt_lock_raises_instead_of_waiting_forever():
         assert line.endswith(("CorruptDataError after 0 s", "CorruptDataError after 1 s")), line
 
 
+@pytest.mark.slow  # several seconds: the whole suite runs it, the quick subset does not
 def test_a_lock_held_for_seconds_by_a_live_process_is_waited_for():
     """The other side of the check above: a holder that exists is waited
     for, however long it holds the lock (here 2.5 s, past the one-second

@@ -263,6 +263,7 @@ def test_fork_workers_keep_what_the_program_gave_them(tmp_path):
     assert sorted(path.read_text().split()) == ["a", "b", "c"]
 
 
+@pytest.mark.slow  # several seconds: the whole suite runs it, the quick subset does not
 def test_cleanup_after_many_executors_ends(tmp_path):
     # Executors under every start method, some shut down, some dropped, some
     # whose tasks failed in every way; then multiprocessing cleans up.  What

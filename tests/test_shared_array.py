@@ -470,6 +470,7 @@ def _grandchildren(pid: int) -> list[psutil.Process]:
         return []
 
 
+@pytest.mark.slow  # several seconds: the whole suite runs it, the quick subset does not
 def test_the_parent_killed_with_arrays_in_flight_leaves_nothing(fork_or_spawn):
     code = textwrap.dedent(
         """
@@ -583,3 +584,41 @@ def test_many_large_results_kept_alive_do_not_run_out_of_descriptors():
             del kept
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("leased", [False, True], ids=["private", "leased"])
+@pytest.mark.parametrize("writable", [True, False], ids=["writable", "read-only"])
+def test_buffers_received_when_no_descriptor_is_free_are_copied(leased, writable):
+    # One message brings many descriptors (a batch of results, one each), so
+    # a received descriptor can have a low number while every number up to
+    # RLIMIT_NOFILE is taken: mapping it (mmap keeps a duplicate) failed with
+    # "out-of-band buffers ... could not be mapped ([Errno 24] Too many open
+    # files)", a result lost in a combined run on CI.
+    import resource
+
+    from shoal._serialization import _pickling
+
+    data = bytes(range(256)) * 1024
+    fd = os.memfd_create("test-oob")
+    os.write(fd, data)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(int(n) for n in os.listdir("/proc/self/fd"))
+    filler: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1 + 200, hard))
+    try:
+        while True:  # every number under the limit taken
+            try:
+                filler.append(os.dup(0))
+            except OSError:
+                break
+        assert fd < _pickling._fd_limit() - _pickling._FD_HEADROOM  # the number alone says "map it"
+        spans = [(4096, 100), (0, len(data))]
+        views = _pickling._rebuild_oob(lambda n: n, (fd,), len(data), spans, leased, writable)
+    finally:
+        for n in filler:
+            os.close(n)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [bytes(v) for v in views] == [data[4096:4196], data]
+    assert all(v.readonly is not writable for v in views)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed, as a mapped one is

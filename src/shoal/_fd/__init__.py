@@ -56,6 +56,7 @@ from ._segment import check_fd_holds as check_fd_holds
 from ._segment import check_sealed as check_sealed
 from ._segment import create_fd as create_fd
 from ._segment import fd_from_buffer as fd_from_buffer
+from ._segment import map_private as map_private
 from ._segment import map_private_fd as map_private_fd
 from ._segment import peer_size_error as peer_size_error
 from ._warm import WarmSegments as WarmSegments
@@ -79,6 +80,7 @@ __all__ = (
     "fd_from_buffer",
     "fds_ancillary",
     "map_leased",
+    "map_private",
     "map_private_fd",
     "peer_size_error",
     "providing_fds",

@@ -192,14 +192,18 @@ def _rebuild_segment(rebuild: Any, args: Any, size: int) -> Segment:
     return Segment(size, fd=rebuild(*args))
 
 
+def map_private(fd: int, size: int) -> memoryview:
+    """Map *fd* copy-on-write (the caller still closes it): the view reads
+    the shared pages, and writes through it stay in this process.  Dropping
+    the last reference to the view frees this process's share."""
+    if size == 0:
+        return memoryview(bytearray())
+    return memoryview(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+
+
 def map_private_fd(fd: int, size: int) -> memoryview:
-    """Map *fd* copy-on-write and close it: the view reads the shared pages,
-    and writes through it stay in this process.  Dropping the last reference
-    to the view frees this process's share."""
+    """:func:`map_private`, and close *fd*."""
     try:
-        if size == 0:
-            return memoryview(bytearray())
-        m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return map_private(fd, size)
     finally:
         os.close(fd)
-    return memoryview(m)

@@ -29,6 +29,7 @@ out-of-band buffers are allowed, and ``loads`` inside ``providing_fds``.
 
 from __future__ import annotations
 
+import errno
 import io
 import mmap
 import os
@@ -44,7 +45,7 @@ from .._fd import (
     collecting,
     create_fd,
     map_leased,
-    map_private_fd,
+    map_private,
     peer_size_error,
     providing_fds,
     reduce_fd,
@@ -140,30 +141,34 @@ def _check_layout(size: int, spans: list[tuple[int, int]]) -> None:
 
 def _map_oob(fd: int, size: int, spans: Any, leased: bool, writable: bool) -> list[memoryview]:
     """Map (or copy) the segment *fd*, which this function closes."""
-    if fd >= _fd_limit() - _FD_HEADROOM:
-        # Every mapping keeps a descriptor (Python's mmap holds a dup), so
-        # thousands of results kept alive would run out of descriptors
-        # (EMFILE): near the limit, received buffers are copied instead.
-        try:
-            view = _read_copy(fd, size, writable)
-        finally:
-            os.close(fd)
-    elif leased:
-        try:
-            view = memoryview(map_leased(fd, size, writable=writable))
-        finally:
-            os.close(fd)
-    elif writable:
-        # A private (copy-on-write) mapping: the receiver may write to the
-        # arrays it gets, as with in-band pickles, without changing what the
-        # sender (or a second receiver of a re-sent task) sees.
-        view = map_private_fd(fd, size)
-    else:
-        try:
-            view = memoryview(mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ))
-        finally:
-            os.close(fd)
+    try:
+        view = _map_segment(fd, size, leased, writable)
+    finally:
+        os.close(fd)
     return [view[offset : offset + n] for offset, n in spans]
+
+
+def _map_segment(fd: int, size: int, leased: bool, writable: bool) -> memoryview:
+    if fd < _fd_limit() - _FD_HEADROOM:
+        try:
+            if leased:
+                return memoryview(map_leased(fd, size, writable=writable))
+            if writable:
+                # A private (copy-on-write) mapping: the receiver may write to
+                # the arrays it gets, as with in-band pickles, without changing
+                # what the sender (or a second receiver of a re-sent task) sees.
+                return map_private(fd, size)
+            return memoryview(mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ))
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            # No descriptor for the mapping's own duplicate: the number of
+            # *fd* says little when a message brought many (one per result
+            # of a batch), so the limit can be met here all the same.
+    # Every mapping keeps a descriptor (Python's mmap holds a dup), so
+    # thousands of results kept alive would run out of descriptors (EMFILE):
+    # near the limit, received buffers are copied instead.
+    return _read_copy(fd, size, writable)
 
 
 #: Descriptors kept free: beyond this, out-of-band buffers are copied, not mapped.
