@@ -616,6 +616,9 @@ class Scheduler(WorkerLifecycle):
                     raise corrupt_data(f"a message of kind {kind} whose body is {_describe(body)}")
             elif kind != _worker.READY and kind != _worker.INIT_FAILED:
                 raise corrupt_data(f"a message of unknown kind {_describe(kind)}")
+            if fds and kind != _worker.RESULTS and kind != _worker.EXITED:
+                # Nothing would close them: a worker never sends descriptors with these.
+                raise corrupt_data(f"a message of kind {kind} that brought {len(fds)} descriptors")
         except CorruptDataError:
             for fd in fds:
                 os.close(fd)
