@@ -398,6 +398,26 @@ def test_unbounded_put_never_blocks_when_the_ring_is_full():
         q.close()
 
 
+@pytest.mark.parametrize("cls", [Queue, JoinableQueue])
+def test_a_bounded_queue_takes_maxsize_items_whatever_their_size(cls):
+    # maxsize counts items, as in the standard library: Queue(100) took 17
+    # items of 60 KB (its 1 MiB ring full), then put() raised Full, or
+    # waited for ever without a consumer (a fuzz of the ring hung on it).
+    q = cls(100)
+    try:
+        items = [bytes([i]) * 60_000 for i in range(100)]
+        for item in items:
+            q.put(item, timeout=10)
+        with pytest.raises(queue.Full):
+            q.put(b"one too many", timeout=0.2)
+        assert q.qsize() == 100
+        assert [q.get(timeout=10) for _ in range(100)] == items
+        q.put(b"room again", timeout=10)
+        assert q.get(timeout=10) == b"room again"
+    finally:
+        q.close()
+
+
 def test_simple_queue_put_waits_for_room():
     q = SimpleQueue(capacity=4096)
     try:

@@ -240,12 +240,18 @@ class _Base:
             )
         return self._datagram(payload, fds)
 
-    def _datagram(self, payload: bytes, fds: list[int]) -> Any:
+    def _spill(self, payload: bytes) -> Any:
+        """An inline entry that does not fit in the ring, as a datagram whose
+        payload is in a memfd: the socket's buffer holds many such small
+        datagrams where it would hold few of the payloads themselves."""
+        return self._datagram(payload, [], in_memfd=True)
+
+    def _datagram(self, payload: bytes, fds: list[int], in_memfd: bool = False) -> Any:
         """An entry sent as a datagram.  *fds* (closed once it is sent) are
-        the descriptors the pickle collected, plus, for a large payload, a
-        memfd holding it (last)."""
+        the descriptors the pickle collected, plus, for a large payload (or
+        *in_memfd*), a memfd holding it (last)."""
         size = len(payload)
-        if size <= INBAND_MAX:
+        if size <= INBAND_MAX and not in_memfd:
             kind, body = _INLINE_KIND, payload
         else:
             try:
@@ -326,7 +332,14 @@ class _Base:
                     self._start_feeder()
             return
         try:
-            n = ring.put(entries, self._writer, self._maxsize, _deadline(block, timeout), joinable)
+            n = ring.put(
+                entries,
+                self._writer,
+                self._maxsize,
+                _deadline(block, timeout),
+                joinable,
+                self._spill if self._maxsize else None,
+            )
         except SendFailed as exc:
             raise _send_error(exc) from exc.error
         finally:

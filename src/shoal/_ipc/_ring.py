@@ -376,6 +376,7 @@ class Ring:
         maxsize: int,
         deadline: float | None,
         count_unfinished: bool = False,
+        spill: Any = None,
     ) -> int:
         """Append *entries* in order; return how many were appended before
         *deadline* (``None``: wait as long as it takes, ``0.0``: no waiting).
@@ -385,6 +386,12 @@ class Ring:
         *sock*; the caller closes *fds* afterwards.  With *count_unfinished*
         (JoinableQueue), the entries are counted as unfinished tasks just
         before they are published.
+
+        *spill* (a bounded queue's: *maxsize* counts items, not bytes): an
+        entry whose payload does not fit in the ring while the count has
+        room is replaced by ``spill(payload)``, a datagram entry, which
+        needs only a 16-byte record; so a put waits for the count, as with
+        the standard library, not for bytes a consumer may never free.
 
         Raises :class:`SendFailed` when a datagram cannot be sent (the
         entries before it are put).  Whatever is raised, the records
@@ -414,6 +421,10 @@ class Ring:
                         if datagram is None:
                             length = len(payload)
                             need = 8 + ((length + 7) & ~7)
+                            if room < need and spill is not None and room >= 16:
+                                entries[done] = spill(payload)  # the caller closes its descriptor
+                                payload, datagram, _fds = entries[done]
+                        if datagram is None:
                             if room < need:
                                 short = need
                                 break
