@@ -242,23 +242,24 @@ class _Base:
 
     def _spill(self, payload: bytes) -> Any:
         """An inline entry that does not fit in the ring, as a datagram whose
-        payload is in a memfd: the socket's buffer holds many such small
+        payload is in a memfd of its own (not the spool's, which this rare
+        path would keep open): the socket's buffer holds many such small
         datagrams where it would hold few of the payloads themselves."""
-        return self._datagram(payload, [], in_memfd=True)
+        return self._datagram(payload, [], spool=False)
 
-    def _datagram(self, payload: bytes, fds: list[int], in_memfd: bool = False) -> Any:
+    def _datagram(self, payload: bytes, fds: list[int], spool: bool = True) -> Any:
         """An entry sent as a datagram.  *fds* (closed once it is sent) are
-        the descriptors the pickle collected, plus, for a large payload (or
-        *in_memfd*), a memfd holding it (last)."""
+        the descriptors the pickle collected, plus, for a large payload (any
+        payload without *spool*), a memfd holding it (last)."""
         size = len(payload)
-        if size <= INBAND_MAX and not in_memfd:
+        if size <= INBAND_MAX and spool:
             kind, body = _INLINE_KIND, payload
         else:
             try:
                 # The entry owns this descriptor (a spool keeps its own
                 # copy): entries of a put_many are all prepared before any
                 # is sent.
-                if size <= Spool.MAX_SIZE:
+                if spool and size <= Spool.MAX_SIZE:
                     fds.append(self._spool.take(size))
                 else:
                     fds.append(create_fd(size + 8, "shoal-message"))
