@@ -45,6 +45,9 @@ class _PerThread(threading.local):
 # A backend whose workers run tasks in threads of a process it does not own
 # (Dask) sets the shared object per thread, around each batch.
 _thread = _PerThread()
+#: Whether a backend ever set a per-thread object in this process: until one
+#: does, shared() skips the thread-local read (a third of its cost).
+_per_thread = False
 _shared: Any = NO_SHARED
 _state: dict | None = None
 
@@ -70,6 +73,8 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 def set_thread_shared(obj: Any) -> Any:
     """Make shared() return *obj* in this thread (NO_SHARED: undo); returns
     what it returned before.  For backends whose tasks run in threads."""
+    global _per_thread
+    _per_thread = True
     previous = _thread.shared
     _thread.shared = obj
     return previous
@@ -89,8 +94,12 @@ def shared() -> Any:
         RuntimeError: called outside a pool worker, or the pool was created
             without ``shared=``.
     """
-    value = _thread.shared
-    if value is not NO_SHARED:
+    if _per_thread:
+        value = _thread.shared
+        if value is not NO_SHARED:
+            return value
+    value = _shared
+    if value is not NO_SHARED:  # set only in a pool worker (install())
         return value
     if not _in_worker:
         raise RuntimeError(
@@ -98,12 +107,10 @@ def shared() -> Any:
             "Pool(shared=obj) / ProcessPoolExecutor(shared=obj), and works only inside the tasks, "
             "initializer and worker_init/worker_exit hooks run by that pool's workers"
         )
-    if _shared is NO_SHARED:
-        raise RuntimeError(
-            "shoal.shared() was called in a worker of a pool created without shared=: "
-            "create the pool with shoal.Pool(..., shared=obj) to give every worker obj"
-        )
-    return _shared
+    raise RuntimeError(
+        "shoal.shared() was called in a worker of a pool created without shared=: "
+        "create the pool with shoal.Pool(..., shared=obj) to give every worker obj"
+    )
 
 
 def worker_state() -> dict:
