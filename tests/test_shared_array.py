@@ -622,3 +622,51 @@ def test_buffers_received_when_no_descriptor_is_free_are_copied(leased, writable
     assert all(v.readonly is not writable for v in views)
     with pytest.raises(OSError):
         os.fstat(fd)  # closed, as a mapped one is
+
+
+def test_a_batch_whose_descriptors_fill_every_number_is_still_unpickled():
+    # A batch of results brings one descriptor per large result; when they
+    # took every number up to RLIMIT_NOFILE, each result's dup of its own
+    # failed: "the task's result could not be unpickled in the parent:
+    # OSError: [Errno 24] Too many open files" (CI, a combined run).
+    import resource
+
+    from shoal._fd import sending_fds
+    from shoal._serialization import dumps, loads_with
+
+    arrays = [np.full(40_000, float(i)) for i in range(6)]
+    messages = []
+    fds: list[int] = []
+    for a in arrays:
+        mine: list[int] = []
+        with sending_fds(mine):
+            messages.append((dumps(a, oob=True, what="a result"), len(mine)))
+        fds += mine
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(int(n) for n in os.listdir("/proc/self/fd"))
+    filler: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1 + 200, hard))
+    try:
+        while True:  # every number under the limit taken
+            try:
+                filler.append(os.dup(0))
+            except OSError:
+                break
+        got = []
+        pos = 0
+        for data, n in messages:
+            got.append(loads_with(data, fds, pos, pos + n))
+            pos += n
+    finally:
+        for n in filler:
+            os.close(n)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        # The first result, finding no free number, took its descriptor and
+        # left -1; the receiver closes the others (the teardown checks that
+        # none is left open).
+        assert fds[0] == -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+    assert [float(a[0]) for a in got] == [float(i) for i in range(6)]
+    assert all(np.array_equal(a, b) for a, b in zip(got, arrays, strict=True))

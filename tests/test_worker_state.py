@@ -116,6 +116,20 @@ def test_worker_init_and_exit_run_once_per_worker_including_recycled(start_metho
     assert len(exits) >= 5  # 20 tasks, 4 per worker
 
 
+def test_a_shared_array_returned_by_worker_exit_arrives_and_leaves_no_descriptor_open():
+    # Its descriptor travels beside the message: the parent kept the one it
+    # received open for good, beside the array's own (the teardown's leak
+    # check counted it).
+    pool = shoal.Pool(2, worker_exit=workers.shared_exit_value)
+    worker_pids = {w.pid for w in pool._pool}
+    pool.close()
+    pool.join()
+    exits = pool.worker_exit_results()
+    assert {int(a[0]) for a in exits} == worker_pids  # one whole array from each worker
+    assert all(a.shape == (100_000,) and (a == a[0]).all() for a in exits)
+    del exits
+
+
 def test_worker_exit_exception_is_raised_by_worker_exit_results():
     pool = shoal.Pool(1, worker_exit=workers.failing_exit)
     pool.apply(os.getpid)

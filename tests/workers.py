@@ -843,3 +843,11 @@ def killed_in_init(path, times):
             f.write("x")
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def shared_exit_value():
+    import shoal
+
+    a = shoal.SharedArray(100_000)
+    a[:] = os.getpid()
+    return a

@@ -447,7 +447,8 @@ def _unpickle_batch(data: Any, buffers: list[Any], fds: list[int]) -> Any:
 
 def _close(fds: list[int]) -> None:
     for fd in fds:
-        os.close(fd)
+        if fd >= 0:  # -1: an unpickled object took it (providing_fds)
+            os.close(fd)
 
 
 def _flat(a: Any) -> tuple[Any, str]:

@@ -632,20 +632,25 @@ class Scheduler(WorkerLifecycle):
             w.retire_reason = body[0]
         elif kind == _worker.EXITED:
             ok, data = body
-            if ok:
-                try:
-                    self._exit_results.append((True, loads_with(data, fds)))
-                except Exception as exc:  # noqa: BLE001 - reported by worker_exit_results()
-                    self._exit_results.append(
-                        (
-                            False,
-                            SerializationError(
-                                f"the value worker_exit returned could not be unpickled: {exc!r}"
-                            ),
+            try:
+                if ok:
+                    try:
+                        self._exit_results.append((True, loads_with(data, fds)))
+                    except Exception as exc:  # noqa: BLE001 - reported by worker_exit_results()
+                        self._exit_results.append(
+                            (
+                                False,
+                                SerializationError(
+                                    f"the value worker_exit returned could not be unpickled: {exc!r}"
+                                ),
+                            )
                         )
-                    )
-            else:
-                self._exit_results.append((False, unpack_exception(data)))
+                else:
+                    self._exit_results.append((False, unpack_exception(data)))
+            finally:
+                for fd in fds:
+                    if fd >= 0:  # -1: the value took it (providing_fds)
+                        os.close(fd)
         elif kind == _worker.INIT_FAILED:
             error = unpack_exception(body)
             w.retire_reason = "initializer"
@@ -700,7 +705,7 @@ class Scheduler(WorkerLifecycle):
                         if nfds:
                             # Out-of-band buffers come as shared memory beside the message.
                             pos += nfds
-                            value = loads_with(value, fds[pos - nfds : pos])
+                            value = loads_with(value, fds, pos - nfds, pos)
                         else:
                             value = plain_loads(value)
                         completed += 1
@@ -727,7 +732,8 @@ class Scheduler(WorkerLifecycle):
             raise
         finally:
             for fd in fds:
-                os.close(fd)
+                if fd >= 0:  # -1: a result took it (providing_fds)
+                    os.close(fd)
             self.completed += completed
             self.failed += failed
             self._timed -= timed

@@ -69,7 +69,7 @@ import time
 from itertools import repeat
 from typing import Any
 
-from .._fd import WarmSegments, providing_fds, swap_sending
+from .._fd import WarmSegments, providing_fds, sending_fds, swap_sending
 from .._ipc import Channel
 from .._native import compare_exchange
 from .._serialization import dumps, loads_with, pack_exception
@@ -289,7 +289,8 @@ def _serve(channel: Channel, shared: Any, hooks: tuple | None = None) -> None:
                 shared = loads_with(config.shared_data, shared_fds)
         finally:
             for fd in shared_fds:
-                os.close(fd)
+                if fd >= 0:  # -1: the shared object took it (providing_fds)
+                    os.close(fd)
         _local.install(shared)
         if config.initializer is not None:
             config.initializer(*config.initargs)
@@ -314,14 +315,23 @@ def _run_worker_exit(channel: Channel, worker_exit: Any) -> None:
     """Run the worker_exit hook and send the parent what it returned (or
     raised); the parent may be gone already, and the hook runs anyway: it
     closes what worker_init opened."""
+    fds: list[int] = []  # a SharedArray's (or a large array's) memory, as for task results
     try:
-        message = (EXITED, (True, dumps(worker_exit(), what="the value worker_exit returned")))
+        value = worker_exit()
+        with sending_fds(fds):
+            message = (EXITED, (True, dumps(value, oob=True, what="the value worker_exit returned")))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         message = (EXITED, (False, pack_exception(exc, "worker_exit")))
+        for fd in fds:
+            os.close(fd)
+        fds = []
     try:
-        channel.send(pickle.dumps(message, 5))
+        channel.send(pickle.dumps(message, 5), fds)
     except OSError:
         pass  # the parent went away: nobody collects it
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _take_recall(status: Any, gate: int, found: int) -> int:
@@ -412,9 +422,8 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status: Any, offset: int)
                         raise fn.error
                     value = fn(*data)
                 else:
-                    task_fds = fds[fd_pos : fd_pos + nfd]
+                    args = loads_with(data, fds, fd_pos, fd_pos + nfd)
                     fd_pos += nfd
-                    args = loads_with(data, task_fds)
                     if fn_id:
                         fn = functions[fn_id]
                         if type(fn) is _Unloadable:
@@ -494,7 +503,8 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status: Any, offset: int)
                 timing = []
                 flushed_at = perf()
         for fd in fds:
-            os.close(fd)
+            if fd >= 0:  # -1: a task's argument took it (providing_fds)
+                os.close(fd)
         if maxtasks and done >= maxtasks:
             retire = ("maxtasksperchild", done)
         elif max_memory and _rss_bytes() > max_memory:

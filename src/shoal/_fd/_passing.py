@@ -21,6 +21,7 @@ socket behind them when the last process holding one exits, however it exits.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,8 @@ class _State(threading.local):
     # an AttributeError internally, ~0.7 µs on every pickling call.
     send: list[int] | None = None
     recv: Sequence[int] | None = None
+    base: int = 0
+    end: int | None = None
 
 
 _state = _State()
@@ -84,14 +87,23 @@ def swap_sending(fds: list[int] | None) -> list[int] | None:
 
 
 @contextmanager
-def providing_fds(fds: Sequence[int]) -> Iterator[None]:
-    """While active, objects unpickled in this thread find their descriptors in *fds*."""
-    previous = _state.recv
+def providing_fds(fds: Sequence[int], start: int = 0, stop: int | None = None) -> Iterator[None]:
+    """While active, objects unpickled in this thread find their descriptors
+    in ``fds[start:stop]`` (one message's part of a batch's list).
+
+    Each object takes a ``dup``.  When no descriptor is free for it (EMFILE,
+    ENFILE: a batch's message brought one per result and filled every number
+    up to the limit), the object takes the received descriptor itself and its
+    place in *fds* becomes -1: whoever closes *fds* afterwards skips those.
+    """
+    previous = _state.recv, _state.base, _state.end
     _state.recv = fds
+    _state.base = start
+    _state.end = stop
     try:
         yield
     finally:
-        _state.recv = previous
+        _state.recv, _state.base, _state.end = previous
 
 
 def collecting() -> bool:
@@ -111,13 +123,24 @@ def reduce_fd(fd: int) -> tuple:
 
 def _fd_from_message(index: int) -> int:
     fds = _state.recv
-    if fds is None or not 0 <= index < len(fds):
+    if fds is not None:
+        start = _state.base
+        stop = len(fds) if _state.end is None else _state.end
+        index += start
+    if fds is None or not start <= index < stop or fds[index] < 0:
         raise RuntimeError(
             "a file descriptor was expected beside this message but none arrived; "
             "objects holding shared memory or connections must travel through shoal "
             "channels, Process arguments or multiprocessing queues"
         )
-    return os.dup(fds[index])
+    try:
+        return os.dup(fds[index])
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE) or not isinstance(fds, list):
+            raise
+        fd = fds[index]
+        fds[index] = -1  # this object owns it now: the receiver's clean-up skips it
+        return fd
 
 
 def _fd_from_dupfd(dupfd: Any) -> int:

@@ -527,11 +527,13 @@ def _holds_large_bytes(obj: Any, depth: int) -> bool:
 _OOB_MARK = "shoal.oob.v2"
 
 
-def loads_with(data: Any, fds: Any) -> Any:
-    """:func:`loads` a message whose out-of-band buffers came as *fds*."""
+def loads_with(data: Any, fds: Any, start: int = 0, stop: int | None = None) -> Any:
+    """:func:`loads` a message whose out-of-band buffers came as
+    ``fds[start:stop]`` (an object that takes a descriptor itself, for lack
+    of a free one, leaves -1 in its place: see ``providing_fds``)."""
     if not fds:
         return loads(data)
-    with providing_fds(fds):
+    with providing_fds(fds, start, stop):
         return loads(data)
 
 
