@@ -118,6 +118,10 @@ def get_state(_=None):
     return _state.get("value")
 
 
+def state_item(key):
+    return _state["value"][key]
+
+
 def nested_pool(n):
     import shoal
 

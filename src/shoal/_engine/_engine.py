@@ -258,6 +258,13 @@ class LocalEngine(Engine):
                 if initializer is not None or worker_init is not None or worker_exit is not None
                 else None
             )
+            if config_args is not None and context.get_start_method() == "fork":
+                # Inherited, as the standard library's fork-started workers
+                # get them: nothing pickled.  (Pickled, a 200 MB initargs
+                # cost a pickle per worker and a copy through its socket:
+                # the first map waited ten times longer than the standard
+                # library's.)
+                config_args, config_inline = None, hooks
             if config_args is not None:
                 # Picklable?  Pickled again for each worker, with the
                 # descriptors (a SharedArray's) beside its first message.
