@@ -85,6 +85,13 @@ static PyMethodDef native_methods[] = {
     FAST(raw_task, "raw_task(id, fn_id, fn_ref, mode, args, sink, timeout, limit)\n--\n\n"
                    "A Task carrying the argument tuple itself when every argument is a plain immutable "
                    "value (str and bytes shorter than limit), else None."),
+    /* ring.c: called only by shoal._ipc._ring.Ring */
+    FAST(ring_put_inline, "ring_put_inline(mm, capacity, payload)\n--\n\n"
+                          "Append one inline record: 1 done, 0 take the general path, 2 the lock came from "
+                          "a dead holder (held: repair, then release)."),
+    FAST(ring_get_inline, "ring_get_inline(mm, capacity, timeout=None)\n--\n\n"
+                          "Take the oldest record if it is inline and there now: its bytes, None (take the "
+                          "general path) or False (the lock came from a dead holder: held, repair, then release)."),
     /* result.c */
     FAST(new_result, "new_result(engine, callback, error_callback, pool)\n--\n\n"
                      "A new instance of the plain result class (see result_type)."),
@@ -140,7 +147,8 @@ PyInit__native(void)
         PyModule_AddIntConstant(mod, "DICT_ENTRY_SIZE", ENTRY) < 0 ||
         PyModule_AddObject(mod, "DICT_MAGIC", PyLong_FromUnsignedLongLong(DICT_MAGIC)) < 0 ||
         PyModule_AddObject(mod, "INLINE_MIN", PyLong_FromLongLong(INLINE_MIN)) < 0 ||
-        PyModule_AddObject(mod, "INLINE_MAX", PyLong_FromLongLong(INLINE_MAX)) < 0) {
+        PyModule_AddObject(mod, "INLINE_MAX", PyLong_FromLongLong(INLINE_MAX)) < 0 ||
+        PyModule_AddObject(mod, "RING_LAYOUT", ring_layout()) < 0) {
         Py_DECREF(mod);
         return NULL;
     }

@@ -97,6 +97,11 @@ typedef struct {
 } TaskObject;
 PyObject *raw_task(FASTCALL_ARGS);
 
+/* ring.c */
+PyObject *ring_put_inline(FASTCALL_ARGS);
+PyObject *ring_get_inline(FASTCALL_ARGS);
+PyObject *ring_layout(void);
+
 /* result.c */
 extern PyTypeObject Result_Type;
 PyObject *native_result_type(PyObject *module, PyObject *cls);

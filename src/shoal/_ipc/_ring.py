@@ -129,6 +129,25 @@ _acquire = _native.mutex_acquire
 _release = _native.mutex_release
 _futex_wait = _native.futex_wait
 _futex_wake = _native.futex_wake
+_put_one = _native.ring_put_inline
+_get_one = _native.ring_get_inline
+if _native.RING_LAYOUT != (
+    _PMUTEX,
+    _CMUTEX,
+    _TAIL,
+    _PUTS,
+    _PWAIT,
+    _HEAD,
+    _GETS,
+    _CWAIT,
+    _NOT_EMPTY,
+    _NOT_FULL,
+    _DATA,
+    INLINE,
+):  # pragma: no cover - a build of another version's C code
+    raise ImportError(
+        f"shoal._native's ring layout {_native.RING_LAYOUT} is not this module's: rebuild shoal"
+    )
 
 DEFAULT_CAPACITY = 1 << 20
 
@@ -341,33 +360,14 @@ class Ring:
     # -- put ------------------------------------------------------------------
     def put_inline(self, payload: bytes) -> bool:
         """The fast path of an unbounded put of one small item: copy it in
-        if there is room right now (False if not: take the general path)."""
-        mm, cap = self.mm, self._cap
-        try:
-            if _acquire(mm, _PMUTEX):
-                self._repair(_PMUTEX)
-            tail, puts = _PAIR.unpack_from(mm, _TAIL)
-            length = len(payload)
-            need = 8 + ((length + 7) & ~7)
-            used = tail - _load(mm, _HEAD)
-            if cap - used < need or used < 0 or tail & 7 or (tail | puts) >> 62:
-                _release(mm, _PMUTEX)
-                return False  # the general path waits, or raises on a corrupt ring
-            off = tail % cap
-            if off + need <= cap:
-                mm[_DATA + off : _DATA + off + 8 + length] = _REC.pack(length, INLINE) + payload
-            else:
-                self._write(tail, _REC.pack(length, INLINE), payload, length)
-            _store(mm, _PUTS, puts + 1)
-            _store(mm, _TAIL, tail + need)  # publishes the record
-            if _load(mm, _CWAIT) > 0:
-                _fetch_add(mm, _NOT_EMPTY, 1)
-                _futex_wake(mm, _NOT_EMPTY, 1)
-            _release(mm, _PMUTEX)
-            return True
-        except BaseException:
-            self._abandon(_PMUTEX)
-            raise
+        if there is room right now (False if not: take the general path,
+        which waits, or raises on a corrupt ring).  One call into C
+        (``ring_put_inline``), which takes and releases the producers' lock."""
+        done = _put_one(self.mm, self._cap, payload)
+        if done == 2:  # the lock came from a holder that died: held, to repair first
+            self._repaired(_PMUTEX)
+            return False
+        return done == 1
 
     def put(
         self,
@@ -540,43 +540,24 @@ class Ring:
     # -- get ------------------------------------------------------------------
     def get_inline(self, deadline: float | None = None) -> Any:
         """The fast path of a get: the oldest record if it is inline and
-        there right now, else None (take the general path)."""
-        mm, cap = self.mm, self._cap
+        there right now, else None (take the general path, which waits, or
+        raises on a corrupt ring).  One call into C (``ring_get_inline``),
+        which takes and releases the consumers' lock."""
+        data = _get_one(self.mm, self._cap, _timeout(deadline))
+        if data is False:  # the lock came from a holder that died: held, to repair first
+            self._repaired(_CMUTEX)
+            return None
+        return data
+
+    def _repaired(self, which: int) -> None:
+        """*which* was taken from a holder that died (and is held): repair
+        what it protects and release it."""
         try:
-            if deadline is None:
-                if _acquire(mm, _CMUTEX):
-                    self._repair(_CMUTEX)
-            elif not self._lock(_CMUTEX, deadline):
-                return None
-            head, gets = _PAIR.unpack_from(mm, _HEAD)
-            tail = _load(mm, _TAIL)
-            if head == tail:
-                _release(mm, _CMUTEX)
-                return None
-            if tail - head > cap or head & 7 or (head | tail | gets) >> 62:
-                raise _corrupt_positions(head, tail, cap)
-            off = head % cap
-            length, kind = _REC.unpack_from(mm, _DATA + off)
-            if kind != INLINE:
-                _release(mm, _CMUTEX)
-                return None
-            need = 8 + ((length + 7) & ~7)
-            if need > tail - head:
-                raise _corrupt_record(head, length, kind, tail)
-            if off + need <= cap:
-                data = mm[_DATA + off + 8 : _DATA + off + 8 + length]
-            else:
-                data = self._read(head + 8, length)
-            _store(mm, _GETS, gets + 1)
-            _store(mm, _HEAD, head + need)  # frees the space
-            if _load(mm, _PWAIT) > 0 and cap - (tail - head - need) >= cap // 4:
-                _fetch_add(mm, _NOT_FULL, 1)
-                _futex_wake(mm, _NOT_FULL, 1 << 30)
-            _release(mm, _CMUTEX)
-            return data
+            self._repair(which)
         except BaseException:
-            self._abandon(_CMUTEX)
+            self._abandon(which)
             raise
+        _release(self.mm, which)
 
     def get(self, max_n: int, sock: socket.socket, deadline: float | None, stash: Any = None) -> list:
         """Take up to *max_n* records, waiting until *deadline* for the first.
