@@ -116,7 +116,7 @@ def _fmt(value: float) -> str:
 # each "OP NUMBERx [NAME]" (a ratio to the baseline's figure, or to contender
 # NAME's) or "WORD OP NUMBER ..." (the figure itself, e.g. "efficiency >=
 # 0.97"); a parenthesised part is a comment for the reader.
-_CLAUSE = re.compile(r"^\s*(?:[A-Za-z][\w ]*?\s+)?(>=|<=)\s*(\d+(?:\.\d*)?)\s*(?:(x)\s*([^(]*))?")
+_CLAUSE = re.compile(r"^\s*(?:([A-Za-z][\w -]*?)\s+)?(>=|<=)\s*(\d+(?:\.\d*)?)\s*(?:(x)\s*([^(]*))?")
 
 TARGET_LEGEND = (
     "vs stdlib: how many times better than the standard library (speed, or 1/time);\n"
@@ -141,12 +141,16 @@ def _clauses(target: str) -> list[str]:
 
 def _parse_target(target: str) -> list[tuple[str, float, bool, str]]:
     """The clauses of *target* it can read: (op, number, is a ratio, the
-    contender named, "" for the baseline)."""
+    contender named: for a ratio the one compared with, "" for the
+    baseline; for a figure the one whose figure it is, when the clause
+    starts with its name, e.g. "shoal-SA <= 1.2 GB")."""
     out = []
     for clause in _clauses(target):
         m = _CLAUSE.match(clause)
         if m:  # anything else is free text
-            out.append((m.group(1), float(m.group(2)), bool(m.group(3)), (m.group(4) or "").strip()))
+            is_ratio = bool(m.group(4))
+            name = m.group(5) if is_ratio else m.group(1)
+            out.append((m.group(2), float(m.group(3)), is_ratio, (name or "").strip()))
     return out
 
 
@@ -160,16 +164,23 @@ def baseline_ratio_target(target: str, baseline: str = "stdlib") -> float | None
 
 
 def target_met(
-    target: str, value: float, ratio: float | None, ratios: dict[str, float | None] | None = None
+    target: str,
+    value: float,
+    ratio: float | None,
+    ratios: dict[str, float | None] | None = None,
+    figures: dict[str, float] | None = None,
 ) -> bool | None:
     """Whether shoal's *value* (its *ratio* to the baseline, and *ratios* to
     each contender by name) reached every clause of *target*; None when the
     target cannot be checked (no target, an unrecognised one, or a failed
-    measurement)."""
+    measurement).  A clause on a figure that names a contender (*figures*:
+    each contender's) checks that contender's figure."""
     verdicts: list[bool | None] = []
     for op, number, is_ratio, name in _parse_target(target):
-        if not is_ratio:
-            actual: float | None = value
+        if not is_ratio and figures is not None and name in figures:
+            actual: float | None = figures[name]
+        elif not is_ratio:
+            actual = value
         elif not name:
             actual = ratio
         elif ratios is not None and name in ratios:
@@ -204,7 +215,7 @@ def scenario_record(sc: Scenario, figures: dict[str, float]) -> dict:
         results.append({"contender": contender, "value": value if value == value else None, "ratio": ratio})
         if contender == "shoal":
             ratios = {name: ratio_to(value, other, sc.higher_is_better) for name, other in figures.items()}
-            met = target_met(sc.target, value, ratio, ratios)
+            met = target_met(sc.target, value, ratio, ratios, figures)
     return {
         "name": sc.name,
         "unit": sc.unit,

@@ -223,6 +223,21 @@ def test_bench_target_clauses_name_the_contender_they_compare_with(target, ratio
 
 
 @pytest.mark.parametrize(
+    ("figures", "met"),
+    [
+        ({"stdlib": 3.0, "shoal": 2.0, "shoal-SA": 1.05}, True),
+        ({"stdlib": 3.0, "shoal": 1.0, "shoal-SA": 1.5}, False),
+    ],
+)
+def test_a_bench_target_on_a_named_contenders_figure_checks_that_figure(figures, met):
+    # "shoal-SA <= 1.2 GB" was free text (a hyphen in the name), so the
+    # peak-memory row was never judged.
+    from shoal.benchmarks._framework import target_met
+
+    assert target_met("shoal-SA <= 1.2 GB", figures["shoal"], 1.0, None, figures) is met
+
+
+@pytest.mark.parametrize(
     ("target", "baseline", "mark"),
     [
         (">= 12x stdlib, >= 2x joblib", "stdlib", 12.0),
