@@ -117,12 +117,13 @@ ring_put_inline(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         result = OWNER_DIED;
         goto done;
     }
-    int64_t tail = ld(b, R_TAIL), puts = ld(b, R_PUTS);
+    int64_t tail = ld(b, R_TAIL), puts = ld(b, R_PUTS), head = ld(b, R_HEAD);
     int64_t length = data.len;
     int64_t need = 8 + ((length + 7) & ~(int64_t)7);
-    int64_t used = tail - ld(b, R_HEAD);
-    if (length > UINT32_MAX || cap - used < need || used < 0 || (tail & 7) ||
-        ((uint64_t)(tail | puts) >> 62)) {
+    /* Positions another process wrote are checked before any arithmetic
+     * on them: out of [0, 2**62) they could overflow it. */
+    int64_t used = ((uint64_t)(tail | puts | head) >> 62) ? -1 : tail - head;
+    if (length > UINT32_MAX || used < 0 || cap - used < need || (tail & 7)) {
         pthread_mutex_unlock(mu);
         goto done; /* the general path waits, or raises on a corrupt ring */
     }
@@ -188,7 +189,8 @@ ring_get_inline(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_FALSE;
     }
     int64_t head = ld(b, R_HEAD), gets = ld(b, R_GETS), tail = ld(b, R_TAIL);
-    if (head == tail || tail - head > cap || (head & 7) || ((uint64_t)(head | tail | gets) >> 62))
+    /* (The range first: out of [0, 2**62) a subtraction could overflow.) */
+    if (((uint64_t)(head | tail | gets) >> 62) || head == tail || tail - head > cap || (head & 7))
         goto unlock; /* empty (the general path waits), or corrupt (it raises) */
     char *d = b + R_DATA;
     int64_t off = head % cap;
