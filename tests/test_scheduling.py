@@ -159,3 +159,31 @@ def test_tasks_moved_between_workers_run_once_each(fork_or_spawn, maxtasksperchi
         got = sorted(pool.imap_unordered(workers.mark_after, items, buffersize=3))
     assert got == list(range(150))
     assert _done(folder) == 150
+
+
+def test_a_maps_items_are_shared_among_the_workers():
+    # A map's chunks differ in size (they grow from one item, then shrink),
+    # and a batch was sized by the task at its head: once the function's
+    # estimate was known, a batch headed by a small chunk took the large
+    # ones behind it, and one worker ran nearly all of a map (down to 16 of
+    # 10,000 items for the other) while its peer idled.
+    import collections
+
+    for _ in range(3):  # a new pool each time: the first map of a function is the case
+        with shoal.Pool(2) as pool:
+            # Both workers ready (each seen to run), so the map meets two.
+            assert len(set(pool.map(workers.sleep_pid, [0.2, 0.2], chunksize=1))) == 2
+            ran = collections.Counter(pool.map(workers.getpid, range(10_000)))
+        assert len(ran) == 2 and min(ran.values()) >= 1_000, ran
+
+
+def test_a_slow_first_call_does_not_set_the_duration_estimate_for_long():
+    # Each report of a batch's duration weighed the same, however many items
+    # it measured: one cold first call (0.2 s) outweighed tens of thousands
+    # of quick ones for a dozen reports, and batches stayed small (a round
+    # trip to the scheduler per chunk).  Reports now weigh by their items.
+    with shoal.Pool(1) as pool:
+        assert pool.map(workers.slow_first_call, range(2_000)) == list(range(2_000))
+        estimate = pool.statistics().task_seconds_estimate
+    # A call takes about a microsecond; the cold call kept it at 330 µs.
+    assert estimate is not None and estimate < 50e-6, estimate

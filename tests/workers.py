@@ -31,6 +31,11 @@ def sleep_then(x, seconds=0.05):
     return x
 
 
+def sleep_pid(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def sleep_for(seconds):
     time.sleep(seconds)
     return seconds
@@ -855,3 +860,14 @@ def shared_exit_value():
     a = shoal.SharedArray(100_000)
     a[:] = os.getpid()
     return a
+
+
+_warmed = []
+
+
+def slow_first_call(x):
+    """0.2 s on its first call in a process (an import, a cold cache), then nothing."""
+    if not _warmed:
+        _warmed.append(True)
+        time.sleep(0.2)
+    return x

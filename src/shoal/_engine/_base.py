@@ -46,7 +46,7 @@ from typing import Any
 from .._util import public
 from ..exceptions import PoolClosedError, RemoteTraceback, ShoalError, WorkerStartError
 from ._callbacks import CallbackThread
-from ._state import BROKEN, CLOSE, RUN, TERMINATE, EngineState, live_engines
+from ._state import BROKEN, CLOSE, RUN, TERMINATE, EngineState, Estimates, live_engines
 from ._tasks import FailableSink, ResultSink, WorkerProcess, interrupt_task, with_traceback_type
 
 #: Target duration of one map chunk once the function's speed is known.
@@ -120,8 +120,8 @@ class Engine(abc.ABC):
         self.task_timeout = task_timeout
         self._graceful_exit = graceful_exit
         self._remote_traceback = remote_traceback
-        #: Seconds per item, by fn_key, as measured: an exponentially weighted average.
-        self._estimates: dict[Any, float] = {}
+        #: Seconds per item, by fn_key, as measured (see Estimates).
+        self._estimates = Estimates()
         #: What workers' worker_exit returned (or raised), in arrival order.
         self._exit_results: list[tuple[bool, Any]] = []
         self._helpers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()

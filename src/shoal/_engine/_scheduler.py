@@ -65,13 +65,16 @@ from . import _worker
 from ._crash import ALREADY_FAILED
 from ._lifecycle import REPLACE_RETRY, WorkerLifecycle, open_status_block
 from ._procs import Tree
-from ._state import BROKEN, CLOSE, RUN, TERMINATE, EngineState
+from ._state import BROKEN, CLOSE, RUN, TERMINATE, EngineState, Estimates
 from ._tasks import Task, Worker, interrupt_task, with_traceback_type
 from ._worker import GATE, GATE_MASK, GATE_MAX_RECALL, GATE_SHIFT, SENT, STATUS, STATUS_SLOT
 
 #: Work per message when tasks are short: large enough that per-message costs
 #: (~50 µs) vanish, small enough that the tail of a job stays balanced.
 BATCH_SECONDS = 0.004
+#: The least work (seconds, by the estimate) a batch is cut to so that
+#: the items pending are shared among the workers (Scheduler._share_items).
+SHARE_SECONDS = 0.001
 #: Upper bound on tasks per message whatever the estimate says.
 MAX_BATCH = 2048
 #: How many batches a worker may hold (one running, one ready to start).
@@ -143,7 +146,7 @@ class Scheduler(WorkerLifecycle):
         record: EngineState,
         *,
         workers: dict[int, Worker],
-        estimates: dict[Any, float],
+        estimates: Estimates,
         task_fds: set[int],
         segments: Any,
         exit_results: list[tuple[bool, Any]],
@@ -402,6 +405,10 @@ class Scheduler(WorkerLifecycle):
                         task.close_fds(self._task_fds)
                         self.cancelled += 1
                     batch += more
+                if est is not None and head.n > 1 and len(batch) > 1:
+                    # A share for every worker, busy ones too: those with
+                    # room now are not the only ones that will want work.
+                    self._share_items(batch, est, sum(1 for v in self._workers.values() if v.accepting))
                 if batch:
                     self._send_batch(w, batch)
                     progressed = True
@@ -409,6 +416,40 @@ class Scheduler(WorkerLifecycle):
                     workers.remove(w)
             if not progressed:
                 break
+
+    def _share_items(self, batch: list[Task], est: float, workers: int) -> None:
+        """Cut *batch* (tasks taken from the head of the queue, a map's
+        chunks among them) to about BATCH_SECONDS of work and a fair share
+        of the *items* pending, and put the rest back at the head.
+
+        Chunks differ in size (a map's grow from one item, then shrink
+        towards its end), so counting tasks is not sharing work: a batch
+        sized by its first, small chunk took the large ones behind it, and
+        one worker got nine tenths of a map while the other idled.
+        """
+        pending = self._pending
+        items = sum(t.n for t in batch)
+        # The items still queued behind (counted up to a bound: a queue of
+        # a million one-item tasks is not walked at every dispatch).
+        behind = 0
+        for count, task in enumerate(pending):
+            if count == 4096:
+                behind = behind * len(pending) // count
+                break
+            behind += task.n
+        per_item = max(est, 1e-9)
+        fair = -(-(items + behind) // max(workers, 1))
+        # Never below SHARE_SECONDS of work: sharing less than a round trip
+        # to a worker costs is not worth the round trip (the last items of
+        # a map would otherwise go a few at a time).
+        budget = max(batch[0].n, int(SHARE_SECONDS / per_item), min(int(BATCH_SECONDS / per_item), fair))
+        total = 0
+        for k, task in enumerate(batch):
+            total += task.n
+            if k and total > budget:
+                pending.extendleft(reversed(batch[k:]))
+                del batch[k:]
+                return
 
     # -- head-of-line blocking ----------------------------------------------
     def _stalled(self, w: Worker, now: float) -> bool:
@@ -746,12 +787,9 @@ class Scheduler(WorkerLifecycle):
                     batches[0] -= answered
                     break
                 answered -= batches.popleft()
-            estimates = self._estimates
+            record = self._estimates.record
             for i in range(0, len(timing), 3):
-                fid, total, n = timing[i : i + 3]
-                per_item = total / n
-                est = estimates.get(fid)
-                estimates[fid] = per_item if est is None else est * 0.7 + per_item * 0.3
+                record(*timing[i : i + 3])  # (function id, seconds, items)
         if waiters or self._record.waiters:
             self._notify()
 

@@ -7,6 +7,8 @@ the Dask dispatcher).  What both read and write lives here, in one
 :class:`EngineState`, and nowhere else: neither half reaches into the
 other's attributes.  Where one half asks the other to act it calls a
 method (``Scheduler.mark_dirty``, :meth:`EngineState.mark_broken`).
+The functions' measured durations (:class:`Estimates`), written by the
+thread and read by the caller side to size chunks, live here too.
 
 The state machine (``EngineState.state``)::
 
@@ -142,7 +144,41 @@ __all__ = (
     "RUN",
     "TERMINATE",
     "EngineState",
+    "Estimates",
     "HoldsDescriptors",
     "engine_descriptors",
     "live_engines",
 )
+
+
+class Estimates(dict):
+    """Seconds per item of each function (by key), as workers measure them:
+    what batches and chunks are sized by.
+
+    Each report is the time a run of *n* items took.  The estimate is a
+    decayed sum of times over a decayed sum of items, so a report weighs as
+    many items as it measured.  An average of per-report figures let the
+    first report, often one item slowed by first-use costs (a cold cache, an
+    import), outweigh thousands of items after it for a dozen reports: a
+    first map got batches of one tiny chunk each, and its workers waited a
+    round trip to the scheduler after every chunk.
+    """
+
+    __slots__ = ("_sums",)
+
+    #: How much of the past each report keeps.
+    DECAY = 0.7
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sums: dict[Any, tuple[float, float]] = {}
+
+    def record(self, key: Any, seconds: float, n: int) -> None:
+        """*n* items of *key*'s function took *seconds* in all."""
+        if n <= 0:
+            return
+        total, items = self._sums.get(key, (0.0, 0.0))
+        total = total * self.DECAY + seconds
+        items = items * self.DECAY + n
+        self._sums[key] = (total, items)
+        self[key] = total / items

@@ -669,12 +669,9 @@ class DaskEngine(Engine):
             self._break(err)
             self._fail_batch(batch, err)
             return
-        estimates = self._estimates
+        record = self._estimates.record
         for (task, start, stop), (ok, data, seconds) in zip(batch.parts, payload, strict=False):
-            n = task.n if start is None else stop - start
-            est = estimates.get(task.scope.key)
-            per_item = seconds / max(n, 1)
-            estimates[task.scope.key] = per_item if est is None else est * 0.7 + per_item * 0.3
+            record(task.scope.key, seconds, max(task.n if start is None else stop - start, 1))
             if task.kill_reason is not None:
                 continue  # its caller already has an error: drop the late result
             if ok:
