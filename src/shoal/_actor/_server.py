@@ -286,7 +286,7 @@ class _Server:
             try:
                 if nfds:
                     pos += nfds
-                    args, kwargs = loads_with(blob, fds[pos - nfds : pos])
+                    args, kwargs = loads_with(blob, fds, pos - nfds, pos)
                 else:
                     args, kwargs = loads(blob)
                 method = methods.get(name)
