@@ -66,8 +66,18 @@ from ._crash import ALREADY_FAILED
 from ._lifecycle import REPLACE_RETRY, WorkerLifecycle, open_status_block
 from ._procs import Tree
 from ._state import BROKEN, CLOSE, RUN, TERMINATE, EngineState, Estimates
-from ._tasks import Task, Worker, interrupt_task, with_traceback_type
-from ._worker import GATE, GATE_MASK, GATE_MAX_RECALL, GATE_SHIFT, SENT, STATUS, STATUS_SLOT
+from ._tasks import Task, Worker, fn_bytes, interrupt_task, with_traceback_type
+from ._worker import (
+    GATE,
+    GATE_MASK,
+    GATE_MAX_RECALL,
+    GATE_SHIFT,
+    SENT,
+    STATUS,
+    STATUS_SLOT,
+    check_results,
+    describe,
+)
 
 #: Work per message when tasks are short: large enough that per-message costs
 #: (~50 µs) vanish, small enough that the tail of a job stays balanced.
@@ -92,46 +102,6 @@ STALLED_AFTER = 0.01
 #: How often stalls are looked for while a worker is idle and another holds
 #: tasks it has not started.
 STALL_TICK = 0.005
-
-
-def _fn_bytes(batch: list[Task], fid: int) -> bytes:
-    """The pickled function of id *fid*, from the first task of *batch* using it."""
-    for task in batch:
-        if task.fn_id == fid:
-            return task.fn_ref[2]
-    raise AssertionError(f"no task of the batch uses function {fid}")
-
-
-def _describe(obj: Any) -> str:
-    text = repr(obj)
-    return f"{type(obj).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-def _check_results(body: Any, held: int, nfds: int) -> None:
-    """CorruptDataError unless *body* is a RESULTS message a worker holding
-    *held* tasks sends with *nfds* descriptors: parallel lists of kinds,
-    values and descriptor counts (None: none), at most one per task held,
-    and the durations (function id, seconds, items > 0) in threes.  Type
-    and length checks per message; the kinds are checked as they are read."""
-    try:
-        kinds, values, counts, timing = body
-        if type(kinds) is not list or type(values) is not list or type(timing) is not list:
-            raise TypeError("not lists")
-        if len(values) != len(kinds) or len(kinds) > held or len(timing) % 3:
-            raise ValueError(
-                f"{len(kinds)} kinds, {len(values)} values, {held} tasks held, {len(timing)} timings"
-            )
-        if counts is None:
-            if nfds:
-                raise ValueError(f"{nfds} descriptors and no counts")
-        elif type(counts) is not list or len(counts) != len(kinds) or sum(counts) != nfds or min(counts) < 0:
-            raise ValueError(f"descriptor counts that do not add up to the {nfds} descriptors received")
-        for i in range(0, len(timing), 3):
-            fid, seconds, items = timing[i : i + 3]
-            if type(fid) is not int or type(seconds) is not float or type(items) is not int or items <= 0:
-                raise ValueError(f"a duration entry {timing[i : i + 3]!r:.80}")
-    except (TypeError, ValueError) as exc:
-        raise corrupt_data(f"a results message that is malformed ({exc}; body {_describe(body)})") from exc
 
 
 class Scheduler(WorkerLifecycle):
@@ -544,7 +514,7 @@ class Scheduler(WorkerLifecycle):
                 if fid in w.fns:
                     w.fns.move_to_end(fid)
                 else:
-                    fn_defs.append((fid, _fn_bytes(batch, fid)))
+                    fn_defs.append((fid, fn_bytes(batch, fid)))
                     w.fns[fid] = None
         fds: list[int] = []
         if nfds is not None:
@@ -651,12 +621,12 @@ class Scheduler(WorkerLifecycle):
             except Exception as exc:  # garbage of any kind: not a message of ours
                 raise corrupt_data(f"a message that does not unpickle ({type(exc).__name__}: {exc})") from exc
             if kind == _worker.RESULTS:
-                _check_results(body, len(w.inflight), len(fds))
+                check_results(body, len(w.inflight), len(fds))
             elif kind == _worker.EXITED or kind == _worker.RETIRE:
                 if type(body) is not tuple or not body or (kind == _worker.EXITED and len(body) != 2):
-                    raise corrupt_data(f"a message of kind {kind} whose body is {_describe(body)}")
+                    raise corrupt_data(f"a message of kind {kind} whose body is {describe(body)}")
             elif kind != _worker.READY and kind != _worker.INIT_FAILED:
-                raise corrupt_data(f"a message of unknown kind {_describe(kind)}")
+                raise corrupt_data(f"a message of unknown kind {describe(kind)}")
             if fds and kind != _worker.RESULTS and kind != _worker.EXITED:
                 # Nothing would close them: a worker never sends descriptors with these.
                 raise corrupt_data(f"a message of kind {kind} that brought {len(fds)} descriptors")

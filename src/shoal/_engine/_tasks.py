@@ -192,3 +192,11 @@ def with_traceback_type(exc: BaseException, remote_traceback: type[BaseException
     if isinstance(cause, RemoteTraceback) and remote_traceback is not RemoteTraceback:
         exc.__cause__ = remote_traceback(cause.tb)
     return exc
+
+
+def fn_bytes(batch: list[Task], fid: int) -> bytes:
+    """The pickled function of id *fid*, from the first task of *batch* using it."""
+    for task in batch:
+        if task.fn_id == fid:
+            return task.fn_ref[2]
+    raise AssertionError(f"no task of the batch uses function {fid}")

@@ -73,6 +73,7 @@ from .._fd import WarmSegments, providing_fds, sending_fds, swap_sending
 from .._ipc import Channel
 from .._native import compare_exchange
 from .._serialization import dumps, loads_with, pack_exception
+from ..exceptions import corrupt_data
 from . import _local
 from ._procs import end_descendants
 
@@ -515,6 +516,39 @@ def _run_tasks(channel: Channel, config: WorkerConfig, status: Any, offset: int)
             _send_results(channel, kinds, values, counts, timing, result_fds)
     if retire is not None:
         channel.send(pickle.dumps((RETIRE, retire)))
+
+
+def describe(obj: Any) -> str:
+    """*obj*'s type and a short repr, for an error about a malformed message."""
+    text = repr(obj)
+    return f"{type(obj).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def check_results(body: Any, held: int, nfds: int) -> None:
+    """CorruptDataError unless *body* is a RESULTS message a worker holding
+    *held* tasks sends with *nfds* descriptors: parallel lists of kinds,
+    values and descriptor counts (None: none), at most one per task held,
+    and the durations (function id, seconds, items > 0) in threes.  Type
+    and length checks per message; the kinds are checked as they are read."""
+    try:
+        kinds, values, counts, timing = body
+        if type(kinds) is not list or type(values) is not list or type(timing) is not list:
+            raise TypeError("not lists")
+        if len(values) != len(kinds) or len(kinds) > held or len(timing) % 3:
+            raise ValueError(
+                f"{len(kinds)} kinds, {len(values)} values, {held} tasks held, {len(timing)} timings"
+            )
+        if counts is None:
+            if nfds:
+                raise ValueError(f"{nfds} descriptors and no counts")
+        elif type(counts) is not list or len(counts) != len(kinds) or sum(counts) != nfds or min(counts) < 0:
+            raise ValueError(f"descriptor counts that do not add up to the {nfds} descriptors received")
+        for i in range(0, len(timing), 3):
+            fid, seconds, items = timing[i : i + 3]
+            if type(fid) is not int or type(seconds) is not float or type(items) is not int or items <= 0:
+                raise ValueError(f"a duration entry {timing[i : i + 3]!r:.80}")
+    except (TypeError, ValueError) as exc:
+        raise corrupt_data(f"a results message that is malformed ({exc}; body {describe(body)})") from exc
 
 
 def _send_results(
