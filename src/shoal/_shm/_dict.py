@@ -449,10 +449,14 @@ class SharedDict(MutableMapping):
             # Every process maps the dict at its max_size: a corrupt one must
             # not become a mapping of any size (or one short of the file).
             size = os.fstat(fd).st_size
-            if max_size % _PAGE or not _INITIAL_SIZE <= max_size <= _ADDRESS_SPACE or size > max_size:
+            # (Less than the whole address space: no process could reserve
+            # all of it, so no creator made such a dict.  One this process
+            # cannot reserve, as under AddressSanitizer, whose shadow takes
+            # an eighth, is a MemoryError that says so.)
+            if max_size % _PAGE or not _INITIAL_SIZE <= max_size < _ADDRESS_SPACE or size > max_size:
                 raise corrupt_data(
                     f"a SharedDict's header records a max_size of {max_size} bytes, which no SharedDict has "
-                    f"(a multiple of {_PAGE} of at least {_INITIAL_SIZE}, at most {_ADDRESS_SPACE}, and at "
+                    f"(a multiple of {_PAGE} of at least {_INITIAL_SIZE}, less than {_ADDRESS_SPACE}, and at "
                     f"least its file's {size} bytes)"
                 )
             mapping = _native.Mapping(fd, max_size)
