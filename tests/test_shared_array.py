@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -586,6 +587,29 @@ def test_many_large_results_kept_alive_do_not_run_out_of_descriptors():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@contextlib.contextmanager
+def _every_descriptor_number_taken():
+    """Inside: RLIMIT_NOFILE a little above the descriptors open now, and
+    every number under it taken (the limit bounds numbers, not a count)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(int(n) for n in os.listdir("/proc/self/fd"))
+    filler: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1 + 200, hard))
+    try:
+        while True:
+            try:
+                filler.append(os.dup(0))
+            except OSError:
+                break
+        yield
+    finally:
+        for n in filler:
+            os.close(n)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @pytest.mark.parametrize("leased", [False, True], ids=["private", "leased"])
 @pytest.mark.parametrize("writable", [True, False], ids=["writable", "read-only"])
 def test_buffers_received_when_no_descriptor_is_free_are_copied(leased, writable):
@@ -594,30 +618,16 @@ def test_buffers_received_when_no_descriptor_is_free_are_copied(leased, writable
     # RLIMIT_NOFILE is taken: mapping it (mmap keeps a duplicate) failed with
     # "out-of-band buffers ... could not be mapped ([Errno 24] Too many open
     # files)", a result lost in a combined run on CI.
-    import resource
 
     from shoal._serialization import _pickling
 
     data = bytes(range(256)) * 1024
     fd = os.memfd_create("test-oob")
     os.write(fd, data)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    top = max(int(n) for n in os.listdir("/proc/self/fd"))
-    filler: list[int] = []
-    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1 + 200, hard))
-    try:
-        while True:  # every number under the limit taken
-            try:
-                filler.append(os.dup(0))
-            except OSError:
-                break
+    with _every_descriptor_number_taken():
         assert fd < _pickling._fd_limit() - _pickling._FD_HEADROOM  # the number alone says "map it"
         spans = [(4096, 100), (0, len(data))]
         views = _pickling._rebuild_oob(lambda n: n, (fd,), len(data), spans, leased, writable)
-    finally:
-        for n in filler:
-            os.close(n)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert [bytes(v) for v in views] == [data[4096:4196], data]
     assert all(v.readonly is not writable for v in views)
     with pytest.raises(OSError):
@@ -629,7 +639,6 @@ def test_a_batch_whose_descriptors_fill_every_number_is_still_unpickled():
     # took every number up to RLIMIT_NOFILE, each result's dup of its own
     # failed: "the task's result could not be unpickled in the parent:
     # OSError: [Errno 24] Too many open files" (CI, a combined run).
-    import resource
 
     from shoal._fd import sending_fds
     from shoal._serialization import dumps, loads_with
@@ -642,31 +651,18 @@ def test_a_batch_whose_descriptors_fill_every_number_is_still_unpickled():
         with sending_fds(mine):
             messages.append((dumps(a, oob=True, what="a result"), len(mine)))
         fds += mine
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    top = max(int(n) for n in os.listdir("/proc/self/fd"))
-    filler: list[int] = []
-    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1 + 200, hard))
-    try:
-        while True:  # every number under the limit taken
-            try:
-                filler.append(os.dup(0))
-            except OSError:
-                break
+    with _every_descriptor_number_taken():
         got = []
         pos = 0
         for data, n in messages:
             got.append(loads_with(data, fds, pos, pos + n))
             pos += n
-    finally:
-        for n in filler:
-            os.close(n)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        # The first result, finding no free number, took its descriptor and
-        # left -1; the receiver closes the others (the teardown checks that
-        # none is left open).
-        assert fds[0] == -1
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
+    # The first result, finding no free number, took its descriptor and
+    # left -1; the receiver closes the others (the teardown checks that
+    # none is left open).
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+    assert fds[0] == -1
     assert [float(a[0]) for a in got] == [float(i) for i in range(6)]
     assert all(np.array_equal(a, b) for a, b in zip(got, arrays, strict=True))
