@@ -260,10 +260,10 @@ class LocalEngine(Engine):
             )
             if config_args is not None and context.get_start_method() == "fork":
                 # Inherited, as the standard library's fork-started workers
-                # get them: nothing pickled.  (Pickled, a 200 MB initargs
+                # get them: nothing pickled.  (Pickled, a 20 MB initargs
                 # cost a pickle per worker and a copy through its socket:
-                # the first map waited ten times longer than the standard
-                # library's.)
+                # the first map took 160-190 ms, the standard library's
+                # 14-16 ms.)
                 config_args, config_inline = None, hooks
             if config_args is not None:
                 # Picklable?  Pickled again for each worker, with the

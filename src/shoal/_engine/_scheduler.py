@@ -644,24 +644,15 @@ class Scheduler(WorkerLifecycle):
         elif kind == _worker.EXITED:
             ok, data = body
             try:
-                if ok:
-                    try:
-                        self._exit_results.append((True, loads_with(data, fds)))
-                    except Exception as exc:  # noqa: BLE001 - reported by worker_exit_results()
-                        self._exit_results.append(
-                            (
-                                False,
-                                SerializationError(
-                                    f"the value worker_exit returned could not be unpickled: {exc!r}"
-                                ),
-                            )
-                        )
-                else:
-                    self._exit_results.append((False, unpack_exception(data)))
+                outcome = (True, loads_with(data, fds)) if ok else (False, unpack_exception(data))
+            except Exception as exc:  # noqa: BLE001 - reported by worker_exit_results()
+                text = f"the value worker_exit returned could not be unpickled: {exc!r}"
+                outcome = (False, SerializationError(text))
             finally:
                 for fd in fds:
                     if fd >= 0:  # -1: the value took it (providing_fds)
                         os.close(fd)
+            self._exit_results.append(outcome)
         elif kind == _worker.INIT_FAILED:
             error = unpack_exception(body)
             w.retire_reason = "initializer"
