@@ -33,7 +33,8 @@ class Scenario:
             joblib"); one naming a contender this run lacks (a peer that is
             not installed) is not judged.  The table marks shoal's row met or
             MISSED (see target_met).
-        repeat: how many times each contender runs; the best figure counts.
+        repeat: how many times each contender runs (the runs of the
+            contenders alternate: see measure); the best figure counts.
         baseline: the contender ratios are computed against, when it is not
             the standard library (joblib's backends against loky, its
             default; fire-and-forget actor calls against waiting ones; Dask
@@ -278,21 +279,36 @@ def run(selector: str | None = None, quick: bool = False, out=sys.stdout) -> lis
     records: list[dict] = []
     print_header(out)
     for sc in load_scenarios(selector):
-        figures: dict[str, float] = {}
-        for contender, fn in sc.runners.items():
-            measured = []
-            for _ in range(1 if quick else sc.repeat):
-                try:
-                    measured.append(float(fn(quick)))
-                except Exception as exc:  # a failing contender is shown, not fatal
-                    print(f"  {sc.name} / {contender} failed: {type(exc).__name__}: {exc}", file=out)
-                    break
-            figures[contender] = best_of(measured, sc.higher_is_better) if measured else float("nan")
-        record = scenario_record(sc, figures)
+        record = scenario_record(sc, measure(sc, quick, out))
         print_record(record, out)
         records.append(record)
     print_summary(records, out)
     return records
+
+
+def measure(sc: Scenario, quick: bool, out=sys.stdout) -> dict[str, float]:
+    """Each contender's best figure over the scenario's repeats (NaN for
+    one that failed; its error is printed, and it is not run again).
+
+    The repeats go round the contenders (A, B, C, A, B, C, ...), not each
+    contender's in a row: a machine that gets busier or quieter during a
+    scenario then moves every contender's figures alike, instead of the
+    ratio of whoever ran last."""
+    measured: dict[str, list[float]] = {name: [] for name in sc.runners}
+    failed: set[str] = set()
+    for _ in range(1 if quick else sc.repeat):
+        for contender, fn in sc.runners.items():
+            if contender in failed:
+                continue
+            try:
+                measured[contender].append(float(fn(quick)))
+            except Exception as exc:  # a failing contender is shown, not fatal
+                print(f"  {sc.name} / {contender} failed: {type(exc).__name__}: {exc}", file=out)
+                failed.add(contender)
+    return {
+        name: best_of(figures, sc.higher_is_better) if figures else float("nan")
+        for name, figures in measured.items()
+    }
 
 
 def median(values: list[float]) -> float:

@@ -178,6 +178,39 @@ def test_bench_prints_ratios_and_marks_the_target_met_or_missed(workdir):
     assert re.search(r"^targets met: [01] of 1$", out.stdout, re.M)
 
 
+def test_bench_repeats_alternate_between_contenders_and_a_failed_one_is_not_run_again():
+    # Before, each contender ran all its repeats in a row: a machine that
+    # got busier during a scenario moved the ratio of whoever ran last.
+    import io
+    import math
+
+    from shoal.benchmarks._framework import Scenario, measure
+
+    calls: list[str] = []
+
+    def runner(name: str, figure: float):
+        def run(quick: bool) -> float:
+            calls.append(name)
+            if figure < 0:
+                raise RuntimeError("this contender cannot run here")
+            return figure + len(calls)  # later runs score higher: the best one counts
+
+        return run
+
+    sc = Scenario(
+        "s",
+        "ops/s",
+        True,
+        {"stdlib": runner("stdlib", 10), "shoal": runner("shoal", 20), "peer": runner("peer", -1)},
+    )
+    out = io.StringIO()
+    figures = measure(sc, quick=False, out=out)
+    assert calls == ["stdlib", "shoal", "peer", "stdlib", "shoal", "stdlib", "shoal"]
+    assert figures["stdlib"] == 10 + 6 and figures["shoal"] == 20 + 7 and math.isnan(figures["peer"])
+    assert "s / peer failed: RuntimeError: this contender cannot run here" in out.getvalue()
+    assert measure(sc, quick=True, out=io.StringIO()) and calls[-3:] == ["stdlib", "shoal", "peer"]
+
+
 @pytest.mark.parametrize(
     ("target", "value", "ratio", "met"),
     [
