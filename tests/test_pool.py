@@ -557,8 +557,9 @@ def test_a_batch_with_more_functions_than_the_worker_caches(monkeypatch):
 
 
 # Before: an untimed map's chunks were all the standard library's guess (n / 4
-# per worker), so 200 tasks of 0.2 s made 25-task chunks of 5 s: the first
-# result came late and the tail left one worker busy while the others idled.
+# per worker), so 200 tasks of 0.2 s made 25-task chunks of 5 s: the tail
+# left one worker busy while the others idled.  Then they doubled from one
+# item to that guess, and every doubling cost the workers a round trip.
 @pytest.mark.parametrize(
     "n, size, workers", [(200, 25, 2), (200_000, 25_000, 2), (10, 3, 2), (7, 1, 4), (1000, 63, 4)]
 )
@@ -567,6 +568,8 @@ def test_an_untimed_map_starts_with_one_item_and_ends_with_small_chunks(n, size,
 
     bounds = _chunk_bounds(n, size, workers, timed=False)
     assert bounds[0] == (0, 1)
+    # Then at once as large as the guess allows: no ramp of round trips.
+    assert bounds[1][1] - bounds[1][0] == max(1, min(size, -(-(n - 1) // (2 * workers))))
     assert bounds[-1][1] == n and all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     sizes = [stop - start for start, stop in bounds]
     assert max(sizes) <= size

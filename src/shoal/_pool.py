@@ -467,24 +467,24 @@ def _chunk_bounds(n: int, size: int, workers: int, timed: bool) -> list[tuple[in
 
     Every chunk is made (and pickled) before ``map`` returns, so its size
     cannot wait for a measurement.  A timed function gets chunks of *size*
-    (the engine's, from its measured duration).  An untimed one gets chunks
-    that grow from one item (the first results, and the first measurement,
-    come at once) to at most *size*, the standard library's guess, and
-    shrink again at the end as what remains is shared out among the
+    (the engine's, from its measured duration).  An untimed one gets one
+    item first (the function's first measurement comes at once, and sizes
+    the batches after it), then chunks of *size*, the standard library's
+    guess, that shrink at the end as what remains is shared out among the
     workers (guided self-scheduling): however wrong the guess, the last
     chunks are small, so no worker is left with a long tail while the
-    others idle.
+    others idle.  (The chunks used to double from one item up to *size*:
+    each doubling cost the workers a round trip to the scheduler, about
+    2 ms of a first 10,000-item map that takes 11 ms.)
     """
     if timed or n <= workers:
         return [(start, min(start + size, n)) for start in range(0, n, size)]
-    bounds = []
-    start, grow = 0, 1
+    bounds = [(0, 1)]
+    start = 1
     while start < n:
-        left = n - start
-        step = max(1, min(grow, size, -(-left // (2 * workers))))
+        step = max(1, min(size, -(-(n - start) // (2 * workers))))
         bounds.append((start, start + step))
         start += step
-        grow *= 2
     return bounds
 
 
