@@ -392,8 +392,8 @@ class Scheduler(WorkerLifecycle):
         chunks among them) to about BATCH_SECONDS of work and a fair share
         of the *items* pending, and put the rest back at the head.
 
-        Chunks differ in size (a map's grow from one item, then shrink
-        towards its end), so counting tasks is not sharing work: a batch
+        Chunks differ in size (a map's first is one item, and its last
+        ones shrink), so counting tasks is not sharing work: a batch
         sized by its first, small chunk took the large ones behind it, and
         one worker got nine tenths of a map while the other idled.
         """
