@@ -162,7 +162,7 @@ def test_tasks_moved_between_workers_run_once_each(fork_or_spawn, maxtasksperchi
 
 
 def test_a_maps_items_are_shared_among_the_workers():
-    # A map's chunks differ in size (they grow from one item, then shrink),
+    # A map's chunks differ in size (one item first, then large ones that shrink),
     # and a batch was sized by the task at its head: once the function's
     # estimate was known, a batch headed by a small chunk took the large
     # ones behind it, and one worker ran nearly all of a map (down to 16 of
