@@ -8,7 +8,15 @@
   plain arrays (one copy into shared memory), ``shoal-share`` (``SharedArray.from_array()``
   of each array inside the timed region: one copy too), ``shoal-SA``
   (arrays that already are ``SharedArray``s: no copy), loky, and joblib
-  ``Parallel`` (automatic memmapping).
+  ``Parallel`` (automatic memmapping).  joblib's timed run copies nothing:
+  its memmap cache knows each array by identity, and hands the workers the
+  file it wrote on the first run, so an array written in place between the
+  two runs would reach them with its old bytes (joblib 1.6:
+  ``a[0] = 42.0`` between two calls of one ``Parallel``, and the workers
+  read 0.0).  shoal copies each plain array on each send, as the standard
+  library does (``tests/test_shared_array.py`` checks that a write between
+  sends arrives); ``shoal-SA`` is its zero-copy path for an array sent
+  again and again.
 * "worker returns a 50 MB array, x8": each worker returns an array it
   already holds (built once per worker, outside the timed region), so the
   figure is the transfer, not numpy's allocation; the parent checks one
@@ -228,6 +236,8 @@ if optional("numpy"):
             _sum_runners,
             target=">= 10x stdlib, >= 2x joblib",
             repeat=2,
+            notes="joblib's timed run is served by its identity-keyed memmap cache (stale after an in-place "
+            "write); shoal-SA is shoal's zero-copy path",
         ),
         Scenario(
             "worker returns a 50 MB array, x8",
