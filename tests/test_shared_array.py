@@ -438,8 +438,8 @@ def test_warm_segments_are_reused_and_returned(fork_or_spawn):
 def test_an_array_written_in_place_between_sends_reaches_the_workers_as_written(fork_or_spawn):
     # Each send is a snapshot of the array's bytes at that moment, as with
     # the standard library.  joblib's memmapping cache keys arrays by
-    # identity, so after `a[-1] = 7` the same Parallel hands its workers the
-    # old bytes; a cache of that kind here would fail this test.
+    # identity, so after `a[0] = 42.0` the same Parallel hands its workers
+    # the old bytes; a cache of that kind here would fail this test.
     arrays = [np.full(BIG, float(i)) for i in range(4)]
     with shoal.Pool(2, context=fork_or_spawn) as pool:
         for step in range(3):
@@ -447,7 +447,7 @@ def test_an_array_written_in_place_between_sends_reaches_the_workers_as_written(
             assert pool.map(workers.array_sum, arrays, chunksize=1) == expected
             assert [pool.apply(workers.array_sum, (a,)) for a in arrays] == expected
             for a in arrays:
-                a[-1] += 1.0  # the last byte only: a comparison must read it all
+                a[-1] += 1.0  # the last element only: a comparison must read it all
             arrays[step][0] = -1.0
         assert pool.map(workers.array_sum, arrays, chunksize=1) == [float(a.sum()) for a in arrays]
 
