@@ -650,8 +650,11 @@ def test_queue_ring_refuses_corrupt_shared_memory():
 
 
 def fuzz_out_of_band(examples: int) -> None:
+    import errno
+
     from hypothesis import strategies as st
 
+    from shoal._fd import FAULTS
     from shoal._serialization import _pickling
     from shoal.exceptions import CorruptDataError
 
@@ -674,13 +677,12 @@ def fuzz_out_of_band(examples: int) -> None:
         fd = _memfd(real, b"\x07")
 
         def example():
-            limit = _pickling._fd_limit
-            if copy:  # the path taken near the descriptor limit: a copy, not a mapping
-                _pickling._fd_limit = lambda: 0
+            if copy:  # the path taken when no mapping can be made: a copy
+                FAULTS["map"] = errno.EMFILE
             try:
                 views = _pickling._rebuild_oob(os.dup, (fd,), size, spans, leased, writable)
             finally:
-                _pickling._fd_limit = limit
+                FAULTS.pop("map", None)
             assert [v.nbytes for v in views] == [n for _off, n in spans]
             for v in views:
                 v.release()

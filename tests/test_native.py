@@ -253,6 +253,67 @@ def test_dict_functions_refuse_other_objects_and_closed_mappings():
         os.close(fd)
 
 
+# -- Region: a mapping of received memory that keeps no descriptor --------------
+
+
+def _memfd_with(data: bytes) -> int:
+    fd = os.memfd_create("test-region")
+    os.write(fd, data)
+    return fd
+
+
+def test_a_region_reads_the_file_and_keeps_no_descriptor():
+    data = bytes(range(256)) * 64
+    fd = _memfd_with(data)
+    before = set(os.listdir("/proc/self/fd"))
+    shared = memoryview(_native.Region(fd, len(data), False))
+    private = memoryview(_native.Region(fd, len(data), True))
+    assert set(os.listdir("/proc/self/fd")) == before  # mmap.mmap would hold two dups
+    os.close(fd)
+    assert bytes(shared) == bytes(private) == data  # still mapped with the file's descriptor closed
+    assert shared.readonly and not private.readonly
+    with pytest.raises(TypeError):
+        shared[0] = 1
+
+
+def test_a_writable_region_is_private_and_a_shared_one_sees_the_file_change():
+    fd = _memfd_with(b"abcd" * 1024)
+    shared = memoryview(_native.Region(fd, 4096, False))
+    private = memoryview(_native.Region(fd, 4096, True))
+    private[0:2] = b"XY"
+    assert os.pread(fd, 4, 0) == b"abcd"  # copy-on-write: the file is unchanged
+    os.pwrite(fd, b"Z", 3)
+    assert bytes(shared[:4]) == b"abcZ"
+    assert bytes(private[:4]) == b"XYcd"  # its copied page keeps this process's bytes
+    os.close(fd)
+
+
+def test_a_region_keeps_its_open_file_description_and_its_lock_until_unmapped():
+    # The lease of shoal/_fd/_warm.py: a lock on a description that only
+    # the mapping holds still tells the sender the segment is being read.
+    from shoal._fd._warm import is_leased, open_lease
+
+    fd = _memfd_with(b"x" * 4096)
+    lease = open_lease(fd, os.O_RDONLY)
+    view = memoryview(_native.Region(lease, 4096, True))
+    os.close(lease)
+    assert is_leased(fd)
+    view.release()
+    assert not is_leased(fd)
+    os.close(fd)
+
+
+def test_a_region_refuses_a_short_file_or_an_empty_length_instead_of_faulting():
+    fd = _memfd_with(b"x" * 100)
+    with pytest.raises(ValueError, match="holds 100 bytes, fewer than the 8192"):
+        _native.Region(fd, 8192, False)  # reading page 2 would be SIGBUS
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        _native.Region(fd, 0, True)
+    os.close(fd)
+    with pytest.raises(OSError):
+        _native.Region(fd, 100, False)  # closed
+
+
 # -- misuse of the private API (regressions from review 2) ----------------------
 
 

@@ -19,6 +19,9 @@
  *    mutex.  They are in C because each is one call here versus a dozen
  *    calls and struct unpackings from Python, and because lock-free readers
  *    need real memory-ordering guarantees that pure Python cannot give.
+ * 6. Region (region.c): a mapping of received shared memory that, unlike
+ *    mmap.mmap, keeps no descriptor open, so results kept by the thousand
+ *    do not use up RLIMIT_NOFILE.
  *
  * Linux only (memfd, futex, robust mutexes).  No global state besides a fork
  * counter, a cached reference to pickle.loads and the count of SharedDict
@@ -123,7 +126,7 @@ PyMODINIT_FUNC
 PyInit__native(void)
 {
     if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&DictLock_Type) < 0 || PyType_Ready(&Task_Type) < 0 ||
-        PyType_Ready(&Result_Type) < 0)
+        PyType_Ready(&Result_Type) < 0 || PyType_Ready(&Region_Type) < 0)
         return NULL;
     PyObject *mod = PyModule_Create(&native_module);
     if (mod == NULL)
@@ -137,10 +140,12 @@ PyInit__native(void)
     Py_INCREF(&DictLock_Type);
     Py_INCREF(&Task_Type);
     Py_INCREF(&Result_Type);
+    Py_INCREF(&Region_Type);
     if (PyModule_AddObject(mod, "Mapping", (PyObject *)&Mapping_Type) < 0 ||
         PyModule_AddObject(mod, "DictLock", (PyObject *)&DictLock_Type) < 0 ||
         PyModule_AddObject(mod, "Task", (PyObject *)&Task_Type) < 0 ||
         PyModule_AddObject(mod, "ResultSlot", (PyObject *)&Result_Type) < 0 ||
+        PyModule_AddObject(mod, "Region", (PyObject *)&Region_Type) < 0 ||
         PyModule_AddIntConstant(mod, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0 ||
         PyModule_AddIntConstant(mod, "DICT_HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(mod, "DICT_REGION_HEADER", REGION_HEADER) < 0 ||

@@ -74,6 +74,9 @@ PyObject *futex_wake(FASTCALL_ARGS);
 uint64_t xxh64(const void *data, size_t len, uint64_t seed);
 PyObject *hash64(FASTCALL_ARGS);
 
+/* region.c */
+extern PyTypeObject Region_Type;
+
 /* dict_*.c */
 extern PyTypeObject Mapping_Type;
 extern PyTypeObject DictLock_Type;

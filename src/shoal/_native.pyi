@@ -41,6 +41,16 @@ DICT_MAGIC: Final[int]
 INLINE_MIN: Final[int]
 INLINE_MAX: Final[int]
 
+class Region:
+    """A mapping of *fd* that keeps no descriptor (close *fd* after):
+    read-only and shared, or writable and private (copy-on-write).  Unmapped
+    when the last buffer exported from it is gone."""
+
+    def __new__(cls, fd: int, length: int, writable: bool) -> Region: ...
+    @property
+    def length(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
 class Mapping:
     """A shared mapping of a SharedDict's memfd (*fd* stays the caller's:
     close it after :meth:`close`)."""

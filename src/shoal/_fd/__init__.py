@@ -15,8 +15,9 @@ descriptor travels and how anonymous memory is made:
   themselves (:func:`fds_ancillary` to send, :func:`received_fds` to read,
   :data:`MAX_FDS` per message, :data:`ANC_SIZE` to receive them).
 * segments (:mod:`._segment`): memfds (:func:`create_fd`,
-  :func:`fd_from_buffer`), a mapped :class:`Segment`, and copy-on-write
-  views (:func:`map_private_fd`); what a size that another process
+  :func:`fd_from_buffer`), a mapped :class:`Segment`, and views of
+  received memfds that keep no descriptor (:func:`map_received`,
+  :func:`map_private_fd`); what a size that another process
   announced may be (:data:`MAX_PEER_SIZE`, :func:`peer_size_error`,
   :func:`check_fd_holds`), checked before anything is allocated; memfds
   sealed against shrinking, and the check that a received one is
@@ -24,7 +25,7 @@ descriptor travels and how anonymous memory is made:
 * limits (:mod:`._limits`): :func:`exhausted` turns the system's refusal
   (no descriptor, no memory, no process) into an error that says what ran
   out and what to do; :data:`FAULTS` (``SHOAL_FAULT``) makes segment
-  creation fail on purpose, for tests.
+  creation, or the mapping of a received one, fail on purpose, for tests.
 * warm segments (:mod:`._warm`): reusable segments whose readers the kernel
   tracks with file-lock leases (:class:`WarmSegments`, :func:`map_leased`).
 
@@ -58,6 +59,7 @@ from ._segment import create_fd as create_fd
 from ._segment import fd_from_buffer as fd_from_buffer
 from ._segment import map_private as map_private
 from ._segment import map_private_fd as map_private_fd
+from ._segment import map_received as map_received
 from ._segment import peer_size_error as peer_size_error
 from ._warm import WarmSegments as WarmSegments
 from ._warm import map_leased as map_leased
@@ -82,6 +84,7 @@ __all__ = (
     "map_leased",
     "map_private",
     "map_private_fd",
+    "map_received",
     "peer_size_error",
     "providing_fds",
     "received_fds",

@@ -18,7 +18,8 @@ the original.
 purpose (a memory cgroup kills instead of refusing), so :data:`FAULTS` makes
 the next calls fail as if it had happened.  It maps the name of a call that
 :func:`~._segment.create_fd` makes (``"memfd"``: ``memfd_create``,
-``"ftruncate"``) to the errno it raises.  It is filled once, at import, from
+``"ftruncate"``), or ``"map"`` (:func:`~._segment.map_received`, the mapping
+of a received memfd), to the errno it raises.  It is filled once, at import, from
 the environment variable ``SHOAL_FAULT`` (``SHOAL_FAULT=memfd:ENOMEM`` or
 ``SHOAL_FAULT=memfd:EMFILE,ftruncate:ENOSPC``) and can be changed at run time
 (``shoal._fd._limits.FAULTS.clear()``).  Empty unless a test sets it; a
@@ -45,7 +46,7 @@ def _parse_faults(spec: str) -> dict[str, int]:
     return faults
 
 
-#: Calls of :func:`~._segment.create_fd` to fail, and the errno each raises
+#: Calls of :func:`~._segment.create_fd` (and ``"map"``) to fail, and the errno each raises
 #: (see the module docstring).
 FAULTS: dict[str, int] = _parse_faults(os.environ.get("SHOAL_FAULT", ""))
 

@@ -22,6 +22,7 @@ import os
 import stat
 from typing import Any
 
+from .._native import Region
 from ..exceptions import CorruptDataError, corrupt_data
 from ._limits import exhausted, inject
 from ._passing import collecting, reduce_fd
@@ -192,13 +193,26 @@ def _rebuild_segment(rebuild: Any, args: Any, size: int) -> Segment:
     return Segment(size, fd=rebuild(*args))
 
 
-def map_private(fd: int, size: int) -> memoryview:
-    """Map *fd* copy-on-write (the caller still closes it): the view reads
-    the shared pages, and writes through it stay in this process.  Dropping
-    the last reference to the view frees this process's share."""
+def map_received(fd: int, size: int, *, writable: bool) -> memoryview:
+    """Map *size* bytes of the memfd *fd* that another process sent (the
+    caller still closes *fd*), keeping no descriptor (unlike ``mmap.mmap``,
+    which holds a duplicate for as long as it lives: a program keeping
+    thousands of results would run out of them).
+
+    ``writable=True``: copy-on-write; the view reads the shared pages, and
+    writes through it stay in this process.  ``writable=False``: shared and
+    read-only.  Dropping the last reference to the view (and to whatever was
+    built on it) unmaps it.  ``OSError`` if the kernel refuses the mapping
+    (ENOMEM: address space, or ``vm.max_map_count`` mappings)."""
     if size == 0:
-        return memoryview(bytearray())
-    return memoryview(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+        return memoryview(bytearray()) if writable else memoryview(b"")
+    inject("map")
+    return memoryview(Region(fd, size, writable))
+
+
+def map_private(fd: int, size: int) -> memoryview:
+    """:func:`map_received`, writable (copy-on-write)."""
+    return map_received(fd, size, writable=True)
 
 
 def map_private_fd(fd: int, size: int) -> memoryview:

@@ -20,9 +20,9 @@ segment to be overwritten under it nor leak it:
   buffers, and passes the lease's descriptor beside its message.  While the
   message is in flight the kernel holds the descriptor; the receiver takes
   its *own* lease (:func:`map_leased`) before it closes the one it got, and
-  its mapping keeps that lease (``mmap`` keeps a ``dup`` of its descriptor)
-  until the last array built on it is gone, in this process or in a
-  process forked from it.  The sender closes its lease when it will not
+  its mapping keeps that lease (a mapping holds its open file description,
+  with no descriptor) until the last array built on it is gone, in this
+  process or in a process forked from it.  The sender closes its lease when it will not
   send the segment again (the pool: when the task is finished, since a task
   whose worker died is sent again).
 * :class:`WarmSegments` owns one descriptor per segment that holds no lock;
@@ -48,14 +48,13 @@ import struct
 import threading
 from typing import Any
 
-from ._segment import create_fd
+from ._segment import create_fd, map_received
 
 #: struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
 _FLOCK = struct.Struct("hhqqi4x")
 _WHOLE_READ = _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
 _WHOLE_WRITE = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-_MADV_POPULATE_READ = 22  # Linux >= 5.14; older kernels refuse it (EINVAL), harmlessly
 
 #: Bytes of idle segments one process keeps warm.
 BUDGET = 1 << 30
@@ -84,7 +83,7 @@ def is_leased(fd: int) -> bool:
     return _FLOCK.unpack(found)[0] != fcntl.F_UNLCK
 
 
-def map_leased(fd: int, size: int, *, writable: bool) -> mmap.mmap:
+def map_leased(fd: int, size: int, *, writable: bool) -> memoryview:
     """Map *size* bytes of the leased segment *fd* (received beside a
     message; the caller still closes it) under a lease of this process's
     own, which lasts as long as the mapping.
@@ -93,24 +92,17 @@ def map_leased(fd: int, size: int, *, writable: bool) -> mmap.mmap:
     read-only.  ``writable=True``: private (copy-on-write), so this process
     may write to what it received without the sender, or the next message
     reusing the segment, seeing it.
+
+    The mapping keeps no descriptor (:func:`~._segment.map_received`): it
+    holds the lease's open file description, and with it the lock, by
+    itself.  Taking the lease needs one free descriptor for a moment
+    (``OSError`` EMFILE when there is none).
     """
     lease = open_lease(fd, os.O_RDONLY)
     try:
-        if writable:
-            m = mmap.mmap(lease, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            try:
-                # Map the existing pages now, in one call, without breaking
-                # copy-on-write (MAP_POPULATE would copy every page).
-                m.madvise(_MADV_POPULATE_READ)
-            except OSError:
-                pass
-        else:
-            m = mmap.mmap(lease, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+        return map_received(lease, size, writable=writable)
     finally:
-        # The mapping holds its own duplicate of the descriptor, and with
-        # it the open file description and its lock.
         os.close(lease)
-    return m
 
 
 class WarmSegments:

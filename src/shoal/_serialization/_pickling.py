@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import errno
 import io
-import mmap
 import os
 import pickle
-import resource
 import threading
 from typing import Any
 
@@ -45,7 +43,7 @@ from .._fd import (
     collecting,
     create_fd,
     map_leased,
-    map_private,
+    map_received,
     peer_size_error,
     providing_fds,
     reduce_fd,
@@ -117,8 +115,8 @@ def _rebuild_oob(
     except CorruptDataError:
         raise
     except (ValueError, OSError) as exc:
-        # mmap refuses a length beyond the file ("mmap length is greater
-        # than file size") or a descriptor that is not a file.
+        # The mapping refuses a length beyond the file ("the file holds N
+        # bytes, fewer than ...") or a descriptor that is not a file.
         raise corrupt_data(f"out-of-band buffers of {size} bytes could not be mapped ({exc})") from exc
 
 
@@ -149,35 +147,26 @@ def _map_oob(fd: int, size: int, spans: Any, leased: bool, writable: bool) -> li
 
 
 def _map_segment(fd: int, size: int, leased: bool, writable: bool) -> memoryview:
-    if fd < _fd_limit() - _FD_HEADROOM:
-        try:
-            if leased:
-                return memoryview(map_leased(fd, size, writable=writable))
-            if writable:
-                # A private (copy-on-write) mapping: the receiver may write to
-                # the arrays it gets, as with in-band pickles, without changing
-                # what the sender (or a second receiver of a re-sent task) sees.
-                return map_private(fd, size)
-            return memoryview(mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ))
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-            # No descriptor for the mapping's own duplicate: the number of
-            # *fd* says little when a message brought many (one per result
-            # of a batch), so the limit can be met here all the same.
-    # Every mapping keeps a descriptor (Python's mmap holds a dup), so
-    # thousands of results kept alive would run out of descriptors (EMFILE):
-    # near the limit, received buffers are copied instead.
+    # Private (copy-on-write) when writable: the receiver may write to the
+    # arrays it gets, as with in-band pickles, without changing what the
+    # sender (or a second receiver of a re-sent task) sees.  A mapping keeps
+    # no descriptor, so results kept by the thousand do not use up
+    # RLIMIT_NOFILE.
+    try:
+        if leased:
+            return map_leased(fd, size, writable=writable)
+        return map_received(fd, size, writable=writable)
+    except OSError as exc:
+        if exc.errno not in _COPY_INSTEAD:
+            raise
+    # No descriptor free for the lease for a moment (a message brings many,
+    # one per result of a batch, and they can take the last numbers), or no
+    # mapping left (vm.max_map_count): the bytes are copied instead.
     return _read_copy(fd, size, writable)
 
 
-#: Descriptors kept free: beyond this, out-of-band buffers are copied, not mapped.
-_FD_HEADROOM = 128
-
-
-def _fd_limit() -> int:
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return soft if soft != resource.RLIM_INFINITY else 1 << 30
+#: Why a mapping can fail when a copy still works.
+_COPY_INSTEAD = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
 def _read_copy(fd: int, size: int, writable: bool) -> memoryview:
