@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import psutil
 import pytest
 
 import shoal
 import workers
+from shoal import _native
 
 np = pytest.importorskip("numpy")
 
@@ -450,6 +452,146 @@ def test_an_array_written_in_place_between_sends_reaches_the_workers_as_written(
                 a[-1] += 1.0  # the last element only: a comparison must read it all
             arrays[step][0] = -1.0
         assert pool.map(workers.array_sum, arrays, chunksize=1) == [float(a.sum()) for a in arrays]
+
+
+# -- snapshots: an array sent again unchanged is not copied again ---------------
+
+
+def _snapshots_work() -> bool:
+    from shoal._fd._snapshots import ENABLED
+
+    a = np.ones(1 << 18)  # 2 MiB
+    start = -(-a.ctypes.data // 4096) * 4096
+    if not ENABLED or not _native.track_writes(start, 4096):
+        return False
+    _native.untrack_writes(start, 4096)
+    return True
+
+
+snapshots = pytest.mark.skipif(
+    not _snapshots_work(),
+    reason="this kernel cannot track writes (userfaultfd WP_ASYNC, PAGEMAP_SCAN: Linux 6.7)",
+)
+
+
+@snapshots
+def test_an_unchanged_array_sent_again_arrives_in_the_same_shared_memory(fork_or_spawn):
+    # The worker keeps each array it gets, so the memory it arrived in is
+    # still read: a new copy could not go there, and would show as new
+    # shared memory.
+    a = np.full(BIG, 2.0)
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        got = [pool.apply(workers.stash_and_segment, (a,)) for _ in range(3)]
+        assert [s for s, _ in got] == [BIG * 2.0] * 3
+        inodes = {inode for _, inode in got}
+        assert len(inodes) == 1 and None not in inodes  # one copy, sent three times
+        a[BIG // 2] = 5.0  # a page in the middle
+        total, inode = pool.apply(workers.stash_and_segment, (a,))
+        assert total == BIG * 2.0 + 3.0 and inode not in inodes
+
+
+def _write_first(a):
+    a[0] = 7.0  # the partial page at the start (shared with malloc's header)
+
+
+def _write_middle(a):
+    a[len(a) // 2] = 7.0
+
+
+def _write_last(a):
+    a[-1] = 7.0  # the partial page at the end
+
+
+def _write_through_a_view(a):
+    a[1000:][5] = 7.0
+
+
+def _write_by_the_kernel(a):
+    r, w = os.pipe()
+    os.write(w, np.float64(7.0).tobytes())
+    os.readv(r, [memoryview(a).cast("B")[8 * 2000 : 8 * 2001]])  # read(2) into the array
+    os.close(r)
+    os.close(w)
+
+
+def _write_from_a_thread(a):
+    t = threading.Thread(target=a.__setitem__, args=(3000, 7.0))
+    t.start()
+    t.join()
+
+
+def _write_all(a):
+    np.copyto(a, np.arange(len(a), dtype=a.dtype))
+
+
+WRITES = [_write_first, _write_middle, _write_last, _write_through_a_view, _write_by_the_kernel]
+WRITES += [_write_from_a_thread, _write_all]
+
+
+@pytest.mark.parametrize("write", WRITES, ids=[w.__name__[1:] for w in WRITES])
+def test_a_write_between_sends_always_arrives(write, fork_or_spawn):
+    # An array sent before is not copied again while the kernel reports no
+    # write to it: every way of writing must be reported (or the array is
+    # not tracked), or workers would compute on old bytes.
+    a = np.full(BIG, 1.0)
+    with shoal.Pool(2, context=fork_or_spawn) as pool:
+        for _ in range(2):
+            assert pool.apply(workers.array_sum, (a,)) == float(a.sum())
+        write(a)
+        expected = float(a.sum())
+        assert pool.apply(workers.array_sum, (a,)) == expected
+        assert pool.map(workers.array_sum, [a, a[10:], a], chunksize=1) == [
+            expected,
+            float(a[10:].sum()),
+            expected,
+        ]
+        write(a)  # the array changes: copied on every send from now on
+        a[1] += 1.0
+        assert pool.apply(workers.array_sum, (a,)) == float(a.sum())
+
+
+def test_writes_in_a_forked_child_do_not_count_and_the_parents_do(fork_or_spawn):
+    a = np.full(BIG, 1.0)
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        assert pool.apply(workers.array_sum, (a,)) == BIG
+        pid = os.fork()
+        if pid == 0:
+            a[:] = 9.0  # the child's own copy of the pages
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert pool.apply(workers.array_sum, (a,)) == BIG
+        a[BIG // 2] = 3.0
+        assert pool.apply(workers.array_sum, (a,)) == BIG + 2.0
+
+
+def test_an_array_freed_and_another_at_its_address_sends_the_new_bytes(fork_or_spawn):
+    # Snapshots know an array by the object, its address and length; a new
+    # array that malloc puts where a freed one was is a new array.
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        addresses = set()
+        for value in (1.0, 2.0, 3.0, 4.0):
+            a = np.full(BIG, value)
+            addresses.add(a.ctypes.data)
+            assert pool.apply(workers.array_sum, (a,)) == BIG * value
+            assert pool.apply(workers.array_sum, (a,)) == BIG * value
+            del a
+        assert len(addresses) < 4  # the case happened: an address was reused
+
+
+def test_an_array_in_a_file_mapping_written_by_another_process_arrives_as_written(tmp_path, fork_or_spawn):
+    # Memory another process can write is never a snapshot (it writes
+    # without faulting here): a file mapping, written through the file.
+    path = tmp_path / "data.f8"
+    np.full(BIG, 1.0).tofile(path)
+    m = np.memmap(path, dtype=np.float64, mode="r+")
+    with shoal.Pool(1, context=fork_or_spawn) as pool:
+        assert pool.apply(workers.array_sum, (m,)) == BIG
+        assert pool.apply(workers.array_sum, (m,)) == BIG
+        with open(path, "r+b") as f:
+            f.seek(8 * 1000)
+            f.write(np.float64(5.0).tobytes())
+        assert pool.apply(workers.array_sum, (m,)) == BIG + 4.0
+    del m
 
 
 def test_an_argument_a_worker_keeps_is_never_overwritten(fork_or_spawn):

@@ -5,7 +5,11 @@
 /* Incremented in the child after fork(): a lock "held by this thread" in
  * the parent is not held by the child's copy of that thread. */
 unsigned long fork_generation;
-void after_fork_child(void) { fork_generation++; }
+void after_fork_child(void)
+{
+    fork_generation++;
+    tracking_after_fork();
+}
 
 static PyObject *pickle_loads;  /* cached pickle.loads */
 static Py_ssize_t mapping_count; /* Mappings mapped in this process */

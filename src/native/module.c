@@ -22,10 +22,14 @@
  * 6. Region (region.c): a mapping of received shared memory that, unlike
  *    mmap.mmap, keeps no descriptor open, so results kept by the thousand
  *    do not use up RLIMIT_NOFILE.
+ * 7. Write tracking (tracking.c): whether an array sent before was written
+ *    since, answered by the kernel (userfaultfd write protection and
+ *    PAGEMAP_SCAN) instead of comparing its bytes.
  *
  * Linux only (memfd, futex, robust mutexes).  No global state besides a fork
- * counter, a cached reference to pickle.loads and the count of SharedDict
- * mappings (for the error message when address space runs out).
+ * counter, a cached reference to pickle.loads, the count of SharedDict
+ * mappings (for the error message when address space runs out) and the
+ * write-tracking descriptors (a userfaultfd and /proc/self/pagemap).
  */
 #include "shoal_native.h"
 
@@ -95,6 +99,13 @@ static PyMethodDef native_methods[] = {
     FAST(ring_get_inline, "ring_get_inline(mm, capacity, timeout=None)\n--\n\n"
                           "Take the oldest record if it is inline and there now: its bytes, None (take the "
                           "general path) or False (the lock came from a dead holder: held, repair, then release)."),
+    /* tracking.c: called only by shoal._fd._warm */
+    FAST(track_writes, "track_writes(addr, length)\n--\n\n"
+                       "Write-protect whole pages of private memory so that written() can tell whether "
+                       "anything wrote to them since; False where the kernel cannot."),
+    FAST(written, "written(addr, length)\n--\n\n"
+                  "Whether a page of a tracked range was written since track_writes (True when unsure)."),
+    FAST(untrack_writes, "untrack_writes(addr, length)\n--\n\nStop tracking the range."),
     /* result.c */
     FAST(new_result, "new_result(engine, callback, error_callback, pool)\n--\n\n"
                      "A new instance of the plain result class (see result_type)."),

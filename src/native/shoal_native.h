@@ -77,6 +77,12 @@ PyObject *hash64(FASTCALL_ARGS);
 /* region.c */
 extern PyTypeObject Region_Type;
 
+/* tracking.c */
+PyObject *track_writes(FASTCALL_ARGS);
+PyObject *written(FASTCALL_ARGS);
+PyObject *untrack_writes(FASTCALL_ARGS);
+void tracking_after_fork(void);
+
 /* dict_*.c */
 extern PyTypeObject Mapping_Type;
 extern PyTypeObject DictLock_Type;

@@ -41,6 +41,10 @@ DICT_MAGIC: Final[int]
 INLINE_MIN: Final[int]
 INLINE_MAX: Final[int]
 
+def track_writes(addr: int, length: int, /) -> bool: ...
+def written(addr: int, length: int, /) -> bool: ...
+def untrack_writes(addr: int, length: int, /) -> None: ...
+
 class Region:
     """A mapping of *fd* that keeps no descriptor (close *fd* after):
     read-only and shared, or writable and private (copy-on-write).  Unmapped

@@ -312,7 +312,7 @@ class LocalEngine(Engine):
         self._task_fds: set[int] = set()
         # Warm shared memory that large task arguments travel in, reused
         # once the task is finished and its worker has dropped them.
-        self._segments = WarmSegments()
+        self._segments = WarmSegments(snapshots=True)
         # The scheduler thread's state and steps; it owns the workers.  It
         # holds the engine's record and the containers it shares with the
         # caller side, not the engine.

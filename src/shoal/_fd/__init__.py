@@ -27,7 +27,10 @@ descriptor travels and how anonymous memory is made:
   out and what to do; :data:`FAULTS` (``SHOAL_FAULT``) makes segment
   creation, or the mapping of a received one, fail on purpose, for tests.
 * warm segments (:mod:`._warm`): reusable segments whose readers the kernel
-  tracks with file-lock leases (:class:`WarmSegments`, :func:`map_leased`).
+  tracks with file-lock leases (:class:`WarmSegments`, :func:`map_leased`);
+  snapshots (:mod:`._snapshots`): the segment already holding an array sent
+  again is reused while the kernel reports no write to it
+  (:meth:`WarmSegments.lease_copy`, :data:`SNAPSHOT_MIN`).
 
 Every layer above (serialization, IPC, shared memory, the engine) uses these
 names and nothing else of this package.
@@ -61,6 +64,7 @@ from ._segment import map_private as map_private
 from ._segment import map_private_fd as map_private_fd
 from ._segment import map_received as map_received
 from ._segment import peer_size_error as peer_size_error
+from ._snapshots import MIN_BYTES as SNAPSHOT_MIN
 from ._warm import WarmSegments as WarmSegments
 from ._warm import map_leased as map_leased
 
@@ -71,6 +75,7 @@ __all__ = (
     "FAULTS",
     "MAX_FDS",
     "MAX_PEER_SIZE",
+    "SNAPSHOT_MIN",
     "Segment",
     "WarmSegments",
     "check_fd_holds",

@@ -37,6 +37,15 @@ bytes; beyond that the least recently used idle ones are dropped.
 
 Where ``/proc`` is missing (no way to open a second description) leases
 are refused and callers fall back to a fresh segment per message.
+
+Snapshots (the pool's parent only, ``WarmSegments(snapshots=True)``):
+:meth:`WarmSegments.lease_copy` sends one large buffer in a segment of its
+own, and the segment a tracked array was copied into is kept as that
+array's *snapshot* (see :mod:`._snapshots`): never picked for other
+buffers, leased again without a copy while the kernel reports no write to
+the array, and back among the others once the array is written or freed,
+or when more than ``MAX_SNAPSHOTS`` are held.  Snapshot segments count in
+the budget like the rest.
 """
 
 from __future__ import annotations
@@ -46,9 +55,14 @@ import mmap
 import os
 import struct
 import threading
+import weakref
 from typing import Any
 
+from .._native import copy_into
 from ._segment import create_fd, map_received
+from ._snapshots import ENABLED, MAX_SNAPSHOTS, Snapshot, owner_of
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 #: struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
 _FLOCK = struct.Struct("hhqqi4x")
@@ -108,16 +122,37 @@ def map_leased(fd: int, size: int, *, writable: bool) -> memoryview:
 class WarmSegments:
     """The reusable segments one process sends large buffers in."""
 
-    __slots__ = ("_budget", "_closed", "_entries", "_lock", "_pid", "_tick")
+    __slots__ = (
+        "_budget",
+        "_changing",
+        "_closed",
+        "_dead",
+        "_entries",
+        "_lock",
+        "_pid",
+        "_snapshots",
+        "_tick",
+    )
 
-    def __init__(self, budget: int = BUDGET) -> None:
+    def __init__(self, budget: int = BUDGET, *, snapshots: bool = False) -> None:
         self._budget = budget
-        # [fd, capacity, last use, this process's mapping or None]
-        self._entries: list[list[Any]] = []  # [fd, size, last use, view or None]
+        # [fd, capacity, last use, this process's mapping or None,
+        #  the Snapshot it holds or None]
+        self._entries: list[list[Any]] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._tick = 0
         self._closed = False
+        self._snapshots = snapshots and ENABLED
+        self._dead: list[Snapshot | None] = []  # snapshots whose array was freed
+        # Arrays found written (numpy arrays cannot be hashed: by id, with
+        # a weak reference to tell a new array at the same id from them).
+        self._changing: dict[int, weakref.ref[Any]] = {}
+
+    @property
+    def snapshots(self) -> bool:
+        """Whether :meth:`lease_copy` keeps snapshots (made so, and enabled)."""
+        return self._snapshots
 
     def lease(self, size: int) -> int:
         """A lease (a new descriptor, the caller's to close) on a segment of
@@ -134,41 +169,112 @@ class WarmSegments:
         Raises ``OSError`` if a lease cannot be taken (no ``/proc``, or
         this object is closed): send a fresh segment then."""
         with self._lock:
-            if self._closed:
-                raise OSError("these warm segments are closed")
-            if self._pid != os.getpid():
-                self._forget_inherited()
-            self._tick += 1
-            entry = self._pick(size)
-            view = None
-            if entry is None:
-                fd = create_fd(size, "shoal-buffers")
-                entry = [fd, size, 0, None]
-                self._entries.append(entry)
-            elif entry[1] < size:
-                os.ftruncate(entry[0], size)  # grows; the pages it has stay warm
-                entry[1] = size
-                entry[3] = None  # remapped at its next use, once all its pages exist
-            else:
-                if entry[3] is None:
-                    # Written before: its pages exist, map them all at once.
-                    entry[3] = memoryview(mmap.mmap(entry[0], entry[1], flags=mmap.MAP_SHARED | _POPULATE))
-                view = entry[3][:size]
-            entry[2] = self._tick
-            try:
-                lease = open_lease(entry[0])
-            except BaseException:
-                self._entries.remove(entry)
-                os.close(entry[0])
-                raise
-            self._trim(entry)
+            lease, view, _entry = self._lease_entry(size)
             return lease, view
+
+    def lease_copy(self, view: memoryview) -> int:
+        """A lease on a segment holding *view*'s bytes from offset 0 (its
+        size rounded up to whole pages): the snapshot an earlier call made
+        of the same array when nothing has written to it since (no copy,
+        see :mod:`._snapshots`), else a copy made now.
+
+        Raises ``OSError`` as :meth:`lease_mapped` does."""
+        n = view.nbytes
+        found = owner_of(view) if self._snapshots else None
+        snap = None
+        with self._lock:
+            self._reap()
+            if found is not None:
+                owner, addr = found
+                entry = next((e for e in self._entries if e[4] and e[4].holds(owner, addr, n)), None)
+                if entry is not None:
+                    if entry[4].clean(view, entry[0]):
+                        self._tick += 1
+                        entry[2] = self._tick
+                        return open_lease(entry[0])
+                    if entry[4].ready:  # written since: copied on every send from now on
+                        self._forget(entry)
+                        if len(self._changing) >= 64:
+                            self._changing = {k: r for k, r in self._changing.items() if r() is not None}
+                        self._changing[id(owner)] = weakref.ref(owner)
+                    found = None  # (not ready: another thread is filling it)
+                elif (seen := self._changing.get(id(owner))) is not None and seen() is owner:
+                    found = None
+            lease, target, entry = self._lease_entry(-(-n // _PAGE) * _PAGE)
+            if found is not None:
+                # Tracked before the copy: a write during it shows at the next send.
+                snap = Snapshot.track(found[0], found[1], n, self._dead)
+                if snap is not None:
+                    self._limit_snapshots()
+                    entry[4] = snap
+        try:
+            _fill(lease, target, view)
+        except BaseException:
+            with self._lock:
+                if snap is not None and entry[4] is snap:
+                    self._forget(entry)
+            os.close(lease)
+            raise
+        if snap is not None:
+            snap.ready = True
+        return lease
+
+    def _lease_entry(self, size: int) -> tuple[int, memoryview | None, list[Any]]:
+        """lease_mapped, and the entry leased; the lock is held."""
+        if self._closed:
+            raise OSError("these warm segments are closed")
+        if self._pid != os.getpid():
+            self._forget_inherited()
+        self._tick += 1
+        entry = self._pick(size)
+        view = None
+        if entry is None:
+            fd = create_fd(size, "shoal-buffers")
+            entry = [fd, size, 0, None, None]
+            self._entries.append(entry)
+        elif entry[1] < size:
+            os.ftruncate(entry[0], size)  # grows; the pages it has stay warm
+            entry[1] = size
+            entry[3] = None  # remapped at its next use, once all its pages exist
+        else:
+            if entry[3] is None:
+                # Written before: its pages exist, map them all at once.
+                entry[3] = memoryview(mmap.mmap(entry[0], entry[1], flags=mmap.MAP_SHARED | _POPULATE))
+            view = entry[3][:size]
+        entry[2] = self._tick
+        try:
+            lease = open_lease(entry[0])
+        except BaseException:
+            self._entries.remove(entry)
+            _drop(entry)
+            raise
+        self._trim(entry)
+        return lease, view, entry
+
+    def _forget(self, entry: list[Any]) -> None:
+        """The entry's segment holds no snapshot any more (the lock is held)."""
+        snap, entry[4] = entry[4], None
+        if snap is not None:
+            snap.release()
+
+    def _reap(self) -> None:
+        """Forget the snapshots of arrays that were freed (the lock is held)."""
+        while self._dead:
+            snap = self._dead.pop()
+            for entry in self._entries:
+                if entry[4] is snap:
+                    self._forget(entry)
+
+    def _limit_snapshots(self) -> None:
+        held = [e for e in self._entries if e[4] is not None]
+        if len(held) >= MAX_SNAPSHOTS:
+            self._forget(min(held, key=lambda e: e[2]))
 
     def _pick(self, size: int) -> list[Any] | None:
         best = grow = None
         for entry in self._entries:
             cap = entry[1]
-            if cap > size * MAX_SLACK + (1 << 20) or is_leased(entry[0]):
+            if entry[4] is not None or cap > size * MAX_SLACK + (1 << 20) or is_leased(entry[0]):
                 continue
             if cap >= size:
                 if best is None or cap < best[1]:
@@ -220,6 +326,9 @@ class WarmSegments:
 
 
 def _drop(entry: list) -> None:
+    snap, entry[4] = entry[4], None
+    if snap is not None:
+        snap.release()
     view = entry[3]
     entry[3] = None
     if view is not None:
@@ -233,3 +342,17 @@ def _drop(entry: list) -> None:
         os.close(entry[0])
     except OSError:
         pass
+
+
+def _fill(lease: int, target: memoryview | None, view: memoryview) -> None:
+    """Copy *view* to the start of the segment: through *target*, its warm
+    mapping (a memcpy without the GIL, which a long copy would keep from the
+    pool's scheduler), or with ``pwrite`` into fresh pages (no page fault
+    per 4 KiB page)."""
+    if target is not None:
+        copy_into(target, view)
+        return
+    n = view.nbytes
+    written = 0
+    while written < n:
+        written += os.pwrite(lease, view[written:], written)

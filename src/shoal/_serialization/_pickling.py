@@ -38,6 +38,7 @@ from typing import Any
 
 from .._fd import (
     MAX_PEER_SIZE,
+    SNAPSHOT_MIN,
     WarmSegments,
     check_fd_holds,
     collecting,
@@ -185,7 +186,71 @@ def _read_copy(fd: int, size: int, writable: bool) -> memoryview:
 _PAGE = 4096
 
 
-def _pack_buffers(buffers: list[memoryview], segments: WarmSegments | None, writable: bool) -> _OutOfBand:
+def _pack_buffers(
+    buffers: list[memoryview], segments: WarmSegments | None, writable: bool
+) -> _OutOfBand | _Parts:
+    """The out-of-band buffers of one message: one segment for all of them;
+    or, with *segments* that keep snapshots, a segment of its own for each
+    buffer that may have one (see :mod:`shoal._fd._snapshots`: an array
+    sent again unchanged is not copied again), the others together."""
+    large = (
+        sum(v.nbytes >= SNAPSHOT_MIN for v in buffers) if segments is not None and segments.snapshots else 0
+    )
+    if segments is None or not 0 < large <= _MAX_PARTS:  # (a descriptor each: at most MAX_FDS)
+        return _pack_together(buffers, segments, writable)
+    parts: list[_OutOfBand] = []
+    run: list[memoryview] = []
+    try:
+        for view in buffers:
+            if view.nbytes < SNAPSHOT_MIN:
+                run.append(view)
+                continue
+            if run:
+                parts.append(_pack_together(run, segments, writable))
+                run = []
+            try:
+                fd = segments.lease_copy(view)
+            except OSError:  # no lease to be had (no /proc): a fresh segment
+                parts.append(_pack_together([view], None, writable))
+                continue
+            parts.append(_OutOfBand(fd, -(-view.nbytes // _PAGE) * _PAGE, [(0, view.nbytes)], True, writable))
+        if run:
+            parts.append(_pack_together(run, segments, writable))
+    except BaseException:
+        for part in parts:
+            os.close(part.fd)
+        raise
+    return _Parts(parts)
+
+
+#: Large buffers of one message that get a segment each, at most.
+_MAX_PARTS = 64
+
+
+class _Parts:
+    """Out-of-band buffers in several segments, in order (see _pack_buffers)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[_OutOfBand]) -> None:
+        self.parts = parts
+
+    @property
+    def fds(self) -> list[int]:
+        return [part.fd for part in self.parts]
+
+    def __reduce__(self) -> Any:
+        return _join_parts, (self.parts,)
+
+
+def _join_parts(parts: Any) -> list[memoryview]:
+    """The buffers of every part (each rebuilt by _rebuild_oob), in order."""
+    if not isinstance(parts, list) or not all(isinstance(views, list) for views in parts):
+        raise corrupt_data("a message's out-of-band buffers in several segments are malformed")
+    return [view for views in parts for view in views]
+
+
+def _pack_together(buffers: list[memoryview], segments: WarmSegments | None, writable: bool) -> _OutOfBand:
     spans = []
     offset = 0
     for view in buffers:
@@ -493,7 +558,8 @@ def dumps(
         # owns it.
         return pickle.dumps((_OOB_MARK, data, packed, ids), _PROTOCOL)
     except BaseException:
-        os.close(packed.fd)
+        for fd in packed.fds if isinstance(packed, _Parts) else (packed.fd,):
+            os.close(fd)
         raise
 
 
