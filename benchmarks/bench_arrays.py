@@ -5,18 +5,25 @@
   once timed: the steady state of a program that keeps feeding a pool
   (shoal's warm segments, joblib's memmap cache and the standard library's
   buffers are all warm).  Contenders: the standard library, shoal with
-  plain arrays (one copy into shared memory), ``shoal-share`` (``SharedArray.from_array()``
+  plain arrays (copied into shared memory by the first map), ``shoal-share`` (``SharedArray.from_array()``
   of each array inside the timed region: one copy too), ``shoal-SA``
   (arrays that already are ``SharedArray``s: no copy), loky, and joblib
-  ``Parallel`` (automatic memmapping).  joblib's timed run copies nothing:
-  its memmap cache knows each array by identity, and hands the workers the
-  file it wrote on the first run, so an array written in place between the
-  two runs would reach them with its old bytes (joblib 1.6:
-  ``a[0] = 42.0`` between two calls of one ``Parallel``, and the workers
-  read 0.0).  shoal copies each plain array on each send, as the standard
-  library does (``tests/test_shared_array.py`` checks that a write between
-  sends arrives); ``shoal-SA`` is its zero-copy path for an array sent
-  again and again.
+  ``Parallel`` (automatic memmapping).  Neither joblib's timed run nor
+  shoal's copies anything, for different reasons.  joblib's memmap cache
+  knows each array by identity and hands the workers the file it wrote on
+  the first run, so an array written in place between the two runs would
+  reach them with its old bytes (joblib 1.6: ``a[0] = 42.0`` between two
+  calls of one ``Parallel``, and the workers read 0.0).  shoal reuses the
+  copy of its first run only because the kernel reports that nothing wrote
+  to the arrays since (``shoal._fd._snapshots``;
+  ``tests/test_shared_array.py`` checks that every kind of write between
+  sends arrives).  ``shoal-SA`` is the path for arrays that change between
+  maps.
+* "... written between maps": the same, with one element of each array
+  written between the untimed and the timed map (outside the timed region),
+  as a program that updates its arrays does: every contender must copy
+  again, and each checks the sums; joblib's cache hands its workers the old
+  bytes, so its wrong sums fail its run.
 * "worker returns a 50 MB array, x8": each worker returns an array it
   already holds (built once per worker, outside the timed region), so the
   figure is the transfer, not numpy's allocation; the parent checks one
@@ -73,7 +80,17 @@ def _shoal_pool():
     return shoal.Pool(WORKERS)
 
 
-def _sum_rate(make_pool, quick: bool, shared: bool = False, share_in_loop: bool = False) -> float:
+def _write_between(arrays, write: bool) -> list[float]:
+    """Write one element of each array when *write*; the sums expected."""
+    if write:
+        for a in arrays:
+            a[len(a) // 2] += 1.0
+    return [float(a.sum()) for a in arrays]
+
+
+def _sum_rate(
+    make_pool, quick: bool, shared: bool = False, share_in_loop: bool = False, write: bool = False
+) -> float:
     arrays = _arrays(quick, shared)
     nbytes = sum(a.nbytes for a in arrays)
     with make_pool() as pool:
@@ -81,40 +98,48 @@ def _sum_rate(make_pool, quick: bool, shared: bool = False, share_in_loop: bool 
             import shoal
 
             pool.map(_array_sum, [shoal.SharedArray.from_array(a) for a in arrays], chunksize=1)
+            expected = _write_between(arrays, write)
             t0 = time.perf_counter()
             sums = pool.map(_array_sum, [shoal.SharedArray.from_array(a) for a in arrays], chunksize=1)
         else:
             pool.map(_array_sum, arrays, chunksize=1)
+            expected = _write_between(arrays, write)
             t0 = time.perf_counter()
             sums = pool.map(_array_sum, arrays, chunksize=1)
         elapsed = time.perf_counter() - t0
-    assert sums == [float(a.sum()) for a in arrays]
+    assert sums == expected, "wrong sums"
     return _gbps(nbytes, elapsed)
 
 
-def _sum_loky(quick: bool) -> float:
+def _sum_loky(quick: bool, write: bool = False) -> float:
     from loky import ProcessPoolExecutor
 
     arrays = _arrays(quick)
     ex = ProcessPoolExecutor(WORKERS)
     try:
         list(ex.map(_array_sum, arrays))
+        expected = _write_between(arrays, write)
         t0 = time.perf_counter()
-        list(ex.map(_array_sum, arrays))
-        return _gbps(sum(a.nbytes for a in arrays), time.perf_counter() - t0)
+        sums = list(ex.map(_array_sum, arrays))
+        elapsed = time.perf_counter() - t0
+        assert sums == expected, "wrong sums"
+        return _gbps(sum(a.nbytes for a in arrays), elapsed)
     finally:
         ex.shutdown()
 
 
-def _sum_joblib(quick: bool) -> float:
+def _sum_joblib(quick: bool, write: bool = False) -> float:
     from joblib import Parallel, delayed
 
     arrays = _arrays(quick)
     with Parallel(n_jobs=WORKERS) as parallel:
         parallel(delayed(_array_sum)(a) for a in arrays)
+        expected = _write_between(arrays, write)
         t0 = time.perf_counter()
-        parallel(delayed(_array_sum)(a) for a in arrays)
-        return _gbps(sum(a.nbytes for a in arrays), time.perf_counter() - t0)
+        sums = parallel(delayed(_array_sum)(a) for a in arrays)
+        elapsed = time.perf_counter() - t0
+        assert sums == expected, "wrong sums: joblib's memmap cache sent the arrays' old bytes"
+        return _gbps(sum(a.nbytes for a in arrays), elapsed)
 
 
 # -- results back -----------------------------------------------------------------
@@ -225,9 +250,8 @@ if optional("numpy"):
         "shoal-share": lambda q: _sum_rate(_shoal_pool, q, share_in_loop=True),
         "shoal-SA": lambda q: _sum_rate(_shoal_pool, q, shared=True),
     }
-    for _name, _fn in (("loky", _sum_loky), ("joblib", _sum_joblib)):
-        if optional(_name):
-            _sum_runners[_name] = _fn
+    _peer_sums = {name: fn for name, fn in (("loky", _sum_loky), ("joblib", _sum_joblib)) if optional(name)}
+    _sum_runners.update(_peer_sums)
     SCENARIOS += [
         Scenario(
             "8 numpy arrays of 50 MB to workers, sum",
@@ -236,8 +260,23 @@ if optional("numpy"):
             _sum_runners,
             target=">= 10x stdlib, >= 2x joblib",
             repeat=2,
-            notes="joblib's timed run is served by its identity-keyed memmap cache (stale after an in-place "
-            "write); shoal-SA is shoal's zero-copy path",
+            notes="timed: the second map of the same arrays; joblib's is served by its identity-keyed memmap "
+            "cache (stale after an in-place write), shoal's by snapshots the kernel reports unwritten",
+        ),
+        Scenario(
+            "8 numpy arrays of 50 MB to workers, sum, written between maps",
+            "GB/s",
+            True,
+            {
+                "stdlib": lambda q: _sum_rate(_stdlib_pool, q, write=True),
+                "shoal": lambda q: _sum_rate(_shoal_pool, q, write=True),
+                "shoal-share": lambda q: _sum_rate(_shoal_pool, q, share_in_loop=True, write=True),
+                "shoal-SA": lambda q: _sum_rate(_shoal_pool, q, shared=True, write=True),
+                **{name: (lambda q, fn=fn: fn(q, write=True)) for name, fn in _peer_sums.items()},
+            },
+            target=">= 10x stdlib",
+            repeat=2,
+            notes="one element of each array written between the maps: every contender copies again",
         ),
         Scenario(
             "worker returns a 50 MB array, x8",
