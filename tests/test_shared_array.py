@@ -462,10 +462,10 @@ def _snapshots_work() -> bool:
 
     a = np.ones(1 << 18)  # 2 MiB
     start = -(-a.ctypes.data // 4096) * 4096
-    if not ENABLED or not _native.track_writes(start, 4096):
-        return False
-    _native.untrack_writes(start, 4096)
-    return True
+    try:
+        return ENABLED and _native.track_writes(start, 4096)
+    finally:
+        _native.stop_tracking()
 
 
 snapshots = pytest.mark.skipif(

@@ -106,6 +106,8 @@ static PyMethodDef native_methods[] = {
     FAST(written, "written(addr, length)\n--\n\n"
                   "Whether a page of a tracked range was written since track_writes (True when unsure)."),
     FAST(untrack_writes, "untrack_writes(addr, length)\n--\n\nStop tracking the range."),
+    FAST(stop_tracking, "stop_tracking()\n--\n\n"
+                        "Close the descriptors write tracking uses (every range stops being tracked)."),
     /* result.c */
     FAST(new_result, "new_result(engine, callback, error_callback, pool)\n--\n\n"
                      "A new instance of the plain result class (see result_type)."),

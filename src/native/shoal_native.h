@@ -81,6 +81,7 @@ extern PyTypeObject Region_Type;
 PyObject *track_writes(FASTCALL_ARGS);
 PyObject *written(FASTCALL_ARGS);
 PyObject *untrack_writes(FASTCALL_ARGS);
+PyObject *stop_tracking(FASTCALL_ARGS);
 void tracking_after_fork(void);
 
 /* dict_*.c */

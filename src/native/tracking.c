@@ -30,7 +30,9 @@
  * range that another userfaultfd holds): the caller copies as before.
  *
  * The userfaultfd and /proc/self/pagemap descriptors are opened at the first
- * call and kept; a forked child closes its copies (tracking_after_fork): the
+ * call and kept until stop_tracking() (the caller's registry calls it when
+ * nothing is tracked any more: closing the userfaultfd unregisters every
+ * range); a forked child closes its copies (tracking_after_fork): the
  * child's inherited mappings are not registered anyway, as the parent does
  * not ask for fork events.
  */
@@ -64,15 +66,29 @@ struct pm_scan_arg {
 static int uffd = -1;     /* -1: not opened yet; -2: unavailable here */
 static int pagemap = -1;
 
-void
-tracking_after_fork(void)
+static void
+tracking_close(void)
 {
     if (uffd >= 0)
         close(uffd);
     if (pagemap >= 0)
         close(pagemap);
-    uffd = -1;
+    if (uffd != -2)
+        uffd = -1;
     pagemap = -1;
+}
+
+void
+tracking_after_fork(void)
+{
+    tracking_close();
+}
+
+PyObject *
+stop_tracking(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    tracking_close();
+    Py_RETURN_NONE;
 }
 
 static int

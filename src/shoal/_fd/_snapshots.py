@@ -131,6 +131,10 @@ class _Registry:
         with self.lock:
             if self.pid == os.getpid() and self.ranges.pop(start, None) == end:
                 _native.untrack_writes(start, end - start)
+                if not self.ranges:
+                    # Its descriptors (a userfaultfd, /proc/self/pagemap)
+                    # live only while something is tracked.
+                    _native.stop_tracking()
 
 
 _registry = _Registry()
