@@ -66,7 +66,7 @@ Region_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         if (addr != MAP_FAILED)
             (void)madvise(addr, (size_t)length, MADV_POPULATE_READ);
     } else {
-        addr = mmap(NULL, (size_t)length, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
+        addr = mmap(NULL, (size_t)length, PROT_READ, MAP_SHARED, fd, 0);
     }
     if (addr == MAP_FAILED)
         err = errno;

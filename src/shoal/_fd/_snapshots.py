@@ -9,11 +9,16 @@ instead whether anything wrote to them (``shoal._native.track_writes``:
 userfaultfd write protection without a handler thread, then
 ``PAGEMAP_SCAN``)::
 
-    first send of a buffer of >= MIN_BYTES whose memory a live numpy array
+    a send of a buffer of >= MIN_BYTES whose memory a live numpy array
     owns, in private anonymous memory of this process
-        WarmSegments.lease_copy ─▶ Snapshot.track(): write-protect the
-        buffer's whole pages, then copy it into a segment that is kept
-        (the snapshot) and leased like any other
+        first time: copied into a warm segment as any buffer is, and
+            remembered as sent (an array sent only once, as each of a stream
+            of new arrays is, must not pin a segment of its own)
+        second time: WarmSegments.lease_copy ─▶ Snapshot.track():
+            write-protect the buffer's whole pages, then copy it into a
+            segment that is kept (the snapshot) and leased like any other;
+            the message says the segment is a snapshot, so a read-only
+            receiver may keep its mapping (map_kept)
     a later send of the same array (the same owner object, address, length)
         Snapshot.clean(): no whole page written since (the kernel's record)
         and the partial pages at each end (shared with other data, so not

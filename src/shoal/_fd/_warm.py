@@ -50,6 +50,7 @@ the budget like the rest.
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import mmap
 import os
@@ -119,6 +120,41 @@ def map_leased(fd: int, size: int, *, writable: bool) -> memoryview:
         os.close(lease)
 
 
+#: Mappings of snapshot segments one receiving process keeps (map_kept), at
+#: most this many and this many bytes.
+KEPT_MAX = 8
+KEPT_BYTES = 1 << 30
+
+_kept: collections.OrderedDict[tuple[int, int], memoryview] = collections.OrderedDict()
+_kept_lock = threading.Lock()
+
+
+def map_kept(fd: int, size: int) -> memoryview:
+    """:func:`map_leased`, read-only, for a snapshot segment (one that is
+    never rewritten while anyone leases it): the mapping is kept, and the
+    next message bringing the same segment reuses it, its pages already
+    mapped, instead of mapping them again.
+
+    Reuse is safe because the kept mapping holds a lease: the sender cannot
+    rewrite the segment while it exists.  At most :data:`KEPT_MAX` mappings
+    and :data:`KEPT_BYTES` bytes are kept, the least recently used dropped
+    first (its memory is freed once no one else holds it)."""
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    with _kept_lock:
+        view = _kept.get(key)
+        if view is not None and view.nbytes >= size:
+            _kept.move_to_end(key)
+            return view[:size]
+    view = map_leased(fd, size, writable=False)
+    with _kept_lock:
+        _kept[key] = view
+        _kept.move_to_end(key)
+        while len(_kept) > KEPT_MAX or sum(v.nbytes for v in _kept.values()) > KEPT_BYTES:
+            _kept.popitem(last=False)
+    return view
+
+
 class WarmSegments:
     """The reusable segments one process sends large buffers in."""
 
@@ -130,6 +166,7 @@ class WarmSegments:
         "_entries",
         "_lock",
         "_pid",
+        "_seen",
         "_snapshots",
         "_tick",
     )
@@ -145,9 +182,11 @@ class WarmSegments:
         self._closed = False
         self._snapshots = snapshots and ENABLED
         self._dead: list[Snapshot | None] = []  # snapshots whose array was freed
-        # Arrays found written (numpy arrays cannot be hashed: by id, with
-        # a weak reference to tell a new array at the same id from them).
-        self._changing: dict[int, weakref.ref[Any]] = {}
+        # Arrays sent once, and arrays found written (numpy arrays cannot be
+        # hashed: by id, address and length, with a weak reference to tell
+        # a new array at the same id from them).
+        self._seen: dict[tuple[int, int, int], weakref.ref[Any]] = {}
+        self._changing: dict[tuple[int, int, int], weakref.ref[Any]] = {}
 
     @property
     def snapshots(self) -> bool:
@@ -172,11 +211,15 @@ class WarmSegments:
             lease, view, _entry = self._lease_entry(size)
             return lease, view
 
-    def lease_copy(self, view: memoryview) -> int:
+    def lease_copy(self, view: memoryview) -> tuple[int, bool]:
         """A lease on a segment holding *view*'s bytes from offset 0 (its
-        size rounded up to whole pages): the snapshot an earlier call made
-        of the same array when nothing has written to it since (no copy,
-        see :mod:`._snapshots`), else a copy made now.
+        size rounded up to whole pages), and whether that segment is a
+        snapshot (never rewritten while leased: a receiver may keep its
+        mapping).  The snapshot an earlier call made of the same array, when
+        nothing has written to it since: no copy (see :mod:`._snapshots`);
+        else a copy made now, which becomes the array's snapshot the second
+        time the array is sent (an array sent once, as a stream of new
+        arrays is, keeps the warm segments reusable).
 
         Raises ``OSError`` as :meth:`lease_mapped` does."""
         n = view.nbytes
@@ -191,14 +234,13 @@ class WarmSegments:
                     if entry[4].clean(view, entry[0]):
                         self._tick += 1
                         entry[2] = self._tick
-                        return open_lease(entry[0])
+                        return open_lease(entry[0]), True
                     if entry[4].ready:  # written since: copied on every send from now on
                         self._forget(entry)
-                        if len(self._changing) >= 64:
-                            self._changing = {k: r for k, r in self._changing.items() if r() is not None}
-                        self._changing[id(owner)] = weakref.ref(owner)
+                        _remember(self._changing, owner, addr, n)
                     found = None  # (not ready: another thread is filling it)
-                elif (seen := self._changing.get(id(owner))) is not None and seen() is owner:
+                elif _known(self._changing, owner, addr, n) or not _known(self._seen, owner, addr, n):
+                    _remember(self._seen, owner, addr, n)
                     found = None
             lease, target, entry = self._lease_entry(-(-n // _PAGE) * _PAGE)
             if found is not None:
@@ -217,7 +259,7 @@ class WarmSegments:
             raise
         if snap is not None:
             snap.ready = True
-        return lease
+        return lease, snap is not None
 
     def _lease_entry(self, size: int) -> tuple[int, memoryview | None, list[Any]]:
         """lease_mapped, and the entry leased; the lock is held."""
@@ -342,6 +384,22 @@ def _drop(entry: list) -> None:
         os.close(entry[0])
     except OSError:
         pass
+
+
+#: Arrays one WarmSegments remembers as sent once, or as written.
+_REMEMBERED = 256
+
+
+def _known(seen: dict[tuple[int, int, int], weakref.ref[Any]], owner: Any, addr: int, n: int) -> bool:
+    ref = seen.get((id(owner), addr, n))
+    return ref is not None and ref() is owner
+
+
+def _remember(seen: dict[tuple[int, int, int], weakref.ref[Any]], owner: Any, addr: int, n: int) -> None:
+    if len(seen) >= _REMEMBERED:
+        for key in [k for k, r in seen.items() if r() is None] or list(seen)[: _REMEMBERED // 2]:
+            del seen[key]
+    seen[(id(owner), addr, n)] = weakref.ref(owner)
 
 
 def _fill(lease: int, target: memoryview | None, view: memoryview) -> None:
