@@ -66,7 +66,6 @@ from ._segment import map_received as map_received
 from ._segment import peer_size_error as peer_size_error
 from ._snapshots import MIN_BYTES as SNAPSHOT_MIN
 from ._warm import WarmSegments as WarmSegments
-from ._warm import map_kept as map_kept
 from ._warm import map_leased as map_leased
 
 _native.set_corrupt_error(CorruptDataError)
@@ -87,7 +86,6 @@ __all__ = (
     "exhausted",
     "fd_from_buffer",
     "fds_ancillary",
-    "map_kept",
     "map_leased",
     "map_private",
     "map_private_fd",

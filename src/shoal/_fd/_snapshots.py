@@ -16,9 +16,7 @@ userfaultfd write protection without a handler thread, then
             of new arrays is, must not pin a segment of its own)
         second time: WarmSegments.lease_copy ─▶ Snapshot.track():
             write-protect the buffer's whole pages, then copy it into a
-            segment that is kept (the snapshot) and leased like any other;
-            the message says the segment is a snapshot, so a read-only
-            receiver may keep its mapping (map_kept)
+            segment that is kept (the snapshot) and leased like any other
     a later send of the same array (the same owner object, address, length)
         Snapshot.clean(): no whole page written since (the kernel's record)
         and the partial pages at each end (shared with other data, so not

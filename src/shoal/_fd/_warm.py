@@ -50,7 +50,6 @@ the budget like the rest.
 
 from __future__ import annotations
 
-import collections
 import fcntl
 import mmap
 import os
@@ -120,41 +119,6 @@ def map_leased(fd: int, size: int, *, writable: bool) -> memoryview:
         os.close(lease)
 
 
-#: Mappings of snapshot segments one receiving process keeps (map_kept), at
-#: most this many and this many bytes.
-KEPT_MAX = 8
-KEPT_BYTES = 1 << 30
-
-_kept: collections.OrderedDict[tuple[int, int], memoryview] = collections.OrderedDict()
-_kept_lock = threading.Lock()
-
-
-def map_kept(fd: int, size: int) -> memoryview:
-    """:func:`map_leased`, read-only, for a snapshot segment (one that is
-    never rewritten while anyone leases it): the mapping is kept, and the
-    next message bringing the same segment reuses it, its pages already
-    mapped, instead of mapping them again.
-
-    Reuse is safe because the kept mapping holds a lease: the sender cannot
-    rewrite the segment while it exists.  At most :data:`KEPT_MAX` mappings
-    and :data:`KEPT_BYTES` bytes are kept, the least recently used dropped
-    first (its memory is freed once no one else holds it)."""
-    st = os.fstat(fd)
-    key = (st.st_dev, st.st_ino)
-    with _kept_lock:
-        view = _kept.get(key)
-        if view is not None and view.nbytes >= size:
-            _kept.move_to_end(key)
-            return view[:size]
-    view = map_leased(fd, size, writable=False)
-    with _kept_lock:
-        _kept[key] = view
-        _kept.move_to_end(key)
-        while len(_kept) > KEPT_MAX or sum(v.nbytes for v in _kept.values()) > KEPT_BYTES:
-            _kept.popitem(last=False)
-    return view
-
-
 class WarmSegments:
     """The reusable segments one process sends large buffers in."""
 
@@ -211,12 +175,11 @@ class WarmSegments:
             lease, view, _entry = self._lease_entry(size)
             return lease, view
 
-    def lease_copy(self, view: memoryview) -> tuple[int, bool]:
+    def lease_copy(self, view: memoryview) -> int:
         """A lease on a segment holding *view*'s bytes from offset 0 (its
-        size rounded up to whole pages), and whether that segment is a
-        snapshot (never rewritten while leased: a receiver may keep its
-        mapping).  The snapshot an earlier call made of the same array, when
-        nothing has written to it since: no copy (see :mod:`._snapshots`);
+        size rounded up to whole pages): the snapshot an earlier call made
+        of the same array, when nothing has written to it since: no copy
+        (see :mod:`._snapshots`);
         else a copy made now, which becomes the array's snapshot the second
         time the array is sent (an array sent once, as a stream of new
         arrays is, keeps the warm segments reusable).
@@ -234,7 +197,7 @@ class WarmSegments:
                     if entry[4].clean(view, entry[0]):
                         self._tick += 1
                         entry[2] = self._tick
-                        return open_lease(entry[0]), True
+                        return open_lease(entry[0])
                     if entry[4].ready:  # written since: copied on every send from now on
                         self._forget(entry)
                         _remember(self._changing, owner, addr, n)
@@ -259,7 +222,7 @@ class WarmSegments:
             raise
         if snap is not None:
             snap.ready = True
-        return lease, snap is not None
+        return lease
 
     def _lease_entry(self, size: int) -> tuple[int, memoryview | None, list[Any]]:
         """lease_mapped, and the entry leased; the lock is held."""

@@ -43,7 +43,6 @@ from .._fd import (
     check_fd_holds,
     collecting,
     create_fd,
-    map_kept,
     map_leased,
     map_received,
     peer_size_error,
@@ -79,33 +78,23 @@ class _OutOfBand:
     syscall or two.  Buffers start on page boundaries.  *leased*: the memfd
     is a reused segment of a :class:`~shoal._fd._warm.WarmSegments` and
     the receiver takes its own lease on it.  *writable*: the receiver maps
-    it privately (copy-on-write); otherwise shared and read-only.  *keep*:
-    the segment is a snapshot (never rewritten while anyone leases it), so
-    a read-only receiver may keep its mapping for the next message that
-    brings the same segment (:func:`~shoal._fd.map_kept`).
+    it privately (copy-on-write); otherwise shared and read-only.
     """
 
-    __slots__ = ("fd", "keep", "leased", "size", "spans", "writable")
+    __slots__ = ("fd", "leased", "size", "spans", "writable")
 
     def __init__(
-        self,
-        fd: int,
-        size: int,
-        spans: list[tuple[int, int]],
-        leased: bool,
-        writable: bool,
-        keep: bool = False,
+        self, fd: int, size: int, spans: list[tuple[int, int]], leased: bool, writable: bool
     ) -> None:
         self.fd = fd
         self.size = size
         self.spans = spans
         self.leased = leased
         self.writable = writable
-        self.keep = keep
 
     def __reduce__(self) -> Any:
         rebuild, args = reduce_fd(self.fd)
-        return _rebuild_oob, (rebuild, args, self.size, self.spans, self.leased, self.writable, self.keep)
+        return _rebuild_oob, (rebuild, args, self.size, self.spans, self.leased, self.writable)
 
 
 def _rebuild_oob(
@@ -115,7 +104,6 @@ def _rebuild_oob(
     spans: list[tuple[int, int]],
     leased: bool = False,
     writable: bool = True,
-    keep: bool = False,
 ) -> list[memoryview]:
     fd = rebuild(*args)
     try:
@@ -124,7 +112,7 @@ def _rebuild_oob(
         os.close(fd)
         raise
     try:
-        return _map_oob(fd, size, spans, leased, writable, keep)
+        return _map_oob(fd, size, spans, leased, writable)
     except CorruptDataError:
         raise
     except (ValueError, OSError) as exc:
@@ -150,26 +138,22 @@ def _check_layout(size: int, spans: list[tuple[int, int]]) -> None:
         raise corrupt_data(f"a message's out-of-band buffer layout is malformed ({exc})") from exc
 
 
-def _map_oob(
-    fd: int, size: int, spans: Any, leased: bool, writable: bool, keep: bool = False
-) -> list[memoryview]:
+def _map_oob(fd: int, size: int, spans: Any, leased: bool, writable: bool) -> list[memoryview]:
     """Map (or copy) the segment *fd*, which this function closes."""
     try:
-        view = _map_segment(fd, size, leased, writable, keep)
+        view = _map_segment(fd, size, leased, writable)
     finally:
         os.close(fd)
     return [view[offset : offset + n] for offset, n in spans]
 
 
-def _map_segment(fd: int, size: int, leased: bool, writable: bool, keep: bool = False) -> memoryview:
+def _map_segment(fd: int, size: int, leased: bool, writable: bool) -> memoryview:
     # Private (copy-on-write) when writable: the receiver may write to the
     # arrays it gets, as with in-band pickles, without changing what the
     # sender (or a second receiver of a re-sent task) sees.  A mapping keeps
     # no descriptor, so results kept by the thousand do not use up
     # RLIMIT_NOFILE.
     try:
-        if leased and keep and not writable:
-            return map_kept(fd, size)
         if leased:
             return map_leased(fd, size, writable=writable)
         return map_received(fd, size, writable=writable)
@@ -225,12 +209,12 @@ def _pack_buffers(
                 parts.append(_pack_together(run, segments, writable))
                 run = []
             try:
-                fd, snapshot = segments.lease_copy(view)
+                fd = segments.lease_copy(view)
             except OSError:  # no lease to be had (no /proc): a fresh segment
                 parts.append(_pack_together([view], None, writable))
                 continue
             size = -(-view.nbytes // _PAGE) * _PAGE
-            parts.append(_OutOfBand(fd, size, [(0, view.nbytes)], True, writable, keep=snapshot))
+            parts.append(_OutOfBand(fd, size, [(0, view.nbytes)], True, writable))
         if run:
             parts.append(_pack_together(run, segments, writable))
     except BaseException:
