@@ -576,6 +576,25 @@ def test_writes_in_a_forked_child_do_not_count_and_the_parents_do(fork_or_spawn)
         assert pool.apply(workers.array_sum, (a,)) == BIG + 2.0
 
 
+@snapshots
+def test_a_child_forked_while_a_thread_tracks_an_array_can_track_its_own():
+    # The pool forks replacement workers from its scheduler thread, maybe
+    # while another thread holds the tracking registry's lock: the child
+    # inherited it locked, and its first tracked array hung.
+    from shoal._fd import _snapshots
+
+    with _snapshots._registry.lock:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang ends the child
+            signal.alarm(20)
+            a = np.ones(BIG)
+            snap = _snapshots.Snapshot.track(a, a.ctypes.data, a.nbytes, [])
+            os._exit(0 if snap is not None else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_an_array_freed_and_another_at_its_address_sends_the_new_bytes(fork_or_spawn):
     # Snapshots know an array by the object, its address and length; a new
     # array that malloc puts where a freed one was is a new array.

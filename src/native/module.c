@@ -106,6 +106,7 @@ static PyMethodDef native_methods[] = {
     FAST(written, "written(addr, length)\n--\n\n"
                   "Whether a page of a tracked range was written since track_writes (True when unsure)."),
     FAST(untrack_writes, "untrack_writes(addr, length)\n--\n\nStop tracking the range."),
+    FAST(can_track, "can_track()\n--\n\nWhether this kernel and process can track writes (opens what it needs)."),
     FAST(stop_tracking, "stop_tracking()\n--\n\n"
                         "Close the descriptors write tracking uses (every range stops being tracked)."),
     /* result.c */

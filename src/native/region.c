@@ -10,7 +10,9 @@
  * is still read.  A Region is that mapping and nothing else:
  *
  *     Region(fd, length, writable)
- *         writable=False: MAP_SHARED | MAP_POPULATE, PROT_READ (a read-only buffer)
+ *         writable=False: MAP_SHARED, PROT_READ (a read-only buffer; its pages
+ *                         are mapped as they are read, with the kernel's
+ *                         fault-around: no faster populated up front)
  *         writable=True:  MAP_PRIVATE, PROT_READ | PROT_WRITE, then
  *                         MADV_POPULATE_READ (the pages mapped in one call
  *                         without breaking copy-on-write); writes stay here
@@ -51,7 +53,8 @@ Region_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return PyErr_Format(PyExc_ValueError, "a Region maps at least 1 byte, not %zd", length);
     /* Pages beyond the end of the file would be SIGBUS when read, not an
      * error: a file smaller than announced is refused here, as mmap.mmap
-     * does.  (Received memfds are sealed against shrinking later.) */
+     * does.  (shoal's memfds are sealed against shrinking when made; a
+     * received one is not checked again here, as with mmap.mmap.) */
     struct stat st;
     if (fstat(fd, &st) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);

@@ -82,6 +82,7 @@ PyObject *track_writes(FASTCALL_ARGS);
 PyObject *written(FASTCALL_ARGS);
 PyObject *untrack_writes(FASTCALL_ARGS);
 PyObject *stop_tracking(FASTCALL_ARGS);
+PyObject *can_track(FASTCALL_ARGS);
 void tracking_after_fork(void);
 
 /* dict_*.c */

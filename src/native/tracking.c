@@ -40,7 +40,9 @@
 
 #include <linux/fs.h>
 #include <linux/userfaultfd.h>
+#include <stdio.h>
 #include <sys/ioctl.h>
+#include <sys/utsname.h>
 
 #ifndef UFFD_FEATURE_WP_ASYNC
 #define UFFD_FEATURE_WP_ASYNC (1 << 15)
@@ -60,8 +62,27 @@ struct pm_scan_arg {
 };
 #define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
 #define PAGE_IS_WRITTEN (1 << 1)
+#define PAGE_IS_SWAPPED (1 << 4)
 #define PM_SCAN_CHECK_WPASYNC (1 << 1)
 #endif
+
+/* PAGEMAP_SCAN's fast path (a scan for PAGE_IS_WRITTEN alone) read the
+ * write-protect bit of entries that are not present (swapped out, being
+ * migrated) as if they were, until Linux 6.9 and 6.8.10 (commit
+ * 2c7ad9a590d1): a written page then swapped out could read as unwritten.
+ * Older kernels are not used, and the scan asks for PAGE_IS_SWAPPED too,
+ * which keeps it off that path anyway. */
+static int
+kernel_is_recent(void)
+{
+    struct utsname u;
+    int major = 0, minor = 0, patch = 0;
+    if (uname(&u) < 0 || sscanf(u.release, "%d.%d.%d", &major, &minor, &patch) < 2)
+        return 0;
+    if (major != 6)
+        return major > 6;
+    return minor > 8 || (minor == 8 && patch >= 10);
+}
 
 static int uffd = -1;     /* -1: not opened yet; -2: unavailable here */
 static int pagemap = -1;
@@ -98,13 +119,15 @@ tracking_open(void)
         return 1;
     if (uffd == -2)
         return 0;
+    if (!kernel_is_recent())
+        goto unavailable;
     int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
     if (fd < 0 && (errno == EPERM || errno == EACCES))
         /* vm.unprivileged_userfaultfd=0: user-mode faults only are allowed,
          * and the asynchronous write-protection never delivers a fault. */
         fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
     if (fd < 0)
-        goto unavailable;
+        goto failed;
     struct uffdio_api api = {.api = UFFD_API, .features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED};
     if (ioctl(fd, UFFDIO_API, &api) < 0) {
         close(fd);
@@ -112,8 +135,10 @@ tracking_open(void)
     }
     int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     if (pm < 0) {
+        int err = errno;
         close(fd);
-        goto unavailable;
+        errno = err;
+        goto failed;
     }
     /* PAGEMAP_SCAN itself (Linux >= 6.7): an empty scan succeeds. */
     struct pm_scan_arg probe = {.size = sizeof probe, .start = 0, .end = 0};
@@ -125,9 +150,19 @@ tracking_open(void)
     uffd = fd;
     pagemap = pm;
     return 1;
+failed:
+    /* Out of descriptors or memory for a moment: try again next time. */
+    if (errno == EMFILE || errno == ENFILE || errno == ENOMEM)
+        return 0;
 unavailable:
     uffd = -2;
     return 0;
+}
+
+PyObject *
+can_track(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return PyBool_FromLong(tracking_open());
 }
 
 static int
@@ -160,8 +195,11 @@ track_writes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (!tracking_open())
         Py_RETURN_FALSE;
     struct uffdio_register reg = {.range = {.start = start, .len = len}, .mode = UFFDIO_REGISTER_MODE_WP};
-    if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
+    if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) {
+        struct uffdio_range range = {.start = start, .len = len};
+        (void)ioctl(uffd, UFFDIO_UNREGISTER, &range); /* whatever part it did register */
         Py_RETURN_FALSE;
+    }
     struct uffdio_writeprotect wp = {.range = {.start = start, .len = len}, .mode = UFFDIO_WRITEPROTECT_MODE_WP};
     int r;
     Py_BEGIN_ALLOW_THREADS
@@ -195,7 +233,7 @@ written(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         .vec_len = 1,
         .max_pages = 1,
         .category_mask = PAGE_IS_WRITTEN,
-        .return_mask = PAGE_IS_WRITTEN,
+        .return_mask = PAGE_IS_WRITTEN | PAGE_IS_SWAPPED, /* not the fast path: see kernel_is_recent */
     };
     long n;
     Py_BEGIN_ALLOW_THREADS

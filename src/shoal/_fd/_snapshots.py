@@ -80,7 +80,9 @@ def owner_of(view: memoryview) -> tuple[Any, int] | None:
         owner = owner.base
     if owner.base is not None:  # memory of something else: bytes, mmap, a SharedArray's segment
         return None
-    return owner, obj.__array_interface__["data"][0]
+    # The address of the bytes the view exports (not what the array says
+    # its data is: a subclass may say otherwise).
+    return owner, np.frombuffer(view, dtype=np.uint8, count=1).__array_interface__["data"][0]
 
 
 def _private_anonymous(start: int, end: int) -> bool:
@@ -118,6 +120,13 @@ class _Registry:
         self.ranges: dict[int, int] = {}  # start -> end
         self.pid = os.getpid()
 
+    def after_fork(self) -> None:
+        # A thread may have held the lock while another forked (the pool
+        # forks replacement workers from its scheduler thread).
+        self.lock = threading.Lock()
+        self.ranges = {}
+        self.pid = os.getpid()
+
     def claim(self, start: int, end: int) -> bool:
         with self.lock:
             if self.pid != os.getpid():  # a forked child: the parent's ranges are not ours
@@ -126,6 +135,8 @@ class _Registry:
             if any(s < end and start < e for s, e in self.ranges.items()):
                 return False
             if not _native.track_writes(start, end - start):
+                if not self.ranges:
+                    _native.stop_tracking()
                 return False
             self.ranges[start] = end
             return True
@@ -141,6 +152,7 @@ class _Registry:
 
 
 _registry = _Registry()
+os.register_at_fork(after_in_child=_registry.after_fork)
 
 
 class Snapshot:
@@ -164,9 +176,12 @@ class Snapshot:
         be tracked."""
         start = -(-addr // _PAGE) * _PAGE
         end = (addr + nbytes) // _PAGE * _PAGE
-        if not ENABLED or end - start < _PAGE or not _private_anonymous(addr, addr + nbytes):
+        if not ENABLED or end - start < _PAGE or not _native.can_track():
             return None
-        if not _registry.claim(start, end):
+        if not _private_anonymous(addr, addr + nbytes) or not _registry.claim(start, end):
+            with _registry.lock:
+                if not _registry.ranges:
+                    _native.stop_tracking()  # (can_track opened its descriptors)
             return None
         return cls(owner, addr, nbytes, start, end, dead)
 

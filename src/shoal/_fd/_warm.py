@@ -189,6 +189,8 @@ class WarmSegments:
         found = owner_of(view) if self._snapshots else None
         snap = None
         with self._lock:
+            if self._pid != os.getpid():
+                self._forget_inherited()
             self._reap()
             if found is not None:
                 owner, addr = found
@@ -207,11 +209,19 @@ class WarmSegments:
                     found = None
             lease, target, entry = self._lease_entry(-(-n // _PAGE) * _PAGE)
             if found is not None:
-                # Tracked before the copy: a write during it shows at the next send.
-                snap = Snapshot.track(found[0], found[1], n, self._dead)
-                if snap is not None:
-                    self._limit_snapshots()
-                    entry[4] = snap
+                try:
+                    # Tracked before the copy: a write during it shows at the next send.
+                    snap = Snapshot.track(found[0], found[1], n, self._dead)
+                    if snap is None:  # cannot be tracked: not tried again
+                        _remember(self._changing, found[0], found[1], n)
+                    else:
+                        self._limit_snapshots()
+                        entry[4] = snap
+                except BaseException:
+                    if snap is not None:
+                        snap.release()
+                    os.close(lease)
+                    raise
         try:
             _fill(lease, target, view)
         except BaseException:
@@ -317,6 +327,9 @@ class WarmSegments:
         # descriptors already (their numbers may be reused), so only forget
         # them; any other child keeps them until it exits.
         self._entries = []
+        self._seen = {}
+        self._changing = {}
+        self._dead = []
         self._pid = os.getpid()
 
     def close(self) -> None:
