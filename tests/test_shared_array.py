@@ -470,7 +470,7 @@ def _snapshots_work() -> bool:
 
 snapshots = pytest.mark.skipif(
     not _snapshots_work(),
-    reason="this kernel cannot track writes (userfaultfd WP_ASYNC, PAGEMAP_SCAN: Linux 6.7)",
+    reason="this kernel cannot track writes (userfaultfd WP_ASYNC, PAGEMAP_SCAN: Linux 6.9 or 6.8.10)",
 )
 
 

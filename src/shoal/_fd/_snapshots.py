@@ -40,8 +40,8 @@ What the kernel cannot see, and so is never tracked: memory that another
 process can write (shared or file-backed mappings: ``SharedArray``,
 ``np.memmap``, ``multiprocessing`` shared memory), memory a numpy array
 does not own (bytes, ``mmap``), and kernels without userfaultfd's
-asynchronous write protection or ``PAGEMAP_SCAN`` (Linux < 6.7): those are
-copied on every send.  Not seen either: a device writing by DMA into pages
+asynchronous write protection or a correct ``PAGEMAP_SCAN`` (older than 6.9
+and 6.8.10): those are copied on every send.  Not seen either: a device writing by DMA into pages
 pinned before the protection (RDMA, a GPU's registered host memory, io_uring
 fixed buffers) and ``MADV_DONTNEED`` on the live array; ``SHOAL_SNAPSHOTS=0``
 turns snapshots off for such programs.
