@@ -592,19 +592,31 @@ def _outcomes(counter) -> list:
     return out
 
 
-def test_direct_and_handed_over_calls_give_the_same_results_and_errors(monkeypatch):
-    # A synchronous call reads its own reply when no other thread reads
-    # (the direct path), else another thread hands it over: the same
-    # results and errors either way.
+#: The ways a synchronous call travels: through the connection's lane
+#: (shared memory), on the connection read by the calling thread, or handed
+#: over by another thread that reads (see shoal._actor._client).
+PATHS = {"lane": (True, True), "direct": (True, False), "handed over": (False, False)}
+
+
+def _take_path(monkeypatch, path: str) -> None:
     from shoal._actor import _client
 
+    direct, lanes = PATHS[path]
+    monkeypatch.setattr(_client, "DIRECT", direct)
+    monkeypatch.setattr(_client, "LANES", lanes)
+
+
+def test_direct_and_handed_over_calls_give_the_same_results_and_errors(monkeypatch, fork_or_spawn):
+    # A synchronous call goes through the lane, or reads its own reply when
+    # no other thread reads (the direct path), or another thread hands it
+    # over: the same results and errors every way.
     seen = {}
-    for direct in (True, False):
-        monkeypatch.setattr(_client, "DIRECT", direct)
-        with shoal.get_context("fork").Actor(workers.Counter) as counter:
-            seen[direct] = _outcomes(counter)
-    assert seen[True] == seen[False]
-    values = seen[True]
+    for path in PATHS:
+        _take_path(monkeypatch, path)
+        with shoal.get_context(fork_or_spawn).Actor(workers.Counter) as counter:
+            seen[path] = _outcomes(counter)
+    assert seen["lane"] == seen["direct"] == seen["handed over"]
+    values = seen["lane"]
     assert values[0] == ("value", 2) and values[1] == ("value", sum(range(100_000)))
     assert values[2] == ("KeyError", "'no such thing'", True)
     assert values[3][0] == values[4][0] == values[5][0] == "SerializationError"
@@ -637,13 +649,12 @@ def test_calls_waiting_behind_another_threads_call_get_their_own_replies_and_err
         assert sorted(failures) == sorted(f"{i}-{j}" for i in range(4) for j in range(0, 150, 10))
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_actor_killed_during_a_synchronous_call_fails_it_on_either_path(monkeypatch, direct):
-    from shoal._actor import _client
-
-    monkeypatch.setattr(_client, "DIRECT", direct)
-    counter = shoal.get_context("fork").Actor(workers.Counter)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_actor_killed_during_a_synchronous_call_fails_it_on_either_path(monkeypatch, path, fork_or_spawn):
+    _take_path(monkeypatch, path)
+    counter = shoal.get_context(fork_or_spawn).Actor(workers.Counter)
     try:
+        counter.incr()  # the lane exists (and the caller sleeps on it) when the kill comes
         threading.Timer(0.3, os.kill, (counter.pid, signal.SIGKILL)).start()
         with pytest.raises(shoal.ActorDiedError, match="SIGKILL"):
             counter.sleep(30)
@@ -651,3 +662,66 @@ def test_actor_killed_during_a_synchronous_call_fails_it_on_either_path(monkeypa
             counter.get()
     finally:
         counter.close()
+
+
+def test_a_call_never_overtakes_the_sends_and_submits_made_before_it(fork_or_spawn):
+    # A synchronous call comes through the lane, the send()s and submitted
+    # calls before it on the connection: the actor runs those first.
+    with shoal.get_context(fork_or_spawn).Actor(workers.Counter) as counter:
+        for i in range(1, 301):
+            counter.incr.send()
+            if i % 3 == 0:
+                counter.incr.submit(0)
+            assert counter.get() == i
+        for _ in range(2000):
+            counter.incr.send()
+        assert counter.incr(0) == 2300
+
+
+def test_calls_too_large_for_the_lane_go_on_the_connection(fork_or_spawn):
+    # Arguments and results past the lane's slot travel on the connection,
+    # in order with the calls that used the lane.
+    from shoal._actor._lane import LANE_CAP
+
+    big = b"x" * (LANE_CAP + 1)
+    with shoal.get_context(fork_or_spawn).Actor(workers.Counter) as counter:
+        for i in range(20):
+            assert counter.echo(big + bytes([i])) == big + bytes([i])
+            assert counter.incr() == i + 1
+            assert len(counter.echo(b"y" * (LANE_CAP - 200 + i))) == LANE_CAP - 200 + i
+
+
+def test_a_lane_that_cannot_be_made_leaves_calls_on_the_connection(monkeypatch):
+    # No descriptor or memory for a lane in the caller: the calls work as before.
+    from shoal._actor import _lane
+
+    def refuse():
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(_lane.Lane, "create", staticmethod(refuse))
+    with shoal.get_context("fork").Actor(workers.Counter) as counter:
+        assert [counter.incr() for _ in range(50)] == list(range(1, 51))
+        with pytest.raises(KeyError):
+            counter.fail("x")
+
+
+def test_a_lane_message_longer_than_its_slot_is_refused_as_corrupt():
+    # The peer writes the lane's header too: a length past the slot is
+    # CorruptDataError, never a read past the mapping.
+    import mmap
+
+    from shoal import CorruptDataError, _native
+    from shoal._actor._lane import LANE_CAP, LANE_SIZE, REPLIES, REQUESTS
+
+    lane = mmap.mmap(-1, LANE_SIZE)
+    _native.lane_put(lane, REQUESTS, b"abc", -1)
+    assert _native.lane_wait((lane,), REQUESTS, 0.0, -1, 0) == 0
+    assert _native.lane_get(lane, REQUESTS) == b"abc"
+    assert _native.lane_get(lane, REQUESTS) is None
+    _native.lane_put(lane, REPLIES, b"", -1)
+    lane[128 + 4 : 128 + 8] = (LANE_CAP + 1).to_bytes(4, "little")
+    with pytest.raises(CorruptDataError, match="more than"):
+        _native.lane_get(lane, REPLIES)
+    with pytest.raises(ValueError, match="at most"):
+        _native.lane_put(lane, REQUESTS, b"x" * (LANE_CAP + 1), -1)
+    lane.close()

@@ -1229,6 +1229,7 @@ def fuzz_actor_server(examples: int) -> None:
 
     harness = Harness("actor_server")
     handle = Actor(Counter)
+    handle.incr(0)  # the handle's first call makes its lane, which lives as long as its connection
     datagram = st.one_of(
         st.tuples(st.sampled_from((0, BYTES)), _payloads()),
         st.tuples(st.sampled_from((MEMFD,)), _sizes().map(lambda n: n.to_bytes(8, "little"))),
@@ -1285,6 +1286,7 @@ def fuzz_actor_client(examples: int) -> None:
 
     from shoal import ActorDiedError, SerializationError
     from shoal._actor import _clients, _rebuild_handle
+    from shoal._actor._protocol import LANE
     from shoal._ipc._packet import MEMFD, close_fds, recv_packet
     from shoal.exceptions import CorruptDataError
 
@@ -1315,6 +1317,12 @@ def fuzz_actor_client(examples: int) -> None:
             with conn:
                 _kind, request, got = recv_packet(conn)
                 close_fds(got)
+                if pickle.loads(request)[0] == LANE:  # the handle's lane: declined, so the call comes here
+                    conn.sendmsg(
+                        [bytes([0]) + pickle.dumps((pickle.loads(request)[1], True, pickle.dumps(False)))]
+                    )
+                    _kind, request, got = recv_packet(conn)
+                    close_fds(got)
                 if reply[0] == "to the call":
                     cid = pickle.loads(request)[1]
                     data = bytes([0]) + pickle.dumps((cid, reply[1], reply[2]))

@@ -25,6 +25,8 @@
  * 7. Write tracking (tracking.c): whether an array sent before was written
  *    since, answered by the kernel (userfaultfd write protection and
  *    PAGEMAP_SCAN) instead of comparing its bytes.
+ * 8. Lanes (lane.c): the shared-memory message slots that carry an actor's
+ *    synchronous calls and replies, looked for without the GIL.
  *
  * Linux only (memfd, futex, robust mutexes).  No global state besides a fork
  * counter, a cached reference to pickle.loads, the count of SharedDict
@@ -109,6 +111,14 @@ static PyMethodDef native_methods[] = {
     FAST(can_track, "can_track()\n--\n\nWhether this kernel and process can track writes (opens what it needs)."),
     FAST(stop_tracking, "stop_tracking()\n--\n\n"
                         "Close the descriptors write tracking uses (every range stops being tracked)."),
+    /* lane.c: called only by shoal._actor._lane */
+    FAST(lane_put, "lane_put(lane, side, payload, efd)\n--\n\n"
+                   "Send one message on a side of an actor's lane; write efd when its reader sleeps."),
+    FAST(lane_get, "lane_get(lane, side)\n--\n\nThe message waiting on a side of the lane, or None."),
+    FAST(lane_wait, "lane_wait(lanes, side, spin_us, fd, start)\n--\n\n"
+                    "Look for a message on any lane without the GIL: its index, -2 when fd is readable "
+                    "first, -1 when none came (the lanes' sleeping flags are then set)."),
+    FAST(lane_awake, "lane_awake(lanes, side)\n--\n\nClear the sleeping flags lane_wait set."),
     /* result.c */
     FAST(new_result, "new_result(engine, callback, error_callback, pool)\n--\n\n"
                      "A new instance of the plain result class (see result_type)."),
@@ -160,6 +170,7 @@ PyInit__native(void)
         PyModule_AddObject(mod, "Task", (PyObject *)&Task_Type) < 0 ||
         PyModule_AddObject(mod, "ResultSlot", (PyObject *)&Result_Type) < 0 ||
         PyModule_AddObject(mod, "Region", (PyObject *)&Region_Type) < 0 ||
+        PyModule_AddIntConstant(mod, "LANE_SIZE", LANE_SIZE) < 0 ||
         PyModule_AddIntConstant(mod, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0 ||
         PyModule_AddIntConstant(mod, "DICT_HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(mod, "DICT_REGION_HEADER", REGION_HEADER) < 0 ||

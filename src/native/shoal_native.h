@@ -85,6 +85,13 @@ PyObject *stop_tracking(FASTCALL_ARGS);
 PyObject *can_track(FASTCALL_ARGS);
 void tracking_after_fork(void);
 
+/* lane.c */
+#define LANE_SIZE (512 + 2 * 65536)
+PyObject *lane_put(FASTCALL_ARGS);
+PyObject *lane_get(FASTCALL_ARGS);
+PyObject *lane_wait(FASTCALL_ARGS);
+PyObject *lane_awake(FASTCALL_ARGS);
+
 /* dict_*.c */
 extern PyTypeObject Mapping_Type;
 extern PyTypeObject DictLock_Type;

@@ -35,10 +35,12 @@ from .._ipc import BYTES, SNDBUF, close_fds, recv_packet, send_packet
 from .._serialization import loads_with, unpack_exception
 from ..exceptions import ActorDiedError, CorruptDataError, SerializationError, corrupt_data, describe_exitcode
 from . import _protocol
+from ._lane import LANE_CAP, REPLIES, REQUESTS, Budget, Lane, drain, lane_awake, lane_get, lane_wait
 from ._protocol import (
     CALL,
     EXIT_TIMEOUT,
     FLUSH_DELAY,
+    LANE,
     SEND,
     SEND_BATCH,
     SEND_MAX_FDS,
@@ -51,6 +53,8 @@ from ._protocol import (
 #: A synchronous call takes the direct path when it can (tests turn it off to
 #: check that both paths give the same results and errors).
 DIRECT = True
+#: ... and carries it through the connection's lane (see ``_lane``) when it can.
+LANES = True
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 # -- the caller's side --------------------------------------------------------
@@ -110,6 +114,10 @@ class _Client:
         self.waiting = 0  # threads waiting on cond
         self.poller: Any = None  # select.poll on sock, for the thread that reads
         self.spin = Spin()
+        self.sent = 0  # messages sent on sock (under send_lock): a lane request says how many came before it
+        self.lane: Lane | None = None  # made at the first direct call (see _lane)
+        self.lane_poller: Any = None  # select.poll on sock and the lane's reply_efd
+        self.budget = Budget()
 
     # -- a synchronous call --
     def call(self, name: str, args: tuple, kwargs: dict, what: str) -> Any:
@@ -124,8 +132,11 @@ class _Client:
         if self.dead is not None:
             raise self.died()
         blob, fds = encode_args(args, kwargs, what)
+        if self.lane_poller is None and LANES:
+            self._open_lane()
         call = _Call(None, name)
         lead = False
+        lane = None
         try:
             with self.send_lock:
                 with self.lock:
@@ -142,7 +153,14 @@ class _Client:
                     message: tuple[Any, ...] = (CALL, cid, name, blob)
                     if _protocol.waiting:  # an actor waits for this call
                         message = (*message, _protocol.waiting)
-                    send_packet(self.sock, 0, pickle.dumps(message, 5), fds)  # type: ignore[arg-type]  # None only once closed, after dead is set
+                    payload = pickle.dumps(message, 5)
+                    if lead and not fds and len(payload) <= LANE_CAP - 8:
+                        lane = self.lane
+                    if lane is not None:
+                        lane.put(REQUESTS, self.sent.to_bytes(8, "little") + payload)
+                    else:
+                        send_packet(self.sock, 0, payload, fds)  # type: ignore[arg-type]  # None only once closed, after dead is set
+                        self.sent += 1
                 except OSError as exc:
                     self._lost()
                     raise self.died() from exc
@@ -156,11 +174,81 @@ class _Client:
         if not lead:
             return self.wait(call)  # another thread reads: it hands us the reply
         try:
+            if lane is not None:
+                self._await_lane(call, lane)
             while not call.done:
                 self._read_one(True)
         finally:
             self._stop_reading()
         return call.result()
+
+    def _open_lane(self) -> None:
+        """Make this connection's lane and hand it to the actor, once, at
+        the first synchronous call.  Without one (this process or the
+        actor has no descriptor or memory left, or the actor is gone) calls
+        go on the connection alone."""
+        with self.send_lock:
+            if self.lane_poller is not None:
+                return  # another thread made the attempt
+            self.lane_poller = select.poll()
+            try:
+                lane, memfd = Lane.create()
+            except OSError:
+                return
+        call = _Call(None, "")
+        cid = 0
+        try:
+            try:
+                with self.send_lock:
+                    with self.lock:
+                        if self.dead is not None:
+                            raise self.died()
+                        cid = next(self.ids)
+                        self.pending[cid] = call
+                    fds = [memfd, lane.request_efd, lane.reply_efd]
+                    send_packet(self.sock, 0, pickle.dumps((LANE, cid), 5), fds)  # type: ignore[arg-type]  # None only once closed, after dead is set
+                    self.sent += 1
+            finally:
+                os.close(memfd)
+            taken = self.wait(call)
+        except Exception:  # noqa: BLE001 - the call that follows says what is wrong
+            with self.lock:
+                self.pending.pop(cid, None)
+            lane.close()
+            return
+        if taken is not True:
+            lane.close()
+            return
+        self.lane_poller.register(self.sock, _POLLIN)
+        self.lane_poller.register(lane.reply_efd, select.POLLIN)
+        self.lane = lane
+
+    def _await_lane(self, call: _Call, lane: Lane) -> None:
+        """Wait for *call*'s reply in the lane, reading the connection when
+        something comes there (see _lane)."""
+        budget = self.budget
+        lanes = lane.lanes
+        fd = self.sock.fileno() if self.sock is not None else -1
+        while not call.done:
+            found = lane_wait(lanes, REPLIES, budget.next(), fd, 0)
+            if found == 0:
+                budget.found(True)
+                try:
+                    payload = lane_get(lane.mm, REPLIES)
+                except CorruptDataError as exc:
+                    self._corrupt_reply(str(exc))
+                    return
+                self._deliver(payload, [])
+                continue
+            if found == -1:
+                budget.found(False)
+                events = self.lane_poller.poll()
+                lane_awake(lanes, REPLIES)
+                if not any(efd == fd for efd, _ in events):
+                    drain(lane.reply_efd)
+                    continue
+                drain(lane.reply_efd)
+            self._read_one()  # the connection has something: a reply, or the end
 
     def _stop_reading(self) -> None:
         with self.lock:
@@ -195,6 +283,7 @@ class _Client:
                     if _protocol.waiting and future is None:  # an actor waits for this call
                         message = (*message, _protocol.waiting)
                     send_packet(self.sock, 0, pickle.dumps(message, 5), fds)  # type: ignore[arg-type]  # None only once closed, after dead is set
+                    self.sent += 1
                 except OSError as exc:
                     self._lost()
                     raise self.died() from exc
@@ -244,6 +333,7 @@ class _Client:
         self.outbox, self.outbox_fds = [], []
         try:
             send_packet(self.sock, 0, pickle.dumps((SEND, entries), 5), fds)  # type: ignore[arg-type]  # None only once closed, after dead is set
+            self.sent += 1
         finally:
             close_fds(fds)
 
@@ -348,6 +438,10 @@ class _Client:
             self.dead = f"it refused this process: {bytes(payload[:1000]).decode(errors='replace')}"
             self._lost()
             return
+        self._deliver(payload, fds)
+
+    def _deliver(self, payload: Any, fds: list[int]) -> None:
+        """Decode one reply (from the connection or the lane) and hand it to its call."""
         try:
             try:
                 reply = pickle.loads(payload)
@@ -493,6 +587,9 @@ class _Client:
             self.outbox, self.outbox_fds = [], []
         if sock is not None:
             sock.close()
+        lane, self.lane = self.lane, None
+        if lane is not None:
+            lane.close()
         self.flush_wanted.set()
 
     def __del__(self) -> None:
@@ -506,6 +603,13 @@ class _Client:
                 sock.close()
             except Exception:  # noqa: BLE001 - interpreter shutdown
                 pass
+        lane = getattr(self, "lane", None)
+        if lane is not None:
+            self.lane = None
+            try:
+                lane.close()
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
 
     def forget_after_fork(self) -> None:
         """In a forked child: drop this process's copy of the parent's connection."""
@@ -513,6 +617,9 @@ class _Client:
         sock, self.sock = self.sock, None
         if sock is not None:
             sock.close()
+        lane, self.lane = self.lane, None
+        if lane is not None:
+            lane.close()
         self.outbox_fds = []  # the parent's to close
 
 

@@ -26,6 +26,9 @@ CALL = 0  # (CALL, cid, name, blob[, chain]): blob = the pickled (args, kwargs);
 #          chain = the addresses of the actors waiting for this call (see waiting)
 SEND = 1  # (SEND, [(name, blob, number of descriptors), ...]): no replies
 STOP = 2  # (STOP,)
+LANE = 3  # (LANE, cid) with the lane's memfd, request_efd and reply_efd (see _lane), answered
+#          True (taken) or False; then a synchronous call may come in the lane as
+#          (messages sent on the connection before it, 8 bytes) + the CALL's pickle
 # Replies (actor -> caller): (cid, ok, blob); cid 0 answers the creation.
 
 #: send() calls queued before they go as one message.

@@ -5,9 +5,12 @@ caller's connection: it waits in one ``epoll`` on all of them and on the
 creator's pidfd, after looking for a message for a few tens of microseconds
 first (:class:`shoal._ipc.Spin`), takes one request per wake-up so that
 callers take turns, runs it and replies on the connection it came on.  A
-request that is not a shoal caller's is refused as text and its connection
-dropped; the loop ends on STOP from the creator's connection, or when the
-creator exits.
+caller that sent its lane (see ``_lane``) also calls through shared memory:
+then the loop looks at the lanes before it sleeps, wakes on their eventfds
+as well, serves a lane's call after the messages its caller sent on the
+connection before it, and replies in the same lane.  A request that is not
+a shoal caller's is refused as text and its connection dropped; the loop
+ends on STOP from the creator's connection, or when the creator exits.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._engine import set_pdeathsig as _set_pdeathsig
-from .._ipc import SNDBUF, close_fds, recv_packet, refuse_connection, send_packet
+from .._ipc import MEMFD, SNDBUF, close_fds, recv_packet, refuse_connection, send_packet
 from .._serialization import loads_with, pack_exception
 from ..exceptions import CorruptDataError
 from . import _protocol
-from ._protocol import CALL, CREDS, DONTWAIT, SEND, STOP, Spin, encode_result, refusal
+from ._lane import LANE_CAP, REPLIES, REQUESTS, Budget, Lane, drain, lane_awake, lane_get, lane_wait
+from ._protocol import CALL, CREDS, DONTWAIT, LANE, SEND, STOP, Spin, encode_result, refusal
 
 if TYPE_CHECKING:
     from ._handle import _Constructor
@@ -109,6 +113,11 @@ class _Server:
         if watch is not None:
             self.epoll.register(watch, select.EPOLLIN)
         self.uid = os.geteuid()
+        self.received: dict[int, int] = {}  # messages received on each connection
+        self.lanes: dict[int, Lane] = {}  # each connection's lane, when it sent one
+        self.lane_efds: dict[int, int] = {}  # a lane's request_efd -> its connection
+        self.lane_order: tuple[int, ...] = ()  # the connections with lanes, in lane_wait's order
+        self.lane_maps: tuple[Any, ...] = ()  # their mappings, in the same order
         # A process a method starts by fork must not hold our sockets (their
         # callers would then never see us die).
         os.register_at_fork(after_in_child=self.close)
@@ -117,6 +126,10 @@ class _Server:
         for sock in (self.listener, *self.conns.values()):
             sock.close()
         self.conns = {}
+        for lane in self.lanes.values():
+            lane.close()
+        self.lanes = {}
+        self.lane_maps = ()
         if self.watch is not None:
             try:
                 os.close(self.watch)
@@ -142,14 +155,41 @@ class _Server:
             return
         self.name = type(obj).__qualname__
         poll = self.epoll.poll
+        epoll_fd = self.epoll.fileno()
         look = Spin().look
+        budget = Budget()
         listener = self.listener.fileno()
         watch = self.watch
         conns = self.conns
+        lane_efds = self.lane_efds
+        turn = 0  # the lane lane_wait looks at first: lanes take turns
+        in_a_row = 0  # lane calls served since the connections were last looked at
         while True:
-            # A brief look before the sleep (see Spin): a caller's next
-            # request often comes within microseconds of our reply.
-            for fd, _mask in look(poll) or poll():
+            maps = self.lane_maps
+            if not maps:
+                # A brief look before the sleep (see Spin): a caller's next
+                # request often comes within microseconds of our reply.
+                events = look(poll) or poll()
+            elif in_a_row >= 8:
+                in_a_row = 0
+                events = poll(0)  # the connections' turn, however busy the lanes
+            else:
+                found = lane_wait(maps, REQUESTS, budget.next(), epoll_fd, turn)
+                if found >= 0:
+                    budget.found(True)
+                    turn = found + 1
+                    in_a_row += 1
+                    if not self.serve_lane(self.lane_order[found], obj) and self.stopping:
+                        return
+                    continue
+                in_a_row = 0
+                if found == -1:
+                    budget.found(False)
+                    events = poll()
+                    lane_awake(maps, REQUESTS)
+                else:
+                    events = poll(0)
+            for fd, _mask in events:
                 sock = conns.get(fd)
                 if sock is not None:
                     # One message per wake: every caller's requests take turns.
@@ -157,6 +197,8 @@ class _Server:
                         self.drop(sock)
                         if self.stopping:
                             return
+                elif fd in lane_efds:
+                    drain(fd)  # the lane's request is found by the next lane_wait
                 elif fd == listener:
                     self.accept()
                 elif fd == watch:
@@ -192,22 +234,114 @@ class _Server:
         except (KeyError, ValueError, OSError):
             pass
         self.conns.pop(fd, None)
+        self.received.pop(fd, None)
+        lane = self.lanes.pop(fd, None)
+        if lane is not None:
+            self.lane_efds.pop(lane.request_efd, None)
+            try:
+                self.epoll.unregister(lane.request_efd)
+            except (KeyError, ValueError, OSError):
+                pass
+            lane.close()
+            self._order_lanes()
         sock.close()
 
-    def serve(self, sock: socket.socket, obj: Any) -> bool:
+    def _order_lanes(self) -> None:
+        self.lane_order = tuple(self.lanes)
+        self.lane_maps = tuple(lane.mm for lane in self.lanes.values())
+
+    def answer_without_descriptors(self, sock: socket.socket, datagram: bytes, exc: OSError) -> bool:
+        """A request came whose descriptors this process had no room for
+        (see fd_limit_error): fail that call, or decline that lane, and keep
+        the connection.  False when it is no request of ours."""
+        fd = sock.fileno()
+        self.received[fd] = self.received.get(fd, 0) + 1
+        try:
+            if datagram[0] & MEMFD:
+                raise ValueError("its bytes came in a memfd")
+            message = pickle.loads(memoryview(datagram)[1:])
+            op = message[0]
+            if op not in (CALL, LANE) or type(message[1]) is not int:
+                raise ValueError("neither a call nor a lane")
+        except Exception:  # noqa: BLE001 - nothing to answer: the connection goes, as before
+            return False
+        if op == LANE:
+            return self.reply(sock, message[1], True, False)
+        return self.reply(sock, message[1], False, exc, message[2] if type(message[2]) is str else "")
+
+    def add_lane(self, sock: socket.socket, fds: list[int]) -> bool:
+        """Take the lane a caller sent; False when it cannot be used (a
+        second one, or one this process cannot map): the caller then calls
+        on the connection alone."""
+        fd = sock.fileno()
+        if fd in self.lanes or len(self.lanes) >= 64:
+            return False
+        try:
+            lane = Lane.receive(fds)
+        except (OSError, ValueError, CorruptDataError):
+            return False
+        self.lanes[fd] = lane
+        self.lane_efds[lane.request_efd] = fd
+        self.epoll.register(lane.request_efd, select.EPOLLIN)
+        self._order_lanes()
+        return True
+
+    def serve_lane(self, fd: int, obj: Any) -> bool:
+        """Run the call waiting in connection *fd*'s lane, after the messages
+        its caller sent on the connection before it (False when the
+        connection is finished with, as serve())."""
+        sock = self.conns[fd]
+        lane = self.lanes[fd]
+        try:
+            payload = lane_get(lane.mm, REQUESTS)
+        except CorruptDataError as exc:
+            refuse_connection(sock, f"the {self.name} actor refused a request: {exc}", close=False)
+            self.drop(sock)
+            return False
+        if payload is None:
+            return True
+        before = int.from_bytes(payload[:8], "little")
+        while self.received.get(fd, 0) < before:
+            if not self.serve(sock, obj, 0):  # they are in the connection's buffer already
+                self.drop(sock)
+                return False
+        try:
+            message = pickle.loads(memoryview(payload)[8:])
+            if _check_request(message, 0, False) != CALL:
+                raise ValueError("a lane carries calls only")
+        except Exception as exc:  # noqa: BLE001 - garbage of any kind: not a request of ours
+            refuse_connection(
+                sock,
+                f"the {self.name} actor refused a request that is not a shoal caller's "
+                f"({type(exc).__name__}: {exc}); this connection is closed",
+                close=False,
+            )
+            self.drop(sock)
+            return False
+        if not self.call(sock, obj, message[1], message[2], message[3], [], message[4:], lane):
+            self.drop(sock)
+            return False
+        return True
+
+    def serve(self, sock: socket.socket, obj: Any, flags: int = DONTWAIT) -> bool:
         """Run the next request waiting on *sock*; False when the connection
         is finished with (closed, broken, or it asked us to stop)."""
         try:
-            packet = recv_packet(sock, DONTWAIT)
+            packet = recv_packet(sock, flags)
         except BlockingIOError:
             return True
         except CorruptDataError as exc:
             refuse_connection(sock, f"the {self.name} actor refused a request: {exc}", close=False)
             return False
-        except OSError:
-            return False
+        except OSError as exc:
+            datagram = getattr(exc, "datagram", b"")
+            if not datagram:
+                return False
+            return self.answer_without_descriptors(sock, datagram, exc)
         if packet is None:
             return False
+        fd = sock.fileno()
+        self.received[fd] = self.received.get(fd, 0) + 1
         _kind, payload, fds = packet
         try:
             try:
@@ -227,6 +361,8 @@ class _Server:
             if op == SEND:
                 self.run_sends(obj, message[1], fds)
                 return True
+            if op == LANE:
+                return self.reply(sock, message[1], True, self.add_lane(sock, fds))
             self.stopping = True
             return False
         finally:
@@ -234,7 +370,15 @@ class _Server:
                 close_fds(fds)
 
     def call(
-        self, sock: socket.socket, obj: Any, cid: int, name: str, blob: bytes, fds: list[int], chain: tuple
+        self,
+        sock: socket.socket,
+        obj: Any,
+        cid: int,
+        name: str,
+        blob: bytes,
+        fds: list[int],
+        chain: tuple,
+        lane: Lane | None = None,
     ) -> bool:
         if chain:
             _protocol.waiting = (*chain[0], _protocol.serving_address)
@@ -248,9 +392,11 @@ class _Server:
         finally:
             if chain:
                 _protocol.waiting = (_protocol.serving_address,)
-        return self.reply(sock, cid, ok, value, name)
+        return self.reply(sock, cid, ok, value, name, lane)
 
-    def reply(self, sock: socket.socket, cid: int, ok: bool, value: Any, method: str = "") -> bool:
+    def reply(
+        self, sock: socket.socket, cid: int, ok: bool, value: Any, method: str = "", lane: Lane | None = None
+    ) -> bool:
         """Send the outcome of *method* (``""``: of the construction)."""
         fds: list[int] = []
         if ok:
@@ -265,8 +411,12 @@ class _Server:
             # TaskExitError there: it must not end the caller's program.
             blob = pack_exception(value, self.who(method))
         del value
+        payload = pickle.dumps((cid, ok, blob), 5)
+        if lane is not None and not fds and len(payload) <= LANE_CAP:
+            lane.put(REPLIES, payload)
+            return True
         try:
-            send_packet(sock, 0, pickle.dumps((cid, ok, blob), 5), fds)
+            send_packet(sock, 0, payload, fds)
         except OSError:
             return False  # the caller went away
         finally:
@@ -339,6 +489,10 @@ def _check_request(message: Any, nfds: int, from_creator: bool) -> int:
             total += n
         if total > nfds:
             raise ValueError(f"a SEND's entries count {total} descriptors, {nfds} came with it")
+        return op
+    if op == LANE and len(message) == 2 and type(message[1]) is int:
+        if nfds != 3:
+            raise ValueError(f"a LANE comes with 3 descriptors, not {nfds}")
         return op
     if op == STOP and len(message) == 1:
         if not from_creator:

@@ -11,6 +11,7 @@ from ._channel import Channel as Channel
 from ._connection import Connection as Connection
 from ._connection import Pipe as Pipe
 from ._packet import BYTES as BYTES
+from ._packet import MEMFD as MEMFD
 from ._packet import SNDBUF as SNDBUF
 from ._packet import close_fds as close_fds
 from ._packet import encode as encode

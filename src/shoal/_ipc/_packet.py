@@ -355,7 +355,7 @@ def finish_packet(data: bytes, anc: Any, mflags: int, limit: int | None) -> Any:
     if mflags & _TRUNCATED:
         close_fds(fds)
         if mflags & _CTRUNC:
-            raise fd_limit_error()
+            raise fd_limit_error(data)
         raise corrupt_data(
             f"a message arrived truncated (longer than the {_RECV_SIZE} bytes of any datagram)"
         )
@@ -380,14 +380,18 @@ def finish_packet(data: bytes, anc: Any, mflags: int, limit: int | None) -> Any:
     return kind, payload, fds
 
 
-def fd_limit_error() -> OSError:
+def fd_limit_error(data: bytes = b"") -> OSError:
     """What a receive whose descriptors the kernel could not install (it
-    sets ``MSG_CTRUNC``) raises: the message is consumed, hence lost."""
-    return OSError(
+    sets ``MSG_CTRUNC``) raises: the message is consumed, hence lost.  Its
+    ``datagram`` attribute holds what came without them (an actor answers
+    from it instead of dropping the connection)."""
+    exc = OSError(
         errno.EMFILE,
         "a message arrived with descriptors (shared memory or connections) that this process could not "
         "receive: it has too many open files (RLIMIT_NOFILE, see `ulimit -n`); the message was lost",
     )
+    exc.datagram = data  # type: ignore[attr-defined]
+    return exc
 
 
 class MessageTooLarge(OSError):
