@@ -725,3 +725,16 @@ def test_a_lane_message_longer_than_its_slot_is_refused_as_corrupt():
     with pytest.raises(ValueError, match="at most"):
         _native.lane_put(lane, REQUESTS, b"x" * (LANE_CAP + 1), -1)
     lane.close()
+
+
+def test_a_call_interrupted_by_ctrl_c_leaves_later_calls_their_own_replies(fork_or_spawn):
+    # The lane has one reply slot: the interrupted call's reply, still to
+    # come, must not meet a later call's there (later calls take the
+    # connection), and each later call gets its own value.
+    with shoal.get_context(fork_or_spawn).Actor(workers.Counter) as counter:
+        counter.incr()
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            counter.sleep(0.6)
+        assert [counter.echo(i) for i in range(300)] == list(range(300))
+        assert counter.incr() == 2

@@ -19,8 +19,16 @@ Data flow::
       the same request; a reader thread
       (alive while Futures are pending)
       sets the Future from the reply
+    handle.incr(1), small, and this thread reads      lane requests: looked at before
+      (the usual case): the same CALL, in the           epoll (without the GIL, ~60 µs),
+      connection's lane (shared memory, see             served after the messages that
+      _lane) ──────────────────────────────────►       came on the connection before
+      looks at the lane's reply slot ~60 µs      ◄────  REPLY in the lane
+      without the GIL, then sleeps in poll on
+      the connection and the lane's eventfd
     handle.incr.send(1) -> None
-      pickled now, queued in the outbox; sent     SEND [calls] → each in order, no
+      pickled now (plain arguments: with the
+      batch), queued in the outbox; sent          SEND [calls] → each in order, no
       as one SEND per SEND_BATCH calls, with        reply; an exception is printed to
       this process's next waiting call, or by       the actor's stderr (nobody waits)
       a flusher thread within about a millisecond
@@ -33,6 +41,7 @@ machine with more runnable processes than CPUs, or for a method slower than
 the look, neither end keeps a CPU the other needs.
 
 Modules: ``_protocol`` (messages, the peer check, plain pickling),
+``_lane`` (the shared-memory lane of a connection),
 ``_client`` (a process's connection to an actor; the creator's ``_Owner``),
 ``_handle`` (``Actor`` and its methods), ``_server`` (the actor process).
 

@@ -48,6 +48,7 @@ from ._protocol import (
     Spin,
     check_peer,
     encode_args,
+    plain_args,
 )
 
 #: A synchronous call takes the direct path when it can (tests turn it off to
@@ -175,7 +176,12 @@ class _Client:
             return self.wait(call)  # another thread reads: it hands us the reply
         try:
             if lane is not None:
-                self._await_lane(call, lane)
+                try:
+                    self._await_lane(call, lane)
+                except BaseException:
+                    if not call.done:  # interrupted (Ctrl-C): its reply may still come
+                        self._abandon_lane(lane, cid)
+                    raise
             while not call.done:
                 self._read_one(True)
         finally:
@@ -222,6 +228,17 @@ class _Client:
         self.lane_poller.register(self.sock, _POLLIN)
         self.lane_poller.register(lane.reply_efd, select.POLLIN)
         self.lane = lane
+
+    def _abandon_lane(self, lane: Lane, cid: int) -> None:
+        """Stop using *lane*: a call through it ended without its reply,
+        which may still come and would then meet the next call's in the
+        one reply slot.  Later calls go on the connection."""
+        with self.send_lock:
+            with self.lock:
+                self.pending.pop(cid, None)
+            if self.lane is lane:
+                self.lane = None
+        lane.close()
 
     def _await_lane(self, call: _Call, lane: Lane) -> None:
         """Wait for *call*'s reply in the lane, reading the connection when
@@ -300,20 +317,26 @@ class _Client:
         """Queue a call whose result nobody waits for (see the module docstring)."""
         if self.dead is not None:
             raise self.died()
-        blob, fds = encode_args(args, kwargs, what)
+        if plain_args(args, kwargs):
+            entry: tuple = (name, args)  # pickled with the batch (see SEND)
+            fds = None
+        else:
+            blob, fds = encode_args(args, kwargs, what)
+            entry = (name, blob, len(fds))
         with self.send_lock:
-            self.outbox.append((name, blob, len(fds)))
+            outbox = self.outbox
+            outbox.append(entry)
             if fds:
                 self.outbox_fds.extend(fds)
-            if len(self.outbox) >= SEND_BATCH or len(self.outbox_fds) >= SEND_MAX_FDS:
+            queued = len(outbox)
+            if queued >= SEND_BATCH or len(self.outbox_fds) >= SEND_MAX_FDS:
                 try:
                     self._flush_locked()
                 except OSError as exc:
                     self._lost()
                     raise self.died() from exc
                 return
-            first = len(self.outbox) == 1
-        if first:
+        if queued == 1:
             if self.flusher is None:
                 _ensure_exit_hook()
                 # It holds the client weakly: a process that drops its

@@ -24,7 +24,8 @@ from .._ipc import encode
 # Requests (caller -> actor), as outer pickles:
 CALL = 0  # (CALL, cid, name, blob[, chain]): blob = the pickled (args, kwargs);
 #          chain = the addresses of the actors waiting for this call (see waiting)
-SEND = 1  # (SEND, [(name, blob, number of descriptors), ...]): no replies
+SEND = 1  # (SEND, [(name, blob, number of descriptors) or (name, args), ...]): no replies; the
+#          second form holds plain arguments (see plain_args), pickled with the whole batch
 STOP = 2  # (STOP,)
 LANE = 3  # (LANE, cid) with the lane's memfd, request_efd and reply_efd (see _lane), answered
 #          True (taken) or False; then a synchronous call may come in the lane as
@@ -64,6 +65,19 @@ _NO_FDS: list[int] = []  # never appended to: encode()'s callers only read and c
 def _plain(value: Any) -> bool:
     t = type(value)
     return t in _SCALARS or ((t is str or t is bytes) and len(value) <= PLAIN_MAX)
+
+
+def plain_args(args: tuple, kwargs: dict | None) -> bool:
+    """Whether a call's arguments are all plain values: they cannot fail to
+    pickle nor change after the call, so a ``send()`` may keep the tuple
+    itself and pickle it later, with its whole batch."""
+    if kwargs:
+        return False
+    for arg in args:
+        t = type(arg)
+        if not (t in _SCALARS or ((t is str or t is bytes) and len(arg) <= PLAIN_MAX)):
+            return False
+    return True
 
 
 def encode_args(args: tuple, kwargs: dict | None, what: str) -> tuple[bytes, list[int]]:

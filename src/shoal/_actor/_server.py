@@ -428,17 +428,22 @@ class _Server:
         """``Counter.incr()`` (``Counter()``: the construction), for errors."""
         return f"{self.name}.{method}()" if method else f"{self.name}()"
 
-    def run_sends(self, obj: Any, entries: list[tuple[str, bytes, int]], fds: list[int]) -> None:
+    def run_sends(self, obj: Any, entries: list[tuple], fds: list[int]) -> None:
         pos = 0
         methods: dict[str, Any] = {}  # looked up once per message
         loads = pickle.loads
-        for name, blob, nfds in entries:
+        for entry in entries:
+            name = entry[0]
             try:
-                if nfds:
-                    pos += nfds
-                    args, kwargs = loads_with(blob, fds, pos - nfds, pos)
+                if len(entry) == 2:  # plain arguments, unpickled with the batch
+                    args, kwargs = entry[1], None
                 else:
-                    args, kwargs = loads(blob)
+                    blob, nfds = entry[1], entry[2]
+                    if nfds:
+                        pos += nfds
+                        args, kwargs = loads_with(blob, fds, pos - nfds, pos)
+                    else:
+                        args, kwargs = loads(blob)
                 method = methods.get(name)
                 if method is None:
                     method = methods[name] = _method(obj, name)
@@ -479,8 +484,10 @@ def _check_request(message: Any, nfds: int, from_creator: bool) -> int:
             raise ValueError("a SEND is (SEND, [(method name, arguments, descriptors), ...])")
         total = 0
         for entry in message[1]:
+            if type(entry) is tuple and len(entry) == 2 and type(entry[0]) is str and type(entry[1]) is tuple:
+                continue  # (method name, plain arguments)
             if type(entry) is not tuple or len(entry) != 3:
-                raise ValueError("a SEND's entries are (method name, arguments, descriptors)")
+                raise ValueError("a SEND's entries are (name, arguments, descriptors) or (name, arguments)")
             name, blob, n = entry
             if type(name) is not str or not isinstance(blob, (bytes, bytearray)):
                 raise ValueError("a SEND's entries are (str, bytes, int >= 0)")
