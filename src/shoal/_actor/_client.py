@@ -317,19 +317,19 @@ class _Client:
         """Queue a call whose result nobody waits for (see the module docstring)."""
         if self.dead is not None:
             raise self.died()
-        if plain_args(args, kwargs):
-            entry: tuple = (name, args)  # pickled with the batch (see SEND)
-            fds = None
-        else:
+        fds = None
+        if kwargs or (args and not plain_args(args, None)):
             blob, fds = encode_args(args, kwargs, what)
-            entry = (name, blob, len(fds))
+            entry: tuple = (name, blob, len(fds))
+        else:
+            entry = (name, args)  # plain: pickled with the batch (see SEND)
         with self.send_lock:
             outbox = self.outbox
             outbox.append(entry)
+            queued = len(outbox)
             if fds:
                 self.outbox_fds.extend(fds)
-            queued = len(outbox)
-            if queued >= SEND_BATCH or len(self.outbox_fds) >= SEND_MAX_FDS:
+            if queued >= SEND_BATCH or (fds and len(self.outbox_fds) >= SEND_MAX_FDS):
                 try:
                     self._flush_locked()
                 except OSError as exc:

@@ -405,7 +405,10 @@ class _Method:
 
     def send(self, *args: Any, **kwargs: Any) -> None:
         """Run the method in the actor without waiting and without a result."""
-        self._handle._get_client().post(self._name, args, kwargs, self._what)
+        client = self._handle._client
+        if client is None or client.sock is None:  # (_get_client's test, inlined: send() is a hot path)
+            client = self._handle._get_client()
+        client.post(self._name, args, kwargs, self._what)
 
     def __repr__(self) -> str:
         return f"<method {self._name} of {self._handle!r}>"
