@@ -21,6 +21,11 @@
   per call (best batch), against shoal's own ``Pipe`` ping-pong with a
   forked echo process: the transport an actor call is built on, so the
   ratio is what the actor's own work costs on top of it.
+* "actor calls, 4 callers and 4 actors on 2 CPUs": four processes, each
+  calling its own actor (or its own ``BaseManager``'s proxy), all timed
+  together: twice as many processes that want a CPU as there are CPUs.
+  ``shoal-socket`` is shoal with its shared-memory lane turned off, so the
+  row shows whether the lane's look before sleeping costs a busy machine.
 * "actor send() vs sync call": fire-and-forget calls per second (N sends,
   then one waiting call, so every send has run) against shoal's own
   synchronous calls.
@@ -184,6 +189,55 @@ def _pipe_us_shoal(quick: bool) -> float:
     return _pipe_round_trip("shoal", quick)
 
 
+# -- a busy machine: 4 callers, each with its own actor, on 2 CPUs ------------------------
+
+BUSY_CALLERS = 4
+
+
+def _busy_caller(kind: str, n: int, start, out) -> None:
+    """One of BUSY_CALLERS processes: make its own actor (or manager), warm
+    it, wait for the others, then time n synchronous calls."""
+    from shoal._actor import _client
+
+    if kind == "stdlib":
+        manager = _Manager()
+        manager.start()
+        counter = manager.Counter()
+        close = manager.shutdown
+    else:
+        _client.LANES = kind == "shoal"
+        counter = shoal.get_context("fork").Actor(Counter)
+        close = counter.close
+    try:
+        for _ in range(50):
+            counter.incr()
+        start.wait()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            counter.incr()
+        out.put(n / (time.perf_counter() - t0))
+    finally:
+        close()
+
+
+def _busy_rate(kind: str, quick: bool) -> float:
+    """Calls per second of all BUSY_CALLERS together: 8 processes that each
+    want a CPU (4 callers, 4 actors) on this 2-CPU machine."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    n = 300 if quick else 1500
+    start = ctx.Barrier(BUSY_CALLERS)
+    out = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_busy_caller, args=(kind, n, start, out)) for _ in range(BUSY_CALLERS)]
+    for p in procs:
+        p.start()
+    rates = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(rates)
+
+
 _ray_started = False
 
 
@@ -267,6 +321,20 @@ SCENARIOS = [
         {"Pipe": _pipe_us_shoal, "shoal": _call_us_shoal},
         target=">= 0.67x (time <= 1.5x shoal's own Pipe round trip)",
         baseline="Pipe",
+    ),
+    Scenario(
+        "actor calls, 4 callers and 4 actors on 2 CPUs",
+        "calls/s",
+        True,
+        {
+            "stdlib": lambda q: _busy_rate("stdlib", q),
+            "shoal": lambda q: _busy_rate("shoal", q),
+            # The same calls on the connection alone: the lane's look must
+            # not take the CPU its peer needs when there are more
+            # runnable processes than CPUs.
+            "shoal-socket": lambda q: _busy_rate("shoal-socket", q),
+        },
+        target=">= 1x, >= 1x shoal-socket",
     ),
     Scenario(
         "actor send() vs sync call (shoal)",
