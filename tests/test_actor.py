@@ -738,3 +738,81 @@ def test_a_call_interrupted_by_ctrl_c_leaves_later_calls_their_own_replies(fork_
             counter.sleep(0.6)
         assert [counter.echo(i) for i in range(300)] == list(range(300))
         assert counter.incr() == 2
+
+
+def test_a_call_running_when_close_comes_gets_its_result(fork_or_spawn):
+    # close() from another thread while a call runs: the actor replies
+    # in the lane, reads STOP and exits.  Before, the caller, woken by both
+    # its lane and the end of the connection, read the end first and failed
+    # a call that had run (ActorDiedError "it was closed", 11 to 21 in 200).
+    ctx = shoal.get_context(fork_or_spawn)
+    for _ in range(40 if fork_or_spawn == "fork" else 10):
+        counter = ctx.Actor(workers.Counter)
+        counter.incr()  # the lane exists
+        out: list = []
+        caller = threading.Thread(target=lambda c=counter, o=out: o.append(c.sleep(0.02)))
+        caller.start()
+        time.sleep(0.005)  # its request is in: the method runs
+        shoal.Actor.close(counter)
+        caller.join(30)
+        assert out == [0.02]
+
+
+def test_a_lane_call_that_counts_messages_that_never_came_is_refused_and_the_actor_goes_on():
+    # The caller says how many messages it sent on the connection before a
+    # lane call; the actor reads those first.  A peer that claims more than
+    # it sent used to leave the actor waiting for them forever (every caller
+    # and close() hung); now that connection is refused.
+    import socket
+
+    from shoal._actor._lane import REQUESTS, Lane
+    from shoal._actor._protocol import CALL, LANE
+    from shoal._ipc import recv_packet, send_packet
+
+    with shoal.get_context("fork").Actor(workers.Counter) as counter:
+        assert counter.incr() == 1
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        lane, memfd = Lane.create()
+        try:
+            peer.connect(counter._address)
+            send_packet(peer, 0, pickle.dumps((LANE, 1), 5), [memfd, lane.request_efd, lane.reply_efd])
+            assert pickle.loads(recv_packet(peer)[1])[:2] == (1, True)
+            request = pickle.dumps((CALL, 2, "incr", pickle.dumps(((), None), 5)), 5)
+            lane.put(REQUESTS, (5).to_bytes(8, "little") + request)  # 5 messages before it: 1 came
+            _kind, text, _fds = recv_packet(peer)
+            assert b"counts 5 messages before it" in text
+            assert counter.incr() == 2  # the peer's call never ran; the actor serves the others
+        finally:
+            os.close(memfd)
+            lane.close()
+            peer.close()
+
+
+def test_ctrl_c_while_the_lane_is_handed_over_leaks_nothing():
+    # The first synchronous call hands the actor its lane and waits for the
+    # answer; Ctrl-C there used to drop the lane's two eventfds unclosed.
+    import _thread
+
+    def eventfds():
+        return sum(1 for fd in os.listdir("/proc/self/fd") if _is_eventfd(fd))
+
+    before = eventfds()
+    for _ in range(3):
+        counter = shoal.get_context("fork").Actor(workers.Counter)
+        try:
+            counter.sleep.send(0.3)
+            time.sleep(0.02)  # sent: the actor is busy, the lane's answer waits behind it
+            threading.Timer(0.1, _thread.interrupt_main).start()
+            with pytest.raises(KeyboardInterrupt):
+                counter.incr()
+            assert counter.incr() == 1  # and calls go on, on the connection
+        finally:
+            counter.close()
+    assert eventfds() == before
+
+
+def _is_eventfd(fd: str) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False

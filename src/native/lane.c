@@ -99,9 +99,17 @@ lane_put(FASTCALL_ARGS)
     __atomic_store_n(word(base, side, O_LEN), (uint32_t)data.len, __ATOMIC_RELAXED);
     __atomic_fetch_add(word(base, side, O_SEQ), 1, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(word(base, side, O_SLEEPING), __ATOMIC_SEQ_CST) && efd >= 0) {
-        uint64_t one = 1;
-        ssize_t n = write(efd, &one, sizeof one);
-        (void)n; /* EAGAIN: the counter is full, so the reader is woken anyway */
+        /* The eventfd's flags belong to its open file, which the peer
+         * shares: one it made blocking, with a full counter, must not
+         * stop us.  A full counter wakes the reader anyway. */
+        struct pollfd p = {.fd = efd, .events = POLLOUT};
+        Py_BEGIN_ALLOW_THREADS
+        if (poll(&p, 1, 0) > 0 && (p.revents & POLLOUT)) {
+            uint64_t one = 1;
+            ssize_t n = write(efd, &one, sizeof one);
+            (void)n;
+        }
+        Py_END_ALLOW_THREADS
     }
     ret = Py_NewRef(Py_None);
 done:
@@ -227,6 +235,9 @@ lane_wait(FASTCALL_ARGS)
     if (found == -1) {
         for (Py_ssize_t i = 0; i < count; i++)
             __atomic_store_n(word(bases[i], side, O_SLEEPING), 1, __ATOMIC_SEQ_CST);
+        /* The store above and the loads below must not be reordered (the
+         * writer bumps seq, then loads sleeping): else both could miss. */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
         for (Py_ssize_t k = 0; k < count && found == -1; k++) {
             Py_ssize_t i = (start + k) % count;
             if (ready(bases[i], side))

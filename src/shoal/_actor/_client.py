@@ -166,6 +166,8 @@ class _Client:
                     self._lost()
                     raise self.died() from exc
         except BaseException:
+            if lane is not None:  # interrupted as its request went into the lane (Ctrl-C)
+                self._abandon_lane(lane, cid)
             if lead:
                 self._stop_reading()
             raise
@@ -217,11 +219,13 @@ class _Client:
             finally:
                 os.close(memfd)
             taken = self.wait(call)
-        except Exception:  # noqa: BLE001 - the call that follows says what is wrong
+        except BaseException as exc:
             with self.lock:
                 self.pending.pop(cid, None)
             lane.close()
-            return
+            if isinstance(exc, Exception):
+                return  # the call that follows says what is wrong
+            raise  # Ctrl-C
         if taken is not True:
             lane.close()
             return
@@ -248,24 +252,35 @@ class _Client:
         fd = self.sock.fileno() if self.sock is not None else -1
         while not call.done:
             found = lane_wait(lanes, REPLIES, budget.next(), fd, 0)
-            if found == 0:
-                budget.found(True)
-                try:
-                    payload = lane_get(lane.mm, REPLIES)
-                except CorruptDataError as exc:
-                    self._corrupt_reply(str(exc))
-                    return
-                self._deliver(payload, [])
-                continue
+            readable = found == -2  # the connection has something: a reply, or the end
             if found == -1:
                 budget.found(False)
                 events = self.lane_poller.poll()
                 lane_awake(lanes, REPLIES)
-                if not any(efd == fd for efd, _ in events):
-                    drain(lane.reply_efd)
-                    continue
                 drain(lane.reply_efd)
-            self._read_one()  # the connection has something: a reply, or the end
+                readable = any(efd == fd for efd, _ in events)
+            elif found == 0:
+                budget.found(True)
+            # The lane first: a reply there was written before anything the
+            # connection says now, the actor's end included.
+            if not self._lane_reply(lane):
+                return
+            if readable and not call.done:
+                self._read_one()
+
+    def _lane_reply(self, lane: Lane) -> bool:
+        """Deliver the reply waiting in *lane*, if any; False when it is not
+        a reply (the connection is then finished with)."""
+        try:
+            payload = lane_get(lane.mm, REPLIES)
+        except CorruptDataError as exc:
+            self._corrupt_reply(str(exc))
+            return False
+        except ValueError:  # closed under us: the connection is finished with
+            return False
+        if payload is not None:
+            self._deliver(payload, [])
+        return True
 
     def _stop_reading(self) -> None:
         with self.lock:
@@ -453,6 +468,9 @@ class _Client:
         except (OSError, ValueError, AttributeError):  # the socket was closed under us
             packet = None
         if packet is None:
+            lane = self.lane
+            if lane is not None:  # a reply written there just before the actor ended is still good
+                self._lane_reply(lane)
             self._lost()
             return
         kind, payload, fds = packet

@@ -47,6 +47,7 @@ from typing import Any
 
 from .. import _native
 from .._fd import check_sealed, create_fd
+from .._ipc import close_fds
 
 LANE_SIZE = _native.LANE_SIZE
 #: Bytes a message in a lane can have (the rest goes on the connection).
@@ -148,7 +149,15 @@ class Lane:
             if os.readlink(f"/proc/self/fd/{efd}") != "anon_inode:[eventfd]":
                 raise ValueError("a lane's wake-ups are eventfds")
         mm = mmap.mmap(memfd, LANE_SIZE)
-        return cls(mm, os.dup(request_efd), os.dup(reply_efd))
+        kept: list[int] = []
+        try:
+            kept.append(os.dup(request_efd))
+            kept.append(os.dup(reply_efd))
+        except OSError:
+            close_fds(kept)
+            mm.close()
+            raise
+        return cls(mm, kept[0], kept[1])
 
     def close(self) -> None:
         for efd in (self.request_efd, self.reply_efd):

@@ -280,9 +280,13 @@ class _Server:
             lane = Lane.receive(fds)
         except (OSError, ValueError, CorruptDataError):
             return False
+        try:
+            self.epoll.register(lane.request_efd, select.EPOLLIN)
+        except OSError:  # no memory for it: calls go on the connection
+            lane.close()
+            return False
         self.lanes[fd] = lane
         self.lane_efds[lane.request_efd] = fd
-        self.epoll.register(lane.request_efd, select.EPOLLIN)
         self._order_lanes()
         return True
 
@@ -301,8 +305,19 @@ class _Server:
         if payload is None:
             return True
         before = int.from_bytes(payload[:8], "little")
-        while self.received.get(fd, 0) < before:
-            if not self.serve(sock, obj, 0):  # they are in the connection's buffer already
+        while (had := self.received.get(fd, 0)) < before:
+            # An honest caller's earlier messages are in the connection's
+            # buffer already (its sendmsg returned before it wrote the lane).
+            if not self.serve(sock, obj):
+                self.drop(sock)
+                return False
+            if self.received.get(fd, 0) == had:
+                refuse_connection(
+                    sock,
+                    f"the {self.name} actor refused a call that counts {before} messages before it, of which "
+                    f"only {had} came; this connection is closed",
+                    close=False,
+                )
                 self.drop(sock)
                 return False
         try:
@@ -323,11 +338,11 @@ class _Server:
             return False
         return True
 
-    def serve(self, sock: socket.socket, obj: Any, flags: int = DONTWAIT) -> bool:
+    def serve(self, sock: socket.socket, obj: Any) -> bool:
         """Run the next request waiting on *sock*; False when the connection
         is finished with (closed, broken, or it asked us to stop)."""
         try:
-            packet = recv_packet(sock, flags)
+            packet = recv_packet(sock, DONTWAIT)
         except BlockingIOError:
             return True
         except CorruptDataError as exc:
