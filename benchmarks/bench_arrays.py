@@ -267,20 +267,24 @@ def _peak_in_this_process(pool_name: str, quick: bool, shared: bool) -> float:
 SCENARIOS = []
 
 if optional("numpy"):
-    _sum_runners = {
-        "stdlib": lambda q: _sum_rate(_stdlib_pool, q),
-        "shoal": lambda q: _sum_rate(_shoal_pool, q),
-        "shoal-share": lambda q: _sum_rate(_shoal_pool, q, share_in_loop=True),
-        "shoal-SA": lambda q: _sum_rate(_shoal_pool, q, shared=True),
-    }
     _peer_sums = {name: fn for name, fn in (("loky", _sum_loky), ("joblib", _sum_joblib)) if optional(name)}
-    _sum_runners.update(_peer_sums)
+
+    def _sum_contenders(**how) -> dict:
+        """Every contender of a sum scenario, each run with *how* (see _sum_rate)."""
+        return {
+            "stdlib": lambda q: _sum_rate(_stdlib_pool, q, **how),
+            "shoal": lambda q: _sum_rate(_shoal_pool, q, **how),
+            "shoal-share": lambda q: _sum_rate(_shoal_pool, q, share_in_loop=True, **how),
+            "shoal-SA": lambda q: _sum_rate(_shoal_pool, q, shared=True, **how),
+            **{name: (lambda q, fn=fn: fn(q, **how)) for name, fn in _peer_sums.items()},
+        }
+
     SCENARIOS += [
         Scenario(
             "8 numpy arrays of 50 MB to workers, sum",
             "GB/s",
             True,
-            _sum_runners,
+            _sum_contenders(),
             # DESIGN.md: >= 10x stdlib, >= 2x joblib, and >= 1x joblib on a repeated array,
             # which this row is (the next row has the arrays joblib cannot have cached).
             target=">= 10x stdlib, >= 1x joblib",
@@ -292,13 +296,7 @@ if optional("numpy"):
             "8 numpy arrays of 50 MB to workers, sum, new arrays each map",
             "GB/s",
             True,
-            {
-                "stdlib": lambda q: _sum_rate(_stdlib_pool, q, fresh=True),
-                "shoal": lambda q: _sum_rate(_shoal_pool, q, fresh=True),
-                "shoal-share": lambda q: _sum_rate(_shoal_pool, q, share_in_loop=True, fresh=True),
-                "shoal-SA": lambda q: _sum_rate(_shoal_pool, q, shared=True, fresh=True),
-                **{name: (lambda q, fn=fn: fn(q, fresh=True)) for name, fn in _peer_sums.items()},
-            },
+            _sum_contenders(fresh=True),
             target=">= 10x stdlib, >= 2x joblib",
             repeat=2,
             notes="the timed map sends 8 arrays made after the warm-up: nothing cached can serve them",
@@ -307,13 +305,7 @@ if optional("numpy"):
             "8 numpy arrays of 50 MB to workers, sum, written between maps",
             "GB/s",
             True,
-            {
-                "stdlib": lambda q: _sum_rate(_stdlib_pool, q, write=True),
-                "shoal": lambda q: _sum_rate(_shoal_pool, q, write=True),
-                "shoal-share": lambda q: _sum_rate(_shoal_pool, q, share_in_loop=True, write=True),
-                "shoal-SA": lambda q: _sum_rate(_shoal_pool, q, shared=True, write=True),
-                **{name: (lambda q, fn=fn: fn(q, write=True)) for name, fn in _peer_sums.items()},
-            },
+            _sum_contenders(write=True),
             target=">= 10x stdlib",
             repeat=2,
             notes="one element of each array written between the maps: every contender copies again",

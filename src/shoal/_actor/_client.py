@@ -141,10 +141,7 @@ class _Client:
         try:
             with self.send_lock:
                 with self.lock:
-                    if self.dead is not None:
-                        raise self.died()
-                    cid = next(self.ids)
-                    self.pending[cid] = call
+                    cid = self._enter_locked(call)
                     if not self.reading:
                         self.reading = lead = True
                         self.reading_thread = threading.get_ident()
@@ -209,10 +206,7 @@ class _Client:
             try:
                 with self.send_lock:
                     with self.lock:
-                        if self.dead is not None:
-                            raise self.died()
-                        cid = next(self.ids)
-                        self.pending[cid] = call
+                        cid = self._enter_locked(call)
                     fds = [memfd, lane.request_efd, lane.reply_efd]
                     send_packet(self.sock, 0, pickle.dumps((LANE, cid), 5), fds)  # type: ignore[arg-type]  # None only once closed, after dead is set
                     self.sent += 1
@@ -282,6 +276,15 @@ class _Client:
             self._deliver(payload, [])
         return True
 
+    def _enter_locked(self, call: _Call) -> int:
+        """Give *call* its id and make it wait for its reply (self.lock
+        held); raises when the actor is gone."""
+        if self.dead is not None:
+            raise self.died()
+        cid = next(self.ids)
+        self.pending[cid] = call
+        return cid
+
     def _stop_reading(self) -> None:
         with self.lock:
             self.reading = False
@@ -300,10 +303,7 @@ class _Client:
         try:
             with self.send_lock:
                 with self.cond:
-                    if self.dead is not None:
-                        raise self.died()
-                    cid = next(self.ids)
-                    self.pending[cid] = call
+                    cid = self._enter_locked(call)
                     if future is not None:
                         self.futures += 1
                         if not self.reader:

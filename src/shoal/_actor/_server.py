@@ -325,12 +325,7 @@ class _Server:
             if _check_request(message, 0, False) != CALL:
                 raise ValueError("a lane carries calls only")
         except Exception as exc:  # noqa: BLE001 - garbage of any kind: not a request of ours
-            refuse_connection(
-                sock,
-                f"the {self.name} actor refused a request that is not a shoal caller's "
-                f"({type(exc).__name__}: {exc}); this connection is closed",
-                close=False,
-            )
+            self.refuse_garbage(sock, exc)
             self.drop(sock)
             return False
         if not self.call(sock, obj, message[1], message[2], message[3], [], message[4:], lane):
@@ -363,13 +358,7 @@ class _Server:
                 message = pickle.loads(payload)
                 op = _check_request(message, len(fds), sock is self.creator_conn)
             except Exception as exc:  # noqa: BLE001 - garbage of any kind: not a request of ours
-                # Said as text (never a pickle), and this connection is done with.
-                refuse_connection(
-                    sock,
-                    f"the {self.name} actor refused a request that is not a shoal caller's "
-                    f"({type(exc).__name__}: {exc}); this connection is closed",
-                    close=False,
-                )
+                self.refuse_garbage(sock, exc)
                 return False
             if op == CALL:
                 return self.call(sock, obj, message[1], message[2], message[3], fds, message[4:])
@@ -383,6 +372,16 @@ class _Server:
         finally:
             if fds:
                 close_fds(fds)
+
+    def refuse_garbage(self, sock: socket.socket, exc: Exception) -> None:
+        """Tell a peer why its request was refused: as text (never a
+        pickle); the connection is done with."""
+        refuse_connection(
+            sock,
+            f"the {self.name} actor refused a request that is not a shoal caller's "
+            f"({type(exc).__name__}: {exc}); this connection is closed",
+            close=False,
+        )
 
     def call(
         self,
