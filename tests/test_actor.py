@@ -816,3 +816,15 @@ def _is_eventfd(fd: str) -> bool:
         return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
     except OSError:
         return False
+
+
+def test_an_actor_out_of_descriptors_fails_the_call_that_brought_some_and_goes_on(fork_or_spawn):
+    # A large argument travels as a descriptor; an actor that has none left
+    # used to drop the caller's connection, and close() then waited forever
+    # for an actor that no longer heard it.
+    with shoal.get_context(fork_or_spawn).Actor(workers.DescriptorHog) as hog:
+        assert hog.starve() > 0
+        with pytest.raises(OSError, match="too many open files"):
+            hog.total(np.ones(1_000_000))
+        hog.free()
+        assert hog.total(np.ones(1_000_000)) == 1_000_000.0

@@ -890,3 +890,29 @@ def slow_first_call(x):
         _warmed.append(True)
         time.sleep(0.2)
     return x
+
+
+class DescriptorHog:
+    """An actor that can use up its own descriptors (RLIMIT_NOFILE at 64)."""
+
+    def __init__(self):
+        self.hog = []
+
+    def starve(self):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        try:
+            while True:
+                self.hog.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        return len(self.hog)
+
+    def free(self):
+        for fd in self.hog:
+            os.close(fd)
+        self.hog = []
+
+    def total(self, a):
+        return float(a.sum())
