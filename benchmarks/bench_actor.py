@@ -197,7 +197,7 @@ BUSY_CALLERS = 4
 def _busy_caller(kind: str, n: int, start, out) -> None:
     """One of BUSY_CALLERS processes: make its own actor (or manager), warm
     it, wait for the others, then time n synchronous calls."""
-    from shoal._actor import _client
+    import os
 
     if kind == "stdlib":
         manager = _Manager()
@@ -205,7 +205,7 @@ def _busy_caller(kind: str, n: int, start, out) -> None:
         counter = manager.Counter()
         close = manager.shutdown
     else:
-        _client.LANES = kind == "shoal"
+        os.environ["SHOAL_ACTOR_LANES"] = "1" if kind == "shoal" else "0"  # this forked caller's only
         counter = shoal.get_context("fork").Actor(Counter)
         close = counter.close
     try:

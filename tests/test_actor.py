@@ -828,3 +828,12 @@ def test_an_actor_out_of_descriptors_fails_the_call_that_brought_some_and_goes_o
             hog.total(np.ones(1_000_000))
         hog.free()
         assert hog.total(np.ones(1_000_000)) == 1_000_000.0
+
+
+def test_shoal_actor_lanes_0_keeps_calls_on_the_connection(monkeypatch):
+    # The escape hatch: no lane (so no eventfd in this process), same results.
+    monkeypatch.setenv("SHOAL_ACTOR_LANES", "0")
+    before = sum(1 for fd in os.listdir("/proc/self/fd") if _is_eventfd(fd))
+    with shoal.get_context("fork").Actor(workers.Counter) as counter:
+        assert [counter.incr() for _ in range(20)] == list(range(1, 21))
+        assert sum(1 for fd in os.listdir("/proc/self/fd") if _is_eventfd(fd)) == before

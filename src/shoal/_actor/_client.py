@@ -54,7 +54,9 @@ from ._protocol import (
 #: A synchronous call takes the direct path when it can (tests turn it off to
 #: check that both paths give the same results and errors).
 DIRECT = True
-#: ... and carries it through the connection's lane (see ``_lane``) when it can.
+#: ... and carries it through the connection's lane (see ``_lane``) when it
+#: can; ``SHOAL_ACTOR_LANES=0`` in a process's environment (read at each new
+#: connection) keeps its calls on the connection.
 LANES = True
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 
@@ -196,6 +198,8 @@ class _Client:
             if self.lane_poller is not None:
                 return  # another thread made the attempt
             self.lane_poller = select.poll()
+            if os.environ.get("SHOAL_ACTOR_LANES", "1") == "0":
+                return
             try:
                 lane, memfd = Lane.create()
             except OSError:
